@@ -1,0 +1,20 @@
+# The two commands a new machine needs: `make demo` (the main job) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ucm-installed
+
+.PHONY: demo test install
+
+$(STAMP): pyproject.toml constraints-ci.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints-ci.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints-ci.txt -e '.[test,bench]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ucm demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests

@@ -1,0 +1,116 @@
+"""Shared benchmark harness: results rows, measured ceilings and the JSON format of ``../PERF.md``.
+
+A bench script builds rows with :func:`row`, measures the ceilings it compares against in the same run with
+the ``measure_*`` helpers, and writes one file with :func:`write_results` (to ``$OUT`` on the lent GPU, else
+``bench/results/``).
+"""
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def git_commit() -> str:
+    """The checkout's HEAD sha, or "unknown" outside a git checkout (as on the lent GPU's copy)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("UCM_COMMIT", "unknown")
+
+
+def device_name() -> str:
+    """GPU name, or "cpu-<cores>" when no CUDA device is present."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu-{os.cpu_count()}cores"
+
+
+def versions() -> dict:
+    """Versions of the libraries whose behaviour the figures depend on."""
+    found = {"python": sys.version.split()[0], "torch": torch.__version__}
+    for name in ("triton", "numba", "numpy"):
+        try:
+            found[name] = __import__(name).__version__
+        except ImportError:
+            continue
+    return found
+
+
+def row(name: str, impl: str, shape: str, median_ms: float, nbytes: int | None = None,
+        ceiling_gbps: float | None = None, baseline_ms: float | None = None, **extra) -> dict:
+    """One results row; GB/s, % of ceiling and speedup are derived when their inputs are given."""
+    out = {"name": name, "impl": impl, "shape": shape, "median_ms": round(median_ms, 5)}
+    if nbytes is not None:
+        gbps = nbytes / (median_ms * 1e-3) / 1e9
+        out["gbps"] = round(gbps, 2)
+        if ceiling_gbps:
+            out["pct_of_ceiling"] = round(100.0 * gbps / ceiling_gbps, 1)
+    if baseline_ms:
+        out["speedup_vs_baseline"] = round(baseline_ms / median_ms, 2)
+    out.update(extra)
+    return out
+
+
+def write_results(bench: str, rows: list[dict], ceilings: dict, extra: dict | None = None) -> Path:
+    """Write ``<bench>-<gpu>-<date>.json`` under ``$OUT`` (lent GPU) or ``bench/results/``; return its path."""
+    date = datetime.date.today().isoformat()
+    gpu = device_name()
+    doc = {"bench": bench, "gpu": gpu, "commit": git_commit(), "date": date, "versions": versions(),
+           "ceilings": ceilings, "rows": rows}
+    if extra:
+        doc.update(extra)
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = gpu.replace(" ", "_").replace("/", "_")
+    path = out_dir / f"{bench}-{slug}-{date}.json"
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return path
+
+
+def cuda_median_ms(fn, warmup: int = 3, iters: int = 20) -> float:
+    """Median wall time of ``fn()`` in ms, timed with CUDA events after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def measure_copy_ceilings(nbytes: int = 256 << 20) -> dict:
+    """Pinned H2D, D2H, both at once (two streams) and HBM device copy (read+write) in GB/s, measured now."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    host2 = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dev2 = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+
+    def both():
+        with torch.cuda.stream(s1):
+            dev.copy_(host, non_blocking=True)
+        with torch.cuda.stream(s2):
+            host2.copy_(dev2, non_blocking=True)
+        torch.cuda.current_stream().wait_stream(s1)
+        torch.cuda.current_stream().wait_stream(s2)
+
+    h2d = cuda_median_ms(lambda: dev.copy_(host, non_blocking=True))
+    d2h = cuda_median_ms(lambda: host.copy_(dev, non_blocking=True))
+    bidir = cuda_median_ms(both)
+    hbm = cuda_median_ms(lambda: dev2.copy_(dev))
+    return {"h2d_pinned_gbps": round(nbytes / h2d / 1e6, 2), "d2h_pinned_gbps": round(nbytes / d2h / 1e6, 2),
+            "bidir_pinned_gbps": round(2 * nbytes / bidir / 1e6, 2), "hbm_copy_gbps": round(2 * nbytes / hbm / 1e6, 1)}

@@ -1,0 +1,1 @@
+"""Seed import path ``ucm.integration.vllm`` (vLLM is imported only by its submodules)."""

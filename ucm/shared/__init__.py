@@ -1,0 +1,1 @@
+"""Seed import path ``ucm.shared``: transport, pinned pool and metrics."""

@@ -1,0 +1,1 @@
+"""Seed import path ``ucm.shared.trans``: host <-> GPU transport."""

@@ -1,0 +1,1 @@
+"""GSA block-sparse decode: config, per-request state, planner, prefetcher, vLLM adapter."""

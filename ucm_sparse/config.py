@@ -1,0 +1,88 @@
+"""GSA configuration (the seed's ``ucm_sparse_config: {GSA: {...}}``) and the whole UCM config document.
+
+:func:`load_ucm_config` is the boundary parser of everything a user writes: the store connectors (through
+``ucm_store.config``) and the sparse method. Deeper code receives the typed dataclasses only.
+"""
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+
+from ucm_store.config import ConnectorSpec, parse_connectors, read_document, sparse_sections
+from ucm_store.configspec import ConfigError, close_keys, parse_section, spec, validate_fields
+
+SPARSE_METHODS = ("GSA",)
+
+
+@dataclasses.dataclass(frozen=True)
+class GSAConfig:
+    """Block-sparse decode settings (the seed's section 5)."""
+
+    sparse_ratio: float = spec(0.3, "fraction of a sequence's KV blocks each decode step attends", min=0.0,
+                               max=1.0, min_exclusive=True, used_by="GSA selection")
+    local_window_sz: int = spec(4, "last blocks always attended (the local window)", min=0, used_by="GSA selection")
+    init_window_sz: int = spec(1, "first blocks always attended (the attention sink)", min=0,
+                               used_by="GSA selection")
+    min_blocks: int = spec(8, "fewest blocks attended; shorter sequences stay dense", min=1, used_by="GSA selection")
+    prefetch_workers: int = spec(4, "threads fetching offloaded blocks into the GPU budget", min=1, max=256,
+                                 used_by="GSA offload")
+    prefetch_ahead: int = spec(4, "decode steps the prefetcher runs ahead of attention", min=0, max=1024,
+                               used_by="GSA offload")
+    max_pending_prefetch: int = spec(128, "block fetches in flight at most", min=1, used_by="GSA offload")
+    score: str = spec("quest", "block score: Quest upper bound (min/max keys) or mean-key dot product",
+                      choices=("quest", "mean"), used_by="GSA selection")
+    token_budget: int | None = spec(None, "attend this many tokens per step instead of sparse_ratio", min=1,
+                                    used_by="GSA selection")
+    offload: bool = spec(False, "keep the full KV in the store's Cache tier, only hot blocks on the GPU",
+                         used_by="GSA offload")
+    gpu_budget_blocks: int = spec(4096, "blocks per layer kept on the GPU in offload mode", min=1,
+                                  used_by="GSA offload")
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseConfig:
+    """The sparse method in use (``None``: dense attention) and its settings."""
+
+    method: str | None = None
+    gsa: GSAConfig = dataclasses.field(default_factory=GSAConfig)
+
+    @property
+    def enabled(self) -> bool:
+        """True when a sparse method is selected."""
+        return self.method is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class UcmConfig:
+    """Everything a UCM config document declares."""
+
+    connectors: tuple[ConnectorSpec, ...]
+    sparse: SparseConfig
+
+
+def parse_sparse(sections: Mapping) -> SparseConfig:
+    """Parse ``{"ucm_sparse_method": ..., "ucm_sparse_config": {...}}`` into a SparseConfig."""
+    method = sections.get("ucm_sparse_method")
+    if method is not None and method not in SPARSE_METHODS:
+        raise ConfigError(f"ucm_sparse_method: {method!r} is not a known method; "
+                          f"allowed: {', '.join(SPARSE_METHODS)} (or leave it out for dense attention)")
+    raw = sections.get("ucm_sparse_config") or {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"ucm_sparse_config: expected a mapping like {{GSA: {{...}}}}, got {raw!r}")
+    for name in raw:
+        if name not in SPARSE_METHODS:
+            hint = close_keys(str(name), list(SPARSE_METHODS))
+            raise ConfigError(f"unknown key {name!r} in ucm_sparse_config: {hint}")
+    return SparseConfig(method=method, gsa=parse_section(GSAConfig, raw.get("GSA"), "ucm_sparse_config.GSA"))
+
+
+def load_ucm_config(source: str | Path | Mapping) -> UcmConfig:
+    """Parse a whole config source (dict or YAML path, any form ``ucm_store.config`` accepts)."""
+    return UcmConfig(connectors=tuple(parse_connectors(source)), sparse=parse_sparse(sparse_sections(source)))
+
+
+def load_gsa_fragment(source: str | Path | Mapping) -> GSAConfig:
+    """Parse a bare GSA section (the seed's section 5 snippets, e.g. ``sparse_ratio: 0.3``)."""
+    return parse_section(GSAConfig, read_document(source), "the GSA config")
