@@ -1,0 +1,55 @@
+"""The tier interface every backend implements, and the errors a tier reports.
+
+A tier holds whole, committed blocks under string keys (a hash of the block id, never the raw id). Writes are
+atomic: ``put`` makes a complete block visible or nothing. Reads verify the block: a missing block raises
+:class:`BlockMissing`, a torn or corrupt one :class:`BlockCorrupt` (and the tier drops it). Primitives:
+
+* ``contains(key) -> bool``     committed and visible
+* ``size(key) -> int | None``   payload bytes of a visible block (BlockCorrupt for a bad header)
+* ``read(key, dst) -> None``    the whole block into ``dst`` (uint8 tensor of exactly ``size(key)`` bytes)
+* ``put(key, src) -> bool``     publish a complete block (False: it was already there; immutable, so a no-op)
+* ``remove(key) -> None``       drop a block (corrupt, or evicted by the caller)
+* ``close() -> None``
+"""
+import abc
+
+import torch
+
+
+class BlockMissing(KeyError):
+    """The block is not in this tier (an expected miss)."""
+
+
+class BlockCorrupt(IOError):
+    """The block's bytes failed verification (truncated, checksum mismatch); the tier has dropped it."""
+
+
+class Tier(abc.ABC):
+    """One level of the store pipeline."""
+
+    name: str = "tier"
+    durable: bool = False
+
+    @abc.abstractmethod
+    def contains(self, key: str) -> bool:
+        """True if a committed block is stored under ``key``."""
+
+    @abc.abstractmethod
+    def size(self, key: str) -> int | None:
+        """Payload bytes of the block under ``key``, or None when absent; BlockCorrupt (block dropped) when its
+        header is unreadable."""
+
+    @abc.abstractmethod
+    def read(self, key: str, dst: torch.Tensor) -> None:
+        """Copy the whole block into ``dst`` (1-D uint8, ``size(key)`` bytes); BlockMissing / BlockCorrupt."""
+
+    @abc.abstractmethod
+    def put(self, key: str, src: torch.Tensor) -> bool:
+        """Atomically publish ``src`` (1-D uint8 CPU tensor) under ``key``; False if already present."""
+
+    @abc.abstractmethod
+    def remove(self, key: str) -> None:
+        """Drop the block under ``key`` if present."""
+
+    def close(self) -> None:
+        """Release the tier's resources."""

@@ -1,0 +1,42 @@
+"""UcmConnectorFactory: a store from a config (the seed's ``create_connector(config, local_rank)``)."""
+from collections.abc import Mapping
+from pathlib import Path
+
+from ucm_store.backends.base import Tier
+from ucm_store.backends.cache import CacheTier
+from ucm_store.backends.posix import NFSTier, PosixTier
+from ucm_store.config import StoreConfig, load_store_config
+from ucm_store.pipeline import UcmPipelineStore
+from ucm_store.pool import PinnedMemoryPool
+
+_DISK_TIERS = {"Posix": PosixTier, "NFS": NFSTier}
+
+
+class UcmConnectorFactory:
+    """Builds stores from configs."""
+
+    @staticmethod
+    def create_connector(config: Mapping | str | Path | StoreConfig, local_rank: int = 0) -> UcmPipelineStore:
+        """A store for ``config`` (any form ``ucm_store.config`` accepts, or a StoreConfig) on ``local_rank``."""
+        if not isinstance(local_rank, int) or local_rank < 0:
+            raise ValueError(f"local_rank: expected an int >= 0, got {local_rank!r}")
+        store_config = config if isinstance(config, StoreConfig) else load_store_config(config)
+        pool = PinnedMemoryPool.configure(store_config.pinned_pool_size, store_config.max_pinned_size)
+        tiers = [_build_tier(name, store_config, pool) for name in store_config.tiers]
+        return UcmPipelineStore(tiers, pool, io_workers=store_config.io_workers,
+                                writeback_depth=store_config.buffer_number,
+                                prefetch_depth=store_config.prefetch_depth if store_config.prefetch_enabled else 0)
+
+
+def _build_tier(name: str, config: StoreConfig, pool: PinnedMemoryPool) -> Tier:
+    if name == "Cache":
+        return CacheTier(config.cache_capacity, pool)
+    if name in _DISK_TIERS:
+        if not config.storage_backends:
+            raise ValueError(f"storage_backends: the {name} tier of store_pipeline {config.store_pipeline!r} "
+                             "needs at least one directory; none given")
+        return _DISK_TIERS[name](config.storage_backends, path_strategy=config.path_strategy,
+                                 use_direct_io=config.use_direct_io, capacity_bytes=config.storage_capacity,
+                                 pool=pool)
+    raise ValueError(f"store_pipeline: tier {name!r} is not available in this version of UCM; "
+                     f"available: Cache, {', '.join(_DISK_TIERS)}")

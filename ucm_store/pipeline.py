@@ -1,0 +1,398 @@
+"""UcmPipelineStore: the store contract of DESIGN.md over a chain of tiers (``store_pipeline: "Cache|Posix"``).
+
+* ``dump(block_ids, offset, tensor)`` copies part ``i`` of ``tensor`` into bytes ``[offset, offset + part)`` of
+  block ``i``, staged in pinned DRAM and invisible to lookups. ``tensor`` holds ``len(block_ids)`` equal parts
+  back to back (its first dimension is usually the block index; one block may take the whole tensor). Several
+  dumps at different offsets may build one block (e.g. one per layer); together they must cover it from byte 0
+  without gaps or overlaps.
+* ``commit(block_ids, success_flags)`` publishes each successfully dumped block atomically into the top tier
+  (Cache: the staged buffer itself; a disk tier: temp file, fsync, rename) and queues its write-down to the
+  tiers below (bounded by ``buffer_number``; ``flush()`` waits for them). A failed flag discards the block.
+* ``lookup`` / ``lookup_on_prefix`` see committed blocks in any tier; ``load(block_ids, offset, tensor)`` reads
+  bytes ``[offset, offset + part)`` of each block into part ``i`` of ``tensor``, from the first tier holding
+  it, and promotes blocks found below into the Cache (one read per block however many loads want it).
+* A load verifies a block (length, CRC32) in a staging buffer before any byte reaches ``tensor``: a failed
+  load leaves the destination untouched.
+* ``dump`` and ``load`` return a :class:`~ucm_store.task.Task`; ``wait(task)`` returns ``TaskStatus.SUCCESS``
+  (0) or ``FAILURE`` with ``task.failures`` naming each failed block and its cause; ``check(task)`` polls.
+
+Tensors may live on the CPU or a GPU. Block ids are opaque bytes, stored under a BLAKE2b key, never raw.
+"""
+import atexit
+import hashlib
+import logging
+import queue
+import threading
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from ucm_store.backends.base import BlockCorrupt, BlockMissing, Tier
+from ucm_store.backends.cache import CacheTier
+from ucm_store.metrics import StatsMonitor
+from ucm_store.pool import PinnedMemoryPool
+from ucm_store.task import Task, TaskStatus, finished_future
+
+logger = logging.getLogger(__name__)
+MAX_BLOCK_ID_BYTES = 4096
+_open_stores: "weakref.WeakSet[UcmPipelineStore]" = weakref.WeakSet()
+
+
+@atexit.register
+def _drain_open_stores() -> None:
+    """At interpreter exit, finish queued write-downs of stores that were never closed (nothing committed is lost)."""
+    for store in list(_open_stores):
+        store.flush()
+
+
+def block_key(block_id: bytes) -> str:
+    """The storage key of a block id: 32 hex digits of BLAKE2b-128 (never the raw id, which may hold '/')."""
+    return hashlib.blake2b(block_id, digest_size=16).hexdigest()
+
+
+class _Staged:
+    """The parts of one dumped, uncommitted block: (offset, pool buffer) pairs and their futures."""
+
+    def __init__(self):
+        self.parts: list[tuple[int, torch.Tensor]] = []
+        self.futures: list[Future] = []
+
+
+class UcmPipelineStore:
+    """A block store over tiers tried left to right; see the module docstring for the contract."""
+
+    def __init__(self, tiers: list[Tier], pool: PinnedMemoryPool, *, io_workers: int = 8,
+                 writeback_depth: int = 1024, prefetch_depth: int = 0, monitor: StatsMonitor | None = None):
+        if not tiers:
+            raise ValueError("tiers: a store needs at least one tier")
+        self.tiers = tiers
+        self.cache = tiers[0] if isinstance(tiers[0], CacheTier) else None
+        self.pool = pool
+        self.prefetch_depth = prefetch_depth
+        self.monitor = monitor or StatsMonitor.get_instance()
+        self._io = ThreadPoolExecutor(io_workers, thread_name_prefix="ucm-io")
+        self._staged: dict[str, _Staged] = {}
+        self._fetching: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self._writeback: queue.Queue = queue.Queue(maxsize=writeback_depth)
+        self._writers = [threading.Thread(target=self._write_down_loop, daemon=True, name=f"ucm-writeback-{i}")
+                         for i in range(min(io_workers, 4))] if len(tiers) > 1 and self.cache is not None else []
+        for writer in self._writers:
+            writer.start()
+        self.writeback_failures = 0
+        _open_stores.add(self)
+
+    # ---- lookups ---------------------------------------------------------------------------------------------
+    def lookup(self, block_ids: list[bytes]) -> list[bool]:
+        """One flag per id: is a committed copy of the block in any tier."""
+        keys = [block_key(b) for b in _check_ids(block_ids)]
+        where = [self._tier_of(key) for key in keys]
+        self._record_lookup(where)
+        self._prefetch([k for k, t in zip(keys, where) if t is not None and t is not self.cache])
+        return [t is not None for t in where]
+
+    def lookup_on_prefix(self, block_ids: list[bytes]) -> int:
+        """Index of the last block of the leading run of hits (-1 when the first block misses)."""
+        keys = [block_key(b) for b in _check_ids(block_ids)]
+        where = []
+        for key in keys:
+            tier = self._tier_of(key)
+            if tier is None:
+                break
+            where.append(tier)
+        self._record_lookup(where + [None] * (len(keys) > len(where)))
+        self._prefetch([k for k, t in zip(keys, where) if t is not self.cache])
+        return len(where) - 1
+
+    # ---- dump and commit -------------------------------------------------------------------------------------
+    def dump(self, block_ids: list[bytes], offset: int, tensor: torch.Tensor) -> Task:
+        """Stage part ``i`` of ``tensor`` at byte ``offset`` of block ``i``; asynchronous (see module doc)."""
+        parts = _split_parts(block_ids, offset, tensor)
+        futures = []
+        for block_id, part in zip(block_ids, parts):
+            key = block_key(block_id)
+            if self._tier_of(key) is not None:
+                futures.append(finished_future())
+                continue
+            futures.append(self._io.submit(self._stage_part, key, offset, part))
+            with self._lock:
+                self._staged.setdefault(key, _Staged()).futures.append(futures[-1])
+        return Task("dump", list(block_ids), futures)
+
+    def commit(self, block_ids: list[bytes], success_flags: list[bool]) -> list[bool]:
+        """Publish (flag True) or discard (False) each dumped block; returns which blocks are now committed."""
+        _check_ids(block_ids)
+        if len(success_flags) != len(block_ids):
+            raise ValueError(f"success_flags: {len(success_flags)} flags for {len(block_ids)} block_ids; "
+                             "need one flag per block id")
+        results = [self._io.submit(self._commit_one, b, bool(f)) for b, f in zip(block_ids, success_flags)]
+        return [r.result() for r in results]
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every queued write-down to the lower tiers has finished."""
+        done = threading.Event()
+        threading.Thread(target=lambda: (self._writeback.join(), done.set()), daemon=True).start()
+        if not done.wait(timeout):
+            raise TimeoutError(f"write-down not finished after {timeout} s ({self._writeback.qsize()} queued)")
+
+    # ---- load ------------------------------------------------------------------------------------------------
+    def load(self, block_ids: list[bytes], offset: int, tensor: torch.Tensor) -> Task:
+        """Read bytes ``[offset, offset + part)`` of block ``i`` into part ``i`` of ``tensor``; asynchronous."""
+        parts = _split_parts(block_ids, offset, tensor)
+        futures = [self._io.submit(self._load_part, block_key(b), offset, p) for b, p in zip(block_ids, parts)]
+        return Task("load", list(block_ids), futures)
+
+    def wait(self, task: Task, timeout: float | None = None) -> TaskStatus:
+        """Block until ``task`` finishes; SUCCESS (0) or FAILURE (``task.failures`` names blocks and causes)."""
+        return task.wait(timeout)
+
+    def check(self, task: Task) -> bool:
+        """True once ``task`` has finished (then ``wait`` returns at once)."""
+        return task.done()
+
+    def close(self) -> None:
+        """Drain pending write-downs, stop the workers and release every buffer."""
+        _open_stores.discard(self)
+        self.flush()
+        for _ in self._writers:
+            self._writeback.put(None)
+        for writer in self._writers:
+            writer.join()
+        self._io.shutdown(wait=True)
+        with self._lock:
+            staged, self._staged = list(self._staged.values()), {}
+        for block in staged:
+            self._release_parts(block)
+        for tier in self.tiers:
+            tier.close()
+
+    def __enter__(self) -> "UcmPipelineStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- workers ---------------------------------------------------------------------------------------------
+    def _stage_part(self, key: str, offset: int, part: torch.Tensor) -> None:
+        with self.monitor.transfer("save") as result:
+            buf = self._allocate(part.numel())
+            buf.copy_(part)
+            with self._lock:
+                self._staged.setdefault(key, _Staged()).parts.append((offset, buf))
+            result["bytes"], result["blocks"] = part.numel(), 1
+
+    def _commit_one(self, block_id: bytes, success: bool) -> bool:
+        key = block_key(block_id)
+        with self._lock:
+            staged = self._staged.pop(key, None)
+        if staged is None:
+            return self._tier_of(key) is not None
+        failed = [f for f in staged.futures if f.exception(timeout=None) is not None]
+        if not success or failed:
+            self._release_parts(staged)
+            return False
+        try:
+            buf = self._assemble(block_id, staged)
+        except ValueError as exc:
+            logger.error("commit of block %s failed: %s", block_id.hex(), exc)
+            return False
+        return self._publish(block_id, key, buf)
+
+    def _publish(self, block_id: bytes, key: str, buf: torch.Tensor) -> bool:
+        top = self.tiers[0]
+        if self.cache is None:
+            try:
+                top.put(key, buf)
+                return True
+            except OSError as exc:
+                logger.error("commit of block %s to %s failed: %s", block_id.hex(), top.name, exc)
+                return False
+            finally:
+                self.pool.release(buf)
+        if not self.cache.adopt(key, buf, pinned=bool(self._writers)):
+            self.pool.release(buf)
+            return True
+        if self._writers:
+            self._writeback.put((block_id, key))
+        return True
+
+    def _write_down_loop(self) -> None:
+        while (item := self._writeback.get()) is not None:
+            block_id, key = item
+            try:
+                with self.cache.hold(key) as buf:
+                    for tier in self.tiers[1:]:
+                        tier.put(key, buf)
+            except (OSError, BlockMissing) as exc:
+                self.writeback_failures += 1
+                logger.error("write-down of block %s failed: %s", block_id.hex(), exc)
+            finally:
+                self.cache.unpin(key)
+                self._writeback.task_done()
+        self._writeback.task_done()
+
+    def _load_part(self, key: str, offset: int, part: torch.Tensor) -> None:
+        with self.monitor.transfer("load") as result:
+            if self.cache is None or not self._load_via_cache(key, offset, part):
+                self._load_uncached(key, offset, part)
+            result["bytes"], result["blocks"] = part.numel(), 1
+
+    def _load_via_cache(self, key: str, offset: int, part: torch.Tensor, attempts: int = 3) -> bool:
+        """Copy from the Cache tier, promoting the block first if needed; False if it keeps being evicted."""
+        for _ in range(attempts):
+            try:
+                with self.cache.hold(key) as buf:
+                    _copy_range(key, buf, offset, part)
+                    return True
+            except BlockMissing:
+                self._fetch_into_cache(key)
+        return False
+
+    def _load_uncached(self, key: str, offset: int, part: torch.Tensor) -> None:
+        causes = []
+        for tier in self.tiers:
+            try:
+                buf = self._read_whole(tier, key, self.pool.allocate)
+            except (BlockMissing, BlockCorrupt) as exc:
+                causes.append(f"{tier.name}: {exc}")
+                continue
+            try:
+                _copy_range(key, buf, offset, part)
+                return
+            finally:
+                self.pool.release(buf)
+        raise BlockMissing(self._missing_message(key, causes))
+
+    def _fetch_into_cache(self, key: str) -> None:
+        """Make sure ``key`` is in the Cache tier, reading it from a lower tier once for all concurrent callers."""
+        if self.cache.contains(key):
+            return
+        with self._lock:
+            future = self._fetching.get(key)
+            owner = future is None
+            if owner:
+                future = self._fetching[key] = Future()
+        if owner:
+            try:
+                self._promote(key)
+                future.set_result(None)
+            except BaseException as exc:
+                future.set_exception(exc)
+            finally:
+                with self._lock:
+                    del self._fetching[key]
+        future.result()
+
+    def _promote(self, key: str) -> None:
+        causes = []
+        for tier in self.tiers[1:]:
+            try:
+                buf = self._read_whole(tier, key, self.cache.allocate)
+            except (BlockMissing, BlockCorrupt) as exc:
+                causes.append(f"{tier.name}: {exc}")
+                continue
+            if not self.cache.adopt(key, buf):
+                self.pool.release(buf)
+            return
+        if not self.cache.contains(key):
+            raise BlockMissing(self._missing_message(key, causes))
+
+    def _read_whole(self, tier: Tier, key: str, allocate) -> torch.Tensor:
+        """The whole block from ``tier`` in a new pool buffer (from ``allocate``); BlockMissing / BlockCorrupt."""
+        size = tier.size(key)
+        if size is None:
+            raise BlockMissing("absent")
+        buf = allocate(size)
+        try:
+            tier.read(key, buf)
+        except BaseException:
+            self.pool.release(buf)
+            raise
+        return buf
+
+    def _prefetch(self, keys: list[str]) -> None:
+        if self.cache is None or not self.prefetch_depth:
+            return
+        for key in keys[:self.prefetch_depth]:
+            self._io.submit(self._prefetch_one, key)
+
+    def _prefetch_one(self, key: str) -> None:
+        try:
+            self._fetch_into_cache(key)
+        except (BlockMissing, OSError) as exc:
+            logger.info("prefetch of block %s skipped: %s", key, exc)
+
+    # ---- helpers ---------------------------------------------------------------------------------------------
+    def _tier_of(self, key: str) -> Tier | None:
+        return next((tier for tier in self.tiers if tier.contains(key)), None)
+
+    def _record_lookup(self, where: list[Tier | None]) -> None:
+        tier_hits: dict[str, int] = {}
+        for tier in where:
+            if tier is not None:
+                tier_hits[tier.name] = tier_hits.get(tier.name, 0) + 1
+        self.monitor.record_lookup(len(where), sum(tier_hits.values()), tier_hits)
+
+    def _allocate(self, nbytes: int) -> torch.Tensor:
+        return self.cache.allocate(nbytes) if self.cache is not None else self.pool.allocate(nbytes)
+
+    def _assemble(self, block_id: bytes, staged: _Staged) -> torch.Tensor:
+        """One buffer holding the whole block; ValueError if the parts leave a gap or overlap."""
+        parts = sorted(staged.parts, key=lambda p: p[0])
+        end = 0
+        for offset, buf in parts:
+            if offset != end:
+                self._release_parts(staged)
+                kind = "a gap" if offset > end else "an overlap"
+                raise ValueError(f"dumped parts leave {kind} at byte {min(offset, end)}; parts must tile the block")
+            end = offset + buf.numel()
+        if len(parts) == 1:
+            return parts[0][1]
+        whole = self._allocate(end)
+        for offset, buf in parts:
+            whole[offset:offset + buf.numel()].copy_(buf)
+        self._release_parts(staged)
+        return whole
+
+    def _release_parts(self, staged: _Staged) -> None:
+        for _, buf in staged.parts:
+            self.pool.release(buf)
+        staged.parts = []
+
+    def _missing_message(self, key: str, causes: list[str]) -> str:
+        pipeline = "|".join(t.name for t in self.tiers)
+        found = "; ".join(c for c in causes if not c.endswith("'absent'"))
+        return f"block {key} is in no tier of {pipeline}" + (f" ({found})" if found else "")
+
+
+def _check_ids(block_ids: list[bytes]) -> list[bytes]:
+    if not isinstance(block_ids, (list, tuple)):
+        raise ValueError(f"block_ids: expected a list of bytes, got {type(block_ids).__name__}")
+    for i, block_id in enumerate(block_ids):
+        if not isinstance(block_id, (bytes, bytearray)) or not 0 < len(block_id) <= MAX_BLOCK_ID_BYTES:
+            raise ValueError(f"block_ids[{i}]: expected non-empty bytes of at most {MAX_BLOCK_ID_BYTES} bytes, "
+                             f"got {type(block_id).__name__} {block_id!r:.60}")
+    return list(block_ids)
+
+
+def _split_parts(block_ids: list[bytes], offset: int, tensor: torch.Tensor) -> list[torch.Tensor]:
+    """``tensor``'s bytes as ``len(block_ids)`` equal 1-D uint8 parts."""
+    _check_ids(block_ids)
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise ValueError(f"offset: expected a byte offset >= 0, got {offset!r}")
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"tensor: expected a torch.Tensor, got {type(tensor).__name__}")
+    if not tensor.is_contiguous():
+        raise ValueError(f"tensor: must be contiguous (shape {tuple(tensor.shape)}, strides {tensor.stride()})")
+    nbytes = tensor.numel() * tensor.element_size()
+    if not block_ids or nbytes == 0 or nbytes % len(block_ids):
+        raise ValueError(f"tensor: {nbytes} bytes do not split into {len(block_ids)} equal non-empty block parts")
+    return list(tensor.reshape(-1).view(torch.uint8).view(len(block_ids), -1))
+
+
+def _copy_range(key: str, buf: torch.Tensor, offset: int, part: torch.Tensor) -> None:
+    end = offset + part.numel()
+    if end > buf.numel():
+        raise ValueError(f"block {key} holds {buf.numel()} bytes; bytes [{offset}, {end}) were asked for")
+    part.copy_(buf[offset:end])
