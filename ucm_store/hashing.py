@@ -14,8 +14,9 @@ import dataclasses
 import hashlib
 import json
 
-import numba
 import numpy as np
+
+from ucm_store.lazyjit import lazy_njit
 
 ID_BYTES = 16
 _MASK = (1 << 64) - 1
@@ -92,35 +93,31 @@ def ids_to_bytes(ids: np.ndarray) -> list[bytes]:
     return np.ascontiguousarray(ids, dtype="<u8").view(f"V{ID_BYTES}").ravel().tolist()
 
 
-@numba.njit(inline="always")
-def _rotl(x, r):
-    return (x << np.uint64(r)) | (x >> np.uint64(64 - r))
-
-
-@numba.njit(inline="always")
-def _fmix(x):
-    x ^= x >> np.uint64(33)
-    x *= np.uint64(_F1)
-    x ^= x >> np.uint64(33)
-    x *= np.uint64(_F2)
-    x ^= x >> np.uint64(33)
-    return x
-
-
-@numba.njit(cache=True, nogil=True)
+@lazy_njit(cache=True, nogil=True)
 def chain_hash(tokens, block_size, seed_hi, seed_lo, out):
     """Chained 128-bit ids of full blocks: ``tokens`` int64 [n], ``out`` uint64 [n // block_size, 2]."""
+
+    def rotl(x, r):
+        return (x << np.uint64(r)) | (x >> np.uint64(64 - r))
+
+    def fmix(x):
+        x ^= x >> np.uint64(33)
+        x *= np.uint64(_F1)
+        x ^= x >> np.uint64(33)
+        x *= np.uint64(_F2)
+        return x ^ (x >> np.uint64(33))
+
     a, b = seed_hi, seed_lo
     for blk in range(out.shape[0]):
         a ^= np.uint64(_P1)
         b ^= np.uint64(_P2)
         for i in range(blk * block_size, (blk + 1) * block_size):
             t = np.uint64(tokens[i])
-            a = _rotl(a + t * np.uint64(_P2), 31) * np.uint64(_P1)
-            b = _rotl(b + t * np.uint64(_P4), 27) * np.uint64(_P3)
-        a = _fmix(a ^ np.uint64(block_size))
-        b = _fmix(b + a)
-        a = _fmix(a + b)
+            a = rotl(a + t * np.uint64(_P2), 31) * np.uint64(_P1)
+            b = rotl(b + t * np.uint64(_P4), 27) * np.uint64(_P3)
+        a = fmix(a ^ np.uint64(block_size))
+        b = fmix(b + a)
+        a = fmix(a + b)
         out[blk, 0] = a
         out[blk, 1] = b
 

@@ -174,6 +174,7 @@ class UcmPipelineStore:
         self.close()
 
     # ---- workers ---------------------------------------------------------------------------------------------
+    @torch.inference_mode()
     def _stage_part(self, key: str, offset: int, part: torch.Tensor) -> None:
         with self.monitor.transfer("save") as result:
             buf = self._allocate(part.numel())
@@ -232,6 +233,7 @@ class UcmPipelineStore:
                 self._writeback.task_done()
         self._writeback.task_done()
 
+    @torch.inference_mode()  # callers' tensors may be inference tensors (vLLM's); writing them needs the mode
     def _load_part(self, key: str, offset: int, part: torch.Tensor) -> None:
         with self.monitor.transfer("load") as result:
             if self.cache is None or not self._load_via_cache(key, offset, part):
@@ -317,6 +319,7 @@ class UcmPipelineStore:
         for key in keys[:self.prefetch_depth]:
             self._io.submit(self._prefetch_one, key)
 
+    @torch.inference_mode()
     def _prefetch_one(self, key: str) -> None:
         try:
             self._fetch_into_cache(key)

@@ -10,9 +10,10 @@ ordinary memory with the same API where it is not.
 import threading
 import time
 
-import numba
 import numpy as np
 import torch
+
+from ucm_store.lazyjit import lazy_njit
 
 PAGE_BYTES = 4096
 DEFAULT_POOL_BYTES = 1 << 30
@@ -23,7 +24,7 @@ class PoolExhaustedError(RuntimeError):
     """No free run of pages appeared within the allocation's timeout."""
 
 
-@numba.njit(cache=True, nogil=True)
+@lazy_njit(cache=True, nogil=True)
 def find_free_run(used, npages, hint):
     """First index >= ``hint`` (wrapping to 0) of ``npages`` free pages in byte map ``used``; -1 if none."""
     total = used.shape[0]
@@ -37,7 +38,7 @@ def find_free_run(used, npages, hint):
     return -1
 
 
-@numba.njit(cache=True, nogil=True)
+@lazy_njit(cache=True, nogil=True)
 def mark_run(used, start, npages, value):
     """Set ``used[start:start + npages]`` to ``value`` (1 taken, 0 free)."""
     for i in range(start, start + npages):
@@ -59,9 +60,7 @@ class _Arena:
     """One contiguous host allocation, 4 KiB aligned, and its page map."""
 
     def __init__(self, nbytes: int, pinned: bool):
-        raw = torch.empty(nbytes + PAGE_BYTES, dtype=torch.uint8, pin_memory=pinned)
-        skip = (-raw.data_ptr()) % PAGE_BYTES
-        self.memory = raw[skip:skip + nbytes]
+        self.memory = page_locked_buffer(nbytes, pinned)
         self.used = np.zeros(nbytes // PAGE_BYTES, dtype=np.uint8)
         self.hint = 0
 
@@ -186,6 +185,18 @@ class PinnedMemoryPool:
         with self._cond:
             self.max_bytes = max(self.max_bytes, _round_up(max_pinned_size))
             self._cond.notify_all()
+
+
+def page_locked_buffer(nbytes: int, pinned: bool) -> torch.Tensor:
+    """``nbytes`` of host memory starting on a page boundary; page-locked (pinned, DMA-able and addressable by
+    kernels) when ``pinned``. Pinned memory comes from CUDA's host allocator through torch, which rounds the
+    reservation up to a power of two (so size pools in powers of two); ``is_pinned()`` is true for it."""
+    with torch.inference_mode(False):  # store threads write it outside any caller's inference mode
+        if pinned:
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        raw = torch.empty(nbytes + PAGE_BYTES, dtype=torch.uint8)
+    skip = (-raw.data_ptr()) % PAGE_BYTES
+    return raw[skip:skip + nbytes]
 
 
 def _round_up(nbytes: int) -> int:

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One lent-GPU session step: correctness on the GPU (compiled kernels), then benchmarks; JSON + logs under $OUT.
+# Usage: bench/run_gpu.sh {tests|transfer|sparse|all}   (wheels for pytest travel in .whl/, see BENCHMARKS.md)
+set -uo pipefail
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+OUT="${OUT:-bench/results}"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+step() {  # name, command...
+  local name=$1; shift
+  echo "== $name"; local start=$SECONDS
+  "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  tail -n 25 "$OUT/$name.log"; echo "== $name rc=$rc in $((SECONDS - start)) s"
+}
+case "${1:-all}" in
+  tests|all) step gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_kv_transfer.py tests/test_transport.py \
+               tests/test_block_repr.py tests/test_block_select.py tests/test_sparse_decode.py ;;&
+  transfer|all) step bench_kv_transfer timeout 420 python3 -m bench.bench_kv_transfer ;;&
+  sparse|all) step bench_sparse_decode timeout 300 python3 -m bench.bench_sparse_decode
+              step bench_block_select timeout 200 python3 -m bench.bench_block_select ;;
+esac

@@ -1,0 +1,153 @@
+"""block_repr kernel vs its torch reference; incremental updates; blocks_filled vs a plain loop."""
+import pytest
+import torch
+
+from ucm_kernels.block_repr import blocks_filled, empty_block_repr, naive_update_block_repr, update_block_repr
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# kmean tolerance per repr dtype: kernel and reference sum in a different order, then round once.
+MEAN_TOL = {torch.bfloat16: dict(atol=4e-3, rtol=8e-3), torch.float16: dict(atol=5e-4, rtol=1e-3),
+            torch.float32: dict(atol=1e-6, rtol=1e-5)}
+
+
+def make_kv(num_blocks=12, block_size=16, heads=2, head_dim=64, dtype=torch.bfloat16, seed=0):
+    """K as ``kv[0]`` of a ``(2, num_blocks, block_size, heads, head_dim)`` cache: a strided view."""
+    gen = torch.Generator().manual_seed(seed)
+    kv = torch.randn(2, num_blocks, block_size, heads, head_dim, generator=gen).to(dtype)
+    return kv.to(DEVICE)[0]
+
+
+def same_bits(a, b):
+    """Bitwise equality (NaN == NaN) of two same-dtype tensors."""
+    return a.dtype == b.dtype and torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+def random_reprs(key_cache, dtype, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(*r.shape, generator=gen).to(dtype).to(DEVICE) for r in empty_block_repr(key_cache, dtype)]
+
+
+@pytest.mark.parametrize("cache_dtype,repr_dtype,block_size,head_dim", [
+    (torch.bfloat16, torch.bfloat16, 16, 128),
+    (torch.bfloat16, torch.float32, 16, 64),
+    (torch.float16, torch.float16, 12, 96),
+    (torch.float16, torch.float32, 32, 64),
+    (torch.float32, torch.float32, 16, 64),
+])
+def test_update_matches_reference_and_touches_only_listed_blocks(cache_dtype, repr_dtype, block_size, head_dim):
+    key_cache = make_kv(block_size=block_size, head_dim=head_dim, dtype=cache_dtype)
+    key_before = key_cache.clone()
+    block_ids = torch.tensor([5, -1, 0, 11, 5, 40, 3], dtype=torch.int32, device=DEVICE)  # dup, pad, out of range
+    listed = torch.tensor([0, 3, 5, 11], device=DEVICE)
+    reprs = random_reprs(key_cache, repr_dtype)
+    for repr_ in reprs:
+        repr_[listed] = float("nan")
+    expected = [r.clone() for r in reprs]
+    update_block_repr(key_cache, block_ids, *reprs)
+    naive_update_block_repr(key_cache, block_ids, *expected)
+    assert torch.equal(key_cache, key_before)
+    kmin, kmax, kmean = reprs
+    assert torch.equal(kmin, expected[0]) and torch.equal(kmax, expected[1])  # min/max exact, whole tensors
+    untouched = torch.ones(key_cache.shape[0], dtype=torch.bool, device=DEVICE)
+    untouched[listed] = False
+    assert torch.equal(kmean[untouched], expected[2][untouched])
+    assert not kmean.isnan().any()
+    torch.testing.assert_close(kmean, expected[2], **MEAN_TOL[repr_dtype])
+
+
+def test_int64_ids_and_noncontiguous_reprs():
+    key_cache = make_kv(heads=4)
+    storage = torch.full((key_cache.shape[0], 4, 3, 64), float("nan"), device=DEVICE)
+    kmin, kmax, kmean = storage.unbind(2)  # interleaved, same strides
+    ids = torch.arange(key_cache.shape[0], dtype=torch.int64, device=DEVICE)
+    update_block_repr(key_cache, ids, kmin, kmax, kmean)
+    keys = key_cache.float()
+    assert torch.equal(kmin, keys.amin(1)) and torch.equal(kmax, keys.amax(1))
+    torch.testing.assert_close(kmean, keys.mean(1), **MEAN_TOL[torch.float32])
+
+
+def test_empty_block_ids_is_a_no_op():
+    key_cache = make_kv()
+    reprs = random_reprs(key_cache, torch.bfloat16)
+    before = [r.clone() for r in reprs]
+    update_block_repr(key_cache, torch.empty(0, dtype=torch.int32, device=DEVICE), *reprs)
+    assert all(torch.equal(r, b) for r, b in zip(reprs, before))
+
+
+def loop_blocks_filled(before, after, block_table, block_size):
+    ids = []
+    for b in range(block_table.shape[0]):
+        first, end = int(before[b]) // block_size, min(int(after[b]) // block_size, block_table.shape[1])
+        ids += [int(block_table[b, j]) for j in range(first, end)]
+    return ids
+
+
+def test_blocks_filled_matches_a_plain_loop():
+    block_table = torch.randperm(64, dtype=torch.int32).view(4, 16).to(DEVICE)
+    before = torch.tensor([0, 15, 33, 250], dtype=torch.int32, device=DEVICE)  # new, 1 to fill, no change, shrunk
+    after = torch.tensor([70, 16, 40, 20], dtype=torch.int32, device=DEVICE)
+    got = blocks_filled(before, after, block_table, 16)
+    assert got.dtype == torch.int32 and got.tolist() == loop_blocks_filled(before, after, block_table, 16)
+
+
+def test_incremental_updates_equal_a_full_recompute():
+    """Decode steps of a ragged batch: update only the newly full blocks, compare with all full blocks at once."""
+    block_size, max_blocks, batch = 8, 6, 3
+    key_cache = make_kv(num_blocks=batch * max_blocks, block_size=block_size)
+    block_table = torch.randperm(batch * max_blocks, dtype=torch.int32).view(batch, max_blocks).to(DEVICE)
+    seq_lens = torch.zeros(batch, dtype=torch.int32, device=DEVICE)
+    reprs = [torch.full_like(r, float("nan")) for r in empty_block_repr(key_cache)]
+    for growth in ([5, 13, 0], [1, 3, 9], [2, 1, 7], [9, 1, 1], [4, 5, 8]):  # prefill, then ragged steps
+        new_lens = seq_lens + torch.tensor(growth, dtype=torch.int32, device=DEVICE)
+        update_block_repr(key_cache, blocks_filled(seq_lens, new_lens, block_table, block_size), *reprs)
+        seq_lens = new_lens
+    full = blocks_filled(torch.zeros_like(seq_lens), seq_lens, block_table, block_size)
+    expected = [torch.full_like(r, float("nan")) for r in reprs]
+    naive_update_block_repr(key_cache, full, *expected)
+    assert same_bits(reprs[0], expected[0]) and same_bits(reprs[1], expected[1])  # NaN where never full
+    torch.testing.assert_close(reprs[2], expected[2], equal_nan=True, **MEAN_TOL[torch.bfloat16])
+
+
+def test_empty_block_repr_defaults_to_the_cache_dtype():
+    key_cache = make_kv(heads=3, head_dim=32)
+    kmin, kmax, kmean = empty_block_repr(key_cache)
+    assert kmin.shape == kmax.shape == kmean.shape == (12, 3, 32) and kmin.dtype == torch.bfloat16
+    assert empty_block_repr(key_cache, torch.float32)[2].dtype == torch.float32
+
+
+def _bad_update_args():
+    key_cache = make_kv()
+    ids = torch.tensor([0], dtype=torch.int32, device=DEVICE)
+    reprs = empty_block_repr(key_cache)
+    wide = torch.empty(12, 2, 128, dtype=torch.bfloat16, device=DEVICE)[:, :, :64]
+    return [
+        ("key_cache", (key_cache[0], ids, *reprs)),
+        ("key_cache", (key_cache.to(torch.int32), ids, *reprs)),
+        ("block_ids", (key_cache, ids.float(), *reprs)),
+        ("block_ids", (key_cache, ids.view(1, 1), *reprs)),
+        ("kmin", (key_cache, ids, reprs[0][:5], *reprs[1:])),
+        ("kmax", (key_cache, ids, reprs[0], reprs[1].to(torch.int32), reprs[2])),
+        ("kmean", (key_cache, ids, reprs[0], reprs[1], reprs[2][:, :1])),
+        ("kmean", (key_cache, ids, reprs[0], reprs[1], wide)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_bad_update_arguments_raise_naming_the_argument(case):
+    name, args = _bad_update_args()[case]
+    with pytest.raises(ValueError, match=name):
+        update_block_repr(*args)
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("block_size", dict(block_size=0)),
+    ("block_table", dict(block_table=torch.zeros(4, dtype=torch.int32))),
+    ("seq_lens_before", dict(seq_lens_before=torch.zeros(3, dtype=torch.int32))),
+    ("seq_lens_after", dict(seq_lens_after=torch.zeros(2, dtype=torch.float32))),
+])
+def test_bad_blocks_filled_arguments_raise_naming_the_argument(name, kwargs):
+    args = dict(seq_lens_before=torch.zeros(2, dtype=torch.int32), seq_lens_after=torch.ones(2, dtype=torch.int32),
+                block_table=torch.zeros(2, 4, dtype=torch.int32), block_size=16)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=name):
+        blocks_filled(**args)

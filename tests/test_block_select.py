@@ -1,0 +1,217 @@
+"""block_select kernels vs the torch reference; selections compare as index sets per (request, KV head)."""
+import pytest
+import torch
+
+from ucm_kernels.block_repr import empty_block_repr, naive_update_block_repr
+from ucm_kernels.block_select import naive_block_scores, naive_num_selected, naive_select_blocks, select_blocks
+from ucm_kernels.block_select import selection_width
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SIZES = dict(block_size=16, sparse_ratio=0.3, init_window=1, local_window=2, min_blocks=3)
+SEQ_LENS = [403, 17, 150, 229]  # ragged, none a multiple of 16: 26, 2 (dense), 10 and 15 blocks
+# Scores are fp32 sums in a different order from the reference's: a swap within this margin is a tie.
+TIE_TOL = 1e-4
+
+
+def make_case(seq_lens=SEQ_LENS, kv_heads=2, group=4, head_dim=64, max_blocks=28, dtype=torch.bfloat16,
+              repr_dtype=torch.bfloat16, seed=0):
+    """Random paged K, reprs of every physical block, a shuffled block table and decode queries."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, num_blocks = len(seq_lens), len(seq_lens) * max_blocks + 3
+    key_cache = torch.randn(num_blocks, SIZES["block_size"], kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    reprs = empty_block_repr(key_cache, repr_dtype)
+    naive_update_block_repr(key_cache, torch.arange(num_blocks, device=DEVICE), *reprs)
+    block_table = torch.randperm(num_blocks, generator=gen)[:batch * max_blocks].view(batch, max_blocks)
+    q = torch.randn(batch, kv_heads * group, head_dim, generator=gen).to(dtype)
+    return dict(q=q.to(DEVICE), kmin=reprs[0], kmax=reprs[1], kmean=reprs[2],
+                block_table=block_table.to(torch.int32).to(DEVICE),
+                seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE))
+
+
+def check_selection(case, sel_idx, sel_count, score="quest", **sizes):
+    """Counts, windows and -1 padding exact; every chosen competing block scores >= every unchosen one."""
+    scores = naive_block_scores(case["q"], case["kmin"], case["kmax"], case["kmean"], case["block_table"],
+                                case["seq_lens"], block_size=sizes["block_size"], score=score).cpu()
+    sel_idx, sel_count = sel_idx.cpu(), sel_count.cpu()
+    max_blocks = case["block_table"].shape[1]
+    assert sel_idx.shape == (*scores.shape[:2], selection_width(max_blocks, **sizes))
+    local = max(sizes["local_window"], 1)
+    for b, seq_len in enumerate(case["seq_lens"].tolist()):
+        nb = min(-(-seq_len // sizes["block_size"]), max_blocks)
+        count = naive_num_selected(nb, **sizes)
+        for h in range(scores.shape[1]):
+            row = sel_idx[b, h]
+            assert sel_count[b, h] == count
+            assert (row[count:] == -1).all()
+            chosen = row[:count].tolist()
+            assert chosen == sorted(set(chosen)) and all(0 <= j < nb for j in chosen)
+            if count == nb:
+                continue
+            windows = set(range(sizes["init_window"])) | set(range(nb - local, nb))
+            assert windows <= set(chosen)
+            middle = scores[b, h, sizes["init_window"]:nb - local]
+            picked = torch.tensor([j - sizes["init_window"] for j in chosen if j not in windows], dtype=torch.long)
+            unpicked = torch.ones_like(middle, dtype=torch.bool)
+            unpicked[picked] = False
+            if unpicked.any() and picked.numel():
+                margin = TIE_TOL * (1 + middle.abs().max())
+                assert middle[picked].min() >= middle[unpicked].max() - margin
+
+
+def run(case, **kwargs):
+    args = {**SIZES, **kwargs}
+    return select_blocks(case["q"], case["kmin"], case["kmax"], case["kmean"], case["block_table"],
+                         case["seq_lens"], **args), args
+
+
+@pytest.mark.parametrize("score,dtype,repr_dtype", [
+    ("quest", torch.bfloat16, torch.bfloat16), ("mean", torch.bfloat16, torch.bfloat16),
+    ("quest", torch.float16, torch.float32), ("mean", torch.float32, torch.float16),
+])
+def test_matches_reference_on_a_ragged_batch(score, dtype, repr_dtype):
+    case = make_case(dtype=dtype, repr_dtype=repr_dtype)
+    inputs = {k: v.clone() for k, v in case.items()}
+    (sel_idx, sel_count), sizes = run(case, score=score)
+    check_selection(case, sel_idx, sel_count, **sizes)
+    ref_idx, ref_count = naive_select_blocks(**case, **sizes)
+    assert torch.equal(sel_count, ref_count) and sel_idx.shape == ref_idx.shape
+    assert all(torch.equal(case[k], inputs[k]) for k in case)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_configurations(seed):
+    gen = torch.Generator().manual_seed(seed)
+
+    def pick(low, high):
+        return int(torch.randint(low, high + 1, (1,), generator=gen))
+
+    seq_lens = [pick(0, 28 * 16) for _ in range(pick(1, 4))]
+    case = make_case(seq_lens=seq_lens, group=pick(1, 4), seed=seed)
+    kwargs = dict(sparse_ratio=pick(1, 100) / 100, init_window=pick(0, 3), local_window=pick(0, 4),
+                  min_blocks=pick(1, 10), token_budget=pick(1, 300) if seed % 2 else None,
+                  score="mean" if seed % 3 else "quest")
+    (sel_idx, sel_count), sizes = run(case, **kwargs)
+    check_selection(case, sel_idx, sel_count, **sizes)
+
+
+@pytest.mark.parametrize("group,kv_heads,head_dim", [(1, 2, 64), (3, 2, 96), (8, 1, 128)])
+def test_gqa_groups_sum_the_scores_of_their_query_heads(group, kv_heads, head_dim):
+    case = make_case(seq_lens=[403, 229], kv_heads=kv_heads, group=group, head_dim=head_dim)
+    for score in ("quest", "mean"):
+        (sel_idx, sel_count), sizes = run(case, score=score)
+        check_selection(case, sel_idx, sel_count, **sizes)
+
+
+def test_sparse_ratio_one_selects_every_block():
+    case = make_case()
+    (sel_idx, sel_count), _ = run(case, sparse_ratio=1.0)
+    nbs = [-(-n // 16) for n in SEQ_LENS]
+    assert sel_count.tolist() == [[nb, nb] for nb in nbs] and sel_idx.shape[2] == case["block_table"].shape[1]
+    for b, nb in enumerate(nbs):
+        expected = torch.cat([torch.arange(nb), torch.full((sel_idx.shape[2] - nb,), -1)]).to(torch.int32)
+        assert all(torch.equal(sel_idx[b, h].cpu(), expected) for h in range(2))
+
+
+def test_token_budget_selects_a_fixed_number_of_blocks():
+    case = make_case()
+    (sel_idx, sel_count), sizes = run(case, token_budget=100)  # ceil(100 / 16) = 7 blocks
+    assert sel_idx.shape[2] == 7 and sel_count.tolist() == [[7, 7], [2, 2], [7, 7], [7, 7]]
+    check_selection(case, sel_idx, sel_count, **sizes)
+
+
+@pytest.mark.parametrize("init_window,local_window,min_blocks", [(0, 0, 1), (3, 0, 4), (0, 5, 6), (2, 3, 30)])
+def test_window_invariants(init_window, local_window, min_blocks):
+    """Windows always kept (the current token's block even with local_window 0); min_blocks 30 is all dense."""
+    case = make_case()
+    (sel_idx, sel_count), sizes = run(case, init_window=init_window, local_window=local_window,
+                                      min_blocks=min_blocks)
+    check_selection(case, sel_idx, sel_count, **sizes)
+
+
+def test_windows_win_over_a_smaller_k():
+    case = make_case()
+    (sel_idx, sel_count), sizes = run(case, sparse_ratio=0.05, init_window=4, local_window=4, min_blocks=1)
+    assert sel_count[0].tolist() == [8, 8]
+    check_selection(case, sel_idx, sel_count, **sizes)
+
+
+def test_equal_scores_go_to_the_lowest_logical_blocks():
+    case = make_case(seq_lens=[403])
+    case["block_table"].fill_(7)  # every logical block is the same physical block: all scores tie
+    (sel_idx, sel_count), _ = run(case)
+    k = naive_num_selected(26, **SIZES)
+    expected = list(range(k - 2)) + [24, 25] + [-1] * (sel_idx.shape[2] - k)  # window 0, ties 1.., window 24, 25
+    assert sel_idx[0].tolist() == [expected, expected]
+
+
+def test_empty_and_short_requests():
+    case = make_case(seq_lens=[0, 1, 48, 49])  # 0, 1, 3 blocks: dense; 4 blocks: 3 of them
+    (sel_idx, sel_count), sizes = run(case)
+    assert sel_count.tolist() == [[0, 0], [1, 1], [3, 3], [3, 3]]
+    assert (sel_idx[0] == -1).all()
+    check_selection(case, sel_idx, sel_count, **sizes)
+
+
+def test_writes_the_whole_out_buffers_and_accepts_strided_inputs():
+    case = make_case()
+    case["q"] = torch.randn(4, 16, 128, device=DEVICE).to(torch.bfloat16)[:, ::2, :64]  # strided query heads
+    case["block_table"] = case["block_table"].to(torch.int64)
+    case["seq_lens"] = case["seq_lens"].to(torch.int64)
+    width = case["block_table"].shape[1] - 2  # wider than needed: padded too
+    sel_idx = torch.full((4, 2, width), 12345, dtype=torch.int32, device=DEVICE)
+    sel_count = torch.full((4, 2), 12345, dtype=torch.int32, device=DEVICE)
+    (got_idx, got_count), sizes = run(case, out=(sel_idx, sel_count))
+    assert got_idx is sel_idx and got_count is sel_count
+    (ref_idx, ref_count), _ = run(make_case() | {"q": case["q"].contiguous()})
+    assert torch.equal(sel_count, ref_count)
+    assert torch.equal(sel_idx[:, :, :ref_idx.shape[2]], ref_idx) and (sel_idx[:, :, ref_idx.shape[2]:] == -1).all()
+
+
+def test_sparse_ratio_is_the_decimal_written():
+    case = make_case(seq_lens=[160, 320])  # 10 and 20 blocks: 0.1 of them is exactly 1 and 2
+    (sel_idx, sel_count), sizes = run(case, sparse_ratio=0.1, init_window=0, local_window=1, min_blocks=1)
+    assert sel_count.tolist() == [[1, 1], [2, 2]]
+    check_selection(case, sel_idx, sel_count, **sizes)
+
+
+BAD_ARGUMENTS = [
+    ("block_size", dict(block_size=0)), ("sparse_ratio", dict(sparse_ratio=0.0)),
+    ("sparse_ratio", dict(sparse_ratio=1.5)), ("init_window", dict(init_window=-1)),
+    ("local_window", dict(local_window=1.5)), ("min_blocks", dict(min_blocks=0)),
+    ("score", dict(score="max")), ("token_budget", dict(token_budget=0)),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", BAD_ARGUMENTS)
+def test_bad_scalars_raise_naming_the_argument(name, kwargs):
+    with pytest.raises(ValueError, match=name):
+        run(make_case(seq_lens=[40]), **kwargs)
+
+
+@pytest.mark.parametrize("name,change", [
+    ("q", lambda c: {"q": c["q"][0]}),
+    ("q", lambda c: {"q": c["q"].to(torch.int32)}),
+    ("kmin", lambda c: {"kmin": None}),
+    ("kmax", lambda c: {"kmax": c["kmax"].float()}),
+    ("kmin", lambda c: {"kmin": c["kmin"][:, :, :32], "kmax": c["kmax"][:, :, :32]}),  # head_dim differs from q's
+    ("block_table", lambda c: {"block_table": c["block_table"].float()}),
+    ("block_table", lambda c: {"block_table": c["block_table"][:0]}),
+    ("seq_lens", lambda c: {"seq_lens": c["seq_lens"].view(1, 1)}),
+    ("out", lambda c: {"out": (torch.empty(1, 2, 9, dtype=torch.int32, device=DEVICE),
+                               torch.empty(1, 2, dtype=torch.int32, device=DEVICE))}),
+    ("sel_count", lambda c: {"out": (torch.empty(1, 2, 9, dtype=torch.int32, device=DEVICE),
+                                     torch.empty(1, 2, dtype=torch.int64, device=DEVICE))}),
+])
+def test_bad_tensors_raise_naming_the_argument(name, change):
+    case = make_case(seq_lens=[40], max_blocks=4)
+    case.update(change(case))
+    out = case.pop("out", None)
+    with pytest.raises(ValueError, match=name):
+        select_blocks(case["q"], case["kmin"], case["kmax"], case["kmean"], case["block_table"], case["seq_lens"],
+                      **SIZES, out=out)
+
+
+def test_mean_rule_needs_no_min_max():
+    case = make_case(seq_lens=[403])
+    (sel_idx, sel_count), sizes = run(case | {"kmin": None, "kmax": None}, score="mean")
+    check_selection(case, sel_idx, sel_count, **sizes)

@@ -1,0 +1,161 @@
+"""kv_transfer gather/scatter (Triton interpreter on CPU) against the plain-torch reference, bit for bit."""
+import pytest
+import torch
+
+from ucm_kernels.kv_transfer import detect_layout, gather_blocks, scatter_blocks
+from ucm_kernels.kv_transfer.naive import naive_gather_blocks, naive_scatter_blocks
+
+NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 2, 7, 4, 2, 8
+KINDS = ["flash_attn", "flashinfer", "mla", "cpu_packed"]
+DTYPES = [torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float32]
+# Ragged batches with -1 padding in the middle and at the end, a repeated id (gather only), a full batch.
+GATHER_IDS = [[3, -1, 0, 6, -1], [5, 2, 2, 0], list(range(NUM_BLOCKS))]
+SCATTER_IDS = [[3, -1, 0, 6, -1], [1, 4], [-1, -1]]
+
+
+def layer_shape(kind: str) -> tuple[int, ...]:
+    return {"flash_attn": (2, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM),
+            "flashinfer": (NUM_BLOCKS, 2, BLOCK_SIZE, KV_HEADS, HEAD_DIM),
+            "mla": (NUM_BLOCKS, BLOCK_SIZE, 3 * HEAD_DIM),
+            "cpu_packed": (NUM_BLOCKS, KV_HEADS, BLOCK_SIZE, 2 * HEAD_DIM)}[kind]
+
+
+def random_layers(kind: str, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(layer_shape(kind), generator=gen).to(dtype) for _ in range(NUM_LAYERS)]
+
+
+def as_bytes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Byte copies, so NaN payloads compare exactly with torch.equal."""
+    return [t.view(torch.uint8).clone() for t in tensors]
+
+
+def poisoned_staging(n_ids: int, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    layout = detect_layout(random_layers(kind, dtype), kind)
+    return torch.full(layout.staging_shape(n_ids), 0xFF, dtype=torch.uint8)  # 0xFF.. is NaN in every float dtype
+
+
+@pytest.mark.parametrize("ids", GATHER_IDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_gather_matches_reference(kind, dtype, ids):
+    layers = random_layers(kind, dtype)
+    before = as_bytes(layers)
+    block_ids = torch.tensor(ids, dtype=torch.int32 if len(ids) % 2 else torch.int64)
+    out = poisoned_staging(len(ids), kind, dtype)
+    expected = naive_gather_blocks(layers, block_ids, out.clone(), kind)
+
+    result = gather_blocks(layers, block_ids, out=out)
+
+    assert result.data_ptr() == out.data_ptr()
+    assert torch.equal(out, expected)
+    assert all((out[i] == 0xFF).all() for i, block in enumerate(ids) if block < 0)
+    assert all(torch.equal(a, b) for a, b in zip(as_bytes(layers), before))
+
+
+@pytest.mark.parametrize("ids", SCATTER_IDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_scatter_matches_reference(kind, dtype, ids):
+    layers = random_layers(kind, dtype)
+    block_ids = torch.tensor(ids, dtype=torch.int64 if len(ids) % 2 else torch.int32)
+    targets = torch.tensor([b for b in ids if b >= 0], dtype=torch.int64)
+    naive_scatter_blocks(poisoned_staging(len(targets), kind, dtype), targets, layers, kind)  # NaN-poison targets
+    staging = gather_blocks(random_layers(kind, dtype, seed=1), block_ids.clamp(min=0))
+    staging_before = staging.clone()
+    expected = [t.clone() for t in layers]
+    naive_scatter_blocks(staging, block_ids, expected, kind)
+    untouched = [b for b in range(NUM_BLOCKS) if b not in ids]
+    untouched_before = gather_blocks(layers, torch.tensor(untouched))
+
+    scatter_blocks(staging, block_ids, layers)
+
+    assert all(torch.equal(a, b) for a, b in zip(as_bytes(layers), as_bytes(expected)))
+    assert torch.equal(gather_blocks(layers, torch.tensor(untouched)), untouched_before)
+    assert torch.equal(staging, staging_before)
+
+
+def test_round_trip_moves_blocks_between_caches():
+    source, target = random_layers("flash_attn", torch.bfloat16), random_layers("flash_attn", torch.bfloat16, 1)
+    staging = gather_blocks(source, torch.tensor([6, 1, 3]))
+    scatter_blocks(staging, torch.tensor([0, 4, 5]), target)
+    for src_block, dst_block in ((6, 0), (1, 4), (3, 5)):
+        for src, dst in zip(source, target):
+            assert torch.equal(src[:, src_block].view(torch.uint8), dst[:, dst_block].view(torch.uint8))
+
+
+def test_narrow_words_for_unaligned_caches():
+    """30-byte fp16 blocks at an odd element offset are only 2-byte aligned: 2-byte words, still exact."""
+    backing = torch.randn(NUM_LAYERS, 1 + NUM_BLOCKS * 3 * 5).to(torch.float16)
+    layers = [backing[i, 1:].view(NUM_BLOCKS, 3, 5) for i in range(NUM_LAYERS)]  # 30-byte blocks, 2-byte aligned
+    block_ids = torch.tensor([4, -1, 0])
+    out = torch.full((3, NUM_LAYERS, 1, 30), 0xFF, dtype=torch.uint8)
+    expected = naive_gather_blocks(layers, block_ids, out.clone(), "mla")
+    assert torch.equal(gather_blocks(layers, block_ids, out=out), expected)
+
+    staging = torch.randint(0, 256, (3, NUM_LAYERS, 1, 30), dtype=torch.uint8)
+    expected_layers = [t.clone() for t in layers]
+    naive_scatter_blocks(staging, block_ids, expected_layers, "mla")
+    scatter_blocks(staging, block_ids, layers)
+    assert all(torch.equal(a, b) for a, b in zip(as_bytes(layers), as_bytes(expected_layers)))
+
+
+def test_flash_attn_with_blocks_outermost_strides():
+    """vLLM may allocate (num_blocks, 2, ...) and hand out the (2, num_blocks, ...) transposed view."""
+    physical = [torch.randn(NUM_BLOCKS, 2, BLOCK_SIZE, KV_HEADS, HEAD_DIM).to(torch.bfloat16) for _ in range(2)]
+    layers = [p.transpose(0, 1) for p in physical]
+    layout = detect_layout(layers)
+    assert (layout.kind, layout.num_segments, layout.segment_stride_bytes) == ("flash_attn", 2, 128)
+    block_ids = torch.tensor([2, 5, -1])
+    expected = naive_gather_blocks(layers, block_ids, poisoned_staging(3, "flash_attn", torch.bfloat16), "flash_attn")
+    assert torch.equal(gather_blocks(layers, block_ids, out=poisoned_staging(3, "flash_attn", torch.bfloat16)),
+                       expected)
+
+
+def test_detect_layout_describes_llama_block():
+    layers = [torch.empty(2, 10, 16, 8, 128, dtype=torch.bfloat16) for _ in range(3)]
+    layout = detect_layout(layers)
+    assert (layout.kind, layout.num_layers, layout.num_blocks, layout.num_segments) == ("flash_attn", 3, 10, 2)
+    assert (layout.segment_bytes, layout.block_stride_bytes, layout.row_bytes) == (32768, 32768, 3 * 65536)
+    assert layout.segment_stride_bytes == 10 * 32768
+
+
+@pytest.mark.parametrize("layers, kind, message", [
+    ([], None, "empty"),
+    ([torch.empty(2, 2, 4, 2, 8)], None, "unambiguously"),
+    ([torch.empty(3, 7, 4, 2, 8)], "flash_attn", "expects"),
+    ([torch.empty(7, 4, 2, 8, 2)], None, "unambiguously"),
+    ([torch.empty(7, 4, 8)], "paged", "kind="),
+    ([torch.empty(7, 4, 8, dtype=torch.float64)], None, "dtype"),
+    ([torch.empty(7, 4, 8), torch.empty(7, 4, 9)], None, "layers\\[1\\]"),
+    ([torch.empty(7, 2, 4, 2, 8).transpose(3, 4)], None, "row-major"),
+    ([torch.empty(4, 8).expand(7, 4, 8)], None, "overlap"),
+])
+def test_detect_layout_rejects_bad_caches(layers, kind, message):
+    with pytest.raises(ValueError, match=message):
+        detect_layout(layers, kind)
+
+
+@pytest.mark.parametrize("block_ids, message", [
+    (torch.tensor([0, 7]), "span \\[0, 7\\]"),
+    (torch.tensor([-2, 1]), "span \\[-2, 1\\]"),
+    (torch.tensor([0.0]), "int32 or int64"),
+    (torch.tensor([[0]]), "1-D"),
+])
+def test_gather_rejects_bad_ids(block_ids, message):
+    with pytest.raises(ValueError, match=message):
+        gather_blocks(random_layers("mla", torch.float16), block_ids)
+
+
+def test_gather_and_scatter_reject_bad_staging():
+    layers = random_layers("mla", torch.float16)
+    row_bytes = detect_layout(layers).row_bytes
+    with pytest.raises(ValueError, match=f"out: .* expected a contiguous uint8 tensor of {2 * row_bytes} bytes"):
+        gather_blocks(layers, torch.tensor([0, 1]), out=torch.empty(2 * row_bytes + 1, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="staging: torch.float16"):
+        scatter_blocks(torch.empty(row_bytes // 2, dtype=torch.float16), torch.tensor([0]), layers)
+
+
+def test_empty_batch_is_a_no_op():
+    layers = random_layers("cpu_packed", torch.bfloat16)
+    assert gather_blocks(layers, torch.empty(0, dtype=torch.int64)).shape == (0, NUM_LAYERS, 1, 256)

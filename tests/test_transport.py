@@ -1,0 +1,111 @@
+"""CUDATransport on a machine without CUDA: pinned-buffer API, copies, and block offload/load (interpreter)."""
+import pytest
+import torch
+
+from ucm_kernels.kv_transfer import detect_layout
+from ucm_kernels.kv_transfer.naive import naive_gather_blocks, naive_scatter_blocks
+from ucm_store.pool import PinnedMemoryPool
+from ucm_store.transport import CUDATransport, _pieces
+
+POOL_BYTES = 64 << 10
+
+
+@pytest.fixture
+def transport():
+    pool = PinnedMemoryPool(pinned_pool_size=POOL_BYTES, max_pinned_size=2 * POOL_BYTES, pinned=False)
+    return CUDATransport(device_id=0, pool=pool)
+
+
+def random_cache(shape, seed, num_layers=3):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen).to(torch.bfloat16) for _ in range(num_layers)]
+
+
+def test_pinned_buffers_come_from_the_pool_and_go_back(transport):
+    buf = transport.get_pinned_buffer(10_000)
+    assert (buf.dtype, buf.shape, buf.data_ptr() % 4096) == (torch.uint8, (10_000,), 0)
+    assert transport._pool.get_stats()["currently_used"] == 12288
+    transport.release_pinned_buffer(buf)
+    assert transport._pool.get_stats()["currently_used"] == 0
+
+
+def test_buffer_larger_than_the_pool_gets_a_dedicated_allocation(transport):
+    size = 3 * POOL_BYTES + 5
+    buf = transport.get_pinned_buffer(size)
+    assert (buf.dtype, buf.shape, buf.data_ptr() % 4096) == (torch.uint8, (size,), 0)
+    assert transport._pool.get_stats()["currently_used"] == 0
+    transport.release_pinned_buffer(buf)
+    with pytest.raises(ValueError, match="not a live buffer"):
+        transport.release_pinned_buffer(buf)
+
+
+def test_get_pinned_buffer_rejects_bad_sizes(transport):
+    with pytest.raises(ValueError, match="size=0"):
+        transport.get_pinned_buffer(0)
+
+
+def test_h2d_and_d2h_copy_and_complete(transport):
+    host = transport.get_pinned_buffer(4096)
+    host.copy_(torch.randint(0, 256, (4096,), dtype=torch.uint8))
+    device = torch.full((4096,), 7, dtype=torch.uint8)
+    task = transport.h2d(host, device)
+    transport.synchronize(task)
+    assert task.done() and torch.equal(device, host)
+
+    as_floats = torch.randn(1024)
+    task = transport.d2h(as_floats, host)  # different dtypes, same byte count: copied as bytes
+    transport.synchronize(task)
+    assert torch.equal(host.view(torch.float32), as_floats)
+    transport.release_pinned_buffer(host)
+
+
+def test_copies_reject_mismatched_sizes(transport):
+    with pytest.raises(ValueError, match="equal byte size"):
+        transport.h2d(torch.empty(16, dtype=torch.uint8), torch.empty(17, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 4, 2, 8), (6, 2, 4, 16)])
+@pytest.mark.parametrize("strategy", ["auto", "direct", "staged"])
+def test_offload_then_load_moves_blocks_exactly(transport, shape, strategy):
+    source, target = random_cache(shape, 0), random_cache(shape, 1)
+    layout = detect_layout(source)
+    offloaded, loaded = [4, -1, 0, 5], torch.tensor([1, 3, -1, 2], dtype=torch.int32)
+    nbytes = len(offloaded) * layout.row_bytes
+    rows = transport.get_pinned_buffer(nbytes + 100)
+    rows.fill_(0xFF)  # NaN in bf16; the row of the -1 id and the tail must stay so
+    expected_rows = naive_gather_blocks(source, torch.tensor(offloaded), rows[:nbytes].clone().view(
+        layout.staging_shape(len(offloaded))), layout.kind).view(-1)
+    source_before = [t.clone() for t in source]
+
+    transport.synchronize(transport.offload_blocks(source, offloaded, rows, strategy=strategy))
+
+    assert torch.equal(rows[:nbytes], expected_rows) and (rows[nbytes:] == 0xFF).all()
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(source, source_before))
+    expected_target = [t.clone() for t in target]
+    naive_scatter_blocks(rows[:nbytes].view(layout.staging_shape(len(offloaded))), loaded, expected_target,
+                         layout.kind)
+    rows_before = rows.clone()
+
+    transport.synchronize(transport.load_blocks(rows, loaded, target, strategy=strategy))
+
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(target, expected_target))
+    assert torch.equal(rows, rows_before)
+    transport.release_pinned_buffer(rows)
+
+
+def test_block_moves_reject_bad_arguments(transport):
+    cache = random_cache((6, 2, 4, 16), 0)
+    small = torch.empty(10, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="pinned_dst: .* at least 1536 bytes"):
+        transport.offload_blocks(cache, [0, 1], small)
+    with pytest.raises(ValueError, match="strategy='fast'"):
+        transport.load_blocks(small, [0], cache, strategy="fast")
+    with pytest.raises(ValueError, match="block_ids: values span \\[0, 6\\]"):
+        transport.offload_blocks(cache, [0, 6], torch.empty(1536, dtype=torch.uint8))
+
+
+def test_pieces_cover_valid_runs_in_bounded_chunks():
+    ids = torch.tensor([-1, 0, 1, 2, -1, 3, -1, -1, 4])
+    assert _pieces(ids, 2) == [(1, 3), (3, 4), (5, 6), (8, 9)]
+    assert _pieces(torch.tensor([-1, -1]), 4) == []
+    assert _pieces(torch.arange(5), 8) == [(0, 5)]

@@ -1,0 +1,12 @@
+"""GSA block selection: per (request, KV head), the init window, the local window and the top-scoring blocks.
+
+    sel_idx, sel_count = select_blocks(q, kmin, kmax, kmean, block_table, seq_lens, block_size=16,
+                                       sparse_ratio=0.3, init_window=1, local_window=4, min_blocks=8)
+
+A pure function of tensors (no host sync, output width from shapes only): time it as it is, once per layer
+per decode step. The reprs come from ``ucm_kernels.block_repr``; the lists feed ``ucm_kernels.sparse_decode``.
+"""
+from .naive import naive_block_scores, naive_num_selected, naive_select_blocks
+from .triton import select_blocks, selection_width
+
+__all__ = ["select_blocks", "selection_width", "naive_select_blocks", "naive_block_scores", "naive_num_selected"]

@@ -1,0 +1,72 @@
+"""Plain-torch reference of GSA block selection (fp32 scores, ``torch.topk``, a loop over requests and heads)."""
+import math
+from fractions import Fraction
+
+import torch
+
+
+def naive_num_selected(num_blocks: int, *, block_size: int, sparse_ratio: float, init_window: int,
+                       local_window: int, min_blocks: int, token_budget: int | None = None) -> int:
+    """Blocks a request of ``num_blocks`` logical blocks attends (all of them when it stays dense).
+
+    ``sparse_ratio`` is taken as the decimal it prints as (0.1 * 10 blocks is 1 block, not 2).
+    """
+    if token_budget is None:
+        wanted = math.ceil(Fraction(str(float(sparse_ratio))) * num_blocks)
+    else:
+        wanted = -(-token_budget // block_size)
+    return min(num_blocks, max(wanted, min_blocks, init_window + max(local_window, 1)))
+
+
+def naive_block_scores(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None,
+                       kmean: torch.Tensor | None, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
+                       block_size: int, score: str = "quest") -> torch.Tensor:
+    """Score of every logical block per (request, KV head): ``[batch, num_kv_heads, max_blocks_per_seq]`` fp32.
+
+    The group's query heads are scored separately and summed: Quest sums per-head upper bounds
+    ``sum_d max(q_d * kmin_d, q_d * kmax_d)``, the mean rule per-head ``q . kmean``. Blocks that are not full
+    (no repr yet) score -inf.
+    """
+    reprs = kmean if score == "mean" else kmin
+    batch, num_q_heads, head_dim = q.shape
+    heads = reprs.shape[1]
+    qg = q.float().view(batch, heads, num_q_heads // heads, 1, head_dim)  # [b, h, g, 1, d]
+    phys = block_table.long().clamp(0, reprs.shape[0] - 1)
+
+    def gather(repr_):  # [b, h, 1, m, d]
+        return repr_[phys].float().permute(0, 2, 1, 3)[:, :, None]
+
+    if score == "mean":
+        scores = (qg * gather(kmean)).sum(dim=(2, 4))
+    else:
+        scores = torch.maximum(qg * gather(kmin), qg * gather(kmax)).sum(dim=(2, 4))
+    logical = torch.arange(block_table.shape[1], device=q.device)
+    full = logical[None, :] < (seq_lens.long() // block_size)[:, None]
+    return scores.masked_fill(~full[:, None, :], float("-inf"))
+
+
+def naive_select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None,
+                        kmean: torch.Tensor | None, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
+                        block_size: int, sparse_ratio: float, init_window: int, local_window: int,
+                        min_blocks: int, score: str = "quest", token_budget: int | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of :func:`ucm_kernels.block_select.select_blocks` (same arguments, outputs and width)."""
+    sizes = dict(block_size=block_size, sparse_ratio=sparse_ratio, init_window=init_window,
+                 local_window=local_window, min_blocks=min_blocks, token_budget=token_budget)
+    scores = naive_block_scores(q, kmin, kmax, kmean, block_table, seq_lens, block_size=block_size, score=score)
+    batch, heads, max_blocks = scores.shape
+    local = max(local_window, 1)
+    sel_idx = torch.full((batch, heads, naive_num_selected(max_blocks, **sizes)), -1, dtype=torch.int32)
+    sel_count = torch.zeros(batch, heads, dtype=torch.int32)
+    for b in range(batch):
+        nb = min(-(-int(seq_lens[b]) // block_size), max_blocks)
+        count = naive_num_selected(nb, **sizes)
+        for h in range(heads):
+            chosen = set(range(nb))
+            if count < nb:
+                middle = scores[b, h, init_window:nb - local]
+                top = torch.topk(middle, count - init_window - local).indices + init_window
+                chosen = set(range(init_window)) | set(range(nb - local, nb)) | set(top.tolist())
+            sel_idx[b, h, :count] = torch.tensor(sorted(chosen), dtype=torch.int32)
+            sel_count[b, h] = count
+    return sel_idx.to(q.device), sel_count.to(q.device)

@@ -1,0 +1,316 @@
+"""Triton kernels and launcher of GSA block selection: score every full block, then top-k per (request, KV head).
+
+Two launches, both reading each input once:
+1. ``_score_kernel``, one program per (tile of logical blocks, KV head, request): gathers the tile's reprs
+   through the block table and writes fp32 scores into a ``[batch, num_kv_heads, max_blocks]`` scratch.
+   Only the blocks that compete for selection are read (not the windows, not dense requests).
+2. ``_select_kernel``, one program per (KV head, request): holds the request's scratch row in registers,
+   finds the k-th largest score by a 32-step bitwise search over order-preserving int32 keys (one reduction
+   per step), then writes the windows, the blocks above that threshold and the first ties, in ascending
+   logical order (cumsum positions), and pads with -1. Rows up to MAX_TABLE_BLOCKS wide.
+
+GQA: the scores of the group's query heads are summed. For Quest the sum of per-head upper bounds is
+``sum_d kmax_d * sum_g max(q_gd, 0) + kmin_d * sum_g min(q_gd, 0)``, so a block costs one pass over its
+kmin/kmax whatever the group size; the mean rule is ``kmean . sum_g q_g``.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .._utils import autotune_configs, check_device, triton_interpreting
+
+REPR_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+Q_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
+SCORES = ("quest", "mean")
+RATIO_ONE = 1 << 32  # sparse_ratio is applied in 32-bit fixed point, rounded down
+MAX_TABLE_BLOCKS = 1 << 16  # widest block table: one select program holds a row in registers (1M tokens at 16)
+
+
+@triton.jit
+def _plan(seq_len, max_blocks, ratio_fixed, k_floor, init_window, local_window, BLOCK_SIZE: tl.constexpr):
+    """(nb, count, lo, hi): logical blocks, blocks selected, and the range [lo, hi) that competes (empty if dense)."""
+    nb = tl.minimum(tl.cdiv(seq_len, BLOCK_SIZE), max_blocks)
+    wanted = ((nb.to(tl.int64) * ratio_fixed + 0xFFFFFFFF) >> 32).to(tl.int32)
+    k = tl.maximum(wanted, k_floor)
+    dense = k >= nb
+    count = tl.where(dense, nb, k)
+    lo = tl.where(dense, nb, init_window)
+    hi = tl.where(dense, nb, nb - local_window)
+    return nb, count, lo, hi
+
+
+@triton.autotune(
+    configs=autotune_configs([triton.Config({"TILE": tile}, num_warps=warps)
+                              for tile, warps in ((32, 4), (64, 4), (64, 8), (128, 8))]),
+    key=["max_blocks", "HEAD_DIM", "QUEST"],
+)
+@triton.jit
+def _score_kernel(
+    q_ptr,  # [batch, num_q_heads, head_dim]
+    kmin_ptr, kmax_ptr, kmean_ptr,  # [num_blocks, num_kv_heads, head_dim], same strides; unused: any repr
+    block_table_ptr,  # [batch, max_blocks]
+    seq_lens_ptr,  # [batch]
+    scores_ptr,  # [batch, num_kv_heads, max_blocks] fp32 scratch
+    max_blocks, ratio_fixed, k_floor, init_window, local_window,
+    stride_qb, stride_qh, stride_qd,
+    stride_rb, stride_rh, stride_rd,
+    stride_tb, stride_tj,
+    stride_sb, stride_sh,
+    BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, QUEST: tl.constexpr, TILE: tl.constexpr,
+):
+    tile = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    nb, count, lo, hi = _plan(seq_len, max_blocks, ratio_fixed, k_floor, init_window, local_window, BLOCK_SIZE)
+    if (tile * TILE >= hi) | ((tile + 1) * TILE <= lo):
+        return
+    j = tile * TILE + tl.arange(0, TILE)
+    competing = (j >= lo) & (j < hi)
+    phys = tl.load(block_table_ptr + b * stride_tb + j * stride_tj, mask=competing, other=0).to(tl.int64)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    q_rows = q_ptr + b * stride_qb + (head * GROUP + g)[:, None] * stride_qh + d[None, :] * stride_qd
+    q = tl.load(q_rows, mask=(g[:, None] < GROUP) & (d[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
+    offsets = phys[:, None] * stride_rb + head * stride_rh + d[None, :] * stride_rd
+    mask = competing[:, None] & (d[None, :] < HEAD_DIM)
+    if QUEST:
+        q_pos = tl.sum(tl.maximum(q, 0.0), axis=0)
+        q_neg = tl.sum(tl.minimum(q, 0.0), axis=0)
+        lows = tl.load(kmin_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        highs = tl.load(kmax_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        scores = tl.sum(highs * q_pos[None, :] + lows * q_neg[None, :], axis=1)
+    else:
+        means = tl.load(kmean_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        scores = tl.sum(means * tl.sum(q, axis=0)[None, :], axis=1)
+    tl.store(scores_ptr + b * stride_sb + head * stride_sh + j, scores, mask=competing)
+
+
+@triton.jit
+def _count_at_least(keys, competing, threshold):
+    """How many competing keys are >= threshold."""
+    return tl.sum((competing & (keys >= threshold)).to(tl.int32), axis=0)
+
+
+@triton.jit
+def _kth_largest_key(keys, competing, k):
+    """The largest int32 T with at least k competing keys >= T (k >= 1): its bits set from the top down."""
+    threshold = tl.where(_count_at_least(keys, competing, 0) >= k, 0, -2147483648)
+    for step in range(31):
+        candidate = threshold + (1 << (30 - step))
+        threshold = tl.where(_count_at_least(keys, competing, candidate) >= k, candidate, threshold)
+    return threshold
+
+
+@triton.jit
+def _select_kernel(
+    scores_ptr,  # [batch, num_kv_heads, max_blocks] fp32
+    seq_lens_ptr,  # [batch]
+    sel_idx_ptr,  # [batch, num_kv_heads, width] int32
+    sel_count_ptr,  # [batch, num_kv_heads] int32
+    max_blocks, width, ratio_fixed, k_floor, init_window, local_window,
+    stride_sb, stride_sh,
+    stride_ib, stride_ih, stride_ij,
+    stride_cb, stride_ch,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    head = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    nb, count, lo, hi = _plan(seq_len, max_blocks, ratio_fixed, k_floor, init_window, local_window, BLOCK_SIZE)
+    j = tl.arange(0, BLOCK_M)
+    competing = (j >= lo) & (j < hi)
+    scores = tl.load(scores_ptr + b * stride_sb + head * stride_sh + j, mask=competing, other=0.0)
+    bits = scores.to(tl.int32, bitcast=True)
+    keys = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # int32 order == float order
+    need = count - (nb - (hi - lo))  # picked among the competing blocks; the windows take the rest
+    threshold = 2147483647
+    if need > 0:
+        threshold = _kth_largest_key(keys, competing, need)
+    above = competing & (keys > threshold)
+    tie = competing & (keys == threshold)
+    ties_wanted = need - tl.sum(above.to(tl.int32), axis=0)  # lowest logical indices first
+    take = (j < nb) & (~competing | above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= ties_wanted)))
+    position = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    sel_row = sel_idx_ptr + b * stride_ib + head * stride_ih
+    tl.store(sel_row + position * stride_ij, j, mask=take)
+    tl.store(sel_row + j * stride_ij, tl.full([BLOCK_M], -1, tl.int32), mask=(j >= count) & (j < width))
+    tl.store(sel_count_ptr + b * stride_cb + head * stride_ch, count)
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (plain Python: the launch path is timed per decode step)."""
+    return 1 << (n - 1).bit_length()
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_scalars(block_size, sparse_ratio, init_window, local_window, min_blocks, score, token_budget) -> None:
+    for name, value, least in (("block_size", block_size, 1), ("init_window", init_window, 0),
+                               ("local_window", local_window, 0), ("min_blocks", min_blocks, 1)):
+        if not _is_int(value) or value < least:
+            raise ValueError(f"{name}: got {value!r}, expected an int >= {least}")
+    if isinstance(sparse_ratio, bool) or not isinstance(sparse_ratio, (int, float)) or not 0 < sparse_ratio <= 1:
+        raise ValueError(f"sparse_ratio: got {sparse_ratio!r}, expected a number in (0, 1]")
+    if score not in SCORES:
+        raise ValueError(f"score: got {score!r}, expected one of {SCORES}")
+    if token_budget is not None and (not _is_int(token_budget) or token_budget < 1):
+        raise ValueError(f"token_budget: got {token_budget!r}, expected None or an int >= 1")
+
+
+def _check_tensor(name: str, tensor, ndim: int, dtypes: tuple, device: torch.device, layout: str) -> None:
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() != ndim or tensor.dtype not in dtypes:
+        got = f"shape {tuple(tensor.shape)} dtype {tensor.dtype}" if isinstance(tensor, torch.Tensor) else repr(tensor)
+        raise ValueError(f"{name}: got {got}, expected {layout} in {dtypes}")
+    check_device(name, tensor, device)
+
+
+def _check_reprs(q: torch.Tensor, reprs: dict) -> torch.Tensor:
+    """Validate the reprs the score rule reads; return the first (its shape and strides stand for all)."""
+    first_name, first = next(iter(reprs.items()))
+    for name, repr_ in reprs.items():
+        _check_tensor(name, repr_, 3, REPR_DTYPES, q.device, "[num_blocks, num_kv_heads, head_dim]")
+        if repr_.shape != first.shape or repr_.dtype != first.dtype or repr_.stride() != first.stride():
+            raise ValueError(f"{name}: shape {tuple(repr_.shape)} dtype {repr_.dtype} strides {repr_.stride()} "
+                             f"differ from {first_name}'s {tuple(first.shape)} {first.dtype} {first.stride()}")
+    heads, head_dim = first.shape[1], first.shape[2]
+    if head_dim != q.shape[2] or q.shape[1] % heads:
+        raise ValueError(f"{first_name}: got [.., {heads}, {head_dim}], expected head_dim {q.shape[2]} (q's) and "
+                         f"num_kv_heads dividing q's {q.shape[1]} query heads")
+    return first
+
+
+def _check_out(out, batch: int, heads: int, width: int, max_blocks: int, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    if out is None:
+        return (torch.empty(batch, heads, width, dtype=torch.int32, device=device),
+                torch.empty(batch, heads, dtype=torch.int32, device=device))
+    sel_idx, sel_count = out
+    _check_tensor("out[0] (sel_idx)", sel_idx, 3, (torch.int32,), device, "[batch, num_kv_heads, width]")
+    _check_tensor("out[1] (sel_count)", sel_count, 2, (torch.int32,), device, "[batch, num_kv_heads]")
+    if tuple(sel_idx.shape[:2]) != (batch, heads) or not width <= sel_idx.shape[2] <= max(width, max_blocks) \
+            or tuple(sel_count.shape) != (batch, heads):
+        raise ValueError(f"out: got sel_idx {tuple(sel_idx.shape)} and sel_count {tuple(sel_count.shape)}, expected "
+                         f"[{batch}, {heads}, {width}..{max(width, max_blocks)}] and [{batch}, {heads}]")
+    return sel_idx, sel_count
+
+
+def selection_width(max_blocks: int, *, block_size: int, sparse_ratio: float, init_window: int, local_window: int,
+                    min_blocks: int, token_budget: int | None = None) -> int:
+    """Columns of ``sel_idx``: the most blocks any request could select with a ``max_blocks``-wide block table.
+
+    A bound computed on the host from shapes only (no device sync, CUDA-graph friendly); it equals the
+    largest count in the batch when the longest request fills its block table.
+    """
+    return min(max_blocks, max(_wanted(max_blocks, block_size, sparse_ratio, token_budget), min_blocks,
+                               init_window + max(local_window, 1)))
+
+
+def _wanted(num_blocks: int, block_size: int, sparse_ratio: float, token_budget: int | None) -> int:
+    """ceil(token_budget / block_size), or ceil(sparse_ratio * num_blocks) in the kernels' fixed point."""
+    if token_budget is not None:
+        return -(-token_budget // block_size)
+    return -(-int(sparse_ratio * RATIO_ONE) * num_blocks // RATIO_ONE)
+
+
+def _plan_args(max_blocks, block_size, sparse_ratio, init_window, local_window, min_blocks, token_budget) -> dict:
+    """The kernels' k rule, ``k = max(k_floor, ceil(ratio_fixed * nb / 2**32))``, and the windows."""
+    local_window = max(local_window, 1)
+    k_floor = max(min_blocks, init_window + local_window)
+    if token_budget is None:
+        ratio_fixed = int(sparse_ratio * RATIO_ONE)
+    else:
+        ratio_fixed, k_floor = 0, max(k_floor, _wanted(0, block_size, sparse_ratio, token_budget))
+    return dict(max_blocks=max_blocks, ratio_fixed=ratio_fixed, k_floor=k_floor, init_window=init_window,
+                local_window=local_window)
+
+
+def select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None,
+                  kmean: torch.Tensor | None, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
+                  block_size: int, sparse_ratio: float, init_window: int, local_window: int, min_blocks: int,
+                  score: str = "quest", token_budget: int | None = None,
+                  out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose the KV blocks each (request, KV head) attends this decode step.
+
+    Per request, ``nb = ceil(seq_len / block_size)`` logical blocks and ``k = max(min_blocks, wanted,
+    init_window + max(local_window, 1))`` with ``wanted = ceil(sparse_ratio * nb)`` (sparse_ratio rounded down
+    to a multiple of 2**-32, so 0.1 of 10 blocks is 1) or, with ``token_budget``, ``ceil(token_budget /
+    block_size)``. If ``k >= nb`` all nb blocks are selected (dense). Otherwise the first ``init_window`` and
+    the last ``max(local_window, 1)`` blocks (the block holding the current token is always attended) plus the
+    top-scoring rest of the full blocks in between, ``k`` in all; ties go to the lower logical index.
+
+    Args:
+        q: ``[batch, num_q_heads, head_dim]`` bf16/fp16/fp32; query head i belongs to KV head
+            ``i // (num_q_heads // num_kv_heads)``. The group's per-head scores are summed.
+        kmin, kmax, kmean: ``[num_blocks, num_kv_heads, head_dim]`` bf16/fp16/fp32 reprs by physical block id
+            (see ``ucm_kernels.block_repr``); Quest reads kmin and kmax, the mean rule kmean (the other may be
+            None). Every full block that competes must have its repr computed.
+        block_table: ``[batch, max_blocks]`` int32/int64 logical -> physical block id.
+        seq_lens: ``[batch]`` int32/int64 tokens per request including the current one (0: nothing selected;
+            lengths beyond the table are clamped to ``max_blocks`` blocks).
+        score: ``"quest"`` (upper bound ``sum_d max(q_d kmin_d, q_d kmax_d)``) or ``"mean"`` (``q . kmean``).
+        out: optional ``(sel_idx, sel_count)`` to write into, shaped as returned (sel_idx may be up to
+            max_blocks wide; the extra columns are padded too).
+    Returns:
+        ``sel_idx [batch, num_kv_heads, width]`` int32 logical block indices, ascending, padded with -1, where
+        ``width = selection_width(max_blocks, ...)``; ``sel_count [batch, num_kv_heads]`` int32.
+    """
+    _check_scalars(block_size, sparse_ratio, init_window, local_window, min_blocks, score, token_budget)
+    if not isinstance(q, torch.Tensor):
+        raise ValueError(f"q: got {q!r}, expected a [batch, num_q_heads, head_dim] tensor")
+    _check_tensor("q", q, 3, Q_DTYPES, q.device, "[batch, num_q_heads, head_dim]")
+    if not q.is_cuda and not triton_interpreting():
+        raise ValueError(f"q is on {q.device}: the kernels need CUDA tensors (or TRITON_INTERPRET=1)")
+    quest = score == "quest"
+    reprs = _check_reprs(q, {"kmin": kmin, "kmax": kmax} if quest else {"kmean": kmean})
+    batch, heads = q.shape[0], reprs.shape[1]
+    _check_tensor("block_table", block_table, 2, INDEX_DTYPES, q.device, f"[batch={batch}, max_blocks]")
+    _check_tensor("seq_lens", seq_lens, 1, INDEX_DTYPES, q.device, f"[batch={batch}]")
+    if block_table.shape[0] != batch or seq_lens.shape[0] != batch:
+        raise ValueError(f"block_table {tuple(block_table.shape)} / seq_lens {tuple(seq_lens.shape)}: expected "
+                         f"{batch} rows, q's batch")
+    max_blocks = block_table.shape[1]
+    if max_blocks > MAX_TABLE_BLOCKS:
+        raise ValueError(f"block_table: {max_blocks} columns, at most {MAX_TABLE_BLOCKS} are supported")
+    width = selection_width(max_blocks, block_size=block_size, sparse_ratio=sparse_ratio, init_window=init_window,
+                            local_window=local_window, min_blocks=min_blocks, token_budget=token_budget)
+    sel_idx, sel_count = _check_out(out, batch, heads, width, max_blocks, q.device)
+    if batch == 0 or max_blocks == 0:
+        sel_idx.fill_(-1)
+        sel_count.zero_()
+        return sel_idx, sel_count
+    plan = _plan_args(max_blocks, block_size, sparse_ratio, init_window, local_window, min_blocks, token_budget)
+    scores = torch.empty(batch, heads, max_blocks, dtype=torch.float32, device=q.device)
+    _launch_scores(q, reprs, kmax, block_table, seq_lens, scores, plan, block_size, quest)
+    block_m = _pow2(max_blocks)
+    _select_kernel[(heads, batch)](
+        scores_ptr=scores, seq_lens_ptr=seq_lens, sel_idx_ptr=sel_idx, sel_count_ptr=sel_count,
+        width=sel_idx.shape[2], **plan,
+        stride_sb=scores.stride(0), stride_sh=scores.stride(1),
+        stride_ib=sel_idx.stride(0), stride_ih=sel_idx.stride(1), stride_ij=sel_idx.stride(2),
+        stride_cb=sel_count.stride(0), stride_ch=sel_count.stride(1),
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, num_warps=min(16, max(1, block_m // 512)),
+    )
+    return sel_idx, sel_count
+
+
+def _launch_scores(q, reprs, kmax, block_table, seq_lens, scores, plan, block_size, quest) -> None:
+    """Fill ``scores`` for the competing blocks; ``reprs`` is kmin (Quest, with ``kmax``) or kmean."""
+    batch, num_q_heads, head_dim = q.shape
+    heads, max_blocks = reprs.shape[1], plan["max_blocks"]
+    group = num_q_heads // heads
+    _score_kernel[lambda meta: (-(-max_blocks // meta["TILE"]), heads, batch)](
+        q_ptr=q, kmin_ptr=reprs, kmax_ptr=kmax if quest else reprs, kmean_ptr=reprs,
+        block_table_ptr=block_table, seq_lens_ptr=seq_lens,
+        scores_ptr=scores, **plan,
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qd=q.stride(2),
+        stride_rb=reprs.stride(0), stride_rh=reprs.stride(1), stride_rd=reprs.stride(2),
+        stride_tb=block_table.stride(0), stride_tj=block_table.stride(1),
+        stride_sb=scores.stride(0), stride_sh=scores.stride(1),
+        BLOCK_SIZE=block_size, GROUP=group, BLOCK_G=_pow2(group), HEAD_DIM=head_dim,
+        BLOCK_D=_pow2(head_dim), QUEST=quest,
+    )

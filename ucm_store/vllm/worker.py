@@ -1,0 +1,93 @@
+"""Worker-side block movement of the UCM connector: vLLM's paged KV cache <-> the store, whole blocks.
+
+A store block holds one vLLM block of every layer: the block-major staging row of ``ucm_kernels.kv_transfer``
+(``[num_layers, num_segments, segment_bytes]``). Saves gather the blocks of all layers in one launch (torch
+indexing on CPU) and dump them; loads read verified blocks into staging rows and scatter them back. A block
+that fails to load is reported so that vLLM recomputes it; it is never scattered into the cache.
+"""
+import logging
+
+import torch
+
+from ucm_kernels.kv_transfer import PagedKVLayout, detect_layout, gather_blocks, scatter_blocks
+from ucm_store.task import TaskStatus
+from ucm_store.vllm.scheduler import BlockTransfer
+
+logger = logging.getLogger(__name__)
+SUPPORTED_KV_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+class KVBlockMover:
+    """Moves whole blocks between the registered per-layer caches and a store."""
+
+    def __init__(self, store, kv_caches: dict[str, torch.Tensor], block_size: int, kind: str | None = None):
+        self.store = store
+        self.layer_names = list(kv_caches)
+        self.layers = [kv_caches[name] for name in self.layer_names]
+        self.layout = describe_kv_caches(self.layers, block_size, kind)
+        self.device = self.layers[0].device
+        self.load_errors: set[int] = set()
+        self.saved: list[bytes] = []
+
+    def save(self, transfer: BlockTransfer) -> None:
+        """Copy the request's blocks out of the cache and commit them to the store."""
+        rows = self._host_rows(len(transfer.vllm_block_ids))
+        gather_blocks(self.layers, self._ids(transfer.vllm_block_ids), rows, layout=self.layout)
+        task = self.store.dump(transfer.block_hashes, 0, rows)
+        ok = self.store.wait(task) == TaskStatus.SUCCESS
+        flags = [block not in task.failures for block in transfer.block_hashes]
+        committed = self.store.commit(transfer.block_hashes, flags)
+        self.saved += [b for b, done in zip(transfer.block_hashes, committed) if done]
+        if not ok:
+            logger.warning("request %s: %d of %d blocks not saved:\n%s", transfer.req_id, len(task.failures),
+                           len(flags), task.describe_failures())
+
+    def load(self, transfer: BlockTransfer) -> None:
+        """Read the request's blocks from the store into the cache; failed blocks go to ``load_errors``."""
+        rows = self._host_rows(len(transfer.vllm_block_ids))
+        task = self.store.load(transfer.block_hashes, 0, rows)
+        if self.store.wait(task) != TaskStatus.SUCCESS:
+            logger.warning("request %s: %d of %d blocks failed to load, vLLM recomputes them:\n%s",
+                           transfer.req_id, len(task.failures), len(transfer.block_hashes), task.describe_failures())
+        targets = [-1 if block in task.failures else vllm_id
+                   for block, vllm_id in zip(transfer.block_hashes, transfer.vllm_block_ids)]
+        self.load_errors.update(v for v, t in zip(transfer.vllm_block_ids, targets) if t < 0)
+        scatter_blocks(rows, self._ids(targets), self.layers, layout=self.layout)
+
+    def take_load_errors(self) -> set[int]:
+        """vLLM block ids that failed to load since the last call."""
+        errors, self.load_errors = self.load_errors, set()
+        return errors
+
+    def take_saved(self) -> list[bytes]:
+        """Store ids committed since the last call."""
+        saved, self.saved = self.saved, []
+        return saved
+
+    def _ids(self, block_ids: list[int]) -> torch.Tensor:
+        return torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+
+    def _host_rows(self, n: int) -> torch.Tensor:
+        """Staging rows the store's threads may write (vLLM runs steps in inference mode; they run outside it)."""
+        with torch.inference_mode(False):
+            rows = torch.empty(self.layout.staging_shape(n), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        return rows.view(n, -1)
+
+
+def describe_kv_caches(layers: list[torch.Tensor], block_size: int, kind: str | None = None) -> PagedKVLayout:
+    """Check the caches vLLM registered (dtype, block size, shape and strides) and describe their layout.
+
+    Raises ValueError naming what was received and what is supported.
+    """
+    first = layers[0]
+    if first.dtype not in SUPPORTED_KV_DTYPES:
+        raise ValueError(f"KV cache dtype {first.dtype} is not supported by UCM; supported: "
+                         f"{', '.join(map(str, SUPPORTED_KV_DTYPES))}")
+    kind = kind or ("cpu_packed" if first.device.type == "cpu" else None)
+    layout = detect_layout(layers, kind)
+    block_dim_size = {"flash_attn": first.shape[2], "flashinfer": first.shape[2], "mla": first.shape[1],
+                      "cpu_packed": first.shape[2]}[layout.kind]
+    if block_dim_size != block_size:
+        raise ValueError(f"KV cache of shape {tuple(first.shape)} ({layout.kind}) holds {block_dim_size} tokens per "
+                         f"block; vLLM's block_size is {block_size}")
+    return layout
