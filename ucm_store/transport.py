@@ -22,8 +22,8 @@ strategies:
 rows of ``bench/bench_kv_transfer.py`` are what that threshold rests on.
 
 Pinned buffers come from the process's :class:`~ucm_store.pool.PinnedMemoryPool`. A buffer larger than the
-pool can ever hold gets a dedicated allocation of exactly its size, page-locked with ``cudaHostRegister``
-(torch's pinned allocator would round it up to a power of two), and unregistered when released.
+pool can ever hold gets a dedicated pinned allocation (torch's pinned allocator rounds its reservation up to a
+power of two), freed when released.
 """
 import threading
 from collections.abc import Sequence
@@ -95,6 +95,7 @@ class CUDATransport:
         self._dedicated: dict[int, torch.Tensor] = {}
         self._rings: dict[str, _StagingRing] = {}
         self._locks = {"offload": threading.Lock(), "load": threading.Lock()}
+        self._thread_state = threading.local()
         if self.cuda:
             self._h2d_stream, self._d2h_stream, self._offload_stream, self._load_stream = (
                 torch.cuda.Stream(self.device) for _ in range(4))
@@ -207,14 +208,28 @@ class CUDATransport:
                                                                check_ids=False))
 
     def _copy(self, stream, src: torch.Tensor, dst: torch.Tensor, gpu: torch.Tensor) -> TransferTask:
+        """One DMA on ``stream`` after the caller's queued work; kept lean (it bounds small-copy bandwidth)."""
         if stream is None:
             dst.copy_(src)
             return TransferTask(None)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
+        caller = torch.cuda.current_stream(self.device)
+        order = self._order_event()
+        order.record(caller)
+        stream.wait_event(order)
+        torch.cuda.set_stream(stream)
+        try:
             dst.copy_(src, non_blocking=True)
+        finally:
+            torch.cuda.set_stream(caller)
         gpu.record_stream(stream)
         return TransferTask(stream.record_event(), (src, dst))
+
+    def _order_event(self) -> "torch.cuda.Event":
+        """This thread's reusable event for ordering a copy after the caller's stream (waits snapshot it)."""
+        event = getattr(self._thread_state, "order", None)
+        if event is None:
+            event = self._thread_state.order = torch.cuda.Event()
+        return event
 
     def _after_current_stream(self, kernel_stream, ids: torch.Tensor) -> None:
         """Order the kernels touching the cache after the caller's queued work, which may use those blocks."""
