@@ -14,6 +14,12 @@ STORE_VALUES = {  # a valid, non-default value for every store key
     "cache_capacity": 50000, "prefetch_enabled": True, "prefetch_depth": 8, "use_direct_io": True,
     "path_strategy": "hash", "connection_pool_size": 64, "max_concurrent_requests": 128, "use_io_uring": True,
     "multipart_threshold": 16 << 20, "multipart_chunk_size": 6 << 20, "io_workers": 3, "storage_capacity": 1 << 30,
+    "remote_timeout": 2.5, "remote_retry_interval": 0.5, "remote_key_prefix": "llama/", "s3_bucket": "kv-cache",
+    "s3_endpoint": "http://10.0.0.5:9000", "s3_region": "eu-west-1", "s3_access_key_id": "AKIAEXAMPLE",
+    "s3_secret_access_key": "secret", "s3_session_token": "token", "mooncake_master": "10.0.0.7:50051",
+    "mooncake_metadata_server": "http://10.0.0.7:8080/metadata", "mooncake_local_hostname": "10.0.0.8",
+    "mooncake_protocol": "rdma", "mooncake_rdma_devices": "mlx5_0", "mooncake_global_segment_size": 1 << 30,
+    "mooncake_local_buffer_size": 256 << 20,
 }
 GSA_VALUES = {"sparse_ratio": 0.2, "local_window_sz": 2, "init_window_sz": 3, "min_blocks": 5,
               "prefetch_workers": 8, "prefetch_ahead": 2, "max_pending_prefetch": 256, "score": "mean",

@@ -13,7 +13,7 @@ import pytest
 from ucm_store.backends import posix
 
 CRC_OFFSET = 24  # magic 8, header length 4, flags 4, payload length 8: see posix._HEADER
-DRIVER = Path(__file__).parent / "vllm_driver.py"
+DRIVER = Path(__file__).parent.parent / "bench" / "vllm_driver.py"
 BLOCK = 32
 PROMPT_LENGTHS = (700, 333, 1000, 97)
 
@@ -21,7 +21,7 @@ PROMPT_LENGTHS = (700, 333, 1000, 97)
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(DRIVER.parent))
     from vllm_driver import write_tiny_model
 
     write_tiny_model(root / "model")

@@ -6,7 +6,7 @@ import sys
 import yaml
 
 from ucm_sparse.config import GSAConfig, load_gsa_fragment, load_ucm_config
-from ucm_store.config import StoreConfig, read_document
+from ucm_store.config import SECRET_KEYS, StoreConfig, read_document
 from ucm_store.configspec import ConfigError, describe_fields
 
 
@@ -47,7 +47,7 @@ def _config_check(args: argparse.Namespace) -> int:
     else:
         config = load_ucm_config(doc)
         resolved = {"ucm_connectors": [{"ucm_connector_name": c.name,
-                                        "ucm_connector_config": _plain(dataclasses.asdict(c.config))}
+                                        "ucm_connector_config": _masked(_plain(dataclasses.asdict(c.config)))}
                                        for c in config.connectors],
                     "ucm_sparse_method": config.sparse.method,
                     "ucm_sparse_config": {"GSA": dataclasses.asdict(config.sparse.gsa)}}
@@ -77,6 +77,11 @@ def _demo(args: argparse.Namespace) -> int:
     from ucm_sparse.demo import run_demo
 
     return run_demo(args.dir)
+
+
+def _masked(config: dict) -> dict:
+    """The config with secret values replaced by '***' (credentials are never printed)."""
+    return {k: ("***" if k in SECRET_KEYS and v else v) for k, v in config.items()}
 
 
 def _plain(value):

@@ -29,6 +29,7 @@ TIER_NAMES = ("Cache", "Posix", "NFS", "DS3FS", "Mooncake")
 CONNECTOR_NAMES = ("UcmPipelineStore",)
 SPARSE_KEYS = ("ucm_sparse_method", "ucm_sparse_config")
 DOCUMENT_KEYS = ("ucm_connectors", "ucm_connector_config", "ucm_config_file") + SPARSE_KEYS
+SECRET_KEYS = ("s3_secret_access_key", "s3_session_token")  # masked in reprs, never logged
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,12 +66,50 @@ class StoreConfig:
     io_workers: int = spec(8, "worker threads per tier for file / network I/O", min=1, max=512, used_by="every tier")
     storage_capacity: int = spec(0, "bytes a disk tier may hold, least recently used evicted; 0: no bound", min=0,
                                  used_by="Posix, NFS")
+    remote_timeout: float = spec(5.0, "seconds one request to the object store or Mooncake may take; then it fails",
+                                 min=0.05, max=600, used_by="DS3FS, Mooncake")
+    remote_retry_interval: float = spec(2.0, "seconds a remote tier that failed answers misses before it tries again",
+                                        min=0, max=3600, used_by="DS3FS, Mooncake")
+    remote_key_prefix: str = spec("ucm/", "prefix of every block's object name / key in the shared store",
+                                  used_by="DS3FS, Mooncake")
+    s3_bucket: str = spec("", "bucket of the blocks (empty: $AWS_BUCKET_NAME or $AWS_BUCKET)", used_by="DS3FS")
+    s3_endpoint: str = spec("", "S3 endpoint URL, e.g. http://10.0.0.5:9000 (empty: $AWS_ENDPOINT_URL, else AWS)",
+                            used_by="DS3FS")
+    s3_region: str = spec("", "S3 region (empty: $AWS_REGION or $AWS_DEFAULT_REGION, else us-east-1)",
+                          used_by="DS3FS")
+    s3_access_key_id: str = spec("", "access key id (empty: $AWS_ACCESS_KEY_ID or the instance's credentials)",
+                                 used_by="DS3FS")
+    s3_secret_access_key: str = spec("", "secret access key, never logged (empty: $AWS_SECRET_ACCESS_KEY)",
+                                     used_by="DS3FS")
+    s3_session_token: str = spec("", "session token of temporary credentials, never logged (empty: $AWS_SESSION_TOKEN)",
+                                 used_by="DS3FS")
+    mooncake_master: str = spec("", "host:port of the Mooncake master (required by the Mooncake tier)",
+                                used_by="Mooncake")
+    mooncake_metadata_server: str = spec("P2PHANDSHAKE", "transfer-engine metadata: P2PHANDSHAKE (no service), "
+                                         "http://host:port/metadata or etcd://host:port", used_by="Mooncake")
+    mooncake_local_hostname: str = spec("", "address other nodes reach this one at (empty: the local address that "
+                                        "routes to the master)", used_by="Mooncake")
+    mooncake_protocol: str = spec("tcp", "Mooncake transfer protocol (CI tests tcp)", choices=("tcp", "rdma"),
+                                  used_by="Mooncake")
+    mooncake_rdma_devices: str = spec("", "RDMA devices for mooncake_protocol rdma, comma-separated (empty: all)",
+                                      used_by="Mooncake")
+    mooncake_global_segment_size: int = spec(0, "bytes of this node's memory lent to the Mooncake pool (0: none; "
+                                             "blocks live on storage nodes)", min=0, used_by="Mooncake")
+    mooncake_local_buffer_size: int = spec(128 * MiB, "bytes of this node's Mooncake transfer buffer; more than "
+                                           "one block", min=MiB, used_by="Mooncake")
 
     def __post_init__(self) -> None:
         if isinstance(self.storage_backends, str):
             object.__setattr__(self, "storage_backends", (self.storage_backends,))
         validate_fields(self)
         self._check_relations()
+
+    def __repr__(self) -> str:
+        """The dataclass repr with the secrets of SECRET_KEYS masked."""
+        def shown(name: str) -> str:
+            value = getattr(self, name)
+            return "'***'" if name in SECRET_KEYS and value else repr(value)
+        return f"StoreConfig({', '.join(f'{f.name}={shown(f.name)}' for f in dataclasses.fields(self))})"
 
     @property
     def tiers(self) -> tuple[str, ...]:

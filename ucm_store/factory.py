@@ -38,5 +38,13 @@ def _build_tier(name: str, config: StoreConfig, pool: PinnedMemoryPool) -> Tier:
         return _DISK_TIERS[name](config.storage_backends, path_strategy=config.path_strategy,
                                  use_direct_io=config.use_direct_io, capacity_bytes=config.storage_capacity,
                                  pool=pool)
+    if name == "DS3FS":
+        from ucm_store.backends.s3 import S3Tier  # imported on use: needs obstore
+
+        return S3Tier.from_config(config)
+    if name == "Mooncake":
+        from ucm_store.backends.mooncake import MooncakeTier  # imported on use: needs mooncake and its libraries
+
+        return MooncakeTier.from_config(config)
     raise ValueError(f"store_pipeline: tier {name!r} is not available in this version of UCM; "
-                     f"available: Cache, {', '.join(_DISK_TIERS)}")
+                     f"available: Cache, {', '.join(_DISK_TIERS)}, DS3FS, Mooncake")

