@@ -216,11 +216,18 @@ def test_cache_lru_honours_capacity_and_lower_tier_keeps_everything(tmp_path):
     with make_store(tmp_path, cache_capacity=4) as store:
         for i in range(10):
             dump_commit(store, [f"lru{i}".encode()], [block_data(i)])
-        store.flush()
+            store.flush()  # write-down done: no block is pinned, so eviction order is pure LRU
         assert len(store.cache) == 4
         assert [store.cache.contains(block_key(f"lru{i}".encode())) for i in range(10)] == [False] * 6 + [True] * 4
         status, out, _ = load_all(store, ids(10, "lru"))
         assert status == TaskStatus.SUCCESS and torch.equal(out, torch.stack([block_data(i) for i in range(10)]))
+        assert len(store.cache) == 4
+
+
+def test_cache_is_back_within_capacity_once_write_downs_finish(tmp_path):
+    with make_store(tmp_path, cache_capacity=4) as store:
+        dump_commit(store, ids(12, "burst"), [block_data(i) for i in range(12)])
+        store.flush()
         assert len(store.cache) == 4
 
 

@@ -35,7 +35,9 @@ from ucm_kernels._utils import check_device
 from ucm_kernels.kv_transfer import PagedKVLayout, check_block_ids, detect_layout, gather_blocks, scatter_blocks
 from ucm_store.pool import PinnedMemoryPool, page_locked_buffer
 
-DIRECT_MAX_BYTES = 4 << 20
+# H100 run of 2026-11-25 (bench/results/kv_transfer-*): "direct" beat "staged" from 1 to 32 Llama-8B blocks
+# (2-64 MiB; e.g. 43.0 vs 38.8 GB/s offload at 32 blocks) and lost from 1024 blocks (47.9 vs 53.2 GB/s).
+DIRECT_MAX_BYTES = 64 << 20
 STRATEGIES = ("auto", "direct", "staged")
 
 

@@ -129,6 +129,8 @@ class UCMConnector(KVConnectorBase_V1):
         return UCMWorkerMetadata(saved=saved) if saved else None
 
     def shutdown(self) -> None:
+        if self._mover is not None:
+            self._mover.flush()
         self.store.flush()
 
 

@@ -1,16 +1,24 @@
 """Worker-side block movement of the UCM connector: vLLM's paged KV cache <-> the store, whole blocks.
 
 A store block holds one vLLM block of every layer: the block-major staging row of ``ucm_kernels.kv_transfer``
-(``[num_layers, num_segments, segment_bytes]``). Saves gather the blocks of all layers in one launch (torch
-indexing on CPU) and dump them; loads read verified blocks into staging rows and scatter them back. A block
-that fails to load is reported so that vLLM recomputes it; it is never scattered into the cache.
+(``[num_layers, num_segments, segment_bytes]``). Blocks move between the cache and host rows through
+:class:`~ucm_store.transport.CUDATransport` (one kernel launch for all layers of a batch, DMA-pipelined on a
+GPU; torch indexing on a CPU).
+
+Saves copy the blocks out of the cache at once (so vLLM may reuse them right after the step) and hand the rows
+to one background thread that dumps and commits them: the forward pass never waits for the store. Loads run
+before the forward pass that needs them: verified rows are scattered in; a block that fails to load is
+reported so that vLLM recomputes it, and is never scattered into the cache.
 """
 import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from ucm_kernels.kv_transfer import PagedKVLayout, detect_layout, gather_blocks, scatter_blocks
+from ucm_kernels.kv_transfer import PagedKVLayout, detect_layout
 from ucm_store.task import TaskStatus
+from ucm_store.transport import CUDATransport
 from ucm_store.vllm.scheduler import BlockTransfer
 
 logger = logging.getLogger(__name__)
@@ -26,21 +34,19 @@ class KVBlockMover:
         self.layers = [kv_caches[name] for name in self.layer_names]
         self.layout = describe_kv_caches(self.layers, block_size, kind)
         self.device = self.layers[0].device
+        self.transport = CUDATransport(self.device.index or 0)
         self.load_errors: set[int] = set()
-        self.saved: list[bytes] = []
+        self._saved: list[bytes] = []
+        self._saved_lock = threading.Lock()
+        self._saver = ThreadPoolExecutor(1, thread_name_prefix="ucm-save")
+        self._pending_saves: list[Future] = []
 
     def save(self, transfer: BlockTransfer) -> None:
-        """Copy the request's blocks out of the cache and commit them to the store."""
+        """Copy the request's blocks out of the cache now; dump and commit them in the background."""
         rows = self._host_rows(len(transfer.vllm_block_ids))
-        gather_blocks(self.layers, self._ids(transfer.vllm_block_ids), rows, layout=self.layout)
-        task = self.store.dump(transfer.block_hashes, 0, rows)
-        ok = self.store.wait(task) == TaskStatus.SUCCESS
-        flags = [block not in task.failures for block in transfer.block_hashes]
-        committed = self.store.commit(transfer.block_hashes, flags)
-        self.saved += [b for b, done in zip(transfer.block_hashes, committed) if done]
-        if not ok:
-            logger.warning("request %s: %d of %d blocks not saved:\n%s", transfer.req_id, len(task.failures),
-                           len(flags), task.describe_failures())
+        copied = self.transport.offload_blocks(self.layers, transfer.vllm_block_ids, rows, kind=self.layout.kind)
+        self._pending_saves = [f for f in self._pending_saves if not f.done()]
+        self._pending_saves.append(self._saver.submit(self._store_rows, transfer, rows, copied))
 
     def load(self, transfer: BlockTransfer) -> None:
         """Read the request's blocks from the store into the cache; failed blocks go to ``load_errors``."""
@@ -52,7 +58,9 @@ class KVBlockMover:
         targets = [-1 if block in task.failures else vllm_id
                    for block, vllm_id in zip(transfer.block_hashes, transfer.vllm_block_ids)]
         self.load_errors.update(v for v, t in zip(transfer.vllm_block_ids, targets) if t < 0)
-        scatter_blocks(rows, self._ids(targets), self.layers, layout=self.layout)
+        done = self.transport.load_blocks(rows, targets, self.layers, kind=self.layout.kind)
+        if done.event is not None:  # the forward pass on the caller's stream reads these blocks next
+            torch.cuda.current_stream(self.device).wait_event(done.event)
 
     def take_load_errors(self) -> set[int]:
         """vLLM block ids that failed to load since the last call."""
@@ -61,11 +69,26 @@ class KVBlockMover:
 
     def take_saved(self) -> list[bytes]:
         """Store ids committed since the last call."""
-        saved, self.saved = self.saved, []
+        with self._saved_lock:
+            saved, self._saved = self._saved, []
         return saved
 
-    def _ids(self, block_ids: list[int]) -> torch.Tensor:
-        return torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+    def flush(self) -> None:
+        """Wait until every background save has been committed."""
+        for future in self._pending_saves:
+            future.result()
+        self._pending_saves = []
+
+    def _store_rows(self, transfer: BlockTransfer, rows: torch.Tensor, copied) -> None:
+        self.transport.synchronize(copied)
+        task = self.store.dump(transfer.block_hashes, 0, rows)
+        ok = self.store.wait(task) == TaskStatus.SUCCESS
+        committed = self.store.commit(transfer.block_hashes, [b not in task.failures for b in transfer.block_hashes])
+        with self._saved_lock:
+            self._saved += [b for b, done in zip(transfer.block_hashes, committed) if done]
+        if not ok:
+            logger.warning("request %s: %d of %d blocks not saved:\n%s", transfer.req_id, len(task.failures),
+                           len(transfer.block_hashes), task.describe_failures())
 
     def _host_rows(self, n: int) -> torch.Tensor:
         """Staging rows the store's threads may write (vLLM runs steps in inference mode; they run outside it)."""
