@@ -1,11 +1,18 @@
-"""Quick H100 timing of block_select (and one decode step of block_repr) at the GSA bench shapes."""
+"""Quick H100 timing of block_select (and one decode step of block_repr) at the GSA bench shapes.
+
+Selection runs as a decode step runs it: ``plan_select`` once, ``plan.run`` timed. Each figure is timed in two
+modes (see ``bench_sparse_decode``): ``cuda_graph`` (replay of the captured call: GPU time) and ``eager`` (the
+Python call, host launch work included); do_bench medians with the L2 cleared before every call.
+"""
 import torch
-from bench.harness import cuda_median_ms, measure_copy_ceilings, row, write_results
+
+from bench.bench_sparse_decode import MODES, median_ms
+from bench.harness import measure_copy_ceilings, row, write_results
 from ucm_kernels.block_repr import empty_block_repr, update_block_repr
-from ucm_kernels.block_select import naive_block_scores, naive_select_blocks, select_blocks
+from ucm_kernels.block_select import naive_block_scores, naive_select_blocks, plan_select
 
 BS, KVH, QH, D = 16, 8, 32, 128
-MODES = {"ratio0.3": {}, "budget2048": {"token_budget": 2048}}
+MODES_SEL = {"ratio0.3": {}, "budget2048": {"token_budget": 2048}}
 
 
 def chosen_scores(scores, sel_idx):
@@ -28,29 +35,36 @@ def main():
     for batch in (1, 8, 32):
         for ctx in (32768, 131072):
             nb = ctx // BS
+            shape = f"b{batch}_ctx{ctx}"
             key_cache = torch.randn(batch * nb, BS, KVH, D, device="cuda", dtype=torch.bfloat16)
             reprs = empty_block_repr(key_cache)
             update_block_repr(key_cache, torch.arange(batch * nb, device="cuda"), *reprs)
             step_ids = torch.randint(0, batch * nb, (batch,), device="cuda", dtype=torch.int32)
-            ms = cuda_median_ms(lambda: update_block_repr(key_cache, step_ids, *reprs), iters=50)
-            rows.append(row("block_repr_decode_step", "ucm", f"b{batch}_ctx{ctx}", ms))
+            times = median_ms(lambda: update_block_repr(key_cache, step_ids, *reprs))
+            rows += [row("block_repr_decode_step", "ucm", shape, times[mode], mode=mode) for mode in MODES]
             bt = torch.randperm(batch * nb, device="cuda").to(torch.int32).view(batch, nb)
             sl = torch.full((batch,), ctx - 5, dtype=torch.int32, device="cuda")
             q = torch.randn(batch, QH, D, device="cuda", dtype=torch.bfloat16)
-            for mode, extra in MODES.items():
+            for mode_name, extra in MODES_SEL.items():
                 for score in ("quest", "mean"):
                     args = dict(block_size=BS, sparse_ratio=0.3, init_window=1, local_window=4, min_blocks=8,
                                 score=score, **extra)
-                    sel = select_blocks(q, *reprs, bt, sl, **args)
+                    plan = plan_select(batch, KVH, D, nb, **args, device="cuda")
+                    sel = plan.run(q, *reprs, bt, sl)
                     if batch == 1:
                         check(q, reprs, bt, sl, sel, args)
-                    ms = cuda_median_ms(lambda: select_blocks(q, *reprs, bt, sl, **args), iters=50)
+                    times = median_ms(lambda: plan.run(q, *reprs, bt, sl, out=sel))
                     nbytes = batch * KVH * nb * D * 2 * (2 if score == "quest" else 1)
-                    rows.append(row(f"select_{mode}_{score}", "ucm", f"b{batch}_ctx{ctx}", ms, nbytes, hbm))
+                    rows += [row(f"select_{mode_name}_{score}", "ucm", shape, times[mode], nbytes, hbm, mode=mode)
+                             for mode in MODES]
             del key_cache, reprs
-    path = write_results("block_select", rows, ceilings)
+            torch.cuda.empty_cache()
+    path = write_results("block_select", rows, ceilings, extra={
+        "timing": "do_bench median, L2 cleared before every call; cuda_graph: replay of the captured call, "
+                  "eager: the Python call (plan made once, outside the timed call)"})
     for r in rows:
-        print(f"{r['name']:28s} {r['shape']:14s} {r['median_ms']:9.4f} ms {r.get('pct_of_ceiling', '')}")
+        print(f"{r['name']:28s} {r['shape']:14s} {r['mode']:11s} {r['median_ms']:9.4f} ms "
+              f"{r.get('pct_of_ceiling', '')}")
     print(path)
 
 

@@ -4,12 +4,18 @@ bf16, 32 query / 8 KV heads, head_dim 128, block_size 16; batch 1, 8, 32 x conte
 physical blocks shuffled. One run measures the HBM copy ceiling, the floor (KV bytes / copy bandwidth), torch
 SDPA over the full contiguous KV, our dense_decode, select_blocks alone (Quest and mean-key rules), sparse_decode
 alone, and select+attend at sparse_ratio 0.3 and at a 2048-token budget (GSA windows: init 1, local 4, min 8
-blocks). Every shape is checked before it is timed. Times are triton.testing.do_bench medians, which clear a
-256 MB buffer before every call, so nothing stays in the 50 MB L2.
+blocks). Our calls run as a decode step runs them: plans (``plan_select``, ``plan_decode``) made once per step,
+then one ``plan.run`` + ``sparse_decode(plan=...)`` per layer. Every shape is checked before it is timed.
+
+Each figure is timed twice, as ``mode``: ``cuda_graph`` (the call captured once in a CUDA graph, the replay
+timed: decode runs under CUDA graphs in vLLM, so this is the GPU time a step sees) and ``eager`` (the Python
+call timed, host launch work included). Both are triton.testing.do_bench medians, which clear a 256 MB buffer
+before every call, so nothing stays in the 50 MB L2. Speedups compare like with like (graph vs graph, eager
+vs eager); the targets are judged on the graph figures.
 
 Usage, from the repo root on the GPU: ``python -m bench.bench_sparse_decode`` (JSON under $OUT or bench/results/).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -17,23 +23,24 @@ from triton.testing import do_bench
 
 from bench.harness import measure_copy_ceilings, row, write_results
 from ucm_kernels.block_repr import empty_block_repr, update_block_repr
-from ucm_kernels.block_select import select_blocks
-from ucm_kernels.sparse_decode import dense_decode, sparse_decode
+from ucm_kernels.block_select import plan_select, select_blocks, selection_width
+from ucm_kernels.sparse_decode import dense_decode, plan_decode, sparse_decode
 from ucm_kernels.sparse_decode.naive import naive_sparse_decode
 
-# The headline shape first: each kernel variant is autotuned on its first call.
 SHAPES = [(8, 131072), (1, 131072), (32, 131072), (1, 32768), (8, 32768), (32, 32768)]
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 32, 8, 128, 16, torch.bfloat16
 WINDOWS = dict(block_size=BLOCK_SIZE, init_window=1, local_window=4, min_blocks=8)
 SELECTIONS = {"ratio0.3": dict(sparse_ratio=0.3), "budget2048": dict(sparse_ratio=0.3, token_budget=2048)}
 SCORES = ("quest", "mean")
+MODES = ("cuda_graph", "eager")
 MAX_REL_ERROR = 2e-2  # relative L2 error allowed against the reference (bf16 output rounding is ~4e-3)
 TARGETS = {"b8_ctx131072": {"dense_x_floor": 1.3, "ratio0.3_speedup": 2.5, "budget2048_speedup": 10.0}}
 
 
 @dataclass
 class Case:
-    """One batch x context: paged KV (K, V views of one tensor), its contiguous copy for SDPA, block reprs."""
+    """One batch x context: paged KV (K, V views of one tensor), its contiguous copy for SDPA, block reprs,
+    and the per-step plans (selection per rule and budget, attention per list width, dense)."""
     batch: int
     context: int
     q: torch.Tensor
@@ -43,6 +50,8 @@ class Case:
     dense_k: torch.Tensor
     dense_v: torch.Tensor
     reprs: tuple
+    select_plans: dict = field(default_factory=dict)
+    decode_plans: dict = field(default_factory=dict)
 
     @property
     def shape(self) -> str:
@@ -67,22 +76,36 @@ def build_case(batch: int, context: int) -> Case:
     dense_k, dense_v = (kv[i][block_table.long()].flatten(1, 2).transpose(1, 2).contiguous() for i in range(2))
     reprs = empty_block_repr(kv[0])
     update_block_repr(kv[0], block_table.flatten(), *reprs)
-    return Case(batch, context, q, kv, block_table, seq_lens, dense_k, dense_v, reprs)
+    case = Case(batch, context, q, kv, block_table, seq_lens, dense_k, dense_v, reprs)
+    for selection, sizes in SELECTIONS.items():
+        for score in SCORES:
+            case.select_plans[selection, score] = plan_select(batch, NUM_KV_HEADS, HEAD_DIM, blocks, **WINDOWS,
+                                                              **sizes, score=score, device="cuda")
+        width = selection_width(blocks, **WINDOWS, **sizes)
+        case.decode_plans[selection] = plan_decode(q, kv[0], width)
+    case.decode_plans["dense"] = plan_decode(q, kv[0], blocks)
+    return case
 
 
 def sdpa(case: Case) -> torch.Tensor:
     return F.scaled_dot_product_attention(case.q[:, :, None], case.dense_k, case.dense_v, enable_gqa=True)[:, :, 0]
 
 
+def dense(case: Case, out: torch.Tensor) -> torch.Tensor:
+    return dense_decode(case.q, case.kv[0], case.kv[1], case.block_table, case.seq_lens, out=out,
+                        plan=case.decode_plans["dense"])
+
+
 def select(case: Case, selection: str, score: str, out=None):
+    """One layer's selection through the step's plan."""
     kmin, kmax, kmean = case.reprs
-    return select_blocks(case.q, kmin, kmax, kmean, case.block_table, case.seq_lens, **WINDOWS,
-                         **SELECTIONS[selection], score=score, out=out)
+    return case.select_plans[selection, score].run(case.q, kmin, kmax, kmean, case.block_table, case.seq_lens,
+                                                   out=out)
 
 
-def attend(case: Case, sel_idx: torch.Tensor, sel_count: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def attend(case: Case, selection: str, sel_idx: torch.Tensor, sel_count: torch.Tensor, out: torch.Tensor):
     return sparse_decode(case.q, case.kv[0], case.kv[1], case.block_table, case.seq_lens, sel_idx, sel_count,
-                         out=out)
+                         out=out, plan=case.decode_plans[selection])
 
 
 def check(what: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -99,59 +122,98 @@ def nan_like(q: torch.Tensor) -> torch.Tensor:
 
 
 def check_case(case: Case) -> None:
+    """One-shot calls against the references; the planned calls the timings use must give the same bits."""
     reference = sdpa(case)
-    check(f"{case.shape} dense_decode vs SDPA", dense_decode(case.q, case.kv[0], case.kv[1], case.block_table,
-                                                             case.seq_lens, out=nan_like(case.q)), reference)
+    one_shot = dense_decode(case.q, case.kv[0], case.kv[1], case.block_table, case.seq_lens, out=nan_like(case.q))
+    check(f"{case.shape} dense_decode vs SDPA", one_shot, reference)
+    if not torch.equal(dense(case, nan_like(case.q)), one_shot):
+        raise AssertionError(f"{case.shape}: planned dense_decode differs from the one-shot call")
     rows = [0, case.batch - 1]
-    for selection in SELECTIONS:
+    kmin, kmax, kmean = case.reprs
+    for selection, sizes in SELECTIONS.items():
         for score in SCORES:
-            sel_idx, sel_count = select(case, selection, score)
-            out = attend(case, sel_idx, sel_count, nan_like(case.q))
+            sel_idx, sel_count = select_blocks(case.q, kmin, kmax, kmean, case.block_table, case.seq_lens,
+                                               **WINDOWS, **sizes, score=score)
+            planned = select(case, selection, score)
+            if not (torch.equal(planned[0], sel_idx) and torch.equal(planned[1], sel_count)):
+                raise AssertionError(f"{case.shape} {selection} {score}: planned selection differs from one-shot")
+            out = sparse_decode(case.q, case.kv[0], case.kv[1], case.block_table, case.seq_lens, sel_idx,
+                                sel_count, out=nan_like(case.q))
             expected = naive_sparse_decode(case.q[rows], case.kv[0], case.kv[1], case.block_table[rows],
                                            case.seq_lens[rows], sel_idx[rows], sel_count[rows])
             check(f"{case.shape} {selection} {score} sparse_decode vs naive (requests {rows})", out[rows], expected)
+            if not torch.equal(attend(case, selection, sel_idx, sel_count, nan_like(case.q)), out):
+                raise AssertionError(f"{case.shape} {selection} {score}: planned sparse_decode differs")
 
 
-def median_ms(fn) -> float:
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+def graph_of(fn) -> torch.cuda.CUDAGraph:
+    """``fn`` captured in a CUDA graph, after warm-up calls on a side stream (they compile its kernels)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
 
 
-def dense_rows(case: Case, out: torch.Tensor, hbm_gbps: float) -> list[dict]:
-    """torch SDPA over the contiguous KV and our dense_decode over the paged KV, against the floor."""
+def median_ms(fn) -> dict:
+    """{mode: ms}: the replay of ``fn`` captured in a CUDA graph, and the eager call."""
+    graph = graph_of(fn)
+    found = {"cuda_graph": do_bench(graph.replay, warmup=25, rep=100, return_mode="median"),
+             "eager": do_bench(fn, warmup=25, rep=100, return_mode="median")}
+    del graph
+    return found
+
+
+def timed_rows(name: str, impl: str, shape: str, times: dict, nbytes: int | None = None,
+               hbm_gbps: float | None = None, baseline: dict | None = None, **extra) -> list[dict]:
+    """One row per mode; ``baseline`` ({mode: ms}) gives each mode's speedup against the same mode."""
+    return [row(name, impl, shape, times[mode], nbytes, hbm_gbps, baseline[mode] if baseline else None, mode=mode,
+                **extra) for mode in MODES]
+
+
+def dense_rows(case: Case, out: torch.Tensor, hbm_gbps: float) -> tuple[list[dict], dict]:
+    """torch SDPA over the contiguous KV and our dense_decode over the paged KV, against the floor; also
+    returns the faster of the two per mode."""
     floor_ms = case.kv_bytes() / (hbm_gbps * 1e9) * 1e3
     sdpa_ms = median_ms(lambda: sdpa(case))
-    dense_ms = median_ms(lambda: dense_decode(case.q, case.kv[0], case.kv[1], case.block_table, case.seq_lens,
-                                              out=out))
-    return [row("decode_dense", "sdpa", case.shape, sdpa_ms, case.kv_bytes(), hbm_gbps,
-                floor_ms=round(floor_ms, 5), x_floor=round(sdpa_ms / floor_ms, 3)),
-            row("decode_dense", "ucm_dense_decode", case.shape, dense_ms, case.kv_bytes(), hbm_gbps, sdpa_ms,
-                floor_ms=round(floor_ms, 5), x_floor=round(dense_ms / floor_ms, 3))]
+    dense_ms = median_ms(lambda: dense(case, out))
+    rows = []
+    for mode in MODES:
+        rows += [row("decode_dense", "sdpa", case.shape, sdpa_ms[mode], case.kv_bytes(), hbm_gbps, mode=mode,
+                     floor_ms=round(floor_ms, 5), x_floor=round(sdpa_ms[mode] / floor_ms, 3)),
+                 row("decode_dense", "ucm_dense_decode", case.shape, dense_ms[mode], case.kv_bytes(), hbm_gbps,
+                     sdpa_ms[mode], mode=mode, floor_ms=round(floor_ms, 5),
+                     x_floor=round(dense_ms[mode] / floor_ms, 3))]
+    return rows, {mode: min(sdpa_ms[mode], dense_ms[mode]) for mode in MODES}
 
 
-def selection_rows(case: Case, selection: str, out: torch.Tensor, hbm_gbps: float, best_dense_ms: float
-                   ) -> list[dict]:
-    """select_blocks alone and select+attend for both score rules; sparse_decode alone on the Quest lists."""
+def selection_rows(case: Case, selection: str, out: torch.Tensor, hbm_gbps: float, best_dense: dict) -> list[dict]:
+    """select alone and select+attend for both score rules; sparse_decode alone on the Quest lists."""
     shape, rows = f"{case.shape}_{selection}", []
     for score in SCORES:
         sel = select(case, selection, score)
         select_ms = median_ms(lambda: select(case, selection, score, out=sel))
-        rows.append(row("select_blocks_per_layer", f"ucm_{score}", shape, select_ms, repr_bytes(case, score),
-                        hbm_gbps, share_of_best_dense=round(select_ms / best_dense_ms, 3)))
-        both_ms = median_ms(lambda: attend(case, *select(case, selection, score, out=sel), out))
-        rows.append(row("select_attend", f"ucm_{score}", shape, both_ms, baseline_ms=best_dense_ms))
+        rows += timed_rows("select_blocks_per_layer", f"ucm_{score}", shape, select_ms, repr_bytes(case, score),
+                           hbm_gbps, share_of_best_dense=round(select_ms["cuda_graph"] / best_dense["cuda_graph"], 3))
+        both_ms = median_ms(lambda: attend(case, selection, *select(case, selection, score, out=sel), out))
+        rows += timed_rows("select_attend", f"ucm_{score}", shape, both_ms, baseline=best_dense)
     sel_idx, sel_count = select(case, selection, "quest")
-    attend_ms = median_ms(lambda: attend(case, sel_idx, sel_count, out))
-    rows.append(row("sparse_attend", "ucm_sparse_decode", shape, attend_ms, selected_bytes(sel_count), hbm_gbps,
-                    best_dense_ms, mean_tokens_per_head=round(sel_count.float().mean().item() * BLOCK_SIZE)))
+    attend_ms = median_ms(lambda: attend(case, selection, sel_idx, sel_count, out))
+    rows += timed_rows("sparse_attend", "ucm_sparse_decode", shape, attend_ms, selected_bytes(sel_count), hbm_gbps,
+                       best_dense, mean_tokens_per_head=round(sel_count.float().mean().item() * BLOCK_SIZE))
     return rows
 
 
 def bench_case(case: Case, hbm_gbps: float) -> list[dict]:
     out = nan_like(case.q)
-    rows = dense_rows(case, out, hbm_gbps)
-    best_dense_ms = min(r["median_ms"] for r in rows)
+    rows, best_dense = dense_rows(case, out, hbm_gbps)
     for selection in SELECTIONS:
-        rows += selection_rows(case, selection, out, hbm_gbps, best_dense_ms)
+        rows += selection_rows(case, selection, out, hbm_gbps, best_dense)
     return rows
 
 
@@ -166,28 +228,35 @@ def selected_bytes(sel_count: torch.Tensor) -> int:
 
 
 def verdicts(rows: list[dict]) -> dict:
-    """The issue's targets at the shapes in TARGETS, from this run's rows."""
+    """The issue's targets at the shapes in TARGETS, judged on the CUDA-graph rows (eager figures beside)."""
     found = {}
     measured = {r["shape"] for r in rows}
+
+    def pick(mode, **match):
+        return [r for r in rows if r["mode"] == mode and all(r[k] == v for k, v in match.items())]
+
     for shape, targets in TARGETS.items():
         if shape not in measured:
             continue
-        dense = next(r for r in rows if r["shape"] == shape and r["impl"] == "ucm_dense_decode")
-        found[f"{shape}_dense_x_floor"] = {"value": dense["x_floor"], "target_at_most": targets["dense_x_floor"]}
+        x_floor = {mode: pick(mode, shape=shape, impl="ucm_dense_decode")[0]["x_floor"] for mode in MODES}
+        found[f"{shape}_dense_x_floor"] = {"value": x_floor["cuda_graph"], "eager": x_floor["eager"],
+                                           "target_at_most": targets["dense_x_floor"]}
         for selection in SELECTIONS:
-            both = [r for r in rows if r["shape"] == f"{shape}_{selection}" and r["name"] == "select_attend"]
-            best = max(both, key=lambda r: r["speedup_vs_baseline"])
-            found[f"{shape}_{selection}_speedup"] = {"value": best["speedup_vs_baseline"], "impl": best["impl"],
-                                                     "target_at_least": targets[f"{selection}_speedup"]}
+            for score in SCORES:
+                speedup = {mode: pick(mode, shape=f"{shape}_{selection}", name="select_attend",
+                                      impl=f"ucm_{score}")[0]["speedup_vs_baseline"] for mode in MODES}
+                found[f"{shape}_{selection}_{score}_speedup"] = {
+                    "value": speedup["cuda_graph"], "eager": speedup["eager"],
+                    "target_at_least": targets[f"{selection}_speedup"]}
     return found
 
 
 def print_table(rows: list[dict], skipped: list[str], ceilings: dict) -> None:
     print(f"ceilings measured in this run: {ceilings}")
-    print(f"{'shape':<24}{'name':<25}{'impl':<18}{'ms':>9}{'GB/s':>9}{'%ceil':>7}{'speedup':>9}")
+    print(f"{'shape':<24}{'name':<24}{'impl':<17}{'mode':<11}{'ms':>8}{'GB/s':>9}{'%ceil':>7}{'speedup':>8}")
     for r in rows:
-        print(f"{r['shape']:<24}{r['name']:<25}{r['impl']:<18}{r['median_ms']:>9.4f}{r.get('gbps', ''):>9}"
-              f"{r.get('pct_of_ceiling', ''):>7}{r.get('speedup_vs_baseline', ''):>9}")
+        print(f"{r['shape']:<24}{r['name']:<24}{r['impl']:<17}{r['mode']:<11}{r['median_ms']:>8.4f}"
+              f"{r.get('gbps', ''):>9}{r.get('pct_of_ceiling', ''):>7}{r.get('speedup_vs_baseline', ''):>8}")
     for line in skipped:
         print("skipped:", line)
 
@@ -211,11 +280,13 @@ def main() -> None:
     path = write_results("sparse_decode", rows, ceilings, extra={
         "config": {"num_q_heads": NUM_Q_HEADS, "num_kv_heads": NUM_KV_HEADS, "head_dim": HEAD_DIM,
                    "block_size": BLOCK_SIZE, "dtype": str(DTYPE), **WINDOWS, "selections": SELECTIONS},
-        "timing": "triton.testing.do_bench median, L2 cleared before every call",
+        "timing": "triton.testing.do_bench median, L2 cleared before every call; mode cuda_graph: replay of the "
+                  "call captured in a CUDA graph (GPU time), mode eager: the Python call (host launch work included); "
+                  "plans made once per step, outside the timed call",
         "targets": found, "skipped": skipped})
+    print_table(rows, skipped, ceilings)
     for name, verdict in found.items():
         print(f"target {name}: {verdict}")
-    print_table(rows, skipped, ceilings)
     print(f"results: {path}")
 
 

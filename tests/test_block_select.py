@@ -4,7 +4,7 @@ import torch
 
 from ucm_kernels.block_repr import empty_block_repr, naive_update_block_repr
 from ucm_kernels.block_select import naive_block_scores, naive_num_selected, naive_select_blocks, select_blocks
-from ucm_kernels.block_select import selection_width
+from ucm_kernels.block_select import plan_select, selection_width
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SIZES = dict(block_size=16, sparse_ratio=0.3, init_window=1, local_window=2, min_blocks=3)
@@ -215,3 +215,40 @@ def test_mean_rule_needs_no_min_max():
     case = make_case(seq_lens=[403])
     (sel_idx, sel_count), sizes = run(case | {"kmin": None, "kmax": None}, score="mean")
     check_selection(case, sel_idx, sel_count, **sizes)
+
+
+def test_one_plan_serves_every_layer():
+    """plan_select once, run on other layers' inputs (other q, reprs, table and lengths; same shapes): the same
+    lists as select_blocks each time."""
+    plan = plan_select(4, 2, 64, 28, **SIZES, score="quest", device=DEVICE)
+    for seed in range(2):
+        case = make_case(seq_lens=[403, 17, 150, 229 + seed * 100], seed=seed)
+        sel_idx, sel_count = plan.run(**case)
+        (ref_idx, ref_count), sizes = run(case)
+        assert torch.equal(sel_idx, ref_idx) and torch.equal(sel_count, ref_count)
+        check_selection(case, sel_idx, sel_count, **sizes)
+
+
+def test_plan_writes_out_buffers():
+    case = make_case()
+    plan = plan_select(4, 2, 64, 28, **SIZES, token_budget=100, score="mean", device=DEVICE)
+    out = (torch.full((4, 2, 28), 12345, dtype=torch.int32, device=DEVICE),
+           torch.full((4, 2), 12345, dtype=torch.int32, device=DEVICE))
+    got = plan.run(**case, out=out)
+    assert got[0] is out[0] and got[1] is out[1]
+    (ref_idx, ref_count), _ = run(case, token_budget=100, score="mean")
+    assert torch.equal(out[1], ref_count) and torch.equal(out[0][:, :, :7], ref_idx) and (out[0][:, :, 7:] == -1).all()
+
+
+@pytest.mark.parametrize("plan_shape", [(3, 2, 64, 28), (4, 1, 64, 28), (4, 2, 32, 28), (4, 2, 64, 27)])
+def test_plan_rejects_inputs_of_other_shapes(plan_shape):
+    plan = plan_select(*plan_shape, **SIZES, device=DEVICE)
+    with pytest.raises(ValueError, match="plan was made for"):
+        plan.run(**make_case())
+
+
+@pytest.mark.parametrize("name,args", [("batch", (-1, 2, 64, 28)), ("num_kv_heads", (4, 0, 64, 28)),
+                                       ("head_dim", (4, 2, 6.0, 28)), ("max_blocks", (4, 2, 64, 1 << 17))])
+def test_plan_select_rejects_bad_shapes(name, args):
+    with pytest.raises(ValueError, match=name):
+        plan_select(*args, **SIZES, device=DEVICE)

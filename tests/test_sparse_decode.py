@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ucm_kernels.sparse_decode import dense_decode, sparse_decode
+from ucm_kernels.sparse_decode import dense_decode, plan_decode, sparse_decode
 from ucm_kernels.sparse_decode.naive import full_block_lists, naive_dense_decode, naive_sparse_decode
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -172,6 +172,52 @@ def test_writes_only_out_and_leaves_inputs_unchanged():
     for old, new in zip(before, inputs):
         assert torch.equal(old.view(torch.int16) if old.is_floating_point() else old,
                            new.view(torch.int16) if new.is_floating_point() else new)
+
+
+def test_one_plan_serves_every_layer_and_narrower_lists():
+    """A plan made once (wider than the lists) gives the same bits as fresh calls, for several layers' caches."""
+    q, k, v, table, lens = make_paged_kv([300, 77, 150], 8, 2, 64, torch.bfloat16)
+    sel_idx, sel_count = random_block_lists(lens, 2, block_size=16)
+    plan = plan_decode(q, k, sel_idx.shape[2] + 5, num_splits=3)
+    assert plan.num_splits > 1 and plan.acc is not None
+    for layer in range(2):
+        k_layer, v_layer = (k, v) if layer == 0 else (v, k)  # another layer: other data, same shapes
+        out = sparse_decode(q, k_layer, v_layer, table, lens, sel_idx, sel_count, plan=plan)
+        assert torch.equal(out, sparse_decode(q, k_layer, v_layer, table, lens, sel_idx, sel_count, num_splits=3))
+        assert_close(out, naive_sparse_decode(q, k_layer, v_layer, table, lens, sel_idx, sel_count), torch.bfloat16)
+    dense_plan = plan_decode(q, k, table.shape[1])
+    assert torch.equal(dense_decode(q, k, v, table, lens, plan=dense_plan), dense_decode(q, k, v, table, lens))
+
+
+def test_single_split_plan_writes_out_without_scratch():
+    q, k, v, table, lens = make_paged_kv([90, 50], 8, 2, 64, torch.float16)
+    sel_idx, sel_count = random_block_lists(lens, 2, block_size=16, counts=[[6, 0], [1, 4]])
+    plan = plan_decode(q, k, sel_idx.shape[2], num_splits=1)
+    assert plan.num_splits == 1 and plan.acc is None and plan.stats is None
+    out = sparse_decode(q, k, v, table, lens, sel_idx, sel_count, out=torch.full_like(q, float("nan")), plan=plan)
+    assert torch.equal(out[0, 4:], torch.zeros_like(out[0, 4:]))  # the empty list
+    assert_close(out, naive_sparse_decode(q, k, v, table, lens, sel_idx, sel_count), torch.float16)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda a: dict(q=a["q"][:1], block_table=a["block_table"][:1], seq_lens=a["seq_lens"][:1],
+                    sel_idx=a["sel_idx"][:1], sel_count=a["sel_count"][:1]), "plan was made for"),
+    (lambda a: dict(sel_idx=torch.cat([a["sel_idx"]] * 2, dim=2)), "lists of up to"),
+    (lambda a: dict(num_splits=2), "num_splits=2 given with a plan"),
+])
+def test_plan_must_match_the_call(change, message):
+    valid = _valid_inputs()
+    plan = plan_decode(valid["q"], valid["key_cache"], valid["sel_idx"].shape[2])
+    with pytest.raises(ValueError, match=message):
+        sparse_decode(**{**valid, **change(valid)}, plan=plan)
+
+
+@pytest.mark.parametrize("kwargs,message", [(dict(max_blocks=-1), "max_blocks=-1"),
+                                            (dict(max_blocks=4, num_splits=0), "num_splits=0")])
+def test_plan_decode_rejects_bad_arguments(kwargs, message):
+    valid = _valid_inputs()
+    with pytest.raises(ValueError, match=message):
+        plan_decode(valid["q"], valid["key_cache"], **kwargs)
 
 
 def _valid_inputs() -> dict:

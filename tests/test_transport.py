@@ -1,4 +1,5 @@
-"""CUDATransport on a machine without CUDA: pinned-buffer API, copies, and block offload/load (interpreter)."""
+"""CUDATransport: pinned-buffer API, copies, block offload/load; on CPU (interpreter) and, where there is one,
+on a GPU (real streams, pinned memory, compiled kernels)."""
 import pytest
 import torch
 
@@ -8,17 +9,19 @@ from ucm_store.pool import PinnedMemoryPool
 from ucm_store.transport import CUDATransport, _pieces
 
 POOL_BYTES = 64 << 10
+DEVICE = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
 @pytest.fixture
 def transport():
-    pool = PinnedMemoryPool(pinned_pool_size=POOL_BYTES, max_pinned_size=2 * POOL_BYTES, pinned=False)
+    pool = PinnedMemoryPool(pinned_pool_size=POOL_BYTES, max_pinned_size=2 * POOL_BYTES,
+                            pinned=torch.cuda.is_available())
     return CUDATransport(device_id=0, pool=pool)
 
 
 def random_cache(shape, seed, num_layers=3):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=gen).to(torch.bfloat16) for _ in range(num_layers)]
+    return [torch.randn(shape, generator=gen).to(torch.bfloat16).to(DEVICE) for _ in range(num_layers)]
 
 
 def test_pinned_buffers_come_from_the_pool_and_go_back(transport):
@@ -47,21 +50,21 @@ def test_get_pinned_buffer_rejects_bad_sizes(transport):
 def test_h2d_and_d2h_copy_and_complete(transport):
     host = transport.get_pinned_buffer(4096)
     host.copy_(torch.randint(0, 256, (4096,), dtype=torch.uint8))
-    device = torch.full((4096,), 7, dtype=torch.uint8)
+    device = torch.full((4096,), 7, dtype=torch.uint8, device=DEVICE)
     task = transport.h2d(host, device)
     transport.synchronize(task)
-    assert task.done() and torch.equal(device, host)
+    assert task.done() and torch.equal(device.cpu(), host)
 
-    as_floats = torch.randn(1024)
+    as_floats = torch.randn(1024, device=DEVICE)
     task = transport.d2h(as_floats, host)  # different dtypes, same byte count: copied as bytes
     transport.synchronize(task)
-    assert torch.equal(host.view(torch.float32), as_floats)
+    assert torch.equal(host.view(torch.float32), as_floats.cpu())
     transport.release_pinned_buffer(host)
 
 
 def test_copies_reject_mismatched_sizes(transport):
     with pytest.raises(ValueError, match="equal byte size"):
-        transport.h2d(torch.empty(16, dtype=torch.uint8), torch.empty(17, dtype=torch.uint8))
+        transport.h2d(torch.empty(16, dtype=torch.uint8), torch.empty(17, dtype=torch.uint8, device=DEVICE))
 
 
 @pytest.mark.parametrize("shape", [(2, 6, 4, 2, 8), (6, 2, 4, 16)])
@@ -73,8 +76,8 @@ def test_offload_then_load_moves_blocks_exactly(transport, shape, strategy):
     nbytes = len(offloaded) * layout.row_bytes
     rows = transport.get_pinned_buffer(nbytes + 100)
     rows.fill_(0xFF)  # NaN in bf16; the row of the -1 id and the tail must stay so
-    expected_rows = naive_gather_blocks(source, torch.tensor(offloaded), rows[:nbytes].clone().view(
-        layout.staging_shape(len(offloaded))), layout.kind).view(-1)
+    expected_rows = naive_gather_blocks(source, torch.tensor(offloaded, device=DEVICE), rows[:nbytes].clone().to(
+        DEVICE).view(layout.staging_shape(len(offloaded))), layout.kind).view(-1).cpu()
     source_before = [t.clone() for t in source]
 
     transport.synchronize(transport.offload_blocks(source, offloaded, rows, strategy=strategy))
@@ -82,8 +85,8 @@ def test_offload_then_load_moves_blocks_exactly(transport, shape, strategy):
     assert torch.equal(rows[:nbytes], expected_rows) and (rows[nbytes:] == 0xFF).all()
     assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(source, source_before))
     expected_target = [t.clone() for t in target]
-    naive_scatter_blocks(rows[:nbytes].view(layout.staging_shape(len(offloaded))), loaded, expected_target,
-                         layout.kind)
+    naive_scatter_blocks(rows[:nbytes].to(DEVICE).view(layout.staging_shape(len(offloaded))), loaded.to(DEVICE),
+                         expected_target, layout.kind)
     rows_before = rows.clone()
 
     transport.synchronize(transport.load_blocks(rows, loaded, target, strategy=strategy))
@@ -95,13 +98,13 @@ def test_offload_then_load_moves_blocks_exactly(transport, shape, strategy):
 
 def test_block_moves_reject_bad_arguments(transport):
     cache = random_cache((6, 2, 4, 16), 0)
-    small = torch.empty(10, dtype=torch.uint8)
+    small = transport.get_pinned_buffer(10)
     with pytest.raises(ValueError, match="pinned_dst: .* at least 1536 bytes"):
         transport.offload_blocks(cache, [0, 1], small)
     with pytest.raises(ValueError, match="strategy='fast'"):
         transport.load_blocks(small, [0], cache, strategy="fast")
     with pytest.raises(ValueError, match="block_ids: values span \\[0, 6\\]"):
-        transport.offload_blocks(cache, [0, 6], torch.empty(1536, dtype=torch.uint8))
+        transport.offload_blocks(cache, [0, 6], transport.get_pinned_buffer(1536))
 
 
 def test_pieces_cover_valid_runs_in_bounded_chunks():

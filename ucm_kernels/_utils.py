@@ -9,11 +9,6 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def autotune_configs(configs: list) -> list:
-    """All ``configs`` on a GPU; only the first under the interpreter, which crashes on several."""
-    return configs[:1] if triton_interpreting() else configs
-
-
 def check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
     """Raise ValueError unless ``tensor`` lives on ``device`` (argument ``name`` is named in the message)."""
     if tensor.device != device:

@@ -4,9 +4,18 @@
                                        sparse_ratio=0.3, init_window=1, local_window=4, min_blocks=8)
 
 A pure function of tensors (no host sync, output width from shapes only): time it as it is, once per layer
-per decode step. The reprs come from ``ucm_kernels.block_repr``; the lists feed ``ucm_kernels.sparse_decode``.
+per decode step. Every layer of a step shares shapes and settings, so plan once and run per layer (no scalar
+checks, no scratch allocation per call):
+
+    plan = plan_select(batch, num_kv_heads, head_dim, max_blocks, block_size=16, sparse_ratio=0.3,
+                       init_window=1, local_window=4, min_blocks=8, device=q.device)
+    for layer in layers:
+        sel_idx, sel_count = plan.run(q, kmin, kmax, kmean, block_table, seq_lens)
+
+The reprs come from ``ucm_kernels.block_repr``; the lists feed ``ucm_kernels.sparse_decode``.
 """
 from .naive import naive_block_scores, naive_num_selected, naive_select_blocks
-from .triton import select_blocks, selection_width
+from .triton import SelectPlan, plan_select, select_blocks, selection_width
 
-__all__ = ["select_blocks", "selection_width", "naive_select_blocks", "naive_block_scores", "naive_num_selected"]
+__all__ = ["select_blocks", "selection_width", "plan_select", "SelectPlan", "naive_select_blocks",
+           "naive_block_scores", "naive_num_selected"]

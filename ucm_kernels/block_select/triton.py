@@ -1,23 +1,34 @@
 """Triton kernels and launcher of GSA block selection: score every full block, then top-k per (request, KV head).
 
 Two launches, both reading each input once:
-1. ``_score_kernel``, one program per (tile of logical blocks, KV head, request): gathers the tile's reprs
-   through the block table and writes fp32 scores into a ``[batch, num_kv_heads, max_blocks]`` scratch.
-   Only the blocks that compete for selection are read (not the windows, not dense requests).
+1. ``_score_kernel``, one program per (tile of logical blocks, request): gathers the tile's reprs of every KV
+   head through the block table (a block's reprs are one contiguous ``num_kv_heads x head_dim`` row, so the
+   loads are whole 16-byte vectors of long runs) and writes fp32 scores into a ``[batch, num_kv_heads,
+   max_blocks]`` scratch. Only the blocks that compete for selection are read (not the windows, not dense
+   requests).
 2. ``_select_kernel``, one program per (KV head, request): holds the request's scratch row in registers,
    finds the k-th largest score by a 32-step bitwise search over order-preserving int32 keys (one reduction
    per step), then writes the windows, the blocks above that threshold and the first ties, in ascending
-   logical order (cumsum positions), and pads with -1. Rows up to MAX_TABLE_BLOCKS wide.
+   logical order (cumsum positions), and pads with -1. Rows up to MAX_TABLE_BLOCKS wide. Alternatives
+   measured on the H100 (8 requests x 8K blocks, whole selection under a CUDA graph, Quest / mean): two bits
+   per step with three counts packed in one int64 reduction, 0.136 / 0.087 ms; a radix select over four
+   256-bin ``tl.histogram`` passes, 0.169 / 0.121 ms; this search (with the earlier per-head score kernel),
+   0.129 / 0.082 ms. The search is compute-bound per row, so its cost is the per-element work per step.
+
+:func:`plan_select` does the host-side work (scalar checks, k rule, launch settings, scratch) once per step;
+``SelectPlan.run`` per layer only checks the tensors and launches.
 
 GQA: the scores of the group's query heads are summed. For Quest the sum of per-head upper bounds is
 ``sum_d kmax_d * sum_g max(q_gd, 0) + kmin_d * sum_g min(q_gd, 0)``, so a block costs one pass over its
 kmin/kmax whatever the group size; the mean rule is ``kmean . sum_g q_g``.
 """
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from .._utils import autotune_configs, check_device, triton_interpreting
+from .._utils import check_device, triton_interpreting
 
 REPR_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 Q_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -40,11 +51,6 @@ def _plan(seq_len, max_blocks, ratio_fixed, k_floor, init_window, local_window, 
     return nb, count, lo, hi
 
 
-@triton.autotune(
-    configs=autotune_configs([triton.Config({"TILE": tile}, num_warps=warps)
-                              for tile, warps in ((32, 4), (64, 4), (64, 8), (128, 8))]),
-    key=["max_blocks", "HEAD_DIM", "QUEST"],
-)
 @triton.jit
 def _score_kernel(
     q_ptr,  # [batch, num_q_heads, head_dim]
@@ -57,12 +63,11 @@ def _score_kernel(
     stride_rb, stride_rh, stride_rd,
     stride_tb, stride_tj,
     stride_sb, stride_sh,
-    BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr, QUEST: tl.constexpr, TILE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, QUEST: tl.constexpr, TILE: tl.constexpr,
 ):
     tile = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
     nb, count, lo, hi = _plan(seq_len, max_blocks, ratio_fixed, k_floor, init_window, local_window, BLOCK_SIZE)
     if (tile * TILE >= hi) | ((tile + 1) * TILE <= lo):
@@ -70,22 +75,28 @@ def _score_kernel(
     j = tile * TILE + tl.arange(0, TILE)
     competing = (j >= lo) & (j < hi)
     phys = tl.load(block_table_ptr + b * stride_tb + j * stride_tj, mask=competing, other=0).to(tl.int64)
+    h = tl.arange(0, HEADS_PAD)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
-    q_rows = q_ptr + b * stride_qb + (head * GROUP + g)[:, None] * stride_qh + d[None, :] * stride_qd
-    q = tl.load(q_rows, mask=(g[:, None] < GROUP) & (d[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
-    offsets = phys[:, None] * stride_rb + head * stride_rh + d[None, :] * stride_rd
-    mask = competing[:, None] & (d[None, :] < HEAD_DIM)
+    h_ok = h < HEADS
+    d_ok = d < HEAD_DIM
+    q_rows = (h[:, None, None] * GROUP + g[None, :, None]) * stride_qh + d[None, None, :] * stride_qd
+    q_ok = h_ok[:, None, None] & (g[None, :, None] < GROUP) & d_ok[None, None, :]
+    q = tl.load(q_ptr + b * stride_qb + q_rows, mask=q_ok, other=0.0).to(tl.float32)  # [HEADS_PAD, BLOCK_G, BLOCK_D]
+    # [TILE, HEADS_PAD, BLOCK_D]: every head of a block at once, its whole repr row contiguous in memory
+    offsets = phys[:, None, None] * stride_rb + h[None, :, None] * stride_rh + d[None, None, :] * stride_rd
+    mask = competing[:, None, None] & h_ok[None, :, None] & d_ok[None, None, :]
     if QUEST:
-        q_pos = tl.sum(tl.maximum(q, 0.0), axis=0)
-        q_neg = tl.sum(tl.minimum(q, 0.0), axis=0)
+        q_pos = tl.sum(tl.maximum(q, 0.0), axis=1)
+        q_neg = tl.sum(tl.minimum(q, 0.0), axis=1)
         lows = tl.load(kmin_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         highs = tl.load(kmax_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        scores = tl.sum(highs * q_pos[None, :] + lows * q_neg[None, :], axis=1)
+        scores = tl.sum(highs * q_pos[None, :, :] + lows * q_neg[None, :, :], axis=2)
     else:
         means = tl.load(kmean_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        scores = tl.sum(means * tl.sum(q, axis=0)[None, :], axis=1)
-    tl.store(scores_ptr + b * stride_sb + head * stride_sh + j, scores, mask=competing)
+        scores = tl.sum(means * tl.sum(q, axis=1)[None, :, :], axis=2)
+    tl.store(scores_ptr + b * stride_sb + h[None, :] * stride_sh + j[:, None], scores,
+             mask=competing[:, None] & h_ok[None, :])
 
 
 @triton.jit
@@ -229,6 +240,87 @@ def _plan_args(max_blocks, block_size, sparse_ratio, init_window, local_window, 
                 local_window=local_window)
 
 
+
+def _choose_score_launch(heads: int, head_dim: int) -> tuple[int, int]:
+    """(TILE blocks, num_warps) of the score kernel: about 8K repr elements per repr per program, 4 warps.
+
+    Swept on the H100 at 8 x 8K blocks (8 heads x 128; CUDA graph): tiles of 2 to 16 blocks with 2 or 4 warps
+    were all within 2% (whole Quest selection 0.133-0.135 ms); 8 warps on small tiles and 2 warps on tiles of
+    16+ blocks were up to 10x slower.
+    """
+    tile = max(1, min(64, 8192 // (_pow2(heads) * _pow2(head_dim))))
+    return tile, 4
+
+
+def _choose_select_warps(max_blocks: int) -> int:
+    """Warps of the top-k program: about 16 row entries per thread, 1 to 16 warps."""
+    return min(16, max(1, _pow2(max_blocks) // 512))
+
+
+@dataclass(frozen=True)
+class SelectPlan:
+    """What :func:`select_blocks` derives from shapes and settings, made once by :func:`plan_select`.
+
+    ``plan.run(q, kmin, kmax, kmean, block_table, seq_lens, out=...)`` then costs input checks and two launches
+    per layer (no scalar checks, no scratch allocation; CUDA-graph friendly). ``scores`` is scratch every run
+    overwrites, so runs sharing a plan must run in one stream order (as the layers of a step do).
+    """
+    batch: int
+    num_kv_heads: int
+    head_dim: int
+    max_blocks: int  # block_table.shape[1]
+    width: int  # sel_idx columns, :func:`selection_width`
+    block_size: int
+    quest: bool  # score rule: Quest (kmin, kmax) or mean (kmean)
+    limits: dict  # the kernels' k rule and windows (max_blocks, ratio_fixed, k_floor, init_window, local_window)
+    scores: torch.Tensor  # [batch, num_kv_heads, max_blocks] fp32 scratch
+    score_tile: int
+    score_warps: int
+    select_warps: int
+
+    def run(self, q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None, kmean: torch.Tensor | None,
+            block_table: torch.Tensor, seq_lens: torch.Tensor, *,
+            out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`select_blocks` with this plan's settings: same tensor arguments, ``out`` and result."""
+        reprs = _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, self.quest)
+        shapes = (q.shape[0], reprs.shape[1], q.shape[2], block_table.shape[1])
+        planned = (self.batch, self.num_kv_heads, self.head_dim, self.max_blocks)
+        if shapes != planned:
+            raise ValueError(f"plan was made for (batch, num_kv_heads, head_dim, max_blocks) = {planned}; "
+                             f"the inputs have {shapes}")
+        check_device("plan.scores", self.scores, q.device)
+        return _launch(self, q, reprs, kmax, block_table, seq_lens, out)
+
+
+def plan_select(batch: int, num_kv_heads: int, head_dim: int, max_blocks: int, *, block_size: int, sparse_ratio: float,
+                init_window: int, local_window: int, min_blocks: int, score: str = "quest",
+                token_budget: int | None = None, device: torch.device | str = "cuda") -> SelectPlan:
+    """Check the selection settings once and allocate the score scratch for ``[batch, max_blocks]`` block tables.
+
+    Arguments as in :func:`select_blocks`; ``num_kv_heads`` and ``head_dim`` are the reprs', ``max_blocks`` the
+    block table's width and ``device`` the tensors'. Returns a :class:`SelectPlan`; run it once per layer.
+    """
+    _check_scalars(block_size, sparse_ratio, init_window, local_window, min_blocks, score, token_budget)
+    for name, value, least in (("batch", batch, 0), ("num_kv_heads", num_kv_heads, 1), ("head_dim", head_dim, 1),
+                               ("max_blocks", max_blocks, 0)):
+        if not _is_int(value) or value < least:
+            raise ValueError(f"{name}: got {value!r}, expected an int >= {least}")
+    if max_blocks > MAX_TABLE_BLOCKS:
+        raise ValueError(f"max_blocks: got {max_blocks}, at most {MAX_TABLE_BLOCKS} block table columns are supported")
+    return _make_plan(batch, num_kv_heads, head_dim, max_blocks, torch.device(device), block_size, sparse_ratio,
+                      init_window, local_window, min_blocks, score, token_budget)
+
+
+def _make_plan(batch, heads, head_dim, max_blocks, device, block_size, sparse_ratio, init_window, local_window,
+               min_blocks, score, token_budget) -> SelectPlan:
+    width = selection_width(max_blocks, block_size=block_size, sparse_ratio=sparse_ratio, init_window=init_window,
+                            local_window=local_window, min_blocks=min_blocks, token_budget=token_budget)
+    limits = _plan_args(max_blocks, block_size, sparse_ratio, init_window, local_window, min_blocks, token_budget)
+    scores = torch.empty(batch, heads, max_blocks, dtype=torch.float32, device=device)
+    return SelectPlan(batch, heads, head_dim, max_blocks, width, block_size, score == "quest", limits, scores,
+                      *_choose_score_launch(heads, head_dim), _choose_select_warps(max_blocks))
+
+
 def select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None,
                   kmean: torch.Tensor | None, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
                   block_size: int, sparse_ratio: float, init_window: int, local_window: int, min_blocks: int,
@@ -242,6 +334,8 @@ def select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor
     block_size)``. If ``k >= nb`` all nb blocks are selected (dense). Otherwise the first ``init_window`` and
     the last ``max(local_window, 1)`` blocks (the block holding the current token is always attended) plus the
     top-scoring rest of the full blocks in between, ``k`` in all; ties go to the lower logical index.
+    Every layer of a step shares the settings and shapes: :func:`plan_select` once, then ``plan.run`` per layer
+    skips the per-call planning this function does.
 
     Args:
         q: ``[batch, num_q_heads, head_dim]`` bf16/fp16/fp32; query head i belongs to KV head
@@ -260,57 +354,57 @@ def select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor
         ``width = selection_width(max_blocks, ...)``; ``sel_count [batch, num_kv_heads]`` int32.
     """
     _check_scalars(block_size, sparse_ratio, init_window, local_window, min_blocks, score, token_budget)
+    reprs = _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, score == "quest")
+    plan = _make_plan(q.shape[0], reprs.shape[1], q.shape[2], block_table.shape[1], q.device, block_size,
+                      sparse_ratio, init_window, local_window, min_blocks, score, token_budget)
+    return _launch(plan, q, reprs, kmax, block_table, seq_lens, out)
+
+
+def _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, quest: bool) -> torch.Tensor:
+    """Validate the tensors; return the first repr the score rule reads (its shape and strides stand for all)."""
     if not isinstance(q, torch.Tensor):
         raise ValueError(f"q: got {q!r}, expected a [batch, num_q_heads, head_dim] tensor")
     _check_tensor("q", q, 3, Q_DTYPES, q.device, "[batch, num_q_heads, head_dim]")
     if not q.is_cuda and not triton_interpreting():
         raise ValueError(f"q is on {q.device}: the kernels need CUDA tensors (or TRITON_INTERPRET=1)")
-    quest = score == "quest"
     reprs = _check_reprs(q, {"kmin": kmin, "kmax": kmax} if quest else {"kmean": kmean})
-    batch, heads = q.shape[0], reprs.shape[1]
+    batch = q.shape[0]
     _check_tensor("block_table", block_table, 2, INDEX_DTYPES, q.device, f"[batch={batch}, max_blocks]")
     _check_tensor("seq_lens", seq_lens, 1, INDEX_DTYPES, q.device, f"[batch={batch}]")
     if block_table.shape[0] != batch or seq_lens.shape[0] != batch:
         raise ValueError(f"block_table {tuple(block_table.shape)} / seq_lens {tuple(seq_lens.shape)}: expected "
                          f"{batch} rows, q's batch")
-    max_blocks = block_table.shape[1]
-    if max_blocks > MAX_TABLE_BLOCKS:
-        raise ValueError(f"block_table: {max_blocks} columns, at most {MAX_TABLE_BLOCKS} are supported")
-    width = selection_width(max_blocks, block_size=block_size, sparse_ratio=sparse_ratio, init_window=init_window,
-                            local_window=local_window, min_blocks=min_blocks, token_budget=token_budget)
-    sel_idx, sel_count = _check_out(out, batch, heads, width, max_blocks, q.device)
-    if batch == 0 or max_blocks == 0:
+    if block_table.shape[1] > MAX_TABLE_BLOCKS:
+        raise ValueError(f"block_table: {block_table.shape[1]} columns, at most {MAX_TABLE_BLOCKS} are supported")
+    return reprs
+
+
+def _launch(plan: SelectPlan, q, reprs, kmax, block_table, seq_lens, out) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score the competing blocks into ``plan.scores``, then pick each row's blocks into ``out``."""
+    sel_idx, sel_count = _check_out(out, plan.batch, plan.num_kv_heads, plan.width, plan.max_blocks, q.device)
+    if plan.batch == 0 or plan.max_blocks == 0:
         sel_idx.fill_(-1)
         sel_count.zero_()
         return sel_idx, sel_count
-    plan = _plan_args(max_blocks, block_size, sparse_ratio, init_window, local_window, min_blocks, token_budget)
-    scores = torch.empty(batch, heads, max_blocks, dtype=torch.float32, device=q.device)
-    _launch_scores(q, reprs, kmax, block_table, seq_lens, scores, plan, block_size, quest)
-    block_m = _pow2(max_blocks)
-    _select_kernel[(heads, batch)](
-        scores_ptr=scores, seq_lens_ptr=seq_lens, sel_idx_ptr=sel_idx, sel_count_ptr=sel_count,
-        width=sel_idx.shape[2], **plan,
-        stride_sb=scores.stride(0), stride_sh=scores.stride(1),
-        stride_ib=sel_idx.stride(0), stride_ih=sel_idx.stride(1), stride_ij=sel_idx.stride(2),
-        stride_cb=sel_count.stride(0), stride_ch=sel_count.stride(1),
-        BLOCK_SIZE=block_size, BLOCK_M=block_m, num_warps=min(16, max(1, block_m // 512)),
-    )
-    return sel_idx, sel_count
-
-
-def _launch_scores(q, reprs, kmax, block_table, seq_lens, scores, plan, block_size, quest) -> None:
-    """Fill ``scores`` for the competing blocks; ``reprs`` is kmin (Quest, with ``kmax``) or kmean."""
-    batch, num_q_heads, head_dim = q.shape
-    heads, max_blocks = reprs.shape[1], plan["max_blocks"]
-    group = num_q_heads // heads
-    _score_kernel[lambda meta: (-(-max_blocks // meta["TILE"]), heads, batch)](
-        q_ptr=q, kmin_ptr=reprs, kmax_ptr=kmax if quest else reprs, kmean_ptr=reprs,
-        block_table_ptr=block_table, seq_lens_ptr=seq_lens,
-        scores_ptr=scores, **plan,
+    scores = plan.scores
+    group = q.shape[1] // plan.num_kv_heads
+    _score_kernel[(triton.cdiv(plan.max_blocks, plan.score_tile), plan.batch)](
+        q_ptr=q, kmin_ptr=reprs, kmax_ptr=kmax if plan.quest else reprs, kmean_ptr=reprs,
+        block_table_ptr=block_table, seq_lens_ptr=seq_lens, scores_ptr=scores, **plan.limits,
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qd=q.stride(2),
         stride_rb=reprs.stride(0), stride_rh=reprs.stride(1), stride_rd=reprs.stride(2),
         stride_tb=block_table.stride(0), stride_tj=block_table.stride(1),
         stride_sb=scores.stride(0), stride_sh=scores.stride(1),
-        BLOCK_SIZE=block_size, GROUP=group, BLOCK_G=_pow2(group), HEAD_DIM=head_dim,
-        BLOCK_D=_pow2(head_dim), QUEST=quest,
+        BLOCK_SIZE=plan.block_size, HEADS=plan.num_kv_heads, HEADS_PAD=_pow2(plan.num_kv_heads), GROUP=group,
+        BLOCK_G=_pow2(group), HEAD_DIM=plan.head_dim, BLOCK_D=_pow2(plan.head_dim), QUEST=plan.quest,
+        TILE=plan.score_tile, num_warps=plan.score_warps,
     )
+    _select_kernel[(plan.num_kv_heads, plan.batch)](
+        scores_ptr=scores, seq_lens_ptr=seq_lens, sel_idx_ptr=sel_idx, sel_count_ptr=sel_count,
+        width=sel_idx.shape[2], **plan.limits,
+        stride_sb=scores.stride(0), stride_sh=scores.stride(1),
+        stride_ib=sel_idx.stride(0), stride_ih=sel_idx.stride(1), stride_ij=sel_idx.stride(2),
+        stride_cb=sel_count.stride(0), stride_ch=sel_count.stride(1),
+        BLOCK_SIZE=plan.block_size, BLOCK_M=_pow2(plan.max_blocks), num_warps=plan.select_warps,
+    )
+    return sel_idx, sel_count

@@ -3,34 +3,30 @@
 ``_sparse_decode_split_kernel`` runs one program per (request, KV head, split): it walks its share of the block
 list, gathers ``TILE_TOKENS`` tokens of K and V per step through the block table (several 16-token blocks per
 step keep enough bytes in flight), scores all query heads of the GQA group at once (the group padded to 16 rows
-so ``tl.dot`` is legal on the GPU) and keeps an fp32 online softmax whose partial (max, sum, acc) it writes to
-scratch. ``_combine_splits_kernel`` merges the splits of each (request, query head) into the output.
-With ``DENSE`` the list is implicit (every logical block), which is our dense decode kernel.
+so ``tl.dot`` is legal on the GPU) and keeps an fp32 online softmax. With one split it writes the output
+itself; with several it writes partial (max, sum, acc) to scratch and ``_combine_splits_kernel`` merges the
+splits of each (request, query head). With ``DENSE`` the list is implicit (every logical block), which is our
+dense decode kernel.
+
+Launch settings and scratch depend on shapes only: :func:`plan_decode` makes them once (a :class:`DecodePlan`)
+and every layer's call reuses them, so a call costs its validation and one or two launches, and captures into
+a CUDA graph (no host sync, no allocation when ``out`` is given).
 """
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from .._utils import autotune_configs, check_device, triton_interpreting
+from .._utils import check_device, triton_interpreting
 
-# Triton 3.6 pipelines the gathered K/V loads with cp.async, but stages also go to the index loads ahead of
-# them: compiled for sm_90 (head_dim 128, bf16), 3 stages give one K/V buffer (74 KB of shared memory at 128
-# tokens, 39 KB at 64), 5 stages two (140 KB / 72 KB; one for the sparse variant at 64 tokens).
-_TILE_CONFIGS = [
-    triton.Config({"TILE_TOKENS": 64}, num_warps=4, num_stages=3),
-    triton.Config({"TILE_TOKENS": 128}, num_warps=4, num_stages=3),
-    triton.Config({"TILE_TOKENS": 128}, num_warps=8, num_stages=3),
-    triton.Config({"TILE_TOKENS": 64}, num_warps=4, num_stages=5),
-    triton.Config({"TILE_TOKENS": 128}, num_warps=4, num_stages=5),
-]
 _MAX_TILE_TOKENS = 128
-_MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (q load, partial write, combine) starts to show
+_MIN_TOKENS_PER_SPLIT = 128  # one tile-aligned chunk; short lists on a small batch still fill the GPU
 _MAX_SPLITS = 64  # bounds the combine kernel's registers ([splits, head_dim] fp32)
 _PROGRAMS_PER_SM = 8  # several waves, so the last one's tail is a small share of the time
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-@triton.autotune(configs=autotune_configs(_TILE_CONFIGS), key=["HEAD_DIM", "BLOCK_SIZE", "GROUP_PAD", "DENSE"])
 @triton.jit(do_not_specialize=["num_splits", "chunk_blocks"])
 def _sparse_decode_split_kernel(
     q_ptr,  # [batch, num_q_heads, head_dim] bf16/fp16
@@ -40,17 +36,19 @@ def _sparse_decode_split_kernel(
     seq_lens_ptr,  # [batch] int32
     sel_idx_ptr,  # [batch, num_kv_heads, max_sel] int32 logical blocks (None when DENSE)
     sel_count_ptr,  # [batch, num_kv_heads] int32 (None when DENSE)
-    acc_ptr,  # [batch, num_q_heads, num_splits, head_dim] fp32 scratch, contiguous
-    stats_ptr,  # [batch, num_q_heads, num_splits, 2] fp32 scratch (running max in log2 units, sum), contiguous
+    out_ptr,  # [batch, num_q_heads, head_dim] q's dtype (written when DIRECT)
+    acc_ptr,  # [batch, num_q_heads, num_splits, head_dim] fp32 scratch, contiguous (None when DIRECT)
+    stats_ptr,  # [batch, num_q_heads, num_splits, 2] fp32 scratch (max in log2 units, sum), contiguous
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_btb, stride_btj,
     stride_sib, stride_sih, stride_sij,
     stride_scb, stride_sch,
+    stride_ob, stride_oh, stride_od,
     num_kv_heads, num_splits, chunk_blocks, qk_scale_log2,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    DENSE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, TILE_TOKENS: tl.constexpr,
+    DENSE: tl.constexpr, DIRECT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, TILE_TOKENS: tl.constexpr,
 ):
     pid_head = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
@@ -105,10 +103,15 @@ def _sparse_decode_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(COMPUTE_DTYPE), v)
         m_i = m_new
 
-    partial = (b * num_kv_heads * GROUP + q_heads) * num_splits + split
-    tl.store(acc_ptr + partial[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None])
-    tl.store(stats_ptr + partial * 2, m_i, mask=row_ok)
-    tl.store(stats_ptr + partial * 2 + 1, l_i, mask=row_ok)
+    if DIRECT:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty list gives zeros
+        tl.store(out_ptr + b * stride_ob + q_heads[:, None] * stride_oh + dims[None, :] * stride_od,
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        partial = (b * num_kv_heads * GROUP + q_heads) * num_splits + split
+        tl.store(acc_ptr + partial[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None])
+        tl.store(stats_ptr + partial * 2, m_i, mask=row_ok)
+        tl.store(stats_ptr + partial * 2 + 1, l_i, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -137,10 +140,68 @@ def _combine_splits_kernel(
     tl.store(out_ptr + b * stride_ob + qh * stride_oh + dims * stride_od, out.to(out_ptr.dtype.element_ty))
 
 
+@dataclass(frozen=True)
+class DecodePlan:
+    """Launch settings and scratch of :func:`sparse_decode` / :func:`dense_decode` for one set of shapes.
+
+    Made by :func:`plan_decode` once per decode step (or once for good: it holds no per-step data) and passed
+    as ``plan=`` to every layer's call. ``acc`` / ``stats`` are scratch the calls overwrite, so calls sharing a
+    plan must run in one stream order (as the layers of a step do).
+    """
+    batch: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    max_blocks: int  # widest list served: sel_idx.shape[2] (sparse) or block_table.shape[1] (dense)
+    num_splits: int  # programs per (request, KV head); 1 writes the output without a combine pass
+    chunk_blocks: int  # list entries per split, a multiple of the largest tile (in blocks)
+    tile_tokens: int
+    num_warps: int
+    num_stages: int
+    acc: torch.Tensor | None  # [batch, num_q_heads, num_splits, head_dim] fp32 scratch; None with one split
+    stats: torch.Tensor | None  # [batch, num_q_heads, num_splits, 2] fp32 scratch; None with one split
+
+
+def plan_decode(q: torch.Tensor, key_cache: torch.Tensor, max_blocks: int, *,
+                num_splits: int | None = None) -> DecodePlan:
+    """Choose splits and tile and allocate the split scratch for calls shaped like ``q`` / ``key_cache``.
+
+    Args:
+        q: ``[batch, num_q_heads, head_dim]`` bf16/fp16 (any tensor of the calls' shape, dtype and device).
+        key_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]`` like the calls' caches.
+        max_blocks: the widest list the plan serves: ``sel_idx.shape[2]`` for :func:`sparse_decode`,
+            ``block_table.shape[1]`` for :func:`dense_decode`; narrower lists reuse it.
+        num_splits: most programs per (request, KV head) (rounded down so none is left without list
+            entries); default chosen from the work and the SM count.
+    Returns:
+        A :class:`DecodePlan` to pass as ``plan=``.
+    """
+    _check_q_and_cache(q, key_cache, "key_cache")
+    if isinstance(max_blocks, bool) or not isinstance(max_blocks, int) or max_blocks < 0:
+        raise ValueError(f"max_blocks={max_blocks!r}; expected an int >= 0")
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
+                                   or num_splits < 1):
+        raise ValueError(f"num_splits={num_splits}; expected a positive int or None")
+    batch, num_q_heads, head_dim = q.shape
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    if num_splits is None:
+        num_splits = _choose_num_splits(batch * num_kv_heads, max_blocks, block_size, q.device)
+    chunk_blocks = _chunk_blocks(max_blocks, num_splits, block_size)
+    num_splits = max(1, triton.cdiv(max_blocks, chunk_blocks))
+    acc = stats = None
+    if num_splits > 1:
+        acc = torch.empty(batch, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        stats = torch.empty(batch, num_q_heads, num_splits, 2, dtype=torch.float32, device=q.device)
+    tile_tokens, num_warps, num_stages = _choose_tile(chunk_blocks * block_size)
+    return DecodePlan(batch, num_q_heads, num_kv_heads, head_dim, block_size, max_blocks, num_splits, chunk_blocks,
+                      tile_tokens, num_warps, num_stages, acc, stats)
+
+
 def sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
                   seq_lens: torch.Tensor, sel_idx: torch.Tensor, sel_count: torch.Tensor, *,
                   scale: float | None = None, out: torch.Tensor | None = None,
-                  num_splits: int | None = None) -> torch.Tensor:
+                  num_splits: int | None = None, plan: DecodePlan | None = None) -> torch.Tensor:
     """Decode attention of each (request, KV head) over the logical blocks of its list, read in place.
 
     Args:
@@ -155,68 +216,61 @@ def sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
         sel_count: ``[batch, num_kv_heads]`` int32, how many leading entries of each list count (0 gives zeros).
         scale: softmax scale, default ``head_dim ** -0.5``.
         out: optional ``[batch, num_q_heads, head_dim]`` of q's dtype, any strides, written in place.
-        num_splits: most programs per (request, KV head) (rounded down so none is left without blocks);
-            default chosen from the work and the SM count.
+        num_splits: most programs per (request, KV head) (see :func:`plan_decode`); not with ``plan``.
+        plan: a :func:`plan_decode` result for these shapes with ``max_blocks >= max_sel``, reused across
+            layers (no per-call planning or scratch allocation).
     Returns:
         ``out``, ``[batch, num_q_heads, head_dim]`` in q's dtype.
     """
     _check_attention_inputs(q, key_cache, value_cache, block_table, seq_lens)
     _check_selection(q, key_cache, sel_idx, sel_count)
-    return _launch(q, key_cache, value_cache, block_table, seq_lens, sel_idx, sel_count,
-                   max_blocks=sel_idx.shape[2], scale=scale, out=out, num_splits=num_splits)
+    plan = _resolve_plan(plan, q, key_cache, sel_idx.shape[2], num_splits)
+    return _launch(plan, q, key_cache, value_cache, block_table, seq_lens, sel_idx, sel_count, scale, out)
 
 
 def dense_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
                  seq_lens: torch.Tensor, *, scale: float | None = None, out: torch.Tensor | None = None,
-                 num_splits: int | None = None) -> torch.Tensor:
+                 num_splits: int | None = None, plan: DecodePlan | None = None) -> torch.Tensor:
     """Decode attention over every block of each request: :func:`sparse_decode` with implicit full lists.
 
-    Same arguments and result as :func:`sparse_decode` without the lists. The work per request is bounded by
-    ``block_table.shape[1]`` (no host sync on seq_lens), so a table much wider than the longest request spends
-    programs that find no blocks.
+    Same arguments and result as :func:`sparse_decode` without the lists (a ``plan`` must serve
+    ``block_table.shape[1]`` blocks). The work per request is bounded by ``block_table.shape[1]`` (no host
+    sync on seq_lens), so a table much wider than the longest request spends programs that find no blocks.
     """
     _check_attention_inputs(q, key_cache, value_cache, block_table, seq_lens)
-    return _launch(q, key_cache, value_cache, block_table, seq_lens, None, None,
-                   max_blocks=block_table.shape[1], scale=scale, out=out, num_splits=num_splits)
+    plan = _resolve_plan(plan, q, key_cache, block_table.shape[1], num_splits)
+    return _launch(plan, q, key_cache, value_cache, block_table, seq_lens, None, None, scale, out)
 
 
-def _launch(q, key_cache, value_cache, block_table, seq_lens, sel_idx, sel_count, *, max_blocks, scale, out,
-            num_splits):
-    batch, num_q_heads, head_dim = q.shape
-    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+def _resolve_plan(plan: DecodePlan | None, q, key_cache, max_blocks: int, num_splits: int | None) -> DecodePlan:
+    """``plan`` checked against the call's shapes, or a fresh plan when none is given."""
+    if plan is None:
+        return plan_decode(q, key_cache, max_blocks, num_splits=num_splits)
+    if num_splits is not None:
+        raise ValueError(f"num_splits={num_splits} given with a plan; pass it to plan_decode instead")
+    shapes = (q.shape[0], q.shape[1], key_cache.shape[2], q.shape[2], key_cache.shape[1])
+    planned = (plan.batch, plan.num_q_heads, plan.num_kv_heads, plan.head_dim, plan.block_size)
+    if shapes != planned or max_blocks > plan.max_blocks:
+        raise ValueError(f"plan was made for (batch, num_q_heads, num_kv_heads, head_dim, block_size) = {planned} "
+                         f"and lists of up to {plan.max_blocks} blocks; the call has {shapes} and {max_blocks}")
+    if plan.acc is not None:
+        check_device("plan.acc", plan.acc, q.device)
+    return plan
+
+
+def _launch(plan: DecodePlan, q, key_cache, value_cache, block_table, seq_lens, sel_idx, sel_count, scale, out):
+    """The split kernel (writing ``out`` itself with one split), then the combine kernel with several."""
     out = _check_or_alloc_out(q, out)
-    if num_splits is None:
-        num_splits = _choose_num_splits(batch * num_kv_heads, max_blocks, block_size, q.device)
-    elif num_splits < 1:
-        raise ValueError(f"num_splits={num_splits}; expected a positive int or None")
-    chunk_blocks = _chunk_blocks(max_blocks, num_splits, block_size)
-    num_splits = max(1, triton.cdiv(max_blocks, chunk_blocks))
-    acc = torch.empty(batch, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-    stats = torch.empty(batch, num_q_heads, num_splits, 2, dtype=torch.float32, device=q.device)
+    head_dim = q.shape[2]
     scale = head_dim ** -0.5 if scale is None else scale
-    _launch_split_kernel(q, key_cache, value_cache, block_table, seq_lens, sel_idx, sel_count, acc, stats,
-                         chunk_blocks, scale)
-    _combine_splits_kernel[(batch * num_q_heads,)](
-        acc_ptr=acc, stats_ptr=stats, out_ptr=out,
-        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_od=out.stride(2),
-        num_q_heads=num_q_heads, num_splits=num_splits,
-        HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(num_splits),
-    )
-    return out
-
-
-def _launch_split_kernel(q, key_cache, value_cache, block_table, seq_lens, sel_idx, sel_count, acc, stats,
-                         chunk_blocks, scale) -> None:
-    """Fill the per-split partials; no lists (``sel_idx is None``) selects the DENSE variant."""
-    batch, num_q_heads, num_splits, head_dim = acc.shape
-    num_kv_heads = key_cache.shape[2]
-    group = num_q_heads // num_kv_heads
     dense = sel_idx is None
+    direct = plan.num_splits == 1
     sel_strides = (0, 0, 0) if dense else sel_idx.stride()
     count_strides = (0, 0) if dense else sel_count.stride()
-    _sparse_decode_split_kernel[(batch * num_kv_heads, num_splits)](
+    _sparse_decode_split_kernel[(plan.batch * plan.num_kv_heads, plan.num_splits)](
         q_ptr=q, k_cache_ptr=key_cache, v_cache_ptr=value_cache, block_table_ptr=block_table,
-        seq_lens_ptr=seq_lens, sel_idx_ptr=sel_idx, sel_count_ptr=sel_count, acc_ptr=acc, stats_ptr=stats,
+        seq_lens_ptr=seq_lens, sel_idx_ptr=sel_idx, sel_count_ptr=sel_count, out_ptr=out,
+        acc_ptr=plan.acc, stats_ptr=plan.stats,
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qd=q.stride(2),
         stride_kb=key_cache.stride(0), stride_kt=key_cache.stride(1), stride_kh=key_cache.stride(2),
         stride_kd=key_cache.stride(3),
@@ -225,53 +279,84 @@ def _launch_split_kernel(q, key_cache, value_cache, block_table, seq_lens, sel_i
         stride_btb=block_table.stride(0), stride_btj=block_table.stride(1),
         stride_sib=sel_strides[0], stride_sih=sel_strides[1], stride_sij=sel_strides[2],
         stride_scb=count_strides[0], stride_sch=count_strides[1],
-        num_kv_heads=num_kv_heads, num_splits=num_splits, chunk_blocks=chunk_blocks,
+        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_od=out.stride(2),
+        num_kv_heads=plan.num_kv_heads, num_splits=plan.num_splits, chunk_blocks=plan.chunk_blocks,
         qk_scale_log2=scale * 1.4426950408889634,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=key_cache.shape[1], DENSE=dense,
+        GROUP=plan.num_q_heads // plan.num_kv_heads,
+        GROUP_PAD=max(16, triton.next_power_of_2(plan.num_q_heads // plan.num_kv_heads)), HEAD_DIM=head_dim,
+        BLOCK_SIZE=plan.block_size, DENSE=dense, DIRECT=direct,
         COMPUTE_DTYPE=tl.float32 if triton_interpreting() else _TL_DTYPES[q.dtype],
+        TILE_TOKENS=plan.tile_tokens, num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
+    if not direct:
+        _combine_splits_kernel[(plan.batch * plan.num_q_heads,)](
+            acc_ptr=plan.acc, stats_ptr=plan.stats, out_ptr=out,
+            stride_ob=out.stride(0), stride_oh=out.stride(1), stride_od=out.stride(2),
+            num_q_heads=plan.num_q_heads, num_splits=plan.num_splits,
+            HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(plan.num_splits),
+        )
+    return out
 
 
 def _choose_num_splits(num_heads: int, max_blocks: int, block_size: int, device: torch.device) -> int:
     """Splits per (request, KV head): enough programs for ``_PROGRAMS_PER_SM`` per SM, none shorter than
     ``_MIN_TOKENS_PER_SPLIT`` tokens, at most ``_MAX_SPLITS``. The interpreter counts as one SM."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    wanted = triton.cdiv(_PROGRAMS_PER_SM * sms, num_heads)
+    wanted = triton.cdiv(_PROGRAMS_PER_SM * sms, max(num_heads, 1))
     useful = triton.cdiv(max_blocks * block_size, _MIN_TOKENS_PER_SPLIT)
     return max(1, min(wanted, useful, _MAX_SPLITS))
 
 
 def _chunk_blocks(max_blocks: int, num_splits: int, block_size: int) -> int:
     """List entries per split, a multiple of the largest tile (in blocks) so no split ends in a partial tile;
-    the launcher then drops the splits this rounding leaves empty."""
+    the planner then drops the splits this rounding leaves empty."""
     align = triton.cdiv(_MAX_TILE_TOKENS, block_size)
     return max(align, triton.cdiv(triton.cdiv(max_blocks, num_splits), align) * align)
 
 
-def _check_attention_inputs(q, key_cache, value_cache, block_table, seq_lens) -> None:
+def _choose_tile(split_tokens: int) -> tuple[int, int, int]:
+    """(TILE_TOKENS, num_warps, num_stages) for splits of ``split_tokens`` list tokens.
+
+    Triton 3.6 pipelines the gathered K/V loads with cp.async, but stages also go to the index loads ahead of
+    them: compiled for sm_90 (head_dim 128, bf16), 3 stages give one K/V buffer (39 KB of shared memory at 64
+    tokens), 5 stages two for the dense variant. Swept on the H100 (2026-11-25, CUDA-graph times, 8 tile
+    settings x 3-5 split counts per shape): at the default split counts, 64-token tiles with 4 warps were
+    within 3% of the sweep's best at four of five shapes (dense 8 x 128K; lists of 39K and 2K tokens at batch
+    8; lists of 2K at batch 1) and 8% at dense 1 x 32K; 5 stages paid only for long splits (dense 8 x 128K).
+    """
+    return 64, 4, 5 if split_tokens >= 4096 else 3
+
+
+def _check_q_and_cache(q: torch.Tensor, cache: torch.Tensor, name: str) -> None:
     if q.dtype not in _TL_DTYPES:
         raise ValueError(f"q has dtype {q.dtype}; expected torch.bfloat16 or torch.float16")
     if q.dim() != 3:
         raise ValueError(f"q has shape {tuple(q.shape)}; expected [batch, num_q_heads, head_dim]")
-    batch, num_q_heads, head_dim = q.shape
+    head_dim = q.shape[2]
     if head_dim not in (16, 32, 64, 128, 256):
         raise ValueError(f"q has head_dim {head_dim}; expected a power of two in [16, 256]")
-    for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
-        check_device(name, cache, q.device)
-        if cache.dtype != q.dtype:
-            raise ValueError(f"{name} has dtype {cache.dtype}; expected q's dtype {q.dtype}")
-        if cache.dim() != 4 or cache.shape[3] != head_dim:
-            raise ValueError(f"{name} has shape {tuple(cache.shape)}; expected "
-                             f"[num_blocks, block_size, num_kv_heads, {head_dim}]")
+    check_device(name, cache, q.device)
+    if cache.dtype != q.dtype:
+        raise ValueError(f"{name} has dtype {cache.dtype}; expected q's dtype {q.dtype}")
+    if cache.dim() != 4 or cache.shape[3] != head_dim:
+        raise ValueError(f"{name} has shape {tuple(cache.shape)}; expected "
+                         f"[num_blocks, block_size, num_kv_heads, {head_dim}]")
+    block_size, num_kv_heads = cache.shape[1], cache.shape[2]
+    if block_size & (block_size - 1):
+        raise ValueError(f"{name} has block_size {block_size}; expected a power of two")
+    if q.shape[1] % num_kv_heads:
+        raise ValueError(f"q has {q.shape[1]} heads; expected a multiple of num_kv_heads={num_kv_heads}")
+
+
+def _check_attention_inputs(q, key_cache, value_cache, block_table, seq_lens) -> None:
+    _check_q_and_cache(q, key_cache, "key_cache")
+    check_device("value_cache", value_cache, q.device)
+    if value_cache.dtype != q.dtype:
+        raise ValueError(f"value_cache has dtype {value_cache.dtype}; expected q's dtype {q.dtype}")
     if value_cache.shape != key_cache.shape:
         raise ValueError(f"value_cache has shape {tuple(value_cache.shape)}; expected key_cache's "
                          f"{tuple(key_cache.shape)}")
-    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
-    if block_size & (block_size - 1):
-        raise ValueError(f"key_cache has block_size {block_size}; expected a power of two")
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"q has {num_q_heads} heads; expected a multiple of num_kv_heads={num_kv_heads}")
+    batch = q.shape[0]
     _check_int32("block_table", block_table, q.device, (batch, block_table.shape[-1]), "[batch, max_blocks_per_seq]")
     _check_int32("seq_lens", seq_lens, q.device, (batch,), "[batch]")
 
