@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from ucm_store.backends import posix
+from ucm_store.backends import framing
 
-CRC_OFFSET = 24  # magic 8, header length 4, flags 4, payload length 8: see posix._HEADER
+CRC_OFFSET = 24  # magic 8, header length 4, flags 4, payload length 8: see framing.HEADER
 DRIVER = Path(__file__).parent.parent / "bench" / "vllm_driver.py"
 BLOCK = 32
 PROMPT_LENGTHS = (700, 333, 1000, 97)
@@ -89,7 +89,7 @@ def test_wrong_but_valid_kv_changes_the_tokens(workdir, first_run, tmp_path):
     rng = random.Random(1)
     for path in block_files(copy):
         raw = bytearray(path.read_bytes())
-        _, header_len, _, payload_len, _, _ = posix._HEADER.unpack_from(raw)
+        _, header_len, _, payload_len, _, _ = framing.HEADER.unpack_from(raw)
         payload = bytes(rng.randrange(0x3C, 0x42) if i % 2 else rng.randrange(256) for i in range(payload_len))
         raw[header_len:] = payload
         struct.pack_into("<I", raw, CRC_OFFSET, zlib.crc32(payload))

@@ -12,6 +12,7 @@ atomic: ``put`` makes a complete block visible or nothing. Reads verify the bloc
 * ``close() -> None``
 """
 import abc
+from contextlib import contextmanager
 
 import torch
 
@@ -53,3 +54,12 @@ class Tier(abc.ABC):
 
     def close(self) -> None:
         """Release the tier's resources."""
+
+    @contextmanager
+    def _drop_if_corrupt(self, key: str):
+        """Around a check of block ``key``: a BlockCorrupt raised inside removes the block, then propagates."""
+        try:
+            yield
+        except BlockCorrupt:
+            self.remove(key)
+            raise

@@ -6,10 +6,10 @@ the serving nodes themselves (``mooncake_global_segment_size`` > 0). A block liv
 its replica: when that node leaves, its blocks become misses everywhere, and the master evicts blocks when the pool
 fills. So this tier shares blocks between nodes but is not durable (put DS3FS or Posix below it for that).
 
-Layout and visibility: block ``key`` is the object ``{remote_key_prefix}{key}``, the Posix tier's 64-byte header
-(magic, lengths, CRC32, key digest) then the payload, put as one object (``put_parts``). A Mooncake put is atomic
-per key: the key is readable only once its whole value is written. Reads verify the header and CRC32; a corrupt
-object is removed and reported as BlockCorrupt.
+Layout and visibility: block ``key`` is the object ``{remote_key_prefix}{key}``, a framed block
+(:mod:`ucm_store.backends.framing`: the 64-byte header with magic, lengths, CRC32 and key digest, then the payload),
+put as one object (``put_parts``). A Mooncake put is atomic per key: the key is readable only once its whole value is
+written. Reads verify the header and CRC32; a corrupt object is removed and reported as BlockCorrupt.
 
 Failures: every call runs on the tier's worker threads and the caller waits at most ``remote_timeout`` seconds; a
 failure marks the master down for ``remote_retry_interval`` seconds (one warning per outage), during which the tier
@@ -27,9 +27,9 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import torch
 
-from ucm_store.backends.base import BlockCorrupt, BlockMissing, Tier
-from ucm_store.backends.posix import SMALL_HEADER
-from ucm_store.backends.s3 import RemoteGate, RemoteUnavailable, frame_header, unframe_into
+from ucm_store.backends import framing
+from ucm_store.backends.base import BlockMissing, Tier
+from ucm_store.backends.remote import RemoteGate, RemoteUnavailable
 from ucm_store.config import StoreConfig
 
 try:
@@ -98,10 +98,8 @@ class MooncakeTier(Tier):
             return None
         if nbytes == OBJECT_NOT_FOUND:
             return None
-        if nbytes < SMALL_HEADER:
-            self.remove(key)
-            raise BlockCorrupt(f"Mooncake object {self.object_name(key)} is truncated: {nbytes}-byte object")
-        return nbytes - SMALL_HEADER
+        with self._drop_if_corrupt(key):
+            return framing.object_payload_len(self._where(key), nbytes)
 
     def read(self, key: str, dst: torch.Tensor) -> None:
         try:
@@ -110,17 +108,13 @@ class MooncakeTier(Tier):
             raise BlockMissing(str(exc)) from None
         if not blob:
             raise BlockMissing(key)
-        try:
-            unframe_into(key, f"Mooncake object {self.object_name(key)}", memoryview(blob), dst)
-        except BlockCorrupt:
-            self.remove(key)
-            raise
+        with self._drop_if_corrupt(key):
+            framing.unframe_into(key, self._where(key), memoryview(blob), dst)
 
     def put(self, key: str, src: torch.Tensor) -> bool:
         if self.contains(key):
             return False
-        payload = memoryview(src.numpy())
-        header = frame_header(key, payload)
+        header, payload = framing.frame(key, src)
         code = self._call("put", key, lambda c: c.put_parts(self.object_name(key), header, payload),
                           ok=(OBJECT_ALREADY_EXISTS, *PUT_REFUSALS))
         if code in PUT_REFUSALS:
@@ -147,6 +141,10 @@ class MooncakeTier(Tier):
     def object_name(self, key: str) -> str:
         """The Mooncake key of block ``key``."""
         return f"{self.key_prefix}{key}"
+
+    def _where(self, key: str) -> str:
+        """How errors name block ``key``'s object."""
+        return f"Mooncake object {self.object_name(key)}"
 
     # ---- calls -----------------------------------------------------------------------------------------------
     def _call(self, what: str, key: str, request, ok: tuple[int, ...] = ()):

@@ -1,14 +1,14 @@
 """Posix tier: one file per block under ``storage_backends``, published by fsync + atomic rename.
 
 Layout under each root: ``blocks/<k[0:2]>/<k[2:4]>/<key>.blk`` and ``tmp/`` for files being written (the same
-file system, so the rename is atomic). A block file is a header (magic, header length, payload length, CRC32 of
-the payload, the key) followed by the payload. A reader checks all of it, so a truncated, corrupt or misplaced
-file fails the read and is removed, never returned. A writer that dies leaves only a temp file, invisible to
-readers and swept after ``STALE_TMP_SECONDS``. No file locks: concurrent writers of one key each rename a
-complete file into place, and both hold the same bytes (committed blocks are immutable).
+file system, so the rename is atomic). A block file is a framed block (:mod:`ucm_store.backends.framing`: header
+with magic, lengths, CRC32 of the payload and key digest, then the payload). A reader checks all of it, so a
+truncated, corrupt or misplaced file fails the read and is removed, never returned. A writer that dies leaves only a
+temp file, invisible to readers and swept after ``STALE_TMP_SECONDS``. No file locks: concurrent writers of one key
+each rename a complete file into place, and both hold the same bytes (committed blocks are immutable).
 
 With ``use_direct_io`` files are written and read with O_DIRECT through 4 KiB-aligned bounce buffers from the
-pinned pool (header padded to 4 KiB, payload padded to 4 KiB). ``storage_capacity`` bounds the bytes this
+pinned pool (the 4 KiB header, payload padded to 4 KiB). ``storage_capacity`` bounds the bytes this
 process keeps under the roots: the least recently used files (by this process's view, seeded from file mtimes
 at start) are deleted past it.
 """
@@ -16,23 +16,19 @@ import errno
 import itertools
 import os
 import socket
-import struct
 import threading
 import time
 import uuid
-import zlib
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
-from ucm_store.backends.base import BlockCorrupt, BlockMissing, Tier
+from ucm_store.backends import framing
+from ucm_store.backends.base import BlockMissing, Tier
 from ucm_store.pool import PinnedMemoryPool
 
-MAGIC = b"UCMBLK01"
-_HEADER = struct.Struct("<8sIIQI16s")  # magic, header_len, flags, payload_len, crc32, key digest
-SMALL_HEADER = 64
-ALIGN = 4096
+ALIGN = framing.ALIGNED_HEADER  # O_DIRECT alignment of offsets and lengths; the aligned header keeps the payload on it
 STALE_TMP_SECONDS = 3600.0
 _FILE_MODE = 0o600
 _DIR_MODE = 0o700
@@ -71,29 +67,24 @@ class PosixTier(Tier):
         if path is None:
             return None
         try:
-            with open(path, "rb") as f:
-                header = self._parse_header(key, path, f.read(_HEADER.size))
+            with self._drop_if_corrupt(key), open(path, "rb") as f:
+                _, payload_len, _ = framing.parse_header(key, _where(path), f.read(framing.HEADER.size))
         except FileNotFoundError:
             return None
-        except BlockCorrupt:
-            self.remove(key)
-            raise
-        return header[1]
+        return payload_len
 
     def read(self, key: str, dst: torch.Tensor) -> None:
         path = self._find(key)
         if path is None:
             raise BlockMissing(key)
         try:
-            if self.direct:
-                self._read_direct(key, path, dst)
-            else:
-                self._read_buffered(key, path, dst)
+            with self._drop_if_corrupt(key):
+                if self.direct:
+                    self._read_direct(key, path, dst)
+                else:
+                    self._read_buffered(key, path, dst)
         except FileNotFoundError as exc:
             raise BlockMissing(key) from exc
-        except BlockCorrupt:
-            self.remove(key)
-            raise
         self._touch(key, path)
 
     def put(self, key: str, src: torch.Tensor) -> bool:
@@ -113,8 +104,7 @@ class PosixTier(Tier):
         return True
 
     def remove(self, key: str) -> None:
-        for root in self.roots:
-            self._block_path(root, key).unlink(missing_ok=True)
+        self._unlink(key)
         with self._lock:
             self._bytes -= self._lru.pop(key, 0)
 
@@ -148,24 +138,16 @@ class PosixTier(Tier):
             return self.roots[first:] + self.roots[:first]
         return self.roots
 
-    # ---- file format -----------------------------------------------------------------------------------------
-    def _header(self, key: str, payload: memoryview) -> bytes:
-        header_len = ALIGN if self.direct else SMALL_HEADER
-        packed = _HEADER.pack(MAGIC, header_len, 0, len(payload), zlib.crc32(payload), bytes.fromhex(key)[:16])
-        return packed.ljust(header_len, b"\0")
+    def _unlink(self, key: str) -> None:
+        """Delete block ``key``'s file from whichever root holds it."""
+        for root in self.roots:
+            self._block_path(root, key).unlink(missing_ok=True)
 
-    def _parse_header(self, key: str, path: Path, raw: bytes) -> tuple[int, int, int]:
-        """(header_len, payload_len, crc32) of a block file; BlockCorrupt if the header is not ours for ``key``."""
-        if len(raw) < _HEADER.size:
-            raise BlockCorrupt(f"block file {path} is truncated: {len(raw)}-byte header")
-        magic, header_len, _, payload_len, crc, digest = _HEADER.unpack_from(raw)
-        if magic != MAGIC or digest != bytes.fromhex(key)[:16] or header_len not in (SMALL_HEADER, ALIGN):
-            raise BlockCorrupt(f"block file {path} has a bad header (not a UCM block for key {key})")
-        return header_len, payload_len, crc
-
+    # ---- file I/O --------------------------------------------------------------------------------------------
     def _write_file(self, key: str, tmp: Path, src: torch.Tensor) -> None:
+        """Write the framed block to the new file ``tmp`` and fsync it (the 4 KiB header with O_DIRECT)."""
         payload = memoryview(src.numpy())
-        header = self._header(key, payload)
+        header = framing.pack_header(key, payload, framing.ALIGNED_HEADER if self.direct else framing.SMALL_HEADER)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | (os.O_DIRECT if self.direct else 0)
         fd = os.open(tmp, flags, _FILE_MODE)
         try:
@@ -178,6 +160,7 @@ class PosixTier(Tier):
             os.close(fd)
 
     def _write_direct(self, fd: int, header: bytes, src: torch.Tensor) -> None:
+        """One aligned write of header, payload and zero padding through a pinned bounce buffer."""
         total = len(header) + _round_up(src.numel())
         bounce = self.pool.allocate(total)
         try:
@@ -189,18 +172,18 @@ class PosixTier(Tier):
             self.pool.release(bounce)
 
     def _read_buffered(self, key: str, path: Path, dst: torch.Tensor) -> None:
+        """Verify the block file ``path`` and read its payload straight into ``dst``."""
+        where, view = _where(path), memoryview(dst.numpy())
         with open(path, "rb", buffering=0) as f:
-            header_len, payload_len, crc = self._parse_header(key, path, f.read(SMALL_HEADER))
-            self._check_length(path, payload_len, dst)
+            header_len, payload_len, crc = framing.parse_header(key, where, f.read(framing.HEADER.size))
+            framing.check_length(where, payload_len, dst.numel())
             f.seek(header_len)
-            view = memoryview(dst.numpy())
-            got = f.readinto(view)
-            if got != payload_len:
-                raise BlockCorrupt(f"block file {path} is truncated: {got} of {payload_len} payload bytes")
-        _check_crc(path, view, crc)
+            framing.check_complete(where, f.readinto(view), payload_len)
+        framing.check_crc(where, view, crc)
 
     def _read_direct(self, key: str, path: Path, dst: torch.Tensor) -> None:
-        size = os.stat(path).st_size
+        """Read the whole block file ``path`` with O_DIRECT into a pinned bounce buffer, verify it, copy to ``dst``."""
+        where, size = _where(path), os.stat(path).st_size
         bounce = self.pool.allocate(_round_up(max(size, ALIGN)))
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
@@ -208,19 +191,14 @@ class PosixTier(Tier):
                 got = os.preadv(fd, [memoryview(bounce.numpy())], 0)
             finally:
                 os.close(fd)
-            header_len, payload_len, crc = self._parse_header(key, path, bytes(bounce[:_HEADER.size].numpy()))
-            self._check_length(path, payload_len, dst)
-            if got < header_len + payload_len:
-                raise BlockCorrupt(f"block file {path} is truncated: {got - header_len} of {payload_len} bytes")
+            raw = bytes(bounce[:min(got, framing.HEADER.size)].numpy())
+            header_len, payload_len, crc = framing.parse_header(key, where, raw)
+            framing.check_length(where, payload_len, dst.numel())
+            framing.check_complete(where, max(got - header_len, 0), payload_len)
             dst.copy_(bounce[header_len:header_len + payload_len])
         finally:
             self.pool.release(bounce)
-        _check_crc(path, memoryview(dst.numpy()), crc)
-
-    @staticmethod
-    def _check_length(path: Path, payload_len: int, dst: torch.Tensor) -> None:
-        if payload_len != dst.numel():
-            raise BlockCorrupt(f"block file {path} holds {payload_len} bytes, {dst.numel()} expected")
+        framing.check_crc(where, memoryview(dst.numpy()), crc)
 
     # ---- capacity and start-up -------------------------------------------------------------------------------
     def _prepare_root(self, root: Path) -> None:
@@ -281,8 +259,7 @@ class PosixTier(Tier):
                 self._bytes -= size
                 victims.append(victim)
         for victim in victims:
-            for root in self.roots:
-                self._block_path(root, victim).unlink(missing_ok=True)
+            self._unlink(victim)
 
 
 class NFSTier(PosixTier):
@@ -306,9 +283,9 @@ def _write_all(fd: int, buffers: list) -> None:
             views[0] = views[0][written:]
 
 
-def _check_crc(path: Path, payload: memoryview, crc: int) -> None:
-    if zlib.crc32(payload) != crc:
-        raise BlockCorrupt(f"block file {path} failed its CRC32 check (corrupt payload)")
+def _where(path: Path) -> str:
+    """How errors name a block file."""
+    return f"block file {path}"
 
 
 def _fsync_dir(path: Path) -> None:

@@ -8,8 +8,9 @@ the serving process pays, and obstore releases the GIL for the whole request (ch
 request waits), so the pipeline's I/O threads overlap their transfers.
 
 Layout: block ``key`` is the object ``{remote_key_prefix}{key[0:2]}/{key}`` (256 prefixes spread the request rate,
-which S3 limits per prefix). The object is the Posix tier's 64-byte header (magic, lengths, CRC32, key digest)
-followed by the payload, so a truncated, corrupt or misplaced object fails its read and is deleted, never returned.
+which S3 limits per prefix). The object is a framed block (:mod:`ucm_store.backends.framing`: the 64-byte header with
+magic, lengths, CRC32 and key digest, then the payload), so a truncated, corrupt or misplaced object fails its read and
+is deleted, never returned.
 
 Visibility: an object is uploaded under its final name only once the whole block is in memory; a single PUT is atomic
 and a multipart upload (objects of ``multipart_threshold`` bytes or more, in ``multipart_chunk_size`` parts, up to
@@ -17,32 +18,28 @@ and a multipart upload (objects of ``multipart_threshold`` bytes or more, in ``m
 
 Failures: every request is bounded by ``remote_timeout`` (the client's request timeout; retries stop after it too).
 A failed request marks the server down for ``remote_retry_interval`` seconds (one warning per outage); meanwhile the
-tier answers at once: ``contains`` False, ``size`` None, ``read`` BlockMissing, ``put`` :class:`RemoteUnavailable`
-(an OSError the pipeline logs with the block id). Connections are opened lazily, so a restarted server serves again.
-At most ``max_concurrent_requests`` operations run at once; ``connection_pool_size`` idle connections are kept.
-``use_io_uring`` is accepted and ignored (this is HTTP; io_uring does not apply), noted once at info level.
+tier answers at once: ``contains`` False, ``size`` None, ``read`` BlockMissing, ``put``
+:class:`~ucm_store.backends.remote.RemoteUnavailable` (an OSError the pipeline logs with the block id). Connections
+are opened lazily, so a restarted server serves again. At most ``max_concurrent_requests`` operations run at once;
+``connection_pool_size`` idle connections are kept. ``use_io_uring`` is accepted and ignored (this is HTTP; io_uring
+does not apply), noted once at info level.
 
 Credentials: from the config, else the standard AWS environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 ``AWS_SESSION_TOKEN``, ``AWS_ENDPOINT_URL``, ``AWS_REGION``; instance credentials where no keys are set). They are
 never logged: messages carry the operation, the block key and the client's first error line with secrets masked.
-
-:class:`RemoteGate` and the block framing (:func:`frame_header`, :func:`unframe_into`) are shared with the Mooncake
-tier.
 """
 import functools
 import logging
 import os
 import threading
-import time
-import zlib
 from collections import OrderedDict
-from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
 
-from ucm_store.backends.base import BlockCorrupt, BlockMissing, Tier
-from ucm_store.backends.posix import _HEADER, MAGIC, SMALL_HEADER
+from ucm_store.backends import framing
+from ucm_store.backends.base import BlockMissing, Tier
+from ucm_store.backends.remote import RemoteGate, RemoteUnavailable
 from ucm_store.config import StoreConfig
 
 try:
@@ -54,85 +51,6 @@ except ImportError as exc:
 
 logger = logging.getLogger(__name__)
 SIZE_CACHE_ENTRIES = 4096
-
-
-class RemoteUnavailable(OSError):
-    """A remote tier's server failed a request, did not answer in time, or is skipped after a recent failure."""
-
-
-class RemoteGate:
-    """The guard around a remote tier's requests: at most ``max_concurrent`` at once; after a failure the server
-    counts as down for ``retry_interval`` seconds, during which requests fail at once (no waiting on a dead server)."""
-
-    def __init__(self, tier_name: str, *, max_concurrent: int, timeout: float, retry_interval: float,
-                 log: logging.Logger = logger):
-        self.tier_name = tier_name
-        self.log = log
-        self.max_concurrent = max_concurrent
-        self.timeout = timeout
-        self.retry_interval = retry_interval
-        self._slots = threading.BoundedSemaphore(max_concurrent)
-        self._down_until = 0.0
-        self._down = False
-        self._lock = threading.Lock()
-
-    @contextmanager
-    def request(self, what: str):
-        """Hold a request slot around one remote call; RemoteUnavailable while the server is down or no slot frees
-        within ``timeout``."""
-        wait = self._down_until - time.monotonic()
-        if wait > 0:
-            raise RemoteUnavailable(f"{self.tier_name} {what} skipped: server unreachable, next try in {wait:.1f} s")
-        if not self._slots.acquire(timeout=self.timeout):
-            raise RemoteUnavailable(f"{self.tier_name} {what}: no request slot free within {self.timeout} s")
-        try:
-            yield
-        finally:
-            self._slots.release()
-
-    def failed(self, what: str, cause: str) -> RemoteUnavailable:
-        """Mark the server down for ``retry_interval`` s (a warning at the start of an outage); the error to raise."""
-        with self._lock:
-            first = not self._down
-            self._down = True
-            self._down_until = time.monotonic() + self.retry_interval
-        if first:
-            self.log.warning("%s tier: %s failed (%s); answering misses, retrying every %.1f s", self.tier_name, what,
-                           cause, self.retry_interval)
-        return RemoteUnavailable(f"{self.tier_name} {what} failed: {cause}")
-
-    def succeeded(self) -> None:
-        """Note an answered request (ends an outage)."""
-        if not self._down:
-            return
-        with self._lock:
-            was_down, self._down = self._down, False
-        if was_down:
-            self.log.info("%s tier: server reachable again", self.tier_name)
-
-
-def frame_header(key: str, payload: memoryview) -> bytes:
-    """The Posix tier's 64-byte block header for ``payload`` stored under ``key``."""
-    packed = _HEADER.pack(MAGIC, SMALL_HEADER, 0, len(payload), zlib.crc32(payload), bytes.fromhex(key)[:16])
-    return packed.ljust(SMALL_HEADER, b"\0")
-
-
-def unframe_into(key: str, where: str, blob: memoryview, dst: torch.Tensor) -> None:
-    """Verify the framed block ``blob`` (header, length, CRC32) and copy its payload into ``dst`` (1-D uint8 CPU,
-    the expected payload size); BlockCorrupt naming ``where`` (``dst`` untouched) when any check fails."""
-    if len(blob) < SMALL_HEADER:
-        raise BlockCorrupt(f"{where} is truncated: {len(blob)}-byte object")
-    magic, header_len, _, payload_len, crc, digest = _HEADER.unpack_from(blob)
-    if magic != MAGIC or header_len != SMALL_HEADER or digest != bytes.fromhex(key)[:16]:
-        raise BlockCorrupt(f"{where} has a bad header (not a UCM block for key {key})")
-    if payload_len != dst.numel():
-        raise BlockCorrupt(f"{where} holds {payload_len} bytes, {dst.numel()} expected")
-    payload = blob[header_len:]
-    if len(payload) != payload_len:
-        raise BlockCorrupt(f"{where} is truncated: {len(payload)} of {payload_len} payload bytes")
-    if zlib.crc32(payload) != crc:
-        raise BlockCorrupt(f"{where} failed its CRC32 check (corrupt payload)")
-    memoryview(dst.numpy())[:] = payload
 
 
 class S3Tier(Tier):
@@ -176,7 +94,7 @@ class S3Tier(Tier):
         store = S3Store(bucket, config={k: v for k, v in given.items() if v}, client_options=client,
                         retry_config=retry)
         gate = RemoteGate(cls.name, max_concurrent=config.max_concurrent_requests, timeout=config.remote_timeout,
-                          retry_interval=config.remote_retry_interval)
+                          retry_interval=config.remote_retry_interval, log=logger)
         secrets = (config.s3_secret_access_key, config.s3_session_token, os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
                    os.environ.get("AWS_SESSION_TOKEN", ""))
         return cls(store, bucket, gate, key_prefix=config.remote_key_prefix,
@@ -199,10 +117,8 @@ class S3Tier(Tier):
                 nbytes = self._head(key)
             except (FileNotFoundError, RemoteUnavailable):
                 return None
-        if nbytes < SMALL_HEADER:
-            self.remove(key)
-            raise BlockCorrupt(f"object {self._where(key)} is truncated: {nbytes}-byte object")
-        return nbytes - SMALL_HEADER
+        with self._drop_if_corrupt(key):
+            return framing.object_payload_len(self._where(key), nbytes)
 
     def read(self, key: str, dst: torch.Tensor) -> None:
         try:
@@ -212,17 +128,13 @@ class S3Tier(Tier):
             raise BlockMissing(key) from None
         except RemoteUnavailable as exc:
             raise BlockMissing(str(exc)) from None
-        try:
-            unframe_into(key, f"object {self._where(key)}", memoryview(blob), dst)
-        except BlockCorrupt:
-            self.remove(key)
-            raise
+        with self._drop_if_corrupt(key):
+            framing.unframe_into(key, self._where(key), memoryview(blob), dst)
 
     def put(self, key: str, src: torch.Tensor) -> bool:
         if self.contains(key):
             return False
-        payload = memoryview(src.numpy())
-        header = frame_header(key, payload)
+        header, payload = framing.frame(key, src)
         nbytes = len(header) + len(payload)
         name = self.object_name(key)
         if nbytes >= self.multipart_threshold:
@@ -279,7 +191,8 @@ class S3Tier(Tier):
         return text
 
     def _where(self, key: str) -> str:
-        return f"{self.bucket}/{self.object_name(key)}"
+        """How errors name block ``key``'s object."""
+        return f"object {self.bucket}/{self.object_name(key)}"
 
     def _remember(self, key: str, nbytes: int) -> None:
         with self._lock:
