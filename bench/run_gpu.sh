@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU session step: correctness on the GPU (compiled kernels), then benchmarks; JSON + logs under $OUT.
-# Usage: bench/run_gpu.sh {tests|transfer|sparse|all}   (wheels for pytest travel in .whl/, see BENCHMARKS.md)
+# Usage: bench/run_gpu.sh {tests|transfer|sparse|tp|all}   (wheels for pytest travel in .whl/, see BENCHMARKS.md)
+# Set UCM_COMMIT to the commit the working tree was copied from: the copy on the GPU machine has no .git.
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-bench/results}"
@@ -21,5 +22,6 @@ case "${1:-all}" in
                tests/test_block_repr.py tests/test_block_select.py tests/test_sparse_decode.py ;;&
   transfer|all) step bench_kv_transfer timeout 420 python3 -m bench.bench_kv_transfer ;;&
   sparse|all) step bench_sparse_decode timeout 300 python3 -m bench.bench_sparse_decode
-              step bench_block_select timeout 200 python3 -m bench.bench_block_select ;;
+              step bench_block_select timeout 200 python3 -m bench.bench_block_select ;;&
+  tp|all) step bench_tp_ranks timeout 240 python3 -m bench.bench_tp_ranks --ranks 2 --blocks 2048 --dir /tmp ;;
 esac
