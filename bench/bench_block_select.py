@@ -1,17 +1,20 @@
 """Quick H100 timing of block_select (and one decode step of block_repr) at the GSA bench shapes.
 
-Selection runs as a decode step runs it: ``plan_select`` once, ``plan.run`` timed. Each figure is timed in two
-modes (see ``bench_sparse_decode``): ``cuda_graph`` (replay of the captured call: GPU time) and ``eager`` (the
-Python call, host launch work included); do_bench medians with the L2 cleared before every call.
+Selection runs as a decode step runs it: ``plan_select`` once, ``plan.run`` timed; rules as in
+``bench_sparse_decode`` (``quest`` and ``mean`` on bf16 reprs, ``quest_fp8`` on fp8 reprs with their scales).
+Each figure is timed in two modes (see ``bench_sparse_decode``): ``cuda_graph`` (replay of the captured call:
+GPU time) and ``eager`` (the Python call, host launch work included); do_bench medians with the L2 cleared
+before every call.
 """
 import torch
 
-from bench.bench_sparse_decode import MODES, median_ms
+from bench.bench_sparse_decode import FP8, MODES, RULES, median_ms
 from bench.harness import measure_copy_ceilings, row, write_results
 from ucm_kernels.block_repr import empty_block_repr, update_block_repr
 from ucm_kernels.block_select import naive_block_scores, naive_select_blocks, plan_select
 
 BS, KVH, QH, D = 16, 8, 32, 128
+BATCHES, CONTEXTS = (1, 8, 32), (32768, 131072)
 MODES_SEL = {"ratio0.3": {}, "budget2048": {"token_budget": 2048}}
 
 
@@ -21,50 +24,69 @@ def chosen_scores(scores, sel_idx):
 
 
 def check(q, reprs, bt, sl, sel, args):
-    """Kernel picks the same multiset of scores as the torch reference (ties allowed)."""
-    ref = naive_select_blocks(q, *reprs, bt, sl, **args)
+    """Kernel picks the same multiset of scores as the torch reference on the same reprs (ties allowed)."""
+    ref = naive_select_blocks(q, block_table=bt, seq_lens=sl, **reprs, **args)
     assert torch.equal(sel[1], ref[1])
-    scores = naive_block_scores(q, *reprs, bt, sl, block_size=BS, score=args["score"])
+    scores = naive_block_scores(q, block_table=bt, seq_lens=sl, block_size=BS, score=args["score"], **reprs)
     torch.testing.assert_close(chosen_scores(scores, sel[0]), chosen_scores(scores, ref[0]), atol=1e-3, rtol=1e-4)
+
+
+def selected_repr_bytes(reprs: dict, score: str, blocks: int) -> int:
+    """Bytes one selection reads: kmin + kmax (Quest) or kmean of every block and head, plus fp8 scales."""
+    per_head = D * reprs["kmin"].element_size() * (2 if score == "quest" else 1)
+    per_head += reprs["kscale"].element_size() if "kscale" in reprs else 0
+    return blocks * KVH * per_head
+
+
+def save(rows: list[dict], ceilings: dict):
+    """Write the results so far under $OUT (or bench/results/); return the path."""
+    return write_results("block_select", rows, ceilings, extra={
+        "timing": "do_bench median, L2 cleared before every call; cuda_graph: replay of the captured call, "
+                  "eager: the Python call (plan made once, outside the timed call)",
+        "rules": {rule: score + (" on float8_e4m3fn reprs + fp32 kscale" if rule.endswith("_fp8") else " on bf16 reprs")
+                  for rule, score in RULES.items()}})
 
 
 def main():
     ceilings = measure_copy_ceilings()
     hbm = ceilings["hbm_copy_gbps"]
     rows = []
-    for batch in (1, 8, 32):
-        for ctx in (32768, 131072):
+    for batch in BATCHES:
+        for ctx in CONTEXTS:
             nb = ctx // BS
             shape = f"b{batch}_ctx{ctx}"
             key_cache = torch.randn(batch * nb, BS, KVH, D, device="cuda", dtype=torch.bfloat16)
-            reprs = empty_block_repr(key_cache)
-            update_block_repr(key_cache, torch.arange(batch * nb, device="cuda"), *reprs)
+            all_ids = torch.arange(batch * nb, device="cuda")
             step_ids = torch.randint(0, batch * nb, (batch,), device="cuda", dtype=torch.int32)
-            times = median_ms(lambda: update_block_repr(key_cache, step_ids, *reprs))
-            rows += [row("block_repr_decode_step", "ucm", shape, times[mode], mode=mode) for mode in MODES]
+            reprs = {}
+            for impl, dtype in (("ucm", None), ("ucm_fp8", FP8)):
+                found = empty_block_repr(key_cache, dtype)
+                update_block_repr(key_cache, all_ids, *found)
+                reprs[dtype] = dict(zip(("kmin", "kmax", "kmean", "kscale"), found))
+                times = median_ms(lambda: update_block_repr(key_cache, step_ids, *found))
+                rows += [row("block_repr_decode_step", impl, shape, times[mode], mode=mode) for mode in MODES]
             bt = torch.randperm(batch * nb, device="cuda").to(torch.int32).view(batch, nb)
             sl = torch.full((batch,), ctx - 5, dtype=torch.int32, device="cuda")
             q = torch.randn(batch, QH, D, device="cuda", dtype=torch.bfloat16)
             for mode_name, extra in MODES_SEL.items():
-                for score in ("quest", "mean"):
+                for rule, score in RULES.items():
+                    rule_reprs = reprs[FP8 if rule.endswith("_fp8") else None]
                     args = dict(block_size=BS, sparse_ratio=0.3, init_window=1, local_window=4, min_blocks=8,
                                 score=score, **extra)
                     plan = plan_select(batch, KVH, D, nb, **args, device="cuda")
-                    sel = plan.run(q, *reprs, bt, sl)
+                    sel = plan.run(q, block_table=bt, seq_lens=sl, **rule_reprs)
                     if batch == 1:
-                        check(q, reprs, bt, sl, sel, args)
-                    times = median_ms(lambda: plan.run(q, *reprs, bt, sl, out=sel))
-                    nbytes = batch * KVH * nb * D * 2 * (2 if score == "quest" else 1)
-                    rows += [row(f"select_{mode_name}_{score}", "ucm", shape, times[mode], nbytes, hbm, mode=mode)
+                        check(q, rule_reprs, bt, sl, sel, args)
+                    times = median_ms(lambda: plan.run(q, block_table=bt, seq_lens=sl, out=sel, **rule_reprs))
+                    nbytes = batch * selected_repr_bytes(rule_reprs, score, nb)
+                    rows += [row(f"select_{mode_name}_{rule}", "ucm", shape, times[mode], nbytes, hbm, mode=mode)
                              for mode in MODES]
             del key_cache, reprs
             torch.cuda.empty_cache()
-    path = write_results("block_select", rows, ceilings, extra={
-        "timing": "do_bench median, L2 cleared before every call; cuda_graph: replay of the captured call, "
-                  "eager: the Python call (plan made once, outside the timed call)"})
+            path = save(rows, ceilings)  # after every shape: a run cut short keeps its finished shapes
     for r in rows:
-        print(f"{r['name']:28s} {r['shape']:14s} {r['mode']:11s} {r['median_ms']:9.4f} ms "
-              f"{r.get('pct_of_ceiling', '')}")
+        print(f"{r['name']:30s} {r['impl']:8s} {r['shape']:14s} {r['mode']:11s} {r['median_ms']:9.4f} ms "
+              f"{r.get('gbps', ''):>9} GB/s {r.get('pct_of_ceiling', '')}")
     print(path)
 
 

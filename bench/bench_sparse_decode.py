@@ -2,10 +2,11 @@
 
 bf16, 32 query / 8 KV heads, head_dim 128, block_size 16; batch 1, 8, 32 x contexts 32K, 128K; random data,
 physical blocks shuffled. One run measures the HBM copy ceiling, the floor (KV bytes / copy bandwidth), torch
-SDPA over the full contiguous KV, our dense_decode, select_blocks alone (Quest and mean-key rules), sparse_decode
-alone, and select+attend at sparse_ratio 0.3 and at a 2048-token budget (GSA windows: init 1, local 4, min 8
-blocks). Our calls run as a decode step runs them: plans (``plan_select``, ``plan_decode``) made once per step,
-then one ``plan.run`` + ``sparse_decode(plan=...)`` per layer. Every shape is checked before it is timed.
+SDPA over the full contiguous KV, our dense_decode, select_blocks alone (Quest and mean-key rules on bf16 reprs,
+Quest on fp8 reprs: ``ucm_quest_fp8``), sparse_decode alone, and select+attend at sparse_ratio 0.3 and at a
+2048-token budget (GSA windows: init 1, local 4, min 8 blocks). Our calls run as a decode step runs them: plans
+(``plan_select``, ``plan_decode``) made once per step, then one ``plan.run`` + ``sparse_decode(plan=...)`` per
+layer. Every shape is checked before it is timed.
 
 Each figure is timed twice, as ``mode``: ``cuda_graph`` (the call captured once in a CUDA graph, the replay
 timed: decode runs under CUDA graphs in vLLM, so this is the GPU time a step sees) and ``eager`` (the Python
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from bench.harness import measure_copy_ceilings, row, write_results
-from ucm_kernels.block_repr import empty_block_repr, update_block_repr
+from ucm_kernels.block_repr import empty_block_repr, naive_update_block_repr, update_block_repr
 from ucm_kernels.block_select import plan_select, select_blocks, selection_width
 from ucm_kernels.sparse_decode import dense_decode, plan_decode, sparse_decode
 from ucm_kernels.sparse_decode.naive import naive_sparse_decode
@@ -31,7 +32,9 @@ SHAPES = [(8, 131072), (1, 131072), (32, 131072), (1, 32768), (8, 32768), (32, 3
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 32, 8, 128, 16, torch.bfloat16
 WINDOWS = dict(block_size=BLOCK_SIZE, init_window=1, local_window=4, min_blocks=8)
 SELECTIONS = {"ratio0.3": dict(sparse_ratio=0.3), "budget2048": dict(sparse_ratio=0.3, token_budget=2048)}
-SCORES = ("quest", "mean")
+RULES = {"quest": "quest", "mean": "mean", "quest_fp8": "quest"}  # impl suffix -> score rule; _fp8: fp8 reprs
+FP8 = torch.float8_e4m3fn
+FP8_CHECK_BLOCKS = 4096  # fp8 reprs checked bit for bit against the reference on this many blocks
 MODES = ("cuda_graph", "eager")
 MAX_REL_ERROR = 2e-2  # relative L2 error allowed against the reference (bf16 output rounding is ~4e-3)
 TARGETS = {"b8_ctx131072": {"dense_x_floor": 1.3, "ratio0.3_speedup": 2.5, "budget2048_speedup": 10.0}}
@@ -39,8 +42,9 @@ TARGETS = {"b8_ctx131072": {"dense_x_floor": 1.3, "ratio0.3_speedup": 2.5, "budg
 
 @dataclass
 class Case:
-    """One batch x context: paged KV (K, V views of one tensor), its contiguous copy for SDPA, block reprs,
-    and the per-step plans (selection per rule and budget, attention per list width, dense)."""
+    """One batch x context: paged KV (K, V views of one tensor), its contiguous copy for SDPA, block reprs (bf16
+    and fp8 with its scales), and the per-step plans (selection per rule and budget, attention per list width,
+    dense)."""
     batch: int
     context: int
     q: torch.Tensor
@@ -50,6 +54,7 @@ class Case:
     dense_k: torch.Tensor
     dense_v: torch.Tensor
     reprs: tuple
+    fp8_reprs: tuple
     select_plans: dict = field(default_factory=dict)
     decode_plans: dict = field(default_factory=dict)
 
@@ -62,9 +67,9 @@ class Case:
 
 
 def bytes_needed(batch: int, context: int) -> int:
-    """Paged KV + contiguous copy + one transient gather + reprs, with 10% slack."""
+    """Paged KV + contiguous copy + one transient gather + bf16 and fp8 reprs, with 10% slack."""
     kv = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
-    return int(1.1 * (kv * 2.5 + 3 * kv / (2 * BLOCK_SIZE)))
+    return int(1.1 * (kv * 2.5 + 4.6 * kv / (2 * BLOCK_SIZE)))
 
 
 def build_case(batch: int, context: int) -> Case:
@@ -74,13 +79,14 @@ def build_case(batch: int, context: int) -> Case:
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, NUM_Q_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
     dense_k, dense_v = (kv[i][block_table.long()].flatten(1, 2).transpose(1, 2).contiguous() for i in range(2))
-    reprs = empty_block_repr(kv[0])
+    reprs, fp8_reprs = empty_block_repr(kv[0]), empty_block_repr(kv[0], FP8)
     update_block_repr(kv[0], block_table.flatten(), *reprs)
-    case = Case(batch, context, q, kv, block_table, seq_lens, dense_k, dense_v, reprs)
+    update_block_repr(kv[0], block_table.flatten(), *fp8_reprs)
+    case = Case(batch, context, q, kv, block_table, seq_lens, dense_k, dense_v, reprs, fp8_reprs)
     for selection, sizes in SELECTIONS.items():
-        for score in SCORES:
-            case.select_plans[selection, score] = plan_select(batch, NUM_KV_HEADS, HEAD_DIM, blocks, **WINDOWS,
-                                                              **sizes, score=score, device="cuda")
+        for rule, score in RULES.items():
+            case.select_plans[selection, rule] = plan_select(batch, NUM_KV_HEADS, HEAD_DIM, blocks, **WINDOWS,
+                                                             **sizes, score=score, device="cuda")
         width = selection_width(blocks, **WINDOWS, **sizes)
         case.decode_plans[selection] = plan_decode(q, kv[0], width)
     case.decode_plans["dense"] = plan_decode(q, kv[0], blocks)
@@ -96,11 +102,17 @@ def dense(case: Case, out: torch.Tensor) -> torch.Tensor:
                         plan=case.decode_plans["dense"])
 
 
-def select(case: Case, selection: str, score: str, out=None):
+def rule_reprs(case: Case, rule: str) -> dict:
+    """The repr arguments of the selection calls: kmin, kmax, kmean (and kscale for the fp8 rules)."""
+    if rule.endswith("_fp8"):
+        return dict(zip(("kmin", "kmax", "kmean", "kscale"), case.fp8_reprs))
+    return dict(zip(("kmin", "kmax", "kmean"), case.reprs))
+
+
+def select(case: Case, selection: str, rule: str, out=None):
     """One layer's selection through the step's plan."""
-    kmin, kmax, kmean = case.reprs
-    return case.select_plans[selection, score].run(case.q, kmin, kmax, kmean, case.block_table, case.seq_lens,
-                                                   out=out)
+    return case.select_plans[selection, rule].run(case.q, block_table=case.block_table, seq_lens=case.seq_lens,
+                                                  out=out, **rule_reprs(case, rule))
 
 
 def attend(case: Case, selection: str, sel_idx: torch.Tensor, sel_count: torch.Tensor, out: torch.Tensor):
@@ -121,6 +133,26 @@ def nan_like(q: torch.Tensor) -> torch.Tensor:
     return torch.full_like(q, float("nan"))
 
 
+def check_fp8_reprs(case: Case) -> None:
+    """fp8 reprs bit for bit against the reference on a sample of blocks, and outward (kmin * kscale <= the exact
+    bf16 kmin, kmax * kscale >= kmax) on every block."""
+    ids = case.block_table.flatten()[:FP8_CHECK_BLOCKS]
+    sample = case.kv[0][ids]
+    expected = empty_block_repr(sample, FP8)
+    naive_update_block_repr(sample, torch.arange(len(ids), device="cuda"), *expected)
+    kmin, kmax, kmean, kscale = case.fp8_reprs
+    for name, got, want in (("kmin", kmin, expected[0]), ("kmax", kmax, expected[1])):
+        if not torch.equal(got[ids].view(torch.uint8), want.view(torch.uint8)):
+            raise AssertionError(f"{case.shape}: fp8 {name} differs from the reference")
+    if not torch.equal(kscale[ids], expected[3]):
+        raise AssertionError(f"{case.shape}: fp8 kscale differs from the reference")
+    check(f"{case.shape} fp8 kmean vs reference", kmean[ids].float(), expected[2].float())
+    scale = kscale[..., None]
+    outward = (kmin.float() * scale <= case.reprs[0].float()) & (kmax.float() * scale >= case.reprs[1].float())
+    if not outward.all():
+        raise AssertionError(f"{case.shape}: fp8 kmin/kmax are not outward bounds of the exact min/max")
+
+
 def check_case(case: Case) -> None:
     """One-shot calls against the references; the planned calls the timings use must give the same bits."""
     reference = sdpa(case)
@@ -128,22 +160,22 @@ def check_case(case: Case) -> None:
     check(f"{case.shape} dense_decode vs SDPA", one_shot, reference)
     if not torch.equal(dense(case, nan_like(case.q)), one_shot):
         raise AssertionError(f"{case.shape}: planned dense_decode differs from the one-shot call")
+    check_fp8_reprs(case)
     rows = [0, case.batch - 1]
-    kmin, kmax, kmean = case.reprs
     for selection, sizes in SELECTIONS.items():
-        for score in SCORES:
-            sel_idx, sel_count = select_blocks(case.q, kmin, kmax, kmean, case.block_table, case.seq_lens,
-                                               **WINDOWS, **sizes, score=score)
-            planned = select(case, selection, score)
+        for rule, score in RULES.items():
+            sel_idx, sel_count = select_blocks(case.q, block_table=case.block_table, seq_lens=case.seq_lens,
+                                               **WINDOWS, **sizes, score=score, **rule_reprs(case, rule))
+            planned = select(case, selection, rule)
             if not (torch.equal(planned[0], sel_idx) and torch.equal(planned[1], sel_count)):
-                raise AssertionError(f"{case.shape} {selection} {score}: planned selection differs from one-shot")
+                raise AssertionError(f"{case.shape} {selection} {rule}: planned selection differs from one-shot")
             out = sparse_decode(case.q, case.kv[0], case.kv[1], case.block_table, case.seq_lens, sel_idx,
                                 sel_count, out=nan_like(case.q))
             expected = naive_sparse_decode(case.q[rows], case.kv[0], case.kv[1], case.block_table[rows],
                                            case.seq_lens[rows], sel_idx[rows], sel_count[rows])
-            check(f"{case.shape} {selection} {score} sparse_decode vs naive (requests {rows})", out[rows], expected)
+            check(f"{case.shape} {selection} {rule} sparse_decode vs naive (requests {rows})", out[rows], expected)
             if not torch.equal(attend(case, selection, sel_idx, sel_count, nan_like(case.q)), out):
-                raise AssertionError(f"{case.shape} {selection} {score}: planned sparse_decode differs")
+                raise AssertionError(f"{case.shape} {selection} {rule}: planned sparse_decode differs")
 
 
 def graph_of(fn) -> torch.cuda.CUDAGraph:
@@ -193,15 +225,15 @@ def dense_rows(case: Case, out: torch.Tensor, hbm_gbps: float) -> tuple[list[dic
 
 
 def selection_rows(case: Case, selection: str, out: torch.Tensor, hbm_gbps: float, best_dense: dict) -> list[dict]:
-    """select alone and select+attend for both score rules; sparse_decode alone on the Quest lists."""
+    """select alone and select+attend for every rule; sparse_decode alone on the Quest lists."""
     shape, rows = f"{case.shape}_{selection}", []
-    for score in SCORES:
-        sel = select(case, selection, score)
-        select_ms = median_ms(lambda: select(case, selection, score, out=sel))
-        rows += timed_rows("select_blocks_per_layer", f"ucm_{score}", shape, select_ms, repr_bytes(case, score),
+    for rule in RULES:
+        sel = select(case, selection, rule)
+        select_ms = median_ms(lambda: select(case, selection, rule, out=sel))
+        rows += timed_rows("select_blocks_per_layer", f"ucm_{rule}", shape, select_ms, repr_bytes(case, rule),
                            hbm_gbps, share_of_best_dense=round(select_ms["cuda_graph"] / best_dense["cuda_graph"], 3))
-        both_ms = median_ms(lambda: attend(case, selection, *select(case, selection, score, out=sel), out))
-        rows += timed_rows("select_attend", f"ucm_{score}", shape, both_ms, baseline=best_dense)
+        both_ms = median_ms(lambda: attend(case, selection, *select(case, selection, rule, out=sel), out))
+        rows += timed_rows("select_attend", f"ucm_{rule}", shape, both_ms, baseline=best_dense)
     sel_idx, sel_count = select(case, selection, "quest")
     attend_ms = median_ms(lambda: attend(case, selection, sel_idx, sel_count, out))
     rows += timed_rows("sparse_attend", "ucm_sparse_decode", shape, attend_ms, selected_bytes(sel_count), hbm_gbps,
@@ -217,10 +249,13 @@ def bench_case(case: Case, hbm_gbps: float) -> list[dict]:
     return rows
 
 
-def repr_bytes(case: Case, score: str) -> int:
-    """Repr bytes one selection reads: kmin + kmax (Quest) or kmean, every block of every request and head."""
-    per_block = NUM_KV_HEADS * HEAD_DIM * case.reprs[0].element_size()
-    return case.batch * (case.context // BLOCK_SIZE) * per_block * (2 if score == "quest" else 1)
+def repr_bytes(case: Case, rule: str) -> int:
+    """Repr bytes one selection reads: kmin + kmax (Quest) or kmean, plus kscale for fp8 reprs, every block of
+    every request and head."""
+    reprs = rule_reprs(case, rule)
+    per_head = HEAD_DIM * reprs["kmin"].element_size() * (2 if RULES[rule] == "quest" else 1)
+    per_head += reprs["kscale"].element_size() if "kscale" in reprs else 0
+    return case.batch * (case.context // BLOCK_SIZE) * NUM_KV_HEADS * per_head
 
 
 def selected_bytes(sel_count: torch.Tensor) -> int:
@@ -242,10 +277,10 @@ def verdicts(rows: list[dict]) -> dict:
         found[f"{shape}_dense_x_floor"] = {"value": x_floor["cuda_graph"], "eager": x_floor["eager"],
                                            "target_at_most": targets["dense_x_floor"]}
         for selection in SELECTIONS:
-            for score in SCORES:
+            for rule in RULES:
                 speedup = {mode: pick(mode, shape=f"{shape}_{selection}", name="select_attend",
-                                      impl=f"ucm_{score}")[0]["speedup_vs_baseline"] for mode in MODES}
-                found[f"{shape}_{selection}_{score}_speedup"] = {
+                                      impl=f"ucm_{rule}")[0]["speedup_vs_baseline"] for mode in MODES}
+                found[f"{shape}_{selection}_{rule}_speedup"] = {
                     "value": speedup["cuda_graph"], "eager": speedup["eager"],
                     "target_at_least": targets[f"{selection}_speedup"]}
     return found
@@ -253,19 +288,33 @@ def verdicts(rows: list[dict]) -> dict:
 
 def print_table(rows: list[dict], skipped: list[str], ceilings: dict) -> None:
     print(f"ceilings measured in this run: {ceilings}")
-    print(f"{'shape':<24}{'name':<24}{'impl':<17}{'mode':<11}{'ms':>8}{'GB/s':>9}{'%ceil':>7}{'speedup':>8}")
+    print(f"{'shape':<24}{'name':<24}{'impl':<18}{'mode':<11}{'ms':>8}{'GB/s':>9}{'%ceil':>7}{'speedup':>8}")
     for r in rows:
-        print(f"{r['shape']:<24}{r['name']:<24}{r['impl']:<17}{r['mode']:<11}{r['median_ms']:>8.4f}"
+        print(f"{r['shape']:<24}{r['name']:<24}{r['impl']:<18}{r['mode']:<11}{r['median_ms']:>8.4f}"
               f"{r.get('gbps', ''):>9}{r.get('pct_of_ceiling', ''):>7}{r.get('speedup_vs_baseline', ''):>8}")
     for line in skipped:
         print("skipped:", line)
+
+
+def save(rows: list[dict], ceilings: dict, skipped: list[str], pending: list[str]):
+    """Write the results so far (rewritten after every shape, so a run cut short keeps its finished shapes)."""
+    return write_results("sparse_decode", rows, ceilings, extra={
+        "config": {"num_q_heads": NUM_Q_HEADS, "num_kv_heads": NUM_KV_HEADS, "head_dim": HEAD_DIM,
+                   "block_size": BLOCK_SIZE, "dtype": str(DTYPE), **WINDOWS, "selections": SELECTIONS,
+                   "rules": {f"ucm_{rule}": score for rule, score in RULES.items()},
+                   "fp8_reprs": "float8_e4m3fn kmin/kmax/kmean + fp32 kscale per (block, KV head)"},
+        "timing": "triton.testing.do_bench median, L2 cleared before every call; mode cuda_graph: replay of the "
+                  "call captured in a CUDA graph (GPU time), mode eager: the Python call (host launch work included); "
+                  "plans made once per step, outside the timed call",
+        "targets": verdicts(rows), "skipped": skipped, "not_yet_run": pending})
 
 
 def main() -> None:
     torch.manual_seed(0)
     ceilings = measure_copy_ceilings()
     rows, skipped = [], []
-    for batch, context in SHAPES:
+    path = save(rows, ceilings, skipped, [f"b{b}_ctx{c}" for b, c in SHAPES])
+    for i, (batch, context) in enumerate(SHAPES):
         free = torch.cuda.mem_get_info()[0]
         if bytes_needed(batch, context) > free:
             skipped.append(f"b{batch}_ctx{context}: needs ~{bytes_needed(batch, context) / 2**30:.1f} GiB, "
@@ -276,16 +325,10 @@ def main() -> None:
         rows += bench_case(case, ceilings["hbm_copy_gbps"])
         del case
         torch.cuda.empty_cache()
-    found = verdicts(rows)
-    path = write_results("sparse_decode", rows, ceilings, extra={
-        "config": {"num_q_heads": NUM_Q_HEADS, "num_kv_heads": NUM_KV_HEADS, "head_dim": HEAD_DIM,
-                   "block_size": BLOCK_SIZE, "dtype": str(DTYPE), **WINDOWS, "selections": SELECTIONS},
-        "timing": "triton.testing.do_bench median, L2 cleared before every call; mode cuda_graph: replay of the "
-                  "call captured in a CUDA graph (GPU time), mode eager: the Python call (host launch work included); "
-                  "plans made once per step, outside the timed call",
-        "targets": found, "skipped": skipped})
+        path = save(rows, ceilings, skipped, [f"b{b}_ctx{c}" for b, c in SHAPES[i + 1:]])
+        print(f"b{batch}_ctx{context} done", flush=True)
     print_table(rows, skipped, ceilings)
-    for name, verdict in found.items():
+    for name, verdict in verdicts(rows).items():
         print(f"target {name}: {verdict}")
     print(f"results: {path}")
 

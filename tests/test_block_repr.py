@@ -1,13 +1,16 @@
-"""block_repr kernel vs its torch reference; incremental updates; blocks_filled vs a plain loop."""
+"""block_repr kernel vs its torch reference; fp8 reprs rounded outward; incremental updates; blocks_filled vs a
+plain loop."""
 import pytest
 import torch
 
 from ucm_kernels.block_repr import blocks_filled, empty_block_repr, naive_update_block_repr, update_block_repr
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# kmean tolerance per repr dtype: kernel and reference sum in a different order, then round once.
+FP8 = torch.float8_e4m3fn
+# kmean tolerance per repr dtype: kernel and reference sum in a different order, then round once. fp8 kmean is
+# compared as stored (before its scale): one fp8 step apart at most (2**-9 subnormal, 2**-3 relative normal).
 MEAN_TOL = {torch.bfloat16: dict(atol=4e-3, rtol=8e-3), torch.float16: dict(atol=5e-4, rtol=1e-3),
-            torch.float32: dict(atol=1e-6, rtol=1e-5)}
+            torch.float32: dict(atol=1e-6, rtol=1e-5), FP8: dict(atol=2 ** -9, rtol=2 ** -3)}
 
 
 def make_kv(num_blocks=12, block_size=16, heads=2, head_dim=64, dtype=torch.bfloat16, seed=0):
@@ -151,3 +154,97 @@ def test_bad_blocks_filled_arguments_raise_naming_the_argument(name, kwargs):
     args.update(kwargs)
     with pytest.raises(ValueError, match=name):
         blocks_filled(**args)
+
+
+def keys_with_outliers(dtype, num_blocks=10, block_size=16, heads=2, head_dim=64, seed=3):
+    """K (a strided ``kv[0]`` view) whose blocks span the fp8 range and beyond: plain, x1000 (past e4m3fn's 448),
+    one huge key beside small ones (their scaled values underflow fp32), tiny keys (fp8 subnormal without a
+    scale), keys already on the fp8 grid (must stay exact), mixed signs per channel."""
+    gen = torch.Generator().manual_seed(seed)
+    kv = torch.randn(2, num_blocks, block_size, heads, head_dim, generator=gen)
+    keys = kv[0]
+    keys[1] *= 1000
+    keys[2, 5, 0, 7] = 3e4 if dtype == torch.float16 else 3e38
+    keys[2, :, :, 20:] *= 1e-3
+    keys[3] *= 1e-5 if dtype == torch.float16 else 1e-30
+    keys[4] = keys[4].to(FP8).float() * 2.0 ** -12
+    keys[5, :, 1] += 400
+    keys[6, :, 0] -= 300
+    return kv.to(dtype).to(DEVICE)[0]
+
+
+def fp8_bits(repr_):
+    return repr_.view(torch.uint8)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fp8_update_matches_reference_and_rounds_outward(cache_dtype):
+    key_cache = keys_with_outliers(cache_dtype)
+    key_before = key_cache.clone()
+    block_ids = torch.tensor([2, -1, 0, 9, 2, 40, 1, 3, 4, 5, 6], dtype=torch.int32, device=DEVICE)
+    listed = torch.tensor([0, 1, 2, 3, 4, 5, 6, 9], device=DEVICE)
+    reprs = [r.fill_(float("nan")) for r in empty_block_repr(key_cache, FP8)]
+    expected = [r.clone() for r in reprs]
+    update_block_repr(key_cache, block_ids, *reprs)
+    naive_update_block_repr(key_cache, block_ids, *expected)
+    assert torch.equal(key_cache, key_before)
+    kmin, kmax, kmean, kscale = reprs
+    assert torch.equal(fp8_bits(kmin), fp8_bits(expected[0])) and torch.equal(fp8_bits(kmax), fp8_bits(expected[1]))
+    assert torch.equal(kscale.view(torch.int32), expected[3].view(torch.int32))  # whole tensors, NaN where unlisted
+    untouched = torch.ones(key_cache.shape[0], dtype=torch.bool, device=DEVICE)
+    untouched[listed] = False
+    assert torch.equal(fp8_bits(kmean[untouched]), fp8_bits(expected[2][untouched]))
+    torch.testing.assert_close(kmean[listed].float(), expected[2][listed].float(), **MEAN_TOL[FP8])
+    keys = key_cache[listed].float()
+    scale = kscale[listed][..., None]
+    assert not any(r[listed].float().isnan().any() for r in reprs[:3])
+    assert (kmin[listed].float() * scale <= keys.amin(1)).all() and (kmax[listed].float() * scale >= keys.amax(1)).all()
+    peak = keys.abs().amax(dim=(1, 3))
+    assert ((peak / kscale[listed] >= 128) & (peak / kscale[listed] < 256)).all()
+    on_grid = key_cache[4].float()  # keys already on the fp8 grid: min and max stay exact
+    assert torch.equal(kmin[4].float() * kscale[4][:, None], on_grid.amin(0))
+    assert torch.equal(kmax[4].float() * kscale[4][:, None], on_grid.amax(0))
+
+
+def test_fp8_reprs_are_the_nearest_outward_values():
+    """kmin is the largest fp8 value <= min / kscale and kmax the smallest >= max / kscale (one step, no more)."""
+    key_cache = keys_with_outliers(torch.bfloat16)
+    kmin, kmax, kmean, kscale = empty_block_repr(key_cache, FP8)
+    update_block_repr(key_cache, torch.arange(key_cache.shape[0], device=DEVICE), kmin, kmax, kmean, kscale)
+    grid = torch.arange(256, dtype=torch.uint8).view(FP8).float()
+    grid = grid[~grid.isnan()].to(DEVICE).sort().values
+    keys = key_cache.float()
+    low, high = keys.amin(1) / kscale[..., None], keys.amax(1) / kscale[..., None]
+    assert torch.equal(kmin.float(), grid[torch.searchsorted(grid, low, right=True) - 1])
+    assert torch.equal(kmax.float(), grid[torch.searchsorted(grid, high)])
+
+
+def test_fp8_reprs_beside_wider_ones():
+    """Each repr keeps its own dtype: fp8 kmin/kmax with a bf16 kmean (stored unscaled) and the scales."""
+    key_cache = keys_with_outliers(torch.bfloat16)
+    kmin, kmax, _, kscale = empty_block_repr(key_cache, FP8)
+    kmean = empty_block_repr(key_cache)[2]
+    ids = torch.arange(key_cache.shape[0], device=DEVICE)
+    update_block_repr(key_cache, ids, kmin, kmax, kmean, kscale)
+    expected = [*empty_block_repr(key_cache, FP8)[:2], torch.empty_like(kmean), torch.empty_like(kscale)]
+    naive_update_block_repr(key_cache, ids, *expected)
+    assert torch.equal(fp8_bits(kmin), fp8_bits(expected[0])) and torch.equal(fp8_bits(kmax), fp8_bits(expected[1]))
+    assert torch.equal(kscale, expected[3])
+    torch.testing.assert_close(kmean, expected[2], **MEAN_TOL[torch.bfloat16])
+
+
+def test_empty_block_repr_fp8_adds_the_scales():
+    key_cache = make_kv(heads=3, head_dim=32)
+    kmin, kmax, kmean, kscale = empty_block_repr(key_cache, FP8)
+    assert kmin.dtype == kmax.dtype == kmean.dtype == FP8 and kmin.shape == (12, 3, 32)
+    assert kscale.dtype == torch.float32 and kscale.shape == (12, 3) and kscale.device == key_cache.device
+
+
+@pytest.mark.parametrize("change", ["no kscale", "kscale shape", "kscale dtype"])
+def test_bad_fp8_scales_raise_naming_kscale(change):
+    key_cache = make_kv()
+    ids = torch.tensor([0], dtype=torch.int32, device=DEVICE)
+    kmin, kmax, kmean, kscale = empty_block_repr(key_cache, FP8)
+    kscale = {"no kscale": None, "kscale shape": kscale[:, :1], "kscale dtype": kscale.double()}[change]
+    with pytest.raises(ValueError, match="kscale"):
+        update_block_repr(key_cache, ids, kmin, kmax, kmean, kscale)

@@ -2,11 +2,12 @@
 import pytest
 import torch
 
-from ucm_kernels.block_repr import empty_block_repr, naive_update_block_repr
+from ucm_kernels.block_repr import empty_block_repr, naive_update_block_repr, update_block_repr
 from ucm_kernels.block_select import naive_block_scores, naive_num_selected, naive_select_blocks, select_blocks
 from ucm_kernels.block_select import plan_select, selection_width
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP8 = torch.float8_e4m3fn
 SIZES = dict(block_size=16, sparse_ratio=0.3, init_window=1, local_window=2, min_blocks=3)
 SEQ_LENS = [403, 17, 150, 229]  # ragged, none a multiple of 16: 26, 2 (dense), 10 and 15 blocks
 # Scores are fp32 sums in a different order from the reference's: a swap within this margin is a tie.
@@ -15,23 +16,29 @@ TIE_TOL = 1e-4
 
 def make_case(seq_lens=SEQ_LENS, kv_heads=2, group=4, head_dim=64, max_blocks=28, dtype=torch.bfloat16,
               repr_dtype=torch.bfloat16, seed=0):
-    """Random paged K, reprs of every physical block, a shuffled block table and decode queries."""
+    """Random paged K, reprs of every physical block, a shuffled block table and decode queries (and ``kscale``
+    with fp8 reprs: then every block's keys get their own magnitude, 2**-8 to 2**12, so the scales differ)."""
     gen = torch.Generator().manual_seed(seed)
     batch, num_blocks = len(seq_lens), len(seq_lens) * max_blocks + 3
-    key_cache = torch.randn(num_blocks, SIZES["block_size"], kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    key_cache = torch.randn(num_blocks, SIZES["block_size"], kv_heads, head_dim, generator=gen)
+    if repr_dtype == FP8:
+        key_cache *= torch.exp2(torch.randint(-8, 13, (num_blocks, 1, kv_heads, 1), generator=gen).float())
+    key_cache = key_cache.to(dtype).to(DEVICE)
     reprs = empty_block_repr(key_cache, repr_dtype)
     naive_update_block_repr(key_cache, torch.arange(num_blocks, device=DEVICE), *reprs)
     block_table = torch.randperm(num_blocks, generator=gen)[:batch * max_blocks].view(batch, max_blocks)
     q = torch.randn(batch, kv_heads * group, head_dim, generator=gen).to(dtype)
-    return dict(q=q.to(DEVICE), kmin=reprs[0], kmax=reprs[1], kmean=reprs[2],
+    case = dict(q=q.to(DEVICE), kmin=reprs[0], kmax=reprs[1], kmean=reprs[2],
                 block_table=block_table.to(torch.int32).to(DEVICE),
                 seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE))
+    return case | ({"kscale": reprs[3]} if repr_dtype == FP8 else {})
 
 
 def check_selection(case, sel_idx, sel_count, score="quest", **sizes):
     """Counts, windows and -1 padding exact; every chosen competing block scores >= every unchosen one."""
     scores = naive_block_scores(case["q"], case["kmin"], case["kmax"], case["kmean"], case["block_table"],
-                                case["seq_lens"], block_size=sizes["block_size"], score=score).cpu()
+                                case["seq_lens"], block_size=sizes["block_size"], score=score,
+                                kscale=case.get("kscale")).cpu()
     sel_idx, sel_count = sel_idx.cpu(), sel_count.cpu()
     max_blocks = case["block_table"].shape[1]
     assert sel_idx.shape == (*scores.shape[:2], selection_width(max_blocks, **sizes))
@@ -61,7 +68,7 @@ def check_selection(case, sel_idx, sel_count, score="quest", **sizes):
 def run(case, **kwargs):
     args = {**SIZES, **kwargs}
     return select_blocks(case["q"], case["kmin"], case["kmax"], case["kmean"], case["block_table"],
-                         case["seq_lens"], **args), args
+                         case["seq_lens"], kscale=case.get("kscale"), **args), args
 
 
 @pytest.mark.parametrize("score,dtype,repr_dtype", [
@@ -252,3 +259,68 @@ def test_plan_rejects_inputs_of_other_shapes(plan_shape):
 def test_plan_select_rejects_bad_shapes(name, args):
     with pytest.raises(ValueError, match=name):
         plan_select(*args, **SIZES, device=DEVICE)
+
+
+@pytest.mark.parametrize("score,group,token_budget", [("quest", 4, None), ("quest", 3, 100), ("mean", 4, None)])
+def test_fp8_reprs_match_the_reference(score, group, token_budget):
+    """fp8 reprs and their scales, one-shot and planned, against the reference on the same fp8 reprs."""
+    case = make_case(group=group, repr_dtype=FP8)
+    inputs = {k: v.clone() for k, v in case.items()}
+    (sel_idx, sel_count), sizes = run(case, score=score, token_budget=token_budget)
+    check_selection(case, sel_idx, sel_count, **sizes)
+    ref_idx, ref_count = naive_select_blocks(**case, **sizes)
+    assert torch.equal(sel_count, ref_count) and sel_idx.shape == ref_idx.shape
+    planned = plan_select(4, 2, 64, 28, **sizes, device=DEVICE).run(**case)
+    assert torch.equal(planned[0], sel_idx) and torch.equal(planned[1], sel_count)
+    bits = {k: v.view(torch.uint8) if v.dtype == FP8 else v for k, v in inputs.items()}
+    assert all(torch.equal(case[k].view(bits[k].dtype), bits[k]) for k in case)
+
+
+def test_fp8_quest_scores_bound_the_exact_scores():
+    """For keys of every magnitude (2**-11 to 2**11 per key: past fp8's 448, and tiny), the Quest score of the fp8
+    reprs the kernel writes is >= the exact one (fp32, from the original keys) for every block and head, for a
+    random query and for signed one-hot ones (whose score is one channel's max or -min); the score kernel's own
+    fp8 scores match the reference's up to fp32 summation error."""
+    gen = torch.Generator().manual_seed(5)
+    case = make_case(seq_lens=[403, 229], group=3, seed=4)
+    shape = (case["kmin"].shape[0], 16, 2, 64)
+    exponents = torch.randint(-8, 9, (shape[0], 1, 2, 1), generator=gen) + torch.randint(-6, 7, shape,
+                                                                                       generator=gen) / 2
+    key_cache = (torch.randn(shape, generator=gen) * torch.exp2(exponents)).to(torch.bfloat16).to(DEVICE)
+    ids = torch.arange(shape[0], device=DEVICE)
+    reprs, exact = empty_block_repr(key_cache, FP8), empty_block_repr(key_cache, torch.float32)
+    update_block_repr(key_cache, ids, *reprs)
+    naive_update_block_repr(key_cache, ids, *exact)
+    table = dict(block_table=case["block_table"], seq_lens=case["seq_lens"], block_size=16, score="quest")
+    queries = [case["q"]]
+    for d in range(64):
+        for sign in (1.0, -1.0):
+            queries.append(torch.zeros_like(case["q"]))
+            queries[-1][:, ::3, d] = sign  # +-e_d in query head 0 of each group: its score is kmax_d or -kmin_d
+    for q in queries:
+        bound = naive_block_scores(q, *reprs[:3], **table, kscale=reprs[3])
+        true = naive_block_scores(q, *exact, **table)
+        full = true.isfinite()
+        assert full.sum() == 2 * (25 + 14) and (bound[full] >= true[full]).all()
+    bound = naive_block_scores(case["q"], *reprs[:3], **table, kscale=reprs[3])
+    plan = plan_select(2, 2, 64, 28, **SIZES, score="quest", device=DEVICE)
+    plan.run(case["q"], *reprs[:3], case["block_table"], case["seq_lens"], kscale=reprs[3])
+    competing = torch.zeros_like(full)
+    competing[0, :, 1:24] = competing[1, :, 1:13] = True  # between init window 1 and local window 2
+    peak = torch.maximum(-reprs[0].float(), reprs[1].float()) * reprs[3][..., None]  # [num_blocks, heads, d]
+    q_abs = case["q"].float().abs().view(2, 2, 3, 64).sum(dim=2)
+    magnitude = torch.einsum("bhd,bjhd->bhj", q_abs, peak[case["block_table"].long()])  # sum of |terms|
+    assert ((plan.scores - bound).abs() <= 1e-5 * magnitude)[competing].all()
+
+
+@pytest.mark.parametrize("name,change", [
+    ("kscale", lambda c: {"kscale": None}),
+    ("kscale", lambda c: {"kscale": c["kscale"][:, :1]}),
+    ("kscale", lambda c: {"kscale": c["kscale"].half()}),
+    ("kmax", lambda c: {"kmax": c["kmax"].float()}),  # kmin and kmax must share the fp8 dtype
+])
+def test_bad_fp8_inputs_raise_naming_the_argument(name, change):
+    case = make_case(seq_lens=[40], max_blocks=4, repr_dtype=FP8)
+    case.update(change(case))
+    with pytest.raises(ValueError, match=name):
+        run(case)

@@ -3,6 +3,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from ucm_store.metrics import StatsMonitor
 
@@ -82,3 +83,131 @@ def test_prometheus_text():
     assert "# TYPE ucm_hit_rate gauge\nucm_hit_rate 0.75\n" in text
     assert "ucm_lookups_total 4.0" in text and 'ucm_tier_hits_total{tier="Cache"} 3.0' in text
     assert StatsMonitor.get_instance() is StatsMonitor.get_instance()
+
+
+# ---- tier occupancy, pool usage, health warnings, the endpoint ------------------------------------------------
+import logging  # noqa: E402
+import urllib.request  # noqa: E402
+
+from ucm_store.factory import UcmConnectorFactory  # noqa: E402
+from ucm_store.metrics import (MIN_LOAD_BYTES, MIN_LOOKUPS, format_stats, parse_prometheus_text,  # noqa: E402
+                               read_metrics, start_metrics_server)
+
+
+def busy_load(mon: StatsMonitor, nbytes: int, seconds: float) -> None:
+    with mon.transfer("load") as result:
+        time.sleep(seconds)
+        result["bytes"], result["blocks"] = nbytes, 1
+
+
+def fill_store(store, count: int, nbytes: int = 8192) -> None:
+    ids = [f"blk{i}".encode() for i in range(count)]
+    data = torch.randint(0, 256, (count, nbytes), dtype=torch.uint8)
+    assert store.wait(store.dump(ids, 0, data)) == 0
+    store.commit(ids, [True] * count)
+    store.flush()
+
+
+def test_watched_store_reports_tier_occupancy_and_pool_usage(tmp_path):
+    mon = StatsMonitor()
+    config = {"store_pipeline": "Cache|Posix", "storage_backends": str(tmp_path), "cache_capacity": 64,
+              "storage_capacity": 1 << 20}
+    with UcmConnectorFactory.create_connector(config, 0) as store:
+        mon.watch_store(store)
+        fill_store(store, 10)
+        occupancy = mon.tier_occupancy()
+        assert occupancy["Cache"] == {"used": 10, "capacity": 64, "unit": "blocks"}
+        assert occupancy["Posix"]["unit"] == "bytes" and occupancy["Posix"]["capacity"] == 1 << 20
+        assert 10 * 8192 <= occupancy["Posix"]["used"] <= 10 * (8192 + 8192)  # header and padding per block
+        pool = store.pool.get_stats()
+        samples = parse_prometheus_text(mon.prometheus_text())
+        assert samples["ucm_tier_used"][(("tier", "Cache"), ("unit", "blocks"))] == 10.0
+        assert samples["ucm_tier_capacity"][(("tier", "Cache"), ("unit", "blocks"))] == 64.0
+        assert samples["ucm_tier_occupancy"][(("tier", "Cache"),)] == pytest.approx(10 / 64)
+        assert samples["ucm_pool_used_bytes"][()] == float(pool["currently_used"])
+        assert samples["ucm_pool_usage"][()] == pytest.approx(pool["currently_used"] / pool["total_allocated"])
+        mon.unwatch_store(store)
+    assert mon.tier_occupancy() == {} and mon.pool_usage() is None
+    assert "ucm_tier_occupancy" in mon.prometheus_text() and "ucm_pool_usage" not in mon.prometheus_text()
+
+
+def test_check_health_warns_below_the_seed_thresholds_rate_limited(caplog):
+    mon = StatsMonitor(warn_interval=60.0)
+    mon.record_lookup(MIN_LOOKUPS, MIN_LOOKUPS // 4)
+    busy_load(mon, MIN_LOAD_BYTES, 0.2)  # 64 MiB in 0.2 s: 0.34 GB/s
+    with caplog.at_level(logging.WARNING, logger="ucm_store.metrics"):
+        first = mon.check_health()
+        second = mon.check_health()
+    assert len(first) == 2 and second == first
+    assert "hit rate 25.0% is below 50%" in first[0] and "命中率低于 50%" in first[0]
+    assert "GB/s is below 1 GB/s" in first[1] and "加载速度低于 1 GB/s" in first[1]
+    assert [r.getMessage() for r in caplog.records] == first  # logged once, not again within warn_interval
+    mon.warn_interval = 0.0
+    with caplog.at_level(logging.WARNING, logger="ucm_store.metrics"):
+        mon.check_health()
+    assert len(caplog.records) == 4
+
+
+def test_check_health_is_quiet_when_healthy_or_too_early(caplog):
+    mon = StatsMonitor(warn_interval=0.0)
+    with caplog.at_level(logging.WARNING, logger="ucm_store.metrics"):
+        mon.record_lookup(MIN_LOOKUPS - 1, 0)  # too few lookups to judge
+        busy_load(mon, MIN_LOAD_BYTES - 1, 0.2)  # too few bytes to judge
+        assert mon.check_health() == []
+        mon.reset()
+        mon.record_lookup(1000, 900)
+        busy_load(mon, 1 << 30, 0.05)  # 1 GiB in ~0.05 s: above 1 GB/s
+        assert mon.check_health() == []
+    assert caplog.records == []
+
+
+@pytest.mark.parametrize("backend", ["prometheus_client", "http.server"])
+def test_metrics_server_serves_what_ucm_stats_reads(backend, monkeypatch, tmp_path, caplog):
+    if backend == "http.server":
+        monkeypatch.setitem(__import__("sys").modules, "prometheus_client", None)  # import fails: fallback
+    mon = StatsMonitor(warn_interval=60.0)
+    mon.record_lookup(200, 20, tier_hits={"Cache": 15, "Posix": 5})
+    busy_load(mon, MIN_LOAD_BYTES, 0.2)
+    config = {"store_pipeline": "Cache", "cache_capacity": 32}
+    with UcmConnectorFactory.create_connector(config, 0) as store:
+        fill_store(store, 4)
+        server = start_metrics_server(0, monitor=mon, stores=[store], health_interval=None)
+        assert server.backend == backend
+        try:
+            with caplog.at_level(logging.WARNING, logger="ucm_store.metrics"):
+                samples = read_metrics(server.url)
+            raw = urllib.request.urlopen(server.url).read().decode()
+            assert samples == parse_prometheus_text(mon.prometheus_text())
+        finally:
+            server.close()
+    assert samples["ucm_hit_rate"][()] == pytest.approx(0.1) and samples["ucm_lookups_total"][()] == 200.0
+    assert samples["ucm_tier_hits_total"][(("tier", "Posix"),)] == 5.0
+    assert samples["ucm_tier_used"][(("tier", "Cache"), ("unit", "blocks"))] == 4.0
+    assert "# TYPE ucm_hit_rate gauge" in raw and "# TYPE ucm_lookups_total counter" in raw
+    assert len(caplog.records) == 2  # the scrape checked health: both warnings logged once
+    table = format_stats(samples)
+    assert "hit rate          10.0 %    20 of 200 blocks looked up; hits by tier: Cache 15, Posix 5" in table
+    assert "Cache" in table and "4 blocks" in table and "12.5 %" in table and "pinned pool" in table
+    assert "WARNING: hit rate 10.0% is below 50%" in table and "WARNING: load speed" in table
+
+
+def test_parse_prometheus_text_rejects_garbage_and_handles_escapes():
+    samples = parse_prometheus_text('# HELP x y\nm{a="q\\"uote",b="1"} 2.5 1700000000\nn 3\n')
+    assert samples == {"m": {(("a", 'q"uote'), ("b", "1")): 2.5}, "n": {(): 3.0}}
+    with pytest.raises(ValueError, match="not a Prometheus sample line"):
+        parse_prometheus_text("this is html\n")
+
+
+def test_metrics_server_checks_health_on_a_timer(caplog):
+    mon = StatsMonitor(warn_interval=60.0)
+    mon.record_lookup(MIN_LOOKUPS, 0)
+    with caplog.at_level(logging.WARNING, logger="ucm_store.metrics"):
+        server = start_metrics_server(0, monitor=mon, health_interval=0.02)
+        try:
+            deadline = time.monotonic() + 5
+            while not caplog.records and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.1)  # several more checks: still one record (rate-limited)
+        finally:
+            server.close()
+    assert [r.getMessage()[:30] for r in caplog.records] == ["hit rate 0.0% is below 50% (命中"]

@@ -1,19 +1,29 @@
-"""The ``ucm`` command line: ``ucm config check FILE`` and ``ucm demo``."""
+"""The ``ucm`` command line: ``ucm demo``, ``ucm bench NAME``, ``ucm config check FILE``, ``ucm stats``.
+
+Argument parsing and dispatch only: the work is done by ``ucm_sparse.demo``, the checkout's ``bench/run_all.py``,
+``ucm_store.config`` and ``ucm_store.metrics``.
+"""
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 import yaml
 
+import ucm
 from ucm_sparse.config import GSAConfig, load_gsa_fragment, load_ucm_config
 from ucm_store.config import SECRET_KEYS, StoreConfig, read_document
 from ucm_store.configspec import ConfigError, describe_fields
+from ucm_store.metrics import DEFAULT_METRICS_PORT, format_stats, read_metrics
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ucm`` console script; returns the process exit code."""
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "run", None) is not _bench:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     if not hasattr(args, "run"):
         parser.print_help()
         return 0
@@ -36,6 +46,15 @@ def _build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the tiered store and GSA on local files and print the figures")
     demo.add_argument("--dir", default=".ucm_demo", help="storage directory for the demo (default: .ucm_demo)")
     demo.set_defaults(run=_demo)
+    bench = commands.add_parser("bench", add_help=False, help="run benchmarks: hit-rate, transfer, store, sparse, "
+                                "e2e or all (tables + plots); `ucm bench -h` for options")
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    bench.set_defaults(run=_bench)
+    stats = commands.add_parser("stats", help="read a running process's metrics endpoint and print its figures")
+    stats.add_argument("--url", default=f"http://127.0.0.1:{DEFAULT_METRICS_PORT}/metrics",
+                       help=f"the endpoint (default: http://127.0.0.1:{DEFAULT_METRICS_PORT}/metrics)")
+    stats.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the endpoint")
+    stats.set_defaults(run=_stats)
     return parser
 
 
@@ -77,6 +96,35 @@ def _demo(args: argparse.Namespace) -> int:
     from ucm_sparse.demo import run_demo
 
     return run_demo(args.dir)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    bench_dir = Path(ucm.__file__).resolve().parents[1] / "bench"
+    if not (bench_dir / "run_all.py").is_file():
+        print(f"error: `ucm bench` runs the benchmark scripts of a source checkout, and {bench_dir} has none (this "
+              "is an installed copy): clone the UCM repository, `pip install -e .` there, and run it again",
+              file=sys.stderr)
+        return 2
+    if str(bench_dir.parent) not in sys.path:
+        sys.path.insert(0, str(bench_dir.parent))
+    from bench import run_all
+
+    return run_all.main(args.args + args.extra)
+
+
+def _stats(args: argparse.Namespace) -> int:
+    try:
+        samples = read_metrics(args.url, timeout=args.timeout)
+    except OSError as exc:  # refused, unreachable, timed out, HTTP error
+        print(f"error: cannot read {args.url}: {exc}. Start the endpoint in the serving process with "
+              "ucm_store.metrics.start_metrics_server(port)", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"error: {args.url} is not a Prometheus metrics endpoint: {exc}", file=sys.stderr)
+        return 1
+    print(f"UCM stats from {args.url}")
+    print(format_stats(samples))
+    return 0
 
 
 def _masked(config: dict) -> dict:

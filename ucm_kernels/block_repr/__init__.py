@@ -8,14 +8,25 @@ context per step:
     for layer in layers:
         update_block_repr(key_cache[layer], filled, kmin[layer], kmax[layer], kmean[layer])
 
-Repr dtype: any of bf16/fp16/fp32. We store the cache dtype (:func:`empty_block_repr`'s default): min and max
-are then exact copies of cache values, the mean is rounded once from fp32, and selection reads half the bytes
-of fp32 reprs (Quest reads kmin+kmax, the mean rule kmean only).
+Repr dtype: any of bf16/fp16/fp32/float8_e4m3fn. We store the cache dtype (:func:`empty_block_repr`'s
+default): min and max are then exact copies of cache values, the mean is rounded once from fp32, and selection
+reads half the bytes of fp32 reprs (Quest reads kmin+kmax, the mean rule kmean only). fp8 reprs halve those
+bytes again: each (block, KV head) gets a power-of-two scale ``kscale`` (fp32, 4 bytes beside 2 x head_dim
+bytes of kmin+kmax) that brings its largest |key| into [128, 256), so any finite key fits e4m3fn (no inf, max
+448) without subnormals at the top of the block's range; kmin is rounded down and kmax up, so the Quest score
+computed from them stays an upper bound of the exact one:
+
+    kmin, kmax, kmean, kscale = empty_block_repr(key_cache, torch.float8_e4m3fn)
+    update_block_repr(key_cache, filled, kmin, kmax, kmean, kscale)
+    select_blocks(q, kmin, kmax, kmean, block_table, seq_lens, ..., kscale=kscale)
+
+A per-block scale, unlike one global scale, needs no knowledge of the keys to come (blocks are filled one at a
+time, never revisited); it adds 4 bytes to the 256 of fp8 kmin+kmax per (block, KV head) at head_dim 128 (1.6%).
 """
 import torch
 
 from .naive import naive_update_block_repr
-from .triton import update_block_repr
+from .triton import FP8, update_block_repr
 
 __all__ = ["update_block_repr", "blocks_filled", "empty_block_repr", "naive_update_block_repr"]
 
@@ -51,10 +62,16 @@ def blocks_filled(seq_lens_before: torch.Tensor, seq_lens_after: torch.Tensor, b
     return block_table[(logical >= first) & (logical < end)]
 
 
-def empty_block_repr(key_cache: torch.Tensor, dtype: torch.dtype | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def empty_block_repr(key_cache: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
     """Allocate ``(kmin, kmax, kmean)``, each ``[num_blocks, num_kv_heads, head_dim]`` of ``dtype`` (default:
-    key_cache's) on key_cache's device, uninitialised: fill blocks with :func:`update_block_repr`."""
+    key_cache's) on key_cache's device, uninitialised: fill blocks with :func:`update_block_repr`.
+
+    With ``dtype=torch.float8_e4m3fn`` the tuple is ``(kmin, kmax, kmean, kscale)``, kscale
+    ``[num_blocks, num_kv_heads]`` fp32: pass all four to :func:`update_block_repr` and kscale to the selection.
+    """
     num_blocks, _, heads, head_dim = key_cache.shape
     dtype = dtype or key_cache.dtype
-    return tuple(torch.empty(num_blocks, heads, head_dim, dtype=dtype, device=key_cache.device) for _ in range(3))
+    reprs = tuple(torch.empty(num_blocks, heads, head_dim, dtype=dtype, device=key_cache.device) for _ in range(3))
+    if dtype != FP8:
+        return reprs
+    return (*reprs, torch.empty(num_blocks, heads, dtype=torch.float32, device=key_cache.device))

@@ -1,12 +1,58 @@
-"""Triton kernel and launcher of the block representations: per block and KV head, min/max/mean key."""
+"""Triton kernel and launcher of the block representations: per block and KV head, min/max/mean key.
+
+fp8 (e4m3fn) reprs hold ``repr / kscale`` with a power-of-two ``kscale`` per (block, KV head) that puts the
+block's largest ``|key|`` in [128, 256): any finite key fits (e4m3fn has no inf and tops out at 448), and
+no value is subnormal at the top of the block's range. kmin is rounded toward -inf and kmax toward +inf
+(so ``kmin * kscale <= min`` and ``kmax * kscale >= max`` exactly: the Quest score stays an upper bound), the
+mean to nearest-even. The bit patterns are built with integer arithmetic: a float -> fp8 conversion rounds
+one way only, and Triton's interpreter rounds differently from the GPU.
+"""
 import torch
 import triton
 import triton.language as tl
 
 from .._utils import check_device, triton_interpreting
 
-REPR_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+FP8 = torch.float8_e4m3fn
+REPR_DTYPES = (torch.bfloat16, torch.float16, torch.float32, FP8)
 CACHE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@triton.jit
+def _pow2(exponent):
+    """2.0 ** exponent as fp32, for integer exponents in [-126, 127]."""
+    return ((exponent + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fp8_bits(x, scale, inv_scale, ROUND: tl.constexpr):
+    """e4m3fn bit patterns (uint8) of ``x / scale`` (power-of-two scale, ``|x / scale| < 256``), rounded down
+    (ROUND -1), to nearest-even (0) or up (+1)."""
+    bits = x.to(tl.int32, bitcast=True)
+    negative = bits < 0  # the sign bit: -0.0 stays -0
+    magnitude = tl.abs(x * inv_scale)
+    binade = tl.maximum(((magnitude.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)  # -6: subnormals
+    steps = magnitude * _pow2(3 - binade)  # in [0, 16): the value in fp8 steps of 2**(binade - 3), exact
+    whole = steps.to(tl.int32)
+    if ROUND == 0:
+        half = steps - whole.to(tl.float32)
+        away = (half > 0.5) | ((half == 0.5) & ((whole & 1) == 1))
+    else:  # away from zero when inexact: negatives rounding down, positives rounding up
+        # tested unscaled, where the truncated value times the scale is exact even if x / scale underflowed
+        inexact = whole.to(tl.float32) * _pow2(binade - 3) * scale != tl.abs(x)
+        away = inexact & (negative ^ (ROUND > 0))
+    code = (binade + 6) * 8 + whole + away.to(tl.int32)  # a carry out of the mantissa moves to the next binade
+    return (code | tl.where(negative, 0x80, 0)).to(tl.uint8)
+
+
+@triton.jit
+def _store_repr(ptr, offsets, mask, values, scale, inv_scale, ROUND: tl.constexpr):
+    """Store ``values`` in the repr's dtype: fp8 scaled and rounded per ROUND, others rounded to nearest."""
+    if ptr.dtype.element_ty == tl.float8e4nv:
+        tl.store(ptr + offsets, _fp8_bits(values, scale, inv_scale, ROUND).to(tl.float8e4nv, bitcast=True),
+                 mask=mask)
+    else:
+        tl.store(ptr + offsets, values.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -14,10 +60,13 @@ def _block_repr_kernel(
     key_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
     ids_ptr,  # [num_ids] int32/int64 physical block ids, out-of-range entries (-1) skipped
     kmin_ptr, kmax_ptr, kmean_ptr,  # [num_blocks, num_kv_heads, head_dim], same strides
+    kscale_ptr,  # [num_blocks, num_kv_heads] fp32 (written if SCALED; any pointer otherwise)
     num_blocks,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_rb, stride_rh, stride_rd,
+    stride_sb, stride_sh,
     BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
@@ -26,19 +75,28 @@ def _block_repr_kernel(
         return
     t = tl.arange(0, BLOCK_T)
     d = tl.arange(0, BLOCK_D)
-    mask = (t[:, None] < BLOCK_SIZE) & (d[None, :] < HEAD_DIM)
+    d_ok = d < HEAD_DIM
+    mask = (t[:, None] < BLOCK_SIZE) & d_ok[None, :]
     src = key_ptr + block * stride_kb + head * stride_kh + t[:, None] * stride_kt + d[None, :] * stride_kd
     keys = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     lo = tl.min(tl.where(mask, keys, float("inf")), axis=0)
     hi = tl.max(tl.where(mask, keys, float("-inf")), axis=0)
     mean = tl.sum(keys, axis=0) / BLOCK_SIZE
+    scale = 1.0
+    inv_scale = 1.0
+    if SCALED:
+        peak = tl.max(tl.where(d_ok, tl.maximum(-lo, hi), 0.0), axis=0)  # largest |key|
+        exponent = tl.maximum(((peak.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127 - 7, -126)
+        scale = _pow2(exponent)
+        inv_scale = _pow2(-exponent)
+        tl.store(kscale_ptr + block * stride_sb + head * stride_sh, scale)
     dst = block * stride_rb + head * stride_rh + d * stride_rd
-    tl.store(kmin_ptr + dst, lo.to(kmin_ptr.dtype.element_ty), mask=d < HEAD_DIM)
-    tl.store(kmax_ptr + dst, hi.to(kmax_ptr.dtype.element_ty), mask=d < HEAD_DIM)
-    tl.store(kmean_ptr + dst, mean.to(kmean_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+    _store_repr(kmin_ptr, dst, d_ok, lo, scale, inv_scale, ROUND=-1)  # down
+    _store_repr(kmax_ptr, dst, d_ok, hi, scale, inv_scale, ROUND=1)  # up
+    _store_repr(kmean_ptr, dst, d_ok, mean, scale, inv_scale, ROUND=0)  # nearest-even
 
 
-def _check_inputs(key_cache: torch.Tensor, block_ids: torch.Tensor, reprs: dict) -> None:
+def _check_inputs(key_cache: torch.Tensor, block_ids: torch.Tensor, reprs: dict, kscale) -> None:
     if key_cache.dim() != 4 or key_cache.dtype not in CACHE_DTYPES:
         raise ValueError(f"key_cache: got shape {tuple(key_cache.shape)} dtype {key_cache.dtype}, expected "
                          f"[num_blocks, block_size, num_kv_heads, head_dim] in {CACHE_DTYPES}")
@@ -58,30 +116,50 @@ def _check_inputs(key_cache: torch.Tensor, block_ids: torch.Tensor, reprs: dict)
         if repr_.stride() != reprs["kmin"].stride():
             raise ValueError(f"{name}: strides {repr_.stride()} differ from kmin's {reprs['kmin'].stride()}; "
                              "allocate kmin, kmax and kmean alike")
+    check_kscale(kscale, reprs, (num_blocks, heads), key_cache.device)
+
+
+def check_kscale(kscale, reprs: dict, shape: tuple, device: torch.device) -> None:
+    """kscale must be a ``shape`` fp32 tensor on ``device`` when any of ``reprs`` is fp8 (else None or such)."""
+    fp8 = [name for name, repr_ in reprs.items() if repr_.dtype == FP8]
+    if kscale is None:
+        if fp8:
+            raise ValueError(f"kscale: got None, but {fp8} are {FP8}: pass the [num_blocks, num_kv_heads] fp32 "
+                             "scales (empty_block_repr allocates them)")
+        return
+    if not isinstance(kscale, torch.Tensor) or tuple(kscale.shape) != shape or kscale.dtype != torch.float32:
+        got = f"shape {tuple(kscale.shape)} dtype {kscale.dtype}" if isinstance(kscale, torch.Tensor) else repr(kscale)
+        raise ValueError(f"kscale: got {got}, expected {shape} ([num_blocks, num_kv_heads]) torch.float32")
+    check_device("kscale", kscale, device)
 
 
 def update_block_repr(key_cache: torch.Tensor, block_ids: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
-                      kmean: torch.Tensor) -> None:
+                      kmean: torch.Tensor, kscale: torch.Tensor | None = None) -> None:
     """Compute in place the representation of each physical block in ``block_ids`` from its ``block_size`` keys.
 
     Args:
         key_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]`` bf16/fp16/fp32, any strides (e.g. ``kv[0]``).
         block_ids: ``[num_ids]`` int32/int64 physical block ids; entries outside ``[0, num_blocks)`` (the
             padding value -1) are skipped. Pass only blocks that became full (see ``blocks_filled``).
-        kmin, kmax, kmean: ``[num_blocks, num_kv_heads, head_dim]``, bf16/fp16/fp32, identical strides, written
-            in place at the listed blocks only: per-channel min, max and mean of the block's keys (fp32 math,
-            rounded once to the repr dtype; min and max are exact).
+        kmin, kmax, kmean: ``[num_blocks, num_kv_heads, head_dim]``, bf16/fp16/fp32/float8_e4m3fn, identical
+            strides, written in place at the listed blocks only: per-channel min, max and mean of the block's keys
+            (fp32 math, rounded once to the repr dtype; min and max are exact in the cache dtype or wider). fp8
+            reprs hold the values divided by ``kscale``, kmin rounded down, kmax up, kmean to nearest-even.
+        kscale: ``[num_blocks, num_kv_heads]`` fp32, any strides; required when any repr is fp8, written in place
+            at the listed blocks when given: the power of two that puts the block's largest ``|key|`` in
+            [128, 256) (the value of an fp8 repr is ``repr.float() * kscale[..., None]``). Keys must be finite.
     """
-    _check_inputs(key_cache, block_ids, {"kmin": kmin, "kmax": kmax, "kmean": kmean})
+    _check_inputs(key_cache, block_ids, {"kmin": kmin, "kmax": kmax, "kmean": kmean}, kscale)
     num_blocks, block_size, heads, head_dim = key_cache.shape
     if block_ids.numel() == 0:
         return
     _block_repr_kernel[(block_ids.numel(), heads)](
         key_ptr=key_cache, ids_ptr=block_ids, kmin_ptr=kmin, kmax_ptr=kmax, kmean_ptr=kmean,
-        num_blocks=num_blocks,
+        kscale_ptr=kmin if kscale is None else kscale, num_blocks=num_blocks,
         stride_kb=key_cache.stride(0), stride_kt=key_cache.stride(1), stride_kh=key_cache.stride(2),
         stride_kd=key_cache.stride(3),
         stride_rb=kmin.stride(0), stride_rh=kmin.stride(1), stride_rd=kmin.stride(2),
+        stride_sb=0 if kscale is None else kscale.stride(0), stride_sh=0 if kscale is None else kscale.stride(1),
         BLOCK_SIZE=block_size, BLOCK_T=triton.next_power_of_2(block_size), HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_D=triton.next_power_of_2(head_dim), SCALED=kscale is not None,
     )

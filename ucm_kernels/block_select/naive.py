@@ -20,12 +20,12 @@ def naive_num_selected(num_blocks: int, *, block_size: int, sparse_ratio: float,
 
 def naive_block_scores(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None,
                        kmean: torch.Tensor | None, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
-                       block_size: int, score: str = "quest") -> torch.Tensor:
+                       block_size: int, score: str = "quest", kscale: torch.Tensor | None = None) -> torch.Tensor:
     """Score of every logical block per (request, KV head): ``[batch, num_kv_heads, max_blocks_per_seq]`` fp32.
 
     The group's query heads are scored separately and summed: Quest sums per-head upper bounds
-    ``sum_d max(q_d * kmin_d, q_d * kmax_d)``, the mean rule per-head ``q . kmean``. Blocks that are not full
-    (no repr yet) score -inf.
+    ``sum_d max(q_d * kmin_d, q_d * kmax_d)``, the mean rule per-head ``q . kmean``. fp8 reprs are first
+    widened to fp32 and multiplied by their ``kscale`` (exact). Blocks that are not full (no repr yet) score -inf.
     """
     reprs = kmean if score == "mean" else kmin
     batch, num_q_heads, head_dim = q.shape
@@ -34,7 +34,10 @@ def naive_block_scores(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.T
     phys = block_table.long().clamp(0, reprs.shape[0] - 1)
 
     def gather(repr_):  # [b, h, 1, m, d]
-        return repr_[phys].float().permute(0, 2, 1, 3)[:, :, None]
+        values = repr_[phys].float()
+        if repr_.dtype == torch.float8_e4m3fn:
+            values = values * kscale[phys][..., None]
+        return values.permute(0, 2, 1, 3)[:, :, None]
 
     if score == "mean":
         scores = (qg * gather(kmean)).sum(dim=(2, 4))
@@ -48,12 +51,13 @@ def naive_block_scores(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.T
 def naive_select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None,
                         kmean: torch.Tensor | None, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
                         block_size: int, sparse_ratio: float, init_window: int, local_window: int,
-                        min_blocks: int, score: str = "quest", token_budget: int | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        min_blocks: int, score: str = "quest", token_budget: int | None = None,
+                        kscale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference of :func:`ucm_kernels.block_select.select_blocks` (same arguments, outputs and width)."""
     sizes = dict(block_size=block_size, sparse_ratio=sparse_ratio, init_window=init_window,
                  local_window=local_window, min_blocks=min_blocks, token_budget=token_budget)
-    scores = naive_block_scores(q, kmin, kmax, kmean, block_table, seq_lens, block_size=block_size, score=score)
+    scores = naive_block_scores(q, kmin, kmax, kmean, block_table, seq_lens, block_size=block_size, score=score,
+                                kscale=kscale)
     batch, heads, max_blocks = scores.shape
     local = max(local_window, 1)
     sel_idx = torch.full((batch, heads, naive_num_selected(max_blocks, **sizes)), -1, dtype=torch.int32)

@@ -21,6 +21,10 @@ Two launches, both reading each input once:
 GQA: the scores of the group's query heads are summed. For Quest the sum of per-head upper bounds is
 ``sum_d kmax_d * sum_g max(q_gd, 0) + kmin_d * sum_g min(q_gd, 0)``, so a block costs one pass over its
 kmin/kmax whatever the group size; the mean rule is ``kmean . sum_g q_g``.
+
+fp8 (e4m3fn) reprs are read as bytes, widened to fp32 and their block's score multiplied by its ``kscale``
+(a power of two, see ``ucm_kernels.block_repr``): Quest then reads 2 x head_dim + 4 bytes per (block, KV head)
+instead of 4 x head_dim, and since kmin/kmax were rounded outward its score still bounds the exact one.
 """
 from dataclasses import dataclass
 
@@ -30,7 +34,8 @@ import triton.language as tl
 
 from .._utils import check_device, triton_interpreting
 
-REPR_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+FP8 = torch.float8_e4m3fn
+REPR_DTYPES = (torch.bfloat16, torch.float16, torch.float32, FP8)
 Q_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 SCORES = ("quest", "mean")
@@ -55,16 +60,19 @@ def _plan(seq_len, max_blocks, ratio_fixed, k_floor, init_window, local_window, 
 def _score_kernel(
     q_ptr,  # [batch, num_q_heads, head_dim]
     kmin_ptr, kmax_ptr, kmean_ptr,  # [num_blocks, num_kv_heads, head_dim], same strides; unused: any repr
+    kscale_ptr,  # [num_blocks, num_kv_heads] fp32 scale of fp8 reprs (read if SCALED; any pointer otherwise)
     block_table_ptr,  # [batch, max_blocks]
     seq_lens_ptr,  # [batch]
     scores_ptr,  # [batch, num_kv_heads, max_blocks] fp32 scratch
     max_blocks, ratio_fixed, k_floor, init_window, local_window,
     stride_qb, stride_qh, stride_qd,
     stride_rb, stride_rh, stride_rd,
+    stride_kscale_b, stride_kscale_h,
     stride_tb, stride_tj,
     stride_sb, stride_sh,
     BLOCK_SIZE: tl.constexpr, HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, QUEST: tl.constexpr, TILE: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
     tile = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
@@ -95,6 +103,9 @@ def _score_kernel(
     else:
         means = tl.load(kmean_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         scores = tl.sum(means * tl.sum(q, axis=1)[None, :, :], axis=2)
+    if SCALED:
+        scales = phys[:, None] * stride_kscale_b + h[None, :] * stride_kscale_h
+        scores *= tl.load(kscale_ptr + scales, mask=competing[:, None] & h_ok[None, :], other=0.0)
     tl.store(scores_ptr + b * stride_sb + h[None, :] * stride_sh + j[:, None], scores,
              mask=competing[:, None] & h_ok[None, :])
 
@@ -279,17 +290,17 @@ class SelectPlan:
     select_warps: int
 
     def run(self, q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None, kmean: torch.Tensor | None,
-            block_table: torch.Tensor, seq_lens: torch.Tensor, *,
+            block_table: torch.Tensor, seq_lens: torch.Tensor, *, kscale: torch.Tensor | None = None,
             out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """:func:`select_blocks` with this plan's settings: same tensor arguments, ``out`` and result."""
-        reprs = _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, self.quest)
+        """:func:`select_blocks` with this plan's settings: same tensor arguments, ``kscale``, ``out`` and result."""
+        reprs, kscale = _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, self.quest, kscale)
         shapes = (q.shape[0], reprs.shape[1], q.shape[2], block_table.shape[1])
         planned = (self.batch, self.num_kv_heads, self.head_dim, self.max_blocks)
         if shapes != planned:
             raise ValueError(f"plan was made for (batch, num_kv_heads, head_dim, max_blocks) = {planned}; "
                              f"the inputs have {shapes}")
         check_device("plan.scores", self.scores, q.device)
-        return _launch(self, q, reprs, kmax, block_table, seq_lens, out)
+        return _launch(self, q, reprs, kmax, kscale, block_table, seq_lens, out)
 
 
 def plan_select(batch: int, num_kv_heads: int, head_dim: int, max_blocks: int, *, block_size: int, sparse_ratio: float,
@@ -324,7 +335,7 @@ def _make_plan(batch, heads, head_dim, max_blocks, device, block_size, sparse_ra
 def select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None,
                   kmean: torch.Tensor | None, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
                   block_size: int, sparse_ratio: float, init_window: int, local_window: int, min_blocks: int,
-                  score: str = "quest", token_budget: int | None = None,
+                  score: str = "quest", token_budget: int | None = None, kscale: torch.Tensor | None = None,
                   out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose the KV blocks each (request, KV head) attends this decode step.
 
@@ -340,13 +351,16 @@ def select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor
     Args:
         q: ``[batch, num_q_heads, head_dim]`` bf16/fp16/fp32; query head i belongs to KV head
             ``i // (num_q_heads // num_kv_heads)``. The group's per-head scores are summed.
-        kmin, kmax, kmean: ``[num_blocks, num_kv_heads, head_dim]`` bf16/fp16/fp32 reprs by physical block id
-            (see ``ucm_kernels.block_repr``); Quest reads kmin and kmax, the mean rule kmean (the other may be
-            None). Every full block that competes must have its repr computed.
+        kmin, kmax, kmean: ``[num_blocks, num_kv_heads, head_dim]`` bf16/fp16/fp32/float8_e4m3fn reprs by
+            physical block id (see ``ucm_kernels.block_repr``); Quest reads kmin and kmax (one dtype), the mean
+            rule kmean (the other may be None). Every full block that competes must have its repr computed.
         block_table: ``[batch, max_blocks]`` int32/int64 logical -> physical block id.
         seq_lens: ``[batch]`` int32/int64 tokens per request including the current one (0: nothing selected;
             lengths beyond the table are clamped to ``max_blocks`` blocks).
         score: ``"quest"`` (upper bound ``sum_d max(q_d kmin_d, q_d kmax_d)``) or ``"mean"`` (``q . kmean``).
+        kscale: ``[num_blocks, num_kv_heads]`` fp32, any strides: the per-(block, KV head) scales of fp8 reprs
+            (a repr's value is ``repr.float() * kscale[..., None]``); required when the reprs the rule reads are
+            fp8, not read otherwise.
         out: optional ``(sel_idx, sel_count)`` to write into, shaped as returned (sel_idx may be up to
             max_blocks wide; the extra columns are padded too).
     Returns:
@@ -354,14 +368,30 @@ def select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor
         ``width = selection_width(max_blocks, ...)``; ``sel_count [batch, num_kv_heads]`` int32.
     """
     _check_scalars(block_size, sparse_ratio, init_window, local_window, min_blocks, score, token_budget)
-    reprs = _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, score == "quest")
+    reprs, kscale = _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, score == "quest", kscale)
     plan = _make_plan(q.shape[0], reprs.shape[1], q.shape[2], block_table.shape[1], q.device, block_size,
                       sparse_ratio, init_window, local_window, min_blocks, score, token_budget)
-    return _launch(plan, q, reprs, kmax, block_table, seq_lens, out)
+    return _launch(plan, q, reprs, kmax, kscale, block_table, seq_lens, out)
 
 
-def _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, quest: bool) -> torch.Tensor:
-    """Validate the tensors; return the first repr the score rule reads (its shape and strides stand for all)."""
+def _check_kscale(kscale, reprs: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """The scales the score kernel reads: kscale for fp8 reprs (validated), None for the others."""
+    if reprs.dtype != FP8:
+        return None
+    if kscale is None:
+        raise ValueError(f"kscale: got None, expected the [num_blocks, num_kv_heads] fp32 scales of the {FP8} reprs "
+                         "(empty_block_repr allocates them beside the reprs)")
+    layout = f"[num_blocks={reprs.shape[0]}, num_kv_heads={reprs.shape[1]}]"
+    _check_tensor("kscale", kscale, 2, (torch.float32,), device, layout)
+    if kscale.shape != reprs.shape[:2]:
+        raise ValueError(f"kscale: got shape {tuple(kscale.shape)}, expected {layout} like the reprs")
+    return kscale
+
+
+def _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, quest: bool, kscale
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validate the tensors; return the first repr the score rule reads (its shape and strides stand for all) and
+    the scales to apply (None unless the reprs are fp8)."""
     if not isinstance(q, torch.Tensor):
         raise ValueError(f"q: got {q!r}, expected a [batch, num_q_heads, head_dim] tensor")
     _check_tensor("q", q, 3, Q_DTYPES, q.device, "[batch, num_q_heads, head_dim]")
@@ -376,11 +406,13 @@ def _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, quest: bool) -> t
                          f"{batch} rows, q's batch")
     if block_table.shape[1] > MAX_TABLE_BLOCKS:
         raise ValueError(f"block_table: {block_table.shape[1]} columns, at most {MAX_TABLE_BLOCKS} are supported")
-    return reprs
+    return reprs, _check_kscale(kscale, reprs, q.device)
 
 
-def _launch(plan: SelectPlan, q, reprs, kmax, block_table, seq_lens, out) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score the competing blocks into ``plan.scores``, then pick each row's blocks into ``out``."""
+def _launch(plan: SelectPlan, q, reprs, kmax, kscale, block_table, seq_lens, out
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score the competing blocks into ``plan.scores`` (times ``kscale`` unless None), then pick each row's blocks
+    into ``out``."""
     sel_idx, sel_count = _check_out(out, plan.batch, plan.num_kv_heads, plan.width, plan.max_blocks, q.device)
     if plan.batch == 0 or plan.max_blocks == 0:
         sel_idx.fill_(-1)
@@ -390,14 +422,17 @@ def _launch(plan: SelectPlan, q, reprs, kmax, block_table, seq_lens, out) -> tup
     group = q.shape[1] // plan.num_kv_heads
     _score_kernel[(triton.cdiv(plan.max_blocks, plan.score_tile), plan.batch)](
         q_ptr=q, kmin_ptr=reprs, kmax_ptr=kmax if plan.quest else reprs, kmean_ptr=reprs,
-        block_table_ptr=block_table, seq_lens_ptr=seq_lens, scores_ptr=scores, **plan.limits,
+        kscale_ptr=scores if kscale is None else kscale, block_table_ptr=block_table, seq_lens_ptr=seq_lens,
+        scores_ptr=scores, **plan.limits,
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qd=q.stride(2),
         stride_rb=reprs.stride(0), stride_rh=reprs.stride(1), stride_rd=reprs.stride(2),
+        stride_kscale_b=0 if kscale is None else kscale.stride(0),
+        stride_kscale_h=0 if kscale is None else kscale.stride(1),
         stride_tb=block_table.stride(0), stride_tj=block_table.stride(1),
         stride_sb=scores.stride(0), stride_sh=scores.stride(1),
         BLOCK_SIZE=plan.block_size, HEADS=plan.num_kv_heads, HEADS_PAD=_pow2(plan.num_kv_heads), GROUP=group,
         BLOCK_G=_pow2(group), HEAD_DIM=plan.head_dim, BLOCK_D=_pow2(plan.head_dim), QUEST=plan.quest,
-        TILE=plan.score_tile, num_warps=plan.score_warps,
+        TILE=plan.score_tile, SCALED=kscale is not None, num_warps=plan.score_warps,
     )
     _select_kernel[(plan.num_kv_heads, plan.batch)](
         scores_ptr=scores, seq_lens_ptr=seq_lens, sel_idx_ptr=sel_idx, sel_count_ptr=sel_count,

@@ -1,0 +1,255 @@
+"""GSA on-device mode (ucm_sparse.gsa, ucm_sparse.ops, ucm_sparse.reprs): plan/run reuse, window invariants, dense
+equivalence, per-request state, the torch twins against the kernels' references, the Triton backend against the
+torch one, representations refreshed where keys changed."""
+from collections import Counter
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ucm_kernels.block_repr import empty_block_repr, naive_update_block_repr
+from ucm_kernels.block_select import naive_select_blocks
+from ucm_kernels.sparse_decode.naive import naive_dense_decode, naive_sparse_decode
+from ucm_sparse import GSA, GSAConfig, sparse_attention
+from ucm_sparse import ops
+from ucm_sparse.reprs import BlockReprCache
+
+BLOCK = 16
+TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
+CONFIG = GSAConfig(sparse_ratio=0.3, init_window_sz=1, local_window_sz=2, min_blocks=3)
+
+
+def make_paged(seq_lens, kv_heads=2, group=4, head_dim=32, dtype=torch.float32, spare=5, seed=0):
+    """q, K and V (views of one tensor, shuffled physical blocks, NaN where no token lives) and a block table."""
+    gen = torch.Generator().manual_seed(seed)
+    nbs = [-(-n // BLOCK) for n in seq_lens]
+    num_blocks = sum(nbs) + spare
+    kv = torch.full((2, num_blocks, BLOCK, kv_heads, head_dim), float("nan"), dtype=dtype)
+    physical = torch.randperm(num_blocks, generator=gen)
+    table = torch.zeros(len(seq_lens), max(nbs) + 2, dtype=torch.int32)
+    used = 0
+    for b, (n, nb) in enumerate(zip(seq_lens, nbs)):
+        table[b, :nb] = physical[used:used + nb].int()
+        used += nb
+        tokens = torch.randn(2, nb * BLOCK, kv_heads, head_dim, generator=gen).to(dtype)
+        tokens[:, n:] = float("nan")
+        kv[:, table[b, :nb].long()] = tokens.view(2, nb, BLOCK, kv_heads, head_dim)
+    q = torch.randn(len(seq_lens), kv_heads * group, head_dim, generator=gen).to(dtype)
+    return q, kv[0], kv[1], table
+
+
+def check_windows(selection, seq_lens, config, max_blocks):
+    """Per (request, head): ascending distinct blocks of the context, the count GSA promises, both windows."""
+    local = max(config.local_window_sz, 1)
+    for b, n in enumerate(seq_lens):
+        nb = -(-n // BLOCK)
+        count = ops.num_selected(nb, config, BLOCK)
+        for h in range(selection.sel_idx.shape[1]):
+            blocks = selection.blocks(b, h)
+            assert len(blocks) == count and blocks == sorted(set(blocks))
+            assert set(blocks) <= set(range(nb))
+            assert set(range(min(config.init_window_sz, nb))) <= set(blocks)
+            assert set(range(max(nb - local, 0), nb)) <= set(blocks)
+            assert (selection.sel_idx[b, h, count:] == -1).all()
+    assert selection.sel_idx.shape[2] == ops.num_selected(max_blocks, config, BLOCK)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seq_lens=st.lists(st.integers(1, 700), min_size=1, max_size=4), ratio=st.sampled_from([0.1, 0.3, 0.5, 1.0]),
+       init=st.integers(0, 3), local=st.integers(0, 4), min_blocks=st.integers(1, 12),
+       score=st.sampled_from(["quest", "mean"]), budget=st.sampled_from([None, 64, 200]))
+def test_selection_keeps_windows_and_count(seq_lens, ratio, init, local, min_blocks, score, budget):
+    config = GSAConfig(sparse_ratio=ratio, init_window_sz=init, local_window_sz=local, min_blocks=min_blocks,
+                       score=score, token_budget=budget)
+    q, k, v, table = make_paged(seq_lens)
+    out, selection = sparse_attention(q, k, v, table, seq_lens, config)
+    check_windows(selection, seq_lens, config, max(-(-n // BLOCK) for n in seq_lens))
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("score", ["quest", "mean"])
+def test_chosen_blocks_outscore_the_rest(score):
+    seq_lens = [700, 310, 45]
+    config = GSAConfig(sparse_ratio=0.2, init_window_sz=1, local_window_sz=3, min_blocks=2, score=score)
+    q, k, v, table = make_paged(seq_lens)
+    _, selection = sparse_attention(q, k, v, table, seq_lens, config)
+    reprs = empty_block_repr(k)
+    naive_update_block_repr(k, table[:, :44].flatten(), *reprs)
+    scores = ops.torch_block_scores(q, *reprs, table[:, :44], score)
+    for b, n in enumerate(seq_lens):
+        nb = -(-n // BLOCK)
+        competing = set(range(1, nb - 3))
+        for h in range(2):
+            chosen = set(selection.blocks(b, h)) & competing
+            rest = competing - chosen
+            if chosen and rest:
+                assert min(scores[b, h, j] for j in chosen) >= max(scores[b, h, j] for j in rest)
+
+
+def test_ratio_one_is_dense_attention():
+    seq_lens = [600, 33, 250]
+    q, k, v, table = make_paged(seq_lens)
+    gsa = GSA(GSAConfig(sparse_ratio=1.0), block_size=BLOCK)
+    plan = gsa.plan(["a", "b", "c"], seq_lens, table)
+    assert plan.dense
+    out = gsa.run(plan, 0, q, k, v)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    torch.testing.assert_close(out, naive_dense_decode(q, k, v, table, lens), **TOLERANCE[torch.float32])
+    full = ops.full_selection(lens, 2, BLOCK, plan.block_table.shape[1])
+    assert torch.equal(out, ops.torch_sparse_decode(q, k, v, plan.block_table, lens, full.sel_idx, full.sel_count))
+
+
+def test_short_sequences_stay_dense_and_long_ones_go_sparse():
+    seq_lens = [40, 900]
+    q, k, v, table = make_paged(seq_lens)
+    _, selection = sparse_attention(q, k, v, table, seq_lens, CONFIG)
+    assert selection.sel_count[0].tolist() == [3, 3]  # 3 blocks <= min_blocks: all of them
+    assert selection.sel_count[1].tolist() == [ops.num_selected(57, CONFIG, BLOCK)] * 2 == [18, 18]
+
+
+def test_one_plan_serves_every_layer_and_a_selection_is_reused(monkeypatch):
+    seq_lens = [500, 260]
+    q, k, v, table = make_paged(seq_lens)
+    q2 = torch.randn(q.shape, generator=torch.Generator().manual_seed(7))
+    gsa = GSA(CONFIG, block_size=BLOCK)
+    plan = gsa.plan([1, 2], seq_lens, table)
+    calls = Counter()
+    for name in ("select", "update_reprs"):
+        monkeypatch.setattr(ops, name, counted(getattr(ops, name), name, calls))
+    out0 = gsa.run(plan, 0, q, k, v)
+    out1 = gsa.run(plan, 1, q2, k, v)
+    reused = gsa.run(plan, 2, q2, k, v, selection=plan.selections[0])
+    assert calls == {"select": 2, "update_reprs": 3}
+    assert plan.selections[2] is plan.selections[0]
+    expected = ops.torch_sparse_decode(q2, k, v, plan.block_table, plan.seq_lens, plan.selections[0].sel_idx,
+                                       plan.selections[0].sel_count)
+    assert torch.equal(reused, expected)
+    assert not torch.equal(out0, out1)
+    assert plan.filled.tolist() == table[0, :31].tolist() + table[1, :16].tolist()
+
+
+def counted(function, name: str, calls: Counter):
+    """``function`` that also counts its calls in ``calls[name]``."""
+    def wrapper(*args, **kwargs):
+        calls[name] += 1
+        return function(*args, **kwargs)
+    return wrapper
+
+
+def test_stale_plan_is_refused():
+    q, k, v, table = make_paged([300])
+    gsa = GSA(CONFIG, block_size=BLOCK)
+    old = gsa.plan(["r"], [300], table)
+    gsa.plan(["r"], [300], table)
+    with pytest.raises(ValueError, match="plan is from step 1"):
+        gsa.run(old, 0, q, k, v)
+
+
+def test_decode_loop_state_matches_one_shot_attention():
+    """A request grows token by token, another joins, one finishes and its blocks go to a new request."""
+    q, k, v, table = make_paged([640, 640, 640], seed=3)
+    gsa = GSA(CONFIG, block_size=BLOCK)
+    schedule = [(["a", "b"], [300, 95]), (["a", "b"], [301, 96]), (["a", "b", "c"], [302, 97, 200]),
+                (["a", "c"], [303, 201]), (["d", "a", "c"], [150, 304, 202])]
+    rows = {"a": 0, "b": 1, "c": 2, "d": 1}  # "d" takes the finished "b"'s physical blocks
+    for ids, lens in schedule:
+        if "d" in ids:
+            gsa.finish("b")
+            for cache in (k, v):  # "d" writes its own tokens into "b"'s old blocks
+                cache[table[1, :10].long()] = torch.randn(10, BLOCK, 2, 32)
+        batch_table = table[[rows[i] for i in ids]]
+        plan = gsa.plan(ids, lens, batch_table)
+        queries = q[[rows[i] for i in ids]]
+        out = gsa.run(plan, "layer", queries, k, v)
+        expected, selection = sparse_attention(queries, k, v, batch_table, lens, CONFIG)
+        assert torch.equal(out, expected)
+        assert torch.equal(plan.selections["layer"].sel_idx, selection.sel_idx)
+    assert "b" not in gsa.requests and len(gsa.requests) == 3
+
+
+def test_restarted_request_recomputes_its_blocks():
+    q, k, v, table = make_paged([400])
+    gsa = GSA(CONFIG, block_size=BLOCK)
+    gsa.run(gsa.plan(["r"], [400], table), 0, q, k, v)
+    k[table[0, 3].long()] = torch.randn(BLOCK, 2, 32)  # preempted: the block is rewritten, the request restarts
+    plan = gsa.plan(["r"], [80], table)
+    assert plan.filled.tolist() == table[0, :5].tolist()
+    out = gsa.run(plan, 0, q, k, v)
+    assert torch.equal(out, sparse_attention(q, k, v, table, [80], CONFIG)[0])
+
+
+def test_torch_twins_match_the_kernel_references():
+    seq_lens = [403, 17, 150, 229]
+    q, k, v, table = make_paged(seq_lens, dtype=torch.bfloat16)
+    ids = torch.cat([table[b, :n // BLOCK] for b, n in enumerate(seq_lens)])
+    ours, reference = empty_block_repr(k), empty_block_repr(k)
+    ops.torch_update_block_repr(k, ids, *ours)
+    naive_update_block_repr(k, ids, *reference)
+    assert all(torch.equal(a[ids.long()], b[ids.long()]) for a, b in zip(ours, reference))
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    sizes = dict(block_size=BLOCK, sparse_ratio=0.3, init_window=1, local_window=2, min_blocks=3)
+    for score in ("quest", "mean"):
+        sel = ops.torch_select_blocks(q, *ours, table[:, :26], lens, score=score, **sizes)
+        ref = naive_select_blocks(q, *ours, table[:, :26], lens, score=score, **sizes)
+        assert torch.equal(sel[0], ref[0]) and torch.equal(sel[1], ref[1])
+    out = ops.torch_sparse_decode(q, k, v, table, lens, *sel)
+    torch.testing.assert_close(out.float(), naive_sparse_decode(q, k, v, table, lens, *sel),
+                               **TOLERANCE[torch.bfloat16])
+
+
+def test_triton_backend_matches_torch_backend():
+    seq_lens = [300, 70]
+    q, k, v, table = make_paged(seq_lens, kv_heads=2, group=2, head_dim=16, dtype=torch.bfloat16)
+    out_t, sel_t = sparse_attention(q, k, v, table, seq_lens, CONFIG, backend="triton")
+    out_c, sel_c = sparse_attention(q, k, v, table, seq_lens, CONFIG, backend="torch")
+    assert torch.equal(sel_t.sel_count, sel_c.sel_count)
+    assert torch.equal(sel_t.sel_idx, sel_c.sel_idx)
+    torch.testing.assert_close(out_t, out_c, **TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(q=torch.zeros(3, 8, 32)), "q: got shape"),
+    (dict(k=torch.zeros(10, 8, 2, 32)), "key_cache: got shape"),
+    (dict(v=torch.zeros(10, 16, 2, 32, dtype=torch.float64)), "value_cache"),
+])
+def test_bad_layer_inputs_name_the_argument(change, match):
+    q, k, v, table = make_paged([100, 50])
+    args = {**dict(q=q, k=k, v=v), **change}
+    gsa = GSA(CONFIG, block_size=BLOCK)
+    plan = gsa.plan(["a", "b"], [100, 50], table)
+    with pytest.raises(ValueError, match=match):
+        gsa.run(plan, 0, args["q"], args["k"], args["v"])
+
+
+def test_bad_batch_and_settings_are_refused():
+    _, _, _, table = make_paged([100])
+    gsa = GSA(CONFIG, block_size=BLOCK)
+    with pytest.raises(ValueError, match="seq_lens\\[0\\]: 1000 tokens"):
+        gsa.plan(["a"], [1000], table)
+    with pytest.raises(ValueError, match="repeats an id"):
+        gsa.plan(["a", "a"], [10, 10], torch.cat([table, table]))
+    with pytest.raises(ValueError, match="block_table"):
+        gsa.plan(["a"], [100], table.long())
+    with pytest.raises(ValueError, match="backend"):
+        GSA(CONFIG, block_size=BLOCK, backend="cuda")
+    with pytest.raises(ValueError, match="OffloadedGSA"):
+        GSA(GSAConfig(offload=True), block_size=BLOCK)
+
+
+def test_block_repr_cache_recomputes_only_blocks_whose_keys_changed():
+    _, k, _, table = make_paged([320, 160])
+    cache = BlockReprCache(k)
+    blocks = torch.cat([table[0, :20], table[1, :10]])
+    reprs = cache.refresh("torch", k, blocks)
+    expected = empty_block_repr(k)
+    naive_update_block_repr(k, blocks, *expected)
+    assert cache.recomputed == 30 and all(torch.equal(a[blocks.long()], b[blocks.long()])
+                                          for a, b in zip(reprs, expected))
+    cache.refresh("torch", k, blocks)
+    assert cache.recomputed == 30  # nothing changed
+    rewritten = table[1, 3].long()  # e.g. a connector loaded other content into this block
+    k[rewritten] = torch.randn(BLOCK, 2, 32)
+    reprs = cache.refresh("torch", k, blocks)
+    naive_update_block_repr(k, rewritten[None], *expected)
+    assert cache.recomputed == 31 and all(torch.equal(a[rewritten], b[rewritten]) for a, b in zip(reprs, expected))

@@ -1,0 +1,220 @@
+"""GSA offload mode (ucm_sparse.offload, ucm_sparse.prefetch): bit-exact against on-device GSA over the same tokens,
+synchronous misses counted, prefetch bounded by max_pending_prefetch, the host KV held by the store's Cache tier."""
+import threading
+import time
+
+import pytest
+import torch
+
+from ucm_sparse import GSA, GSAConfig
+from ucm_sparse.offload import OffloadedGSA
+from ucm_sparse.prefetch import FetchJob, Prefetcher
+from ucm_store.backends.cache import CacheTier
+from ucm_store.pool import PinnedMemoryPool
+
+BLOCK, HEADS, GROUP, DIM, LAYERS, DTYPE = 16, 2, 2, 32, 2, torch.bfloat16
+SPARSE = dict(sparse_ratio=0.3, init_window_sz=1, local_window_sz=2, min_blocks=3)
+
+
+def private_cache() -> CacheTier:
+    return CacheTier(LAYERS, PinnedMemoryPool(1 << 20, 64 << 20, pinned=False))
+
+
+class Twin:
+    """The same requests decoded by on-device GSA (a paged cache) and by OffloadedGSA; outputs compared."""
+
+    def __init__(self, config: GSAConfig, prompts: dict, steps: int = 40, seed: int = 0, backend: str = "torch"):
+        self.gen = torch.Generator().manual_seed(seed)
+        capacity = sum(-(-(n + steps) // BLOCK) for n in prompts.values())
+        self.kv = [torch.zeros(2, capacity + 3, BLOCK, HEADS, DIM, dtype=DTYPE) for _ in range(LAYERS)]
+        self.physical = torch.randperm(capacity + 3, generator=self.gen).tolist()
+        self.blocks: dict = {}
+        self.lens = dict(prompts)
+        self.queries = {(r, layer): self.random(HEADS * GROUP, DIM).float() for r in prompts for layer in range(LAYERS)}
+        self.device_gsa = GSA(config, block_size=BLOCK, backend=backend)
+        self.offload = OffloadedGSA(config, num_layers=LAYERS, num_kv_heads=HEADS, head_dim=DIM, block_size=BLOCK,
+                                    host_blocks=capacity + 2, dtype=DTYPE, device="cpu", cache=private_cache(),
+                                    backend=backend)
+        for request, n in prompts.items():
+            self.blocks[request] = [self.physical.pop() for _ in range(-(-n // BLOCK))]
+            for layer in range(LAYERS):
+                keys, values = self.random(n, HEADS, DIM), self.random(n, HEADS, DIM)
+                for position in range(n):
+                    self.put(layer, request, position, keys[position], values[position])
+                self.offload.write_prompt(request, layer, keys, values)
+
+    def random(self, *shape) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.gen).to(DTYPE)
+
+    def query(self, request, layer: int) -> torch.Tensor:
+        """A request's query drifts from step to step (as decode queries do), so selections overlap."""
+        drifted = self.queries[request, layer] + 0.05 * torch.randn(HEADS * GROUP, DIM, generator=self.gen)
+        self.queries[request, layer] = drifted
+        return drifted.to(DTYPE)
+
+    def put(self, layer: int, request, position: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        block = self.blocks[request][position // BLOCK]
+        self.kv[layer][0, block, position % BLOCK] = key
+        self.kv[layer][1, block, position % BLOCK] = value
+
+    def step(self, requests: list, settle_prefetch: bool = False) -> None:
+        """One decode token for ``requests`` in both modes; asserts equal outputs and selections.
+        ``settle_prefetch``: let the prefetch finish before the layers run (as the model's other work would)."""
+        for request in requests:
+            if self.lens[request] % BLOCK == 0:
+                self.blocks[request].append(self.physical.pop())
+            self.lens[request] += 1
+        width = max(len(self.blocks[r]) for r in requests)
+        table = torch.tensor([self.blocks[r] + [0] * (width - len(self.blocks[r])) for r in requests],
+                             dtype=torch.int32)
+        on_device = self.device_gsa.plan(requests, [self.lens[r] for r in requests], table)
+        offload = self.offload.plan(requests)
+        for job in offload.prefetches if settle_prefetch else ():
+            job.done.wait()
+        for layer in range(LAYERS):
+            q = torch.stack([self.query(r, layer) for r in requests])
+            key, value = self.random(len(requests), HEADS, DIM), self.random(len(requests), HEADS, DIM)
+            for row, request in enumerate(requests):
+                self.put(layer, request, self.lens[request] - 1, key[row], value[row])
+            expected = self.device_gsa.run(on_device, layer, q, self.kv[layer][0], self.kv[layer][1])
+            got = self.offload.run(offload, layer, q, key, value)
+            assert torch.equal(got, expected), f"layer {layer}: max diff {(got - expected).abs().max()}"
+            assert torch.equal(offload.selections[layer].sel_idx, on_device.selections[layer].sel_idx)
+
+
+@pytest.fixture
+def make_twin():
+    """Twin factory; the twins' offload workers and host KV are released at teardown."""
+    made = []
+
+    def make(config: GSAConfig, prompts: dict, backend: str = "torch") -> Twin:
+        made.append(Twin(config, prompts, backend=backend))
+        return made[-1]
+
+    yield make
+    for twin in made:
+        twin.offload.close()
+
+
+def test_offload_returns_exactly_what_on_device_returns(make_twin):
+    twin = make_twin(GSAConfig(**SPARSE, gpu_budget_blocks=200, prefetch_ahead=2), {"a": 300, "b": 129, "c": 40})
+    for step in range(40):  # blocks fill and open; "c" goes from dense to sparse; "b" joins late
+        twin.step(["a", "c"] if step < 5 else ["a", "b", "c"])
+    stats = twin.offload.stats
+    assert stats.steps == 40 and stats.tokens == 2 * 5 + 3 * 35
+    assert stats.needed > 0 and 0.0 < stats.hit_rate < 1.0
+    assert stats.d2h_bytes == stats.piece_bytes * HEADS * LAYERS * sum(  # each block the decode filled, once
+        (n + 40 - (5 if r == "b" else 0)) // BLOCK - n // BLOCK for r, n in {"a": 300, "b": 129, "c": 40}.items())
+
+
+def test_offload_equals_on_device_on_the_triton_kernels_too(make_twin):
+    """The same check through the Triton kernels (the interpreter here): the per-(request, KV head) table over the
+    pool runs the same programs as the paged cache; "b" and then "a" fill a block (representation from the pool)."""
+    twin = make_twin(GSAConfig(**SPARSE, gpu_budget_blocks=60, prefetch_ahead=0), {"a": 206, "b": 79},
+                     backend="triton")
+    twin.step(["a", "b"])
+    twin.step(["a", "b"])
+    assert twin.offload.stats.d2h_bytes == 2 * LAYERS * HEADS * twin.offload.stats.piece_bytes
+
+
+def test_synchronous_misses_are_counted_and_correct(make_twin):
+    """First step after the prompts: nothing is resident, so every selected piece is a synchronous miss."""
+    prompts = {"a": 300, "b": 256}  # "a" ends inside a block (fetched to append), "b" on a boundary (new block)
+    twin = make_twin(GSAConfig(**SPARSE, gpu_budget_blocks=100, prefetch_ahead=0), prompts)
+    twin.step(["a", "b"])
+    stats = twin.offload.stats
+    tails = LAYERS * HEADS * len(prompts)
+    assert stats.needed == LAYERS * HEADS * (6 + 6)  # ceil(0.3 * 19) and ceil(0.3 * 17) blocks
+    assert stats.sync_misses == stats.needed - tails + LAYERS * HEADS  # + the tail of "a" fetched before writing
+    assert stats.h2d_bytes == stats.sync_misses * stats.piece_bytes
+    first = stats.sync_misses
+    twin.step(["a", "b"])  # the windows and whatever the new (random) queries select again are hits now
+    assert stats.needed == 2 * LAYERS * HEADS * 12 and 0 < stats.sync_misses - first < LAYERS * HEADS * 12 / 2
+
+
+@pytest.mark.parametrize("ahead", [0, 2])
+def test_alternating_batches_prefetch_what_the_last_selection_predicts(ahead, make_twin):
+    """Two groups take turns on a budget that holds one group's selection: the other group's pieces get
+    evicted; with prefetch they come back before attention, without it they are synchronous misses."""
+    config = GSAConfig(**SPARSE, gpu_budget_blocks=24, prefetch_ahead=ahead, prefetch_workers=3,
+                       max_pending_prefetch=2)  # blocks: 2 * HEADS pieces in flight
+    twin = make_twin(config, {"a1": 400, "a2": 390, "b1": 410, "b2": 385})
+    misses = []
+    for step in range(8):
+        before = twin.offload.stats.sync_misses
+        twin.step(["a1", "a2"] if step % 2 == 0 else ["b1", "b2"], settle_prefetch=True)
+        misses.append(twin.offload.stats.sync_misses - before)
+    stats = twin.offload.stats
+    cold = sum(misses[:2]) / 2  # nothing resident yet: every selected piece misses
+    if ahead:
+        assert stats.prefetched > 0 and stats.prefetch_cancelled == 0
+        assert twin.offload.prefetcher.max_pending == 4 and twin.offload.prefetcher.peak_in_flight <= 4
+        assert max(misses[2:]) < 0.25 * cold  # what is left is the drift of the selection
+    else:
+        assert twin.offload.prefetcher is None and stats.prefetched == 0
+        assert min(misses[2:]) > 0.4 * cold  # the other group evicted the top-scoring pieces
+
+
+def test_prefetcher_bounds_pieces_in_flight():
+    running, lock = [0], threading.Lock()
+    seen = []
+
+    def fetch(job):
+        with lock:
+            running[0] += job.size
+            seen.append(running[0])
+        time.sleep(0.002)
+        with lock:
+            running[0] -= job.size
+
+    prefetcher = Prefetcher(workers=4, max_pending=7, fetch=fetch)
+    jobs = [FetchJob(0, torch.arange(1 + i % 3), torch.arange(1 + i % 3)) for i in range(40)]
+    for job in jobs:
+        prefetcher.submit(job)
+    prefetcher.close()  # runs what is queued
+    assert all(job.state == "done" and job.error is None for job in jobs)
+    assert max(seen) <= 7 and prefetcher.peak_in_flight <= 7 and prefetcher.peak_in_flight >= 4
+    with pytest.raises(ValueError, match="max_pending"):
+        prefetcher.submit(FetchJob(0, torch.arange(8), torch.arange(8)))
+
+
+def test_prefetch_not_started_is_cancelled_and_running_is_waited_for():
+    release = threading.Event()
+    prefetcher = Prefetcher(workers=1, max_pending=4, fetch=lambda job: release.wait())
+    first, second = (FetchJob(0, torch.arange(2), torch.arange(2)) for _ in range(2))
+    prefetcher.submit(first)
+    prefetcher.submit(second)
+    while first.state != "running":
+        time.sleep(0.001)
+    assert prefetcher.finish(second) is False and second.state == "cancelled"
+    threading.Timer(0.05, release.set).start()
+    assert prefetcher.finish(first) is True and first.state == "done"
+    prefetcher.close()
+
+
+def test_budget_smaller_than_a_step_is_a_clear_error(make_twin):
+    twin = make_twin(GSAConfig(**SPARSE, gpu_budget_blocks=4, prefetch_ahead=0), {"a": 500})
+    with pytest.raises(ValueError, match="gpu_budget_blocks=4"):
+        twin.step(["a"])
+
+
+def test_host_kv_lives_in_the_cache_tier_and_finish_frees_everything():
+    cache = private_cache()
+    gsa = OffloadedGSA(GSAConfig(**SPARSE, gpu_budget_blocks=50), num_layers=LAYERS, num_kv_heads=HEADS,
+                       head_dim=DIM, block_size=BLOCK, host_blocks=40, dtype=DTYPE, device="cpu", cache=cache)
+    host_bytes = LAYERS * 40 * HEADS * 2 * BLOCK * DIM * DTYPE.itemsize
+    assert len(cache) == LAYERS and cache.pool.get_stats()["currently_used"] >= host_bytes
+    for layer in range(LAYERS):
+        gsa.write_prompt("r", layer, torch.randn(100, HEADS, DIM).to(DTYPE), torch.randn(100, HEADS, DIM).to(DTYPE))
+    plan = gsa.plan(["r"])
+    for layer in range(LAYERS):
+        gsa.run(plan, layer, torch.randn(1, HEADS * GROUP, DIM).to(DTYPE), torch.randn(1, HEADS, DIM).to(DTYPE),
+                torch.randn(1, HEADS, DIM).to(DTYPE))
+    assert all(int((pool.slot_of >= 0).sum()) > 0 for pool in gsa.pools)
+    gsa.finish("r")
+    assert all(int((pool.slot_of >= 0).sum()) == 0 and not pool.pinned.any() for pool in gsa.pools)
+    assert gsa.host.free_blocks == 40
+    with pytest.raises(ValueError, match="write_prompt"):
+        gsa.plan(["r"])
+    gsa.close()
+    assert len(cache) == 0 and cache.pool.get_stats()["currently_used"] == 0

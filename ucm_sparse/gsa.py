@@ -1,0 +1,177 @@
+"""GSA on a paged KV cache in device memory: ``plan()`` once per decode step, ``run()`` once per layer.
+
+    gsa = GSA(GSAConfig(sparse_ratio=0.3), block_size=16)
+    plan = gsa.plan(request_ids, seq_lens, block_table)       # once per step: shared by every layer
+    for layer in range(num_layers):
+        out = gsa.run(plan, layer, q[layer], key_cache[layer], value_cache[layer])
+    gsa.finish(request_id)                                      # when a request ends
+
+The plan holds what a step's layers share: the lengths, the block table cut to the longest request, the blocks
+that became full since the previous step (their representations are computed by each layer's ``run``), the
+block count each request attends, and whether the whole batch is still dense (then ``run`` is plain dense
+attention). ``run`` updates the layer's block representations, selects (or takes ``selection=`` computed
+earlier, e.g. by another layer) and attends; the selection stays in ``plan.selections[layer]``.
+:func:`sparse_attention` is the one-call form for a notebook.
+"""
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ucm_kernels.block_repr import blocks_filled, empty_block_repr
+
+from . import ops
+from .config import GSAConfig
+from .ops import Selection
+from .state import RequestTable
+
+
+@dataclass
+class GSAPlan:
+    """One decode step's shared work (see the module docstring); made by :meth:`GSA.plan`."""
+
+    step: int
+    request_ids: list
+    seq_lens: torch.Tensor  # [batch] int32, tokens per request including the current one
+    block_table: torch.Tensor  # [batch, max_blocks] int32, columns cut to the longest request
+    filled: torch.Tensor  # [n] physical ids of the blocks that became full since the previous step
+    counts: list[int]  # blocks each request attends
+    dense: bool  # every request attends all of its blocks
+    selections: dict = field(default_factory=dict)  # layer -> Selection, filled by run()
+
+
+class GSA:
+    """Block-sparse decode attention over a paged KV cache with per-request state (on-device mode).
+
+    Args:
+        config: the GSA settings (``offload`` must be off: see ``ucm_sparse.offload.OffloadedGSA``).
+        block_size: tokens per KV block of the caches ``run`` is given.
+        backend: ``"auto"`` (Triton kernels for bf16/fp16 CUDA tensors, torch otherwise), ``"triton"``, ``"torch"``.
+    """
+
+    def __init__(self, config: GSAConfig | None = None, *, block_size: int, backend: str = "auto"):
+        config = config or GSAConfig()
+        if config.offload:
+            raise ValueError("config.offload is True: on-device GSA keeps the KV on the device; use "
+                             "ucm_sparse.OffloadedGSA for the offload mode")
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size: got {block_size!r}, expected a positive int")
+        ops.check_backend(backend)
+        self.config, self.block_size, self.backend = config, block_size, backend
+        self.requests = RequestTable()
+        self._reprs: dict[Hashable, tuple] = {}
+        self._step = 0
+
+    def plan(self, request_ids: Sequence[Hashable], seq_lens: torch.Tensor | Sequence[int],
+             block_table: torch.Tensor) -> GSAPlan:
+        """Plan one decode step of the batch (one host read of ``seq_lens``); reuse the plan for every layer.
+
+        Args:
+            request_ids: one hashable id per batch row; ids not seen before start a new request.
+            seq_lens: ``[batch]`` tokens per request including the current one (tensor or list).
+            block_table: ``[batch, max_blocks]`` int32 logical -> physical block, on the caches' device.
+        """
+        lengths = [int(n) for n in (seq_lens.tolist() if isinstance(seq_lens, torch.Tensor) else seq_lens)]
+        _check_batch(request_ids, lengths, block_table, self.block_size)
+        before = self.requests.advance(list(request_ids), lengths)
+        nbs = [-(-n // self.block_size) for n in lengths]
+        table = block_table[:, :max(nbs, default=0)]
+        device = block_table.device
+        lens = torch.tensor(lengths, dtype=torch.int32, device=device)
+        filled = blocks_filled(torch.tensor(before, dtype=torch.int32, device=device), lens, table, self.block_size)
+        counts = [ops.num_selected(nb, self.config, self.block_size) for nb in nbs]
+        self._step += 1
+        return GSAPlan(self._step, list(request_ids), lens, table, filled, counts,
+                       dense=all(c == nb for c, nb in zip(counts, nbs)))
+
+    def run(self, plan: GSAPlan, layer: Hashable, q: torch.Tensor, key_cache: torch.Tensor,
+            value_cache: torch.Tensor, *, scale: float | None = None, selection: Selection | None = None
+            ) -> torch.Tensor:
+        """Attention output of one layer for this step: ``[batch, num_q_heads, head_dim]`` in q's dtype.
+
+        Args:
+            plan: this step's plan (the latest :meth:`plan`).
+            layer: any hashable layer key; each layer keeps its own block representations.
+            q: ``[batch, num_q_heads, head_dim]``, the current token's queries.
+            key_cache, value_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]`` (any strides) holding
+                every token of every request, the current one included.
+            scale: softmax scale (default ``head_dim ** -0.5``).
+            selection: reuse this selection instead of selecting (e.g. the one another layer made this step).
+        """
+        if plan.step != self._step:
+            raise ValueError(f"plan is from step {plan.step}; the latest plan is step {self._step}")
+        _check_layer_inputs(q, key_cache, value_cache, plan, self.block_size)
+        backend = ops.resolve_backend(self.backend, q)
+        reprs = self._layer_reprs(layer, key_cache)
+        ops.update_reprs(backend, key_cache, plan.filled, reprs)
+        if plan.dense:
+            plan.selections[layer] = ops.full_selection(plan.seq_lens, key_cache.shape[2], self.block_size,
+                                                        plan.block_table.shape[1])
+            return ops.attend(backend, q, key_cache, value_cache, plan.block_table, plan.seq_lens, None, scale)
+        if selection is None:
+            selection = ops.select(backend, q, reprs, plan.block_table, plan.seq_lens, self.config, self.block_size)
+        plan.selections[layer] = selection
+        return ops.attend(backend, q, key_cache, value_cache, plan.block_table, plan.seq_lens, selection, scale)
+
+    def finish(self, request_id: Hashable) -> None:
+        """Forget a finished request (its blocks' representations are recomputed when blocks are reused)."""
+        self.requests.finish(request_id)
+
+    def _layer_reprs(self, layer: Hashable, key_cache: torch.Tensor) -> tuple:
+        reprs = self._reprs.get(layer)
+        if reprs is None:
+            reprs = self._reprs[layer] = empty_block_repr(key_cache)
+        elif reprs[0].shape != (key_cache.shape[0], *key_cache.shape[2:]) or reprs[0].device != key_cache.device:
+            raise ValueError(f"key_cache: shape {tuple(key_cache.shape)} on {key_cache.device}, but layer {layer!r} "
+                             f"was first run with {reprs[0].shape[0]} blocks of [{reprs[0].shape[1]}, "
+                             f"{reprs[0].shape[2]}] on {reprs[0].device}")
+        return reprs
+
+
+def sparse_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                     block_table: torch.Tensor, seq_lens: torch.Tensor | Sequence[int],
+                     config: GSAConfig | None = None, *, scale: float | None = None, backend: str = "auto"
+                     ) -> tuple[torch.Tensor, Selection]:
+    """GSA decode attention in one call, on plain tensors: ``(out, selection)``.
+
+    Computes the representation of every full block of the listed requests, selects per (request, KV head) and
+    attends. Shapes as in :meth:`GSA.run`; ``seq_lens`` ``[batch]`` counts the current token. ``out`` is
+    ``[batch, num_q_heads, head_dim]`` in q's dtype; ``selection`` names the logical blocks attended (all of
+    them for a request that stays dense). For a decode loop, keep a :class:`GSA` instead (no recomputation).
+    """
+    gsa = GSA(config, block_size=key_cache.shape[1], backend=backend)
+    plan = gsa.plan(list(range(q.shape[0])), seq_lens, block_table)
+    out = gsa.run(plan, 0, q, key_cache, value_cache, scale=scale)
+    return out, plan.selections[0]
+
+
+def _check_batch(request_ids: Sequence, lengths: list[int], block_table: torch.Tensor, block_size: int) -> None:
+    if block_table.dim() != 2 or block_table.dtype != torch.int32:
+        raise ValueError(f"block_table: got shape {tuple(block_table.shape)} dtype {block_table.dtype}, expected "
+                         "an int32 [batch, max_blocks] tensor")
+    if not len(request_ids) == len(lengths) == block_table.shape[0]:
+        raise ValueError(f"request_ids ({len(request_ids)}), seq_lens ({len(lengths)}) and block_table rows "
+                         f"({block_table.shape[0]}) must all have one entry per request")
+    for i, n in enumerate(lengths):
+        if n < 1 or -(-n // block_size) > block_table.shape[1]:
+            raise ValueError(f"seq_lens[{i}]: {n} tokens; expected 1..{block_table.shape[1] * block_size} "
+                             f"(block_table has {block_table.shape[1]} blocks of {block_size})")
+
+
+def _check_layer_inputs(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, plan: GSAPlan,
+                        block_size: int) -> None:
+    if q.dim() != 3 or q.shape[0] != len(plan.request_ids):
+        raise ValueError(f"q: got shape {tuple(q.shape)}, expected [batch={len(plan.request_ids)}, num_q_heads, "
+                         "head_dim]")
+    if key_cache.dim() != 4 or key_cache.shape[1] != block_size or key_cache.shape[3] != q.shape[2] \
+            or q.shape[1] % key_cache.shape[2]:
+        raise ValueError(f"key_cache: got shape {tuple(key_cache.shape)}, expected [num_blocks, {block_size}, "
+                         f"num_kv_heads dividing {q.shape[1]}, {q.shape[2]}]")
+    if value_cache.shape != key_cache.shape or value_cache.dtype != key_cache.dtype:
+        raise ValueError(f"value_cache: got shape {tuple(value_cache.shape)} dtype {value_cache.dtype}, expected "
+                         f"key_cache's {tuple(key_cache.shape)} {key_cache.dtype}")
+    for name, tensor in (("key_cache", key_cache), ("value_cache", value_cache)):
+        if tensor.device != q.device or tensor.dtype != q.dtype:
+            raise ValueError(f"{name}: {tensor.dtype} on {tensor.device}, expected q's {q.dtype} on {q.device}")
+    if plan.block_table.device != q.device:
+        raise ValueError(f"block_table is on {plan.block_table.device}, expected q's device {q.device}")

