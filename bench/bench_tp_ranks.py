@@ -5,8 +5,9 @@ namespace (``tp_size``, ``rank``), offloads its blocks through the kv_transfer p
 ``Cache|Posix`` store, then loads them back with a fresh store (from disk) into a fresh cache and checks them
 bit-exact. Block ids of different ranks must be disjoint, so no rank can ever address another rank's shard.
 Aggregate bandwidth = all ranks' bytes / the slowest rank's time, against the 1-rank figure measured in the same
-run. Ranks are processes (torch.distributed, gloo for the barriers and gathers); rank r uses GPU r % n_gpus, so
-on a one-GPU machine several ranks share it, and on a CPU-only machine everything runs on the CPU.
+run. Ranks are processes (torch.distributed: NCCL when every rank has a GPU of its own, else gloo); rank r uses
+GPU r % n_gpus, so on a one-GPU machine several ranks share it, and on a CPU-only machine everything runs on the
+CPU.
 
 Usage: ``python -m bench.bench_tp_ranks --ranks 2 [--blocks 512] [--layers 32]``.
 """
@@ -48,10 +49,12 @@ def timed(fn, device: torch.device) -> float:
 
 
 def run_rank(rank: int, args, port: int, results) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.ranks)
     device = rank_device(rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    one_gpu_each = torch.cuda.is_available() and torch.cuda.device_count() >= args.ranks
+    dist.init_process_group("nccl" if one_gpu_each else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=args.ranks)
     transport = CUDATransport(device.index or 0)
     cache = shard_cache(args, rank, device)
     tokens = torch.randint(0, 32000, (args.blocks * args.block_size,), generator=torch.Generator().manual_seed(7))
