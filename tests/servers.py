@@ -1,13 +1,14 @@
 """Real servers for the remote-tier tests and benchmarks, on 127.0.0.1: an S3 server (moto) and a Mooncake master
 with one storage node. Each is a context manager that starts its processes on free ports, waits until they accept
 connections, and stops exactly the processes it started (also :meth:`kill`, :meth:`pause` and :meth:`resume` for
-outage tests)."""
+outage tests). :class:`SlowProxy` sits in front of a server to make it slow."""
 import importlib.util
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +36,22 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = START_TIME
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"server {proc.args[0]} not listening on port {port} after {timeout} s")
+
+
+def wait_stopped(pid: int, timeout: float = START_TIMEOUT) -> None:
+    """Return once every thread of process ``pid`` is in the stopped state ('T' in /proc/PID/task/TID/stat)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = []
+        for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+            try:
+                states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # a thread that just exited
+        if states and all(state in "Tt" for state in states):
+            return
+        time.sleep(0.005)
+    raise RuntimeError(f"process {pid} not stopped {timeout} s after SIGSTOP")
 
 
 class _Servers:
@@ -67,9 +84,13 @@ class _Servers:
         self.procs = []
 
     def pause(self) -> None:
-        """SIGSTOP every process: a hung server (connections accepted by the kernel, never answered)."""
+        """SIGSTOP every process: a hung server (connections accepted by the kernel, never answered). Returns once
+        every thread has stopped: the signal takes effect asynchronously, and a server thread still running just
+        after ``kill()`` returned could answer one more request."""
         for proc in self.procs:
             proc.send_signal(signal.SIGSTOP)
+        for proc in self.procs:
+            wait_stopped(proc.pid)
 
     def resume(self) -> None:
         for proc in self.procs:
@@ -140,3 +161,55 @@ class MooncakeServers(_Servers):
     def config(self, **extra) -> dict:
         return {"store_pipeline": "Cache|Mooncake", "mooncake_master": self.master,
                 "mooncake_local_hostname": "127.0.0.1", "mooncake_local_buffer_size": 64 << 20, **extra}
+
+
+class SlowProxy:
+    """A TCP proxy on 127.0.0.1 in front of ``upstream_port`` that holds every chunk of the server's replies for
+    ``delay`` seconds (changeable while it runs): a slow server or network. Context manager; closing it drops every
+    connection it carries."""
+
+    def __init__(self, upstream_port: int, delay: float = 0.0):
+        self.upstream_port = upstream_port
+        self.delay = delay
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept_loop, daemon=True, name="slow-proxy").start()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:
+                return
+            self._sockets += [client, upstream]
+            for src, dst, slow in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pump, args=(src, dst, slow), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, slow: bool) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                if slow:
+                    time.sleep(self.delay)
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            _hang_up(sock)
+
+    def __enter__(self) -> "SlowProxy":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sock in [self._listener, *self._sockets]:
+            _hang_up(sock)
+
+
+def _hang_up(sock: socket.socket) -> None:
+    """Shut ``sock`` down (which wakes a thread blocked in its accept or recv; close alone does not), then close it."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()

@@ -13,13 +13,13 @@ Accepted sources (a dict, or a path to a YAML file holding one):
 """
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ucm_store.configspec import ConfigError, close_keys, parse_section, spec, validate_fields
+from ucm_store.configspec import ConfigError, close_keys, parse_section, shown, spec, validate_fields
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +80,9 @@ class StoreConfig:
     s3_access_key_id: str = spec("", "access key id (empty: $AWS_ACCESS_KEY_ID or the instance's credentials)",
                                  used_by="DS3FS")
     s3_secret_access_key: str = spec("", "secret access key, never logged (empty: $AWS_SECRET_ACCESS_KEY)",
-                                     used_by="DS3FS")
+                                     used_by="DS3FS", secret=True)
     s3_session_token: str = spec("", "session token of temporary credentials, never logged (empty: $AWS_SESSION_TOKEN)",
-                                 used_by="DS3FS")
+                                 used_by="DS3FS", secret=True)
     mooncake_master: str = spec("", "host:port of the Mooncake master (required by the Mooncake tier)",
                                 used_by="Mooncake")
     mooncake_metadata_server: str = spec("P2PHANDSHAKE", "transfer-engine metadata: P2PHANDSHAKE (no service), "
@@ -106,15 +106,15 @@ class StoreConfig:
 
     def __repr__(self) -> str:
         """The dataclass repr with the secrets of SECRET_KEYS masked."""
-        def shown(name: str) -> str:
+        def value_of(name: str) -> str:
             value = getattr(self, name)
             return "'***'" if name in SECRET_KEYS and value else repr(value)
-        return f"StoreConfig({', '.join(f'{f.name}={shown(f.name)}' for f in dataclasses.fields(self))})"
+        return f"StoreConfig({', '.join(f'{f.name}={value_of(f.name)}' for f in dataclasses.fields(self))})"
 
     @property
     def tiers(self) -> tuple[str, ...]:
         """The tier names of ``store_pipeline`` in order, e.g. ``("Cache", "Posix")``."""
-        return tuple(self.store_pipeline.split("|"))
+        return tuple(tier.strip() for tier in self.store_pipeline.split("|"))
 
     def _check_relations(self) -> None:
         tiers = [t.strip() for t in self.store_pipeline.split("|")]
@@ -158,8 +158,12 @@ def read_document(source: str | Path | Mapping) -> dict:
     else:
         raise ConfigError(f"config must be a dict or a YAML file path, got {type(source).__name__}")
     if "ucm_config_file" in raw:
+        path = raw["ucm_config_file"]
+        if not isinstance(path, (str, Path)):
+            raise ConfigError("ucm_config_file: expected the path of a YAML file, got "
+                              f"{shown(path, contents=False)}")
         overrides = {k: v for k, v in raw.items() if k != "ucm_config_file"}
-        raw = _apply_overrides(_read_yaml(Path(raw["ucm_config_file"])), overrides)
+        raw = _apply_overrides(_read_yaml(Path(path)), overrides)
     return raw
 
 
@@ -170,7 +174,8 @@ def parse_connectors(source: str | Path | Mapping) -> list[ConnectorSpec]:
         _reject_unknown(doc, DOCUMENT_KEYS, "the config document")
         entries = doc["ucm_connectors"]
         if not isinstance(entries, list) or not entries:
-            raise ConfigError(f"ucm_connectors: expected a non-empty list of connectors, got {entries!r}")
+            raise ConfigError("ucm_connectors: expected a non-empty list of connectors, got "
+                              f"{shown(entries, contents=False)}")
         return [_parse_entry(entry, i) for i, entry in enumerate(entries)]
     if "ucm_connector_config" in doc:
         _reject_unknown(doc, DOCUMENT_KEYS, "the config document")
@@ -198,7 +203,7 @@ def _parse_entry(entry: Any, index: int) -> ConnectorSpec:
     where = f"ucm_connectors[{index}]"
     if not isinstance(entry, Mapping):
         raise ConfigError(f"{where}: expected a mapping with ucm_connector_name and ucm_connector_config, "
-                          f"got {entry!r}")
+                          f"got {shown(entry, contents=False)}")
     _reject_unknown(entry, ("ucm_connector_name", "ucm_connector_config"), where)
     name = entry.get("ucm_connector_name", CONNECTOR_NAMES[0])
     if name not in CONNECTOR_NAMES:
@@ -231,15 +236,24 @@ def _apply_overrides(doc: dict, overrides: dict) -> dict:
         return doc
     if "ucm_connectors" in doc:
         entries = doc["ucm_connectors"]
-        if not isinstance(entries, list) or len(entries) != 1:
+        if not isinstance(entries, list) or len(entries) != 1 or not isinstance(entries[0], Mapping):
             raise ConfigError("ucm_config_file: keys beside it override a file with exactly one connector; "
-                              f"the file declares {len(entries) if isinstance(entries, list) else entries!r}")
+                              f"its ucm_connectors is {shown(entries, contents=False)}")
         entry = dict(entries[0])
-        entry["ucm_connector_config"] = {**(entry.get("ucm_connector_config") or {}), **overrides}
+        entry["ucm_connector_config"] = _merged(entry.get("ucm_connector_config"), overrides,
+                                                "ucm_connectors[0].ucm_connector_config")
         return {**doc, "ucm_connectors": [entry]}
     if "ucm_connector_config" in doc:
-        return {**doc, "ucm_connector_config": {**(doc["ucm_connector_config"] or {}), **overrides}}
+        return {**doc, "ucm_connector_config": _merged(doc["ucm_connector_config"], overrides, "ucm_connector_config")}
     return {**doc, **overrides}
+
+
+def _merged(section: Any, overrides: dict, where: str) -> dict:
+    """The file's connector config ``section`` with ``overrides`` on top; ConfigError if it is not a mapping."""
+    if section is not None and not isinstance(section, Mapping):
+        raise ConfigError(f"{where} in the ucm_config_file must be a mapping of keys to values, got "
+                          f"{shown(section, contents=False)}")
+    return {**(section or {}), **overrides}
 
 
 class _WarnOnDuplicateLoader(yaml.SafeLoader):
@@ -249,6 +263,8 @@ class _WarnOnDuplicateLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # the SafeLoader rejects it below, naming the line
             if key in seen:
                 logger.warning("config key %r is given more than once (line %d); the last value wins",
                                key, key_node.start_mark.line + 1)
@@ -259,12 +275,12 @@ class _WarnOnDuplicateLoader(yaml.SafeLoader):
 def _read_yaml(path: Path) -> dict:
     try:
         text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror or exc}") from exc
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path, or text that is not UTF-8
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {getattr(exc, 'strerror', None) or exc}") from exc
     try:
         doc = yaml.load(text, Loader=_WarnOnDuplicateLoader)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(exc)}") from None
     if doc is None:
         return {}
     if not isinstance(doc, dict):
@@ -272,3 +288,14 @@ def _read_yaml(path: Path) -> dict:
     if "ucm_config_file" in doc:
         raise ConfigError(f"config file {str(path)!r} names ucm_config_file itself; nesting is not allowed")
     return doc
+
+
+def _yaml_problem(exc: BaseException) -> str:
+    """What is wrong and where, without the YAML parser's quote of the offending line (it may hold a secret)."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    if isinstance(exc, yaml.reader.ReaderError):
+        return f"{exc.reason} at character {exc.position}"
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or type(exc).__name__
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem

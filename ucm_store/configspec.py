@@ -4,9 +4,12 @@ A config section is a frozen dataclass whose fields carry a :func:`spec` (one-li
 choices). :func:`parse_section` turns a raw mapping (from YAML or a dict) into that dataclass: an unknown key
 fails naming the key and the closest known keys; a wrong type or value fails naming the key, the value and
 what is allowed. Construction in code goes through the same checks (``validate_fields`` in ``__post_init__``).
+The value of a ``secret`` field is never shown (``***``), and a container given where a value or section belongs
+is described by its type and keys only (:func:`shown`), so errors cannot carry credentials.
 """
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -18,11 +21,28 @@ class ConfigError(ValueError):
 
 
 def spec(default: Any, doc: str, *, used_by: str = "", min: float | None = None, max: float | None = None,
-         choices: tuple | None = None, min_exclusive: bool = False) -> Any:
-    """A dataclass field with a default, a one-line doc, the part that uses it and the allowed range or choices."""
+         choices: tuple | None = None, min_exclusive: bool = False, secret: bool = False) -> Any:
+    """A dataclass field with a default, a one-line doc, the part that uses it and the allowed range or choices;
+    ``secret``: its value never appears in errors."""
     meta = {"doc": doc, "used_by": used_by, "min": min, "max": max, "choices": choices,
-            "min_exclusive": min_exclusive}
+            "min_exclusive": min_exclusive, "secret": secret}
     return dataclasses.field(default=default, metadata=meta)
+
+
+def shown(value: Any, secret: bool = False, contents: bool = True) -> str:
+    """How an error shows a value given: ``***`` for a secret; a mapping by its keys and a nested container by its
+    length (their values may hold credentials); a flat list by its repr only if ``contents`` (a list where a section
+    belongs may hold anything); else the repr (at most 80 characters)."""
+    if secret:
+        return f"{type(value).__name__} ***"
+    if isinstance(value, Mapping):
+        return f"a mapping with keys {', '.join(repr(str(k))[:40] for k in list(value)[:8]) or '(none)'}"
+    if isinstance(value, (list, tuple, set)):
+        nested = any(isinstance(v, (Mapping, list, tuple, set)) for v in value)
+        if nested or not contents:
+            return f"a {type(value).__name__} of {len(value)} items"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 80 else text[:77] + '...'}"
 
 
 def close_keys(key: str, known: list[str]) -> str:
@@ -37,7 +57,7 @@ def parse_section(cls: type, raw: Any, where: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where} must be a mapping of keys to values, got {type(raw).__name__}: {raw!r}")
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {shown(raw, contents=False)}")
     known = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
         if key not in known:
@@ -53,7 +73,7 @@ def validate_fields(obj: Any) -> None:
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        _check_type(f.name, value, hints[f.name])
+        _check_type(f.name, value, hints[f.name], f.metadata.get("secret", False))
         _check_range(f.name, value, f.metadata)
 
 
@@ -72,9 +92,9 @@ def _normalise(cls: type, key: str, value: Any) -> Any:
     return value
 
 
-def _check_type(key: str, value: Any, hint: Any) -> None:
+def _check_type(key: str, value: Any, hint: Any, secret: bool) -> None:
     if not _matches(value, hint):
-        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {shown(value, secret)}")
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -98,6 +118,8 @@ def _matches(value: Any, hint: Any) -> bool:
 def _check_range(key: str, value: Any, meta: Mapping) -> None:
     if value is None or isinstance(value, (bool, tuple)):
         return
+    if isinstance(value, float) and math.isnan(value):
+        raise ConfigError(f"{key}: nan is not a number; allowed: {_allowed_text(meta)}")
     if meta.get("choices") is not None and value not in meta["choices"]:
         raise ConfigError(f"{key}: {value!r} is not allowed; allowed: {', '.join(map(repr, meta['choices']))}")
     low, high = meta.get("min"), meta.get("max")

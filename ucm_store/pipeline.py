@@ -15,6 +15,10 @@
   load leaves the destination untouched.
 * ``dump`` and ``load`` return a :class:`~ucm_store.task.Task`; ``wait(task)`` returns ``TaskStatus.SUCCESS``
   (0) or ``FAILURE`` with ``task.failures`` naming each failed block and its cause; ``check(task)`` polls.
+* Bad arguments (ids, offset, a tensor that is not dense, contiguous, on the CPU or a GPU, or does not split into
+  equal parts) raise ValueError at the call; a range past the stored block fails that block's task.
+* When the pinned pool is full, a dump or load waits for buffers to be released (backpressure) for up to
+  ``alloc_timeout`` seconds, then fails that block (PoolExhaustedError in ``task.failures``); nothing crashes.
 
 Tensors may live on the CPU or a GPU. Block ids are opaque bytes, stored under a BLAKE2b key, never raw.
 """
@@ -31,11 +35,12 @@ import torch
 from ucm_store.backends.base import BlockCorrupt, BlockMissing, Tier
 from ucm_store.backends.cache import CacheTier
 from ucm_store.metrics import StatsMonitor
-from ucm_store.pool import PinnedMemoryPool
+from ucm_store.pool import STORE_WAIT_SECONDS, PinnedMemoryPool, PoolExhaustedError
 from ucm_store.task import Task, TaskStatus, finished_future
 
 logger = logging.getLogger(__name__)
 MAX_BLOCK_ID_BYTES = 4096
+TENSOR_DEVICES = ("cpu", "cuda")  # device types a dump or load tensor may live on (a meta tensor holds no bytes)
 # Threads writing committed blocks down to the lower tiers. Few on purpose: write-down is background work that
 # must not starve loads on small hosts (on 2 cores, 4 writers made a 16 MB Cache-tier load 3-5x slower).
 WRITEBACK_THREADS = 2
@@ -66,13 +71,15 @@ class UcmPipelineStore:
     """A block store over tiers tried left to right; see the module docstring for the contract."""
 
     def __init__(self, tiers: list[Tier], pool: PinnedMemoryPool, *, io_workers: int = 8,
-                 writeback_depth: int = 1024, prefetch_depth: int = 0, monitor: StatsMonitor | None = None):
+                 writeback_depth: int = 1024, prefetch_depth: int = 0, monitor: StatsMonitor | None = None,
+                 alloc_timeout: float = STORE_WAIT_SECONDS):
         if not tiers:
             raise ValueError("tiers: a store needs at least one tier")
         self.tiers = tiers
         self.cache = tiers[0] if isinstance(tiers[0], CacheTier) else None
         self.pool = pool
         self.prefetch_depth = prefetch_depth
+        self.alloc_timeout = alloc_timeout
         self.monitor = monitor or StatsMonitor.get_instance()
         self._io = ThreadPoolExecutor(io_workers, thread_name_prefix="ucm-io")
         self._staged: dict[str, _Staged] = {}
@@ -85,6 +92,7 @@ class UcmPipelineStore:
             writer.start()
         self.writeback_failures = 0
         _open_stores.add(self)
+        self.monitor.watch_store(self)  # tier occupancy and pool usage in the metrics
 
     # ---- lookups ---------------------------------------------------------------------------------------------
     def lookup(self, block_ids: list[bytes]) -> list[bool]:
@@ -174,6 +182,7 @@ class UcmPipelineStore:
     def close(self) -> None:
         """Drain pending write-downs, stop the workers and release every buffer."""
         _open_stores.discard(self)
+        self.monitor.unwatch_store(self)
         self.flush()
         for _ in self._writers:
             self._writeback.put(None)
@@ -214,8 +223,9 @@ class UcmPipelineStore:
             self._release_parts(staged)
             return False
         try:
-            buf = self._assemble(block_id, staged)
-        except ValueError as exc:
+            buf = self._assemble(staged)
+        except (ValueError, PoolExhaustedError) as exc:
+            self._release_parts(staged)
             logger.error("commit of block %s failed: %s", block_id.hex(), exc)
             return False
         return self._publish(block_id, key, buf)
@@ -226,7 +236,7 @@ class UcmPipelineStore:
             try:
                 top.put(key, buf)
                 return True
-            except OSError as exc:
+            except (OSError, PoolExhaustedError) as exc:
                 logger.error("commit of block %s to %s failed: %s", block_id.hex(), top.name, exc)
                 return False
             finally:
@@ -245,7 +255,7 @@ class UcmPipelineStore:
                 with self.cache.hold(key) as buf:
                     for tier in self.tiers[1:]:
                         tier.put(key, buf)
-            except (OSError, BlockMissing) as exc:
+            except Exception as exc:  # any failure costs this block's lower copies, never the writer thread
                 self.writeback_failures += 1
                 logger.error("write-down of block %s failed: %s", block_id.hex(), exc)
             finally:
@@ -288,7 +298,7 @@ class UcmPipelineStore:
         causes = []
         for tier in self.tiers:
             try:
-                buf = self._read_whole(tier, key, self.pool.allocate)
+                buf = self._read_whole(tier, key, self._allocate_uncached)
             except (BlockMissing, BlockCorrupt) as exc:
                 causes.append(f"{tier.name}: {exc}")
                 continue
@@ -356,7 +366,7 @@ class UcmPipelineStore:
     def _prefetch_one(self, key: str) -> None:
         try:
             self._fetch_into_cache(key)
-        except (BlockMissing, OSError) as exc:
+        except (BlockMissing, OSError, PoolExhaustedError) as exc:
             logger.info("prefetch of block %s skipped: %s", key, exc)
 
     # ---- helpers ---------------------------------------------------------------------------------------------
@@ -371,19 +381,24 @@ class UcmPipelineStore:
         self.monitor.record_lookup(len(where), sum(tier_hits.values()), tier_hits)
 
     def _allocate(self, nbytes: int) -> torch.Tensor:
-        return self.cache.allocate(nbytes) if self.cache is not None else self.pool.allocate(nbytes)
+        return self.cache.allocate(nbytes) if self.cache is not None else self._allocate_uncached(nbytes)
 
-    def _assemble(self, block_id: bytes, staged: _Staged) -> torch.Tensor:
-        """One buffer holding the whole block; ValueError if the parts leave a gap or overlap."""
+    def _allocate_uncached(self, nbytes: int) -> torch.Tensor:
+        """A pool buffer outside the Cache tier, waiting up to ``alloc_timeout`` s for room (PoolExhaustedError)."""
+        return self.pool.allocate(nbytes, timeout=self.alloc_timeout)
+
+    def _assemble(self, staged: _Staged) -> torch.Tensor:
+        """One buffer holding the whole block, taken out of ``staged``; ValueError if the parts leave a gap or
+        overlap, PoolExhaustedError if no buffer frees up (``staged`` keeps its parts then)."""
         parts = sorted(staged.parts, key=lambda p: p[0])
         end = 0
         for offset, buf in parts:
             if offset != end:
-                self._release_parts(staged)
                 kind = "a gap" if offset > end else "an overlap"
                 raise ValueError(f"dumped parts leave {kind} at byte {min(offset, end)}; parts must tile the block")
             end = offset + buf.numel()
         if len(parts) == 1:
+            staged.parts = []
             return parts[0][1]
         whole = self._allocate(end)
         for offset, buf in parts:
@@ -419,6 +434,10 @@ def _split_parts(block_ids: list[bytes], offset: int, tensor: torch.Tensor) -> l
         raise ValueError(f"offset: expected a byte offset >= 0, got {offset!r}")
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"tensor: expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.layout != torch.strided:
+        raise ValueError(f"tensor: expected a dense (strided) tensor, got layout {tensor.layout}")
+    if tensor.device.type not in TENSOR_DEVICES:
+        raise ValueError(f"tensor: on device {tensor.device}; allowed: {' or '.join(TENSOR_DEVICES)} tensors")
     if not tensor.is_contiguous():
         raise ValueError(f"tensor: must be contiguous (shape {tuple(tensor.shape)}, strides {tensor.stride()})")
     nbytes = tensor.numel() * tensor.element_size()

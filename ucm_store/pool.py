@@ -18,6 +18,7 @@ from ucm_store.lazyjit import lazy_njit
 PAGE_BYTES = 4096
 DEFAULT_POOL_BYTES = 1 << 30
 DEFAULT_MAX_BYTES = 4 << 30
+STORE_WAIT_SECONDS = 30.0  # how long the store's own allocations wait for a full pool (backpressure), then fail
 
 
 class PoolExhaustedError(RuntimeError):

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 
 from ucm_store.backends.base import BlockMissing, Tier
-from ucm_store.pool import PinnedMemoryPool, PoolExhaustedError
+from ucm_store.pool import STORE_WAIT_SECONDS, PinnedMemoryPool, PoolExhaustedError
 
 
 class _Entry:
@@ -28,7 +28,7 @@ class CacheTier(Tier):
 
     name = "Cache"
 
-    def __init__(self, capacity: int, pool: PinnedMemoryPool, alloc_timeout: float = 30.0):
+    def __init__(self, capacity: int, pool: PinnedMemoryPool, alloc_timeout: float = STORE_WAIT_SECONDS):
         self.capacity = capacity
         self.pool = pool
         self.alloc_timeout = alloc_timeout

@@ -5,12 +5,15 @@ file system, so the rename is atomic). A block file is a framed block (:mod:`ucm
 with magic, lengths, CRC32 of the payload and key digest, then the payload). A reader checks all of it, so a
 truncated, corrupt or misplaced file fails the read and is removed, never returned. A writer that dies leaves only a
 temp file, invisible to readers and swept after ``STALE_TMP_SECONDS``. No file locks: concurrent writers of one key
-each rename a complete file into place, and both hold the same bytes (committed blocks are immutable).
+each rename a complete file into place, and both hold the same bytes (committed blocks are immutable). With several
+roots two writers may place one key in different roots; each writer then keeps only the copy in the first root
+(the one readers try first), so one copy remains. Directories and files are created owner-only (0700 / 0600).
 
 With ``use_direct_io`` files are written and read with O_DIRECT through 4 KiB-aligned bounce buffers from the
-pinned pool (the 4 KiB header, payload padded to 4 KiB). ``storage_capacity`` bounds the bytes this
-process keeps under the roots: the least recently used files (by this process's view, seeded from file mtimes
-at start) are deleted past it.
+pinned pool (the 4 KiB header, payload padded to 4 KiB), taken through ``allocate`` (the factory passes the Cache
+tier's, which evicts cached blocks to make room: a full Cache would otherwise starve every O_DIRECT transfer).
+``storage_capacity`` bounds the bytes this process keeps under the roots: the least recently used files (by this
+process's view, seeded from file mtimes at start) are deleted past it.
 """
 import errno
 import itertools
@@ -20,13 +23,14 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ucm_store.backends import framing
 from ucm_store.backends.base import BlockMissing, Tier
-from ucm_store.pool import PinnedMemoryPool
+from ucm_store.pool import STORE_WAIT_SECONDS, PinnedMemoryPool
 
 ALIGN = framing.ALIGNED_HEADER  # O_DIRECT alignment of offsets and lengths; the aligned header keeps the payload on it
 STALE_TMP_SECONDS = 3600.0
@@ -41,7 +45,8 @@ class PosixTier(Tier):
     durable = True
 
     def __init__(self, roots: tuple[str, ...], *, path_strategy: str = "round_robin", use_direct_io: bool = False,
-                 capacity_bytes: int = 0, pool: PinnedMemoryPool | None = None):
+                 capacity_bytes: int = 0, pool: PinnedMemoryPool | None = None,
+                 alloc_timeout: float = STORE_WAIT_SECONDS, allocate: Callable[[int], torch.Tensor] | None = None):
         if not roots:
             raise ValueError(f"storage_backends: the {self.name} tier needs at least one directory, got none")
         self.roots = tuple(Path(r) for r in roots)
@@ -49,6 +54,8 @@ class PosixTier(Tier):
         self.direct = use_direct_io
         self.capacity = capacity_bytes
         self.pool = pool or PinnedMemoryPool.get_instance()
+        self.alloc_timeout = alloc_timeout
+        self._allocate = allocate or self._allocate_from_pool
         self._next_root = itertools.count()
         self._lru: OrderedDict[str, int] = OrderedDict()
         self._bytes = 0
@@ -63,29 +70,27 @@ class PosixTier(Tier):
         return self._find(key) is not None
 
     def size(self, key: str) -> int | None:
-        path = self._find(key)
-        if path is None:
-            return None
-        try:
-            with self._drop_if_corrupt(key), open(path, "rb") as f:
-                _, payload_len, _ = framing.parse_header(key, _where(path), f.read(framing.HEADER.size))
-        except FileNotFoundError:
-            return None
-        return payload_len
+        for path in self._copies(key):
+            try:
+                with self._drop_if_corrupt(key), open(path, "rb") as f:
+                    return framing.parse_header(key, _where(path), f.read(framing.HEADER.size))[1]
+            except FileNotFoundError:
+                continue
+        return None
 
     def read(self, key: str, dst: torch.Tensor) -> None:
-        path = self._find(key)
-        if path is None:
-            raise BlockMissing(key)
-        try:
-            with self._drop_if_corrupt(key):
-                if self.direct:
-                    self._read_direct(key, path, dst)
-                else:
-                    self._read_buffered(key, path, dst)
-        except FileNotFoundError as exc:
-            raise BlockMissing(key) from exc
-        self._touch(key, path)
+        for path in self._copies(key):
+            try:
+                with self._drop_if_corrupt(key):
+                    if self.direct:
+                        self._read_direct(key, path, dst)
+                    else:
+                        self._read_buffered(key, path, dst)
+            except FileNotFoundError:
+                continue
+            self._touch(key, path)
+            return
+        raise BlockMissing(key)
 
     def put(self, key: str, src: torch.Tensor) -> bool:
         if self.contains(key):
@@ -94,12 +99,14 @@ class PosixTier(Tier):
         tmp = final.parents[3] / "tmp" / f"{key}.{self._tmp_tag}.{uuid.uuid4().hex[:8]}.tmp"
         try:
             self._write_file(key, tmp, src)
-            final.parent.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
+            _make_dirs(final.parent)
             os.rename(tmp, final)
             _fsync_dir(final.parent)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        if len(self.roots) > 1 and not self._keep_first_copy(key, final):
+            return True
         self._account(key, final.stat().st_size)
         return True
 
@@ -132,6 +139,25 @@ class PosixTier(Tier):
                 return path
         return None
 
+    def _copies(self, key: str):
+        """Block ``key``'s file, found again (at most twice) if it vanishes before it is opened: a copy another
+        writer dropped as a duplicate, or a file evicted and written anew."""
+        for _ in range(2):
+            path = self._find(key)
+            if path is None:
+                return
+            yield path
+
+    def _keep_first_copy(self, key: str, mine: Path) -> bool:
+        """After publishing ``mine``, leave one copy of ``key``: the one in the first root readers search. True if
+        ``mine`` stays. Each concurrent writer runs this after its rename, so the last one sees every copy."""
+        paths = [self._block_path(root, key) for root in self._search_order(key)]
+        first = next(p for p in paths if p == mine or p.exists())
+        for path in paths:
+            if path != first:
+                path.unlink(missing_ok=True)
+        return first == mine
+
     def _search_order(self, key: str) -> tuple[Path, ...]:
         if self.path_strategy == "hash" or len(self.roots) == 1:
             first = int(key[:8], 16) % len(self.roots)
@@ -145,24 +171,28 @@ class PosixTier(Tier):
 
     # ---- file I/O --------------------------------------------------------------------------------------------
     def _write_file(self, key: str, tmp: Path, src: torch.Tensor) -> None:
-        """Write the framed block to the new file ``tmp`` and fsync it (the 4 KiB header with O_DIRECT)."""
-        payload = memoryview(src.numpy())
-        header = framing.pack_header(key, payload, framing.ALIGNED_HEADER if self.direct else framing.SMALL_HEADER)
+        """Write the framed block to the new file ``tmp`` and fsync it."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | (os.O_DIRECT if self.direct else 0)
         fd = os.open(tmp, flags, _FILE_MODE)
         try:
-            if self.direct:
-                self._write_direct(fd, header, src)
-            else:
-                _write_all(fd, [header, payload])
+            self._write_framed(fd, key, src)
             os.fsync(fd)
         finally:
             os.close(fd)
 
+    def _write_framed(self, fd: int, key: str, src: torch.Tensor) -> None:
+        """Header and payload of block ``key`` into the open file ``fd`` (the 4 KiB header with O_DIRECT)."""
+        payload = memoryview(src.numpy())
+        header = framing.pack_header(key, payload, framing.ALIGNED_HEADER if self.direct else framing.SMALL_HEADER)
+        if self.direct:
+            self._write_direct(fd, header, src)
+        else:
+            _write_all(fd, [header, payload])
+
     def _write_direct(self, fd: int, header: bytes, src: torch.Tensor) -> None:
         """One aligned write of header, payload and zero padding through a pinned bounce buffer."""
         total = len(header) + _round_up(src.numel())
-        bounce = self.pool.allocate(total)
+        bounce = self._allocate(total)
         try:
             bounce[:len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
             bounce[len(header):len(header) + src.numel()].copy_(src)
@@ -170,6 +200,10 @@ class PosixTier(Tier):
             _write_all(fd, [memoryview(bounce.numpy())])
         finally:
             self.pool.release(bounce)
+
+    def _allocate_from_pool(self, nbytes: int) -> torch.Tensor:
+        """A bounce buffer of ``pool`` (released there), waiting up to ``alloc_timeout`` s for room."""
+        return self.pool.allocate(nbytes, timeout=self.alloc_timeout)
 
     def _read_buffered(self, key: str, path: Path, dst: torch.Tensor) -> None:
         """Verify the block file ``path`` and read its payload straight into ``dst``."""
@@ -184,7 +218,7 @@ class PosixTier(Tier):
     def _read_direct(self, key: str, path: Path, dst: torch.Tensor) -> None:
         """Read the whole block file ``path`` with O_DIRECT into a pinned bounce buffer, verify it, copy to ``dst``."""
         where, size = _where(path), os.stat(path).st_size
-        bounce = self.pool.allocate(_round_up(max(size, ALIGN)))
+        bounce = self._allocate(_round_up(max(size, ALIGN)))
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
             try:
@@ -204,13 +238,13 @@ class PosixTier(Tier):
     def _prepare_root(self, root: Path) -> None:
         try:
             for sub in ("blocks", "tmp"):
-                (root / sub).mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
+                _make_dirs(root / sub)
             probe = root / "tmp" / f".probe.{self._tmp_tag}"
-            probe.write_bytes(b"")
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE))
             probe.unlink()
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
             raise ValueError(f"storage_backends: {str(root)!r} is not a writable directory for the {self.name} tier: "
-                             f"{exc.strerror or exc}") from exc
+                             f"{getattr(exc, 'strerror', None) or exc}") from exc
         self._sweep_stale_tmp(root / "tmp")
 
     @staticmethod
@@ -286,6 +320,19 @@ def _write_all(fd: int, buffers: list) -> None:
 def _where(path: Path) -> str:
     """How errors name a block file."""
     return f"block file {path}"
+
+
+def _make_dirs(path: Path) -> None:
+    """Create directory ``path`` and its missing parents, each owner-only (``mkdir(parents=True)`` would give the
+    parents the umask's mode)."""
+    if path.is_dir() or path.parent == path:
+        return
+    _make_dirs(path.parent)
+    try:
+        path.mkdir(mode=_DIR_MODE)
+    except FileExistsError:
+        if not path.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path)) from None
 
 
 def _fsync_dir(path: Path) -> None:

@@ -33,17 +33,21 @@ class RemoteGate:
 
     @contextmanager
     def request(self, what: str):
-        """Hold a request slot around one remote call; RemoteUnavailable while the server is down or no slot frees
-        within ``timeout``."""
-        wait = self._down_until - time.monotonic()
-        if wait > 0:
-            raise RemoteUnavailable(f"{self.tier_name} {what} skipped: server unreachable, next try in {wait:.1f} s")
+        """Hold a request slot around one remote call; RemoteUnavailable while the server is down (checked again
+        once a slot frees: the requests ahead may just have failed) or no slot frees within ``timeout``."""
+        self._skip_if_down(what)
         if not self._slots.acquire(timeout=self.timeout):
             raise RemoteUnavailable(f"{self.tier_name} {what}: no request slot free within {self.timeout} s")
         try:
+            self._skip_if_down(what)
             yield
         finally:
             self._slots.release()
+
+    def _skip_if_down(self, what: str) -> None:
+        wait = self._down_until - time.monotonic()
+        if wait > 0:
+            raise RemoteUnavailable(f"{self.tier_name} {what} skipped: server unreachable, next try in {wait:.1f} s")
 
     def failed(self, what: str, cause: str) -> RemoteUnavailable:
         """Mark the server down for ``retry_interval`` s (a warning at the start of an outage); the error to raise."""
