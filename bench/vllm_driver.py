@@ -58,6 +58,7 @@ def main() -> None:
     from vllm.inputs import TokensPrompt
 
     from ucm.shared.metrics.ucmmonitor import StatsMonitor
+    from ucm_store.pipeline import drain_open_stores
 
     llm = LLM(model=args.model_dir, load_format="dummy", skip_tokenizer_init=True, enforce_eager=True,
               dtype="bfloat16", block_size=args.block_size, max_model_len=16384, seed=0,
@@ -77,7 +78,8 @@ def main() -> None:
     stats = StatsMonitor.get_instance().get_stats()
     print("UCM_RESULT " + json.dumps({"tokens": tokens, "latencies": latencies, "stats": stats}), flush=True)
     sys.stdout.flush()
-    os._exit(0)
+    drain_open_stores()  # os._exit skips exit handlers: write committed blocks down first
+    os._exit(0)  # skip the in-process engine's slow teardown
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ Tensors may live on the CPU or a GPU. Block ids are opaque bytes, stored under a
 import atexit
 import hashlib
 import logging
+import os
 import queue
 import threading
 import weakref
@@ -48,8 +49,9 @@ _open_stores: "weakref.WeakSet[UcmPipelineStore]" = weakref.WeakSet()
 
 
 @atexit.register
-def _drain_open_stores() -> None:
-    """At interpreter exit, finish queued write-downs of stores that were never closed (nothing committed is lost)."""
+def drain_open_stores() -> None:
+    """Finish the queued write-downs of every open store of this process. Runs at interpreter exit (so nothing
+    committed is lost); call it yourself before leaving through ``os._exit``, which skips exit handlers."""
     for store in list(_open_stores):
         store.flush()
 
@@ -145,6 +147,8 @@ class UcmPipelineStore:
         if len(success_flags) != len(block_ids):
             raise ValueError(f"success_flags: {len(success_flags)} flags for {len(block_ids)} block_ids; "
                              "need one flag per block id")
+        if self.cache is not None:  # publishing into DRAM is cheap: no thread hand-off per block
+            return [self._commit_one(b, bool(f)) for b, f in zip(block_ids, success_flags)]
         results = [self._io.submit(self._commit_one, b, bool(f)) for b, f in zip(block_ids, success_flags)]
         return [r.result() for r in results]
 
@@ -249,6 +253,7 @@ class UcmPipelineStore:
         return True
 
     def _write_down_loop(self) -> None:
+        _lower_thread_priority()
         while (item := self._writeback.get()) is not None:
             block_id, key = item
             try:
@@ -444,6 +449,15 @@ def _split_parts(block_ids: list[bytes], offset: int, tensor: torch.Tensor) -> l
     if not block_ids or nbytes == 0 or nbytes % len(block_ids):
         raise ValueError(f"tensor: {nbytes} bytes do not split into {len(block_ids)} equal non-empty block parts")
     return list(tensor.reshape(-1).view(torch.uint8).view(len(block_ids), -1))
+
+
+def _lower_thread_priority() -> None:
+    """Run this thread at the lowest CPU priority: write-down is background work that must not slow the caller
+    (serving on the same cores). Linux sets nice values per thread; elsewhere this is a no-op."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
 
 
 def _run_now(fn, *args) -> Future:
