@@ -149,14 +149,17 @@ class PosixTier(Tier):
             yield path
 
     def _keep_first_copy(self, key: str, mine: Path) -> bool:
-        """After publishing ``mine``, leave one copy of ``key``: the one in the first root readers search. True if
-        ``mine`` stays. Each concurrent writer runs this after its rename, so the last one sees every copy."""
+        """After publishing ``mine``, converge on one copy of ``key`` without ever losing the block: if a copy
+        stands in a root readers search earlier, drop ``mine``; else drop the copies in later roots. The earliest
+        existing copy is never deleted by anyone, so one copy always remains. True if ``mine`` stays."""
         paths = [self._block_path(root, key) for root in self._search_order(key)]
-        first = next(p for p in paths if p == mine or p.exists())
-        for path in paths:
-            if path != first:
-                path.unlink(missing_ok=True)
-        return first == mine
+        position = paths.index(mine)
+        if any(path.exists() for path in paths[:position]):
+            mine.unlink(missing_ok=True)
+            return False
+        for path in paths[position + 1:]:
+            path.unlink(missing_ok=True)
+        return True
 
     def _search_order(self, key: str) -> tuple[Path, ...]:
         if self.path_strategy == "hash" or len(self.roots) == 1:
