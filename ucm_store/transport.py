@@ -155,12 +155,7 @@ class CUDATransport:
             kind: layout name when the shape is ambiguous.
             strategy: "auto", "direct" or "staged" (module docstring).
         """
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy={strategy!r}: expected one of {STRATEGIES}")
-        layout = detect_layout(layers, kind)
-        check_device("layers[0]", layers[0], self.device)
-        ids_host, ids = self._block_ids(block_ids, layout)
-        rows = self._host_rows("pinned_dst", pinned_dst, ids.numel(), layout)
+        layout, ids_host, ids, rows = self._checked_move(strategy, layers, kind, block_ids, "pinned_dst", pinned_dst)
         keepalive = (tuple(layers), ids, pinned_dst)
         if not self.cuda:
             gather_blocks(layers, ids, out=rows, layout=layout, check_ids=False)
@@ -188,12 +183,7 @@ class CUDATransport:
             layers: per-layer paged caches on this device, written in place.
             kind, strategy: as for :meth:`offload_blocks`.
         """
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy={strategy!r}: expected one of {STRATEGIES}")
-        layout = detect_layout(layers, kind)
-        check_device("layers[0]", layers[0], self.device)
-        ids_host, ids = self._block_ids(block_ids, layout)
-        rows = self._host_rows("pinned_src", pinned_src, ids.numel(), layout)
+        layout, ids_host, ids, rows = self._checked_move(strategy, layers, kind, block_ids, "pinned_src", pinned_src)
         keepalive = (tuple(layers), ids, pinned_src)
         if not self.cuda:
             scatter_blocks(rows, ids, layers, layout=layout, check_ids=False)
@@ -208,6 +198,15 @@ class CUDATransport:
                 fill=lambda slot, start, stop: slot.copy_(rows[start:stop].view(-1), non_blocking=True),
                 drain=lambda slot, start, stop: scatter_blocks(slot, ids[start:stop], layers, layout=layout,
                                                                check_ids=False))
+
+    def _checked_move(self, strategy: str, layers, kind, block_ids, name: str, buf: torch.Tensor):
+        """Validate a block move's arguments: ``(layout, ids on the host, ids on the device, host rows view)``."""
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy={strategy!r}: expected one of {STRATEGIES}")
+        layout = detect_layout(layers, kind)
+        check_device("layers[0]", layers[0], self.device)
+        ids_host, ids = self._block_ids(block_ids, layout)
+        return layout, ids_host, ids, self._host_rows(name, buf, ids.numel(), layout)
 
     def _copy(self, stream, src: torch.Tensor, dst: torch.Tensor, gpu: torch.Tensor) -> TransferTask:
         """One DMA on ``stream`` after the caller's queued work; kept lean (it bounds small-copy bandwidth)."""
