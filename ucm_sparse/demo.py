@@ -9,22 +9,18 @@
 3. The seed's section 7.2 monitor lines: hit rate, load speed, save speed.
 Runs on a CPU in seconds (Triton kernels in interpreter mode there), and on a GPU as is.
 """
-import os
 import time
 from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CPU-only machines
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from ucm_kernels.block_repr import empty_block_repr, update_block_repr  # noqa: E402
-from ucm_kernels.block_select import select_blocks  # noqa: E402
-from ucm_kernels.kv_transfer import detect_layout, gather_blocks, scatter_blocks  # noqa: E402
-from ucm_kernels.sparse_decode import dense_decode, sparse_decode  # noqa: E402
-from ucm_store.factory import UcmConnectorFactory  # noqa: E402
-from ucm_store.hashing import BlockHasher, HashNamespace  # noqa: E402
-from ucm_store.metrics import StatsMonitor  # noqa: E402
+from ucm_kernels.block_repr import empty_block_repr, update_block_repr
+from ucm_kernels.block_select import select_blocks
+from ucm_kernels.kv_transfer import detect_layout, gather_blocks, scatter_blocks
+from ucm_kernels.sparse_decode import dense_decode, sparse_decode
+from ucm_store.factory import UcmConnectorFactory
+from ucm_store.hashing import BlockHasher, HashNamespace
+from ucm_store.metrics import StatsMonitor
 
 LAYERS, KV_HEADS, Q_HEADS, HEAD_DIM, BLOCK = 4, 2, 8, 64, 16
 
