@@ -31,7 +31,8 @@ from ucm_store.transport import DIRECT_MAX_BYTES, CUDATransport
 NUM_LAYERS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 32, 16, 8, 128
 CHECK_ROWS = 1024  # rows compared per step when checking (2 GiB on the GPU)
 PER_BLOCK_SUBSET = 64  # blocks moved by the per-block copy_ baseline (64 copies of 32 KiB each)
-INDEX_SELECT_MAX_BLOCKS = 4096  # index_select baseline needs a GPU buffer of the whole batch (8 GiB here)
+INDEX_SELECT_MAX_BLOCKS = 4096
+TUNE_CHUNK_MIB, TUNE_SLOTS = (32, 64, 128, 256), (2, 3)  # staging slot grid of --tune  # index_select baseline needs a GPU buffer of the whole batch (8 GiB here)
 STRATEGIES = ("staged", "direct")
 SHAPE = f"llama8b {NUM_LAYERS}L (2,nb,{BLOCK_SIZE},{KV_HEADS},{HEAD_DIM}) bf16"
 
@@ -184,7 +185,15 @@ class Bench:
             ms = wall_median_ms(lambda: self.transport.synchronize(move(ids, strategy)), iterations(moved))
             self.add(name, f"ucm_{strategy}", n, ms, ceiling, auto_picks=picked)
 
-    def both_ways(self, n: int, strategy: str) -> None:
+    def tune_staging(self, n: int, chunk_mib: int, num_slots: int) -> None:
+        """Both directions at once through a transport with other staging slots (``--tune``)."""
+        default, self.transport = self.transport, CUDATransport(0, chunk_bytes=chunk_mib << 20, num_slots=num_slots)
+        try:
+            self.both_ways(n, "staged", impl=f"ucm_staged_{chunk_mib}MiBx{num_slots}")
+        finally:
+            self.transport = default
+
+    def both_ways(self, n: int, strategy: str, impl: str | None = None) -> None:
         """Offload n blocks into rows [0, n) while loading n other blocks from rows [num_rows - n, num_rows)."""
         src_row = self.num_rows - n
         out_ids, in_ids = self.ids(n), self.ids(n, second_set=True)
@@ -196,7 +205,7 @@ class Bench:
 
         self.verify_offload(lambda: self.verify_load(run, in_ids, src_row), out_ids)
         ms = wall_median_ms(run, iterations(2 * n * self.layout.row_bytes))
-        self.add("offload_and_load_at_once", f"ucm_{strategy}", n, ms, "bidir_pinned_gbps", directions=2)
+        self.add("offload_and_load_at_once", impl or f"ucm_{strategy}", n, ms, "bidir_pinned_gbps", directions=2)
 
     def per_block_baseline(self) -> None:
         """One copy_ per (block, layer, K/V), as peers do, on a subset of blocks."""
@@ -273,6 +282,8 @@ def main() -> int:
     parser.add_argument("--sizes", default="1024,4096,16384", help="batch sizes (blocks) of the main rows")
     parser.add_argument("--small-sizes", default="1,2,4,8,32,128", help="batch sizes deciding the auto threshold")
     parser.add_argument("--pinned-gib", type=int, default=32, help="pinned rows to allocate (GiB)")
+    parser.add_argument("--tune", action="store_true",
+                        help="only both-ways staged rows over staging slot sizes x counts (TUNE_CHUNK_MIB x TUNE_SLOTS)")
     args = parser.parse_args()
     torch.manual_seed(0)
     bench = Bench(args)
@@ -282,6 +293,23 @@ def main() -> int:
     sizes = [n for n in map(int, args.sizes.split(",")) if n <= bench.num_rows]
     small_sizes = [n for n in map(int, args.small_sizes.split(",")) if n <= bench.num_rows]
     both_sizes = sorted({min(n, bench.num_rows // 2, args.num_blocks // 2) for n in sizes})
+    sections = tune_sections(bench, both_sizes) if args.tune else default_sections(
+        bench, sizes, small_sizes, both_sizes, seed, raw)
+    for label, section in sections:
+        attempt(errors, label, section)
+        path = write_results("kv_transfer_tune" if args.tune else "kv_transfer", seed_rows(seed, bench.ceilings) + bench.rows, bench.ceilings, extra={
+            "seed_6_2_gbps": seed, "raw_torch_copy_sync_loop_gbps": raw, "direct_max_bytes": DIRECT_MAX_BYTES, "pinned_rows": bench.num_rows,
+            "cache_blocks": args.num_blocks, "errors": errors})
+    print_table(seed_rows(seed, bench.ceilings) + bench.rows, seed)
+    print("raw torch copy_ + sync loop (GB/s): " + ", ".join(f"{mb} MB {gbps}" for mb, gbps in raw.items()))
+    print(f"results: {path}")
+    for error in errors:
+        print(f"FAILED {error}")
+    return 1 if errors else 0
+
+
+def default_sections(bench: Bench, sizes, small_sizes, both_sizes, seed: dict, raw: dict) -> list:
+    """(label, callable) of a full run: seed loop and baselines, one way per strategy, both ways per strategy."""
     sections = [("seed 6.2", lambda: seed.update(run_seed_benchmark())),
                 ("raw torch copy+sync loop", lambda: raw.update(raw_torch_loop()))]
     sections += [(f"index_select {n}", functools.partial(bench.index_select_baseline, n)) for n in sizes
@@ -291,17 +319,13 @@ def main() -> int:
                  for s in STRATEGIES]
     sections += [(f"both ways {s} {n}", functools.partial(bench.both_ways, n, s)) for n in both_sizes
                  for s in STRATEGIES]
-    for label, section in sections:
-        attempt(errors, label, section)
-        path = write_results("kv_transfer", seed_rows(seed, bench.ceilings) + bench.rows, bench.ceilings, extra={
-            "seed_6_2_gbps": seed, "raw_torch_copy_sync_loop_gbps": raw, "direct_max_bytes": DIRECT_MAX_BYTES, "pinned_rows": bench.num_rows,
-            "cache_blocks": args.num_blocks, "errors": errors})
-    print_table(seed_rows(seed, bench.ceilings) + bench.rows, seed)
-    print("raw torch copy_ + sync loop (GB/s): " + ", ".join(f"{mb} MB {gbps}" for mb, gbps in raw.items()))
-    print(f"results: {path}")
-    for error in errors:
-        print(f"FAILED {error}")
-    return 1 if errors else 0
+    return sections
+
+
+def tune_sections(bench: Bench, both_sizes) -> list:
+    """(label, callable) of ``--tune``: both ways, staged, per staging slot size x count."""
+    return [(f"tune {mib} MiB x {slots} {n}", functools.partial(bench.tune_staging, n, mib, slots))
+            for mib in TUNE_CHUNK_MIB for slots in TUNE_SLOTS for n in both_sizes]
 
 
 def seed_rows(seed: dict[int, float], ceilings: dict) -> list[dict]:

@@ -1,0 +1,164 @@
+"""Where the seed 6.2 loop's time goes: ``h2d`` + ``synchronize`` against bare copies, per buffer kind (issue 4).
+
+Run from the repository root on the lent GPU: ``python -m bench.bench_h2d_anatomy`` (JSON under ``$OUT`` or
+``bench/results/``). For 1 to 256 MB, each variant runs the seed's loop shape (5 warm-up, 20 timed iterations
+of copy then wait, wall clock) ``--repeats`` times, variants interleaved so drift hits them alike:
+
+- ``bare_torch_pinned``: ``copy_`` on the current stream + stream sync, from ``torch.empty(pin_memory=True)``;
+- ``bare_pool``: the same from a pinned-pool buffer (what ``get_pinned_buffer`` returns);
+- ``side_stream_event`` / ``_sync`` / ``_poll``: the copy on another stream, waited on through an event, a
+  stream sync, or polling the event; ``current_stream_event``: the current stream, waited on through an event;
+- ``ucm_h2d_pool`` (the seed's loop) and ``ucm_h2d_torch_pinned``: ``CUDATransport.h2d`` + ``synchronize``.
+
+Also the copy's device time (CUDA events) per buffer kind and the host time of one ``h2d`` call (enqueue).
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+from bench.harness import row, write_results
+from ucm_store.transport import CUDATransport
+
+SIZES_MB = (1, 4, 16, 64, 256)  # --sizes
+WARMUP, ITERATIONS = 5, 20
+
+
+def loop_gbps(copy_and_wait, nbytes: int) -> float:
+    """The seed's measurement: GB/s of ``ITERATIONS`` calls of ``copy_and_wait`` after ``WARMUP`` calls."""
+    for _ in range(WARMUP):
+        copy_and_wait()
+    start = time.time()
+    for _ in range(ITERATIONS):
+        copy_and_wait()
+    return nbytes * ITERATIONS / (time.time() - start) / 1e9
+
+
+def variants(transport: CUDATransport, pool_buf, torch_buf, gpu) -> dict:
+    """name -> a zero-argument copy-then-wait callable."""
+    current, side, high = torch.cuda.current_stream(), torch.cuda.Stream(), torch.cuda.Stream(priority=-1)
+
+    def bare(src):
+        def run():
+            gpu.copy_(src, non_blocking=True)
+            current.synchronize()
+        return run
+
+    def on_side_stream():
+        with torch.cuda.stream(side):
+            gpu.copy_(pool_buf, non_blocking=True)
+
+    def side_stream_event():
+        on_side_stream()
+        side.record_event().synchronize()
+
+    def side_stream_sync():
+        on_side_stream()
+        side.synchronize()
+
+    def side_stream_poll():
+        on_side_stream()
+        event = side.record_event()
+        while not event.query():
+            pass
+
+    def high_priority_stream_event():
+        with torch.cuda.stream(high):
+            gpu.copy_(pool_buf, non_blocking=True)
+        high.record_event().synchronize()
+
+    def side_stream_as_current_sync():
+        with torch.cuda.stream(side):
+            gpu.copy_(pool_buf, non_blocking=True)
+            torch.cuda.current_stream().synchronize()
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gpu.copy_(pool_buf, non_blocking=True)
+
+    def graph_on_side_stream_event():
+        with torch.cuda.stream(side):
+            graph.replay()
+        side.record_event().synchronize()
+
+    def current_stream_event():
+        gpu.copy_(pool_buf, non_blocking=True)
+        current.record_event().synchronize()
+
+    def ucm(src):
+        return lambda: transport.synchronize(transport.h2d(src, gpu))
+
+    return {"bare_torch_pinned": bare(torch_buf), "bare_pool": bare(pool_buf), "side_stream_event": side_stream_event,
+            "side_stream_sync": side_stream_sync, "side_stream_poll": side_stream_poll,
+            "current_stream_event": current_stream_event, "high_priority_stream_event": high_priority_stream_event,
+            "side_stream_as_current_sync": side_stream_as_current_sync,
+            "graph_on_side_stream_event": graph_on_side_stream_event,
+            "ucm_h2d_pool": ucm(pool_buf), "ucm_h2d_torch_pinned": ucm(torch_buf)}
+
+
+def device_ms(src, gpu, reps: int = 10) -> float:
+    """Median device time of one copy (CUDA events around it)."""
+    times = []
+    for _ in range(reps):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        gpu.copy_(src, non_blocking=True)
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times)
+
+
+def enqueue_us(transport: CUDATransport, src, gpu, reps: int = 50) -> float:
+    """Median host time of one ``h2d`` call (not its completion)."""
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        task = transport.h2d(src, gpu)
+        times.append((time.perf_counter() - start) * 1e6)
+        transport.synchronize(task)
+    return statistics.median(times)
+
+
+def measure_size(transport: CUDATransport, size_mb: int, repeats: int) -> dict:
+    nbytes = size_mb << 20
+    pool_buf = transport.get_pinned_buffer(nbytes)
+    torch_buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    gpu = torch.empty(nbytes, dtype=torch.uint8, device="cuda:0")
+    runs = variants(transport, pool_buf, torch_buf, gpu)
+    samples = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            samples[name].append(round(loop_gbps(run, nbytes), 1))
+    result = {"size_mb": size_mb, "loop_gbps": samples,
+              "loop_gbps_median": {name: statistics.median(v) for name, v in samples.items()},
+              "device_gbps": {kind: round(nbytes / device_ms(buf, gpu) / 1e6, 1)
+                              for kind, buf in (("torch_pinned", torch_buf), ("pool", pool_buf))},
+              "h2d_enqueue_us": round(enqueue_us(transport, pool_buf, gpu), 1)}
+    transport.release_pinned_buffer(pool_buf)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES_MB)), help="sizes in MB")
+    args = parser.parse_args()
+    transport = CUDATransport(device_id=0)
+    results = []
+    for size_mb in map(int, args.sizes.split(",")):
+        results.append(measure_size(transport, size_mb, args.repeats))
+        r = results[-1]
+        print(f"{size_mb:4d} MB  device {r['device_gbps']}  enqueue {r['h2d_enqueue_us']} us", flush=True)
+        for name, values in r["loop_gbps"].items():
+            print(f"      {name:22s} median {statistics.median(values):5.1f}  all {values}", flush=True)
+    rows = [row(f"h2d_loop_{name}", name, f"{r['size_mb']} MB", (r["size_mb"] << 20) / gbps / 1e6,
+                nbytes=r["size_mb"] << 20) for r in results for name, gbps in r["loop_gbps_median"].items()]
+    path = write_results("h2d_anatomy", rows, {}, extra={"sizes": results})
+    print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
