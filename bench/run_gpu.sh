@@ -20,7 +20,8 @@ step() {  # name, command...
 case "${1:-all}" in
   tests|all) step gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_kv_transfer.py tests/test_transport.py \
                tests/test_block_repr.py tests/test_block_select.py tests/test_sparse_decode.py ;;&
-  transfer|all) step bench_kv_transfer timeout 420 python3 -m bench.bench_kv_transfer ;;&
+  transfer|all) step bench_kv_transfer timeout 420 python3 -m bench.bench_kv_transfer
+                step bench_h2d_anatomy timeout 120 python3 -m bench.bench_h2d_anatomy ;;&
   sparse|all) step bench_sparse_decode timeout 300 python3 -m bench.bench_sparse_decode
               step bench_block_select timeout 200 python3 -m bench.bench_block_select ;;&
   tp|all) step bench_tp_ranks timeout 240 python3 -m bench.bench_tp_ranks --ranks 2 --blocks 2048 --dir /tmp ;;
