@@ -32,6 +32,7 @@ NUM_LAYERS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 32, 16, 8, 128
 CHECK_ROWS = 1024  # rows compared per step when checking (2 GiB on the GPU)
 PER_BLOCK_SUBSET = 64  # blocks moved by the per-block copy_ baseline (64 copies of 32 KiB each)
 INDEX_SELECT_MAX_BLOCKS = 4096
+DMA_CHUNK_BYTES = 256 << 20  # copy size of the same-rows DMA ceiling
 TUNE_CHUNK_MIB, TUNE_SLOTS = (32, 64, 128, 256), (2, 3)  # staging slot grid of --tune  # index_select baseline needs a GPU buffer of the whole batch (8 GiB here)
 STRATEGIES = ("staged", "direct")
 SHAPE = f"llama8b {NUM_LAYERS}L (2,nb,{BLOCK_SIZE},{KV_HEADS},{HEAD_DIM}) bf16"
@@ -207,6 +208,34 @@ class Bench:
         ms = wall_median_ms(run, iterations(2 * n * self.layout.row_bytes))
         self.add("offload_and_load_at_once", impl or f"ucm_{strategy}", n, ms, "bidir_pinned_gbps", directions=2)
 
+    def same_rows_dma(self, n: int) -> None:
+        """Ceiling over the very host rows ``both_ways(n)`` uses: bare DMA copies (256 MiB each, from/to one GPU
+        buffer per direction) of rows [0, n) to the host and rows [num_rows - n, num_rows) from it, one way each
+        and both at once. Host memory placement changes what DMA reaches (measured on the lent H100: 67-88 GB/s
+        both ways for 256 MiB windows at different offsets of one 32 GiB pinned buffer)."""
+        nbytes, row_bytes = n * self.layout.row_bytes, self.layout.row_bytes
+        out_rows = self.pinned[:nbytes]
+        in_rows = self.pinned[(self.num_rows - n) * row_bytes:self.num_rows * row_bytes]
+        gpu_out, gpu_in = (torch.empty(DMA_CHUNK_BYTES, dtype=torch.uint8, device="cuda") for _ in range(2))
+        d2h_stream, h2d_stream = torch.cuda.Stream(), torch.cuda.Stream()
+        spans = [(start, min(start + DMA_CHUNK_BYTES, nbytes)) for start in range(0, nbytes, DMA_CHUNK_BYTES)]
+
+        def d2h():
+            with torch.cuda.stream(d2h_stream):
+                for start, stop in spans:
+                    out_rows[start:stop].copy_(gpu_out[:stop - start], non_blocking=True)
+
+        def h2d():
+            with torch.cuda.stream(h2d_stream):
+                for start, stop in spans:
+                    gpu_in[:stop - start].copy_(in_rows[start:stop], non_blocking=True)
+
+        for name, run, ceiling, directions in (("dma_same_rows_d2h", d2h, "d2h_pinned_gbps", 1),
+                                                 ("dma_same_rows_h2d", h2d, "h2d_pinned_gbps", 1),
+                                                 ("dma_same_rows_both", lambda: (d2h(), h2d()), "bidir_pinned_gbps", 2)):
+            ms = wall_median_ms(lambda: (run(), torch.cuda.synchronize()), iterations(directions * nbytes))
+            self.add(name, "bare_copy_256MiB", n, ms, ceiling, directions=directions)
+
     def per_block_baseline(self) -> None:
         """One copy_ per (block, layer, K/V), as peers do, on a subset of blocks."""
         n = PER_BLOCK_SUBSET
@@ -323,13 +352,15 @@ def default_sections(bench: Bench, sizes, small_sizes, both_sizes) -> list:
                  for s in STRATEGIES]
     sections += [(f"both ways {s} {n}", functools.partial(bench.both_ways, n, s)) for n in both_sizes
                  for s in STRATEGIES]
+    sections += [(f"same-rows DMA {n}", functools.partial(bench.same_rows_dma, n)) for n in both_sizes]
     return sections
 
 
 def tune_sections(bench: Bench, both_sizes) -> list:
     """(label, callable) of ``--tune``: both ways, staged, per staging slot size x count."""
     return [(f"tune {mib} MiB x {slots} {n}", functools.partial(bench.tune_staging, n, mib, slots))
-            for mib in TUNE_CHUNK_MIB for slots in TUNE_SLOTS for n in both_sizes]
+            for mib in TUNE_CHUNK_MIB for slots in TUNE_SLOTS for n in both_sizes] + [
+        (f"same-rows DMA {n}", functools.partial(bench.same_rows_dma, n)) for n in both_sizes]
 
 
 def seed_rows(seed: list[dict[int, float]], ceilings: dict) -> list[dict]:
