@@ -313,7 +313,9 @@ def main() -> int:
     parser.add_argument("--small-sizes", default="1,2,4,8,32,128", help="batch sizes deciding the auto threshold")
     parser.add_argument("--pinned-gib", type=int, default=32, help="pinned rows to allocate (GiB)")
     parser.add_argument("--tune", action="store_true",
-                        help="only both-ways staged rows over staging slot sizes x counts (TUNE_CHUNK_MIB x TUNE_SLOTS)")
+                        help="only both-ways staged rows over staging slot sizes x counts, and the same-rows DMA")
+    parser.add_argument("--tune-mib", default="32,64,128,256", help="--tune: staging slot sizes (MiB)")
+    parser.add_argument("--tune-slots", default="2,3", help="--tune: staging slot counts")
     parser.add_argument("--seed-runs", type=int, default=3, help="runs of the seed 6.2 loop (before anything else)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -328,7 +330,8 @@ def main() -> int:
     sizes = [n for n in map(int, args.sizes.split(",")) if n <= bench.num_rows]
     small_sizes = [n for n in map(int, args.small_sizes.split(",")) if n <= bench.num_rows]
     both_sizes = sorted({min(n, bench.num_rows // 2, args.num_blocks // 2) for n in sizes})
-    sections = tune_sections(bench, both_sizes) if args.tune else default_sections(
+    tune_grid = [(mib, slots) for mib in map(int, args.tune_mib.split(",")) for slots in map(int, args.tune_slots.split(","))]
+    sections = tune_sections(bench, both_sizes, tune_grid) if args.tune else default_sections(
         bench, sizes, small_sizes, both_sizes)
     for label, section in sections:
         attempt(errors, label, section)
@@ -356,10 +359,10 @@ def default_sections(bench: Bench, sizes, small_sizes, both_sizes) -> list:
     return sections
 
 
-def tune_sections(bench: Bench, both_sizes) -> list:
-    """(label, callable) of ``--tune``: both ways, staged, per staging slot size x count."""
+def tune_sections(bench: Bench, both_sizes, grid: list[tuple[int, int]]) -> list:
+    """(label, callable) of ``--tune``: both ways, staged, per (staging slot MiB, slot count) of ``grid``."""
     return [(f"tune {mib} MiB x {slots} {n}", functools.partial(bench.tune_staging, n, mib, slots))
-            for mib in TUNE_CHUNK_MIB for slots in TUNE_SLOTS for n in both_sizes] + [
+            for mib, slots in grid for n in both_sizes] + [
         (f"same-rows DMA {n}", functools.partial(bench.same_rows_dma, n)) for n in both_sizes]
 
 

@@ -2,7 +2,10 @@
 
 Used by the end-to-end tests and bench_e2e in fresh processes:
 ``python bench/vllm_driver.py --model-dir D --store S --prompts P.json [--connector ucm|example|none]
-[--passes N]``. Each pass generates every prompt once, one at a time; latencies are per pass and prompt.
+[--passes N] [--abort-first]``. Each pass generates every prompt once, one at a time; ``tokens`` are the last
+pass's, ``pass_tokens`` and ``latencies`` are per pass and prompt. ``--abort-first`` first submits the first
+prompt, aborts it after one engine step (while its KV loads asynchronously, if it does) and reports what the
+engine and the connector still hold afterwards.
 """
 import argparse
 import json
@@ -43,6 +46,27 @@ def kv_transfer_config(kind: str, store: str, extra: dict):
     return None
 
 
+def abort_after_one_step(llm, prompt: list[int], params) -> dict:
+    """Submit ``prompt``, abort it after one engine step, step until the engine holds no request; return what
+    is left: requests, free KV blocks (of ``total_blocks``), the connector's loads in flight (in-process engine)."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+    from vllm.inputs import TokensPrompt
+
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    mover = get_kv_transfer_group()._mover
+    engine.add_request("abort-me", TokensPrompt(prompt_token_ids=prompt), params)
+    engine.step()
+    loading_at_abort = mover.num_loading
+    engine.abort_request(["abort-me"])
+    while scheduler.has_requests():
+        engine.step()
+    pool = scheduler.kv_cache_manager.block_pool
+    return {"loading_at_abort": loading_at_abort, "requests_left": len(scheduler.requests),
+            "loads_in_flight": mover.num_loading, "free_blocks": pool.get_num_free_blocks(),
+            "total_blocks": pool.num_gpu_blocks - 1}  # block 0 is vLLM's null block, never free
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-dir", required=True)
@@ -53,6 +77,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--passes", type=int, default=1, help="generate the whole prompt list this many times")
+    parser.add_argument("--abort-first", action="store_true", help="abort the first prompt after one step, first")
     args = parser.parse_args()
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -66,7 +91,8 @@ def main() -> None:
               kv_transfer_config=kv_transfer_config(args.connector, args.store, json.loads(args.extra)))
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     prompts = json.loads(Path(args.prompts).read_text())
-    tokens, latencies = [], []
+    aborted = abort_after_one_step(llm, prompts[0], params) if args.abort_first else None
+    pass_tokens, latencies = [], []
     for _ in range(args.passes):
         tokens, times = [], []
         for prompt in prompts:
@@ -74,9 +100,13 @@ def main() -> None:
             out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)
             times.append(time.perf_counter() - start)
             tokens.append(list(out[0].outputs[0].token_ids))
+        pass_tokens.append(tokens)
         latencies.append(times)
     stats = StatsMonitor.get_instance().get_stats()
-    print("UCM_RESULT " + json.dumps({"tokens": tokens, "latencies": latencies, "stats": stats}), flush=True)
+    result = {"tokens": pass_tokens[-1], "pass_tokens": pass_tokens, "latencies": latencies, "stats": stats}
+    if aborted is not None:
+        result["abort"] = aborted
+    print("UCM_RESULT " + json.dumps(result), flush=True)
     sys.stdout.flush()
     drain_open_stores()  # os._exit skips exit handlers: write committed blocks down first
     os._exit(0)  # skip the in-process engine's slow teardown
