@@ -10,7 +10,8 @@ of copy then wait, wall clock) ``--repeats`` times, variants interleaved so drif
   stream sync, or polling the event; ``current_stream_event``: the current stream, waited on through an event;
 - ``ucm_h2d_pool`` (the seed's loop) and ``ucm_h2d_torch_pinned``: ``CUDATransport.h2d`` + ``synchronize``.
 
-Also the copy's device time (CUDA events) per buffer kind and the host time of one ``h2d`` call (enqueue).
+Also the copy's device time (CUDA events) per buffer kind, the host time of one ``h2d`` call (enqueue), and a
+placement sweep: bare DMA over 256 MiB windows at offsets of one large pinned buffer.
 """
 import argparse
 import statistics
@@ -140,10 +141,51 @@ def measure_size(transport: CUDATransport, size_mb: int, repeats: int) -> dict:
     return result
 
 
+def placement_sweep(total_gib: int, window_mib: int = 256, reps: int = 5) -> list[dict]:
+    """Bare DMA over ``window_mib`` windows at offsets of one ``total_gib`` pinned buffer: H2D, D2H, and both at
+    once (the window at ``offset`` to the GPU while the window mirrored from the end comes back). Shows how much
+    the host memory behind pinned pages moves the DMA ceiling."""
+    gib, window = 1 << 30, window_mib << 20
+    host = torch.empty(total_gib * gib, dtype=torch.uint8, pin_memory=True)
+    gpu_in, gpu_out = (torch.empty(window, dtype=torch.uint8, device="cuda") for _ in range(2))
+    h2d_stream, d2h_stream = torch.cuda.Stream(), torch.cuda.Stream()
+    rows = []
+    for offset in range(0, total_gib, max(total_gib // 8, 1)):
+        here, mirror = host[offset * gib:][:window], host[(total_gib - 1 - offset) * gib:][:window]
+
+        def h2d():
+            with torch.cuda.stream(h2d_stream):
+                gpu_in.copy_(here, non_blocking=True)
+
+        def d2h():
+            with torch.cuda.stream(d2h_stream):
+                mirror.copy_(gpu_out, non_blocking=True)
+
+        for name, run, nbytes in (("h2d", h2d, window), ("d2h", d2h, window), ("both", lambda: (h2d(), d2h()), 2 * window)):
+            ms = median_wall_ms(run, reps)
+            rows.append(row(f"pinned_placement_{name}", "bare_copy", f"{window_mib} MiB at {offset} GiB of {total_gib} GiB",
+                            ms, nbytes=nbytes, offset_gib=offset))
+        print(f"  offset {offset:3d} GiB: " + ", ".join(f"{r['name'][17:]} {r['gbps']}" for r in rows[-3:]), flush=True)
+    return rows
+
+
+def median_wall_ms(run, reps: int) -> float:
+    """Median wall time of ``run()`` followed by a device sync, from an idle GPU."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sizes", default=",".join(map(str, SIZES_MB)), help="sizes in MB")
+    parser.add_argument("--placement-gib", type=int, default=32, help="pinned buffer of the placement sweep (0: skip)")
     args = parser.parse_args()
     transport = CUDATransport(device_id=0)
     results = []
@@ -155,6 +197,8 @@ def main() -> int:
             print(f"      {name:22s} median {statistics.median(values):5.1f}  all {values}", flush=True)
     rows = [row(f"h2d_loop_{name}", name, f"{r['size_mb']} MB", (r["size_mb"] << 20) / gbps / 1e6,
                 nbytes=r["size_mb"] << 20) for r in results for name, gbps in r["loop_gbps_median"].items()]
+    if args.placement_gib:
+        rows += placement_sweep(args.placement_gib)
     path = write_results("h2d_anatomy", rows, {}, extra={"sizes": results})
     print("wrote", path)
     return 0
