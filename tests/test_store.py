@@ -256,6 +256,17 @@ def test_prefetch_reads_ahead_into_the_cache(tmp_path):
         assert [store.cache.contains(block_key(b)) for b in ids(8, "pf")] == [True] * 3 + [False] * 5
 
 
+def test_lookup_prefix_tiers_names_the_tier_each_leading_hit_loads_from(tmp_path):
+    with make_store(tmp_path) as writer:
+        dump_commit(writer, ids(4, "lt"), [block_data(i) for i in range(4)])
+        assert writer.lookup_prefix_tiers(ids(6, "lt")) == ["Cache"] * 4
+    with make_store(tmp_path) as store:  # a fresh process's store: the Cache tier starts empty
+        assert store.lookup_prefix_tiers(ids(6, "lt")) == ["Posix"] * 4 and store.lookup_on_prefix(ids(6, "lt")) == 3
+        assert load_all(store, ids(2, "lt"))[0] == TaskStatus.SUCCESS  # loading promotes into the Cache
+        assert store.lookup_prefix_tiers(ids(4, "lt")) == ["Cache", "Cache", "Posix", "Posix"]
+        assert store.lookup_prefix_tiers([b"absent"] + ids(4, "lt")) == []
+
+
 class CountingPosix(PosixTier):
     """A real Posix tier that counts (and slows) reads, to show concurrent loads share one transfer."""
 

@@ -31,13 +31,18 @@ def workdir(tmp_path_factory):
     return root
 
 
-def drive(workdir: Path, store: Path, connector: str = "ucm", extra: dict | None = None, check: bool = True):
+def drive(workdir: Path, store: Path, connector: str = "ucm", extra: dict | None = None, check: bool = True,
+          options: tuple[str, ...] = (), timeout: float = 600):
+    """Run bench/vllm_driver.py in a fresh process (``options``: more of its flags); its JSON result."""
     cmd = [sys.executable, str(DRIVER), "--model-dir", str(workdir / "model"), "--store", str(store),
            "--prompts", str(workdir / "prompts.json"), "--connector", connector, "--block-size", str(BLOCK),
-           "--extra", json.dumps(extra or {})]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if not check:
-        return done
+           "--extra", json.dumps(extra or {}), *options]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return result_of(done) if check else done
+
+
+def result_of(done: subprocess.CompletedProcess) -> dict:
+    """The JSON result a driver process printed (it must have succeeded)."""
     lines = [line for line in done.stdout.splitlines() if line.startswith("UCM_RESULT ")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]
     return json.loads(lines[-1][len("UCM_RESULT "):])

@@ -30,6 +30,7 @@ CONNECTOR_NAMES = ("UcmPipelineStore",)
 SPARSE_KEYS = ("ucm_sparse_method", "ucm_sparse_config")
 DOCUMENT_KEYS = ("ucm_connectors", "ucm_connector_config", "ucm_config_file") + SPARSE_KEYS
 SECRET_KEYS = ("s3_secret_access_key", "s3_session_token")  # masked in reprs, never logged
+LOAD_ASYNC_CHOICES = ("auto", "always", "never")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,9 @@ class StoreConfig:
                                 used_by="pinned pool")
     block_size: int | None = spec(None, "tokens per KV block; must equal vLLM's (unset: take vLLM's)", min=1,
                                   max=4096, used_by="hashing, vLLM connector")
+    load_async: str = spec("auto", "load prompt hits between steps, the request parked meanwhile; auto: when a hit "
+                           "block lies below the Cache tier (a Cache hit is a memory copy, loaded in the step)",
+                           choices=LOAD_ASYNC_CHOICES, used_by="vLLM connector")
     cache_capacity: int = spec(10000, "blocks held by the Cache (pinned DRAM) tier", min=1, used_by="Cache")
     prefetch_enabled: bool = spec(False, "read ahead the following blocks of a prefix on a lookup hit",
                                   used_by="pipeline")

@@ -94,7 +94,7 @@ class StatsMonitor:
     def reset(self) -> None:
         """Zero every counter."""
         with self._lock:
-            self._counts = {"lookups": 0, "hits": 0}
+            self._counts = {"lookups": 0, "hits": 0, "async_loads": 0}
             for kind in TRANSFER_KINDS:
                 self._counts.update({f"{kind}s": 0, f"{kind}_blocks": 0, f"{kind}_bytes": 0, f"{kind}_failures": 0})
             self._tier_hits: dict[str, int] = {}
@@ -109,6 +109,11 @@ class StatsMonitor:
             self._counts["hits"] += hits
             for tier, n in (tier_hits or {}).items():
                 self._tier_hits[tier] = self._tier_hits.get(tier, 0) + n
+
+    def record_async_load(self) -> None:
+        """Count one request whose KV blocks the vLLM connector loaded asynchronously (the request parked)."""
+        with self._lock:
+            self._counts["async_loads"] += 1
 
     @contextmanager
     def transfer(self, kind: str):
@@ -239,6 +244,7 @@ _METRICS = (
     ("save_blocks", "counter", "Blocks saved"),
     ("save_bytes", "counter", "Bytes saved"),
     ("save_failures", "counter", "Save transfers that failed"),
+    ("async_loads", "counter", "Requests whose KV the vLLM connector loaded asynchronously"),
 )
 
 

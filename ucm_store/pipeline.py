@@ -8,9 +8,10 @@
 * ``commit(block_ids, success_flags)`` publishes each successfully dumped block atomically into the top tier
   (Cache: the staged buffer itself; a disk tier: temp file, fsync, rename) and queues its write-down to the
   tiers below (bounded by ``buffer_number``; ``flush()`` waits for them). A failed flag discards the block.
-* ``lookup`` / ``lookup_on_prefix`` see committed blocks in any tier; ``load(block_ids, offset, tensor)`` reads
-  bytes ``[offset, offset + part)`` of each block into part ``i`` of ``tensor``, from the first tier holding
-  it, and promotes blocks found below into the Cache (one read per block however many loads want it).
+* ``lookup`` / ``lookup_on_prefix`` see committed blocks in any tier (``lookup_prefix_tiers`` also names the
+  tier of each leading hit); ``load(block_ids, offset, tensor)`` reads bytes ``[offset, offset + part)`` of
+  each block into part ``i`` of ``tensor``, from the first tier holding it, and promotes blocks found below
+  into the Cache (one read per block however many loads want it).
 * A load verifies a block (length, CRC32) in a staging buffer before any byte reaches ``tensor``: a failed
   load leaves the destination untouched.
 * ``dump`` and ``load`` return a :class:`~ucm_store.task.Task`; ``wait(task)`` returns ``TaskStatus.SUCCESS``
@@ -107,6 +108,12 @@ class UcmPipelineStore:
 
     def lookup_on_prefix(self, block_ids: list[bytes]) -> int:
         """Index of the last block of the leading run of hits (-1 when the first block misses)."""
+        return len(self.lookup_prefix_tiers(block_ids)) - 1
+
+    def lookup_prefix_tiers(self, block_ids: list[bytes]) -> list[str]:
+        """The name of the tier holding each block of the leading run of hits (e.g. ``["Cache", "Posix"]``; empty
+        when the first block misses): the first tier a load would read it from, so ``"Cache"`` means a memory
+        copy and any other name means I/O. Counts and prefetches like ``lookup_on_prefix``."""
         keys = [block_key(b) for b in _check_ids(block_ids)]
         where = []
         for key in keys:
@@ -116,7 +123,7 @@ class UcmPipelineStore:
             where.append(tier)
         self._record_lookup(where + [None] * (len(keys) > len(where)))
         self._prefetch([k for k, t in zip(keys, where) if t is not self.cache])
-        return len(where) - 1
+        return [tier.name for tier in where]
 
     # ---- dump and commit -------------------------------------------------------------------------------------
     def dump(self, block_ids: list[bytes], offset: int, tensor: torch.Tensor) -> Task:

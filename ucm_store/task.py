@@ -38,10 +38,14 @@ class Task:
 
     def wait(self, timeout: float | None = None) -> TaskStatus:
         """Block until done (TimeoutError after ``timeout`` s); return SUCCESS or FAILURE."""
-        _, pending = wait_futures(self._futures, timeout=timeout)
-        if pending:
-            raise TimeoutError(f"{self!r}: {len(pending)} of {len(self._futures)} blocks unfinished after {timeout} s")
+        if not self.wait_done(timeout):
+            pending = sum(not f.done() for f in self._futures)
+            raise TimeoutError(f"{self!r}: {pending} of {len(self._futures)} blocks unfinished after {timeout} s")
         return self._collect()
+
+    def wait_done(self, timeout: float | None = None) -> bool:
+        """Block until done or ``timeout`` s have passed; whether it is done (``wait`` then returns at once)."""
+        return not wait_futures(self._futures, timeout=timeout).not_done
 
     def _collect(self) -> TaskStatus:
         for block_id, future in zip(self.block_ids, self._futures):

