@@ -18,7 +18,7 @@ step() {  # name, command...
   tail -n 25 "$OUT/$name.log"; echo "== $name rc=$rc in $((SECONDS - start)) s"
 }
 case "${1:-all}" in
-  tests|all) step gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_kv_transfer.py tests/test_transport.py \
+  tests|all) step gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_kv_transfer.py tests/test_transport.py tests/test_block_mover.py \
                tests/test_block_repr.py tests/test_block_select.py tests/test_sparse_decode.py ;;&
   transfer|all) step bench_kv_transfer timeout 420 python3 -m bench.bench_kv_transfer
                 step bench_h2d_anatomy timeout 120 python3 -m bench.bench_h2d_anatomy ;;&

@@ -62,6 +62,29 @@ def test_h2d_and_d2h_copy_and_complete(transport):
     transport.release_pinned_buffer(host)
 
 
+def test_copies_follow_the_callers_queued_work_across_recycled_events(transport):
+    """Each copy sees what the caller's stream queued before it (on a GPU the caller is kept busy, so the copy
+    must wait for it), and copies outstanding at once complete independently, rounds after round reusing the
+    completion events that synchronize() recycles."""
+    nbytes = 16 << 10
+    host_in, host_out = transport.get_pinned_buffer(nbytes), transport.get_pinned_buffer(nbytes)
+    busy = torch.randn(512, 512, device=DEVICE)
+    for round_ in range(1, 5):
+        source, target = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE), torch.empty_like(host_in, device=DEVICE)
+        for _ in range(20):  # queue work on the caller's stream ahead of the write the copy must see
+            busy = busy @ busy / busy.norm()
+        source.fill_(round_)
+        host_in.fill_(100 + round_)
+        tasks = [transport.d2h(source, host_out), transport.h2d(host_in, target)]
+        for task in tasks:
+            transport.synchronize(task)
+            assert task.event is None and task.done()
+        assert torch.equal(host_out, torch.full_like(host_out, round_))
+        assert torch.equal(target.cpu(), torch.full_like(host_in, 100 + round_))
+    transport.release_pinned_buffer(host_in)
+    transport.release_pinned_buffer(host_out)
+
+
 def test_copies_reject_mismatched_sizes(transport):
     with pytest.raises(ValueError, match="equal byte size"):
         transport.h2d(torch.empty(16, dtype=torch.uint8), torch.empty(17, dtype=torch.uint8, device=DEVICE))

@@ -18,17 +18,21 @@ BLOCK = 32
 PROMPT_LENGTHS = (700, 333, 1000, 97)
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
+def make_workdir(root: Path, prompt_lengths: tuple[int, ...]) -> Path:
+    """``root`` with the tiny dummy-weight Llama (``model/``) and one random prompt per length (``prompts.json``)."""
     sys.path.insert(0, str(DRIVER.parent))
     from vllm_driver import write_tiny_model
 
     write_tiny_model(root / "model")
     rng = random.Random(0)
     (root / "prompts.json").write_text(json.dumps([[rng.randrange(3, 1000) for _ in range(n)]
-                                                   for n in PROMPT_LENGTHS]))
+                                                   for n in prompt_lengths]))
     return root
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return make_workdir(tmp_path_factory.mktemp("e2e"), PROMPT_LENGTHS)
 
 
 def drive(workdir: Path, store: Path, connector: str = "ucm", extra: dict | None = None, check: bool = True,
