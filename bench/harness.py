@@ -17,13 +17,16 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def git_commit() -> str:
-    """The checkout's HEAD sha, or "unknown" outside a git checkout (as on the lent GPU's copy)."""
+    """``$UCM_COMMIT`` when set (the lent GPU's copy carries a stale .git), else the checkout's HEAD sha, else
+    "unknown"."""
+    if os.environ.get("UCM_COMMIT"):
+        return os.environ["UCM_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).resolve().parent)
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("UCM_COMMIT", "unknown")
+        return "unknown"
 
 
 def device_name() -> str:
