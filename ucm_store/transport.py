@@ -4,8 +4,10 @@
 directions run on separate copy engines at the same time, and one kernel stream per direction for the
 kv_transfer gather (offload) and scatter (load). Every operation is ordered after the work already queued on
 the caller's current stream and returns a :class:`TransferTask`; ``synchronize(task)`` blocks until it is
-done. Tensors must not be reused or released before then. Without CUDA the same API copies synchronously
-(buffers are then ordinary memory).
+done. Tensors must not be reused or released before then. Without CUDA (or with ``use_cuda=False``) the same
+API copies synchronously (buffers are then ordinary memory) and block moves use torch indexing, never the Triton
+kernels: on a CPU those only run in Triton's interpreter (0.7 s for the 32 blocks of a 1K-token prompt of
+bench_e2e's model, where indexing takes about a millisecond).
 
 Block moves (``offload_blocks`` GPU cache -> pinned rows, ``load_blocks`` pinned rows -> GPU cache) have two
 strategies:
@@ -34,6 +36,7 @@ import torch
 
 from ucm_kernels._utils import check_device
 from ucm_kernels.kv_transfer import PagedKVLayout, check_block_ids, detect_layout, gather_blocks, scatter_blocks
+from ucm_kernels.kv_transfer.naive import naive_gather_blocks, naive_scatter_blocks
 from ucm_store.pool import PinnedMemoryPool, page_locked_buffer
 
 # H100 run of 2026-11-25 (bench/results/kv_transfer-*): "direct" beat "staged" from 1 to 32 Llama-8B blocks
@@ -170,8 +173,8 @@ class CUDATransport:
         """
         layout, ids_host, ids, rows = self._checked_move(strategy, layers, kind, block_ids, "pinned_dst", pinned_dst)
         keepalive = (tuple(layers), ids, pinned_dst)
-        if not self.cuda:
-            gather_blocks(layers, ids, out=rows, layout=layout, check_ids=False)
+        if not self.cuda:  # torch indexing: the Triton interpreter would be ~100x slower (see the module docstring)
+            naive_gather_blocks(layers, ids, rows.view(layout.staging_shape(ids.numel())), layout.kind)
             return TransferTask(None)
         with torch.cuda.device(self.device), self._locks["offload"]:
             self._after_current_stream(self._offload_stream, ids)
@@ -199,7 +202,7 @@ class CUDATransport:
         layout, ids_host, ids, rows = self._checked_move(strategy, layers, kind, block_ids, "pinned_src", pinned_src)
         keepalive = (tuple(layers), ids, pinned_src)
         if not self.cuda:
-            scatter_blocks(rows, ids, layers, layout=layout, check_ids=False)
+            naive_scatter_blocks(rows.view(layout.staging_shape(ids.numel())), ids, layers, layout.kind)
             return TransferTask(None)
         with torch.cuda.device(self.device), self._locks["load"]:
             self._after_current_stream(self._load_stream, ids)
