@@ -2,7 +2,7 @@
 
 Used by the end-to-end tests and bench_e2e in fresh processes:
 ``python bench/vllm_driver.py --model-dir D --store S --prompts P.json [--connector ucm|example|none]
-[--passes N] [--abort-first]``. Each pass generates every prompt once, one at a time; ``tokens`` are the last
+[--passes N] [--abort-first] [--warmup-tokens N]``. Each pass generates every prompt once, one at a time; ``tokens`` are the last
 pass's, ``pass_tokens`` and ``latencies`` are per pass and prompt. ``--abort-first`` first submits the first
 prompt, aborts it after one engine step (while its KV loads asynchronously, if it does) and reports what the
 engine and the connector still hold afterwards.
@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--passes", type=int, default=1, help="generate the whole prompt list this many times")
     parser.add_argument("--abort-first", action="store_true", help="abort the first prompt after one step, first")
+    parser.add_argument("--warmup-tokens", type=int, default=0,
+                        help="first generate one untimed prompt of this many tokens (one-time start-up costs)")
     args = parser.parse_args()
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -91,6 +93,8 @@ def main() -> None:
               kv_transfer_config=kv_transfer_config(args.connector, args.store, json.loads(args.extra)))
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     prompts = json.loads(Path(args.prompts).read_text())
+    if args.warmup_tokens:
+        llm.generate([TokensPrompt(prompt_token_ids=[7] * args.warmup_tokens)], params, use_tqdm=False)
     aborted = abort_after_one_step(llm, prompts[0], params) if args.abort_first else None
     pass_tokens, latencies = [], []
     for _ in range(args.passes):

@@ -133,10 +133,11 @@ class PosixTier(Tier):
         return self._block_path(root, key)
 
     def _find(self, key: str) -> Path | None:
+        relative = os.path.join("blocks", key[0:2], key[2:4], f"{key}.blk")  # str paths: 10x cheaper than Path
         for root in self._search_order(key):
-            path = self._block_path(root, key)
-            if path.exists():
-                return path
+            path = os.path.join(root, relative)
+            if os.path.exists(path):
+                return Path(path)
         return None
 
     def _copies(self, key: str):

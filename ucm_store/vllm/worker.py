@@ -61,14 +61,18 @@ class KVBlockMover:
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="ucm-save")
         self._pending_saves: list[Future] = []
         self._loads: dict[str, _Load] = {}  # asynchronous loads in flight, by request id
+        self._save_buffer: torch.Tensor | None = None  # rows of synchronous saves (CPU), reused
 
     def save(self, transfer: BlockTransfer) -> None:
         """Copy the request's blocks out of the cache now; dump and commit them (in the background on a GPU)."""
-        rows = self._host_rows(len(transfer.vllm_block_ids))
-        copied = self.transport.offload_blocks(self.layers, transfer.vllm_block_ids, rows, kind=self.layout.kind)
-        if self.device.type == "cpu":
-            self._store_rows(transfer, rows, copied)
+        n = len(transfer.vllm_block_ids)
+        if self.device.type == "cpu":  # finished before returning: one reused buffer (no page faults per save)
+            rows = self._save_rows(n)
+            self._store_rows(transfer, rows, self.transport.offload_blocks(self.layers, transfer.vllm_block_ids, rows,
+                                                                          kind=self.layout.kind))
             return
+        rows = self._host_rows(n)
+        copied = self.transport.offload_blocks(self.layers, transfer.vllm_block_ids, rows, kind=self.layout.kind)
         self._pending_saves = [f for f in self._pending_saves if not f.done()]
         self._pending_saves.append(self._saver.submit(self._store_rows, transfer, rows, copied))
 
@@ -150,6 +154,12 @@ class KVBlockMover:
         if not ok:
             logger.warning("request %s: %d of %d blocks not saved:\n%s", transfer.req_id, len(task.failures),
                            len(transfer.block_hashes), task.describe_failures())
+
+    def _save_rows(self, n: int) -> torch.Tensor:
+        """The first ``n`` rows of a buffer kept for synchronous (CPU) saves, grown as needed."""
+        if self._save_buffer is None or self._save_buffer.shape[0] < n:
+            self._save_buffer = self._host_rows(n)
+        return self._save_buffer[:n]
 
     def _host_rows(self, n: int) -> torch.Tensor:
         """Staging rows the store's threads may write (vLLM runs steps in inference mode; they run outside it)."""
