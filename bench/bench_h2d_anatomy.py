@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from bench.harness import row, write_results
+from bench.harness import row, wall_median_ms, write_results
 from ucm_store.transport import CUDATransport
 
 SIZES_MB = (1, 4, 16, 64, 256)  # --sizes
@@ -184,23 +184,11 @@ def placement_sweep(total_gib: int, window_mib: int = 256, reps: int = 5) -> lis
                 mirror.copy_(gpu_out, non_blocking=True)
 
         for name, run, nbytes in (("h2d", h2d, window), ("d2h", d2h, window), ("both", lambda: (h2d(), d2h()), 2 * window)):
-            ms = median_wall_ms(run, reps)
+            ms = wall_median_ms(run, reps)
             rows.append(row(f"pinned_placement_{name}", "bare_copy", f"{window_mib} MiB at {offset} GiB of {total_gib} GiB",
                             ms, nbytes=nbytes, offset_gib=offset))
         print(f"  offset {offset:3d} GiB: " + ", ".join(f"{r['name'][17:]} {r['gbps']}" for r in rows[-3:]), flush=True)
     return rows
-
-
-def median_wall_ms(run, reps: int) -> float:
-    """Median wall time of ``run()`` followed by a device sync, from an idle GPU."""
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        run()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> int:

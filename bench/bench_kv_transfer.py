@@ -15,7 +15,6 @@ import contextlib
 import functools
 import io
 import re
-import statistics
 import sys
 import time
 import traceback
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bench.harness import measure_copy_ceilings, row, write_results
+from bench.harness import measure_copy_ceilings, row, wall_median_ms, write_results
 from ucm_kernels.kv_transfer import PagedKVLayout, detect_layout
 from ucm_kernels.kv_transfer.naive import block_segments, naive_gather_blocks
 from ucm_store.transport import DIRECT_MAX_BYTES, CUDATransport
@@ -75,17 +74,6 @@ def raw_torch_loop() -> dict[int, float]:
             stream.synchronize()
         result[size_mb] = round(size * 20 / (time.time() - start) / 1e9, 1)
     return result
-
-
-def wall_median_ms(run, iters: int) -> float:
-    """Median wall time of ``run()`` (enqueue and wait), each call starting on an idle GPU."""
-    times = []
-    for _ in range(iters):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def iterations(nbytes: int) -> int:
@@ -233,7 +221,7 @@ class Bench:
         for name, run, ceiling, directions in (("dma_same_rows_d2h", d2h, "d2h_pinned_gbps", 1),
                                                  ("dma_same_rows_h2d", h2d, "h2d_pinned_gbps", 1),
                                                  ("dma_same_rows_both", lambda: (d2h(), h2d()), "bidir_pinned_gbps", 2)):
-            ms = wall_median_ms(lambda: (run(), torch.cuda.synchronize()), iterations(directions * nbytes))
+            ms = wall_median_ms(run, iterations(directions * nbytes))
             self.add(name, "bare_copy_256MiB", n, ms, ceiling, directions=directions)
 
     def per_block_baseline(self) -> None:

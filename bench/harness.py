@@ -7,8 +7,10 @@ the ``measure_*`` helpers, and writes one file with :func:`write_results` (to ``
 import datetime
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -76,6 +78,18 @@ def write_results(bench: str, rows: list[dict], ceilings: dict, extra: dict | No
     path = out_dir / f"{bench}-{slug}-{date}.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
     return path
+
+
+def wall_median_ms(run, iters: int) -> float:
+    """Median wall time in ms of ``run()`` then a device sync, each call starting on an idle GPU."""
+    times = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
 
 
 def cuda_median_ms(fn, warmup: int = 3, iters: int = 20) -> float:
