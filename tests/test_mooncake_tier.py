@@ -10,14 +10,13 @@ import time
 import pytest
 import torch
 from servers import MooncakeServers
+from remote_tier_checks import SHARE_WRITER, assert_outage_served_from_cache, assert_reads_shared_blocks, make
 from test_store import block_data, dump_commit, ids, load_all
 
-from ucm_store.factory import UcmConnectorFactory
 from ucm_store.pipeline import block_key
 from ucm_store.task import TaskStatus
 
 pytestmark = pytest.mark.slow
-OUTAGE_BOUND_S = 10.0
 RECOVERY_BOUND_S = 20.0
 
 
@@ -25,10 +24,6 @@ RECOVERY_BOUND_S = 20.0
 def mooncake():
     with MooncakeServers() as servers:
         yield servers
-
-
-def make(config: dict):
-    return UcmConnectorFactory.create_connector(config, local_rank=0)
 
 
 @pytest.fixture(scope="module")
@@ -84,25 +79,12 @@ def test_a_refused_put_is_logged_and_the_tier_keeps_serving(mooncake, caplog):
     assert f"write-down of block {big[0].hex()} failed" in caplog.text and "mooncake_local_buffer_size" in caplog.text
 
 
-SHARE_WRITER = """
-import sys
-sys.path.insert(0, {tests!r})
-from test_store import block_data, dump_commit, ids
-from ucm_store.factory import UcmConnectorFactory
-store = UcmConnectorFactory.create_connector({config!r})
-assert dump_commit(store, ids(6, "shared"), [block_data(i) for i in range(6)]) == [True] * 6
-store.close()
-"""
-
-
 def test_two_processes_share_blocks(mooncake):
     config = mooncake.config(remote_key_prefix="share/")
     code = SHARE_WRITER.format(tests=os.path.dirname(__file__), config=config)
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True)
     with make(config) as reader:
-        assert reader.lookup(ids(7, "shared")) == [True] * 6 + [False]
-        status, out, _ = load_all(reader, ids(6, "shared"))
-        assert status == TaskStatus.SUCCESS and torch.equal(out, torch.stack([block_data(i) for i in range(6)]))
+        assert_reads_shared_blocks(reader)
 
 
 @pytest.mark.parametrize("outage", ["killed", "hung"])
@@ -118,17 +100,7 @@ def test_master_outage_gives_bounded_clean_misses_while_cache_serves_then_recove
             dump_commit(store, near, [block_data(10), block_data(11)])
             store.flush()
             assert store.lookup(far) == [True] * 4
-            stop()
-            start = time.monotonic()
-            assert store.lookup(far) == [False] * 4
-            status, _, task = load_all(store, far)
-            assert status == TaskStatus.FAILURE and len(task.failures) == 4
-            status, out, _ = load_all(store, near)
-            assert status == TaskStatus.SUCCESS and torch.equal(out, torch.stack([block_data(10), block_data(11)]))
-            assert dump_commit(store, during, [block_data(20)]) == [True]
-            store.flush()
-            assert time.monotonic() - start < OUTAGE_BOUND_S
-            assert store.writeback_failures == 1 and store.lookup(during) == [True]
+            assert_outage_served_from_cache(store, far, near, during, stop)
             restart()
             assert written_down_again(store, other, deadline=time.monotonic() + RECOVERY_BOUND_S)
         with make(config) as fresh:

@@ -10,26 +10,21 @@ import time
 import pytest
 import torch
 from servers import S3_BUCKET, S3_KEYS, MotoS3Server
+from remote_tier_checks import SHARE_WRITER, assert_outage_served_from_cache, assert_reads_shared_blocks, make
 from test_store import block_data, dump_commit, ids, load_all
 
 from ucm_store.backends import s3 as s3_backend
 from ucm_store.config import load_store_config
-from ucm_store.factory import UcmConnectorFactory
 from ucm_store.pipeline import block_key
 from ucm_store.task import TaskStatus
 
 pytestmark = pytest.mark.slow
-OUTAGE_BOUND_S = 10.0
 
 
 @pytest.fixture(scope="module")
 def s3():
     with MotoS3Server() as server:
         yield server
-
-
-def make(config: dict):
-    return UcmConnectorFactory.create_connector(config, local_rank=0)
 
 
 def object_names(server: MotoS3Server, prefix: str) -> list[str]:
@@ -74,26 +69,12 @@ def test_large_blocks_upload_in_parts_and_load_whole(s3):
         assert status == TaskStatus.SUCCESS and torch.equal(out[0], datas[0])
 
 
-SHARE_WRITER = """
-import sys
-sys.path.insert(0, {tests!r})
-from test_store import block_data, dump_commit, ids
-from ucm_store.factory import UcmConnectorFactory
-store = UcmConnectorFactory.create_connector({config!r})
-assert dump_commit(store, ids(6, "shared"), [block_data(i) for i in range(6)]) == [True] * 6
-store.close()
-"""
-
-
 def test_two_processes_share_blocks_writer_configured_by_environment(s3):
     config = {"store_pipeline": "Cache|DS3FS", "remote_key_prefix": "share/"}
     code = SHARE_WRITER.format(tests=os.path.dirname(__file__), config=config)
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, env={**os.environ, **s3.environment()})
     with make(s3.config(remote_key_prefix="share/")) as reader:
-        assert reader.lookup(ids(7, "shared")) == [True] * 6 + [False]
-        assert reader.lookup_on_prefix(ids(7, "shared")) == 5
-        status, out, _ = load_all(reader, ids(6, "shared"))
-        assert status == TaskStatus.SUCCESS and torch.equal(out, torch.stack([block_data(i) for i in range(6)]))
+        assert_reads_shared_blocks(reader)
 
 
 @pytest.mark.parametrize("outage", ["killed", "hung"])
@@ -109,17 +90,7 @@ def test_server_outage_gives_bounded_clean_misses_while_cache_serves_then_recove
             dump_commit(store, near, [block_data(10), block_data(11)])
             store.flush()
             assert store.lookup(far) == [True] * 4
-            stop()
-            start = time.monotonic()
-            assert store.lookup(far) == [False] * 4
-            status, _, task = load_all(store, far)
-            assert status == TaskStatus.FAILURE and len(task.failures) == 4
-            status, out, _ = load_all(store, near)
-            assert status == TaskStatus.SUCCESS and torch.equal(out, torch.stack([block_data(10), block_data(11)]))
-            assert dump_commit(store, during, [block_data(20)]) == [True]
-            store.flush()
-            assert time.monotonic() - start < OUTAGE_BOUND_S
-            assert store.writeback_failures == 1 and store.lookup(during) == [True]
+            assert_outage_served_from_cache(store, far, near, during, stop)
             restart()
             time.sleep(config["remote_retry_interval"])
             dump_commit(store, after, [block_data(30)])
