@@ -107,7 +107,7 @@ def plot_sparse_speedup(doc: dict, path: Path) -> Path:
     for ax, selection in zip(axes[0], selections):
         batches = sorted({int(m.group(1)) for m, _ in by_shape if m and m.group(3) == selection})
         for color, batch in zip(BATCH_COLORS, batches):
-            for impl, style in (("ucm_quest", "-"), ("ucm_mean", ":")):
+            for impl, style in (("ucm_quest", "-"), ("ucm_quest_fp8", "--"), ("ucm_mean", ":")):
                 points = sorted((int(m.group(2)), r["speedup_vs_baseline"]) for m, r in by_shape
                                 if m and m.group(3) == selection and int(m.group(1)) == batch and r["impl"] == impl)
                 if points:
