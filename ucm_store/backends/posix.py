@@ -123,7 +123,7 @@ class PosixTier(Tier):
     # ---- paths -----------------------------------------------------------------------------------------------
     @staticmethod
     def _block_path(root: Path, key: str) -> Path:
-        return root / "blocks" / key[0:2] / key[2:4] / f"{key}.blk"
+        return Path(root, _relative_path(key))
 
     def _place(self, key: str) -> Path:
         if self.path_strategy == "hash":
@@ -133,7 +133,7 @@ class PosixTier(Tier):
         return self._block_path(root, key)
 
     def _find(self, key: str) -> Path | None:
-        relative = os.path.join("blocks", key[0:2], key[2:4], f"{key}.blk")  # str paths: 10x cheaper than Path
+        relative = _relative_path(key)  # str paths: a lookup's stat is 10x cheaper than through Path
         for root in self._search_order(key):
             path = os.path.join(root, relative)
             if os.path.exists(path):
@@ -349,3 +349,8 @@ def _fsync_dir(path: Path) -> None:
 
 def _round_up(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
+
+
+def _relative_path(key: str) -> str:
+    """Where block ``key``'s file lies under a root: ``blocks/<2 hex>/<2 hex>/<key>.blk``."""
+    return os.path.join("blocks", key[0:2], key[2:4], f"{key}.blk")
