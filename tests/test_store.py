@@ -66,7 +66,7 @@ def test_round_trip_and_visibility_only_after_commit(tmp_path, pipeline):
 
 def test_failed_dump_never_becomes_visible(tmp_path):
     pool = PinnedMemoryPool(1 << 20, 1 << 20)
-    tiers = [CacheTier(4, pool), PosixTier((str(tmp_path / "store"),), pool=pool)]
+    tiers = [CacheTier(4, pool), PosixTier((str(tmp_path / "store"),))]
     with UcmPipelineStore(tiers, pool) as store:
         big = torch.zeros(2 << 20, dtype=torch.uint8)
         task = store.dump([b"too-big"], 0, big)

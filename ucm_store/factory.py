@@ -24,24 +24,22 @@ class UcmConnectorFactory:
         pool = PinnedMemoryPool.configure(store_config.pinned_pool_size, store_config.max_pinned_size)
         tiers: list[Tier] = []
         for name in store_config.tiers:
-            tiers.append(_build_tier(name, store_config, pool, tiers[0] if tiers else None))
+            tiers.append(_build_tier(name, store_config, pool))
         return UcmPipelineStore(tiers, pool, io_workers=store_config.io_workers,
                                 writeback_depth=store_config.buffer_number,
                                 prefetch_depth=store_config.prefetch_depth if store_config.prefetch_enabled else 0)
 
 
-def _build_tier(name: str, config: StoreConfig, pool: PinnedMemoryPool, top: Tier | None) -> Tier:
-    """Tier ``name``; ``top`` is the first tier built (a Cache lends disk tiers its evicting allocator)."""
+def _build_tier(name: str, config: StoreConfig, pool: PinnedMemoryPool) -> Tier:
+    """Tier ``name`` of ``config.store_pipeline`` (a Cache tier keeps its blocks in ``pool``)."""
     if name == "Cache":
         return CacheTier(config.cache_capacity, pool)
     if name in _DISK_TIERS:
         if not config.storage_backends:
             raise ValueError(f"storage_backends: the {name} tier of store_pipeline {config.store_pipeline!r} "
                              "needs at least one directory; none given")
-        allocate = top.allocate if isinstance(top, CacheTier) else None
         return _DISK_TIERS[name](config.storage_backends, path_strategy=config.path_strategy,
-                                 use_direct_io=config.use_direct_io, capacity_bytes=config.storage_capacity,
-                                 pool=pool, allocate=allocate)
+                                 use_direct_io=config.use_direct_io, capacity_bytes=config.storage_capacity)
     if name == "DS3FS":
         from ucm_store.backends.s3 import S3Tier  # imported on use: needs obstore
 

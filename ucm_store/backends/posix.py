@@ -9,9 +9,11 @@ each rename a complete file into place, and both hold the same bytes (committed 
 roots two writers may place one key in different roots; each writer then keeps only the copy in the first root
 (the one readers try first), so one copy remains. Directories and files are created owner-only (0700 / 0600).
 
-With ``use_direct_io`` files are written and read with O_DIRECT through 4 KiB-aligned bounce buffers from the
-pinned pool (the 4 KiB header, payload padded to 4 KiB), taken through ``allocate`` (the factory passes the Cache
-tier's, which evicts cached blocks to make room: a full Cache would otherwise starve every O_DIRECT transfer).
+With ``use_direct_io`` files are written and read with O_DIRECT (the 4 KiB header, payload padded to 4 KiB)
+through a 4 KiB-aligned bounce buffer per thread, in plain host memory outside the pinned pool: a transfer that
+already holds a pool buffer never waits for a second one, so a full pool cannot stall disk I/O (with bounces from
+the pool, concurrent promotions each holding their destination could starve one another until ``alloc_timeout``).
+Each I/O thread keeps one bounce, grown to the largest block file it has moved.
 ``storage_capacity`` bounds the bytes this process keeps under the roots: the least recently used files (by this
 process's view, seeded from file mtimes at start) are deleted past it.
 """
@@ -23,14 +25,12 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ucm_store.backends import framing
 from ucm_store.backends.base import BlockMissing, Tier
-from ucm_store.pool import STORE_WAIT_SECONDS, PinnedMemoryPool
 
 ALIGN = framing.ALIGNED_HEADER  # O_DIRECT alignment of offsets and lengths; the aligned header keeps the payload on it
 STALE_TMP_SECONDS = 3600.0
@@ -45,17 +45,13 @@ class PosixTier(Tier):
     durable = True
 
     def __init__(self, roots: tuple[str, ...], *, path_strategy: str = "round_robin", use_direct_io: bool = False,
-                 capacity_bytes: int = 0, pool: PinnedMemoryPool | None = None,
-                 alloc_timeout: float = STORE_WAIT_SECONDS, allocate: Callable[[int], torch.Tensor] | None = None):
+                 capacity_bytes: int = 0):
         if not roots:
             raise ValueError(f"storage_backends: the {self.name} tier needs at least one directory, got none")
         self.roots = tuple(Path(r) for r in roots)
         self.path_strategy = path_strategy
         self.direct = use_direct_io
         self.capacity = capacity_bytes
-        self.pool = pool or PinnedMemoryPool.get_instance()
-        self.alloc_timeout = alloc_timeout
-        self._allocate = allocate or self._allocate_from_pool
         self._next_root = itertools.count()
         self._lru: OrderedDict[str, int] = OrderedDict()
         self._bytes = 0
@@ -193,21 +189,14 @@ class PosixTier(Tier):
         else:
             _write_all(fd, [header, payload])
 
-    def _write_direct(self, fd: int, header: bytes, src: torch.Tensor) -> None:
-        """One aligned write of header, payload and zero padding through a pinned bounce buffer."""
-        total = len(header) + _round_up(src.numel())
-        bounce = self._allocate(total)
-        try:
-            bounce[:len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
-            bounce[len(header):len(header) + src.numel()].copy_(src)
-            bounce[len(header) + src.numel():].zero_()
-            _write_all(fd, [memoryview(bounce.numpy())])
-        finally:
-            self.pool.release(bounce)
-
-    def _allocate_from_pool(self, nbytes: int) -> torch.Tensor:
-        """A bounce buffer of ``pool`` (released there), waiting up to ``alloc_timeout`` s for room."""
-        return self.pool.allocate(nbytes, timeout=self.alloc_timeout)
+    @staticmethod
+    def _write_direct(fd: int, header: bytes, src: torch.Tensor) -> None:
+        """One aligned write of header, payload and zero padding through this thread's bounce buffer."""
+        bounce = _bounce(len(header) + _round_up(src.numel()))
+        bounce[:len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+        bounce[len(header):len(header) + src.numel()].copy_(src)
+        bounce[len(header) + src.numel():].zero_()
+        _write_all(fd, [memoryview(bounce.numpy())])
 
     def _read_buffered(self, key: str, path: Path, dst: torch.Tensor) -> None:
         """Verify the block file ``path`` and read its payload straight into ``dst``."""
@@ -220,22 +209,20 @@ class PosixTier(Tier):
         framing.check_crc(where, view, crc)
 
     def _read_direct(self, key: str, path: Path, dst: torch.Tensor) -> None:
-        """Read the whole block file ``path`` with O_DIRECT into a pinned bounce buffer, verify it, copy to ``dst``."""
+        """Read the whole block file ``path`` with O_DIRECT into this thread's bounce buffer, verify it, copy to
+        ``dst``."""
         where, size = _where(path), os.stat(path).st_size
-        bounce = self._allocate(_round_up(max(size, ALIGN)))
+        bounce = _bounce(_round_up(max(size, ALIGN)))
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-            try:
-                got = os.preadv(fd, [memoryview(bounce.numpy())], 0)
-            finally:
-                os.close(fd)
-            raw = bytes(bounce[:min(got, framing.HEADER.size)].numpy())
-            header_len, payload_len, crc = framing.parse_header(key, where, raw)
-            framing.check_length(where, payload_len, dst.numel())
-            framing.check_complete(where, max(got - header_len, 0), payload_len)
-            dst.copy_(bounce[header_len:header_len + payload_len])
+            got = os.preadv(fd, [memoryview(bounce.numpy())], 0)
         finally:
-            self.pool.release(bounce)
+            os.close(fd)
+        raw = bytes(bounce[:min(got, framing.HEADER.size)].numpy())
+        header_len, payload_len, crc = framing.parse_header(key, where, raw)
+        framing.check_length(where, payload_len, dst.numel())
+        framing.check_complete(where, max(got - header_len, 0), payload_len)
+        dst.copy_(bounce[header_len:header_len + payload_len])
         framing.check_crc(where, memoryview(dst.numpy()), crc)
 
     # ---- capacity and start-up -------------------------------------------------------------------------------
@@ -345,6 +332,22 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_bounces = threading.local()
+
+
+def _bounce(nbytes: int) -> torch.Tensor:
+    """The calling thread's O_DIRECT bounce buffer: ``nbytes`` (a multiple of ALIGN) uint8 bytes at a 4 KiB-aligned
+    address; reused by the thread's next transfer, reallocated only when a larger block file comes. A normal tensor
+    even when first taken under inference mode, so that later transfers outside it may write to it."""
+    held = getattr(_bounces, "buf", None)
+    if held is None or held.numel() < nbytes:
+        with torch.inference_mode(False):
+            raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+        start = -raw.data_ptr() % ALIGN
+        held = _bounces.buf = raw[start:start + nbytes]
+    return held[:nbytes]
 
 
 def _round_up(n: int) -> int:
