@@ -34,7 +34,8 @@ from ucm_sparse import GSAConfig, sparse_attention
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 32, 8, 128, 16, torch.bfloat16
 GROUP = NUM_Q_HEADS // NUM_KV_HEADS
 RATIOS = (0.1, 0.2, 0.3, 0.5)
-SCORES = ("quest", "mean")
+RULES = {"quest": dict(score="quest"), "quest_fp8": dict(score="quest", repr_dtype="fp8"),
+         "mean": dict(score="mean")}  # selection rule name -> its GSAConfig keys
 WINDOWS = dict(init_window_sz=1, local_window_sz=4, min_blocks=8)
 NEEDLES_PER_HEAD = 3
 NEEDLE_LOGIT = 12.0  # a needle's logit above the background's: it takes most of its head's attention
@@ -171,11 +172,11 @@ def measure(case: Case, probs: torch.Tensor, dense_out: torch.Tensor, config: GS
             "attended": float(selection.sel_count.float().mean() / nb)}
 
 
-def summarize(scenario: str, context: int, score: str, ratio: float, parts: list[dict], seconds: float) -> dict:
+def summarize(scenario: str, context: int, rule: str, ratio: float, parts: list[dict], seconds: float) -> dict:
     recall = torch.cat([p["recall"] for p in parts])
     error = torch.cat([p["error"] for p in parts])
     hits = [h for p in parts for h in p["hits"]]
-    out = {"name": scenario, "impl": f"gsa_{score}", "shape": f"ctx{context}_b{parts[0]['batch']}",
+    out = {"name": scenario, "impl": f"gsa_{rule}", "shape": f"ctx{context}_b{parts[0]['batch']}",
            "sparse_ratio": ratio, "blocks_attended": round(sum(p["attended"] for p in parts) / len(parts), 4),
            "mass_recall_mean": round(recall.mean().item(), 4),
            "mass_recall_p05": round(recall.quantile(0.05).item(), 4), "mass_recall_min": round(recall.min().item(), 4),
@@ -188,7 +189,7 @@ def summarize(scenario: str, context: int, score: str, ratio: float, parts: list
 
 
 def sweep(contexts: list[int], batch: int, trials: int, seed: int = 0) -> list[dict]:
-    """Every scenario x context x scoring rule x ratio, each over ``trials`` freshly drawn batches."""
+    """Every scenario x context x selection rule x ratio, each over ``trials`` freshly drawn batches."""
     rows = []
     for scenario, make in SCENARIOS.items():
         for context in contexts:
@@ -200,14 +201,14 @@ def sweep(contexts: list[int], batch: int, trials: int, seed: int = 0) -> list[d
                 probs = dense_probabilities(case)
                 dense_out, _ = sparse_attention(case.q, case.key_cache, case.value_cache, case.block_table,
                                                 case.seq_lens, GSAConfig(sparse_ratio=1.0, **WINDOWS))
-                for score in SCORES:
+                for rule, keys in RULES.items():
                     for ratio in RATIOS:
                         start = time.perf_counter()
-                        part = measure(case, probs, dense_out, GSAConfig(sparse_ratio=ratio, score=score, **WINDOWS))
+                        part = measure(case, probs, dense_out, GSAConfig(sparse_ratio=ratio, **keys, **WINDOWS))
                         part.update(batch=batch, seconds=time.perf_counter() - start)
-                        results.setdefault((score, ratio), []).append(part)
-            for (score, ratio), parts in results.items():
-                rows.append(summarize(scenario, context, score, ratio, parts, sum(p["seconds"] for p in parts)))
+                        results.setdefault((rule, ratio), []).append(part)
+            for (rule, ratio), parts in results.items():
+                rows.append(summarize(scenario, context, rule, ratio, parts, sum(p["seconds"] for p in parts)))
     return rows
 
 
@@ -223,6 +224,9 @@ def check_targets(rows: list[dict]) -> dict:
             ok = ok and row["needle_hit_rate"] >= TARGETS["needle_hit_rate"]
         verdicts[key] = verdicts.get(key, True) and ok
     return verdicts
+
+
+LINE_STYLES = {"gsa_quest": "-", "gsa_quest_fp8": ":", "gsa_mean": "--"}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -244,24 +248,24 @@ def plot(rows: list[dict], path: Path) -> None:
             points = [p for p in points if metric in p]
             if points:
                 ax.plot([p["sparse_ratio"] for p in points], [p[metric] for p in points],
-                        "-" if impl == "gsa_quest" else "--", color=colors[name], marker=markers[shape],
+                        LINE_STYLES[impl], color=colors[name], marker=markers[shape],
                         label=f"{name} {impl[4:]} {shape}")
         ax.set(xlabel="sparse_ratio", ylabel=label, yscale=yscale, xticks=RATIOS)
         ax.grid(alpha=0.3)
     axes[0].axhline(TARGETS["mass_recall"], color="k", lw=0.8, ls=":")
     axes[0].legend(fontsize=7)
     fig.suptitle("GSA vs dense attention (bf16, 32q/8kv heads, d=128, block 16; init 1, local 4, min 8 blocks); "
-                 "solid: quest, dashed: mean")
+                 "solid: quest, dotted: quest fp8 summaries, dashed: mean")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'scenario':<11}{'rule':<7}{'shape':<15}{'ratio':>6}{'recall':>9}{'p05':>8}{'rel_err':>10}{'needles':>9}")
+    print(f"{'scenario':<11}{'rule':<11}{'shape':<15}{'ratio':>6}{'recall':>9}{'p05':>8}{'rel_err':>10}{'needles':>9}")
     for r in rows:
         hit = f"{r['needle_hit_rate']:.3f}" if "needle_hit_rate" in r else "-"
-        print(f"{r['name']:<11}{r['impl'][4:]:<7}{r['shape']:<15}{r['sparse_ratio']:>6}{r['mass_recall_mean']:>9.4f}"
+        print(f"{r['name']:<11}{r['impl'][4:]:<11}{r['shape']:<15}{r['sparse_ratio']:>6}{r['mass_recall_mean']:>9.4f}"
               f"{r['mass_recall_p05']:>8.4f}{r['rel_error_mean']:>10.5f}{hit:>9}")
 
 

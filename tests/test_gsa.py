@@ -179,33 +179,58 @@ def test_restarted_request_recomputes_its_blocks():
     assert torch.equal(out, sparse_attention(q, k, v, table, [80], CONFIG)[0])
 
 
-def test_torch_twins_match_the_kernel_references():
+@pytest.mark.parametrize("repr_dtype", ["cache", "fp8"])
+def test_torch_twins_match_the_kernel_references(repr_dtype):
     seq_lens = [403, 17, 150, 229]
     q, k, v, table = make_paged(seq_lens, dtype=torch.bfloat16)
     ids = torch.cat([table[b, :n // BLOCK] for b, n in enumerate(seq_lens)])
-    ours, reference = empty_block_repr(k), empty_block_repr(k)
-    ops.torch_update_block_repr(k, ids, *ours)
-    naive_update_block_repr(k, ids, *reference)
-    assert all(torch.equal(a[ids.long()], b[ids.long()]) for a, b in zip(ours, reference))
+    config = GSAConfig(repr_dtype=repr_dtype)
+    reprs = ops.empty_reprs(k.shape[0], 2, 32, k.dtype, config, "cpu")
+    assert [r.dtype for r in reprs] == ([torch.bfloat16] * 3 if repr_dtype == "cache"
+                                        else [torch.float8_e4m3fn] * 3 + [torch.float32])
+    ops.update_reprs("torch", k, ids, reprs)
+    kscale = reprs[3] if repr_dtype == "fp8" else None
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     sizes = dict(block_size=BLOCK, sparse_ratio=0.3, init_window=1, local_window=2, min_blocks=3)
     for score in ("quest", "mean"):
-        sel = ops.torch_select_blocks(q, *ours, table[:, :26], lens, score=score, **sizes)
-        ref = naive_select_blocks(q, *ours, table[:, :26], lens, score=score, **sizes)
+        sel = ops.torch_select_blocks(q, *reprs[:3], table[:, :26], lens, score=score, kscale=kscale, **sizes)
+        ref = naive_select_blocks(q, *reprs[:3], table[:, :26], lens, score=score, kscale=kscale, **sizes)
         assert torch.equal(sel[0], ref[0]) and torch.equal(sel[1], ref[1])
     out = ops.torch_sparse_decode(q, k, v, table, lens, *sel)
     torch.testing.assert_close(out.float(), naive_sparse_decode(q, k, v, table, lens, *sel),
                                **TOLERANCE[torch.bfloat16])
 
 
-def test_triton_backend_matches_torch_backend():
+@pytest.mark.parametrize("repr_dtype", ["cache", "fp8"])
+def test_triton_backend_matches_torch_backend(repr_dtype):
     seq_lens = [300, 70]
     q, k, v, table = make_paged(seq_lens, kv_heads=2, group=2, head_dim=16, dtype=torch.bfloat16)
-    out_t, sel_t = sparse_attention(q, k, v, table, seq_lens, CONFIG, backend="triton")
-    out_c, sel_c = sparse_attention(q, k, v, table, seq_lens, CONFIG, backend="torch")
+    config = GSAConfig(**{**vars(CONFIG), "repr_dtype": repr_dtype})
+    out_t, sel_t = sparse_attention(q, k, v, table, seq_lens, config, backend="triton")
+    out_c, sel_c = sparse_attention(q, k, v, table, seq_lens, config, backend="torch")
     assert torch.equal(sel_t.sel_count, sel_c.sel_count)
     assert torch.equal(sel_t.sel_idx, sel_c.sel_idx)
     torch.testing.assert_close(out_t, out_c, **TOLERANCE[torch.bfloat16])
+
+
+def test_fp8_summaries_select_by_an_upper_bound_of_the_exact_quest_score():
+    """fp8 kmin is rounded down and kmax up, so each block's fp8 Quest score bounds the exact one from above;
+    the summaries are a quarter of fp32's bytes."""
+    q, k, _, table = make_paged([700, 300])
+    exact = ops.empty_reprs(k.shape[0], 2, 32, torch.float32, GSAConfig(), "cpu")
+    fp8 = ops.empty_reprs(k.shape[0], 2, 32, torch.float32, GSAConfig(repr_dtype="fp8"), "cpu")
+    full = torch.tensor([i for b, n in enumerate([700, 300]) for i in table[b, :n // BLOCK].tolist()])
+    for reprs in (exact, fp8):
+        ops.update_reprs("torch", k, full, reprs)
+    columns = table[:, :700 // BLOCK]
+    bound = ops.torch_block_scores(q, *fp8[:3], columns, "quest", fp8[3])
+    truth = ops.torch_block_scores(q, *exact, columns, "quest")
+    live = torch.zeros_like(truth, dtype=torch.bool)
+    live[0, :, :700 // BLOCK] = True
+    live[1, :, :300 // BLOCK] = True
+    assert (bound[live] >= truth[live] - 1e-4).all() and (bound[live] - truth[live]).abs().max() > 0
+    assert sum(r.numel() * r.element_size() for r in fp8[:2]) * 4 == sum(r.numel() * r.element_size()
+                                                                         for r in exact[:2])
 
 
 @pytest.mark.parametrize("change, match", [
@@ -235,14 +260,18 @@ def test_bad_batch_and_settings_are_refused():
         GSA(CONFIG, block_size=BLOCK, backend="cuda")
     with pytest.raises(ValueError, match="OffloadedGSA"):
         GSA(GSAConfig(offload=True), block_size=BLOCK)
+    with pytest.raises(ValueError, match="repr_dtype.*'bf8'.*cache.*fp8"):
+        GSAConfig(repr_dtype="bf8")
 
 
-def test_block_repr_cache_recomputes_only_blocks_whose_keys_changed():
+@pytest.mark.parametrize("repr_dtype", ["cache", "fp8"])
+def test_block_repr_cache_recomputes_only_blocks_whose_keys_changed(repr_dtype):
     _, k, _, table = make_paged([320, 160])
-    cache = BlockReprCache(k)
+    cache = BlockReprCache(k, GSAConfig(repr_dtype=repr_dtype))
     blocks = torch.cat([table[0, :20], table[1, :10]])
     reprs = cache.refresh("torch", k, blocks)
-    expected = empty_block_repr(k)
+    expected = empty_block_repr(k, torch.float8_e4m3fn if repr_dtype == "fp8" else None)
+    assert len(reprs) == len(expected)
     naive_update_block_repr(k, blocks, *expected)
     assert cache.recomputed == 30 and all(torch.equal(a[blocks.long()], b[blocks.long()])
                                           for a, b in zip(reprs, expected))

@@ -96,8 +96,10 @@ def make_twin():
         twin.offload.close()
 
 
-def test_offload_returns_exactly_what_on_device_returns(make_twin):
-    twin = make_twin(GSAConfig(**SPARSE, gpu_budget_blocks=200, prefetch_ahead=2), {"a": 300, "b": 129, "c": 40})
+@pytest.mark.parametrize("repr_dtype", ["cache", "fp8"])
+def test_offload_returns_exactly_what_on_device_returns(make_twin, repr_dtype):
+    twin = make_twin(GSAConfig(**SPARSE, gpu_budget_blocks=200, prefetch_ahead=2, repr_dtype=repr_dtype),
+                     {"a": 300, "b": 129, "c": 40})
     for step in range(40):  # blocks fill and open; "c" goes from dense to sparse; "b" joins late
         twin.step(["a", "c"] if step < 5 else ["a", "b", "c"])
     stats = twin.offload.stats
@@ -107,11 +109,13 @@ def test_offload_returns_exactly_what_on_device_returns(make_twin):
         (n + 40 - (5 if r == "b" else 0)) // BLOCK - n // BLOCK for r, n in {"a": 300, "b": 129, "c": 40}.items())
 
 
-def test_offload_equals_on_device_on_the_triton_kernels_too(make_twin):
+@pytest.mark.parametrize("repr_dtype", ["cache", "fp8"])
+def test_offload_equals_on_device_on_the_triton_kernels_too(make_twin, repr_dtype):
     """The same check through the Triton kernels (the interpreter here): the per-(request, KV head) table over the
-    pool runs the same programs as the paged cache; "b" and then "a" fill a block (representation from the pool)."""
-    twin = make_twin(GSAConfig(**SPARSE, gpu_budget_blocks=60, prefetch_ahead=0), {"a": 206, "b": 79},
-                     backend="triton")
+    pool runs the same programs as the paged cache; "b" and then "a" fill a block (representation from the pool,
+    fp8 summaries with their scales too)."""
+    twin = make_twin(GSAConfig(**SPARSE, gpu_budget_blocks=60, prefetch_ahead=0, repr_dtype=repr_dtype),
+                     {"a": 206, "b": 79}, backend="triton")
     twin.step(["a", "b"])
     twin.step(["a", "b"])
     assert twin.offload.stats.d2h_bytes == 2 * LAYERS * HEADS * twin.offload.stats.piece_bytes

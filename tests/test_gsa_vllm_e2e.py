@@ -67,11 +67,13 @@ def test_ratio_one_generates_the_dense_tokens(workdir, dense):
     assert all(len(t) == MAX_TOKENS for t in gsa["tokens"])
 
 
-def test_ratio_point_three_attends_a_windowed_subset_of_the_context(workdir):
-    gsa = drive(workdir, "ratio03", {"sparse_ratio": 0.3, **WINDOWS})
+@pytest.mark.parametrize("repr_dtype", ["cache", "fp8"])
+def test_ratio_point_three_attends_a_windowed_subset_of_the_context(workdir, repr_dtype):
+    gsa = drive(workdir, f"ratio03_{repr_dtype}", {"sparse_ratio": 0.3, "repr_dtype": repr_dtype, **WINDOWS})
     stats = gsa["stats"]
     assert all(len(t) == MAX_TOKENS for t in gsa["tokens"])
     assert stats["sparse_layer_calls"] == 2 * stats["steps"]  # both layers, every step with sparse rows
+    assert stats["summary_dtypes"] == ["torch.float8_e4m3fn" if repr_dtype == "fp8" else "torch.bfloat16"]
     assert stats["sparse_rows"] == 2 * (MAX_TOKENS - 1)  # decode steps of the 3000- and 1500-token requests
     assert set(stats["recent"]) == {"model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"}
     for calls in stats["recent"].values():
@@ -187,7 +189,8 @@ def main() -> None:
               "backend": AttentionBackendEnum.CPU_ATTN.get_path(),
               "gsa_enabled": cpu_backend.gsa_config_of(llm.llm_engine.vllm_config) is not None,
               "stats": {"steps": stats.steps, "sparse_rows": stats.sparse_rows,
-                        "sparse_layer_calls": stats.sparse_layer_calls, "recent": recent}}
+                        "sparse_layer_calls": stats.sparse_layer_calls, "recent": recent,
+                        "summary_dtypes": sorted(stats.summary_dtypes)}}
     print("GSA_RESULT " + json.dumps(result), flush=True)
     os._exit(0)
 

@@ -30,6 +30,9 @@ class GSAConfig:
     max_pending_prefetch: int = spec(128, "block fetches in flight at most", min=1, used_by="GSA offload")
     score: str = spec("quest", "block score: Quest upper bound (min/max keys) or mean-key dot product",
                       choices=("quest", "mean"), used_by="GSA selection")
+    repr_dtype: str = spec("cache", "dtype of the block summaries selection reads: the KV cache's, or fp8 (e4m3, "
+                           "a power-of-two scale per block and KV head; half the bytes of bf16, Quest bounds "
+                           "rounded outward)", choices=("cache", "fp8"), used_by="GSA selection")
     token_budget: int | None = spec(None, "attend this many tokens per step instead of sparse_ratio", min=1,
                                     used_by="GSA selection")
     offload: bool = spec(False, "keep the full KV in the store's Cache tier, only hot blocks on the GPU",

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ucm_kernels.block_repr import blocks_filled, empty_block_repr
+from ucm_kernels.block_repr import blocks_filled
 
 from . import ops
 from .config import GSAConfig
@@ -120,7 +120,9 @@ class GSA:
     def _layer_reprs(self, layer: Hashable, key_cache: torch.Tensor) -> tuple:
         reprs = self._reprs.get(layer)
         if reprs is None:
-            reprs = self._reprs[layer] = empty_block_repr(key_cache)
+            num_blocks, _, heads, head_dim = key_cache.shape
+            reprs = self._reprs[layer] = ops.empty_reprs(num_blocks, heads, head_dim, key_cache.dtype, self.config,
+                                                         key_cache.device)
         elif reprs[0].shape != (key_cache.shape[0], *key_cache.shape[2:]) or reprs[0].device != key_cache.device:
             raise ValueError(f"key_cache: shape {tuple(key_cache.shape)} on {key_cache.device}, but layer {layer!r} "
                              f"was first run with {reprs[0].shape[0]} blocks of [{reprs[0].shape[1]}, "

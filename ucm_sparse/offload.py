@@ -220,10 +220,9 @@ class OffloadedGSA:
         pieces = host_blocks * num_kv_heads
         self.pools = [HotPool(config.gpu_budget_blocks * num_kv_heads, pieces, block_size, head_dim, dtype,
                               self.device) for _ in range(num_layers)]
-        self.reprs = [tuple(torch.empty(host_blocks, num_kv_heads, head_dim, dtype=dtype, device=self.device)
-                            for _ in range(3)) for _ in range(num_layers)]
-        self._scratch = [tuple(torch.empty(pool.capacity, 1, head_dim, dtype=dtype, device=self.device)
-                               for _ in range(3)) for pool in self.pools]
+        self.reprs = [ops.empty_reprs(host_blocks, num_kv_heads, head_dim, dtype, config, self.device)
+                      for _ in range(num_layers)]
+        self._scratch = [ops.empty_reprs(pool.capacity, 1, head_dim, dtype, config, self.device) for pool in self.pools]
         self.requests: dict[Hashable, _Request] = {}
         self.stats = OffloadStats(piece_bytes=self.host.piece_numel * dtype.itemsize)
         self.prefetcher = (Prefetcher(config.prefetch_workers, config.max_pending_prefetch * num_kv_heads,
@@ -256,8 +255,7 @@ class OffloadedGSA:
         self.host.rows(layer).index_copy_(0, pieces, blocks.permute(0, 3, 1, 2, 4).reshape(pieces.numel(), -1).cpu())
         full = tokens // self.block_size
         key_blocks = blocks[:, 0].to(self.device)
-        scratch = tuple(torch.empty(len(host), self.num_kv_heads, keys.shape[2], dtype=keys.dtype,
-                                    device=self.device) for _ in range(3))
+        scratch = ops.empty_reprs(len(host), self.num_kv_heads, keys.shape[2], keys.dtype, self.config, self.device)
         ids = torch.arange(full, device=self.device)
         ops.update_reprs(ops.resolve_backend(self.backend, key_blocks), key_blocks, ids, scratch)
         for target, source in zip(self.reprs[layer], scratch):
@@ -407,7 +405,7 @@ class OffloadedGSA:
         scratch = self._scratch[layer]
         ops.update_reprs(backend, pool.key_cache, slots, scratch)
         for target, source in zip(self.reprs[layer], scratch):
-            target.view(-1, target.shape[-1])[pieces] = source.view(-1, source.shape[-1])[slots]
+            target.flatten(0, 1)[pieces] = source.flatten(0, 1)[slots]  # a piece is one (block, KV head)
         rows = pool.rows[slots].cpu()
         self.host.rows(layer).index_copy_(0, pieces.cpu(), rows)
         self.stats.d2h_bytes += rows.numel() * rows.element_size()

@@ -1,7 +1,7 @@
 """The three GSA primitives on either backend: block reprs, block selection, attention over block lists.
 
 ``"triton"`` runs the ``ucm_kernels`` ops (CUDA tensors, or any tensors under ``TRITON_INTERPRET=1``); ``"torch"``
-runs the vectorised torch versions below, with the kernels' semantics (same counts and windows, ties to the lower
+runs the vectorised torch versions below (block summaries: the kernels' plain-torch reference), with the kernels' semantics (same counts and windows, ties to the lower
 logical block, masked tokens, empty lists give zeros), for CPU tensors, fp32 inputs and vLLM on CPU.
 ``resolve_backend("auto", q)`` picks Triton for bf16/fp16 CUDA tensors and torch otherwise.
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ucm_kernels.block_repr import update_block_repr
+from ucm_kernels.block_repr import FP8, naive_update_block_repr, update_block_repr
 from ucm_kernels.block_select import select_blocks, selection_width
 from ucm_kernels.sparse_decode import dense_decode, sparse_decode
 
@@ -60,21 +60,35 @@ def select_sizes(config: GSAConfig, block_size: int) -> dict:
                 local_window=config.local_window_sz, min_blocks=config.min_blocks, token_budget=config.token_budget)
 
 
+def empty_reprs(num_blocks: int, num_kv_heads: int, head_dim: int, cache_dtype: torch.dtype, config: GSAConfig,
+                device: torch.device | str) -> tuple[torch.Tensor, ...]:
+    """Uninitialised block summaries in ``config.repr_dtype``: ``(kmin, kmax, kmean)``, each ``[num_blocks,
+    num_kv_heads, head_dim]`` of ``cache_dtype``, or of float8_e4m3fn followed by ``kscale [num_blocks,
+    num_kv_heads]`` fp32 (see ``ucm_kernels.block_repr``)."""
+    dtype = FP8 if config.repr_dtype == "fp8" else cache_dtype
+    reprs = tuple(torch.empty(num_blocks, num_kv_heads, head_dim, dtype=dtype, device=device) for _ in range(3))
+    if dtype != FP8:
+        return reprs
+    return (*reprs, torch.empty(num_blocks, num_kv_heads, dtype=torch.float32, device=device))
+
+
 def update_reprs(backend: str, key_cache: torch.Tensor, block_ids: torch.Tensor, reprs: tuple) -> None:
-    """Compute ``(kmin, kmax, kmean)`` in place at ``block_ids`` (see ``ucm_kernels.block_repr``)."""
+    """Compute the summaries ``reprs`` (from :func:`empty_reprs`) in place at ``block_ids`` (see
+    ``ucm_kernels.block_repr``; the torch backend runs its plain-torch reference)."""
     if block_ids.numel() == 0:
         return
-    if backend == "triton":
-        update_block_repr(key_cache, block_ids, *reprs)
-    else:
-        torch_update_block_repr(key_cache, block_ids, *reprs)
+    op = update_block_repr if backend == "triton" else naive_update_block_repr
+    op(key_cache, block_ids, *reprs)
 
 
 def select(backend: str, q: torch.Tensor, reprs: tuple, block_table: torch.Tensor, seq_lens: torch.Tensor,
            config: GSAConfig, block_size: int) -> Selection:
-    """The blocks each (request, KV head) attends this step (see ``ucm_kernels.block_select.select_blocks``)."""
+    """The blocks each (request, KV head) attends this step (see ``ucm_kernels.block_select.select_blocks``);
+    ``reprs`` as from :func:`empty_reprs`."""
     op = select_blocks if backend == "triton" else torch_select_blocks
-    sel_idx, sel_count = op(q, *reprs, block_table, seq_lens, score=config.score, **select_sizes(config, block_size))
+    kmin, kmax, kmean, *kscale = reprs
+    sel_idx, sel_count = op(q, kmin, kmax, kmean, block_table, seq_lens, score=config.score,
+                            kscale=kscale[0] if kscale else None, **select_sizes(config, block_size))
     return Selection(sel_idx, sel_count)
 
 
@@ -102,28 +116,17 @@ def full_selection(seq_lens: torch.Tensor, num_kv_heads: int, block_size: int, w
                      counts.int()[:, None].expand(-1, num_kv_heads))
 
 
-def torch_update_block_repr(key_cache: torch.Tensor, block_ids: torch.Tensor, kmin: torch.Tensor,
-                            kmax: torch.Tensor, kmean: torch.Tensor) -> None:
-    """Torch twin of ``ucm_kernels.block_repr.update_block_repr`` (same arguments; fp32 math)."""
-    ids = block_ids.long()
-    ids = ids[(ids >= 0) & (ids < key_cache.shape[0])]
-    keys = key_cache[ids].float().transpose(1, 2).contiguous()  # [n, num_kv_heads, block_size, head_dim]
-    kmin[ids] = keys.amin(dim=2).to(kmin.dtype)
-    kmax[ids] = keys.amax(dim=2).to(kmax.dtype)
-    kmean[ids] = (keys.sum(dim=2) / keys.shape[2]).to(kmean.dtype)
-
-
 def torch_select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None,
                         kmean: torch.Tensor | None, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
                         block_size: int, sparse_ratio: float, init_window: int, local_window: int,
-                        min_blocks: int, score: str = "quest", token_budget: int | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        min_blocks: int, score: str = "quest", token_budget: int | None = None,
+                        kscale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch twin of ``ucm_kernels.block_select.select_blocks``: same arguments, outputs, width and tie rule."""
     sizes = dict(block_size=block_size, sparse_ratio=sparse_ratio, init_window=init_window,
                  local_window=local_window, min_blocks=min_blocks, token_budget=token_budget)
     batch, max_blocks = block_table.shape
     width = selection_width(max_blocks, **sizes)
-    scores = torch_block_scores(q, kmin, kmax, kmean, block_table, score)  # [batch, heads, max_blocks]
+    scores = torch_block_scores(q, kmin, kmax, kmean, block_table, score, kscale)  # [batch, heads, max_blocks]
     heads = scores.shape[1]
     nb = torch.clamp((seq_lens.long() + block_size - 1) // block_size, max=max_blocks)
     count = torch.tensor([selection_width(n, **sizes) for n in nb.tolist()], dtype=torch.long, device=q.device)
@@ -144,8 +147,10 @@ def torch_select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.
 
 
 def torch_block_scores(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None,
-                       kmean: torch.Tensor | None, block_table: torch.Tensor, score: str) -> torch.Tensor:
-    """fp32 ``[batch, num_kv_heads, max_blocks]`` scores of every table entry (the group's heads summed)."""
+                       kmean: torch.Tensor | None, block_table: torch.Tensor, score: str,
+                       kscale: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 ``[batch, num_kv_heads, max_blocks]`` scores of every table entry (the group's heads summed); fp8
+    reprs are widened and multiplied by their ``kscale [num_blocks, num_kv_heads]``."""
     reprs = kmean if score == "mean" else kmin
     batch, num_q_heads, head_dim = q.shape
     heads = reprs.shape[1]
@@ -153,7 +158,10 @@ def torch_block_scores(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.T
     phys = block_table.long().clamp(0, reprs.shape[0] - 1)
 
     def gather(repr_: torch.Tensor) -> torch.Tensor:  # [batch, heads, max_blocks, head_dim]
-        return repr_[phys].float().transpose(1, 2)
+        values = repr_[phys].float()
+        if repr_.dtype == FP8:
+            values = values * kscale[phys][..., None]
+        return values.transpose(1, 2)
 
     if score == "mean":
         return (gather(kmean) * qg.sum(dim=2)[:, :, None, :]).sum(dim=-1)

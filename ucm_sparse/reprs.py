@@ -2,7 +2,7 @@
 
 When something other than GSA writes the KV cache (vLLM's forward pass, a KV connector loading blocks from the
 store, a prefix-cache hit reusing a block), GSA cannot know which blocks filled or were replaced. This cache
-stores, next to each block's (kmin, kmax, kmean), a fingerprint: the keys of the block's first and last token.
+stores, next to each block's summaries (kmin, kmax, kmean; kscale when fp8), a fingerprint: the keys of the block's first and last token.
 Before a selection, :meth:`BlockReprCache.refresh` compares the fingerprints of the blocks about to be scored
 and recomputes the representations of those that differ (or never had one). Two blocks with equal first and
 last keys but different keys in between would keep a stale representation: that costs selection quality, never
@@ -10,17 +10,17 @@ attention correctness (attention reads the blocks themselves).
 """
 import torch
 
-from ucm_kernels.block_repr import empty_block_repr
-
 from . import ops
+from .config import GSAConfig
 
 
 class BlockReprCache:
-    """(kmin, kmax, kmean) and key fingerprints of every physical block of one layer's cache."""
+    """Block summaries (as :func:`ops.empty_reprs` makes them for ``config``) and key fingerprints of every
+    physical block of one layer's cache ``[num_blocks, block_size, num_kv_heads, head_dim]``."""
 
-    def __init__(self, key_cache: torch.Tensor):
+    def __init__(self, key_cache: torch.Tensor, config: GSAConfig):
         num_blocks, _, heads, head_dim = key_cache.shape
-        self.reprs = empty_block_repr(key_cache)
+        self.reprs = ops.empty_reprs(num_blocks, heads, head_dim, key_cache.dtype, config, key_cache.device)
         self.fingerprints = torch.full((num_blocks, 2, heads, head_dim), float("nan"), dtype=key_cache.dtype,
                                        device=key_cache.device)
         self.recomputed = 0  # blocks whose representation was (re)computed so far

@@ -58,6 +58,7 @@ class GSAStats:
     sparse_rows: int = 0
     sparse_layer_calls: int = 0
     recent: dict = dataclasses.field(default_factory=dict)  # layer name -> its last RECENT (seq_lens, Selection)
+    summary_dtypes: set = dataclasses.field(default_factory=set)  # dtypes of the block summaries selection read
 
 
 stats = GSAStats()
@@ -143,7 +144,7 @@ class GSACPUAttentionImpl(CPUAttentionBackendImpl):
         keys, values = packed_kv_views(kv_cache)
         reprs = self._reprs.get(layer.layer_name)
         if reprs is None:
-            reprs = self._reprs[layer.layer_name] = BlockReprCache(keys)
+            reprs = self._reprs[layer.layer_name] = BlockReprCache(keys, self.gsa)
         q = query[plan.tokens]
         block_size = keys.shape[1]
         selection = ops.select("torch", q, reprs.refresh("torch", keys, plan.blocks), plan.block_table,
@@ -151,6 +152,7 @@ class GSACPUAttentionImpl(CPUAttentionBackendImpl):
         out = ops.attend("torch", q, keys, values, plan.block_table, plan.seq_lens, selection, self.scale)
         output.view(output.shape[0], self.num_heads, self.head_size)[plan.tokens] = out.to(output.dtype)
         stats.sparse_layer_calls += 1
+        stats.summary_dtypes.add(str(reprs.reprs[0].dtype))
         stats.recent.setdefault(layer.layer_name, deque(maxlen=RECENT)).append((plan.seq_lens, selection))
         return output
 
