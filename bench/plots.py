@@ -141,7 +141,7 @@ def plot_quality(doc: dict, path: Path) -> Path:
     rows = [r for r in doc["rows"] if f"ctx{context}_" in r["shape"] + "_"]
     fig, (recall_ax, needle_ax) = plt.subplots(1, 2, figsize=(13, 4.8))
     for scenario, color in SCENARIO_COLORS.items():
-        for impl, style in (("gsa_quest", "-"), ("gsa_mean", "--")):
+        for impl, style in (("gsa_quest", "-"), ("gsa_quest_fp8", ":"), ("gsa_mean", "--")):
             points = sorted((r["sparse_ratio"], r) for r in rows if r["name"] == scenario and r["impl"] == impl)
             if not points:
                 continue
