@@ -36,6 +36,7 @@ import torch
 
 from ucm_store.backends.base import BlockCorrupt, BlockMissing, Tier
 from ucm_store.backends.cache import CacheTier
+from ucm_store.config import default_io_workers
 from ucm_store.metrics import StatsMonitor
 from ucm_store.pool import STORE_WAIT_SECONDS, PinnedMemoryPool, PoolExhaustedError
 from ucm_store.task import Task, TaskStatus, finished_future
@@ -73,7 +74,7 @@ class _Staged:
 class UcmPipelineStore:
     """A block store over tiers tried left to right; see the module docstring for the contract."""
 
-    def __init__(self, tiers: list[Tier], pool: PinnedMemoryPool, *, io_workers: int = 8,
+    def __init__(self, tiers: list[Tier], pool: PinnedMemoryPool, *, io_workers: int | None = None,
                  writeback_depth: int = 1024, prefetch_depth: int = 0, monitor: StatsMonitor | None = None,
                  alloc_timeout: float = STORE_WAIT_SECONDS):
         if not tiers:
@@ -84,6 +85,7 @@ class UcmPipelineStore:
         self.prefetch_depth = prefetch_depth
         self.alloc_timeout = alloc_timeout
         self.monitor = monitor or StatsMonitor.get_instance()
+        io_workers = io_workers or default_io_workers()
         self._io = ThreadPoolExecutor(io_workers, thread_name_prefix="ucm-io")
         self._staged: dict[str, _Staged] = {}
         self._fetching: dict[str, Future] = {}
