@@ -12,4 +12,4 @@ def test_ucm_demo_runs_and_passes_its_checks(tmp_path):
     assert "40 of 48 prompt blocks hit" in done.stdout and "bit-exact" in done.stdout
     assert "needles" in done.stdout and "all selected" in done.stdout
     assert "命中率 (hit rate): 97.6%" in done.stdout
-    assert list((tmp_path / "demo" / "store" / "blocks").glob("*/*/*.blk"))
+    assert list((tmp_path / "demo" / "store" / "blocks").glob("*/*.blk"))

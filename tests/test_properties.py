@@ -181,7 +181,7 @@ def test_any_block_id_round_trips_with_its_file_inside_the_root(posix_store, sto
     out = torch.empty(BLOCK, dtype=torch.uint8)
     assert posix_store.wait(posix_store.load([block_id], 0, out)) == TaskStatus.SUCCESS and torch.equal(out, data)
     key = block_key(block_id)
-    assert re.fullmatch("[0-9a-f]{32}", key) and (root / "blocks" / key[:2] / key[2:4] / f"{key}.blk").is_file()
+    assert re.fullmatch("[0-9a-f]{32}", key) and (root / "blocks" / key[:2] / f"{key}.blk").is_file()
     assert os.listdir(base) == ["store"] and sorted(os.listdir(root)) == ["blocks", "tmp"]
 
 

@@ -64,7 +64,7 @@ def full_prompt_blocks() -> int:
 
 
 def block_files(store: Path) -> list[Path]:
-    return sorted((store / "blocks").glob("*/*/*.blk"))
+    return sorted((store / "blocks").glob("*/*.blk"))
 
 
 def test_fresh_process_hits_the_saved_blocks_and_generates_the_same_tokens(workdir, first_run):

@@ -1,7 +1,9 @@
 """Posix tier: one file per block under ``storage_backends``, published by fsync + atomic rename.
 
-Layout under each root: ``blocks/<k[0:2]>/<k[2:4]>/<key>.blk`` and ``tmp/`` for files being written (the same
-file system, so the rename is atomic). A block file is a framed block (:mod:`ucm_store.backends.framing`: header
+Layout under each root: ``blocks/<k[0:2]>/<key>.blk`` and ``tmp/`` for files being written (the same file system,
+so the rename is atomic). The 256 ``blocks/<k[0:2]>`` directories are made when the tier opens a root, so a write
+never creates a directory (a second level of 65,536 directories made each new store's first writes create one or
+two directories per block: ~0.5 ms of CPU per 128 KiB block file instead of ~0.33). A block file is a framed block (:mod:`ucm_store.backends.framing`: header
 with magic, lengths, CRC32 of the payload and key digest, then the payload). A reader checks all of it, so a
 truncated, corrupt or misplaced file fails the read and is removed, never returned. A writer that dies leaves only a
 temp file, invisible to readers and swept after ``STALE_TMP_SECONDS``. No file locks: concurrent writers of one key
@@ -228,6 +230,7 @@ class PosixTier(Tier):
         try:
             for sub in ("blocks", "tmp"):
                 _make_dirs(root / sub)
+            _make_fan_out(root / "blocks")
             probe = root / "tmp" / f".probe.{self._tmp_tag}"
             os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE))
             probe.unlink()
@@ -249,7 +252,7 @@ class PosixTier(Tier):
     def _load_index(self) -> None:
         found = []
         for root in self.roots:
-            for path in (root / "blocks").glob("*/*/*.blk"):
+            for path in (root / "blocks").glob("*/*.blk"):
                 try:
                     stat = path.stat()
                 except FileNotFoundError:
@@ -324,6 +327,14 @@ def _make_dirs(path: Path) -> None:
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path)) from None
 
 
+def _make_fan_out(blocks: Path) -> None:
+    """The 256 directories ``blocks/00`` .. ``blocks/ff`` (owner-only), those missing."""
+    present = set(os.listdir(blocks))
+    for prefix in (f"{i:02x}" for i in range(256)):
+        if prefix not in present:
+            _make_dirs(blocks / prefix)
+
+
 def _rename_into_place(tmp: str, final: str) -> None:
     """Rename ``tmp`` to ``final`` and fsync final's directory, creating it (owner-only) when the first rename
     finds it missing."""
@@ -373,5 +384,5 @@ def _round_up(n: int) -> int:
 
 
 def _relative_path(key: str) -> str:
-    """Where block ``key``'s file lies under a root: ``blocks/<2 hex>/<2 hex>/<key>.blk``."""
-    return os.path.join("blocks", key[0:2], key[2:4], f"{key}.blk")
+    """Where block ``key``'s file lies under a root: ``blocks/<2 hex>/<key>.blk``."""
+    return os.path.join("blocks", key[0:2], f"{key}.blk")
