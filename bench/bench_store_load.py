@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from bench.harness import row, write_results
+from ucm_store.backends.posix import block_files
 from ucm_store.factory import UcmConnectorFactory
 from ucm_store.pool import PinnedMemoryPool
 from ucm_store.task import TaskStatus
@@ -206,7 +207,7 @@ def verify(root: Path, committed: list[int], block_kib: int, key_space: int) -> 
     """Load every committed block in a fresh store and compare it bit-exact; check no temp file is left and one
     file per block exists. Returns the number of blocks checked."""
     nbytes, source = block_kib << 10, random_source(key_space, block_kib << 10)
-    files = list((root / "blocks").glob("*/*/*.blk"))
+    files = block_files(root)
     assert len(files) == len(committed), f"{len(files)} block files for {len(committed)} committed blocks"
     assert not any((root / "tmp").iterdir()), "temp files left behind"
     with UcmConnectorFactory.create_connector({"store_pipeline": "Posix", "storage_backends": str(root)}, 0) as store:

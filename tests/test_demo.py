@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+from ucm_store.backends.posix import block_files
+
 
 def test_ucm_demo_runs_and_passes_its_checks(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user's shell has it
@@ -12,4 +14,4 @@ def test_ucm_demo_runs_and_passes_its_checks(tmp_path):
     assert "40 of 48 prompt blocks hit" in done.stdout and "bit-exact" in done.stdout
     assert "needles" in done.stdout and "all selected" in done.stdout
     assert "命中率 (hit rate): 97.6%" in done.stdout
-    assert list((tmp_path / "demo" / "store" / "blocks").glob("*/*.blk"))
+    assert block_files(tmp_path / "demo" / "store")

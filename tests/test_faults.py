@@ -40,7 +40,7 @@ def disk_store(root: Path, pipeline: str = "Posix", **extra):
 
 
 def block_files(*roots: Path) -> list[Path]:
-    return sorted(p for root in roots for p in (root / "blocks").glob("*/*.blk"))
+    return sorted(p for root in roots for p in posix.block_files(root))
 
 
 def temp_files(*roots: Path) -> list[Path]:
@@ -327,7 +327,7 @@ def test_damaged_block_file_fails_the_load_and_is_evicted(tmp_path, path, kind):
     root, keys = tmp_path / "store", [b"victim", b"other"]
     with disk_store(root, use_direct_io=direct) as writer:
         dump_commit(writer, keys, [block_data(0), block_data(1)])
-    victim, other = (next((root / "blocks").glob(f"*/{block_key(k)}.blk")) for k in keys)
+    victim, other = (next(p for p in posix.block_files(root) if p.stem == block_key(k)) for k in keys)
     victim.write_bytes(damage(bytearray(victim.read_bytes()), kind, other.read_bytes()))
     with disk_store(root, pipeline, use_direct_io=direct) as store:
         assert store.lookup(keys) == [True, True]

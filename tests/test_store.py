@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ucm_store.backends.cache import CacheTier
-from ucm_store.backends.posix import PosixTier
+from ucm_store.backends.posix import PosixTier, block_files
 from ucm_store.factory import UcmConnectorFactory
 from ucm_store.pipeline import UcmPipelineStore, block_key
 from ucm_store.pool import PinnedMemoryPool
@@ -201,7 +201,7 @@ def test_sigkill_mid_dump_leaves_no_partial_block(tmp_path, pipeline):
 def test_corrupt_or_truncated_file_fails_the_load_and_leaves_lookup(tmp_path, damage):
     with make_store(tmp_path, "Posix") as store:
         dump_commit(store, [b"victim"], [block_data(3)])
-        path = next((tmp_path / "store" / "blocks").glob(f"*/{block_key(b'victim')}.blk"))
+        path = next(p for p in block_files(tmp_path / "store") if p.stem == block_key(b"victim"))
         raw = bytearray(path.read_bytes())
         if damage == "flip":
             raw[-100] ^= 0xFF
@@ -296,7 +296,7 @@ def test_nfs_spreads_over_several_paths_and_finds_every_block(tmp_path, strategy
     config = {"store_pipeline": "Cache|NFS", "storage_backends": roots, "path_strategy": strategy}
     with UcmConnectorFactory.create_connector(config, 0) as store:
         dump_commit(store, ids(16, "n"), [block_data(i) for i in range(16)])
-    counts = [len(list((tmp_path / r / "blocks").glob("*/*.blk"))) for r in ("nfs1", "nfs2")]
+    counts = [len(block_files(tmp_path / r)) for r in ("nfs1", "nfs2")]
     assert sum(counts) == 16 and min(counts) >= 3
     with UcmConnectorFactory.create_connector({**config, "store_pipeline": "NFS"}, 0) as reader:
         status, out, _ = load_all(reader, ids(16, "n"))
@@ -317,13 +317,13 @@ def test_close_drains_pending_write_downs(tmp_path):
     store = make_store(tmp_path)
     dump_commit(store, ids(20, "w"), [block_data(i) for i in range(20)])
     store.close()
-    assert len(list((tmp_path / "store" / "blocks").glob("*/*.blk"))) == 20
+    assert len(block_files(tmp_path / "store")) == 20
 
 
 def test_files_are_owner_only(tmp_path):
     with make_store(tmp_path, "Posix") as store:
         dump_commit(store, [b"perm"], [block_data(0)])
-    path = next((tmp_path / "store" / "blocks").glob("*/*.blk"))
+    path = block_files(tmp_path / "store")[0]
     assert path.stat().st_mode & 0o077 == 0 and (tmp_path / "store" / "blocks").stat().st_mode & 0o077 == 0
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ucm_store.backends import framing
+from ucm_store.backends.posix import block_files
 
 CRC_OFFSET = 24  # magic 8, header length 4, flags 4, payload length 8: see framing.HEADER
 DRIVER = Path(__file__).parent.parent / "bench" / "vllm_driver.py"
@@ -61,10 +62,6 @@ def first_run(workdir):
 
 def full_prompt_blocks() -> int:
     return sum((n - 1) // BLOCK for n in PROMPT_LENGTHS)
-
-
-def block_files(store: Path) -> list[Path]:
-    return sorted((store / "blocks").glob("*/*.blk"))
 
 
 def test_fresh_process_hits_the_saved_blocks_and_generates_the_same_tokens(workdir, first_run):

@@ -252,7 +252,7 @@ class PosixTier(Tier):
     def _load_index(self) -> None:
         found = []
         for root in self.roots:
-            for path in (root / "blocks").glob("*/*.blk"):
+            for path in block_files(root):
                 try:
                     stat = path.stat()
                 except FileNotFoundError:
@@ -381,6 +381,11 @@ def _bounce(nbytes: int) -> torch.Tensor:
 
 def _round_up(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
+
+
+def block_files(root: str | Path) -> list[Path]:
+    """The block files under a Posix / NFS tier's root (files being written are not among them)."""
+    return sorted(Path(root, "blocks").glob("*/*.blk"))
 
 
 def _relative_path(key: str) -> str:
