@@ -143,8 +143,8 @@ class PausingPosix(PosixTier):
         super()._write_framed(fd, key, src)
         self._stop_at(key, "written")
 
-    def _write_file(self, key, tmp, src):
-        super()._write_file(key, tmp, src)
+    def _write_file(self, key, tmp, src, durable=True):
+        super()._write_file(key, tmp, src, durable)
         self._stop_at(key, "synced")
 
     def _account(self, key, nbytes):
@@ -607,18 +607,21 @@ class BrokenPosix(PosixTier):
 
     broken = {block_key(f"bad{i}".encode()) for i in range(3)}
 
-    def put(self, key, src):
+    def _write_framed(self, fd, key, src):
         if key in self.broken:
             raise RuntimeError("injected: not an I/O error")
-        return super().put(key, src)
+        super()._write_framed(fd, key, src)
 
 
 def test_write_down_errors_of_any_kind_cost_their_blocks_never_the_writer_threads(tmp_path, caplog):
     pool = PinnedMemoryPool(16 << 20, 16 << 20)
     tiers = [CacheTier(100, pool), BrokenPosix((str(tmp_path / "store"),))]
     with UcmPipelineStore(tiers, pool) as store:
-        dump_commit(store, ids(3, "bad"), [block_data(i) for i in range(3)])
-        dump_commit(store, ids(3, "good"), [block_data(i) for i in range(3)])
+        names = ids(3, "bad") + ids(3, "good")
+        dump_commit(store, names, [block_data(i) for i in range(6)])  # one commit: write-downs batched together
         store.flush(timeout=10)
         assert store.writeback_failures == 3 and "injected: not an I/O error" in caplog.text
-    assert len(block_files(tmp_path / "store")) == 3
+        assert not os.listdir(tmp_path / "store" / "tmp")
+        status, out, _ = load_all(store, names[3:])
+        assert status == TaskStatus.SUCCESS and torch.equal(out, torch.stack([block_data(i) for i in range(3, 6)]))
+    assert sorted(p.stem for p in block_files(tmp_path / "store")) == sorted(block_key(n) for n in names[3:])

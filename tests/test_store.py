@@ -345,3 +345,31 @@ def test_threads_hammering_one_store_stay_consistent(tmp_path):
         for t in threads:
             t.join()
         assert errors == []
+
+
+class BatchRecordingPosix(PosixTier):
+    """A real Posix tier that records the size of each batch the write-down hands it."""
+
+    def __init__(self, roots, **kwargs):
+        super().__init__(roots, **kwargs)
+        self.batches = []
+
+    def put_many(self, items):
+        self.batches.append(len(items))
+        return super().put_many(items)
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_write_downs_are_published_in_batches_and_read_back_from_disk(tmp_path, direct):
+    pool = PinnedMemoryPool(16 << 20, 16 << 20)
+    disk = BatchRecordingPosix((str(tmp_path / "store"),), use_direct_io=direct)
+    names = ids(40, "batch")
+    with UcmPipelineStore([CacheTier(100, pool), disk], pool) as store:
+        assert dump_commit(store, names, [block_data(i) for i in range(40)]) == [True] * 40
+        store.flush(timeout=30)
+        assert store.writeback_failures == 0
+    assert sum(disk.batches) == 40 and max(disk.batches) > 1
+    assert not os.listdir(tmp_path / "store" / "tmp") and len(block_files(tmp_path / "store")) == 40
+    with make_store(tmp_path, "Posix", use_direct_io=direct) as fresh:  # a new process's view: the files alone
+        status, out, _ = load_all(fresh, names)
+        assert status == TaskStatus.SUCCESS and torch.equal(out, torch.stack([block_data(i) for i in range(40)]))

@@ -24,6 +24,7 @@
 Tensors may live on the CPU or a GPU. Block ids are opaque bytes, stored under a BLAKE2b key, never raw.
 """
 import atexit
+import contextlib
 import hashlib
 import logging
 import os
@@ -47,6 +48,7 @@ TENSOR_DEVICES = ("cpu", "cuda")  # device types a dump or load tensor may live 
 # Threads writing committed blocks down to the lower tiers. Few on purpose: write-down is background work that
 # must not starve loads on small hosts (on 2 cores, 4 writers made a 16 MB Cache-tier load 3-5x slower).
 WRITEBACK_THREADS = 2
+WRITE_DOWN_BATCH = 64  # queued blocks a writer publishes together (Posix: one durability round for all of them)
 _open_stores: "weakref.WeakSet[UcmPipelineStore]" = weakref.WeakSet()
 
 
@@ -263,19 +265,57 @@ class UcmPipelineStore:
 
     def _write_down_loop(self) -> None:
         _lower_thread_priority()
-        while (item := self._writeback.get()) is not None:
-            block_id, key = item
+        while True:
+            batch, stop = self._take_write_downs()
             try:
-                with self.cache.hold(key) as buf:
-                    for tier in self.tiers[1:]:
-                        tier.put(key, buf)
-            except Exception as exc:  # any failure costs this block's lower copies, never the writer thread
-                self.writeback_failures += 1
-                logger.error("write-down of block %s failed: %s", block_id.hex(), exc)
+                if batch:
+                    self._write_down(batch)
             finally:
-                self.cache.unpin(key)
-                self._writeback.task_done()
-        self._writeback.task_done()
+                for _ in range(len(batch) + stop):
+                    self._writeback.task_done()
+            if stop:
+                return
+
+    def _take_write_downs(self) -> tuple[list[tuple[bytes, str]], bool]:
+        """The next queued write-downs: wait for one, then take those already queued (at most WRITE_DOWN_BATCH);
+        and whether this writer's stop sentinel (None) came."""
+        batch = []
+        item = self._writeback.get()
+        while item is not None:
+            batch.append(item)
+            if len(batch) == WRITE_DOWN_BATCH:
+                return batch, False
+            try:
+                item = self._writeback.get_nowait()
+            except queue.Empty:
+                return batch, False
+        return batch, True
+
+    def _write_down(self, batch: list[tuple[bytes, str]]) -> None:
+        """Publish a batch of pinned Cache blocks to every lower tier, then unpin them. Any failure costs only its
+        block's lower copies (counted and logged), never the writer thread or the other blocks."""
+        errors: list[Exception | None] = [None] * len(batch)
+        with contextlib.ExitStack() as held:
+            bufs = []
+            for i, (_, key) in enumerate(batch):
+                try:
+                    bufs.append(held.enter_context(self.cache.hold(key)))
+                except BlockMissing as exc:
+                    bufs.append(None)
+                    errors[i] = exc
+            for tier in self.tiers[1:]:
+                todo = [i for i, error in enumerate(errors) if error is None]
+                try:
+                    results = tier.put_many([(batch[i][1], bufs[i]) for i in todo])
+                except Exception as exc:
+                    results = [exc] * len(todo)
+                for i, error in zip(todo, results):
+                    errors[i] = error
+        for (block_id, key), error in zip(batch, errors):
+            if error is not None:
+                self.writeback_failures += 1
+                logger.error("write-down of block %s failed: %s", block_id.hex(), error)
+            self.cache.unpin(key)
 
     @torch.inference_mode()  # callers' tensors may be inference tensors (vLLM's); writing them needs the mode
     def _load_part(self, key: str, offset: int, part: torch.Tensor) -> None:

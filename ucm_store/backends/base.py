@@ -8,6 +8,8 @@ atomic: ``put`` makes a complete block visible or nothing. Reads verify the bloc
 * ``size(key) -> int | None``   payload bytes of a visible block (BlockCorrupt for a bad header)
 * ``read(key, dst) -> None``    the whole block into ``dst`` (uint8 tensor of exactly ``size(key)`` bytes)
 * ``put(key, src) -> bool``     publish a complete block (False: it was already there; immutable, so a no-op)
+* ``put_many(items) -> list``   publish several blocks; per block None or the error that cost it (tiers that can
+  share durability work between blocks override the one-by-one default)
 * ``remove(key) -> None``       drop a block (corrupt, or evicted by the caller)
 * ``close() -> None``
 """
@@ -47,6 +49,18 @@ class Tier(abc.ABC):
     @abc.abstractmethod
     def put(self, key: str, src: torch.Tensor) -> bool:
         """Atomically publish ``src`` (1-D uint8 CPU tensor) under ``key``; False if already present."""
+
+    def put_many(self, items: list[tuple[str, torch.Tensor]]) -> list[Exception | None]:
+        """Publish each ``(key, src)`` as :meth:`put` does; per item None (published, or already there) or the
+        exception that cost that block alone."""
+        results: list[Exception | None] = []
+        for key, src in items:
+            try:
+                self.put(key, src)
+                results.append(None)
+            except Exception as exc:  # one block's failure never costs the others
+                results.append(exc)
+        return results
 
     @abc.abstractmethod
     def remove(self, key: str) -> None:
