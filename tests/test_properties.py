@@ -18,7 +18,8 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from ucm_store.config import DOCUMENT_KEYS, SECRET_KEYS, StoreConfig, load_store_config, parse_connectors
+from ucm_store.config import (DOCUMENT_KEYS, SECRET_KEYS, StoreConfig, default_io_workers, load_store_config,
+                              parse_connectors)
 from ucm_store.configspec import ConfigError
 from ucm_store.factory import UcmConnectorFactory
 from ucm_store.pipeline import MAX_BLOCK_ID_BYTES, block_key
@@ -84,9 +85,12 @@ def test_config_dict_is_accepted_or_refused_naming_a_key_and_never_shows_a_secre
 
 
 def as_stored(key: str, value):
-    """A valid value as the StoreConfig holds it (lists as tuples, one storage directory as a 1-tuple)."""
+    """A valid value as the StoreConfig holds it (lists as tuples, one storage directory as a 1-tuple, io_workers
+    unset as this machine's default)."""
     if key == "storage_backends" and isinstance(value, str):
         return (value,)
+    if key == "io_workers" and value is None:
+        return default_io_workers()
     return tuple(value) if isinstance(value, list) else value
 
 
