@@ -49,6 +49,7 @@ TENSOR_DEVICES = ("cpu", "cuda")  # device types a dump or load tensor may live 
 # must not starve loads on small hosts (on 2 cores, 4 writers made a 16 MB Cache-tier load 3-5x slower).
 WRITEBACK_THREADS = 2
 WRITE_DOWN_BATCH = 64  # queued blocks a writer publishes together (Posix: one durability round for all of them)
+WRITE_DOWN_BATCH_BYTES = 8 << 20  # ... and their bytes at most: nothing of a batch is visible before all is synced
 _open_stores: "weakref.WeakSet[UcmPipelineStore]" = weakref.WeakSet()
 
 
@@ -277,13 +278,14 @@ class UcmPipelineStore:
                 return
 
     def _take_write_downs(self) -> tuple[list[tuple[bytes, str]], bool]:
-        """The next queued write-downs: wait for one, then take those already queued (at most WRITE_DOWN_BATCH);
-        and whether this writer's stop sentinel (None) came."""
-        batch = []
+        """The next queued write-downs: wait for one, then take those already queued (at most WRITE_DOWN_BATCH
+        blocks and about WRITE_DOWN_BATCH_BYTES); and whether this writer's stop sentinel (None) came."""
+        batch, nbytes = [], 0
         item = self._writeback.get()
         while item is not None:
             batch.append(item)
-            if len(batch) == WRITE_DOWN_BATCH:
+            nbytes += self.cache.size(item[1]) or 0
+            if len(batch) == WRITE_DOWN_BATCH or nbytes >= WRITE_DOWN_BATCH_BYTES:
                 return batch, False
             try:
                 item = self._writeback.get_nowait()
@@ -294,6 +296,19 @@ class UcmPipelineStore:
     def _write_down(self, batch: list[tuple[bytes, str]]) -> None:
         """Publish a batch of pinned Cache blocks to every lower tier, then unpin them. Any failure costs only its
         block's lower copies (counted and logged), never the writer thread or the other blocks."""
+        try:
+            errors = self._publish_below(batch)
+        except Exception as exc:  # not a tier's error (those come back per block): the whole batch failed
+            errors = [exc] * len(batch)
+        for (block_id, key), error in zip(batch, errors):
+            if error is not None:
+                self.writeback_failures += 1
+                logger.error("write-down of block %s failed: %s", block_id.hex(), error)
+            self.cache.unpin(key)
+
+    def _publish_below(self, batch: list[tuple[bytes, str]]) -> list[Exception | None]:
+        """Put the batch's Cache buffers into every lower tier (a block failing in one tier skips the next ones);
+        per block None or the error that cost it."""
         errors: list[Exception | None] = [None] * len(batch)
         with contextlib.ExitStack() as held:
             bufs = []
@@ -311,11 +326,7 @@ class UcmPipelineStore:
                     results = [exc] * len(todo)
                 for i, error in zip(todo, results):
                     errors[i] = error
-        for (block_id, key), error in zip(batch, errors):
-            if error is not None:
-                self.writeback_failures += 1
-                logger.error("write-down of block %s failed: %s", block_id.hex(), error)
-            self.cache.unpin(key)
+        return errors
 
     @torch.inference_mode()  # callers' tensors may be inference tensors (vLLM's); writing them needs the mode
     def _load_part(self, key: str, offset: int, part: torch.Tensor) -> None:
