@@ -1,8 +1,9 @@
 """The three GSA primitives on either backend: block reprs, block selection, attention over block lists.
 
 ``"triton"`` runs the ``ucm_kernels`` ops (CUDA tensors, or any tensors under ``TRITON_INTERPRET=1``); ``"torch"``
-runs the vectorised torch versions below (block summaries: the kernels' plain-torch reference), with the kernels' semantics (same counts and windows, ties to the lower
-logical block, masked tokens, empty lists give zeros), for CPU tensors, fp32 inputs and vLLM on CPU.
+runs the vectorised torch versions below (block summaries: the kernels' plain-torch reference), with the kernels'
+semantics (same counts and windows, ties to the lower logical block, masked tokens, empty lists give zeros), for
+CPU tensors, fp32 inputs and vLLM on CPU.
 ``resolve_backend("auto", q)`` picks Triton for bf16/fp16 CUDA tensors and torch otherwise.
 
 The torch versions compute every (request, KV head) the same way whatever batch or head count it is packed in,
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ucm_kernels.block_repr import FP8, naive_update_block_repr, update_block_repr
+from ucm_kernels.block_repr import FP8, empty_block_repr_for, naive_update_block_repr, update_block_repr
 from ucm_kernels.block_select import select_blocks, selection_width
 from ucm_kernels.sparse_decode import dense_decode, sparse_decode
 
@@ -66,10 +67,7 @@ def empty_reprs(num_blocks: int, num_kv_heads: int, head_dim: int, cache_dtype: 
     num_kv_heads, head_dim]`` of ``cache_dtype``, or of float8_e4m3fn followed by ``kscale [num_blocks,
     num_kv_heads]`` fp32 (see ``ucm_kernels.block_repr``)."""
     dtype = FP8 if config.repr_dtype == "fp8" else cache_dtype
-    reprs = tuple(torch.empty(num_blocks, num_kv_heads, head_dim, dtype=dtype, device=device) for _ in range(3))
-    if dtype != FP8:
-        return reprs
-    return (*reprs, torch.empty(num_blocks, num_kv_heads, dtype=torch.float32, device=device))
+    return empty_block_repr_for(num_blocks, num_kv_heads, head_dim, dtype, device)
 
 
 def update_reprs(backend: str, key_cache: torch.Tensor, block_ids: torch.Tensor, reprs: tuple) -> None:

@@ -28,7 +28,8 @@ import torch
 from .naive import naive_update_block_repr
 from .triton import FP8, update_block_repr
 
-__all__ = ["update_block_repr", "blocks_filled", "empty_block_repr", "naive_update_block_repr"]
+__all__ = ["update_block_repr", "blocks_filled", "empty_block_repr", "empty_block_repr_for",
+           "naive_update_block_repr"]
 
 
 def blocks_filled(seq_lens_before: torch.Tensor, seq_lens_after: torch.Tensor, block_table: torch.Tensor,
@@ -70,8 +71,13 @@ def empty_block_repr(key_cache: torch.Tensor, dtype: torch.dtype | None = None) 
     ``[num_blocks, num_kv_heads]`` fp32: pass all four to :func:`update_block_repr` and kscale to the selection.
     """
     num_blocks, _, heads, head_dim = key_cache.shape
-    dtype = dtype or key_cache.dtype
-    reprs = tuple(torch.empty(num_blocks, heads, head_dim, dtype=dtype, device=key_cache.device) for _ in range(3))
+    return empty_block_repr_for(num_blocks, heads, head_dim, dtype or key_cache.dtype, key_cache.device)
+
+
+def empty_block_repr_for(num_blocks: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                         device: torch.device | str) -> tuple[torch.Tensor, ...]:
+    """:func:`empty_block_repr` by sizes instead of a key cache (e.g. reprs for blocks kept off the device)."""
+    reprs = tuple(torch.empty(num_blocks, num_kv_heads, head_dim, dtype=dtype, device=device) for _ in range(3))
     if dtype != FP8:
         return reprs
-    return (*reprs, torch.empty(num_blocks, heads, dtype=torch.float32, device=key_cache.device))
+    return (*reprs, torch.empty(num_blocks, num_kv_heads, dtype=torch.float32, device=device))
