@@ -14,7 +14,9 @@ from test_block_mover import corrupt
 from test_vllm_e2e import BLOCK, block_files, drive, make_workdir, result_of
 from ucm_store.vllm.scheduler import loads_async
 
-PROMPT_LENGTHS = (8000, 700, 333, 97)  # the first is long: its load is still in flight when --abort-first aborts it
+PROMPT_LENGTHS = (8001, 700, 333, 97)  # the first is long: its load is still in flight when --abort-first aborts it;
+# none is a multiple of BLOCK, so every saved block is a block a later prompt loads (the corrupt-block test picks
+# one by file order: a prompt of whole blocks leaves its last block saved but never loaded, vLLM recomputes it)
 RUN_TIMEOUT = 240  # seconds per vLLM process (about 15 s each); a request parked forever fails the test here
 
 
