@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from bench.harness import measure_copy_ceilings, row, wall_median_ms, write_results
-from ucm_kernels.kv_transfer import PagedKVLayout, detect_layout
-from ucm_kernels.kv_transfer.naive import block_segments, naive_gather_blocks
+from ucm_kernels.kv_transfer import PagedKVLayout, block_segments, detect_layout
+from ucm_kernels.kv_transfer.naive import naive_gather_blocks
 from ucm_store.transport import DIRECT_MAX_BYTES, CUDATransport
 
 NUM_LAYERS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 32, 16, 8, 128
@@ -95,14 +95,14 @@ def check_rows(cache: list[torch.Tensor], layout: PagedKVLayout, ids: torch.Tens
         chunk = ids[start:start + CHECK_ROWS].cuda()
         got = rows[start:start + len(chunk)].cuda()
         expected = torch.full_like(got, 0xFF) if poisoned else got.clone()
-        naive_gather_blocks(cache, chunk, expected.view(layout.staging_shape(len(chunk))), layout.kind)
+        naive_gather_blocks(cache, chunk, expected.view(layout.staging_shape(len(chunk))), layout)
         if not torch.equal(got, expected):
             raise AssertionError(f"rows {start}..{start + len(chunk)} differ from the cache blocks they hold")
 
 
-def block_checksums(cache: list[torch.Tensor], kind: str) -> torch.Tensor:
+def block_checksums(cache: list[torch.Tensor], layout: PagedKVLayout) -> torch.Tensor:
     """[num_layers, num_blocks, num_segments] wrapping int64 sums of each segment's 8-byte words."""
-    return torch.stack([block_segments(layer, kind).view(torch.int64).sum(-1) for layer in cache])
+    return torch.stack([block_segments(layer, layout).view(torch.int64).sum(-1) for layer in cache])
 
 
 class Bench:
@@ -142,13 +142,13 @@ class Bench:
         """Poison the target blocks, ``run()`` a load of ``ids``, check them and every other block."""
         valid = ids[ids >= 0].cuda()
         for layer in self.cache:
-            block_segments(layer, self.layout.kind)[valid] = 0xFF
-        before = block_checksums(self.cache, self.layout.kind)
+            block_segments(layer, self.layout)[valid] = 0xFF
+        before = block_checksums(self.cache, self.layout)
         run()
         check_rows(self.cache, self.layout, ids, self.host_rows[first_row:first_row + len(ids)], poisoned=False)
         untouched = torch.ones(self.layout.num_blocks, dtype=torch.bool, device="cuda")
         untouched[valid] = False
-        if not torch.equal(block_checksums(self.cache, self.layout.kind)[:, untouched], before[:, untouched]):
+        if not torch.equal(block_checksums(self.cache, self.layout)[:, untouched], before[:, untouched]):
             raise AssertionError("the load changed blocks outside its block ids")
 
     def add(self, name: str, impl: str, n: int, ms: float, ceiling_key: str, directions: int = 1, **extra):
@@ -229,7 +229,7 @@ class Bench:
         n = PER_BLOCK_SUBSET
         ids = self.ids(n)
         rows = self.host_rows[:n].view(self.layout.staging_shape(n))
-        segments = [block_segments(layer, self.layout.kind) for layer in self.cache]
+        segments = [block_segments(layer, self.layout) for layer in self.cache]
         pairs = [(rows[i, layer, seg], segs[block, seg]) for i, block in enumerate(ids.tolist())
                  for layer, segs in enumerate(segments) for seg in range(2)]
 
@@ -254,7 +254,7 @@ class Bench:
         """index_select of every layer into one GPU buffer, then one copy (load: one copy, then index_put_)."""
         ids, rows = self.ids(n), self.host_rows[:n].view(-1)
         ids_gpu = ids.cuda()
-        segments = [block_segments(layer, self.layout.kind) for layer in self.cache]
+        segments = [block_segments(layer, self.layout) for layer in self.cache]
         staging = torch.empty(self.layout.staging_shape(n), dtype=torch.uint8, device="cuda")
 
         def offload():

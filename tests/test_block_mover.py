@@ -120,3 +120,37 @@ def test_load_of_an_aborted_request_is_reported_once_and_never_scattered(saved):
         assert mover.finish_loads(set()) == set() and mover.take_load_errors() == set()
         for name in caches:
             assert same_bits(caches[name], expected[name]), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_load_of_blocks_in_the_cache_tier_in_the_same_store(tmp_path, device):
+    """Blocks saved by this process sit in the Cache tier: on a GPU one kernel reads them in place from their
+    pinned buffers (no staging copy); on the CPU through host rows. Bit for bit either way, other blocks intact."""
+    source = kv_caches(device)
+    with store_at(tmp_path / "store") as store:
+        writer = KVBlockMover(store, source, BLOCK)
+        writer.save(BlockTransfer("writer", [b"h0", b"h1", b"h2"], [1, 2, 5]))
+        writer.flush()
+        assert store.lookup_prefix_tiers([b"h0", b"h1", b"h2"]) == ["Cache"] * 3
+        caches = kv_caches(device, fill=float("nan"))
+        expected = expected_after(caches, source, {6: 1, 3: 2, 0: 5})
+        reader = KVBlockMover(store, caches, BLOCK)
+        reader.load(BlockTransfer("req", [b"h0", b"h1", b"h2"], [6, 3, 0]))
+        reader.flush()
+        assert reader.take_load_errors() == set()
+        for name in caches:
+            assert same_bits(caches[name], expected[name]), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU: CPU saves finish inside the step")
+def test_gpu_saves_are_reported_once_their_request_finished_and_its_blocks_were_copied(tmp_path):
+    with store_at(tmp_path / "store") as store:
+        mover = KVBlockMover(store, kv_caches("cuda"), BLOCK)
+        mover.save(BlockTransfer("a", [b"h0", b"h1"], [1, 2]))
+        mover.save(BlockTransfer("b", [b"h2"], [5]))
+        assert mover.finish_saves(set()) == set()  # not finished yet: their blocks stay allocated
+        torch.cuda.synchronize()
+        assert mover.finish_saves({"a", "never-saved"}) == {"a"}
+        assert mover.finish_saves({"b"}) == {"b"} and mover.finish_saves({"a", "b"}) == set()
+        mover.flush()
+        assert sorted(mover.take_saved()) == [b"h0", b"h1", b"h2"]

@@ -16,6 +16,7 @@ from ucm_sparse import ops
 from ucm_sparse.reprs import BlockReprCache
 
 BLOCK = 16
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels take CUDA tensors only
 TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
 CONFIG = GSAConfig(sparse_ratio=0.3, init_window_sz=1, local_window_sz=2, min_blocks=3)
 
@@ -203,14 +204,18 @@ def test_torch_twins_match_the_kernel_references(repr_dtype):
 
 @pytest.mark.parametrize("repr_dtype", ["cache", "fp8"])
 def test_triton_backend_matches_torch_backend(repr_dtype):
+    """The Triton backend on TRITON_DEVICE (compiled on a GPU, the interpreter on a CPU) against the torch backend
+    on the CPU."""
     seq_lens = [300, 70]
     q, k, v, table = make_paged(seq_lens, kv_heads=2, group=2, head_dim=16, dtype=torch.bfloat16)
     config = GSAConfig(**{**vars(CONFIG), "repr_dtype": repr_dtype})
-    out_t, sel_t = sparse_attention(q, k, v, table, seq_lens, config, backend="triton")
+    on_device = [t.to(TRITON_DEVICE) for t in (q, k, v, table)]
+    out_t, sel_t = sparse_attention(*on_device, seq_lens, config, backend="triton")
     out_c, sel_c = sparse_attention(q, k, v, table, seq_lens, config, backend="torch")
-    assert torch.equal(sel_t.sel_count, sel_c.sel_count)
-    assert torch.equal(sel_t.sel_idx, sel_c.sel_idx)
-    torch.testing.assert_close(out_t, out_c, **TOLERANCE[torch.bfloat16])
+    assert out_t.device.type == sel_t.sel_idx.device.type == TRITON_DEVICE
+    assert torch.equal(sel_t.sel_count.cpu(), sel_c.sel_count)
+    assert torch.equal(sel_t.sel_idx.cpu(), sel_c.sel_idx)
+    torch.testing.assert_close(out_t.cpu(), out_c, **TOLERANCE[torch.bfloat16])
 
 
 def test_fp8_summaries_select_by_an_upper_bound_of_the_exact_quest_score():

@@ -13,6 +13,7 @@ from ucm_store.backends.cache import CacheTier
 from ucm_store.pool import PinnedMemoryPool
 
 BLOCK, HEADS, GROUP, DIM, LAYERS, DTYPE = 16, 2, 2, 32, 2, torch.bfloat16
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels take CUDA tensors only
 SPARSE = dict(sparse_ratio=0.3, init_window_sz=1, local_window_sz=2, min_blocks=3)
 
 
@@ -21,19 +22,22 @@ def private_cache() -> CacheTier:
 
 
 class Twin:
-    """The same requests decoded by on-device GSA (a paged cache) and by OffloadedGSA; outputs compared."""
+    """The same requests decoded by on-device GSA (a paged cache) and by OffloadedGSA; outputs compared.
+    Random values are drawn on the CPU (same sequence on every device), then moved to ``device``."""
 
-    def __init__(self, config: GSAConfig, prompts: dict, steps: int = 40, seed: int = 0, backend: str = "torch"):
+    def __init__(self, config: GSAConfig, prompts: dict, steps: int = 40, seed: int = 0, backend: str = "torch",
+                 device: str = "cpu"):
         self.gen = torch.Generator().manual_seed(seed)
+        self.device = device
         capacity = sum(-(-(n + steps) // BLOCK) for n in prompts.values())
-        self.kv = [torch.zeros(2, capacity + 3, BLOCK, HEADS, DIM, dtype=DTYPE) for _ in range(LAYERS)]
+        self.kv = [torch.zeros(2, capacity + 3, BLOCK, HEADS, DIM, dtype=DTYPE, device=device) for _ in range(LAYERS)]
         self.physical = torch.randperm(capacity + 3, generator=self.gen).tolist()
         self.blocks: dict = {}
         self.lens = dict(prompts)
         self.queries = {(r, layer): self.random(HEADS * GROUP, DIM).float() for r in prompts for layer in range(LAYERS)}
         self.device_gsa = GSA(config, block_size=BLOCK, backend=backend)
         self.offload = OffloadedGSA(config, num_layers=LAYERS, num_kv_heads=HEADS, head_dim=DIM, block_size=BLOCK,
-                                    host_blocks=capacity + 2, dtype=DTYPE, device="cpu", cache=private_cache(),
+                                    host_blocks=capacity + 2, dtype=DTYPE, device=device, cache=private_cache(),
                                     backend=backend)
         for request, n in prompts.items():
             self.blocks[request] = [self.physical.pop() for _ in range(-(-n // BLOCK))]
@@ -44,11 +48,12 @@ class Twin:
                 self.offload.write_prompt(request, layer, keys, values)
 
     def random(self, *shape) -> torch.Tensor:
-        return torch.randn(*shape, generator=self.gen).to(DTYPE)
+        return torch.randn(*shape, generator=self.gen).to(DTYPE).to(self.device)
 
     def query(self, request, layer: int) -> torch.Tensor:
         """A request's query drifts from step to step (as decode queries do), so selections overlap."""
-        drifted = self.queries[request, layer] + 0.05 * torch.randn(HEADS * GROUP, DIM, generator=self.gen)
+        drift = torch.randn(HEADS * GROUP, DIM, generator=self.gen).to(self.device)
+        drifted = self.queries[request, layer] + 0.05 * drift
         self.queries[request, layer] = drifted
         return drifted.to(DTYPE)
 
@@ -66,7 +71,7 @@ class Twin:
             self.lens[request] += 1
         width = max(len(self.blocks[r]) for r in requests)
         table = torch.tensor([self.blocks[r] + [0] * (width - len(self.blocks[r])) for r in requests],
-                             dtype=torch.int32)
+                             dtype=torch.int32, device=self.device)
         on_device = self.device_gsa.plan(requests, [self.lens[r] for r in requests], table)
         offload = self.offload.plan(requests)
         for job in offload.prefetches if settle_prefetch else ():
@@ -87,8 +92,8 @@ def make_twin():
     """Twin factory; the twins' offload workers and host KV are released at teardown."""
     made = []
 
-    def make(config: GSAConfig, prompts: dict, backend: str = "torch") -> Twin:
-        made.append(Twin(config, prompts, backend=backend))
+    def make(config: GSAConfig, prompts: dict, backend: str = "torch", device: str = "cpu") -> Twin:
+        made.append(Twin(config, prompts, backend=backend, device=device))
         return made[-1]
 
     yield make
@@ -111,11 +116,11 @@ def test_offload_returns_exactly_what_on_device_returns(make_twin, repr_dtype):
 
 @pytest.mark.parametrize("repr_dtype", ["cache", "fp8"])
 def test_offload_equals_on_device_on_the_triton_kernels_too(make_twin, repr_dtype):
-    """The same check through the Triton kernels (the interpreter here): the per-(request, KV head) table over the
-    pool runs the same programs as the paged cache; "b" and then "a" fill a block (representation from the pool,
-    fp8 summaries with their scales too)."""
+    """The same check through the Triton kernels (compiled on a GPU, the interpreter on a CPU): the
+    per-(request, KV head) table over the pool runs the same programs as the paged cache; "b" and then "a" fill a
+    block (representation from the pool, fp8 summaries with their scales too)."""
     twin = make_twin(GSAConfig(**SPARSE, gpu_budget_blocks=60, prefetch_ahead=0, repr_dtype=repr_dtype),
-                     {"a": 206, "b": 79}, backend="triton")
+                     {"a": 206, "b": 79}, backend="triton", device=TRITON_DEVICE)
     twin.step(["a", "b"])
     twin.step(["a", "b"])
     assert twin.offload.stats.d2h_bytes == 2 * LAYERS * HEADS * twin.offload.stats.piece_bytes

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from ucm_kernels.kv_transfer import detect_layout, gather_blocks, scatter_blocks
+from ucm_kernels.kv_transfer import (detect_layout, gather_blocks, gather_blocks_into_rows, scatter_blocks,
+                                  scatter_blocks_from_rows)
 from ucm_kernels.kv_transfer.naive import naive_gather_blocks, naive_scatter_blocks
 
 NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 2, 7, 4, 2, 8
@@ -43,7 +44,7 @@ def test_gather_matches_reference(kind, dtype, ids):
     before = as_bytes(layers)
     block_ids = torch.tensor(ids, dtype=torch.int32 if len(ids) % 2 else torch.int64)
     out = poisoned_staging(len(ids), kind, dtype)
-    expected = naive_gather_blocks(layers, block_ids, out.clone(), kind)
+    expected = naive_gather_blocks(layers, block_ids, out.clone(), detect_layout(layers, kind))
 
     result = gather_blocks(layers, block_ids, out=out)
 
@@ -60,11 +61,12 @@ def test_scatter_matches_reference(kind, dtype, ids):
     layers = random_layers(kind, dtype)
     block_ids = torch.tensor(ids, dtype=torch.int64 if len(ids) % 2 else torch.int32)
     targets = torch.tensor([b for b in ids if b >= 0], dtype=torch.int64)
-    naive_scatter_blocks(poisoned_staging(len(targets), kind, dtype), targets, layers, kind)  # NaN-poison targets
+    layout = detect_layout(layers, kind)
+    naive_scatter_blocks(poisoned_staging(len(targets), kind, dtype), targets, layers, layout)  # NaN-poison targets
     staging = gather_blocks(random_layers(kind, dtype, seed=1), block_ids.clamp(min=0))
     staging_before = staging.clone()
     expected = [t.clone() for t in layers]
-    naive_scatter_blocks(staging, block_ids, expected, kind)
+    naive_scatter_blocks(staging, block_ids, expected, layout)
     untouched = [b for b in range(NUM_BLOCKS) if b not in ids]
     untouched_before = gather_blocks(layers, torch.tensor(untouched))
 
@@ -90,26 +92,27 @@ def test_narrow_words_for_unaligned_caches():
     layers = [backing[i, 1:].view(NUM_BLOCKS, 3, 5) for i in range(NUM_LAYERS)]  # 30-byte blocks, 2-byte aligned
     block_ids = torch.tensor([4, -1, 0])
     out = torch.full((3, NUM_LAYERS, 1, 30), 0xFF, dtype=torch.uint8)
-    expected = naive_gather_blocks(layers, block_ids, out.clone(), "mla")
+    expected = naive_gather_blocks(layers, block_ids, out.clone(), detect_layout(layers, "mla"))
     assert torch.equal(gather_blocks(layers, block_ids, out=out), expected)
 
     staging = torch.randint(0, 256, (3, NUM_LAYERS, 1, 30), dtype=torch.uint8)
     expected_layers = [t.clone() for t in layers]
-    naive_scatter_blocks(staging, block_ids, expected_layers, "mla")
+    naive_scatter_blocks(staging, block_ids, expected_layers, detect_layout(layers, "mla"))
     scatter_blocks(staging, block_ids, layers)
     assert all(torch.equal(a, b) for a, b in zip(as_bytes(layers), as_bytes(expected_layers)))
 
 
 def test_flash_attn_with_blocks_outermost_strides():
-    """vLLM may allocate (num_blocks, 2, ...) and hand out the (2, num_blocks, ...) transposed view."""
+    """vLLM may allocate (num_blocks, 2, ...) and hand out the (2, num_blocks, ...) transposed view: K and V of a
+    block are then one 256-byte run."""
     physical = [torch.randn(NUM_BLOCKS, 2, BLOCK_SIZE, KV_HEADS, HEAD_DIM).to(torch.bfloat16) for _ in range(2)]
     layers = [p.transpose(0, 1) for p in physical]
     layout = detect_layout(layers)
-    assert (layout.kind, layout.num_segments, layout.segment_stride_bytes) == ("flash_attn", 2, 128)
+    assert (layout.kind, layout.num_segments, layout.segment_bytes) == ("flash_attn", 1, 256)
     block_ids = torch.tensor([2, 5, -1])
-    expected = naive_gather_blocks(layers, block_ids, poisoned_staging(3, "flash_attn", torch.bfloat16), "flash_attn")
-    assert torch.equal(gather_blocks(layers, block_ids, out=poisoned_staging(3, "flash_attn", torch.bfloat16)),
-                       expected)
+    expected = naive_gather_blocks(layers, block_ids, poisoned_staging(3, "flash_attn", torch.bfloat16), layout)
+    assert torch.equal(gather_blocks(layers, block_ids, out=poisoned_staging(3, "flash_attn", torch.bfloat16)).flatten(),
+                       expected.flatten())
 
 
 def test_detect_layout_describes_llama_block():
@@ -129,6 +132,7 @@ def test_detect_layout_describes_llama_block():
     ([torch.empty(7, 4, 8, dtype=torch.float64)], None, "dtype"),
     ([torch.empty(7, 4, 8), torch.empty(7, 4, 9)], None, "layers\\[1\\]"),
     ([torch.empty(7, 2, 4, 2, 8).transpose(3, 4)], None, "row-major"),
+    ([torch.empty(7, 4, 16)[:, :, :8]], None, "row-major"),
     ([torch.empty(4, 8).expand(7, 4, 8)], None, "overlap"),
 ])
 def test_detect_layout_rejects_bad_caches(layers, kind, message):
@@ -159,3 +163,85 @@ def test_gather_and_scatter_reject_bad_staging():
 def test_empty_batch_is_a_no_op():
     layers = random_layers("cpu_packed", torch.bfloat16)
     assert gather_blocks(layers, torch.empty(0, dtype=torch.int64)).shape == (0, NUM_LAYERS, 1, 256)
+
+
+def _fa026(nb):  # vLLM 0.26 FlashAttention: view (nb, heads, block, 2*head) of token-major storage
+    return torch.randn(nb, BLOCK_SIZE, KV_HEADS, 2 * HEAD_DIM).to(torch.bfloat16).permute(0, 2, 1, 3)
+
+
+def _flashinfer_hnd(nb):  # FlashInfer HND storage (nb, 2, heads, block, head) seen as (nb, 2, block, heads, head)
+    return torch.randn(nb, 2, KV_HEADS, BLOCK_SIZE, HEAD_DIM).to(torch.float16).permute(0, 1, 3, 2, 4)
+
+
+def _fa_planes(nb):  # classic FlashAttention: K and V planes (2, nb, block, heads, head)
+    return torch.randn(2, nb, BLOCK_SIZE, KV_HEADS, HEAD_DIM).to(torch.bfloat16)
+
+
+def _expected_block_bytes(layer: torch.Tensor, block: int) -> torch.Tensor:
+    """The bytes of ``block`` in storage order, by plain indexing: K then V for the plane layout."""
+    if layer.shape[0] == 2 and layer.dim() == 5:
+        return torch.cat([layer[0, block].contiguous().view(torch.uint8).flatten(),
+                          layer[1, block].contiguous().view(torch.uint8).flatten()])
+    order = sorted(range(layer.dim() - 1), key=lambda d: -layer[block].stride(d))
+    return layer[block].permute(*order).contiguous().view(torch.uint8).flatten()
+
+
+@pytest.mark.parametrize("make, segments", [(_fa026, 1), (_flashinfer_hnd, 1), (_fa_planes, 2)])
+def test_layouts_found_by_num_blocks_move_as_opaque_bytes(make, segments):
+    layers, target = [make(NUM_BLOCKS) for _ in range(NUM_LAYERS)], [make(NUM_BLOCKS) for _ in range(NUM_LAYERS)]
+    layout = detect_layout(layers, num_blocks=NUM_BLOCKS)
+    assert (layout.kind, layout.num_blocks, layout.num_segments) == ("opaque", NUM_BLOCKS, segments)
+    ids = torch.tensor([5, -1, 0, 3])
+    out = torch.full(layout.staging_shape(4), 0xFF, dtype=torch.uint8)
+
+    rows = gather_blocks(layers, ids, out=out, layout=layout)
+
+    for i, block in enumerate(ids.tolist()):
+        expected = [_expected_block_bytes(layer, block) for layer in layers] if block >= 0 else None
+        assert torch.equal(rows[i].flatten(), torch.cat(expected)) if expected else (rows[i] == 0xFF).all()
+    assert torch.equal(naive_gather_blocks(layers, ids, torch.full_like(out, 0xFF), layout), rows)
+    before = [_expected_block_bytes(layer, 1) for layer in target]
+    scatter_blocks(rows, torch.tensor([2, -1, 4, 6]), target, layout=layout)
+    for source_block, target_block in ((5, 2), (0, 4), (3, 6)):
+        assert all(torch.equal(_expected_block_bytes(t, target_block), _expected_block_bytes(s, source_block))
+                   for s, t in zip(layers, target))
+    assert all(torch.equal(_expected_block_bytes(t, 1), b) for t, b in zip(target, before))
+
+
+def test_vllm_026_flash_attn_view_is_one_64k_run_per_block():
+    """The layers vLLM 0.26 hands connectors under FlashAttention: (num_blocks, 8, 16, 256) with strides
+    (32768, 256, 2048, 1) (issue 16); a named-kind guess would take them for the CPU packing."""
+    layer = torch.empty(3, 16, 8, 256, dtype=torch.bfloat16).permute(0, 2, 1, 3)
+    assert layer.stride() == (32768, 256, 2048, 1)
+    layout = detect_layout([layer], num_blocks=3)
+    assert (layout.num_segments, layout.segment_bytes, layout.block_stride_bytes) == (1, 65536, 65536)
+    with pytest.raises(ValueError, match=r"strides \(32768, 256, 2048, 1\)"):
+        detect_layout([layer])
+
+
+@pytest.mark.parametrize("layer, num_blocks, message", [
+    (torch.empty(4, 4, 8), 4, r"dims \[0, 1\] of num_blocks=4"),
+    (torch.empty(5, 4, 8), 7, "no dim of num_blocks=7"),
+    (torch.empty(7, 4, 16)[:, :, :8], 7, r"shape \(7, 4, 8\), strides \(64, 16, 1\): no dim"),
+    (torch.empty(2, 4, 7, 8).permute(2, 0, 1, 3), 7, r"strides \(8, 224, 56, 1\): no dim"),
+])
+def test_num_blocks_detection_refuses_what_it_cannot_move(layer, num_blocks, message):
+    with pytest.raises(ValueError, match=message):
+        detect_layout([layer], num_blocks=num_blocks)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rows_as_separate_buffers_move_like_contiguous_staging(kind):
+    """Rows anywhere (e.g. one pool buffer per block): the kernel reads a table of their addresses."""
+    layers, target = random_layers(kind, torch.float16), random_layers(kind, torch.float16, seed=1)
+    layout = detect_layout(layers, kind)
+    ids = torch.tensor([4, 0, 6])
+    rows = [torch.full((layout.row_bytes,), 0xFF, dtype=torch.uint8) for _ in range(3)]
+    gather_blocks_into_rows(layers, ids, rows, layout=layout)
+    assert torch.equal(torch.stack(rows), gather_blocks(layers, ids).view(3, -1))
+    expected = [t.clone() for t in target]
+    scatter_blocks(torch.stack(rows), torch.tensor([1, 2, 5]), expected)
+    scatter_blocks_from_rows(rows, torch.tensor([1, 2, 5]), target, layout=layout)
+    assert all(torch.equal(a, b) for a, b in zip(as_bytes(target), as_bytes(expected)))
+    with pytest.raises(ValueError, match="2 rows for 3 block ids"):
+        gather_blocks_into_rows(layers, ids, rows[:2], layout=layout)

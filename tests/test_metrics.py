@@ -211,3 +211,56 @@ def test_metrics_server_checks_health_on_a_timer(caplog):
         finally:
             server.close()
     assert [r.getMessage()[:30] for r in caplog.records] == ["hit rate 0.0% is below 50% (命中"]
+
+
+
+# ---- what a store's lookups count: blocks, never requests ----------------------------------------------------
+from ucm_store.backends.cache import CacheTier  # noqa: E402
+from ucm_store.pipeline import UcmPipelineStore  # noqa: E402
+from ucm_store.pool import PinnedMemoryPool  # noqa: E402
+
+
+def cache_store(mon: StatsMonitor) -> UcmPipelineStore:
+    pool = PinnedMemoryPool(1 << 20, 1 << 20)
+    return UcmPipelineStore([CacheTier(32, pool)], pool, monitor=mon)
+
+
+def counted(mon: StatsMonitor) -> tuple[int, int]:
+    stats = mon.get_stats()
+    return stats["lookups"], stats["hits"]
+
+
+@pytest.mark.parametrize("n", [1, 7])
+def test_prefix_lookup_counts_every_queried_block_cold_and_warm(n):
+    mon = StatsMonitor()
+    ids = [f"blk{i}".encode() for i in range(n)]
+    with cache_store(mon) as store:
+        assert store.lookup_on_prefix(ids) == -1
+        assert counted(mon) == (n, 0)  # cold: n blocks looked up, none found (not 1 per call)
+        fill_store(store, n)
+        mon.reset()
+        assert store.lookup_on_prefix(ids) == n - 1
+        assert counted(mon) == (n, n)
+        assert mon.get_stats()["hit_rate"] == 1.0
+
+
+def test_partial_prefix_hit_counts_the_blocks_after_the_first_miss_as_misses():
+    mon = StatsMonitor()
+    ids = [f"blk{i}".encode() for i in range(6)] + [b"gap"] + [f"blk{i}".encode() for i in range(6, 9)]
+    with cache_store(mon) as store:
+        fill_store(store, 9)  # blk0..blk8 stored, "gap" is not
+        assert store.lookup_on_prefix(ids) == 5
+        assert counted(mon) == (10, 6)  # blk6..blk8 are stored but unusable past the miss
+        assert store.lookup_prefix_tiers(ids) == ["Cache"] * 6
+        assert counted(mon) == (20, 12) and mon.get_stats()["tier_hits"] == {"Cache": 12}
+        assert mon.get_stats()["hit_rate"] == pytest.approx(0.6)
+
+
+def test_plain_lookup_counts_each_block_and_each_hit():
+    mon = StatsMonitor()
+    with cache_store(mon) as store:
+        fill_store(store, 3)
+        assert store.lookup([b"blk0", b"nope", b"blk2", b"blk0"]) == [True, False, True, True]
+        assert counted(mon) == (4, 3)
+        assert store.lookup([b"nope"]) == [False]
+        assert counted(mon) == (5, 3)

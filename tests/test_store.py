@@ -373,3 +373,24 @@ def test_write_downs_are_published_in_batches_and_read_back_from_disk(tmp_path, 
     with make_store(tmp_path, "Posix", use_direct_io=direct) as fresh:  # a new process's view: the files alone
         status, out, _ = load_all(fresh, names)
         assert status == TaskStatus.SUCCESS and torch.equal(out, torch.stack([block_data(i) for i in range(40)]))
+
+
+def test_staged_buffers_publish_on_commit_and_cached_buffers_are_held_in_place(tmp_path):
+    """stage_buffers hands out pool buffers to fill in place (a GPU kernel, in the connector): invisible until
+    committed; hold_cached lends the Cache tier's buffers for in-place reads."""
+    with UcmConnectorFactory.create_connector({"store_pipeline": "Cache|Posix",
+                                               "storage_backends": str(tmp_path)}) as store:
+        payload = torch.randint(0, 256, (2, 4096), dtype=torch.uint8)
+        buffers = store.stage_buffers([b"a", b"b"], 4096)
+        for buf, row in zip(buffers, payload):
+            buf.copy_(row)
+        assert store.lookup([b"a", b"b"]) == [False, False]
+        assert store.commit([b"a", b"b"], [True, False]) == [True, False]
+        assert store.lookup([b"a", b"b"]) == [True, False] and store.stage_buffers([b"a"], 4096) == [None]
+        with store.hold_cached([b"a", b"b"]) as held:
+            assert torch.equal(held[0], payload[0]) and held[1] is None
+        store.flush()
+    with UcmConnectorFactory.create_connector({"store_pipeline": "Cache|Posix",
+                                               "storage_backends": str(tmp_path)}) as fresh:
+        out = torch.empty(4096, dtype=torch.uint8)
+        assert fresh.wait(fresh.load([b"a"], 0, out)) == 0 and torch.equal(out, payload[0])

@@ -110,7 +110,7 @@ def test_offload_then_load_moves_blocks_exactly(transport, shape, strategy):
     rows = transport.get_pinned_buffer(nbytes + 100)
     rows.fill_(0xFF)  # NaN in bf16; the row of the -1 id and the tail must stay so
     expected_rows = naive_gather_blocks(source, torch.tensor(offloaded, device=DEVICE), rows[:nbytes].clone().to(
-        DEVICE).view(layout.staging_shape(len(offloaded))), layout.kind).view(-1).cpu()
+        DEVICE).view(layout.staging_shape(len(offloaded))), layout).view(-1).cpu()
     source_before = [t.clone() for t in source]
 
     transport.synchronize(transport.offload_blocks(source, offloaded, rows, strategy=strategy))
@@ -119,7 +119,7 @@ def test_offload_then_load_moves_blocks_exactly(transport, shape, strategy):
     assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(source, source_before))
     expected_target = [t.clone() for t in target]
     naive_scatter_blocks(rows[:nbytes].to(DEVICE).view(layout.staging_shape(len(offloaded))), loaded.to(DEVICE),
-                         expected_target, layout.kind)
+                         expected_target, layout)
     rows_before = rows.clone()
 
     transport.synchronize(transport.load_blocks(rows, loaded, target, strategy=strategy))

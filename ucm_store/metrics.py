@@ -69,6 +69,13 @@ class Family:
 class StatsMonitor:
     """Thread-safe counters of lookups, hits and transfers (``get_instance()`` for the process's monitor).
 
+    Lookups and hits are counted in blocks: every block id passed to one lookup call adds 1 to ``lookups``,
+    every one of them found adds 1 to ``hits``, so ``hit_rate = hits / lookups`` is the fraction of looked-up
+    blocks that were found. A prefix lookup (``lookup_on_prefix`` / ``lookup_prefix_tiers``) counts every block
+    it was asked about and finds only the leading run of hits: the blocks after the first miss count as misses
+    (they cannot be loaded as part of the prefix, even if stored). A cold prefix lookup of N blocks thus adds N
+    lookups and 0 hits, a warm one N and N.
+
     Args:
         warn_interval: seconds between two log records of the same health warning.
     """
@@ -101,7 +108,8 @@ class StatsMonitor:
             self._clocks = {kind: _BusyClock() for kind in TRANSFER_KINDS}
 
     def record_lookup(self, queried: int, hits: int, tier_hits: dict[str, int] | None = None) -> None:
-        """Count ``queried`` block lookups of which ``hits`` hit; ``tier_hits`` splits the hits by tier."""
+        """Count one lookup call over ``queried`` blocks of which ``hits`` were found (both in blocks, never in
+        requests or calls); ``tier_hits`` splits the hits by tier."""
         if not 0 <= hits <= queried:
             raise ValueError(f"hits={hits}, queried={queried}: need 0 <= hits <= queried")
         with self._lock:

@@ -126,7 +126,7 @@ class UcmPipelineStore:
             if tier is None:
                 break
             where.append(tier)
-        self._record_lookup(where + [None] * (len(keys) > len(where)))
+        self._record_lookup(where + [None] * (len(keys) - len(where)))  # every queried block counts (StatsMonitor)
         self._prefetch([k for k, t in zip(keys, where) if t is not self.cache])
         return [tier.name for tier in where]
 
@@ -152,6 +152,30 @@ class UcmPipelineStore:
             staged.futures.append(future)
             futures.append(future)
         return Task("dump", list(block_ids), futures)
+
+    def stage_buffers(self, block_ids: list[bytes], nbytes: int) -> list[torch.Tensor | None]:
+        """Pinned pool buffers of ``nbytes`` (uint8) to write whole blocks into in place, e.g. by a GPU kernel
+        over PCIe, instead of :meth:`dump` copying them in: ``None`` for a block already stored (or, when the
+        pool stays full for ``alloc_timeout`` s, that cannot be staged). Write each buffer completely, then
+        :meth:`commit` (True publishes, False discards); nothing is visible to lookups before."""
+        _check_ids(block_ids)
+        buffers = []
+        for block_id in block_ids:
+            key = block_key(block_id)
+            buffers.append(None if self._tier_of(key) is not None else self._stage_buffer(key, nbytes))
+        return buffers
+
+    @contextlib.contextmanager
+    def hold_cached(self, block_ids: list[bytes]):
+        """Yield the Cache tier's buffer of each block (``None`` where the block is not in the Cache), kept
+        from eviction until the ``with`` block ends: read them in place (e.g. a GPU kernel over PCIe), never
+        write them. Counts the held blocks as loads."""
+        with contextlib.ExitStack() as stack:
+            buffers = [self._hold(stack, block_key(block_id)) for block_id in block_ids]
+            with self.monitor.transfer("load") as result:
+                yield buffers
+                held = [b for b in buffers if b is not None]
+                result["bytes"], result["blocks"] = sum(b.numel() for b in held), len(held)
 
     def commit(self, block_ids: list[bytes], success_flags: list[bool]) -> list[bool]:
         """Publish (flag True) or discard (False) each dumped block; returns which blocks are now committed."""
@@ -227,6 +251,24 @@ class UcmPipelineStore:
             with self._lock:
                 self._staged.setdefault(key, _Staged()).parts.append((offset, buf))
             result["bytes"], result["blocks"] = part.numel(), 1
+
+    def _stage_buffer(self, key: str, nbytes: int) -> torch.Tensor | None:
+        try:
+            buf = self._allocate(nbytes)
+        except PoolExhaustedError as exc:
+            logger.warning("block %s not staged: %s", key, exc)
+            return None
+        with self._lock:
+            self._staged.setdefault(key, _Staged()).parts.append((0, buf))
+        return buf
+
+    def _hold(self, stack: contextlib.ExitStack, key: str) -> torch.Tensor | None:
+        if self.cache is None:
+            return None
+        try:
+            return stack.enter_context(self.cache.hold(key))
+        except BlockMissing:
+            return None
 
     def _commit_one(self, block_id: bytes, success: bool) -> bool:
         key = block_key(block_id)

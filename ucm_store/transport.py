@@ -159,7 +159,8 @@ class CUDATransport:
                 self._free_events.append(event)
 
     def offload_blocks(self, layers: Sequence[torch.Tensor], block_ids, pinned_dst: torch.Tensor, *,
-                       kind: str | None = None, strategy: str = "auto") -> TransferTask:
+                       kind: str | None = None, layout: PagedKVLayout | None = None,
+                       strategy: str = "auto") -> TransferTask:
         """Copy blocks ``block_ids`` of a paged KV cache into block-major rows of ``pinned_dst``.
 
         Args:
@@ -169,12 +170,15 @@ class CUDATransport:
             pinned_dst: contiguous uint8 host buffer of at least ``n * row_bytes`` bytes (pinned under CUDA);
                 rows ``[n, num_layers, num_segments, segment_bytes]`` are written at its start.
             kind: layout name when the shape is ambiguous.
+            layout: ``detect_layout(layers, ...)`` found earlier (then ``kind`` is ignored and the layers are
+                not re-checked).
             strategy: "auto", "direct" or "staged" (module docstring).
         """
-        layout, ids_host, ids, rows = self._checked_move(strategy, layers, kind, block_ids, "pinned_dst", pinned_dst)
+        layout, ids_host, ids, rows = self._checked_move(strategy, layers, layout or kind, block_ids, "pinned_dst",
+                                                         pinned_dst)
         keepalive = (tuple(layers), ids, pinned_dst)
         if not self.cuda:  # torch indexing: the Triton interpreter would be ~100x slower (see the module docstring)
-            naive_gather_blocks(layers, ids, rows.view(layout.staging_shape(ids.numel())), layout.kind)
+            naive_gather_blocks(layers, ids, rows.view(layout.staging_shape(ids.numel())), layout)
             return TransferTask(None)
         with torch.cuda.device(self.device), self._locks["offload"]:
             self._after_current_stream(self._offload_stream, ids)
@@ -188,7 +192,8 @@ class CUDATransport:
                 drain=lambda slot, start, stop: rows[start:stop].view(-1).copy_(slot, non_blocking=True))
 
     def load_blocks(self, pinned_src: torch.Tensor, block_ids, layers: Sequence[torch.Tensor], *,
-                    kind: str | None = None, strategy: str = "auto") -> TransferTask:
+                    kind: str | None = None, layout: PagedKVLayout | None = None,
+                    strategy: str = "auto") -> TransferTask:
         """Copy block-major rows of ``pinned_src`` into blocks ``block_ids`` of a paged KV cache.
 
         Args:
@@ -197,12 +202,13 @@ class CUDATransport:
             block_ids: n distinct block ids (as for :meth:`offload_blocks`); row i goes to block
                 ``block_ids[i]``; -1 skips row i. Other blocks are untouched.
             layers: per-layer paged caches on this device, written in place.
-            kind, strategy: as for :meth:`offload_blocks`.
+            kind, layout, strategy: as for :meth:`offload_blocks`.
         """
-        layout, ids_host, ids, rows = self._checked_move(strategy, layers, kind, block_ids, "pinned_src", pinned_src)
+        layout, ids_host, ids, rows = self._checked_move(strategy, layers, layout or kind, block_ids, "pinned_src",
+                                                         pinned_src)
         keepalive = (tuple(layers), ids, pinned_src)
         if not self.cuda:
-            naive_scatter_blocks(rows.view(layout.staging_shape(ids.numel())), ids, layers, layout.kind)
+            naive_scatter_blocks(rows.view(layout.staging_shape(ids.numel())), ids, layers, layout)
             return TransferTask(None)
         with torch.cuda.device(self.device), self._locks["load"]:
             self._after_current_stream(self._load_stream, ids)
@@ -215,11 +221,13 @@ class CUDATransport:
                 drain=lambda slot, start, stop: scatter_blocks(slot, ids[start:stop], layers, layout=layout,
                                                                check_ids=False))
 
-    def _checked_move(self, strategy: str, layers, kind, block_ids, name: str, buf: torch.Tensor):
-        """Validate a block move's arguments: ``(layout, ids on the host, ids on the device, host rows view)``."""
+    def _checked_move(self, strategy: str, layers, layout_or_kind, block_ids, name: str, buf: torch.Tensor):
+        """Validate a block move's arguments: ``(layout, ids on the host, ids on the device, host rows view)``;
+        ``layout_or_kind``: a known :class:`PagedKVLayout`, or a layout name (or None) to detect it by."""
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy={strategy!r}: expected one of {STRATEGIES}")
-        layout = detect_layout(layers, kind)
+        layout = (layout_or_kind if isinstance(layout_or_kind, PagedKVLayout)
+                  else detect_layout(layers, layout_or_kind))
         check_device("layers[0]", layers[0], self.device)
         ids_host, ids = self._block_ids(block_ids, layout)
         return layout, ids_host, ids, self._host_rows(name, buf, ids.numel(), layout)

@@ -1,8 +1,8 @@
 """Triton gather/scatter of paged KV-cache blocks to and from block-major staging rows.
 
-A paged KV cache is one tensor per layer. In every supported layout one block of one layer is 1 or 2
-contiguous byte segments (K and V apart in the FlashAttention layout, together in the others);
-:class:`PagedKVLayout` records that geometry. One kernel copies every (block, layer, segment) of a batch of
+A paged KV cache is one tensor per layer. In every layout we move, one block of one layer is a few evenly spaced
+contiguous byte segments (K and V apart in the classic FlashAttention layout, one segment in the others);
+:class:`~ucm_kernels.kv_transfer.layout.PagedKVLayout` records that geometry. One kernel copies every (block, layer, segment) of a batch of
 block ids in a single launch, as 8-byte words where alignment allows (narrower words otherwise), so the same
 kernel serves every layout and dtype, fp8 included. Per-layer tensors are separate allocations, so the kernel
 takes a device table of their base addresses and casts each entry to a pointer.
@@ -13,88 +13,21 @@ their rows left untouched. For a CUDA cache the staging buffer may be GPU memory
 which the kernel then reads or writes directly over PCIe.
 """
 import functools
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from ucm_kernels._utils import check_device, triton_interpreting
+from ucm_kernels.kv_transfer.layout import PagedKVLayout, detect_layout
 from ucm_kernels.kv_transfer.naive import naive_gather_blocks, naive_scatter_blocks
 
-LAYOUT_SHAPES = {
-    "flash_attn": "(2, num_blocks, block_size, num_kv_heads, head_dim)",
-    "flashinfer": "(num_blocks, 2, block_size, num_kv_heads, head_dim)",
-    "mla": "(num_blocks, block_size, head_dim)",
-    "cpu_packed": "(num_blocks, num_kv_heads, block_size, 2 * head_size)",
-}
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn, torch.float8_e5m2,
-                    torch.uint8, torch.int8)
-_NDIM = {"flash_attn": 5, "flashinfer": 5, "mla": 3, "cpu_packed": 4}
 _WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+_TL_WORDS = {8: tl.int64, 4: tl.int32, 2: tl.int16, 1: tl.int8}
 # Bytes one program copies per loop step: two steps cover a 32 KiB Llama segment; 4 warps, 128 B per thread.
 _STEP_BYTES = 16 << 10
 _NUM_WARPS = 4
-
-
-@dataclass(frozen=True)
-class PagedKVLayout:
-    """Byte geometry of a paged KV cache: ``num_layers`` tensors of ``num_blocks`` blocks each; one block of
-    one layer is ``num_segments`` contiguous runs of ``segment_bytes`` (2 for flash_attn: K and V)."""
-
-    kind: str  # a key of LAYOUT_SHAPES
-    num_layers: int
-    num_blocks: int
-    num_segments: int
-    segment_bytes: int
-    block_stride_bytes: int  # from one block of a layer to the next
-    segment_stride_bytes: int  # from K to V of one block; 0 when num_segments == 1
-
-    @property
-    def row_bytes(self) -> int:
-        """Bytes of one block across all layers: one staging row."""
-        return self.num_layers * self.num_segments * self.segment_bytes
-
-    def staging_shape(self, n_ids: int) -> tuple[int, int, int, int]:
-        """Shape of the uint8 staging rows for ``n_ids`` block ids."""
-        return (n_ids, self.num_layers, self.num_segments, self.segment_bytes)
-
-
-def detect_layout(layers: Sequence[torch.Tensor], kind: str | None = None) -> PagedKVLayout:
-    """Check per-layer paged caches and describe them.
-
-    Args:
-        layers: one tensor per layer, all of the same shape, strides, dtype (SUPPORTED_DTYPES) and device, in
-            one of the layouts of LAYOUT_SHAPES; the dims after the block dim must be row-major contiguous.
-        kind: the layout name; guessed from the shape when None (raises if the shape is ambiguous).
-    Returns:
-        The :class:`PagedKVLayout`; raises ValueError naming what is wrong otherwise.
-    """
-    if len(layers) == 0:
-        raise ValueError("layers: got an empty sequence, expected one paged cache tensor per layer")
-    first = layers[0]
-    kind = _guess_kind(first) if kind is None else kind
-    if kind not in LAYOUT_SHAPES:
-        raise ValueError(f"kind={kind!r}: expected one of {sorted(LAYOUT_SHAPES)}")
-    _check_layer(first, kind)
-    for i, layer in enumerate(layers[1:], start=1):
-        if (layer.shape, layer.stride(), layer.dtype, layer.device) != (first.shape, first.stride(), first.dtype,
-                                                                        first.device):
-            raise ValueError(f"layers[{i}]: shape {tuple(layer.shape)}, strides {layer.stride()}, {layer.dtype} on "
-                             f"{layer.device}; expected the same as layers[0]: shape {tuple(first.shape)}, strides "
-                             f"{first.stride()}, {first.dtype} on {first.device}")
-    two_segments = kind == "flash_attn"
-    block_dim = 1 if two_segments else 0
-    itemsize = first.element_size()
-    layout = PagedKVLayout(kind=kind, num_layers=len(layers), num_blocks=first.shape[block_dim],
-                           num_segments=2 if two_segments else 1,
-                           segment_bytes=math.prod(first.shape[block_dim + 1:]) * itemsize,
-                           block_stride_bytes=first.stride(block_dim) * itemsize,
-                           segment_stride_bytes=first.stride(0) * itemsize if two_segments else 0)
-    _check_disjoint(layout, first)
-    return layout
 
 
 def check_block_ids(block_ids: torch.Tensor, layout: PagedKVLayout) -> None:
@@ -155,11 +88,35 @@ def scatter_blocks(staging: torch.Tensor, block_ids: torch.Tensor, layers: Seque
     _copy_blocks(layout, layers, ids, rows, to_staging=False)
 
 
+def gather_blocks_into_rows(layers: Sequence[torch.Tensor], block_ids: torch.Tensor, rows: Sequence[torch.Tensor],
+                            *, layout: PagedKVLayout) -> None:
+    """Copy block ``block_ids[i]`` of a paged KV cache into ``rows[i]``, all layers in one launch.
+
+    Args:
+        layers: per-layer paged caches described by ``layout`` (see :func:`detect_layout`).
+        block_ids: [n] int32/int64 on the cache's device, in range (not checked here: no device sync).
+        rows: n contiguous uint8 tensors of ``layout.row_bytes`` bytes each, anywhere the kernel can write:
+            the cache's device or, for a CUDA cache, pinned host memory (e.g. separate pool buffers).
+        layout: the caches' layout.
+    """
+    _check_rows("rows", rows, block_ids, layout, layers[0].device)
+    _copy_blocks(layout, layers, block_ids.contiguous(), rows, to_staging=True)
+
+
+def scatter_blocks_from_rows(rows: Sequence[torch.Tensor], block_ids: torch.Tensor, layers: Sequence[torch.Tensor],
+                             *, layout: PagedKVLayout) -> None:
+    """Copy ``rows[i]`` into block ``block_ids[i]`` of a paged KV cache (distinct ids), all layers in one launch;
+    arguments as for :func:`gather_blocks_into_rows`."""
+    _check_rows("rows", rows, block_ids, layout, layers[0].device)
+    _copy_blocks(layout, layers, block_ids.contiguous(), rows, to_staging=False)
+
+
 @triton.jit
 def _kv_block_copy_kernel(
     layer_addrs,  # [num_layers] int64: base address of each layer's paged cache
     block_ids,  # [n_ids] int32/int64: cache block of each staging row, -1 = skip the row
-    staging,  # [n_ids, num_layers * NUM_SEGMENTS, SEGMENT_WORDS] words (int8..int64 by alignment)
+    staging,  # [n_ids, num_layers * NUM_SEGMENTS, SEGMENT_WORDS] words (int8..int64 by alignment); ROW_TABLE:
+    # [n_ids] int64 base address of each row instead (rows anywhere: e.g. separate pinned host buffers)
     block_stride,  # int64, words from one block of a layer to the next
     segment_stride,  # int64, words from the K segment of a block to its V segment
     num_layers,
@@ -168,15 +125,21 @@ def _kv_block_copy_kernel(
     BLOCK: tl.constexpr,  # words per loop step
     ALIGN: tl.constexpr,  # bytes every segment address is a multiple of (enables vector loads)
     TO_STAGING: tl.constexpr,  # True: cache -> staging (gather); False: staging -> cache (scatter)
+    ROW_TABLE: tl.constexpr,  # staging holds row addresses (see above)
+    WORD: tl.constexpr,  # the word dtype (for row addresses cast to pointers)
 ):
     row = tl.program_id(0).to(tl.int64)
     plane = tl.program_id(1).to(tl.int64)  # layer * NUM_SEGMENTS + segment
     block = tl.load(block_ids + row).to(tl.int64)
     if block >= 0:
-        layer_base = tl.load(layer_addrs + plane // NUM_SEGMENTS).to(staging.dtype, bitcast=True)
+        layer_base = tl.load(layer_addrs + plane // NUM_SEGMENTS).to(tl.pointer_type(WORD), bitcast=True)
         cache_seg = layer_base + block * block_stride + (plane % NUM_SEGMENTS) * segment_stride
         cache_seg = tl.multiple_of(cache_seg, ALIGN)
-        staging_seg = staging + (row * num_layers * NUM_SEGMENTS + plane) * SEGMENT_WORDS
+        if ROW_TABLE:
+            row_base = tl.load(staging + row).to(tl.pointer_type(WORD), bitcast=True)
+            staging_seg = row_base + plane * SEGMENT_WORDS
+        else:
+            staging_seg = staging + (row * num_layers * NUM_SEGMENTS + plane) * SEGMENT_WORDS
         staging_seg = tl.multiple_of(staging_seg, ALIGN)
         offsets = tl.arange(0, BLOCK)
         for start in tl.range(0, SEGMENT_WORDS, BLOCK):
@@ -189,27 +152,42 @@ def _kv_block_copy_kernel(
 
 
 def _copy_blocks(layout: PagedKVLayout, layers: Sequence[torch.Tensor], block_ids: torch.Tensor,
-                 staging: torch.Tensor, to_staging: bool) -> None:
-    """Run the copy: the Triton kernel on a GPU or under the interpreter, plain torch indexing on a CPU."""
+                 staging: torch.Tensor | Sequence[torch.Tensor], to_staging: bool) -> None:
+    """Run the copy: the Triton kernel on a GPU or under the interpreter, plain torch indexing on a CPU.
+    ``staging``: the rows as one tensor, or one tensor per row (a device table of their addresses is built)."""
     if block_ids.numel() == 0:
         return
     if block_ids.device.type == "cpu" and not triton_interpreting():
-        copy = naive_gather_blocks if to_staging else naive_scatter_blocks
-        args = (layers, block_ids, staging) if to_staging else (staging, block_ids, layers)
-        copy(*args, kind=layout.kind)
+        _copy_blocks_naive(layout, layers, block_ids, staging, to_staging)
         return
     table, table_align = _layer_table(tuple(layer.data_ptr() for layer in layers), block_ids.device)
-    align = min(table_align, _alignment(staging.data_ptr(), layout.segment_bytes, layout.block_stride_bytes,
+    by_row = not isinstance(staging, torch.Tensor)
+    row_addrs = [row.data_ptr() for row in staging] if by_row else [staging.data_ptr()]
+    align = min(table_align, _alignment(*row_addrs, layout.segment_bytes, layout.block_stride_bytes,
                                         layout.segment_stride_bytes))
     word = min(align, 8)
     segment_words = layout.segment_bytes // word
+    rows = (torch.tensor(row_addrs, dtype=torch.int64).to(block_ids.device, non_blocking=True) if by_row
+            else staging.view(-1).view(_WORD_DTYPES[word]))
     grid = (block_ids.numel(), layout.num_layers * layout.num_segments)
     _kv_block_copy_kernel[grid](
-        layer_addrs=table, block_ids=block_ids, staging=staging.view(-1).view(_WORD_DTYPES[word]),
+        layer_addrs=table, block_ids=block_ids, staging=rows,
         block_stride=layout.block_stride_bytes // word, segment_stride=layout.segment_stride_bytes // word,
         num_layers=layout.num_layers, NUM_SEGMENTS=layout.num_segments, SEGMENT_WORDS=segment_words,
         BLOCK=min(triton.next_power_of_2(segment_words), _STEP_BYTES // word), ALIGN=align,
-        TO_STAGING=to_staging, num_warps=_NUM_WARPS)
+        TO_STAGING=to_staging, ROW_TABLE=by_row, WORD=_TL_WORDS[word], num_warps=_NUM_WARPS)
+
+
+def _copy_blocks_naive(layout: PagedKVLayout, layers: Sequence[torch.Tensor], block_ids: torch.Tensor,
+                       staging: torch.Tensor | Sequence[torch.Tensor], to_staging: bool) -> None:
+    """The plain-torch copy, row by row when the rows are separate tensors."""
+    pairs = [(block_ids, staging)] if isinstance(staging, torch.Tensor) else [
+        (block_ids[i:i + 1], row) for i, row in enumerate(staging)]
+    for ids, rows in pairs:
+        if to_staging:
+            naive_gather_blocks(layers, ids, rows, layout)
+        else:
+            naive_scatter_blocks(rows, ids, layers, layout)
 
 
 @functools.lru_cache(maxsize=64)
@@ -237,6 +215,15 @@ def _checked_inputs(layers, block_ids, kind, layout, check_ids) -> tuple[PagedKV
     return layout, block_ids.contiguous()
 
 
+def _check_rows(name: str, rows: Sequence[torch.Tensor], block_ids: torch.Tensor, layout: PagedKVLayout,
+                device: torch.device) -> None:
+    """Raise ValueError unless ``rows`` are one row per block id, each a row of ``layout`` the kernel can reach."""
+    if len(rows) != block_ids.numel():
+        raise ValueError(f"{name}: {len(rows)} rows for {block_ids.numel()} block ids; need one row per id")
+    for i, row in enumerate(rows):
+        _checked_staging(f"{name}[{i}]", row, 1, layout, device)
+
+
 def _checked_staging(name: str, staging: torch.Tensor, n_ids: int, layout: PagedKVLayout,
                      device: torch.device) -> torch.Tensor:
     """``staging`` as ``[n_ids, num_layers, num_segments, segment_bytes]`` after checking dtype, size, place."""
@@ -250,51 +237,3 @@ def _checked_staging(name: str, staging: torch.Tensor, n_ids: int, layout: Paged
         raise ValueError(f"{name} is on {staging.device} (pinned={staging.is_pinned()}); expected {device}, or "
                          f"pinned host memory for a CUDA cache")
     return staging.view(layout.staging_shape(n_ids))
-
-
-def _guess_kind(layer: torch.Tensor) -> str:
-    shape = tuple(layer.shape)
-    if len(shape) == 3:
-        return "mla"
-    if len(shape) == 4:
-        return "cpu_packed"
-    if len(shape) == 5 and (shape[0] == 2) != (shape[1] == 2):
-        return "flash_attn" if shape[0] == 2 else "flashinfer"
-    known = "; ".join(f"{name} {dims}" for name, dims in LAYOUT_SHAPES.items())
-    raise ValueError(f"layers[0]: shape {shape} matches no layout unambiguously; pass kind= (supported: {known})")
-
-
-def _check_layer(layer: torch.Tensor, kind: str) -> None:
-    shape, strides = tuple(layer.shape), layer.stride()
-    expected = f"kind={kind!r} expects {LAYOUT_SHAPES[kind]}"
-    if (len(shape) != _NDIM[kind] or (kind == "flash_attn" and shape[0] != 2)
-            or (kind == "flashinfer" and shape[1] != 2) or (kind == "cpu_packed" and shape[3] % 2)):
-        raise ValueError(f"layers[0]: shape {shape}; {expected}")
-    if layer.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"layers[0]: dtype {layer.dtype}; expected one of {[str(d) for d in SUPPORTED_DTYPES]}")
-    first_inner = 2 if kind == "flash_attn" else 1
-    if not _is_row_major(shape[first_inner:], strides[first_inner:]):
-        raise ValueError(f"layers[0]: strides {strides} for shape {shape}: the dims after the block dim must be "
-                         f"row-major contiguous ({expected})")
-
-
-def _is_row_major(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
-    expected = 1
-    for size, stride in zip(reversed(shape), reversed(strides)):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _check_disjoint(layout: PagedKVLayout, layer: torch.Tensor) -> None:
-    """Raise ValueError if two (block, segment) byte runs of a layer overlap (a scatter would race)."""
-    steps = sorted((stride, count) for stride, count in ((layout.block_stride_bytes, layout.num_blocks),
-                                                         (layout.segment_stride_bytes, layout.num_segments))
-                   if count > 1)
-    extent = layout.segment_bytes
-    for stride, count in steps:
-        if stride < extent:
-            raise ValueError(f"layers[0]: strides {layer.stride()} for shape {tuple(layer.shape)} make blocks "
-                             f"overlap; expected each block's segments to be disjoint")
-        extent += stride * (count - 1)

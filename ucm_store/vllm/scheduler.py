@@ -32,6 +32,7 @@ class _RequestState:
     local_tokens: int = 0  # tokens vLLM's own prefix cache had at the last lookup
     hit_blocks: int = 0  # leading prompt blocks found in the store at the last lookup
     load_async: bool = False  # whether the last lookup's hits load between steps
+    saved_any: bool = False  # whether a step's metadata carried a save of its blocks
 
 
 class SchedulerBookkeeping:
@@ -92,9 +93,10 @@ class SchedulerBookkeeping:
         async_loads, self._pending_async_loads = self._pending_async_loads, []
         return loads, async_loads, saves
 
-    def finished(self, request_id: str) -> None:
-        """Forget a finished request."""
-        self._requests.pop(request_id, None)
+    def finished(self, request_id: str) -> bool:
+        """Forget a finished request; whether any step saved blocks of it."""
+        state = self._requests.pop(request_id, None)
+        return state is not None and state.saved_any
 
     def _saves(self, new_requests, cached_requests, num_scheduled_tokens) -> list[BlockTransfer]:
         computed = {new.req_id: new.num_computed_tokens for new in new_requests}
@@ -110,6 +112,7 @@ class SchedulerBookkeeping:
                 saves.append(BlockTransfer(req_id, state.hashes[state.saved_blocks:full],
                                            state.block_ids[state.saved_blocks:full]))
                 state.saved_blocks = full
+                state.saved_any = True
         return saves
 
     def _state(self, request) -> _RequestState:

@@ -18,6 +18,7 @@ way only verified rows are scattered into the cache; a block that fails to load 
 recomputes it, and is never scattered. The rows of a load whose request was aborted are dropped unscattered
 once the store's threads are done with them.
 """
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -25,7 +26,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from ucm_kernels.kv_transfer import PagedKVLayout, detect_layout
+from ucm_kernels.kv_transfer import (OPAQUE, PagedKVLayout, detect_layout, gather_blocks_into_rows,
+                                    scatter_blocks_from_rows)
 from ucm_store.metrics import StatsMonitor
 from ucm_store.task import Task, TaskStatus
 from ucm_store.transport import CUDATransport
@@ -48,11 +50,13 @@ class _Load:
 class KVBlockMover:
     """Moves whole blocks between the registered per-layer caches and a store."""
 
-    def __init__(self, store, kv_caches: dict[str, torch.Tensor], block_size: int, kind: str | None = None):
+    def __init__(self, store, kv_caches: dict[str, torch.Tensor], block_size: int, kind: str | None = None, *,
+                 num_blocks: int | None = None, page_bytes: int | None = None):
+        """``kind``, ``num_blocks``, ``page_bytes``: as for :func:`describe_kv_caches`."""
         self.store = store
         self.layer_names = list(kv_caches)
         self.layers = [kv_caches[name] for name in self.layer_names]
-        self.layout = describe_kv_caches(self.layers, block_size, kind)
+        self.layout = describe_kv_caches(self.layers, block_size, kind, num_blocks=num_blocks, page_bytes=page_bytes)
         self.device = self.layers[0].device
         self.transport = CUDATransport(self.device.index or 0, use_cuda=self.device.type == "cuda")
         self.load_errors: set[int] = set()
@@ -62,22 +66,55 @@ class KVBlockMover:
         self._pending_saves: list[Future] = []
         self._loads: dict[str, _Load] = {}  # asynchronous loads in flight, by request id
         self._save_buffer: torch.Tensor | None = None  # rows of synchronous saves (CPU), reused
+        self._saving: set[str] = set()  # requests that saved blocks, until finish_saves returns them
+        self._finished_saving: set[str] = set()  # ... of those, the ones vLLM reported finished
+        self._copying: dict[str, list] = {}  # GPU: per request, the events of its copies out of the cache
+        self._held: list[tuple] = []  # GPU: (event, ExitStack) of Cache buffers read in place
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def save(self, transfer: BlockTransfer) -> None:
-        """Copy the request's blocks out of the cache now; dump and commit them (in the background on a GPU)."""
-        n = len(transfer.vllm_block_ids)
+        """Copy the request's blocks out of the cache into the store; commit them (in the background on a GPU:
+        the request's blocks must then stay allocated until :meth:`finish_saves` reports it)."""
         if self.device.type == "cpu":  # finished before returning: one reused buffer (no page faults per save)
-            rows = self._save_rows(n)
-            self._store_rows(transfer, rows, self.transport.offload_blocks(self.layers, transfer.vllm_block_ids, rows,
-                                                                          kind=self.layout.kind))
+            rows = self._save_rows(len(transfer.vllm_block_ids))
+            copied = self.transport.offload_blocks(self.layers, transfer.vllm_block_ids, rows, layout=self.layout)
+            self._store_rows(transfer, rows, copied)
             return
-        rows = self._host_rows(n)
-        copied = self.transport.offload_blocks(self.layers, transfer.vllm_block_ids, rows, kind=self.layout.kind)
+        self._saving.add(transfer.req_id)
+        buffers = self.store.stage_buffers(transfer.block_hashes, self.layout.row_bytes)
+        picked = [i for i, buf in enumerate(buffers) if buf is not None]
+        if not picked:
+            return
+        ids = torch.tensor([transfer.vllm_block_ids[i] for i in picked], device=self.device)
+        ids.record_stream(self._copy_stream)
+        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # the step wrote these blocks
+        with torch.cuda.stream(self._copy_stream):
+            gather_blocks_into_rows(self.layers, ids, [buffers[i] for i in picked], layout=self.layout)
+            copied = torch.cuda.Event()
+            copied.record()
+        self._copying.setdefault(transfer.req_id, []).append(copied)
+        hashes = [transfer.block_hashes[i] for i in picked]
         self._pending_saves = [f for f in self._pending_saves if not f.done()]
-        self._pending_saves.append(self._saver.submit(self._store_rows, transfer, rows, copied))
+        self._pending_saves.append(self._saver.submit(self._commit_copied, transfer.req_id, hashes, copied))
+
+    def finish_saves(self, finished_req_ids: set[str]) -> set[str]:
+        """Requests vLLM finished whose saved blocks have all been copied out of the cache (their blocks may be
+        freed now); each request that saved is returned exactly once, after vLLM reports it finished."""
+        self._finished_saving |= finished_req_ids & self._saving
+        done = {req_id for req_id in self._finished_saving
+                if all(event.query() for event in self._copying.get(req_id, ()))}
+        for req_id in done:
+            self._copying.pop(req_id, None)
+        self._finished_saving -= done
+        self._saving -= done
+        return done
 
     def load(self, transfer: BlockTransfer) -> None:
-        """Read the request's blocks from the store into the cache now; failed blocks go to ``load_errors``."""
+        """Read the request's blocks from the store into the cache now; failed blocks go to ``load_errors``.
+        On a GPU, blocks all in the Cache tier are read in place from its pinned buffers by one kernel."""
+        self._release_held()
+        if self.device.type == "cuda" and self._load_from_cache(transfer):
+            return
         rows = self._host_rows(len(transfer.vllm_block_ids))
         self._scatter_verified(transfer, rows, self.store.load(transfer.block_hashes, 0, rows))
 
@@ -116,7 +153,7 @@ class KVBlockMover:
         targets = [-1 if block in task.failures else vllm_id
                    for block, vllm_id in zip(transfer.block_hashes, transfer.vllm_block_ids)]
         self.load_errors.update(v for v, t in zip(transfer.vllm_block_ids, targets) if t < 0)
-        done = self.transport.load_blocks(rows, targets, self.layers, kind=self.layout.kind)
+        done = self.transport.load_blocks(rows, targets, self.layers, layout=self.layout)
         if done.event is not None:  # the next forward pass on the caller's stream reads these blocks
             torch.cuda.current_stream(self.device).wait_event(done.event)
 
@@ -141,8 +178,42 @@ class KVBlockMover:
         for future in self._pending_saves:
             future.result()
         self._pending_saves = []
+        self._release_held(wait=True)
         for load in self._loads.values():
             self.store.wait(load.task)
+
+    def _load_from_cache(self, transfer: BlockTransfer) -> bool:
+        """Scatter the blocks straight from the Cache tier's pinned buffers on the current stream (the forward
+        pass reads them after); False, doing nothing, unless every block is in the Cache."""
+        stack = contextlib.ExitStack()
+        buffers = stack.enter_context(self.store.hold_cached(transfer.block_hashes))
+        if any(buf is None for buf in buffers):
+            stack.close()
+            return False
+        ids = torch.tensor(transfer.vllm_block_ids, device=self.device)
+        scatter_blocks_from_rows(buffers, ids, self.layers, layout=self.layout)
+        read = torch.cuda.Event()
+        read.record()
+        self._held.append((read, stack))  # the buffers stay held until the kernel has read them
+        return True
+
+    def _release_held(self, wait: bool = False) -> None:
+        """Let go of Cache buffers whose in-place reads have finished (all of them, waiting, with ``wait``)."""
+        while self._held and (wait or self._held[0][0].query()):
+            event, stack = self._held.pop(0)
+            event.synchronize()
+            stack.close()
+
+    def _commit_copied(self, req_id: str, hashes: list[bytes], copied) -> None:
+        """Background: once the kernel has written the staged buffers, publish them."""
+        with StatsMonitor.get_instance().transfer("save") as result:
+            copied.synchronize()
+            result["bytes"], result["blocks"] = len(hashes) * self.layout.row_bytes, len(hashes)
+        committed = self.store.commit(hashes, [True] * len(hashes))
+        with self._saved_lock:
+            self._saved += [b for b, done in zip(hashes, committed) if done]
+        if not all(committed):
+            logger.warning("request %s: %d of %d blocks not saved", req_id, committed.count(False), len(hashes))
 
     def _store_rows(self, transfer: BlockTransfer, rows: torch.Tensor, copied) -> None:
         self.transport.synchronize(copied)
@@ -168,20 +239,35 @@ class KVBlockMover:
         return rows.view(n, -1)
 
 
-def describe_kv_caches(layers: list[torch.Tensor], block_size: int, kind: str | None = None) -> PagedKVLayout:
-    """Check the caches vLLM registered (dtype, block size, shape and strides) and describe their layout.
+def describe_kv_caches(layers: list[torch.Tensor], block_size: int, kind: str | None = None, *,
+                       num_blocks: int | None = None, page_bytes: int | None = None) -> PagedKVLayout:
+    """Check the caches vLLM registered (dtype, shape, strides, bytes per block) and describe their layout.
 
+    Args:
+        layers: vLLM's per-layer paged caches.
+        block_size: vLLM's tokens per block.
+        kind: a named layout (``ucm_kernels.kv_transfer.LAYOUT_SHAPES``) to read them as.
+        num_blocks: vLLM's ``kv_cache_config.num_blocks``: when given (and ``kind`` is not), any layout whose
+            blocks are evenly spaced contiguous byte runs along the one dim of that size moves as opaque bytes.
+        page_bytes: bytes of one block of one layer by vLLM's KV cache spec; checked when given.
+        With neither ``kind`` nor ``num_blocks``: CPU caches are read as "cpu_packed", others by their shape.
     Raises ValueError naming what was received and what is supported.
     """
     first = layers[0]
     if first.dtype not in SUPPORTED_KV_DTYPES:
         raise ValueError(f"KV cache dtype {first.dtype} is not supported by UCM; supported: "
                          f"{', '.join(map(str, SUPPORTED_KV_DTYPES))}")
-    kind = kind or ("cpu_packed" if first.device.type == "cpu" else None)
-    layout = detect_layout(layers, kind)
-    block_dim_size = {"flash_attn": first.shape[2], "flashinfer": first.shape[2], "mla": first.shape[1],
-                      "cpu_packed": first.shape[2]}[layout.kind]
-    if block_dim_size != block_size:
-        raise ValueError(f"KV cache of shape {tuple(first.shape)} ({layout.kind}) holds {block_dim_size} tokens per "
-                         f"block; vLLM's block_size is {block_size}")
+    if kind is None and num_blocks is None and first.device.type == "cpu":
+        kind = "cpu_packed"
+    layout = detect_layout(layers, kind, num_blocks=num_blocks)
+    block_bytes = layout.num_segments * layout.segment_bytes
+    if page_bytes is not None and block_bytes != page_bytes:
+        raise ValueError(f"KV cache of shape {tuple(first.shape)}, strides {first.stride()}: {block_bytes} bytes per "
+                         f"block of a layer, but vLLM's KV spec says {page_bytes}; UCM cannot move this layout")
+    if layout.kind != OPAQUE:
+        block_dim_size = {"flash_attn": first.shape[2], "flashinfer": first.shape[2], "mla": first.shape[1],
+                          "cpu_packed": first.shape[2]}[layout.kind]
+        if block_dim_size != block_size:
+            raise ValueError(f"KV cache of shape {tuple(first.shape)} ({layout.kind}) holds {block_dim_size} tokens "
+                             f"per block; vLLM's block_size is {block_size}")
     return layout
