@@ -377,7 +377,7 @@ def test_write_downs_are_published_in_batches_and_read_back_from_disk(tmp_path, 
 
 def test_staged_buffers_publish_on_commit_and_cached_buffers_are_held_in_place(tmp_path):
     """stage_buffers hands out pool buffers to fill in place (a GPU kernel, in the connector): invisible until
-    committed; hold_cached lends the Cache tier's buffers for in-place reads."""
+    committed; hold_cached lends the Cache tier's buffers for in-place reads; promote brings blocks up into them."""
     with UcmConnectorFactory.create_connector({"store_pipeline": "Cache|Posix",
                                                "storage_backends": str(tmp_path)}) as store:
         payload = torch.randint(0, 256, (2, 4096), dtype=torch.uint8)
@@ -392,5 +392,9 @@ def test_staged_buffers_publish_on_commit_and_cached_buffers_are_held_in_place(t
         store.flush()
     with UcmConnectorFactory.create_connector({"store_pipeline": "Cache|Posix",
                                                "storage_backends": str(tmp_path)}) as fresh:
-        out = torch.empty(4096, dtype=torch.uint8)
-        assert fresh.wait(fresh.load([b"a"], 0, out)) == 0 and torch.equal(out, payload[0])
+        with fresh.hold_cached([b"a"]) as held:
+            assert held == [None]  # on disk only
+        task = fresh.promote([b"a", b"b"])
+        assert fresh.wait(task) == 1 and list(task.failures) == [b"b"]
+        with fresh.hold_cached([b"a"]) as held:
+            assert torch.equal(held[0], payload[0])

@@ -211,6 +211,16 @@ class UcmPipelineStore:
                 futures.append(self._io.submit(self._load_part, key, offset, part))
         return Task("load", list(block_ids), futures)
 
+    def promote(self, block_ids: list[bytes]) -> Task:
+        """Bring each block into the Cache tier, read (and verified) from the first lower tier holding it, by
+        the I/O workers; asynchronous. Then read it in place with :meth:`hold_cached`. ValueError without a
+        Cache tier."""
+        _check_ids(block_ids)
+        if self.cache is None:
+            raise ValueError(f"promote: store_pipeline {'|'.join(t.name for t in self.tiers)!r} has no Cache tier")
+        return Task("load", list(block_ids), [self._io.submit(self._fetch_into_cache, block_key(block_id))
+                                              for block_id in block_ids])
+
     def wait(self, task: Task, timeout: float | None = None) -> TaskStatus:
         """Block until ``task`` finishes; SUCCESS (0) or FAILURE (``task.failures`` names blocks and causes)."""
         return task.wait(timeout)

@@ -42,7 +42,7 @@ class _Load:
     """An asynchronous load in flight: its blocks, the host rows the store's threads fill, and their task."""
 
     transfer: BlockTransfer
-    rows: torch.Tensor
+    rows: torch.Tensor | None  # None: the task brings the blocks into the Cache tier (read in place after)
     task: Task
     aborted: bool = False  # the request finished (was aborted) before the load did: nothing to scatter
 
@@ -70,6 +70,7 @@ class KVBlockMover:
         self._finished_saving: set[str] = set()  # ... of those, the ones vLLM reported finished
         self._copying: dict[str, list] = {}  # GPU: per request, the events of its copies out of the cache
         self._held: list[tuple] = []  # GPU: (event, ExitStack) of Cache buffers read in place
+        self._in_place = self.device.type == "cuda" and getattr(store, "cache", None) is not None
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def save(self, transfer: BlockTransfer) -> None:
@@ -100,6 +101,7 @@ class KVBlockMover:
     def finish_saves(self, finished_req_ids: set[str]) -> set[str]:
         """Requests vLLM finished whose saved blocks have all been copied out of the cache (their blocks may be
         freed now); each request that saved is returned exactly once, after vLLM reports it finished."""
+        self._release_held()
         self._finished_saving |= finished_req_ids & self._saving
         done = {req_id for req_id in self._finished_saving
                 if all(event.query() for event in self._copying.get(req_id, ()))}
@@ -113,7 +115,7 @@ class KVBlockMover:
         """Read the request's blocks from the store into the cache now; failed blocks go to ``load_errors``.
         On a GPU, blocks all in the Cache tier are read in place from its pinned buffers by one kernel."""
         self._release_held()
-        if self.device.type == "cuda" and self._load_from_cache(transfer):
+        if self._in_place and self._load_from_cache(transfer):
             return
         rows = self._host_rows(len(transfer.vllm_block_ids))
         self._scatter_verified(transfer, rows, self.store.load(transfer.block_hashes, 0, rows))
@@ -121,6 +123,9 @@ class KVBlockMover:
     def start_load(self, transfer: BlockTransfer) -> None:
         """Start reading the request's blocks from the store; :meth:`finish_loads` completes the load."""
         assert transfer.req_id not in self._loads, f"request {transfer.req_id} is already loading"
+        if self._in_place:  # into the Cache tier first; read in place from there once all are in
+            self._loads[transfer.req_id] = _Load(transfer, None, self.store.promote(transfer.block_hashes))
+            return
         rows = self._host_rows(len(transfer.vllm_block_ids))
         self._loads[transfer.req_id] = _Load(transfer, rows, self.store.load(transfer.block_hashes, 0, rows))
 
@@ -139,9 +144,13 @@ class KVBlockMover:
         done = [req_id for req_id, load in self._loads.items() if load.task.done()]
         for req_id in done:
             load = self._loads.pop(req_id)
-            if not load.aborted:
+            if load.aborted:
+                continue
+            if load.rows is None:
+                self._load_promoted(load.transfer, load.task)
+            else:
                 self._scatter_verified(load.transfer, load.rows, load.task)
-                StatsMonitor.get_instance().record_async_load()
+            StatsMonitor.get_instance().record_async_load()
         return set(done)
 
     def _scatter_verified(self, transfer: BlockTransfer, rows: torch.Tensor, task: Task) -> None:
@@ -196,6 +205,18 @@ class KVBlockMover:
         read.record()
         self._held.append((read, stack))  # the buffers stay held until the kernel has read them
         return True
+
+    def _load_promoted(self, transfer: BlockTransfer, task: Task) -> None:
+        """Finish an asynchronous load whose blocks ``task`` brought into the Cache tier: failed blocks go to
+        ``load_errors``, the others are loaded (in place, unless evicted meanwhile)."""
+        if self.store.wait(task) != TaskStatus.SUCCESS:
+            logger.warning("request %s: %d of %d blocks failed to load, vLLM recomputes them:\n%s",
+                           transfer.req_id, len(task.failures), len(transfer.block_hashes), task.describe_failures())
+        pairs = list(zip(transfer.block_hashes, transfer.vllm_block_ids))
+        self.load_errors.update(v for b, v in pairs if b in task.failures)
+        kept = [(b, v) for b, v in pairs if b not in task.failures]
+        if kept:
+            self.load(BlockTransfer(transfer.req_id, [b for b, _ in kept], [v for _, v in kept]))
 
     def _release_held(self, wait: bool = False) -> None:
         """Let go of Cache buffers whose in-place reads have finished (all of them, waiting, with ``wait``)."""
