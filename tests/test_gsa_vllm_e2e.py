@@ -104,38 +104,6 @@ def test_step_plan_takes_long_decode_rows_and_their_full_blocks():
     assert plan_step(common, GSAConfig(sparse_ratio=1.0, **WINDOWS), BLOCK) is None
 
 
-def test_gsa_attention_over_the_packed_cache_matches_vllm_cpu_kernel():
-    """Dense selection through GSA's path (packed-cache views + torch attention) against vLLM's own CPU kernel
-    on the same packed cache: the views read what vLLM wrote, the math is the same attention."""
-    from vllm import _custom_ops as vllm_ops
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
-    from ucm_sparse import ops
-    from ucm_sparse.vllm.cpu_backend import packed_kv_views
-
-    heads, kv_heads, dim, lens = 4, 2, 64, [300, 77]
-    isa = _get_attn_isa(torch.bfloat16, BLOCK, dim, "auto")
-    gen = torch.Generator().manual_seed(0)
-    cache = torch.zeros(24, kv_heads, BLOCK, 2 * dim, dtype=torch.bfloat16)
-    table = torch.randperm(24, generator=gen)[:20].view(2, 10).int()
-    for row, n in enumerate(lens):
-        positions = torch.arange(n)
-        keys, values = (torch.randn(n, kv_heads, dim, generator=gen).bfloat16() for _ in range(2))
-        vllm_ops.cpu_attn_reshape_and_cache(keys, values, *cache.view(24, kv_heads, 2 * BLOCK, dim).chunk(2, dim=2),
-                                            table[row, positions // BLOCK].long() * BLOCK + positions % BLOCK, isa,
-                                            k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
-    q = torch.randn(2, heads, dim, generator=gen).bfloat16()
-    seq_lens, starts = torch.tensor(lens, dtype=torch.int32), torch.tensor([0, 1, 2], dtype=torch.int32)
-    metadata = vllm_ops.cpu_attn_get_scheduler_metadata(2, heads, kv_heads, dim, seq_lens, torch.bfloat16, starts,
-                                                        True, -1, isa, False)
-    expected = torch.empty_like(q)
-    vllm_ops.cpu_attention_with_kv_cache(q, *cache.view(24, kv_heads, 2 * BLOCK, dim).chunk(2, dim=2), expected,
-                                         starts, seq_lens, dim ** -0.5, True, None, -1, table, 0.0, metadata, None)
-    keys, values = packed_kv_views(cache)
-    got = ops.attend("torch", q, keys, values, table, seq_lens, None, dim ** -0.5)
-    torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)
-
-
 def test_sparse_config_comes_from_the_extra_config_or_the_yaml_it_names(tmp_path):
     from ucm_sparse.vllm.cpu_backend import gsa_config_of
 

@@ -9,9 +9,10 @@
 
 Without ``ucm_sparse_method: "GSA"`` in the connector's extra config both classes are exactly vLLM's. A layer
 GSA does not cover (sliding window, ALiBi, soft cap, sinks, fp8 KV, non-decoder attention) stays dense.
-The CPU cache is ``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` with, per (block, head), K transposed
-``[head_size, block_size]`` then V ``[block_size, head_size]`` (vLLM's "vec" layout); the first GSA step of each
-(ISA, dtype, block size, head size) checks that layout against vLLM's own cache-write op.
+The CPU cache is ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``, packed for the layer's ISA ('vec' and
+'vec16': views; 'amx': the blocks a step reads are gathered; :mod:`.cpu_kv_packing`); the first GSA step of each
+(ISA, dtype, block size, head size) checks GSA's reader against vLLM's own cache-write op, and an ISA whose packing
+GSA does not know is refused.
 """
 import dataclasses
 import functools
@@ -27,7 +28,7 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
 
 from ucm_sparse import ops
 from ucm_sparse.config import GSAConfig, parse_sparse
-from ucm_sparse.reprs import BlockReprCache
+from ucm_sparse.vllm.cpu_kv_packing import PackedBlockReprs, edge_keys, gather_kv, kv_views, step_kv, tile_sizes
 from ucm_store.config import sparse_sections
 
 logger = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ class GSACPUAttentionImpl(CPUAttentionBackendImpl):
         if gsa is not None and not covered:
             logger.warning("UCM GSA: this layer (sliding window, ALiBi, soft cap, sinks or fp8 KV) stays dense")
         self.gsa = gsa if covered else None
-        self._reprs: dict[str, BlockReprCache] = {}
+        self._reprs: dict[str, PackedBlockReprs] = {}
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
@@ -141,15 +142,10 @@ class GSACPUAttentionImpl(CPUAttentionBackendImpl):
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                             output_block_scale)
         check_packed_layout(layer.isa, kv_cache.dtype, kv_cache.shape[2], self.head_size)
-        keys, values = packed_kv_views(kv_cache)
         reprs = self._reprs.get(layer.layer_name)
         if reprs is None:
-            reprs = self._reprs[layer.layer_name] = BlockReprCache(keys, self.gsa)
-        q = query[plan.tokens]
-        block_size = keys.shape[1]
-        selection = ops.select("torch", q, reprs.refresh("torch", keys, plan.blocks), plan.block_table,
-                               plan.seq_lens, self.gsa, block_size)
-        out = ops.attend("torch", q, keys, values, plan.block_table, plan.seq_lens, selection, self.scale)
+            reprs = self._reprs[layer.layer_name] = PackedBlockReprs(kv_cache, self.gsa)
+        out, selection = gsa_decode(query[plan.tokens], kv_cache, layer.isa, reprs, plan, self.gsa, self.scale)
         output.view(output.shape[0], self.num_heads, self.head_size)[plan.tokens] = out.to(output.dtype)
         stats.sparse_layer_calls += 1
         stats.summary_dtypes.add(str(reprs.reprs[0].dtype))
@@ -169,30 +165,36 @@ class GSACPUAttentionBackend(CPUAttentionBackend):
         return GSACPUMetadataBuilder
 
 
-def packed_kv_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of a packed CPU cache as ``[num_blocks, block_size, num_kv_heads, head_size]`` views (no copy)."""
-    num_blocks, heads, block_size, two_d = kv_cache.shape
-    head_dim = two_d // 2
-    halves = kv_cache.view(num_blocks, heads, 2, block_size * head_dim)
-    keys = halves[:, :, 0].view(num_blocks, heads, head_dim, block_size).permute(0, 3, 1, 2)
-    values = halves[:, :, 1].view(num_blocks, heads, block_size, head_dim).permute(0, 2, 1, 3)
-    return keys, values
+def gsa_decode(q: torch.Tensor, kv_cache: torch.Tensor, isa: str, reprs: PackedBlockReprs, plan: GSAStepPlan,
+               config: GSAConfig, scale: float) -> tuple[torch.Tensor, ops.Selection]:
+    """GSA for the plan's rows: q ``[n, num_heads, head_size]`` (one token per row) over ``kv_cache`` ``[num_blocks,
+    num_kv_heads, block_size, 2 * head_size]`` packed by ``isa``; returns the output (q's shape, fp32 math, q's
+    dtype) and the selection."""
+    block_size = kv_cache.shape[2]
+    summaries = reprs.refresh_packed(kv_cache, isa, plan.blocks)
+    selection = ops.select("torch", q, summaries, plan.block_table, plan.seq_lens, config, block_size)
+    keys, values, table = step_kv(kv_cache, isa, plan.block_table, selection.sel_idx, selection.sel_count)
+    return ops.attend("torch", q, keys, values, table, plan.seq_lens, selection, scale), selection
 
 
 @functools.lru_cache(maxsize=None)
 def check_packed_layout(isa: str, dtype: torch.dtype, block_size: int, head_dim: int) -> None:
-    """Write known keys and values with vLLM's own cache op for ``isa`` and read them back through
-    :func:`packed_kv_views`; raise NotImplementedError when the layout differs (another ISA's packing)."""
-    heads, tokens = 2, block_size + 3
-    cache = torch.zeros(3, heads, block_size, 2 * head_dim, dtype=dtype)
-    keys = torch.arange(tokens * heads * head_dim, dtype=torch.float32).view(tokens, heads, head_dim) % 251
-    keys, values = keys.to(dtype), (-keys).to(dtype)
-    half = cache.view(3, heads, block_size * 2, head_dim)
-    slots = torch.arange(block_size, block_size + tokens)
-    vllm_ops.cpu_attn_reshape_and_cache(keys, values, *half.chunk(2, dim=2), slots, isa, k_scale=1.0, v_scale=1.0,
-                                        kv_cache_dtype="auto")
-    read_k, read_v = (view.reshape(-1, heads, head_dim)[block_size:block_size + tokens]
-                      for view in packed_kv_views(cache))
-    if not (torch.equal(read_k, keys) and torch.equal(read_v, values)):
-        raise NotImplementedError(f"UCM GSA: vLLM's CPU KV layout for ISA {isa!r} ({dtype}, block {block_size}, "
-                                  f"head {head_dim}) is not the 'vec' packing GSA reads; run with a dense config")
+    """Write random keys and values with vLLM's own cache op for ``isa`` and read them back through every reader of
+    :mod:`.cpu_kv_packing`; NotImplementedError for an ISA whose packing GSA does not know (naming it) or when vLLM's
+    packing differs from the one GSA reads."""
+    tile_sizes(isa, block_size, head_dim, dtype.itemsize)
+    heads, num_blocks = 2, 3
+    gen = torch.Generator().manual_seed(0)
+    keys, values = (torch.randn(num_blocks * block_size, heads, head_dim, generator=gen).to(dtype) for _ in range(2))
+    slots = torch.randperm(num_blocks * block_size, generator=gen)
+    cache = torch.zeros(num_blocks, heads, block_size, 2 * head_dim, dtype=dtype)
+    vllm_ops.cpu_attn_reshape_and_cache(keys, values, *cache.view(num_blocks, heads, 2 * block_size, head_dim).chunk(
+        2, dim=2), slots, isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+    at_slot = slots.argsort()
+    expected = [part[at_slot].view(num_blocks, block_size, heads, head_dim) for part in (keys, values)]
+    blocks = torch.arange(num_blocks)
+    views = kv_views(cache, isa) or expected  # a packing without views ('amx') checks the other readers only
+    read = [*gather_kv(cache, isa, blocks), *views, edge_keys(cache, isa, blocks)]
+    if not all(map(torch.equal, read, [*expected, *expected, expected[0][:, [0, -1]]])):
+        raise NotImplementedError(f"UCM GSA: vLLM's CPU KV packing for isa {isa!r} ({dtype}, block {block_size}, "
+                                  f"head {head_dim}) is not the one GSA reads for it; run with a dense config")
