@@ -184,11 +184,15 @@ def test_sigkill_mid_dump_leaves_no_partial_block(tmp_path, pipeline):
     code = CRASH_WRITER.format(tests=os.path.dirname(__file__), tmp=str(tmp_path), pipeline=pipeline)
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "writing"
-    time.sleep(0.7)
+    names = [f"crash{i}".encode() for i in range(2000)]
+    with make_store(tmp_path, "Posix") as watcher:  # kill mid-stream, once 3 blocks are durable (write-down
+        deadline = time.monotonic() + 30  # latency varies with the machine's load)
+        while sum(watcher.lookup(names[:3])) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    time.sleep(0.2)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     with make_store(tmp_path, "Posix") as reader:
-        names = [f"crash{i}".encode() for i in range(2000)]
         visible = [n for n, hit in zip(names, reader.lookup(names)) if hit]
         assert len(visible) >= 3
         status, out, task = load_all(reader, visible, 1 << 20)

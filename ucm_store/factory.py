@@ -1,11 +1,14 @@
-"""UcmConnectorFactory: a store from a config (the seed's ``create_connector(config, local_rank)``)."""
+"""UcmConnectorFactory: a store from a config (the seed's ``create_connector(config, local_rank)``), or a
+lookup-only view of its tiers below the Cache (``create_lookup(config)``: no pinned pool, no threads)."""
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
 from ucm_store.backends.base import Tier
 from ucm_store.backends.cache import CacheTier
 from ucm_store.backends.posix import NFSTier, PosixTier
-from ucm_store.config import StoreConfig, load_store_config
+from ucm_store.config import MiB, StoreConfig, load_store_config
+from ucm_store.lookup import TierLookup
 from ucm_store.pipeline import UcmPipelineStore
 from ucm_store.pool import PinnedMemoryPool
 
@@ -29,8 +32,17 @@ class UcmConnectorFactory:
                                 writeback_depth=store_config.buffer_number,
                                 prefetch_depth=store_config.prefetch_depth if store_config.prefetch_enabled else 0)
 
+    @staticmethod
+    def create_lookup(config: Mapping | str | Path | StoreConfig) -> TierLookup:
+        """A lookup-only view of ``config``'s tiers below the Cache (for vLLM's scheduler process): no pinned pool,
+        no Cache tier, no write-down or I/O threads (a remote tier keeps the threads that bound its requests' time);
+        a Mooncake tier lends no memory to the pool from it."""
+        store_config = config if isinstance(config, StoreConfig) else load_store_config(config)
+        quiet = dataclasses.replace(store_config, mooncake_global_segment_size=0, mooncake_local_buffer_size=MiB)
+        return TierLookup([_build_tier(name, quiet, None) for name in store_config.tiers if name != "Cache"])
 
-def _build_tier(name: str, config: StoreConfig, pool: PinnedMemoryPool) -> Tier:
+
+def _build_tier(name: str, config: StoreConfig, pool: PinnedMemoryPool | None) -> Tier:
     """Tier ``name`` of ``config.store_pipeline`` (a Cache tier keeps its blocks in ``pool``)."""
     if name == "Cache":
         return CacheTier(config.cache_capacity, pool)
@@ -45,6 +57,8 @@ def _build_tier(name: str, config: StoreConfig, pool: PinnedMemoryPool) -> Tier:
 
         return S3Tier.from_config(config)
     if name == "Mooncake":
+        if not config.mooncake_master:  # a config error is named before a missing package is
+            raise ValueError("mooncake_master: the Mooncake tier needs the master's host:port; none given")
         from ucm_store.backends.mooncake import MooncakeTier  # imported on use: needs mooncake and its libraries
 
         return MooncakeTier.from_config(config)

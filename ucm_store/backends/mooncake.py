@@ -73,9 +73,7 @@ class MooncakeTier(Tier):
 
     @classmethod
     def from_config(cls, config: StoreConfig) -> "MooncakeTier":
-        """The tier the store config describes."""
-        if not config.mooncake_master:
-            raise ValueError("mooncake_master: the Mooncake tier needs the master's host:port; none given")
+        """The tier the store config describes (its ``mooncake_master`` checked present by the factory)."""
         gate = RemoteGate(cls.name, max_concurrent=config.max_concurrent_requests, timeout=config.remote_timeout,
                           retry_interval=config.remote_retry_interval, log=logger)
         return cls(config.mooncake_master, gate, metadata_server=config.mooncake_metadata_server,
