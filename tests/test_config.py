@@ -11,7 +11,7 @@ from ucm_store.config import (ConfigError, StoreConfig, load_store_config, parse
 STORE_VALUES = {  # a valid, non-default value for every store key
     "store_pipeline": "Cache|NFS", "storage_backends": ["/mnt/nfs1/ucm_cache", "/mnt/nfs2/ucm_cache"],
     "buffer_number": 4096, "pinned_pool_size": 1 << 29, "max_pinned_size": 1 << 31, "block_size": 32,
-    "load_async": "never",
+    "load_async": "never", "metrics_port": 9478, "metrics_addr": "0.0.0.0",
     "cache_capacity": 50000, "prefetch_enabled": True, "prefetch_depth": 8, "use_direct_io": True,
     "path_strategy": "hash", "connection_pool_size": 64, "max_concurrent_requests": 128, "use_io_uring": True,
     "multipart_threshold": 16 << 20, "multipart_chunk_size": 6 << 20, "io_workers": 3, "storage_capacity": 1 << 30,
@@ -132,6 +132,8 @@ def test_gsa_fragment_of_seed_section_5(tmp_path):
     ({"multipart_chunk_size": 1 << 20}, "multipart_chunk_size: 1048576 is out of range; allowed: >= 5242880"),
     ({"block_size": True}, "block_size: expected int or null, got bool True"),
     ({"load_async": "sometimes"}, "load_async: 'sometimes' is not allowed; allowed: 'auto', 'always', 'never'"),
+    ({"metrics_port": 70000}, "metrics_port: 70000 is out of range; allowed: >= 0 and <= 65535"),
+    ({"metrics_port": "9477"}, "metrics_port: expected int or null, got str '9477'"),
 ])
 def test_store_errors_name_key_value_and_allowed(raw, message):
     with pytest.raises(ConfigError) as err:

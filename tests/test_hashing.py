@@ -90,3 +90,17 @@ def test_bad_namespace_and_parent():
         HashNamespace("m", "bf16", "flash", 16, tp_size=2, rank=2)
     with pytest.raises(ValueError, match="parent: expected a 16-byte block id, got 3 bytes"):
         BlockHasher(NS).block_ids(_tokens(32), parent=b"abc")
+
+
+def test_plain_python_hashing_gives_the_numba_ids_without_loading_numba():
+    """vLLM's scheduler process hashes with jit=False (Numba and LLVM would add ~117 MiB to it): same ids."""
+    tokens = _tokens(16 * 40 + 3, seed=7)
+    fast, plain = BlockHasher(NS), BlockHasher(NS, jit=False)
+    assert plain.block_ids(tokens, extra_keys=("salt:x",)) == fast.block_ids(tokens, extra_keys=("salt:x",))
+    parent = fast.block_ids(tokens)[4]
+    assert plain.block_ids(tokens[80:], parent=parent) == fast.block_ids(tokens[80:], parent=parent)
+    assert plain.block_ids(tokens[:15]) == fast.block_ids(tokens[:15]) == []
+    code = ("import sys, numpy as np; from ucm_store.hashing import BlockHasher, HashNamespace;"
+            "ns = HashNamespace('m', 'bf16', 'x', 16); BlockHasher(ns, jit=False).block_ids(np.arange(100));"
+            "print('numba' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

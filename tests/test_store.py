@@ -402,3 +402,57 @@ def test_staged_buffers_publish_on_commit_and_cached_buffers_are_held_in_place(t
         assert fresh.wait(task) == 1 and list(task.failures) == [b"b"]
         with fresh.hold_cached([b"a"]) as held:
             assert torch.equal(held[0], payload[0])
+
+
+class ThreadRecordingPosix(PosixTier):
+    """A real Posix tier that records which thread publishes each batch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.threads = []
+
+    def put_many(self, items):
+        self.threads.append(threading.current_thread())
+        return super().put_many(items)
+
+
+def test_write_through_commit_writes_down_on_the_calling_thread_before_returning(tmp_path):
+    pool = PinnedMemoryPool(16 << 20, 16 << 20)
+    disk = ThreadRecordingPosix((str(tmp_path / "store"),))
+    names = ids(70, "wt")
+    with UcmPipelineStore([CacheTier(100, pool), disk], pool) as store:
+        task = store.dump(names, 0, torch.stack([block_data(i) for i in range(70)]))
+        assert store.wait(task) == TaskStatus.SUCCESS
+        assert store.commit(names, [True] * 70, write_through=True) == [True] * 70
+        assert len(block_files(tmp_path / "store")) == 70 and store._writeback.unfinished_tasks == 0
+        assert disk.threads == [threading.current_thread()] * 2  # 64 + 6: one durability round per batch
+        assert store.lookup_prefix_tiers(names) == ["Cache"] * 70  # still in the Cache, unpinned
+        assert store.cache.size(block_key(names[0])) == BLOCK and len(store.cache) == 70
+    with make_store(tmp_path, "Posix") as fresh:
+        status, out, _ = load_all(fresh, names)
+        assert status == TaskStatus.SUCCESS and torch.equal(out, torch.stack([block_data(i) for i in range(70)]))
+
+
+def test_lookup_view_sees_lower_tiers_and_reported_ids_without_pool_threads_or_numba(tmp_path):
+    with make_store(tmp_path) as store:
+        dump_commit(store, ids(5, "lv"), [block_data(i) for i in range(5)])
+    config = {"store_pipeline": "Cache|Posix", "storage_backends": str(tmp_path / "store")}
+    view = UcmConnectorFactory.create_lookup(config)
+    assert [tier.name for tier in view.tiers] == ["Posix"]
+    assert view.lookup_prefix_tiers(ids(7, "lv")) == ["Posix"] * 5
+    assert view.lookup_prefix_tiers(ids(7, "lv"), cached={b"lv1", b"lv5"}) == ["Posix", "Cache"] + ["Posix"] * 3 + [
+        "Cache"]
+    assert view.lookup_prefix_tiers([b"absent"] + ids(2, "lv")) == []
+    with pytest.raises(ValueError, match="block_ids"):
+        view.lookup_prefix_tiers([""])
+    view.close()
+    code = textwrap.dedent(f"""
+        import sys, threading
+        from ucm_store.factory import UcmConnectorFactory
+        from ucm_store.pool import PinnedMemoryPool
+        view = UcmConnectorFactory.create_lookup({config!r})
+        assert view.lookup_prefix_tiers([b"lv0", b"lv1"]) == ["Posix", "Posix"]
+        print(PinnedMemoryPool._instance is None, threading.active_count(), "numba" in sys.modules)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["True", "1", "False"], done.stderr[-2000:]

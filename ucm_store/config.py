@@ -53,6 +53,11 @@ class StoreConfig:
     load_async: str = spec("auto", "load prompt hits between steps, the request parked meanwhile; auto: when a hit "
                            "block lies below the Cache tier (a Cache hit is a memory copy, loaded in the step)",
                            choices=LOAD_ASYNC_CHOICES, used_by="vLLM connector")
+    metrics_port: int | None = spec(None, "serve UCM's Prometheus /metrics from each vLLM worker process at this port "
+                                    "plus its rank (0: any free port, logged); unset: no endpoint", min=0, max=65535,
+                                    used_by="vLLM connector")
+    metrics_addr: str = spec("127.0.0.1", "address the metrics endpoint listens on (0.0.0.0: every interface)",
+                             used_by="vLLM connector")
     cache_capacity: int = spec(10000, "blocks held by the Cache (pinned DRAM) tier", min=1, used_by="Cache")
     prefetch_enabled: bool = spec(False, "read ahead the following blocks of a prefix on a lookup hit",
                                   used_by="pipeline")

@@ -7,7 +7,9 @@ prefix under the same model and cache layout. Ids are deterministic across proce
 Python ``hash()``, no random seed.
 
 The per-token mixing is a non-cryptographic 2 x 64-bit multiply-rotate chain (Numba, about 1 ns a token);
-:func:`chain_hash_reference` is its plain-Python twin that the tests hold it to. The namespace and extra keys
+:func:`chain_hash_reference` is its plain-Python twin that the tests hold it to (about 1 us a token). A process
+that should not load Numba (vLLM's scheduler process: Numba and LLVM add about 117 MiB of RSS) hashes with the twin:
+``BlockHasher(namespace, jit=False)``; the ids are the same. The namespace and extra keys
 enter through BLAKE2b, so a tenant's ``cache_salt`` keeps its blocks apart from everyone else's.
 """
 import dataclasses
@@ -52,9 +54,11 @@ class HashNamespace:
 class BlockHasher:
     """Hashes token sequences into block ids under one namespace."""
 
-    def __init__(self, namespace: HashNamespace):
+    def __init__(self, namespace: HashNamespace, jit: bool = True):
+        """``jit``: hash with the Numba kernel (else its plain-Python twin: the same ids, no Numba in the process)."""
         self.namespace = namespace
         self.block_size = namespace.block_size
+        self.jit = jit
 
     def block_ids(self, token_ids, extra_keys: tuple = (), parent: bytes | None = None) -> list[bytes]:
         """One 16-byte id per FULL block of ``token_ids`` (sequence or int array, ``[n_tokens]``).
@@ -70,6 +74,9 @@ class BlockHasher:
         if len(start) != ID_BYTES:
             raise ValueError(f"parent: expected a {ID_BYTES}-byte block id, got {len(start)} bytes")
         hi, lo = np.frombuffer(start, dtype="<u8")
+        if not self.jit:
+            ids = chain_hash_reference(tokens.tolist(), self.block_size, int(hi), int(lo))
+            return np.array(ids, dtype=np.uint64).reshape(-1, 2)
         out = np.empty((tokens.size // self.block_size, 2), dtype=np.uint64)
         chain_hash(tokens, self.block_size, np.uint64(hi), np.uint64(lo), out)
         return out
@@ -123,10 +130,8 @@ def chain_hash(tokens, block_size, seed_hi, seed_lo, out):
 
 
 def chain_hash_reference(tokens: list[int], block_size: int, seed_hi: int, seed_lo: int) -> list[tuple[int, int]]:
-    """Plain-Python twin of :func:`chain_hash` (same arithmetic on Python ints masked to 64 bits)."""
-
-    def rotl(x: int, r: int) -> int:
-        return ((x << r) | (x >> (64 - r))) & _MASK
+    """Plain-Python twin of :func:`chain_hash` (same arithmetic on Python ints masked to 64 bits; a rotated word is
+    masked only after its multiplication, which keeps the low 64 bits the same)."""
 
     def fmix(x: int) -> int:
         x ^= x >> 33
@@ -139,9 +144,10 @@ def chain_hash_reference(tokens: list[int], block_size: int, seed_hi: int, seed_
     for blk in range(len(tokens) // block_size):
         a, b = a ^ _P1, b ^ _P2
         for t in tokens[blk * block_size:(blk + 1) * block_size]:
-            t &= _MASK
-            a = (rotl((a + t * _P2) & _MASK, 31) * _P1) & _MASK
-            b = (rotl((b + t * _P4) & _MASK, 27) * _P3) & _MASK
+            x = (a + t * _P2) & _MASK
+            a = ((x << 31 | x >> 33) * _P1) & _MASK
+            y = (b + t * _P4) & _MASK
+            b = ((y << 27 | y >> 37) * _P3) & _MASK
         a = fmix(a ^ block_size)
         b = fmix((b + a) & _MASK)
         a = fmix((a + b) & _MASK)

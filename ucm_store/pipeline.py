@@ -7,7 +7,8 @@
   without gaps or overlaps.
 * ``commit(block_ids, success_flags)`` publishes each successfully dumped block atomically into the top tier
   (Cache: the staged buffer itself; a disk tier: temp file, fsync, rename) and queues its write-down to the
-  tiers below (bounded by ``buffer_number``; ``flush()`` waits for them). A failed flag discards the block.
+  tiers below (bounded by ``buffer_number``; ``flush()`` waits for them); with ``write_through=True`` the calling
+  thread writes them down before returning instead. A failed flag discards the block.
 * ``lookup`` / ``lookup_on_prefix`` see committed blocks in any tier (``lookup_prefix_tiers`` also names the
   tier of each leading hit); ``load(block_ids, offset, tensor)`` reads bytes ``[offset, offset + part)`` of
   each block into part ``i`` of ``tensor``, from the first tier holding it, and promotes blocks found below
@@ -105,7 +106,7 @@ class UcmPipelineStore:
     # ---- lookups ---------------------------------------------------------------------------------------------
     def lookup(self, block_ids: list[bytes]) -> list[bool]:
         """One flag per id: is a committed copy of the block in any tier."""
-        keys = [block_key(b) for b in _check_ids(block_ids)]
+        keys = [block_key(b) for b in check_block_ids(block_ids)]
         where = [self._tier_of(key) for key in keys]
         self._record_lookup(where)
         self._prefetch([k for k, t in zip(keys, where) if t is not None and t is not self.cache])
@@ -119,7 +120,7 @@ class UcmPipelineStore:
         """The name of the tier holding each block of the leading run of hits (e.g. ``["Cache", "Posix"]``; empty
         when the first block misses): the first tier a load would read it from, so ``"Cache"`` means a memory
         copy and any other name means I/O. Counts and prefetches like ``lookup_on_prefix``."""
-        keys = [block_key(b) for b in _check_ids(block_ids)]
+        keys = [block_key(b) for b in check_block_ids(block_ids)]
         where = []
         for key in keys:
             tier = self._tier_of(key)
@@ -158,7 +159,7 @@ class UcmPipelineStore:
         over PCIe, instead of :meth:`dump` copying them in: ``None`` for a block already stored (or, when the
         pool stays full for ``alloc_timeout`` s, that cannot be staged). Write each buffer completely, then
         :meth:`commit` (True publishes, False discards); nothing is visible to lookups before."""
-        _check_ids(block_ids)
+        check_block_ids(block_ids)
         buffers = []
         for block_id in block_ids:
             key = block_key(block_id)
@@ -177,14 +178,22 @@ class UcmPipelineStore:
                 held = [b for b in buffers if b is not None]
                 result["bytes"], result["blocks"] = sum(b.numel() for b in held), len(held)
 
-    def commit(self, block_ids: list[bytes], success_flags: list[bool]) -> list[bool]:
-        """Publish (flag True) or discard (False) each dumped block; returns which blocks are now committed."""
-        _check_ids(block_ids)
+    def commit(self, block_ids: list[bytes], success_flags: list[bool], write_through: bool = False) -> list[bool]:
+        """Publish (flag True) or discard (False) each dumped block; returns which blocks are now committed.
+
+        ``write_through``: the calling thread also writes the newly published blocks down to every lower tier
+        before returning (a process killed right after keeps them), instead of the background writers, whose
+        delay depends on how busy the host's cores are (they run at the lowest priority)."""
+        check_block_ids(block_ids)
         if len(success_flags) != len(block_ids):
             raise ValueError(f"success_flags: {len(success_flags)} flags for {len(block_ids)} block_ids; "
                              "need one flag per block id")
         if self.cache is not None:  # publishing into DRAM is cheap: no thread hand-off per block
-            return [self._commit_one(b, bool(f)) for b, f in zip(block_ids, success_flags)]
+            inline: list[tuple[bytes, str]] | None = [] if write_through and self._writers else None
+            results = [self._commit_one(b, bool(f), inline) for b, f in zip(block_ids, success_flags)]
+            for start in range(0, len(inline or ()), WRITE_DOWN_BATCH):
+                self._write_down(inline[start:start + WRITE_DOWN_BATCH])
+            return results
         results = [self._io.submit(self._commit_one, b, bool(f)) for b, f in zip(block_ids, success_flags)]
         return [r.result() for r in results]
 
@@ -215,7 +224,7 @@ class UcmPipelineStore:
         """Bring each block into the Cache tier, read (and verified) from the first lower tier holding it, by
         the I/O workers; asynchronous. Then read it in place with :meth:`hold_cached`. ValueError without a
         Cache tier."""
-        _check_ids(block_ids)
+        check_block_ids(block_ids)
         if self.cache is None:
             raise ValueError(f"promote: store_pipeline {'|'.join(t.name for t in self.tiers)!r} has no Cache tier")
         return Task("load", list(block_ids), [self._io.submit(self._fetch_into_cache, block_key(block_id))
@@ -280,7 +289,9 @@ class UcmPipelineStore:
         except BlockMissing:
             return None
 
-    def _commit_one(self, block_id: bytes, success: bool) -> bool:
+    def _commit_one(self, block_id: bytes, success: bool, inline: list | None = None) -> bool:
+        """Publish or discard one staged block; a published block's write-down is queued, or appended to
+        ``inline`` (the caller writes those down itself)."""
         key = block_key(block_id)
         with self._lock:
             staged = self._staged.pop(key, None)
@@ -296,9 +307,9 @@ class UcmPipelineStore:
             self._release_parts(staged)
             logger.error("commit of block %s failed: %s", block_id.hex(), exc)
             return False
-        return self._publish(block_id, key, buf)
+        return self._publish(block_id, key, buf, inline)
 
-    def _publish(self, block_id: bytes, key: str, buf: torch.Tensor) -> bool:
+    def _publish(self, block_id: bytes, key: str, buf: torch.Tensor, inline: list | None = None) -> bool:
         top = self.tiers[0]
         if self.cache is None:
             try:
@@ -312,7 +323,9 @@ class UcmPipelineStore:
         if not self.cache.adopt(key, buf, pinned=bool(self._writers)):
             self.pool.release(buf)
             return True
-        if self._writers:
+        if inline is not None:
+            inline.append((block_id, key))
+        elif self._writers:
             self._writeback.put((block_id, key))
         return True
 
@@ -534,7 +547,9 @@ class UcmPipelineStore:
         return f"block {key} is in no tier of {pipeline}" + (f" ({found})" if found else "")
 
 
-def _check_ids(block_ids: list[bytes]) -> list[bytes]:
+def check_block_ids(block_ids: list[bytes]) -> list[bytes]:
+    """``block_ids`` as a list, after checking that it is a list of non-empty bytes of at most MAX_BLOCK_ID_BYTES
+    each (ValueError naming the first that is not)."""
     if not isinstance(block_ids, (list, tuple)):
         raise ValueError(f"block_ids: expected a list of bytes, got {type(block_ids).__name__}")
     for i, block_id in enumerate(block_ids):
@@ -546,7 +561,7 @@ def _check_ids(block_ids: list[bytes]) -> list[bytes]:
 
 def _split_parts(block_ids: list[bytes], offset: int, tensor: torch.Tensor) -> list[torch.Tensor]:
     """``tensor``'s bytes as ``len(block_ids)`` equal 1-D uint8 parts."""
-    _check_ids(block_ids)
+    check_block_ids(block_ids)
     if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
         raise ValueError(f"offset: expected a byte offset >= 0, got {offset!r}")
     if not isinstance(tensor, torch.Tensor):

@@ -9,6 +9,7 @@ A load is synchronous (done before the forward pass of the step that schedules t
 tiers the lookup found the hit blocks in (see :func:`loads_async`).
 """
 import dataclasses
+from collections import OrderedDict
 
 from ucm_store.backends.cache import CacheTier
 from ucm_store.config import LOAD_ASYNC_CHOICES
@@ -121,6 +122,30 @@ class SchedulerBookkeeping:
             state = _RequestState(self.hasher.block_ids(request.prompt_token_ids, extra_keys=request_extra_keys(request)))
             self._requests[request.request_id] = state
         return state
+
+
+class RecentIds:
+    """The last ``capacity`` distinct ids added, oldest forgotten first: the scheduler's picture of what the worker's
+    Cache tier holds of the blocks it reported saved (that tier keeps at most ``cache_capacity`` blocks)."""
+
+    def __init__(self, capacity: int):
+        assert capacity >= 1, capacity
+        self.capacity = capacity
+        self._ids: OrderedDict[bytes, None] = OrderedDict()
+
+    def add(self, ids) -> None:
+        """Remember ``ids`` as the newest."""
+        for block_id in ids:
+            self._ids[block_id] = None
+            self._ids.move_to_end(block_id)
+        while len(self._ids) > self.capacity:
+            self._ids.popitem(last=False)
+
+    def __contains__(self, block_id) -> bool:
+        return block_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
 
 def loads_async(policy: str, tiers: list[str]) -> bool:
