@@ -245,3 +245,7 @@ def test_rows_as_separate_buffers_move_like_contiguous_staging(kind):
     assert all(torch.equal(a, b) for a, b in zip(as_bytes(target), as_bytes(expected)))
     with pytest.raises(ValueError, match="2 rows for 3 block ids"):
         gather_blocks_into_rows(layers, ids, rows[:2], layout=layout)
+    arena = torch.empty(3 * layout.row_bytes, dtype=torch.uint8)  # rows of one storage, the second one short
+    short = [arena[:layout.row_bytes], arena[layout.row_bytes:2 * layout.row_bytes - 1], arena[-layout.row_bytes:]]
+    with pytest.raises(ValueError, match=r"rows\[1\]: .* expected a contiguous uint8 tensor"):
+        gather_blocks_into_rows(layers, ids, short, layout=layout)

@@ -217,11 +217,17 @@ def _checked_inputs(layers, block_ids, kind, layout, check_ids) -> tuple[PagedKV
 
 def _check_rows(name: str, rows: Sequence[torch.Tensor], block_ids: torch.Tensor, layout: PagedKVLayout,
                 device: torch.device) -> None:
-    """Raise ValueError unless ``rows`` are one row per block id, each a row of ``layout`` the kernel can reach."""
+    """Raise ValueError unless ``rows`` are one row per block id, each a row of ``layout`` the kernel can reach.
+    Where a row lives (device, pinned: a driver query each) is checked once per storage: pool rows share arenas."""
     if len(rows) != block_ids.numel():
         raise ValueError(f"{name}: {len(rows)} rows for {block_ids.numel()} block ids; need one row per id")
+    placed = set()
     for i, row in enumerate(rows):
-        _checked_staging(f"{name}[{i}]", row, 1, layout, device)
+        storage = row.untyped_storage().data_ptr()
+        if (storage not in placed or row.dtype != torch.uint8 or not row.is_contiguous()
+                or row.numel() != layout.row_bytes):
+            _checked_staging(f"{name}[{i}]", row, 1, layout, device)
+            placed.add(storage)
 
 
 def _checked_staging(name: str, staging: torch.Tensor, n_ids: int, layout: PagedKVLayout,
