@@ -3,7 +3,8 @@ plain loop."""
 import pytest
 import torch
 
-from ucm_kernels.block_repr import blocks_filled, empty_block_repr, naive_update_block_repr, update_block_repr
+from ucm_kernels.block_repr import (blocks_filled, empty_block_repr, naive_update_block_repr, update_block_repr,
+                                    update_block_repr_ranges)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
@@ -56,6 +57,40 @@ def test_update_matches_reference_and_touches_only_listed_blocks(cache_dtype, re
     assert torch.equal(kmean[untouched], expected[2][untouched])
     assert not kmean.isnan().any()
     torch.testing.assert_close(kmean, expected[2], **MEAN_TOL[repr_dtype])
+
+
+@pytest.mark.parametrize("programs", [1, 3, 128])
+@pytest.mark.parametrize("repr_dtype", [torch.bfloat16, FP8])
+def test_ranges_update_equals_the_listed_ids(programs, repr_dtype):
+    """Row ranges (clamped to the table, empty ones, shared and padded blocks) write exactly the reprs that the
+    ids they name would, and nothing else, whatever the program count."""
+    key_cache = make_kv(num_blocks=20)
+    table = torch.tensor([[3, 7, 19, 2, -1], [7, 4, 0, -1, -1], [5, 6, 8, 9, 10], [11, 12, 13, 14, 15]],
+                         dtype=torch.int32, device=DEVICE)
+    first = torch.tensor([0, 1, 4, 2], dtype=torch.int32, device=DEVICE)
+    end = torch.tensor([5, 2, 4, 9], dtype=torch.int64, device=DEVICE)  # row 0 reaches a pad, row 3 past the table
+    named = torch.tensor([3, 7, 19, 2, 4, 13, 14, 15], dtype=torch.int32, device=DEVICE)
+    reprs = random_reprs(key_cache, repr_dtype)[:3]
+    if repr_dtype == FP8:
+        reprs.append(torch.ones(key_cache.shape[0], key_cache.shape[2], device=DEVICE))  # kscale
+    expected = [r.clone() for r in reprs]
+    update_block_repr_ranges(key_cache, table, first, end, *reprs, programs=programs)
+    update_block_repr(key_cache, named, *expected)
+    assert all(same_bits(got.view(torch.uint8), want.view(torch.uint8)) if got.dtype == FP8
+               else torch.equal(got, want) for got, want in zip(reprs, expected))
+
+
+def test_bad_ranges_raise_naming_the_argument():
+    key_cache = make_kv()
+    reprs = empty_block_repr(key_cache)
+    table = torch.zeros(2, 3, dtype=torch.int32, device=DEVICE)
+    bounds = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="block_table"):
+        update_block_repr_ranges(key_cache, table.float(), bounds, bounds, *reprs)
+    with pytest.raises(ValueError, match=r"end: got shape \(3,\)"):
+        update_block_repr_ranges(key_cache, table, bounds, torch.zeros(3, dtype=torch.int32, device=DEVICE), *reprs)
+    with pytest.raises(ValueError, match="programs: got 0"):
+        update_block_repr_ranges(key_cache, table, bounds, bounds, *reprs, programs=0)
 
 
 def test_int64_ids_and_noncontiguous_reprs():

@@ -26,9 +26,9 @@ time, never revisited); it adds 4 bytes to the 256 of fp8 kmin+kmax per (block, 
 import torch
 
 from .naive import naive_update_block_repr
-from .triton import FP8, update_block_repr
+from .triton import FP8, update_block_repr, update_block_repr_ranges
 
-__all__ = ["update_block_repr", "blocks_filled", "empty_block_repr", "empty_block_repr_for",
+__all__ = ["update_block_repr", "update_block_repr_ranges", "blocks_filled", "empty_block_repr", "empty_block_repr_for",
            "naive_update_block_repr"]
 
 

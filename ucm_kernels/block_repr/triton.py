@@ -56,23 +56,11 @@ def _store_repr(ptr, offsets, mask, values, scale, inv_scale, ROUND: tl.constexp
 
 
 @triton.jit
-def _block_repr_kernel(
-    key_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    ids_ptr,  # [num_ids] int32/int64 physical block ids, out-of-range entries (-1) skipped
-    kmin_ptr, kmax_ptr, kmean_ptr,  # [num_blocks, num_kv_heads, head_dim], same strides
-    kscale_ptr,  # [num_blocks, num_kv_heads] fp32 (written if SCALED; any pointer otherwise)
-    num_blocks,
-    stride_kb, stride_kt, stride_kh, stride_kd,
-    stride_rb, stride_rh, stride_rd,
-    stride_sb, stride_sh,
-    BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    SCALED: tl.constexpr,
-):
-    i = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1).to(tl.int64)
-    block = tl.load(ids_ptr + i).to(tl.int64)
-    if (block < 0) | (block >= num_blocks):
-        return
+def _write_block_repr(key_ptr, block, head, kmin_ptr, kmax_ptr, kmean_ptr, kscale_ptr,
+                      stride_kb, stride_kt, stride_kh, stride_kd, stride_rb, stride_rh, stride_rd, stride_sb, stride_sh,
+                      BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                      SCALED: tl.constexpr):
+    """Min, max and mean key of one (physical block, KV head), written to the reprs (and kscale if SCALED)."""
     t = tl.arange(0, BLOCK_T)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
@@ -94,6 +82,59 @@ def _block_repr_kernel(
     _store_repr(kmin_ptr, dst, d_ok, lo, scale, inv_scale, ROUND=-1)  # down
     _store_repr(kmax_ptr, dst, d_ok, hi, scale, inv_scale, ROUND=1)  # up
     _store_repr(kmean_ptr, dst, d_ok, mean, scale, inv_scale, ROUND=0)  # nearest-even
+
+
+@triton.jit
+def _block_repr_kernel(
+    key_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    ids_ptr,  # [num_ids] int32/int64 physical block ids, out-of-range entries (-1) skipped
+    kmin_ptr, kmax_ptr, kmean_ptr,  # [num_blocks, num_kv_heads, head_dim], same strides
+    kscale_ptr,  # [num_blocks, num_kv_heads] fp32 (written if SCALED; any pointer otherwise)
+    num_blocks,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_rb, stride_rh, stride_rd,
+    stride_sb, stride_sh,
+    BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    SCALED: tl.constexpr,
+):
+    i = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    block = tl.load(ids_ptr + i).to(tl.int64)
+    if (block >= 0) & (block < num_blocks):
+        _write_block_repr(key_ptr, block, head, kmin_ptr, kmax_ptr, kmean_ptr, kscale_ptr, stride_kb, stride_kt,
+                          stride_kh, stride_kd, stride_rb, stride_rh, stride_rd, stride_sb, stride_sh,
+                          BLOCK_SIZE, BLOCK_T, HEAD_DIM, BLOCK_D, SCALED)
+
+
+@triton.jit
+def _block_repr_ranges_kernel(
+    key_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_table_ptr,  # [num_rows, max_blocks] int32/int64 logical -> physical block id
+    first_ptr, end_ptr,  # [num_rows] int32/int64: each row's logical blocks [first, end) are written
+    kmin_ptr, kmax_ptr, kmean_ptr, kscale_ptr,
+    num_rows, num_blocks, max_blocks,
+    stride_btr, stride_btj,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_rb, stride_rh, stride_rd,
+    stride_sb, stride_sh,
+    BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    SCALED: tl.constexpr,
+):
+    """Programs stride over each row's range, starting at a row-dependent program so that rows of one block each
+    (decode steps) spread over the programs."""
+    p = tl.program_id(0)
+    programs = tl.num_programs(0)
+    head = tl.program_id(1).to(tl.int64)
+    for row in range(0, num_rows):
+        first = tl.maximum(tl.load(first_ptr + row).to(tl.int32), 0)
+        end = tl.minimum(tl.load(end_ptr + row).to(tl.int32), max_blocks)
+        start = first + (p - row % programs + programs) % programs
+        for j in range(start, end, programs):
+            block = tl.load(block_table_ptr + row * stride_btr + j * stride_btj).to(tl.int64)
+            if (block >= 0) & (block < num_blocks):
+                _write_block_repr(key_ptr, block, head, kmin_ptr, kmax_ptr, kmean_ptr, kscale_ptr, stride_kb,
+                                  stride_kt, stride_kh, stride_kd, stride_rb, stride_rh, stride_rd, stride_sb,
+                                  stride_sh, BLOCK_SIZE, BLOCK_T, HEAD_DIM, BLOCK_D, SCALED)
 
 
 def _check_inputs(key_cache: torch.Tensor, block_ids: torch.Tensor, reprs: dict, kscale) -> None:
@@ -150,12 +191,56 @@ def update_block_repr(key_cache: torch.Tensor, block_ids: torch.Tensor, kmin: to
             [128, 256) (the value of an fp8 repr is ``repr.float() * kscale[..., None]``). Keys must be finite.
     """
     _check_inputs(key_cache, block_ids, {"kmin": kmin, "kmax": kmax, "kmean": kmean}, kscale)
-    num_blocks, block_size, heads, head_dim = key_cache.shape
+    num_blocks, _, heads, _ = key_cache.shape
     if block_ids.numel() == 0:
         return
     _block_repr_kernel[(block_ids.numel(), heads)](
-        key_ptr=key_cache, ids_ptr=block_ids, kmin_ptr=kmin, kmax_ptr=kmax, kmean_ptr=kmean,
-        kscale_ptr=kmin if kscale is None else kscale, num_blocks=num_blocks,
+        key_ptr=key_cache, ids_ptr=block_ids, num_blocks=num_blocks,
+        **_repr_launch_args(key_cache, kmin, kmax, kmean, kscale))
+
+
+def update_block_repr_ranges(key_cache: torch.Tensor, block_table: torch.Tensor, first: torch.Tensor,
+                             end: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, kmean: torch.Tensor,
+                             kscale: torch.Tensor | None = None, *, programs: int = 128) -> None:
+    """:func:`update_block_repr` for the logical blocks ``[first[r], end[r])`` of each block-table row ``r``.
+
+    The ranges are read on the device (no host sync, a fixed launch): one call per layer covers the blocks a step
+    filled and those a request brought along (prefix-cache hits, connector loads), and captures into a CUDA graph
+    whose replays see new ranges. Ranges are clamped to ``[0, max_blocks)``; an empty range costs two loads.
+
+    Args:
+        key_cache, kmin, kmax, kmean, kscale: as in :func:`update_block_repr`.
+        block_table: ``[num_rows, max_blocks]`` int32/int64 logical -> physical block id (out-of-range ids skipped).
+        first, end: ``[num_rows]`` int32/int64 on the cache's device.
+        programs: programs per KV head; they stride over each range.
+    """
+    if block_table.dim() != 2 or block_table.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"block_table: got shape {tuple(block_table.shape)} dtype {block_table.dtype}, expected an "
+                         "int32/int64 [num_rows, max_blocks] tensor")
+    rows = block_table.shape[0]
+    for name, bound in (("first", first), ("end", end)):
+        if tuple(bound.shape) != (rows,) or bound.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name}: got shape {tuple(bound.shape)} dtype {bound.dtype}, expected an int32/int64 "
+                             f"[{rows}] tensor (one entry per block_table row)")
+    _check_inputs(key_cache, first, {"kmin": kmin, "kmax": kmax, "kmean": kmean}, kscale)
+    for name, tensor in (("end", end), ("block_table", block_table)):
+        check_device(name, tensor, key_cache.device)
+    if isinstance(programs, bool) or not isinstance(programs, int) or programs < 1:
+        raise ValueError(f"programs: got {programs!r}, expected an int >= 1")
+    if rows == 0:
+        return
+    _block_repr_ranges_kernel[(programs, key_cache.shape[2])](
+        key_ptr=key_cache, block_table_ptr=block_table, first_ptr=first, end_ptr=end, num_rows=rows,
+        num_blocks=key_cache.shape[0], max_blocks=block_table.shape[1], stride_btr=block_table.stride(0),
+        stride_btj=block_table.stride(1), **_repr_launch_args(key_cache, kmin, kmax, kmean, kscale))
+
+
+def _repr_launch_args(key_cache: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, kmean: torch.Tensor,
+                      kscale: torch.Tensor | None) -> dict:
+    """The cache, repr and scale arguments both repr kernels take."""
+    _, block_size, _, head_dim = key_cache.shape
+    return dict(
+        kmin_ptr=kmin, kmax_ptr=kmax, kmean_ptr=kmean, kscale_ptr=kmin if kscale is None else kscale,
         stride_kb=key_cache.stride(0), stride_kt=key_cache.stride(1), stride_kh=key_cache.stride(2),
         stride_kd=key_cache.stride(3),
         stride_rb=kmin.stride(0), stride_rh=kmin.stride(1), stride_rd=kmin.stride(2),

@@ -27,12 +27,13 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
                                                  CPUAttentionMetadataBuilder)
 
 from ucm_sparse import ops
-from ucm_sparse.config import GSAConfig, parse_sparse
+from ucm_sparse.config import GSAConfig
 from ucm_sparse.vllm.cpu_kv_packing import PackedBlockReprs, edge_keys, gather_kv, kv_views, step_kv, tile_sizes
-from ucm_store.config import sparse_sections
+from ucm_sparse.vllm.settings import GSAStats, gsa_config_of
 
 logger = logging.getLogger(__name__)
 RECENT = 32  # selections kept per layer in ``stats``
+stats = GSAStats()
 
 
 @dataclasses.dataclass
@@ -49,33 +50,6 @@ class GSAStepPlan:
 @dataclasses.dataclass
 class GSACPUAttentionMetadata(CPUAttentionMetadata):
     gsa: GSAStepPlan | None = None
-
-
-@dataclasses.dataclass
-class GSAStats:
-    """What the backend did in this process (read by tests and benchmarks)."""
-
-    steps: int = 0  # steps with sparse rows
-    sparse_rows: int = 0
-    sparse_layer_calls: int = 0
-    recent: dict = dataclasses.field(default_factory=dict)  # layer name -> its last RECENT (seq_lens, Selection)
-    summary_dtypes: set = dataclasses.field(default_factory=set)  # dtypes of the block summaries selection read
-
-
-stats = GSAStats()
-
-
-def gsa_config_of(vllm_config) -> GSAConfig | None:
-    """The GSA settings of the engine's connector extra config, or None when no sparse method is configured."""
-    transfer = vllm_config.kv_transfer_config
-    extra = dict(transfer.kv_connector_extra_config or {}) if transfer is not None else {}
-    sparse = parse_sparse(sparse_sections(extra))
-    if not sparse.enabled:
-        return None
-    if sparse.gsa.offload:
-        raise ValueError("ucm_sparse_config.GSA.offload: the offload mode runs on plain tensors "
-                         "(ucm_sparse.OffloadedGSA); inside vLLM, vLLM owns the KV cache: set offload: false")
-    return sparse.gsa
 
 
 def plan_step(common, config: GSAConfig, block_size: int) -> GSAStepPlan | None:

@@ -1,0 +1,133 @@
+"""GSA over vLLM's FlashAttention cache layout (ucm_sparse.vllm.flash_step, the GPU backend's tensor code): the
+decode rows' outputs against the torch reference over the same views, the summaries each step refreshes (filled
+blocks, and every block of a prefilling row), mixed batches leaving other rows' outputs alone. Triton kernels in
+the interpreter on CPU, compiled on a GPU."""
+import pytest
+import torch
+
+from ucm_kernels.block_repr import naive_update_block_repr
+from ucm_sparse import GSAConfig, ops
+from ucm_sparse.vllm.flash_step import FlashGSA, flash_kv_views, goes_sparse
+
+BLOCK, HEADS, GROUP, HEAD = 16, 2, 4, 64
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CONFIG = GSAConfig(sparse_ratio=0.3, init_window_sz=1, local_window_sz=2, min_blocks=3)
+
+
+def flash_cache(num_blocks: int, seed: int = 0) -> torch.Tensor:
+    """A FlashAttention cache as vLLM allocates it: logical [blocks, heads, block, 2 * head] over NHD memory."""
+    gen = torch.Generator().manual_seed(seed)
+    memory = torch.randn(num_blocks, BLOCK, HEADS, 2 * HEAD, generator=gen).to(torch.bfloat16).to(DEVICE)
+    return memory.transpose(1, 2)
+
+
+def batch(seq_lens, query_lens, num_blocks=64, seed=1):
+    """Block table (distinct shuffled blocks), seq_lens, query_start_loc (device and host), queries."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(-(-n // BLOCK) for n in seq_lens) + 1
+    physical = torch.randperm(num_blocks, generator=gen)[:len(seq_lens) * width].view(len(seq_lens), width)
+    starts = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
+    queries = torch.randn(int(starts[-1]), HEADS * GROUP, HEAD, generator=gen).to(torch.bfloat16).to(DEVICE)
+    return (physical.int().to(DEVICE), torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), starts.to(DEVICE),
+            starts, queries)
+
+
+def gsa(max_rows=4) -> FlashGSA:
+    return FlashGSA(CONFIG, block_size=BLOCK, num_kv_heads=HEADS, num_q_heads=HEADS * GROUP, head_size=HEAD,
+                    max_rows=max_rows, dtype=torch.bfloat16, device=DEVICE)
+
+
+def reference(q, kv_cache, table, seq_lens):
+    """Torch GSA over the same views, every full block summarised from scratch."""
+    key_cache, value_cache = flash_kv_views(kv_cache, HEAD)
+    reprs = ops.empty_reprs(key_cache.shape[0], HEADS, HEAD, key_cache.dtype, CONFIG, DEVICE)
+    full = torch.cat([table[r, :int(n) // BLOCK] for r, n in enumerate(seq_lens.tolist())])
+    naive_update_block_repr(key_cache, full, *reprs)
+    selection = ops.select("torch", q, reprs, table, seq_lens, CONFIG, BLOCK)
+    return ops.attend("torch", q, key_cache, value_cache, table, seq_lens, selection, None), selection
+
+
+def test_kv_views_read_keys_and_values_in_place():
+    kv_cache = flash_cache(3)
+    keys, values = flash_kv_views(kv_cache, HEAD)
+    assert keys.shape == values.shape == (3, BLOCK, HEADS, HEAD)
+    assert keys.data_ptr() == kv_cache.data_ptr() and values.data_ptr() == kv_cache.data_ptr() + 2 * HEAD
+    assert torch.equal(keys[2, 5, 1], kv_cache[2, 1, 5, :HEAD])
+    assert torch.equal(values[1, 0, 0], kv_cache[1, 0, 0, HEAD:])
+    with pytest.raises(ValueError, match="2 \\* head_size = 64"):
+        flash_kv_views(kv_cache, 32)
+
+
+def test_uniform_decode_rows_equal_the_torch_reference():
+    """A decode batch of a prefilling row (its earlier blocks came from elsewhere: all summarised), a steady row
+    and a short row that stays dense: outputs and selections as the torch reference computes them."""
+    kv_cache = flash_cache(64)
+    table, seq_lens, starts, starts_cpu, q = batch([301, 208, 40], [1, 1, 1])
+    step = gsa()
+    reprs = step.empty_reprs(64)
+    for r in reprs:
+        r.fill_(float("nan"))
+    prefilling = torch.tensor([True, False, False])
+    plan = step.plan(seq_lens, starts, starts_cpu, table, 1, prefilling)
+    assert plan.decode.uniform and plan.first.tolist() == [0, 12, 2] and plan.end.tolist() == [18, 13, 2]
+    step.run(plan, q, kv_cache, reprs, HEAD ** -0.5, output := torch.full_like(q, float("nan")))
+    refreshed = torch.cat([table[0, :18], table[1, 12:13]]).long()
+    assert not reprs[0][refreshed].isnan().any() and int(reprs[0].isnan().any(-1).any(-1).sum()) == 64 - 19
+    expected, selection = reference(q, kv_cache, table, seq_lens)
+    assert torch.equal(plan.decode.sel_count.cpu(), selection.sel_count.cpu())
+    assert torch.equal(plan.decode.sel_idx[0].cpu(), selection.sel_idx[0].cpu())  # rows with every block summarised
+    torch.testing.assert_close(output[[0, 2]], expected[[0, 2]], atol=2e-2, rtol=2e-2)
+    assert int(selection.sel_count[0, 0]) < 19 and int(selection.sel_count[2, 0]) == 3  # sparse; dense
+
+
+def test_decode_steps_refresh_only_the_block_they_fill():
+    kv_cache = flash_cache(64)
+    table, seq_lens, starts, starts_cpu, q = batch([160, 161, 175], [1, 1, 1])
+    step = gsa()
+    reprs = step.empty_reprs(64)
+    for r in reprs:
+        r.fill_(100.0)  # no key is that large
+    plan = step.plan(seq_lens, starts, starts_cpu, table, 1)
+    assert plan.first.tolist() == [9, 10, 10] and plan.end.tolist() == [10, 10, 10]  # only row 0 filled one
+    step.run(plan, q, kv_cache, reprs, HEAD ** -0.5, torch.empty_like(q))
+    changed = (reprs[0] != 100.0).flatten(1).any(1)
+    assert changed.nonzero().flatten().tolist() == [int(table[0, 9])]
+
+
+def test_mixed_batch_writes_only_the_decode_rows():
+    """A prefill chunk (its blocks filled this step: summarised) between two decode rows; vLLM's kernel owns
+    the prefill tokens' outputs, GSA writes the decode rows' and nothing else."""
+    kv_cache = flash_cache(64)
+    table, seq_lens, starts, starts_cpu, q = batch([250, 100, 230], [1, 37, 1])
+    step = gsa()
+    reprs = step.empty_reprs(64)
+    naive_update_block_repr(flash_kv_views(kv_cache, HEAD)[0], torch.cat([table[0, :15], table[2, :14]]), *reprs)
+    plan = step.plan(seq_lens, starts, starts_cpu, table, 37)
+    assert not plan.decode.uniform and plan.decode.tokens.tolist() == [0, 38]
+    assert plan.first.tolist() == [15, 0, 14] and plan.end.tolist() == [15, 6, 14]
+    output = torch.full_like(q, 7.0)
+    step.run(plan, q, kv_cache, reprs, HEAD ** -0.5, output)
+    expected, _ = reference(q[[0, 38]], kv_cache, table[[0, 2]], seq_lens[[0, 2]])
+    torch.testing.assert_close(output[[0, 38]], expected, atol=2e-2, rtol=2e-2)
+    assert (output[1:38] == 7.0).all()
+    key_cache = flash_kv_views(kv_cache, HEAD)[0]
+    summary = ops.empty_reprs(64, HEADS, HEAD, torch.bfloat16, CONFIG, DEVICE)
+    naive_update_block_repr(key_cache, table[1, :6], *summary)
+    assert torch.equal(reprs[0][table[1, :6].long()], summary[0][table[1, :6].long()])
+
+
+def test_a_batch_of_prefills_only_has_no_decode_rows_and_plans_reuse_buffers():
+    table, seq_lens, starts, starts_cpu, _ = batch([64, 40], [64, 40])
+    step = gsa()
+    assert step.plan(seq_lens, starts, starts_cpu, table, 64).decode is None
+    table, seq_lens, starts, starts_cpu, _ = batch([300, 90], [1, 1])
+    first, second = (step.plan(seq_lens, starts, starts_cpu, table, 1) for _ in range(2))
+    assert first.decode.select is second.decode.select and first.decode.sel_idx.data_ptr() == \
+        second.decode.sel_idx.data_ptr() and first.first.data_ptr() == second.first.data_ptr()
+    with pytest.raises(ValueError, match="max_rows=1"):
+        gsa(max_rows=1).plan(seq_lens, starts, starts_cpu, table, 1)
+
+
+def test_ratio_one_without_a_budget_never_goes_sparse():
+    assert not goes_sparse(GSAConfig(sparse_ratio=1.0))
+    assert goes_sparse(GSAConfig(sparse_ratio=1.0, token_budget=512)) and goes_sparse(CONFIG)

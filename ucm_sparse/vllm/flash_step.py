@@ -1,0 +1,190 @@
+"""GSA for the decode rows of one step over vLLM's FlashAttention paged KV cache, in tensors only (no vLLM
+import): the CPU tests run it in the Triton interpreter, and the GPU backend (:mod:`.gpu_backend`) wraps it.
+
+vLLM's FlashAttention cache of a layer is logically ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``
+(keys in the first half of the last dim, values in the second), stored block-major with tokens before heads;
+:func:`flash_kv_views` gives the ``[num_blocks, block_size, num_kv_heads, head_size]`` views the
+``ucm_kernels`` read in place.
+
+:meth:`FlashGSA.plan` runs once per step (vLLM's metadata builder) and writes into buffers allocated once:
+
+* the block ranges whose summaries every layer refreshes: per row, the blocks its new tokens filled; for a row
+  still prefilling or computing several tokens, every full block (prefix-cache hits and connector loads are
+  written without attention seeing them);
+* the decode rows (one query token) GSA serves: every row of a uniform decode batch (the buffers stay where a
+  CUDA graph captured them, so replays read the new step's values), or the listed rows of a mixed batch (run
+  eagerly, after vLLM's kernel has done the whole batch).
+
+:meth:`FlashGSA.run` (per layer) refreshes the summaries, selects and attends, writing the rows' outputs. Every
+decode row goes through GSA's kernels; one too short to go sparse attends all of its blocks.
+"""
+import dataclasses
+
+import torch
+
+from ucm_kernels.block_repr import update_block_repr_ranges
+from ucm_kernels.block_select.triton import SelectPlan, plan_select
+from ucm_kernels.sparse_decode.triton import DecodePlan, plan_decode, sparse_decode
+from ucm_sparse import ops
+from ucm_sparse.config import GSAConfig
+
+
+def flash_kv_views(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key and value views ``[num_blocks, block_size, num_kv_heads, head_size]`` of one layer's FlashAttention
+    cache ``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` (any strides; no copy)."""
+    if kv_cache.dim() != 4 or kv_cache.shape[3] != 2 * head_size:
+        raise ValueError(f"kv_cache: got shape {tuple(kv_cache.shape)}, expected [num_blocks, num_kv_heads, "
+                         f"block_size, 2 * head_size = {2 * head_size}] (vLLM's FlashAttention layout)")
+    key_cache, value_cache = kv_cache.transpose(1, 2).split(head_size, dim=-1)
+    return key_cache, value_cache
+
+
+def goes_sparse(config: GSAConfig) -> bool:
+    """False when no request can ever attend fewer than all of its blocks (``sparse_ratio`` 1 and no token
+    budget): vLLM's own kernel then serves every row and GSA adds nothing."""
+    return config.sparse_ratio < 1.0 or config.token_budget is not None
+
+
+@dataclasses.dataclass
+class DecodeRows:
+    """The decode rows of a step that GSA serves, with their per-batch-size plans and output buffers."""
+
+    tokens: torch.Tensor | None  # [n] query-token index per row; None: tokens 0..n-1 (a uniform decode batch)
+    seq_lens: torch.Tensor  # [n] int32
+    block_table: torch.Tensor  # [n, max_blocks] int32
+    select: SelectPlan
+    decode: DecodePlan
+    sel_idx: torch.Tensor  # [n, num_kv_heads, width] int32, written per layer
+    sel_count: torch.Tensor  # [n, num_kv_heads] int32
+
+    @property
+    def uniform(self) -> bool:
+        """Every row of the batch is a GSA row (vLLM's kernel is not run)."""
+        return self.tokens is None
+
+
+@dataclasses.dataclass
+class FlashGSAPlan:
+    """One step's GSA work (see the module docstring); made by :meth:`FlashGSA.plan`."""
+
+    block_table: torch.Tensor  # [num_rows, max_blocks] the batch's table
+    first: torch.Tensor  # [num_rows] int32: logical blocks [first, end) of each row get their summaries refreshed
+    end: torch.Tensor  # [num_rows] int32
+    decode: DecodeRows | None  # None: no decode row this step
+
+
+class FlashGSA:
+    """GSA over the FlashAttention caches of one group of layers (one per vLLM metadata builder).
+
+    Args:
+        config: the GSA settings (``offload`` off).
+        block_size, num_kv_heads, num_q_heads, head_size: the layers' attention shapes.
+        max_rows: most rows a batch holds (vLLM's ``max_num_seqs``).
+        dtype, device: the KV cache's.
+    """
+
+    def __init__(self, config: GSAConfig, *, block_size: int, num_kv_heads: int, num_q_heads: int, head_size: int,
+                 max_rows: int, dtype: torch.dtype, device: torch.device | str):
+        self.config, self.block_size, self.head_size = config, block_size, head_size
+        self.num_kv_heads, self.num_q_heads, self.max_rows = num_kv_heads, num_q_heads, max_rows
+        self.dtype, self.device = dtype, torch.device(device)
+        self._first = torch.zeros(max_rows, dtype=torch.int32, device=self.device)
+        self._end = torch.zeros(max_rows, dtype=torch.int32, device=self.device)
+        self._key_like = torch.empty(1, block_size, num_kv_heads, head_size, dtype=dtype, device=self.device)
+        self._select_base: dict[int, tuple[SelectPlan, torch.Tensor, torch.Tensor]] = {}  # by table width
+        self._per_rows: dict[tuple[int, int], tuple[SelectPlan, DecodePlan]] = {}  # by (rows, table width)
+
+    def empty_reprs(self, num_blocks: int) -> tuple[torch.Tensor, ...]:
+        """Block summaries for one layer's ``num_blocks`` blocks (``ucm_sparse.ops.empty_reprs``)."""
+        return ops.empty_reprs(num_blocks, self.num_kv_heads, self.head_size, self.dtype, self.config, self.device)
+
+    def plan(self, seq_lens: torch.Tensor, query_start_loc: torch.Tensor, query_start_loc_cpu: torch.Tensor,
+             block_table: torch.Tensor, max_query_len: int, prefilling: torch.Tensor | None = None) -> FlashGSAPlan:
+        """Plan one step of ``n = block_table.shape[0]`` rows (device work only; no host read of device data).
+
+        Args:
+            seq_lens: ``[>= n]`` int32 tokens per row including this step's, on the device.
+            query_start_loc, query_start_loc_cpu: ``[>= n + 1]`` int32 first query token of each row (device, host).
+            block_table: ``[n, max_blocks]`` int32 logical -> physical block, on the device.
+            max_query_len: the longest row's query tokens this step (1: a uniform decode batch).
+            prefilling: optional host bool ``[>= n]``: rows whose prompt is not done (their earlier blocks may
+                have come from a prefix hit or a connector even when they compute one token).
+        """
+        rows = block_table.shape[0]
+        if rows > self.max_rows:
+            raise ValueError(f"block_table: {rows} rows, but the plan buffers hold max_rows={self.max_rows}")
+        lens = seq_lens[:rows]
+        query_lens = query_start_loc[1:rows + 1] - query_start_loc[:rows]
+        whole = query_lens > 1
+        if prefilling is not None:
+            whole |= prefilling[:rows].to(self.device, non_blocking=True)
+        first, end = self._first[:rows], self._end[:rows]
+        torch.floor_divide(lens, self.block_size, out=end)
+        first.copy_(torch.where(whole, 0, (lens - query_lens) // self.block_size))
+        decode = self._decode_rows(lens, query_start_loc_cpu[:rows + 1], block_table, max_query_len)
+        return FlashGSAPlan(block_table, first, end, decode)
+
+    def run(self, plan: FlashGSAPlan, query: torch.Tensor, kv_cache: torch.Tensor, reprs: tuple, scale: float,
+            output: torch.Tensor) -> None:
+        """One layer's GSA work for ``plan``: refresh the summaries ``reprs`` (from :meth:`empty_reprs`), then
+        attend the decode rows, writing their rows of ``output``.
+
+        Args:
+            query: ``[num_tokens, num_q_heads, head_size]`` the step's queries.
+            kv_cache: the layer's FlashAttention cache (see :func:`flash_kv_views`), this step's keys written.
+            output: ``[num_tokens, num_q_heads, head_size]`` written at the decode rows' tokens only.
+        """
+        key_cache, value_cache = flash_kv_views(kv_cache, self.head_size)
+        update_block_repr_ranges(key_cache, plan.block_table, plan.first, plan.end, *reprs)
+        rows = plan.decode
+        if rows is None:
+            return
+        n = rows.seq_lens.shape[0]
+        q = query[:n] if rows.uniform else query[rows.tokens]
+        kmin, kmax, kmean, *kscale = reprs
+        sel_idx, sel_count = rows.select.run(q, kmin, kmax, kmean, rows.block_table, rows.seq_lens,
+                                             kscale=kscale[0] if kscale else None, out=(rows.sel_idx, rows.sel_count))
+        out = sparse_decode(q, key_cache, value_cache, rows.block_table, rows.seq_lens, sel_idx, sel_count,
+                            scale=scale, out=output[:n] if rows.uniform else None, plan=rows.decode)
+        if not rows.uniform:
+            output[rows.tokens] = out
+
+    def _decode_rows(self, lens: torch.Tensor, starts_cpu: torch.Tensor, block_table: torch.Tensor,
+                     max_query_len: int) -> DecodeRows | None:
+        if max_query_len == 1:  # uniform decode: every row, the batch's own tensors
+            return self._rows_of(None, lens, block_table)
+        query_lens = starts_cpu[1:] - starts_cpu[:-1]
+        rows = (query_lens == 1).nonzero().flatten()
+        if rows.numel() == 0:
+            return None
+        index = rows.to(self.device, non_blocking=True)
+        tokens = starts_cpu[rows].to(self.device, torch.long, non_blocking=True)
+        return self._rows_of(tokens, lens[index], block_table[index])
+
+    def _rows_of(self, tokens: torch.Tensor | None, lens: torch.Tensor, block_table: torch.Tensor) -> DecodeRows:
+        n, width = block_table.shape
+        select, decode = self._plans(n, width)
+        _, sel_idx, sel_count = self._select_base[width]
+        return DecodeRows(tokens, lens, block_table, select, decode, sel_idx[:n], sel_count[:n])
+
+    def _plans(self, rows: int, width: int) -> tuple[SelectPlan, DecodePlan]:
+        """Selection and attention plans for ``rows`` rows of a ``width``-block table, made once and kept (their
+        scratch must outlive any CUDA graph that captured it)."""
+        key = (rows, width)
+        if key not in self._per_rows:
+            base, sel_idx, _ = self._base(width)
+            select = dataclasses.replace(base, batch=rows, scores=base.scores[:rows])
+            q_like = torch.empty(rows, self.num_q_heads, self.head_size, dtype=self.dtype, device=self.device)
+            self._per_rows[key] = select, plan_decode(q_like, self._key_like, sel_idx.shape[2])
+        return self._per_rows[key]
+
+    def _base(self, width: int) -> tuple[SelectPlan, torch.Tensor, torch.Tensor]:
+        """The selection plan and output buffers of ``max_rows`` rows of a ``width``-block table."""
+        if width not in self._select_base:
+            base = plan_select(self.max_rows, self.num_kv_heads, self.head_size, width, score=self.config.score,
+                               device=self.device, **ops.select_sizes(self.config, self.block_size))
+            sel_idx = torch.full((self.max_rows, self.num_kv_heads, base.width), -1, dtype=torch.int32,
+                                 device=self.device)
+            sel_count = torch.zeros(self.max_rows, self.num_kv_heads, dtype=torch.int32, device=self.device)
+            self._select_base[width] = base, sel_idx, sel_count
+        return self._select_base[width]
