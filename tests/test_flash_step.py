@@ -131,3 +131,34 @@ def test_a_batch_of_prefills_only_has_no_decode_rows_and_plans_reuse_buffers():
 def test_ratio_one_without_a_budget_never_goes_sparse():
     assert not goes_sparse(GSAConfig(sparse_ratio=1.0))
     assert goes_sparse(GSAConfig(sparse_ratio=1.0, token_budget=512)) and goes_sparse(CONFIG)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/run_gpu.sh tests runs this)")
+def test_a_captured_uniform_decode_step_replays_with_the_next_steps_values():
+    """Capture one layer's run under a CUDA graph as vLLM captures a decode batch, then write the next step's
+    lengths, table and queries into the same buffers, re-plan (as vLLM's builder does) and replay: the output is
+    the reference's for the new values."""
+    kv_cache = flash_cache(64)
+    table, seq_lens, starts, starts_cpu, q = batch([300, 207, 159], [1, 1, 1])
+    step = gsa()
+    reprs = step.empty_reprs(64)
+    naive_update_block_repr(flash_kv_views(kv_cache, HEAD)[0], table.flatten()[table.flatten() >= 0], *reprs)
+    output = torch.zeros_like(q)
+    plan = step.plan(seq_lens, starts, starts_cpu, table, 1)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step.run(plan, q, kv_cache, reprs, HEAD ** -0.5, output)  # warm-up (compiles) off the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step.run(plan, q, kv_cache, reprs, HEAD ** -0.5, output)
+    seq_lens += torch.tensor([1, 1, 1], dtype=torch.int32, device=DEVICE)  # 301, 208 (fills block 12), 160
+    table[0] = table[0].flip(0)  # another request's blocks in row 0
+    q.copy_(torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(q))
+    replanned = step.plan(seq_lens, starts, starts_cpu, table, 1, torch.tensor([True, False, False]))
+    assert replanned.first.data_ptr() == plan.first.data_ptr() and replanned.decode.sel_idx.data_ptr() == \
+        plan.decode.sel_idx.data_ptr()
+    graph.replay()
+    expected, _ = reference(q, kv_cache, table, seq_lens)
+    torch.testing.assert_close(output, expected, atol=2e-2, rtol=2e-2)
