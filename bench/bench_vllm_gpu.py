@@ -10,7 +10,8 @@ Two parts, every vLLM in a fresh process (``--role`` runs one process; without i
    process: for each prompt, a cold pass, then vLLM's GPU prefix cache reset, then a warm pass (the connector's
    CPU tier serves it). Connectors: none (cold only: the baseline), vLLM's OffloadingConnector (the peer, as
    issue 16 measured it), UCM ``Cache|Posix``. Then a fresh UCM process on the same store: warm from the Posix
-   tier (asynchronous loads). TTFT = latency of a 1-token generation.
+   tier (asynchronous loads). TTFT = latency of a 1-token generation. The pinned H2D ceiling is measured first (in
+   this process, before any vLLM): ``kv_at_h2d_ceiling_ms`` is the time the full blocks' KV takes at that rate.
 
 Usage (lent GPU, vLLM on PYTHONPATH): ``python3 -m bench.bench_vllm_gpu [--lengths 8192,16384,30720]
 [--repeats 2]``; JSON to ``$OUT`` (or bench/results).
@@ -163,12 +164,21 @@ def measure_ttft(work: Path, lengths: list[int], repeats: int) -> dict:
     runs = {"none": run_role("--role", "ttft", "--connector", "none", "--store", store, *common),
             "offload": run_role("--role", "ttft", "--connector", "offload", "--warm", "--store", store, *common),
             "ucm": run_role("--role", "ttft", "--connector", "ucm", "--warm", "--store", store, *common)}
+    runs["files_before_fresh"] = sum(1 for path in Path(store).rglob("*") if path.is_file())
     runs["ucm_fresh_posix"] = run_role("--role", "ttft", "--connector", "ucm", "--store", store, *common)
     return runs
 
 
-def summarize(runs: dict, lengths: list[int]) -> list[dict]:
-    """Median TTFT per length and configuration, with the ratios the issue asks for."""
+def kv_bytes(tokens: int) -> int:
+    """Bytes of KV of the full blocks of a ``tokens``-token prompt on the Llama-8B-shaped model (bf16)."""
+    head_dim = LLAMA_8B["hidden_size"] // LLAMA_8B["num_attention_heads"]
+    per_token = LLAMA_8B["num_hidden_layers"] * 2 * LLAMA_8B["num_key_value_heads"] * head_dim * 2
+    return tokens // BLOCK * BLOCK * per_token
+
+
+def summarize(runs: dict, lengths: list[int], h2d_gbps: float) -> list[dict]:
+    """Median TTFT per length and configuration, with the ratios the issue asks for and the time the full blocks'
+    KV takes at the pinned H2D ceiling measured in the same run."""
     def median(run: str, key: str, n: int) -> float:
         return statistics.median(r[key] for r in runs[run]["rows"] if r["tokens"] == n) * 1e3
 
@@ -182,6 +192,7 @@ def summarize(runs: dict, lengths: list[int]) -> list[dict]:
             entry[f"{run}_cold_overhead_pct"] = round(100 * (entry[f"{run}_cold_ms"] / none_ms - 1), 1)
         entry["ucm_fresh_posix_ms"] = round(median("ucm_fresh_posix", "cold_s", n), 1)
         entry["ucm_warm_vs_peer"] = round(entry["ucm_warm_ms"] / entry["offload_warm_ms"], 3)
+        entry["kv_at_h2d_ceiling_ms"] = round(kv_bytes(n) / h2d_gbps / 1e6, 1)
         rows.append(entry)
     return rows
 
@@ -201,8 +212,10 @@ def main() -> None:
     if args.role:
         {"correct": role_correct, "ttft": role_ttft}[args.role](args)
         return
-    from bench.harness import write_results
+    from bench.harness import measure_copy_ceilings, write_results
 
+    ceilings = measure_copy_ceilings()
+    print(json.dumps(ceilings), flush=True)
     lengths = [int(n) for n in args.lengths.split(",")]
     extra = {}
     with tempfile.TemporaryDirectory(dir=os.environ.get("UCM_BENCH_TMP", "/tmp")) as tmp:
@@ -214,14 +227,14 @@ def main() -> None:
         if "ttft" not in args.skip:
             runs = measure_ttft(work, lengths, args.repeats)
             extra["runs"] = runs
-            rows = summarize(runs, lengths)
+            rows = summarize(runs, lengths, ceilings["h2d_pinned_gbps"])
             for entry in rows:
                 print(json.dumps(entry), flush=True)
         else:
             rows = []
     import vllm
     extra["vllm"] = vllm.__version__
-    print(write_results("vllm_gpu", rows, {}, extra))
+    print(write_results("vllm_gpu", rows, ceilings, extra))
 
 
 if __name__ == "__main__":

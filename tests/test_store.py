@@ -228,6 +228,23 @@ def test_cache_lru_honours_capacity_and_lower_tier_keeps_everything(tmp_path):
         assert len(store.cache) == 4
 
 
+def test_cache_blocks_held_together_outlive_eviction_until_released():
+    """hold_many pins every present block (a key listed twice as well) against eviction while held, refreshes
+    their recency in the order listed and yields None for absent keys; released, they are evictable again."""
+    pool = PinnedMemoryPool(1 << 20, 1 << 20)
+    cache = CacheTier(capacity=3, pool=pool)
+    for key in "abc":
+        assert cache.put(key, torch.full((16,), ord(key), dtype=torch.uint8))
+    with cache.hold_many(["a", "x", "b", "a"]) as held:
+        assert [None if buf is None else int(buf[0]) for buf in held] == [ord("a"), None, ord("b"), ord("a")]
+        for key in "def":
+            cache.put(key, torch.zeros(16, dtype=torch.uint8))
+        assert [cache.contains(key) for key in "abcdef"] == [True, True, False, False, False, True]
+    cache.put("g", torch.zeros(16, dtype=torch.uint8))  # b is now the least recently used, and free to go
+    assert [cache.contains(key) for key in "abfg"] == [True, False, True, True]
+    cache.close()
+
+
 def test_cache_is_back_within_capacity_once_write_downs_finish(tmp_path):
     with make_store(tmp_path, cache_capacity=4) as store:
         dump_commit(store, ids(12, "burst"), [block_data(i) for i in range(12)])

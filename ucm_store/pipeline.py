@@ -171,8 +171,10 @@ class UcmPipelineStore:
         """Yield the Cache tier's buffer of each block (``None`` where the block is not in the Cache), kept
         from eviction until the ``with`` block ends: read them in place (e.g. a GPU kernel over PCIe), never
         write them. Counts the held blocks as loads."""
-        with contextlib.ExitStack() as stack:
-            buffers = [self._hold(stack, block_key(block_id)) for block_id in block_ids]
+        if self.cache is None:
+            yield [None] * len(block_ids)
+            return
+        with self.cache.hold_many([block_key(block_id) for block_id in block_ids]) as buffers:
             with self.monitor.transfer("load") as result:
                 yield buffers
                 held = [b for b in buffers if b is not None]
@@ -280,14 +282,6 @@ class UcmPipelineStore:
         with self._lock:
             self._staged.setdefault(key, _Staged()).parts.append((0, buf))
         return buf
-
-    def _hold(self, stack: contextlib.ExitStack, key: str) -> torch.Tensor | None:
-        if self.cache is None:
-            return None
-        try:
-            return stack.enter_context(self.cache.hold(key))
-        except BlockMissing:
-            return None
 
     def _commit_one(self, block_id: bytes, success: bool, inline: list | None = None) -> bool:
         """Publish or discard one staged block; a published block's write-down is queued, or appended to

@@ -66,6 +66,26 @@ class CacheTier(Tier):
         finally:
             self._unref(key, entry)
 
+    @contextmanager
+    def hold_many(self, keys: list[str]):
+        """Yield each key's buffer (None where absent), all pinned against eviction for the duration: :meth:`hold`
+        for many blocks under one lock acquisition each way."""
+        with self._lock:
+            entries = [self._entries.get(key) for key in keys]
+            for key, entry in zip(keys, entries):
+                if entry is not None:
+                    self._entries.move_to_end(key)
+                    entry.refs += 1
+        try:
+            yield [None if entry is None else entry.buf for entry in entries]
+        finally:
+            with self._lock:
+                for entry in entries:
+                    if entry is not None:
+                        entry.refs -= 1
+                victims = self._pick_victims(len(self._entries) - self.capacity)
+            self._free(victims)
+
     def pin(self, key: str) -> None:
         """Keep ``key`` from eviction until :meth:`unpin` (e.g. while its write-down is pending)."""
         with self._lock:
@@ -139,12 +159,15 @@ class CacheTier(Tier):
 
     def _pick_victims(self, count: int) -> list[_Entry]:
         """Remove up to ``count`` least recently used unpinned entries (caller holds the lock)."""
-        victims = []
-        for key in list(self._entries):
-            if len(victims) >= count:
+        if count <= 0:
+            return []
+        keys = []
+        for key, entry in self._entries.items():
+            if len(keys) >= count:
                 break
-            if self._entries[key].refs == 0:
-                victims.append(self._entries.pop(key))
+            if entry.refs == 0:
+                keys.append(key)
+        victims = [self._entries.pop(key) for key in keys]
         self.evictions += len(victims)
         return victims
 
@@ -155,6 +178,5 @@ class CacheTier(Tier):
     def _unref(self, key: str, entry: _Entry) -> None:
         with self._lock:
             entry.refs -= 1
-            over = len(self._entries) - self.capacity
-            victims = self._pick_victims(over) if over > 0 else []
+            victims = self._pick_victims(len(self._entries) - self.capacity)
         self._free(victims)
