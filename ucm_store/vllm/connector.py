@@ -17,7 +17,8 @@ completes. Worker side: a synchronous load (Cache hits: a memory copy) finishes 
 the forward pass that needs it. An asynchronous load starts there and finishes in ``get_finished``, whichever
 step finds it read, while vLLM keeps the request in ``WAITING_FOR_REMOTE_KVS`` and runs the others; a request
 aborted meanwhile is reported finished too (so vLLM frees its blocks) and its rows are dropped. Completed prompt
-blocks are saved after the forward pass. Blocks that failed to load are reported (no later than the step that
+blocks are saved after the forward pass. ``kv_role``: ``kv_both`` loads and saves, ``kv_consumer`` only loads,
+``kv_producer`` only saves. Blocks that failed to load are reported (no later than the step that
 reports their request finished loading) so vLLM recomputes them: the connector sets
 ``kv_load_failure_policy="recompute"``, so a corrupt or vanished block costs a recomputation, never a failed
 request. ``StatsMonitor``'s ``async_loads`` counts the requests loaded asynchronously.
@@ -112,7 +113,9 @@ class UCMConnector(KVConnectorBase_V1):
         self.hasher = BlockHasher(hash_namespace(vllm_config, self.rank), jit=self.store is not None)
         self._recently_saved = RecentIds(self.store_config.cache_capacity)
         self._looked_up, self._found = 0, Counter()
-        self._books = SchedulerBookkeeping(self.hasher, self._lookup_prefix_tiers, self.store_config.load_async)
+        self._books = SchedulerBookkeeping(self.hasher, self._lookup_prefix_tiers, self.store_config.load_async,
+                                           loads=self._kv_transfer_config.is_kv_consumer,
+                                           saves=self._kv_transfer_config.is_kv_producer)
         self._mover: KVBlockMover | None = None
         self._metrics: MetricsServer | None = None
         self._saves_in_background = vllm_config.device_config.device_type != "cpu"

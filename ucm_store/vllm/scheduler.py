@@ -6,7 +6,8 @@ chained hashes (``ucm_store.hashing``), deterministic across processes, never vL
 
 A load is synchronous (done before the forward pass of the step that schedules the request) or asynchronous
 (vLLM parks the request until the worker reports the load finished); ``load_async`` picks, per request, from the
-tiers the lookup found the hit blocks in (see :func:`loads_async`).
+tiers the lookup found the hit blocks in (see :func:`loads_async`). vLLM's ``kv_role`` is honoured: a
+``kv_consumer`` only loads, a ``kv_producer`` only saves, ``kv_both`` does both.
 """
 import dataclasses
 from collections import OrderedDict
@@ -39,11 +40,14 @@ class _RequestState:
 class SchedulerBookkeeping:
     """Per-request state between lookups, allocation and the per-step metadata."""
 
-    def __init__(self, hasher: BlockHasher, lookup_prefix_tiers, load_async: str = "auto"):
+    def __init__(self, hasher: BlockHasher, lookup_prefix_tiers, load_async: str = "auto", *, loads: bool = True,
+                 saves: bool = True):
         """``lookup_prefix_tiers(block_ids) -> list[str]``: the tier names of the leading run of hits (as
-        ``UcmPipelineStore.lookup_prefix_tiers``); ``load_async``: one of ``LOAD_ASYNC_CHOICES``."""
+        ``UcmPipelineStore.lookup_prefix_tiers``); ``load_async``: one of ``LOAD_ASYNC_CHOICES``; ``loads`` /
+        ``saves``: whether this engine loads hits from the store / saves its prompt blocks (vLLM's kv_role)."""
         assert load_async in LOAD_ASYNC_CHOICES, load_async  # StoreConfig validated it
         self.hasher = hasher
+        self.loads, self.saves = loads, saves
         self.block_size = hasher.block_size
         self.load_async = load_async
         self._lookup_prefix_tiers = lookup_prefix_tiers
@@ -55,6 +59,8 @@ class SchedulerBookkeeping:
         """Tokens beyond ``num_computed_tokens`` whose KV the store holds (whole blocks; never the last token),
         and whether they load asynchronously (never when there are none)."""
         state = self._state(request)
+        if not self.loads:
+            return 0, False
         usable = (len(request.prompt_token_ids) - 1) // self.block_size
         tiers = self._lookup_prefix_tiers(state.hashes[:usable]) if usable else []
         state.hit_blocks = len(tiers)
@@ -100,6 +106,8 @@ class SchedulerBookkeeping:
         return state is not None and state.saved_any
 
     def _saves(self, new_requests, cached_requests, num_scheduled_tokens) -> list[BlockTransfer]:
+        if not self.saves:
+            return []
         computed = {new.req_id: new.num_computed_tokens for new in new_requests}
         computed.update(zip(cached_requests.req_ids, cached_requests.num_computed_tokens))
         saves = []
