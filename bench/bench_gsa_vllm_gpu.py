@@ -51,7 +51,6 @@ BLOCK = 16
 CONFIGS = {"dense": None, "gsa10": {"sparse_ratio": 1.0}, "gsa03": {"sparse_ratio": 0.3},
            "gsa03_fp8": {"sparse_ratio": 0.3, "repr_dtype": "fp8"}, "gsa_all": {"token_budget": 1 << 20}}
 SPEED_CONFIGS = ("dense", "gsa10", "gsa03", "gsa03_fp8")
-AGREE_CONFIGS = ("dense", "gsa_all", "gsa03")
 
 
 def kv_transfer_config(config: str, store: str):
@@ -123,6 +122,21 @@ def decode_steps(llm, prompts: list[list[int]], steps: int) -> tuple[list[float]
     return times, [tokens[req_id] for req_id in ids]
 
 
+def profile_decode(llm, prompts: list[list[int]], steps: int) -> list[dict]:
+    """GPU kernels of ``steps`` decode steps under torch's profiler: the 12 with the most device time, in
+    microseconds per step (a row's first step, the prefix hit, is included)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        decode_steps(llm, prompts, steps)
+    kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    torch.cuda.synchronize()
+    return [{"kernel": e.key[:90], "calls_per_step": e.count / steps,
+             "us_per_step": round(e.self_device_time_total / steps, 1)} for e in kernels[:12]]
+
+
 def role_speed(args) -> None:
     """Per (context, batch): the prefill's seconds, the decode step's median time and tokens/s, the tokens."""
     contexts = [int(n) for n in args.contexts.split(",")]
@@ -143,6 +157,8 @@ def role_speed(args) -> None:
                          "mean_step_ms": statistics.mean(decode) * 1e3, "decode_tokens_per_s": batch / step_s,
                          "steps": len(times), "tokens": tokens, "gsa_steps": after["steps"] - before["steps"],
                          "gsa_rows": after["sparse_rows"] - before["sparse_rows"]})
+            if args.profile_steps:
+                rows[-1]["profile"] = profile_decode(llm, prompts[:batch], args.profile_steps)
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "tokens"}), flush=True)
         llm.reset_prefix_cache()
     finish({"rows": rows})
@@ -207,7 +223,7 @@ def speed_rows(runs: dict, layers: int, read_gbps: float) -> list[dict]:
         floor_s = dense_step_bytes(context, batch, layers) / (read_gbps * 1e9)
         entry = {"context": context, "batch": batch, "dense_ceiling_tok_s": round(batch / floor_s, 1),
                  "dense_tok_s": round(dense["decode_tokens_per_s"], 1), "dense_prefill_s": round(dense["prefill_s"], 3)}
-        for config in SPEED_CONFIGS[1:]:
+        for config in (c for c in runs if c != "dense"):
             row = runs[config]["rows"][i]
             entry[f"{config}_tok_s"] = round(row["decode_tokens_per_s"], 1)
             entry[f"{config}_speedup"] = round(row["decode_tokens_per_s"] / dense["decode_tokens_per_s"], 3)
@@ -228,7 +244,10 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--decode", type=int, default=64, help="decode steps timed per (context, batch)")
+    parser.add_argument("--profile-steps", type=int, default=0, help="speed: also profile this many decode steps")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.80)
+    parser.add_argument("--agree-configs", default="dense,gsa_all,gsa03", help="agreement: dense, then the others")
+    parser.add_argument("--configs", default=",".join(SPEED_CONFIGS), help="speed: dense, then the others")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: speed, agree")
     args = parser.parse_args()
     args.max_batch = max(int(n) for n in args.batches.split(","))
@@ -242,6 +261,7 @@ def main() -> None:
     contexts = [int(n) for n in args.contexts.split(",")]
     extra, rows = {"layers": args.layers, "decode_steps": args.decode}, []
     common = ("--contexts", args.contexts, "--batches", args.batches, "--decode", str(args.decode),
+              "--profile-steps", str(args.profile_steps),
               "--gpu-memory-utilization", str(args.gpu_memory_utilization))
     with tempfile.TemporaryDirectory(dir=os.environ.get("UCM_BENCH_TMP", "/tmp")) as tmp:
         work = Path(tmp)
@@ -249,16 +269,20 @@ def main() -> None:
             from bench.llama_weights import write_llama
 
             model = write_llama(work / "real_llama", REAL_LLAMA)
+            configs = ("dense", *(c for c in args.agree_configs.split(",") if c != "dense"))
             runs = {c: run_role("--role", "agree", "--config", c, "--model-dir", str(model), "--store",
-                                str(work / "store"), *common) for c in AGREE_CONFIGS}
+                                str(work / "store"), *common) for c in configs}
             extra["agreement"] = {c: {**agreement(runs[c]["tokens"], runs["dense"]["tokens"]),
-                                      "gsa_steps": runs[c]["gsa_steps"]} for c in AGREE_CONFIGS[1:]}
+                                      "gsa_steps": runs[c]["gsa_steps"]} for c in configs[1:]}
             print(json.dumps(extra["agreement"]), flush=True)
         if "speed" not in args.skip:
             model = write_model(work / "llama8b_shape", args.layers, max(contexts) + 4096)
+            configs = ("dense", *(c for c in args.configs.split(",") if c != "dense"))
             runs = {c: run_role("--role", "speed", "--config", c, "--model-dir", str(model), "--store",
-                                str(work / "store"), *common) for c in SPEED_CONFIGS}
+                                str(work / "store"), *common) for c in configs}
             rows = speed_rows(runs, args.layers, ceilings["hbm_read_gbps"])
+            extra["speed_runs"] = {c: [{k: v for k, v in row.items() if k != "tokens"} for row in run["rows"]]
+                                   for c, run in runs.items()}
             for entry in rows:
                 print(json.dumps(entry), flush=True)
     import vllm
