@@ -192,7 +192,7 @@ def random_prompts(lengths, seed: int, vocab: int) -> list[list[int]]:
 def agreement(tokens: list[list[int]], dense: list[list[int]]) -> dict:
     """Position-wise agreement of greedy continuations with dense's, and how many are identical."""
     shares = [sum(a == b for a, b in zip(mine, ref)) / len(ref) for mine, ref in zip(tokens, dense)]
-    return {"position_agreement": round(statistics.mean(shares), 4),
+    return {"position_agreement": round(statistics.mean(shares), 4), "per_prompt": [round(x, 4) for x in shares],
             "identical": sum(mine == ref for mine, ref in zip(tokens, dense)), "prompts": len(dense)}
 
 
@@ -274,6 +274,7 @@ def main() -> None:
                                 str(work / "store"), *common) for c in configs}
             extra["agreement"] = {c: {**agreement(runs[c]["tokens"], runs["dense"]["tokens"]),
                                       "gsa_steps": runs[c]["gsa_steps"]} for c in configs[1:]}
+            extra["agreement_tokens"] = {c: runs[c]["tokens"] for c in configs}
             print(json.dumps(extra["agreement"]), flush=True)
         if "speed" not in args.skip:
             model = write_model(work / "llama8b_shape", args.layers, max(contexts) + 4096)
