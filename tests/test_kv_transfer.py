@@ -1,4 +1,5 @@
-"""kv_transfer gather/scatter (Triton interpreter on CPU) against the plain-torch reference, bit for bit."""
+"""kv_transfer gather/scatter against the plain-torch reference, bit for bit: compiled on a GPU (CUDA tensors),
+the Triton interpreter on a CPU. (CPU tensors on a GPU machine take the library's torch path, not the kernel.)"""
 import pytest
 import torch
 
@@ -12,6 +13,11 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float32]
 # Ragged batches with -1 padding in the middle and at the end, a repeated id (gather only), a full batch.
 GATHER_IDS = [[3, -1, 0, 6, -1], [5, 2, 2, 0], list(range(NUM_BLOCKS))]
 SCATTER_IDS = [[3, -1, 0, 6, -1], [1, 4], [-1, -1]]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def ids_tensor(ids, dtype=torch.int64) -> torch.Tensor:
+    return torch.tensor(ids, dtype=dtype, device=DEVICE)
 
 
 def layer_shape(kind: str) -> tuple[int, ...]:
@@ -23,7 +29,7 @@ def layer_shape(kind: str) -> tuple[int, ...]:
 
 def random_layers(kind: str, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(layer_shape(kind), generator=gen).to(dtype) for _ in range(NUM_LAYERS)]
+    return [torch.randn(layer_shape(kind), generator=gen).to(DEVICE, dtype) for _ in range(NUM_LAYERS)]
 
 
 def as_bytes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -33,7 +39,7 @@ def as_bytes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def poisoned_staging(n_ids: int, kind: str, dtype: torch.dtype) -> torch.Tensor:
     layout = detect_layout(random_layers(kind, dtype), kind)
-    return torch.full(layout.staging_shape(n_ids), 0xFF, dtype=torch.uint8)  # 0xFF.. is NaN in every float dtype
+    return torch.full(layout.staging_shape(n_ids), 0xFF, dtype=torch.uint8, device=DEVICE)  # NaN in every float dtype
 
 
 @pytest.mark.parametrize("ids", GATHER_IDS)
@@ -42,7 +48,7 @@ def poisoned_staging(n_ids: int, kind: str, dtype: torch.dtype) -> torch.Tensor:
 def test_gather_matches_reference(kind, dtype, ids):
     layers = random_layers(kind, dtype)
     before = as_bytes(layers)
-    block_ids = torch.tensor(ids, dtype=torch.int32 if len(ids) % 2 else torch.int64)
+    block_ids = ids_tensor(ids, torch.int32 if len(ids) % 2 else torch.int64)
     out = poisoned_staging(len(ids), kind, dtype)
     expected = naive_gather_blocks(layers, block_ids, out.clone(), detect_layout(layers, kind))
 
@@ -59,8 +65,8 @@ def test_gather_matches_reference(kind, dtype, ids):
 @pytest.mark.parametrize("kind", KINDS)
 def test_scatter_matches_reference(kind, dtype, ids):
     layers = random_layers(kind, dtype)
-    block_ids = torch.tensor(ids, dtype=torch.int64 if len(ids) % 2 else torch.int32)
-    targets = torch.tensor([b for b in ids if b >= 0], dtype=torch.int64)
+    block_ids = ids_tensor(ids, torch.int64 if len(ids) % 2 else torch.int32)
+    targets = ids_tensor([b for b in ids if b >= 0])
     layout = detect_layout(layers, kind)
     naive_scatter_blocks(poisoned_staging(len(targets), kind, dtype), targets, layers, layout)  # NaN-poison targets
     staging = gather_blocks(random_layers(kind, dtype, seed=1), block_ids.clamp(min=0))
@@ -68,19 +74,19 @@ def test_scatter_matches_reference(kind, dtype, ids):
     expected = [t.clone() for t in layers]
     naive_scatter_blocks(staging, block_ids, expected, layout)
     untouched = [b for b in range(NUM_BLOCKS) if b not in ids]
-    untouched_before = gather_blocks(layers, torch.tensor(untouched))
+    untouched_before = gather_blocks(layers, ids_tensor(untouched))
 
     scatter_blocks(staging, block_ids, layers)
 
     assert all(torch.equal(a, b) for a, b in zip(as_bytes(layers), as_bytes(expected)))
-    assert torch.equal(gather_blocks(layers, torch.tensor(untouched)), untouched_before)
+    assert torch.equal(gather_blocks(layers, ids_tensor(untouched)), untouched_before)
     assert torch.equal(staging, staging_before)
 
 
 def test_round_trip_moves_blocks_between_caches():
     source, target = random_layers("flash_attn", torch.bfloat16), random_layers("flash_attn", torch.bfloat16, 1)
-    staging = gather_blocks(source, torch.tensor([6, 1, 3]))
-    scatter_blocks(staging, torch.tensor([0, 4, 5]), target)
+    staging = gather_blocks(source, ids_tensor([6, 1, 3]))
+    scatter_blocks(staging, ids_tensor([0, 4, 5]), target)
     for src_block, dst_block in ((6, 0), (1, 4), (3, 5)):
         for src, dst in zip(source, target):
             assert torch.equal(src[:, src_block].view(torch.uint8), dst[:, dst_block].view(torch.uint8))
@@ -88,14 +94,14 @@ def test_round_trip_moves_blocks_between_caches():
 
 def test_narrow_words_for_unaligned_caches():
     """30-byte fp16 blocks at an odd element offset are only 2-byte aligned: 2-byte words, still exact."""
-    backing = torch.randn(NUM_LAYERS, 1 + NUM_BLOCKS * 3 * 5).to(torch.float16)
+    backing = torch.randn(NUM_LAYERS, 1 + NUM_BLOCKS * 3 * 5).to(DEVICE, torch.float16)
     layers = [backing[i, 1:].view(NUM_BLOCKS, 3, 5) for i in range(NUM_LAYERS)]  # 30-byte blocks, 2-byte aligned
-    block_ids = torch.tensor([4, -1, 0])
-    out = torch.full((3, NUM_LAYERS, 1, 30), 0xFF, dtype=torch.uint8)
+    block_ids = ids_tensor([4, -1, 0])
+    out = torch.full((3, NUM_LAYERS, 1, 30), 0xFF, dtype=torch.uint8, device=DEVICE)
     expected = naive_gather_blocks(layers, block_ids, out.clone(), detect_layout(layers, "mla"))
     assert torch.equal(gather_blocks(layers, block_ids, out=out), expected)
 
-    staging = torch.randint(0, 256, (3, NUM_LAYERS, 1, 30), dtype=torch.uint8)
+    staging = torch.randint(0, 256, (3, NUM_LAYERS, 1, 30), dtype=torch.uint8, device=DEVICE)
     expected_layers = [t.clone() for t in layers]
     naive_scatter_blocks(staging, block_ids, expected_layers, detect_layout(layers, "mla"))
     scatter_blocks(staging, block_ids, layers)
@@ -105,11 +111,12 @@ def test_narrow_words_for_unaligned_caches():
 def test_flash_attn_with_blocks_outermost_strides():
     """vLLM may allocate (num_blocks, 2, ...) and hand out the (2, num_blocks, ...) transposed view: K and V of a
     block are then one 256-byte run."""
-    physical = [torch.randn(NUM_BLOCKS, 2, BLOCK_SIZE, KV_HEADS, HEAD_DIM).to(torch.bfloat16) for _ in range(2)]
+    physical = [torch.randn(NUM_BLOCKS, 2, BLOCK_SIZE, KV_HEADS, HEAD_DIM).to(DEVICE, torch.bfloat16)
+                for _ in range(2)]
     layers = [p.transpose(0, 1) for p in physical]
     layout = detect_layout(layers)
     assert (layout.kind, layout.num_segments, layout.segment_bytes) == ("flash_attn", 1, 256)
-    block_ids = torch.tensor([2, 5, -1])
+    block_ids = ids_tensor([2, 5, -1])
     expected = naive_gather_blocks(layers, block_ids, poisoned_staging(3, "flash_attn", torch.bfloat16), layout)
     assert torch.equal(gather_blocks(layers, block_ids, out=poisoned_staging(3, "flash_attn", torch.bfloat16)).flatten(),
                        expected.flatten())
@@ -148,33 +155,33 @@ def test_detect_layout_rejects_bad_caches(layers, kind, message):
 ])
 def test_gather_rejects_bad_ids(block_ids, message):
     with pytest.raises(ValueError, match=message):
-        gather_blocks(random_layers("mla", torch.float16), block_ids)
+        gather_blocks(random_layers("mla", torch.float16), block_ids.to(DEVICE))
 
 
 def test_gather_and_scatter_reject_bad_staging():
     layers = random_layers("mla", torch.float16)
     row_bytes = detect_layout(layers).row_bytes
     with pytest.raises(ValueError, match=f"out: .* expected a contiguous uint8 tensor of {2 * row_bytes} bytes"):
-        gather_blocks(layers, torch.tensor([0, 1]), out=torch.empty(2 * row_bytes + 1, dtype=torch.uint8))
+        gather_blocks(layers, ids_tensor([0, 1]), out=torch.empty(2 * row_bytes + 1, dtype=torch.uint8, device=DEVICE))
     with pytest.raises(ValueError, match="staging: torch.float16"):
-        scatter_blocks(torch.empty(row_bytes // 2, dtype=torch.float16), torch.tensor([0]), layers)
+        scatter_blocks(torch.empty(row_bytes // 2, dtype=torch.float16, device=DEVICE), ids_tensor([0]), layers)
 
 
 def test_empty_batch_is_a_no_op():
     layers = random_layers("cpu_packed", torch.bfloat16)
-    assert gather_blocks(layers, torch.empty(0, dtype=torch.int64)).shape == (0, NUM_LAYERS, 1, 256)
+    assert gather_blocks(layers, ids_tensor([])).shape == (0, NUM_LAYERS, 1, 256)
 
 
 def _fa026(nb):  # vLLM 0.26 FlashAttention: view (nb, heads, block, 2*head) of token-major storage
-    return torch.randn(nb, BLOCK_SIZE, KV_HEADS, 2 * HEAD_DIM).to(torch.bfloat16).permute(0, 2, 1, 3)
+    return torch.randn(nb, BLOCK_SIZE, KV_HEADS, 2 * HEAD_DIM).to(DEVICE, torch.bfloat16).permute(0, 2, 1, 3)
 
 
 def _flashinfer_hnd(nb):  # FlashInfer HND storage (nb, 2, heads, block, head) seen as (nb, 2, block, heads, head)
-    return torch.randn(nb, 2, KV_HEADS, BLOCK_SIZE, HEAD_DIM).to(torch.float16).permute(0, 1, 3, 2, 4)
+    return torch.randn(nb, 2, KV_HEADS, BLOCK_SIZE, HEAD_DIM).to(DEVICE, torch.float16).permute(0, 1, 3, 2, 4)
 
 
 def _fa_planes(nb):  # classic FlashAttention: K and V planes (2, nb, block, heads, head)
-    return torch.randn(2, nb, BLOCK_SIZE, KV_HEADS, HEAD_DIM).to(torch.bfloat16)
+    return torch.randn(2, nb, BLOCK_SIZE, KV_HEADS, HEAD_DIM).to(DEVICE, torch.bfloat16)
 
 
 def _expected_block_bytes(layer: torch.Tensor, block: int) -> torch.Tensor:
@@ -191,8 +198,8 @@ def test_layouts_found_by_num_blocks_move_as_opaque_bytes(make, segments):
     layers, target = [make(NUM_BLOCKS) for _ in range(NUM_LAYERS)], [make(NUM_BLOCKS) for _ in range(NUM_LAYERS)]
     layout = detect_layout(layers, num_blocks=NUM_BLOCKS)
     assert (layout.kind, layout.num_blocks, layout.num_segments) == ("opaque", NUM_BLOCKS, segments)
-    ids = torch.tensor([5, -1, 0, 3])
-    out = torch.full(layout.staging_shape(4), 0xFF, dtype=torch.uint8)
+    ids = ids_tensor([5, -1, 0, 3])
+    out = torch.full(layout.staging_shape(4), 0xFF, dtype=torch.uint8, device=DEVICE)
 
     rows = gather_blocks(layers, ids, out=out, layout=layout)
 
@@ -201,7 +208,7 @@ def test_layouts_found_by_num_blocks_move_as_opaque_bytes(make, segments):
         assert torch.equal(rows[i].flatten(), torch.cat(expected)) if expected else (rows[i] == 0xFF).all()
     assert torch.equal(naive_gather_blocks(layers, ids, torch.full_like(out, 0xFF), layout), rows)
     before = [_expected_block_bytes(layer, 1) for layer in target]
-    scatter_blocks(rows, torch.tensor([2, -1, 4, 6]), target, layout=layout)
+    scatter_blocks(rows, ids_tensor([2, -1, 4, 6]), target, layout=layout)
     for source_block, target_block in ((5, 2), (0, 4), (3, 6)):
         assert all(torch.equal(_expected_block_bytes(t, target_block), _expected_block_bytes(s, source_block))
                    for s, t in zip(layers, target))
@@ -235,17 +242,17 @@ def test_rows_as_separate_buffers_move_like_contiguous_staging(kind):
     """Rows anywhere (e.g. one pool buffer per block): the kernel reads a table of their addresses."""
     layers, target = random_layers(kind, torch.float16), random_layers(kind, torch.float16, seed=1)
     layout = detect_layout(layers, kind)
-    ids = torch.tensor([4, 0, 6])
-    rows = [torch.full((layout.row_bytes,), 0xFF, dtype=torch.uint8) for _ in range(3)]
+    ids = ids_tensor([4, 0, 6])
+    rows = [torch.full((layout.row_bytes,), 0xFF, dtype=torch.uint8, device=DEVICE) for _ in range(3)]
     gather_blocks_into_rows(layers, ids, rows, layout=layout)
     assert torch.equal(torch.stack(rows), gather_blocks(layers, ids).view(3, -1))
     expected = [t.clone() for t in target]
-    scatter_blocks(torch.stack(rows), torch.tensor([1, 2, 5]), expected)
-    scatter_blocks_from_rows(rows, torch.tensor([1, 2, 5]), target, layout=layout)
+    scatter_blocks(torch.stack(rows), ids_tensor([1, 2, 5]), expected)
+    scatter_blocks_from_rows(rows, ids_tensor([1, 2, 5]), target, layout=layout)
     assert all(torch.equal(a, b) for a, b in zip(as_bytes(target), as_bytes(expected)))
     with pytest.raises(ValueError, match="2 rows for 3 block ids"):
         gather_blocks_into_rows(layers, ids, rows[:2], layout=layout)
-    arena = torch.empty(3 * layout.row_bytes, dtype=torch.uint8)  # rows of one storage, the second one short
+    arena = torch.empty(3 * layout.row_bytes, dtype=torch.uint8, device=DEVICE)  # one storage, the second row short
     short = [arena[:layout.row_bytes], arena[layout.row_bytes:2 * layout.row_bytes - 1], arena[-layout.row_bytes:]]
     with pytest.raises(ValueError, match=r"rows\[1\]: .* expected a contiguous uint8 tensor"):
         gather_blocks_into_rows(layers, ids, short, layout=layout)
