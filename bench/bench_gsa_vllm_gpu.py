@@ -20,8 +20,9 @@ the decode timings carry no save traffic.
    median step time (host work included, as a server pays it). The ceiling beside it: a dense step that only
    read its KV and weights once at the HBM read rate measured in the same run.
 2. Agreement on a model whose answers depend on its KV: seeded real-scale random weights (``bench.llama_weights``),
-   prompts of 3-6K tokens, 24 greedy tokens: the share of positions equal to dense's, and whether the whole
-   continuation is identical.
+   prompts of 3-6K tokens, 24 greedy tokens: the share of positions equal to dense's, whether the whole
+   continuation is identical, and every position's two most likely tokens with their logprobs (a flip between
+   near-tied tokens is rounding; a flip with a wide margin is not).
 
 Usage (lent GPU, vLLM on PYTHONPATH): ``python3 -m bench.bench_gsa_vllm_gpu [--contexts 32768,131072]
 [--batches 1,8] [--layers 8] [--decode 64]``; JSON to ``$OUT`` (or bench/results).
@@ -164,13 +165,26 @@ def role_speed(args) -> None:
     finish({"rows": rows})
 
 
+def top2_per_position(llm, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], list[list]]:
+    """Greedy generation with the two most likely tokens of every position: (tokens per prompt, per prompt and
+    position ``[[token, logprob], [token, logprob]]``), to tell a rounding flip (a near tie) from a real change."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False, logprobs=2)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    tops = [[sorted(([t, lp.logprob] for t, lp in position.items()), key=lambda x: -x[1])[:2]
+             for position in o.outputs[0].logprobs] for o in outputs]
+    return [list(o.outputs[0].token_ids) for o in outputs], tops
+
+
 def role_agree(args) -> None:
     prompts = random_prompts(AGREEMENT_LENGTHS, seed=3, vocab=REAL_LLAMA["vocab_size"])
     llm = make_llm(args, max(AGREEMENT_LENGTHS) + AGREEMENT_TOKENS + BLOCK, dummy=False)
     before = gsa_counters()
-    _, tokens = generate(llm, prompts, AGREEMENT_TOKENS)
+    tokens, top2 = top2_per_position(llm, prompts, AGREEMENT_TOKENS)
     after = gsa_counters()
-    finish({"tokens": tokens, "gsa_steps": after["steps"] - before["steps"]})
+    finish({"tokens": tokens, "top2": top2, "gsa_steps": after["steps"] - before["steps"]})
 
 
 # ---- orchestration --------------------------------------------------------------------------------------------
@@ -275,6 +289,7 @@ def main() -> None:
             extra["agreement"] = {c: {**agreement(runs[c]["tokens"], runs["dense"]["tokens"]),
                                       "gsa_steps": runs[c]["gsa_steps"]} for c in configs[1:]}
             extra["agreement_tokens"] = {c: runs[c]["tokens"] for c in configs}
+            extra["agreement_top2"] = {c: runs[c]["top2"] for c in configs}
             print(json.dumps(extra["agreement"]), flush=True)
         if "speed" not in args.skip:
             model = write_model(work / "llama8b_shape", args.layers, max(contexts) + 4096)
