@@ -30,10 +30,7 @@ Usage (lent GPU, vLLM on PYTHONPATH): ``python3 -m bench.bench_gsa_vllm_gpu [--c
 import argparse
 import json
 import os
-import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -126,20 +123,20 @@ def decode_steps(llm, prompts: list[list[int]], steps: int) -> tuple[list[float]
 def profile_decode(llm, prompts: list[list[int]], steps: int) -> list[dict]:
     """GPU kernels of ``steps`` decode steps under torch's profiler: the 12 with the most device time, in
     microseconds per step (a row's first step, the prefix hit, is included)."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         decode_steps(llm, prompts, steps)
     kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0]
     kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
-    torch.cuda.synchronize()
     return [{"kernel": e.key[:90], "calls_per_step": e.count / steps,
              "us_per_step": round(e.self_device_time_total / steps, 1)} for e in kernels[:12]]
 
 
 def role_speed(args) -> None:
     """Per (context, batch): the prefill's seconds, the decode step's median time and tokens/s, the tokens."""
+    from bench.harness import random_prompts
+
     contexts = [int(n) for n in args.contexts.split(",")]
     batches = [int(n) for n in args.batches.split(",")]
     llm = make_llm(args, max(contexts) + args.decode + 2 * BLOCK, dummy=True)
@@ -179,6 +176,8 @@ def top2_per_position(llm, prompts: list[list[int]], max_tokens: int) -> tuple[l
 
 
 def role_agree(args) -> None:
+    from bench.harness import random_prompts
+
     prompts = random_prompts(AGREEMENT_LENGTHS, seed=3, vocab=REAL_LLAMA["vocab_size"])
     llm = make_llm(args, max(AGREEMENT_LENGTHS) + AGREEMENT_TOKENS + BLOCK, dummy=False)
     before = gsa_counters()
@@ -188,19 +187,10 @@ def role_agree(args) -> None:
 
 
 # ---- orchestration --------------------------------------------------------------------------------------------
-def run_role(*argv: str, timeout: float = 600) -> dict:
-    cmd = [sys.executable, "-m", "bench.bench_gsa_vllm_gpu", *argv]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    print("\n".join(line for line in done.stdout.splitlines() if line.startswith("{")), flush=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("UCM_RESULT ")]
-    if done.returncode or not lines:
-        raise RuntimeError(f"{' '.join(argv)} failed (rc {done.returncode}):\n{done.stderr[-6000:]}")
-    return json.loads(lines[-1][len("UCM_RESULT "):])
+def run_role(*argv: str) -> dict:
+    from bench.harness import run_bench_role
 
-
-def random_prompts(lengths, seed: int, vocab: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
+    return run_bench_role("bench.bench_gsa_vllm_gpu", *argv, timeout=600, echo=True)
 
 
 def agreement(tokens: list[list[int]], dense: list[list[int]]) -> dict:

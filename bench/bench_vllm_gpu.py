@@ -19,10 +19,7 @@ Usage (lent GPU, vLLM on PYTHONPATH): ``python3 -m bench.bench_vllm_gpu [--lengt
 import argparse
 import json
 import os
-import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -118,22 +115,15 @@ def role_ttft(args) -> None:
 
 
 # ---- orchestration --------------------------------------------------------------------------------------------
-def run_role(*argv: str, timeout: float = 900) -> dict:
-    cmd = [sys.executable, "-m", "bench.bench_vllm_gpu", *argv]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("UCM_RESULT ")]
-    if done.returncode or not lines:
-        raise RuntimeError(f"{' '.join(argv)} failed (rc {done.returncode}):\n{done.stderr[-4000:]}")
-    return json.loads(lines[-1][len("UCM_RESULT "):])
+def run_role(*argv: str) -> dict:
+    from bench.harness import run_bench_role
 
-
-def random_prompts(lengths, seed: int, vocab: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
+    return run_bench_role("bench.bench_vllm_gpu", *argv, timeout=900)
 
 
 def check_correctness(work: Path) -> dict:
     """Process A (cold) then B (fresh, same store); the control prompt differs from prompt 0 in block 0 only."""
+    from bench.harness import random_prompts
     from bench.llama_weights import write_llama
 
     model = write_llama(work / "small_llama", SMALL_LLAMA)
@@ -152,6 +142,7 @@ def check_correctness(work: Path) -> dict:
 
 
 def measure_ttft(work: Path, lengths: list[int], repeats: int) -> dict:
+    from bench.harness import random_prompts
     from bench.llama_weights import LLAMA_DEFAULTS
 
     model = work / "llama8b"  # config only: vLLM's dummy loader fills the weights

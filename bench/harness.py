@@ -7,6 +7,7 @@ the ``measure_*`` helpers, and writes one file with :func:`write_results` (to ``
 import datetime
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -135,3 +136,21 @@ def measure_copy_ceilings(nbytes: int = 256 << 20) -> dict:
     return {"h2d_pinned_gbps": round(nbytes / h2d / 1e6, 2), "d2h_pinned_gbps": round(nbytes / d2h / 1e6, 2),
             "bidir_pinned_gbps": round(2 * nbytes / bidir / 1e6, 2), "hbm_copy_gbps": round(2 * nbytes / hbm / 1e6, 1),
             "hbm_read_gbps": round(nbytes / read / 1e6, 1)}
+
+
+def run_bench_role(module: str, *argv: str, timeout: float = 900, echo: bool = False) -> dict:
+    """Run ``python -m module argv...`` (one vLLM process of a bench) and return the JSON it printed after
+    ``UCM_RESULT ``; ``echo``: first print its stdout lines that are JSON objects (progress rows)."""
+    done = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, timeout=timeout)
+    if echo:
+        print("\n".join(line for line in done.stdout.splitlines() if line.startswith("{")), flush=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("UCM_RESULT ")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"{' '.join(argv)} failed (rc {done.returncode}):\n{done.stderr[-6000:]}")
+    return json.loads(lines[-1][len("UCM_RESULT "):])
+
+
+def random_prompts(lengths, seed: int, vocab: int) -> list[list[int]]:
+    """Token-id prompts of the given ``lengths``, ids uniform in [3, vocab), reproducible from ``seed``."""
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]

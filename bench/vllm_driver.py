@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--warmup-tokens", type=int, default=0,
                         help="first generate one untimed prompt of this many tokens (one-time start-up costs)")
     args = parser.parse_args()
+    extra = json.loads(args.extra)
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -97,7 +98,7 @@ def main() -> None:
     llm = LLM(model=args.model_dir, load_format="auto", skip_tokenizer_init=not args.chat, enforce_eager=True,
               dtype="bfloat16", block_size=args.block_size, max_model_len=args.max_model_len, seed=0,
               enable_prefix_caching=False, max_num_batched_tokens=16384,
-              kv_transfer_config=kv_transfer_config(args.connector, args.store, json.loads(args.extra)))
+              kv_transfer_config=kv_transfer_config(args.connector, args.store, extra))
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     prompts = json.loads(Path(args.prompts).read_text())
     if args.warmup_tokens:
@@ -124,7 +125,7 @@ def main() -> None:
               "prompt_tokens": prompt_lens, "cached_tokens": cached}
     if args.chat:
         result["texts"] = texts
-    if "ucm_sparse_method" in json.loads(args.extra):
+    if "ucm_sparse_method" in extra:
         from ucm_sparse.vllm.cpu_backend import stats as gsa
 
         result["gsa"] = {"steps": gsa.steps, "sparse_rows": gsa.sparse_rows}
