@@ -99,10 +99,10 @@ def finish(result: dict) -> None:
 
 
 # ---- one process ----------------------------------------------------------------------------------------------
-def decode_steps(llm, prompts: list[list[int]], steps: int) -> tuple[list[float], list[list[int]]]:
+def decode_steps(llm, prompts: list[list[int]], steps: int, profiler=None) -> tuple[list[float], list[list[int]]]:
     """Run ``prompts`` (their KV in vLLM's prefix cache already) for ``1 + steps`` tokens one engine step at a
     time: (seconds of every step, the tokens of each prompt). The first step recomputes each prompt's last
-    block; the rest decode."""
+    block; the rest decode. ``profiler`` (a torch profiler) is started after the first two steps."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -113,20 +113,25 @@ def decode_steps(llm, prompts: list[list[int]], steps: int) -> tuple[list[float]
         engine.add_request(req_id, TokensPrompt(prompt_token_ids=prompt), params)
     times, tokens = [], {}
     while engine.has_unfinished_requests():
+        if profiler is not None and len(times) == 2:
+            profiler.start()
         start = time.perf_counter()
         outputs = engine.step()
         times.append(time.perf_counter() - start)
         tokens.update((o.request_id, list(o.outputs[0].token_ids)) for o in outputs if o.finished)
+    if profiler is not None:
+        profiler.stop()
     return times, [tokens[req_id] for req_id in ids]
 
 
 def profile_decode(llm, prompts: list[list[int]], steps: int) -> list[dict]:
-    """GPU kernels of ``steps`` decode steps under torch's profiler: the 12 with the most device time, in
-    microseconds per step (a row's first step, the prefix hit, is included)."""
+    """GPU kernels of ``steps`` steady decode steps under torch's profiler (the prefix-hit step, which refreshes
+    every block's summaries, and the first decode step are left out): the 12 with the most device time, in
+    microseconds per step."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        decode_steps(llm, prompts, steps)
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    decode_steps(llm, prompts, steps + 1, profiler=prof)
     kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0]
     kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
     return [{"kernel": e.key[:90], "calls_per_step": e.count / steps,

@@ -22,6 +22,7 @@ from ucm_store.backends import framing, posix
 from ucm_store.backends.cache import CacheTier
 from ucm_store.backends.posix import STALE_TMP_SECONDS, PosixTier
 from ucm_store.factory import UcmConnectorFactory
+from ucm_store.metrics import StatsMonitor, health_warnings
 from ucm_store.pipeline import UcmPipelineStore, block_key
 from ucm_store.pool import PinnedMemoryPool
 from ucm_store.task import TaskStatus
@@ -232,6 +233,8 @@ def fill(disk: Path) -> Path:
 @pytest.mark.parametrize("pipeline", ["Posix", "Cache|Posix"])
 def test_full_disk_fails_the_dump_cleanly_and_the_store_keeps_serving(tmp_path, caplog, pipeline):
     kept, full, later = ids(2, "kept"), [b"full"], [b"later"]
+    monitor = StatsMonitor.get_instance()
+    monitor.reset()
     with mounted(tmp_path / "disk", "-t", "tmpfs", "-o", "size=1m", "tmpfs") as disk:
         with disk_store(disk, pipeline) as store:
             dump_commit(store, kept, [block_data(i, FULL_BLOCK) for i in range(2)])
@@ -240,7 +243,8 @@ def test_full_disk_fails_the_dump_cleanly_and_the_store_keeps_serving(tmp_path, 
             in_use = store.pool.get_stats()["currently_used"]
             assert dump_commit(store, full, [block_data(5, FULL_BLOCK)]) == [pipeline != "Posix"]
             store.flush()
-            assert store.writeback_failures == (pipeline != "Posix")
+            assert store.writeback_failures == monitor.get_stats()["writedown_failures"] == (pipeline != "Posix")
+            assert ("writedown" in health_warnings(monitor.get_stats())) == (pipeline != "Posix")
             assert "No space left on device" in caplog.text and full[0].hex() in caplog.text
             assert temp_files(disk) == [] and len(block_files(disk)) == 2
             assert store.lookup(kept + full) == [True, True, pipeline != "Posix"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ucm_store.pool import (PAGE_BYTES, PinnedMemoryPool, PoolExhaustedError, find_free_run,
-                            find_free_run_reference)
+                            find_free_run_reference, page_locked_buffer)
 
 MiB = 1 << 20
 
@@ -22,6 +22,17 @@ def test_find_free_run_equals_twin(seed):
         assert got == find_free_run_reference(used.tolist(), npages, hint)
         if got >= 0:
             assert not used[got:got + npages].any()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locking needs CUDA (run by bench/run_gpu.sh tests)")
+@pytest.mark.parametrize("nbytes", [5000, 3 << 20])
+def test_pinned_memory_is_page_locked_aligned_and_exactly_sized(nbytes):
+    buf = page_locked_buffer(nbytes, pinned=True)
+    assert (buf.is_pinned(), buf.numel(), buf.data_ptr() % PAGE_BYTES) == (True, nbytes, 0)
+    gpu = torch.arange(nbytes, device="cuda").to(torch.uint8)
+    buf.copy_(gpu, non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(buf, gpu.cpu())
 
 
 def test_buffers_are_aligned_distinct_and_accounted():

@@ -101,7 +101,7 @@ class StatsMonitor:
     def reset(self) -> None:
         """Zero every counter."""
         with self._lock:
-            self._counts = {"lookups": 0, "hits": 0, "async_loads": 0}
+            self._counts = {"lookups": 0, "hits": 0, "async_loads": 0, "writedown_failures": 0}
             for kind in TRANSFER_KINDS:
                 self._counts.update({f"{kind}s": 0, f"{kind}_blocks": 0, f"{kind}_bytes": 0, f"{kind}_failures": 0})
             self._tier_hits: dict[str, int] = {}
@@ -122,6 +122,12 @@ class StatsMonitor:
         """Count one request whose KV blocks the vLLM connector loaded asynchronously (the request parked)."""
         with self._lock:
             self._counts["async_loads"] += 1
+
+    def record_writedown_failure(self) -> None:
+        """Count one committed block that failed to reach a lower tier (it stays in the Cache tier only, so a
+        restart loses it: a full disk or a dead server)."""
+        with self._lock:
+            self._counts["writedown_failures"] += 1
 
     @contextmanager
     def transfer(self, kind: str):
@@ -253,12 +259,14 @@ _METRICS = (
     ("save_bytes", "counter", "Bytes saved"),
     ("save_failures", "counter", "Save transfers that failed"),
     ("async_loads", "counter", "Requests whose KV the vLLM connector loaded asynchronously"),
+    ("writedown_failures", "counter", "Committed blocks that failed to reach a lower tier (Cache copy only)"),
 )
 
 
 def health_warnings(stats: dict, min_hit_rate: float = MIN_HIT_RATE,
                     min_load_speed: float = MIN_LOAD_SPEED) -> dict[str, str]:
-    """The seed's section 7.2 warnings for ``stats`` (``get_stats()`` keys), keyed ``hit_rate`` / ``load_speed``."""
+    """The seed's section 7.2 warnings for ``stats`` (``get_stats()`` keys), keyed ``hit_rate`` / ``load_speed``,
+    and ``writedown`` when committed blocks failed to reach the lower tiers."""
     out = {}
     if stats["lookups"] >= MIN_LOOKUPS and stats["hit_rate"] < min_hit_rate:
         out["hit_rate"] = (f"hit rate {stats['hit_rate'] * 100:.1f}% is below {min_hit_rate * 100:.0f}% "
@@ -268,6 +276,10 @@ def health_warnings(stats: dict, min_hit_rate: float = MIN_HIT_RATE,
         floor = f"{min_load_speed / 1e9:g} GB/s"
         out["load_speed"] = (f"load speed {stats['load_speed'] / 1e9:.2f} GB/s is below {floor} (加载速度低于 "
                              f"{floor}): check the storage configuration (store_pipeline, use_direct_io, io_workers)")
+    if stats["writedown_failures"]:
+        out["writedown"] = (f"{stats['writedown_failures']} committed blocks failed to reach the lower tiers and live "
+                            "in the Cache tier only (a restart loses them): check free disk space and the remote "
+                            "servers (the store log names each block and error)")
     return out
 
 

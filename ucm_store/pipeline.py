@@ -362,6 +362,7 @@ class UcmPipelineStore:
         for (block_id, key), error in zip(batch, errors):
             if error is not None:
                 self.writeback_failures += 1
+                self.monitor.record_writedown_failure()
                 logger.error("write-down of block %s failed: %s", block_id.hex(), error)
             self.cache.unpin(key)
 

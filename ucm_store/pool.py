@@ -5,11 +5,12 @@ Memory comes in arenas: ``pinned_pool_size`` bytes reserved at start, further ar
 finding a free run and marking it are Numba functions over that map (each with a plain-Python twin for the
 tests). When no run is free, :meth:`PinnedMemoryPool.allocate` waits for a release up to ``timeout`` seconds,
 then raises :class:`PoolExhaustedError`. Buffers are pinned (page-locked, DMA-able) where CUDA is available and
-ordinary memory with the same API where it is not; the first arena's pages are then touched at start (pinned
-memory is populated by CUDA's allocator), so that saves do not pay a page fault per 4 KiB.
+ordinary memory with the same API where it is not; the first arena's pages are then touched at start (pinning
+populates them), so that saves do not pay a page fault per 4 KiB.
 """
 import threading
 import time
+import weakref
 
 import numpy as np
 import torch
@@ -202,15 +203,32 @@ class PinnedMemoryPool:
 
 
 def page_locked_buffer(nbytes: int, pinned: bool) -> torch.Tensor:
-    """``nbytes`` of host memory starting on a page boundary; page-locked (pinned, DMA-able and addressable by
-    kernels) when ``pinned``. Pinned memory comes from CUDA's host allocator through torch, which rounds the
-    reservation up to a power of two (so size pools in powers of two); ``is_pinned()`` is true for it."""
+    """``[nbytes]`` uint8 host memory starting on a page boundary; page-locked (DMA-able and addressable by
+    kernels, ``is_pinned()`` true) when ``pinned``.
+
+    Pinned memory is ordinary memory registered with CUDA (``cudaHostRegister``, as vLLM's CPU offloading does)
+    for exactly ``nbytes``: torch's pinned allocator rounds each reservation up to a power of two (a 24 GiB pool
+    would lock 32 GiB) and, in torch 2.11, does not start it on a page boundary. The registration is dropped when
+    the last view of the buffer is freed.
+    """
+    raw = np.empty(nbytes + PAGE_BYTES, dtype=np.uint8)
+    skip = (-raw.ctypes.data) % PAGE_BYTES
+    aligned = raw[skip:skip + nbytes]
+    if pinned:
+        _register_with_cuda(aligned)
     with torch.inference_mode(False):  # store threads write it outside any caller's inference mode
-        if pinned:
-            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        raw = torch.empty(nbytes + PAGE_BYTES, dtype=torch.uint8)
-    skip = (-raw.data_ptr()) % PAGE_BYTES
-    return raw[skip:skip + nbytes]
+        return torch.from_numpy(aligned)
+
+
+def _register_with_cuda(memory: np.ndarray) -> None:
+    """Page-lock ``memory`` (a 1-D uint8 array) until it is freed."""
+    cudart = torch.cuda.cudart()
+    address = memory.ctypes.data
+    error = cudart.cudaHostRegister(address, memory.nbytes, 0)
+    if int(error) != 0:
+        raise RuntimeError(f"cudaHostRegister of {memory.nbytes} bytes failed (CUDA error {int(error)}): the "
+                           "memory lock limit (ulimit -l) or the host's free memory may be too small")
+    weakref.finalize(memory, cudart.cudaHostUnregister, address)
 
 
 def _round_up(nbytes: int) -> int:

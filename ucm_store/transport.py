@@ -24,8 +24,8 @@ strategies:
 rows of ``bench/bench_kv_transfer.py`` are what that threshold rests on.
 
 Pinned buffers come from the process's :class:`~ucm_store.pool.PinnedMemoryPool`. A buffer larger than the
-pool can ever hold gets a dedicated pinned allocation (torch's pinned allocator rounds its reservation up to a
-power of two), freed when released.
+pool can ever hold gets a dedicated pinned allocation of its exact size (``page_locked_buffer``), freed when
+released.
 """
 import contextlib
 import threading
