@@ -116,8 +116,8 @@ class FlashGSA:
         lens = seq_lens[:rows]
         query_lens = query_start_loc[1:rows + 1] - query_start_loc[:rows]
         whole = query_lens > 1
-        if prefilling is not None:
-            whole |= prefilling[:rows].to(self.device, non_blocking=True)
+        if prefilling is not None and bool(prefilling[:rows].any()):  # host data: rare (a prompt's prefix-hit step)
+            whole |= prefilling[:rows].to(self.device, non_blocking=True)  # pageable: waits for the stream
         first, end = self._first[:rows], self._end[:rows]
         torch.floor_divide(lens, self.block_size, out=end)
         first.copy_(torch.where(whole, 0, (lens - query_lens) // self.block_size))
