@@ -515,7 +515,8 @@ def stage(store, names: list[bytes], seed: int = 0):
 
 
 def test_full_pool_makes_a_dump_wait_for_a_release_then_fail_cleanly_after_the_timeout(tmp_path):
-    with small_pool_store(tmp_path / "store") as store:
+    # 2 s of patience: the release comes after the committed block's fsync, which took over 0.2 s once in a full run
+    with small_pool_store(tmp_path / "store", alloc_timeout=2.0) as store:
         staged = ids(4, "staged")
         assert stage(store, staged) == TaskStatus.SUCCESS
         threading.Timer(0.3, store.commit, args=(staged[:1], [True])).start()

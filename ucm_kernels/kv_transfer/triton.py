@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ucm_kernels._utils import check_device, triton_interpreting
+from ucm_kernels._utils import check_device, host_to_device, triton_interpreting
 from ucm_kernels.kv_transfer.layout import PagedKVLayout, detect_layout
 from ucm_kernels.kv_transfer.naive import naive_gather_blocks, naive_scatter_blocks
 
@@ -167,7 +167,7 @@ def _copy_blocks(layout: PagedKVLayout, layers: Sequence[torch.Tensor], block_id
                                         layout.segment_stride_bytes))
     word = min(align, 8)
     segment_words = layout.segment_bytes // word
-    rows = (torch.tensor(row_addrs, dtype=torch.int64).to(block_ids.device, non_blocking=True) if by_row
+    rows = (host_to_device(torch.tensor(row_addrs, dtype=torch.int64), block_ids.device) if by_row
             else staging.view(-1).view(_WORD_DTYPES[word]))
     grid = (block_ids.numel(), layout.num_layers * layout.num_segments)
     _kv_block_copy_kernel[grid](

@@ -22,6 +22,7 @@ import dataclasses
 
 import torch
 
+from ucm_kernels._utils import host_to_device
 from ucm_kernels.block_repr import update_block_repr_ranges
 from ucm_kernels.block_select.triton import SelectPlan, plan_select
 from ucm_kernels.sparse_decode.triton import DecodePlan, plan_decode, sparse_decode
@@ -117,7 +118,7 @@ class FlashGSA:
         query_lens = query_start_loc[1:rows + 1] - query_start_loc[:rows]
         whole = query_lens > 1
         if prefilling is not None and bool(prefilling[:rows].any()):  # host data: rare (a prompt's prefix-hit step)
-            whole |= prefilling[:rows].to(self.device, non_blocking=True)  # pageable: waits for the stream
+            whole |= host_to_device(prefilling[:rows], self.device)
         first, end = self._first[:rows], self._end[:rows]
         torch.floor_divide(lens, self.block_size, out=end)
         first.copy_(torch.where(whole, 0, (lens - query_lens) // self.block_size))
@@ -157,8 +158,8 @@ class FlashGSA:
         rows = (query_lens == 1).nonzero().flatten()
         if rows.numel() == 0:
             return None
-        index = rows.to(self.device, non_blocking=True)
-        tokens = starts_cpu[rows].to(self.device, torch.long, non_blocking=True)
+        index = host_to_device(rows, self.device)
+        tokens = host_to_device(starts_cpu[rows].long(), self.device)
         return self._rows_of(tokens, lens[index], block_table[index])
 
     def _rows_of(self, tokens: torch.Tensor | None, lens: torch.Tensor, block_table: torch.Tensor) -> DecodeRows:

@@ -30,6 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from ucm_kernels._utils import host_to_device
 from ucm_kernels.kv_transfer import (OPAQUE, PagedKVLayout, detect_layout, gather_blocks_into_rows,
                                     scatter_blocks_from_rows)
 from ucm_store.metrics import StatsMonitor
@@ -93,7 +94,7 @@ class KVBlockMover:
         picked = [i for i, buf in enumerate(buffers) if buf is not None]
         if not picked:
             return
-        ids = torch.tensor([transfer.vllm_block_ids[i] for i in picked], device=self.device)
+        ids = host_to_device(torch.tensor([transfer.vllm_block_ids[i] for i in picked]), self.device)
         ids.record_stream(self._copy_stream)
         self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # the step wrote these blocks
         with torch.cuda.stream(self._copy_stream):
@@ -206,7 +207,7 @@ class KVBlockMover:
         if any(buf is None for buf in buffers):
             stack.close()
             return False
-        ids = torch.tensor(transfer.vllm_block_ids, device=self.device)
+        ids = host_to_device(torch.tensor(transfer.vllm_block_ids), self.device)
         scatter_blocks_from_rows(buffers, ids, self.layers, layout=self.layout)
         read = torch.cuda.Event()
         read.record()
