@@ -24,7 +24,7 @@ EXPECTED_PLOTS = {"01_store_on_tensors.ipynb": 0, "02_gsa_selection.ipynb": 2, "
 
 def executed(path: Path, workdir: Path) -> nbformat.NotebookNode:
     book = nbformat.read(path, as_version=4)
-    NotebookClient(book, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}).execute()
+    NotebookClient(book, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}).execute()
     return book
 
 
