@@ -1,0 +1,537 @@
+"""GSA quality on a real pretrained model: SmolLM2-135M-Instruct on real English texts, against its dense run.
+
+Texts are files every install carries (license files, a package README, long docstring modules of the project's
+dependencies), cut at fixed character ranges (:data:`TEXTS`); the sha256 of each text's token ids is recorded, and
+a missing file or a changed hash stops the run, so results files compare. Each text is prefilled once with dense
+SDPA over its first ``max(contexts)`` tokens; the window of context C is the first C tokens of that prefill (a
+causal prefill's first C positions are the prefill of those C tokens), followed by E evaluation tokens of the
+same text. Per window and context:
+
+* dense: teacher-forced decode of the E evaluation tokens one per step (each step's next-token log-probs kept),
+  and a greedy continuation of GREEDY_TOKENS decode steps after the prefill's own next token;
+* every GSA setting (selection rule x block size x sparse_ratio or token_budget, through ``ucm_sparse.hf``, torch
+  backend): the same two decodes from a copy of the prefill's KV cache. The greedy run stops at its first token
+  that differs from dense's (the count of identical leading tokens is then known).
+
+Per (context, setting), pooled over the windows' positions: perplexity ratio (GSA / dense, over the evaluation
+tokens), mean next-token KL(dense || GSA), top-1 agreement with dense's argmax, the dense top-1/top-2 margin at
+the positions that flip, and how many windows' greedy continuations equal dense's. GSAConfig has no
+selection-reuse setting (every decode step selects anew), so none is swept.
+
+``--investigate`` (largest context only) records, along dense decodes, the share of each layer's and head's
+attention that the quest 0.3 selection keeps (a probe attention function), then measures remedies tried through
+GSAConfig: wider windows, block 16, higher ratios, and the layers of least recall kept dense.
+
+Usage: ``python -m bench.sparse_quality_model [--contexts 2048,4096,8192] [--quick | --investigate] [--out DIR]``;
+CPU, fp32. Writes ``sparse_quality_model[_investigation]-<device>-<date>.json`` (and a ``.png`` of the main run)
+under ``--out``, ``$OUT`` or ``bench/results/``.
+"""
+import argparse
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AttentionInterface, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+import ucm_sparse.hf as ucm_hf
+from bench.harness import write_results
+from bench.plots import _pyplot, _save, _title
+from bench.sparse_quality import LINE_STYLES, RULES
+from ucm_sparse import GSAConfig, sparse_attention
+from ucm_sparse.models import fetch_model
+from ucm_sparse.ops import num_selected
+
+EVAL_TOKENS = 64  # teacher-forced positions scored per window
+GREEDY_TOKENS = 64  # decode steps of the greedy continuation
+NEAR_TIE_NATS = 0.5  # a flip is a near tie when dense's top-2 log-prob is within this of its top-1
+TARGETS = {"context": 8192, "sparse_ratio": 0.3, "ppl_ratio_max": 1.02, "top1_min": 0.95}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Characters ``start:stop`` of the installed file ``file`` (a path suffix) of distribution ``dist``."""
+
+    dist: str
+    file: str
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class Text:
+    """A named text: its sources joined by a blank line, and the sha256 of its token ids (see :func:`ids_sha256`)."""
+
+    name: str
+    sources: tuple[Source, ...]
+    sha256: str
+
+
+# Recorded with SmolLM2-135M-Instruct's tokenizer, numba 0.65.0 / llvmlite 0.47.0, regex 2026.11.19, torch 2.13.0,
+# numpy 2.3.5 (each text 9.4K-12.5K tokens; only the first max(contexts) + EVAL_TOKENS + 1 are used).
+TEXTS = (
+    Text("licenses", (Source("numba", "LICENSES.third-party", 0, 26321),
+                      Source("llvmlite", "LICENSE.thirdparty", 0, 12561)),
+         "e7f287d7df68045389c18b2a28de5123699358a6e7ebab76635ab901d2403fbc"),
+    Text("regex_readme", (Source("regex", "METADATA", 1024, 40514),),
+         "b38e9493515793e1c93aed918e45a35138ba7bb5b464f782ce41d8e2d33ab987"),
+    Text("torch_docstrings", (Source("torch", "torch/_torch_docs.py", 0, 30000),),
+         "5fef8900b7daaeb63e072f3efc68573c55231f0d1a350ac725157154c6ad0643"),
+    Text("numpy_docstrings", (Source("numpy", "numpy/_core/_add_newdocs.py", 0, 36000),),
+         "e0a70ef1e8e7834f0e19dae8928104fcaf63f33c3ebaa9c6464dba5dce345f08"),
+)
+
+
+class TextError(RuntimeError):
+    """A text's file is missing, or its token ids are not the recorded ones."""
+
+
+def read_source(source: Source) -> str:
+    """The characters of ``source``; raises TextError naming the distribution and file when it is not installed."""
+    try:
+        files = importlib.metadata.distribution(source.dist).files or ()
+    except importlib.metadata.PackageNotFoundError as e:
+        raise TextError(f"{source.dist} is not installed: it carries the text file {source.file}") from e
+    found = [f for f in files if str(f).endswith(source.file)]
+    if not found:
+        raise TextError(f"{source.dist} has no installed file ending in {source.file}")
+    text = found[0].read_text(encoding="utf-8")
+    if len(text) < source.stop:
+        raise TextError(f"{source.dist}'s {source.file} has {len(text)} characters, expected at least {source.stop}")
+    return text[source.start:source.stop]
+
+
+def ids_sha256(ids: list[int]) -> str:
+    """Hex sha256 of token ids written as decimal numbers joined by commas."""
+    return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
+
+
+def load_text(text: Text, tokenizer, min_tokens: int) -> torch.Tensor:
+    """``[tokens]`` int64 ids of ``text``, checked against its recorded hash and ``min_tokens``."""
+    ids = tokenizer("\n\n".join(read_source(s) for s in text.sources)).input_ids
+    digest = ids_sha256(ids)
+    if digest != text.sha256:
+        names = ", ".join(f"{s.dist} {importlib.metadata.version(s.dist)}" for s in text.sources)
+        raise TextError(f"text {text.name!r}: token ids hash {digest}, recorded {text.sha256} ({names}, or another "
+                        "tokenizer): its figures would not compare with recorded runs; install the versions named "
+                        "in TEXTS' comment, or record the new hash with new results")
+    if len(ids) < min_tokens:
+        raise TextError(f"text {text.name!r}: {len(ids)} tokens, the contexts asked for need {min_tokens}")
+    return torch.tensor(ids)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One GSA configuration of the sweep: a rule of ``RULES``, a block size, and a ratio or a token budget."""
+
+    rule: str
+    block_size: int
+    sparse_ratio: float = 0.3
+    token_budget: int | None = None
+    extra: tuple = ()  # other GSAConfig keys as (key, value) pairs, e.g. (("local_window_sz", 16),)
+    dense_layers: tuple = ()  # layers given sparse_ratio 1.0 (every block: dense attention)
+
+    def config(self) -> GSAConfig:
+        return GSAConfig(sparse_ratio=self.sparse_ratio, token_budget=self.token_budget, **RULES[self.rule],
+                         **dict(self.extra))
+
+
+def apply(model, setting: Setting) -> None:
+    """Switch ``model``'s decode attention to GSA with ``setting`` (torch backend)."""
+    ucm_hf.enable(model, setting.config(), block_size=setting.block_size, backend="torch")
+    dense = ucm_hf.HFGSASettings(GSAConfig(sparse_ratio=1.0), setting.block_size, "torch")
+    for layer in setting.dense_layers:
+        model.model.layers[layer].self_attn.ucm_gsa = dense
+
+
+@dataclass
+class Prefill:
+    """A text's dense prefill: per layer K and V ``[1, kv_heads, tokens, head_dim]`` and, per context C, the
+    next-token logits ``[vocab]`` after its first C tokens."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    last_logits: dict[int, torch.Tensor]
+    seconds: float
+
+
+def prefill(model, ids: torch.Tensor, contexts: list[int]) -> Prefill:
+    """Dense SDPA prefill of ``ids[:max(contexts)]`` (``ids`` int64 ``[tokens]``)."""
+    model.set_attn_implementation("sdpa")
+    start = time.perf_counter()
+    cache = DynamicCache(config=model.config)
+    out = model(ids[None, :max(contexts)], past_key_values=cache, use_cache=True,
+                logits_to_keep=torch.tensor([c - 1 for c in contexts]))
+    kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    return Prefill(kv, dict(zip(contexts, out.logits[0])), time.perf_counter() - start)
+
+
+def cache_at(pre: Prefill, context: int, model):
+    """A fresh DynamicCache holding copies of the prefill's first ``context`` positions."""
+    cache = DynamicCache(config=model.config)
+    for layer, (k, v) in enumerate(pre.kv):
+        cache.update(k[:, :, :context].clone(), v[:, :, :context].clone(), layer)
+    return cache
+
+
+def step(model, cache, token: int) -> torch.Tensor:
+    """One decode step fed ``token``: fp32 next-token logits ``[vocab]``."""
+    return model(torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits[0, -1].float()
+
+
+def teacher_forced(model, cache, tokens: list[int]) -> torch.Tensor:
+    """fp32 log-probs ``[len(tokens), vocab]`` of the token after each of ``tokens``, fed one per decode step."""
+    return torch.stack([torch.log_softmax(step(model, cache, t), dim=-1) for t in tokens])
+
+
+def greedy(model, cache, first: int, steps: int, reference: list[int] | None = None) -> list[int]:
+    """Greedy tokens of ``steps`` decode steps after ``first``; stops after the first one differing from
+    ``reference``."""
+    tokens, token = [], first
+    for i in range(steps):
+        token = int(step(model, cache, token).argmax())
+        tokens.append(token)
+        if reference is not None and token != reference[i]:
+            break
+    return tokens
+
+
+def leading_equal(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def compare(dense_lp: torch.Tensor, gsa_lp: torch.Tensor, targets: torch.Tensor) -> dict:
+    """Per-position figures of GSA against dense, from log-probs ``[positions, vocab]`` and the text's next tokens
+    ``[positions]``: NLLs, KL(dense || GSA), argmax agreement and dense's top-1 minus top-2 log-prob."""
+    dense_lp, gsa_lp = dense_lp.double(), gsa_lp.double()
+    top2 = dense_lp.topk(2, dim=-1).values
+    index = targets[:, None]
+    return {"nll_dense": -dense_lp.gather(1, index)[:, 0], "nll_gsa": -gsa_lp.gather(1, index)[:, 0],
+            "kl": (dense_lp.exp() * (dense_lp - gsa_lp)).sum(-1), "agree": dense_lp.argmax(-1) == gsa_lp.argmax(-1),
+            "margin": top2[:, 0] - top2[:, 1]}
+
+
+@dataclass
+class Tally:
+    """What one (context, setting) collected over the windows."""
+
+    positions: list[dict] = field(default_factory=list)  # compare() results, one per window
+    leading: list[int] = field(default_factory=list)  # identical leading greedy tokens, one per window
+    attended: list[float] = field(default_factory=list)  # share of blocks attended at the first eval step
+    seconds: float = 0.0
+
+
+@dataclass
+class Window:
+    """A text ready to measure: its JSON record, token ids ``[tokens]`` int64 and dense prefill."""
+
+    record: dict
+    ids: torch.Tensor
+    pre: Prefill
+
+
+def run_window(model, window: Window, context: int, sweep: "Sweep", tallies: dict) -> None:
+    """Dense, then every setting of ``sweep`` at ``context``, on one window (the text's first ``context`` tokens,
+    then its evaluation tokens); adds to ``tallies[(context, setting)]`` and the cache-copy times to
+    ``tallies["copy_seconds"]``."""
+    ids, pre = window.ids, window.pre
+    feed = ids[context:context + sweep.eval_tokens].tolist()
+    targets = ids[context + 1:context + sweep.eval_tokens + 1]
+    first = int(pre.last_logits[context].argmax())
+    model.set_attn_implementation("sdpa")
+    dense_lp = teacher_forced(model, cache_at(pre, context, model), feed)
+    dense_greedy = greedy(model, cache_at(pre, context, model), first, sweep.greedy_tokens)
+    for setting in sweep.settings[context]:
+        apply(model, setting)
+        start = time.perf_counter()
+        cache = cache_at(pre, context, model)
+        tallies["copy_seconds"].append(time.perf_counter() - start)
+        tally = tallies.setdefault((context, setting), Tally())
+        tally.positions.append(compare(dense_lp, teacher_forced(model, cache, feed), targets))
+        gsa_greedy = greedy(model, cache_at(pre, context, model), first, sweep.greedy_tokens, dense_greedy)
+        tally.leading.append(leading_equal(gsa_greedy, dense_greedy))
+        blocks = -(-(context + 1) // setting.block_size)
+        tally.attended.append(num_selected(blocks, setting.config(), setting.block_size) / blocks)
+        tally.seconds += time.perf_counter() - start
+        print(f"  {window.record['name']} ctx {context} {setting}: {time.perf_counter() - start:.1f} s", flush=True)
+    model.set_attn_implementation("sdpa")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What one run measures: the texts, the contexts, the tokens per window and the settings per context."""
+
+    texts: tuple[Text, ...]
+    contexts: tuple[int, ...]
+    eval_tokens: int
+    greedy_tokens: int
+    settings: dict[int, list[Setting]]
+    trimmed: str  # how the grid was cut to fit the time budget (recorded in the JSON)
+
+
+FULL_GRID = ("trimmed to ~40 minutes on 2 CPU cores (a GSA decode step at 8K costs ~0.4 s there; every rule x ratio "
+             "x block size x budget at every context would take ~3 hours): at the largest context quest at every "
+             "ratio, mean at 0.1 / 0.3 / 0.5, quest with fp8 summaries at 0.1 / 0.3, block 16 at 0.3 and token "
+             "budgets 1024 / 2048 (quest); at the other contexts quest at 0.3 / 0.5")
+
+
+def full_sweep(contexts: list[int]) -> Sweep:
+    """The default run: :data:`TEXTS` at ``contexts``, the settings of :data:`FULL_GRID`."""
+    largest = max(contexts)
+    settings = {c: [Setting("quest", 32, r) for r in (0.3, 0.5)] for c in contexts if c != largest}
+    settings[largest] = ([Setting("quest", 32, r) for r in (0.1, 0.2, 0.3, 0.4, 0.5)]
+                         + [Setting("mean", 32, r) for r in (0.1, 0.3, 0.5)]
+                         + [Setting("quest_fp8", 32, r) for r in (0.1, 0.3)] + [Setting("quest", 16, 0.3)]
+                         + [Setting("quest", 32, token_budget=b) for b in (1024, 2048)])
+    return Sweep(TEXTS, tuple(contexts), EVAL_TOKENS, GREEDY_TOKENS, settings, FULL_GRID)
+
+
+def quick_sweep() -> Sweep:
+    """One 512-token window, 16 positions, 8 greedy steps: sparse_ratio 0.1 and the dense control 1.0."""
+    return Sweep(TEXTS[:1], (512,), 16, 8, {512: [Setting("quest", 32, 0.1), Setting("quest", 32, 1.0)]},
+                 "quick: one window, two settings")
+
+
+def summarize(context: int, setting: Setting, tally: Tally, greedy_tokens: int) -> dict:
+    """One results row from a tally (positions pooled over windows)."""
+    pos = {k: torch.cat([p[k] for p in tally.positions]) for k in tally.positions[0]}
+    flips = ~pos["agree"]
+    nll_dense, nll_gsa = pos["nll_dense"].mean().item(), pos["nll_gsa"].mean().item()
+    flip_margin = pos["margin"][flips]
+    return {"name": f"ctx{context}", "impl": f"gsa_{setting.rule}", "shape": f"ctx{context}_bs{setting.block_size}",
+            "context": context, "rule": setting.rule, "block_size": setting.block_size,
+            "sparse_ratio": None if setting.token_budget else setting.sparse_ratio,
+            "token_budget": setting.token_budget, "gsa_extra": dict(setting.extra),
+            "dense_layers": list(setting.dense_layers),
+            "blocks_attended": round(statistics.mean(tally.attended), 4),
+            "ppl_dense": round(math.exp(nll_dense), 4), "ppl_gsa": round(math.exp(nll_gsa), 4),
+            "ppl_ratio": round(math.exp(nll_gsa - nll_dense), 5), "kl_mean": float(f"{pos['kl'].mean().item():.4g}"),
+            "kl_p95": float(f"{pos['kl'].quantile(0.95).item():.4g}"),
+            "top1_agreement": round(pos["agree"].double().mean().item(), 4), "flips": int(flips.sum()),
+            "flips_near_tie": int((flip_margin < NEAR_TIE_NATS).sum()),
+            "flip_dense_margin_median": round(flip_margin.median().item(), 3) if flips.any() else None,
+            "dense_margin_median": round(pos["margin"].median().item(), 3),
+            "flip_positions": [torch.nonzero(~p["agree"])[:, 0].tolist() for p in tally.positions],
+            "greedy_identical": sum(n == greedy_tokens for n in tally.leading), "greedy_leading": tally.leading,
+            "positions": int(flips.numel()), "windows": len(tally.leading), "seconds": round(tally.seconds, 1)}
+
+
+def prefill_texts(model, tokenizer, texts: tuple[Text, ...], contexts: tuple[int, ...], eval_tokens: int
+                  ) -> list[Window]:
+    """Load and prefill every text (checked against its hash) for ``contexts``."""
+    windows = []
+    with torch.inference_mode():
+        for text in texts:
+            ids = load_text(text, tokenizer, max(contexts) + eval_tokens + 1)
+            pre = prefill(model, ids, list(contexts))
+            print(f"{text.name}: prefill of {max(contexts)} tokens {pre.seconds:.1f} s", flush=True)
+            record = {"name": text.name, "sources": [vars(s) for s in text.sources], "tokens": len(ids),
+                      "ids_sha256": text.sha256, "prefill_seconds": round(pre.seconds, 1)}
+            windows.append(Window(record, ids, pre))
+    return windows
+
+
+def measure(model, windows: list[Window], sweep: Sweep) -> tuple[list[dict], float]:
+    """Every window x context x setting of ``sweep``: the rows, and the median seconds of a KV-cache copy."""
+    tallies = {"copy_seconds": []}
+    with torch.inference_mode():
+        for window in windows:
+            for context in sweep.contexts:
+                run_window(model, window, context, sweep, tallies)
+    copies = tallies.pop("copy_seconds")
+    return [summarize(c, s, t, sweep.greedy_tokens) for (c, s), t in tallies.items()], statistics.median(copies)
+
+
+PROBE = "ucm_gsa_recall_probe"
+
+
+def probe_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                    **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention function: dense SDPA that, at each batch-1 decode step, appends to
+    ``module.ucm_recall`` the share ``[num_q_heads]`` of each head's dense attention on the blocks GSA
+    (``module.ucm_gsa``) would select."""
+    if query.shape[2] == 1:
+        module.ucm_recall.append(selected_mass(query[0, :, 0], key[0], module.ucm_gsa, scaling))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+def selected_mass(q: torch.Tensor, k: torch.Tensor, settings: ucm_hf.HFGSASettings, scale: float) -> torch.Tensor:
+    """fp32 ``[num_q_heads]``: per query head, the dense softmax mass on the tokens of the blocks GSA selects,
+    from one step's q ``[num_q_heads, head_dim]`` and keys ``[num_kv_heads, seq, head_dim]``."""
+    heads, seq, head_dim = k.shape
+    bs = settings.block_size
+    nb = -(-seq // bs)
+    blocks = ucm_hf.as_blocks(k[None], bs)
+    table = torch.arange(nb, dtype=torch.int32)[None]
+    _, sel = sparse_attention(q[None], blocks, blocks, table, [seq], settings.config, scale=scale, backend="torch")
+    chosen = torch.zeros(heads, nb + 1, dtype=torch.bool)
+    chosen.scatter_(1, torch.where(sel.sel_idx[0] >= 0, sel.sel_idx[0], nb).long(), True)
+    on = chosen[:, :nb].repeat_interleave(bs, dim=1)[:, None, :seq]
+    logits = torch.einsum("hgd,hsd->hgs", q.float().view(heads, -1, head_dim), k.float()) * scale
+    return (torch.softmax(logits, dim=-1) * on).sum(-1).flatten()
+
+
+AttentionInterface.register(PROBE, probe_attention)
+AttentionMaskInterface.register(PROBE, sdpa_mask)
+
+
+def probe_recall(model, window: Window, context: int, setting: Setting, steps: int) -> torch.Tensor:
+    """fp32 ``[layers, steps, num_q_heads]``: the dense attention mass on ``setting``'s selection along a dense
+    teacher-forced decode of ``steps`` evaluation tokens after ``context``."""
+    apply(model, setting)
+    attention = [layer.self_attn for layer in model.model.layers]
+    for module in attention:
+        module.ucm_recall = []
+    model.set_attn_implementation(PROBE)
+    with torch.inference_mode():
+        teacher_forced(model, cache_at(window.pre, context, model), window.ids[context:context + steps].tolist())
+    model.set_attn_implementation("sdpa")
+    return torch.stack([torch.stack(module.ucm_recall) for module in attention])
+
+
+def investigation(model, windows: list[Window], context: int) -> tuple[Sweep, dict]:
+    """Why sparse_ratio 0.3 (quest, block 32) loses quality at ``context``: the per-layer and per-head attention
+    mass its selection keeps along dense decodes, and the sweep of remedies tried through GSAConfig (wider
+    windows, block 16, higher ratios, the layers of least recall kept dense)."""
+    base = Setting("quest", 32, 0.3)
+    recall = torch.stack([probe_recall(model, w, context, base, EVAL_TOKENS) for w in windows], dim=1)
+    by_layer = recall.mean(dim=(1, 2, 3))
+    worst = tuple(by_layer.argsort()[:6].tolist())
+    settings = [Setting("quest", 32, 0.3, extra=(("local_window_sz", 16),)),
+                Setting("quest", 32, 0.3, extra=(("init_window_sz", 4), ("local_window_sz", 16))),
+                Setting("quest", 16, 0.3, extra=(("local_window_sz", 8),)),
+                Setting("quest", 32, 0.3, dense_layers=worst[:3]), Setting("quest", 32, 0.3, dense_layers=worst),
+                Setting("quest", 32, 0.7), Setting("quest", 32, 0.9)]
+    record = {"recall_setting": vars(base), "recall_by_layer": [round(x, 4) for x in by_layer.tolist()],
+              "recall_by_layer_head": [[round(x, 4) for x in row] for row in recall.mean(dim=(1, 2)).tolist()],
+              "recall_p05_by_layer": [round(x, 4) for x in recall.flatten(1).quantile(0.05, dim=1).tolist()],
+              "least_recall_layers": list(worst)}
+    return Sweep(TEXTS, (context,), EVAL_TOKENS, GREEDY_TOKENS, {context: settings},
+                 "investigation at one context, quest rule"), record
+
+
+def check_targets(rows: list[dict]) -> dict:
+    """Per rule and block size at TARGETS' context and ratio: ppl ratio and top-1 agreement within the targets."""
+    return {f"{r['rule']}/bs{r['block_size']}": r["ppl_ratio"] <= TARGETS["ppl_ratio_max"]
+            and r["top1_agreement"] >= TARGETS["top1_min"]
+            for r in rows if r["context"] == TARGETS["context"] and r["sparse_ratio"] == TARGETS["sparse_ratio"]
+            and not r["gsa_extra"] and not r["dense_layers"]}
+
+
+def plot(doc: dict, path: Path) -> Path:
+    """ppl ratio, top-1 agreement and KL against the share of blocks attended, at the largest context."""
+    plt = _pyplot()
+    context = max(r["context"] for r in doc["rows"])
+    rows = [r for r in doc["rows"] if r["context"] == context and not r["gsa_extra"] and not r["dense_layers"]]
+    panels = (("ppl_ratio", "perplexity ratio (GSA / dense)", "linear", TARGETS["ppl_ratio_max"]),
+              ("top1_agreement", "top-1 agreement with dense", "linear", TARGETS["top1_min"]),
+              ("kl_mean", "mean KL(dense || GSA), nats", "log", None))
+    colors = {"quest": "tab:blue", "quest_fp8": "tab:purple", "mean": "tab:orange"}
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    for ax, (metric, label, yscale, target) in zip(axes, panels):
+        for rule, bs in sorted({(r["rule"], r["block_size"]) for r in rows}):
+            mine = [r for r in rows if (r["rule"], r["block_size"]) == (rule, bs)]
+            line = sorted((r["blocks_attended"], r[metric]) for r in mine if r["sparse_ratio"] is not None)
+            budget = sorted((r["blocks_attended"], r[metric]) for r in mine if r["token_budget"])
+            ax.plot(*zip(*line), LINE_STYLES[f"gsa_{rule}"] if bs == 32 else "-.", marker="o" if bs == 32 else "s",
+                    color=colors[rule], label=f"{rule}, block {bs}")
+            if budget:
+                ax.plot(*zip(*budget), "*", ms=12, color=colors[rule], label=f"{rule}, block {bs}, token budget")
+        if target is not None:
+            ax.axhline(target, color="tab:red", lw=0.8, ls="-.", label=f"target {target}")
+        ax.set(xlabel="share of blocks attended (sparse_ratio, or budget / context)", ylabel=label, yscale=yscale)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(_title(doc, f"GSA vs dense on SmolLM2-135M (fp32, torch backend), {context}-token real-text "
+                             f"contexts: {rows[0]['windows']} windows x {doc['setup']['eval_tokens']} positions"))
+    return _save(fig, path)
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'ctx':>5} {'rule':<10}{'bs':>3} {'ratio/budget':<14}{'attended':>9}{'ppl x':>9}{'KL':>10}{'top-1':>7}"
+          f"{'flips(tie)':>11}{'greedy=':>8}  leading")
+    for r in rows:
+        amount = (f"b{r['token_budget']}" if r["token_budget"] else f"{r['sparse_ratio']}") + "".join(
+            f" {k.split('_')[0]}{v}" for k, v in r["gsa_extra"].items())
+        amount += f" dense{r['dense_layers']}" if r["dense_layers"] else ""
+        print(f"{r['context']:>5} {r['rule']:<10}{r['block_size']:>3} {amount:<14}{r['blocks_attended']:>9.3f}"
+              f"{r['ppl_ratio']:>9.4f}{r['kl_mean']:>10.2e}{r['top1_agreement']:>7.3f}{r['flips']:>6}"
+              f"({r['flips_near_tie']:>2}){r['greedy_identical']:>5}/{r['windows']}  {r['greedy_leading']}")
+
+
+def load_model(model_dir: Path | None = None):
+    """SmolLM2-135M-Instruct (fp32, SDPA, eval mode) and its tokenizer."""
+    path = fetch_model("smollm2", model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+    return model, transformers.AutoTokenizer.from_pretrained(path)
+
+
+def run(sweep: Sweep, model_dir: Path | None = None, investigate: bool = False) -> Path:
+    """Measure ``sweep`` (with ``investigate``: prefill its texts at its largest context, then measure
+    :func:`investigation`'s sweep), write the JSON (and the PNG), print the table; returns the JSON's path."""
+    start = time.perf_counter()
+    model, tokenizer = load_model(model_dir)
+    contexts = (max(sweep.contexts),) if investigate else sweep.contexts
+    windows = prefill_texts(model, tokenizer, sweep.texts, contexts, sweep.eval_tokens)
+    found = {}
+    if investigate:
+        sweep, found = investigation(model, windows, contexts[0])
+    rows, copy_seconds = measure(model, windows, sweep)
+    verdicts = check_targets(rows)
+    bench = "sparse_quality_model_investigation" if investigate else "sparse_quality_model"
+    path = write_results(bench, rows, ceilings={}, extra={
+        "targets": TARGETS, "targets_met": verdicts, **found, "texts": [w.record for w in windows],
+        "cache_copy_seconds_median": round(copy_seconds, 3), "wall_seconds": round(time.perf_counter() - start),
+        "load_average_1_5_15min_at_end": [round(x, 2) for x in os.getloadavg()],
+        "setup": {"model": "SmolLM2-135M-Instruct", "dtype": str(model.dtype), "repr_dtype_cache": str(model.dtype),
+                  "backend": "torch", "threads": torch.get_num_threads(), "contexts": list(contexts),
+                  "eval_tokens": sweep.eval_tokens, "greedy_tokens": sweep.greedy_tokens,
+                  "near_tie_nats": NEAR_TIE_NATS, "gsa_defaults": {k: getattr(GSAConfig(), k) for k in (
+                      "init_window_sz", "local_window_sz", "min_blocks")},
+                  "kv_reuse": "each setting decodes from a copy of the dense prefill's KV cache (see "
+                              "cache_copy_seconds_median against each text's prefill_seconds)",
+                  "selection_reuse": "none: GSAConfig has no such setting, every decode step selects anew",
+                  "grid": sweep.trimmed}})
+    if not investigate:
+        plot(json.loads(path.read_text()), path.with_suffix(".png"))
+    print_table(rows)
+    if investigate:
+        print("attention mass kept by quest 0.3, per layer:", found["recall_by_layer"])
+    print(f"targets at {TARGETS}: {verdicts}")
+    print(f"wrote {path} in {round(time.perf_counter() - start)} s")
+    return path
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", default="2048,4096,8192", help="comma-separated context lengths (tokens)")
+    parser.add_argument("--quick", action="store_true", help="one 512-token window, 2 settings, few tokens")
+    parser.add_argument("--investigate", action="store_true",
+                        help="at the largest context: per-layer recall of quest 0.3 and the remedies tried")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default torch's); 1 on a busy machine, where OpenMP threads waiting "
+                             "for a descheduled peer made decode steps ~10x slower")
+    parser.add_argument("--model-dir", type=Path, default=None, help="the model folder (default: fetch_model's)")
+    parser.add_argument("--out", type=Path, default=None, help="directory for the JSON and PNG")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    contexts = sorted(int(c) for c in args.contexts.split(","))
+    if args.out is not None:
+        os.environ["OUT"] = str(args.out)
+    return run(quick_sweep() if args.quick else full_sweep(contexts), args.model_dir, args.investigate)
+
+
+if __name__ == "__main__":
+    main()
