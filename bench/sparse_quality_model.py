@@ -141,6 +141,7 @@ class Setting:
     dense_layers: tuple = ()  # layers given sparse_ratio 1.0 (every block: dense attention)
 
     def config(self) -> GSAConfig:
+        """The GSAConfig of this setting (windows and min_blocks at their defaults unless in ``extra``)."""
         return GSAConfig(sparse_ratio=self.sparse_ratio, token_budget=self.token_budget, **RULES[self.rule],
                          **dict(self.extra))
 
@@ -275,7 +276,7 @@ class Sweep:
     eval_tokens: int
     greedy_tokens: int
     settings: dict[int, list[Setting]]
-    trimmed: str  # how the grid was cut to fit the time budget (recorded in the JSON)
+    grid_note: str  # what the grid covers and why (recorded in the JSON)
 
 
 FULL_GRID = ("trimmed to ~40 minutes on 2 CPU cores (a GSA decode step at 8K costs ~0.4 s there; every rule x ratio "
@@ -502,7 +503,7 @@ def run(sweep: Sweep, model_dir: Path | None = None, investigate: bool = False) 
                   "kv_reuse": "each setting decodes from a copy of the dense prefill's KV cache (see "
                               "cache_copy_seconds_median against each text's prefill_seconds)",
                   "selection_reuse": "none: GSAConfig has no such setting, every decode step selects anew",
-                  "grid": sweep.trimmed}})
+                  "grid": sweep.grid_note}})
     if not investigate:
         plot(json.loads(path.read_text()), path.with_suffix(".png"))
     print_table(rows)

@@ -1,0 +1,62 @@
+"""bench/sparse_quality_model.py on the real SmolLM2-135M (CPU): its quick run writes every field, the dense
+control (sparse_ratio 1.0 through the GSA hook) equals dense exactly, a small ratio measurably differs; texts
+whose file is missing or whose token ids changed are refused."""
+import dataclasses
+import json
+
+import pytest
+
+from test_hf_gsa import model_dir  # noqa: F401  (the fetched model, shared with the transformers tests)
+
+from bench import sparse_quality_model as sqm  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+ROW_KEYS = {"context", "rule", "block_size", "sparse_ratio", "token_budget", "blocks_attended", "ppl_dense",
+            "ppl_gsa", "ppl_ratio", "kl_mean", "kl_p95", "top1_agreement", "flips", "flips_near_tie",
+            "greedy_identical", "greedy_leading", "positions", "windows"}
+
+
+@pytest.fixture(scope="module")
+def doc(model_dir, tmp_path_factory):  # noqa: F811
+    path = sqm.main(["--quick", "--model-dir", str(model_dir), "--out", str(tmp_path_factory.mktemp("sqm"))])
+    assert path.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+    return json.loads(path.read_text())
+
+
+def _row(doc: dict, ratio: float) -> dict:
+    return next(r for r in doc["rows"] if r["sparse_ratio"] == ratio)
+
+
+def test_quick_run_records_every_field(doc):
+    assert doc["bench"] == "sparse_quality_model" and len(doc["rows"]) == 2
+    for row in doc["rows"]:
+        assert ROW_KEYS <= row.keys()
+        assert row["positions"] == 16 and row["windows"] == 1 and len(row["greedy_leading"]) == 1
+    assert doc["texts"][0]["ids_sha256"] == sqm.TEXTS[0].sha256 and "prefill_seconds" in doc["texts"][0]
+    assert doc["setup"]["dtype"] == "torch.float32" and "selection_reuse" in doc["setup"]
+
+
+def test_ratio_one_is_dense_exactly(doc):
+    row = _row(doc, 1.0)
+    assert row["blocks_attended"] == 1.0
+    assert row["ppl_ratio"] == 1.0 and abs(row["kl_mean"]) < 1e-6
+    assert row["top1_agreement"] == 1.0 and row["flips"] == 0
+    assert row["greedy_identical"] == 1 and row["greedy_leading"] == [8]
+
+
+def test_small_ratio_differs_measurably(doc):
+    row = _row(doc, 0.1)
+    assert row["blocks_attended"] < 0.5
+    assert row["kl_mean"] > 1e-3 and row["ppl_ratio"] != 1.0
+
+
+def test_changed_text_is_refused(model_dir):  # noqa: F811
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    changed = dataclasses.replace(sqm.TEXTS[0], sha256="0" * 64)
+    with pytest.raises(sqm.TextError, match="licenses.*hash"):
+        sqm.load_text(changed, tokenizer, 1)
+    missing = dataclasses.replace(sqm.TEXTS[0], sources=(sqm.Source("numba", "NO_SUCH_FILE", 0, 10),))
+    with pytest.raises(sqm.TextError, match="numba has no installed file ending in NO_SUCH_FILE"):
+        sqm.load_text(missing, tokenizer, 1)
