@@ -6,6 +6,7 @@ default), in-process engine so the GSA backend's counters are readable. Configur
 * ``dense``: no connector: vLLM's FlashAttention backend untouched (the peer);
 * ``gsa10``: the UCM connector with ``ucm_sparse_method: GSA``, ``sparse_ratio: 1.0`` (must equal dense exactly);
 * ``gsa03``: the same at ``sparse_ratio: 0.3``; ``gsa03_fp8``: with fp8 block summaries (``repr_dtype: fp8``);
+* ``gsa03_d2``: ``sparse_ratio: 0.3`` with the first two decoder layers dense (vLLM's FlashAttention there);
 * ``gsa_all`` (agreement only): GSA's whole path (summaries, selection, sparse kernel, CUDA graphs) with a token
   budget above every context, so it selects every block: equal to dense up to the kernels' rounding.
 
@@ -47,7 +48,8 @@ AGREEMENT_LENGTHS = (3072, 4000, 5000, 6000)
 AGREEMENT_TOKENS = 24
 BLOCK = 16
 CONFIGS = {"dense": None, "gsa10": {"sparse_ratio": 1.0}, "gsa03": {"sparse_ratio": 0.3},
-           "gsa03_fp8": {"sparse_ratio": 0.3, "repr_dtype": "fp8"}, "gsa_all": {"token_budget": 1 << 20}}
+           "gsa03_fp8": {"sparse_ratio": 0.3, "repr_dtype": "fp8"}, "gsa_all": {"token_budget": 1 << 20},
+           "gsa03_d2": {"sparse_ratio": 0.3, "dense_first_layers": 2}}
 SPEED_CONFIGS = ("dense", "gsa10", "gsa03", "gsa03_fp8")
 
 

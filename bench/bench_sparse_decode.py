@@ -1,12 +1,15 @@
-"""GSA decode on the GPU: block selection + sparse paged attention against our dense kernel and torch SDPA.
+"""GSA decode on the GPU: block selection + sparse paged attention against FlashInfer, torch SDPA and our dense kernel.
 
 bf16, 32 query / 8 KV heads, head_dim 128, block_size 16; batch 1, 8, 32 x contexts 32K, 128K; random data,
 physical blocks shuffled. One run measures the HBM copy ceiling, the floor (KV bytes / copy bandwidth), torch
-SDPA over the full contiguous KV, our dense_decode, select_blocks alone (Quest and mean-key rules on bf16 reprs,
+SDPA over the full contiguous KV, FlashInfer's paged decode over the paged KV as is (CUDA-core and tensor-core
+kernels, ``bench.flashinfer_peer``), our dense_decode, select_blocks alone (Quest and mean-key rules on bf16 reprs,
 Quest on fp8 reprs: ``ucm_quest_fp8``), sparse_decode alone, and select+attend at sparse_ratio 0.3 and at a
 2048-token budget (GSA windows: init 1, local 4, min 8 blocks). Our calls run as a decode step runs them: plans
 (``plan_select``, ``plan_decode``) made once per step, then one ``plan.run`` + ``sparse_decode(plan=...)`` per
-layer. Every shape is checked before it is timed.
+layer. FlashInfer also attends the Quest selections' block lists (heads folded into the batch over a head-major
+copy), beside our sparse_decode. Every shape is checked before it is timed. Speedups are against the fastest dense
+of the run (FlashInfer, SDPA or ours); our dense_decode's against the faster peer (FlashInfer or SDPA).
 
 Each figure is timed twice, as ``mode``: ``cuda_graph`` (the call captured once in a CUDA graph, the replay
 timed: decode runs under CUDA graphs in vLLM, so this is the GPU time a step sees) and ``eager`` (the Python
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
+from bench import flashinfer_peer
 from bench.harness import measure_copy_ceilings, row, write_results
 from ucm_kernels.block_repr import empty_block_repr, naive_update_block_repr, update_block_repr
 from ucm_kernels.block_select import plan_select, select_blocks, selection_width
@@ -37,7 +41,11 @@ FP8 = torch.float8_e4m3fn
 FP8_CHECK_BLOCKS = 4096  # fp8 reprs checked bit for bit against the reference on this many blocks
 MODES = ("cuda_graph", "eager")
 MAX_REL_ERROR = 2e-2  # relative L2 error allowed against the reference (bf16 output rounding is ~4e-3)
-TARGETS = {"b8_ctx131072": {"dense_x_floor": 1.3, "ratio0.3_speedup": 2.5, "budget2048_speedup": 10.0}}
+FLASHINFER = flashinfer_peer.available()
+FLASHINFER_KERNELS = {"flashinfer": False, "flashinfer_tc": True}  # impl -> use_tensor_cores
+TARGETS = {"b8_ctx131072": {"dense_vs_peer": 1.0, "ratio0.3_speedup": 2.8, "budget2048_speedup": 12.0},
+           "b1_ctx131072": {"dense_vs_peer": 1.0, "ratio0.3_speedup": 2.5, "budget2048_speedup": 8.0},
+           "b32_ctx32768": {"dense_vs_peer": 1.0}}  # issue 18
 
 
 @dataclass
@@ -57,6 +65,9 @@ class Case:
     fp8_reprs: tuple
     select_plans: dict = field(default_factory=dict)
     decode_plans: dict = field(default_factory=dict)
+    peer_dense: dict = field(default_factory=dict)  # FlashInfer impl -> PagedDecode over every block
+    peer_sparse: dict = field(default_factory=dict)  # selection -> PagedDecode over the Quest block lists
+    head_major_kv: tuple = ()  # K, V as single-head pages (FlashInfer's sparse rows)
 
     @property
     def shape(self) -> str:
@@ -67,9 +78,10 @@ class Case:
 
 
 def bytes_needed(batch: int, context: int) -> int:
-    """Paged KV + contiguous copy + one transient gather + bf16 and fp8 reprs, with 10% slack."""
+    """Paged KV + contiguous copy + one transient gather + head-major copy (FlashInfer) + bf16 and fp8 reprs,
+    with 10% slack."""
     kv = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
-    return int(1.1 * (kv * 2.5 + 4.6 * kv / (2 * BLOCK_SIZE)))
+    return int(1.1 * (kv * (3.5 if FLASHINFER else 2.5) + 4.6 * kv / (2 * BLOCK_SIZE)))
 
 
 def build_case(batch: int, context: int) -> Case:
@@ -90,7 +102,37 @@ def build_case(batch: int, context: int) -> Case:
         width = selection_width(blocks, **WINDOWS, **sizes)
         case.decode_plans[selection] = plan_decode(q, kv[0], width)
     case.decode_plans["dense"] = plan_decode(q, kv[0], blocks)
+    if FLASHINFER:
+        plan_peer(case)
     return case
+
+
+def plan_peer(case: Case) -> None:
+    """FlashInfer over every block (each kernel), and over the Quest selections' lists (its faster kernel for
+    rows of one KV head: CUDA cores)."""
+    pages = flashinfer_peer.dense_pages(case.block_table, case.seq_lens, BLOCK_SIZE)
+    shape = dict(head_dim=HEAD_DIM, page_size=BLOCK_SIZE, dtype=DTYPE)
+    for impl, tensor_cores in FLASHINFER_KERNELS.items():
+        case.peer_dense[impl] = flashinfer_peer.PagedDecode(
+            *(t.clone() for t in pages), num_q_heads=NUM_Q_HEADS, num_kv_heads=NUM_KV_HEADS,
+            tensor_cores=tensor_cores, **shape)
+    case.head_major_kv = tuple(flashinfer_peer.head_major(case.kv[i]) for i in range(2))
+    for selection in SELECTIONS:
+        sel_idx, sel_count = select(case, selection, "quest")
+        lists = flashinfer_peer.sparse_pages(case.block_table, case.seq_lens, sel_idx, sel_count, BLOCK_SIZE)
+        case.peer_sparse[selection] = flashinfer_peer.PagedDecode(
+            *lists, num_q_heads=NUM_Q_HEADS // NUM_KV_HEADS, num_kv_heads=1, tensor_cores=False, **shape)
+
+
+def peer_dense(case: Case, impl: str, out: torch.Tensor) -> torch.Tensor:
+    return case.peer_dense[impl].run(case.q, case.kv[0], case.kv[1], out=out)
+
+
+def peer_sparse(case: Case, selection: str, out: torch.Tensor) -> torch.Tensor:
+    """FlashInfer over the Quest lists: ``[batch, num_q_heads, head_dim]`` (rows are (request, KV head))."""
+    rows = case.batch * NUM_KV_HEADS
+    q = case.q.view(rows, NUM_Q_HEADS // NUM_KV_HEADS, HEAD_DIM)
+    return case.peer_sparse[selection].run(q, *case.head_major_kv, out=out.view(q.shape)).view(case.q.shape)
 
 
 def sdpa(case: Case) -> torch.Tensor:
@@ -158,6 +200,8 @@ def check_case(case: Case) -> None:
     reference = sdpa(case)
     one_shot = dense_decode(case.q, case.kv[0], case.kv[1], case.block_table, case.seq_lens, out=nan_like(case.q))
     check(f"{case.shape} dense_decode vs SDPA", one_shot, reference)
+    for impl in case.peer_dense:
+        check(f"{case.shape} {impl} vs SDPA", peer_dense(case, impl, nan_like(case.q)), reference)
     if not torch.equal(dense(case, nan_like(case.q)), one_shot):
         raise AssertionError(f"{case.shape}: planned dense_decode differs from the one-shot call")
     check_fp8_reprs(case)
@@ -176,6 +220,9 @@ def check_case(case: Case) -> None:
             check(f"{case.shape} {selection} {rule} sparse_decode vs naive (requests {rows})", out[rows], expected)
             if not torch.equal(attend(case, selection, sel_idx, sel_count, nan_like(case.q)), out):
                 raise AssertionError(f"{case.shape} {selection} {rule}: planned sparse_decode differs")
+            if rule == "quest" and selection in case.peer_sparse:
+                check(f"{case.shape} {selection} FlashInfer on the Quest lists vs sparse_decode",
+                      peer_sparse(case, selection, nan_like(case.q)), out)
 
 
 def graph_of(fn) -> torch.cuda.CUDAGraph:
@@ -209,19 +256,29 @@ def timed_rows(name: str, impl: str, shape: str, times: dict, nbytes: int | None
 
 
 def dense_rows(case: Case, out: torch.Tensor, hbm_gbps: float) -> tuple[list[dict], dict]:
-    """torch SDPA over the contiguous KV and our dense_decode over the paged KV, against the floor; also
-    returns the faster of the two per mode."""
+    """The peers (torch SDPA over the contiguous KV, FlashInfer's kernels over the paged KV) and our dense_decode
+    over the paged KV, against the floor (ours: speedup against the faster peer); also returns the fastest of
+    all per mode."""
     floor_ms = case.kv_bytes() / (hbm_gbps * 1e9) * 1e3
-    sdpa_ms = median_ms(lambda: sdpa(case))
+    peers = {"sdpa": median_ms(lambda: sdpa(case))}
+    for impl in case.peer_dense:
+        peers[impl] = median_ms(lambda: peer_dense(case, impl, out))
     dense_ms = median_ms(lambda: dense(case, out))
+    best_peer = {mode: min(times[mode] for times in peers.values()) for mode in MODES}
     rows = []
     for mode in MODES:
-        rows += [row("decode_dense", "sdpa", case.shape, sdpa_ms[mode], case.kv_bytes(), hbm_gbps, mode=mode,
-                     floor_ms=round(floor_ms, 5), x_floor=round(sdpa_ms[mode] / floor_ms, 3)),
-                 row("decode_dense", "ucm_dense_decode", case.shape, dense_ms[mode], case.kv_bytes(), hbm_gbps,
-                     sdpa_ms[mode], mode=mode, floor_ms=round(floor_ms, 5),
-                     x_floor=round(dense_ms[mode] / floor_ms, 3))]
-    return rows, {mode: min(sdpa_ms[mode], dense_ms[mode]) for mode in MODES}
+        rows += [row("decode_dense", impl, case.shape, times[mode], case.kv_bytes(), hbm_gbps, mode=mode,
+                     floor_ms=round(floor_ms, 5), x_floor=round(times[mode] / floor_ms, 3))
+                 for impl, times in peers.items()]
+        rows.append(row("decode_dense", "ucm_dense_decode", case.shape, dense_ms[mode], case.kv_bytes(), hbm_gbps,
+                        best_peer[mode], mode=mode, floor_ms=round(floor_ms, 5),
+                        x_floor=round(dense_ms[mode] / floor_ms, 3), baseline=best_impl(peers, mode)))
+    return rows, {mode: min(best_peer[mode], dense_ms[mode]) for mode in MODES}
+
+
+def best_impl(times: dict, mode: str) -> str:
+    """The impl of ``times`` ({impl: {mode: ms}}) fastest in ``mode``."""
+    return min(times, key=lambda impl: times[impl][mode])
 
 
 def selection_rows(case: Case, selection: str, out: torch.Tensor, hbm_gbps: float, best_dense: dict) -> list[dict]:
@@ -236,8 +293,13 @@ def selection_rows(case: Case, selection: str, out: torch.Tensor, hbm_gbps: floa
         rows += timed_rows("select_attend", f"ucm_{rule}", shape, both_ms, baseline=best_dense)
     sel_idx, sel_count = select(case, selection, "quest")
     attend_ms = median_ms(lambda: attend(case, selection, sel_idx, sel_count, out))
+    tokens = round(sel_count.float().mean().item() * BLOCK_SIZE)
     rows += timed_rows("sparse_attend", "ucm_sparse_decode", shape, attend_ms, selected_bytes(sel_count), hbm_gbps,
-                       best_dense, mean_tokens_per_head=round(sel_count.float().mean().item() * BLOCK_SIZE))
+                       best_dense, mean_tokens_per_head=tokens)
+    if selection in case.peer_sparse:
+        peer_ms = median_ms(lambda: peer_sparse(case, selection, out))
+        rows += timed_rows("sparse_attend", "flashinfer_sparse", shape, peer_ms, selected_bytes(sel_count), hbm_gbps,
+                           best_dense, mean_tokens_per_head=tokens)
     return rows
 
 
@@ -263,25 +325,26 @@ def selected_bytes(sel_count: torch.Tensor) -> int:
 
 
 def verdicts(rows: list[dict]) -> dict:
-    """The issue's targets at the shapes in TARGETS, judged on the CUDA-graph rows (eager figures beside)."""
+    """Issue 18's targets at the shapes in TARGETS, judged on the CUDA-graph rows (eager figures beside): our
+    dense_decode against the faster peer, select + attend against the fastest dense."""
     found = {}
     measured = {r["shape"] for r in rows}
 
-    def pick(mode, **match):
-        return [r for r in rows if r["mode"] == mode and all(r[k] == v for k, v in match.items())]
+    def speedups(**match) -> dict:
+        picked = {r["mode"]: r["speedup_vs_baseline"] for r in rows if all(r[k] == v for k, v in match.items())}
+        return {"value": picked["cuda_graph"], "eager": picked["eager"]}
 
     for shape, targets in TARGETS.items():
         if shape not in measured:
             continue
-        x_floor = {mode: pick(mode, shape=shape, impl="ucm_dense_decode")[0]["x_floor"] for mode in MODES}
-        found[f"{shape}_dense_x_floor"] = {"value": x_floor["cuda_graph"], "eager": x_floor["eager"],
-                                           "target_at_most": targets["dense_x_floor"]}
+        found[f"{shape}_dense_vs_peer"] = {**speedups(shape=shape, impl="ucm_dense_decode"),
+                                           "target_at_least": targets["dense_vs_peer"]}
         for selection in SELECTIONS:
+            if f"{selection}_speedup" not in targets:
+                continue
             for rule in RULES:
-                speedup = {mode: pick(mode, shape=f"{shape}_{selection}", name="select_attend",
-                                      impl=f"ucm_{rule}")[0]["speedup_vs_baseline"] for mode in MODES}
                 found[f"{shape}_{selection}_{rule}_speedup"] = {
-                    "value": speedup["cuda_graph"], "eager": speedup["eager"],
+                    **speedups(shape=f"{shape}_{selection}", name="select_attend", impl=f"ucm_{rule}"),
                     "target_at_least": targets[f"{selection}_speedup"]}
     return found
 
@@ -302,7 +365,8 @@ def save(rows: list[dict], ceilings: dict, skipped: list[str], pending: list[str
         "config": {"num_q_heads": NUM_Q_HEADS, "num_kv_heads": NUM_KV_HEADS, "head_dim": HEAD_DIM,
                    "block_size": BLOCK_SIZE, "dtype": str(DTYPE), **WINDOWS, "selections": SELECTIONS,
                    "rules": {f"ucm_{rule}": score for rule, score in RULES.items()},
-                   "fp8_reprs": "float8_e4m3fn kmin/kmax/kmean + fp32 kscale per (block, KV head)"},
+                   "fp8_reprs": "float8_e4m3fn kmin/kmax/kmean + fp32 kscale per (block, KV head)",
+                   "flashinfer": FLASHINFER or "not installed: no FlashInfer rows"},
         "timing": "triton.testing.do_bench median, L2 cleared before every call; mode cuda_graph: replay of the "
                   "call captured in a CUDA graph (GPU time), mode eager: the Python call (host launch work included); "
                   "plans made once per step, outside the timed call",

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU session step: correctness on the GPU (compiled kernels), then benchmarks; JSON + logs under $OUT.
-# Usage: bench/run_gpu.sh {tests|transfer|sparse|tp|all}   (wheels for pytest travel in .whl/, see BENCHMARKS.md)
+# Usage: bench/run_gpu.sh {tests|transfer|sparse|tp|all}   (wheels for pytest travel in .whl/, FlashInfer's in
+# .flashinfer/: see BENCHMARKS.md)
 # Set UCM_COMMIT to the commit the working tree was copied from: the copy on the GPU machine has no .git.
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -8,6 +9,10 @@ OUT="${OUT:-bench/results}"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+if [ -d .flashinfer ]; then  # the decode peer (bench only): wheels carried over, its kernels JIT-compiled there
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/fisite .flashinfer/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/fisite"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -27,7 +32,7 @@ case "${1:-all}" in
                tests/test_pool.py tests/test_demo.py ;;&
   transfer|all) step bench_kv_transfer timeout 420 python3 -m bench.bench_kv_transfer
                 step bench_h2d_anatomy timeout 120 python3 -m bench.bench_h2d_anatomy ;;&
-  sparse|all) step bench_sparse_decode timeout 300 python3 -m bench.bench_sparse_decode
+  sparse|all) step bench_sparse_decode timeout 540 python3 -m bench.bench_sparse_decode
               step bench_block_select timeout 200 python3 -m bench.bench_block_select ;;&
   tp|all) step bench_tp_ranks timeout 240 python3 -m bench.bench_tp_ranks --ranks 2 --blocks 2048 --dir /tmp ;;
 esac

@@ -137,8 +137,7 @@ class Setting:
     block_size: int
     sparse_ratio: float = 0.3
     token_budget: int | None = None
-    extra: tuple = ()  # other GSAConfig keys as (key, value) pairs, e.g. (("local_window_sz", 16),)
-    dense_layers: tuple = ()  # layers given sparse_ratio 1.0 (every block: dense attention)
+    extra: tuple = ()  # other GSAConfig keys as (key, value) pairs, e.g. (("dense_first_layers", 0),)
 
     def config(self) -> GSAConfig:
         """The GSAConfig of this setting (windows and min_blocks at their defaults unless in ``extra``)."""
@@ -149,9 +148,6 @@ class Setting:
 def apply(model, setting: Setting) -> None:
     """Switch ``model``'s decode attention to GSA with ``setting`` (torch backend)."""
     ucm_hf.enable(model, setting.config(), block_size=setting.block_size, backend="torch")
-    dense = ucm_hf.HFGSASettings(GSAConfig(sparse_ratio=1.0), setting.block_size, "torch")
-    for layer in setting.dense_layers:
-        model.model.layers[layer].self_attn.ucm_gsa = dense
 
 
 @dataclass
@@ -227,7 +223,8 @@ class Tally:
 
     positions: list[dict] = field(default_factory=list)  # compare() results, one per window
     leading: list[int] = field(default_factory=list)  # identical leading greedy tokens, one per window
-    attended: list[float] = field(default_factory=list)  # share of blocks attended at the first eval step
+    attended: list[float] = field(default_factory=list)  # share of a sparse layer's blocks attended (first step)
+    kv_attended: list[float] = field(default_factory=list)  # share of the KV of all layers attended (first step)
     seconds: float = 0.0
 
 
@@ -261,7 +258,10 @@ def run_window(model, window: Window, context: int, sweep: "Sweep", tallies: dic
         gsa_greedy = greedy(model, cache_at(pre, context, model), first, sweep.greedy_tokens, dense_greedy)
         tally.leading.append(leading_equal(gsa_greedy, dense_greedy))
         blocks = -(-(context + 1) // setting.block_size)
-        tally.attended.append(num_selected(blocks, setting.config(), setting.block_size) / blocks)
+        share = num_selected(blocks, setting.config(), setting.block_size) / blocks
+        layers, dense = model.config.num_hidden_layers, setting.config().dense_first_layers
+        tally.attended.append(share)
+        tally.kv_attended.append((min(dense, layers) + max(layers - dense, 0) * share) / layers)
         tally.seconds += time.perf_counter() - start
         print(f"  {window.record['name']} ctx {context} {setting}: {time.perf_counter() - start:.1f} s", flush=True)
     model.set_attn_implementation("sdpa")
@@ -312,8 +312,9 @@ def summarize(context: int, setting: Setting, tally: Tally, greedy_tokens: int) 
             "context": context, "rule": setting.rule, "block_size": setting.block_size,
             "sparse_ratio": None if setting.token_budget else setting.sparse_ratio,
             "token_budget": setting.token_budget, "gsa_extra": dict(setting.extra),
-            "dense_layers": list(setting.dense_layers),
+            "dense_first_layers": setting.config().dense_first_layers,
             "blocks_attended": round(statistics.mean(tally.attended), 4),
+            "kv_attended": round(statistics.mean(tally.kv_attended), 4),
             "ppl_dense": round(math.exp(nll_dense), 4), "ppl_gsa": round(math.exp(nll_gsa), 4),
             "ppl_ratio": round(math.exp(nll_gsa - nll_dense), 5), "kl_mean": float(f"{pos['kl'].mean().item():.4g}"),
             "kl_p95": float(f"{pos['kl'].quantile(0.95).item():.4g}"),
@@ -401,23 +402,30 @@ def probe_recall(model, window: Window, context: int, setting: Setting, steps: i
     return torch.stack([torch.stack(module.ucm_recall) for module in attention])
 
 
+def dense_first(layers: int, *extra: tuple) -> tuple:
+    """A Setting's ``extra`` with ``dense_first_layers`` set to ``layers``."""
+    return (("dense_first_layers", layers), *extra)
+
+
 def investigation(model, windows: list[Window], context: int) -> tuple[Sweep, dict]:
-    """Why sparse_ratio 0.3 (quest, block 32) loses quality at ``context``: the per-layer and per-head attention
-    mass its selection keeps along dense decodes, and the sweep of remedies tried through GSAConfig (wider
-    windows, block 16, higher ratios, the layers of least recall kept dense)."""
-    base = Setting("quest", 32, 0.3)
+    """Why sparse_ratio 0.3 (quest, block 32, every layer sparse) loses quality at ``context``: the per-layer and
+    per-head attention mass its selection keeps along dense decodes, and the remedies tried through GSAConfig:
+    the first 1-3 layers dense, wider windows, block 16, and a higher ratio of the same KV share as two dense
+    layers."""
+    base = Setting("quest", 32, 0.3, extra=dense_first(0))
     recall = torch.stack([probe_recall(model, w, context, base, EVAL_TOKENS) for w in windows], dim=1)
     by_layer = recall.mean(dim=(1, 2, 3))
-    worst = tuple(by_layer.argsort()[:6].tolist())
-    settings = [Setting("quest", 32, 0.3, extra=(("local_window_sz", 16),)),
-                Setting("quest", 32, 0.3, extra=(("init_window_sz", 4), ("local_window_sz", 16))),
-                Setting("quest", 16, 0.3, extra=(("local_window_sz", 8),)),
-                Setting("quest", 32, 0.3, dense_layers=worst[:3]), Setting("quest", 32, 0.3, dense_layers=worst),
-                Setting("quest", 32, 0.7), Setting("quest", 32, 0.9)]
-    record = {"recall_setting": vars(base), "recall_by_layer": [round(x, 4) for x in by_layer.tolist()],
+    layers = model.config.num_hidden_layers
+    same_share = round(0.3 + 2 * 0.7 / layers, 3)  # every layer sparse, reading as much KV as 2 dense layers + 0.3
+    settings = [base] + [Setting("quest", 32, 0.3, extra=dense_first(n)) for n in (1, 2, 3)] + [
+        Setting("quest", 32, 0.3, extra=dense_first(0, ("local_window_sz", 16))),
+        Setting("quest", 16, 0.3, extra=dense_first(0, ("local_window_sz", 8))),
+        Setting("quest", 32, same_share, extra=dense_first(0))]
+    record = {"recall_setting": {**vars(base), "extra": dict(base.extra)},
+              "recall_by_layer": [round(x, 4) for x in by_layer.tolist()],
               "recall_by_layer_head": [[round(x, 4) for x in row] for row in recall.mean(dim=(1, 2)).tolist()],
               "recall_p05_by_layer": [round(x, 4) for x in recall.flatten(1).quantile(0.05, dim=1).tolist()],
-              "least_recall_layers": list(worst)}
+              "least_recall_layers": by_layer.argsort()[:6].tolist()}
     return Sweep(TEXTS, (context,), EVAL_TOKENS, GREEDY_TOKENS, {context: settings},
                  "investigation at one context, quest rule"), record
 
@@ -427,14 +435,15 @@ def check_targets(rows: list[dict]) -> dict:
     return {f"{r['rule']}/bs{r['block_size']}": r["ppl_ratio"] <= TARGETS["ppl_ratio_max"]
             and r["top1_agreement"] >= TARGETS["top1_min"]
             for r in rows if r["context"] == TARGETS["context"] and r["sparse_ratio"] == TARGETS["sparse_ratio"]
-            and not r["gsa_extra"] and not r["dense_layers"]}
+            and not r["gsa_extra"]}
 
 
 def plot(doc: dict, path: Path) -> Path:
-    """ppl ratio, top-1 agreement and KL against the share of blocks attended, at the largest context."""
+    """ppl ratio, top-1 agreement and KL against the share of the KV attended, at the largest context (rows of
+    GSAConfig's defaults but the rule, block size, ratio or budget)."""
     plt = _pyplot()
     context = max(r["context"] for r in doc["rows"])
-    rows = [r for r in doc["rows"] if r["context"] == context and not r["gsa_extra"] and not r["dense_layers"]]
+    rows = [r for r in doc["rows"] if r["context"] == context and not r["gsa_extra"]]
     panels = (("ppl_ratio", "perplexity ratio (GSA / dense)", "linear", TARGETS["ppl_ratio_max"]),
               ("top1_agreement", "top-1 agreement with dense", "linear", TARGETS["top1_min"]),
               ("kl_mean", "mean KL(dense || GSA), nats", "log", None))
@@ -443,15 +452,15 @@ def plot(doc: dict, path: Path) -> Path:
     for ax, (metric, label, yscale, target) in zip(axes, panels):
         for rule, bs in sorted({(r["rule"], r["block_size"]) for r in rows}):
             mine = [r for r in rows if (r["rule"], r["block_size"]) == (rule, bs)]
-            line = sorted((r["blocks_attended"], r[metric]) for r in mine if r["sparse_ratio"] is not None)
-            budget = sorted((r["blocks_attended"], r[metric]) for r in mine if r["token_budget"])
+            line = sorted((r["kv_attended"], r[metric]) for r in mine if r["sparse_ratio"] is not None)
+            budget = sorted((r["kv_attended"], r[metric]) for r in mine if r["token_budget"])
             ax.plot(*zip(*line), LINE_STYLES[f"gsa_{rule}"] if bs == 32 else "-.", marker="o" if bs == 32 else "s",
                     color=colors[rule], label=f"{rule}, block {bs}")
             if budget:
                 ax.plot(*zip(*budget), "*", ms=12, color=colors[rule], label=f"{rule}, block {bs}, token budget")
         if target is not None:
             ax.axhline(target, color="tab:red", lw=0.8, ls="-.", label=f"target {target}")
-        ax.set(xlabel="share of blocks attended (sparse_ratio, or budget / context)", ylabel=label, yscale=yscale)
+        ax.set(xlabel="share of the KV attended per step (all layers)", ylabel=label, yscale=yscale)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(_title(doc, f"GSA vs dense on SmolLM2-135M (fp32, torch backend), {context}-token real-text "
@@ -465,8 +474,7 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         amount = (f"b{r['token_budget']}" if r["token_budget"] else f"{r['sparse_ratio']}") + "".join(
             f" {k.split('_')[0]}{v}" for k, v in r["gsa_extra"].items())
-        amount += f" dense{r['dense_layers']}" if r["dense_layers"] else ""
-        print(f"{r['context']:>5} {r['rule']:<10}{r['block_size']:>3} {amount:<14}{r['blocks_attended']:>9.3f}"
+        print(f"{r['context']:>5} {r['rule']:<10}{r['block_size']:>3} {amount:<14}{r['kv_attended']:>9.3f}"
               f"{r['ppl_ratio']:>9.4f}{r['kl_mean']:>10.2e}{r['top1_agreement']:>7.3f}{r['flips']:>6}"
               f"({r['flips_near_tie']:>2}){r['greedy_identical']:>5}/{r['windows']}  {r['greedy_leading']}")
 

@@ -24,7 +24,8 @@ STORE_VALUES = {  # a valid, non-default value for every store key
 }
 GSA_VALUES = {"sparse_ratio": 0.2, "local_window_sz": 2, "init_window_sz": 3, "min_blocks": 5,
               "prefetch_workers": 8, "prefetch_ahead": 2, "max_pending_prefetch": 256, "score": "mean",
-              "token_budget": 2048, "offload": True, "gpu_budget_blocks": 100, "repr_dtype": "fp8"}
+              "token_budget": 2048, "offload": True, "gpu_budget_blocks": 100, "repr_dtype": "fp8",
+              "dense_first_layers": 3}
 
 
 def _expected(key, value):
@@ -149,6 +150,8 @@ def test_store_errors_name_key_value_and_allowed(raw, message):
      "ucm_sparse_config.GSA: sparse_ratio: 1.5 is out of range; allowed: > 0.0 and <= 1.0"),
     ({"ucm_sparse_config": {"GSA": {"sparse_ratio": 0}}}, "sparse_ratio: 0 is out of range"),
     ({"ucm_sparse_config": {"GSA": {"score": "max"}}}, "score: 'max' is not allowed; allowed: 'quest', 'mean'"),
+    ({"ucm_sparse_config": {"GSA": {"dense_first_layers": -1}}},
+     "ucm_sparse_config.GSA: dense_first_layers: -1 is out of range; allowed: >= 0"),
     ({"ucm_sparse_config": {"gsa": {}}}, "unknown key 'gsa' in ucm_sparse_config: did you mean 'GSA'?"),
 ])
 def test_sparse_errors(sections, message):

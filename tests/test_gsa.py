@@ -130,6 +130,33 @@ def test_one_plan_serves_every_layer_and_a_selection_is_reused(monkeypatch):
     assert plan.filled.tolist() == table[0, :31].tolist() + table[1, :16].tolist()
 
 
+def test_first_layers_stay_dense_and_keep_no_summaries(monkeypatch):
+    seq_lens = [500, 260]
+    q, k, v, table = make_paged(seq_lens)
+    config = GSAConfig(sparse_ratio=0.3, init_window_sz=1, local_window_sz=2, min_blocks=3, dense_first_layers=2)
+    gsa = GSA(config, block_size=BLOCK)
+    plan = gsa.plan([1, 2], seq_lens, table)
+    calls = Counter()
+    for name in ("select", "update_reprs"):
+        monkeypatch.setattr(ops, name, counted(getattr(ops, name), name, calls))
+    dense = [gsa.run(plan, layer, q, k, v) for layer in (0, 1)]
+    sparse = [gsa.run(plan, layer, q, k, v) for layer in (2, "named")]
+    assert calls == {"select": 2, "update_reprs": 2} and set(gsa._reprs) == {2, "named"}
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    for layer, out in zip((0, 1), dense):
+        assert plan.selections[layer].sel_count.tolist() == [[32, 32], [17, 17]]  # every block (of 16 tokens)
+        torch.testing.assert_close(out, naive_dense_decode(q, k, v, table, lens), **TOLERANCE[torch.float32])
+    expected, _ = sparse_attention(q, k, v, table, seq_lens, config)
+    assert torch.equal(sparse[0], expected) and torch.equal(sparse[1], expected)
+    assert plan.selections[2].sel_count.tolist() == [[10, 10], [6, 6]]
+
+
+def test_sparse_layer_reads_only_int_layer_indices():
+    config = GSAConfig(dense_first_layers=2)
+    assert [config.sparse_layer(x) for x in (0, 1, 2, None, "0", True)] == [False, False, True, True, True, True]
+    assert GSAConfig().dense_first_layers == 0 and GSAConfig().sparse_layer(0)
+
+
 def counted(function, name: str, calls: Counter):
     """``function`` that also counts its calls in ``calls[name]``."""
     def wrapper(*args, **kwargs):

@@ -67,15 +67,17 @@ def test_ratio_one_generates_the_dense_tokens(workdir, dense):
     assert all(len(t) == MAX_TOKENS for t in gsa["tokens"])
 
 
-@pytest.mark.parametrize("repr_dtype", ["cache", "fp8"])
-def test_ratio_point_three_attends_a_windowed_subset_of_the_context(workdir, repr_dtype):
-    gsa = drive(workdir, f"ratio03_{repr_dtype}", {"sparse_ratio": 0.3, "repr_dtype": repr_dtype, **WINDOWS})
+@pytest.mark.parametrize("repr_dtype, dense_first_layers", [("cache", 0), ("fp8", 1)])
+def test_ratio_point_three_attends_a_windowed_subset_of_the_context(workdir, repr_dtype, dense_first_layers):
+    gsa = drive(workdir, f"ratio03_{repr_dtype}", {"sparse_ratio": 0.3, "repr_dtype": repr_dtype,
+                                                   "dense_first_layers": dense_first_layers, **WINDOWS})
     stats = gsa["stats"]
+    sparse_layers = {f"model.layers.{i}.self_attn.attn" for i in range(dense_first_layers, 2)}
     assert all(len(t) == MAX_TOKENS for t in gsa["tokens"])
-    assert stats["sparse_layer_calls"] == 2 * stats["steps"]  # both layers, every step with sparse rows
+    assert stats["sparse_layer_calls"] == len(sparse_layers) * stats["steps"]  # every step with sparse rows
     assert stats["summary_dtypes"] == ["torch.float8_e4m3fn" if repr_dtype == "fp8" else "torch.bfloat16"]
     assert stats["sparse_rows"] == 2 * (MAX_TOKENS - 1)  # decode steps of the 3000- and 1500-token requests
-    assert set(stats["recent"]) == {"model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"}
+    assert set(stats["recent"]) == sparse_layers  # a layer below dense_first_layers runs vLLM's kernel
     for calls in stats["recent"].values():
         lengths = sorted(n for call in calls for n in call["seq_lens"])
         assert lengths == sorted(n + i for n in (1500, 3000) for i in range(1, MAX_TOKENS))
@@ -86,6 +88,14 @@ def test_ratio_point_three_attends_a_windowed_subset_of_the_context(workdir, rep
                     assert len(blocks) == -(-3 * nb // 10) == len(set(blocks))
                     assert set(blocks) <= set(range(nb))
                     assert {0} | set(range(nb - 4, nb)) <= set(blocks)
+
+
+def test_layer_index_is_the_one_number_in_the_layer_name():
+    from ucm_sparse.vllm.settings import layer_index
+
+    assert layer_index("model.layers.3.self_attn.attn") == 3
+    assert layer_index("model.language_model.layers.12.self_attn.attn") == 12
+    assert layer_index("attn") is None and layer_index("model.layers.1.experts.2.attn") is None
 
 
 def test_step_plan_takes_long_decode_rows_and_their_full_blocks():

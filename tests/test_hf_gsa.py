@@ -96,6 +96,12 @@ def test_ratio_one_equals_dense_greedy(model, license_ids):
     assert torch.equal(gsa, dense)
 
 
+def test_layers_below_dense_first_layers_decode_with_sdpa(model, license_ids):
+    config = GSAConfig(sparse_ratio=0.1, dense_first_layers=model.config.num_hidden_layers)
+    dense, gsa = _dense_and_gsa(model, license_ids[:, :1000], config, teacher_forced=False)
+    assert torch.equal(gsa, dense)
+
+
 def test_ratio_03_agrees_with_dense(model, license_ids):
     dense, gsa = _dense_and_gsa(model, license_ids[:, :2048], GSAConfig(sparse_ratio=0.3), teacher_forced=True)
     agreement = (gsa == dense).float().mean().item()

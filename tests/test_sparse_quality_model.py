@@ -11,9 +11,9 @@ from test_hf_gsa import model_dir  # noqa: F401  (the fetched model, shared with
 from bench import sparse_quality_model as sqm  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-ROW_KEYS = {"context", "rule", "block_size", "sparse_ratio", "token_budget", "blocks_attended", "ppl_dense",
-            "ppl_gsa", "ppl_ratio", "kl_mean", "kl_p95", "top1_agreement", "flips", "flips_near_tie",
-            "greedy_identical", "greedy_leading", "positions", "windows"}
+ROW_KEYS = {"context", "rule", "block_size", "sparse_ratio", "token_budget", "dense_first_layers", "blocks_attended",
+            "kv_attended", "ppl_dense", "ppl_gsa", "ppl_ratio", "kl_mean", "kl_p95", "top1_agreement", "flips",
+            "flips_near_tie", "greedy_identical", "greedy_leading", "positions", "windows"}
 
 
 @pytest.fixture(scope="module")

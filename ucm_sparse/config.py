@@ -23,6 +23,9 @@ class GSAConfig:
     init_window_sz: int = spec(1, "first blocks always attended (the attention sink)", min=0,
                                used_by="GSA selection")
     min_blocks: int = spec(8, "fewest blocks attended; shorter sequences stay dense", min=1, used_by="GSA selection")
+    dense_first_layers: int = spec(0, "first decoder layers (index below this) that attend every block: early "
+                                   "layers spread attention over the whole context, where a selection loses the "
+                                   "most", min=0, used_by="GSA selection")
     prefetch_workers: int = spec(4, "threads fetching offloaded blocks into the GPU budget", min=1, max=256,
                                  used_by="GSA offload")
     prefetch_ahead: int = spec(4, "decode steps the prefetcher runs ahead of attention", min=0, max=1024,
@@ -42,6 +45,11 @@ class GSAConfig:
 
     def __post_init__(self) -> None:
         validate_fields(self)
+
+    def sparse_layer(self, layer: object) -> bool:
+        """False for a decoder layer index below ``dense_first_layers`` (it attends every block); True for any
+        other layer, and for a layer key that is not an index (``None``, a name)."""
+        return not (isinstance(layer, int) and not isinstance(layer, bool) and layer < self.dense_first_layers)
 
 
 @dataclasses.dataclass(frozen=True)

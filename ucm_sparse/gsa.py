@@ -91,7 +91,8 @@ class GSA:
 
         Args:
             plan: this step's plan (the latest :meth:`plan`).
-            layer: any hashable layer key; each layer keeps its own block representations.
+            layer: any hashable layer key; each layer keeps its own block representations. An int key below
+                ``config.dense_first_layers`` is a dense layer (every block attended).
             q: ``[batch, num_q_heads, head_dim]``, the current token's queries.
             key_cache, value_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]`` (any strides) holding
                 every token of every request, the current one included.
@@ -102,14 +103,16 @@ class GSA:
             raise ValueError(f"plan is from step {plan.step}; the latest plan is step {self._step}")
         _check_layer_inputs(q, key_cache, value_cache, plan, self.block_size)
         backend = ops.resolve_backend(self.backend, q)
-        reprs = self._layer_reprs(layer, key_cache)
-        ops.update_reprs(backend, key_cache, plan.filled, reprs)
-        if plan.dense:
+        sparse_layer = self.config.sparse_layer(layer)
+        if sparse_layer:  # summaries stay current while the batch is dense, for the steps that are not
+            ops.update_reprs(backend, key_cache, plan.filled, self._layer_reprs(layer, key_cache))
+        if plan.dense or not sparse_layer:
             plan.selections[layer] = ops.full_selection(plan.seq_lens, key_cache.shape[2], self.block_size,
                                                         plan.block_table.shape[1])
             return ops.attend(backend, q, key_cache, value_cache, plan.block_table, plan.seq_lens, None, scale)
         if selection is None:
-            selection = ops.select(backend, q, reprs, plan.block_table, plan.seq_lens, self.config, self.block_size)
+            selection = ops.select(backend, q, self._reprs[layer], plan.block_table, plan.seq_lens, self.config,
+                                   self.block_size)
         plan.selections[layer] = selection
         return ops.attend(backend, q, key_cache, value_cache, plan.block_table, plan.seq_lens, selection, scale)
 
@@ -140,11 +143,12 @@ def sparse_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     attends. Shapes as in :meth:`GSA.run`; ``seq_lens`` ``[batch]`` counts the current token. ``out`` is
     ``[batch, num_q_heads, head_dim]`` in q's dtype; ``selection`` names the logical blocks attended (all of
     them for a request that stays dense). For a decode loop, keep a :class:`GSA` instead (no recomputation).
+    ``config.dense_first_layers`` does not apply here: the call names no layer.
     """
     gsa = GSA(config, block_size=key_cache.shape[1], backend=backend)
     plan = gsa.plan(list(range(q.shape[0])), seq_lens, block_table)
-    out = gsa.run(plan, 0, q, key_cache, value_cache, scale=scale)
-    return out, plan.selections[0]
+    out = gsa.run(plan, None, q, key_cache, value_cache, scale=scale)  # no layer index: dense_first_layers unused
+    return out, plan.selections[None]
 
 
 def _check_batch(request_ids: Sequence, lengths: list[int], block_table: torch.Tensor, block_size: int) -> None:

@@ -4,6 +4,7 @@ Importing this module registers ``attn_implementation="ucm_gsa"`` in transformer
 prefill (more than one query token) runs transformers' SDPA attention; each decode step (one query token) runs GSA
 over the model's own KV cache (``DynamicCache`` K/V ``[batch, kv_heads, seq, head_dim]``) viewed as blocks of
 ``block_size`` tokens, with the ``ucm_sparse`` ops (torch on CPU, Triton kernels for bf16/fp16 CUDA tensors).
+Decoder layers whose ``layer_idx`` is below ``dense_first_layers`` decode with SDPA too.
 
     import ucm_sparse.hf
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="ucm_gsa")  # default GSAConfig()
@@ -78,7 +79,8 @@ def gsa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     """transformers attention function: query ``[batch, heads, q_len, head_dim]``, key/value ``[batch, kv_heads,
     seq, head_dim]`` (the whole cache, current token included); returns ``([batch, q_len, heads, head_dim], None)``.
     """
-    if query.shape[2] != 1:
+    settings = getattr(module, "ucm_gsa", DEFAULT_SETTINGS)
+    if query.shape[2] != 1 or not settings.config.sparse_layer(getattr(module, "layer_idx", None)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if attention_mask is not None:
@@ -86,7 +88,6 @@ def gsa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
         if not bool(allowed.all()):
             raise ValueError("attention_mask: masked positions in a decode step (left padding?); the ucm_gsa "
                              "attention attends every cached token")
-    settings = getattr(module, "ucm_gsa", DEFAULT_SETTINGS)
     batch, _, seq, _ = key.shape
     num_blocks = -(-seq // settings.block_size)
     table = torch.arange(batch * num_blocks, dtype=torch.int32, device=key.device).view(batch, num_blocks)

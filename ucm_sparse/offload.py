@@ -319,7 +319,7 @@ class OffloadedGSA:
         tail_slots = self._write_token(plan, layer, key, value)
         self._complete_filled(plan, layer, backend, tail_slots)
         reprs = self.reprs[layer]
-        if plan.dense:
+        if plan.dense or not self.config.sparse_layer(layer):
             selection = ops.full_selection(plan.seq_lens, heads, self.block_size, plan.block_table.shape[1])
         else:
             selection = ops.select(backend, q, reprs, plan.block_table, plan.seq_lens, self.config, self.block_size)

@@ -22,7 +22,7 @@ from vllm.v1.attention.backends.flash_attn import (FlashAttentionBackend, FlashA
                                                    FlashAttentionMetadataBuilder)
 
 from ucm_sparse.vllm.flash_step import FlashGSA, FlashGSAPlan, goes_sparse
-from ucm_sparse.vllm.settings import GSAStats, gsa_config_of
+from ucm_sparse.vllm.settings import GSAStats, gsa_config_of, layer_index
 
 logger = logging.getLogger(__name__)
 stats = GSAStats()
@@ -83,11 +83,13 @@ class GSAFlashMetadataBuilder(FlashAttentionMetadataBuilder):
 
     def _attach_reprs(self) -> None:
         """Give each covered layer of this group its block summaries, sized by its bound KV cache (first build:
-        the caches exist by then, and no CUDA graph is being captured while metadata is built)."""
+        the caches exist by then, and no CUDA graph is being captured while metadata is built). A layer below
+        ``dense_first_layers`` gets none: it stays vLLM's FlashAttention."""
         layers = self.vllm_config.compilation_config.static_forward_context
         for name in self.layer_names:
             impl = getattr(layers[name], "impl", None)
-            if isinstance(impl, GSAFlashAttentionImpl) and impl.covered:
+            if isinstance(impl, GSAFlashAttentionImpl) and impl.covered and \
+                    self.gsa.config.sparse_layer(layer_index(name)):
                 impl.reprs = self.gsa.empty_reprs(layers[name].kv_cache.shape[0])
                 stats.summary_dtypes.add(str(impl.reprs[0].dtype))
         self._reprs_ready = True

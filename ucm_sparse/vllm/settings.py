@@ -19,6 +19,13 @@ class GSAStats:
     summary_dtypes: set = dataclasses.field(default_factory=set)  # dtypes of the block summaries selection read
 
 
+def layer_index(layer_name: str) -> int | None:
+    """The decoder layer index in a vLLM attention layer name (``model.layers.3.self_attn.attn`` -> 3), or None
+    when the name holds no number or several."""
+    numbers = [int(part) for part in layer_name.split(".") if part.isdigit()]
+    return numbers[0] if len(numbers) == 1 else None
+
+
 def gsa_config_of(vllm_config) -> GSAConfig | None:
     """The GSA settings of the engine's connector extra config, or None when no sparse method is configured."""
     transfer = vllm_config.kv_transfer_config
