@@ -279,19 +279,19 @@ class Sweep:
     grid_note: str  # what the grid covers and why (recorded in the JSON)
 
 
-FULL_GRID = ("trimmed to ~40 minutes on 2 CPU cores (a GSA decode step at 8K costs ~0.4 s there; every rule x ratio "
-             "x block size x budget at every context would take ~3 hours): at the largest context quest at every "
-             "ratio, mean at 0.1 / 0.3 / 0.5, quest with fp8 summaries at 0.1 / 0.3, block 16 at 0.3 and token "
-             "budgets 1024 / 2048 (quest); at the other contexts quest at 0.3 / 0.5")
+FULL_GRID = ("trimmed to ~40 minutes on 2 CPU cores (a GSA decode step at 8K costs ~0.3 s there; every rule x ratio "
+             "x block size x budget at every context would take ~3 hours): at the largest context quest at 0.1 / "
+             "0.2 / 0.3 / 0.5 / 0.7, mean at 0.3 / 0.5, quest with fp8 summaries at 0.3, block 16 at 0.3, the first "
+             "two layers dense at 0.3, token budgets 1024 / 2048 (quest); at the other contexts quest at 0.3 / 0.5")
 
 
 def full_sweep(contexts: list[int]) -> Sweep:
     """The default run: :data:`TEXTS` at ``contexts``, the settings of :data:`FULL_GRID`."""
     largest = max(contexts)
     settings = {c: [Setting("quest", 32, r) for r in (0.3, 0.5)] for c in contexts if c != largest}
-    settings[largest] = ([Setting("quest", 32, r) for r in (0.1, 0.2, 0.3, 0.4, 0.5)]
-                         + [Setting("mean", 32, r) for r in (0.1, 0.3, 0.5)]
-                         + [Setting("quest_fp8", 32, r) for r in (0.1, 0.3)] + [Setting("quest", 16, 0.3)]
+    settings[largest] = ([Setting("quest", 32, r) for r in (0.1, 0.2, 0.3, 0.5, 0.7)]
+                         + [Setting("mean", 32, r) for r in (0.3, 0.5)] + [Setting("quest_fp8", 32, 0.3)]
+                         + [Setting("quest", 16, 0.3), Setting("quest", 32, 0.3, extra=dense_first(2))]
                          + [Setting("quest", 32, token_budget=b) for b in (1024, 2048)])
     return Sweep(TEXTS, tuple(contexts), EVAL_TOKENS, GREEDY_TOKENS, settings, FULL_GRID)
 

@@ -185,7 +185,8 @@ def test_one_plan_serves_every_layer_and_narrower_lists():
         out = sparse_decode(q, k_layer, v_layer, table, lens, sel_idx, sel_count, plan=plan)
         assert torch.equal(out, sparse_decode(q, k_layer, v_layer, table, lens, sel_idx, sel_count, num_splits=3))
         assert_close(out, naive_sparse_decode(q, k_layer, v_layer, table, lens, sel_idx, sel_count), torch.bfloat16)
-    dense_plan = plan_decode(q, k, table.shape[1])
+    dense_plan = plan_decode(q, k, table.shape[1], dense=True)
+    assert (dense_plan.tile_tokens, dense_plan.num_warps, dense_plan.num_stages) == (64, 4, 2)
     assert torch.equal(dense_decode(q, k, v, table, lens, plan=dense_plan), dense_decode(q, k, v, table, lens))
 
 

@@ -23,7 +23,8 @@ from .._utils import check_device, triton_interpreting
 _MAX_TILE_TOKENS = 128
 _MIN_TOKENS_PER_SPLIT = 128  # one tile-aligned chunk; short lists on a small batch still fill the GPU
 _MAX_SPLITS = 64  # bounds the combine kernel's registers ([splits, head_dim] fp32)
-_PROGRAMS_PER_SM = 8  # several waves, so the last one's tail is a small share of the time
+_PROGRAMS_PER_SM = 8  # lists: several waves, so the last one's tail is a small share of the time
+_DENSE_PROGRAMS_PER_SM = 4  # dense: whole waves of these (see _choose_num_splits)
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -164,7 +165,7 @@ class DecodePlan:
 
 
 def plan_decode(q: torch.Tensor, key_cache: torch.Tensor, max_blocks: int, *,
-                num_splits: int | None = None) -> DecodePlan:
+                num_splits: int | None = None, dense: bool = False) -> DecodePlan:
     """Choose splits and tile and allocate the split scratch for calls shaped like ``q`` / ``key_cache``.
 
     Args:
@@ -174,6 +175,8 @@ def plan_decode(q: torch.Tensor, key_cache: torch.Tensor, max_blocks: int, *,
             ``block_table.shape[1]`` for :func:`dense_decode`; narrower lists reuse it.
         num_splits: most programs per (request, KV head) (rounded down so none is left without list
             entries); default chosen from the work and the SM count.
+        dense: tune for :func:`dense_decode` (every block) rather than :func:`sparse_decode`'s lists; either
+            plan serves either call.
     Returns:
         A :class:`DecodePlan` to pass as ``plan=``.
     """
@@ -186,14 +189,14 @@ def plan_decode(q: torch.Tensor, key_cache: torch.Tensor, max_blocks: int, *,
     batch, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     if num_splits is None:
-        num_splits = _choose_num_splits(batch * num_kv_heads, max_blocks, block_size, q.device)
+        num_splits = _choose_num_splits(batch * num_kv_heads, max_blocks, block_size, q.device, dense)
     chunk_blocks = _chunk_blocks(max_blocks, num_splits, block_size)
     num_splits = max(1, triton.cdiv(max_blocks, chunk_blocks))
     acc = stats = None
     if num_splits > 1:
         acc = torch.empty(batch, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         stats = torch.empty(batch, num_q_heads, num_splits, 2, dtype=torch.float32, device=q.device)
-    tile_tokens, num_warps, num_stages = _choose_tile(chunk_blocks * block_size)
+    tile_tokens, num_warps, num_stages = _choose_tile(chunk_blocks * block_size, dense)
     return DecodePlan(batch, num_q_heads, num_kv_heads, head_dim, block_size, max_blocks, num_splits, chunk_blocks,
                       tile_tokens, num_warps, num_stages, acc, stats)
 
@@ -238,14 +241,15 @@ def dense_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
     sync on seq_lens), so a table much wider than the longest request spends programs that find no blocks.
     """
     _check_attention_inputs(q, key_cache, value_cache, block_table, seq_lens)
-    plan = _resolve_plan(plan, q, key_cache, block_table.shape[1], num_splits)
+    plan = _resolve_plan(plan, q, key_cache, block_table.shape[1], num_splits, dense=True)
     return _launch(plan, q, key_cache, value_cache, block_table, seq_lens, None, None, scale, out)
 
 
-def _resolve_plan(plan: DecodePlan | None, q, key_cache, max_blocks: int, num_splits: int | None) -> DecodePlan:
+def _resolve_plan(plan: DecodePlan | None, q, key_cache, max_blocks: int, num_splits: int | None,
+                  dense: bool = False) -> DecodePlan:
     """``plan`` checked against the call's shapes, or a fresh plan when none is given."""
     if plan is None:
-        return plan_decode(q, key_cache, max_blocks, num_splits=num_splits)
+        return plan_decode(q, key_cache, max_blocks, num_splits=num_splits, dense=dense)
     if num_splits is not None:
         raise ValueError(f"num_splits={num_splits} given with a plan; pass it to plan_decode instead")
     shapes = (q.shape[0], q.shape[1], key_cache.shape[2], q.shape[2], key_cache.shape[1])
@@ -298,11 +302,16 @@ def _launch(plan: DecodePlan, q, key_cache, value_cache, block_table, seq_lens, 
     return out
 
 
-def _choose_num_splits(num_heads: int, max_blocks: int, block_size: int, device: torch.device) -> int:
-    """Splits per (request, KV head): enough programs for ``_PROGRAMS_PER_SM`` per SM, none shorter than
+def _choose_num_splits(num_heads: int, max_blocks: int, block_size: int, device: torch.device, dense: bool) -> int:
+    """Splits per (request, KV head): enough programs for ``_PROGRAMS_PER_SM`` per SM (lists), or at most
+    ``_DENSE_PROGRAMS_PER_SM`` per SM in whole (dense: at 8 x 128K 8 splits, 512 programs on 132 SMs, took 0.96
+    ms where 17 took 1.03 on the H200, sweep_decode_tiles-NVIDIA_H200-2026-12-04.json), none shorter than
     ``_MIN_TOKENS_PER_SPLIT`` tokens, at most ``_MAX_SPLITS``. The interpreter counts as one SM."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    wanted = triton.cdiv(_PROGRAMS_PER_SM * sms, max(num_heads, 1))
+    if dense:
+        wanted = max(1, _DENSE_PROGRAMS_PER_SM * sms // max(num_heads, 1))
+    else:
+        wanted = triton.cdiv(_PROGRAMS_PER_SM * sms, max(num_heads, 1))
     useful = triton.cdiv(max_blocks * block_size, _MIN_TOKENS_PER_SPLIT)
     return max(1, min(wanted, useful, _MAX_SPLITS))
 
@@ -314,8 +323,13 @@ def _chunk_blocks(max_blocks: int, num_splits: int, block_size: int) -> int:
     return max(align, triton.cdiv(triton.cdiv(max_blocks, num_splits), align) * align)
 
 
-def _choose_tile(split_tokens: int) -> tuple[int, int, int]:
+def _choose_tile(split_tokens: int, dense: bool) -> tuple[int, int, int]:
     """(TILE_TOKENS, num_warps, num_stages) for splits of ``split_tokens`` list tokens.
+
+    Dense: 64-token tiles, 4 warps, 2 stages, the best or within 1% of it at 1 x 128K, 8 x 128K and 32 x 32K
+    on the H200 at the split counts of :func:`_choose_num_splits` (72 settings swept per shape,
+    ``bench/sweep_decode_tiles.py``); 3-4 stages fell off a cliff at some split counts (1.25 ms against 0.96 at
+    8 x 128K). Lists (below) were not re-swept on the H200.
 
     Triton 3.6 pipelines the gathered K/V loads with cp.async, but stages also go to the index loads ahead of
     them: compiled for sm_90 (head_dim 128, bf16), 3 stages give one K/V buffer (39 KB of shared memory at 64
@@ -324,6 +338,8 @@ def _choose_tile(split_tokens: int) -> tuple[int, int, int]:
     within 3% of the sweep's best at four of five shapes (dense 8 x 128K; lists of 39K and 2K tokens at batch
     8; lists of 2K at batch 1) and 8% at dense 1 x 32K; 5 stages paid only for long splits (dense 8 x 128K).
     """
+    if dense:
+        return 64, 4, 2
     return 64, 4, 5 if split_tokens >= 4096 else 3
 
 
