@@ -18,11 +18,13 @@ tokens), mean next-token KL(dense || GSA), top-1 agreement with dense's argmax, 
 the positions that flip, and how many windows' greedy continuations equal dense's. GSAConfig has no
 selection-reuse setting (every decode step selects anew), so none is swept.
 
-``--investigate`` (largest context only) records, along dense decodes, the share of each layer's and head's
+``--oracle`` (largest context only) measures the oracle selection: per KV head the blocks of most dense attention
+mass, GSA's count of them (the bound of any block-selection rule). ``--investigate`` (largest context only) records, along dense decodes, the share of each layer's and head's
 attention that the quest 0.3 selection keeps (a probe attention function), then measures remedies tried through
 GSAConfig: wider windows, block 16, higher ratios, and the layers of least recall kept dense.
 
-Usage: ``python -m bench.sparse_quality_model [--contexts 2048,4096,8192] [--quick | --investigate] [--out DIR]``;
+Usage: ``python -m bench.sparse_quality_model [--contexts 2048,4096,8192] [--quick | --investigate | --oracle]
+[--out DIR]``;
 CPU, fp32. Writes ``sparse_quality_model[_investigation]-<device>-<date>.json`` (and a ``.png`` of the main run)
 under ``--out``, ``$OUT`` or ``bench/results/``.
 """
@@ -141,13 +143,53 @@ class Setting:
 
     def config(self) -> GSAConfig:
         """The GSAConfig of this setting (windows and min_blocks at their defaults unless in ``extra``)."""
-        return GSAConfig(sparse_ratio=self.sparse_ratio, token_budget=self.token_budget, **RULES[self.rule],
-                         **dict(self.extra))
+        return GSAConfig(sparse_ratio=self.sparse_ratio, token_budget=self.token_budget,
+                         **RULES.get(self.rule, {}), **dict(self.extra))
+
+
+ORACLE = "ucm_gsa_oracle"  # the rule (and attention function) that selects by the dense attention itself
 
 
 def apply(model, setting: Setting) -> None:
-    """Switch ``model``'s decode attention to GSA with ``setting`` (torch backend)."""
+    """Switch ``model``'s decode attention to GSA with ``setting`` (torch backend), or to the oracle selection."""
     ucm_hf.enable(model, setting.config(), block_size=setting.block_size, backend="torch")
+    if setting.rule == "oracle":
+        model.set_attn_implementation(ORACLE)
+
+
+def oracle_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                     **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention function: a batch-1 decode step attends the blocks GSA's count allows (windows
+    included) that hold the most dense attention mass of their KV head's query heads: the best any block
+    selection of that size can do. Other calls, and layers below ``dense_first_layers``, run SDPA."""
+    settings = module.ucm_gsa
+    if query.shape[2] != 1 or not settings.config.sparse_layer(getattr(module, "layer_idx", None)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    heads, seq, head_dim = key.shape[1:]
+    q = query[0, :, 0].float().view(heads, -1, head_dim)
+    logits = torch.einsum("hgd,hsd->hgs", q, key[0].float()) * scaling
+    keep = oracle_blocks(torch.softmax(logits, dim=-1).sum(1), settings)  # [heads, seq]
+    probs = torch.softmax(logits.masked_fill(~keep[:, None], float("-inf")), dim=-1)
+    out = torch.einsum("hgs,hsd->hgd", probs, value[0].float()).reshape(1, 1, -1, head_dim)
+    return out.to(query.dtype), None
+
+
+def oracle_blocks(mass: torch.Tensor, settings: ucm_hf.HFGSASettings) -> torch.Tensor:
+    """bool ``[heads, seq]``: the tokens of the blocks kept per KV head from its attention ``mass`` ``[heads,
+    seq]``: both windows, then the blocks of most mass, GSA's count in all."""
+    heads, seq = mass.shape
+    bs, config = settings.block_size, settings.config
+    nb = -(-seq // bs)
+    count = num_selected(nb, config, bs)
+    per_block = torch.nn.functional.pad(mass, (0, nb * bs - seq)).view(heads, nb, bs).sum(-1)
+    windows = torch.zeros(nb, dtype=torch.bool)
+    windows[:config.init_window_sz] = True
+    windows[nb - max(config.local_window_sz, 1):] = True
+    ranked = torch.where(windows, float("inf"), per_block).argsort(dim=1, descending=True)[:, :count]
+    chosen = torch.zeros(heads, nb, dtype=torch.bool).scatter_(1, ranked, True)
+    return chosen.repeat_interleave(bs, dim=1)[:, :seq]
 
 
 @dataclass
@@ -277,6 +319,7 @@ class Sweep:
     greedy_tokens: int
     settings: dict[int, list[Setting]]
     grid_note: str  # what the grid covers and why (recorded in the JSON)
+    name: str = "sparse_quality_model"  # the results file's bench name
 
 
 FULL_GRID = ("trimmed to ~40 minutes on 2 CPU cores (a GSA decode step at 8K costs ~0.3 s there; every rule x ratio "
@@ -294,6 +337,15 @@ def full_sweep(contexts: list[int]) -> Sweep:
                          + [Setting("quest", 16, 0.3), Setting("quest", 32, 0.3, extra=dense_first(2))]
                          + [Setting("quest", 32, token_budget=b) for b in (1024, 2048)])
     return Sweep(TEXTS, tuple(contexts), EVAL_TOKENS, GREEDY_TOKENS, settings, FULL_GRID)
+
+
+def oracle_sweep(contexts: list[int]) -> Sweep:
+    """The oracle selection (:func:`oracle_attention`) at ratio 0.3 at the largest context, every layer sparse
+    and the first two dense: how close any block selection of GSA's size gets to dense."""
+    largest = max(contexts)
+    settings = [Setting("oracle", 32, 0.3, extra=dense_first(n)) for n in (0, 2)]
+    return Sweep(TEXTS, (largest,), EVAL_TOKENS, GREEDY_TOKENS, {largest: settings},
+                 "oracle selection at ratio 0.3, largest context", "sparse_quality_model_oracle")
 
 
 def quick_sweep() -> Sweep:
@@ -386,6 +438,8 @@ def selected_mass(q: torch.Tensor, k: torch.Tensor, settings: ucm_hf.HFGSASettin
 
 AttentionInterface.register(PROBE, probe_attention)
 AttentionMaskInterface.register(PROBE, sdpa_mask)
+AttentionInterface.register(ORACLE, oracle_attention)
+AttentionMaskInterface.register(ORACLE, sdpa_mask)
 
 
 def probe_recall(model, window: Window, context: int, setting: Setting, steps: int) -> torch.Tensor:
@@ -498,7 +552,7 @@ def run(sweep: Sweep, model_dir: Path | None = None, investigate: bool = False) 
         sweep, found = investigation(model, windows, contexts[0])
     rows, copy_seconds = measure(model, windows, sweep)
     verdicts = check_targets(rows)
-    bench = "sparse_quality_model_investigation" if investigate else "sparse_quality_model"
+    bench = "sparse_quality_model_investigation" if investigate else sweep.name
     path = write_results(bench, rows, ceilings={}, extra={
         "targets": TARGETS, "targets_met": verdicts, **found, "texts": [w.record for w in windows],
         "cache_copy_seconds_median": round(copy_seconds, 3), "wall_seconds": round(time.perf_counter() - start),
@@ -512,7 +566,7 @@ def run(sweep: Sweep, model_dir: Path | None = None, investigate: bool = False) 
                               "cache_copy_seconds_median against each text's prefill_seconds)",
                   "selection_reuse": "none: GSAConfig has no such setting, every decode step selects anew",
                   "grid": sweep.grid_note}})
-    if not investigate:
+    if bench == "sparse_quality_model":
         plot(json.loads(path.read_text()), path.with_suffix(".png"))
     print_table(rows)
     if investigate:
@@ -528,6 +582,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--quick", action="store_true", help="one 512-token window, 2 settings, few tokens")
     parser.add_argument("--investigate", action="store_true",
                         help="at the largest context: per-layer recall of quest 0.3 and the remedies tried")
+    parser.add_argument("--oracle", action="store_true",
+                        help="at the largest context: the oracle selection (by dense attention mass) at ratio 0.3")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default torch's); 1 on a busy machine, where OpenMP threads waiting "
                              "for a descheduled peer made decode steps ~10x slower")
@@ -539,7 +595,8 @@ def main(argv: list[str] | None = None) -> Path:
     contexts = sorted(int(c) for c in args.contexts.split(","))
     if args.out is not None:
         os.environ["OUT"] = str(args.out)
-    return run(quick_sweep() if args.quick else full_sweep(contexts), args.model_dir, args.investigate)
+    sweep = quick_sweep() if args.quick else oracle_sweep(contexts) if args.oracle else full_sweep(contexts)
+    return run(sweep, args.model_dir, args.investigate)
 
 
 if __name__ == "__main__":

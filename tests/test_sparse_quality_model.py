@@ -5,6 +5,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from test_hf_gsa import model_dir  # noqa: F401  (the fetched model, shared with the transformers tests)
 
@@ -60,3 +61,17 @@ def test_changed_text_is_refused(model_dir):  # noqa: F811
     missing = dataclasses.replace(sqm.TEXTS[0], sources=(sqm.Source("numba", "NO_SUCH_FILE", 0, 10),))
     with pytest.raises(sqm.TextError, match="numba has no installed file ending in NO_SUCH_FILE"):
         sqm.load_text(missing, tokenizer, 1)
+
+
+def test_oracle_keeps_the_windows_and_the_blocks_of_most_mass():
+    from ucm_sparse import GSAConfig
+    from ucm_sparse.hf import HFGSASettings
+
+    settings = HFGSASettings(GSAConfig(sparse_ratio=0.5, init_window_sz=1, local_window_sz=1, min_blocks=1), 4)
+    mass = torch.tensor([[0.0] * 4 + [5.0] * 4 + [1.0] * 4 + [9.0] * 4 + [2.0] * 4 + [0.0] * 2,  # 6 blocks of 4
+                         [3.0] * 4 + [0.0] * 4 + [8.0] * 4 + [1.0] * 4 + [7.0] * 4 + [0.0] * 2])
+    keep = sqm.oracle_blocks(mass, settings)  # 3 blocks each: block 0 (sink), block 5 (local), the best other one
+    assert keep.shape == (2, 22)
+    assert keep[0].view(-1)[::4].tolist() == [True, False, False, True, False, True]
+    assert keep[1].view(-1)[::4].tolist() == [True, False, True, False, False, True]
+    assert keep[:, 20:].all() and keep.sum(1).tolist() == [10, 10]  # whole blocks; the last holds 2 tokens
