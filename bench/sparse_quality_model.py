@@ -15,13 +15,14 @@ same text. Per window and context:
 
 Per (context, setting), pooled over the windows' positions: perplexity ratio (GSA / dense, over the evaluation
 tokens), mean next-token KL(dense || GSA), top-1 agreement with dense's argmax, the dense top-1/top-2 margin at
-the positions that flip, and how many windows' greedy continuations equal dense's. GSAConfig has no
-selection-reuse setting (every decode step selects anew), so none is swept.
+the positions that flip, and how many windows' greedy continuations equal dense's.
 
-``--oracle`` (largest context only) measures the oracle selection: per KV head the blocks of most dense attention
-mass, GSA's count of them (the bound of any block-selection rule). ``--investigate`` (largest context only) records, along dense decodes, the share of each layer's and head's
-attention that the quest 0.3 selection keeps (a probe attention function), then measures remedies tried through
-GSAConfig: wider windows, block 16, higher ratios, and the layers of least recall kept dense.
+Largest context only: ``--oracle`` measures the oracle selection (per KV head the blocks of most dense attention
+mass, GSA's count of them: the bound of any block-selection rule); ``--reuse`` GSA's selection made every 2 / 4 / 8
+decode steps and reused in between, both windows always fresh (GSAConfig has no such setting yet: this measures
+what one would cost); ``--investigate`` records, along dense decodes, the share of each layer's and head's attention
+that the quest 0.3 selection keeps (a probe attention function), then measures remedies tried through GSAConfig:
+the first layers dense, wider windows, block 16, a higher ratio of the same KV share.
 
 Usage: ``python -m bench.sparse_quality_model [--contexts 2048,4096,8192] [--quick | --investigate | --oracle]
 [--out DIR]``;
@@ -140,6 +141,7 @@ class Setting:
     sparse_ratio: float = 0.3
     token_budget: int | None = None
     extra: tuple = ()  # other GSAConfig keys as (key, value) pairs, e.g. (("dense_first_layers", 0),)
+    select_every: int = 1  # > 1: the harness's selection reuse (:func:`reuse_attention`), not a GSAConfig key
 
     def config(self) -> GSAConfig:
         """The GSAConfig of this setting (windows and min_blocks at their defaults unless in ``extra``)."""
@@ -148,13 +150,36 @@ class Setting:
 
 
 ORACLE = "ucm_gsa_oracle"  # the rule (and attention function) that selects by the dense attention itself
+REUSE = "ucm_gsa_reuse"  # the attention function that reselects every ``select_every`` decode steps
 
 
 def apply(model, setting: Setting) -> None:
-    """Switch ``model``'s decode attention to GSA with ``setting`` (torch backend), or to the oracle selection."""
+    """Switch ``model``'s decode attention to GSA with ``setting`` (torch backend), to the oracle selection, or to
+    GSA's selection reused for ``select_every`` steps."""
     ucm_hf.enable(model, setting.config(), block_size=setting.block_size, backend="torch")
     if setting.rule == "oracle":
         model.set_attn_implementation(ORACLE)
+    elif setting.select_every > 1:
+        for module in model.modules():
+            module.ucm_reuse = ReuseState(setting.select_every)
+        model.set_attn_implementation(REUSE)
+
+
+def masked_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
+                  scaling: float) -> torch.Tensor:
+    """One batch-1 decode step's attention over the kept tokens: query ``[1, num_q_heads, 1, head_dim]``, key and
+    value ``[1, num_kv_heads, seq, head_dim]``, ``keep`` bool ``[num_kv_heads, seq]``; returns ``[1, 1,
+    num_q_heads, head_dim]`` in query's dtype (fp32 math)."""
+    heads, seq, head_dim = key.shape[1:]
+    q = query[0, :, 0].float().view(heads, -1, head_dim)
+    logits = torch.einsum("hgd,hsd->hgs", q, key[0].float()) * scaling
+    probs = torch.softmax(logits.masked_fill(~keep[:, None], float("-inf")), dim=-1)
+    return torch.einsum("hgs,hsd->hgd", probs, value[0].float()).reshape(1, 1, -1, head_dim).to(query.dtype)
+
+
+def decode_step_of(module, query: torch.Tensor) -> bool:
+    """True for a batch-1 single-token step of a layer GSA covers (the others run SDPA)."""
+    return query.shape[2] == 1 and module.ucm_gsa.config.sparse_layer(getattr(module, "layer_idx", None))
 
 
 def oracle_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -163,17 +188,46 @@ def oracle_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     """transformers attention function: a batch-1 decode step attends the blocks GSA's count allows (windows
     included) that hold the most dense attention mass of their KV head's query heads: the best any block
     selection of that size can do. Other calls, and layers below ``dense_first_layers``, run SDPA."""
-    settings = module.ucm_gsa
-    if query.shape[2] != 1 or not settings.config.sparse_layer(getattr(module, "layer_idx", None)):
+    if not decode_step_of(module, query):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    heads, seq, head_dim = key.shape[1:]
+    heads, _, head_dim = key.shape[1:]
     q = query[0, :, 0].float().view(heads, -1, head_dim)
-    logits = torch.einsum("hgd,hsd->hgs", q, key[0].float()) * scaling
-    keep = oracle_blocks(torch.softmax(logits, dim=-1).sum(1), settings)  # [heads, seq]
-    probs = torch.softmax(logits.masked_fill(~keep[:, None], float("-inf")), dim=-1)
-    out = torch.einsum("hgs,hsd->hgd", probs, value[0].float()).reshape(1, 1, -1, head_dim)
-    return out.to(query.dtype), None
+    mass = torch.softmax(torch.einsum("hgd,hsd->hgs", q, key[0].float()) * scaling, dim=-1).sum(1)
+    return masked_decode(query, key, value, oracle_blocks(mass, module.ucm_gsa), scaling), None
+
+
+@dataclass
+class ReuseState:
+    """One layer's reused selection: ``chosen`` bool ``[num_kv_heads, blocks]``, ``steps`` decode steps old, the
+    last step's ``seq`` tokens; reselected every ``every`` steps and whenever a step does not continue the last."""
+
+    every: int
+    chosen: torch.Tensor | None = None
+    steps: int = 0
+    seq: int = -1
+
+
+def reuse_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                    **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention function: GSA's selection (the same blocks as ``ucm_gsa``) made every
+    ``module.ucm_reuse.every`` batch-1 decode steps and reused in between, with both windows (the newest blocks
+    included) always attended."""
+    if not decode_step_of(module, query):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    state, settings = module.ucm_reuse, module.ucm_gsa
+    seq, bs = key.shape[2], settings.block_size
+    nb = -(-seq // bs)
+    if state.chosen is None or seq != state.seq + 1 or state.steps % state.every == 0:
+        state.chosen, state.steps = gsa_chosen(query[0, :, 0], key[0], settings, scaling), 0
+    state.steps, state.seq = state.steps + 1, seq
+    chosen = torch.nn.functional.pad(state.chosen, (0, nb - state.chosen.shape[1]))
+    chosen[:, :settings.config.init_window_sz] = True
+    chosen[:, nb - max(settings.config.local_window_sz, 1):] = True
+    keep = chosen.repeat_interleave(bs, dim=1)[:, :seq]
+    return masked_decode(query, key, value, keep, scaling), None
 
 
 def oracle_blocks(mass: torch.Tensor, settings: ucm_hf.HFGSASettings) -> torch.Tensor:
@@ -348,6 +402,15 @@ def oracle_sweep(contexts: list[int]) -> Sweep:
                  "oracle selection at ratio 0.3, largest context", "sparse_quality_model_oracle")
 
 
+def reuse_sweep(contexts: list[int]) -> Sweep:
+    """Quest 0.3's selection made every 2, 4 and 8 decode steps at the largest context (every step: the full
+    sweep's Quest 0.3 row)."""
+    largest = max(contexts)
+    settings = [Setting("quest", 32, 0.3, select_every=n) for n in (2, 4, 8)]
+    return Sweep(TEXTS, (largest,), EVAL_TOKENS, GREEDY_TOKENS, {largest: settings},
+                 "selection reuse of quest 0.3 every 2 / 4 / 8 steps, largest context", "sparse_quality_model_reuse")
+
+
 def quick_sweep() -> Sweep:
     """One 512-token window, 16 positions, 8 greedy steps: sparse_ratio 0.1 and the dense control 1.0."""
     return Sweep(TEXTS[:1], (512,), 16, 8, {512: [Setting("quest", 32, 0.1), Setting("quest", 32, 1.0)]},
@@ -364,6 +427,7 @@ def summarize(context: int, setting: Setting, tally: Tally, greedy_tokens: int) 
             "context": context, "rule": setting.rule, "block_size": setting.block_size,
             "sparse_ratio": None if setting.token_budget else setting.sparse_ratio,
             "token_budget": setting.token_budget, "gsa_extra": dict(setting.extra),
+            "select_every": setting.select_every,
             "dense_first_layers": setting.config().dense_first_layers,
             "blocks_attended": round(statistics.mean(tally.attended), 4),
             "kv_attended": round(statistics.mean(tally.kv_attended), 4),
@@ -420,18 +484,24 @@ def probe_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
                                   **kwargs)
 
 
-def selected_mass(q: torch.Tensor, k: torch.Tensor, settings: ucm_hf.HFGSASettings, scale: float) -> torch.Tensor:
-    """fp32 ``[num_q_heads]``: per query head, the dense softmax mass on the tokens of the blocks GSA selects,
-    from one step's q ``[num_q_heads, head_dim]`` and keys ``[num_kv_heads, seq, head_dim]``."""
-    heads, seq, head_dim = k.shape
-    bs = settings.block_size
-    nb = -(-seq // bs)
-    blocks = ucm_hf.as_blocks(k[None], bs)
+def gsa_chosen(q: torch.Tensor, k: torch.Tensor, settings: ucm_hf.HFGSASettings, scale: float) -> torch.Tensor:
+    """bool ``[num_kv_heads, blocks]``: the blocks GSA selects (torch backend) for one step's q ``[num_q_heads,
+    head_dim]`` over keys ``[num_kv_heads, seq, head_dim]``."""
+    heads, seq, _ = k.shape
+    nb = -(-seq // settings.block_size)
+    blocks = ucm_hf.as_blocks(k[None], settings.block_size)
     table = torch.arange(nb, dtype=torch.int32)[None]
     _, sel = sparse_attention(q[None], blocks, blocks, table, [seq], settings.config, scale=scale, backend="torch")
     chosen = torch.zeros(heads, nb + 1, dtype=torch.bool)
     chosen.scatter_(1, torch.where(sel.sel_idx[0] >= 0, sel.sel_idx[0], nb).long(), True)
-    on = chosen[:, :nb].repeat_interleave(bs, dim=1)[:, None, :seq]
+    return chosen[:, :nb]
+
+
+def selected_mass(q: torch.Tensor, k: torch.Tensor, settings: ucm_hf.HFGSASettings, scale: float) -> torch.Tensor:
+    """fp32 ``[num_q_heads]``: per query head, the dense softmax mass on the tokens of the blocks GSA selects,
+    from one step's q ``[num_q_heads, head_dim]`` and keys ``[num_kv_heads, seq, head_dim]``."""
+    heads, seq, head_dim = k.shape
+    on = gsa_chosen(q, k, settings, scale).repeat_interleave(settings.block_size, dim=1)[:, None, :seq]
     logits = torch.einsum("hgd,hsd->hgs", q.float().view(heads, -1, head_dim), k.float()) * scale
     return (torch.softmax(logits, dim=-1) * on).sum(-1).flatten()
 
@@ -440,6 +510,8 @@ AttentionInterface.register(PROBE, probe_attention)
 AttentionMaskInterface.register(PROBE, sdpa_mask)
 AttentionInterface.register(ORACLE, oracle_attention)
 AttentionMaskInterface.register(ORACLE, sdpa_mask)
+AttentionInterface.register(REUSE, reuse_attention)
+AttentionMaskInterface.register(REUSE, sdpa_mask)
 
 
 def probe_recall(model, window: Window, context: int, setting: Setting, steps: int) -> torch.Tensor:
@@ -489,7 +561,7 @@ def check_targets(rows: list[dict]) -> dict:
     return {f"{r['rule']}/bs{r['block_size']}": r["ppl_ratio"] <= TARGETS["ppl_ratio_max"]
             and r["top1_agreement"] >= TARGETS["top1_min"]
             for r in rows if r["context"] == TARGETS["context"] and r["sparse_ratio"] == TARGETS["sparse_ratio"]
-            and not r["gsa_extra"]}
+            and not r["gsa_extra"] and r["select_every"] == 1}
 
 
 def plot(doc: dict, path: Path) -> Path:
@@ -497,7 +569,7 @@ def plot(doc: dict, path: Path) -> Path:
     GSAConfig's defaults but the rule, block size, ratio or budget)."""
     plt = _pyplot()
     context = max(r["context"] for r in doc["rows"])
-    rows = [r for r in doc["rows"] if r["context"] == context and not r["gsa_extra"]]
+    rows = [r for r in doc["rows"] if r["context"] == context and not r["gsa_extra"] and r["select_every"] == 1]
     panels = (("ppl_ratio", "perplexity ratio (GSA / dense)", "linear", TARGETS["ppl_ratio_max"]),
               ("top1_agreement", "top-1 agreement with dense", "linear", TARGETS["top1_min"]),
               ("kl_mean", "mean KL(dense || GSA), nats", "log", None))
@@ -528,6 +600,7 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         amount = (f"b{r['token_budget']}" if r["token_budget"] else f"{r['sparse_ratio']}") + "".join(
             f" {k.split('_')[0]}{v}" for k, v in r["gsa_extra"].items())
+        amount += f" every{r['select_every']}" if r.get("select_every", 1) > 1 else ""
         print(f"{r['context']:>5} {r['rule']:<10}{r['block_size']:>3} {amount:<14}{r['kv_attended']:>9.3f}"
               f"{r['ppl_ratio']:>9.4f}{r['kl_mean']:>10.2e}{r['top1_agreement']:>7.3f}{r['flips']:>6}"
               f"({r['flips_near_tie']:>2}){r['greedy_identical']:>5}/{r['windows']}  {r['greedy_leading']}")
@@ -564,7 +637,8 @@ def run(sweep: Sweep, model_dir: Path | None = None, investigate: bool = False) 
                       "init_window_sz", "local_window_sz", "min_blocks")},
                   "kv_reuse": "each setting decodes from a copy of the dense prefill's KV cache (see "
                               "cache_copy_seconds_median against each text's prefill_seconds)",
-                  "selection_reuse": "none: GSAConfig has no such setting, every decode step selects anew",
+                  "selection_reuse": "GSAConfig has no such setting; rows with select_every > 1 are the harness's "
+                                     "reuse (reuse_attention), the others select every step",
                   "grid": sweep.grid_note}})
     if bench == "sparse_quality_model":
         plot(json.loads(path.read_text()), path.with_suffix(".png"))
@@ -584,6 +658,8 @@ def main(argv: list[str] | None = None) -> Path:
                         help="at the largest context: per-layer recall of quest 0.3 and the remedies tried")
     parser.add_argument("--oracle", action="store_true",
                         help="at the largest context: the oracle selection (by dense attention mass) at ratio 0.3")
+    parser.add_argument("--reuse", action="store_true",
+                        help="at the largest context: quest 0.3's selection reused for 2 / 4 / 8 decode steps")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default torch's); 1 on a busy machine, where OpenMP threads waiting "
                              "for a descheduled peer made decode steps ~10x slower")
@@ -595,7 +671,8 @@ def main(argv: list[str] | None = None) -> Path:
     contexts = sorted(int(c) for c in args.contexts.split(","))
     if args.out is not None:
         os.environ["OUT"] = str(args.out)
-    sweep = quick_sweep() if args.quick else oracle_sweep(contexts) if args.oracle else full_sweep(contexts)
+    sweep = (quick_sweep() if args.quick else oracle_sweep(contexts) if args.oracle
+             else reuse_sweep(contexts) if args.reuse else full_sweep(contexts))
     return run(sweep, args.model_dir, args.investigate)
 
 
