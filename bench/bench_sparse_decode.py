@@ -42,7 +42,6 @@ FP8_CHECK_BLOCKS = 4096  # fp8 reprs checked bit for bit against the reference o
 MODES = ("cuda_graph", "eager")
 MAX_REL_ERROR = 2e-2  # relative L2 error allowed against the reference (bf16 output rounding is ~4e-3)
 FLASHINFER = flashinfer_peer.available()
-FLASHINFER_KERNELS = {"flashinfer": False, "flashinfer_tc": True}  # impl -> use_tensor_cores
 TARGETS = {"b8_ctx131072": {"dense_vs_flashinfer": 1.0, "ratio0.3_speedup": 2.8, "budget2048_speedup": 12.0},
            "b1_ctx131072": {"dense_vs_flashinfer": 1.0, "ratio0.3_speedup": 2.5, "budget2048_speedup": 8.0},
            "b32_ctx32768": {"dense_vs_flashinfer": 1.0}}  # issue 18
@@ -84,13 +83,22 @@ def bytes_needed(batch: int, context: int) -> int:
     return int(1.1 * (kv * (3.5 if FLASHINFER else 2.5) + 4.6 * kv / (2 * BLOCK_SIZE)))
 
 
-def build_case(batch: int, context: int) -> Case:
+def paged_inputs(batch: int, context: int) -> tuple[torch.Tensor, ...]:
+    """Random decode inputs on the GPU: q ``[batch, NUM_Q_HEADS, HEAD_DIM]``, paged K/V ``[2, batch * blocks,
+    BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM]`` with shuffled physical blocks, the int32 block table and seq_lens, and
+    the contiguous ``[batch, NUM_KV_HEADS, context, HEAD_DIM]`` K and V copies SDPA reads."""
     blocks = context // BLOCK_SIZE
     kv = torch.randn(2, batch * blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
     block_table = torch.randperm(batch * blocks, device="cuda").view(batch, blocks).int()
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, NUM_Q_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
     dense_k, dense_v = (kv[i][block_table.long()].flatten(1, 2).transpose(1, 2).contiguous() for i in range(2))
+    return q, kv, block_table, seq_lens, dense_k, dense_v
+
+
+def build_case(batch: int, context: int) -> Case:
+    blocks = context // BLOCK_SIZE
+    q, kv, block_table, seq_lens, dense_k, dense_v = paged_inputs(batch, context)
     reprs, fp8_reprs = empty_block_repr(kv[0]), empty_block_repr(kv[0], FP8)
     update_block_repr(kv[0], block_table.flatten(), *reprs)
     update_block_repr(kv[0], block_table.flatten(), *fp8_reprs)
@@ -110,12 +118,9 @@ def build_case(batch: int, context: int) -> Case:
 def plan_peer(case: Case) -> None:
     """FlashInfer over every block (each kernel), and over the Quest selections' lists (its faster kernel for
     rows of one KV head: CUDA cores)."""
-    pages = flashinfer_peer.dense_pages(case.block_table, case.seq_lens, BLOCK_SIZE)
     shape = dict(head_dim=HEAD_DIM, page_size=BLOCK_SIZE, dtype=DTYPE)
-    for impl, tensor_cores in FLASHINFER_KERNELS.items():
-        case.peer_dense[impl] = flashinfer_peer.PagedDecode(
-            *(t.clone() for t in pages), num_q_heads=NUM_Q_HEADS, num_kv_heads=NUM_KV_HEADS,
-            tensor_cores=tensor_cores, **shape)
+    case.peer_dense = flashinfer_peer.dense_decoders(case.block_table, case.seq_lens, num_q_heads=NUM_Q_HEADS,
+                                                     num_kv_heads=NUM_KV_HEADS, **shape)
     case.head_major_kv = tuple(flashinfer_peer.head_major(case.kv[i]) for i in range(2))
     for selection in SELECTIONS:
         sel_idx, sel_count = select(case, selection, "quest")

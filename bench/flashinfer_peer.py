@@ -56,6 +56,19 @@ class PagedDecode:
         return self.wrapper.run(q, (key_cache, value_cache), out=out)
 
 
+KERNELS = {"flashinfer": False, "flashinfer_tc": True}  # impl name -> use_tensor_cores
+
+
+def dense_decoders(block_table: torch.Tensor, seq_lens: torch.Tensor, *, num_q_heads: int, num_kv_heads: int,
+                   head_dim: int, page_size: int, dtype: torch.dtype) -> dict[str, "PagedDecode"]:
+    """{impl: PagedDecode} over every block of each request (``block_table`` ``[batch, max_blocks]``,
+    ``seq_lens`` ``[batch]``), one per FlashInfer kernel of :data:`KERNELS`."""
+    pages = dense_pages(block_table, seq_lens, page_size)
+    return {impl: PagedDecode(*(t.clone() for t in pages), num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                              head_dim=head_dim, page_size=page_size, dtype=dtype, tensor_cores=tensor_cores)
+            for impl, tensor_cores in KERNELS.items()}
+
+
 def dense_pages(block_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int) -> tuple[torch.Tensor, ...]:
     """(indptr, indices, last_page_len) listing each request's blocks of ``block_table`` ``[batch, max_blocks]``
     for ``seq_lens`` ``[batch]`` tokens (int32, on the table's device)."""

@@ -2,7 +2,7 @@
 
 For each shape (bf16, 32 query / 8 KV heads, head_dim 128, block 16, shuffled physical blocks): every (tile
 tokens, num_warps, num_stages, splits) of the grid below runs ``dense_decode`` with a hand-made
-``DecodePlan``, checked against SDPA before it is timed (CUDA-graph replay, ``do_bench`` median, L2 cleared).
+``DecodePlan``, checked against SDPA before it is timed (FlashInfer too) (CUDA-graph replay, ``do_bench`` median, L2 cleared).
 The plan that ``plan_decode`` picks today is timed beside them, with the peers. What the sweep finds goes into
 ``ucm_kernels.sparse_decode.triton._choose_tile`` / ``_choose_num_splits``; this script records why.
 
@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from bench import flashinfer_peer
-from bench.bench_sparse_decode import MAX_REL_ERROR, graph_of
+from bench.bench_sparse_decode import (BLOCK_SIZE, DTYPE, HEAD_DIM, NUM_KV_HEADS, NUM_Q_HEADS, check, graph_of,
+                                       paged_inputs)
 from bench.harness import measure_copy_ceilings, row, write_results
 from ucm_kernels.sparse_decode import dense_decode, plan_decode
 
 SHAPES = [(1, 131072), (8, 131072), (32, 32768)]  # issue 18's dense targets
-NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 32, 8, 128, 16, torch.bfloat16
 TILES = (32, 64, 128)
 WARPS = (4, 8)
 STAGES = (2, 3, 4, 5)
@@ -35,30 +35,20 @@ def graph_ms(fn) -> float:
     return ms
 
 
-def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.float(), expected.float()
-    return ((actual - expected).norm() / expected.norm()).item() if torch.isfinite(actual).all() else float("inf")
-
-
 def sweep_shape(batch: int, context: int, hbm_gbps: float) -> list[dict]:
     blocks = context // BLOCK_SIZE
-    kv = torch.randn(2, batch * blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
-    table = torch.randperm(batch * blocks, device="cuda").view(batch, blocks).int()
-    lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
-    q = torch.randn(batch, NUM_Q_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
-    k, v = (kv[i][table.long()].flatten(1, 2).transpose(1, 2).contiguous() for i in range(2))
+    q, kv, table, lens, k, v = paged_inputs(batch, context)
     reference = F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
     shape, nbytes = f"b{batch}_ctx{context}", 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
     rows = [row("decode_dense", "sdpa", shape, graph_ms(
         lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)), nbytes, hbm_gbps)]
     del k, v
     if flashinfer_peer.available():
-        pages = flashinfer_peer.dense_pages(table, lens, BLOCK_SIZE)
-        for impl, tensor_cores in (("flashinfer", False), ("flashinfer_tc", True)):
-            peer = flashinfer_peer.PagedDecode(*(t.clone() for t in pages), num_q_heads=NUM_Q_HEADS,
-                                               num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, page_size=BLOCK_SIZE,
-                                               dtype=DTYPE, tensor_cores=tensor_cores)
-            out = torch.empty_like(q)
+        peers = flashinfer_peer.dense_decoders(table, lens, num_q_heads=NUM_Q_HEADS, num_kv_heads=NUM_KV_HEADS,
+                                               head_dim=HEAD_DIM, page_size=BLOCK_SIZE, dtype=DTYPE)
+        for impl, peer in peers.items():
+            out = torch.full_like(q, float("nan"))
+            check(f"{shape} {impl} vs SDPA", peer.run(q, kv[0], kv[1], out=out), reference)
             rows.append(row("decode_dense", impl, shape, graph_ms(lambda: peer.run(q, kv[0], kv[1], out=out)),
                             nbytes, hbm_gbps))
     default = plan_decode(q, kv[0], blocks, dense=True)
@@ -74,14 +64,13 @@ def sweep_shape(batch: int, context: int, hbm_gbps: float) -> list[dict]:
             plan = dataclasses.replace(base, tile_tokens=tile, num_warps=warps, num_stages=stages)
             out = torch.full_like(q, float("nan"))
             try:
-                error = rel_error(dense_decode(q, kv[0], kv[1], table, lens, out=out, plan=plan), reference)
+                result = dense_decode(q, kv[0], kv[1], table, lens, out=out, plan=plan)
             except Exception as e:  # out of shared memory or registers: recorded, not timed
                 rows.append({"name": "decode_dense", "impl": "ucm_swept", "shape": shape, "tile_tokens": tile,
                              "num_warps": warps, "num_stages": stages, "num_splits": plan.num_splits,
                              "failed": f"{type(e).__name__}: {str(e)[:120]}"})
                 continue
-            if error > MAX_REL_ERROR:
-                raise AssertionError(f"{shape} tile {tile} warps {warps} stages {stages}: rel error {error:.2e}")
+            check(f"{shape} tile {tile} warps {warps} stages {stages} splits {plan.num_splits}", result, reference)
             rows.append(row("decode_dense", "ucm_swept", shape, graph_ms(
                 lambda: dense_decode(q, kv[0], kv[1], table, lens, out=out, plan=plan)), nbytes, hbm_gbps,
                 tile_tokens=tile, num_warps=warps, num_stages=stages, num_splits=plan.num_splits))

@@ -114,6 +114,14 @@ def test_offload_returns_exactly_what_on_device_returns(make_twin, repr_dtype):
         (n + 40 - (5 if r == "b" else 0)) // BLOCK - n // BLOCK for r, n in {"a": 300, "b": 129, "c": 40}.items())
 
 
+def test_dense_first_layers_attend_every_block_offloaded_as_on_device(make_twin):
+    twin = make_twin(GSAConfig(**SPARSE, gpu_budget_blocks=200, dense_first_layers=1), {"a": 300, "b": 129})
+    for _ in range(6):
+        twin.step(["a", "b"])  # asserts equal outputs and selections, layer by layer
+    assert set(twin.device_gsa._reprs) == {1}  # layer 0 attended every block: no summaries kept for it
+    assert twin.offload.stats.needed > 0
+
+
 @pytest.mark.parametrize("repr_dtype", ["cache", "fp8"])
 def test_offload_equals_on_device_on_the_triton_kernels_too(make_twin, repr_dtype):
     """The same check through the Triton kernels (compiled on a GPU, the interpreter on a CPU): the

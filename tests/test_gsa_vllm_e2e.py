@@ -98,6 +98,16 @@ def test_layer_index_is_the_one_number_in_the_layer_name():
     assert layer_index("attn") is None and layer_index("model.layers.1.experts.2.attn") is None
 
 
+def test_a_layer_name_without_an_index_stays_sparse_with_a_warning(caplog):
+    from ucm_sparse.vllm.settings import sparse_layer
+
+    config = GSAConfig(dense_first_layers=2)
+    assert not sparse_layer(config, "model.layers.1.self_attn.attn") and sparse_layer(config, "model.layers.2.attn")
+    with caplog.at_level("WARNING"):
+        assert sparse_layer(config, "decoder.attn")
+    assert "no layer index in 'decoder.attn'" in caplog.text
+
+
 def test_step_plan_takes_long_decode_rows_and_their_full_blocks():
     from ucm_sparse.vllm.cpu_backend import plan_step
 

@@ -214,7 +214,8 @@ def test_plan_must_match_the_call(change, message):
 
 
 @pytest.mark.parametrize("kwargs,message", [(dict(max_blocks=-1), "max_blocks=-1"),
-                                            (dict(max_blocks=4, num_splits=0), "num_splits=0")])
+                                            (dict(max_blocks=4, num_splits=0), "num_splits=0"),
+                                            (dict(max_blocks=4, dense="yes"), "dense='yes'; expected True or False")])
 def test_plan_decode_rejects_bad_arguments(kwargs, message):
     valid = _valid_inputs()
     with pytest.raises(ValueError, match=message):

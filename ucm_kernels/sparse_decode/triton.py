@@ -186,6 +186,8 @@ def plan_decode(q: torch.Tensor, key_cache: torch.Tensor, max_blocks: int, *,
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
                                    or num_splits < 1):
         raise ValueError(f"num_splits={num_splits}; expected a positive int or None")
+    if not isinstance(dense, bool):
+        raise ValueError(f"dense={dense!r}; expected True or False")
     batch, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     if num_splits is None:

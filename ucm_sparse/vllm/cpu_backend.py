@@ -29,7 +29,7 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
 from ucm_sparse import ops
 from ucm_sparse.config import GSAConfig
 from ucm_sparse.vllm.cpu_kv_packing import PackedBlockReprs, edge_keys, gather_kv, kv_views, step_kv, tile_sizes
-from ucm_sparse.vllm.settings import GSAStats, gsa_config_of, layer_index
+from ucm_sparse.vllm.settings import GSAStats, gsa_config_of, sparse_layer
 
 logger = logging.getLogger(__name__)
 RECENT = 32  # selections kept per layer in ``stats``
@@ -109,7 +109,7 @@ class GSACPUAttentionImpl(CPUAttentionBackendImpl):
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         plan = getattr(attn_metadata, "gsa", None)
-        if self.gsa is None or plan is None or not self.gsa.sparse_layer(layer_index(layer.layer_name)):
+        if self.gsa is None or plan is None or not sparse_layer(self.gsa, layer.layer_name):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
         if not plan.every_row:

@@ -22,7 +22,7 @@ from vllm.v1.attention.backends.flash_attn import (FlashAttentionBackend, FlashA
                                                    FlashAttentionMetadataBuilder)
 
 from ucm_sparse.vllm.flash_step import FlashGSA, FlashGSAPlan, goes_sparse
-from ucm_sparse.vllm.settings import GSAStats, gsa_config_of, layer_index
+from ucm_sparse.vllm.settings import GSAStats, gsa_config_of, sparse_layer
 
 logger = logging.getLogger(__name__)
 stats = GSAStats()
@@ -89,7 +89,7 @@ class GSAFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         for name in self.layer_names:
             impl = getattr(layers[name], "impl", None)
             if isinstance(impl, GSAFlashAttentionImpl) and impl.covered and \
-                    self.gsa.config.sparse_layer(layer_index(name)):
+                    sparse_layer(self.gsa.config, name):
                 impl.reprs = self.gsa.empty_reprs(layers[name].kv_cache.shape[0])
                 stats.summary_dtypes.add(str(impl.reprs[0].dtype))
         self._reprs_ready = True

