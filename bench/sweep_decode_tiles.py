@@ -2,8 +2,8 @@
 
 For each shape (bf16, 32 query / 8 KV heads, head_dim 128, block 16, shuffled physical blocks): every (tile
 tokens, num_warps, num_stages, splits) of the grid below runs ``dense_decode`` with a hand-made
-``DecodePlan``, checked against SDPA before it is timed (FlashInfer too) (CUDA-graph replay, ``do_bench`` median, L2 cleared).
-The plan that ``plan_decode`` picks today is timed beside them, with the peers. What the sweep finds goes into
+``DecodePlan``, checked against SDPA before it is timed (as FlashInfer is); CUDA-graph replay, ``do_bench``
+median, L2 cleared. The plan that ``plan_decode`` picks today is timed beside them, with the peers. What the sweep finds goes into
 ``ucm_kernels.sparse_decode.triton._choose_tile`` / ``_choose_num_splits``; this script records why.
 
 Usage (lent GPU): ``python -m bench.sweep_decode_tiles``; JSON under $OUT or bench/results/.

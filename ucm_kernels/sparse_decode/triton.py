@@ -307,7 +307,7 @@ def _launch(plan: DecodePlan, q, key_cache, value_cache, block_table, seq_lens, 
 def _choose_num_splits(num_heads: int, max_blocks: int, block_size: int, device: torch.device, dense: bool) -> int:
     """Splits per (request, KV head): enough programs for ``_PROGRAMS_PER_SM`` per SM (lists), or at most
     ``_DENSE_PROGRAMS_PER_SM`` per SM in whole (dense: at 8 x 128K 8 splits, 512 programs on 132 SMs, took 0.96
-    ms where 17 took 1.03 on the H200, sweep_decode_tiles-NVIDIA_H200-2026-12-04.json), none shorter than
+    ms where 17 took 1.03 on the H200, sweep_decode_tiles_92d5941-NVIDIA_H200-2026-12-04.json), none shorter than
     ``_MIN_TOKENS_PER_SPLIT`` tokens, at most ``_MAX_SPLITS``. The interpreter counts as one SM."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     if dense:
