@@ -653,12 +653,13 @@ def run(sweep: Sweep, model_dir: Path | None = None, investigate: bool = False) 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", default="2048,4096,8192", help="comma-separated context lengths (tokens)")
-    parser.add_argument("--quick", action="store_true", help="one 512-token window, 2 settings, few tokens")
-    parser.add_argument("--investigate", action="store_true",
+    mode = parser.add_mutually_exclusive_group()  # one run kind at a time (default: the full sweep)
+    mode.add_argument("--quick", action="store_true", help="one 512-token window, 2 settings, few tokens")
+    mode.add_argument("--investigate", action="store_true",
                         help="at the largest context: per-layer recall of quest 0.3 and the remedies tried")
-    parser.add_argument("--oracle", action="store_true",
+    mode.add_argument("--oracle", action="store_true",
                         help="at the largest context: the oracle selection (by dense attention mass) at ratio 0.3")
-    parser.add_argument("--reuse", action="store_true",
+    mode.add_argument("--reuse", action="store_true",
                         help="at the largest context: quest 0.3's selection reused for 2 / 4 / 8 decode steps")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default torch's); 1 on a busy machine, where OpenMP threads waiting "

@@ -100,3 +100,9 @@ def test_reused_selection_matches_gsa_when_fresh_and_keeps_the_windows_when_reus
     torch.testing.assert_close(reused, sqm.masked_decode(other, key, value, keep.repeat_interleave(16, 1)[:, :401],
                                                          0.2))
     assert not torch.equal(sqm.gsa_chosen(other[0, :, 0], key[0], settings, 0.2), keep[:, :26])
+
+
+def test_run_kinds_exclude_each_other(capsys):
+    with pytest.raises(SystemExit):
+        sqm.main(["--quick", "--oracle"])
+    assert "--oracle: not allowed with argument --quick" in capsys.readouterr().err
