@@ -8,8 +8,12 @@ Quest on fp8 reprs: ``ucm_quest_fp8``), sparse_decode alone, and select+attend a
 2048-token budget (GSA windows: init 1, local 4, min 8 blocks). Our calls run as a decode step runs them: plans
 (``plan_select``, ``plan_decode``) made once per step, then one ``plan.run`` + ``sparse_decode(plan=...)`` per
 layer. FlashInfer also attends the Quest selections' block lists (heads folded into the batch over a head-major
-copy), beside our sparse_decode. Every shape is checked before it is timed. Speedups are against the fastest dense
-of the run (FlashInfer, SDPA or ours); our dense_decode's against the faster peer (FlashInfer or SDPA).
+copy), beside our sparse_decode. Selection reuse (``GSAConfig.select_every`` N in REUSE_EVERY): N consecutive
+steps of one layer, the first selecting every row and the next N - 1 launching the selection with no row to
+reselect (as a plan that reuses makes them), each step attending; the rows give the time per step. With block 16
+and N dividing 16, a steady decode reselects exactly every N steps (a filled block coincides with an N-th step).
+Every shape is checked before it is timed. Speedups are against the fastest dense of the run (FlashInfer, SDPA
+or ours); our dense_decode's against the faster peer (FlashInfer or SDPA).
 
 Each figure is timed twice, as ``mode``: ``cuda_graph`` (the call captured once in a CUDA graph, the replay
 timed: decode runs under CUDA graphs in vLLM, so this is the GPU time a step sees) and ``eager`` (the Python
@@ -40,6 +44,7 @@ RULES = {"quest": "quest", "mean": "mean", "quest_fp8": "quest"}  # impl suffix 
 FP8 = torch.float8_e4m3fn
 FP8_CHECK_BLOCKS = 4096  # fp8 reprs checked bit for bit against the reference on this many blocks
 MODES = ("cuda_graph", "eager")
+REUSE_EVERY = (4, 8)  # select_every settings timed (quality: bench/sparse_quality_model.py --reuse)
 MAX_REL_ERROR = 2e-2  # relative L2 error allowed against the reference (bf16 output rounding is ~4e-3)
 FLASHINFER = flashinfer_peer.available()
 TARGETS = {"b8_ctx131072": {"dense_vs_flashinfer": 1.0, "ratio0.3_speedup": 2.8, "budget2048_speedup": 12.0},
@@ -156,10 +161,22 @@ def rule_reprs(case: Case, rule: str) -> dict:
     return dict(zip(("kmin", "kmax", "kmean"), case.reprs))
 
 
-def select(case: Case, selection: str, rule: str, out=None):
-    """One layer's selection through the step's plan."""
+def select(case: Case, selection: str, rule: str, out=None, reselect=None):
+    """One layer's selection through the step's plan (of the rows ``reselect`` names, when given)."""
     return case.select_plans[selection, rule].run(case.q, block_table=case.block_table, seq_lens=case.seq_lens,
-                                                  out=out, **rule_reprs(case, rule))
+                                                  out=out, reselect=reselect, **rule_reprs(case, rule))
+
+
+def reused_steps(case: Case, selection: str, rule: str, every: int, sel: tuple, out: torch.Tensor):
+    """``every`` decode steps of one layer under selection reuse: the first reselects every row, the others
+    none; each attends the lists in ``sel``."""
+    fresh = torch.ones(case.batch, dtype=torch.int32, device=case.q.device)
+    kept = torch.zeros_like(fresh)
+
+    def steps():
+        for step in range(every):
+            attend(case, selection, *select(case, selection, rule, out=sel, reselect=kept if step else fresh), out)
+    return steps
 
 
 def attend(case: Case, selection: str, sel_idx: torch.Tensor, sel_count: torch.Tensor, out: torch.Tensor):
@@ -225,9 +242,23 @@ def check_case(case: Case) -> None:
             check(f"{case.shape} {selection} {rule} sparse_decode vs naive (requests {rows})", out[rows], expected)
             if not torch.equal(attend(case, selection, sel_idx, sel_count, nan_like(case.q)), out):
                 raise AssertionError(f"{case.shape} {selection} {rule}: planned sparse_decode differs")
+            check_reuse(case, selection, rule, (sel_idx, sel_count))
             if rule == "quest" and selection in case.peer_sparse:
                 check(f"{case.shape} {selection} FlashInfer on the Quest lists vs sparse_decode",
                       peer_sparse(case, selection, nan_like(case.q)), out)
+
+
+def check_reuse(case: Case, selection: str, rule: str, expected: tuple) -> None:
+    """A selection launch with no row to reselect leaves the kept lists as they are; the timed reuse steps leave
+    the selection's lists."""
+    held = tuple(torch.randint_like(t, -1, 100) for t in expected)
+    kept = tuple(t.clone() for t in held)
+    select(case, selection, rule, out=kept, reselect=torch.zeros(case.batch, dtype=torch.int32, device=case.q.device))
+    if not all(map(torch.equal, kept, held)):
+        raise AssertionError(f"{case.shape} {selection} {rule}: a launch with no row to reselect changed the lists")
+    reused_steps(case, selection, rule, 2, kept, nan_like(case.q))()
+    if not all(map(torch.equal, kept, expected)):
+        raise AssertionError(f"{case.shape} {selection} {rule}: the reuse steps' lists differ from a selection")
 
 
 def graph_of(fn) -> torch.cuda.CUDAGraph:
@@ -298,6 +329,11 @@ def selection_rows(case: Case, selection: str, out: torch.Tensor, hbm_gbps: floa
                            hbm_gbps, share_of_best_dense=round(select_ms["cuda_graph"] / best_dense["cuda_graph"], 3))
         both_ms = median_ms(lambda: attend(case, selection, *select(case, selection, rule, out=sel), out))
         rows += timed_rows("select_attend", f"ucm_{rule}", shape, both_ms, baseline=best_dense)
+        for every in REUSE_EVERY:
+            steps_ms = median_ms(reused_steps(case, selection, rule, every, sel, out))
+            per_step = {mode: ms / every for mode, ms in steps_ms.items()}
+            rows += timed_rows(f"select_attend_every{every}", f"ucm_{rule}", shape, per_step, baseline=best_dense,
+                               select_every=every)
     sel_idx, sel_count = select(case, selection, "quest")
     attend_ms = median_ms(lambda: attend(case, selection, sel_idx, sel_count, out))
     tokens = round(sel_count.float().mean().item() * BLOCK_SIZE)
@@ -350,9 +386,11 @@ def verdicts(rows: list[dict]) -> dict:
             if f"{selection}_speedup" not in targets:
                 continue
             for rule in RULES:
-                found[f"{shape}_{selection}_{rule}_speedup"] = {
-                    **speedups(shape=f"{shape}_{selection}", name="select_attend", impl=f"ucm_{rule}"),
-                    "target_at_least": targets[f"{selection}_speedup"]}
+                for name in ("select_attend", *(f"select_attend_every{every}" for every in REUSE_EVERY)):
+                    suffix = name.removeprefix("select_attend").removeprefix("_")
+                    found[f"{shape}_{selection}_{rule}{'_' + suffix if suffix else ''}_speedup"] = {
+                        **speedups(shape=f"{shape}_{selection}", name=name, impl=f"ucm_{rule}"),
+                        "target_at_least": targets[f"{selection}_speedup"]}
     return found
 
 

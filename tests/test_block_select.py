@@ -324,3 +324,46 @@ def test_bad_fp8_inputs_raise_naming_the_argument(name, change):
     case.update(change(case))
     with pytest.raises(ValueError, match=name):
         run(case)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.int32, torch.bool])
+def test_reselect_selects_only_the_rows_it_names(mask_dtype):
+    """Rows where ``reselect`` is 0 keep what ``out`` held (an earlier step's lists) bit for bit; the others get
+    exactly the lists of a full selection, by the plan and by select_blocks alike."""
+    case = make_case()
+    (ref_idx, ref_count), _ = run(case)
+    reselect = torch.tensor([1, 0, 0, 1], dtype=mask_dtype, device=DEVICE)
+    keep = ~reselect.bool().cpu()
+    plan = plan_select(4, 2, 64, 28, **SIZES, score="quest", device=DEVICE)
+    for select in (lambda **kw: plan.run(**case, **kw), lambda **kw: run(case, **kw)[0]):
+        held = (torch.randint(-1, 28, ref_idx.shape, dtype=torch.int32, device=DEVICE),
+                torch.randint(0, 9, ref_count.shape, dtype=torch.int32, device=DEVICE))
+        out = tuple(t.clone() for t in held)
+        select(out=out, reselect=reselect)
+        for got, before, ref in zip(out, held, (ref_idx, ref_count)):
+            got, before, ref = got.cpu(), before.cpu(), ref.cpu()
+            assert torch.equal(got[keep], before[keep]) and torch.equal(got[~keep], ref[~keep])
+
+
+def test_reselect_of_every_row_is_a_full_selection_and_of_none_changes_nothing():
+    case = make_case()
+    (ref_idx, ref_count), _ = run(case)
+    plan = plan_select(4, 2, 64, 28, **SIZES, score="quest", device=DEVICE)
+    out = (torch.zeros_like(ref_idx), torch.zeros_like(ref_count))
+    plan.run(**case, out=out, reselect=torch.ones(4, dtype=torch.int32, device=DEVICE))
+    assert torch.equal(out[0], ref_idx) and torch.equal(out[1], ref_count)
+    plan.run(**{**case, "q": -case["q"]}, out=out, reselect=torch.zeros(4, dtype=torch.int32, device=DEVICE))
+    assert torch.equal(out[0], ref_idx) and torch.equal(out[1], ref_count)
+
+
+@pytest.mark.parametrize("reselect,out,match", [
+    (torch.ones(3, dtype=torch.int32), True, r"reselect: got shape \(3,\)"),
+    (torch.ones(4, dtype=torch.float32), True, "reselect: got shape"),
+    (torch.ones(4, dtype=torch.int32), False, "reselect: given without out"),
+])
+def test_bad_reselect_raises_naming_it(reselect, out, match):
+    case = make_case()
+    buffers = (torch.zeros(4, 2, 28, dtype=torch.int32, device=DEVICE),
+               torch.zeros(4, 2, dtype=torch.int32, device=DEVICE)) if out else None
+    with pytest.raises(ValueError, match=match):
+        run(case, out=buffers, reselect=reselect.to(DEVICE))

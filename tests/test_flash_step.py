@@ -32,8 +32,9 @@ def batch(seq_lens, query_lens, num_blocks=64, seed=1):
             starts, queries)
 
 
-def gsa(max_rows=4) -> FlashGSA:
-    return FlashGSA(CONFIG, block_size=BLOCK, num_kv_heads=HEADS, num_q_heads=HEADS * GROUP, head_size=HEAD,
+def gsa(max_rows=4, select_every=1) -> FlashGSA:
+    config = GSAConfig(**{**vars(CONFIG), "select_every": select_every})
+    return FlashGSA(config, block_size=BLOCK, num_kv_heads=HEADS, num_q_heads=HEADS * GROUP, head_size=HEAD,
                     max_rows=max_rows, dtype=torch.bfloat16, device=DEVICE)
 
 
@@ -64,13 +65,14 @@ def test_uniform_decode_rows_equal_the_torch_reference():
     kv_cache = flash_cache(64)
     table, seq_lens, starts, starts_cpu, q = batch([301, 208, 40], [1, 1, 1])
     step = gsa()
-    reprs = step.empty_reprs(64)
+    layer = step.layer_state(64)
+    reprs = layer.reprs
     for r in reprs:
         r.fill_(float("nan"))
     prefilling = torch.tensor([True, False, False])
     plan = step.plan(seq_lens, starts, starts_cpu, table, 1, prefilling)
     assert plan.decode.uniform and plan.first.tolist() == [0, 12, 2] and plan.end.tolist() == [18, 13, 2]
-    step.run(plan, q, kv_cache, reprs, HEAD ** -0.5, output := torch.full_like(q, float("nan")))
+    step.run(plan, q, kv_cache, layer, HEAD ** -0.5, output := torch.full_like(q, float("nan")))
     refreshed = torch.cat([table[0, :18], table[1, 12:13]]).long()
     assert not reprs[0][refreshed].isnan().any() and int(reprs[0].isnan().any(-1).any(-1).sum()) == 64 - 19
     expected, selection = reference(q, kv_cache, table, seq_lens)
@@ -84,12 +86,13 @@ def test_decode_steps_refresh_only_the_block_they_fill():
     kv_cache = flash_cache(64)
     table, seq_lens, starts, starts_cpu, q = batch([160, 161, 175], [1, 1, 1])
     step = gsa()
-    reprs = step.empty_reprs(64)
+    layer = step.layer_state(64)
+    reprs = layer.reprs
     for r in reprs:
         r.fill_(100.0)  # no key is that large
     plan = step.plan(seq_lens, starts, starts_cpu, table, 1)
     assert plan.first.tolist() == [9, 10, 10] and plan.end.tolist() == [10, 10, 10]  # only row 0 filled one
-    step.run(plan, q, kv_cache, reprs, HEAD ** -0.5, torch.empty_like(q))
+    step.run(plan, q, kv_cache, layer, HEAD ** -0.5, torch.empty_like(q))
     changed = (reprs[0] != 100.0).flatten(1).any(1)
     assert changed.nonzero().flatten().tolist() == [int(table[0, 9])]
 
@@ -100,13 +103,14 @@ def test_mixed_batch_writes_only_the_decode_rows():
     kv_cache = flash_cache(64)
     table, seq_lens, starts, starts_cpu, q = batch([250, 100, 230], [1, 37, 1])
     step = gsa()
-    reprs = step.empty_reprs(64)
+    layer = step.layer_state(64)
+    reprs = layer.reprs
     naive_update_block_repr(flash_kv_views(kv_cache, HEAD)[0], torch.cat([table[0, :15], table[2, :14]]), *reprs)
     plan = step.plan(seq_lens, starts, starts_cpu, table, 37)
     assert not plan.decode.uniform and plan.decode.tokens.tolist() == [0, 38]
     assert plan.first.tolist() == [15, 0, 14] and plan.end.tolist() == [15, 6, 14]
     output = torch.full_like(q, 7.0)
-    step.run(plan, q, kv_cache, reprs, HEAD ** -0.5, output)
+    step.run(plan, q, kv_cache, layer, HEAD ** -0.5, output)
     expected, _ = reference(q[[0, 38]], kv_cache, table[[0, 2]], seq_lens[[0, 2]])
     torch.testing.assert_close(output[[0, 38]], expected, atol=2e-2, rtol=2e-2)
     assert (output[1:38] == 7.0).all()
@@ -141,18 +145,19 @@ def test_a_captured_uniform_decode_step_replays_with_the_next_steps_values():
     kv_cache = flash_cache(64)
     table, seq_lens, starts, starts_cpu, q = batch([300, 207, 159], [1, 1, 1])
     step = gsa()
-    reprs = step.empty_reprs(64)
+    layer = step.layer_state(64)
+    reprs = layer.reprs
     naive_update_block_repr(flash_kv_views(kv_cache, HEAD)[0], table.flatten()[table.flatten() >= 0], *reprs)
     output = torch.zeros_like(q)
     plan = step.plan(seq_lens, starts, starts_cpu, table, 1)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        step.run(plan, q, kv_cache, reprs, HEAD ** -0.5, output)  # warm-up (compiles) off the capture
+        step.run(plan, q, kv_cache, layer, HEAD ** -0.5, output)  # warm-up (compiles) off the capture
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        step.run(plan, q, kv_cache, reprs, HEAD ** -0.5, output)
+        step.run(plan, q, kv_cache, layer, HEAD ** -0.5, output)
     seq_lens += torch.tensor([1, 1, 1], dtype=torch.int32, device=DEVICE)  # 301, 208 (fills block 12), 160
     table[0] = table[0].flip(0)  # another request's blocks in row 0
     q.copy_(torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(q))
@@ -162,3 +167,123 @@ def test_a_captured_uniform_decode_step_replays_with_the_next_steps_values():
     graph.replay()
     expected, _ = reference(q, kv_cache, table, seq_lens)
     torch.testing.assert_close(output, expected, atol=2e-2, rtol=2e-2)
+
+
+def reused_step(step, seq_lens, starts, starts_cpu, table, q, kv_cache, layer, prefilling=None):
+    """Plan and run one step; return (output, the rows that reselected, the lists the step attended)."""
+    plan = step.plan(seq_lens, starts, starts_cpu, table, 1, prefilling)
+    step.run(plan, q, kv_cache, layer, HEAD ** -0.5, output := torch.full_like(q, float("nan")))
+    stored = layer.selections.buffers(plan.decode.select.width)
+    n = seq_lens.shape[0]
+    return output, plan.decode.reselect.tolist(), ops.Selection(stored[0][:n].clone(), stored[1][:n].clone())
+
+
+def test_select_every_reuses_each_rows_lists_until_a_block_fills_or_they_age():
+    """select_every=4 over five decode steps with new queries each step: a row reselects at its first step, when
+    its sequence fills a block (row 1 at 209 tokens, row 0 at 305) and after 4 steps (row 2); otherwise it attends
+    exactly the lists it chose before. Every step's output is the torch reference over the lists in use."""
+    kv_cache = flash_cache(64)
+    table, seq_lens, starts, starts_cpu, _ = batch([301, 206, 170], [1, 1, 1])
+    step = gsa(select_every=4)
+    layer = step.layer_state(64)
+    gen = torch.Generator().manual_seed(9)
+    in_use, stale_differs = None, False
+    expected_reselect = [[1, 1, 1], [0, 0, 0], [0, 0, 0], [0, 1, 0], [1, 0, 1]]
+    for i, wanted in enumerate(expected_reselect):
+        q = torch.randn(3, HEADS * GROUP, HEAD, generator=gen).to(torch.bfloat16).to(DEVICE)
+        output, reselect, lists = reused_step(step, seq_lens, starts, starts_cpu, table, q, kv_cache, layer,
+                                              torch.tensor([i == 0] * 3))
+        assert reselect == wanted, f"step {i}"
+        _, fresh = reference(q, kv_cache, table, seq_lens)
+        for row, again in enumerate(wanted):
+            source = fresh if again else in_use
+            assert torch.equal(lists.sel_idx[row].cpu(), source.sel_idx[row].cpu()), f"step {i} row {row}"
+            assert torch.equal(lists.sel_count[row].cpu(), source.sel_count[row].cpu())
+            stale_differs |= not again and not torch.equal(in_use.sel_idx[row].cpu(), fresh.sel_idx[row].cpu())
+        key_cache, value_cache = flash_kv_views(kv_cache, HEAD)
+        expected = ops.attend("torch", q, key_cache, value_cache, table, seq_lens, lists, None)
+        torch.testing.assert_close(output, expected, atol=2e-2, rtol=2e-2)
+        in_use = lists
+        seq_lens += 1
+    assert stale_differs  # the test tells reused lists from fresh ones
+
+
+def test_a_row_holding_another_request_reselects():
+    """The same lengths as a continuation but another request's blocks in row 0 (its last block differs), or a
+    wider block table: those rows select afresh."""
+    kv_cache = flash_cache(64)
+    table, seq_lens, starts, starts_cpu, q = batch([301, 206], [1, 1])
+    step = gsa(select_every=8)
+    layer = step.layer_state(64)
+    naive_update_block_repr(flash_kv_views(kv_cache, HEAD)[0], torch.arange(64, device=DEVICE), *layer.reprs)
+    assert reused_step(step, seq_lens, starts, starts_cpu, table, q, kv_cache, layer)[1] == [1, 1]
+    seq_lens += 1
+    swapped = table.clone()
+    swapped[0] = table[0].roll(1)
+    assert reused_step(step, seq_lens, starts, starts_cpu, swapped, q, kv_cache, layer)[1] == [1, 0]
+    seq_lens += 1
+    wider = torch.cat([swapped, swapped[:, :1]], dim=1)
+    assert reused_step(step, seq_lens, starts, starts_cpu, wider, q, kv_cache, layer)[1] == [1, 1]
+
+
+def test_mixed_batches_keep_the_decode_rows_lists_in_their_batch_rows():
+    """A decode row next to a prefill chunk reuses the lists its batch row selected at the previous (uniform) step,
+    and the lists a mixed step selects serve the next uniform step."""
+    kv_cache = flash_cache(64)
+    step = gsa(select_every=4)
+    layer = step.layer_state(64)
+    naive_update_block_repr(flash_kv_views(kv_cache, HEAD)[0], torch.arange(64, device=DEVICE), *layer.reprs)
+    table, seq_lens, starts, starts_cpu, q = batch([250, 100, 230], [1, 1, 1])
+    _, reselect, first = reused_step(step, seq_lens, starts, starts_cpu, table, q, kv_cache, layer)
+    assert reselect == [1, 1, 1]
+    seq_lens += torch.tensor([1, 37, 1], dtype=torch.int32, device=DEVICE)
+    _, _, _, mixed_starts_cpu, mixed_q = batch([251, 137, 231], [1, 37, 1])
+    plan = step.plan(seq_lens, mixed_starts_cpu.to(DEVICE), mixed_starts_cpu, table, 37)
+    assert plan.decode.reselect.tolist() == [0, 0] and plan.decode.slots.tolist() == [0, 2]
+    step.run(plan, mixed_q, kv_cache, layer, HEAD ** -0.5, output := torch.zeros_like(mixed_q))
+    kept = ops.Selection(first.sel_idx[[0, 2]], first.sel_count[[0, 2]])
+    expected = ops.attend("torch", mixed_q[[0, 38]], *flash_kv_views(kv_cache, HEAD), table[[0, 2]],
+                          seq_lens[[0, 2]], kept, None)
+    torch.testing.assert_close(output[[0, 38]], expected, atol=2e-2, rtol=2e-2)
+    seq_lens += 1
+    _, reselect, lists = reused_step(step, seq_lens, starts, starts_cpu, table, q, kv_cache, layer)
+    assert reselect == [0, 1, 0]  # row 1 was a prefill row last step: it forgot its request
+    assert torch.equal(lists.sel_idx[[0, 2]].cpu(), first.sel_idx[[0, 2]].cpu())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/run_gpu.sh tests runs this)")
+def test_a_captured_step_with_select_every_replays_reusing_and_reselecting():
+    """One layer's run with select_every=4 captured once, then replayed over four more steps (lengths and queries
+    written into the captured buffers, the plan made eagerly before each replay as vLLM's builder does): each
+    replay reselects the rows the plan says and reuses the others' lists, as the eager path does."""
+    kv_cache = flash_cache(64)
+    table, seq_lens, starts, starts_cpu, q = batch([301, 206, 170], [1, 1, 1])
+    step = gsa(select_every=4)
+    layer = step.layer_state(64)
+    naive_update_block_repr(flash_kv_views(kv_cache, HEAD)[0], torch.arange(64, device=DEVICE), *layer.reprs)
+    output = torch.zeros_like(q)
+    plan = step.plan(seq_lens, starts, starts_cpu, table, 1)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step.run(plan, q, kv_cache, layer, HEAD ** -0.5, output)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step.run(plan, q, kv_cache, layer, HEAD ** -0.5, output)
+    stored = layer.selections.buffers(plan.decode.select.width)
+    gen = torch.Generator().manual_seed(3)
+    for wanted in ([0, 0, 0], [0, 0, 0], [0, 1, 0], [1, 0, 1]):  # steps at 302/207/171 .. 305/210/174
+        seq_lens += 1
+        before = tuple(buffer[:3].clone() for buffer in stored)
+        q.copy_(torch.randn(q.shape, generator=gen).to(q))
+        replanned = step.plan(seq_lens, starts, starts_cpu, table, 1)
+        assert replanned.decode.reselect.data_ptr() == plan.decode.reselect.data_ptr()
+        assert replanned.decode.reselect.tolist() == wanted
+        graph.replay()
+        _, fresh = reference(q, kv_cache, table, seq_lens)
+        for row, again in enumerate(wanted):
+            assert torch.equal(stored[0][row], (fresh.sel_idx if again else before[0])[row])
+        lists = ops.Selection(stored[0][:3], stored[1][:3])
+        expected = ops.attend("torch", q, *flash_kv_views(kv_cache, HEAD), table, seq_lens, lists, None)
+        torch.testing.assert_close(output, expected, atol=2e-2, rtol=2e-2)

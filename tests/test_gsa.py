@@ -196,6 +196,61 @@ def test_decode_loop_state_matches_one_shot_attention():
     assert "b" not in gsa.requests and len(gsa.requests) == 3
 
 
+@pytest.mark.parametrize("backend,device,dtype", [("torch", "cpu", torch.float32),
+                                                  ("triton", TRITON_DEVICE, torch.bfloat16)])
+def test_select_every_reuses_a_requests_lists_across_reordered_batches(backend, device, dtype):
+    """select_every=3 over a schedule where rows reorder, a request joins, one leaves and a new one takes its
+    slot, with new queries each step: a request reselects when new, when a block fills or when its lists are 3
+    steps old, else it attends the lists it chose before; every output is attention over the lists in use."""
+    q_all, k, v, table = (t.to(device) for t in make_paged([640, 640, 640], dtype=dtype, seed=3))
+    config = GSAConfig(**{**vars(CONFIG), "select_every": 3})
+    gsa = GSA(config, block_size=BLOCK, backend=backend)
+    rows = {"a": 0, "b": 1, "c": 2, "d": 1}
+    schedule = [(["a", "b"], [300, 95], [1, 1]), (["b", "a"], [96, 301], [0, 0]),
+                (["a", "b", "c"], [302, 97, 200], [0, 1, 1]),  # b's 97th token fills a block; c is new
+                (["a", "c"], [303, 201], [1, 0]),  # a's lists are 3 steps old
+                (["d", "a", "c"], [150, 304, 202], [1, 0, 0])]  # d takes b's slot
+    gen = torch.Generator().manual_seed(4)
+    in_use = {}
+    for ids, lens, wanted in schedule:
+        if "d" in ids:
+            gsa.finish("b")
+        batch_table = table[[rows[i] for i in ids]]
+        queries = torch.randn(len(ids), *q_all.shape[1:], generator=gen).to(dtype).to(device)
+        plan = gsa.plan(ids, lens, batch_table)
+        assert plan.reselect.tolist() == wanted
+        out = gsa.run(plan, "layer", queries, k, v)
+        _, fresh = sparse_attention(queries, k, v, batch_table, lens, config, backend=backend)
+        used = plan.selections["layer"]
+        for b, (request, again) in enumerate(zip(ids, wanted)):
+            expected = [fresh.blocks(b, h) for h in range(2)] if again else in_use[request]
+            in_use[request] = [used.blocks(b, h) for h in range(2)]
+            assert in_use[request] == expected, (ids, request)
+        expected_out = ops.attend("torch", queries.cpu(), k.cpu(), v.cpu(), batch_table.cpu(),
+                                  torch.tensor(lens), ops.Selection(used.sel_idx.cpu(), used.sel_count.cpu()), None)
+        torch.testing.assert_close(out.cpu(), expected_out, **TOLERANCE[dtype])
+    assert in_use["a"] != [fresh.blocks(1, h) for h in range(2)]  # the reused lists are not what a fresh pick gives
+
+
+def test_a_layer_that_missed_a_step_reselects():
+    """Layer 0 runs at every step and reuses its first lists; layer 1 sits out step 1, so at step 2 it selects
+    afresh (with its own new queries) although the plan lets the rows reuse."""
+    q, k, v, table = make_paged([300, 390], seed=5)
+    gsa = GSA(GSAConfig(**{**vars(CONFIG), "select_every": 4}), block_size=BLOCK)
+    for step in range(3):
+        plan = gsa.plan(["a", "b"], [300 + step, 390 + step], table)
+        gsa.run(plan, 0, q * (step + 1), k, v)
+        if step != 1:
+            gsa.run(plan, 1, q * (step - 1), k, v)
+        if step == 0:
+            layer0_first = plan.selections[0].sel_idx.clone()
+    assert plan.reselect.tolist() == [0, 0]
+    assert torch.equal(plan.selections[0].sel_idx, layer0_first)
+    _, fresh = sparse_attention(q, k, v, table, [302, 392], gsa.config)
+    _, stale = sparse_attention(-q, k, v, table, [302, 392], gsa.config)
+    assert torch.equal(plan.selections[1].sel_idx, fresh.sel_idx) and not torch.equal(fresh.sel_idx, stale.sel_idx)
+
+
 def test_restarted_request_recomputes_its_blocks():
     q, k, v, table = make_paged([400])
     gsa = GSA(CONFIG, block_size=BLOCK)

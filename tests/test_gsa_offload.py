@@ -215,6 +215,12 @@ def test_budget_smaller_than_a_step_is_a_clear_error(make_twin):
         twin.step(["a"])
 
 
+def test_selection_reuse_is_refused_in_offload_mode_naming_the_key():
+    with pytest.raises(ValueError, match="select_every: got 4"):
+        OffloadedGSA(GSAConfig(**SPARSE, select_every=4), num_layers=LAYERS, num_kv_heads=HEADS, head_dim=32,
+                     block_size=16, host_blocks=8, device="cpu", cache=private_cache())
+
+
 def test_host_kv_lives_in_the_cache_tier_and_finish_frees_everything():
     cache = private_cache()
     gsa = OffloadedGSA(GSAConfig(**SPARSE, gpu_budget_blocks=50), num_layers=LAYERS, num_kv_heads=HEADS,

@@ -26,6 +26,10 @@ class GSAConfig:
     dense_first_layers: int = spec(0, "first decoder layers (index below this) that attend every block: early "
                                    "layers spread attention over the whole context, where a selection loses the "
                                    "most", min=0, used_by="GSA selection")
+    select_every: int = spec(1, "decode steps one selection serves: 1 selects at every step; N reuses a request's "
+                             "selection for its next N - 1 steps, while its block count stays the same (a new "
+                             "block, every block_size tokens, reselects; the block of the current token is always "
+                             "attended)", min=1, max=1024, used_by="GSA selection")
     prefetch_workers: int = spec(4, "threads fetching offloaded blocks into the GPU budget", min=1, max=256,
                                  used_by="GSA offload")
     prefetch_ahead: int = spec(4, "decode steps the prefetcher runs ahead of attention", min=0, max=1024,

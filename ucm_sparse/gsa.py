@@ -10,7 +10,8 @@ The plan holds what a step's layers share: the lengths, the block table cut to t
 that became full since the previous step (their representations are computed by each layer's ``run``), the
 block count each request attends, and whether the whole batch is still dense (then ``run`` is plain dense
 attention). ``run`` updates the layer's block representations, selects (or takes ``selection=`` computed
-earlier, e.g. by another layer) and attends; the selection stays in ``plan.selections[layer]``.
+earlier, e.g. by another layer) and attends; the selection stays in ``plan.selections[layer]``. With ``select_every > 1`` a request keeps each
+layer's selection for up to that many steps (:mod:`ucm_sparse.reuse`): the plan says which rows select afresh.
 :func:`sparse_attention` is the one-call form for a notebook.
 """
 from collections.abc import Hashable, Sequence
@@ -19,10 +20,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ucm_kernels.block_repr import blocks_filled
+from ucm_kernels.block_select import selection_width
 
 from . import ops
 from .config import GSAConfig
 from .ops import Selection
+from .reuse import ReuseBook, SelectionStore, SlotMap
 from .state import RequestTable
 
 
@@ -38,6 +41,9 @@ class GSAPlan:
     counts: list[int]  # blocks each request attends
     dense: bool  # every request attends all of its blocks
     selections: dict = field(default_factory=dict)  # layer -> Selection, filled by run()
+    slots: torch.Tensor | None = None  # [batch] int64 each request's slot (selection reuse only)
+    reselect: torch.Tensor | None = None  # [batch] int32, 1: the row selects afresh (selection reuse only)
+    table_width: int = 0  # block_table.shape[1] as given (the stored selections' width follows it)
 
 
 class GSA:
@@ -61,6 +67,9 @@ class GSA:
         self.requests = RequestTable()
         self._reprs: dict[Hashable, tuple] = {}
         self._step = 0
+        self._slots = SlotMap()
+        self._book: ReuseBook | None = None
+        self._stores: dict[Hashable, tuple[SelectionStore, int]] = {}  # layer -> its lists, the step they are of
 
     def plan(self, request_ids: Sequence[Hashable], seq_lens: torch.Tensor | Sequence[int],
              block_table: torch.Tensor) -> GSAPlan:
@@ -81,8 +90,12 @@ class GSA:
         filled = blocks_filled(torch.tensor(before, dtype=torch.int32, device=device), lens, table, self.block_size)
         counts = [ops.num_selected(nb, self.config, self.block_size) for nb in nbs]
         self._step += 1
-        return GSAPlan(self._step, list(request_ids), lens, table, filled, counts,
-                       dense=all(c == nb for c, nb in zip(counts, nbs)))
+        plan = GSAPlan(self._step, list(request_ids), lens, table, filled, counts,
+                       dense=all(c == nb for c, nb in zip(counts, nbs)), table_width=block_table.shape[1])
+        if self.config.select_every > 1 and not plan.dense:  # a dense step selects nothing: the next reselects
+            plan.slots = torch.tensor(self._slots.assign(plan.request_ids), dtype=torch.long, device=device)
+            plan.reselect = self._reuse_book(device).step(lens, block_table, plan.slots)
+        return plan
 
     def run(self, plan: GSAPlan, layer: Hashable, q: torch.Tensor, key_cache: torch.Tensor,
             value_cache: torch.Tensor, *, scale: float | None = None, selection: Selection | None = None
@@ -97,7 +110,8 @@ class GSA:
             key_cache, value_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]`` (any strides) holding
                 every token of every request, the current one included.
             scale: softmax scale (default ``head_dim ** -0.5``).
-            selection: reuse this selection instead of selecting (e.g. the one another layer made this step).
+            selection: reuse this selection instead of selecting (e.g. the one another layer made this step); with
+                ``select_every > 1`` such a layer selects afresh at the next step it selects itself.
         """
         if plan.step != self._step:
             raise ValueError(f"plan is from step {plan.step}; the latest plan is step {self._step}")
@@ -111,14 +125,44 @@ class GSA:
                                                         plan.block_table.shape[1])
             return ops.attend(backend, q, key_cache, value_cache, plan.block_table, plan.seq_lens, None, scale)
         if selection is None:
-            selection = ops.select(backend, q, self._reprs[layer], plan.block_table, plan.seq_lens, self.config,
-                                   self.block_size)
+            selection = self._select(backend, plan, layer, q)
         plan.selections[layer] = selection
         return ops.attend(backend, q, key_cache, value_cache, plan.block_table, plan.seq_lens, selection, scale)
 
     def finish(self, request_id: Hashable) -> None:
         """Forget a finished request (its blocks' representations are recomputed when blocks are reused)."""
         self.requests.finish(request_id)
+        slot = self._slots.release(request_id)
+        if slot is not None and self._book is not None:
+            self._book.forget(slot)
+
+    def _reuse_book(self, device: torch.device) -> ReuseBook:
+        """The reuse state, remade (every row reselects, stored lists dropped) when the requests outgrow it."""
+        if self._book is None or self._book.slots < self._slots.capacity:
+            self._book = ReuseBook(self.config.select_every, self._slots.capacity, self.block_size, device)
+            self._stores.clear()
+        return self._book
+
+    def _select(self, backend: str, plan: GSAPlan, layer: Hashable, q: torch.Tensor) -> Selection:
+        """This step's selection of ``layer``: made afresh, or (selection reuse) for the rows the plan names, the
+        others keeping the lists stored in their slots."""
+        if plan.reselect is None:
+            return ops.select(backend, q, self._reprs[layer], plan.block_table, plan.seq_lens, self.config,
+                              self.block_size)
+        store, written = self._stores.get(layer, (None, -1))
+        if store is None:
+            store = SelectionStore(self._book.slots, self._reprs[layer][0].shape[1], q.device)
+        self._stores[layer] = store, plan.step
+        reselect = plan.reselect if written == plan.step - 1 else torch.ones_like(plan.reselect)  # skipped a step
+        sizes = ops.select_sizes(self.config, self.block_size)
+        stored_idx, stored_count = store.buffers(selection_width(plan.table_width, **sizes))
+        width = selection_width(plan.block_table.shape[1], **sizes)
+        kept = Selection(stored_idx[plan.slots, :, :width], stored_count[plan.slots])
+        ops.select(backend, q, self._reprs[layer], plan.block_table, plan.seq_lens, self.config, self.block_size,
+                   kept=kept, reselect=reselect)
+        stored_idx[plan.slots, :, :width] = kept.sel_idx
+        stored_count[plan.slots] = kept.sel_count
+        return kept
 
     def _layer_reprs(self, layer: Hashable, key_cache: torch.Tensor) -> tuple:
         reprs = self._reprs.get(layer)

@@ -212,6 +212,9 @@ class OffloadedGSA:
                  host_blocks: int, dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None,
                  cache: CacheTier | None = None, backend: str = "auto"):
         ops.check_backend(backend)
+        if config.select_every != 1:
+            raise ValueError(f"select_every: got {config.select_every}; the offload mode selects at every step (1) "
+                             "for now, reuse is on-device GSA's (ucm_sparse.GSA, vLLM)")
         self.config, self.block_size, self.num_kv_heads, self.backend = config, block_size, num_kv_heads, backend
         self.dtype, self.device = dtype, _resolve_device(device)
         if cache is None:

@@ -80,14 +80,27 @@ def update_reprs(backend: str, key_cache: torch.Tensor, block_ids: torch.Tensor,
 
 
 def select(backend: str, q: torch.Tensor, reprs: tuple, block_table: torch.Tensor, seq_lens: torch.Tensor,
-           config: GSAConfig, block_size: int) -> Selection:
+           config: GSAConfig, block_size: int, *, kept: Selection | None = None,
+           reselect: torch.Tensor | None = None) -> Selection:
     """The blocks each (request, KV head) attends this step (see ``ucm_kernels.block_select.select_blocks``);
-    ``reprs`` as from :func:`empty_reprs`."""
-    op = select_blocks if backend == "triton" else torch_select_blocks
+    ``reprs`` as from :func:`empty_reprs`. With ``reselect`` (``[batch]`` int32/bool), only its nonzero rows are
+    selected: the others keep their lists in ``kept`` (required then, its lists as wide as a selection of this
+    table), which is written in place and returned."""
     kmin, kmax, kmean, *kscale = reprs
-    sel_idx, sel_count = op(q, kmin, kmax, kmean, block_table, seq_lens, score=config.score,
-                            kscale=kscale[0] if kscale else None, **select_sizes(config, block_size))
-    return Selection(sel_idx, sel_count)
+    args = dict(score=config.score, kscale=kscale[0] if kscale else None, **select_sizes(config, block_size))
+    if backend == "triton":
+        out = None if kept is None else (kept.sel_idx, kept.sel_count)
+        return Selection(*select_blocks(q, kmin, kmax, kmean, block_table, seq_lens, out=out, reselect=reselect,
+                                        **args))
+    sel_idx, sel_count = torch_select_blocks(q, kmin, kmax, kmean, block_table, seq_lens, **args)
+    if reselect is None:
+        return Selection(sel_idx, sel_count)
+    if kept is None:
+        raise ValueError("reselect: given without kept; the rows not reselected keep their lists from kept")
+    rows = reselect.bool()
+    kept.sel_idx.copy_(torch.where(rows[:, None, None], sel_idx, kept.sel_idx))
+    kept.sel_count.copy_(torch.where(rows[:, None], sel_count, kept.sel_count))
+    return kept
 
 
 def attend(backend: str, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

@@ -63,6 +63,7 @@ def _score_kernel(
     kscale_ptr,  # [num_blocks, num_kv_heads] fp32 scale of fp8 reprs (read if SCALED; any pointer otherwise)
     block_table_ptr,  # [batch, max_blocks]
     seq_lens_ptr,  # [batch]
+    reselect_ptr,  # [batch] rows to select (read if MASKED; any pointer otherwise)
     scores_ptr,  # [batch, num_kv_heads, max_blocks] fp32 scratch
     max_blocks, ratio_fixed, k_floor, init_window, local_window,
     stride_qb, stride_qh, stride_qd,
@@ -72,10 +73,13 @@ def _score_kernel(
     stride_sb, stride_sh,
     BLOCK_SIZE: tl.constexpr, HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, QUEST: tl.constexpr, TILE: tl.constexpr,
-    SCALED: tl.constexpr,
+    SCALED: tl.constexpr, MASKED: tl.constexpr,
 ):
     tile = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
+    if MASKED:
+        if tl.load(reselect_ptr + b) == 0:
+            return
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
     nb, count, lo, hi = _plan(seq_len, max_blocks, ratio_fixed, k_floor, init_window, local_window, BLOCK_SIZE)
     if (tile * TILE >= hi) | ((tile + 1) * TILE <= lo):
@@ -130,16 +134,20 @@ def _kth_largest_key(keys, competing, k):
 def _select_kernel(
     scores_ptr,  # [batch, num_kv_heads, max_blocks] fp32
     seq_lens_ptr,  # [batch]
+    reselect_ptr,  # [batch] rows to select (read if MASKED; any pointer otherwise)
     sel_idx_ptr,  # [batch, num_kv_heads, width] int32
     sel_count_ptr,  # [batch, num_kv_heads] int32
     max_blocks, width, ratio_fixed, k_floor, init_window, local_window,
     stride_sb, stride_sh,
     stride_ib, stride_ih, stride_ij,
     stride_cb, stride_ch,
-    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
 ):
     head = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
+    if MASKED:
+        if tl.load(reselect_ptr + b) == 0:
+            return
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
     nb, count, lo, hi = _plan(seq_len, max_blocks, ratio_fixed, k_floor, init_window, local_window, BLOCK_SIZE)
     j = tl.arange(0, BLOCK_M)
@@ -291,16 +299,18 @@ class SelectPlan:
 
     def run(self, q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None, kmean: torch.Tensor | None,
             block_table: torch.Tensor, seq_lens: torch.Tensor, *, kscale: torch.Tensor | None = None,
-            out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """:func:`select_blocks` with this plan's settings: same tensor arguments, ``kscale``, ``out`` and result."""
-        reprs, kscale = _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, self.quest, kscale)
+            out: tuple[torch.Tensor, torch.Tensor] | None = None, reselect: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`select_blocks` with this plan's settings: same tensor arguments, ``kscale``, ``out``,
+        ``reselect`` and result."""
+        reprs, kscale = _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, self.quest, kscale, reselect)
         shapes = (q.shape[0], reprs.shape[1], q.shape[2], block_table.shape[1])
         planned = (self.batch, self.num_kv_heads, self.head_dim, self.max_blocks)
         if shapes != planned:
             raise ValueError(f"plan was made for (batch, num_kv_heads, head_dim, max_blocks) = {planned}; "
                              f"the inputs have {shapes}")
         check_device("plan.scores", self.scores, q.device)
-        return _launch(self, q, reprs, kmax, kscale, block_table, seq_lens, out)
+        return _launch(self, q, reprs, kmax, kscale, block_table, seq_lens, out, reselect)
 
 
 def plan_select(batch: int, num_kv_heads: int, head_dim: int, max_blocks: int, *, block_size: int, sparse_ratio: float,
@@ -336,7 +346,8 @@ def select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor
                   kmean: torch.Tensor | None, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
                   block_size: int, sparse_ratio: float, init_window: int, local_window: int, min_blocks: int,
                   score: str = "quest", token_budget: int | None = None, kscale: torch.Tensor | None = None,
-                  out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  out: tuple[torch.Tensor, torch.Tensor] | None = None, reselect: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose the KV blocks each (request, KV head) attends this decode step.
 
     Per request, ``nb = ceil(seq_len / block_size)`` logical blocks and ``k = max(min_blocks, wanted,
@@ -363,15 +374,18 @@ def select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor
             fp8, not read otherwise.
         out: optional ``(sel_idx, sel_count)`` to write into, shaped as returned (sel_idx may be up to
             max_blocks wide; the extra columns are padded too).
+        reselect: optional ``[batch]`` int32/bool: only the rows where it is nonzero are selected; the others'
+            rows of ``out`` (required then) are left as they are, e.g. holding an earlier step's selection, and
+            their blocks are not scored (selection reuse, ``GSAConfig.select_every``).
     Returns:
         ``sel_idx [batch, num_kv_heads, width]`` int32 logical block indices, ascending, padded with -1, where
         ``width = selection_width(max_blocks, ...)``; ``sel_count [batch, num_kv_heads]`` int32.
     """
     _check_scalars(block_size, sparse_ratio, init_window, local_window, min_blocks, score, token_budget)
-    reprs, kscale = _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, score == "quest", kscale)
+    reprs, kscale = _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, score == "quest", kscale, reselect)
     plan = _make_plan(q.shape[0], reprs.shape[1], q.shape[2], block_table.shape[1], q.device, block_size,
                       sparse_ratio, init_window, local_window, min_blocks, score, token_budget)
-    return _launch(plan, q, reprs, kmax, kscale, block_table, seq_lens, out)
+    return _launch(plan, q, reprs, kmax, kscale, block_table, seq_lens, out, reselect)
 
 
 def _check_kscale(kscale, reprs: torch.Tensor, device: torch.device) -> torch.Tensor | None:
@@ -388,7 +402,7 @@ def _check_kscale(kscale, reprs: torch.Tensor, device: torch.device) -> torch.Te
     return kscale
 
 
-def _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, quest: bool, kscale
+def _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, quest: bool, kscale, reselect=None
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Validate the tensors; return the first repr the score rule reads (its shape and strides stand for all) and
     the scales to apply (None unless the reprs are fp8)."""
@@ -406,24 +420,32 @@ def _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, quest: bool, ksca
                          f"{batch} rows, q's batch")
     if block_table.shape[1] > MAX_TABLE_BLOCKS:
         raise ValueError(f"block_table: {block_table.shape[1]} columns, at most {MAX_TABLE_BLOCKS} are supported")
+    if reselect is not None:
+        _check_tensor("reselect", reselect, 1, (torch.int32, torch.bool), q.device, f"[batch={batch}]")
+        if reselect.shape[0] != batch or reselect.stride(0) != 1:
+            raise ValueError(f"reselect: got shape {tuple(reselect.shape)} strides {reselect.stride()}, expected a "
+                             f"contiguous [{batch}]")
     return reprs, _check_kscale(kscale, reprs, q.device)
 
 
-def _launch(plan: SelectPlan, q, reprs, kmax, kscale, block_table, seq_lens, out
+def _launch(plan: SelectPlan, q, reprs, kmax, kscale, block_table, seq_lens, out, reselect
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Score the competing blocks into ``plan.scores`` (times ``kscale`` unless None), then pick each row's blocks
-    into ``out``."""
+    into ``out`` (only the rows ``reselect`` names, unless None)."""
+    if reselect is not None and out is None:
+        raise ValueError("reselect: given without out; the rows not reselected keep what out holds, so pass out")
     sel_idx, sel_count = _check_out(out, plan.batch, plan.num_kv_heads, plan.width, plan.max_blocks, q.device)
     if plan.batch == 0 or plan.max_blocks == 0:
-        sel_idx.fill_(-1)
-        sel_count.zero_()
+        rows = torch.ones(plan.batch, dtype=torch.bool, device=q.device) if reselect is None else reselect.bool()
+        sel_idx.masked_fill_(rows[:, None, None], -1)
+        sel_count.masked_fill_(rows[:, None], 0)
         return sel_idx, sel_count
     scores = plan.scores
     group = q.shape[1] // plan.num_kv_heads
     _score_kernel[(triton.cdiv(plan.max_blocks, plan.score_tile), plan.batch)](
         q_ptr=q, kmin_ptr=reprs, kmax_ptr=kmax if plan.quest else reprs, kmean_ptr=reprs,
         kscale_ptr=scores if kscale is None else kscale, block_table_ptr=block_table, seq_lens_ptr=seq_lens,
-        scores_ptr=scores, **plan.limits,
+        reselect_ptr=seq_lens if reselect is None else reselect, scores_ptr=scores, **plan.limits,
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qd=q.stride(2),
         stride_rb=reprs.stride(0), stride_rh=reprs.stride(1), stride_rd=reprs.stride(2),
         stride_kscale_b=0 if kscale is None else kscale.stride(0),
@@ -432,14 +454,16 @@ def _launch(plan: SelectPlan, q, reprs, kmax, kscale, block_table, seq_lens, out
         stride_sb=scores.stride(0), stride_sh=scores.stride(1),
         BLOCK_SIZE=plan.block_size, HEADS=plan.num_kv_heads, HEADS_PAD=_pow2(plan.num_kv_heads), GROUP=group,
         BLOCK_G=_pow2(group), HEAD_DIM=plan.head_dim, BLOCK_D=_pow2(plan.head_dim), QUEST=plan.quest,
-        TILE=plan.score_tile, SCALED=kscale is not None, num_warps=plan.score_warps,
+        TILE=plan.score_tile, SCALED=kscale is not None, MASKED=reselect is not None, num_warps=plan.score_warps,
     )
     _select_kernel[(plan.num_kv_heads, plan.batch)](
-        scores_ptr=scores, seq_lens_ptr=seq_lens, sel_idx_ptr=sel_idx, sel_count_ptr=sel_count,
+        scores_ptr=scores, seq_lens_ptr=seq_lens, reselect_ptr=seq_lens if reselect is None else reselect,
+        sel_idx_ptr=sel_idx, sel_count_ptr=sel_count,
         width=sel_idx.shape[2], **plan.limits,
         stride_sb=scores.stride(0), stride_sh=scores.stride(1),
         stride_ib=sel_idx.stride(0), stride_ih=sel_idx.stride(1), stride_ij=sel_idx.stride(2),
         stride_cb=sel_count.stride(0), stride_ch=sel_count.stride(1),
-        BLOCK_SIZE=plan.block_size, BLOCK_M=_pow2(plan.max_blocks), num_warps=plan.select_warps,
+        BLOCK_SIZE=plan.block_size, BLOCK_M=_pow2(plan.max_blocks), MASKED=reselect is not None,
+        num_warps=plan.select_warps,
     )
     return sel_idx, sel_count

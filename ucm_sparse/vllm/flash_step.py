@@ -13,7 +13,10 @@ vLLM's FlashAttention cache of a layer is logically ``[num_blocks, num_kv_heads,
   written without attention seeing them);
 * the decode rows (one query token) GSA serves: every row of a uniform decode batch (the buffers stay where a
   CUDA graph captured them, so replays read the new step's values), or the listed rows of a mixed batch (run
-  eagerly, after vLLM's kernel has done the whole batch).
+  eagerly, after vLLM's kernel has done the whole batch);
+* with ``select_every > 1``, which of those rows select afresh (:class:`ucm_sparse.reuse.ReuseBook`, a batch row
+  being a slot: vLLM keeps a running request in its row); the others attend the blocks their layer selected
+  at an earlier step, kept per layer in a :class:`ucm_sparse.reuse.SelectionStore`.
 
 :meth:`FlashGSA.run` (per layer) refreshes the summaries, selects and attends, writing the rows' outputs. Every
 decode row goes through GSA's kernels; one too short to go sparse attends all of its blocks.
@@ -28,6 +31,7 @@ from ucm_kernels.block_select.triton import SelectPlan, plan_select
 from ucm_kernels.sparse_decode.triton import DecodePlan, plan_decode, sparse_decode
 from ucm_sparse import ops
 from ucm_sparse.config import GSAConfig
+from ucm_sparse.reuse import ReuseBook, SelectionStore
 
 
 def flash_kv_views(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,13 +59,24 @@ class DecodeRows:
     block_table: torch.Tensor  # [n, max_blocks] int32
     select: SelectPlan
     decode: DecodePlan
-    sel_idx: torch.Tensor  # [n, num_kv_heads, width] int32, written per layer
+    sel_idx: torch.Tensor  # [n, num_kv_heads, width] int32, written per layer (no selection reuse)
     sel_count: torch.Tensor  # [n, num_kv_heads] int32
+    reselect: torch.Tensor | None = None  # [n] int32, 1: the row selects afresh; None: every row does
+    slots: torch.Tensor | None = None  # [n] batch row of each row when not uniform (selection reuse only)
 
     @property
     def uniform(self) -> bool:
         """Every row of the batch is a GSA row (vLLM's kernel is not run)."""
         return self.tokens is None
+
+
+@dataclasses.dataclass
+class LayerState:
+    """What one layer keeps: its block summaries (``ucm_sparse.ops.empty_reprs``) and, with selection reuse, its
+    selections between steps."""
+
+    reprs: tuple
+    selections: SelectionStore | None
 
 
 @dataclasses.dataclass
@@ -94,10 +109,16 @@ class FlashGSA:
         self._key_like = torch.empty(1, block_size, num_kv_heads, head_size, dtype=dtype, device=self.device)
         self._select_base: dict[int, tuple[SelectPlan, torch.Tensor, torch.Tensor]] = {}  # by table width
         self._per_rows: dict[tuple[int, int], tuple[SelectPlan, DecodePlan]] = {}  # by (rows, table width)
+        self._book = ReuseBook(config.select_every, max_rows, block_size, self.device) \
+            if config.select_every > 1 else None
 
-    def empty_reprs(self, num_blocks: int) -> tuple[torch.Tensor, ...]:
-        """Block summaries for one layer's ``num_blocks`` blocks (``ucm_sparse.ops.empty_reprs``)."""
-        return ops.empty_reprs(num_blocks, self.num_kv_heads, self.head_size, self.dtype, self.config, self.device)
+    def layer_state(self, num_blocks: int) -> LayerState:
+        """A layer's state for its ``num_blocks`` KV blocks: block summaries (``ucm_sparse.ops.empty_reprs``) and,
+        when ``select_every > 1``, a store of ``max_rows`` rows' selections (``selection width x num_kv_heads x 4``
+        bytes per row, allocated at the first step)."""
+        reprs = ops.empty_reprs(num_blocks, self.num_kv_heads, self.head_size, self.dtype, self.config, self.device)
+        store = SelectionStore(self.max_rows, self.num_kv_heads, self.device) if self._book is not None else None
+        return LayerState(reprs, store)
 
     def plan(self, seq_lens: torch.Tensor, query_start_loc: torch.Tensor, query_start_loc_cpu: torch.Tensor,
              block_table: torch.Tensor, max_query_len: int, prefilling: torch.Tensor | None = None) -> FlashGSAPlan:
@@ -125,10 +146,10 @@ class FlashGSA:
         decode = self._decode_rows(lens, query_start_loc_cpu[:rows + 1], block_table, max_query_len)
         return FlashGSAPlan(block_table, first, end, decode)
 
-    def run(self, plan: FlashGSAPlan, query: torch.Tensor, kv_cache: torch.Tensor, reprs: tuple, scale: float,
+    def run(self, plan: FlashGSAPlan, query: torch.Tensor, kv_cache: torch.Tensor, layer: LayerState, scale: float,
             output: torch.Tensor) -> None:
-        """One layer's GSA work for ``plan``: refresh the summaries ``reprs`` (from :meth:`empty_reprs`), then
-        attend the decode rows, writing their rows of ``output``.
+        """One layer's GSA work for ``plan``: refresh the layer's summaries (``layer`` from :meth:`layer_state`),
+        select (the rows the plan says) and attend the decode rows, writing their rows of ``output``.
 
         Args:
             query: ``[num_tokens, num_q_heads, head_size]`` the step's queries.
@@ -136,19 +157,33 @@ class FlashGSA:
             output: ``[num_tokens, num_q_heads, head_size]`` written at the decode rows' tokens only.
         """
         key_cache, value_cache = flash_kv_views(kv_cache, self.head_size)
-        update_block_repr_ranges(key_cache, plan.block_table, plan.first, plan.end, *reprs)
+        update_block_repr_ranges(key_cache, plan.block_table, plan.first, plan.end, *layer.reprs)
         rows = plan.decode
         if rows is None:
             return
         n = rows.seq_lens.shape[0]
         q = query[:n] if rows.uniform else query[rows.tokens]
-        kmin, kmax, kmean, *kscale = reprs
-        sel_idx, sel_count = rows.select.run(q, kmin, kmax, kmean, rows.block_table, rows.seq_lens,
-                                             kscale=kscale[0] if kscale else None, out=(rows.sel_idx, rows.sel_count))
-        out = sparse_decode(q, key_cache, value_cache, rows.block_table, rows.seq_lens, sel_idx, sel_count,
-                            scale=scale, out=output[:n] if rows.uniform else None, plan=rows.decode)
+        kmin, kmax, kmean, *kscale = layer.reprs
+        selection = self._selection_buffers(rows, layer)
+        rows.select.run(q, kmin, kmax, kmean, rows.block_table, rows.seq_lens, kscale=kscale[0] if kscale else None,
+                        out=selection, reselect=rows.reselect)
+        if rows.slots is not None:  # a mixed batch's rows, gathered from their slots: put them back
+            for stored, updated in zip(layer.selections.buffers(rows.select.width), selection):
+                stored[rows.slots] = updated
+        out = sparse_decode(q, key_cache, value_cache, rows.block_table, rows.seq_lens, *selection, scale=scale,
+                            out=output[:n] if rows.uniform else None, plan=rows.decode)
         if not rows.uniform:
             output[rows.tokens] = out
+
+    @staticmethod
+    def _selection_buffers(rows: DecodeRows, layer: LayerState) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where this step's lists of ``rows`` go: the step's scratch, or (selection reuse) the layer's stored
+        lists, in place for a uniform batch, gathered from the rows' slots for a mixed one."""
+        if layer.selections is None:
+            return rows.sel_idx, rows.sel_count
+        stored = layer.selections.buffers(rows.select.width)
+        n = rows.seq_lens.shape[0]
+        return tuple(buffer[:n] if rows.slots is None else buffer[rows.slots] for buffer in stored)
 
     def _decode_rows(self, lens: torch.Tensor, starts_cpu: torch.Tensor, block_table: torch.Tensor,
                      max_query_len: int) -> DecodeRows | None:
@@ -157,16 +192,21 @@ class FlashGSA:
         query_lens = starts_cpu[1:] - starts_cpu[:-1]
         rows = (query_lens == 1).nonzero().flatten()
         if rows.numel() == 0:
+            if self._book is not None:  # no decode row: every slot forgets its request
+                self._book.step(lens[:0], block_table[:0], torch.zeros(0, dtype=torch.long, device=self.device))
             return None
         index = host_to_device(rows, self.device)
         tokens = host_to_device(starts_cpu[rows].long(), self.device)
-        return self._rows_of(tokens, lens[index], block_table[index])
+        return self._rows_of(tokens, lens[index], block_table[index], index)
 
-    def _rows_of(self, tokens: torch.Tensor | None, lens: torch.Tensor, block_table: torch.Tensor) -> DecodeRows:
+    def _rows_of(self, tokens: torch.Tensor | None, lens: torch.Tensor, block_table: torch.Tensor,
+                 index: torch.Tensor | None = None) -> DecodeRows:
         n, width = block_table.shape
         select, decode = self._plans(n, width)
         _, sel_idx, sel_count = self._select_base[width]
-        return DecodeRows(tokens, lens, block_table, select, decode, sel_idx[:n], sel_count[:n])
+        reselect = None if self._book is None else self._book.step(lens, block_table, index)
+        slots = None if self._book is None else index
+        return DecodeRows(tokens, lens, block_table, select, decode, sel_idx[:n], sel_count[:n], reselect, slots)
 
     def _plans(self, rows: int, width: int) -> tuple[SelectPlan, DecodePlan]:
         """Selection and attention plans for ``rows`` rows of a ``width``-block table, made once and kept (their

@@ -12,7 +12,9 @@ token budget (no row could ever go sparse), both classes are exactly vLLM's. A l
 window, ALiBi, soft cap, sinks, fp8 KV, non-decoder attention) stays dense. The block summaries
 (``ucm_sparse.ops.empty_reprs``) are allocated at the first step, beside vLLM's KV cache: 3 x head_size values
 per (block, KV head), 3/32 of the KV cache in the cache dtype at block 16 (``repr_dtype: fp8`` halves that);
-leave that much GPU memory free (``gpu_memory_utilization``).
+leave that much GPU memory free (``gpu_memory_utilization``). With ``select_every > 1`` each layer also keeps
+its rows' selections: ``max_num_seqs x num_kv_heads x selection width x 4`` bytes (e.g. 256 x 8 x 2458 x 4 = 20 MB
+at 128K tokens, block 16, sparse_ratio 0.3).
 """
 import dataclasses
 import logging
@@ -90,8 +92,8 @@ class GSAFlashMetadataBuilder(FlashAttentionMetadataBuilder):
             impl = getattr(layers[name], "impl", None)
             if isinstance(impl, GSAFlashAttentionImpl) and impl.covered and \
                     sparse_layer(self.gsa.config, name):
-                impl.reprs = self.gsa.empty_reprs(layers[name].kv_cache.shape[0])
-                stats.summary_dtypes.add(str(impl.reprs[0].dtype))
+                impl.gsa_layer = self.gsa.layer_state(layers[name].kv_cache.shape[0])
+                stats.summary_dtypes.add(str(impl.gsa_layer.reprs[0].dtype))
         self._reprs_ready = True
 
 
@@ -103,18 +105,18 @@ class GSAFlashAttentionImpl(FlashAttentionImpl):
         self.covered = (self.attn_type == AttentionType.DECODER and self.alibi_slopes is None
                         and tuple(self.sliding_window) == (-1, -1) and not self.logits_soft_cap
                         and self.sinks is None and self.kv_cache_dtype == "auto")
-        self.reprs = None
+        self.gsa_layer = None  # its LayerState, given by the builder at the first step
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         plan = getattr(attn_metadata, "gsa", None)
-        if plan is None or self.reprs is None:
+        if plan is None or self.gsa_layer is None:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
         if plan.decode is None or not plan.decode.uniform:
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                             output_block_scale)
-        attn_metadata.gsa_step.run(plan, query, kv_cache, self.reprs, self.scale, output)
+        attn_metadata.gsa_step.run(plan, query, kv_cache, self.gsa_layer, self.scale, output)
         stats.sparse_layer_calls += 1
         return output
 
