@@ -8,10 +8,12 @@ Quest on fp8 reprs: ``ucm_quest_fp8``), sparse_decode alone, and select+attend a
 2048-token budget (GSA windows: init 1, local 4, min 8 blocks). Our calls run as a decode step runs them: plans
 (``plan_select``, ``plan_decode``) made once per step, then one ``plan.run`` + ``sparse_decode(plan=...)`` per
 layer. FlashInfer also attends the Quest selections' block lists (heads folded into the batch over a head-major
-copy), beside our sparse_decode. Selection reuse (``GSAConfig.select_every`` N in REUSE_EVERY): N consecutive
-steps of one layer, the first selecting every row and the next N - 1 launching the selection with no row to
-reselect (as a plan that reuses makes them), each step attending; the rows give the time per step. With block 16
-and N dividing 16, a steady decode reselects exactly every N steps (a filled block coincides with an N-th step).
+copy), beside our sparse_decode. Selection reuse (``GSAConfig.select_every`` N in REUSE_EVERY): a step that
+reuses (``select_attend_reused``: the selection launched with no row to reselect, as a plan that reuses makes
+it, then attention over the kept lists) is timed like every other figure, and a step of select_every N costs
+``(select_attend + (N - 1) x select_attend_reused) / N`` (timing N steps in one graph instead would let a step
+read the previous one's KV from L2, which the other layers of a real step flush). With block 16 and N dividing
+16, a steady decode reselects exactly every N steps (a filled block coincides with an N-th step).
 Every shape is checked before it is timed. Speedups are against the fastest dense of the run (FlashInfer, SDPA
 or ours); our dense_decode's against the faster peer (FlashInfer or SDPA).
 
@@ -167,16 +169,11 @@ def select(case: Case, selection: str, rule: str, out=None, reselect=None):
                                                   out=out, reselect=reselect, **rule_reprs(case, rule))
 
 
-def reused_steps(case: Case, selection: str, rule: str, every: int, sel: tuple, out: torch.Tensor):
-    """``every`` decode steps of one layer under selection reuse: the first reselects every row, the others
-    none; each attends the lists in ``sel``."""
-    fresh = torch.ones(case.batch, dtype=torch.int32, device=case.q.device)
-    kept = torch.zeros_like(fresh)
-
-    def steps():
-        for step in range(every):
-            attend(case, selection, *select(case, selection, rule, out=sel, reselect=kept if step else fresh), out)
-    return steps
+def reused_step(case: Case, selection: str, rule: str, sel: tuple, out: torch.Tensor):
+    """One layer's decode step that reuses every row's lists ``sel``: the selection launched with no row to
+    reselect, then attention."""
+    keep_all = torch.zeros(case.batch, dtype=torch.int32, device=case.q.device)
+    return lambda: attend(case, selection, *select(case, selection, rule, out=sel, reselect=keep_all), out)
 
 
 def attend(case: Case, selection: str, sel_idx: torch.Tensor, sel_count: torch.Tensor, out: torch.Tensor):
@@ -242,23 +239,23 @@ def check_case(case: Case) -> None:
             check(f"{case.shape} {selection} {rule} sparse_decode vs naive (requests {rows})", out[rows], expected)
             if not torch.equal(attend(case, selection, sel_idx, sel_count, nan_like(case.q)), out):
                 raise AssertionError(f"{case.shape} {selection} {rule}: planned sparse_decode differs")
-            check_reuse(case, selection, rule, (sel_idx, sel_count))
+            check_reuse(case, selection, rule, (sel_idx, sel_count), out)
             if rule == "quest" and selection in case.peer_sparse:
                 check(f"{case.shape} {selection} FlashInfer on the Quest lists vs sparse_decode",
                       peer_sparse(case, selection, nan_like(case.q)), out)
 
 
-def check_reuse(case: Case, selection: str, rule: str, expected: tuple) -> None:
-    """A selection launch with no row to reselect leaves the kept lists as they are; the timed reuse steps leave
-    the selection's lists."""
+def check_reuse(case: Case, selection: str, rule: str, expected: tuple, expected_out: torch.Tensor) -> None:
+    """The timed reuse step leaves the kept lists as they are and attends them."""
     held = tuple(torch.randint_like(t, -1, 100) for t in expected)
     kept = tuple(t.clone() for t in held)
-    select(case, selection, rule, out=kept, reselect=torch.zeros(case.batch, dtype=torch.int32, device=case.q.device))
+    reused_step(case, selection, rule, kept, nan_like(case.q))()
     if not all(map(torch.equal, kept, held)):
         raise AssertionError(f"{case.shape} {selection} {rule}: a launch with no row to reselect changed the lists")
-    reused_steps(case, selection, rule, 2, kept, nan_like(case.q))()
-    if not all(map(torch.equal, kept, expected)):
-        raise AssertionError(f"{case.shape} {selection} {rule}: the reuse steps' lists differ from a selection")
+    kept = tuple(t.clone() for t in expected)
+    reused_step(case, selection, rule, kept, out := nan_like(case.q))()
+    if not torch.equal(out, expected_out):
+        raise AssertionError(f"{case.shape} {selection} {rule}: the reuse step's output differs from attention")
 
 
 def graph_of(fn) -> torch.cuda.CUDAGraph:
@@ -329,11 +326,12 @@ def selection_rows(case: Case, selection: str, out: torch.Tensor, hbm_gbps: floa
                            hbm_gbps, share_of_best_dense=round(select_ms["cuda_graph"] / best_dense["cuda_graph"], 3))
         both_ms = median_ms(lambda: attend(case, selection, *select(case, selection, rule, out=sel), out))
         rows += timed_rows("select_attend", f"ucm_{rule}", shape, both_ms, baseline=best_dense)
+        reused_ms = median_ms(reused_step(case, selection, rule, sel, out))
+        rows += timed_rows("select_attend_reused", f"ucm_{rule}", shape, reused_ms, baseline=best_dense)
         for every in REUSE_EVERY:
-            steps_ms = median_ms(reused_steps(case, selection, rule, every, sel, out))
-            per_step = {mode: ms / every for mode, ms in steps_ms.items()}
+            per_step = {mode: (both_ms[mode] + (every - 1) * reused_ms[mode]) / every for mode in MODES}
             rows += timed_rows(f"select_attend_every{every}", f"ucm_{rule}", shape, per_step, baseline=best_dense,
-                               select_every=every)
+                               select_every=every, composed="(select_attend + (N - 1) x select_attend_reused) / N")
     sel_idx, sel_count = select(case, selection, "quest")
     attend_ms = median_ms(lambda: attend(case, selection, sel_idx, sel_count, out))
     tokens = round(sel_count.float().mean().item() * BLOCK_SIZE)
