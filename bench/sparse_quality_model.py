@@ -18,9 +18,9 @@ tokens), mean next-token KL(dense || GSA), top-1 agreement with dense's argmax, 
 the positions that flip, and how many windows' greedy continuations equal dense's.
 
 Largest context only: ``--oracle`` measures the oracle selection (per KV head the blocks of most dense attention
-mass, GSA's count of them: the bound of any block-selection rule); ``--reuse`` GSA's selection made every 2 / 4 / 8
-decode steps and reused in between, both windows always fresh (GSAConfig has no such setting yet: this measures
-what one would cost); ``--investigate`` records, along dense decodes, the share of each layer's and head's attention
+mass, GSA's count of them: the bound of any block-selection rule); ``--reuse`` GSAConfig's ``select_every`` 2 / 4 /
+8 (a layer's selection reused for up to that many decode steps, reselected when a block fills); ``--investigate``
+records, along dense decodes, the share of each layer's and head's attention
 that the quest 0.3 selection keeps (a probe attention function), then measures remedies tried through GSAConfig:
 the first layers dense, wider windows, block 16, a higher ratio of the same KV share.
 
@@ -141,28 +141,23 @@ class Setting:
     sparse_ratio: float = 0.3
     token_budget: int | None = None
     extra: tuple = ()  # other GSAConfig keys as (key, value) pairs, e.g. (("dense_first_layers", 0),)
-    select_every: int = 1  # > 1: the harness's selection reuse (:func:`reuse_attention`), not a GSAConfig key
+    select_every: int = 1  # GSAConfig.select_every
 
     def config(self) -> GSAConfig:
         """The GSAConfig of this setting (windows and min_blocks at their defaults unless in ``extra``)."""
         return GSAConfig(sparse_ratio=self.sparse_ratio, token_budget=self.token_budget,
-                         **RULES.get(self.rule, {}), **dict(self.extra))
+                         select_every=self.select_every, **RULES.get(self.rule, {}), **dict(self.extra))
 
 
 ORACLE = "ucm_gsa_oracle"  # the rule (and attention function) that selects by the dense attention itself
-REUSE = "ucm_gsa_reuse"  # the attention function that reselects every ``select_every`` decode steps
 
 
 def apply(model, setting: Setting) -> None:
-    """Switch ``model``'s decode attention to GSA with ``setting`` (torch backend), to the oracle selection, or to
-    GSA's selection reused for ``select_every`` steps."""
+    """Switch ``model``'s decode attention to GSA with ``setting`` (torch backend; any selection kept from an
+    earlier decode dropped), or to the oracle selection."""
     ucm_hf.enable(model, setting.config(), block_size=setting.block_size, backend="torch")
     if setting.rule == "oracle":
         model.set_attn_implementation(ORACLE)
-    elif setting.select_every > 1:
-        for module in model.modules():
-            module.ucm_reuse = ReuseState(setting.select_every)
-        model.set_attn_implementation(REUSE)
 
 
 def masked_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
@@ -195,39 +190,6 @@ def oracle_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     q = query[0, :, 0].float().view(heads, -1, head_dim)
     mass = torch.softmax(torch.einsum("hgd,hsd->hgs", q, key[0].float()) * scaling, dim=-1).sum(1)
     return masked_decode(query, key, value, oracle_blocks(mass, module.ucm_gsa), scaling), None
-
-
-@dataclass
-class ReuseState:
-    """One layer's reused selection: ``chosen`` bool ``[num_kv_heads, blocks]``, ``steps`` decode steps old, the
-    last step's ``seq`` tokens; reselected every ``every`` steps and whenever a step does not continue the last."""
-
-    every: int
-    chosen: torch.Tensor | None = None
-    steps: int = 0
-    seq: int = -1
-
-
-def reuse_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                    **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers attention function: GSA's selection (the same blocks as ``ucm_gsa``) made every
-    ``module.ucm_reuse.every`` batch-1 decode steps and reused in between, with both windows (the newest blocks
-    included) always attended."""
-    if not decode_step_of(module, query):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    state, settings = module.ucm_reuse, module.ucm_gsa
-    seq, bs = key.shape[2], settings.block_size
-    nb = -(-seq // bs)
-    if state.chosen is None or seq != state.seq + 1 or state.steps % state.every == 0:
-        state.chosen, state.steps = gsa_chosen(query[0, :, 0], key[0], settings, scaling), 0
-    state.steps, state.seq = state.steps + 1, seq
-    chosen = torch.nn.functional.pad(state.chosen, (0, nb - state.chosen.shape[1]))
-    chosen[:, :settings.config.init_window_sz] = True
-    chosen[:, nb - max(settings.config.local_window_sz, 1):] = True
-    keep = chosen.repeat_interleave(bs, dim=1)[:, :seq]
-    return masked_decode(query, key, value, keep, scaling), None
 
 
 def oracle_blocks(mass: torch.Tensor, settings: ucm_hf.HFGSASettings) -> torch.Tensor:
@@ -351,6 +313,7 @@ def run_window(model, window: Window, context: int, sweep: "Sweep", tallies: dic
         tallies["copy_seconds"].append(time.perf_counter() - start)
         tally = tallies.setdefault((context, setting), Tally())
         tally.positions.append(compare(dense_lp, teacher_forced(model, cache, feed), targets))
+        apply(model, setting)  # the greedy run starts from the prefill: no selection kept from the last one
         gsa_greedy = greedy(model, cache_at(pre, context, model), first, sweep.greedy_tokens, dense_greedy)
         tally.leading.append(leading_equal(gsa_greedy, dense_greedy))
         blocks = -(-(context + 1) // setting.block_size)
@@ -510,8 +473,6 @@ AttentionInterface.register(PROBE, probe_attention)
 AttentionMaskInterface.register(PROBE, sdpa_mask)
 AttentionInterface.register(ORACLE, oracle_attention)
 AttentionMaskInterface.register(ORACLE, sdpa_mask)
-AttentionInterface.register(REUSE, reuse_attention)
-AttentionMaskInterface.register(REUSE, sdpa_mask)
 
 
 def probe_recall(model, window: Window, context: int, setting: Setting, steps: int) -> torch.Tensor:
@@ -637,8 +598,8 @@ def run(sweep: Sweep, model_dir: Path | None = None, investigate: bool = False) 
                       "init_window_sz", "local_window_sz", "min_blocks")},
                   "kv_reuse": "each setting decodes from a copy of the dense prefill's KV cache (see "
                               "cache_copy_seconds_median against each text's prefill_seconds)",
-                  "selection_reuse": "GSAConfig has no such setting; rows with select_every > 1 are the harness's "
-                                     "reuse (reuse_attention), the others select every step",
+                  "selection_reuse": "rows with select_every > 1 run GSAConfig.select_every through the "
+                                     "transformers hook; the others select every step",
                   "grid": sweep.grid_note}})
     if bench == "sparse_quality_model":
         plot(json.loads(path.read_text()), path.with_suffix(".png"))

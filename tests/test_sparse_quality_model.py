@@ -77,31 +77,6 @@ def test_oracle_keeps_the_windows_and_the_blocks_of_most_mass():
     assert keep[:, 20:].all() and keep.sum(1).tolist() == [10, 10]  # whole blocks; the last holds 2 tokens
 
 
-def test_reused_selection_matches_gsa_when_fresh_and_keeps_the_windows_when_reused():
-    from types import SimpleNamespace
-
-    import ucm_sparse.hf as ucm_hf
-    from ucm_sparse import GSAConfig
-
-    gen = torch.Generator().manual_seed(0)
-    settings = ucm_hf.HFGSASettings(GSAConfig(sparse_ratio=0.3, min_blocks=2), 16, "torch")
-    module = SimpleNamespace(ucm_gsa=settings, ucm_reuse=sqm.ReuseState(every=3), layer_idx=5)
-    key, value = torch.randn(2, 1, 2, 401, 32, generator=gen)  # 26 blocks of 16, the last one 1 token
-    query = torch.randn(1, 8, 1, 32, generator=gen)
-    fresh, _ = sqm.reuse_attention(module, query, key[:, :, :400], value[:, :, :400], None, scaling=0.2)
-    expected, _ = ucm_hf.gsa_attention(module, query, key[:, :, :400], value[:, :, :400], None, scaling=0.2)
-    torch.testing.assert_close(fresh, expected, atol=1e-5, rtol=1e-5)
-    chosen = module.ucm_reuse.chosen.clone()
-    other = torch.randn(1, 8, 1, 32, generator=gen)  # a new query: a fresh selection would differ
-    reused, _ = sqm.reuse_attention(module, other, key, value, None, scaling=0.2)  # one more token: block 25
-    assert module.ucm_reuse.steps == 2 and torch.equal(module.ucm_reuse.chosen, chosen)
-    keep = torch.cat([chosen, torch.zeros(2, 1, dtype=torch.bool)], 1)
-    keep[:, 0] = keep[:, -4:] = True  # the sink and the local window always attended (the new block included)
-    torch.testing.assert_close(reused, sqm.masked_decode(other, key, value, keep.repeat_interleave(16, 1)[:, :401],
-                                                         0.2))
-    assert not torch.equal(sqm.gsa_chosen(other[0, :, 0], key[0], settings, 0.2), keep[:, :26])
-
-
 def test_run_kinds_exclude_each_other(capsys):
     with pytest.raises(SystemExit):
         sqm.main(["--quick", "--oracle"])

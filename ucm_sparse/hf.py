@@ -4,7 +4,10 @@ Importing this module registers ``attn_implementation="ucm_gsa"`` in transformer
 prefill (more than one query token) runs transformers' SDPA attention; each decode step (one query token) runs GSA
 over the model's own KV cache (``DynamicCache`` K/V ``[batch, kv_heads, seq, head_dim]``) viewed as blocks of
 ``block_size`` tokens, with the ``ucm_sparse`` ops (torch on CPU, Triton kernels for bf16/fp16 CUDA tensors).
-Decoder layers whose ``layer_idx`` is below ``dense_first_layers`` decode with SDPA too.
+Decoder layers whose ``layer_idx`` is below ``dense_first_layers`` decode with SDPA too. With ``select_every``
+N > 1 a layer keeps the selection of its last fresh step on the module and attends it for the next N - 1 decode
+steps while the batch's block count stays the same (as ``ucm_sparse.reuse`` rules for the other paths; a
+prefill, i.e. a new ``generate``, forgets it).
 
     import ucm_sparse.hf
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="ucm_gsa")  # default GSAConfig()
@@ -16,7 +19,7 @@ layout (TODO(issue 17): a block-layout cache class to avoid the copy and keep su
 Left padding in batched decode is not supported (GSA attends every token up to the sequence length).
 """
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import AttentionInterface
@@ -49,6 +52,22 @@ class HFGSASettings:
 DEFAULT_SETTINGS = HFGSASettings()
 
 
+@dataclass(frozen=True)
+class KeptSelection:
+    """One layer's selection between decode steps (``select_every > 1``): its lists, the tokens per row when it
+    was last used, and how many steps ago it was made."""
+
+    selection: ops.Selection
+    seq: int
+    age: int
+
+    def serves(self, batch: int, seq: int, settings: HFGSASettings) -> bool:
+        """Whether this step (``batch`` rows of ``seq`` tokens) may attend the kept lists."""
+        same_blocks = -(-seq // settings.block_size) == -(-self.seq // settings.block_size)
+        return (self.selection.sel_count.shape[0] == batch and seq == self.seq + 1 and same_blocks
+                and self.age + 1 < settings.config.select_every)
+
+
 def enable(model: torch.nn.Module, config: GSAConfig | Mapping | None = None, *, block_size: int = 32,
            backend: str = "auto") -> torch.nn.Module:
     """Switch ``model`` (a transformers model) to GSA decode attention with these settings; returns ``model``.
@@ -68,7 +87,7 @@ def enable(model: torch.nn.Module, config: GSAConfig | Mapping | None = None, *,
         raise ValueError(f"config: got {type(config).__name__}, expected a GSAConfig or a mapping of GSA keys")
     settings = HFGSASettings(config, block_size, backend)
     for module in model.modules():
-        module.ucm_gsa = settings
+        module.ucm_gsa, module.ucm_gsa_kept = settings, None
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model
 
@@ -81,6 +100,8 @@ def gsa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     """
     settings = getattr(module, "ucm_gsa", DEFAULT_SETTINGS)
     if query.shape[2] != 1 or not settings.config.sparse_layer(getattr(module, "layer_idx", None)):
+        if query.shape[2] != 1:
+            module.ucm_gsa_kept = None  # a prefill starts new sequences
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if attention_mask is not None:
@@ -91,9 +112,17 @@ def gsa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     batch, _, seq, _ = key.shape
     num_blocks = -(-seq // settings.block_size)
     table = torch.arange(batch * num_blocks, dtype=torch.int32, device=key.device).view(batch, num_blocks)
-    out, _ = sparse_attention(query[:, :, 0], as_blocks(key, settings.block_size),
-                              as_blocks(value, settings.block_size), table, [seq] * batch, settings.config,
-                              scale=scaling, backend=settings.backend)
+    q, keys, values = query[:, :, 0], as_blocks(key, settings.block_size), as_blocks(value, settings.block_size)
+    kept = getattr(module, "ucm_gsa_kept", None)
+    if kept is not None and kept.serves(batch, seq, settings):
+        lens = torch.full((batch,), seq, dtype=torch.int32, device=key.device)
+        out = ops.attend(ops.resolve_backend(settings.backend, q), q, keys, values, table, lens, kept.selection,
+                         scaling)
+        module.ucm_gsa_kept = replace(kept, seq=seq, age=kept.age + 1)
+        return out[:, None], None
+    out, selection = sparse_attention(q, keys, values, table, [seq] * batch, settings.config, scale=scaling,
+                                      backend=settings.backend)
+    module.ucm_gsa_kept = KeptSelection(selection, seq, 0) if settings.config.select_every > 1 else None
     return out[:, None], None
 
 
