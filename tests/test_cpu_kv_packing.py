@@ -237,7 +237,8 @@ def test_gsa_at_ratio_one_over_the_packed_cache_matches_vllms_kernel(vllm_ops, i
                                          expected, starts, seq_lens, HEAD_SIZE ** -0.5, True, None, -1, table, 0.0,
                                          metadata, None)
     full = torch.cat([table[row, :n // block_size] for row, n in enumerate(lens)]).unique()
-    plan = GSAStepPlan(tokens=torch.arange(2), seq_lens=seq_lens, block_table=table, blocks=full, every_row=True)
+    plan = GSAStepPlan(tokens=torch.arange(2), seq_lens=seq_lens, block_table=table, blocks=full, every_row=True,
+                       rows=torch.arange(2), table_width=table.shape[1])
     config = GSAConfig(sparse_ratio=1.0, init_window_sz=1, local_window_sz=2, min_blocks=1)
     reprs = PackedBlockReprs(cache, config)
     got, selection = gsa_decode(q, cache, isa, reprs, plan, config, HEAD_SIZE ** -0.5)

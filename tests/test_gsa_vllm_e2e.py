@@ -90,6 +90,22 @@ def test_ratio_point_three_attends_a_windowed_subset_of_the_context(workdir, rep
                     assert {0} | set(range(nb - 4, nb)) <= set(blocks)
 
 
+def test_select_every_reuses_each_layers_lists_until_a_block_fills_or_they_age(workdir):
+    """select_every=4: the 3000-token request's steps at 3001-3004 attend the lists chosen at 3001 and 3005
+    reselects (4 steps old); the 1500-token one's at 1501-1504 too, 1505 opening a new block."""
+    gsa = drive(workdir, "reuse4", {"sparse_ratio": 0.3, "select_every": 4, **WINDOWS})
+    assert all(len(t) == MAX_TOKENS for t in gsa["tokens"])
+    for calls in gsa["stats"]["recent"].values():
+        lists = {n: heads for call in calls for n, heads in zip(call["seq_lens"], call["blocks"])}
+        for prompt in (3000, 1500):
+            first = lists[prompt + 1]
+            assert all(lists[prompt + i] == first for i in (2, 3, 4)), prompt
+            nb = -(-(prompt + 5) // BLOCK)
+            assert all(len(blocks) == -(-3 * nb // 10) and {0} | set(range(nb - 4, nb)) <= set(blocks)
+                       for blocks in lists[prompt + 5])
+        assert lists[3005] != lists[3001]  # a fresh pick with another query (random weights: it differs)
+
+
 def test_layer_index_is_the_one_number_in_the_layer_name():
     from ucm_sparse.vllm.settings import layer_index
 

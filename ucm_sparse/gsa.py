@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ucm_kernels.block_repr import blocks_filled
-from ucm_kernels.block_select import selection_width
 
 from . import ops
 from .config import GSAConfig
@@ -154,15 +153,8 @@ class GSA:
             store = SelectionStore(self._book.slots, self._reprs[layer][0].shape[1], q.device)
         self._stores[layer] = store, plan.step
         reselect = plan.reselect if written == plan.step - 1 else torch.ones_like(plan.reselect)  # skipped a step
-        sizes = ops.select_sizes(self.config, self.block_size)
-        stored_idx, stored_count = store.buffers(selection_width(plan.table_width, **sizes))
-        width = selection_width(plan.block_table.shape[1], **sizes)
-        kept = Selection(stored_idx[plan.slots, :, :width], stored_count[plan.slots])
-        ops.select(backend, q, self._reprs[layer], plan.block_table, plan.seq_lens, self.config, self.block_size,
-                   kept=kept, reselect=reselect)
-        stored_idx[plan.slots, :, :width] = kept.sel_idx
-        stored_count[plan.slots] = kept.sel_count
-        return kept
+        return store.select(backend, q, self._reprs[layer], plan.block_table, plan.seq_lens, self.config,
+                            self.block_size, plan.slots, reselect, plan.table_width)
 
     def _layer_reprs(self, layer: Hashable, key_cache: torch.Tensor) -> tuple:
         reprs = self._reprs.get(layer)

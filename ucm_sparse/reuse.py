@@ -16,6 +16,11 @@ because it was already its last block. A slot absent from a step forgets its req
 """
 import torch
 
+from ucm_kernels.block_select import selection_width
+
+from . import ops
+from .config import GSAConfig
+
 
 class ReuseBook:
     """Per-slot state of selection reuse for up to ``slots`` requests (a slot: a batch row in vLLM, a request in
@@ -121,3 +126,23 @@ class SelectionStore:
                 torch.full((self.slots, self.num_kv_heads, width), -1, dtype=torch.int32, device=self.device),
                 torch.zeros(self.slots, self.num_kv_heads, dtype=torch.int32, device=self.device))
         return self._by_width[width]
+
+    def select(self, backend: str, q: torch.Tensor, reprs: tuple, block_table: torch.Tensor, seq_lens: torch.Tensor,
+               config: GSAConfig, block_size: int, slots: torch.Tensor, reselect: torch.Tensor,
+               table_width: int) -> ops.Selection:
+        """This step's lists of a layer (``ucm_sparse.ops.select`` arguments): the rows ``reselect`` names select
+        afresh, the others attend the lists stored in their ``slots``; the store is updated.
+
+        Args:
+            block_table: ``[n, max_blocks]`` the step's table, possibly cut to its longest row.
+            slots: ``[n]`` int64 slot of each row; reselect: ``[n]`` from :meth:`ReuseBook.step`.
+            table_width: the width of the uncut table (the stored lists are kept at that width's selection width).
+        """
+        sizes = ops.select_sizes(config, block_size)
+        stored_idx, stored_count = self.buffers(selection_width(table_width, **sizes))
+        width = selection_width(block_table.shape[1], **sizes)
+        kept = ops.Selection(stored_idx[slots, :, :width], stored_count[slots])
+        ops.select(backend, q, reprs, block_table, seq_lens, config, block_size, kept=kept, reselect=reselect)
+        stored_idx[slots, :, :width] = kept.sel_idx
+        stored_count[slots] = kept.sel_count
+        return kept

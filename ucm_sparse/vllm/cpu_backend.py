@@ -5,7 +5,9 @@
 * :class:`GSACPUAttentionImpl` (per layer: the run) refreshes those blocks' representations
   (:class:`ucm_sparse.reprs.BlockReprCache`: recomputed only where the keys changed, so blocks written by vLLM, by
   a KV connector or reused from the prefix cache are all covered), selects per (request, KV head) and attends
-  over the selected blocks with torch ops; every other row goes through vLLM's CPU kernel.
+  over the selected blocks with torch ops; every other row goes through vLLM's CPU kernel. With
+  ``select_every > 1`` the rows the builder's :class:`ucm_sparse.reuse.ReuseBook` names (a batch row being a
+  slot) select afresh and the others attend the lists their layer stored at an earlier step.
 
 Without ``ucm_sparse_method: "GSA"`` in the connector's extra config both classes are exactly vLLM's. A layer
 GSA does not cover (sliding window, ALiBi, soft cap, sinks, fp8 KV, non-decoder attention) stays dense.
@@ -28,6 +30,7 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
 
 from ucm_sparse import ops
 from ucm_sparse.config import GSAConfig
+from ucm_sparse.reuse import ReuseBook, SelectionStore
 from ucm_sparse.vllm.cpu_kv_packing import PackedBlockReprs, edge_keys, gather_kv, kv_views, step_kv, tile_sizes
 from ucm_sparse.vllm.settings import GSAStats, gsa_config_of, sparse_layer
 
@@ -45,6 +48,10 @@ class GSAStepPlan:
     block_table: torch.Tensor  # [n, max_blocks] int32, columns cut to the longest row
     blocks: torch.Tensor  # full physical blocks of those rows (their representations are checked)
     every_row: bool  # the whole batch is sparse decode rows: no dense pass
+    rows: torch.Tensor  # [n] int64 batch row of each sparse row
+    table_width: int  # the batch's block table width
+    reselect: torch.Tensor | None = None  # [n] int32, 1: the row selects afresh (select_every > 1 only)
+    slot_count: int = 0  # slots of the reuse state (select_every > 1 only)
 
 
 @dataclasses.dataclass
@@ -69,7 +76,8 @@ def plan_step(common, config: GSAConfig, block_size: int) -> GSAStepPlan | None:
     full = (lens[rows] // block_size).tolist()
     needed = torch.cat([table[i, :n] for i, n in enumerate(full)]).unique()
     return GSAStepPlan(tokens=starts[rows].to(device), seq_lens=lens[rows].to(device, torch.int32),
-                       block_table=table.int(), blocks=needed, every_row=bool(sparse.all()))
+                       block_table=table.int(), blocks=needed, every_row=bool(sparse.all()), rows=rows.to(device),
+                       table_width=common.block_table_tensor.shape[1])
 
 
 class GSACPUMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -79,18 +87,32 @@ class GSACPUMetadataBuilder(CPUAttentionMetadataBuilder):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         attends_cache = not (self.is_cross_attention or self.is_encoder_only_attention)
         self.gsa = gsa_config_of(vllm_config) if attends_cache else None
+        self.book = None
         if self.gsa is not None:
             logger.info("UCM GSA on %d attention layers: %s", len(layer_names), self.gsa)
+            if self.gsa.select_every > 1:
+                self.book = ReuseBook(self.gsa.select_every, vllm_config.scheduler_config.max_num_seqs,
+                                      self.block_size, "cpu")
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
         plan = None if self.gsa is None else plan_step(common_attn_metadata, self.gsa, self.block_size)
+        if self.book is not None:
+            self._plan_reuse(plan, common_attn_metadata.block_table_tensor)
         if plan is None:
             return metadata
         stats.steps += 1
         stats.sparse_rows += len(plan.tokens)
         fields = {f.name: getattr(metadata, f.name) for f in dataclasses.fields(metadata)}
         return GSACPUAttentionMetadata(**fields, gsa=plan)
+
+    def _plan_reuse(self, plan: GSAStepPlan | None, block_table: torch.Tensor) -> None:
+        """Which sparse rows select afresh this step (a step without any forgets every row's lists)."""
+        if plan is None:
+            self.book.step(torch.zeros(0, dtype=torch.int32), block_table[:0], torch.zeros(0, dtype=torch.long))
+            return
+        plan.reselect = self.book.step(plan.seq_lens.cpu(), block_table[plan.rows].cpu(), plan.rows.cpu())
+        plan.slot_count = self.book.slots
 
 
 class GSACPUAttentionImpl(CPUAttentionBackendImpl):
@@ -105,6 +127,7 @@ class GSACPUAttentionImpl(CPUAttentionBackendImpl):
             logger.warning("UCM GSA: this layer (sliding window, ALiBi, soft cap, sinks or fp8 KV) stays dense")
         self.gsa = gsa if covered else None
         self._reprs: dict[str, PackedBlockReprs] = {}
+        self._selections: dict[str, SelectionStore] = {}  # select_every > 1: each layer's lists between steps
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
@@ -119,7 +142,14 @@ class GSACPUAttentionImpl(CPUAttentionBackendImpl):
         reprs = self._reprs.get(layer.layer_name)
         if reprs is None:
             reprs = self._reprs[layer.layer_name] = PackedBlockReprs(kv_cache, self.gsa)
-        out, selection = gsa_decode(query[plan.tokens], kv_cache, layer.isa, reprs, plan, self.gsa, self.scale)
+        store = None
+        if plan.reselect is not None:
+            store = self._selections.get(layer.layer_name)
+            if store is None or store.slots != plan.slot_count:
+                store = SelectionStore(plan.slot_count, self.num_kv_heads, "cpu")
+                self._selections[layer.layer_name] = store
+        out, selection = gsa_decode(query[plan.tokens], kv_cache, layer.isa, reprs, plan, self.gsa, self.scale,
+                                    store)
         output.view(output.shape[0], self.num_heads, self.head_size)[plan.tokens] = out.to(output.dtype)
         stats.sparse_layer_calls += 1
         stats.summary_dtypes.add(str(reprs.reprs[0].dtype))
@@ -140,13 +170,19 @@ class GSACPUAttentionBackend(CPUAttentionBackend):
 
 
 def gsa_decode(q: torch.Tensor, kv_cache: torch.Tensor, isa: str, reprs: PackedBlockReprs, plan: GSAStepPlan,
-               config: GSAConfig, scale: float) -> tuple[torch.Tensor, ops.Selection]:
+               config: GSAConfig, scale: float, store: SelectionStore | None = None
+               ) -> tuple[torch.Tensor, ops.Selection]:
     """GSA for the plan's rows: q ``[n, num_heads, head_size]`` (one token per row) over ``kv_cache`` ``[num_blocks,
     num_kv_heads, block_size, 2 * head_size]`` packed by ``isa``; returns the output (q's shape, fp32 math, q's
-    dtype) and the selection."""
+    dtype) and the selection. With ``store`` (``select_every > 1``) the rows the plan does not reselect attend
+    the lists stored for their batch rows."""
     block_size = kv_cache.shape[2]
     summaries = reprs.refresh_packed(kv_cache, isa, plan.blocks)
-    selection = ops.select("torch", q, summaries, plan.block_table, plan.seq_lens, config, block_size)
+    if store is None:
+        selection = ops.select("torch", q, summaries, plan.block_table, plan.seq_lens, config, block_size)
+    else:
+        selection = store.select("torch", q, summaries, plan.block_table, plan.seq_lens, config, block_size,
+                                 plan.rows, plan.reselect, plan.table_width)
     keys, values, table = step_kv(kv_cache, isa, plan.block_table, selection.sel_idx, selection.sel_count)
     return ops.attend("torch", q, keys, values, table, plan.seq_lens, selection, scale), selection
 
