@@ -173,9 +173,8 @@ def reused_step(step, seq_lens, starts, starts_cpu, table, q, kv_cache, layer, p
     """Plan and run one step; return (output, the rows that reselected, the lists the step attended)."""
     plan = step.plan(seq_lens, starts, starts_cpu, table, 1, prefilling)
     step.run(plan, q, kv_cache, layer, HEAD ** -0.5, output := torch.full_like(q, float("nan")))
-    stored = layer.selections.buffers(plan.decode.select.width)
-    n = seq_lens.shape[0]
-    return output, plan.decode.reselect.tolist(), ops.Selection(stored[0][:n].clone(), stored[1][:n].clone())
+    return output, plan.decode.reselect.tolist(), ops.Selection(plan.decode.sel_idx.clone(),
+                                                                plan.decode.sel_count.clone())
 
 
 def test_select_every_reuses_each_rows_lists_until_a_block_fills_or_they_age():
@@ -271,19 +270,46 @@ def test_a_captured_step_with_select_every_replays_reusing_and_reselecting():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step.run(plan, q, kv_cache, layer, HEAD ** -0.5, output)
-    stored = layer.selections.buffers(plan.decode.select.width)
+    lists = ops.Selection(plan.decode.sel_idx, plan.decode.sel_count)  # the step's lists, where the graph reads
     gen = torch.Generator().manual_seed(3)
     for wanted in ([0, 0, 0], [0, 0, 0], [0, 1, 0], [1, 0, 1]):  # steps at 302/207/171 .. 305/210/174
         seq_lens += 1
-        before = tuple(buffer[:3].clone() for buffer in stored)
+        before = lists.sel_idx.clone()
         q.copy_(torch.randn(q.shape, generator=gen).to(q))
         replanned = step.plan(seq_lens, starts, starts_cpu, table, 1)
         assert replanned.decode.reselect.data_ptr() == plan.decode.reselect.data_ptr()
+        assert replanned.decode.slots.data_ptr() == plan.decode.slots.data_ptr()
         assert replanned.decode.reselect.tolist() == wanted
         graph.replay()
         _, fresh = reference(q, kv_cache, table, seq_lens)
         for row, again in enumerate(wanted):
-            assert torch.equal(stored[0][row], (fresh.sel_idx if again else before[0])[row])
-        lists = ops.Selection(stored[0][:3], stored[1][:3])
+            assert torch.equal(lists.sel_idx[row], (fresh.sel_idx if again else before)[row])
         expected = ops.attend("torch", q, *flash_kv_views(kv_cache, HEAD), table, seq_lens, lists, None)
         torch.testing.assert_close(output, expected, atol=2e-2, rtol=2e-2)
+
+
+def test_batches_taking_turns_in_the_same_rows_keep_their_own_lists():
+    """Two groups of two requests take turns in rows 0-1 (as pipeline-parallel micro-batches do), the second group
+    with its rows swapped on its second turn: each request attends its own kept lists (found by its last block),
+    not the other group's."""
+    kv_cache = flash_cache(96)
+    step = gsa(select_every=4)
+    layer = step.layer_state(96)
+    naive_update_block_repr(flash_kv_views(kv_cache, HEAD)[0], torch.arange(96, device=DEVICE), *layer.reprs)
+    table, _, starts, starts_cpu, _ = batch([300, 200, 250, 150], [1, 1, 1, 1], num_blocks=96)
+    groups = {"a": (table[:2], [300, 200]), "b": (table[2:], [250, 150])}
+    gen = torch.Generator().manual_seed(2)
+    first = {}
+    for turn, name in enumerate(["a", "b", "a", "b"]):
+        rows_table, lens = groups[name]
+        order = [1, 0] if turn == 3 else [0, 1]
+        lens_now = torch.tensor([lens[i] + turn // 2 for i in order], dtype=torch.int32, device=DEVICE)
+        q = torch.randn(2, HEADS * GROUP, HEAD, generator=gen).to(torch.bfloat16).to(DEVICE)
+        _, reselect, lists = reused_step(step, lens_now, starts[:3], starts_cpu[:3], rows_table[order], q, kv_cache,
+                                         layer)
+        if turn < 2:
+            assert reselect == [1, 1]
+            first[name] = lists.sel_idx.clone()
+        else:
+            assert reselect == [0, 0], name
+            assert torch.equal(lists.sel_idx.cpu(), first[name][order].cpu())

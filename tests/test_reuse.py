@@ -1,5 +1,5 @@
-"""ucm_sparse.reuse: which rows reselect (continuation, block fill, age, slot change, padding rows) and the
-slot map of named requests."""
+"""ucm_sparse.reuse: which rows reselect (continuation, block fill, age, another request, padding rows), slots
+found by a row's last block wherever the request sits, and the slot map of named requests."""
 import torch
 
 from ucm_sparse.reuse import ReuseBook, SlotMap
@@ -9,28 +9,55 @@ def table(*rows):
     return torch.tensor(rows, dtype=torch.int32)
 
 
+def by_tail(book, lens, blocks, new_rows=None):
+    """One step keyed by last block: (slots, reselect)."""
+    lens = torch.tensor(lens)
+    slots = book.tail_slots(lens, blocks, new_rows)
+    return slots.tolist(), book.step(lens, blocks, slots).tolist()
+
+
 def test_rows_reuse_while_they_continue_and_reselect_when_a_block_fills_or_they_age():
-    book = ReuseBook(every=3, slots=4, block_size=4, device="cpu")
+    book = ReuseBook(every=3, slots=8, block_size=4, device="cpu")
     blocks = table([7, 8, 9, 0], [3, 4, 0, 0])
-    assert book.step(torch.tensor([9, 5]), blocks).tolist() == [1, 1]  # new
-    assert book.step(torch.tensor([10, 6]), blocks).tolist() == [0, 0]
-    assert book.step(torch.tensor([11, 7]), blocks).tolist() == [0, 0]
-    assert book.step(torch.tensor([12, 8]), blocks).tolist() == [1, 1]  # 3 steps old
-    assert book.step(torch.tensor([13, 9]), blocks).tolist() == [1, 1]  # both filled a block (12 -> 13, 8 -> 9)
+    slots, reselect = by_tail(book, [9, 5], blocks)
+    assert reselect == [1, 1] and len(set(slots)) == 2  # new
+    assert by_tail(book, [10, 6], blocks) == (slots, [0, 0])
+    assert by_tail(book, [11, 7], blocks) == (slots, [0, 0])
+    assert by_tail(book, [12, 8], blocks) == (slots, [1, 1])  # 3 steps old
+    moved, reselect = by_tail(book, [13, 9], blocks)  # both opened a block: new last blocks, new slots
+    assert reselect == [1, 1] and not set(moved) & set(slots)
 
 
-def test_a_row_that_jumped_shrank_changed_its_last_block_or_was_absent_reselects():
-    book = ReuseBook(every=8, slots=4, block_size=4, device="cpu")
+def test_a_request_keeps_its_slot_across_rows_and_turns():
+    """Two groups take turns in the same rows and swap rows: each request finds its own slot and lists."""
+    book = ReuseBook(every=4, slots=8, block_size=4, device="cpu")
+    a, b = table([7, 8, 9], [3, 4, 5]), table([1, 2, 6], [10, 11, 12])
+    slots_a, _ = by_tail(book, [9, 10], a)
+    slots_b, _ = by_tail(book, [9, 11], b)
+    assert by_tail(book, [10, 11], a) == (slots_a, [0, 0])
+    assert by_tail(book, [12, 10], b.flip(0)) == (slots_b[::-1], [0, 0])
+
+
+def test_another_request_in_a_row_a_jump_a_new_prompt_or_padding_reselects():
+    book = ReuseBook(every=8, slots=8, block_size=4, device="cpu")
     blocks = table([7, 8, 9], [3, 4, 5], [1, 2, 6])
-    book.step(torch.tensor([9, 9, 9]), blocks)
+    slots, _ = by_tail(book, [9, 9, 9], blocks)
     moved = table([7, 8, 9], [3, 4, 11], [1, 2, 6])
-    assert book.step(torch.tensor([11, 10, 10]), moved).tolist() == [1, 1, 0]  # +2 tokens; another last block
-    assert book.step(torch.tensor([12, 11]), moved[:2]).tolist() == [0, 0]  # row 2 leaves the step
-    assert book.step(torch.tensor([12, 12, 11]), moved).tolist() == [1, 0, 1]  # 12 again; row 2 was absent
-    assert book.step(torch.tensor([0, 13, 12]), moved).tolist() == [1, 1, 0]  # padding row; 13 fills a block
+    assert by_tail(book, [11, 10, 10], moved)[1] == [1, 1, 0]  # +2 tokens; another last block
+    fresh, reselect = by_tail(book, [12, 11, 11], moved, torch.tensor([False, False, True]))
+    assert reselect == [0, 0, 1] and fresh[2] != slots[2]  # a row whose blocks came from elsewhere
+    book.forget_tails(torch.tensor([12]), moved[:1], torch.tensor([True]))  # row 0's last block starts a prompt
+    padded, reselect = by_tail(book, [13, 0, 12], moved)
+    assert reselect == [1, 1, 0] and padded[1] == book.slots  # the spare slot; row 2 continues in its new slot
 
 
-def test_slots_name_rows_and_forget_releases_them():
+def test_a_new_table_width_reselects_every_row():
+    book = ReuseBook(every=8, slots=4, block_size=4, device="cpu")
+    by_tail(book, [9], table([7, 8, 9]))
+    assert by_tail(book, [10], table([7, 8, 9, 0]))[1] == [1]
+
+
+def test_named_slots_and_forget():
     book = ReuseBook(every=4, slots=4, block_size=4, device="cpu")
     blocks = table([7, 8, 9], [3, 4, 5])
     book.step(torch.tensor([9, 10]), blocks, torch.tensor([2, 0]))

@@ -150,7 +150,7 @@ class GSA:
                               self.block_size)
         store, written = self._stores.get(layer, (None, -1))
         if store is None:
-            store = SelectionStore(self._book.slots, self._reprs[layer][0].shape[1], q.device)
+            store = SelectionStore(self._book.capacity, self._reprs[layer][0].shape[1], q.device)
         self._stores[layer] = store, plan.step
         reselect = plan.reselect if written == plan.step - 1 else torch.ones_like(plan.reselect)  # skipped a step
         return store.select(backend, q, self._reprs[layer], plan.block_table, plan.seq_lens, self.config,

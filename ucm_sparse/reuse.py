@@ -2,17 +2,20 @@
 selections are kept between steps. Device tensors only: no host read, so a plan can decide it each step and a
 CUDA graph replays the selection kernels with the new mask.
 
-A row keeps its previous selection while all of these hold:
+Each running request has a slot: :class:`SlotMap` gives one per request id (:class:`ucm_sparse.GSA`); inside
+vLLM, whose batches name no request, :meth:`ReuseBook.tail_slots` finds a row's slot by its last physical block.
+That block is partly filled, so no other running request holds it, and a request keeps it for ``block_size``
+steps: it identifies the request whatever row the request lands in (vLLM moves rows as requests finish; batches
+may take turns). A row keeps its previous selection while all of these hold:
 
-* its slot served the same request at the previous decode step: the request grew by exactly one token, its block
-  count did not change, and its last block is the same physical block (that block was partly filled at the
-  previous step, so no other running request could own it);
+* its request grew by exactly one token since its slot's last step, its block count did not change, and its
+  last block is the same physical block;
 * the selection is younger than ``select_every`` steps;
 * the block table has the width it had (the stored lists are kept per width).
 
 So a request reselects at least every ``select_every`` steps and whenever a block fills (every ``block_size``
 tokens): the lists it reuses always name its current blocks, and the block of the current token is attended
-because it was already its last block. A slot absent from a step forgets its request.
+because it was already its last block.
 """
 import torch
 
@@ -21,58 +24,87 @@ from ucm_kernels.block_select import selection_width
 from . import ops
 from .config import GSAConfig
 
+BUCKETS_PER_SLOT = 16  # the last-block -> slot table: hashed, a collision only costs a reselection
+SLOTS_PER_ROW = 4  # slots per batch row found by last block: one comes round again after that many new ones
+
 
 class ReuseBook:
-    """Per-slot state of selection reuse for up to ``slots`` requests (a slot: a batch row in vLLM, a request in
-    :class:`ucm_sparse.GSA`).
+    """Per-slot state of selection reuse for up to ``slots`` running requests, and one spare slot (index
+    ``slots``) that padding rows share and never reuse.
 
     Args:
         every: ``select_every`` (1: every row reselects at every step).
-        slots: how many slots the state covers.
+        slots: how many requests the state covers (by last block: a few times the most rows of a step, since a
+            request takes a new slot each time it opens a block and slots are handed out in turn).
         block_size: tokens per KV block.
         device: where the state lives (the block table's device).
     """
 
     def __init__(self, every: int, slots: int, block_size: int, device: torch.device | str):
         self.every, self.slots, self.block_size = every, slots, block_size
-        self._seq_len = torch.full((slots,), -1, dtype=torch.int32, device=device)
-        self._tail = torch.full((slots,), -1, dtype=torch.int32, device=device)
-        self._age = torch.zeros(slots, dtype=torch.int32, device=device)
-        self._reselect = torch.ones(slots, dtype=torch.int32, device=device)  # fixed: CUDA graphs read it
+        self.capacity = slots + 1  # rows of per-slot state, the spare included
+        self._seq_len = torch.full((self.capacity,), -1, dtype=torch.int32, device=device)
+        self._tail = torch.full((self.capacity,), -1, dtype=torch.int32, device=device)
+        self._age = torch.zeros(self.capacity, dtype=torch.int32, device=device)
+        self._owner = torch.full((BUCKETS_PER_SLOT * slots + 1,), -1, dtype=torch.long, device=device)
+        self._cursor = torch.zeros((), dtype=torch.long, device=device)  # the next slot handed out
         self._width = -1  # the block table width of the previous step
 
-    def step(self, seq_lens: torch.Tensor, block_table: torch.Tensor, slots: torch.Tensor | None = None
-             ) -> torch.Tensor:
+    def step(self, seq_lens: torch.Tensor, block_table: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Record one decode step; return ``[n]`` int32, 1 where the row selects afresh.
 
         Args:
             seq_lens: ``[n]`` int tokens per row, the current one included (0: a padding row).
             block_table: ``[n, max_blocks]`` int logical -> physical block.
-            slots: ``[n]`` int64 slot of each row, distinct; None: row i is slot i (then the result is a view of
-                a buffer that stays put across steps).
+            slots: ``[n]`` int64 slot of each row (distinct, but for the spare).
         """
-        n = seq_lens.shape[0]
-        if n > self.slots:
-            raise ValueError(f"seq_lens: {n} rows, but the reuse state holds {self.slots} slots")
+        lens, blocks, tail = self._last_blocks(seq_lens, block_table)
+        before, age = self._seq_len[slots], self._age[slots]
+        continues = (lens == before + 1) & (blocks == (before + self.block_size - 1) // self.block_size)
+        reuse = continues & (tail == self._tail[slots]) & (blocks > 0) & (slots < self.slots)
+        reuse &= age + 1 < self.every
+        reuse &= block_table.shape[1] == self._width
+        self._width = block_table.shape[1]
+        self._seq_len[slots], self._tail[slots], self._age[slots] = lens, tail, torch.where(reuse, age + 1, 0)
+        return (~reuse).to(torch.int32)
+
+    def tail_slots(self, seq_lens: torch.Tensor, block_table: torch.Tensor,
+                   new_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``[n]`` int64 slot of each row, found by its last block: the slot that block was recorded in, if that
+        slot still holds it; else the next slot in turn (``new_rows``, bool ``[n]``, always take one: rows whose
+        earlier blocks came from elsewhere). Padding rows (length 0) get the spare slot."""
+        lens, _, tail = self._last_blocks(seq_lens, block_table)
+        live = lens > 0
+        buckets = self._owner.shape[0] - 1
+        key = torch.where(live, tail.long() % buckets, buckets)
+        held = self._owner[key]
+        known = live & (held >= 0) & (self._tail[held.clamp(min=0)] == tail)
+        if new_rows is not None:
+            known &= ~new_rows
+        new = live & ~known
+        fresh = (self._cursor + torch.cumsum(new, 0) - 1) % self.slots
+        slots = torch.where(known, held, torch.where(live, fresh, self.slots))
+        self._cursor += new.sum()
+        self._owner[key] = torch.where(live, slots, -1)
+        return slots
+
+    def forget_tails(self, seq_lens: torch.Tensor, block_table: torch.Tensor, rows: torch.Tensor) -> None:
+        """Rows (bool ``[n]``) computing a prompt this step: whatever slot their last block was recorded in stops
+        naming it (a block freed by a finished request and taken as a new prompt's last block)."""
+        lens, _, tail = self._last_blocks(seq_lens, block_table)
+        buckets = self._owner.shape[0] - 1
+        self._owner[torch.where(rows & (lens > 0), tail.long() % buckets, buckets)] = -1
+
+    def _last_blocks(self, seq_lens: torch.Tensor, block_table: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """int32 ``(lengths, block counts, last physical blocks)`` of the rows."""
+        if seq_lens.shape[0] > self.capacity:
+            raise ValueError(f"seq_lens: {seq_lens.shape[0]} rows, but the reuse state holds {self.slots} slots")
         lens = seq_lens.to(torch.int32)
         blocks = (lens + self.block_size - 1) // self.block_size
         last = (blocks - 1).clamp(min=0, max=max(block_table.shape[1] - 1, 0)).long()
         tail = block_table.gather(1, last[:, None])[:, 0].to(torch.int32) if block_table.shape[1] else lens * 0
-        where = slice(0, n) if slots is None else slots
-        before, age = self._seq_len[where], self._age[where]
-        continues = (lens == before + 1) & (blocks == (before + self.block_size - 1) // self.block_size)
-        reuse = continues & (tail == self._tail[where]) & (blocks > 0) & (age + 1 < self.every)
-        reuse &= block_table.shape[1] == self._width
-        self._width = block_table.shape[1]
-        new_age = torch.where(reuse, age + 1, 0)
-        self._seq_len.fill_(-1)  # every slot not in this step forgets its request
-        self._seq_len[where], self._tail[where], self._age[where] = lens, tail, new_age
-        if slots is None:
-            reselect = self._reselect[:n]
-            torch.logical_not(reuse, out=reselect)
-            return reselect
-        return (~reuse).to(torch.int32)
-
+        return lens, blocks, tail
 
     def forget(self, slot: int) -> None:
         """The request in ``slot`` ended: whatever takes the slot next selects afresh."""

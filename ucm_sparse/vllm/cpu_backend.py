@@ -6,8 +6,8 @@
   (:class:`ucm_sparse.reprs.BlockReprCache`: recomputed only where the keys changed, so blocks written by vLLM, by
   a KV connector or reused from the prefix cache are all covered), selects per (request, KV head) and attends
   over the selected blocks with torch ops; every other row goes through vLLM's CPU kernel. With
-  ``select_every > 1`` the rows the builder's :class:`ucm_sparse.reuse.ReuseBook` names (a batch row being a
-  slot) select afresh and the others attend the lists their layer stored at an earlier step.
+  ``select_every > 1`` the rows the builder's :class:`ucm_sparse.reuse.ReuseBook` names select afresh and the
+  others attend the lists their layer stored at an earlier step (a request's slot found by its last block).
 
 Without ``ucm_sparse_method: "GSA"`` in the connector's extra config both classes are exactly vLLM's. A layer
 GSA does not cover (sliding window, ALiBi, soft cap, sinks, fp8 KV, non-decoder attention) stays dense.
@@ -30,7 +30,7 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
 
 from ucm_sparse import ops
 from ucm_sparse.config import GSAConfig
-from ucm_sparse.reuse import ReuseBook, SelectionStore
+from ucm_sparse.reuse import SLOTS_PER_ROW, ReuseBook, SelectionStore
 from ucm_sparse.vllm.cpu_kv_packing import PackedBlockReprs, edge_keys, gather_kv, kv_views, step_kv, tile_sizes
 from ucm_sparse.vllm.settings import GSAStats, gsa_config_of, sparse_layer
 
@@ -50,8 +50,9 @@ class GSAStepPlan:
     every_row: bool  # the whole batch is sparse decode rows: no dense pass
     rows: torch.Tensor  # [n] int64 batch row of each sparse row
     table_width: int  # the batch's block table width
+    slots: torch.Tensor | None = None  # [n] int64 reuse slot of each row (select_every > 1 only)
     reselect: torch.Tensor | None = None  # [n] int32, 1: the row selects afresh (select_every > 1 only)
-    slot_count: int = 0  # slots of the reuse state (select_every > 1 only)
+    slot_count: int = 0  # slots of the reuse state, the spare included (select_every > 1 only)
 
 
 @dataclasses.dataclass
@@ -91,14 +92,14 @@ class GSACPUMetadataBuilder(CPUAttentionMetadataBuilder):
         if self.gsa is not None:
             logger.info("UCM GSA on %d attention layers: %s", len(layer_names), self.gsa)
             if self.gsa.select_every > 1:
-                self.book = ReuseBook(self.gsa.select_every, vllm_config.scheduler_config.max_num_seqs,
-                                      self.block_size, "cpu")
+                self.book = ReuseBook(self.gsa.select_every, SLOTS_PER_ROW *
+                                      vllm_config.scheduler_config.max_num_seqs, self.block_size, "cpu")
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
         plan = None if self.gsa is None else plan_step(common_attn_metadata, self.gsa, self.block_size)
         if self.book is not None:
-            self._plan_reuse(plan, common_attn_metadata.block_table_tensor)
+            self._plan_reuse(plan, common_attn_metadata)
         if plan is None:
             return metadata
         stats.steps += 1
@@ -106,13 +107,21 @@ class GSACPUMetadataBuilder(CPUAttentionMetadataBuilder):
         fields = {f.name: getattr(metadata, f.name) for f in dataclasses.fields(metadata)}
         return GSACPUAttentionMetadata(**fields, gsa=plan)
 
-    def _plan_reuse(self, plan: GSAStepPlan | None, block_table: torch.Tensor) -> None:
-        """Which sparse rows select afresh this step (a step without any forgets every row's lists)."""
+    def _plan_reuse(self, plan: GSAStepPlan | None, common) -> None:
+        """The sparse rows' reuse slots and which of them select afresh; rows computing a prompt release the
+        slot their last block named."""
+        num = common.num_reqs
+        lens, table = common.seq_lens[:num].cpu(), common.block_table_tensor[:num].cpu()
+        starts = common.query_start_loc_cpu[:num + 1]
+        self.book.forget_tails(lens, table, (starts[1:] - starts[:-1]) > 1)
         if plan is None:
-            self.book.step(torch.zeros(0, dtype=torch.int32), block_table[:0], torch.zeros(0, dtype=torch.long))
             return
-        plan.reselect = self.book.step(plan.seq_lens.cpu(), block_table[plan.rows].cpu(), plan.rows.cpu())
-        plan.slot_count = self.book.slots
+        prefilling = getattr(common, "is_prefilling", None)
+        rows = plan.rows.cpu()
+        plan.slots = self.book.tail_slots(lens[rows], table[rows],
+                                          None if prefilling is None else prefilling[:num][rows].bool())
+        plan.reselect = self.book.step(lens[rows], table[rows], plan.slots)
+        plan.slot_count = self.book.capacity
 
 
 class GSACPUAttentionImpl(CPUAttentionBackendImpl):
@@ -182,7 +191,7 @@ def gsa_decode(q: torch.Tensor, kv_cache: torch.Tensor, isa: str, reprs: PackedB
         selection = ops.select("torch", q, summaries, plan.block_table, plan.seq_lens, config, block_size)
     else:
         selection = store.select("torch", q, summaries, plan.block_table, plan.seq_lens, config, block_size,
-                                 plan.rows, plan.reselect, plan.table_width)
+                                 plan.slots, plan.reselect, plan.table_width)
     keys, values, table = step_kv(kv_cache, isa, plan.block_table, selection.sel_idx, selection.sel_count)
     return ops.attend("torch", q, keys, values, table, plan.seq_lens, selection, scale), selection
 

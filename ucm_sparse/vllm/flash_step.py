@@ -14,9 +14,10 @@ vLLM's FlashAttention cache of a layer is logically ``[num_blocks, num_kv_heads,
 * the decode rows (one query token) GSA serves: every row of a uniform decode batch (the buffers stay where a
   CUDA graph captured them, so replays read the new step's values), or the listed rows of a mixed batch (run
   eagerly, after vLLM's kernel has done the whole batch);
-* with ``select_every > 1``, which of those rows select afresh (:class:`ucm_sparse.reuse.ReuseBook`, a batch row
-  being a slot: vLLM keeps a running request in its row); the others attend the blocks their layer selected
-  at an earlier step, kept per layer in a :class:`ucm_sparse.reuse.SelectionStore`.
+* with ``select_every > 1``, each decode row's slot (:meth:`ucm_sparse.reuse.ReuseBook.tail_slots`: found by
+  its last block, whatever row vLLM put the request in) and which rows select afresh; the others attend the
+  blocks their layer selected at an earlier step, kept per layer and slot in a
+  :class:`ucm_sparse.reuse.SelectionStore` (gathered into the step's lists, written back after selection).
 
 :meth:`FlashGSA.run` (per layer) refreshes the summaries, selects and attends, writing the rows' outputs. Every
 decode row goes through GSA's kernels; one too short to go sparse attends all of its blocks.
@@ -31,7 +32,7 @@ from ucm_kernels.block_select.triton import SelectPlan, plan_select
 from ucm_kernels.sparse_decode.triton import DecodePlan, plan_decode, sparse_decode
 from ucm_sparse import ops
 from ucm_sparse.config import GSAConfig
-from ucm_sparse.reuse import ReuseBook, SelectionStore
+from ucm_sparse.reuse import SLOTS_PER_ROW, ReuseBook, SelectionStore
 
 
 def flash_kv_views(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +63,7 @@ class DecodeRows:
     sel_idx: torch.Tensor  # [n, num_kv_heads, width] int32, written per layer (no selection reuse)
     sel_count: torch.Tensor  # [n, num_kv_heads] int32
     reselect: torch.Tensor | None = None  # [n] int32, 1: the row selects afresh; None: every row does
-    slots: torch.Tensor | None = None  # [n] batch row of each row when not uniform (selection reuse only)
+    slots: torch.Tensor | None = None  # [n] int64 reuse slot of each row (selection reuse only)
 
     @property
     def uniform(self) -> bool:
@@ -109,15 +110,18 @@ class FlashGSA:
         self._key_like = torch.empty(1, block_size, num_kv_heads, head_size, dtype=dtype, device=self.device)
         self._select_base: dict[int, tuple[SelectPlan, torch.Tensor, torch.Tensor]] = {}  # by table width
         self._per_rows: dict[tuple[int, int], tuple[SelectPlan, DecodePlan]] = {}  # by (rows, table width)
-        self._book = ReuseBook(config.select_every, max_rows, block_size, self.device) \
-            if config.select_every > 1 else None
+        self._book = None
+        if config.select_every > 1:  # slots handed out in turn, SLOTS_PER_ROW per row
+            self._book = ReuseBook(config.select_every, SLOTS_PER_ROW * max_rows, block_size, self.device)
+            self._slots = torch.zeros(max_rows, dtype=torch.long, device=self.device)  # fixed: graphs read them
+            self._reselect = torch.ones(max_rows, dtype=torch.int32, device=self.device)
 
     def layer_state(self, num_blocks: int) -> LayerState:
         """A layer's state for its ``num_blocks`` KV blocks: block summaries (``ucm_sparse.ops.empty_reprs``) and,
-        when ``select_every > 1``, a store of ``max_rows`` rows' selections (``selection width x num_kv_heads x 4``
-        bytes per row, allocated at the first step)."""
+        when ``select_every > 1``, a store of ``4 x max_rows + 1`` slots' selections (``selection width x
+        num_kv_heads x 4`` bytes each, allocated at the first step)."""
         reprs = ops.empty_reprs(num_blocks, self.num_kv_heads, self.head_size, self.dtype, self.config, self.device)
-        store = SelectionStore(self.max_rows, self.num_kv_heads, self.device) if self._book is not None else None
+        store = None if self._book is None else SelectionStore(self._book.capacity, self.num_kv_heads, self.device)
         return LayerState(reprs, store)
 
     def plan(self, seq_lens: torch.Tensor, query_start_loc: torch.Tensor, query_start_loc_cpu: torch.Tensor,
@@ -143,7 +147,9 @@ class FlashGSA:
         first, end = self._first[:rows], self._end[:rows]
         torch.floor_divide(lens, self.block_size, out=end)
         first.copy_(torch.where(whole, 0, (lens - query_lens) // self.block_size))
-        decode = self._decode_rows(lens, query_start_loc_cpu[:rows + 1], block_table, max_query_len)
+        if self._book is not None and max_query_len > 1:
+            self._book.forget_tails(lens, block_table, query_lens > 1)
+        decode = self._decode_rows(lens, query_start_loc_cpu[:rows + 1], block_table, max_query_len, whole)
         return FlashGSAPlan(block_table, first, end, decode)
 
     def run(self, plan: FlashGSAPlan, query: torch.Tensor, kv_cache: torch.Tensor, layer: LayerState, scale: float,
@@ -164,49 +170,45 @@ class FlashGSA:
         n = rows.seq_lens.shape[0]
         q = query[:n] if rows.uniform else query[rows.tokens]
         kmin, kmax, kmean, *kscale = layer.reprs
-        selection = self._selection_buffers(rows, layer)
+        selection = rows.sel_idx, rows.sel_count
+        stored = None if layer.selections is None else layer.selections.buffers(rows.select.width)
+        if stored is not None:  # the lists kept in the rows' slots, some replaced by the selection below
+            for kept, step in zip(stored, selection):
+                torch.index_select(kept, 0, rows.slots, out=step)
         rows.select.run(q, kmin, kmax, kmean, rows.block_table, rows.seq_lens, kscale=kscale[0] if kscale else None,
                         out=selection, reselect=rows.reselect)
-        if rows.slots is not None:  # a mixed batch's rows, gathered from their slots: put them back
-            for stored, updated in zip(layer.selections.buffers(rows.select.width), selection):
-                stored[rows.slots] = updated
+        if stored is not None:
+            for kept, step in zip(stored, selection):
+                kept.index_copy_(0, rows.slots, step)
         out = sparse_decode(q, key_cache, value_cache, rows.block_table, rows.seq_lens, *selection, scale=scale,
                             out=output[:n] if rows.uniform else None, plan=rows.decode)
         if not rows.uniform:
             output[rows.tokens] = out
 
-    @staticmethod
-    def _selection_buffers(rows: DecodeRows, layer: LayerState) -> tuple[torch.Tensor, torch.Tensor]:
-        """Where this step's lists of ``rows`` go: the step's scratch, or (selection reuse) the layer's stored
-        lists, in place for a uniform batch, gathered from the rows' slots for a mixed one."""
-        if layer.selections is None:
-            return rows.sel_idx, rows.sel_count
-        stored = layer.selections.buffers(rows.select.width)
-        n = rows.seq_lens.shape[0]
-        return tuple(buffer[:n] if rows.slots is None else buffer[rows.slots] for buffer in stored)
-
     def _decode_rows(self, lens: torch.Tensor, starts_cpu: torch.Tensor, block_table: torch.Tensor,
-                     max_query_len: int) -> DecodeRows | None:
+                     max_query_len: int, whole: torch.Tensor) -> DecodeRows | None:
         if max_query_len == 1:  # uniform decode: every row, the batch's own tensors
-            return self._rows_of(None, lens, block_table)
+            return self._rows_of(None, lens, block_table, whole)
         query_lens = starts_cpu[1:] - starts_cpu[:-1]
         rows = (query_lens == 1).nonzero().flatten()
         if rows.numel() == 0:
-            if self._book is not None:  # no decode row: every slot forgets its request
-                self._book.step(lens[:0], block_table[:0], torch.zeros(0, dtype=torch.long, device=self.device))
             return None
         index = host_to_device(rows, self.device)
         tokens = host_to_device(starts_cpu[rows].long(), self.device)
-        return self._rows_of(tokens, lens[index], block_table[index], index)
+        return self._rows_of(tokens, lens[index], block_table[index], whole[index])
 
     def _rows_of(self, tokens: torch.Tensor | None, lens: torch.Tensor, block_table: torch.Tensor,
-                 index: torch.Tensor | None = None) -> DecodeRows:
+                 whole: torch.Tensor) -> DecodeRows:
         n, width = block_table.shape
         select, decode = self._plans(n, width)
         _, sel_idx, sel_count = self._select_base[width]
-        reselect = None if self._book is None else self._book.step(lens, block_table, index)
-        slots = None if self._book is None else index
-        return DecodeRows(tokens, lens, block_table, select, decode, sel_idx[:n], sel_count[:n], reselect, slots)
+        rows = DecodeRows(tokens, lens, block_table, select, decode, sel_idx[:n], sel_count[:n])
+        if self._book is not None:  # rows whose earlier blocks came from elsewhere (whole) take new slots
+            rows.slots = self._slots[:n]
+            rows.slots.copy_(self._book.tail_slots(lens, block_table, new_rows=whole))
+            rows.reselect = self._reselect[:n]
+            rows.reselect.copy_(self._book.step(lens, block_table, rows.slots))
+        return rows
 
     def _plans(self, rows: int, width: int) -> tuple[SelectPlan, DecodePlan]:
         """Selection and attention plans for ``rows`` rows of a ``width``-block table, made once and kept (their
