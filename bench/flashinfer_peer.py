@@ -46,8 +46,14 @@ class PagedDecode:
         self.wrapper = BatchDecodeWithPagedKVCacheWrapper(
             workspace, "NHD", use_cuda_graph=True, use_tensor_cores=tensor_cores, paged_kv_indptr_buffer=indptr,
             paged_kv_indices_buffer=indices, paged_kv_last_page_len_buffer=last_page_len)
-        self.wrapper.plan(indptr, indices, last_page_len, num_q_heads, num_kv_heads, head_dim, page_size,
-                          q_data_type=dtype, kv_data_type=dtype)
+        self._shape = dict(num_qo_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                           page_size=page_size, q_data_type=dtype, kv_data_type=dtype)
+        self.replan(indptr, indices, last_page_len)
+
+    def replan(self, indptr: torch.Tensor, indices: torch.Tensor, last_page_len: torch.Tensor) -> None:
+        """Plan a page list of the same row count into the buffers a captured graph reads (as a serving engine
+        plans each step; host ``indptr`` / ``last_page_len`` spare FlashInfer a device read)."""
+        self.wrapper.plan(indptr, indices, last_page_len, **self._shape)
 
     def run(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
             out: torch.Tensor | None = None) -> torch.Tensor:
