@@ -25,8 +25,9 @@ Schedules: ``steady`` (B requests decode every step) and ``alternating`` (two gr
 pipeline-parallel micro-batches do: a step runs B/2 rows). tokens/s = rows per step x steps / wall time of STEPS
 steps (host work included, as a server sees it).
 
-Before timing, per shape: one layer's attention of each dense variant against torch SDPA, and a whole step of GSA
-at sparse_ratio 1.0 (every block listed) against ``ucm_dense`` (logits and argmax tokens).
+Before timing, per shape: one layer's attention of each dense variant and of GSA at sparse_ratio 1.0 (every block
+listed) against torch SDPA, and that GSA's whole step against ``ucm_dense``'s (logits within the rounding spread
+of the dense kernels over 32 layers; the share of argmax tokens that agree is recorded).
 
 Usage (lent GPU): ``python -m bench.bench_decode_step``; JSON under $OUT or bench/results/. ``--smoke`` runs a tiny
 model on the CPU (Triton interpreter, eager, no FlashInfer) through the same code.
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import flashinfer_peer
-from bench.bench_sparse_decode import check
+from bench.bench_sparse_decode import MAX_REL_ERROR, check
 from bench.harness import measure_copy_ceilings, row, write_results
 from ucm_kernels.block_repr import update_block_repr
 from ucm_kernels.sparse_decode import dense_decode, plan_decode
@@ -271,7 +272,7 @@ def decode_steps(setup: Setup, variant: Variant, steps: int, graphs: bool) -> tu
 
 
 def check_attention(setup: Setup, variants: list[Variant]) -> None:
-    """Each dense variant's one-layer attention against torch SDPA over the gathered K/V."""
+    """Each variant's one-layer attention against torch SDPA over the gathered K/V."""
     model, batch = setup.model, setup.batch
     batch.stage(setup.start[0])
     keys, values = setup.caches["flash"]
@@ -286,23 +287,39 @@ def check_attention(setup: Setup, variants: list[Variant]) -> None:
         check(f"b{setup.rows} ctx{setup.context} {variant.name} attention vs SDPA", variant.attend(0, q), expected)
 
 
-def check_gsa_dense_lists(setup: Setup, dense: Variant, graphs: bool) -> None:
-    """A whole step of GSA listing every block (sparse_ratio 1.0) against ``ucm_dense``: logits and tokens."""
-    everything = gsa(setup, GSAConfig(**{**GSA_SETTINGS, "sparse_ratio": 1.0}), "gsa_all_blocks")
-    _, expected = decode_steps(setup, dense, 1, graphs)
-    expected = expected.clone()
-    _, actual = decode_steps(setup, everything, 1, graphs)
-    check(f"b{setup.rows} ctx{setup.context} GSA listing every block vs ucm_dense, logits", actual, expected)
-    if not torch.equal(actual.argmax(-1), expected.argmax(-1)):
-        raise AssertionError(f"b{setup.rows} ctx{setup.context}: GSA listing every block picks other tokens")
+def step_logits(setup: Setup, variant: Variant, graphs: bool) -> torch.Tensor:
+    """fp32 logits of one whole step of ``variant`` from the start lengths."""
+    return decode_steps(setup, variant, 1, graphs)[1].float().clone()
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def check_gsa_dense_lists(setup: Setup, dense: list[Variant], everything: Variant, graphs: bool) -> dict:
+    """A whole step of GSA listing every block against ``ucm_dense``: its logits may differ by rounding (kernels
+    summing in another order, 32 layers deep) as much as the other dense kernel's do, or MAX_REL_ERROR if more;
+    returns the errors and the tokens that agree."""
+    reference = step_logits(setup, dense[0], graphs)
+    spread = {v.name: rel_error(step_logits(setup, v, graphs), reference) for v in dense[1:]}
+    gsa_logits = step_logits(setup, everything, graphs)
+    error, allowed = rel_error(gsa_logits, reference), max([MAX_REL_ERROR] + [2 * e for e in spread.values()])
+    if not torch.isfinite(gsa_logits).all() or error > allowed:
+        raise AssertionError(f"b{setup.rows} ctx{setup.context}: GSA listing every block, whole-step logits "
+                             f"relative error {error:.2e} against ucm_dense (allowed {allowed:.2e}; dense peers "
+                             f"{spread})")
+    agree = (gsa_logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    return {"gsa_all_blocks_logits_rel_error": round(error, 5), "dense_peer_logits_rel_error": spread,
+            "gsa_all_blocks_tokens_agree": agree}
 
 
 def bench_shape(model: Model, weights: Weights, rows: int, context: int, schedule: str, device: str, steps: int,
                 graphs: bool, use_flashinfer: bool) -> list[dict]:
     setup = Setup(model, weights, rows, context, schedule, device, use_flashinfer)
     dense = [ucm_dense(setup)] + ([flashinfer(setup)] if use_flashinfer else [])
-    check_attention(setup, dense)
-    check_gsa_dense_lists(setup, dense[0], graphs)
+    everything = gsa(setup, GSAConfig(**{**GSA_SETTINGS, "sparse_ratio": 1.0}), "gsa_all_blocks")
+    check_attention(setup, dense + [everything])
+    checked = check_gsa_dense_lists(setup, dense, everything, graphs)
     variants = dense + [gsa(setup, GSAConfig(**GSA_SETTINGS, select_every=every), f"gsa_every{every}")
                         for every in REUSE_EVERY]
     seconds = {v.name: decode_steps(setup, v, steps, graphs)[0] for v in variants}
@@ -310,7 +327,7 @@ def bench_shape(model: Model, weights: Weights, rows: int, context: int, schedul
     shape = f"b{rows}_ctx{context}"
     return [row("decode_step", name, shape, s * 1e3, schedule=schedule, rows_per_step=setup.rows,
                 tokens_per_s=round(setup.rows / s, 1), speedup_vs_faster_dense=round(best_dense / s, 3),
-                steps=steps, layers=model.layers) for name, s in seconds.items()]
+                steps=steps, layers=model.layers, **checked) for name, s in seconds.items()]
 
 
 def verdicts(rows: list[dict]) -> dict:
