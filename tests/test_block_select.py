@@ -367,3 +367,21 @@ def test_bad_reselect_raises_naming_it(reselect, out, match):
                torch.zeros(4, 2, dtype=torch.int32, device=DEVICE)) if out else None
     with pytest.raises(ValueError, match=match):
         run(case, out=buffers, reselect=reselect.to(DEVICE))
+
+
+def test_sel_rows_write_each_requests_lists_into_its_row():
+    """The lists land in the rows sel_rows names of a larger out (reuse slots); other rows keep their values; with
+    reselect, rows not reselected leave their slot alone."""
+    case = make_case()
+    (ref_idx, ref_count), _ = run(case)
+    slots = torch.tensor([5, 1, 3, 0], device=DEVICE)
+    out = (torch.full((6, 2, ref_idx.shape[2]), 77, dtype=torch.int32, device=DEVICE),
+           torch.full((6, 2), 77, dtype=torch.int32, device=DEVICE))
+    plan = plan_select(4, 2, 64, 28, **SIZES, score="quest", device=DEVICE)
+    plan.run(**case, out=out, sel_rows=slots, reselect=torch.tensor([1, 1, 0, 1], dtype=torch.int32, device=DEVICE))
+    for b, slot in enumerate(slots.tolist()):
+        assert torch.equal(out[0][slot], ref_idx[b] if b != 2 else torch.full_like(ref_idx[b], 77))
+        assert torch.equal(out[1][slot], ref_count[b] if b != 2 else torch.full_like(ref_count[b], 77))
+    assert (out[0][[2, 4]] == 77).all() and (out[1][[2, 4]] == 77).all()
+    with pytest.raises(ValueError, match="sel_rows: given without out"):
+        plan.run(**case, sel_rows=slots)

@@ -173,8 +173,13 @@ def reused_step(step, seq_lens, starts, starts_cpu, table, q, kv_cache, layer, p
     """Plan and run one step; return (output, the rows that reselected, the lists the step attended)."""
     plan = step.plan(seq_lens, starts, starts_cpu, table, 1, prefilling)
     step.run(plan, q, kv_cache, layer, HEAD ** -0.5, output := torch.full_like(q, float("nan")))
-    return output, plan.decode.reselect.tolist(), ops.Selection(plan.decode.sel_idx.clone(),
-                                                                plan.decode.sel_count.clone())
+    return output, plan.decode.reselect.tolist(), lists_in_use(layer, plan.decode)
+
+
+def lists_in_use(layer, rows) -> ops.Selection:
+    """The lists each decode row attended: its slot's in the layer's store."""
+    stored = layer.selections.buffers(rows.select.width)
+    return ops.Selection(stored[0][rows.slots].clone(), stored[1][rows.slots].clone())
 
 
 def test_select_every_reuses_each_rows_lists_until_a_block_fills_or_they_age():
@@ -270,11 +275,10 @@ def test_a_captured_step_with_select_every_replays_reusing_and_reselecting():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step.run(plan, q, kv_cache, layer, HEAD ** -0.5, output)
-    lists = ops.Selection(plan.decode.sel_idx, plan.decode.sel_count)  # the step's lists, where the graph reads
     gen = torch.Generator().manual_seed(3)
     for wanted in ([0, 0, 0], [0, 0, 0], [0, 1, 0], [1, 0, 1]):  # steps at 302/207/171 .. 305/210/174
         seq_lens += 1
-        before = lists.sel_idx.clone()
+        before = lists_in_use(layer, plan.decode).sel_idx
         q.copy_(torch.randn(q.shape, generator=gen).to(q))
         replanned = step.plan(seq_lens, starts, starts_cpu, table, 1)
         assert replanned.decode.reselect.data_ptr() == plan.decode.reselect.data_ptr()
@@ -282,6 +286,7 @@ def test_a_captured_step_with_select_every_replays_reusing_and_reselecting():
         assert replanned.decode.reselect.tolist() == wanted
         graph.replay()
         _, fresh = reference(q, kv_cache, table, seq_lens)
+        lists = lists_in_use(layer, replanned.decode)
         for row, again in enumerate(wanted):
             assert torch.equal(lists.sel_idx[row], (fresh.sel_idx if again else before)[row])
         expected = ops.attend("torch", q, *flash_kv_views(kv_cache, HEAD), table, seq_lens, lists, None)

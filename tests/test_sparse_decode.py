@@ -120,6 +120,21 @@ def test_split_count_does_not_change_result(num_splits):
     assert_close(dense, naive_dense_decode(q, k, v, table, lens, scale=0.2), torch.float16)
 
 
+def test_sel_rows_read_each_requests_lists_from_its_row():
+    """Lists kept in other rows of a larger buffer (e.g. reuse slots), shuffled: sel_rows points each request at
+    its row and the result is bit for bit the one of the lists passed in order; bad sel_rows name themselves."""
+    q, k, v, table, lens = make_paged_kv([700, 260, 33], 8, 2, 64, torch.bfloat16)
+    sel_idx, sel_count = random_block_lists(lens, 2, block_size=16)
+    rows = torch.tensor([4, 0, 2], device=DEVICE)
+    kept_idx = torch.full((5, *sel_idx.shape[1:]), 7, dtype=torch.int32, device=DEVICE)
+    kept_count = torch.full((5, 2), 99, dtype=torch.int32, device=DEVICE)
+    kept_idx[rows], kept_count[rows] = sel_idx, sel_count
+    expected = sparse_decode(q, k, v, table, lens, sel_idx, sel_count)
+    assert torch.equal(sparse_decode(q, k, v, table, lens, kept_idx, kept_count, sel_rows=rows), expected)
+    with pytest.raises(ValueError, match="sel_rows has shape"):
+        sparse_decode(q, k, v, table, lens, kept_idx, kept_count, sel_rows=rows.int())
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_lists_of_one_block(dtype):
     q, k, v, table, lens = make_paged_kv([5, 300, 129], 8, 2, 64, dtype)

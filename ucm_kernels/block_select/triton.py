@@ -135,19 +135,24 @@ def _select_kernel(
     scores_ptr,  # [batch, num_kv_heads, max_blocks] fp32
     seq_lens_ptr,  # [batch]
     reselect_ptr,  # [batch] rows to select (read if MASKED; any pointer otherwise)
-    sel_idx_ptr,  # [batch, num_kv_heads, width] int32
-    sel_count_ptr,  # [batch, num_kv_heads] int32
+    sel_rows_ptr,  # [batch] int64 row of sel_idx / sel_count each request writes (read if SEL_ROWS)
+    sel_idx_ptr,  # [batch or rows, num_kv_heads, width] int32
+    sel_count_ptr,  # [batch or rows, num_kv_heads] int32
     max_blocks, width, ratio_fixed, k_floor, init_window, local_window,
     stride_sb, stride_sh,
     stride_ib, stride_ih, stride_ij,
     stride_cb, stride_ch,
-    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, SEL_ROWS: tl.constexpr,
 ):
     head = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     if MASKED:
         if tl.load(reselect_ptr + b) == 0:
             return
+    if SEL_ROWS:
+        out_b = tl.load(sel_rows_ptr + b).to(tl.int64)
+    else:
+        out_b = b
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
     nb, count, lo, hi = _plan(seq_len, max_blocks, ratio_fixed, k_floor, init_window, local_window, BLOCK_SIZE)
     j = tl.arange(0, BLOCK_M)
@@ -164,10 +169,10 @@ def _select_kernel(
     ties_wanted = need - tl.sum(above.to(tl.int32), axis=0)  # lowest logical indices first
     take = (j < nb) & (~competing | above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= ties_wanted)))
     position = tl.cumsum(take.to(tl.int32), axis=0) - 1
-    sel_row = sel_idx_ptr + b * stride_ib + head * stride_ih
+    sel_row = sel_idx_ptr + out_b * stride_ib + head * stride_ih
     tl.store(sel_row + position * stride_ij, j, mask=take)
     tl.store(sel_row + j * stride_ij, tl.full([BLOCK_M], -1, tl.int32), mask=(j >= count) & (j < width))
-    tl.store(sel_count_ptr + b * stride_cb + head * stride_ch, count)
+    tl.store(sel_count_ptr + out_b * stride_cb + head * stride_ch, count)
 
 
 def _pow2(n: int) -> int:
@@ -212,6 +217,14 @@ def _check_reprs(q: torch.Tensor, reprs: dict) -> torch.Tensor:
         raise ValueError(f"{first_name}: got [.., {heads}, {head_dim}], expected head_dim {q.shape[2]} (q's) and "
                          f"num_kv_heads dividing q's {q.shape[1]} query heads")
     return first
+
+
+def _check_sel_rows(sel_rows, batch: int, out, device: torch.device) -> int:
+    """Validate ``sel_rows`` (``[batch]`` int64); return how many rows ``out`` has."""
+    _check_tensor("sel_rows", sel_rows, 1, (torch.int64,), device, f"[batch={batch}]")
+    if sel_rows.shape[0] != batch:
+        raise ValueError(f"sel_rows: got shape {tuple(sel_rows.shape)}, expected [{batch}]")
+    return out[0].shape[0] if isinstance(out[0], torch.Tensor) else batch
 
 
 def _check_out(out, batch: int, heads: int, width: int, max_blocks: int, device: torch.device
@@ -299,10 +312,10 @@ class SelectPlan:
 
     def run(self, q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None, kmean: torch.Tensor | None,
             block_table: torch.Tensor, seq_lens: torch.Tensor, *, kscale: torch.Tensor | None = None,
-            out: tuple[torch.Tensor, torch.Tensor] | None = None, reselect: torch.Tensor | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+            out: tuple[torch.Tensor, torch.Tensor] | None = None, reselect: torch.Tensor | None = None,
+            sel_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`select_blocks` with this plan's settings: same tensor arguments, ``kscale``, ``out``,
-        ``reselect`` and result."""
+        ``reselect``, ``sel_rows`` and result."""
         reprs, kscale = _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, self.quest, kscale, reselect)
         shapes = (q.shape[0], reprs.shape[1], q.shape[2], block_table.shape[1])
         planned = (self.batch, self.num_kv_heads, self.head_dim, self.max_blocks)
@@ -310,7 +323,7 @@ class SelectPlan:
             raise ValueError(f"plan was made for (batch, num_kv_heads, head_dim, max_blocks) = {planned}; "
                              f"the inputs have {shapes}")
         check_device("plan.scores", self.scores, q.device)
-        return _launch(self, q, reprs, kmax, kscale, block_table, seq_lens, out, reselect)
+        return _launch(self, q, reprs, kmax, kscale, block_table, seq_lens, out, reselect, sel_rows)
 
 
 def plan_select(batch: int, num_kv_heads: int, head_dim: int, max_blocks: int, *, block_size: int, sparse_ratio: float,
@@ -346,8 +359,8 @@ def select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor
                   kmean: torch.Tensor | None, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
                   block_size: int, sparse_ratio: float, init_window: int, local_window: int, min_blocks: int,
                   score: str = "quest", token_budget: int | None = None, kscale: torch.Tensor | None = None,
-                  out: tuple[torch.Tensor, torch.Tensor] | None = None, reselect: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  out: tuple[torch.Tensor, torch.Tensor] | None = None, reselect: torch.Tensor | None = None,
+                  sel_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose the KV blocks each (request, KV head) attends this decode step.
 
     Per request, ``nb = ceil(seq_len / block_size)`` logical blocks and ``k = max(min_blocks, wanted,
@@ -377,6 +390,9 @@ def select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor
         reselect: optional ``[batch]`` int32/bool: only the rows where it is nonzero are selected; the others'
             rows of ``out`` (required then) are left as they are, e.g. holding an earlier step's selection, and
             their blocks are not scored (selection reuse, ``GSAConfig.select_every``).
+        sel_rows: optional ``[batch]`` int64: request b's lists go to row ``sel_rows[b]`` of ``out`` (required
+            then, any number of rows), e.g. its slot of lists kept across steps; distinct valid rows (not
+            checked: no host sync).
     Returns:
         ``sel_idx [batch, num_kv_heads, width]`` int32 logical block indices, ascending, padded with -1, where
         ``width = selection_width(max_blocks, ...)``; ``sel_count [batch, num_kv_heads]`` int32.
@@ -385,7 +401,7 @@ def select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor
     reprs, kscale = _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, score == "quest", kscale, reselect)
     plan = _make_plan(q.shape[0], reprs.shape[1], q.shape[2], block_table.shape[1], q.device, block_size,
                       sparse_ratio, init_window, local_window, min_blocks, score, token_budget)
-    return _launch(plan, q, reprs, kmax, kscale, block_table, seq_lens, out, reselect)
+    return _launch(plan, q, reprs, kmax, kscale, block_table, seq_lens, out, reselect, sel_rows)
 
 
 def _check_kscale(kscale, reprs: torch.Tensor, device: torch.device) -> torch.Tensor | None:
@@ -428,14 +444,21 @@ def _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, quest: bool, ksca
     return reprs, _check_kscale(kscale, reprs, q.device)
 
 
-def _launch(plan: SelectPlan, q, reprs, kmax, kscale, block_table, seq_lens, out, reselect
+def _launch(plan: SelectPlan, q, reprs, kmax, kscale, block_table, seq_lens, out, reselect, sel_rows=None
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Score the competing blocks into ``plan.scores`` (times ``kscale`` unless None), then pick each row's blocks
-    into ``out`` (only the rows ``reselect`` names, unless None)."""
-    if reselect is not None and out is None:
-        raise ValueError("reselect: given without out; the rows not reselected keep what out holds, so pass out")
-    sel_idx, sel_count = _check_out(out, plan.batch, plan.num_kv_heads, plan.width, plan.max_blocks, q.device)
+    into ``out`` (only the rows ``reselect`` names, unless None; at the rows ``sel_rows`` names, if given)."""
+    for name, given in (("reselect", reselect), ("sel_rows", sel_rows)):
+        if given is not None and out is None:
+            raise ValueError(f"{name}: given without out; the lists go into rows of out that outlive the call, "
+                             "so pass out")
+    out_rows = plan.batch if sel_rows is None else _check_sel_rows(sel_rows, plan.batch, out, q.device)
+    sel_idx, sel_count = _check_out(out, out_rows, plan.num_kv_heads, plan.width, plan.max_blocks, q.device)
+    if sel_rows is not None and plan.batch and plan.max_blocks == 0:
+        raise ValueError("sel_rows: not supported with an empty block table")
     if plan.batch == 0 or plan.max_blocks == 0:
+        if sel_rows is not None:  # no request
+            return sel_idx, sel_count
         rows = torch.ones(plan.batch, dtype=torch.bool, device=q.device) if reselect is None else reselect.bool()
         sel_idx.masked_fill_(rows[:, None, None], -1)
         sel_count.masked_fill_(rows[:, None], 0)
@@ -458,12 +481,12 @@ def _launch(plan: SelectPlan, q, reprs, kmax, kscale, block_table, seq_lens, out
     )
     _select_kernel[(plan.num_kv_heads, plan.batch)](
         scores_ptr=scores, seq_lens_ptr=seq_lens, reselect_ptr=seq_lens if reselect is None else reselect,
-        sel_idx_ptr=sel_idx, sel_count_ptr=sel_count,
+        sel_rows_ptr=seq_lens if sel_rows is None else sel_rows, sel_idx_ptr=sel_idx, sel_count_ptr=sel_count,
         width=sel_idx.shape[2], **plan.limits,
         stride_sb=scores.stride(0), stride_sh=scores.stride(1),
         stride_ib=sel_idx.stride(0), stride_ih=sel_idx.stride(1), stride_ij=sel_idx.stride(2),
         stride_cb=sel_count.stride(0), stride_ch=sel_count.stride(1),
         BLOCK_SIZE=plan.block_size, BLOCK_M=_pow2(plan.max_blocks), MASKED=reselect is not None,
-        num_warps=plan.select_warps,
+        SEL_ROWS=sel_rows is not None, num_warps=plan.select_warps,
     )
     return sel_idx, sel_count

@@ -37,6 +37,7 @@ def _sparse_decode_split_kernel(
     seq_lens_ptr,  # [batch] int32
     sel_idx_ptr,  # [batch, num_kv_heads, max_sel] int32 logical blocks (None when DENSE)
     sel_count_ptr,  # [batch, num_kv_heads] int32 (None when DENSE)
+    sel_rows_ptr,  # [batch] int64: the row of sel_idx / sel_count each request reads (read if SEL_ROWS)
     out_ptr,  # [batch, num_q_heads, head_dim] q's dtype (written when DIRECT)
     acc_ptr,  # [batch, num_q_heads, num_splits, head_dim] fp32 scratch, contiguous (None when DIRECT)
     stats_ptr,  # [batch, num_q_heads, num_splits, 2] fp32 scratch (max in log2 units, sum), contiguous
@@ -50,11 +51,16 @@ def _sparse_decode_split_kernel(
     num_kv_heads, num_splits, chunk_blocks, qk_scale_log2,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     DENSE: tl.constexpr, DIRECT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, TILE_TOKENS: tl.constexpr,
+    SEL_ROWS: tl.constexpr,
 ):
     pid_head = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     b = pid_head // num_kv_heads
     h = pid_head % num_kv_heads
+    if SEL_ROWS:
+        sel_b = tl.load(sel_rows_ptr + b).to(tl.int64)
+    else:
+        sel_b = b
     BLOCKS_PER_TILE: tl.constexpr = (TILE_TOKENS + BLOCK_SIZE - 1) // BLOCK_SIZE
     TILE: tl.constexpr = BLOCKS_PER_TILE * BLOCK_SIZE
 
@@ -62,7 +68,7 @@ def _sparse_decode_split_kernel(
     if DENSE:
         count = tl.cdiv(seq_len, BLOCK_SIZE).to(tl.int64)
     else:
-        count = tl.load(sel_count_ptr + b * stride_scb + h * stride_sch).to(tl.int64)
+        count = tl.load(sel_count_ptr + sel_b * stride_scb + h * stride_sch).to(tl.int64)
     start = split * chunk_blocks
     end = tl.minimum(start + chunk_blocks, count)
 
@@ -86,7 +92,7 @@ def _sparse_decode_split_kernel(
         if DENSE:
             logical = entry
         else:
-            logical = tl.load(sel_idx_ptr + b * stride_sib + h * stride_sih + entry * stride_sij,
+            logical = tl.load(sel_idx_ptr + sel_b * stride_sib + h * stride_sih + entry * stride_sij,
                               mask=entry_ok, other=-1)
         token_ok = entry_ok & (logical >= 0) & (logical * BLOCK_SIZE + within < seq_len)
         physical = tl.load(block_table_ptr + b * stride_btb + logical * stride_btj, mask=token_ok, other=0)
@@ -206,7 +212,8 @@ def plan_decode(q: torch.Tensor, key_cache: torch.Tensor, max_blocks: int, *,
 def sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
                   seq_lens: torch.Tensor, sel_idx: torch.Tensor, sel_count: torch.Tensor, *,
                   scale: float | None = None, out: torch.Tensor | None = None,
-                  num_splits: int | None = None, plan: DecodePlan | None = None) -> torch.Tensor:
+                  num_splits: int | None = None, plan: DecodePlan | None = None,
+                  sel_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention of each (request, KV head) over the logical blocks of its list, read in place.
 
     Args:
@@ -224,13 +231,16 @@ def sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
         num_splits: most programs per (request, KV head) (see :func:`plan_decode`); not with ``plan``.
         plan: a :func:`plan_decode` result for these shapes with ``max_blocks >= max_sel``, reused across
             layers (no per-call planning or scratch allocation).
+        sel_rows: optional ``[batch]`` int64, the row of ``sel_idx`` / ``sel_count`` (then ``[rows,
+            num_kv_heads, ...]``, any number of rows) each request reads, e.g. its slot of lists kept across
+            steps; each must be a valid row (not checked: no host sync).
     Returns:
         ``out``, ``[batch, num_q_heads, head_dim]`` in q's dtype.
     """
     _check_attention_inputs(q, key_cache, value_cache, block_table, seq_lens)
-    _check_selection(q, key_cache, sel_idx, sel_count)
+    _check_selection(q, key_cache, sel_idx, sel_count, sel_rows)
     plan = _resolve_plan(plan, q, key_cache, sel_idx.shape[2], num_splits)
-    return _launch(plan, q, key_cache, value_cache, block_table, seq_lens, sel_idx, sel_count, scale, out)
+    return _launch(plan, q, key_cache, value_cache, block_table, seq_lens, sel_idx, sel_count, scale, out, sel_rows)
 
 
 def dense_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
@@ -264,7 +274,8 @@ def _resolve_plan(plan: DecodePlan | None, q, key_cache, max_blocks: int, num_sp
     return plan
 
 
-def _launch(plan: DecodePlan, q, key_cache, value_cache, block_table, seq_lens, sel_idx, sel_count, scale, out):
+def _launch(plan: DecodePlan, q, key_cache, value_cache, block_table, seq_lens, sel_idx, sel_count, scale, out,
+            sel_rows=None):
     """The split kernel (writing ``out`` itself with one split), then the combine kernel with several."""
     out = _check_or_alloc_out(q, out)
     head_dim = q.shape[2]
@@ -275,7 +286,7 @@ def _launch(plan: DecodePlan, q, key_cache, value_cache, block_table, seq_lens, 
     count_strides = (0, 0) if dense else sel_count.stride()
     _sparse_decode_split_kernel[(plan.batch * plan.num_kv_heads, plan.num_splits)](
         q_ptr=q, k_cache_ptr=key_cache, v_cache_ptr=value_cache, block_table_ptr=block_table,
-        seq_lens_ptr=seq_lens, sel_idx_ptr=sel_idx, sel_count_ptr=sel_count, out_ptr=out,
+        seq_lens_ptr=seq_lens, sel_idx_ptr=sel_idx, sel_count_ptr=sel_count, sel_rows_ptr=sel_rows, out_ptr=out,
         acc_ptr=plan.acc, stats_ptr=plan.stats,
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qd=q.stride(2),
         stride_kb=key_cache.stride(0), stride_kt=key_cache.stride(1), stride_kh=key_cache.stride(2),
@@ -292,7 +303,8 @@ def _launch(plan: DecodePlan, q, key_cache, value_cache, block_table, seq_lens, 
         GROUP_PAD=max(16, triton.next_power_of_2(plan.num_q_heads // plan.num_kv_heads)), HEAD_DIM=head_dim,
         BLOCK_SIZE=plan.block_size, DENSE=dense, DIRECT=direct,
         COMPUTE_DTYPE=tl.float32 if triton_interpreting() else _TL_DTYPES[q.dtype],
-        TILE_TOKENS=plan.tile_tokens, num_warps=plan.num_warps, num_stages=plan.num_stages,
+        TILE_TOKENS=plan.tile_tokens, SEL_ROWS=sel_rows is not None, num_warps=plan.num_warps,
+        num_stages=plan.num_stages,
     )
     if not direct:
         _combine_splits_kernel[(plan.batch * plan.num_q_heads,)](
@@ -379,11 +391,17 @@ def _check_attention_inputs(q, key_cache, value_cache, block_table, seq_lens) ->
     _check_int32("seq_lens", seq_lens, q.device, (batch,), "[batch]")
 
 
-def _check_selection(q, key_cache, sel_idx, sel_count) -> None:
+def _check_selection(q, key_cache, sel_idx, sel_count, sel_rows=None) -> None:
     batch, num_kv_heads = q.shape[0], key_cache.shape[2]
-    _check_int32("sel_idx", sel_idx, q.device, (batch, num_kv_heads, sel_idx.shape[-1]),
-                 "[batch, num_kv_heads, max_sel]")
-    _check_int32("sel_count", sel_count, q.device, (batch, num_kv_heads), "[batch, num_kv_heads]")
+    rows, what = (batch, "batch") if sel_rows is None else (sel_idx.shape[0], "rows")
+    _check_int32("sel_idx", sel_idx, q.device, (rows, num_kv_heads, sel_idx.shape[-1]),
+                 f"[{what}, num_kv_heads, max_sel]")
+    _check_int32("sel_count", sel_count, q.device, (rows, num_kv_heads), f"[{what}, num_kv_heads]")
+    if sel_rows is not None:
+        check_device("sel_rows", sel_rows, q.device)
+        if sel_rows.dtype != torch.int64 or tuple(sel_rows.shape) != (batch,):
+            raise ValueError(f"sel_rows has shape {tuple(sel_rows.shape)} dtype {sel_rows.dtype}; expected "
+                             f"[batch] = ({batch},) torch.int64")
 
 
 def _check_int32(name: str, tensor: torch.Tensor, device: torch.device, shape: tuple, expected: str) -> None:

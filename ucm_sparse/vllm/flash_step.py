@@ -17,7 +17,7 @@ vLLM's FlashAttention cache of a layer is logically ``[num_blocks, num_kv_heads,
 * with ``select_every > 1``, each decode row's slot (:meth:`ucm_sparse.reuse.ReuseBook.tail_slots`: found by
   its last block, whatever row vLLM put the request in) and which rows select afresh; the others attend the
   blocks their layer selected at an earlier step, kept per layer and slot in a
-  :class:`ucm_sparse.reuse.SelectionStore` (gathered into the step's lists, written back after selection).
+  :class:`ucm_sparse.reuse.SelectionStore` (the kernels read and write a row's lists at its slot: no copy).
 
 :meth:`FlashGSA.run` (per layer) refreshes the summaries, selects and attends, writing the rows' outputs. Every
 decode row goes through GSA's kernels; one too short to go sparse attends all of its blocks.
@@ -170,18 +170,12 @@ class FlashGSA:
         n = rows.seq_lens.shape[0]
         q = query[:n] if rows.uniform else query[rows.tokens]
         kmin, kmax, kmean, *kscale = layer.reprs
-        selection = rows.sel_idx, rows.sel_count
-        stored = None if layer.selections is None else layer.selections.buffers(rows.select.width)
-        if stored is not None:  # the lists kept in the rows' slots, some replaced by the selection below
-            for kept, step in zip(stored, selection):
-                torch.index_select(kept, 0, rows.slots, out=step)
+        selection = (rows.sel_idx, rows.sel_count) if layer.selections is None else \
+            layer.selections.buffers(rows.select.width)  # reuse: every slot's lists, each row reads its slot's
         rows.select.run(q, kmin, kmax, kmean, rows.block_table, rows.seq_lens, kscale=kscale[0] if kscale else None,
-                        out=selection, reselect=rows.reselect)
-        if stored is not None:
-            for kept, step in zip(stored, selection):
-                kept.index_copy_(0, rows.slots, step)
+                        out=selection, reselect=rows.reselect, sel_rows=rows.slots)
         out = sparse_decode(q, key_cache, value_cache, rows.block_table, rows.seq_lens, *selection, scale=scale,
-                            out=output[:n] if rows.uniform else None, plan=rows.decode)
+                            out=output[:n] if rows.uniform else None, plan=rows.decode, sel_rows=rows.slots)
         if not rows.uniform:
             output[rows.tokens] = out
 
