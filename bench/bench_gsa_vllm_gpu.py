@@ -7,6 +7,7 @@ default), in-process engine so the GSA backend's counters are readable. Configur
 * ``gsa10``: the UCM connector with ``ucm_sparse_method: GSA``, ``sparse_ratio: 1.0`` (must equal dense exactly);
 * ``gsa03``: the same at ``sparse_ratio: 0.3``; ``gsa03_fp8``: with fp8 block summaries (``repr_dtype: fp8``);
 * ``gsa03_d2``: ``sparse_ratio: 0.3`` with the first two decoder layers dense (vLLM's FlashAttention there);
+* ``gsa03_r4``: ``sparse_ratio: 0.3`` with ``select_every: 4`` (each request's lists reused for up to 4 steps);
 * ``gsa_all`` (agreement only): GSA's whole path (summaries, selection, sparse kernel, CUDA graphs) with a token
   budget above every context, so it selects every block: equal to dense up to the kernels' rounding.
 
@@ -49,7 +50,8 @@ AGREEMENT_TOKENS = 24
 BLOCK = 16
 CONFIGS = {"dense": None, "gsa10": {"sparse_ratio": 1.0}, "gsa03": {"sparse_ratio": 0.3},
            "gsa03_fp8": {"sparse_ratio": 0.3, "repr_dtype": "fp8"}, "gsa_all": {"token_budget": 1 << 20},
-           "gsa03_d2": {"sparse_ratio": 0.3, "dense_first_layers": 2}}
+           "gsa03_d2": {"sparse_ratio": 0.3, "dense_first_layers": 2},
+           "gsa03_r4": {"sparse_ratio": 0.3, "select_every": 4}}
 SPEED_CONFIGS = ("dense", "gsa10", "gsa03", "gsa03_fp8")
 
 
