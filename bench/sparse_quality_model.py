@@ -19,13 +19,15 @@ the positions that flip, and how many windows' greedy continuations equal dense'
 
 Largest context only: ``--oracle`` measures the oracle selection (per KV head the blocks of most dense attention
 mass, GSA's count of them: the bound of any block-selection rule); ``--reuse`` GSAConfig's ``select_every`` 2 / 4 /
-8 (a layer's selection reused for up to that many decode steps, reselected when a block fills); ``--investigate``
+8 (a layer's selection reused for up to that many decode steps, reselected when a block fills); ``--rerank`` a
+two-stage selection (Quest's selection at 1.5-3x the ratio as candidates, GSA's count of them kept by the exact
+attention over their keys: what reading the candidates' keys would buy); ``--investigate``
 records, along dense decodes, the share of each layer's and head's attention
 that the quest 0.3 selection keeps (a probe attention function), then measures remedies tried through GSAConfig:
 the first layers dense, wider windows, block 16, a higher ratio of the same KV share.
 
-Usage: ``python -m bench.sparse_quality_model [--contexts 2048,4096,8192] [--quick | --investigate | --oracle]
-[--out DIR]``;
+Usage: ``python -m bench.sparse_quality_model [--contexts 2048,4096,8192] [--quick | --investigate | --oracle |
+--reuse | --rerank] [--out DIR]``;
 CPU, fp32. Writes ``sparse_quality_model[_investigation]-<device>-<date>.json`` (and a ``.png`` of the main run)
 under ``--out``, ``$OUT`` or ``bench/results/``.
 """
@@ -37,7 +39,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -142,6 +144,7 @@ class Setting:
     token_budget: int | None = None
     extra: tuple = ()  # other GSAConfig keys as (key, value) pairs, e.g. (("dense_first_layers", 0),)
     select_every: int = 1  # GSAConfig.select_every
+    candidates: float = 0.0  # rule "rerank": Quest's selection at this many times the ratio, re-ranked exactly
 
     def config(self) -> GSAConfig:
         """The GSAConfig of this setting (windows and min_blocks at their defaults unless in ``extra``)."""
@@ -150,14 +153,19 @@ class Setting:
 
 
 ORACLE = "ucm_gsa_oracle"  # the rule (and attention function) that selects by the dense attention itself
+RERANK = "ucm_gsa_rerank"  # the rule (and attention function) that re-ranks Quest's candidates by exact attention
 
 
 def apply(model, setting: Setting) -> None:
     """Switch ``model``'s decode attention to GSA with ``setting`` (torch backend; any selection kept from an
-    earlier decode dropped), or to the oracle selection."""
+    earlier decode dropped), to the oracle selection, or to Quest's candidates re-ranked."""
     ucm_hf.enable(model, setting.config(), block_size=setting.block_size, backend="torch")
     if setting.rule == "oracle":
         model.set_attn_implementation(ORACLE)
+    elif setting.rule == "rerank":
+        for module in model.modules():
+            module.ucm_candidates = setting.candidates
+        model.set_attn_implementation(RERANK)
 
 
 def masked_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
@@ -190,6 +198,26 @@ def oracle_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     q = query[0, :, 0].float().view(heads, -1, head_dim)
     mass = torch.softmax(torch.einsum("hgd,hsd->hgs", q, key[0].float()) * scaling, dim=-1).sum(1)
     return masked_decode(query, key, value, oracle_blocks(mass, module.ucm_gsa), scaling), None
+
+
+def rerank_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                     **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention function, a two-stage selection: a batch-1 decode step takes the blocks Quest
+    selects at ``module.ucm_candidates`` times the sparse_ratio as candidates, reads their keys, and keeps GSA's
+    count of them (windows included) by the softmax mass the KV head's query heads put on each, over the
+    candidates' tokens. Other calls, and layers below ``dense_first_layers``, run SDPA."""
+    if not decode_step_of(module, query):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    settings = module.ucm_gsa
+    wider = replace(settings.config, sparse_ratio=min(1.0, settings.config.sparse_ratio * module.ucm_candidates))
+    candidates = gsa_chosen(query[0, :, 0], key[0], replace(settings, config=wider), scaling)
+    heads, seq, head_dim = key.shape[1:]
+    on = candidates.repeat_interleave(settings.block_size, dim=1)[:, None, :seq]
+    logits = torch.einsum("hgd,hsd->hgs", query[0, :, 0].float().view(heads, -1, head_dim), key[0].float())
+    mass = torch.softmax((logits * scaling).masked_fill(~on, float("-inf")), dim=-1).sum(1)
+    return masked_decode(query, key, value, oracle_blocks(mass, settings), scaling), None
 
 
 def oracle_blocks(mass: torch.Tensor, settings: ucm_hf.HFGSASettings) -> torch.Tensor:
@@ -374,6 +402,17 @@ def reuse_sweep(contexts: list[int]) -> Sweep:
                  "selection reuse of quest 0.3 every 2 / 4 / 8 steps, largest context", "sparse_quality_model_reuse")
 
 
+def rerank_sweep(contexts: list[int]) -> Sweep:
+    """Two-stage selection (:func:`rerank_attention`) at the largest context: Quest 0.3's count chosen among Quest's
+    selection at 1.5, 2 and 3 times the ratio, and 0.2's among twice its ratio."""
+    largest = max(contexts)
+    settings = [Setting("rerank", 32, 0.3, candidates=c) for c in (1.5, 2.0, 3.0)]
+    settings.append(Setting("rerank", 32, 0.2, candidates=2.0))
+    return Sweep(TEXTS, (largest,), EVAL_TOKENS, GREEDY_TOKENS, {largest: settings},
+                 "Quest candidates re-ranked by exact attention: 0.3 x 1.5 / 2 / 3 and 0.2 x 2, largest context",
+                 "sparse_quality_model_rerank")
+
+
 def quick_sweep() -> Sweep:
     """One 512-token window, 16 positions, 8 greedy steps: sparse_ratio 0.1 and the dense control 1.0."""
     return Sweep(TEXTS[:1], (512,), 16, 8, {512: [Setting("quest", 32, 0.1), Setting("quest", 32, 1.0)]},
@@ -390,7 +429,7 @@ def summarize(context: int, setting: Setting, tally: Tally, greedy_tokens: int) 
             "context": context, "rule": setting.rule, "block_size": setting.block_size,
             "sparse_ratio": None if setting.token_budget else setting.sparse_ratio,
             "token_budget": setting.token_budget, "gsa_extra": dict(setting.extra),
-            "select_every": setting.select_every,
+            "select_every": setting.select_every, "candidates": setting.candidates,
             "dense_first_layers": setting.config().dense_first_layers,
             "blocks_attended": round(statistics.mean(tally.attended), 4),
             "kv_attended": round(statistics.mean(tally.kv_attended), 4),
@@ -473,6 +512,8 @@ AttentionInterface.register(PROBE, probe_attention)
 AttentionMaskInterface.register(PROBE, sdpa_mask)
 AttentionInterface.register(ORACLE, oracle_attention)
 AttentionMaskInterface.register(ORACLE, sdpa_mask)
+AttentionInterface.register(RERANK, rerank_attention)
+AttentionMaskInterface.register(RERANK, sdpa_mask)
 
 
 def probe_recall(model, window: Window, context: int, setting: Setting, steps: int) -> torch.Tensor:
@@ -622,6 +663,8 @@ def main(argv: list[str] | None = None) -> Path:
                         help="at the largest context: the oracle selection (by dense attention mass) at ratio 0.3")
     mode.add_argument("--reuse", action="store_true",
                         help="at the largest context: quest 0.3's selection reused for 2 / 4 / 8 decode steps")
+    mode.add_argument("--rerank", action="store_true",
+                        help="at the largest context: Quest's candidates re-ranked by exact attention (two stages)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default torch's); 1 on a busy machine, where OpenMP threads waiting "
                              "for a descheduled peer made decode steps ~10x slower")
@@ -634,7 +677,8 @@ def main(argv: list[str] | None = None) -> Path:
     if args.out is not None:
         os.environ["OUT"] = str(args.out)
     sweep = (quick_sweep() if args.quick else oracle_sweep(contexts) if args.oracle
-             else reuse_sweep(contexts) if args.reuse else full_sweep(contexts))
+             else reuse_sweep(contexts) if args.reuse else rerank_sweep(contexts) if args.rerank
+             else full_sweep(contexts))
     return run(sweep, args.model_dir, args.investigate)
 
 

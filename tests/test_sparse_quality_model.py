@@ -77,6 +77,30 @@ def test_oracle_keeps_the_windows_and_the_blocks_of_most_mass():
     assert keep[:, 20:].all() and keep.sum(1).tolist() == [10, 10]  # whole blocks; the last holds 2 tokens
 
 
+def test_rerank_spans_quest_and_the_oracle():
+    """The two-stage selection with candidates = Quest's own count keeps Quest's blocks (the output of GSA's
+    decode); with every block a candidate it is the oracle; in between it keeps only candidates."""
+    from types import SimpleNamespace
+
+    import ucm_sparse.hf as ucm_hf
+    from ucm_sparse import GSAConfig
+
+    gen = torch.Generator().manual_seed(0)
+    settings = ucm_hf.HFGSASettings(GSAConfig(sparse_ratio=0.3, min_blocks=2), 16, "torch")
+    key, value = torch.randn(2, 1, 2, 400, 32, generator=gen)
+    query = torch.randn(1, 8, 1, 32, generator=gen)
+
+    def rerank(candidates):
+        module = SimpleNamespace(ucm_gsa=settings, ucm_candidates=candidates, layer_idx=3)
+        return sqm.rerank_attention(module, query, key, value, None, scaling=0.2)[0]
+
+    module = SimpleNamespace(ucm_gsa=settings, layer_idx=3)
+    torch.testing.assert_close(rerank(1.0), ucm_hf.gsa_attention(module, query, key, value, None, scaling=0.2)[0],
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rerank(10.0), sqm.oracle_attention(module, query, key, value, None, scaling=0.2)[0])
+    assert not torch.allclose(rerank(2.0), rerank(1.0)) and not torch.allclose(rerank(2.0), rerank(10.0))
+
+
 def test_run_kinds_exclude_each_other(capsys):
     with pytest.raises(SystemExit):
         sqm.main(["--quick", "--oracle"])
