@@ -251,8 +251,10 @@ def gsa(setup: Setup, config: GSAConfig, name: str) -> Variant:
     return Variant(name, attend, prepare)
 
 
-def decode_steps(setup: Setup, variant: Variant, steps: int, graphs: bool) -> tuple[float, torch.Tensor]:
-    """Seconds per step over ``steps`` steps of ``variant`` (groups taking turns), and the last step's logits."""
+def decode_steps(setup: Setup, variant: Variant, steps: int, graphs: bool, profiler=None
+                 ) -> tuple[float, torch.Tensor]:
+    """Seconds per step over ``steps`` steps of ``variant`` (groups taking turns), and the last step's logits;
+    ``profiler`` (a torch profiler) records the timed steps."""
     groups = setup.groups()
     setup.batch.stage(groups[0])
     variant.prepare(groups[0])
@@ -260,6 +262,8 @@ def decode_steps(setup: Setup, variant: Variant, steps: int, graphs: bool) -> tu
                                    variant.attend), graphs)
     sync = torch.cuda.synchronize if graphs else (lambda: None)
     sync()
+    if profiler is not None:
+        profiler.start()
     start = time.perf_counter()
     for i in range(steps):
         group = groups[i % len(groups)]
@@ -268,7 +272,22 @@ def decode_steps(setup: Setup, variant: Variant, steps: int, graphs: bool) -> tu
         run()
         group.seq_lens += 1
     sync()
-    return (time.perf_counter() - start) / steps, setup.batch.logits
+    seconds = (time.perf_counter() - start) / steps
+    if profiler is not None:
+        profiler.stop()
+    return seconds, setup.batch.logits
+
+
+def kernel_profile(setup: Setup, variant: Variant, steps: int) -> list[dict]:
+    """The 16 GPU kernels with the most device time over ``steps`` graph-replayed steps, microseconds per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    decode_steps(setup, variant, steps, True, prof)
+    kernels = sorted((e for e in prof.key_averages() if e.self_device_time_total > 0),
+                     key=lambda e: e.self_device_time_total, reverse=True)
+    return [{"kernel": e.key[:90], "calls_per_step": e.count / steps,
+             "us_per_step": round(e.self_device_time_total / steps, 1)} for e in kernels[:16]]
 
 
 def check_attention(setup: Setup, variants: list[Variant]) -> None:
@@ -343,8 +362,12 @@ def verdicts(rows: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a tiny model on the CPU (Triton interpreter)")
+    parser.add_argument("--profile", action="store_true",
+                        help="only 1 x 128K: the kernels of 8 steps of ucm_dense and of gsa_every4 (GPU)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    if args.profile:
+        return profile_batch1()
     if args.smoke:
         model, device, shapes, steps, graphs = SMOKE, "cpu", [(2, 512, "steady"), (2, 512, "alternating")], 3, False
     else:
@@ -367,6 +390,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for name, verdict in found.items():
             print(f"target {name}: {verdict}")
         print(f"results: {path}")
+    return rows
+
+
+def profile_batch1() -> list[dict]:
+    """Where a 1 x 128K step's time goes: kernel tables of ucm_dense and of GSA with select_every 4."""
+    setup = Setup(MODEL, Weights(MODEL, "cuda"), 1, 131072, "steady", "cuda", False)
+    rows = [{"impl": variant.name, "kernels": kernel_profile(setup, variant, 8)}
+            for variant in (ucm_dense(setup), gsa(setup, GSAConfig(**GSA_SETTINGS, select_every=4), "gsa_every4"))]
+    print(write_results("decode_step_profile", rows, {}, extra={"shape": "b1_ctx131072", "steps": 8}))
+    for r in rows:
+        for kernel in r["kernels"]:
+            print(r["impl"], kernel)
     return rows
 
 
