@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--chat", action="store_true", help="prompts are user messages for the chat template")
     parser.add_argument("--warmup-tokens", type=int, default=0,
                         help="first generate one untimed prompt of this many tokens (one-time start-up costs)")
+    parser.add_argument("--top2", action="store_true",
+                        help="also return each generated position's two most likely tokens and their logprobs")
     args = parser.parse_args()
     extra = json.loads(args.extra)
     from vllm import LLM, SamplingParams
@@ -99,14 +101,15 @@ def main() -> None:
               dtype="bfloat16", block_size=args.block_size, max_model_len=args.max_model_len, seed=0,
               enable_prefix_caching=False, max_num_batched_tokens=16384,
               kv_transfer_config=kv_transfer_config(args.connector, args.store, extra))
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True,
+                            logprobs=2 if args.top2 else None)
     prompts = json.loads(Path(args.prompts).read_text())
     if args.warmup_tokens:
         llm.generate([TokensPrompt(prompt_token_ids=[7] * args.warmup_tokens)], params, use_tqdm=False)
     aborted = abort_after_one_step(llm, prompts[0], params) if args.abort_first else None
-    pass_tokens, latencies = [], []
+    pass_tokens, pass_cached, latencies = [], [], []
     for _ in range(args.passes):
-        tokens, times, texts, prompt_lens, cached = [], [], [], [], []
+        tokens, times, texts, prompt_lens, cached, top2 = [], [], [], [], [], []
         for prompt in prompts:
             start = time.perf_counter()
             if args.chat:
@@ -118,13 +121,19 @@ def main() -> None:
             texts.append(out[0].outputs[0].text)
             prompt_lens.append(len(out[0].prompt_token_ids))
             cached.append(out[0].num_cached_tokens)
+            if args.top2:  # per position: [[token, logprob], [token, logprob]], most likely first
+                top2.append([sorted(([t, p.logprob] for t, p in position.items()), key=lambda x: -x[1])[:2]
+                             for position in out[0].outputs[0].logprobs])
         pass_tokens.append(tokens)
+        pass_cached.append(cached)
         latencies.append(times)
     stats = StatsMonitor.get_instance().get_stats()
     result = {"tokens": pass_tokens[-1], "pass_tokens": pass_tokens, "latencies": latencies, "stats": stats,
-              "prompt_tokens": prompt_lens, "cached_tokens": cached}
+              "prompt_tokens": prompt_lens, "cached_tokens": cached, "pass_cached_tokens": pass_cached}
     if args.chat:
         result["texts"] = texts
+    if args.top2:
+        result["top2"] = top2
     if "ucm_sparse_method" in extra:
         from ucm_sparse.vllm.cpu_backend import stats as gsa
 

@@ -132,6 +132,13 @@ def test_a_batch_of_prefills_only_has_no_decode_rows_and_plans_reuse_buffers():
         gsa(max_rows=1).plan(seq_lens, starts, starts_cpu, table, 1)
 
 
+def test_two_stage_selection_is_refused_naming_the_key():
+    config = GSAConfig(**{**vars(CONFIG), "rerank_candidates": 3.0})
+    with pytest.raises(ValueError, match="rerank_candidates: got 3.0"):
+        FlashGSA(config, block_size=BLOCK, num_kv_heads=HEADS, num_q_heads=HEADS * GROUP, head_size=HEAD,
+                 max_rows=4, dtype=torch.bfloat16, device=DEVICE)
+
+
 def test_ratio_one_without_a_budget_never_goes_sparse():
     assert not goes_sparse(GSAConfig(sparse_ratio=1.0))
     assert goes_sparse(GSAConfig(sparse_ratio=1.0, token_budget=512)) and goes_sparse(CONFIG)

@@ -251,6 +251,46 @@ def test_a_layer_that_missed_a_step_reselects():
     assert torch.equal(plan.selections[1].sel_idx, fresh.sel_idx) and not torch.equal(fresh.sel_idx, stale.sel_idx)
 
 
+def test_two_stage_selection_keeps_the_candidates_of_most_exact_attention():
+    """rerank_candidates C: the kept blocks are the windows plus the candidates (Quest at C x the ratio) whose
+    tokens get the most softmax mass from the KV head's query heads, the one-stage count in all; with every block
+    a candidate that is the exact top of the whole context."""
+    seq_lens = [700, 300]
+    q, k, v, table = make_paged(seq_lens, seed=7)
+    k, v = (torch.nan_to_num(t) for t in (k, v))
+    for factor in (2.0, 10.0):
+        config = GSAConfig(**{**vars(CONFIG), "rerank_candidates": factor})
+        _, chosen = sparse_attention(q, k, v, table, seq_lens, config, backend="torch")
+        _, wide = sparse_attention(q, k, v, table, seq_lens, GSAConfig(**{**vars(CONFIG), "sparse_ratio": min(
+            1.0, 0.3 * factor)}), backend="torch")
+        for b, n in enumerate(seq_lens):
+            nb = -(-n // BLOCK)
+            logits = torch.einsum("hgd,thd->hgt", q[b].view(2, 4, 32), k[table[b, :nb].long()].flatten(0, 1)) \
+                * 32 ** -0.5
+            mass = torch.softmax(logits[:, :, :n], dim=-1).sum(1)
+            per_block = torch.nn.functional.pad(mass, (0, nb * BLOCK - n)).view(2, nb, BLOCK).sum(-1)
+            for h in range(2):
+                candidates = wide.blocks(b, h)
+                windows = {0} | set(range(nb - 2, nb))
+                count = ops.num_selected(nb, CONFIG, BLOCK)
+                rest = sorted((j for j in candidates if j not in windows), key=lambda j: -float(
+                    per_block[h, j] if factor > 5 else 0))
+                kept = chosen.blocks(b, h)
+                assert len(kept) == count and windows <= set(kept) and set(kept) <= set(candidates)
+                if factor > 5:  # every block a candidate: the exact top
+                    assert set(kept) == windows | set(rest[:count - len(windows)])
+
+
+def test_two_stage_selection_needs_the_torch_backend_and_the_keys():
+    q, k, v, table = make_paged([700], dtype=torch.bfloat16)
+    config = GSAConfig(**{**vars(CONFIG), "rerank_candidates": 2.0})
+    with pytest.raises(ValueError, match="rerank_candidates: got 2.0"):
+        sparse_attention(*(t.to(TRITON_DEVICE) for t in (q, k, v, table)), [700], config, backend="triton")
+    reprs = ops.empty_reprs(k.shape[0], 2, 32, k.dtype, config, "cpu")
+    with pytest.raises(ValueError, match="key_cache: required"):
+        ops.select("torch", q, reprs, table, torch.tensor([700]), config, BLOCK)
+
+
 def test_restarted_request_recomputes_its_blocks():
     q, k, v, table = make_paged([400])
     gsa = GSA(CONFIG, block_size=BLOCK)

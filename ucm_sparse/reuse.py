@@ -161,7 +161,7 @@ class SelectionStore:
 
     def select(self, backend: str, q: torch.Tensor, reprs: tuple, block_table: torch.Tensor, seq_lens: torch.Tensor,
                config: GSAConfig, block_size: int, slots: torch.Tensor, reselect: torch.Tensor,
-               table_width: int) -> ops.Selection:
+               table_width: int, **keys) -> ops.Selection:
         """This step's lists of a layer (``ucm_sparse.ops.select`` arguments): the rows ``reselect`` names select
         afresh, the others attend the lists stored in their ``slots``; the store is updated.
 
@@ -169,12 +169,14 @@ class SelectionStore:
             block_table: ``[n, max_blocks]`` the step's table, possibly cut to its longest row.
             slots: ``[n]`` int64 slot of each row; reselect: ``[n]`` from :meth:`ReuseBook.step`.
             table_width: the width of the uncut table (the stored lists are kept at that width's selection width).
+            keys: ``key_cache`` / ``scale`` / ``candidate_keys`` for a two-stage selection (``ops.select``).
         """
         sizes = ops.select_sizes(config, block_size)
         stored_idx, stored_count = self.buffers(selection_width(table_width, **sizes))
         width = selection_width(block_table.shape[1], **sizes)
         kept = ops.Selection(stored_idx[slots, :, :width], stored_count[slots])
-        ops.select(backend, q, reprs, block_table, seq_lens, config, block_size, kept=kept, reselect=reselect)
+        ops.select(backend, q, reprs, block_table, seq_lens, config, block_size, kept=kept, reselect=reselect,
+                   **keys)
         stored_idx[slots, :, :width] = kept.sel_idx
         stored_count[slots] = kept.sel_count
         return kept

@@ -187,11 +187,13 @@ def gsa_decode(q: torch.Tensor, kv_cache: torch.Tensor, isa: str, reprs: PackedB
     the lists stored for their batch rows."""
     block_size = kv_cache.shape[2]
     summaries = reprs.refresh_packed(kv_cache, isa, plan.blocks)
+    keys = dict(scale=scale, candidate_keys=lambda candidates: step_kv(
+        kv_cache, isa, plan.block_table, candidates.sel_idx, candidates.sel_count)[::2])  # two stages: their keys
     if store is None:
-        selection = ops.select("torch", q, summaries, plan.block_table, plan.seq_lens, config, block_size)
+        selection = ops.select("torch", q, summaries, plan.block_table, plan.seq_lens, config, block_size, **keys)
     else:
         selection = store.select("torch", q, summaries, plan.block_table, plan.seq_lens, config, block_size,
-                                 plan.slots, plan.reselect, plan.table_width)
+                                 plan.slots, plan.reselect, plan.table_width, **keys)
     keys, values, table = step_kv(kv_cache, isa, plan.block_table, selection.sel_idx, selection.sel_count)
     return ops.attend("torch", q, keys, values, table, plan.seq_lens, selection, scale), selection
 
