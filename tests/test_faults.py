@@ -118,9 +118,14 @@ CRASH_POINTS = {  # point -> (pipeline of the killed writer, victim block visibl
 }
 
 
+def say(point: str, state: str) -> None:
+    """"<point> <pid> <state>" on stdout in one write: the writers share the pipe, a line must not interleave."""
+    os.write(1, f"{point} {os.getpid()} {state}\n".encode())
+
+
 def stop_here(point: str) -> None:
     """Say "<point> <pid> stopped" and stop for good, for the test to SIGKILL this process here."""
-    print(point, os.getpid(), "stopped", flush=True)
+    say(point, "stopped")
     time.sleep(3600)
 
 
@@ -168,7 +173,7 @@ def crash_child(root: str, point: str) -> None:
         stop_here(point)
     store.commit([VICTIM], [True])
     store.flush()
-    print(point, os.getpid(), "not-stopped", flush=True)
+    say(point, "not-stopped")
 
 
 @pytest.fixture(scope="module")
@@ -177,10 +182,16 @@ def crashed(tmp_path_factory):
     point -> (its storage root, what its writer said)."""
     base = tmp_path_factory.mktemp("crash")
     writers = forked("crash_child", [(str(base / point), point) for point in CRASH_POINTS])
-    said = {}
+    said, other = {}, []
     try:
-        for _ in CRASH_POINTS:
-            point, pid, state = writers.stdout.readline().split()
+        while len(said) < len(CRASH_POINTS):
+            line = writers.stdout.readline()
+            fields = line.split()
+            if not line or len(fields) != 3 or fields[0] not in CRASH_POINTS:  # EOF, or a library's own output
+                assert line, f"the writers ended with points {sorted(said)} reported; other output: {other}"
+                other.append(line)
+                continue
+            point, pid, state = fields
             os.kill(int(pid), signal.SIGKILL)
             said[point] = state
     finally:
