@@ -13,8 +13,8 @@ window, ALiBi, soft cap, sinks, fp8 KV, non-decoder attention) stays dense. The 
 (``ucm_sparse.ops.empty_reprs``) are allocated at the first step, beside vLLM's KV cache: 3 x head_size values
 per (block, KV head), 3/32 of the KV cache in the cache dtype at block 16 (``repr_dtype: fp8`` halves that);
 leave that much GPU memory free (``gpu_memory_utilization``). With ``select_every > 1`` each layer also keeps
-its rows' selections: ``max_num_seqs x num_kv_heads x selection width x 4`` bytes (e.g. 256 x 8 x 2458 x 4 = 20 MB
-at 128K tokens, block 16, sparse_ratio 0.3).
+its requests' selections in ``4 x max_num_seqs + 1`` slots of ``num_kv_heads x selection width x 4`` bytes (e.g.
+1025 x 8 x 2458 x 4 = 81 MB at max_num_seqs 256, 128K tokens, block 16, sparse_ratio 0.3; 2.6 MB at 8).
 """
 import dataclasses
 import logging
