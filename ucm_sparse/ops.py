@@ -213,23 +213,40 @@ def candidate_mass(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.
     """fp32 ``[batch, num_kv_heads, width]``: per listed block of ``candidates``, the softmax mass (over the listed
     blocks' tokens, per query head, summed over the KV head's group) its tokens get from ``q``; 0 when unlisted."""
     batch, num_q_heads, head_dim = q.shape
-    block_size, heads = key_cache.shape[1], key_cache.shape[2]
-    width = candidates.sel_idx.shape[2]
+    heads, width = candidates.sel_idx.shape[1:]
     scale = head_dim ** -0.5 if scale is None else scale
+    gather, live = listed_tokens(block_table, seq_lens, candidates.sel_idx, candidates.sel_count,
+                                 key_cache.shape[1])
+    keys = gather(key_cache)  # [batch * heads, width * block_size, head_dim]
+    queries = q.float().reshape(batch * heads, num_q_heads // heads, head_dim)
+    logits = torch.matmul(queries, keys.transpose(1, 2)) * scale
+    probs = torch.softmax(logits.masked_fill(~live, float("-inf")), dim=-1).nan_to_num(0.0)
+    return probs.sum(dim=1).view(batch, heads, width, -1).sum(-1)
+
+
+def listed_tokens(block_table: torch.Tensor, seq_lens: torch.Tensor, sel_idx: torch.Tensor, sel_count: torch.Tensor,
+                  block_size: int):
+    """The tokens of listed blocks, one row per (request, KV head): ``(gather, live)`` where ``gather(cache)``
+    reads ``[batch * heads, width * block_size, head_dim]`` fp32 from a ``[num_blocks, block_size, num_kv_heads,
+    head_dim]`` cache (tokens not live as zeros, as the kernel's masked loads) and ``live`` is bool ``[batch *
+    heads, 1, width * block_size]``: listed (within ``sel_count``, in ``[0, nb)``) and before ``seq_lens``."""
+    batch, heads, width = sel_idx.shape
     nb = (seq_lens.long() + block_size - 1) // block_size
-    entry = torch.arange(width, device=q.device)
-    listed = (entry < candidates.sel_count[..., None].long()) & (candidates.sel_idx >= 0) & \
-        (candidates.sel_idx < nb[:, None, None])
-    logical = torch.where(listed, candidates.sel_idx.long(), 0)
+    entry = torch.arange(width, device=sel_idx.device)
+    listed = (entry < sel_count[..., None].long()) & (sel_idx >= 0) & (sel_idx < nb[:, None, None])
+    logical = torch.where(listed, sel_idx.long(), 0)
     phys = block_table.long().gather(1, logical.view(batch, heads * width)).view(batch, heads, width)
-    position = logical[..., None] * block_size + torch.arange(block_size, device=q.device)
-    live = listed[..., None] & (position < seq_lens.long()[:, None, None, None])  # [batch, heads, width, bs]
-    keys = key_cache[torch.where(listed, phys, 0), :, torch.arange(heads, device=q.device)[None, :, None]].float()
-    queries = q.float().view(batch, heads, num_q_heads // heads, head_dim)
-    logits = torch.einsum("bhgd,bhwtd->bhgwt", queries, keys) * scale
-    logits = logits.masked_fill(~live[:, :, None], float("-inf")).flatten(3)
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0).view(batch, heads, -1, width, block_size)
-    return probs.sum(dim=(2, 4))
+    phys = torch.where(listed, phys, 0)
+    head = torch.arange(heads, device=sel_idx.device)[None, :, None]
+    position = logical[..., None] * block_size + torch.arange(block_size, device=sel_idx.device)
+    live = (listed[..., None] & (position < seq_lens.long()[:, None, None, None])).reshape(batch * heads, 1, -1)
+    keep = live.transpose(1, 2)
+
+    def gather(cache: torch.Tensor) -> torch.Tensor:
+        tokens = cache[phys, :, head].reshape(batch * heads, width * block_size, cache.shape[3]).float()
+        return torch.where(keep, tokens, 0.0)
+
+    return gather, live
 
 
 def torch_block_scores(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None,
@@ -266,27 +283,11 @@ def torch_sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     logical blocks; sel_count ``[batch, num_kv_heads]``.
     """
     batch, num_q_heads, head_dim = q.shape
-    block_size, heads = key_cache.shape[1], key_cache.shape[2]
-    width = sel_idx.shape[2]
+    heads = key_cache.shape[2]
     scale = head_dim ** -0.5 if scale is None else scale
-    nb = (seq_lens.long() + block_size - 1) // block_size
-    entry = torch.arange(width, device=q.device)
-    listed = (entry < sel_count[..., None].long()) & (sel_idx >= 0) & (sel_idx < nb[:, None, None])
-    logical = torch.where(listed, sel_idx.long(), 0)
-    phys = block_table.long().gather(1, logical.view(batch, heads * width)).view(batch, heads, width)
-    phys = torch.where(listed, phys, 0)
-    head = torch.arange(heads, device=q.device)[None, :, None]
-    rows = batch * heads
-    position = logical[..., None] * block_size + torch.arange(block_size, device=q.device)
-    live = (listed[..., None] & (position < seq_lens.long()[:, None, None, None])).reshape(rows, 1, -1)
-    keep = live.transpose(1, 2)  # tokens never read count as zeros, as the kernel's masked loads do
-
-    def gather(cache: torch.Tensor) -> torch.Tensor:  # [rows, width * block_size, head_dim] fp32
-        tokens = cache[phys, :, head].reshape(rows, width * block_size, head_dim).float()
-        return torch.where(keep, tokens, 0.0)
-
+    gather, live = listed_tokens(block_table, seq_lens, sel_idx, sel_count, key_cache.shape[1])
     keys, values = gather(key_cache), gather(value_cache)
-    queries = q.float().reshape(rows, num_q_heads // heads, head_dim)
+    queries = q.float().reshape(batch * heads, num_q_heads // heads, head_dim)
     scores = torch.matmul(queries, keys.transpose(1, 2)) * scale
     probs = torch.softmax(scores.masked_fill(~live, float("-inf")), dim=-1)
     probs = torch.where(live.any(dim=-1, keepdim=True), probs, 0.0)  # an empty list attends nothing: zeros
