@@ -162,7 +162,7 @@ def _kth_largest_key_by_digits(keys, competing, k):
     u = keys.to(tl.int64) + 2147483648
     prefix = tl.zeros((), dtype=tl.int64)
     for r in tl.static_range(8):
-        shift = 28 - 4 * r
+        shift: tl.constexpr = 28 - 4 * r
         high = u >> (shift + 4)
         prefix_high = prefix >> (shift + 4)
         digit = (u >> shift) & 15
