@@ -1,15 +1,11 @@
-"""GPU timing of block_select (and one decode step of block_repr) at the GSA bench shapes.
+"""Quick H100 timing of block_select (and one decode step of block_repr) at the GSA bench shapes.
 
-Selection runs as a decode step runs it: ``plan_select`` once, ``plan.run`` timed, with each top-k threshold
-search (SEARCHES: 1 or 4 bits per reduction; ``planned`` marks the one plan_select chose, and both must give the
-plan's lists); rules as in
+Selection runs as a decode step runs it: ``plan_select`` once, ``plan.run`` timed; rules as in
 ``bench_sparse_decode`` (``quest`` and ``mean`` on bf16 reprs, ``quest_fp8`` on fp8 reprs with their scales).
 Each figure is timed in two modes (see ``bench_sparse_decode``): ``cuda_graph`` (replay of the captured call:
 GPU time) and ``eager`` (the Python call, host launch work included); do_bench medians with the L2 cleared
 before every call.
 """
-import dataclasses
-
 import torch
 
 from bench.bench_sparse_decode import FP8, MODES, RULES, median_ms
@@ -20,7 +16,6 @@ from ucm_kernels.block_select import naive_block_scores, naive_select_blocks, pl
 BS, KVH, QH, D = 16, 8, 32, 128
 BATCHES, CONTEXTS = (1, 8, 32), (32768, 131072)
 MODES_SEL = {"ratio0.3": {}, "budget2048": {"token_budget": 2048}}
-SEARCHES = {"ucm_bits": False, "ucm_digits": True}  # top-k threshold search: 1 or 4 bits per reduction
 
 
 def chosen_scores(scores, sel_idx):
@@ -82,16 +77,10 @@ def main():
                     sel = plan.run(q, block_table=bt, seq_lens=sl, **rule_reprs)
                     if batch == 1:
                         check(q, rule_reprs, bt, sl, sel, args)
+                    times = median_ms(lambda: plan.run(q, block_table=bt, seq_lens=sl, out=sel, **rule_reprs))
                     nbytes = batch * selected_repr_bytes(rule_reprs, score, nb)
-                    for impl, digits in SEARCHES.items():
-                        searching = dataclasses.replace(plan, search_digits=digits)
-                        mine = searching.run(q, block_table=bt, seq_lens=sl, **rule_reprs)
-                        if not (torch.equal(mine[0], sel[0]) and torch.equal(mine[1], sel[1])):
-                            raise AssertionError(f"{shape} {mode_name} {rule}: {impl} lists differ from the plan's")
-                        times = median_ms(lambda: searching.run(q, block_table=bt, seq_lens=sl, out=mine,
-                                                                **rule_reprs))
-                        rows += [row(f"select_{mode_name}_{rule}", impl, shape, times[mode], nbytes, hbm, mode=mode,
-                                     planned=digits == plan.search_digits) for mode in MODES]
+                    rows += [row(f"select_{mode_name}_{rule}", "ucm", shape, times[mode], nbytes, hbm, mode=mode)
+                             for mode in MODES]
             del key_cache, reprs
             torch.cuda.empty_cache()
             path = save(rows, ceilings)  # after every shape: a run cut short keeps its finished shapes

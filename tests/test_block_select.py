@@ -1,6 +1,4 @@
 """block_select kernels vs the torch reference; selections compare as index sets per (request, KV head)."""
-import dataclasses
-
 import pytest
 import torch
 
@@ -387,25 +385,3 @@ def test_sel_rows_write_each_requests_lists_into_its_row():
     assert (out[0][[2, 4]] == 77).all() and (out[1][[2, 4]] == 77).all()
     with pytest.raises(ValueError, match="sel_rows: given without out"):
         plan.run(**case, sel_rows=slots)
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_digit_search_picks_the_lists_of_the_bit_search(seed):
-    """The top-k threshold found 4 bits per reduction (chosen for batches with fewer programs than SMs) gives the
-    bit search's lists exactly: random rows and settings, reprs of magnitudes 2**-40..2**40 of both signs (keys
-    spread over the whole float range), and rows where every score ties."""
-    gen = torch.Generator().manual_seed(seed)
-    seq_lens = torch.randint(0, 300 * 16, (3,), generator=gen).tolist()
-    case = make_case(seq_lens=seq_lens, max_blocks=300, repr_dtype=torch.float32, seed=seed)
-    scale = torch.exp2(torch.randint(-40, 41, (case["kmin"].shape[0], 1, 1), generator=gen).float()).to(DEVICE)
-    lows, highs = case["kmin"] * scale, case["kmax"] * scale
-    case.update(kmin=torch.minimum(lows, highs), kmax=torch.maximum(lows, highs), kmean=case["kmean"] * scale)
-    if seed == 3:
-        case["block_table"][1] = case["block_table"][1, 0]  # request 1: one physical block everywhere, all tie
-    sizes = dict(SIZES, sparse_ratio=[0.05, 0.3, 0.7, 0.3][seed], token_budget=[None, None, None, 640][seed])
-    for score in ("quest", "mean"):
-        plan = plan_select(3, 2, 64, 300, **sizes, score=score, device=DEVICE)
-        by_bits = dataclasses.replace(plan, search_digits=False).run(**case)
-        by_digits = dataclasses.replace(plan, search_digits=True).run(**case)
-        assert torch.equal(by_bits[0], by_digits[0]) and torch.equal(by_bits[1], by_digits[1])
-        check_selection(case, *by_digits, score=score, **sizes)

@@ -8,8 +8,7 @@ Two launches, both reading each input once:
    requests).
 2. ``_select_kernel``, one program per (KV head, request): holds the request's scratch row in registers,
    finds the k-th largest score by a 32-step bitwise search over order-preserving int32 keys (one reduction
-   per step; or 4 bits per step, 8 reductions of a packed 16-bin histogram, when the programs are fewer than the
-   SMs and the reductions' latency is the program's time), then writes the windows, the blocks above that threshold and the first ties, in ascending
+   per step), then writes the windows, the blocks above that threshold and the first ties, in ascending
    logical order (cumsum positions), and pads with -1. Rows up to MAX_TABLE_BLOCKS wide. Alternatives
    measured on the H100 (8 requests x 8K blocks, whole selection under a CUDA graph, Quest / mean): two bits
    per step with three counts packed in one int64 reduction, 0.136 / 0.087 ms; a radix select over four
@@ -132,55 +131,6 @@ def _kth_largest_key(keys, competing, k):
 
 
 @triton.jit
-def _add5(a0, a1, a2, a3, a4, b0, b1, b2, b3, b4):
-    return a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4
-
-
-@triton.jit
-def _digit_count(s0, s1, s2, s3, digit: tl.constexpr):
-    """How many keys had ``digit``: its 16-bit field in the packed histogram words (four digits a word)."""
-    if digit // 4 == 0:
-        word = s0
-    elif digit // 4 == 1:
-        word = s1
-    elif digit // 4 == 2:
-        word = s2
-    else:
-        word = s3
-    return (word >> ((digit % 4) * 16)) & 0xFFFF
-
-
-@triton.jit
-def _kth_largest_key_by_digits(keys, competing, k):
-    """:func:`_kth_largest_key`'s result, found 4 bits per reduction (8 reductions instead of 32).
-
-    Keys map to ``u = key + 2**31`` in [0, 2**32). Round r fixes the digit at bits ``28 - 4r``: among the keys
-    that share the prefix found so far, one reduction counts each digit (a 16-bin histogram packed 16 bits a
-    bin into four int64 words; a row has < 2**16 competing keys) and the keys above the prefix; the digit is the
-    largest d with ``above + #(digit >= d) >= k``.
-    """
-    u = keys.to(tl.int64) + 2147483648
-    prefix = tl.zeros((), dtype=tl.int64)
-    for r in tl.static_range(8):
-        shift: tl.constexpr = 28 - 4 * r
-        high = u >> (shift + 4)
-        prefix_high = prefix >> (shift + 4)
-        digit = (u >> shift) & 15
-        one = tl.where(competing & (high == prefix_high), tl.full(u.shape, 1, tl.int64) << ((digit % 4) * 16), 0)
-        word = digit // 4
-        s0, s1, s2, s3, above = tl.reduce(
-            (tl.where(word == 0, one, 0), tl.where(word == 1, one, 0), tl.where(word == 2, one, 0),
-             tl.where(word == 3, one, 0), (competing & (high > prefix_high)).to(tl.int64)), 0, _add5)
-        reached = above
-        chosen = tl.zeros((), dtype=tl.int64)
-        for i in tl.static_range(15):
-            reached += _digit_count(s0, s1, s2, s3, 15 - i)
-            chosen = tl.where((chosen == 0) & (reached >= k), 15 - i, chosen)
-        prefix += chosen << shift
-    return (prefix - 2147483648).to(tl.int32)
-
-
-@triton.jit
 def _select_kernel(
     scores_ptr,  # [batch, num_kv_heads, max_blocks] fp32
     seq_lens_ptr,  # [batch]
@@ -193,7 +143,6 @@ def _select_kernel(
     stride_ib, stride_ih, stride_ij,
     stride_cb, stride_ch,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, SEL_ROWS: tl.constexpr,
-    DIGITS: tl.constexpr,
 ):
     head = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
@@ -214,10 +163,7 @@ def _select_kernel(
     need = count - (nb - (hi - lo))  # picked among the competing blocks; the windows take the rest
     threshold = 2147483647
     if need > 0:
-        if DIGITS:
-            threshold = _kth_largest_key_by_digits(keys, competing, need)
-        else:
-            threshold = _kth_largest_key(keys, competing, need)
+        threshold = _kth_largest_key(keys, competing, need)
     above = competing & (keys > threshold)
     tie = competing & (keys == threshold)
     ties_wanted = need - tl.sum(above.to(tl.int32), axis=0)  # lowest logical indices first
@@ -343,18 +289,6 @@ def _choose_select_warps(max_blocks: int) -> int:
     return min(16, max(1, _pow2(max_blocks) // 512))
 
 
-DIGIT_SEARCH_MAX_BLOCKS = 16384  # wider rows keep the bit search (the digit histogram's registers per entry)
-
-
-def _choose_search(programs: int, max_blocks: int, device: torch.device) -> bool:
-    """Whether the top-k programs find the threshold 4 bits per reduction (``_kth_largest_key_by_digits``): when
-    they are fewer than the GPU's SMs, each runs alone on its SM and its 32 dependent reductions are its time;
-    with more programs than SMs the bit search's lighter per-entry work wins (bench/bench_block_select.py)."""
-    if device.type != "cuda" or max_blocks > DIGIT_SEARCH_MAX_BLOCKS:
-        return False
-    return programs < torch.cuda.get_device_properties(device).multi_processor_count
-
-
 @dataclass(frozen=True)
 class SelectPlan:
     """What :func:`select_blocks` derives from shapes and settings, made once by :func:`plan_select`.
@@ -375,7 +309,6 @@ class SelectPlan:
     score_tile: int
     score_warps: int
     select_warps: int
-    search_digits: bool  # top-k threshold found 4 bits per reduction instead of 1 (:func:`_choose_search`)
 
     def run(self, q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None, kmean: torch.Tensor | None,
             block_table: torch.Tensor, seq_lens: torch.Tensor, *, kscale: torch.Tensor | None = None,
@@ -419,8 +352,7 @@ def _make_plan(batch, heads, head_dim, max_blocks, device, block_size, sparse_ra
     limits = _plan_args(max_blocks, block_size, sparse_ratio, init_window, local_window, min_blocks, token_budget)
     scores = torch.empty(batch, heads, max_blocks, dtype=torch.float32, device=device)
     return SelectPlan(batch, heads, head_dim, max_blocks, width, block_size, score == "quest", limits, scores,
-                      *_choose_score_launch(heads, head_dim), _choose_select_warps(max_blocks),
-                      _choose_search(batch * heads, max_blocks, device))
+                      *_choose_score_launch(heads, head_dim), _choose_select_warps(max_blocks))
 
 
 def select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None,
@@ -555,6 +487,6 @@ def _launch(plan: SelectPlan, q, reprs, kmax, kscale, block_table, seq_lens, out
         stride_ib=sel_idx.stride(0), stride_ih=sel_idx.stride(1), stride_ij=sel_idx.stride(2),
         stride_cb=sel_count.stride(0), stride_ch=sel_count.stride(1),
         BLOCK_SIZE=plan.block_size, BLOCK_M=_pow2(plan.max_blocks), MASKED=reselect is not None,
-        SEL_ROWS=sel_rows is not None, DIGITS=plan.search_digits, num_warps=plan.select_warps,
+        SEL_ROWS=sel_rows is not None, num_warps=plan.select_warps,
     )
     return sel_idx, sel_count
