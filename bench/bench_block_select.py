@@ -1,11 +1,14 @@
-"""Quick H100 timing of block_select (and one decode step of block_repr) at the GSA bench shapes.
+"""GPU timing of block_select (and one decode step of block_repr) at the GSA bench shapes.
 
 Selection runs as a decode step runs it: ``plan_select`` once, ``plan.run`` timed; rules as in
 ``bench_sparse_decode`` (``quest`` and ``mean`` on bf16 reprs, ``quest_fp8`` on fp8 reprs with their scales).
 Each figure is timed in two modes (see ``bench_sparse_decode``): ``cuda_graph`` (replay of the captured call:
 GPU time) and ``eager`` (the Python call, host launch work included); do_bench medians with the L2 cleared
-before every call.
+before every call. ``--warps``: a sweep of the top-k program's warps instead (sweep_select_warps).
 """
+import dataclasses
+import sys
+
 import torch
 
 from bench.bench_sparse_decode import FP8, MODES, RULES, median_ms
@@ -91,4 +94,34 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sweep_select_warps() if "--warps" in sys.argv else main()
+
+
+def sweep_select_warps() -> None:
+    """Warps of the top-k program (``SelectPlan.select_warps``) against the plan's choice, at batch 1 and 8 with
+    128K-token rows and rows a few blocks longer (their table width rounds up to twice the row registers)."""
+    ceilings = measure_copy_ceilings()
+    rows = []
+    for batch in (1, 8):
+        for nb in (8192, 8195):
+            key_cache = torch.randn(batch * nb, BS, KVH, D, device="cuda", dtype=torch.bfloat16)
+            found = empty_block_repr(key_cache)
+            update_block_repr(key_cache, torch.arange(batch * nb, device="cuda"), *found)
+            reprs = dict(zip(("kmin", "kmax", "kmean"), found))
+            bt = torch.randperm(batch * nb, device="cuda").to(torch.int32).view(batch, nb)
+            sl = torch.full((batch,), nb * BS - 5, dtype=torch.int32, device="cuda")
+            q = torch.randn(batch, QH, D, device="cuda", dtype=torch.bfloat16)
+            plan = plan_select(batch, KVH, D, nb, block_size=BS, sparse_ratio=0.3, init_window=1, local_window=4,
+                               min_blocks=8, device="cuda")
+            expected = plan.run(q, block_table=bt, seq_lens=sl, **reprs)
+            for warps in (4, 8, 16, 32):
+                warped = dataclasses.replace(plan, select_warps=warps)
+                got = warped.run(q, block_table=bt, seq_lens=sl, **reprs)
+                assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+                ms = median_ms(lambda: warped.run(q, block_table=bt, seq_lens=sl, out=got, **reprs))["cuda_graph"]
+                rows.append(row("select_ratio0.3_quest", f"warps{warps}", f"b{batch}_blocks{nb}", ms,
+                                planned=warps == plan.select_warps))
+                print(rows[-1], flush=True)
+            del key_cache, found, reprs
+            torch.cuda.empty_cache()
+    print(write_results("select_warps_sweep", rows, ceilings))
