@@ -93,9 +93,6 @@ def main():
     print(path)
 
 
-if __name__ == "__main__":
-    sweep_select_warps() if "--warps" in sys.argv else main()
-
 
 def sweep_select_warps() -> None:
     """Warps of the top-k program (``SelectPlan.select_warps``) against the plan's choice, at batch 1 and 8 with
@@ -125,3 +122,7 @@ def sweep_select_warps() -> None:
             del key_cache, found, reprs
             torch.cuda.empty_cache()
     print(write_results("select_warps_sweep", rows, ceilings))
+
+
+if __name__ == "__main__":
+    sweep_select_warps() if "--warps" in sys.argv else main()
