@@ -28,21 +28,6 @@ _DENSE_PROGRAMS_PER_SM = 4  # dense: whole waves of these (see _choose_num_split
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-@triton.jit
-def _tile_blocks(entry, end, within, seq_len, list_row, stride_list, table_row, stride_table, DENSE: tl.constexpr,
-                 BLOCK_SIZE: tl.constexpr):
-    """Per token of a tile (``entry``: its list entry, ``within``: its place in the block): the physical block id
-    and whether the token is attended (a listed entry before ``end``, a token before ``seq_len``)."""
-    entry_ok = entry < end
-    if DENSE:
-        logical = entry
-    else:
-        logical = tl.load(list_row + entry * stride_list, mask=entry_ok, other=-1)
-    token_ok = entry_ok & (logical >= 0) & (logical * BLOCK_SIZE + within < seq_len)
-    physical = tl.load(table_row + logical * stride_table, mask=token_ok, other=0)
-    return physical, token_ok
-
-
 @triton.jit(do_not_specialize=["num_splits", "chunk_blocks"])
 def _sparse_decode_split_kernel(
     q_ptr,  # [batch, num_q_heads, head_dim] bf16/fp16
@@ -101,29 +86,27 @@ def _sparse_decode_split_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    table_row = block_table_ptr + b * stride_btb
-    if DENSE:
-        list_row = table_row  # not read: the list is every block
-    else:
-        list_row = sel_idx_ptr + sel_b * stride_sib + h * stride_sih
-    # a tile's block ids are loaded one step ahead: its K/V loads wait on one load, not on the list and table chain
-    physical, token_ok = _tile_blocks(start + slot, end, within, seq_len, list_row, stride_sij, table_row, stride_btj,
-                                      DENSE, BLOCK_SIZE)
     for first in range(start, end, BLOCKS_PER_TILE):
+        entry = first + slot
+        entry_ok = entry < end
+        if DENSE:
+            logical = entry
+        else:
+            logical = tl.load(sel_idx_ptr + sel_b * stride_sib + h * stride_sih + entry * stride_sij,
+                              mask=entry_ok, other=-1)
+        token_ok = entry_ok & (logical >= 0) & (logical * BLOCK_SIZE + within < seq_len)
+        physical = tl.load(block_table_ptr + b * stride_btb + logical * stride_btj, mask=token_ok, other=0)
         k_rows = physical.to(tl.int64) * stride_kb + within * stride_kt
         v_rows = physical.to(tl.int64) * stride_vb + within * stride_vt
         k = tl.load(k_head + k_rows[:, None], mask=token_ok[:, None], other=0.0).to(COMPUTE_DTYPE)
-        v = tl.load(v_head + v_rows[:, None], mask=token_ok[:, None], other=0.0).to(COMPUTE_DTYPE)
-        tile_ok = token_ok
-        physical, token_ok = _tile_blocks(first + BLOCKS_PER_TILE + slot, end, within, seq_len, list_row, stride_sij,
-                                          table_row, stride_btj, DENSE, BLOCK_SIZE)
         scores = tl.dot(q, tl.trans(k)) * qk_scale_log2
-        scores = tl.where(tile_ok[None, :], scores, float("-inf"))
+        scores = tl.where(token_ok[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_ref)
         p = tl.exp2(scores - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_head + v_rows[:, None], mask=token_ok[:, None], other=0.0).to(COMPUTE_DTYPE)
         acc = acc * alpha[:, None] + tl.dot(p.to(COMPUTE_DTYPE), v)
         m_i = m_new
 
