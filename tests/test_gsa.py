@@ -281,11 +281,9 @@ def test_two_stage_selection_keeps_the_candidates_of_most_exact_attention():
                     assert set(kept) == windows | set(rest[:count - len(windows)])
 
 
-def test_two_stage_selection_needs_the_torch_backend_and_the_keys():
+def test_two_stage_selection_needs_the_keys():
     q, k, v, table = make_paged([700], dtype=torch.bfloat16)
     config = GSAConfig(**{**vars(CONFIG), "rerank_candidates": 2.0})
-    with pytest.raises(ValueError, match="rerank_candidates: got 2.0"):
-        sparse_attention(*(t.to(TRITON_DEVICE) for t in (q, k, v, table)), [700], config, backend="triton")
     reprs = ops.empty_reprs(k.shape[0], 2, 32, k.dtype, config, "cpu")
     with pytest.raises(ValueError, match="key_cache: required"):
         ops.select("torch", q, reprs, table, torch.tensor([700]), config, BLOCK)
@@ -324,13 +322,13 @@ def test_torch_twins_match_the_kernel_references(repr_dtype):
                                **TOLERANCE[torch.bfloat16])
 
 
-@pytest.mark.parametrize("repr_dtype", ["cache", "fp8"])
-def test_triton_backend_matches_torch_backend(repr_dtype):
+@pytest.mark.parametrize("repr_dtype,rerank", [("cache", 1.0), ("fp8", 1.0), ("cache", 2.0), ("fp8", 3.0)])
+def test_triton_backend_matches_torch_backend(repr_dtype, rerank):
     """The Triton backend on TRITON_DEVICE (compiled on a GPU, the interpreter on a CPU) against the torch backend
-    on the CPU."""
+    on the CPU, in one stage and in two (the second stage's block masses from ucm_kernels.block_mass)."""
     seq_lens = [300, 70]
     q, k, v, table = make_paged(seq_lens, kv_heads=2, group=2, head_dim=16, dtype=torch.bfloat16)
-    config = GSAConfig(**{**vars(CONFIG), "repr_dtype": repr_dtype})
+    config = GSAConfig(**{**vars(CONFIG), "repr_dtype": repr_dtype, "rerank_candidates": rerank})
     on_device = [t.to(TRITON_DEVICE) for t in (q, k, v, table)]
     out_t, sel_t = sparse_attention(*on_device, seq_lens, config, backend="triton")
     out_c, sel_c = sparse_attention(q, k, v, table, seq_lens, config, backend="torch")

