@@ -4,7 +4,7 @@ import torch
 
 from ucm_kernels.block_repr import empty_block_repr, naive_update_block_repr, update_block_repr
 from ucm_kernels.block_select import naive_block_scores, naive_num_selected, naive_select_blocks, select_blocks
-from ucm_kernels.block_select import plan_select, selection_width
+from ucm_kernels.block_select import plan_select, selection_counts, selection_width
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
@@ -385,3 +385,11 @@ def test_sel_rows_write_each_requests_lists_into_its_row():
     assert (out[0][[2, 4]] == 77).all() and (out[1][[2, 4]] == 77).all()
     with pytest.raises(ValueError, match="sel_rows: given without out"):
         plan.run(**case, sel_rows=slots)
+
+
+@pytest.mark.parametrize("sizes", [SIZES, dict(SIZES, sparse_ratio=0.07, min_blocks=1),
+                                   dict(SIZES, token_budget=100), dict(SIZES, sparse_ratio=1.0, local_window=0)])
+def test_selection_counts_on_the_device_are_the_host_rule(sizes):
+    blocks = torch.arange(0, 700, device=DEVICE)
+    expected = [selection_width(n, **sizes) for n in blocks.tolist()]
+    assert selection_counts(blocks, **sizes).tolist() == expected

@@ -16,7 +16,7 @@ import torch
 
 from ucm_kernels.block_mass import block_lse2
 from ucm_kernels.block_repr import FP8, empty_block_repr_for, naive_update_block_repr, update_block_repr
-from ucm_kernels.block_select import select_blocks, selection_width
+from ucm_kernels.block_select import select_blocks, selection_counts, selection_width
 from ucm_kernels.sparse_decode import dense_decode, sparse_decode
 
 from .config import GSAConfig
@@ -156,7 +156,7 @@ def torch_select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.
     scores = torch_block_scores(q, kmin, kmax, kmean, block_table, score, kscale)  # [batch, heads, max_blocks]
     heads = scores.shape[1]
     nb = torch.clamp((seq_lens.long() + block_size - 1) // block_size, max=max_blocks)
-    count = torch.tensor([selection_width(n, **sizes) for n in nb.tolist()], dtype=torch.long, device=q.device)
+    count = selection_counts(nb, **sizes)
     dense = count >= nb
     local = max(local_window, 1)
     logical = torch.arange(max_blocks, device=q.device)
@@ -205,7 +205,7 @@ def keep_most_mass(candidates: Selection, mass: torch.Tensor, block_table: torch
     sizes = select_sizes(config, block_size)
     batch, max_blocks = block_table.shape
     nb = torch.clamp((seq_lens.long() + block_size - 1) // block_size, max=max_blocks)
-    count = torch.tensor([selection_width(n, **sizes) for n in nb.tolist()], dtype=torch.long, device=mass.device)
+    count = selection_counts(nb, **sizes)
     logical = candidates.sel_idx.long()
     listed = torch.arange(logical.shape[2], device=mass.device) < candidates.sel_count[..., None]
     windows = (logical < config.init_window_sz) | (logical >= (nb - max(config.local_window_sz, 1))[:, None, None])

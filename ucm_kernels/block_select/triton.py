@@ -253,6 +253,16 @@ def selection_width(max_blocks: int, *, block_size: int, sparse_ratio: float, in
                                init_window + max(local_window, 1)))
 
 
+def selection_counts(num_blocks: torch.Tensor, *, block_size: int, sparse_ratio: float, init_window: int,
+                     local_window: int, min_blocks: int, token_budget: int | None = None) -> torch.Tensor:
+    """:func:`selection_width` of each request, on the device (no host sync, CUDA-graph friendly): int64 ``[batch]``
+    blocks selected for ``num_blocks`` (integer ``[batch]``, logical blocks per request)."""
+    limits = _plan_args(0, block_size, sparse_ratio, init_window, local_window, min_blocks, token_budget)
+    blocks = num_blocks.long()
+    wanted = (blocks * limits["ratio_fixed"] + (RATIO_ONE - 1)) >> 32
+    return torch.minimum(blocks, wanted.clamp(min=limits["k_floor"]))
+
+
 def _wanted(num_blocks: int, block_size: int, sparse_ratio: float, token_budget: int | None) -> int:
     """ceil(token_budget / block_size), or ceil(sparse_ratio * num_blocks) in the kernels' fixed point."""
     if token_budget is not None:
