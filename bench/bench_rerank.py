@@ -12,8 +12,6 @@ checked against the torch backend's (same inputs, torch ops on the GPU): at leas
 
 Usage (lent GPU): ``python -m bench.bench_rerank``; JSON under $OUT or bench/results/.
 """
-from dataclasses import astuple
-
 import torch
 
 from bench.bench_sparse_decode import median_ms, paged_inputs
@@ -54,11 +52,11 @@ def shape_rows(batch: int, context: int) -> list[dict]:
     lists = one.run(q, *reprs, table, seq_lens)
     attend_plan = plan_decode(q, kv[0], lists[0].shape[2])
 
-    def attend(selection):
-        return sparse_decode(q, kv[0], kv[1], table, seq_lens, *selection, out=out, plan=attend_plan)
+    def attend(sel_idx, sel_count):
+        return sparse_decode(q, kv[0], kv[1], table, seq_lens, sel_idx, sel_count, out=out, plan=attend_plan)
 
-    times["quest_select_attend"] = graph_ms(lambda: (one.run(q, *reprs, table, seq_lens, out=lists), attend(lists)))
-    times["attend"] = graph_ms(lambda: attend(lists))
+    times["quest_select_attend"] = graph_ms(lambda: (one.run(q, *reprs, table, seq_lens, out=lists), attend(*lists)))
+    times["attend"] = graph_ms(lambda: attend(*lists))
     rows = [row("rerank", impl, shape, ms, speedup_vs_dense=round(times["dense"] / ms, 3))
             for impl, ms in times.items()]
     for factor in CANDIDATES:
@@ -69,6 +67,9 @@ def shape_rows(batch: int, context: int) -> list[dict]:
 
         def two_stage():
             return ops.select("triton", q, reprs, table, seq_lens, config, BLOCK, key_cache=kv[0])
+
+        def attend_lists(selection: ops.Selection):
+            return attend(selection.sel_idx, selection.sel_count)
 
         chosen = two_stage()
         torch_chosen = ops.select("torch", q, reprs, table, seq_lens, config, BLOCK, key_cache=kv[0])
@@ -82,7 +83,7 @@ def shape_rows(batch: int, context: int) -> list[dict]:
                  "keep_most_mass": median_ms(lambda: ops.keep_most_mass(candidates, mass, table, seq_lens, config,
                                                                          BLOCK)),
                  "two_stage_select": median_ms(two_stage),
-                 "two_stage_select_attend": median_ms(lambda: attend(astuple(two_stage())))}
+                 "two_stage_select_attend": median_ms(lambda: attend_lists(two_stage()))}
         for impl, ms in parts.items():
             rows.append(row("rerank", impl, shape, ms["cuda_graph"], eager_ms=round(ms["eager"], 5),
                             candidates=factor, lists_agree_with_torch=round(agree, 5),
