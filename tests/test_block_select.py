@@ -4,7 +4,7 @@ import torch
 
 from ucm_kernels.block_repr import empty_block_repr, naive_update_block_repr, update_block_repr
 from ucm_kernels.block_select import naive_block_scores, naive_num_selected, naive_select_blocks, select_blocks
-from ucm_kernels.block_select import plan_select, selection_counts, selection_width
+from ucm_kernels.block_select import plan_select, select_from_scores, selection_counts, selection_width
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
@@ -393,3 +393,32 @@ def test_selection_counts_on_the_device_are_the_host_rule(sizes):
     blocks = torch.arange(0, 700, device=DEVICE)
     expected = [selection_width(n, **sizes) for n in blocks.tolist()]
     assert selection_counts(blocks, **sizes).tolist() == expected
+
+
+def test_select_from_scores_takes_the_windows_and_the_best_given_scores():
+    """Given scores (small integers: many ties; -inf on some blocks): the count rule and windows of select_blocks,
+    then the competing blocks of highest score, ties to the lowest logical block, -inf only when nothing else is
+    left; the same lists as select_blocks when handed the scores its own kernel computes."""
+    gen = torch.Generator().manual_seed(3)
+    seq_lens = torch.tensor([403, 17, 150, 229], dtype=torch.int32, device=DEVICE)
+    scores = torch.randint(0, 5, (4, 2, 28), generator=gen).float()
+    scores[torch.rand(4, 2, 28, generator=gen) < 0.2] = float("-inf")
+    sel_idx, sel_count = select_from_scores(scores.to(DEVICE), seq_lens, **SIZES)
+    for b, seq_len in enumerate(seq_lens.tolist()):
+        nb = -(-seq_len // SIZES["block_size"])
+        count = naive_num_selected(nb, **SIZES)
+        for h in range(2):
+            assert sel_count[b, h] == count and (sel_idx[b, h, count:] == -1).all()
+            chosen = sel_idx[b, h, :count].tolist()
+            if count == nb:
+                assert chosen == list(range(nb))
+                continue
+            middle = list(range(SIZES["init_window"], nb - SIZES["local_window"]))
+            need = count - (nb - len(middle))
+            best = sorted(middle, key=lambda j: (-float(scores[b, h, j]), j))[:need]
+            assert chosen == sorted(set(range(nb)) - set(middle) | set(best))
+    case = make_case()
+    plan = plan_select(4, 2, 64, 28, **SIZES, device=DEVICE)
+    lists = plan.run(**case)
+    again = select_from_scores(plan.scores, case["seq_lens"], **SIZES)
+    assert torch.equal(again[0], lists[0]) and torch.equal(again[1], lists[1])

@@ -16,7 +16,7 @@ import torch
 
 from ucm_kernels.block_mass import block_lse2
 from ucm_kernels.block_repr import FP8, empty_block_repr_for, naive_update_block_repr, update_block_repr
-from ucm_kernels.block_select import select_blocks, selection_counts, selection_width
+from ucm_kernels.block_select import select_blocks, select_from_scores, selection_counts, selection_width
 from ucm_kernels.sparse_decode import dense_decode, sparse_decode
 
 from .config import GSAConfig
@@ -194,16 +194,24 @@ def rerank_select(backend: str, q: torch.Tensor, reprs: tuple, candidate_keys, b
                                         kscale=kscale[0] if kscale else None, **wide))
     mass_of = block_mass if backend == "triton" else candidate_mass
     mass = mass_of(q, *candidate_keys(candidates), seq_lens, candidates, scale)  # [batch, heads, width]
-    return keep_most_mass(candidates, mass, block_table, seq_lens, config, block_size)
+    return keep_most_mass(backend, candidates, mass, block_table, seq_lens, config, block_size)
 
 
-def keep_most_mass(candidates: Selection, mass: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                   config: GSAConfig, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def keep_most_mass(backend: str, candidates: Selection, mass: torch.Tensor, block_table: torch.Tensor,
+                   seq_lens: torch.Tensor, config: GSAConfig, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The second stage's choice among ``candidates``: the windows and the listed blocks of most ``mass`` (fp32
-    ``[batch, num_kv_heads, width]``, ties to the earlier entry), the one-stage count per request; ``(sel_idx,
-    sel_count)`` as :func:`torch_select_blocks` returns them."""
+    ``[batch, num_kv_heads, width]``, ties to the lower logical block), the one-stage count per request;
+    ``(sel_idx, sel_count)`` as :func:`torch_select_blocks` returns them. "triton": the masses scattered over the
+    logical blocks (-inf where no candidate) and picked by the select kernel's top-k (``select_from_scores``)."""
     sizes = select_sizes(config, block_size)
     batch, max_blocks = block_table.shape
+    if backend == "triton":
+        listed = ((torch.arange(mass.shape[2], device=mass.device) < candidates.sel_count[..., None])
+                  & (candidates.sel_idx >= 0))
+        scores = mass.new_full((batch, mass.shape[1], max_blocks + 1), float("-inf"))  # column max_blocks: a sink
+        scores.scatter_(-1, torch.where(listed, candidates.sel_idx.long(), max_blocks),
+                        torch.where(listed, mass, float("-inf")))
+        return select_from_scores(scores[..., :max_blocks], seq_lens, **sizes)
     nb = torch.clamp((seq_lens.long() + block_size - 1) // block_size, max=max_blocks)
     count = selection_counts(nb, **sizes)
     logical = candidates.sel_idx.long()

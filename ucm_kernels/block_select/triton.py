@@ -356,11 +356,12 @@ def plan_select(batch: int, num_kv_heads: int, head_dim: int, max_blocks: int, *
 
 
 def _make_plan(batch, heads, head_dim, max_blocks, device, block_size, sparse_ratio, init_window, local_window,
-               min_blocks, score, token_budget) -> SelectPlan:
+               min_blocks, score, token_budget, scores: torch.Tensor | None = None) -> SelectPlan:
     width = selection_width(max_blocks, block_size=block_size, sparse_ratio=sparse_ratio, init_window=init_window,
                             local_window=local_window, min_blocks=min_blocks, token_budget=token_budget)
     limits = _plan_args(max_blocks, block_size, sparse_ratio, init_window, local_window, min_blocks, token_budget)
-    scores = torch.empty(batch, heads, max_blocks, dtype=torch.float32, device=device)
+    if scores is None:  # the score scratch, unless the caller brings the scores
+        scores = torch.empty(batch, heads, max_blocks, dtype=torch.float32, device=device)
     return SelectPlan(batch, heads, head_dim, max_blocks, width, block_size, score == "quest", limits, scores,
                       *_choose_score_launch(heads, head_dim), _choose_select_warps(max_blocks))
 
@@ -412,6 +413,37 @@ def select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor
     plan = _make_plan(q.shape[0], reprs.shape[1], q.shape[2], block_table.shape[1], q.device, block_size,
                       sparse_ratio, init_window, local_window, min_blocks, score, token_budget)
     return _launch(plan, q, reprs, kmax, kscale, block_table, seq_lens, out, reselect, sel_rows)
+
+
+def select_from_scores(scores: torch.Tensor, seq_lens: torch.Tensor, *, block_size: int, sparse_ratio: float,
+                       init_window: int, local_window: int, min_blocks: int, token_budget: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`select_blocks`' lists from scores given per logical block instead of computed from reprs.
+
+    Args:
+        scores: fp32 ``[batch, num_kv_heads, max_blocks]``, last dim contiguous: the score of each logical block
+            (-inf: never picked while enough blocks score more; the windows are taken whatever they score).
+        seq_lens, block_size, sparse_ratio, init_window, local_window, min_blocks, token_budget: as in
+            :func:`select_blocks`.
+    Returns:
+        ``(sel_idx, sel_count)`` as :func:`select_blocks` returns them (same count rule, windows, tie rule).
+    """
+    _check_scalars(block_size, sparse_ratio, init_window, local_window, min_blocks, "quest", token_budget)
+    _check_tensor("scores", scores, 3, (torch.float32,), scores.device, "[batch, num_kv_heads, max_blocks]")
+    batch, heads, max_blocks = scores.shape
+    _check_tensor("seq_lens", seq_lens, 1, INDEX_DTYPES, scores.device, f"[batch={batch}]")
+    if seq_lens.shape[0] != batch or scores.stride(2) != 1 or max_blocks > MAX_TABLE_BLOCKS:
+        raise ValueError(f"scores {tuple(scores.shape)} strides {scores.stride()} / seq_lens "
+                         f"{tuple(seq_lens.shape)}: expected {batch} rows, a contiguous last dim and at most "
+                         f"{MAX_TABLE_BLOCKS} blocks")
+    plan = _make_plan(batch, heads, 1, max_blocks, scores.device, block_size, sparse_ratio, init_window,
+                      local_window, min_blocks, "quest", token_budget, scores)
+    sel_idx, sel_count = _check_out(None, batch, heads, plan.width, max_blocks, scores.device)
+    if batch and max_blocks:
+        _launch_select(plan, scores, seq_lens, sel_idx, sel_count, None, None)
+    else:
+        sel_count.zero_()
+    return sel_idx, sel_count
 
 
 def _check_kscale(kscale, reprs: torch.Tensor, device: torch.device) -> torch.Tensor | None:
@@ -489,6 +521,13 @@ def _launch(plan: SelectPlan, q, reprs, kmax, kscale, block_table, seq_lens, out
         BLOCK_G=_pow2(group), HEAD_DIM=plan.head_dim, BLOCK_D=_pow2(plan.head_dim), QUEST=plan.quest,
         TILE=plan.score_tile, SCALED=kscale is not None, MASKED=reselect is not None, num_warps=plan.score_warps,
     )
+    _launch_select(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows)
+    return sel_idx, sel_count
+
+
+def _launch_select(plan: SelectPlan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows) -> None:
+    """The top-k launch: each (KV head, request) row of ``scores`` (``[batch, heads, >= max_blocks]``) into
+    ``sel_idx`` / ``sel_count`` (only the rows ``reselect`` names, unless None; at the rows ``sel_rows`` names)."""
     _select_kernel[(plan.num_kv_heads, plan.batch)](
         scores_ptr=scores, seq_lens_ptr=seq_lens, reselect_ptr=seq_lens if reselect is None else reselect,
         sel_rows_ptr=seq_lens if sel_rows is None else sel_rows, sel_idx_ptr=sel_idx, sel_count_ptr=sel_count,
@@ -499,4 +538,3 @@ def _launch(plan: SelectPlan, q, reprs, kmax, kscale, block_table, seq_lens, out
         BLOCK_SIZE=plan.block_size, BLOCK_M=_pow2(plan.max_blocks), MASKED=reselect is not None,
         SEL_ROWS=sel_rows is not None, num_warps=plan.select_warps,
     )
-    return sel_idx, sel_count
