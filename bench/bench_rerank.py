@@ -3,8 +3,8 @@
 bf16, 32 query / 8 KV heads, head_dim 128, block 16, Quest at sparse_ratio 0.3 (windows: init 1, local 4, min 8
 blocks), 1 and 8 requests of 128K tokens, random data, physical blocks shuffled. Per shape and C (2, 3): the first
 stage (Quest at C x 0.3), the second stage's kernel (``ucm_kernels.block_mass``: the candidates' keys read once),
-the choice among the candidates (the select kernel's top-k over the masses; its torch twin beside it), the whole two-stage selection as ``ucm_sparse.ops.select`` runs it,
-and attention over its lists; against Quest's one-stage select + attend and our dense decode (within 1% of
+the choice among the candidates (the select kernel's top-k over the masses; its torch twin beside it), the whole
+two-stage selection as ``ucm_sparse.ops.select`` runs it, and attention over its lists; against Quest's one-stage select + attend and our dense decode (within 1% of
 FlashInfer's, ``bench/dense_spread.py``). Figures are CUDA-graph replays (``eager_ms``: the Python call), do_bench
 medians with the L2 cleared before each call. Before timing, the Triton lists are
 checked against the torch backend's (same inputs, torch ops on the GPU): at least 99% of the kept blocks agree

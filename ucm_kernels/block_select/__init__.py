@@ -19,5 +19,5 @@ The reprs come from ``ucm_kernels.block_repr``; the lists feed ``ucm_kernels.spa
 from .naive import naive_block_scores, naive_num_selected, naive_select_blocks
 from .triton import SelectPlan, plan_select, select_blocks, select_from_scores, selection_counts, selection_width
 
-__all__ = ["select_blocks", "select_from_scores", "selection_width", "selection_counts", "plan_select", "SelectPlan", "naive_select_blocks",
-           "naive_block_scores", "naive_num_selected"]
+__all__ = ["select_blocks", "select_from_scores", "selection_width", "selection_counts", "plan_select", "SelectPlan",
+           "naive_select_blocks", "naive_block_scores", "naive_num_selected"]
