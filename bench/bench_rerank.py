@@ -4,11 +4,11 @@ bf16, 32 query / 8 KV heads, head_dim 128, block 16, Quest at sparse_ratio 0.3 (
 blocks), 1 and 8 requests of 128K tokens, random data, physical blocks shuffled. Per shape and C (2, 3): the first
 stage (Quest at C x 0.3), the second stage's kernel (``ucm_kernels.block_mass``: the candidates' keys read once),
 the choice among the candidates (the select kernel's top-k over the masses; its torch twin beside it), the whole
-two-stage selection as ``ucm_sparse.ops.select`` runs it, and attention over its lists; against Quest's one-stage select + attend and our dense decode (within 1% of
-FlashInfer's, ``bench/dense_spread.py``). Figures are CUDA-graph replays (``eager_ms``: the Python call), do_bench
-medians with the L2 cleared before each call. Before timing, the Triton lists are
-checked against the torch backend's (same inputs, torch ops on the GPU): at least 99% of the kept blocks agree
-(the kernel's bf16 dot and the torch fp32 matmul may order a near tie differently).
+two-stage selection as ``ucm_sparse.ops.select`` runs it, and attention over its lists; against Quest's one-stage
+select + attend and our dense decode (within 1% of FlashInfer's, ``bench/dense_spread.py``). Figures are CUDA-graph
+replays (``eager_ms``: the Python call), do_bench medians with the L2 cleared before each call. Before timing, the
+Triton lists are checked against the torch backend's (same inputs, torch ops on the GPU): at least 99% of the kept
+blocks agree (the kernel's bf16 dot and the torch fp32 matmul may order a near tie differently).
 
 Usage (lent GPU): ``python -m bench.bench_rerank``; JSON under $OUT or bench/results/.
 """
