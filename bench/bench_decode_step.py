@@ -8,10 +8,11 @@ the same work in every variant). Attention variants, each inside the same step:
 * ``flashinfer``: FlashInfer's tensor-core paged decode (its faster kernel at these shapes, bench_sparse_decode)
   over NHD K/V caches;
 * ``ucm_dense``: our dense_decode over the FlashAttention-layout cache vLLM allocates;
-* ``gsa_every{N}``, ``gsa_fp8_every4``, ``gsa_budget2048[_every{N}]``: :class:`ucm_sparse.vllm.flash_step.FlashGSA`,
-  the code of GSA's vLLM backend: its plan made eagerly per step (as vLLM's metadata builder makes it), then each
-  layer refreshes its summaries, selects (with ``select_every`` N > 1 only the rows whose lists are due) and
-  attends. Quest (bf16 or fp8 summaries), sparse_ratio 0.3 or a 2048-token budget, block 16 (GSA_VARIANTS).
+* ``gsa_every{N}``, ``gsa_fp8_every4``, ``gsa_budget2048[_every{N}]``, ``gsa_rerank2_every{N}``: FlashGSA
+  (:class:`ucm_sparse.vllm.flash_step.FlashGSA`), the code of GSA's vLLM backend: its plan made eagerly per step (as
+  vLLM's metadata builder makes it), then each layer refreshes its summaries, selects (with ``select_every`` N > 1
+  only the rows whose lists are due) and attends. Quest (bf16 or fp8 summaries), sparse_ratio 0.3 or a 2048-token
+  budget, or two stages (Quest at 0.6 as candidates, 0.3 kept by exact attention), block 16 (GSA_VARIANTS).
 
 Every variant runs all layers in one CUDA graph per step shape, replayed per step after that step's host work.
 The KV cache is one tensor shared by every layer (8 x 128K tokens x 32 layers would need 137 GB): each layer
@@ -52,11 +53,15 @@ from ucm_sparse.vllm.flash_step import FlashGSA, LayerState, flash_kv_views
 BLOCK = 16
 GSA_SETTINGS = dict(sparse_ratio=0.3, init_window_sz=1, local_window_sz=4, min_blocks=8)
 # GSA variants timed per shape: Quest at sparse_ratio 0.3 selecting every 1 / 4 / 8 steps (every 4 on fp8 summaries
-# too), and a 2048-token budget (the same windows) every 1 / 4 / 8 steps
+# too), a 2048-token budget (the same windows) every 1 / 4 / 8 steps, and two stages at 0.3 every 4 / 8 steps
 BUDGET = {"token_budget": 2048}
+RERANK = {"rerank_candidates": 2.0}  # two stages: Quest at 0.6 as candidates, 0.3 kept by exact attention
 GSA_VARIANTS = {"gsa_every1": {}, "gsa_every4": {"select_every": 4}, "gsa_every8": {"select_every": 8},
                 "gsa_fp8_every4": {"repr_dtype": "fp8", "select_every": 4}, "gsa_budget2048": BUDGET,
-                "gsa_budget2048_every4": {**BUDGET, "select_every": 4}, "gsa_budget2048_every8": {**BUDGET, "select_every": 8}}
+                "gsa_budget2048_every4": {**BUDGET, "select_every": 4},
+                "gsa_budget2048_every8": {**BUDGET, "select_every": 8},
+                "gsa_rerank2_every4": {**RERANK, "select_every": 4},
+                "gsa_rerank2_every8": {**RERANK, "select_every": 8}}
 SHAPES = [(8, 131072, "steady"), (8, 131072, "alternating"), (1, 131072, "steady"), (8, 32768, "steady"),
           (8, 32768, "alternating"), (1, 32768, "steady")]
 STEPS = 48

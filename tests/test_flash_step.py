@@ -132,11 +132,32 @@ def test_a_batch_of_prefills_only_has_no_decode_rows_and_plans_reuse_buffers():
         gsa(max_rows=1).plan(seq_lens, starts, starts_cpu, table, 1)
 
 
-def test_two_stage_selection_is_refused_naming_the_key():
-    config = GSAConfig(**{**vars(CONFIG), "rerank_candidates": 3.0})
-    with pytest.raises(ValueError, match="rerank_candidates: got 3.0"):
-        FlashGSA(config, block_size=BLOCK, num_kv_heads=HEADS, num_q_heads=HEADS * GROUP, head_size=HEAD,
-                 max_rows=4, dtype=torch.bfloat16, device=DEVICE)
+@pytest.mark.parametrize("select_every", [1, 2])
+def test_two_stage_rows_equal_the_torch_two_stage_selection(select_every):
+    """rerank_candidates 2: the decode rows' lists and outputs as the torch backend's two stages compute them over
+    the same views; with select_every 2 the next step (no block filled) keeps them while the queries change."""
+    config = GSAConfig(**{**vars(CONFIG), "rerank_candidates": 2.0, "select_every": select_every})
+    step = FlashGSA(config, block_size=BLOCK, num_kv_heads=HEADS, num_q_heads=HEADS * GROUP, head_size=HEAD,
+                    max_rows=4, dtype=torch.bfloat16, device=DEVICE)
+    kv_cache = flash_cache(64)
+    table, seq_lens, starts, starts_cpu, q = batch([301, 250, 40], [1, 1, 1])
+    layer = step.layer_state(64)
+    plan = step.plan(seq_lens, starts, starts_cpu, table, 1, torch.tensor([True, True, False]))
+    step.run(plan, q, kv_cache, layer, HEAD ** -0.5, output := torch.full_like(q, float("nan")))
+    key_cache, value_cache = flash_kv_views(kv_cache, HEAD)
+    reprs = ops.empty_reprs(64, HEADS, HEAD, key_cache.dtype, config, DEVICE)
+    naive_update_block_repr(key_cache, torch.cat([table[0, :18], table[1, :15], table[2, :2]]), *reprs)
+    expected = ops.select("torch", q, reprs, table, seq_lens, config, BLOCK, key_cache=key_cache)
+    one_stage = ops.select("torch", q, reprs, table, seq_lens, CONFIG, BLOCK)
+    assert not torch.equal(expected.sel_idx, one_stage.sel_idx)  # the second stage changed some list
+    used = lists_in_use(layer, plan.decode) if select_every > 1 else ops.Selection(plan.decode.sel_idx,
+                                                                                    plan.decode.sel_count)
+    assert torch.equal(used.sel_idx.cpu(), expected.sel_idx.cpu())
+    attended = ops.attend("torch", q, key_cache, value_cache, table, seq_lens, expected, HEAD ** -0.5)
+    torch.testing.assert_close(output.float(), attended.float(), atol=1e-2, rtol=1e-2)
+    if select_every > 1:
+        _, reselected, kept = reused_step(step, seq_lens + 1, starts, starts_cpu, table, -q, kv_cache, layer)
+        assert reselected == [0, 0, 0] and torch.equal(kept.sel_idx.cpu(), expected.sel_idx.cpu())
 
 
 def test_ratio_one_without_a_budget_never_goes_sparse():

@@ -64,6 +64,14 @@ def select_sizes(config: GSAConfig, block_size: int) -> dict:
                 local_window=config.local_window_sz, min_blocks=config.min_blocks, token_budget=config.token_budget)
 
 
+def candidate_sizes(config: GSAConfig, block_size: int) -> dict:
+    """The selection keyword arguments of a two-stage selection's first stage: ``rerank_candidates`` times the
+    ratio (at most 1) or the token budget."""
+    factor = config.rerank_candidates
+    return dict(select_sizes(config, block_size), sparse_ratio=min(1.0, config.sparse_ratio * factor),
+                token_budget=None if config.token_budget is None else int(config.token_budget * factor))
+
+
 def empty_reprs(num_blocks: int, num_kv_heads: int, head_dim: int, cache_dtype: torch.dtype, config: GSAConfig,
                 device: torch.device | str) -> tuple[torch.Tensor, ...]:
     """Uninitialised block summaries in ``config.repr_dtype``: ``(kmin, kmax, kmean)``, each ``[num_blocks,
@@ -185,10 +193,7 @@ def rerank_select(backend: str, q: torch.Tensor, reprs: tuple, candidate_keys, b
     logical blocks. Both stages run on ``backend`` ("triton": the select kernel and
     ``ucm_kernels.block_mass``; "torch": their torch twins)."""
     kmin, kmax, kmean, *kscale = reprs
-    sizes = select_sizes(config, block_size)
-    wide = dict(sizes, sparse_ratio=min(1.0, config.sparse_ratio * config.rerank_candidates),
-                token_budget=None if config.token_budget is None else
-                int(config.token_budget * config.rerank_candidates))
+    wide = candidate_sizes(config, block_size)
     first_stage = select_blocks if backend == "triton" else torch_select_blocks
     candidates = Selection(*first_stage(q, kmin, kmax, kmean, block_table, seq_lens, score=config.score,
                                         kscale=kscale[0] if kscale else None, **wide))
@@ -198,11 +203,13 @@ def rerank_select(backend: str, q: torch.Tensor, reprs: tuple, candidate_keys, b
 
 
 def keep_most_mass(backend: str, candidates: Selection, mass: torch.Tensor, block_table: torch.Tensor,
-                   seq_lens: torch.Tensor, config: GSAConfig, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   seq_lens: torch.Tensor, config: GSAConfig, block_size: int, **placement
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """The second stage's choice among ``candidates``: the windows and the listed blocks of most ``mass`` (fp32
     ``[batch, num_kv_heads, width]``, ties to the lower logical block), the one-stage count per request;
     ``(sel_idx, sel_count)`` as :func:`torch_select_blocks` returns them. "triton": the masses scattered over the
-    logical blocks (-inf where no candidate) and picked by the select kernel's top-k (``select_from_scores``)."""
+    logical blocks (-inf where no candidate) and picked by the select kernel's top-k (``select_from_scores``, which
+    takes ``placement``: ``out``, ``reselect``, ``sel_rows``; the torch twin takes none)."""
     sizes = select_sizes(config, block_size)
     batch, max_blocks = block_table.shape
     if backend == "triton":
@@ -211,7 +218,9 @@ def keep_most_mass(backend: str, candidates: Selection, mass: torch.Tensor, bloc
         scores = mass.new_full((batch, mass.shape[1], max_blocks + 1), float("-inf"))  # column max_blocks: a sink
         scores.scatter_(-1, torch.where(listed, candidates.sel_idx.long(), max_blocks),
                         torch.where(listed, mass, float("-inf")))
-        return select_from_scores(scores[..., :max_blocks], seq_lens, **sizes)
+        return select_from_scores(scores[..., :max_blocks], seq_lens, **sizes, **placement)
+    if placement:
+        raise ValueError(f"{sorted(placement)}: the torch twin returns new lists; merge them as ops.select does")
     nb = torch.clamp((seq_lens.long() + block_size - 1) // block_size, max=max_blocks)
     count = selection_counts(nb, **sizes)
     logical = candidates.sel_idx.long()
@@ -229,9 +238,12 @@ def keep_most_mass(backend: str, candidates: Selection, mass: torch.Tensor, bloc
 
 
 def block_mass(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-               candidates: Selection, scale: float | None = None) -> torch.Tensor:
-    """:func:`candidate_mass` from the kernel's per-(block, query head) log2-sum-exp (``ucm_kernels.block_mass``)."""
-    lse = block_lse2(q, key_cache, block_table, seq_lens, candidates.sel_idx, candidates.sel_count, scale) * LN2
+               candidates: Selection, scale: float | None = None, reselect: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """:func:`candidate_mass` from the kernel's per-(block, query head) log2-sum-exp (``ucm_kernels.block_mass``);
+    with ``reselect``, rows where it is zero hold no meaningful mass."""
+    lse = block_lse2(q, key_cache, block_table, seq_lens, candidates.sel_idx, candidates.sel_count, scale,
+                     reselect) * LN2
     return torch.exp(lse - torch.logsumexp(lse, dim=-1, keepdim=True)).nan_to_num(0.0).sum(dim=2)
 
 

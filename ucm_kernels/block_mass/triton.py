@@ -21,6 +21,7 @@ def _block_lse2_kernel(
     seq_lens_ptr,  # [batch]
     sel_idx_ptr,  # [batch, num_kv_heads, width] logical blocks, -1 padded
     sel_count_ptr,  # [batch, num_kv_heads]
+    reselect_ptr,  # [batch] rows to compute (read if MASKED)
     out_ptr,  # [batch, num_kv_heads, group, width] fp32
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
@@ -30,11 +31,14 @@ def _block_lse2_kernel(
     stride_ob, stride_oh, stride_og, stride_oj,
     num_kv_heads, width, chunk, qk_scale_log2,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCKS_PER_TILE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    BLOCKS_PER_TILE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, MASKED: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // num_kv_heads
     h = pid % num_kv_heads
+    if MASKED:
+        if tl.load(reselect_ptr + b) == 0:
+            return
     start = tl.program_id(1).to(tl.int64) * chunk
     end = tl.minimum(start + chunk, width)  # every entry of the row is written: those past sel_count as -inf
     count = tl.load(sel_count_ptr + b * stride_scb + h * stride_sch).to(tl.int64)
@@ -104,7 +108,8 @@ def _check_inputs(q, key_cache, block_table, seq_lens, sel_idx, sel_count) -> No
 
 
 def block_lse2(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-               sel_idx: torch.Tensor, sel_count: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+               sel_idx: torch.Tensor, sel_count: torch.Tensor, scale: float | None = None,
+               reselect: torch.Tensor | None = None) -> torch.Tensor:
     """Per listed block and query head, the log2 of the summed exponentials of its tokens' attention logits.
 
     Args:
@@ -116,12 +121,18 @@ def block_lse2(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tens
         sel_idx: ``[batch, num_kv_heads, width]`` int32 logical blocks (-1: none); sel_count ``[batch,
             num_kv_heads]`` int32: how many leading entries are listed.
         scale: softmax scale of the logits (default ``head_dim ** -0.5``).
+        reselect: optional ``[batch]`` int32/bool: only the rows where it is nonzero are computed; the others'
+            rows of the result are left unwritten (``select_every``: rows that keep their lists).
     Returns:
         fp32 ``[batch, num_kv_heads, group, width]``: ``log2 sum_t 2 ** (scale * log2(e) * q_g . k_t)`` over the
         entry's live tokens; -inf for entries not listed, -1, or with no token before seq_len.
     """
     _check_inputs(q, key_cache, block_table, seq_lens, sel_idx, sel_count)
     batch, num_q_heads, head_dim = q.shape
+    if reselect is not None:
+        _check("reselect", reselect, 1, (torch.int32, torch.bool), q.device, f"[batch={batch}]")
+        if reselect.shape[0] != batch:
+            raise ValueError(f"reselect: got shape {tuple(reselect.shape)}, expected [{batch}]")
     block_size, heads = key_cache.shape[1], key_cache.shape[2]
     group, width = num_q_heads // heads, sel_idx.shape[2]
     out = torch.empty(batch, heads, group, width, dtype=torch.float32, device=q.device)
@@ -131,11 +142,11 @@ def block_lse2(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tens
     chunk = blocks_per_tile * -(-_ENTRIES_PER_PROGRAM // blocks_per_tile)
     scale = head_dim ** -0.5 if scale is None else scale
     _block_lse2_kernel[(batch * heads, triton.cdiv(width, chunk))](
-        q, key_cache, block_table, seq_lens, sel_idx, sel_count, out,
+        q, key_cache, block_table, seq_lens, sel_idx, sel_count, seq_lens if reselect is None else reselect, out,
         *q.stride(), *key_cache.stride(), *block_table.stride(), *sel_idx.stride(), *sel_count.stride(),
         *out.stride(), heads, width, chunk, scale * math.log2(math.e),
         GROUP=group, GROUP_PAD=max(16, _pow2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCKS_PER_TILE=blocks_per_tile, num_warps=4,
+        BLOCKS_PER_TILE=blocks_per_tile, MASKED=reselect is not None, num_warps=4,
         COMPUTE_DTYPE=tl.float32 if triton_interpreting() else _TL_DTYPES[q.dtype],  # the interpreter's bf16 dot is wrong
     )
     return out

