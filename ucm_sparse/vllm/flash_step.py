@@ -245,21 +245,19 @@ class FlashGSA:
         """Two stages: the first stage's plan (the score rule at ``rerank_candidates`` times the blocks) and its
         candidate buffers, for ``max_rows`` rows of a ``width``-block table."""
         if width not in self._select_wide:
-            wide = plan_select(self.max_rows, self.num_kv_heads, self.head_size, width, score=self.config.score,
-                               device=self.device, **ops.candidate_sizes(self.config, self.block_size))
-            cand_idx = torch.full((self.max_rows, self.num_kv_heads, wide.width), -1, dtype=torch.int32,
-                                  device=self.device)
-            cand_count = torch.zeros(self.max_rows, self.num_kv_heads, dtype=torch.int32, device=self.device)
-            self._select_wide[width] = wide, cand_idx, cand_count
+            self._select_wide[width] = self._plan_with_lists(width, ops.candidate_sizes(self.config, self.block_size))
         return self._select_wide[width]
 
     def _base(self, width: int) -> tuple[SelectPlan, torch.Tensor, torch.Tensor]:
         """The selection plan and output buffers of ``max_rows`` rows of a ``width``-block table."""
         if width not in self._select_base:
-            base = plan_select(self.max_rows, self.num_kv_heads, self.head_size, width, score=self.config.score,
-                               device=self.device, **ops.select_sizes(self.config, self.block_size))
-            sel_idx = torch.full((self.max_rows, self.num_kv_heads, base.width), -1, dtype=torch.int32,
-                                 device=self.device)
-            sel_count = torch.zeros(self.max_rows, self.num_kv_heads, dtype=torch.int32, device=self.device)
-            self._select_base[width] = base, sel_idx, sel_count
+            self._select_base[width] = self._plan_with_lists(width, ops.select_sizes(self.config, self.block_size))
         return self._select_base[width]
+
+    def _plan_with_lists(self, width: int, sizes: dict) -> tuple[SelectPlan, torch.Tensor, torch.Tensor]:
+        """A selection plan of ``sizes`` for ``max_rows`` rows of a ``width``-block table, and its list buffers."""
+        plan = plan_select(self.max_rows, self.num_kv_heads, self.head_size, width, score=self.config.score,
+                           device=self.device, **sizes)
+        sel_idx = torch.full((self.max_rows, self.num_kv_heads, plan.width), -1, dtype=torch.int32, device=self.device)
+        sel_count = torch.zeros(self.max_rows, self.num_kv_heads, dtype=torch.int32, device=self.device)
+        return plan, sel_idx, sel_count
