@@ -29,7 +29,7 @@ class GSAConfig:
     rerank_candidates: float = spec(1.0, "two-stage selection: the score rule picks this many times the blocks "
                                     "attended as candidates, then the blocks of most exact attention of the "
                                     "current queries over the candidates' keys are kept (reads those keys; 1: one "
-                                    "stage; not yet in vLLM's GPU backend or the offload mode)", min=1.0, max=64.0,
+                                    "stage; not in the offload mode)", min=1.0, max=64.0,
                                     used_by="GSA selection")
     select_every: int = spec(1, "decode steps one selection serves: 1 selects at every step; N reuses a request's "
                              "selection for its next N - 1 steps, while its block count stays the same (a new "
