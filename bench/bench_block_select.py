@@ -84,7 +84,7 @@ def main():
                     nbytes = batch * selected_repr_bytes(rule_reprs, score, nb)
                     rows += [row(f"select_{mode_name}_{rule}", "ucm", shape, times[mode], nbytes, hbm, mode=mode)
                              for mode in MODES]
-            del key_cache, reprs
+            key_cache = reprs = None  # freed before the next shape (the timed lambdas are done)
             torch.cuda.empty_cache()
             path = save(rows, ceilings)  # after every shape: a run cut short keeps its finished shapes
     for r in rows:
@@ -119,7 +119,7 @@ def sweep_select_warps() -> None:
                 rows.append(row("select_ratio0.3_quest", f"warps{warps}", f"b{batch}_blocks{nb}", ms,
                                 planned=warps == plan.select_warps))
                 print(rows[-1], flush=True)
-            del key_cache, found, reprs
+            key_cache = found = reprs = None  # freed before the next shape
             torch.cuda.empty_cache()
     print(write_results("select_warps_sweep", rows, ceilings))
 

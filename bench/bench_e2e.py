@@ -70,7 +70,8 @@ def main() -> None:
     example = drive(work, "example", work / "example_store", 2)
     for none, ucm in rounds:
         assert ucm["pass_tokens"][0] == ucm["pass_tokens"][1] == none["tokens"] == restart["tokens"], "outputs differ"
-    pooled = {"none": [none["latencies"][0] for none, _ in rounds], "ucm_cold": [ucm["latencies"][0] for _, ucm in rounds],
+    pooled = {"none": [none["latencies"][0] for none, _ in rounds],
+              "ucm_cold": [ucm["latencies"][0] for _, ucm in rounds],
               "ucm_warm_dram": [ucm["latencies"][1] for _, ucm in rounds]}
     ttft = {name: per_length(transpose_rounds(samples), lengths, args.repeats * args.rounds)
             for name, samples in pooled.items()}

@@ -183,10 +183,11 @@ def placement_sweep(total_gib: int, window_mib: int = 256, reps: int = 5) -> lis
             with torch.cuda.stream(d2h_stream):
                 mirror.copy_(gpu_out, non_blocking=True)
 
-        for name, run, nbytes in (("h2d", h2d, window), ("d2h", d2h, window), ("both", lambda: (h2d(), d2h()), 2 * window)):
+        placed = f"{window_mib} MiB at {offset} GiB of {total_gib} GiB"
+        for name, run, nbytes in (("h2d", h2d, window), ("d2h", d2h, window),
+                                  ("both", lambda: (h2d(), d2h()), 2 * window)):
             ms = wall_median_ms(run, reps)
-            rows.append(row(f"pinned_placement_{name}", "bare_copy", f"{window_mib} MiB at {offset} GiB of {total_gib} GiB",
-                            ms, nbytes=nbytes, offset_gib=offset))
+            rows.append(row(f"pinned_placement_{name}", "bare_copy", placed, ms, nbytes=nbytes, offset_gib=offset))
         print(f"  offset {offset:3d} GiB: " + ", ".join(f"{r['name'][17:]} {r['gbps']}" for r in rows[-3:]), flush=True)
     return rows
 

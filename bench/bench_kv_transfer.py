@@ -32,7 +32,7 @@ CHECK_ROWS = 1024  # rows compared per step when checking (2 GiB on the GPU)
 PER_BLOCK_SUBSET = 64  # blocks moved by the per-block copy_ baseline (64 copies of 32 KiB each)
 INDEX_SELECT_MAX_BLOCKS = 4096
 DMA_CHUNK_BYTES = 256 << 20  # copy size of the same-rows DMA ceiling
-TUNE_CHUNK_MIB, TUNE_SLOTS = (32, 64, 128, 256), (2, 3)  # staging slot grid of --tune  # index_select baseline needs a GPU buffer of the whole batch (8 GiB here)
+TUNE_CHUNK_MIB, TUNE_SLOTS = (32, 64, 128, 256), (2, 3)  # staging slot grid of --tune
 STRATEGIES = ("staged", "direct")
 SHAPE = f"llama8b {NUM_LAYERS}L (2,nb,{BLOCK_SIZE},{KV_HEADS},{HEAD_DIM}) bf16"
 
@@ -218,9 +218,10 @@ class Bench:
                 for start, stop in spans:
                     gpu_in[:stop - start].copy_(in_rows[start:stop], non_blocking=True)
 
+        both = lambda: (d2h(), h2d())  # noqa: E731
         for name, run, ceiling, directions in (("dma_same_rows_d2h", d2h, "d2h_pinned_gbps", 1),
                                                  ("dma_same_rows_h2d", h2d, "h2d_pinned_gbps", 1),
-                                                 ("dma_same_rows_both", lambda: (d2h(), h2d()), "bidir_pinned_gbps", 2)):
+                                                 ("dma_same_rows_both", both, "bidir_pinned_gbps", 2)):
             ms = wall_median_ms(run, iterations(directions * nbytes))
             self.add(name, "bare_copy_256MiB", n, ms, ceiling, directions=directions)
 
@@ -318,14 +319,17 @@ def main() -> int:
     sizes = [n for n in map(int, args.sizes.split(",")) if n <= bench.num_rows]
     small_sizes = [n for n in map(int, args.small_sizes.split(",")) if n <= bench.num_rows]
     both_sizes = sorted({min(n, bench.num_rows // 2, args.num_blocks // 2) for n in sizes})
-    tune_grid = [(mib, slots) for mib in map(int, args.tune_mib.split(",")) for slots in map(int, args.tune_slots.split(","))]
+    tune_grid = [(mib, slots) for mib in map(int, args.tune_mib.split(","))
+                 for slots in map(int, args.tune_slots.split(","))]
     sections = tune_sections(bench, both_sizes, tune_grid) if args.tune else default_sections(
         bench, sizes, small_sizes, both_sizes)
     for label, section in sections:
         attempt(errors, label, section)
-        path = write_results("kv_transfer_tune" if args.tune else "kv_transfer", seed_rows(seed, bench.ceilings) + bench.rows, bench.ceilings, extra={
-            "seed_6_2_gbps_per_run": seed, "raw_torch_copy_sync_loop_gbps": raw, "direct_max_bytes": DIRECT_MAX_BYTES, "pinned_rows": bench.num_rows,
-            "cache_blocks": args.num_blocks, "errors": errors})
+        path = write_results(
+            "kv_transfer_tune" if args.tune else "kv_transfer", seed_rows(seed, bench.ceilings) + bench.rows,
+            bench.ceilings, extra={"seed_6_2_gbps_per_run": seed, "raw_torch_copy_sync_loop_gbps": raw,
+                                   "direct_max_bytes": DIRECT_MAX_BYTES, "pinned_rows": bench.num_rows,
+                                   "cache_blocks": args.num_blocks, "errors": errors})
     print_table(seed_rows(seed, bench.ceilings) + bench.rows, seed)
     print("raw torch copy_ + sync loop (GB/s): " + ", ".join(f"{mb} MB {gbps}" for mb, gbps in raw.items()))
     print(f"results: {path}")

@@ -43,8 +43,9 @@ def kv_transfer_config(connector: str, store: str):
     from vllm.config import KVTransferConfig
 
     if connector == "ucm":
-        return KVTransferConfig(kv_connector="UCMConnector", kv_connector_module_path="ucm.integration.vllm.ucm_connector",
-                                kv_role="kv_both", kv_connector_extra_config={**UCM_STORE_KEYS, "storage_backends": store})
+        return KVTransferConfig(kv_connector="UCMConnector",
+                                kv_connector_module_path="ucm.integration.vllm.ucm_connector", kv_role="kv_both",
+                                kv_connector_extra_config={**UCM_STORE_KEYS, "storage_backends": store})
     if connector == "offload":
         return KVTransferConfig(kv_connector="OffloadingConnector", kv_role="kv_both",
                                 kv_connector_extra_config={"cpu_bytes_to_use": OFFLOAD_BYTES})
@@ -135,7 +136,8 @@ def check_correctness(work: Path) -> dict:
     prompts = random_prompts(CORRECT_LENGTHS, 1, SMALL_LLAMA["vocab_size"])
     control = [(t + 1) % SMALL_LLAMA["vocab_size"] if i < BLOCK else t for i, t in enumerate(prompts[0])]
     (work / "correct.json").write_text(json.dumps(prompts + [control]))
-    common = ("--model-dir", str(model), "--store", str(work / "store_correct"), "--prompts", str(work / "correct.json"))
+    common = ("--model-dir", str(model), "--store", str(work / "store_correct"),
+              "--prompts", str(work / "correct.json"))
     first = run_role("--role", "correct", *common)
     second = run_role("--role", "correct", *common)
     full_blocks = sum((len(p) - 1) // BLOCK for p in prompts)

@@ -46,7 +46,8 @@ def llama_tensors(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def write_llama(directory: Path, config: dict, seed: int = 0) -> Path:
     """Write ``config.json`` (``config`` over :data:`LLAMA_DEFAULTS`) and ``model.safetensors`` of
-    :func:`llama_tensors` into ``directory``; return it. Rewrites nothing already written for the same config and seed."""
+    :func:`llama_tensors` into ``directory``; return it. Rewrites nothing already written for the same config and
+    seed."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)

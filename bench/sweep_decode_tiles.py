@@ -49,7 +49,7 @@ def sweep_shape(batch: int, context: int, hbm_gbps: float) -> list[dict]:
     shape, nbytes = f"b{batch}_ctx{context}", 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
     rows = [row("decode_dense", "sdpa", shape, graph_ms(
         lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)), nbytes, hbm_gbps)]
-    del k, v
+    k = v = None  # the contiguous copies are only for SDPA: freed before the paged kernels run
     if flashinfer_peer.available():
         peers = flashinfer_peer.dense_decoders(table, lens, num_q_heads=NUM_Q_HEADS, num_kv_heads=NUM_KV_HEADS,
                                                head_dim=HEAD_DIM, page_size=BLOCK_SIZE, dtype=DTYPE)

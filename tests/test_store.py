@@ -89,7 +89,8 @@ def test_offsets_build_a_block_from_parts_and_load_slices(tmp_path):
         store.wait(store.load([b"blk"], 0, whole))
         assert torch.equal(whole, torch.cat(layers))
         bad = store.load([b"blk"], 4 * 4096 - 8, torch.empty(16, dtype=torch.uint8))
-        assert store.wait(bad) == TaskStatus.FAILURE and "bytes [16376, 16392) were asked for" in bad.describe_failures()
+        assert store.wait(bad) == TaskStatus.FAILURE
+        assert "bytes [16376, 16392) were asked for" in bad.describe_failures()
 
 
 def test_parts_with_a_gap_fail_the_commit(tmp_path):

@@ -85,7 +85,8 @@ def reference_tables() -> str:
     """Markdown tables of every store and GSA key: default, type, allowed values, user, meaning."""
     out = []
     for title, cls in (("ucm_connector_config (store)", StoreConfig), ("ucm_sparse_config.GSA", GSAConfig)):
-        out += [f"### {title}", "", "| key | default | type | allowed | used by | meaning |", "|---|---|---|---|---|---|"]
+        out += [f"### {title}", "", "| key | default | type | allowed | used by | meaning |",
+                "|---|---|---|---|---|---|"]
         for f in describe_fields(cls):
             cells = [f"`{f['key']}`", f"`{_plain(f['default'])!r}`", f["type"], f["allowed"], f["used_by"], f["doc"]]
             out.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")

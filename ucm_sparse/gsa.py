@@ -6,11 +6,11 @@
         out = gsa.run(plan, layer, q[layer], key_cache[layer], value_cache[layer])
     gsa.finish(request_id)                                      # when a request ends
 
-The plan holds what a step's layers share: the lengths, the block table cut to the longest request, the blocks
-that became full since the previous step (their representations are computed by each layer's ``run``), the
-block count each request attends, and whether the whole batch is still dense (then ``run`` is plain dense
-attention). ``run`` updates the layer's block representations, selects (or takes ``selection=`` computed
-earlier, e.g. by another layer) and attends; the selection stays in ``plan.selections[layer]``. With ``select_every > 1`` a request keeps each
+The plan holds what a step's layers share: the lengths, the block table cut to the longest request, the blocks that
+became full since the previous step (their representations are computed by each layer's ``run``), the block count
+each request attends, and whether the whole batch is still dense (then ``run`` is plain dense attention). ``run``
+updates the layer's block representations, selects (or takes ``selection=`` computed earlier, e.g. by another layer)
+and attends; the selection stays in ``plan.selections[layer]``. With ``select_every > 1`` a request keeps each
 layer's selection for up to that many steps (:mod:`ucm_sparse.reuse`): the plan says which rows select afresh.
 :func:`sparse_attention` is the one-call form for a notebook.
 """

@@ -1,11 +1,11 @@
 """Block representations kept by physical block id, recomputed only for blocks whose keys changed.
 
 When something other than GSA writes the KV cache (vLLM's forward pass, a KV connector loading blocks from the
-store, a prefix-cache hit reusing a block), GSA cannot know which blocks filled or were replaced. This cache
-stores, next to each block's summaries (kmin, kmax, kmean; kscale when fp8), a fingerprint: the keys of the block's first and last token.
-Before a selection, :meth:`BlockReprCache.refresh` compares the fingerprints of the blocks about to be scored
-and recomputes the representations of those that differ (or never had one). Two blocks with equal first and
-last keys but different keys in between would keep a stale representation: that costs selection quality, never
+store, a prefix-cache hit reusing a block), GSA cannot know which blocks filled or were replaced. This cache stores,
+next to each block's summaries (kmin, kmax, kmean; kscale when fp8), a fingerprint: the keys of the block's first
+and last token. Before a selection, :meth:`BlockReprCache.refresh` compares the fingerprints of the blocks about to
+be scored and recomputes the representations of those that differ (or never had one). Two blocks with equal first
+and last keys but different keys in between would keep a stale representation: that costs selection quality, never
 attention correctness (attention reads the blocks themselves).
 """
 import torch

@@ -73,8 +73,8 @@ class StoreConfig:
     multipart_threshold: int = spec(8 * MiB, "objects at least this large upload in parts", min=5 * MiB,
                                     used_by="DS3FS")
     multipart_chunk_size: int = spec(8 * MiB, "part size of multipart uploads", min=5 * MiB, used_by="DS3FS")
-    io_workers: int | None = spec(None, "worker threads for file / network I/O; unset: the CPU count, at most 8 (threads "
-                                        "beyond the cores slow page-cache hits down)", min=1, max=512,
+    io_workers: int | None = spec(None, "worker threads for file / network I/O; unset: the CPU count, at most 8 "
+                                        "(threads beyond the cores slow page-cache hits down)", min=1, max=512,
                                   used_by="every tier")
     storage_capacity: int = spec(0, "bytes a disk tier may hold, least recently used evicted; 0: no bound", min=0,
                                  used_by="Posix, NFS")

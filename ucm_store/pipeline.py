@@ -95,8 +95,9 @@ class UcmPipelineStore:
         self._fetching: dict[str, Future] = {}
         self._lock = threading.Lock()
         self._writeback: queue.Queue = queue.Queue(maxsize=writeback_depth)
+        writes_down = len(tiers) > 1 and self.cache is not None
         self._writers = [threading.Thread(target=self._write_down_loop, daemon=True, name=f"ucm-writeback-{i}")
-                         for i in range(min(io_workers, WRITEBACK_THREADS))] if len(tiers) > 1 and self.cache is not None else []
+                         for i in range(min(io_workers, WRITEBACK_THREADS) if writes_down else 0)]
         for writer in self._writers:
             writer.start()
         self.writeback_failures = 0

@@ -147,6 +147,7 @@ def block_lse2(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tens
         *out.stride(), heads, width, chunk, scale * math.log2(math.e),
         GROUP=group, GROUP_PAD=max(16, _pow2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCKS_PER_TILE=blocks_per_tile, MASKED=reselect is not None, num_warps=4,
-        COMPUTE_DTYPE=tl.float32 if triton_interpreting() else _TL_DTYPES[q.dtype],  # the interpreter's bf16 dot is wrong
+        # the interpreter's bf16 dot is wrong: fp32 there
+        COMPUTE_DTYPE=tl.float32 if triton_interpreting() else _TL_DTYPES[q.dtype],
     )
     return out

@@ -42,7 +42,8 @@ def naive_scatter_blocks(staging: torch.Tensor, block_ids: torch.Tensor, layers:
     staging = staging.view(layout.staging_shape(block_ids.numel()))
     for index, layer in enumerate(layers):
         source = _words(staging)[:, index]
-        _words(block_segments(layer, layout)).index_copy_(0, blocks, source if every_row else source.index_select(0, rows))
+        rows_in = source if every_row else source.index_select(0, rows)
+        _words(block_segments(layer, layout)).index_copy_(0, blocks, rows_in)
 
 
 def _valid_rows(block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:

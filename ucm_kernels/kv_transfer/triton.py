@@ -2,10 +2,10 @@
 
 A paged KV cache is one tensor per layer. In every layout we move, one block of one layer is a few evenly spaced
 contiguous byte segments (K and V apart in the classic FlashAttention layout, one segment in the others);
-:class:`~ucm_kernels.kv_transfer.layout.PagedKVLayout` records that geometry. One kernel copies every (block, layer, segment) of a batch of
-block ids in a single launch, as 8-byte words where alignment allows (narrower words otherwise), so the same
-kernel serves every layout and dtype, fp8 included. Per-layer tensors are separate allocations, so the kernel
-takes a device table of their base addresses and casts each entry to a pointer.
+:class:`~ucm_kernels.kv_transfer.layout.PagedKVLayout` records that geometry. One kernel copies every (block, layer,
+segment) of a batch of block ids in a single launch, as 8-byte words where alignment allows (narrower words
+otherwise), so the same kernel serves every layout and dtype, fp8 included. Per-layer tensors are separate
+allocations, so the kernel takes a device table of their base addresses and casts each entry to a pointer.
 
 Staging rows are block-major, ``[n_ids, num_layers, num_segments, segment_bytes]`` uint8: row ``i`` holds all
 layers of block ``block_ids[i]`` together (the unit a store writes to a file). Ids of -1 are skipped and

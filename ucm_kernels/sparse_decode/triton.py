@@ -138,11 +138,11 @@ def _combine_splits_kernel(
     dims = tl.arange(0, HEAD_DIM)
     partial = row * num_splits + splits
     m = tl.load(stats_ptr + partial * 2, mask=split_ok, other=float("-inf"))
-    l = tl.load(stats_ptr + partial * 2 + 1, mask=split_ok, other=0.0)
+    sums = tl.load(stats_ptr + partial * 2 + 1, mask=split_ok, other=0.0)
     acc = tl.load(acc_ptr + partial[:, None] * HEAD_DIM + dims[None, :], mask=split_ok[:, None], other=0.0)
     m_max = tl.max(m, 0)
     weight = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
-    total = tl.sum(weight * l, 0)
+    total = tl.sum(weight * sums, 0)
     out = tl.sum(acc * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + b * stride_ob + qh * stride_oh + dims * stride_od, out.to(out_ptr.dtype.element_ty))
 

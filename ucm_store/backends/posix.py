@@ -1,15 +1,16 @@
 """Posix tier: one file per block under ``storage_backends``, published by fsync + atomic rename.
 
-Layout under each root: ``blocks/<k[0:2]>/<key>.blk`` and ``tmp/`` for files being written (the same file system,
-so the rename is atomic). The 256 ``blocks/<k[0:2]>`` directories are made when the tier opens a root, so a write
-never creates a directory (a second level of 65,536 directories made each new store's first writes create one or
-two directories per block: ~0.5 ms of CPU per 128 KiB block file instead of ~0.33). A block file is a framed block (:mod:`ucm_store.backends.framing`: header
-with magic, lengths, CRC32 of the payload and key digest, then the payload). A reader checks all of it, so a
-truncated, corrupt or misplaced file fails the read and is removed, never returned. A writer that dies leaves only a
-temp file, invisible to readers and swept after ``STALE_TMP_SECONDS``. No file locks: concurrent writers of one key
-each rename a complete file into place, and both hold the same bytes (committed blocks are immutable). With several
-roots two writers may place one key in different roots; each writer then keeps only the copy in the first root
-(the one readers try first), so one copy remains. Directories and files are created owner-only (0700 / 0600).
+Layout under each root: ``blocks/<k[0:2]>/<key>.blk`` and ``tmp/`` for files being written (the same file system, so
+the rename is atomic). The 256 ``blocks/<k[0:2]>`` directories are made when the tier opens a root, so a write never
+creates a directory (a second level of 65,536 directories made each new store's first writes create one or two
+directories per block: ~0.5 ms of CPU per 128 KiB block file instead of ~0.33). A block file is a framed block
+(:mod:`ucm_store.backends.framing`: header with magic, lengths, CRC32 of the payload and key digest, then the
+payload). A reader checks all of it, so a truncated, corrupt or misplaced file fails the read and is removed, never
+returned. A writer that dies leaves only a temp file, invisible to readers and swept after ``STALE_TMP_SECONDS``. No
+file locks: concurrent writers of one key each rename a complete file into place, and both hold the same bytes
+(committed blocks are immutable). With several roots two writers may place one key in different roots; each writer
+then keeps only the copy in the first root (the one readers try first), so one copy remains. Directories and files
+are created owner-only (0700 / 0600).
 
 Write-downs come in batches (:meth:`PosixTier.put_many`): all temp files written, one ``syncfs`` per file system,
 all renames, one more ``syncfs``; the same order (a block's bytes are durable before its name) for half the CPU of a

@@ -127,7 +127,8 @@ class SchedulerBookkeeping:
     def _state(self, request) -> _RequestState:
         state = self._requests.get(request.request_id)
         if state is None:
-            state = _RequestState(self.hasher.block_ids(request.prompt_token_ids, extra_keys=request_extra_keys(request)))
+            blocks = self.hasher.block_ids(request.prompt_token_ids, extra_keys=request_extra_keys(request))
+            state = _RequestState(blocks)
             self._requests[request.request_id] = state
         return state
 
