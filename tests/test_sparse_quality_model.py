@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from test_hf_gsa import model_dir  # noqa: F401  (the fetched model, shared with the transformers tests)
+pytest.importorskip("transformers")
+pytest.importorskip("gguf", reason="the model extra (gguf) converts the model: pip install -e '.[model]'")
 
 from bench import sparse_quality_model as sqm  # noqa: E402
 
