@@ -266,3 +266,25 @@ def test_host_to_device_copies_exactly_and_leaves_the_host_tensor_alone(dtype):
     moved = host_to_device(host, DEVICE)
     assert moved.device.type == DEVICE and moved.dtype == dtype and torch.equal(moved.cpu(), before)
     assert torch.equal(host, before) and not host.is_pinned()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpu_tensors_without_the_interpreter_take_the_torch_copy(kind, monkeypatch):
+    """A process without TRITON_INTERPRET (a user's CPU machine: importing the packages does not set it) moves CPU
+    blocks by torch indexing: the same bytes as the kernel path, to contiguous staging and to separate rows."""
+    layers, target = random_layers(kind, torch.bfloat16), random_layers(kind, torch.bfloat16, seed=1)
+    layout = detect_layout(layers, kind)
+    ids, to = torch.tensor([4, -1, 0, 6]), torch.tensor([1, -1, 2, 5])
+    cpu = [t.cpu() for t in layers]
+    expected_rows = gather_blocks(cpu, ids, layout=layout)
+    expected = [t.cpu() for t in target]
+    scatter_blocks(expected_rows, to, expected, layout=layout)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    rows = gather_blocks(cpu, ids, out=torch.full_like(expected_rows, 0xFF), layout=layout)
+    assert torch.equal(rows[ids >= 0], expected_rows[ids >= 0]) and (rows[1] == 0xFF).all()  # the -1 row untouched
+    separate = [torch.full((layout.row_bytes,), 0xFF, dtype=torch.uint8) for _ in range(3)]
+    gather_blocks_into_rows(cpu, ids[ids >= 0], separate, layout=layout)
+    assert torch.equal(torch.stack(separate), rows[ids >= 0].view(3, -1))
+    moved = [t.cpu() for t in target]
+    scatter_blocks(rows, to, moved, layout=layout)
+    assert all(torch.equal(a, b) for a, b in zip(as_bytes(moved), as_bytes(expected)))

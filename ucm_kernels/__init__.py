@@ -2,10 +2,9 @@
 
 Each op is a folder with ``naive.py`` (plain-torch reference, fp32 math), ``triton.py`` (kernel + launcher)
 and ``__init__.py`` (public entry points). Ops know nothing of the store or of GSA.
+
+Importing this package changes nothing in the process. The kernels take CUDA tensors; on a machine without a GPU
+they run in Triton's interpreter only when ``TRITON_INTERPRET=1`` is set before Triton compiles anything (the tests
+set it in ``tests/conftest.py``). Without it, the library's CPU paths use torch: the KV block copies fall back to
+torch indexing, and ``ucm_sparse`` picks its torch backend for CPU tensors.
 """
-import os
-
-import torch
-
-if not torch.cuda.is_available():  # no GPU: Triton kernels can only run in its interpreter, set before any @jit
-    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -10,7 +10,8 @@
 3. GSA: one decode step over a long paged context that hides a few "needle" keys; the top blocks by Quest bound
    plus the windows (sparse_ratio 0.3) are attended and compared with dense attention.
 4. The seed's section 7.2 monitor lines: hit rate, load speed, save speed, each with what it counted.
-Runs on a CPU in seconds (Triton kernels in interpreter mode there), and on a GPU as is.
+Runs on a CPU in seconds (GSA's torch backend there, the KV copies by torch indexing) and on a GPU as is (the Triton
+kernels); it needs no TRITON_INTERPRET.
 """
 import shutil
 import time
@@ -18,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from ucm_kernels.block_repr import empty_block_repr, update_block_repr
-from ucm_kernels.block_select import select_blocks
 from ucm_kernels.kv_transfer import detect_layout, gather_blocks, scatter_blocks
-from ucm_kernels.sparse_decode import dense_decode, sparse_decode
 from ucm_store.factory import UcmConnectorFactory
 from ucm_store.hashing import BlockHasher, HashNamespace
 from ucm_store.metrics import StatsMonitor
+
+from . import ops
+from .config import GSAConfig
 
 LAYERS, KV_HEADS, Q_HEADS, HEAD_DIM, BLOCK = 4, 2, 8, 64, 16
 LLAMA_8B_BLOCK_BYTES = 2 * 32 * 8 * 128 * 16 * 2  # K and V x 32 layers x 8 KV heads x head_dim 128 x 16 tokens, bf16
@@ -110,8 +111,8 @@ def demo_throughput(store_dir: Path, blocks: int = THROUGHPUT_BLOCKS) -> bool:
 
 
 def demo_gsa(context: int = 4000, ratio: float = 0.3) -> bool:
-    """One GSA decode step on the GPU when there is one (compiled kernels take CUDA tensors only), else on the CPU
-    (Triton's interpreter); the inputs are drawn on the CPU either way, so both see the same needles."""
+    """One GSA decode step on the GPU when there is one (the Triton kernels), else on the CPU (the torch backend);
+    the inputs are drawn on the CPU either way, so both see the same needles."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(3)
     num_blocks = -(-context // BLOCK)
@@ -123,16 +124,18 @@ def demo_gsa(context: int = 4000, ratio: float = 0.3) -> bool:
     kv, q = kv.to(device), q.to(device)
     table = torch.arange(num_blocks, dtype=torch.int32, device=device)[None]
     seq_lens = torch.tensor([context], dtype=torch.int32, device=device)
-    kmin, kmax, kmean = empty_block_repr(kv[0])
-    update_block_repr(kv[0], torch.arange(context // BLOCK, device=device), kmin, kmax, kmean)
+    config = GSAConfig(sparse_ratio=ratio, init_window_sz=1, local_window_sz=4, min_blocks=8)
+    backend = ops.resolve_backend("auto", q)
+    reprs = ops.empty_reprs(num_blocks, KV_HEADS, HEAD_DIM, kv.dtype, config, device)
+    ops.update_reprs(backend, kv[0], torch.arange(context // BLOCK, device=device), reprs)
     start = time.perf_counter()
-    sel_idx, sel_count = select_blocks(q, kmin, kmax, kmean, table, seq_lens, block_size=BLOCK, sparse_ratio=ratio,
-                                       init_window=1, local_window=4, min_blocks=8)
-    sparse = sparse_decode(q, kv[0], kv[1], table, seq_lens, sel_idx, sel_count)
+    selection = ops.select(backend, q, reprs, table, seq_lens, config, BLOCK)
+    sparse = ops.attend(backend, q, kv[0], kv[1], table, seq_lens, selection, None)
     if device == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    dense = dense_decode(q, kv[0], kv[1], table, seq_lens)
+    dense = ops.attend(backend, q, kv[0], kv[1], table, seq_lens, None, None)
+    sel_idx, sel_count = selection.sel_idx, selection.sel_count
     error = float((sparse.float() - dense.float()).norm() / dense.float().norm())
     chosen = [set(sel_idx[0, h, :sel_count[0, h]].tolist()) for h in range(KV_HEADS)]
     found = all(set(needles.tolist()) <= c for c in chosen)
