@@ -1,11 +1,14 @@
 """The ``ucm`` command line: ``ucm demo``, ``ucm bench NAME``, ``ucm config check FILE``, ``ucm stats``,
 ``ucm model fetch NAME``.
 
-Argument parsing and dispatch only: the work is done by ``ucm_sparse.demo``, the checkout's ``bench/run_all.py``,
+Argument parsing and dispatch only: the work is done by ``ucm_sparse.demo``, the checkout's ``bench/run_all.py`` (run
+in a process of its own: the library imports nothing of ``bench/``),
 ``ucm_store.config``, ``ucm_store.metrics`` and ``ucm_sparse.models``.
 """
 import argparse
 import dataclasses
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -112,11 +115,9 @@ def _bench(args: argparse.Namespace) -> int:
               "is an installed copy): clone the UCM repository, `pip install -e .` there, and run it again",
               file=sys.stderr)
         return 2
-    if str(bench_dir.parent) not in sys.path:
-        sys.path.insert(0, str(bench_dir.parent))
-    from bench import run_all
-
-    return run_all.main(args.args + args.extra)
+    paths = [str(bench_dir.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    command = [sys.executable, "-m", "bench.run_all", *args.args, *args.extra]  # a process of its own: the library
+    return subprocess.call(command, env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)})  # imports no bench
 
 
 def _model_fetch(args: argparse.Namespace) -> int:
