@@ -1,8 +1,12 @@
-"""Helpers shared by the kernel launchers and their callers: interpreter detection, device checks, host-to-device
-index tensors."""
+"""Helpers shared by the kernel launchers and their callers: interpreter detection, argument checks, launch sizes,
+host-to-device index tensors."""
 import os
 
 import torch
+import triton.language as tl
+
+INDEX_DTYPES = (torch.int32, torch.int64)  # block ids, tables and lengths the launchers accept
+TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}  # the dtypes the attention-side dots take
 
 
 def triton_interpreting() -> bool:
@@ -14,6 +18,27 @@ def check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
     """Raise ValueError unless ``tensor`` lives on ``device`` (argument ``name`` is named in the message)."""
     if tensor.device != device:
         raise ValueError(f"{name} is on {tensor.device}, expected {device} like the other inputs")
+
+
+def check_tensor(name: str, tensor, ndim: int, dtypes: tuple, device: torch.device | None, layout: str) -> None:
+    """Raise ValueError naming ``name`` unless ``tensor`` is a tensor of ``ndim`` dims in one of ``dtypes`` on
+    ``device`` (any device when None); ``layout`` says the expected shape in the message."""
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() != ndim or tensor.dtype not in dtypes:
+        got = f"shape {tuple(tensor.shape)} dtype {tensor.dtype}" if isinstance(tensor, torch.Tensor) else repr(tensor)
+        raise ValueError(f"{name}: got {got}, expected {layout} in {dtypes}")
+    if device is not None:
+        check_device(name, tensor, device)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (plain Python: launch paths run per decode step)."""
+    return 1 << (n - 1).bit_length()
+
+
+def compute_dtype(dtype: torch.dtype):
+    """The ``tl`` dtype a kernel's dots run in for inputs of ``dtype`` (one of TL_DTYPES): the same, except fp32
+    under the interpreter, whose bf16 dot is wrong."""
+    return tl.float32 if triton_interpreting() else TL_DTYPES[dtype]
 
 
 def host_to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:

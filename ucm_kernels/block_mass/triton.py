@@ -5,12 +5,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import check_device, triton_interpreting
+from .._utils import INDEX_DTYPES, TL_DTYPES, check_tensor, compute_dtype, next_pow2, triton_interpreting
 
 _TILE_TOKENS = 64  # tokens per loop step: several blocks of 16 keep enough key bytes in flight
 _ENTRIES_PER_PROGRAM = 32  # list entries (blocks) one program scores
-_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 @triton.jit(do_not_specialize=["width", "chunk"])
@@ -71,24 +69,13 @@ def _block_lse2_kernel(
         tl.store(out_row + entries[None, :] * stride_oj, lse2, mask=row_ok[:, None] & (entries < end)[None, :])
 
 
-def _pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
-def _check(name: str, tensor, ndim: int, dtypes: tuple, device, layout: str) -> None:
-    if not isinstance(tensor, torch.Tensor) or tensor.dim() != ndim or tensor.dtype not in dtypes:
-        got = f"shape {tuple(tensor.shape)} dtype {tensor.dtype}" if isinstance(tensor, torch.Tensor) else repr(tensor)
-        raise ValueError(f"{name}: got {got}, expected {layout} in {dtypes}")
-    check_device(name, tensor, device)
-
-
 def _check_inputs(q, key_cache, block_table, seq_lens, sel_idx, sel_count) -> None:
-    _check("q", q, 3, tuple(_TL_DTYPES), q.device if isinstance(q, torch.Tensor) else None,
+    check_tensor("q", q, 3, tuple(TL_DTYPES), q.device if isinstance(q, torch.Tensor) else None,
            "[batch, num_q_heads, head_dim]")
     if not q.is_cuda and not triton_interpreting():
         raise ValueError(f"q is on {q.device}: the kernel needs CUDA tensors (or TRITON_INTERPRET=1)")
     batch, num_q_heads, head_dim = q.shape
-    _check("key_cache", key_cache, 4, (q.dtype,), q.device, "[num_blocks, block_size, num_kv_heads, head_dim]")
+    check_tensor("key_cache", key_cache, 4, (q.dtype,), q.device, "[num_blocks, block_size, num_kv_heads, head_dim]")
     block_size, heads = key_cache.shape[1], key_cache.shape[2]
     if key_cache.shape[3] != head_dim or num_q_heads % heads:
         raise ValueError(f"key_cache: got {tuple(key_cache.shape)}, expected head_dim {head_dim} and num_kv_heads "
@@ -96,10 +83,10 @@ def _check_inputs(q, key_cache, block_table, seq_lens, sel_idx, sel_count) -> No
     if head_dim < 16 or head_dim & (head_dim - 1) or block_size & (block_size - 1):
         raise ValueError(f"key_cache: head_dim {head_dim} and block_size {block_size} must be powers of two "
                          "(head_dim >= 16)")
-    _check("block_table", block_table, 2, INDEX_DTYPES, q.device, f"[batch={batch}, max_blocks]")
-    _check("seq_lens", seq_lens, 1, INDEX_DTYPES, q.device, f"[batch={batch}]")
-    _check("sel_idx", sel_idx, 3, (torch.int32,), q.device, f"[batch={batch}, num_kv_heads={heads}, width]")
-    _check("sel_count", sel_count, 2, (torch.int32,), q.device, f"[batch={batch}, num_kv_heads={heads}]")
+    check_tensor("block_table", block_table, 2, INDEX_DTYPES, q.device, f"[batch={batch}, max_blocks]")
+    check_tensor("seq_lens", seq_lens, 1, INDEX_DTYPES, q.device, f"[batch={batch}]")
+    check_tensor("sel_idx", sel_idx, 3, (torch.int32,), q.device, f"[batch={batch}, num_kv_heads={heads}, width]")
+    check_tensor("sel_count", sel_count, 2, (torch.int32,), q.device, f"[batch={batch}, num_kv_heads={heads}]")
     if (block_table.shape[0] != batch or seq_lens.shape[0] != batch or tuple(sel_idx.shape[:2]) != (batch, heads)
             or tuple(sel_count.shape) != (batch, heads)):
         raise ValueError(f"block_table {tuple(block_table.shape)}, seq_lens {tuple(seq_lens.shape)}, sel_idx "
@@ -130,7 +117,7 @@ def block_lse2(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tens
     _check_inputs(q, key_cache, block_table, seq_lens, sel_idx, sel_count)
     batch, num_q_heads, head_dim = q.shape
     if reselect is not None:
-        _check("reselect", reselect, 1, (torch.int32, torch.bool), q.device, f"[batch={batch}]")
+        check_tensor("reselect", reselect, 1, (torch.int32, torch.bool), q.device, f"[batch={batch}]")
         if reselect.shape[0] != batch:
             raise ValueError(f"reselect: got shape {tuple(reselect.shape)}, expected [{batch}]")
     block_size, heads = key_cache.shape[1], key_cache.shape[2]
@@ -145,9 +132,8 @@ def block_lse2(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tens
         q, key_cache, block_table, seq_lens, sel_idx, sel_count, seq_lens if reselect is None else reselect, out,
         *q.stride(), *key_cache.stride(), *block_table.stride(), *sel_idx.stride(), *sel_count.stride(),
         *out.stride(), heads, width, chunk, scale * math.log2(math.e),
-        GROUP=group, GROUP_PAD=max(16, _pow2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        GROUP=group, GROUP_PAD=max(16, next_pow2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCKS_PER_TILE=blocks_per_tile, MASKED=reselect is not None, num_warps=4,
-        # the interpreter's bf16 dot is wrong: fp32 there
-        COMPUTE_DTYPE=tl.float32 if triton_interpreting() else _TL_DTYPES[q.dtype],
+        COMPUTE_DTYPE=compute_dtype(q.dtype),
     )
     return out

@@ -32,12 +32,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import check_device, triton_interpreting
+from .._utils import INDEX_DTYPES, check_device, check_tensor, next_pow2, triton_interpreting
 
 FP8 = torch.float8_e4m3fn
 REPR_DTYPES = (torch.bfloat16, torch.float16, torch.float32, FP8)
 Q_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-INDEX_DTYPES = (torch.int32, torch.int64)
 SCORES = ("quest", "mean")
 RATIO_ONE = 1 << 32  # sparse_ratio is applied in 32-bit fixed point, rounded down
 MAX_TABLE_BLOCKS = 1 << 16  # widest block table: one select program holds a row in registers (1M tokens at 16)
@@ -175,11 +174,6 @@ def _select_kernel(
     tl.store(sel_count_ptr + out_b * stride_cb + head * stride_ch, count)
 
 
-def _pow2(n: int) -> int:
-    """The smallest power of two >= n (plain Python: the launch path is timed per decode step)."""
-    return 1 << (n - 1).bit_length()
-
-
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -197,18 +191,11 @@ def _check_scalars(block_size, sparse_ratio, init_window, local_window, min_bloc
         raise ValueError(f"token_budget: got {token_budget!r}, expected None or an int >= 1")
 
 
-def _check_tensor(name: str, tensor, ndim: int, dtypes: tuple, device: torch.device, layout: str) -> None:
-    if not isinstance(tensor, torch.Tensor) or tensor.dim() != ndim or tensor.dtype not in dtypes:
-        got = f"shape {tuple(tensor.shape)} dtype {tensor.dtype}" if isinstance(tensor, torch.Tensor) else repr(tensor)
-        raise ValueError(f"{name}: got {got}, expected {layout} in {dtypes}")
-    check_device(name, tensor, device)
-
-
 def _check_reprs(q: torch.Tensor, reprs: dict) -> torch.Tensor:
     """Validate the reprs the score rule reads; return the first (its shape and strides stand for all)."""
     first_name, first = next(iter(reprs.items()))
     for name, repr_ in reprs.items():
-        _check_tensor(name, repr_, 3, REPR_DTYPES, q.device, "[num_blocks, num_kv_heads, head_dim]")
+        check_tensor(name, repr_, 3, REPR_DTYPES, q.device, "[num_blocks, num_kv_heads, head_dim]")
         if repr_.shape != first.shape or repr_.dtype != first.dtype or repr_.stride() != first.stride():
             raise ValueError(f"{name}: shape {tuple(repr_.shape)} dtype {repr_.dtype} strides {repr_.stride()} "
                              f"differ from {first_name}'s {tuple(first.shape)} {first.dtype} {first.stride()}")
@@ -221,7 +208,7 @@ def _check_reprs(q: torch.Tensor, reprs: dict) -> torch.Tensor:
 
 def _check_sel_rows(sel_rows, batch: int, out, device: torch.device) -> int:
     """Validate ``sel_rows`` (``[batch]`` int64); return how many rows ``out`` has."""
-    _check_tensor("sel_rows", sel_rows, 1, (torch.int64,), device, f"[batch={batch}]")
+    check_tensor("sel_rows", sel_rows, 1, (torch.int64,), device, f"[batch={batch}]")
     if sel_rows.shape[0] != batch:
         raise ValueError(f"sel_rows: got shape {tuple(sel_rows.shape)}, expected [{batch}]")
     return out[0].shape[0] if isinstance(out[0], torch.Tensor) else batch
@@ -233,8 +220,8 @@ def _check_out(out, batch: int, heads: int, width: int, max_blocks: int, device:
         return (torch.empty(batch, heads, width, dtype=torch.int32, device=device),
                 torch.empty(batch, heads, dtype=torch.int32, device=device))
     sel_idx, sel_count = out
-    _check_tensor("out[0] (sel_idx)", sel_idx, 3, (torch.int32,), device, "[batch, num_kv_heads, width]")
-    _check_tensor("out[1] (sel_count)", sel_count, 2, (torch.int32,), device, "[batch, num_kv_heads]")
+    check_tensor("out[0] (sel_idx)", sel_idx, 3, (torch.int32,), device, "[batch, num_kv_heads, width]")
+    check_tensor("out[1] (sel_count)", sel_count, 2, (torch.int32,), device, "[batch, num_kv_heads]")
     if tuple(sel_idx.shape[:2]) != (batch, heads) or not width <= sel_idx.shape[2] <= max(width, max_blocks) \
             or tuple(sel_count.shape) != (batch, heads):
         raise ValueError(f"out: got sel_idx {tuple(sel_idx.shape)} and sel_count {tuple(sel_count.shape)}, expected "
@@ -290,13 +277,13 @@ def _choose_score_launch(heads: int, head_dim: int) -> tuple[int, int]:
     were all within 2% (whole Quest selection 0.133-0.135 ms); 8 warps on small tiles and 2 warps on tiles of
     16+ blocks were up to 10x slower.
     """
-    tile = max(1, min(64, 8192 // (_pow2(heads) * _pow2(head_dim))))
+    tile = max(1, min(64, 8192 // (next_pow2(heads) * next_pow2(head_dim))))
     return tile, 4
 
 
 def _choose_select_warps(max_blocks: int) -> int:
     """Warps of the top-k program: about 16 row entries per thread, 1 to 16 warps."""
-    return min(16, max(1, _pow2(max_blocks) // 512))
+    return min(16, max(1, next_pow2(max_blocks) // 512))
 
 
 @dataclass(frozen=True)
@@ -430,15 +417,15 @@ def select_from_scores(scores: torch.Tensor, seq_lens: torch.Tensor, *, block_si
         ``(sel_idx, sel_count)`` as :func:`select_blocks` returns them (same count rule, windows, tie rule).
     """
     _check_scalars(block_size, sparse_ratio, init_window, local_window, min_blocks, "quest", token_budget)
-    _check_tensor("scores", scores, 3, (torch.float32,), scores.device, "[batch, num_kv_heads, max_blocks]")
+    check_tensor("scores", scores, 3, (torch.float32,), scores.device, "[batch, num_kv_heads, max_blocks]")
     batch, heads, max_blocks = scores.shape
-    _check_tensor("seq_lens", seq_lens, 1, INDEX_DTYPES, scores.device, f"[batch={batch}]")
+    check_tensor("seq_lens", seq_lens, 1, INDEX_DTYPES, scores.device, f"[batch={batch}]")
     if seq_lens.shape[0] != batch or scores.stride(2) != 1 or max_blocks > MAX_TABLE_BLOCKS:
         raise ValueError(f"scores {tuple(scores.shape)} strides {scores.stride()} / seq_lens "
                          f"{tuple(seq_lens.shape)}: expected {batch} rows, a contiguous last dim and at most "
                          f"{MAX_TABLE_BLOCKS} blocks")
     if reselect is not None:
-        _check_tensor("reselect", reselect, 1, (torch.int32, torch.bool), scores.device, f"[batch={batch}]")
+        check_tensor("reselect", reselect, 1, (torch.int32, torch.bool), scores.device, f"[batch={batch}]")
     for name, given in (("reselect", reselect), ("sel_rows", sel_rows)):
         if given is not None and out is None:
             raise ValueError(f"{name}: given without out; the lists go into rows of out that outlive the call")
@@ -461,7 +448,7 @@ def _check_kscale(kscale, reprs: torch.Tensor, device: torch.device) -> torch.Te
         raise ValueError(f"kscale: got None, expected the [num_blocks, num_kv_heads] fp32 scales of the {FP8} reprs "
                          "(empty_block_repr allocates them beside the reprs)")
     layout = f"[num_blocks={reprs.shape[0]}, num_kv_heads={reprs.shape[1]}]"
-    _check_tensor("kscale", kscale, 2, (torch.float32,), device, layout)
+    check_tensor("kscale", kscale, 2, (torch.float32,), device, layout)
     if kscale.shape != reprs.shape[:2]:
         raise ValueError(f"kscale: got shape {tuple(kscale.shape)}, expected {layout} like the reprs")
     return kscale
@@ -473,20 +460,20 @@ def _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, quest: bool, ksca
     the scales to apply (None unless the reprs are fp8)."""
     if not isinstance(q, torch.Tensor):
         raise ValueError(f"q: got {q!r}, expected a [batch, num_q_heads, head_dim] tensor")
-    _check_tensor("q", q, 3, Q_DTYPES, q.device, "[batch, num_q_heads, head_dim]")
+    check_tensor("q", q, 3, Q_DTYPES, q.device, "[batch, num_q_heads, head_dim]")
     if not q.is_cuda and not triton_interpreting():
         raise ValueError(f"q is on {q.device}: the kernels need CUDA tensors (or TRITON_INTERPRET=1)")
     reprs = _check_reprs(q, {"kmin": kmin, "kmax": kmax} if quest else {"kmean": kmean})
     batch = q.shape[0]
-    _check_tensor("block_table", block_table, 2, INDEX_DTYPES, q.device, f"[batch={batch}, max_blocks]")
-    _check_tensor("seq_lens", seq_lens, 1, INDEX_DTYPES, q.device, f"[batch={batch}]")
+    check_tensor("block_table", block_table, 2, INDEX_DTYPES, q.device, f"[batch={batch}, max_blocks]")
+    check_tensor("seq_lens", seq_lens, 1, INDEX_DTYPES, q.device, f"[batch={batch}]")
     if block_table.shape[0] != batch or seq_lens.shape[0] != batch:
         raise ValueError(f"block_table {tuple(block_table.shape)} / seq_lens {tuple(seq_lens.shape)}: expected "
                          f"{batch} rows, q's batch")
     if block_table.shape[1] > MAX_TABLE_BLOCKS:
         raise ValueError(f"block_table: {block_table.shape[1]} columns, at most {MAX_TABLE_BLOCKS} are supported")
     if reselect is not None:
-        _check_tensor("reselect", reselect, 1, (torch.int32, torch.bool), q.device, f"[batch={batch}]")
+        check_tensor("reselect", reselect, 1, (torch.int32, torch.bool), q.device, f"[batch={batch}]")
         if reselect.shape[0] != batch or reselect.stride(0) != 1:
             raise ValueError(f"reselect: got shape {tuple(reselect.shape)} strides {reselect.stride()}, expected a "
                              f"contiguous [{batch}]")
@@ -524,8 +511,8 @@ def _launch(plan: SelectPlan, q, reprs, kmax, kscale, block_table, seq_lens, out
         stride_kscale_h=0 if kscale is None else kscale.stride(1),
         stride_tb=block_table.stride(0), stride_tj=block_table.stride(1),
         stride_sb=scores.stride(0), stride_sh=scores.stride(1),
-        BLOCK_SIZE=plan.block_size, HEADS=plan.num_kv_heads, HEADS_PAD=_pow2(plan.num_kv_heads), GROUP=group,
-        BLOCK_G=_pow2(group), HEAD_DIM=plan.head_dim, BLOCK_D=_pow2(plan.head_dim), QUEST=plan.quest,
+        BLOCK_SIZE=plan.block_size, HEADS=plan.num_kv_heads, HEADS_PAD=next_pow2(plan.num_kv_heads), GROUP=group,
+        BLOCK_G=next_pow2(group), HEAD_DIM=plan.head_dim, BLOCK_D=next_pow2(plan.head_dim), QUEST=plan.quest,
         TILE=plan.score_tile, SCALED=kscale is not None, MASKED=reselect is not None, num_warps=plan.score_warps,
     )
     _launch_select(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows)
@@ -542,6 +529,6 @@ def _launch_select(plan: SelectPlan, scores, seq_lens, sel_idx, sel_count, resel
         stride_sb=scores.stride(0), stride_sh=scores.stride(1),
         stride_ib=sel_idx.stride(0), stride_ih=sel_idx.stride(1), stride_ij=sel_idx.stride(2),
         stride_cb=sel_count.stride(0), stride_ch=sel_count.stride(1),
-        BLOCK_SIZE=plan.block_size, BLOCK_M=_pow2(plan.max_blocks), MASKED=reselect is not None,
+        BLOCK_SIZE=plan.block_size, BLOCK_M=next_pow2(plan.max_blocks), MASKED=reselect is not None,
         SEL_ROWS=sel_rows is not None, num_warps=plan.select_warps,
     )

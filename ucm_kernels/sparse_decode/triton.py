@@ -18,14 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import check_device, triton_interpreting
+from .._utils import TL_DTYPES, check_device, compute_dtype
 
 _MAX_TILE_TOKENS = 128
 _MIN_TOKENS_PER_SPLIT = 128  # one tile-aligned chunk; short lists on a small batch still fill the GPU
 _MAX_SPLITS = 64  # bounds the combine kernel's registers ([splits, head_dim] fp32)
 _PROGRAMS_PER_SM = 8  # lists: several waves, so the last one's tail is a small share of the time
 _DENSE_PROGRAMS_PER_SM = 4  # dense: whole waves of these (see _choose_num_splits)
-_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit(do_not_specialize=["num_splits", "chunk_blocks"])
@@ -302,7 +301,7 @@ def _launch(plan: DecodePlan, q, key_cache, value_cache, block_table, seq_lens, 
         GROUP=plan.num_q_heads // plan.num_kv_heads,
         GROUP_PAD=max(16, triton.next_power_of_2(plan.num_q_heads // plan.num_kv_heads)), HEAD_DIM=head_dim,
         BLOCK_SIZE=plan.block_size, DENSE=dense, DIRECT=direct,
-        COMPUTE_DTYPE=tl.float32 if triton_interpreting() else _TL_DTYPES[q.dtype],
+        COMPUTE_DTYPE=compute_dtype(q.dtype),
         TILE_TOKENS=plan.tile_tokens, SEL_ROWS=sel_rows is not None, num_warps=plan.num_warps,
         num_stages=plan.num_stages,
     )
@@ -358,7 +357,7 @@ def _choose_tile(split_tokens: int, dense: bool) -> tuple[int, int, int]:
 
 
 def _check_q_and_cache(q: torch.Tensor, cache: torch.Tensor, name: str) -> None:
-    if q.dtype not in _TL_DTYPES:
+    if q.dtype not in TL_DTYPES:
         raise ValueError(f"q has dtype {q.dtype}; expected torch.bfloat16 or torch.float16")
     if q.dim() != 3:
         raise ValueError(f"q has shape {tuple(q.shape)}; expected [batch, num_q_heads, head_dim]")
