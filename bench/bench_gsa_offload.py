@@ -1,8 +1,9 @@
 """GSA offload mode on the GPU: decode tokens/s at 128K context x batch 8 against on-device dense and on-device GSA,
-hot-piece hit rate, PCIe bytes per token, prefetch on against off.
+hot-piece hit rate, PCIe bytes per token against the H2D floor, prefetch on against off; and (``--long``) one
+512K-token request with at most 10% of its KV on the GPU against on-device GSA at 128K.
 
-One run, Llama-like layer geometry (32 query / 8 KV heads, head_dim 128, block 16, bf16), LAYERS layers, 8 requests
-with CONTEXT-token prompts. Keys come in topic chunks (a chunk's keys share a direction, plus noise) and each
+One run, Llama-like layer geometry (32 query / 8 KV heads, head_dim 128, block 16, bf16), ``--layers`` layers, 8
+requests with CONTEXT-token prompts. Keys come in topic chunks (a chunk's keys share a direction, plus noise) and each
 request's decode queries drift a little per step around a few topics, so consecutive selections overlap as in real
 decoding. GSA: sparse_ratio 0.3, windows init 1 / local 4, min 8 blocks, Quest; a piece is one (block, KV head).
 
@@ -11,14 +12,18 @@ Schedules (the same token streams per request in every mode):
 * ``alternating``: requests 0-3 and 4-7 take turns (4 per step); hot budget 1.25x one group's selection, so a
   group's pieces are evicted while the other runs and come back by prefetch (prefetch_ahead 2) or as misses.
 
+``--long``: 32 layers, one request of 512K tokens, a 2048-token budget per step (the ratio 0.3 would need 30% of the
+KV per step), a GPU budget of 10% of the request's pieces per layer; on-device GSA at 512K (it fits on an H200) is
+the correctness reference, on-device GSA at 128K x 1 over 32 layers the speed reference.
+
 Modes: ``dense`` (our dense_decode kernel over the paged cache), ``gsa`` (on-device GSA), ``offload`` with prefetch off
 (prefetch_ahead 0) and on. Correctness first, on the same steps that are timed: every offload output is compared
 with on-device GSA's (bit-for-bit equality reported, closeness required) and GSA's error against dense reported.
 Times: wall clock per decode step (all layers, token writes included), median over STEPS after WARMUP, synchronized.
 The pinned H2D ceiling is measured in the same run.
 
-Usage, from the repo root on the GPU: ``python -m bench.bench_gsa_offload`` (JSON under $OUT or bench/results/);
-``--smoke`` runs tiny shapes (CPU works) to check the script.
+Usage, from the repo root on the GPU: ``python -m bench.bench_gsa_offload [--layers N] [--long]`` (JSON under $OUT
+or bench/results/); ``--smoke`` runs tiny shapes (CPU works) to check the script.
 """
 import argparse
 import statistics
@@ -37,7 +42,9 @@ from ucm_store.pool import PinnedMemoryPool
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK, DTYPE = 32, 8, 128, 16, torch.bfloat16
 GROUP = NUM_Q_HEADS // NUM_KV_HEADS
 CONFIG = GSAConfig(sparse_ratio=0.3, init_window_sz=1, local_window_sz=4, min_blocks=8, score="quest",
-                   prefetch_workers=4, prefetch_ahead=2, max_pending_prefetch=512, offload=True)
+                   prefetch_workers=4, prefetch_ahead=2, max_pending_prefetch=4096, offload=True)
+LONG_CONFIG = replace(CONFIG, token_budget=2048)
+LONG_GPU_SHARE = 0.1  # of the long request's pieces, per layer
 BUDGET_SLACK = 1.25  # hot budget / one step's selection
 QUERY_DRIFT = 0.05  # per-step drift of a decode query, relative to its norm
 MAX_REL_ERROR = 2e-2  # offload against on-device GSA: they should be equal; closeness is required
@@ -165,10 +172,11 @@ def token_batch(workload: Workload, requests: list[int], positions: list[int], l
                  for streams in (workload.queries, workload.keys, workload.values))
 
 
-def run_on_device(workload: Workload, cache: PagedKV, steps: list[list[int]], sparse: bool):
+def run_on_device(workload: Workload, cache: PagedKV, steps: list[list[int]], sparse: bool,
+                  config: GSAConfig = CONFIG):
     """Dense attention (our kernel) or on-device GSA over the paged cache."""
     shape = workload.shape
-    gsa = GSA(replace(CONFIG, offload=False), block_size=BLOCK)
+    gsa = GSA(replace(config, offload=False), block_size=BLOCK)
 
     def step_fn(requests, positions, step):
         lens = torch.tensor([shape.context + i + 1 for i in positions], dtype=torch.int32, device=workload.device)
@@ -188,10 +196,9 @@ def run_on_device(workload: Workload, cache: PagedKV, steps: list[list[int]], sp
     return decode(workload, steps, step_fn)
 
 
-def run_offload(workload: Workload, steps: list[list[int]], budget_blocks: int, ahead: int, pool) -> tuple:
+def run_offload(workload: Workload, steps: list[list[int]], config: GSAConfig, pool) -> tuple:
     """OffloadedGSA: prompts written to the host KV, then the decode steps; returns times, outputs, stats."""
     shape = workload.shape
-    config = replace(CONFIG, gpu_budget_blocks=budget_blocks, prefetch_ahead=ahead)
     gsa = OffloadedGSA(config, num_layers=shape.layers, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
                        block_size=BLOCK, host_blocks=shape.batch * shape.table_blocks, dtype=DTYPE,
                        device=workload.device, cache=CacheTier(shape.layers, pool))
@@ -211,9 +218,8 @@ def run_offload(workload: Workload, steps: list[list[int]], budget_blocks: int, 
     times, outputs = decode(workload, steps, step_fn)
     measured = {k: v - snapshot.get(k, 0) if isinstance(v, int) and k != "piece_bytes" else v
                 for k, v in vars(gsa.stats).items()}
-    peak = gsa.prefetcher.peak_in_flight if gsa.prefetcher is not None else 0
     gsa.close()
-    return times, outputs, measured, peak
+    return times, outputs, measured
 
 
 def compare(outputs: list[dict], expected: list[dict]) -> dict:
@@ -227,9 +233,9 @@ def compare(outputs: list[dict], expected: list[dict]) -> dict:
     return {"bitwise_equal": exact, "max_rel_error": round(worst, 6)}
 
 
-def selection_pieces(shape: Shape, batch: int) -> int:
+def selection_pieces(shape: Shape, batch: int, config: GSAConfig = CONFIG) -> int:
     """Pieces one step's selection of ``batch`` requests needs at the end of the run."""
-    return batch * NUM_KV_HEADS * num_selected(shape.table_blocks, CONFIG, BLOCK)
+    return batch * NUM_KV_HEADS * num_selected(shape.table_blocks, config, BLOCK)
 
 
 def bench_schedule(name: str, workload: Workload, cache: PagedKV, pool, h2d_gbps: float | None) -> list[dict]:
@@ -251,27 +257,66 @@ def bench_schedule(name: str, workload: Workload, cache: PagedKV, pool, h2d_gbps
                                                            compare(gsa_out, dense_out).items()})]
     budget = int(BUDGET_SLACK * selection_pieces(shape, per_step) / NUM_KV_HEADS) + shape.batch
     for ahead in (0, CONFIG.prefetch_ahead):
-        times, outputs, stats, peak = run_offload(workload, steps, budget, ahead, pool)
-        check = compare(outputs, gsa_out)
-        if check["max_rel_error"] > MAX_REL_ERROR:
-            raise AssertionError(f"{tag} offload (prefetch_ahead={ahead}) differs from on-device GSA: {check}")
-        median = statistics.median(times[shape.warmup:])
-        tokens = stats["tokens"]
-        pcie = (stats["h2d_bytes"] + stats["d2h_bytes"]) / tokens if tokens else 0.0
-        floor = ({"h2d_floor_ms_per_step": round(stats["h2d_bytes"] / (h2d_gbps * 1e6) / shape.steps, 4)}
-                 if h2d_gbps else {})
-        rows.append(row("decode_step", f"gsa_offload_prefetch_{'on' if ahead else 'off'}", tag, median,
-                        baseline_ms=dense_median, tokens_per_s=tokens_per_s(median),
-                        vs_gsa_on_device=round(gsa_median / median, 3), gpu_budget_blocks=budget,
-                        prefetch_ahead=ahead, max_pending_prefetch=CONFIG.max_pending_prefetch,
-                        peak_pieces_in_flight=peak, piece_bytes=stats["piece_bytes"],
-                        hit_rate=round(1 - stats["sync_misses"] / stats["needed"], 4),
-                        pcie_bytes_per_token=round(pcie), **floor,
-                        sync_misses_per_step=round(stats["sync_misses"] / shape.steps, 1),
-                        prefetched_per_step=round(stats["prefetched"] / shape.steps, 1),
-                        prefetch_cancelled_per_step=round(stats["prefetch_cancelled"] / shape.steps, 1),
-                        needed_per_step=round(stats["needed"] / shape.steps, 1),
-                        **{f"vs_gsa_{k}": v for k, v in check.items()}))
+        config = replace(CONFIG, gpu_budget_blocks=budget, prefetch_ahead=ahead)
+        rows.append(offload_row(workload, steps, config, pool, gsa_out, tag, dense_median, gsa_median, h2d_gbps))
+    return rows
+
+
+def offload_row(workload: Workload, steps: list[list[int]], config: GSAConfig, pool, expected: list[dict], tag: str,
+                baseline_ms: float, gsa_ms: float, h2d_gbps: float | None) -> dict:
+    """Run the offload mode with ``config``, check it against on-device GSA's outputs, one results row."""
+    shape, per_step = workload.shape, len(steps[0])
+    times, outputs, stats = run_offload(workload, steps, config, pool)
+    check = compare(outputs, expected)
+    if check["max_rel_error"] > MAX_REL_ERROR:
+        raise AssertionError(f"{tag} offload (prefetch_ahead={config.prefetch_ahead}) differs from on-device GSA: "
+                             f"{check}")
+    median = statistics.median(times[shape.warmup:])
+    pcie = (stats["h2d_bytes"] + stats["d2h_bytes"]) / stats["tokens"] if stats["tokens"] else 0.0
+    floor_ms = stats["h2d_bytes"] / (h2d_gbps * 1e6) / shape.steps if h2d_gbps else None
+    floor = {"h2d_floor_ms_per_step": round(floor_ms, 4), "x_h2d_floor": round(median / floor_ms, 2)} \
+        if floor_ms else {}
+    return row("decode_step", f"gsa_offload_prefetch_{'on' if config.prefetch_ahead else 'off'}", tag, median,
+               baseline_ms=baseline_ms, tokens_per_s=round(per_step / (median * 1e-3), 1),
+               vs_gsa_on_device=round(gsa_ms / median, 3), gpu_budget_blocks=config.gpu_budget_blocks,
+               prefetch_ahead=config.prefetch_ahead, max_pending_prefetch=config.max_pending_prefetch,
+               piece_bytes=stats["piece_bytes"], hit_rate=round(1 - stats["sync_misses"] / stats["needed"], 4),
+               pcie_bytes_per_token=round(pcie), **floor,
+               h2d_mb_per_step=round(stats["h2d_bytes"] / shape.steps / 1e6, 2),
+               sync_misses_per_step=round(stats["sync_misses"] / shape.steps, 1),
+               prefetched_per_step=round(stats["prefetched"] / shape.steps, 1),
+               needed_per_step=round(stats["needed"] / shape.steps, 1),
+               **{f"vs_gsa_{k}": v for k, v in check.items()})
+
+
+def bench_long(shape: Shape, reference: Shape, pool, h2d_gbps: float | None) -> list[dict]:
+    """One long request offloaded with LONG_GPU_SHARE of its pieces on the GPU, checked against on-device GSA at
+    the same length, timed against on-device GSA at ``reference``'s (shorter) length."""
+    workload = Workload(shape, _device())
+    workload.build_streams()
+    steps = schedule(shape, "steady")
+    tag = f"b1_ctx{shape.context}_L{shape.layers}_long"
+    cache = PagedKV(workload)
+    gsa_ms, gsa_out = run_on_device(workload, cache, steps, sparse=True, config=LONG_CONFIG)
+    del cache
+    budget = int(LONG_GPU_SHARE * shape.table_blocks)
+    rows = []
+    short = Workload(reference, workload.device)
+    short.build_streams()
+    short_cache = PagedKV(short)
+    short_ms, _ = run_on_device(short, short_cache, steps, sparse=True, config=LONG_CONFIG)
+    del short_cache
+    short_median = statistics.median(short_ms[reference.warmup:])
+    rows.append(row("decode_step", "gsa_on_device", f"b1_ctx{reference.context}_L{reference.layers}_long_reference",
+                    short_median, tokens_per_s=round(1 / (short_median * 1e-3), 1)))
+    rows.append(row("decode_step", "gsa_on_device", tag, statistics.median(gsa_ms[shape.warmup:]),
+                    tokens_per_s=round(1 / (statistics.median(gsa_ms[shape.warmup:]) * 1e-3), 1)))
+    for ahead in (0, LONG_CONFIG.prefetch_ahead):
+        config = replace(LONG_CONFIG, gpu_budget_blocks=budget, prefetch_ahead=ahead)
+        result = offload_row(workload, steps, config, pool, gsa_out, tag, short_median, short_median, h2d_gbps)
+        result["gpu_share_of_kv"] = round(budget / shape.table_blocks, 4)
+        result["vs_gsa_on_device_at_reference"] = result.pop("vs_gsa_on_device")
+        rows.append(result)
     return rows
 
 
@@ -287,24 +332,47 @@ def print_table(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (any device) to check the script")
+    parser.add_argument("--layers", type=int, default=8, help="layers of the batch-8 schedules (default 8)")
+    parser.add_argument("--long", action="store_true", help="also the 512K x 1 run over 32 layers")
     args = parser.parse_args(argv)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    shape = Shape(batch=4, context=4096 - 64, layers=2, warmup=2, steps=4) if args.smoke else Shape()
+    device = _device()
+    if args.smoke:
+        shape, long_shape, reference = (Shape(batch=4, context=4096 - 64, layers=2, warmup=2, steps=4),
+                                        Shape(batch=1, context=32768 - 64, layers=2, warmup=2, steps=4),
+                                        Shape(batch=1, context=2048 - 64, layers=2, warmup=2, steps=4))
+    else:
+        shape, long_shape, reference = (Shape(layers=args.layers), Shape(batch=1, context=524288 - 64, layers=32),
+                                        Shape(batch=1, layers=32))
     ceilings = measure_copy_ceilings() if device.type == "cuda" else {}
-    host_bytes = shape.batch * shape.table_blocks * NUM_KV_HEADS * 2 * BLOCK * HEAD_DIM * DTYPE.itemsize
-    pool = PinnedMemoryPool(pinned_pool_size=host_bytes, max_pinned_size=shape.layers * host_bytes + (1 << 20),
-                            pinned=device.type == "cuda")
-    workload = Workload(shape, device)
-    workload.build_streams()
-    cache = PagedKV(workload)
+    h2d = ceilings.get("h2d_pinned_gbps")
     rows = []
-    for name in ("steady", "alternating"):
-        rows += bench_schedule(name, workload, cache, pool, ceilings.get("h2d_pinned_gbps"))
-    path = write_results("gsa_offload", rows, ceilings, extra={"config": asdict(CONFIG), "shape": asdict(shape),
-                                                               "budget_slack": BUDGET_SLACK,
-                                                               "query_drift": QUERY_DRIFT})
+    if args.layers:
+        pool = host_pool(shape, device)
+        workload = Workload(shape, device)
+        workload.build_streams()
+        cache = PagedKV(workload)
+        for name in ("steady", "alternating"):
+            rows += bench_schedule(name, workload, cache, pool, h2d)
+        del cache, workload, pool
+    if args.long:
+        rows += bench_long(long_shape, reference, host_pool(long_shape, device), h2d)
+    path = write_results("gsa_offload", rows, ceilings, extra={
+        "config": asdict(CONFIG), "long_config": asdict(LONG_CONFIG), "shape": asdict(shape),
+        "long_shape": asdict(long_shape) if args.long else None, "budget_slack": BUDGET_SLACK,
+        "long_gpu_share": LONG_GPU_SHARE, "query_drift": QUERY_DRIFT})
     print_table(rows)
     print(f"wrote {path}")
+
+
+def host_pool(shape: Shape, device: torch.device) -> PinnedMemoryPool:
+    """A pool for the host KV of ``shape`` (every layer), pinned on a GPU machine."""
+    host_bytes = shape.batch * shape.table_blocks * NUM_KV_HEADS * 2 * BLOCK * HEAD_DIM * DTYPE.itemsize
+    return PinnedMemoryPool(pinned_pool_size=host_bytes, max_pinned_size=shape.layers * host_bytes + (1 << 20),
+                            pinned=device.type == "cuda")
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 if __name__ == "__main__":

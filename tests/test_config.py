@@ -24,8 +24,8 @@ STORE_VALUES = {  # a valid, non-default value for every store key
 }
 GSA_VALUES = {"sparse_ratio": 0.2, "local_window_sz": 2, "init_window_sz": 3, "min_blocks": 5,
               "prefetch_workers": 8, "prefetch_ahead": 2, "max_pending_prefetch": 256, "score": "mean",
-              "token_budget": 2048, "offload": True, "gpu_budget_blocks": 100, "repr_dtype": "fp8",
-              "dense_first_layers": 3, "select_every": 4, "rerank_candidates": 2.5}
+              "token_budget": 2048, "offload": True, "gpu_budget_blocks": 100, "gpu_budget_bytes": 1 << 30,
+              "repr_dtype": "fp8", "dense_first_layers": 3, "select_every": 4, "rerank_candidates": 2.5}
 
 
 def _expected(key, value):

@@ -1,14 +1,10 @@
-"""GSA offload mode (ucm_sparse.offload, ucm_sparse.prefetch): bit-exact against on-device GSA over the same tokens,
+"""GSA offload mode (ucm_sparse.offload, ucm_sparse.hot_pool): bit-exact against on-device GSA over the same tokens,
 synchronous misses counted, prefetch bounded by max_pending_prefetch, the host KV held by the store's Cache tier."""
-import threading
-import time
-
 import pytest
 import torch
 
 from ucm_sparse import GSA, GSAConfig
 from ucm_sparse.offload import OffloadedGSA
-from ucm_sparse.prefetch import FetchJob, Prefetcher
 from ucm_store.backends.cache import CacheTier
 from ucm_store.pool import PinnedMemoryPool
 
@@ -18,7 +14,7 @@ SPARSE = dict(sparse_ratio=0.3, init_window_sz=1, local_window_sz=2, min_blocks=
 
 
 def private_cache() -> CacheTier:
-    return CacheTier(LAYERS, PinnedMemoryPool(1 << 20, 64 << 20, pinned=False))
+    return CacheTier(LAYERS, PinnedMemoryPool(1 << 20, 64 << 20, pinned=torch.cuda.is_available()))
 
 
 class Twin:
@@ -62,9 +58,8 @@ class Twin:
         self.kv[layer][0, block, position % BLOCK] = key
         self.kv[layer][1, block, position % BLOCK] = value
 
-    def step(self, requests: list, settle_prefetch: bool = False) -> None:
-        """One decode token for ``requests`` in both modes; asserts equal outputs and selections.
-        ``settle_prefetch``: let the prefetch finish before the layers run (as the model's other work would)."""
+    def step(self, requests: list) -> None:
+        """One decode token for ``requests`` in both modes; asserts equal outputs and selections."""
         for request in requests:
             if self.lens[request] % BLOCK == 0:
                 self.blocks[request].append(self.physical.pop())
@@ -74,8 +69,6 @@ class Twin:
                              dtype=torch.int32, device=self.device)
         on_device = self.device_gsa.plan(requests, [self.lens[r] for r in requests], table)
         offload = self.offload.plan(requests)
-        for job in offload.prefetches if settle_prefetch else ():
-            job.done.wait()
         for layer in range(LAYERS):
             q = torch.stack([self.query(r, layer) for r in requests])
             key, value = self.random(len(requests), HEADS, DIM), self.random(len(requests), HEADS, DIM)
@@ -89,7 +82,7 @@ class Twin:
 
 @pytest.fixture
 def make_twin():
-    """Twin factory; the twins' offload workers and host KV are released at teardown."""
+    """Twin factory; the twins' host KV is released at teardown."""
     made = []
 
     def make(config: GSAConfig, prompts: dict, backend: str = "torch", device: str = "cpu") -> Twin:
@@ -146,73 +139,62 @@ def test_synchronous_misses_are_counted_and_correct(make_twin):
     assert stats.h2d_bytes == stats.sync_misses * stats.piece_bytes
     first = stats.sync_misses
     twin.step(["a", "b"])  # the windows and whatever the new (random) queries select again are hits now
+    stats = twin.offload.stats
     assert stats.needed == 2 * LAYERS * HEADS * 12 and 0 < stats.sync_misses - first < LAYERS * HEADS * 12 / 2
 
 
-@pytest.mark.parametrize("ahead", [0, 2])
-def test_alternating_batches_prefetch_what_the_last_selection_predicts(ahead, make_twin):
+@pytest.mark.parametrize("ahead,cap", [(0, 16), (2, 16), (2, 3)])
+def test_alternating_batches_prefetch_what_the_last_selection_predicts(ahead, cap, make_twin):
     """Two groups take turns on a budget that holds one group's selection: the other group's pieces get
-    evicted; with prefetch they come back before attention, without it they are synchronous misses."""
+    evicted; with prefetch they come back before attention (at most ``cap`` blocks' pieces per layer and step),
+    without it they are synchronous misses."""
     config = GSAConfig(**SPARSE, gpu_budget_blocks=24, prefetch_ahead=ahead, prefetch_workers=3,
-                       max_pending_prefetch=2)  # blocks: 2 * HEADS pieces in flight
+                       max_pending_prefetch=cap)
     twin = make_twin(config, {"a1": 400, "a2": 390, "b1": 410, "b2": 385})
-    misses = []
+    misses, prefetched = [], []
     for step in range(8):
-        before = twin.offload.stats.sync_misses
-        twin.step(["a1", "a2"] if step % 2 == 0 else ["b1", "b2"], settle_prefetch=True)
-        misses.append(twin.offload.stats.sync_misses - before)
-    stats = twin.offload.stats
+        before = twin.offload.stats
+        twin.step(["a1", "a2"] if step % 2 == 0 else ["b1", "b2"])
+        after = twin.offload.stats
+        misses.append(after.sync_misses - before.sync_misses)
+        prefetched.append(after.prefetched - before.prefetched)
     cold = sum(misses[:2]) / 2  # nothing resident yet: every selected piece misses
-    if ahead:
-        assert stats.prefetched > 0 and stats.prefetch_cancelled == 0
-        assert twin.offload.prefetcher.max_pending == 4 and twin.offload.prefetcher.peak_in_flight <= 4
+    if not ahead:
+        assert sum(prefetched) == 0
+        assert min(misses[2:]) > 0.4 * cold  # the other group evicted the top-scoring pieces
+    elif cap == 16:  # room for a whole selection (2 requests x 8 blocks)
+        assert prefetched[:2] == [0, 0] and min(prefetched[2:]) > 0.4 * cold  # from each group's first return on
         assert max(misses[2:]) < 0.25 * cold  # what is left is the drift of the selection
     else:
-        assert twin.offload.prefetcher is None and stats.prefetched == 0
-        assert min(misses[2:]) > 0.4 * cold  # the other group evicted the top-scoring pieces
+        assert prefetched[2:] == [LAYERS * cap * HEADS] * 6  # the cap, in every layer of every step
+        assert max(misses[2:]) < min(misses[2:]) + LAYERS * cap * HEADS < cold
 
 
-def test_prefetcher_bounds_pieces_in_flight():
-    running, lock = [0], threading.Lock()
-    seen = []
-
-    def fetch(job):
-        with lock:
-            running[0] += job.size
-            seen.append(running[0])
-        time.sleep(0.002)
-        with lock:
-            running[0] -= job.size
-
-    prefetcher = Prefetcher(workers=4, max_pending=7, fetch=fetch)
-    jobs = [FetchJob(0, torch.arange(1 + i % 3), torch.arange(1 + i % 3)) for i in range(40)]
-    for job in jobs:
-        prefetcher.submit(job)
-    prefetcher.close()  # runs what is queued
-    assert all(job.state == "done" and job.error is None for job in jobs)
-    assert max(seen) <= 7 and prefetcher.peak_in_flight <= 7 and prefetcher.peak_in_flight >= 4
-    with pytest.raises(ValueError, match="max_pending"):
-        prefetcher.submit(FetchJob(0, torch.arange(8), torch.arange(8)))
-
-
-def test_prefetch_not_started_is_cancelled_and_running_is_waited_for():
-    release = threading.Event()
-    prefetcher = Prefetcher(workers=1, max_pending=4, fetch=lambda job: release.wait())
-    first, second = (FetchJob(0, torch.arange(2), torch.arange(2)) for _ in range(2))
-    prefetcher.submit(first)
-    prefetcher.submit(second)
-    while first.state != "running":
-        time.sleep(0.001)
-    assert prefetcher.finish(second) is False and second.state == "cancelled"
-    threading.Timer(0.05, release.set).start()
-    assert prefetcher.finish(first) is True and first.state == "done"
-    prefetcher.close()
+def test_a_steady_batch_prefetches_nothing(make_twin):
+    """Requests that ran last step have their last selection resident: no prefetch work for them."""
+    twin = make_twin(GSAConfig(**SPARSE, gpu_budget_blocks=200, prefetch_ahead=2), {"a": 300, "b": 200})
+    for _ in range(5):
+        twin.step(["a", "b"])
+    assert twin.offload.stats.prefetched == 0 and twin.offload.stats.needed > 0
 
 
 def test_budget_smaller_than_a_step_is_a_clear_error(make_twin):
     twin = make_twin(GSAConfig(**SPARSE, gpu_budget_blocks=4, prefetch_ahead=0), {"a": 500})
     with pytest.raises(ValueError, match="gpu_budget_blocks=4"):
         twin.step(["a"])
+
+
+def test_gpu_budget_in_bytes_is_shared_by_the_layers(make_twin):
+    piece_bytes = 2 * BLOCK * DIM * DTYPE.itemsize
+    twin = make_twin(GSAConfig(**SPARSE, gpu_budget_bytes=LAYERS * 50 * piece_bytes + 7), {"a": 300})
+    assert twin.offload.capacity == 50 and all(pool.capacity == 50 for pool in twin.offload.pools)
+    twin.step(["a"])
+    small = make_twin(GSAConfig(**SPARSE, gpu_budget_bytes=LAYERS * 9 * piece_bytes), {"a": 300})
+    with pytest.raises(ValueError, match=f"gpu_budget_bytes={LAYERS * 9 * piece_bytes}: this step needs up to 14 "):
+        small.step(["a"])  # 2 heads x (6 selected + 1 newest block)
+    with pytest.raises(ValueError, match="gpu_budget_bytes: got 100, less than one piece"):
+        OffloadedGSA(GSAConfig(**SPARSE, gpu_budget_bytes=100), num_layers=LAYERS, num_kv_heads=HEADS, head_dim=DIM,
+                     block_size=BLOCK, host_blocks=8, device="cpu", cache=private_cache())
 
 
 @pytest.mark.parametrize("key,value", [("select_every", 4), ("rerank_candidates", 2.0)])

@@ -35,6 +35,14 @@ def next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def alignment(*values: int) -> int:
+    """The largest of 16, 8, 4, 2, 1 that divides every value (addresses and sizes: the widest word a copy can use)."""
+    align = 16
+    while any(value % align for value in values):
+        align //= 2
+    return align
+
+
 def compute_dtype(dtype: torch.dtype):
     """The ``tl`` dtype a kernel's dots run in for inputs of ``dtype`` (one of TL_DTYPES): the same, except fp32
     under the interpreter, whose bf16 dot is wrong."""

@@ -35,11 +35,13 @@ class GSAConfig:
                              "selection for its next N - 1 steps, while its block count stays the same (a new "
                              "block, every block_size tokens, reselects; the block of the current token is always "
                              "attended)", min=1, max=1024, used_by="GSA selection")
-    prefetch_workers: int = spec(4, "threads fetching offloaded blocks into the GPU budget", min=1, max=256,
+    prefetch_workers: int = spec(4, "prefetch copy concurrency: the offload mode's prefetch copies run on their own "
+                                 "CUDA stream with 16 copy programs per worker", min=1, max=256,
                                  used_by="GSA offload")
-    prefetch_ahead: int = spec(4, "decode steps the prefetcher runs ahead of attention", min=0, max=1024,
-                               used_by="GSA offload")
-    max_pending_prefetch: int = spec(128, "block fetches in flight at most", min=1, used_by="GSA offload")
+    prefetch_ahead: int = spec(4, "decode steps a selection predicts for the offload prefetch (0: no prefetch)",
+                               min=0, max=1024, used_by="GSA offload")
+    max_pending_prefetch: int = spec(128, "blocks a step's prefetch brings in per layer at most", min=1,
+                                     used_by="GSA offload")
     score: str = spec("quest", "block score: Quest upper bound (min/max keys) or mean-key dot product",
                       choices=("quest", "mean"), used_by="GSA selection")
     repr_dtype: str = spec("cache", "dtype of the block summaries selection reads: the KV cache's, or fp8 (e4m3, "
@@ -51,6 +53,8 @@ class GSAConfig:
                          used_by="GSA offload")
     gpu_budget_blocks: int = spec(4096, "blocks per layer kept on the GPU in offload mode", min=1,
                                   used_by="GSA offload")
+    gpu_budget_bytes: int | None = spec(None, "GPU bytes for hot KV in offload mode, all layers together; replaces "
+                                        "gpu_budget_blocks when set", min=1, used_by="GSA offload")
 
     def __post_init__(self) -> None:
         validate_fields(self)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ucm_kernels._utils import check_device, host_to_device, triton_interpreting
+from ucm_kernels._utils import alignment, check_device, host_to_device, triton_interpreting
 from ucm_kernels.kv_transfer.layout import PagedKVLayout, detect_layout
 from ucm_kernels.kv_transfer.naive import naive_gather_blocks, naive_scatter_blocks
 
@@ -163,7 +163,7 @@ def _copy_blocks(layout: PagedKVLayout, layers: Sequence[torch.Tensor], block_id
     table, table_align = _layer_table(tuple(layer.data_ptr() for layer in layers), block_ids.device)
     by_row = not isinstance(staging, torch.Tensor)
     row_addrs = [row.data_ptr() for row in staging] if by_row else [staging.data_ptr()]
-    align = min(table_align, _alignment(*row_addrs, layout.segment_bytes, layout.block_stride_bytes,
+    align = min(table_align, alignment(*row_addrs, layout.segment_bytes, layout.block_stride_bytes,
                                         layout.segment_stride_bytes))
     word = min(align, 8)
     segment_words = layout.segment_bytes // word
@@ -193,15 +193,7 @@ def _copy_blocks_naive(layout: PagedKVLayout, layers: Sequence[torch.Tensor], bl
 @functools.lru_cache(maxsize=64)
 def _layer_table(addresses: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, int]:
     """Device int64 table of the layers' base addresses and the alignment they share (cached per address set)."""
-    return torch.tensor(addresses, dtype=torch.int64, device=device), _alignment(*addresses)
-
-
-def _alignment(*values: int) -> int:
-    """The largest of 16, 8, 4, 2, 1 that divides every value."""
-    align = 16
-    while any(value % align for value in values):
-        align //= 2
-    return align
+    return torch.tensor(addresses, dtype=torch.int64, device=device), alignment(*addresses)
 
 
 def _checked_inputs(layers, block_ids, kind, layout, check_ids) -> tuple[PagedKVLayout, torch.Tensor]:

@@ -1,0 +1,151 @@
+"""ucm_kernels.residency: the Triton bookkeeping equals the torch reference (interpreter on CPU: same order), the
+reference keeps the pool's invariants, and copy_rows moves rows exactly."""
+import pytest
+import torch
+
+from ucm_kernels.residency import admit, copy_rows, torch_admit, torch_copy_rows
+from ucm_kernels.residency.torch import AGE_CAP, slot_ages
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def random_pool(capacity: int, pieces: int, seed: int, now: int = 40, pinned_share: float = 0.1) -> dict:
+    """A consistent pool: a random subset of pieces resident, stamps of past steps (some NEVER), some pinned."""
+    gen = torch.Generator().manual_seed(seed)
+    resident = torch.randperm(pieces, generator=gen)[:capacity * 3 // 4]
+    slots = torch.randperm(capacity, generator=gen)[:resident.numel()]
+    slot_of = torch.full((pieces,), -1, dtype=torch.int64)
+    piece_in = torch.full((capacity,), -1, dtype=torch.int64)
+    stamp = torch.full((capacity,), -1, dtype=torch.int64)
+    slot_of[resident], piece_in[slots] = slots, resident
+    stamp[slots] = torch.randint(0, now, (slots.numel(),), generator=gen)
+    pinned = torch.zeros(capacity, dtype=torch.bool)
+    pinned[slots[torch.rand(slots.numel(), generator=gen) < pinned_share]] = True
+    return {"slot_of": slot_of, "piece_in": piece_in, "stamp": stamp, "pinned": pinned}
+
+
+def wanted_pieces(pieces: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed + 1)
+    return torch.randperm(pieces, generator=gen)[:n], torch.rand(n, generator=gen) < 0.8
+
+
+def on(device: str, state: dict) -> dict:
+    return {name: tensor.clone().to(device) for name, tensor in state.items()}
+
+
+def check_consistent(state: dict) -> None:
+    """slot_of and piece_in are inverse maps."""
+    held = (state["piece_in"] >= 0).nonzero().flatten()
+    assert torch.equal(state["slot_of"][state["piece_in"][held]], held)
+    assert int((state["slot_of"] >= 0).sum()) == held.numel()
+
+
+@pytest.mark.parametrize("capacity,pieces,n,max_new", [(300, 2000, 250, 10_000), (1500, 5000, 1200, 10_000),
+                                                       (300, 2000, 250, 17), (2048, 2048, 3000, 10_000)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_triton_admit_equals_torch(capacity, pieces, n, max_new, seed):
+    state = random_pool(capacity, pieces, seed)
+    wanted_ids, wanted = wanted_pieces(pieces, min(n, pieces), seed)
+    n = wanted_ids.numel()
+    ref, got = on("cpu", state), on(DEVICE, state)
+    ref_tally, got_tally = torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    kwargs = dict(below=80, stamp_value=80, max_new=max_new)
+    want = torch_admit(*ref.values(), wanted_ids, wanted, tally=ref_tally, **kwargs)
+    have = admit(*got.values(), wanted_ids.to(DEVICE), wanted.to(DEVICE), tally=got_tally, **kwargs)
+    count = int(want[3][0])
+    assert int(have[3][0]) == count and count > 0 and torch.equal(got_tally.cpu(), ref_tally)
+    if DEVICE == "cpu":  # the interpreter runs programs in order: the same slots
+        assert torch.equal(have[0], want[0])
+        assert torch.equal(have[1][:count], want[1][:count]) and torch.equal(have[2][:count], want[2][:count])
+        for name in state:
+            assert torch.equal(got[name], ref[name]), name
+    check_consistent({k: v.cpu() for k, v in got.items()})
+    assert n == wanted_ids.numel()
+
+
+def test_admit_keeps_hits_and_pinned_slots_and_evicts_the_oldest_first():
+    capacity, pieces = 400, 3000
+    state = random_pool(capacity, pieces, seed=3)
+    before = on("cpu", state)
+    wanted_ids, wanted = wanted_pieces(pieces, 300, seed=3)
+    slots, fetch_pieces, fetch_slots, count = torch_admit(*state.values(), wanted_ids, wanted, below=80,
+                                                          stamp_value=80, max_new=10_000)
+    n = int(count[0])
+    was_resident = wanted & (before["slot_of"][wanted_ids] >= 0)
+    assert torch.equal(slots[was_resident], before["slot_of"][wanted_ids[was_resident]])  # hits stay put
+    assert n == int((wanted & ~was_resident).sum())  # room for every miss here
+    assert (slots[wanted] >= 0).all() and (slots[~wanted] == -1).all()
+    assert torch.equal(state["slot_of"][wanted_ids[wanted]], slots[wanted])
+    assert (state["stamp"][slots[wanted]] == 80).all()
+    victims = fetch_slots[:n]
+    assert not before["pinned"][victims].any() and not torch.isin(victims, slots[was_resident]).any()
+    assert torch.equal(fetch_pieces[:n], state["piece_in"][victims])
+    ages = slot_ages(before["stamp"], before["pinned"], 80)
+    ages[slots[was_resident]] = 0  # stamped by this call before victims were chosen
+    spared = torch.ones(capacity, dtype=torch.bool)
+    spared[victims] = False
+    assert int(ages[victims].min()) >= int(ages[spared].max())  # nothing older was left behind
+    check_consistent(state)
+
+
+def test_admit_takes_at_most_max_new_and_only_what_can_be_evicted():
+    base = random_pool(64, 1000, seed=5, pinned_share=0.0)
+    base["pinned"][:40] = True
+    wanted_ids, wanted = torch.arange(500, 600), torch.ones(100, dtype=torch.bool)
+    resident = base["slot_of"][wanted_ids]
+    missing = int((resident < 0).sum())
+    evictable = 24 - int((resident >= 40).sum())  # unpinned slots, less the hits this call stamps
+    for max_new, expected in ((10, min(10, missing)), (10_000, min(missing, evictable))):
+        state = on("cpu", base)
+        slots, _, fetch_slots, count = torch_admit(*state.values(), wanted_ids, wanted, below=80, stamp_value=80,
+                                                   max_new=max_new)
+        assert int(count[0]) == expected and int((slots >= 0).sum()) == 100 - missing + expected
+        assert not base["pinned"][fetch_slots[:expected]].any()
+        check_consistent(state)
+
+
+def test_ages_put_free_and_old_slots_first_and_cap():
+    stamp = torch.tensor([-1, 0, 79, 80, 10, 5])
+    pinned = torch.tensor([False, False, False, False, True, False])
+    assert slot_ages(stamp, pinned, 80).tolist() == [81, 80, 1, 0, 0, 75]
+    assert slot_ages(torch.tensor([-1000]), torch.tensor([False]), 80).tolist() == [AGE_CAP]
+
+
+@pytest.mark.parametrize("dtype,width", [(torch.bfloat16, 4096), (torch.float32, 33), (torch.int8, 7)])
+def test_copy_rows_moves_exactly_the_counted_rows(dtype, width):
+    gen = torch.Generator().manual_seed(0)
+    src = torch.randint(-100, 100, (50, width), generator=gen).to(dtype)
+    dst = torch.zeros(40, width, dtype=dtype)
+    src_idx = torch.tensor([3, 49, 0, -1, 7, 8, -5], dtype=torch.int64)  # -1: skipped; past the count: unread
+    dst_idx = torch.tensor([39, 0, 5, 2, 6, 1, -5], dtype=torch.int64)
+    count = torch.tensor([6], dtype=torch.int32)
+    want = dst.clone()
+    torch_copy_rows(src, want, src_idx, dst_idx, count)
+    got = dst.to(DEVICE)
+    copy_rows(src.to(DEVICE), got, src_idx.to(DEVICE), dst_idx.to(DEVICE), count.to(DEVICE), programs=3)
+    assert torch.equal(got.cpu(), want)
+    assert torch.equal(want[39], src[3]) and torch.equal(want[1], src[8]) and int((want != 0).any(1).sum()) == 5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host rows are read over PCIe by a GPU kernel")
+def test_copy_rows_reads_and_writes_pinned_host_rows():
+    host = torch.randn(64, 1024).to(torch.bfloat16).pin_memory()
+    device_rows = torch.zeros(16, 1024, dtype=torch.bfloat16, device="cuda")
+    idx = torch.arange(16, dtype=torch.int64, device="cuda")
+    copy_rows(host, device_rows, idx * 4, idx, torch.tensor([16], dtype=torch.int32, device="cuda"))
+    assert torch.equal(device_rows.cpu(), host[::4])
+    back = torch.zeros(16, 1024, dtype=torch.bfloat16).pin_memory()
+    copy_rows(device_rows, back, idx, idx.flip(0), torch.tensor([16], dtype=torch.int32, device="cuda"))
+    torch.cuda.synchronize()
+    assert torch.equal(back, host[::4].flip(0))
+
+
+def test_bad_arguments_name_what_is_wrong():
+    state = random_pool(8, 20, seed=0)
+    with pytest.raises(ValueError, match="pieces"):
+        admit(*on(DEVICE, state).values(), torch.arange(3, dtype=torch.int32, device=DEVICE),
+              torch.ones(3, dtype=torch.bool, device=DEVICE), below=1, stamp_value=1, max_new=1)
+    with pytest.raises(ValueError, match="dst"):
+        copy_rows(torch.zeros(2, 3, device=DEVICE), torch.zeros(2, 4, device=DEVICE),
+                  torch.zeros(1, dtype=torch.int64, device=DEVICE), torch.zeros(1, dtype=torch.int64, device=DEVICE),
+                  torch.ones(1, dtype=torch.int32, device=DEVICE))

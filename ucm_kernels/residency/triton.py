@@ -1,0 +1,190 @@
+"""Triton residency bookkeeping (four launches, no host sync) and the indexed row copy.
+
+``admit``: (1) probe the wanted pieces (hits stamped, misses ranked through an atomic counter), (2) histogram of
+the evictable slots' ages, (3) every program finds the victim age from the histogram and ranks its victims, older
+ones first, then those of the victim age, through two more counters, (4) the k-th miss takes the k-th victim and
+the maps are updated. Ranks follow program order, so on a GPU which slot a miss takes varies between runs (any
+victim of the same age is as good); in the interpreter programs run in order and the result equals
+``torch.admit``'s.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ucm_kernels._utils import alignment, check_device, check_tensor, next_pow2
+
+from .torch import AGE_CAP
+
+MISSES, OLDER, ADMITTED, TIES, HIST = 0, 1, 2, 3, 4  # counter slots; HIST .. HIST + AGE_CAP: the age histogram
+_TILE = 1024
+_WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+
+
+@triton.jit
+def _probe_kernel(pieces, wanted, slot_of, stamp, slots, miss_rank, counters, tally, n, stamp_value,
+                  HAS_TALLY: tl.constexpr, TILE: tl.constexpr):
+    offs = tl.program_id(0) * TILE + tl.arange(0, TILE)
+    inside = offs < n
+    want = tl.load(wanted + offs, mask=inside, other=0) != 0
+    piece = tl.load(pieces + offs, mask=want, other=0)
+    slot = tl.load(slot_of + piece, mask=want, other=-1)
+    hit = want & (slot >= 0)
+    tl.store(stamp + slot, tl.full([TILE], stamp_value, tl.int64), mask=hit)
+    miss = (want & (slot < 0)).to(tl.int32)
+    base = tl.atomic_add(counters + MISSES, tl.sum(miss, 0))
+    rank = base + tl.cumsum(miss, 0) - 1
+    tl.store(slots + offs, tl.where(hit, slot, -1), mask=inside)
+    tl.store(miss_rank + offs, tl.where(miss != 0, rank, -1), mask=inside)
+    if HAS_TALLY:
+        tl.atomic_add(tally, tl.sum(want.to(tl.int64), 0))
+
+
+@triton.jit
+def _ages(stamp, pinned, offs, inside, below, AGE_CAP: tl.constexpr):
+    """Eviction age of slots ``offs`` (0: not evictable), as ``torch.slot_ages``."""
+    age = below - tl.load(stamp + offs, mask=inside, other=below)
+    held = tl.load(pinned + offs, mask=inside, other=1) != 0
+    return tl.where(held | (age <= 0), 0, tl.minimum(age, AGE_CAP))
+
+
+@triton.jit
+def _age_histogram_kernel(stamp, pinned, counters, capacity, below, AGE_CAP: tl.constexpr, TILE: tl.constexpr):
+    offs = tl.program_id(0) * TILE + tl.arange(0, TILE)
+    inside = offs < capacity
+    age = _ages(stamp, pinned, offs, inside, below, AGE_CAP)
+    tl.atomic_add(counters + HIST + age, tl.full([TILE], 1, tl.int32), mask=inside & (age > 0))
+
+
+@triton.jit
+def _victim_kernel(stamp, pinned, counters, victims, capacity, below, max_new, AGE_CAP: tl.constexpr,
+                   BINS: tl.constexpr, TILE: tl.constexpr):
+    wanted = tl.minimum(tl.load(counters + MISSES), max_new)
+    if wanted > 0:
+        bins = tl.arange(0, BINS)
+        hist = tl.load(counters + HIST + bins, mask=bins <= AGE_CAP, other=0)
+        at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # slots of this age or older
+        oldest = tl.maximum(tl.sum(((bins >= 1) & (at_least >= wanted)).to(tl.int32), 0), 1)
+        older = tl.sum(tl.where(bins > oldest, hist, 0), 0)  # all taken; then slots of age ``oldest``
+        offs = tl.program_id(0) * TILE + tl.arange(0, TILE)
+        inside = offs < capacity
+        age = _ages(stamp, pinned, offs, inside, below, AGE_CAP)
+        for tie in tl.static_range(2):
+            flags = (inside & ((age == oldest) if tie else (age > oldest))).to(tl.int32)
+            base = tl.atomic_add(counters + (TIES if tie else OLDER), tl.sum(flags, 0)) + (older if tie else 0)
+            rank = base + tl.cumsum(flags, 0) - 1
+            tl.store(victims + rank, offs.to(tl.int64), mask=(flags != 0) & (rank < wanted))
+
+
+@triton.jit
+def _assign_kernel(pieces, miss_rank, slots, victims, slot_of, piece_in, stamp, counters, fetch_pieces,
+                   fetch_slots, tally, n, stamp_value, max_new, HAS_TALLY: tl.constexpr, TILE: tl.constexpr):
+    offs = tl.program_id(0) * TILE + tl.arange(0, TILE)
+    inside = offs < n
+    candidates = tl.load(counters + OLDER) + tl.load(counters + TIES)
+    usable = tl.minimum(tl.minimum(tl.load(counters + MISSES), max_new), candidates)
+    rank = tl.load(miss_rank + offs, mask=inside, other=-1)
+    take = (rank >= 0) & (rank < usable)
+    piece = tl.load(pieces + offs, mask=take, other=0)
+    slot = tl.load(victims + rank, mask=take, other=0)
+    old = tl.load(piece_in + slot, mask=take, other=-1)
+    tl.store(slot_of + old, tl.full([TILE], -1, tl.int64), mask=take & (old >= 0))
+    tl.store(piece_in + slot, piece, mask=take)
+    tl.store(slot_of + piece, slot, mask=take)
+    tl.store(stamp + slot, tl.full([TILE], stamp_value, tl.int64), mask=take)
+    tl.store(slots + offs, slot, mask=take)
+    tl.store(fetch_pieces + rank, piece, mask=take)
+    tl.store(fetch_slots + rank, slot, mask=take)
+    taken = tl.sum(take.to(tl.int32), 0)
+    tl.atomic_add(counters + ADMITTED, taken)
+    if HAS_TALLY:
+        tl.atomic_add(tally + 1, taken.to(tl.int64))
+
+
+def admit(slot_of: torch.Tensor, piece_in: torch.Tensor, stamp: torch.Tensor, pinned: torch.Tensor,
+          pieces: torch.Tensor, wanted: torch.Tensor, *, below: int, stamp_value: int, max_new: int,
+          tally: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Make ``pieces[wanted]`` resident on the device without a host sync; contract of ``torch.admit``, with
+    ``fetch_count`` a device tensor."""
+    device = slot_of.device
+    _check_state(slot_of, piece_in, stamp, pinned, pieces, wanted, tally, device)
+    n, capacity = pieces.numel(), piece_in.numel()
+    counters = torch.zeros(HIST + AGE_CAP + 1, dtype=torch.int32, device=device)
+    slots, miss_rank = torch.empty_like(pieces), torch.empty_like(pieces)
+    fetch_pieces, fetch_slots = torch.empty_like(pieces), torch.empty_like(pieces)
+    victims = torch.empty(max(min(n, max_new, capacity), 1), dtype=torch.int64, device=device)
+    tally_arg = tally if tally is not None else counters
+    entries, slot_tiles = (triton.cdiv(max(n, 1), _TILE),), (triton.cdiv(capacity, _TILE),)
+    _probe_kernel[entries](pieces, wanted, slot_of, stamp, slots, miss_rank, counters, tally_arg, n, stamp_value,
+                           HAS_TALLY=tally is not None, TILE=_TILE)
+    _age_histogram_kernel[slot_tiles](stamp, pinned, counters, capacity, below, AGE_CAP=AGE_CAP, TILE=_TILE)
+    _victim_kernel[slot_tiles](stamp, pinned, counters, victims, capacity, below, max_new, AGE_CAP=AGE_CAP,
+                               BINS=next_pow2(AGE_CAP + 1), TILE=_TILE)
+    _assign_kernel[entries](pieces, miss_rank, slots, victims, slot_of, piece_in, stamp, counters, fetch_pieces,
+                            fetch_slots, tally_arg, n, stamp_value, max_new, HAS_TALLY=tally is not None, TILE=_TILE)
+    return slots, fetch_pieces, fetch_slots, counters[ADMITTED:ADMITTED + 1]
+
+
+@triton.jit
+def _copy_rows_kernel(src, dst, src_idx, dst_idx, count, ROW_WORDS: tl.constexpr, BLOCK: tl.constexpr):
+    n = tl.load(count)
+    words = tl.arange(0, BLOCK)
+    for k in tl.range(tl.program_id(0), n, tl.num_programs(0)):
+        row = tl.load(src_idx + k)
+        if row >= 0:
+            source = src + row * ROW_WORDS
+            target = dst + tl.load(dst_idx + k) * ROW_WORDS
+            for start in tl.range(0, ROW_WORDS, BLOCK):
+                mask = start + words < ROW_WORDS
+                tl.store(target + start + words, tl.load(source + start + words, mask=mask), mask=mask)
+
+
+def copy_rows(src: torch.Tensor, dst: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor,
+              count: torch.Tensor, *, programs: int = 256) -> None:
+    """``dst[dst_idx[k]] = src[src_idx[k]]`` for ``k < count[0]`` and ``src_idx[k] >= 0``, the count read on the
+    device.
+
+    Args:
+        src, dst: contiguous 2-D tensors of one dtype and row width; one of them may be pinned host memory (read
+            or written over PCIe in place) when the other is on a GPU.
+        src_idx, dst_idx: int64 row indices on the indices' device (the GPU's), at least ``count[0]`` each.
+        count: [1] int32 on that device.
+        programs: rows are spread over this many programs (each keeps one row's reads in flight).
+    """
+    device = count.device
+    for name, rows in (("src", src), ("dst", dst)):
+        _check_rows(name, rows, src, device)
+    for name, index in (("src_idx", src_idx), ("dst_idx", dst_idx)):
+        check_tensor(name, index, 1, (torch.int64,), device, "[n] row indices")
+    check_tensor("count", count, 1, (torch.int32,), device, "[1] row count")
+    word = min(alignment(src.data_ptr(), dst.data_ptr(), src.shape[1] * src.element_size()), 8)
+    row_words = src.shape[1] * src.element_size() // word
+    _copy_rows_kernel[(max(min(programs, src_idx.numel()), 1),)](
+        src.view(_WORD_DTYPES[word]), dst.view(_WORD_DTYPES[word]), src_idx, dst_idx, count, ROW_WORDS=row_words,
+        BLOCK=min(next_pow2(row_words), 2048))
+
+
+def _check_rows(name: str, rows: torch.Tensor, like: torch.Tensor, device: torch.device) -> None:
+    """Raise ValueError unless ``rows`` is a contiguous 2-D tensor shaped and typed like ``like``, on ``device`` or
+    in pinned host memory."""
+    if rows.dim() != 2 or not rows.is_contiguous() or rows.dtype != like.dtype or rows.shape[1] != like.shape[1]:
+        raise ValueError(f"{name}: {rows.dtype} of shape {tuple(rows.shape)} (contiguous={rows.is_contiguous()}); "
+                         f"expected contiguous [rows, {like.shape[1]}] of {like.dtype}")
+    if rows.device.type == "cpu" and device.type == "cuda":
+        if not rows.is_pinned():
+            raise ValueError(f"{name} is in pageable host memory; a GPU copy reads or writes pinned memory only")
+        return
+    check_device(name, rows, device)
+
+
+def _check_state(slot_of, piece_in, stamp, pinned, pieces, wanted, tally, device) -> None:
+    """Raise ValueError naming the argument that is not what ``admit`` takes."""
+    for name, tensor, dtypes in (("slot_of", slot_of, (torch.int64,)), ("piece_in", piece_in, (torch.int64,)),
+                                 ("stamp", stamp, (torch.int64,)), ("pinned", pinned, (torch.bool,)),
+                                 ("pieces", pieces, (torch.int64,)), ("wanted", wanted, (torch.bool,))):
+        check_tensor(name, tensor, 1, dtypes, device, "a 1-D tensor")
+    if not (piece_in.numel() == stamp.numel() == pinned.numel()) or pieces.shape != wanted.shape:
+        raise ValueError(f"piece_in / stamp / pinned: {piece_in.numel()} / {stamp.numel()} / {pinned.numel()} "
+                         f"slots, pieces / wanted: {tuple(pieces.shape)} / {tuple(wanted.shape)}; each group must "
+                         "agree")
+    if tally is not None:
+        check_tensor("tally", tally, 1, (torch.int64,), device, "[2] counters")
