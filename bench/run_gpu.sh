@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent-GPU session step: correctness on the GPU (compiled kernels), then benchmarks; JSON + logs under $OUT.
-# Usage: bench/run_gpu.sh {tests|transfer|sparse|tp|all}   (wheels for pytest travel in .whl/, FlashInfer's in
+# Usage: bench/run_gpu.sh {tests|transfer|sparse|offload|tp|all}   (wheels for pytest travel in .whl/, FlashInfer's in
 # .flashinfer/: see BENCHMARKS.md)
 # Set UCM_COMMIT to the commit the working tree was copied from: the copy on the GPU machine has no .git.
 set -uo pipefail
@@ -28,12 +28,13 @@ case "${1:-all}" in
   # test_sparse_quality.py matplotlib among the .whl/ wheels.
   tests|all) step gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_kv_transfer.py tests/test_transport.py tests/test_block_mover.py \
                tests/test_block_repr.py tests/test_block_select.py tests/test_block_mass.py tests/test_sparse_decode.py \
-               tests/test_flash_step.py \
+               tests/test_flash_step.py tests/test_residency.py \
                tests/test_gsa.py tests/test_gsa_offload.py tests/test_sparse_quality.py tests/test_tp_ranks.py \
                tests/test_pool.py tests/test_demo.py ;;&
   transfer|all) step bench_kv_transfer timeout 420 python3 -m bench.bench_kv_transfer
                 step bench_h2d_anatomy timeout 120 python3 -m bench.bench_h2d_anatomy ;;&
   sparse|all) step bench_sparse_decode timeout 540 python3 -m bench.bench_sparse_decode
               step bench_block_select timeout 200 python3 -m bench.bench_block_select ;;&
+  offload|all) step bench_gsa_offload timeout 560 python3 -m bench.bench_gsa_offload --layers 8 ;;&
   tp|all) step bench_tp_ranks timeout 240 python3 -m bench.bench_tp_ranks --ranks 2 --blocks 2048 --dir /tmp ;;
 esac
