@@ -15,7 +15,8 @@ from ucm_kernels._utils import alignment, check_device, check_tensor, next_pow2
 
 from .torch import AGE_CAP
 
-MISSES, OLDER, ADMITTED, TIES, HIST = 0, 1, 2, 3, 4  # counter slots; HIST .. HIST + AGE_CAP: the age histogram
+# counter slots; HIST .. HIST + AGE_CAP: the age histogram (constexpr: the kernels read them as globals)
+MISSES, OLDER, ADMITTED, TIES, HIST = (tl.constexpr(slot) for slot in range(5))
 _TILE = 1024
 _WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
@@ -108,7 +109,7 @@ def admit(slot_of: torch.Tensor, piece_in: torch.Tensor, stamp: torch.Tensor, pi
     device = slot_of.device
     _check_state(slot_of, piece_in, stamp, pinned, pieces, wanted, tally, device)
     n, capacity = pieces.numel(), piece_in.numel()
-    counters = torch.zeros(HIST + AGE_CAP + 1, dtype=torch.int32, device=device)
+    counters = torch.zeros(HIST.value + AGE_CAP + 1, dtype=torch.int32, device=device)
     slots, miss_rank = torch.empty_like(pieces), torch.empty_like(pieces)
     fetch_pieces, fetch_slots = torch.empty_like(pieces), torch.empty_like(pieces)
     victims = torch.empty(max(min(n, max_new, capacity), 1), dtype=torch.int64, device=device)
@@ -121,7 +122,7 @@ def admit(slot_of: torch.Tensor, piece_in: torch.Tensor, stamp: torch.Tensor, pi
                                BINS=next_pow2(AGE_CAP + 1), TILE=_TILE)
     _assign_kernel[entries](pieces, miss_rank, slots, victims, slot_of, piece_in, stamp, counters, fetch_pieces,
                             fetch_slots, tally_arg, n, stamp_value, max_new, HAS_TALLY=tally is not None, TILE=_TILE)
-    return slots, fetch_pieces, fetch_slots, counters[ADMITTED:ADMITTED + 1]
+    return slots, fetch_pieces, fetch_slots, counters[ADMITTED.value:ADMITTED.value + 1]
 
 
 @triton.jit
