@@ -26,6 +26,7 @@ Usage, from the repo root on the GPU: ``python -m bench.bench_gsa_offload [--lay
 or bench/results/); ``--smoke`` runs tiny shapes (CPU works) to check the script.
 """
 import argparse
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -196,8 +197,9 @@ def run_on_device(workload: Workload, cache: PagedKV, steps: list[list[int]], sp
     return decode(workload, steps, step_fn)
 
 
-def run_offload(workload: Workload, steps: list[list[int]], config: GSAConfig, pool) -> tuple:
-    """OffloadedGSA: prompts written to the host KV, then the decode steps; returns times, outputs, stats."""
+def run_offload(workload: Workload, steps: list[list[int]], config: GSAConfig, pool, profiler=None) -> tuple:
+    """OffloadedGSA: prompts written to the host KV, then the decode steps; returns times, outputs, stats.
+    ``profiler``: a ``torch.profiler.profile`` stepped after each decode step."""
     shape = workload.shape
     gsa = OffloadedGSA(config, num_layers=shape.layers, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
                        block_size=BLOCK, host_blocks=shape.batch * shape.table_blocks, dtype=DTYPE,
@@ -212,8 +214,11 @@ def run_offload(workload: Workload, steps: list[list[int]], config: GSAConfig, p
         if step == shape.warmup:
             snapshot.update(vars(gsa.stats))
         plan = gsa.plan(requests)
-        return {layer: gsa.run(plan, layer, *token_batch(workload, requests, positions, layer))
-                for layer in range(shape.layers)}
+        out = {layer: gsa.run(plan, layer, *token_batch(workload, requests, positions, layer))
+               for layer in range(shape.layers)}
+        if profiler is not None:
+            profiler.step()
+        return out
 
     times, outputs = decode(workload, steps, step_fn)
     measured = {k: v - snapshot.get(k, 0) if isinstance(v, int) and k != "piece_bytes" else v
@@ -320,6 +325,29 @@ def bench_long(shape: Shape, reference: Shape, pool, h2d_gbps: float | None) -> 
     return rows
 
 
+def profile_offload(workload: Workload, pool, out_dir: str) -> None:
+    """Steady schedule, prefetch off and on: the top device kernels and host ops of 3 profiled steps after the
+    warmup, written to ``out_dir``/gsa_offload_profile.txt."""
+    from torch.profiler import ProfilerActivity, profile, schedule as every
+
+    shape = workload.shape
+    steps = schedule(shape, "steady")
+    budget = int(BUDGET_SLACK * selection_pieces(shape, shape.batch) / NUM_KV_HEADS) + shape.batch
+    text = []
+    for ahead in (0, CONFIG.prefetch_ahead):
+        config = replace(CONFIG, gpu_budget_blocks=budget, prefetch_ahead=ahead)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                     schedule=every(wait=shape.warmup, warmup=1, active=3, repeat=1)) as prof:
+            run_offload(workload, steps, config, pool, profiler=prof)
+        averages = prof.key_averages()
+        text += [f"== prefetch_ahead={ahead}: device time", averages.table(sort_by="cuda_time_total", row_limit=14),
+                 f"== prefetch_ahead={ahead}: host time", averages.table(sort_by="self_cpu_time_total", row_limit=14)]
+    path = os.path.join(out_dir, "gsa_offload_profile.txt")
+    with open(path, "w") as handle:
+        handle.write("\n".join(text))
+    print("\n".join(text))
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"{'impl':<26}{'shape':<34}{'ms/step':>9}{'tok/s':>9}{'x dense':>8}{'hit':>7}{'PCIe B/tok':>12}"
           f"{'miss/step':>10}")
@@ -334,6 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (any device) to check the script")
     parser.add_argument("--layers", type=int, default=8, help="layers of the batch-8 schedules (default 8)")
     parser.add_argument("--long", action="store_true", help="also the 512K x 1 run over 32 layers")
+    parser.add_argument("--profile", action="store_true", help="only profile the steady offload steps")
     args = parser.parse_args(argv)
     device = _device()
     if args.smoke:
@@ -350,6 +379,9 @@ def main(argv: list[str] | None = None) -> None:
         pool = host_pool(shape, device)
         workload = Workload(shape, device)
         workload.build_streams()
+        if args.profile:
+            profile_offload(workload, pool, os.environ.get("OUT", "bench/results"))
+            return
         cache = PagedKV(workload)
         for name in ("steady", "alternating"):
             rows += bench_schedule(name, workload, cache, pool, h2d)

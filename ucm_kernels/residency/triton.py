@@ -1,7 +1,8 @@
 """Triton residency bookkeeping (four launches, no host sync) and the indexed row copy.
 
 ``admit``: (1) probe the wanted pieces (hits stamped, misses ranked through an atomic counter), (2) histogram of
-the evictable slots' ages, (3) every program finds the victim age from the histogram and ranks its victims, older
+the evictable slots' ages (per program, then one atomic per bin: most slots share an age, and per-slot atomics on
+one bin serialise), (3) every program finds the victim age from the histogram and ranks its victims, older
 ones first, then those of the victim age, through two more counters, (4) the k-th miss takes the k-th victim and
 the maps are updated. Ranks follow program order, so on a GPU which slot a miss takes varies between runs (any
 victim of the same age is as good); in the interpreter programs run in order and the result equals
@@ -49,11 +50,13 @@ def _ages(stamp, pinned, offs, inside, below, AGE_CAP: tl.constexpr):
 
 
 @triton.jit
-def _age_histogram_kernel(stamp, pinned, counters, capacity, below, AGE_CAP: tl.constexpr, TILE: tl.constexpr):
+def _age_histogram_kernel(stamp, pinned, counters, capacity, below, AGE_CAP: tl.constexpr, BINS: tl.constexpr,
+                          TILE: tl.constexpr):
     offs = tl.program_id(0) * TILE + tl.arange(0, TILE)
     inside = offs < capacity
-    age = _ages(stamp, pinned, offs, inside, below, AGE_CAP)
-    tl.atomic_add(counters + HIST + age, tl.full([TILE], 1, tl.int32), mask=inside & (age > 0))
+    age = _ages(stamp, pinned, offs, inside, below, AGE_CAP)  # 0 outside and where not evictable: bin 0, unread
+    bins = tl.arange(0, BINS)
+    tl.atomic_add(counters + HIST + bins, tl.histogram(age.to(tl.int32), BINS), mask=(bins >= 1) & (bins <= AGE_CAP))
 
 
 @triton.jit
@@ -117,7 +120,8 @@ def admit(slot_of: torch.Tensor, piece_in: torch.Tensor, stamp: torch.Tensor, pi
     entries, slot_tiles = (triton.cdiv(max(n, 1), _TILE),), (triton.cdiv(capacity, _TILE),)
     _probe_kernel[entries](pieces, wanted, slot_of, stamp, slots, miss_rank, counters, tally_arg, n, stamp_value,
                            HAS_TALLY=tally is not None, TILE=_TILE)
-    _age_histogram_kernel[slot_tiles](stamp, pinned, counters, capacity, below, AGE_CAP=AGE_CAP, TILE=_TILE)
+    _age_histogram_kernel[slot_tiles](stamp, pinned, counters, capacity, below, AGE_CAP=AGE_CAP,
+                                      BINS=next_pow2(AGE_CAP + 1), TILE=_TILE)
     _victim_kernel[slot_tiles](stamp, pinned, counters, victims, capacity, below, max_new, AGE_CAP=AGE_CAP,
                                BINS=next_pow2(AGE_CAP + 1), TILE=_TILE)
     _assign_kernel[entries](pieces, miss_rank, slots, victims, slot_of, piece_in, stamp, counters, fetch_pieces,
