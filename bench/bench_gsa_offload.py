@@ -26,6 +26,7 @@ Usage, from the repo root on the GPU: ``python -m bench.bench_gsa_offload [--lay
 or bench/results/); ``--smoke`` runs tiny shapes (CPU works) to check the script.
 """
 import argparse
+import collections
 import os
 import statistics
 import time
@@ -197,13 +198,17 @@ def run_on_device(workload: Workload, cache: PagedKV, steps: list[list[int]], sp
     return decode(workload, steps, step_fn)
 
 
-def run_offload(workload: Workload, steps: list[list[int]], config: GSAConfig, pool, profiler=None) -> tuple:
+def run_offload(workload: Workload, steps: list[list[int]], config: GSAConfig, pool, profiler=None,
+                instrument=None) -> tuple:
     """OffloadedGSA: prompts written to the host KV, then the decode steps; returns times, outputs, stats.
-    ``profiler``: a ``torch.profiler.profile`` stepped after each decode step."""
+    ``profiler``: a ``torch.profiler.profile`` stepped after each decode step; ``instrument(gsa)``: called once the
+    OffloadedGSA is made."""
     shape = workload.shape
     gsa = OffloadedGSA(config, num_layers=shape.layers, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
                        block_size=BLOCK, host_blocks=shape.batch * shape.table_blocks, dtype=DTYPE,
                        device=workload.device, cache=CacheTier(shape.layers, pool))
+    if instrument is not None:
+        instrument(gsa)
     for request in range(shape.batch):
         for layer in range(shape.layers):
             keys, values, _ = workload.prompt(request, layer)
@@ -326,8 +331,9 @@ def bench_long(shape: Shape, reference: Shape, pool, h2d_gbps: float | None) -> 
 
 
 def profile_offload(workload: Workload, pool, out_dir: str) -> None:
-    """Steady schedule, prefetch off and on: the top device kernels and host ops of 3 profiled steps after the
-    warmup, written to ``out_dir``/gsa_offload_profile.txt."""
+    """Steady schedule, prefetch off and on: the host milliseconds per step spent in each part of OffloadedGSA
+    (wall clock around its methods, steps after the warmup), then the top device kernels and host ops of 3
+    profiled steps; written to ``out_dir``/gsa_offload_profile.txt."""
     from torch.profiler import ProfilerActivity, profile, schedule as every
 
     shape = workload.shape
@@ -336,16 +342,39 @@ def profile_offload(workload: Workload, pool, out_dir: str) -> None:
     text = []
     for ahead in (0, CONFIG.prefetch_ahead):
         config = replace(CONFIG, gpu_budget_blocks=budget, prefetch_ahead=ahead)
+        spent = collections.Counter()
+        times, _, _ = run_offload(workload, steps, config, pool, instrument=lambda gsa: _time_parts(gsa, spent))
+        per_step = {name: round(1e3 * total / len(steps), 3) for name, total in spent.most_common()}
+        text.append(f"== prefetch_ahead={ahead}: wall ms per step {statistics.median(times[shape.warmup:]):.3f}; "
+                    f"host ms per step in {per_step}")
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                      schedule=every(wait=shape.warmup, warmup=1, active=3, repeat=1)) as prof:
             run_offload(workload, steps, config, pool, profiler=prof)
         averages = prof.key_averages()
-        text += [f"== prefetch_ahead={ahead}: device time", averages.table(sort_by="cuda_time_total", row_limit=14),
-                 f"== prefetch_ahead={ahead}: host time", averages.table(sort_by="self_cpu_time_total", row_limit=14)]
+        text += [f"== prefetch_ahead={ahead}: device time", averages.table(sort_by="cuda_time_total", row_limit=30),
+                 f"== prefetch_ahead={ahead}: host time", averages.table(sort_by="self_cpu_time_total", row_limit=30)]
     path = os.path.join(out_dir, "gsa_offload_profile.txt")
     with open(path, "w") as handle:
         handle.write("\n".join(text))
-    print("\n".join(text))
+    print("\n".join(line for line in text if line.startswith("==")))
+
+
+def _time_parts(gsa: OffloadedGSA, spent: collections.Counter) -> None:
+    """Wrap the parts of a decode step of ``gsa`` so that their host time adds up in ``spent`` (seconds)."""
+    def timed(name, fn):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - start
+        return call
+
+    for name in ("plan", "run", "_write_token", "_complete_filled", "_resident", "_attend", "_remember"):
+        setattr(gsa, name, timed(name, getattr(gsa, name)))
+    for pool in gsa.pools:
+        for name in ("admit", "fetch"):
+            setattr(pool, name, timed(f"pool.{name}", getattr(pool, name)))
 
 
 def print_table(rows: list[dict]) -> None:

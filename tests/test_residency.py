@@ -3,7 +3,8 @@ reference keeps the pool's invariants, and copy_rows moves rows exactly."""
 import pytest
 import torch
 
-from ucm_kernels.residency import admit, copy_rows, torch_admit, torch_copy_rows
+from ucm_kernels.residency import (admit, admit_selection, copy_rows, selection_pieces, torch_admit,
+                                   torch_admit_selection, torch_copy_rows)
 from ucm_kernels.residency.torch import AGE_CAP, slot_ages
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -61,6 +62,51 @@ def test_triton_admit_equals_torch(capacity, pieces, n, max_new, seed):
             assert torch.equal(got[name], ref[name]), name
     check_consistent({k: v.cpu() for k, v in got.items()})
     assert n == wanted_ids.numel()
+
+
+def random_selection(batch: int, heads: int, width: int, blocks: int, host_blocks: int, seed: int):
+    """Per (request, KV head) distinct logical blocks, -1 padded past a random count; distinct host blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    sel_idx = torch.full((batch, heads, width), -1, dtype=torch.int32)
+    sel_count = torch.randint(1, width + 1, (batch, heads), generator=gen).int()
+    for b in range(batch):
+        for h in range(heads):
+            n = int(sel_count[b, h])
+            sel_idx[b, h, :n] = torch.randperm(blocks, generator=gen)[:n].int()
+    table = torch.randperm(host_blocks, generator=gen)[:batch * blocks].view(batch, blocks).int()
+    return sel_idx, sel_count, table
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_admit_selection_lists_pieces_and_writes_the_slot_table(seed):
+    batch, heads, width, blocks = 3, 4, 40, 60
+    sel_idx, sel_count, block_table = random_selection(batch, heads, width, blocks, host_blocks=500, seed=seed)
+    state = random_pool(capacity=700, pieces=500 * heads, seed=seed)
+    ref, got = on("cpu", state), on(DEVICE, state)
+    kwargs = dict(below=80, stamp_value=80, max_new=10_000)
+    table, pieces, fetch_pieces, fetch_slots, count = torch_admit_selection(*ref.values(), sel_idx, sel_count,
+                                                                            block_table, **kwargs)
+    want = selection_pieces(sel_idx, sel_count, block_table)
+    assert torch.equal(pieces, want) and int((want >= 0).sum()) == int(sel_count.sum())
+    for b in range(batch):
+        for h in range(heads):
+            for j in range(int(sel_count[b, h])):
+                logical = int(sel_idx[b, h, j])
+                assert int(want[b, h, j]) == int(block_table[b, logical]) * heads + h
+                assert int(table[b * heads + h, logical]) == int(ref["slot_of"][want[b, h, j]])
+    have = admit_selection(*got.values(), sel_idx.to(DEVICE), sel_count.to(DEVICE), block_table.to(DEVICE),
+                           **kwargs)
+    assert torch.equal(have[1].cpu(), pieces) and int(have[4][0]) == int(count[0]) > 0
+    if DEVICE == "cpu":
+        assert torch.equal(have[0], table)
+        for name in state:
+            assert torch.equal(got[name], ref[name]), name
+    else:  # slots may differ: the table must name each listed piece's slot
+        listed = pieces >= 0
+        rows = torch.arange(batch * heads).view(batch, heads, 1).expand_as(listed)
+        slots = have[0].cpu()[rows[listed], sel_idx[listed].long()]
+        assert torch.equal(got["slot_of"].cpu()[pieces[listed]], slots.long())
+    check_consistent({k: v.cpu() for k, v in got.items()})
 
 
 def test_admit_keeps_hits_and_pinned_slots_and_evicts_the_oldest_first():
@@ -142,6 +188,10 @@ def test_copy_rows_reads_and_writes_pinned_host_rows():
 
 def test_bad_arguments_name_what_is_wrong():
     state = random_pool(8, 20, seed=0)
+    sel_idx, sel_count, block_table = (t.to(DEVICE) for t in random_selection(2, 2, 3, 5, 20, seed=0))
+    with pytest.raises(ValueError, match="sel_count"):
+        admit_selection(*on(DEVICE, state).values(), sel_idx, sel_count[:1], block_table, below=1, stamp_value=1,
+                        max_new=1)
     with pytest.raises(ValueError, match="pieces"):
         admit(*on(DEVICE, state).values(), torch.arange(3, dtype=torch.int32, device=DEVICE),
               torch.ones(3, dtype=torch.bool, device=DEVICE), below=1, stamp_value=1, max_new=1)

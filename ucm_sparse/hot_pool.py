@@ -114,6 +114,20 @@ class HotPool:
                                               below=below, stamp_value=stamp, max_new=max_new, tally=tally)
         return slots, Fetch(pieces, targets, count)
 
+    def admit_selection(self, sel_idx: torch.Tensor, sel_count: torch.Tensor, block_table: torch.Tensor, *,
+                        below: int, stamp: int, tally: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, "Fetch"]:
+        """:meth:`admit` every piece a block selection lists (``sel_idx`` ``[batch, heads, width]``, ``sel_count``
+        ``[batch, heads]`` int32 over ``block_table`` ``[batch, max_blocks]`` int32 host blocks). Returns the
+        attention table ``[batch * heads, max_blocks]`` int32 (slot of each listed logical block per (request, KV
+        head) row), the pieces ``[batch, heads, width]`` int64 (-1 unlisted) and the admitted ones to fetch."""
+        admit = residency.admit_selection if self.backend == "triton" else residency.torch_admit_selection
+        table, pieces, targets_pieces, targets, count = admit(
+            self.slot_of, self.piece_in, self.stamp, self.pinned, sel_idx.contiguous(), sel_count.contiguous(),
+            block_table.contiguous(), below=below,
+            stamp_value=stamp, max_new=sel_idx.numel(), tally=tally)
+        return table, pieces, Fetch(targets_pieces, targets, count)
+
     def fetch(self, host_rows: torch.Tensor, fetch: "Fetch", programs: int = 256) -> None:
         """Copy the admitted pieces in from ``host_rows`` (pieces of -1 are skipped), over ``programs`` copy
         programs."""

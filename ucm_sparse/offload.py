@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ucm_kernels._utils import host_to_device
 from ucm_store.backends.cache import CacheTier
 from ucm_store.pool import PinnedMemoryPool
 
@@ -74,6 +75,13 @@ class _Request:
     predictions: dict = field(default_factory=dict)  # layer -> (step, selected pieces [heads, width], -1 padded)
     tail_resident: bool = False  # its newest block is pinned in the pools (after a decode step wrote into it)
     last_step: int = -1  # the last step that decoded it
+    row: torch.Tensor | None = None  # blocks as a CPU int32 tensor, rebuilt when a block is added
+
+    def block_row(self) -> torch.Tensor:
+        """``blocks`` as ``[n]`` int32 (cached: a step converts no Python list)."""
+        if self.row is None or self.row.numel() != len(self.blocks):
+            self.row = torch.tensor(self.blocks, dtype=torch.int32)
+        return self.row
 
 
 @dataclass
@@ -246,23 +254,20 @@ class OffloadedGSA:
         else:
             selection = ops.select(backend, q, reprs, plan.block_table, plan.seq_lens, self.config, self.block_size)
         plan.selections[layer] = selection
-        slots, listed = self._resident(plan, layer, selection)
-        out = self._attend(plan, self.pools[layer], q, selection, slots, listed, backend, scale)
+        table, pieces = self._resident(plan, layer, selection)
+        out = self._attend(plan, self.pools[layer], q, selection, table, backend, scale)
         if self.config.prefetch_ahead > 0:
-            self._remember(plan, layer, selection, listed)
+            self._remember(plan, layer, pieces)
         return out
 
-    def _attend(self, plan: OffloadPlan, pool: HotPool, q: torch.Tensor, selection: Selection, slots: torch.Tensor,
-                listed: torch.Tensor, backend: str, scale: float | None) -> torch.Tensor:
-        """Attention over the pool: each (request, KV head) is one row with its own logical -> slot table."""
+    def _attend(self, plan: OffloadPlan, pool: HotPool, q: torch.Tensor, selection: Selection, table: torch.Tensor,
+                backend: str, scale: float | None) -> torch.Tensor:
+        """Attention over the pool: each (request, KV head) is one row with its own logical -> slot ``table``."""
         batch, heads, width = selection.sel_idx.shape
-        rows, max_blocks = batch * heads, plan.block_table.shape[1]
-        table = torch.zeros(rows, max_blocks + 1, dtype=torch.int32, device=self.device)  # last column: unlisted
-        columns = torch.where(listed, selection.sel_idx, max_blocks).reshape(rows, width).long()
-        table.scatter_(1, columns, torch.where(listed, slots, 0).reshape(rows, width).int())
+        rows = batch * heads
         per_row = Selection(selection.sel_idx.reshape(rows, 1, width), selection.sel_count.reshape(rows, 1))
         out = ops.attend(backend, q.reshape(rows, q.shape[1] // heads, q.shape[2]), pool.key_cache, pool.value_cache,
-                         table[:, :max_blocks], plan.seq_lens.repeat_interleave(heads), per_row, scale)
+                         table, plan.seq_lens.repeat_interleave(heads), per_row, scale)
         return out.reshape(q.shape)
 
     # ---- internals -------------------------------------------------------------------------------------------
@@ -280,20 +285,25 @@ class OffloadedGSA:
         nbs = [len(r.blocks) for r in requests]
         table = torch.zeros(len(requests), max(nbs), dtype=torch.int32)
         for row, request in enumerate(requests):
-            table[row, :len(request.blocks)] = torch.tensor(request.blocks, dtype=torch.int32)
+            table[row, :nbs[row]] = request.block_row()
         counts = [ops.num_selected(nb, self.config, self.block_size) for nb in nbs]
         lens = torch.tensor([r.seq_len for r in requests], dtype=torch.int64)
         tails = torch.tensor([r.blocks[-1] for r in requests], dtype=torch.int64)
         heads = self.num_kv_heads
         filled = (lens % self.block_size == 0).repeat_interleave(heads).nonzero().flatten()
+        opened_pieces = (torch.tensor(opened, dtype=torch.int64)[:, None] * heads + torch.arange(heads)).flatten()
+
+        def device(host: torch.Tensor) -> torch.Tensor:
+            return host_to_device(host, self.device)
+
         return OffloadPlan(
-            self._step, request_ids, lens.int().to(self.device), table.to(self.device), counts,
+            self._step, request_ids, device(lens.int()), device(table), counts,
             dense=all(c == nb for c, nb in zip(counts, nbs)),
-            tail_pieces=(tails[:, None] * heads + torch.arange(heads)).flatten().to(self.device),
-            tail_offsets=((lens - 1) % self.block_size).repeat_interleave(heads).to(self.device),
+            tail_pieces=device((tails[:, None] * heads + torch.arange(heads)).flatten()),
+            tail_offsets=device(((lens - 1) % self.block_size).repeat_interleave(heads)),
             tails_resident=all(r.tail_resident for r in requests),
-            new_tail_pieces=self._pieces(opened), filled_rows=filled.to(self.device),
-            filled_count=torch.tensor([filled.numel()], dtype=torch.int32, device=self.device))
+            new_tail_pieces=device(opened_pieces), filled_rows=device(filled),
+            filled_count=device(torch.tensor([filled.numel()], dtype=torch.int32)))
 
     def _check_budget(self, requests: list[_Request], counts: list[int]) -> None:
         """Raise ValueError unless a layer's pool holds this step: the selected and newest blocks' pieces of the
@@ -342,34 +352,22 @@ class OffloadedGSA:
         pool.pinned[slots] = False
 
     def _resident(self, plan: OffloadPlan, layer: int, selection: Selection) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slots ``[batch, heads, width]`` of the selected pieces, fetching the missing ones; and the listed mask."""
+        """Make the selected pieces resident, copying the missing ones in; returns the attention table over the
+        pool ``[batch * heads, max_blocks]`` and the selected pieces ``[batch, heads, width]`` (-1 unlisted)."""
         pool = self.pools[layer]
-        pieces, listed = self._selected_pieces(plan, selection)
-        slots, fetch = pool.admit(pieces.flatten(), listed.flatten(), below=self._now, stamp=self._now,
-                                  max_new=pieces.numel(), tally=self._counters.listed)
+        table, pieces, fetch = pool.admit_selection(selection.sel_idx, selection.sel_count, plan.block_table,
+                                                    below=self._now, stamp=self._now, tally=self._counters.listed)
         pool.fetch(self.host.rows(layer), fetch, SYNC_COPY_PROGRAMS)
-        return slots.view(listed.shape), listed
-
-    def _selected_pieces(self, plan: OffloadPlan, selection: Selection) -> tuple[torch.Tensor, torch.Tensor]:
-        """Host pieces ``[batch, heads, width]`` int64 of a selection and its listed mask (pieces of unlisted
-        entries are meaningless)."""
-        batch, heads, width = selection.sel_idx.shape
-        entry = torch.arange(width, device=self.device)
-        listed = (entry < selection.sel_count[..., None]) & (selection.sel_idx >= 0)
-        logical = torch.where(listed, selection.sel_idx, 0).long()
-        host = plan.block_table.long().gather(1, logical.view(batch, heads * width)).view(batch, heads, width)
-        return host * heads + torch.arange(heads, device=self.device)[None, :, None], listed
+        return table, pieces
 
     @property
     def _now(self) -> int:
         """The stamp of what the current step reads (predictions of it get one less)."""
         return 2 * self._step
 
-    def _remember(self, plan: OffloadPlan, layer: int, selection: Selection, listed: torch.Tensor) -> None:
-        """Keep each request's selected pieces of this layer as the prediction of its next steps (no host sync:
-        rows of the batch tensors, -1 where nothing is listed)."""
-        pieces, _ = self._selected_pieces(plan, selection)
-        pieces = torch.where(listed, pieces, -1)
+    def _remember(self, plan: OffloadPlan, layer: int, pieces: torch.Tensor) -> None:
+        """Keep each request's selected pieces (``[batch, heads, width]``, -1 unlisted) of this layer as the
+        prediction of its next steps (rows of the batch tensor: no host sync)."""
         for row, request_id in enumerate(plan.request_ids):
             self.requests[request_id].predictions[layer] = (self._step, pieces[row])
 

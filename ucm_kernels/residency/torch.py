@@ -66,6 +66,45 @@ def admit(slot_of: torch.Tensor, piece_in: torch.Tensor, stamp: torch.Tensor, pi
     return slots, fetch_pieces, fetch_slots, torch.tensor([count], dtype=torch.int32)
 
 
+def selection_pieces(sel_idx: torch.Tensor, sel_count: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """``[batch, heads, width]`` int64 host pieces (``host_block * heads + head``) a selection lists, -1 elsewhere.
+
+    Args:
+        sel_idx: [batch, heads, width] int32 logical blocks (-1 padded); sel_count: [batch, heads] int32.
+        block_table: [batch, max_blocks] int32 host block of each logical block.
+    """
+    batch, heads, width = sel_idx.shape
+    listed = (torch.arange(width, device=sel_idx.device) < sel_count[..., None]) & (sel_idx >= 0)
+    logical = torch.where(listed, sel_idx, 0).long().reshape(batch, heads * width)
+    host = block_table.long().gather(1, logical).view(batch, heads, width)
+    pieces = host * heads + torch.arange(heads, device=sel_idx.device)[None, :, None]
+    return torch.where(listed, pieces, -1)
+
+
+def admit_selection(slot_of: torch.Tensor, piece_in: torch.Tensor, stamp: torch.Tensor, pinned: torch.Tensor,
+                    sel_idx: torch.Tensor, sel_count: torch.Tensor, block_table: torch.Tensor, *, below: int,
+                    stamp_value: int, max_new: int, tally: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`admit` of the pieces a selection lists (:func:`selection_pieces`), and the attention table.
+
+    Returns:
+        table [batch * heads, max_blocks] int32: the slot of each listed logical block of a (request, KV head)
+        row (0 elsewhere); pieces [batch, heads, width] int64 (-1 unlisted); fetch_pieces, fetch_slots,
+        fetch_count as :func:`admit`'s.
+    """
+    batch, heads, width = sel_idx.shape
+    pieces = selection_pieces(sel_idx, sel_count, block_table)
+    slots, fetch_pieces, fetch_slots, count = admit(slot_of, piece_in, stamp, pinned, pieces.flatten(),
+                                                    pieces.flatten() >= 0, below=below, stamp_value=stamp_value,
+                                                    max_new=max_new, tally=tally)
+    max_blocks = block_table.shape[1]
+    table = torch.zeros(batch * heads, max_blocks + 1, dtype=torch.int32, device=sel_idx.device)  # last: unlisted
+    listed = (slots >= 0).view(batch * heads, width)
+    columns = torch.where(listed, sel_idx.reshape(batch * heads, width).long(), max_blocks)
+    table.scatter_(1, columns, torch.where(listed, slots.view(batch * heads, width), 0).int())
+    return table[:, :max_blocks], pieces, fetch_pieces, fetch_slots, count
+
+
 def copy_rows(src: torch.Tensor, dst: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor,
               count: torch.Tensor) -> None:
     """``dst[dst_idx[k]] = src[src_idx[k]]`` for ``k < count[0]`` and ``src_idx[k] >= 0`` (rows of two 2-D

@@ -23,12 +23,21 @@ _WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
 
 @triton.jit
-def _probe_kernel(pieces, wanted, slot_of, stamp, slots, miss_rank, counters, tally, n, stamp_value,
-                  HAS_TALLY: tl.constexpr, TILE: tl.constexpr):
+def _probe_kernel(pieces, wanted, sel_idx, sel_count, block_table, slot_of, stamp, slots, miss_rank, counters, tally,
+                  n, stamp_value, width, table_width, heads, FROM_SELECTION: tl.constexpr, HAS_TALLY: tl.constexpr,
+                  TILE: tl.constexpr):
     offs = tl.program_id(0) * TILE + tl.arange(0, TILE)
     inside = offs < n
-    want = tl.load(wanted + offs, mask=inside, other=0) != 0
-    piece = tl.load(pieces + offs, mask=want, other=0)
+    if FROM_SELECTION:  # entry = (row, j): row = request * heads + head; pieces is written, -1 where unlisted
+        row = offs // width
+        logical = tl.load(sel_idx + offs, mask=inside, other=-1)
+        want = inside & (offs % width < tl.load(sel_count + row, mask=inside, other=0)) & (logical >= 0)
+        host = tl.load(block_table + (row // heads) * table_width + logical, mask=want, other=0).to(tl.int64)
+        piece = tl.where(want, host * heads + row % heads, -1)
+        tl.store(pieces + offs, piece, mask=inside)
+    else:
+        want = tl.load(wanted + offs, mask=inside, other=0) != 0
+        piece = tl.load(pieces + offs, mask=want, other=0)
     slot = tl.load(slot_of + piece, mask=want, other=-1)
     hit = want & (slot >= 0)
     tl.store(stamp + slot, tl.full([TILE], stamp_value, tl.int64), mask=hit)
@@ -81,7 +90,8 @@ def _victim_kernel(stamp, pinned, counters, victims, capacity, below, max_new, A
 
 @triton.jit
 def _assign_kernel(pieces, miss_rank, slots, victims, slot_of, piece_in, stamp, counters, fetch_pieces,
-                   fetch_slots, tally, n, stamp_value, max_new, HAS_TALLY: tl.constexpr, TILE: tl.constexpr):
+                   fetch_slots, tally, sel_idx, table, n, stamp_value, max_new, width, table_width,
+                   WRITE_TABLE: tl.constexpr, HAS_TALLY: tl.constexpr, TILE: tl.constexpr):
     offs = tl.program_id(0) * TILE + tl.arange(0, TILE)
     inside = offs < n
     candidates = tl.load(counters + OLDER) + tl.load(counters + TIES)
@@ -98,6 +108,10 @@ def _assign_kernel(pieces, miss_rank, slots, victims, slot_of, piece_in, stamp, 
     tl.store(slots + offs, slot, mask=take)
     tl.store(fetch_pieces + rank, piece, mask=take)
     tl.store(fetch_slots + rank, slot, mask=take)
+    if WRITE_TABLE:  # the attention table of the selection's rows: slot of each listed logical block
+        final = tl.where(take, slot, tl.load(slots + offs, mask=inside & ~take, other=-1))
+        logical = tl.load(sel_idx + offs, mask=inside, other=0)
+        tl.store(table + (offs // width) * table_width + logical, final.to(tl.int32), mask=inside & (final >= 0))
     taken = tl.sum(take.to(tl.int32), 0)
     tl.atomic_add(counters + ADMITTED, taken)
     if HAS_TALLY:
@@ -109,23 +123,56 @@ def admit(slot_of: torch.Tensor, piece_in: torch.Tensor, stamp: torch.Tensor, pi
           tally: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Make ``pieces[wanted]`` resident on the device without a host sync; contract of ``torch.admit``, with
     ``fetch_count`` a device tensor."""
+    _check_state(slot_of, piece_in, stamp, pinned, tally)
+    check_tensor("pieces", pieces, 1, (torch.int64,), slot_of.device, "[n] piece ids")
+    check_tensor("wanted", wanted, 1, (torch.bool,), slot_of.device, "[n] mask")
+    if pieces.shape != wanted.shape:
+        raise ValueError(f"pieces / wanted: shapes {tuple(pieces.shape)} / {tuple(wanted.shape)} differ")
+    slots, fetch_pieces, fetch_slots, count = _launch(slot_of, piece_in, stamp, pinned, pieces, wanted, None, None,
+                                                      below, stamp_value, max_new, tally)
+    return slots, fetch_pieces, fetch_slots, count
+
+
+def admit_selection(slot_of: torch.Tensor, piece_in: torch.Tensor, stamp: torch.Tensor, pinned: torch.Tensor,
+                    sel_idx: torch.Tensor, sel_count: torch.Tensor, block_table: torch.Tensor, *, below: int,
+                    stamp_value: int, max_new: int, tally: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`admit` of the pieces a block selection lists, and the attention table over the pool; contract of
+    ``torch.admit_selection``."""
+    _check_state(slot_of, piece_in, stamp, pinned, tally)
+    batch, heads, width = _check_selection(sel_idx, sel_count, block_table, slot_of.device)
+    pieces = torch.empty(batch * heads * width, dtype=torch.int64, device=slot_of.device)
+    table = torch.zeros(batch * heads, block_table.shape[1], dtype=torch.int32, device=slot_of.device)
+    _, fetch_pieces, fetch_slots, count = _launch(slot_of, piece_in, stamp, pinned, pieces, None,
+                                                  (sel_idx, sel_count, block_table, heads), table, below, stamp_value,
+                                                  max_new, tally)
+    return table, pieces.view(batch, heads, width), fetch_pieces, fetch_slots, count
+
+
+def _launch(slot_of, piece_in, stamp, pinned, pieces, wanted, selection, table, below, stamp_value, max_new, tally):
+    """The four kernels; ``selection`` = (sel_idx, sel_count, block_table, heads) or None (``pieces`` / ``wanted``
+    given)."""
     device = slot_of.device
-    _check_state(slot_of, piece_in, stamp, pinned, pieces, wanted, tally, device)
     n, capacity = pieces.numel(), piece_in.numel()
     counters = torch.zeros(HIST.value + AGE_CAP + 1, dtype=torch.int32, device=device)
     slots, miss_rank = torch.empty_like(pieces), torch.empty_like(pieces)
     fetch_pieces, fetch_slots = torch.empty_like(pieces), torch.empty_like(pieces)
     victims = torch.empty(max(min(n, max_new, capacity), 1), dtype=torch.int64, device=device)
     tally_arg = tally if tally is not None else counters
+    sel_idx, sel_count, block_table, heads = selection or (pieces, counters, counters, 1)
+    width, table_width = sel_idx.shape[-1], block_table.shape[-1]
     entries, slot_tiles = (triton.cdiv(max(n, 1), _TILE),), (triton.cdiv(capacity, _TILE),)
-    _probe_kernel[entries](pieces, wanted, slot_of, stamp, slots, miss_rank, counters, tally_arg, n, stamp_value,
-                           HAS_TALLY=tally is not None, TILE=_TILE)
+    _probe_kernel[entries](pieces, wanted if wanted is not None else counters, sel_idx, sel_count, block_table,
+                           slot_of, stamp, slots, miss_rank, counters, tally_arg, n, stamp_value, width, table_width,
+                           heads, FROM_SELECTION=selection is not None, HAS_TALLY=tally is not None, TILE=_TILE)
     _age_histogram_kernel[slot_tiles](stamp, pinned, counters, capacity, below, AGE_CAP=AGE_CAP,
                                       BINS=next_pow2(AGE_CAP + 1), TILE=_TILE)
     _victim_kernel[slot_tiles](stamp, pinned, counters, victims, capacity, below, max_new, AGE_CAP=AGE_CAP,
                                BINS=next_pow2(AGE_CAP + 1), TILE=_TILE)
     _assign_kernel[entries](pieces, miss_rank, slots, victims, slot_of, piece_in, stamp, counters, fetch_pieces,
-                            fetch_slots, tally_arg, n, stamp_value, max_new, HAS_TALLY=tally is not None, TILE=_TILE)
+                            fetch_slots, tally_arg, sel_idx, table if table is not None else counters, n, stamp_value,
+                            max_new, width, table_width, WRITE_TABLE=table is not None, HAS_TALLY=tally is not None,
+                            TILE=_TILE)
     return slots, fetch_pieces, fetch_slots, counters[ADMITTED.value:ADMITTED.value + 1]
 
 
@@ -181,15 +228,27 @@ def _check_rows(name: str, rows: torch.Tensor, like: torch.Tensor, device: torch
     check_device(name, rows, device)
 
 
-def _check_state(slot_of, piece_in, stamp, pinned, pieces, wanted, tally, device) -> None:
-    """Raise ValueError naming the argument that is not what ``admit`` takes."""
+def _check_state(slot_of, piece_in, stamp, pinned, tally) -> None:
+    """Raise ValueError naming the pool tensor that is not what ``admit`` takes."""
     for name, tensor, dtypes in (("slot_of", slot_of, (torch.int64,)), ("piece_in", piece_in, (torch.int64,)),
-                                 ("stamp", stamp, (torch.int64,)), ("pinned", pinned, (torch.bool,)),
-                                 ("pieces", pieces, (torch.int64,)), ("wanted", wanted, (torch.bool,))):
-        check_tensor(name, tensor, 1, dtypes, device, "a 1-D tensor")
-    if not (piece_in.numel() == stamp.numel() == pinned.numel()) or pieces.shape != wanted.shape:
+                                 ("stamp", stamp, (torch.int64,)), ("pinned", pinned, (torch.bool,))):
+        check_tensor(name, tensor, 1, dtypes, slot_of.device, "a 1-D tensor")
+    if not (piece_in.numel() == stamp.numel() == pinned.numel()):
         raise ValueError(f"piece_in / stamp / pinned: {piece_in.numel()} / {stamp.numel()} / {pinned.numel()} "
-                         f"slots, pieces / wanted: {tuple(pieces.shape)} / {tuple(wanted.shape)}; each group must "
-                         "agree")
+                         "slots; they must agree")
     if tally is not None:
-        check_tensor("tally", tally, 1, (torch.int64,), device, "[2] counters")
+        check_tensor("tally", tally, 1, (torch.int64,), slot_of.device, "[2] counters")
+
+
+def _check_selection(sel_idx, sel_count, block_table, device) -> tuple[int, int, int]:
+    """(batch, heads, width) of a selection, after checking its tensors."""
+    check_tensor("sel_idx", sel_idx, 3, (torch.int32,), device, "[batch, heads, width] logical blocks")
+    batch, heads, width = sel_idx.shape
+    check_tensor("sel_count", sel_count, 2, (torch.int32,), device, "[batch, heads] counts")
+    check_tensor("block_table", block_table, 2, (torch.int32,), device, "[batch, max_blocks] host blocks")
+    if tuple(sel_count.shape) != (batch, heads) or block_table.shape[0] != batch:
+        raise ValueError(f"sel_count {tuple(sel_count.shape)} / block_table {tuple(block_table.shape)}: expected "
+                         f"[{batch}, {heads}] / [{batch}, max_blocks] for sel_idx {tuple(sel_idx.shape)}")
+    if not (sel_idx.is_contiguous() and sel_count.is_contiguous() and block_table.is_contiguous()):
+        raise ValueError("sel_idx, sel_count, block_table: must be contiguous")
+    return batch, heads, width
