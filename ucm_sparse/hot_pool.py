@@ -145,7 +145,7 @@ class HotPool:
         """Forget ``pieces`` (a finished request): their slots become free."""
         slots = self.slot_of[pieces]
         slots = slots[slots >= 0]
-        self.piece_in[slots] = -1
-        self.stamp[slots] = NEVER
-        self.pinned[slots] = False
-        self.slot_of[pieces] = -1
+        self.piece_in.index_fill_(0, slots, -1)
+        self.stamp.index_fill_(0, slots, NEVER)
+        self.pinned.index_fill_(0, slots, False)
+        self.slot_of.index_fill_(0, pieces, -1)

@@ -323,7 +323,7 @@ class OffloadedGSA:
         pool = self.pools[layer]
         if plan.tails_resident:
             slots = pool.slot_of[plan.tail_pieces]
-            pool.stamp[slots] = self._now
+            pool.stamp.index_fill_(0, slots, self._now)  # index_fill_: a Python scalar set by index syncs
         else:
             wanted = torch.ones_like(plan.tail_pieces, dtype=torch.bool)
             slots, fetch = pool.admit(plan.tail_pieces, wanted, below=self._now, stamp=self._now,
@@ -332,7 +332,7 @@ class OffloadedGSA:
                                                       fetch.pieces))
             pool.fetch(self.host.rows(layer), fetch, SYNC_COPY_PROGRAMS)
             self._counters.opened += plan.new_tail_pieces.numel()
-        pool.pinned[slots] = True
+        pool.pinned.index_fill_(0, slots, True)
         pool.kv[slots, 0, plan.tail_offsets, 0] = key.reshape(-1, key.shape[-1]).to(pool.kv.dtype)
         pool.kv[slots, 1, plan.tail_offsets, 0] = value.reshape(-1, value.shape[-1]).to(pool.kv.dtype)
         return slots
@@ -349,7 +349,7 @@ class OffloadedGSA:
             target.flatten(0, 1)[pieces] = source.flatten(0, 1)[slots]  # a piece is one (block, KV head)
         pool.copy(pool.rows, self.host.rows(layer), slots, pieces, plan.filled_count, SYNC_COPY_PROGRAMS)
         self._counters.written += slots.numel()
-        pool.pinned[slots] = False
+        pool.pinned.index_fill_(0, slots, False)
 
     def _resident(self, plan: OffloadPlan, layer: int, selection: Selection) -> tuple[torch.Tensor, torch.Tensor]:
         """Make the selected pieces resident, copying the missing ones in; returns the attention table over the

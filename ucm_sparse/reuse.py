@@ -93,7 +93,7 @@ class ReuseBook:
         naming it (a block freed by a finished request and taken as a new prompt's last block)."""
         lens, _, tail = self._last_blocks(seq_lens, block_table)
         buckets = self._owner.shape[0] - 1
-        self._owner[torch.where(rows & (lens > 0), tail.long() % buckets, buckets)] = -1
+        self._owner.index_fill_(0, torch.where(rows & (lens > 0), tail.long() % buckets, buckets), -1)
 
     def _last_blocks(self, seq_lens: torch.Tensor, block_table: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
