@@ -57,8 +57,8 @@ class Shape:
     batch: int = 8
     context: int = 131072 - 64  # prompt tokens: prompt + decode fit 8192 blocks (the host KV is 4 GiB per layer)
     layers: int = 2
-    warmup: int = 3
-    steps: int = 12
+    warmup: int = 5
+    steps: int = 40
 
     @property
     def table_blocks(self) -> int:
@@ -199,16 +199,16 @@ def run_on_device(workload: Workload, cache: PagedKV, steps: list[list[int]], sp
 
 
 def run_offload(workload: Workload, steps: list[list[int]], config: GSAConfig, pool, profiler=None,
-                instrument=None) -> tuple:
+                spent: collections.Counter | None = None) -> tuple:
     """OffloadedGSA: prompts written to the host KV, then the decode steps; returns times, outputs, stats.
-    ``profiler``: a ``torch.profiler.profile`` stepped after each decode step; ``instrument(gsa)``: called once the
-    OffloadedGSA is made."""
+    ``profiler``: a ``torch.profiler.profile`` stepped after each decode step; ``spent``: host seconds in each part
+    of the timed steps are added there (:func:`_time_parts`)."""
     shape = workload.shape
     gsa = OffloadedGSA(config, num_layers=shape.layers, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
                        block_size=BLOCK, host_blocks=shape.batch * shape.table_blocks, dtype=DTYPE,
                        device=workload.device, cache=CacheTier(shape.layers, pool))
-    if instrument is not None:
-        instrument(gsa)
+    if spent is not None:
+        _time_parts(gsa, spent)
     for request in range(shape.batch):
         for layer in range(shape.layers):
             keys, values, _ = workload.prompt(request, layer)
@@ -218,6 +218,8 @@ def run_offload(workload: Workload, steps: list[list[int]], config: GSAConfig, p
     def step_fn(requests, positions, step):
         if step == shape.warmup:
             snapshot.update(vars(gsa.stats))
+            if spent is not None:
+                spent.clear()
         plan = gsa.plan(requests)
         out = {layer: gsa.run(plan, layer, *token_batch(workload, requests, positions, layer))
                for layer in range(shape.layers)}
@@ -276,7 +278,8 @@ def offload_row(workload: Workload, steps: list[list[int]], config: GSAConfig, p
                 baseline_ms: float, gsa_ms: float, h2d_gbps: float | None) -> dict:
     """Run the offload mode with ``config``, check it against on-device GSA's outputs, one results row."""
     shape, per_step = workload.shape, len(steps[0])
-    times, outputs, stats = run_offload(workload, steps, config, pool)
+    spent = collections.Counter()
+    times, outputs, stats = run_offload(workload, steps, config, pool, spent=spent)
     check = compare(outputs, expected)
     if check["max_rel_error"] > MAX_REL_ERROR:
         raise AssertionError(f"{tag} offload (prefetch_ahead={config.prefetch_ahead}) differs from on-device GSA: "
@@ -296,6 +299,7 @@ def offload_row(workload: Workload, steps: list[list[int]], config: GSAConfig, p
                sync_misses_per_step=round(stats["sync_misses"] / shape.steps, 1),
                prefetched_per_step=round(stats["prefetched"] / shape.steps, 1),
                needed_per_step=round(stats["needed"] / shape.steps, 1),
+               host_ms_per_step={name: round(1e3 * total / shape.steps, 3) for name, total in spent.most_common()},
                **{f"vs_gsa_{k}": v for k, v in check.items()})
 
 
@@ -343,8 +347,8 @@ def profile_offload(workload: Workload, pool, out_dir: str) -> None:
     for ahead in (0, CONFIG.prefetch_ahead):
         config = replace(CONFIG, gpu_budget_blocks=budget, prefetch_ahead=ahead)
         spent = collections.Counter()
-        times, _, _ = run_offload(workload, steps, config, pool, instrument=lambda gsa: _time_parts(gsa, spent))
-        per_step = {name: round(1e3 * total / len(steps), 3) for name, total in spent.most_common()}
+        times, _, _ = run_offload(workload, steps, config, pool, spent=spent)
+        per_step = {name: round(1e3 * total / shape.steps, 3) for name, total in spent.most_common()}
         text.append(f"== prefetch_ahead={ahead}: wall ms per step {statistics.median(times[shape.warmup:]):.3f}; "
                     f"host ms per step in {per_step}")
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
@@ -373,7 +377,7 @@ def _time_parts(gsa: OffloadedGSA, spent: collections.Counter) -> None:
     for name in ("plan", "run", "_write_token", "_complete_filled", "_resident", "_attend", "_remember"):
         setattr(gsa, name, timed(name, getattr(gsa, name)))
     for pool in gsa.pools:
-        for name in ("admit", "fetch"):
+        for name in ("admit", "admit_selection", "fetch"):
             setattr(pool, name, timed(f"pool.{name}", getattr(pool, name)))
 
 

@@ -79,7 +79,9 @@ class HotPool:
     """One layer's device slots of pieces: eviction by age (stamps), pinned slots, the piece <-> slot maps.
 
     Stamps: ``2 * step`` when a step reads a slot, ``2 * step - 1`` when the step's prefetch predicts it.
-    ``backend``: "triton" runs the residency kernels (no host sync), "torch" the plain-torch twins (CPU).
+    ``backend``: "triton" runs the residency kernels (no host sync; their argument checks are skipped: the pool
+    builds every tensor it hands them, and the offload mode checks the host KV is pinned once), "torch" the
+    plain-torch twins (CPU).
     """
 
     def __init__(self, capacity: int, host_pieces: int, block_size: int, head_dim: int, dtype: torch.dtype,
@@ -109,9 +111,12 @@ class HotPool:
         take evictable slots (stamped below ``below``, not pinned; the oldest first), at most ``max_new`` of them.
         ``tally`` ``[2]`` int64 ``+=`` (wanted, admitted). Returns the slots ``[n]`` (-1: not wanted or not
         admitted) and the admitted pieces, whose bytes :meth:`fetch` brings in."""
-        admit = residency.admit if self.backend == "triton" else residency.torch_admit
-        slots, pieces, targets, count = admit(self.slot_of, self.piece_in, self.stamp, self.pinned, pieces, wanted,
-                                              below=below, stamp_value=stamp, max_new=max_new, tally=tally)
+        args = (self.slot_of, self.piece_in, self.stamp, self.pinned, pieces, wanted)
+        kwargs = dict(below=below, stamp_value=stamp, max_new=max_new, tally=tally)
+        if self.backend == "triton":
+            slots, pieces, targets, count = residency.admit(*args, **kwargs, validate=False)
+        else:
+            slots, pieces, targets, count = residency.torch_admit(*args, **kwargs)
         return slots, Fetch(pieces, targets, count)
 
     def admit_selection(self, sel_idx: torch.Tensor, sel_count: torch.Tensor, block_table: torch.Tensor, *,
@@ -121,11 +126,14 @@ class HotPool:
         ``[batch, heads]`` int32 over ``block_table`` ``[batch, max_blocks]`` int32 host blocks). Returns the
         attention table ``[batch * heads, max_blocks]`` int32 (slot of each listed logical block per (request, KV
         head) row), the pieces ``[batch, heads, width]`` int64 (-1 unlisted) and the admitted ones to fetch."""
-        admit = residency.admit_selection if self.backend == "triton" else residency.torch_admit_selection
-        table, pieces, targets_pieces, targets, count = admit(
-            self.slot_of, self.piece_in, self.stamp, self.pinned, sel_idx.contiguous(), sel_count.contiguous(),
-            block_table.contiguous(), below=below,
-            stamp_value=stamp, max_new=sel_idx.numel(), tally=tally)
+        args = (self.slot_of, self.piece_in, self.stamp, self.pinned, sel_idx.contiguous(), sel_count.contiguous(),
+                block_table.contiguous())
+        kwargs = dict(below=below, stamp_value=stamp, max_new=sel_idx.numel(), tally=tally)
+        if self.backend == "triton":
+            table, pieces, targets_pieces, targets, count = residency.admit_selection(*args, **kwargs,
+                                                                                      validate=False)
+        else:
+            table, pieces, targets_pieces, targets, count = residency.torch_admit_selection(*args, **kwargs)
         return table, pieces, Fetch(targets_pieces, targets, count)
 
     def fetch(self, host_rows: torch.Tensor, fetch: "Fetch", programs: int = 256) -> None:
@@ -137,7 +145,7 @@ class HotPool:
              count: torch.Tensor, programs: int = 256) -> None:
         """Rows ``dst[dst_idx[k]] = src[src_idx[k]]`` for ``k < count[0]`` (``src_idx`` -1: skipped)."""
         if self.backend == "triton":
-            residency.copy_rows(src, dst, src_idx, dst_idx, count, programs=programs)
+            residency.copy_rows(src, dst, src_idx, dst_idx, count, programs=programs, validate=False)
         else:
             residency.torch_copy_rows(src, dst, src_idx, dst_idx, count)
 

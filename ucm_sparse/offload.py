@@ -91,6 +91,7 @@ class OffloadPlan:
     step: int
     request_ids: list
     seq_lens: torch.Tensor  # [batch] int32, tokens including the one this step writes
+    row_seq_lens: torch.Tensor  # [batch * num_kv_heads] int32: seq_lens per (request, KV head) row
     block_table: torch.Tensor  # [batch, max_blocks] int32 host block ids
     counts: list[int]
     dense: bool
@@ -267,7 +268,7 @@ class OffloadedGSA:
         rows = batch * heads
         per_row = Selection(selection.sel_idx.reshape(rows, 1, width), selection.sel_count.reshape(rows, 1))
         out = ops.attend(backend, q.reshape(rows, q.shape[1] // heads, q.shape[2]), pool.key_cache, pool.value_cache,
-                         table, plan.seq_lens.repeat_interleave(heads), per_row, scale)
+                         table, plan.row_seq_lens, per_row, scale)
         return out.reshape(q.shape)
 
     # ---- internals -------------------------------------------------------------------------------------------
@@ -297,7 +298,8 @@ class OffloadedGSA:
             return host_to_device(host, self.device)
 
         return OffloadPlan(
-            self._step, request_ids, device(lens.int()), device(table), counts,
+            self._step, request_ids, device(lens.int()), device(lens.int().repeat_interleave(heads)), device(table),
+            counts,
             dense=all(c == nb for c, nb in zip(counts, nbs)),
             tail_pieces=device((tails[:, None] * heads + torch.arange(heads)).flatten()),
             tail_offsets=device(((lens - 1) % self.block_size).repeat_interleave(heads)),

@@ -22,7 +22,7 @@ _TILE = 1024
 _WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "stamp_value", "width", "table_width", "heads"])  # values change per step
 def _probe_kernel(pieces, wanted, sel_idx, sel_count, block_table, slot_of, stamp, slots, miss_rank, counters, tally,
                   n, stamp_value, width, table_width, heads, FROM_SELECTION: tl.constexpr, HAS_TALLY: tl.constexpr,
                   TILE: tl.constexpr):
@@ -58,7 +58,7 @@ def _ages(stamp, pinned, offs, inside, below, AGE_CAP: tl.constexpr):
     return tl.where(held | (age <= 0), 0, tl.minimum(age, AGE_CAP))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["capacity", "below"])
 def _age_histogram_kernel(stamp, pinned, counters, capacity, below, AGE_CAP: tl.constexpr, BINS: tl.constexpr,
                           TILE: tl.constexpr):
     offs = tl.program_id(0) * TILE + tl.arange(0, TILE)
@@ -68,7 +68,7 @@ def _age_histogram_kernel(stamp, pinned, counters, capacity, below, AGE_CAP: tl.
     tl.atomic_add(counters + HIST + bins, tl.histogram(age.to(tl.int32), BINS), mask=(bins >= 1) & (bins <= AGE_CAP))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["capacity", "below", "max_new"])
 def _victim_kernel(stamp, pinned, counters, victims, capacity, below, max_new, AGE_CAP: tl.constexpr,
                    BINS: tl.constexpr, TILE: tl.constexpr):
     wanted = tl.minimum(tl.load(counters + MISSES), max_new)
@@ -88,7 +88,7 @@ def _victim_kernel(stamp, pinned, counters, victims, capacity, below, max_new, A
             tl.store(victims + rank, offs.to(tl.int64), mask=(flags != 0) & (rank < wanted))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "stamp_value", "max_new", "width", "table_width"])
 def _assign_kernel(pieces, miss_rank, slots, victims, slot_of, piece_in, stamp, counters, fetch_pieces,
                    fetch_slots, tally, sel_idx, table, n, stamp_value, max_new, width, table_width,
                    WRITE_TABLE: tl.constexpr, HAS_TALLY: tl.constexpr, TILE: tl.constexpr):
@@ -120,14 +120,16 @@ def _assign_kernel(pieces, miss_rank, slots, victims, slot_of, piece_in, stamp, 
 
 def admit(slot_of: torch.Tensor, piece_in: torch.Tensor, stamp: torch.Tensor, pinned: torch.Tensor,
           pieces: torch.Tensor, wanted: torch.Tensor, *, below: int, stamp_value: int, max_new: int,
-          tally: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+          tally: torch.Tensor | None = None, validate: bool = True
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Make ``pieces[wanted]`` resident on the device without a host sync; contract of ``torch.admit``, with
-    ``fetch_count`` a device tensor."""
-    _check_state(slot_of, piece_in, stamp, pinned, tally)
-    check_tensor("pieces", pieces, 1, (torch.int64,), slot_of.device, "[n] piece ids")
-    check_tensor("wanted", wanted, 1, (torch.bool,), slot_of.device, "[n] mask")
-    if pieces.shape != wanted.shape:
-        raise ValueError(f"pieces / wanted: shapes {tuple(pieces.shape)} / {tuple(wanted.shape)} differ")
+    ``fetch_count`` a device tensor. ``validate=False`` skips the argument checks (a caller that built them)."""
+    if validate:
+        _check_state(slot_of, piece_in, stamp, pinned, tally)
+        check_tensor("pieces", pieces, 1, (torch.int64,), slot_of.device, "[n] piece ids")
+        check_tensor("wanted", wanted, 1, (torch.bool,), slot_of.device, "[n] mask")
+        if pieces.shape != wanted.shape:
+            raise ValueError(f"pieces / wanted: shapes {tuple(pieces.shape)} / {tuple(wanted.shape)} differ")
     slots, fetch_pieces, fetch_slots, count = _launch(slot_of, piece_in, stamp, pinned, pieces, wanted, None, None,
                                                       below, stamp_value, max_new, tally)
     return slots, fetch_pieces, fetch_slots, count
@@ -135,12 +137,14 @@ def admit(slot_of: torch.Tensor, piece_in: torch.Tensor, stamp: torch.Tensor, pi
 
 def admit_selection(slot_of: torch.Tensor, piece_in: torch.Tensor, stamp: torch.Tensor, pinned: torch.Tensor,
                     sel_idx: torch.Tensor, sel_count: torch.Tensor, block_table: torch.Tensor, *, below: int,
-                    stamp_value: int, max_new: int, tally: torch.Tensor | None = None
+                    stamp_value: int, max_new: int, tally: torch.Tensor | None = None, validate: bool = True
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`admit` of the pieces a block selection lists, and the attention table over the pool; contract of
-    ``torch.admit_selection``."""
-    _check_state(slot_of, piece_in, stamp, pinned, tally)
-    batch, heads, width = _check_selection(sel_idx, sel_count, block_table, slot_of.device)
+    ``torch.admit_selection``. ``validate=False`` skips the argument checks."""
+    if validate:
+        _check_state(slot_of, piece_in, stamp, pinned, tally)
+        _check_selection(sel_idx, sel_count, block_table, slot_of.device)
+    batch, heads, width = sel_idx.shape
     pieces = torch.empty(batch * heads * width, dtype=torch.int64, device=slot_of.device)
     table = torch.zeros(batch * heads, block_table.shape[1], dtype=torch.int32, device=slot_of.device)
     _, fetch_pieces, fetch_slots, count = _launch(slot_of, piece_in, stamp, pinned, pieces, None,
@@ -191,7 +195,7 @@ def _copy_rows_kernel(src, dst, src_idx, dst_idx, count, ROW_WORDS: tl.constexpr
 
 
 def copy_rows(src: torch.Tensor, dst: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor,
-              count: torch.Tensor, *, programs: int = 256) -> None:
+              count: torch.Tensor, *, programs: int = 256, validate: bool = True) -> None:
     """``dst[dst_idx[k]] = src[src_idx[k]]`` for ``k < count[0]`` and ``src_idx[k] >= 0``, the count read on the
     device.
 
@@ -201,18 +205,25 @@ def copy_rows(src: torch.Tensor, dst: torch.Tensor, src_idx: torch.Tensor, dst_i
         src_idx, dst_idx: int64 row indices on the indices' device (the GPU's), at least ``count[0]`` each.
         count: [1] int32 on that device.
         programs: rows are spread over this many programs (each keeps one row's reads in flight).
+        validate: False skips the argument checks (a caller that built them; each pinned check asks the driver).
     """
+    if validate:
+        _check_copy(src, dst, src_idx, dst_idx, count)
+    word = min(alignment(src.data_ptr(), dst.data_ptr(), src.shape[1] * src.element_size()), 8)
+    row_words = src.shape[1] * src.element_size() // word
+    _copy_rows_kernel[(max(min(programs, src_idx.numel()), 1),)](
+        src.view(_WORD_DTYPES[word]), dst.view(_WORD_DTYPES[word]), src_idx, dst_idx, count, ROW_WORDS=row_words,
+        BLOCK=min(next_pow2(row_words), 2048))
+
+
+def _check_copy(src, dst, src_idx, dst_idx, count) -> None:
+    """Raise ValueError naming the argument of ``copy_rows`` that is not what it takes."""
     device = count.device
     for name, rows in (("src", src), ("dst", dst)):
         _check_rows(name, rows, src, device)
     for name, index in (("src_idx", src_idx), ("dst_idx", dst_idx)):
         check_tensor(name, index, 1, (torch.int64,), device, "[n] row indices")
     check_tensor("count", count, 1, (torch.int32,), device, "[1] row count")
-    word = min(alignment(src.data_ptr(), dst.data_ptr(), src.shape[1] * src.element_size()), 8)
-    row_words = src.shape[1] * src.element_size() // word
-    _copy_rows_kernel[(max(min(programs, src_idx.numel()), 1),)](
-        src.view(_WORD_DTYPES[word]), dst.view(_WORD_DTYPES[word]), src_idx, dst_idx, count, ROW_WORDS=row_words,
-        BLOCK=min(next_pow2(row_words), 2048))
 
 
 def _check_rows(name: str, rows: torch.Tensor, like: torch.Tensor, device: torch.device) -> None:
