@@ -153,85 +153,98 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def decode(workload: Workload, steps: list[list[int]], step_fn) -> tuple[list[float], list[dict]]:
-    """Run ``step_fn(requests, positions, step) -> {layer: out}`` per step; wall ms per step and the outputs."""
-    done = {r: 0 for r in range(workload.shape.batch)}
-    times, outputs = [], []
-    for step, requests in enumerate(steps):
-        sync(workload.device)
-        start = time.perf_counter()
-        outputs.append(step_fn(requests, [done[r] for r in requests], step))
-        sync(workload.device)
-        times.append((time.perf_counter() - start) * 1e3)
-        for r in requests:
-            done[r] += 1
-    return times, outputs
-
-
 def token_batch(workload: Workload, requests: list[int], positions: list[int], layer: int):
     """q ``[b, NUM_Q_HEADS, HEAD_DIM]``, k and v ``[b, NUM_KV_HEADS, HEAD_DIM]`` of each request's next token."""
     return tuple(torch.stack([streams[r, layer][i] for r, i in zip(requests, positions)])
                  for streams in (workload.queries, workload.keys, workload.values))
 
 
-def run_on_device(workload: Workload, cache: PagedKV, steps: list[list[int]], sparse: bool,
-                  config: GSAConfig = CONFIG):
-    """Dense attention (our kernel) or on-device GSA over the paged cache."""
-    shape = workload.shape
-    gsa = GSA(replace(config, offload=False), block_size=BLOCK)
+class OnDevice:
+    """Dense attention (our kernel) or on-device GSA over the paged cache, one decode step at a time (modes that
+    share the cache write the same tokens into it)."""
 
-    def step_fn(requests, positions, step):
-        lens = torch.tensor([shape.context + i + 1 for i in positions], dtype=torch.int32, device=workload.device)
+    def __init__(self, workload: Workload, cache: PagedKV, sparse: bool, config: GSAConfig = CONFIG):
+        self.workload, self.cache, self.sparse = workload, cache, sparse
+        self.gsa = GSA(replace(config, offload=False), block_size=BLOCK)
+
+    def step(self, requests: list[int], positions: list[int]) -> dict:
+        shape, cache = self.workload.shape, self.cache
+        lens = torch.tensor([shape.context + i + 1 for i in positions], dtype=torch.int32, device=self.workload.device)
         table = cache.table[requests]
-        plan = gsa.plan(requests, lens, table) if sparse else None
+        plan = self.gsa.plan(requests, lens, table) if self.sparse else None
         out = {}
         for layer in range(shape.layers):
-            q, k, v = token_batch(workload, requests, positions, layer)
+            q, k, v = token_batch(self.workload, requests, positions, layer)
             cache.write_tokens(layer, table, lens - 1, k, v)
-            if sparse:
-                out[layer] = gsa.run(plan, layer, q, cache.kv[layer][0], cache.kv[layer][1])
+            if self.sparse:
+                out[layer] = self.gsa.run(plan, layer, q, cache.kv[layer][0], cache.kv[layer][1])
             else:
                 out[layer] = attend(resolve_backend("auto", q), q, cache.kv[layer][0], cache.kv[layer][1], table,
                                     lens, None, None)
         return out
 
-    return decode(workload, steps, step_fn)
 
+class Offloaded:
+    """OffloadedGSA with every prompt written to its host KV; ``spent`` collects host seconds per part of a step
+    (:func:`_time_parts`) from :meth:`warm` on."""
 
-def run_offload(workload: Workload, steps: list[list[int]], config: GSAConfig, pool, profiler=None,
-                spent: collections.Counter | None = None) -> tuple:
-    """OffloadedGSA: prompts written to the host KV, then the decode steps; returns times, outputs, stats.
-    ``profiler``: a ``torch.profiler.profile`` stepped after each decode step; ``spent``: host seconds in each part
-    of the timed steps are added there (:func:`_time_parts`)."""
-    shape = workload.shape
-    gsa = OffloadedGSA(config, num_layers=shape.layers, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
-                       block_size=BLOCK, host_blocks=shape.batch * shape.table_blocks, dtype=DTYPE,
-                       device=workload.device, cache=CacheTier(shape.layers, pool))
-    if spent is not None:
-        _time_parts(gsa, spent)
-    for request in range(shape.batch):
-        for layer in range(shape.layers):
-            keys, values, _ = workload.prompt(request, layer)
-            gsa.write_prompt(request, layer, keys, values)
-    snapshot = {}
+    def __init__(self, workload: Workload, config: GSAConfig, pool, spent: collections.Counter | None = None):
+        shape = workload.shape
+        self.workload, self.config, self.spent, self.profiler = workload, config, spent, None
+        self.gsa = OffloadedGSA(config, num_layers=shape.layers, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
+                                block_size=BLOCK, host_blocks=shape.batch * shape.table_blocks, dtype=DTYPE,
+                                device=workload.device, cache=CacheTier(shape.layers, pool))
+        if spent is not None:
+            _time_parts(self.gsa, spent)
+        for request in range(shape.batch):
+            for layer in range(shape.layers):
+                keys, values, _ = workload.prompt(request, layer)
+                self.gsa.write_prompt(request, layer, keys, values)
+        self.snapshot = {}
 
-    def step_fn(requests, positions, step):
-        if step == shape.warmup:
-            snapshot.update(vars(gsa.stats))
-            if spent is not None:
-                spent.clear()
-        plan = gsa.plan(requests)
-        out = {layer: gsa.run(plan, layer, *token_batch(workload, requests, positions, layer))
-               for layer in range(shape.layers)}
-        if profiler is not None:
-            profiler.step()
+    def warm(self) -> None:
+        """The timed steps start: counters and host times from here on."""
+        self.snapshot = dict(vars(self.gsa.stats))
+        if self.spent is not None:
+            self.spent.clear()
+
+    def step(self, requests: list[int], positions: list[int]) -> dict:
+        plan = self.gsa.plan(requests)
+        out = {layer: self.gsa.run(plan, layer, *token_batch(self.workload, requests, positions, layer))
+               for layer in range(self.workload.shape.layers)}
+        if self.profiler is not None:
+            self.profiler.step()
         return out
 
-    times, outputs = decode(workload, steps, step_fn)
-    measured = {k: v - snapshot.get(k, 0) if isinstance(v, int) and k != "piece_bytes" else v
-                for k, v in vars(gsa.stats).items()}
-    gsa.close()
-    return times, outputs, measured
+    def close(self) -> dict:
+        """Release the host KV; the counters of the timed steps."""
+        measured = {k: v - self.snapshot.get(k, 0) if isinstance(v, int) and k != "piece_bytes" else v
+                    for k, v in vars(self.gsa.stats).items()}
+        self.gsa.close()
+        return measured
+
+
+def lockstep(workload: Workload, steps: list[list[int]], modes: dict) -> dict:
+    """Run every mode's decode steps in turn, step by step (so that each step of each mode is timed under the same
+    machine conditions: host-bound eager decoding varies between minutes); ``{name: (ms per step, outputs)}``."""
+    done = {r: 0 for r in range(workload.shape.batch)}
+    results = {name: ([], []) for name in modes}
+    for step, requests in enumerate(steps):
+        if step == workload.shape.warmup:
+            for mode in modes.values():
+                if hasattr(mode, "warm"):
+                    mode.warm()
+        positions = [done[r] for r in requests]
+        for name, mode in modes.items():
+            sync(workload.device)
+            start = time.perf_counter()
+            out = mode.step(requests, positions)
+            sync(workload.device)
+            results[name][0].append((time.perf_counter() - start) * 1e3)
+            results[name][1].append(out)
+        for r in requests:
+            done[r] += 1
+    return results
 
 
 def compare(outputs: list[dict], expected: list[dict]) -> dict:
@@ -251,116 +264,113 @@ def selection_pieces(shape: Shape, batch: int, config: GSAConfig = CONFIG) -> in
 
 
 def bench_schedule(name: str, workload: Workload, cache: PagedKV, pool, h2d_gbps: float | None) -> list[dict]:
+    """Dense, on-device GSA and the offload mode with prefetch off and on, in lock-step over one schedule."""
     shape = workload.shape
     steps = schedule(shape, name)
     per_step = len(steps[0])
     tag = f"b{per_step}_ctx{shape.context}_L{shape.layers}_{name}"
-    dense_ms, dense_out = run_on_device(workload, cache, steps, sparse=False)
-    gsa_ms, gsa_out = run_on_device(workload, cache, steps, sparse=True)
-    dense_median = statistics.median(dense_ms[shape.warmup:])
-    gsa_median = statistics.median(gsa_ms[shape.warmup:])
-
-    def tokens_per_s(ms: float) -> float:
-        return round(per_step / (ms * 1e-3), 1)
-
-    rows = [row("decode_step", "dense_on_device", tag, dense_median, tokens_per_s=tokens_per_s(dense_median)),
-            row("decode_step", "gsa_on_device", tag, gsa_median, baseline_ms=dense_median,
-                tokens_per_s=tokens_per_s(gsa_median), **{f"vs_dense_{k}": v for k, v in
-                                                           compare(gsa_out, dense_out).items()})]
     budget = int(BUDGET_SLACK * selection_pieces(shape, per_step) / NUM_KV_HEADS) + shape.batch
-    for ahead in (0, CONFIG.prefetch_ahead):
-        config = replace(CONFIG, gpu_budget_blocks=budget, prefetch_ahead=ahead)
-        rows.append(offload_row(workload, steps, config, pool, gsa_out, tag, dense_median, gsa_median, h2d_gbps))
+    offloads = {f"gsa_offload_prefetch_{'on' if ahead else 'off'}":
+                Offloaded(workload, replace(CONFIG, gpu_budget_blocks=budget, prefetch_ahead=ahead), pool,
+                          collections.Counter()) for ahead in (0, CONFIG.prefetch_ahead)}
+    modes = {"dense_on_device": OnDevice(workload, cache, sparse=False),
+             "gsa_on_device": OnDevice(workload, cache, sparse=True), **offloads}
+    results = lockstep(workload, steps, modes)
+    median = {mode: statistics.median(times[shape.warmup:]) for mode, (times, _) in results.items()}
+    dense_out, gsa_out = results["dense_on_device"][1], results["gsa_on_device"][1]
+    rows = [row("decode_step", "dense_on_device", tag, median["dense_on_device"],
+                tokens_per_s=round(per_step / (median["dense_on_device"] * 1e-3), 1)),
+            row("decode_step", "gsa_on_device", tag, median["gsa_on_device"], baseline_ms=median["dense_on_device"],
+                tokens_per_s=round(per_step / (median["gsa_on_device"] * 1e-3), 1),
+                **{f"vs_dense_{k}": v for k, v in compare(gsa_out, dense_out).items()})]
+    for mode, offload in offloads.items():
+        rows.append(offload_row(mode, offload, results[mode], gsa_out, tag, median["dense_on_device"],
+                                median["gsa_on_device"], h2d_gbps))
     return rows
 
 
-def offload_row(workload: Workload, steps: list[list[int]], config: GSAConfig, pool, expected: list[dict], tag: str,
-                baseline_ms: float, gsa_ms: float, h2d_gbps: float | None) -> dict:
-    """Run the offload mode with ``config``, check it against on-device GSA's outputs, one results row."""
-    shape, per_step = workload.shape, len(steps[0])
-    spent = collections.Counter()
-    times, outputs, stats = run_offload(workload, steps, config, pool, spent=spent)
+def offload_row(mode: str, offload: Offloaded, result: tuple, expected: list[dict], tag: str, baseline_ms: float,
+                gsa_ms: float, h2d_gbps: float | None) -> dict:
+    """Check an offload mode's outputs against on-device GSA's, release it, one results row."""
+    times, outputs = result
+    shape, config = offload.workload.shape, offload.config
+    per_step = len(outputs[0][0])
+    stats = offload.close()
     check = compare(outputs, expected)
     if check["max_rel_error"] > MAX_REL_ERROR:
-        raise AssertionError(f"{tag} offload (prefetch_ahead={config.prefetch_ahead}) differs from on-device GSA: "
-                             f"{check}")
+        raise AssertionError(f"{tag} {mode} differs from on-device GSA: {check}")
     median = statistics.median(times[shape.warmup:])
     pcie = (stats["h2d_bytes"] + stats["d2h_bytes"]) / stats["tokens"] if stats["tokens"] else 0.0
     floor_ms = stats["h2d_bytes"] / (h2d_gbps * 1e6) / shape.steps if h2d_gbps else None
     floor = {"h2d_floor_ms_per_step": round(floor_ms, 4), "x_h2d_floor": round(median / floor_ms, 2)} \
         if floor_ms else {}
-    return row("decode_step", f"gsa_offload_prefetch_{'on' if config.prefetch_ahead else 'off'}", tag, median,
-               baseline_ms=baseline_ms, tokens_per_s=round(per_step / (median * 1e-3), 1),
-               vs_gsa_on_device=round(gsa_ms / median, 3), gpu_budget_blocks=config.gpu_budget_blocks,
-               prefetch_ahead=config.prefetch_ahead, max_pending_prefetch=config.max_pending_prefetch,
-               piece_bytes=stats["piece_bytes"], hit_rate=round(1 - stats["sync_misses"] / stats["needed"], 4),
-               pcie_bytes_per_token=round(pcie), **floor,
-               h2d_mb_per_step=round(stats["h2d_bytes"] / shape.steps / 1e6, 2),
+    return row("decode_step", mode, tag, median, baseline_ms=baseline_ms,
+               tokens_per_s=round(per_step / (median * 1e-3), 1), vs_gsa_on_device=round(gsa_ms / median, 3),
+               gpu_budget_blocks=config.gpu_budget_blocks, prefetch_ahead=config.prefetch_ahead,
+               max_pending_prefetch=config.max_pending_prefetch, piece_bytes=stats["piece_bytes"],
+               hit_rate=round(1 - stats["sync_misses"] / stats["needed"], 4), pcie_bytes_per_token=round(pcie),
+               **floor, h2d_mb_per_step=round(stats["h2d_bytes"] / shape.steps / 1e6, 2),
                sync_misses_per_step=round(stats["sync_misses"] / shape.steps, 1),
                prefetched_per_step=round(stats["prefetched"] / shape.steps, 1),
                needed_per_step=round(stats["needed"] / shape.steps, 1),
-               host_ms_per_step={name: round(1e3 * total / shape.steps, 3) for name, total in spent.most_common()},
+               host_ms_per_step={name: round(1e3 * total / shape.steps, 3)
+                                 for name, total in offload.spent.most_common()},
                **{f"vs_gsa_{k}": v for k, v in check.items()})
 
 
 def bench_long(shape: Shape, reference: Shape, pool, h2d_gbps: float | None) -> list[dict]:
-    """One long request offloaded with LONG_GPU_SHARE of its pieces on the GPU, checked against on-device GSA at
-    the same length, timed against on-device GSA at ``reference``'s (shorter) length."""
-    workload = Workload(shape, _device())
+    """One long request offloaded with LONG_GPU_SHARE of its pieces on the GPU, in lock-step with on-device GSA at
+    the same length (the outputs' reference) and at ``reference``'s shorter length (the speed reference); prefetch
+    off and on in turn (the host holds one offloaded copy of the KV at a time)."""
+    workload, short = Workload(shape, _device()), Workload(reference, _device())
     workload.build_streams()
+    short.build_streams()
     steps = schedule(shape, "steady")
     tag = f"b1_ctx{shape.context}_L{shape.layers}_long"
-    cache = PagedKV(workload)
-    gsa_ms, gsa_out = run_on_device(workload, cache, steps, sparse=True, config=LONG_CONFIG)
-    del cache
+    cache, short_cache = PagedKV(workload), PagedKV(short)
     budget = int(LONG_GPU_SHARE * shape.table_blocks)
     rows = []
-    short = Workload(reference, workload.device)
-    short.build_streams()
-    short_cache = PagedKV(short)
-    short_ms, _ = run_on_device(short, short_cache, steps, sparse=True, config=LONG_CONFIG)
-    del short_cache
-    short_median = statistics.median(short_ms[reference.warmup:])
-    rows.append(row("decode_step", "gsa_on_device", f"b1_ctx{reference.context}_L{reference.layers}_long_reference",
-                    short_median, tokens_per_s=round(1 / (short_median * 1e-3), 1)))
-    rows.append(row("decode_step", "gsa_on_device", tag, statistics.median(gsa_ms[shape.warmup:]),
-                    tokens_per_s=round(1 / (statistics.median(gsa_ms[shape.warmup:]) * 1e-3), 1)))
     for ahead in (0, LONG_CONFIG.prefetch_ahead):
         config = replace(LONG_CONFIG, gpu_budget_blocks=budget, prefetch_ahead=ahead)
-        result = offload_row(workload, steps, config, pool, gsa_out, tag, short_median, short_median, h2d_gbps)
+        mode = f"gsa_offload_prefetch_{'on' if ahead else 'off'}"
+        offload = Offloaded(workload, config, pool, collections.Counter())
+        results = lockstep(workload, steps, {"long": OnDevice(workload, cache, True, LONG_CONFIG),
+                                             "reference": OnDevice(short, short_cache, True, LONG_CONFIG),
+                                             mode: offload})
+        long_ms, short_ms = (statistics.median(results[m][0][shape.warmup:]) for m in ("long", "reference"))
+        rows += [row("decode_step", "gsa_on_device", f"b1_ctx{reference.context}_L{reference.layers}_reference",
+                     short_ms, tokens_per_s=round(1 / (short_ms * 1e-3), 1), paired_with=mode),
+                 row("decode_step", "gsa_on_device", tag, long_ms, tokens_per_s=round(1 / (long_ms * 1e-3), 1),
+                     paired_with=mode)]
+        result = offload_row(mode, offload, results[mode], results["long"][1], tag, short_ms, short_ms, h2d_gbps)
         result["gpu_share_of_kv"] = round(budget / shape.table_blocks, 4)
         result["vs_gsa_on_device_at_reference"] = result.pop("vs_gsa_on_device")
+        result["vs_gsa_on_device_same_length"] = round(long_ms / result["median_ms"], 3)
         rows.append(result)
     return rows
 
 
 def profile_offload(workload: Workload, pool, out_dir: str) -> None:
-    """Steady schedule, prefetch off and on: the host milliseconds per step spent in each part of OffloadedGSA
-    (wall clock around its methods, steps after the warmup), then the top device kernels and host ops of 3
-    profiled steps; written to ``out_dir``/gsa_offload_profile.txt."""
+    """Steady schedule, prefetch off: the top device kernels and host ops of 3 profiled steps after the warmup,
+    written to ``out_dir``/gsa_offload_profile.txt (the host time per part of a step is in every offload row)."""
     from torch.profiler import ProfilerActivity, profile, schedule as every
 
     shape = workload.shape
     steps = schedule(shape, "steady")
     budget = int(BUDGET_SLACK * selection_pieces(shape, shape.batch) / NUM_KV_HEADS) + shape.batch
-    text = []
-    for ahead in (0, CONFIG.prefetch_ahead):
-        config = replace(CONFIG, gpu_budget_blocks=budget, prefetch_ahead=ahead)
-        spent = collections.Counter()
-        times, _, _ = run_offload(workload, steps, config, pool, spent=spent)
-        per_step = {name: round(1e3 * total / shape.steps, 3) for name, total in spent.most_common()}
-        text.append(f"== prefetch_ahead={ahead}: wall ms per step {statistics.median(times[shape.warmup:]):.3f}; "
-                    f"host ms per step in {per_step}")
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
-                     schedule=every(wait=shape.warmup, warmup=1, active=3, repeat=1)) as prof:
-            run_offload(workload, steps, config, pool, profiler=prof)
-        averages = prof.key_averages()
-        text += [f"== prefetch_ahead={ahead}: device time", averages.table(sort_by="cuda_time_total", row_limit=30),
-                 f"== prefetch_ahead={ahead}: host time", averages.table(sort_by="self_cpu_time_total", row_limit=30)]
+    offload = Offloaded(workload, replace(CONFIG, gpu_budget_blocks=budget, prefetch_ahead=0), pool)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                 schedule=every(wait=shape.warmup, warmup=1, active=3, repeat=1)) as prof:
+        offload.profiler = prof
+        lockstep(workload, steps, {"offload": offload})
+    offload.close()
+    averages = prof.key_averages()
+    text = ["== device time", averages.table(sort_by="cuda_time_total", row_limit=30),
+            "== host time", averages.table(sort_by="self_cpu_time_total", row_limit=30)]
     path = os.path.join(out_dir, "gsa_offload_profile.txt")
     with open(path, "w") as handle:
         handle.write("\n".join(text))
-    print("\n".join(line for line in text if line.startswith("==")))
+    print(f"wrote {path}")
 
 
 def _time_parts(gsa: OffloadedGSA, spent: collections.Counter) -> None:
@@ -409,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
     h2d = ceilings.get("h2d_pinned_gbps")
     rows = []
     if args.layers:
-        pool = host_pool(shape, device)
+        pool = host_pool(shape, device, copies=2)  # prefetch off and on run side by side
         workload = Workload(shape, device)
         workload.build_streams()
         if args.profile:
@@ -420,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
             rows += bench_schedule(name, workload, cache, pool, h2d)
         del cache, workload, pool
     if args.long:
-        rows += bench_long(long_shape, reference, host_pool(long_shape, device), h2d)
+        rows += bench_long(long_shape, reference, host_pool(long_shape, device, copies=1), h2d)
     path = write_results("gsa_offload", rows, ceilings, extra={
         "config": asdict(CONFIG), "long_config": asdict(LONG_CONFIG), "shape": asdict(shape),
         "long_shape": asdict(long_shape) if args.long else None, "budget_slack": BUDGET_SLACK,
@@ -429,10 +439,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {path}")
 
 
-def host_pool(shape: Shape, device: torch.device) -> PinnedMemoryPool:
-    """A pool for the host KV of ``shape`` (every layer), pinned on a GPU machine."""
+def host_pool(shape: Shape, device: torch.device, copies: int) -> PinnedMemoryPool:
+    """A pool for ``copies`` host KVs of ``shape`` (every layer), pinned on a GPU machine."""
     host_bytes = shape.batch * shape.table_blocks * NUM_KV_HEADS * 2 * BLOCK * HEAD_DIM * DTYPE.itemsize
-    return PinnedMemoryPool(pinned_pool_size=host_bytes, max_pinned_size=shape.layers * host_bytes + (1 << 20),
+    return PinnedMemoryPool(pinned_pool_size=host_bytes,
+                            max_pinned_size=copies * shape.layers * host_bytes + (1 << 20),
                             pinned=device.type == "cuda")
 
 
