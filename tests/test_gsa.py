@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ucm_kernels.block_repr import empty_block_repr, naive_update_block_repr
-from ucm_kernels.block_select import naive_select_blocks
+from ucm_kernels.block_select import naive_select_blocks, torch_block_scores, torch_select_blocks
+from ucm_kernels.sparse_decode import torch_sparse_decode
 from ucm_kernels.sparse_decode.naive import naive_dense_decode, naive_sparse_decode
 from ucm_sparse import GSA, GSAConfig, sparse_attention
 from ucm_sparse import ops
@@ -77,7 +78,7 @@ def test_chosen_blocks_outscore_the_rest(score):
     _, selection = sparse_attention(q, k, v, table, seq_lens, config)
     reprs = empty_block_repr(k)
     naive_update_block_repr(k, table[:, :44].flatten(), *reprs)
-    scores = ops.torch_block_scores(q, *reprs, table[:, :44], score)
+    scores = torch_block_scores(q, *reprs, table[:, :44], score)
     for b, n in enumerate(seq_lens):
         nb = -(-n // BLOCK)
         competing = set(range(1, nb - 3))
@@ -98,7 +99,7 @@ def test_ratio_one_is_dense_attention():
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     torch.testing.assert_close(out, naive_dense_decode(q, k, v, table, lens), **TOLERANCE[torch.float32])
     full = ops.full_selection(lens, 2, BLOCK, plan.block_table.shape[1])
-    assert torch.equal(out, ops.torch_sparse_decode(q, k, v, plan.block_table, lens, full.sel_idx, full.sel_count))
+    assert torch.equal(out, torch_sparse_decode(q, k, v, plan.block_table, lens, full.sel_idx, full.sel_count))
 
 
 def test_short_sequences_stay_dense_and_long_ones_go_sparse():
@@ -123,7 +124,7 @@ def test_one_plan_serves_every_layer_and_a_selection_is_reused(monkeypatch):
     reused = gsa.run(plan, 2, q2, k, v, selection=plan.selections[0])
     assert calls == {"select": 2, "update_reprs": 3}
     assert plan.selections[2] is plan.selections[0]
-    expected = ops.torch_sparse_decode(q2, k, v, plan.block_table, plan.seq_lens, plan.selections[0].sel_idx,
+    expected = torch_sparse_decode(q2, k, v, plan.block_table, plan.seq_lens, plan.selections[0].sel_idx,
                                        plan.selections[0].sel_count)
     assert torch.equal(reused, expected)
     assert not torch.equal(out0, out1)
@@ -314,10 +315,10 @@ def test_torch_twins_match_the_kernel_references(repr_dtype):
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     sizes = dict(block_size=BLOCK, sparse_ratio=0.3, init_window=1, local_window=2, min_blocks=3)
     for score in ("quest", "mean"):
-        sel = ops.torch_select_blocks(q, *reprs[:3], table[:, :26], lens, score=score, kscale=kscale, **sizes)
+        sel = torch_select_blocks(q, *reprs[:3], table[:, :26], lens, score=score, kscale=kscale, **sizes)
         ref = naive_select_blocks(q, *reprs[:3], table[:, :26], lens, score=score, kscale=kscale, **sizes)
         assert torch.equal(sel[0], ref[0]) and torch.equal(sel[1], ref[1])
-    out = ops.torch_sparse_decode(q, k, v, table, lens, *sel)
+    out = torch_sparse_decode(q, k, v, table, lens, *sel)
     torch.testing.assert_close(out.float(), naive_sparse_decode(q, k, v, table, lens, *sel),
                                **TOLERANCE[torch.bfloat16])
 
@@ -348,8 +349,8 @@ def test_fp8_summaries_select_by_an_upper_bound_of_the_exact_quest_score():
     for reprs in (exact, fp8):
         ops.update_reprs("torch", k, full, reprs)
     columns = table[:, :700 // BLOCK]
-    bound = ops.torch_block_scores(q, *fp8[:3], columns, "quest", fp8[3])
-    truth = ops.torch_block_scores(q, *exact, columns, "quest")
+    bound = torch_block_scores(q, *fp8[:3], columns, "quest", fp8[3])
+    truth = torch_block_scores(q, *exact, columns, "quest")
     live = torch.zeros_like(truth, dtype=torch.bool)
     live[0, :, :700 // BLOCK] = True
     live[1, :, :300 // BLOCK] = True

@@ -1,7 +1,8 @@
 """Triton kernels of UCM: stateless functions over tensors.
 
-Each op is a folder with ``naive.py`` (plain-torch reference, fp32 math), ``triton.py`` (kernel + launcher)
-and ``__init__.py`` (public entry points). Ops know nothing of the store or of GSA.
+Each op is a folder with ``naive.py`` (the loop or plain-torch reference tests compare against, fp32 math),
+``torch.py`` where the op has a CPU path (the vectorised twin, exported as ``torch_<name>``), ``triton.py`` (kernel
++ launcher) and ``__init__.py`` (public entry points). Ops know nothing of the store or of GSA.
 
 Importing this package changes nothing in the process. The kernels take CUDA tensors; on a machine without a GPU
 they run in Triton's interpreter only when ``TRITON_INTERPRET=1`` is set before Triton compiles anything (the tests

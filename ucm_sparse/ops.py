@@ -1,9 +1,9 @@
 """The three GSA primitives on either backend: block reprs, block selection, attention over block lists.
 
 ``"triton"`` runs the ``ucm_kernels`` ops (CUDA tensors, or any tensors under ``TRITON_INTERPRET=1``); ``"torch"``
-runs the vectorised torch versions below (block summaries: the kernels' plain-torch reference), with the kernels'
-semantics (same counts and windows, ties to the lower logical block, masked tokens, empty lists give zeros), for
-CPU tensors, fp32 inputs and vLLM on CPU.
+runs their vectorised torch twins (each op's ``torch.py``; block summaries: the kernels' plain-torch reference)
+and the second stage's choice below, with the kernels' semantics (same counts and windows, ties to the lower
+logical block, masked tokens, empty lists give zeros), for CPU tensors, fp32 inputs and vLLM on CPU.
 ``resolve_backend("auto", q)`` picks Triton for bf16/fp16 CUDA tensors and torch otherwise.
 
 The torch versions compute every (request, KV head) the same way whatever batch or head count it is packed in,
@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ucm_kernels.block_mass import block_lse2
+from ucm_kernels.block_mass import block_lse2, torch_block_mass
 from ucm_kernels.block_repr import FP8, empty_block_repr_for, naive_update_block_repr, update_block_repr
-from ucm_kernels.block_select import select_blocks, select_from_scores, selection_counts, selection_width
-from ucm_kernels.sparse_decode import dense_decode, sparse_decode
+from ucm_kernels.block_select import (select_blocks, select_from_scores, selection_counts, selection_width,
+                                      torch_select_blocks)
+from ucm_kernels.sparse_decode import dense_decode, sparse_decode, torch_sparse_decode
 
 from .config import GSAConfig
 
@@ -151,36 +152,6 @@ def full_selection(seq_lens: torch.Tensor, num_kv_heads: int, block_size: int, w
                      counts.int()[:, None].expand(-1, num_kv_heads))
 
 
-def torch_select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None,
-                        kmean: torch.Tensor | None, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
-                        block_size: int, sparse_ratio: float, init_window: int, local_window: int,
-                        min_blocks: int, score: str = "quest", token_budget: int | None = None,
-                        kscale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch twin of ``ucm_kernels.block_select.select_blocks``: same arguments, outputs, width and tie rule."""
-    sizes = dict(block_size=block_size, sparse_ratio=sparse_ratio, init_window=init_window,
-                 local_window=local_window, min_blocks=min_blocks, token_budget=token_budget)
-    batch, max_blocks = block_table.shape
-    width = selection_width(max_blocks, **sizes)
-    scores = torch_block_scores(q, kmin, kmax, kmean, block_table, score, kscale)  # [batch, heads, max_blocks]
-    heads = scores.shape[1]
-    nb = torch.clamp((seq_lens.long() + block_size - 1) // block_size, max=max_blocks)
-    count = selection_counts(nb, **sizes)
-    dense = count >= nb
-    local = max(local_window, 1)
-    logical = torch.arange(max_blocks, device=q.device)
-    competing = (~dense[:, None]) & (logical >= init_window) & (logical < (nb - local)[:, None])
-    need = torch.where(dense, 0, count - init_window - local)
-    order = torch.sort(scores.masked_fill(~competing[:, None, :], float("-inf")), dim=-1, descending=True,
-                       stable=True).indices
-    rank = torch.empty_like(order).scatter_(-1, order, logical.expand_as(order))
-    picked = competing[:, None, :] & (rank < need[:, None, None])
-    chosen = (logical < nb[:, None, None]) & (~competing[:, None, :] | picked)
-    ascending = torch.where(chosen, logical, max_blocks).sort(dim=-1).values[..., :width]
-    sel_idx = torch.where(ascending < max_blocks, ascending, -1).int()
-    sel_count = torch.where(nb > 0, count, 0)[:, None].expand(batch, heads).int().contiguous()
-    return sel_idx, sel_count
-
-
 def rerank_select(backend: str, q: torch.Tensor, reprs: tuple, candidate_keys, block_table: torch.Tensor,
                   seq_lens: torch.Tensor, config: GSAConfig, block_size: int, scale: float | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,7 +168,7 @@ def rerank_select(backend: str, q: torch.Tensor, reprs: tuple, candidate_keys, b
     first_stage = select_blocks if backend == "triton" else torch_select_blocks
     candidates = Selection(*first_stage(q, kmin, kmax, kmean, block_table, seq_lens, score=config.score,
                                         kscale=kscale[0] if kscale else None, **wide))
-    mass_of = block_mass if backend == "triton" else candidate_mass
+    mass_of = block_mass if backend == "triton" else _torch_mass
     mass = mass_of(q, *candidate_keys(candidates), seq_lens, candidates, scale)  # [batch, heads, width]
     return keep_most_mass(backend, candidates, mass, block_table, seq_lens, config, block_size)
 
@@ -237,97 +208,18 @@ def keep_most_mass(backend: str, candidates: Selection, mass: torch.Tensor, bloc
     return sel_idx, sel_count
 
 
+def _torch_mass(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                candidates: Selection, scale: float | None = None) -> torch.Tensor:
+    return torch_block_mass(q, key_cache, block_table, seq_lens, candidates.sel_idx, candidates.sel_count, scale)
+
+
 def block_mass(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                candidates: Selection, scale: float | None = None, reselect: torch.Tensor | None = None
                ) -> torch.Tensor:
-    """:func:`candidate_mass` from the kernel's per-(block, query head) log2-sum-exp (``ucm_kernels.block_mass``);
-    with ``reselect``, rows where it is zero hold no meaningful mass."""
+    """``ucm_kernels.block_mass.torch_block_mass``'s masses from the kernel's per-(block, query head)
+    log2-sum-exp (``ucm_kernels.block_mass``); with ``reselect``, rows where it is zero hold no meaningful mass."""
     lse = block_lse2(q, key_cache, block_table, seq_lens, candidates.sel_idx, candidates.sel_count, scale,
                      reselect) * LN2
     return torch.exp(lse - torch.logsumexp(lse, dim=-1, keepdim=True)).nan_to_num(0.0).sum(dim=2)
 
 
-def candidate_mass(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                   candidates: Selection, scale: float | None = None) -> torch.Tensor:
-    """fp32 ``[batch, num_kv_heads, width]``: per listed block of ``candidates``, the softmax mass (over the listed
-    blocks' tokens, per query head, summed over the KV head's group) its tokens get from ``q``; 0 when unlisted."""
-    batch, num_q_heads, head_dim = q.shape
-    heads, width = candidates.sel_idx.shape[1:]
-    scale = head_dim ** -0.5 if scale is None else scale
-    gather, live = listed_tokens(block_table, seq_lens, candidates.sel_idx, candidates.sel_count,
-                                 key_cache.shape[1])
-    keys = gather(key_cache)  # [batch * heads, width * block_size, head_dim]
-    queries = q.float().reshape(batch * heads, num_q_heads // heads, head_dim)
-    logits = torch.matmul(queries, keys.transpose(1, 2)) * scale
-    probs = torch.softmax(logits.masked_fill(~live, float("-inf")), dim=-1).nan_to_num(0.0)
-    return probs.sum(dim=1).view(batch, heads, width, -1).sum(-1)
-
-
-def listed_tokens(block_table: torch.Tensor, seq_lens: torch.Tensor, sel_idx: torch.Tensor, sel_count: torch.Tensor,
-                  block_size: int):
-    """The tokens of listed blocks, one row per (request, KV head): ``(gather, live)`` where ``gather(cache)``
-    reads ``[batch * heads, width * block_size, head_dim]`` fp32 from a ``[num_blocks, block_size, num_kv_heads,
-    head_dim]`` cache (tokens not live as zeros, as the kernel's masked loads) and ``live`` is bool ``[batch *
-    heads, 1, width * block_size]``: listed (within ``sel_count``, in ``[0, nb)``) and before ``seq_lens``."""
-    batch, heads, width = sel_idx.shape
-    nb = (seq_lens.long() + block_size - 1) // block_size
-    entry = torch.arange(width, device=sel_idx.device)
-    listed = (entry < sel_count[..., None].long()) & (sel_idx >= 0) & (sel_idx < nb[:, None, None])
-    logical = torch.where(listed, sel_idx.long(), 0)
-    phys = block_table.long().gather(1, logical.view(batch, heads * width)).view(batch, heads, width)
-    phys = torch.where(listed, phys, 0)
-    head = torch.arange(heads, device=sel_idx.device)[None, :, None]
-    position = logical[..., None] * block_size + torch.arange(block_size, device=sel_idx.device)
-    live = (listed[..., None] & (position < seq_lens.long()[:, None, None, None])).reshape(batch * heads, 1, -1)
-    keep = live.transpose(1, 2)
-
-    def gather(cache: torch.Tensor) -> torch.Tensor:
-        tokens = cache[phys, :, head].reshape(batch * heads, width * block_size, cache.shape[3]).float()
-        return torch.where(keep, tokens, 0.0)
-
-    return gather, live
-
-
-def torch_block_scores(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None,
-                       kmean: torch.Tensor | None, block_table: torch.Tensor, score: str,
-                       kscale: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 ``[batch, num_kv_heads, max_blocks]`` scores of every table entry (the group's heads summed); fp8
-    reprs are widened and multiplied by their ``kscale [num_blocks, num_kv_heads]``."""
-    reprs = kmean if score == "mean" else kmin
-    batch, num_q_heads, head_dim = q.shape
-    heads = reprs.shape[1]
-    qg = q.float().view(batch, heads, num_q_heads // heads, head_dim)
-    phys = block_table.long().clamp(0, reprs.shape[0] - 1)
-
-    def gather(repr_: torch.Tensor) -> torch.Tensor:  # [batch, heads, max_blocks, head_dim]
-        values = repr_[phys].float()
-        if repr_.dtype == FP8:
-            values = values * kscale[phys][..., None]
-        return values.transpose(1, 2)
-
-    if score == "mean":
-        return (gather(kmean) * qg.sum(dim=2)[:, :, None, :]).sum(dim=-1)
-    q_pos = qg.clamp(min=0).sum(dim=2)[:, :, None, :]
-    q_neg = qg.clamp(max=0).sum(dim=2)[:, :, None, :]
-    return (gather(kmax) * q_pos + gather(kmin) * q_neg).sum(dim=-1)
-
-
-def torch_sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                        block_table: torch.Tensor, seq_lens: torch.Tensor, sel_idx: torch.Tensor,
-                        sel_count: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Torch twin of ``ucm_kernels.sparse_decode.sparse_decode`` (any float dtype; fp32 math; q's dtype out).
-
-    q ``[batch, num_q_heads, head_dim]``; caches ``[num_blocks, block_size, num_kv_heads, head_dim]`` (any
-    strides); block_table ``[batch, max_blocks]``; seq_lens ``[batch]``; sel_idx ``[batch, num_kv_heads, width]``
-    logical blocks; sel_count ``[batch, num_kv_heads]``.
-    """
-    batch, num_q_heads, head_dim = q.shape
-    heads = key_cache.shape[2]
-    scale = head_dim ** -0.5 if scale is None else scale
-    gather, live = listed_tokens(block_table, seq_lens, sel_idx, sel_count, key_cache.shape[1])
-    keys, values = gather(key_cache), gather(value_cache)
-    queries = q.float().reshape(batch * heads, num_q_heads // heads, head_dim)
-    scores = torch.matmul(queries, keys.transpose(1, 2)) * scale
-    probs = torch.softmax(scores.masked_fill(~live, float("-inf")), dim=-1)
-    probs = torch.where(live.any(dim=-1, keepdim=True), probs, 0.0)  # an empty list attends nothing: zeros
-    return torch.matmul(probs, values).reshape(batch, num_q_heads, head_dim).to(q.dtype)

