@@ -10,14 +10,12 @@ from ucm_kernels.block_repr import FP8
 from .triton import selection_counts, selection_width
 
 
-def select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None,
-                        kmean: torch.Tensor | None, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
-                        block_size: int, sparse_ratio: float, init_window: int, local_window: int,
-                        min_blocks: int, score: str = "quest", token_budget: int | None = None,
-                        kscale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch twin of ``ucm_kernels.block_select.select_blocks``: same arguments, outputs, width and tie rule."""
-    sizes = dict(block_size=block_size, sparse_ratio=sparse_ratio, init_window=init_window,
-                 local_window=local_window, min_blocks=min_blocks, token_budget=token_budget)
+def select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None, kmean: torch.Tensor | None,
+                  block_table: torch.Tensor, seq_lens: torch.Tensor, *, score: str = "quest",
+                  kscale: torch.Tensor | None = None, **sizes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin of ``ucm_kernels.block_select.select_blocks``: same arguments (``sizes``: block_size,
+    sparse_ratio, init_window, local_window, min_blocks, token_budget), outputs, width and tie rule."""
+    block_size, init_window, local_window = sizes["block_size"], sizes["init_window"], sizes["local_window"]
     batch, max_blocks = block_table.shape
     width = selection_width(max_blocks, **sizes)
     scores = block_scores(q, kmin, kmax, kmean, block_table, score, kscale)  # [batch, heads, max_blocks]
@@ -40,9 +38,8 @@ def select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor
     return sel_idx, sel_count
 
 
-def block_scores(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None,
-                       kmean: torch.Tensor | None, block_table: torch.Tensor, score: str,
-                       kscale: torch.Tensor | None = None) -> torch.Tensor:
+def block_scores(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None, kmean: torch.Tensor | None,
+                 block_table: torch.Tensor, score: str, kscale: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 ``[batch, num_kv_heads, max_blocks]`` scores of every table entry (the group's heads summed); fp8
     reprs are widened and multiplied by their ``kscale [num_blocks, num_kv_heads]``."""
     reprs = kmean if score == "mean" else kmin

@@ -31,9 +31,9 @@ def listed_tokens(block_table: torch.Tensor, seq_lens: torch.Tensor, sel_idx: to
     return gather, live
 
 
-def sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                        block_table: torch.Tensor, seq_lens: torch.Tensor, sel_idx: torch.Tensor,
-                        sel_count: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+def sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
+                  seq_lens: torch.Tensor, sel_idx: torch.Tensor, sel_count: torch.Tensor,
+                  scale: float | None = None) -> torch.Tensor:
     """Torch twin of ``ucm_kernels.sparse_decode.sparse_decode`` (any float dtype; fp32 math; q's dtype out).
 
     q ``[batch, num_q_heads, head_dim]``; caches ``[num_blocks, block_size, num_kv_heads, head_dim]`` (any
