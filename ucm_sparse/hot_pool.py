@@ -13,8 +13,7 @@ from typing import NamedTuple
 import torch
 
 from ucm_kernels import residency
-from ucm_store.backends.cache import CacheTier
-from ucm_store.pipeline import block_key
+from ucm_store import CacheTier, block_key
 
 NEVER = -1  # stamp of a slot that holds nothing
 

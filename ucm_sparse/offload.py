@@ -28,8 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ucm_kernels._utils import host_to_device
-from ucm_store.backends.cache import CacheTier
-from ucm_store.pool import PinnedMemoryPool
+from ucm_store import CacheTier, PinnedMemoryPool
 
 from . import ops
 from .config import GSAConfig
