@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ucm_kernels.residency import (admit, admit_selection, copy_rows, selection_pieces, torch_admit,
-                                   torch_admit_selection, torch_copy_rows)
+                                   torch_admit_selection, torch_copy_rows, torch_write_tokens, write_tokens)
 from ucm_kernels.residency.torch import AGE_CAP, slot_ages
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -97,15 +97,14 @@ def test_admit_selection_lists_pieces_and_writes_the_slot_table(seed):
     have = admit_selection(*got.values(), sel_idx.to(DEVICE), sel_count.to(DEVICE), block_table.to(DEVICE),
                            **kwargs)
     assert torch.equal(have[1].cpu(), pieces) and int(have[4][0]) == int(count[0]) > 0
-    if DEVICE == "cpu":
-        assert torch.equal(have[0], table)
+    listed = pieces >= 0  # the kernel's table is defined at listed entries only
+    rows = torch.arange(batch * heads).view(batch, heads, 1).expand_as(listed)
+    slots = have[0].cpu()[rows[listed], sel_idx[listed].long()]
+    assert torch.equal(got["slot_of"].cpu()[pieces[listed]], slots.long())
+    if DEVICE == "cpu":  # the interpreter runs programs in order: the same slots as the torch twin
+        assert torch.equal(slots, table[rows[listed], sel_idx[listed].long()])
         for name in state:
             assert torch.equal(got[name], ref[name]), name
-    else:  # slots may differ: the table must name each listed piece's slot
-        listed = pieces >= 0
-        rows = torch.arange(batch * heads).view(batch, heads, 1).expand_as(listed)
-        slots = have[0].cpu()[rows[listed], sel_idx[listed].long()]
-        assert torch.equal(got["slot_of"].cpu()[pieces[listed]], slots.long())
     check_consistent({k: v.cpu() for k, v in got.items()})
 
 
@@ -155,6 +154,28 @@ def test_ages_put_free_and_old_slots_first_and_cap():
     pinned = torch.tensor([False, False, False, False, True, False])
     assert slot_ages(stamp, pinned, 80).tolist() == [81, 80, 1, 0, 0, 75]
     assert slot_ages(torch.tensor([-1000]), torch.tensor([False]), 80).tolist() == [AGE_CAP]
+
+
+@pytest.mark.parametrize("head_dim", [64, 96])
+def test_write_tokens_writes_pins_and_stamps_like_the_torch_twin(head_dim):
+    state = random_pool(capacity=50, pieces=400, seed=4)
+    resident = (state["slot_of"] >= 0).nonzero().flatten()
+    gen = torch.Generator().manual_seed(4)
+    pieces = resident[torch.randperm(resident.numel(), generator=gen)[:7]]
+    offsets = torch.randint(0, 16, (7,), generator=gen)
+    key, value = (torch.randn(7, head_dim, generator=gen) for _ in range(2))
+    kv = torch.randn(50, 2, 16, 1, head_dim, generator=gen).to(torch.bfloat16)
+    ref, got = on("cpu", {**state, "kv": kv}), on(DEVICE, {**state, "kv": kv})
+    want = torch_write_tokens(ref["kv"], ref["slot_of"], ref["stamp"], ref["pinned"], pieces, offsets, key, value,
+                              stamp_value=90)
+    have = write_tokens(got["kv"], got["slot_of"], got["stamp"], got["pinned"], pieces.to(DEVICE),
+                        offsets.to(DEVICE), key.to(DEVICE), value.to(DEVICE), stamp_value=90)
+    assert torch.equal(have.cpu(), want) and torch.equal(want, state["slot_of"][pieces])
+    for name in ("kv", "stamp", "pinned"):
+        assert torch.equal(got[name].cpu(), ref[name]), name
+    assert torch.equal(ref["kv"][want, 1, offsets, 0], value.to(torch.bfloat16))
+    assert ref["pinned"][want].all() and (ref["stamp"][want] == 90).all()
+    assert int((ref["kv"] != kv).any(-1).sum()) == 14  # one K and one V token per piece, nothing else
 
 
 @pytest.mark.parametrize("dtype,width", [(torch.bfloat16, 4096), (torch.float32, 33), (torch.int8, 7)])

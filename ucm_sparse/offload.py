@@ -322,21 +322,16 @@ class OffloadedGSA:
     def _write_token(self, plan: OffloadPlan, layer: int, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Make each request's newest block resident and pinned, write the token into it; return its slots."""
         pool = self.pools[layer]
-        if plan.tails_resident:
-            slots = pool.slot_of[plan.tail_pieces]
-            pool.stamp.index_fill_(0, slots, self._now)  # index_fill_: a Python scalar set by index syncs
-        else:
+        if not plan.tails_resident:
             wanted = torch.ones_like(plan.tail_pieces, dtype=torch.bool)
-            slots, fetch = pool.admit(plan.tail_pieces, wanted, below=self._now, stamp=self._now,
-                                      max_new=wanted.numel(), tally=self._counters.tails)
+            _, fetch = pool.admit(plan.tail_pieces, wanted, below=self._now, stamp=self._now,
+                                  max_new=wanted.numel(), tally=self._counters.tails)
             fetch = fetch._replace(pieces=torch.where(torch.isin(fetch.pieces, plan.new_tail_pieces), -1,
                                                       fetch.pieces))
             pool.fetch(self.host.rows(layer), fetch, SYNC_COPY_PROGRAMS)
             self._counters.opened += plan.new_tail_pieces.numel()
-        pool.pinned.index_fill_(0, slots, True)
-        pool.kv[slots, 0, plan.tail_offsets, 0] = key.reshape(-1, key.shape[-1]).to(pool.kv.dtype)
-        pool.kv[slots, 1, plan.tail_offsets, 0] = value.reshape(-1, value.shape[-1]).to(pool.kv.dtype)
-        return slots
+        return pool.write_tokens(plan.tail_pieces, plan.tail_offsets, key.reshape(-1, key.shape[-1]),
+                                 value.reshape(-1, value.shape[-1]), stamp=self._now)
 
     def _complete_filled(self, plan: OffloadPlan, layer: int, backend: str, tail_slots: torch.Tensor) -> None:
         """For blocks the new token filled: representations from the pool, copy to the host, unpin."""

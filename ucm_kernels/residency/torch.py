@@ -105,6 +105,27 @@ def admit_selection(slot_of: torch.Tensor, piece_in: torch.Tensor, stamp: torch.
     return table[:, :max_blocks], pieces, fetch_pieces, fetch_slots, count
 
 
+def write_tokens(kv: torch.Tensor, slot_of: torch.Tensor, stamp: torch.Tensor, pinned: torch.Tensor,
+                 pieces: torch.Tensor, offsets: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+                 stamp_value: int) -> torch.Tensor:
+    """Write one token into each of the resident ``pieces``, pinning and stamping their slots.
+
+    Args:
+        kv: [C, 2, block_size, 1, head_dim] the pool's pieces (K then V).
+        slot_of: [P] int64; stamp: [C] int64; pinned: [C] bool (updated).
+        pieces: [R] int64 resident pieces; offsets: [R] int64 token position in each piece's block.
+        key, value: [R, head_dim] the tokens (cast to kv's dtype).
+    Returns:
+        [R] int64 slots of the pieces.
+    """
+    slots = slot_of[pieces]
+    stamp.index_fill_(0, slots, stamp_value)
+    pinned.index_fill_(0, slots, True)
+    kv[slots, 0, offsets, 0] = key.to(kv.dtype)
+    kv[slots, 1, offsets, 0] = value.to(kv.dtype)
+    return slots
+
+
 def copy_rows(src: torch.Tensor, dst: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor,
               count: torch.Tensor) -> None:
     """``dst[dst_idx[k]] = src[src_idx[k]]`` for ``k < count[0]`` and ``src_idx[k] >= 0`` (rows of two 2-D

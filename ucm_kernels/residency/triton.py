@@ -140,13 +140,15 @@ def admit_selection(slot_of: torch.Tensor, piece_in: torch.Tensor, stamp: torch.
                     stamp_value: int, max_new: int, tally: torch.Tensor | None = None, validate: bool = True
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`admit` of the pieces a block selection lists, and the attention table over the pool; contract of
-    ``torch.admit_selection``. ``validate=False`` skips the argument checks."""
+    ``torch.admit_selection``, except that table entries of unlisted blocks are undefined (not 0).
+    ``validate=False`` skips the argument checks."""
     if validate:
         _check_state(slot_of, piece_in, stamp, pinned, tally)
         _check_selection(sel_idx, sel_count, block_table, slot_of.device)
     batch, heads, width = sel_idx.shape
     pieces = torch.empty(batch * heads * width, dtype=torch.int64, device=slot_of.device)
-    table = torch.zeros(batch * heads, block_table.shape[1], dtype=torch.int32, device=slot_of.device)
+    # entries of unlisted blocks stay unwritten: the sparse decode kernel reads listed entries only
+    table = torch.empty(batch * heads, block_table.shape[1], dtype=torch.int32, device=slot_of.device)
     _, fetch_pieces, fetch_slots, count = _launch(slot_of, piece_in, stamp, pinned, pieces, None,
                                                   (sel_idx, sel_count, block_table, heads), table, below, stamp_value,
                                                   max_new, tally)
@@ -178,6 +180,35 @@ def _launch(slot_of, piece_in, stamp, pinned, pieces, wanted, selection, table, 
                             max_new, width, table_width, WRITE_TABLE=table is not None, HAS_TALLY=tally is not None,
                             TILE=_TILE)
     return slots, fetch_pieces, fetch_slots, counters[ADMITTED.value:ADMITTED.value + 1]
+
+
+@triton.jit(do_not_specialize=["stamp_value"])
+def _write_tokens_kernel(kv, slot_of, stamp, pinned, pieces, offsets, key, value, slots, stamp_value,
+                         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_POW2: tl.constexpr):
+    row = tl.program_id(0)
+    slot = tl.load(slot_of + tl.load(pieces + row))
+    tl.store(slots + row, slot)
+    tl.store(stamp + slot, stamp_value.to(tl.int64))
+    tl.store(pinned + slot, 1)
+    dims = tl.arange(0, DIM_POW2)
+    inside = dims < HEAD_DIM
+    token = kv + (slot * 2 * BLOCK_SIZE + tl.load(offsets + row)) * HEAD_DIM + dims
+    tl.store(token, tl.load(key + row * HEAD_DIM + dims, mask=inside), mask=inside)
+    tl.store(token + BLOCK_SIZE * HEAD_DIM, tl.load(value + row * HEAD_DIM + dims, mask=inside), mask=inside)
+
+
+def write_tokens(kv: torch.Tensor, slot_of: torch.Tensor, stamp: torch.Tensor, pinned: torch.Tensor,
+                 pieces: torch.Tensor, offsets: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+                 stamp_value: int) -> torch.Tensor:
+    """One launch for ``torch.write_tokens`` (same contract; ``kv`` contiguous)."""
+    slots = torch.empty_like(pieces)
+    if pieces.numel():
+        _, _, block_size, _, head_dim = kv.shape
+        key, value = (t.to(kv.dtype).contiguous() for t in (key, value))  # torch's rounding, as the twin's
+        _write_tokens_kernel[(pieces.numel(),)](kv, slot_of, stamp, pinned, pieces, offsets, key, value, slots,
+                                                stamp_value, BLOCK_SIZE=block_size,
+                                                HEAD_DIM=head_dim, DIM_POW2=next_pow2(head_dim))
+    return slots
 
 
 @triton.jit
