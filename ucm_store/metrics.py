@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from ucm_store.process_wide import ProcessWide
+
 logger = logging.getLogger(__name__)
 
 TRANSFER_KINDS = ("load", "save")
@@ -66,7 +68,7 @@ class Family:
     samples: tuple
 
 
-class StatsMonitor:
+class StatsMonitor(ProcessWide):
     """Thread-safe counters of lookups, hits and transfers (``get_instance()`` for the process's monitor).
 
     Lookups and hits are counted in blocks: every block id passed to one lookup call adds 1 to ``lookups``,
@@ -80,23 +82,12 @@ class StatsMonitor:
         warn_interval: seconds between two log records of the same health warning.
     """
 
-    _instance: "StatsMonitor | None" = None
-    _instance_lock = threading.Lock()
-
     def __init__(self, warn_interval: float = 60.0):
         self._lock = threading.Lock()
         self.warn_interval = warn_interval
         self._stores: "weakref.WeakSet" = weakref.WeakSet()
         self._last_warned: dict[str, float] = {}
         self.reset()
-
-    @classmethod
-    def get_instance(cls) -> "StatsMonitor":
-        """The process-wide monitor that the store and the connector feed."""
-        with cls._instance_lock:
-            if cls._instance is None:
-                cls._instance = cls()
-            return cls._instance
 
     def reset(self) -> None:
         """Zero every counter."""

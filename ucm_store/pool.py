@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ucm_store.lazyjit import lazy_njit
+from ucm_store.process_wide import ProcessWide
 
 PAGE_BYTES = 4096
 DEFAULT_POOL_BYTES = 1 << 30
@@ -84,11 +85,9 @@ class _Arena:
         return start
 
 
-class PinnedMemoryPool:
-    """Process-wide pinned host memory pool (``get_instance()``); thread-safe."""
-
-    _instance: "PinnedMemoryPool | None" = None
-    _instance_lock = threading.Lock()
+class PinnedMemoryPool(ProcessWide):
+    """Process-wide pinned host memory pool (``get_instance()``: made with the default sizes on first use unless
+    :meth:`configure` ran); thread-safe."""
 
     def __init__(self, pinned_pool_size: int = DEFAULT_POOL_BYTES, max_pinned_size: int = DEFAULT_MAX_BYTES,
                  pinned: bool | None = None):
@@ -103,14 +102,6 @@ class PinnedMemoryPool:
         self._cond = threading.Condition()
         self._used = self._peak = 0
         self._counts = {"allocations": 0, "releases": 0, "waits": 0, "failed_allocations": 0}
-
-    @classmethod
-    def get_instance(cls) -> "PinnedMemoryPool":
-        """The process's pool, created with the default sizes on first use unless :meth:`configure` ran."""
-        with cls._instance_lock:
-            if cls._instance is None:
-                cls._instance = cls()
-            return cls._instance
 
     @classmethod
     def configure(cls, pinned_pool_size: int, max_pinned_size: int) -> "PinnedMemoryPool":

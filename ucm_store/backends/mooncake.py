@@ -25,10 +25,8 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
-import torch
-
-from ucm_store.backends import framing
-from ucm_store.backends.base import BlockMissing, Tier
+from ucm_store.backends.base import BlockMissing
+from ucm_store.backends.objects import FramedObjectTier
 from ucm_store.backends.remote import RemoteGate, RemoteUnavailable
 from ucm_store.config import StoreConfig
 
@@ -48,7 +46,7 @@ PUT_REFUSALS = {  # status codes of a put the server answered but refused: the b
 }
 
 
-class MooncakeTier(Tier):
+class MooncakeTier(FramedObjectTier):
     """Committed blocks as objects in a Mooncake store, shared by every node of the same master and key prefix."""
 
     name = "Mooncake"
@@ -89,30 +87,23 @@ class MooncakeTier(Tier):
         except RemoteUnavailable:
             return False
 
-    def size(self, key: str) -> int | None:
+    def _object_size(self, key: str) -> int | None:
         try:
             nbytes = self._call("size", key, lambda c: c.get_size(self.object_name(key)), ok=(OBJECT_NOT_FOUND,))
         except RemoteUnavailable:
             return None
-        if nbytes == OBJECT_NOT_FOUND:
-            return None
-        with self._drop_if_corrupt(key):
-            return framing.object_payload_len(self._where(key), nbytes)
+        return None if nbytes == OBJECT_NOT_FOUND else nbytes
 
-    def read(self, key: str, dst: torch.Tensor) -> None:
+    def _object_bytes(self, key: str) -> bytes:
         try:
             blob = self._call("get", key, lambda c: c.get(self.object_name(key)))
         except RemoteUnavailable as exc:
             raise BlockMissing(str(exc)) from None
         if not blob:
             raise BlockMissing(key)
-        with self._drop_if_corrupt(key):
-            framing.unframe_into(key, self._where(key), memoryview(blob), dst)
+        return blob
 
-    def put(self, key: str, src: torch.Tensor) -> bool:
-        if self.contains(key):
-            return False
-        header, payload = framing.frame(key, src)
+    def _put_object(self, key: str, header: bytes, payload: memoryview) -> bool:
         code = self._call("put", key, lambda c: c.put_parts(self.object_name(key), header, payload),
                           ok=(OBJECT_ALREADY_EXISTS, *PUT_REFUSALS))
         if code in PUT_REFUSALS:

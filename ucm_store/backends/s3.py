@@ -35,10 +35,8 @@ import threading
 from collections import OrderedDict
 from datetime import timedelta
 
-import torch
-
-from ucm_store.backends import framing
-from ucm_store.backends.base import BlockMissing, Tier
+from ucm_store.backends.base import BlockMissing
+from ucm_store.backends.objects import FramedObjectTier
 from ucm_store.backends.remote import RemoteGate, RemoteUnavailable
 from ucm_store.config import StoreConfig
 
@@ -53,7 +51,7 @@ logger = logging.getLogger(__name__)
 SIZE_CACHE_ENTRIES = 4096
 
 
-class S3Tier(Tier):
+class S3Tier(FramedObjectTier):
     """Committed blocks as objects in one S3 bucket, shared by every node that names the same bucket and prefix."""
 
     name = "DS3FS"
@@ -109,7 +107,7 @@ class S3Tier(Tier):
             return False
         return True
 
-    def size(self, key: str) -> int | None:
+    def _object_size(self, key: str) -> int | None:
         with self._lock:
             nbytes = self._sizes.get(key)
         if nbytes is None:
@@ -117,24 +115,18 @@ class S3Tier(Tier):
                 nbytes = self._head(key)
             except (FileNotFoundError, RemoteUnavailable):
                 return None
-        with self._drop_if_corrupt(key):
-            return framing.object_payload_len(self._where(key), nbytes)
+        return nbytes
 
-    def read(self, key: str, dst: torch.Tensor) -> None:
+    def _object_bytes(self, key: str) -> bytes:
         try:
-            blob = self._call("get", key, lambda: obstore.get(self.store, self.object_name(key)).bytes())
+            return self._call("get", key, lambda: obstore.get(self.store, self.object_name(key)).bytes())
         except FileNotFoundError:
             self._forget(key)
             raise BlockMissing(key) from None
         except RemoteUnavailable as exc:
             raise BlockMissing(str(exc)) from None
-        with self._drop_if_corrupt(key):
-            framing.unframe_into(key, self._where(key), memoryview(blob), dst)
 
-    def put(self, key: str, src: torch.Tensor) -> bool:
-        if self.contains(key):
-            return False
-        header, payload = framing.frame(key, src)
+    def _put_object(self, key: str, header: bytes, payload: memoryview) -> bool:
         nbytes = len(header) + len(payload)
         name = self.object_name(key)
         if nbytes >= self.multipart_threshold:
