@@ -80,12 +80,12 @@ def finish(result: dict) -> None:
     """Print the result, finish the connector's saves and write-downs, leave without vLLM's slow teardown."""
     from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 
-    from ucm_store.pipeline import drain_open_stores
+    from ucm_store.writedown import drain_all
 
     print("UCM_RESULT " + json.dumps(result), flush=True)
     if has_kv_transfer_group():
         get_kv_transfer_group().shutdown()
-    drain_open_stores()
+    drain_all()
     os._exit(0)
 
 
@@ -98,7 +98,7 @@ def role_correct(args) -> None:
 
 
 def role_ttft(args) -> None:
-    from ucm_store.pipeline import drain_open_stores
+    from ucm_store.writedown import drain_all
 
     prompts = json.loads(Path(args.prompts).read_text())
     llm = make_llm(args.model_dir, args.connector, args.store, max(map(len, prompts)) + 64, dummy=True)
@@ -112,7 +112,7 @@ def role_ttft(args) -> None:
             time.sleep(1.0)  # both connectors store in the background: let them finish
             llm.reset_prefix_cache()
             row["warm_s"], _, row["warm_cached"] = generate(llm, prompt, 1)
-            drain_open_stores()  # UCM's write-down to the files may still run after 1 s: a second warm pass
+            drain_all()  # UCM's write-down to the files may still run after 1 s: a second warm pass
             llm.reset_prefix_cache()  # without it tells contention from a first-time cost
             row["warm_drained_s"], _, _ = generate(llm, prompt, 1)
         llm.reset_prefix_cache()

@@ -95,7 +95,7 @@ def main() -> None:
     from vllm.inputs import TokensPrompt
 
     from ucm.shared.metrics.ucmmonitor import StatsMonitor
-    from ucm_store.pipeline import drain_open_stores
+    from ucm_store.writedown import drain_all
 
     llm = LLM(model=args.model_dir, load_format="auto", skip_tokenizer_init=not args.chat, enforce_eager=True,
               dtype="bfloat16", block_size=args.block_size, max_model_len=args.max_model_len, seed=0,
@@ -142,7 +142,7 @@ def main() -> None:
         result["abort"] = aborted
     print("UCM_RESULT " + json.dumps(result), flush=True)
     sys.stdout.flush()
-    drain_open_stores()  # os._exit skips exit handlers: write committed blocks down first
+    drain_all()  # os._exit skips exit handlers: write committed blocks down first
     os._exit(0)  # skip the in-process engine's slow teardown
 
 

@@ -442,7 +442,7 @@ def test_write_through_commit_writes_down_on_the_calling_thread_before_returning
         task = store.dump(names, 0, torch.stack([block_data(i) for i in range(70)]))
         assert store.wait(task) == TaskStatus.SUCCESS
         assert store.commit(names, [True] * 70, write_through=True) == [True] * 70
-        assert len(block_files(tmp_path / "store")) == 70 and store._writeback.unfinished_tasks == 0
+        assert len(block_files(tmp_path / "store")) == 70 and store.write_down.pending == 0
         assert disk.threads == [threading.current_thread()] * 2  # 64 + 6: one durability round per batch
         assert store.lookup_prefix_tiers(names) == ["Cache"] * 70  # still in the Cache, unpinned
         assert store.cache.size(block_key(names[0])) == BLOCK and len(store.cache) == 70

@@ -1,4 +1,5 @@
-"""UcmPipelineStore: the store contract of DESIGN.md over a chain of tiers (``store_pipeline: "Cache|Posix"``).
+"""UcmPipelineStore: the store contract over a chain of tiers (``store_pipeline: "Cache|Posix"``); its write-down
+(``ucm_store.writedown``) and promotion (``ucm_store.promotion``) live apart.
 
 * ``dump(block_ids, offset, tensor)`` copies part ``i`` of ``tensor`` into bytes ``[offset, offset + part)`` of
   block ``i``, staged in pinned DRAM and invisible to lookups. ``tensor`` holds ``len(block_ids)`` equal parts
@@ -24,14 +25,10 @@
 
 Tensors may live on the CPU or a GPU. Block ids are opaque bytes, stored under a BLAKE2b key, never raw.
 """
-import atexit
 import contextlib
 import hashlib
 import logging
-import os
-import queue
 import threading
-import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -41,25 +38,13 @@ from ucm_store.backends.cache import CacheTier
 from ucm_store.config import default_io_workers
 from ucm_store.metrics import StatsMonitor
 from ucm_store.pool import STORE_WAIT_SECONDS, PinnedMemoryPool, PoolExhaustedError
+from ucm_store.promotion import Promoter, missing_message, read_whole
 from ucm_store.task import Task, TaskStatus, finished_future
+from ucm_store.writedown import WRITEBACK_THREADS, WriteDown
 
 logger = logging.getLogger(__name__)
 MAX_BLOCK_ID_BYTES = 4096
 TENSOR_DEVICES = ("cpu", "cuda")  # device types a dump or load tensor may live on (a meta tensor holds no bytes)
-# Threads writing committed blocks down to the lower tiers. Few on purpose: write-down is background work that
-# must not starve loads on small hosts (on 2 cores, 4 writers made a 16 MB Cache-tier load 3-5x slower).
-WRITEBACK_THREADS = 2
-WRITE_DOWN_BATCH = 64  # queued blocks a writer publishes together (Posix: one durability round for all of them)
-WRITE_DOWN_BATCH_BYTES = 8 << 20  # ... and their bytes at most: nothing of a batch is visible before all is synced
-_open_stores: "weakref.WeakSet[UcmPipelineStore]" = weakref.WeakSet()
-
-
-@atexit.register
-def drain_open_stores() -> None:
-    """Finish the queued write-downs of every open store of this process. Runs at interpreter exit (so nothing
-    committed is lost); call it yourself before leaving through ``os._exit``, which skips exit handlers."""
-    for store in list(_open_stores):
-        store.flush()
 
 
 def block_key(block_id: bytes) -> str:
@@ -92,17 +77,17 @@ class UcmPipelineStore:
         io_workers = io_workers or default_io_workers()
         self._io = ThreadPoolExecutor(io_workers, thread_name_prefix="ucm-io")
         self._staged: dict[str, _Staged] = {}
-        self._fetching: dict[str, Future] = {}
         self._lock = threading.Lock()
-        self._writeback: queue.Queue = queue.Queue(maxsize=writeback_depth)
         writes_down = len(tiers) > 1 and self.cache is not None
-        self._writers = [threading.Thread(target=self._write_down_loop, daemon=True, name=f"ucm-writeback-{i}")
-                         for i in range(min(io_workers, WRITEBACK_THREADS) if writes_down else 0)]
-        for writer in self._writers:
-            writer.start()
-        self.writeback_failures = 0
-        _open_stores.add(self)
+        self.write_down = WriteDown(self.cache, tiers[1:], self.monitor, depth=writeback_depth,
+                                    threads=min(io_workers, WRITEBACK_THREADS) if writes_down else 0)
+        self._promoter = Promoter(tiers, pool, self._io, depth=prefetch_depth) if self.cache is not None else None
         self.monitor.watch_store(self)  # tier occupancy and pool usage in the metrics
+
+    @property
+    def writeback_failures(self) -> int:
+        """Blocks whose copies in the lower tiers failed (they stay in the Cache tier only)."""
+        return self.write_down.failures
 
     # ---- lookups ---------------------------------------------------------------------------------------------
     def lookup(self, block_ids: list[bytes]) -> list[bool]:
@@ -192,20 +177,16 @@ class UcmPipelineStore:
             raise ValueError(f"success_flags: {len(success_flags)} flags for {len(block_ids)} block_ids; "
                              "need one flag per block id")
         if self.cache is not None:  # publishing into DRAM is cheap: no thread hand-off per block
-            inline: list[tuple[bytes, str]] | None = [] if write_through and self._writers else None
+            inline: list[tuple[bytes, str]] | None = [] if write_through and self.write_down.active else None
             results = [self._commit_one(b, bool(f), inline) for b, f in zip(block_ids, success_flags)]
-            for start in range(0, len(inline or ()), WRITE_DOWN_BATCH):
-                self._write_down(inline[start:start + WRITE_DOWN_BATCH])
+            self.write_down.write_now(inline or [])
             return results
         results = [self._io.submit(self._commit_one, b, bool(f)) for b, f in zip(block_ids, success_flags)]
         return [r.result() for r in results]
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every queued write-down to the lower tiers has finished."""
-        done = threading.Event()
-        threading.Thread(target=lambda: (self._writeback.join(), done.set()), daemon=True).start()
-        if not done.wait(timeout):
-            raise TimeoutError(f"write-down not finished after {timeout} s ({self._writeback.qsize()} queued)")
+        self.write_down.flush(timeout)
 
     # ---- load ------------------------------------------------------------------------------------------------
     def load(self, block_ids: list[bytes], offset: int, tensor: torch.Tensor) -> Task:
@@ -230,7 +211,7 @@ class UcmPipelineStore:
         check_block_ids(block_ids)
         if self.cache is None:
             raise ValueError(f"promote: store_pipeline {'|'.join(t.name for t in self.tiers)!r} has no Cache tier")
-        return Task("load", list(block_ids), [self._io.submit(self._fetch_into_cache, block_key(block_id))
+        return Task("load", list(block_ids), [self._io.submit(self._promoter.fetch_into_cache, block_key(block_id))
                                               for block_id in block_ids])
 
     def wait(self, task: Task, timeout: float | None = None) -> TaskStatus:
@@ -243,13 +224,8 @@ class UcmPipelineStore:
 
     def close(self) -> None:
         """Drain pending write-downs, stop the workers and release every buffer."""
-        _open_stores.discard(self)
         self.monitor.unwatch_store(self)
-        self.flush()
-        for _ in self._writers:
-            self._writeback.put(None)
-        for writer in self._writers:
-            writer.join()
+        self.write_down.close()
         self._io.shutdown(wait=True)
         with self._lock:
             staged, self._staged = list(self._staged.values()), {}
@@ -315,79 +291,14 @@ class UcmPipelineStore:
                 return False
             finally:
                 self.pool.release(buf)
-        if not self.cache.adopt(key, buf, pinned=bool(self._writers)):
+        if not self.cache.adopt(key, buf, pinned=self.write_down.active):
             self.pool.release(buf)
             return True
         if inline is not None:
             inline.append((block_id, key))
-        elif self._writers:
-            self._writeback.put((block_id, key))
+        elif self.write_down.active:
+            self.write_down.enqueue((block_id, key))
         return True
-
-    def _write_down_loop(self) -> None:
-        _lower_thread_priority()
-        while True:
-            batch, stop = self._take_write_downs()
-            try:
-                if batch:
-                    self._write_down(batch)
-            finally:
-                for _ in range(len(batch) + stop):
-                    self._writeback.task_done()
-            if stop:
-                return
-
-    def _take_write_downs(self) -> tuple[list[tuple[bytes, str]], bool]:
-        """The next queued write-downs: wait for one, then take those already queued (at most WRITE_DOWN_BATCH
-        blocks and about WRITE_DOWN_BATCH_BYTES); and whether this writer's stop sentinel (None) came."""
-        batch, nbytes = [], 0
-        item = self._writeback.get()
-        while item is not None:
-            batch.append(item)
-            nbytes += self.cache.size(item[1]) or 0
-            if len(batch) == WRITE_DOWN_BATCH or nbytes >= WRITE_DOWN_BATCH_BYTES:
-                return batch, False
-            try:
-                item = self._writeback.get_nowait()
-            except queue.Empty:
-                return batch, False
-        return batch, True
-
-    def _write_down(self, batch: list[tuple[bytes, str]]) -> None:
-        """Publish a batch of pinned Cache blocks to every lower tier, then unpin them. Any failure costs only its
-        block's lower copies (counted and logged), never the writer thread or the other blocks."""
-        try:
-            errors = self._publish_below(batch)
-        except Exception as exc:  # not a tier's error (those come back per block): the whole batch failed
-            errors = [exc] * len(batch)
-        for (block_id, key), error in zip(batch, errors):
-            if error is not None:
-                self.writeback_failures += 1
-                self.monitor.record_writedown_failure()
-                logger.error("write-down of block %s failed: %s", block_id.hex(), error)
-            self.cache.unpin(key)
-
-    def _publish_below(self, batch: list[tuple[bytes, str]]) -> list[Exception | None]:
-        """Put the batch's Cache buffers into every lower tier (a block failing in one tier skips the next ones);
-        per block None or the error that cost it."""
-        errors: list[Exception | None] = [None] * len(batch)
-        with contextlib.ExitStack() as held:
-            bufs = []
-            for i, (_, key) in enumerate(batch):
-                try:
-                    bufs.append(held.enter_context(self.cache.hold(key)))
-                except BlockMissing as exc:
-                    bufs.append(None)
-                    errors[i] = exc
-            for tier in self.tiers[1:]:
-                todo = [i for i, error in enumerate(errors) if error is None]
-                try:
-                    results = tier.put_many([(batch[i][1], bufs[i]) for i in todo])
-                except Exception as exc:
-                    results = [exc] * len(todo)
-                for i, error in zip(todo, results):
-                    errors[i] = error
-        return errors
 
     @torch.inference_mode()  # callers' tensors may be inference tensors (vLLM's); writing them needs the mode
     def _load_part(self, key: str, offset: int, part: torch.Tensor) -> None:
@@ -417,14 +328,14 @@ class UcmPipelineStore:
                     _copy_range(key, buf, offset, part)
                     return True
             except BlockMissing:
-                self._fetch_into_cache(key)
+                self._promoter.fetch_into_cache(key)
         return False
 
     def _load_uncached(self, key: str, offset: int, part: torch.Tensor) -> None:
         causes = []
         for tier in self.tiers:
             try:
-                buf = self._read_whole(tier, key, self._allocate_uncached)
+                buf = read_whole(tier, key, self._allocate_uncached, self.pool)
             except (BlockMissing, BlockCorrupt) as exc:
                 causes.append(f"{tier.name}: {exc}")
                 continue
@@ -433,67 +344,11 @@ class UcmPipelineStore:
                 return
             finally:
                 self.pool.release(buf)
-        raise BlockMissing(self._missing_message(key, causes))
-
-    def _fetch_into_cache(self, key: str) -> None:
-        """Make sure ``key`` is in the Cache tier, reading it from a lower tier once for all concurrent callers."""
-        if self.cache.contains(key):
-            return
-        with self._lock:
-            future = self._fetching.get(key)
-            owner = future is None
-            if owner:
-                future = self._fetching[key] = Future()
-        if owner:
-            try:
-                self._promote(key)
-                future.set_result(None)
-            except BaseException as exc:
-                future.set_exception(exc)
-            finally:
-                with self._lock:
-                    del self._fetching[key]
-        future.result()
-
-    def _promote(self, key: str) -> None:
-        causes = []
-        for tier in self.tiers[1:]:
-            try:
-                buf = self._read_whole(tier, key, self.cache.allocate)
-            except (BlockMissing, BlockCorrupt) as exc:
-                causes.append(f"{tier.name}: {exc}")
-                continue
-            if not self.cache.adopt(key, buf):
-                self.pool.release(buf)
-            return
-        if not self.cache.contains(key):
-            raise BlockMissing(self._missing_message(key, causes))
-
-    def _read_whole(self, tier: Tier, key: str, allocate) -> torch.Tensor:
-        """The whole block from ``tier`` in a new pool buffer (from ``allocate``); BlockMissing / BlockCorrupt."""
-        size = tier.size(key)
-        if size is None:
-            raise BlockMissing("absent")
-        buf = allocate(size)
-        try:
-            tier.read(key, buf)
-        except BaseException:
-            self.pool.release(buf)
-            raise
-        return buf
+        raise BlockMissing(missing_message(self.tiers, key, causes))
 
     def _prefetch(self, keys: list[str]) -> None:
-        if self.cache is None or not self.prefetch_depth:
-            return
-        for key in keys[:self.prefetch_depth]:
-            self._io.submit(self._prefetch_one, key)
-
-    @torch.inference_mode()
-    def _prefetch_one(self, key: str) -> None:
-        try:
-            self._fetch_into_cache(key)
-        except (BlockMissing, OSError, PoolExhaustedError) as exc:
-            logger.info("prefetch of block %s skipped: %s", key, exc)
+        if self._promoter is not None and self.prefetch_depth:
+            self._promoter.prefetch(keys)
 
     # ---- helpers ---------------------------------------------------------------------------------------------
     def _tier_of(self, key: str) -> Tier | None:
@@ -537,11 +392,6 @@ class UcmPipelineStore:
             self.pool.release(buf)
         staged.parts = []
 
-    def _missing_message(self, key: str, causes: list[str]) -> str:
-        pipeline = "|".join(t.name for t in self.tiers)
-        found = "; ".join(c for c in causes if not c.endswith("'absent'"))
-        return f"block {key} is in no tier of {pipeline}" + (f" ({found})" if found else "")
-
 
 def check_block_ids(block_ids: list[bytes]) -> list[bytes]:
     """``block_ids`` as a list, after checking that it is a list of non-empty bytes of at most MAX_BLOCK_ID_BYTES
@@ -572,15 +422,6 @@ def _split_parts(block_ids: list[bytes], offset: int, tensor: torch.Tensor) -> l
     if not block_ids or nbytes == 0 or nbytes % len(block_ids):
         raise ValueError(f"tensor: {nbytes} bytes do not split into {len(block_ids)} equal non-empty block parts")
     return list(tensor.reshape(-1).view(torch.uint8).view(len(block_ids), -1))
-
-
-def _lower_thread_priority() -> None:
-    """Run this thread at the lowest CPU priority: write-down is background work that must not slow the caller
-    (serving on the same cores). Linux sets nice values per thread; elsewhere this is a no-op."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):
-        pass
 
 
 def _run_now(fn, *args) -> Future:
