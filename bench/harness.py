@@ -1,4 +1,4 @@
-"""Shared benchmark harness: results rows, measured ceilings and the JSON format of ``../PERF.md``.
+"""Shared benchmark harness: results rows, measured ceilings and the JSON format of docs/benchmarks.md.
 
 A bench script builds rows with :func:`row`, measures the ceilings it compares against in the same run with
 the ``measure_*`` helpers, and writes one file with :func:`write_results` (to ``$OUT`` on the lent GPU, else

@@ -1,4 +1,4 @@
-"""PNG plots of benchmark results (JSON of ``../shared/PERF.md``): ours beside the baselines and the ceiling.
+"""PNG plots of benchmark results (JSON of docs/benchmarks.md): ours beside the baselines and the ceiling.
 
 One plotter per benchmark; each takes the results document and a PNG path:
 
@@ -272,7 +272,7 @@ def render(docs: list[dict], out_dir: Path) -> list[Path]:
 
 
 def load_results(paths) -> list[dict]:
-    """The results documents in ``paths`` (JSON files of ``../shared/PERF.md``), sorted by name."""
+    """The results documents in ``paths`` (JSON files of docs/benchmarks.md), sorted by name."""
     return [json.loads(Path(p).read_text()) for p in sorted(paths)]
 
 

@@ -2,7 +2,7 @@
 
 Names: ``hit-rate``, ``transfer``, ``store``, ``sparse``, ``e2e``, ``all``. Each runs its scripts as
 ``python -m bench.<script>`` in fresh processes from the repository root, with ``OUT`` set so every script writes
-its results JSON (format: ``../shared/PERF.md``) into the output directory and its output into ``logs/``
+its results JSON (format: docs/benchmarks.md) into the output directory and its output into ``logs/``
 there. A script whose hardware or package is missing (a CUDA GPU, vLLM) is skipped with the reason. ``--quick``
 runs small shapes (seconds each on a CPU; for trying the tools, not for figures). At the end: a table of every
 row written in this run, and the PNG plots of ``bench/plots.py`` under ``plots/`` (skipped without matplotlib).
