@@ -1,4 +1,4 @@
-"""GSA configuration (the seed's ``ucm_sparse_config: {GSA: {...}}``) and the whole UCM config document.
+"""GSA configuration (the tuning guide's ``ucm_sparse_config: {GSA: {...}}``) and the whole UCM config document.
 
 :func:`load_ucm_config` is the boundary parser of everything a user writes: the store connectors (through
 ``ucm_store.config``) and the sparse method. Deeper code receives the typed dataclasses only.
@@ -15,7 +15,7 @@ SPARSE_METHODS = ("GSA",)
 
 @dataclasses.dataclass(frozen=True)
 class GSAConfig:
-    """Block-sparse decode settings (the seed's section 5)."""
+    """Block-sparse decode settings (the tuning guide's section 5)."""
 
     sparse_ratio: float = spec(0.3, "fraction of a sequence's KV blocks each decode step attends", min=0.0,
                                max=1.0, min_exclusive=True, used_by="GSA selection")
@@ -108,5 +108,5 @@ def load_ucm_config(source: str | Path | Mapping) -> UcmConfig:
 
 
 def load_gsa_fragment(source: str | Path | Mapping) -> GSAConfig:
-    """Parse a bare GSA section (the seed's section 5 snippets, e.g. ``sparse_ratio: 0.3``)."""
+    """Parse a bare GSA section (the tuning guide's section 5 snippets, e.g. ``sparse_ratio: 0.3``)."""
     return parse_section(GSAConfig, read_document(source), "the GSA config")

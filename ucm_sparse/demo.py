@@ -9,7 +9,7 @@
    the speeds below measure bandwidth rather than per-call overhead.
 3. GSA: one decode step over a long paged context that hides a few "needle" keys; the top blocks by Quest bound
    plus the windows (sparse_ratio 0.3) are attended and compared with dense attention.
-4. The seed's section 7.2 monitor lines: hit rate, load speed, save speed, each with what it counted.
+4. The tuning guide's section 7.2 monitor lines: hit rate, load speed, save speed, each with what it counted.
 Runs on a CPU in seconds (GSA's torch backend there, the KV copies by torch indexing) and on a GPU as is (the Triton
 kernels); it needs no TRITON_INTERPRET.
 """

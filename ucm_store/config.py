@@ -1,12 +1,12 @@
-"""Store configuration: the seed's ``ucm_connector_config`` keys as a typed dataclass, and config documents.
+"""Store configuration: the tuning guide's ``ucm_connector_config`` keys as a typed dataclass, and config documents.
 
 Accepted sources (a dict, or a path to a YAML file holding one):
 
 * a bare connector config: ``{"store_pipeline": "Cache|Posix", "storage_backends": "/data/ucm_cache", ...}``
-  (the seed's section 6.1 dict; also vLLM's ``kv_connector_extra_config``);
-* ``{"ucm_connector_config": {...}}`` (the seed's sections 4.1 and 4.4);
+  (the tuning guide's section 6.1 dict; also vLLM's ``kv_connector_extra_config``);
+* ``{"ucm_connector_config": {...}}`` (the tuning guide's sections 4.1 and 4.4);
 * a whole document: ``{"ucm_connectors": [{"ucm_connector_name": ..., "ucm_connector_config": {...}}],
-  "ucm_sparse_method": "GSA", "ucm_sparse_config": {"GSA": {...}}}`` (the seed's section 8);
+  "ucm_sparse_method": "GSA", "ucm_sparse_config": {"GSA": {...}}}`` (the tuning guide's section 8);
 * ``{"ucm_config_file": "path.yaml", ...}``: that file, with any other store keys given beside it overriding it.
 
 ``ucm_sparse_method`` and ``ucm_sparse_config`` are accepted here and validated by ``ucm_sparse.config``.
@@ -36,14 +36,14 @@ LOAD_ASYNC_CHOICES = ("auto", "always", "never")
 
 @dataclasses.dataclass(frozen=True)
 class StoreConfig:
-    """One connector's store settings (the seed's ``ucm_connector_config``)."""
+    """One connector's store settings (the tuning guide's ``ucm_connector_config``)."""
 
     store_pipeline: str = spec("Cache|Posix", "tiers left to right, '|'-separated: " + ", ".join(TIER_NAMES),
                                used_by="pipeline")
     storage_backends: tuple[str, ...] = spec((), "directory, or list of directories, of the Posix / NFS tiers",
                                              used_by="Posix, NFS")
-    buffer_number: int = spec(1024, "block transfers in flight at most; seed rule: max(1024, requests x layers x 2)",
-                              min=1, used_by="pipeline")
+    buffer_number: int = spec(1024, "block transfers in flight at most; tuning guide rule: max(1024, requests x "
+                              "layers x 2)", min=1, used_by="pipeline")
     pinned_pool_size: int = spec(GiB, "bytes of pinned host memory reserved at start", min=4096,
                                  used_by="pinned pool")
     max_pinned_size: int = spec(4 * GiB, "bytes the pinned pool may grow to, never more", min=4096,
@@ -68,7 +68,7 @@ class StoreConfig:
     connection_pool_size: int = spec(16, "open connections to the object store", min=1, max=4096, used_by="DS3FS")
     max_concurrent_requests: int = spec(32, "requests in flight to the object store", min=1, max=65536,
                                         used_by="DS3FS")
-    use_io_uring: bool = spec(False, "accepted for seed compatibility; io_uring is not used (see docs)",
+    use_io_uring: bool = spec(False, "accepted for the tuning guide's configs; io_uring is not used (see docs)",
                               used_by="DS3FS")
     multipart_threshold: int = spec(8 * MiB, "objects at least this large upload in parts", min=5 * MiB,
                                     used_by="DS3FS")
@@ -164,7 +164,7 @@ def default_io_workers() -> int:
 
 
 def recommended_buffer_number(concurrent_requests: int, num_layers: int) -> int:
-    """The seed's sizing rule: ``max(1024, concurrent_requests x num_layers x 2)``."""
+    """The tuning guide's sizing rule: ``max(1024, concurrent_requests x num_layers x 2)``."""
     if concurrent_requests < 1 or num_layers < 1:
         raise ValueError(f"concurrent_requests={concurrent_requests}, num_layers={num_layers}: both must be >= 1")
     return max(1024, concurrent_requests * num_layers * 2)

@@ -1,4 +1,4 @@
-"""UcmConnectorFactory: a store from a config (the seed's ``create_connector(config, local_rank)``), or a
+"""UcmConnectorFactory: a store from a config (the tuning guide's ``create_connector(config, local_rank)``), or a
 lookup-only view of its tiers below the Cache (``create_lookup(config)``: no pinned pool, no threads)."""
 import dataclasses
 from collections.abc import Mapping

@@ -5,7 +5,7 @@ so concurrent transfers are not double-counted and idle gaps do not dilute the f
 
 Beside the counters, a monitor reports gauges read at exposition time from the stores it watches
 (:meth:`StatsMonitor.watch_store`, until :meth:`~StatsMonitor.unwatch_store`): each tier's occupancy and the
-pinned pool's usage. :meth:`StatsMonitor.check_health` logs the seed's section 7.2 warnings (hit rate below 50%,
+pinned pool's usage. :meth:`StatsMonitor.check_health` logs the tuning guide's section 7.2 warnings (hit rate below 50%,
 load speed below 1 GB/s), at most once per warning per ``warn_interval`` seconds.
 
 Endpoint: :func:`start_metrics_server` serves ``/metrics`` (prometheus-client when installed, else a small
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 TRANSFER_KINDS = ("load", "save")
 DEFAULT_METRICS_PORT = 9477
-MIN_HIT_RATE = 0.5  # the seed's section 7.2 thresholds
+MIN_HIT_RATE = 0.5  # the tuning guide's section 7.2 thresholds
 MIN_LOAD_SPEED = 1e9
 MIN_LOOKUPS = 100  # blocks looked up before the hit rate is judged (a cold start always misses)
 MIN_LOAD_BYTES = 64 << 20  # bytes loaded before the load speed is judged (small loads are latency-bound)
@@ -197,9 +197,9 @@ class StatsMonitor(ProcessWide):
         with self._lock:
             return list(self._stores)
 
-    # ---- health (the seed's section 7.2) ---------------------------------------------------------------------
+    # ---- health (the tuning guide's section 7.2) ---------------------------------------------------------------------
     def check_health(self, min_hit_rate: float = MIN_HIT_RATE, min_load_speed: float = MIN_LOAD_SPEED) -> list[str]:
-        """The seed's section 7.2 warnings that hold now; each is logged at most once per ``warn_interval``.
+        """The tuning guide's section 7.2 warnings that hold now; each is logged at most once per ``warn_interval``.
 
         The hit rate is judged after ``MIN_LOOKUPS`` looked-up blocks and the load speed after
         ``MIN_LOAD_BYTES`` loaded, so a cold start does not warn."""
@@ -256,8 +256,8 @@ _METRICS = (
 
 def health_warnings(stats: dict, min_hit_rate: float = MIN_HIT_RATE,
                     min_load_speed: float = MIN_LOAD_SPEED) -> dict[str, str]:
-    """The seed's section 7.2 warnings for ``stats`` (``get_stats()`` keys), keyed ``hit_rate`` / ``load_speed``,
-    and ``writedown`` when committed blocks failed to reach the lower tiers."""
+    """The tuning guide's section 7.2 warnings for ``stats`` (``get_stats()`` keys), keyed ``hit_rate`` /
+    ``load_speed``, and ``writedown`` when committed blocks failed to reach the lower tiers."""
     out = {}
     if stats["lookups"] >= MIN_LOOKUPS and stats["hit_rate"] < min_hit_rate:
         out["hit_rate"] = (f"hit rate {stats['hit_rate'] * 100:.1f}% is below {min_hit_rate * 100:.0f}% "

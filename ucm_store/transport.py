@@ -234,7 +234,7 @@ class CUDATransport:
 
     def _copy(self, stream, src: torch.Tensor, dst: torch.Tensor, gpu: torch.Tensor) -> TransferTask:
         """One DMA on ``stream`` after the caller's queued work. Kept lean: its host time bounds small-copy
-        bandwidth (seed 6.2 loop), so no Stream objects are built and completion events are recycled."""
+        bandwidth (the tuning guide's 6.2 loop), so no Stream objects are built and completion events are recycled."""
         if stream is None:
             dst.copy_(src)
             return TransferTask(None)

@@ -1,6 +1,6 @@
 """UCMConnector: vLLM's KV connector (v1) over the UCM store, for prefix reuse across requests and processes.
 
-Use it exactly as the seed's section 6.3 does::
+Use it exactly as the tuning guide's section 6.3 does::
 
     KVTransferConfig(kv_connector="UCMConnector",
                      kv_connector_module_path="ucm.integration.vllm.ucm_connector",
@@ -8,7 +8,7 @@ Use it exactly as the seed's section 6.3 does::
                      kv_connector_extra_config={"store_pipeline": "Cache|Posix",
                                                 "storage_backends": "/data/ucm_cache"})
 
-``kv_connector_extra_config`` takes the seed's store keys directly, or ``ucm_config_file: <seed YAML>``.
+``kv_connector_extra_config`` takes the tuning guide's store keys directly, or ``ucm_config_file: <a UCM YAML config>``.
 
 Scheduler side: looks prompt blocks up by UCM's own chained hashes and reports whole matched blocks, and
 whether they load asynchronously (``load_async``: ``auto``, the default, when any hit block lies below the
