@@ -1,5 +1,5 @@
-"""Checks shared by the remote-tier tests (DS3FS over moto, Mooncake): two processes sharing blocks, and
-behaviour while the server is down."""
+"""Checks shared by the remote-tier tests (DS3FS over moto, Mooncake): two processes sharing blocks, behaviour
+while the server is down, and a damaged object."""
 import time
 
 import torch
@@ -19,6 +19,35 @@ store = UcmConnectorFactory.create_connector({config!r})
 assert dump_commit(store, ids(6, "shared"), [block_data(i) for i in range(6)]) == [True] * 6
 store.close()
 """
+
+
+DAMAGES = ("flipped-payload", "truncated", "bad-magic", "other-block")
+
+
+def assert_damaged_object_fails_and_is_dropped(config: dict, damage: str, get, replace) -> list[str]:
+    """Commit two blocks, damage the first one's object as ``damage`` says (its bytes through ``get(key)``, put back
+    by ``replace(key, body)``, both by block id), then: a load fails naming the check that caught it and the object
+    is dropped (lookups miss it, the other block stays). Returns the two block ids."""
+    keys = ids(2, damage)
+    with make(config) as writer:
+        dump_commit(writer, keys, [block_data(0), block_data(1)])
+    body = bytearray(get(keys[0]))
+    if damage == "flipped-payload":
+        body[5000] ^= 0xFF
+    elif damage == "truncated":
+        body = body[:1000]
+    elif damage == "bad-magic":
+        body[0] ^= 0x01
+    else:
+        body = bytearray(get(keys[1]))
+    replace(keys[0], bytes(body))
+    with make(config) as reader:
+        assert reader.lookup(keys) == [True, True]
+        status, _, task = load_all(reader, keys[:1])
+        assert status == TaskStatus.FAILURE
+        assert any(word in task.describe_failures() for word in ("CRC32", "truncated", "bad header", "expected"))
+        assert reader.lookup(keys) == [False, True]
+    return keys
 
 
 def make(config: dict):

@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 from servers import MooncakeServers
-from remote_tier_checks import SHARE_WRITER, assert_outage_served_from_cache, assert_reads_shared_blocks, make
+from remote_tier_checks import (DAMAGES, SHARE_WRITER, assert_damaged_object_fails_and_is_dropped,
+                                assert_outage_served_from_cache, assert_reads_shared_blocks, make)
 from test_store import block_data, dump_commit, ids, load_all
 
 from ucm_store.pipeline import block_key
@@ -124,32 +125,17 @@ def written_down_again(store, reader, deadline: float) -> bool:
     return False
 
 
-@pytest.mark.parametrize("damage", ["flipped-payload", "truncated", "bad-magic", "other-block"])
+@pytest.mark.parametrize("damage", DAMAGES)
 def test_corrupt_object_fails_the_load_and_is_removed(mooncake, raw_client, damage):
     prefix = f"bad-{damage}/"
-    config = mooncake.config(remote_key_prefix=prefix)
-    keys = ids(2, damage)
-    with make(config) as writer:
-        dump_commit(writer, keys, [block_data(0), block_data(1)])
-    client = raw_client
-    name, other = (prefix + block_key(k) for k in keys)
-    body = bytearray(client.get(name))
-    if damage == "flipped-payload":
-        body[5000] ^= 0xFF
-    elif damage == "truncated":
-        body = body[:1000]
-    elif damage == "bad-magic":
-        body[0] ^= 0x01
-    else:
-        body = bytearray(client.get(other))
-    assert client.remove(name, True) == 0 and client.put(name, bytes(body)) == 0
-    with make(config) as reader:
-        assert reader.lookup(keys) == [True, True]
-        status, _, task = load_all(reader, keys[:1])
-        assert status == TaskStatus.FAILURE
-        assert any(word in task.describe_failures() for word in ("CRC32", "truncated", "bad header", "expected"))
-        assert reader.lookup(keys) == [False, True]
-    assert (client.is_exist(name), client.is_exist(other)) == (0, 1)
+
+    def replace(key: bytes, body: bytes) -> None:
+        assert raw_client.remove(prefix + block_key(key), True) == 0
+        assert raw_client.put(prefix + block_key(key), body) == 0
+
+    keys = assert_damaged_object_fails_and_is_dropped(mooncake.config(remote_key_prefix=prefix), damage,
+                                                      lambda key: raw_client.get(prefix + block_key(key)), replace)
+    assert [raw_client.is_exist(prefix + block_key(k)) for k in keys] == [0, 1]
 
 
 def test_config_errors_name_the_key():

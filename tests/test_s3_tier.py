@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 from servers import S3_BUCKET, S3_KEYS, MotoS3Server
-from remote_tier_checks import SHARE_WRITER, assert_outage_served_from_cache, assert_reads_shared_blocks, make
+from remote_tier_checks import (DAMAGES, SHARE_WRITER, assert_damaged_object_fails_and_is_dropped,
+                                assert_outage_served_from_cache, assert_reads_shared_blocks, make)
 from test_store import block_data, dump_commit, ids, load_all
 
 from ucm_store.backends import s3 as s3_backend
@@ -106,31 +107,18 @@ def test_server_outage_gives_bounded_clean_misses_while_cache_serves_then_recove
     assert S3_KEYS["s3_secret_access_key"] not in caplog.text
 
 
-@pytest.mark.parametrize("damage", ["flipped-payload", "truncated", "bad-magic", "other-block"])
+@pytest.mark.parametrize("damage", DAMAGES)
 def test_corrupt_object_fails_the_load_and_is_removed(s3, damage):
     prefix = f"bad-{damage}/"
-    config = s3.config(remote_key_prefix=prefix)
-    keys = ids(2, damage)
-    with make(config) as writer:
-        dump_commit(writer, keys, [block_data(0), block_data(1)])
     client = s3.client()
-    name = object_name(prefix, keys[0])
-    body = bytearray(client.get_object(Bucket=S3_BUCKET, Key=name)["Body"].read())
-    if damage == "flipped-payload":
-        body[5000] ^= 0xFF
-    elif damage == "truncated":
-        body = body[:1000]
-    elif damage == "bad-magic":
-        body[0] ^= 0x01
-    else:
-        body = bytearray(client.get_object(Bucket=S3_BUCKET, Key=object_name(prefix, keys[1]))["Body"].read())
-    client.put_object(Bucket=S3_BUCKET, Key=name, Body=bytes(body))
-    with make(config) as reader:
-        assert reader.lookup(keys) == [True, True]
-        status, _, task = load_all(reader, keys[:1])
-        assert status == TaskStatus.FAILURE
-        assert any(word in task.describe_failures() for word in ("CRC32", "truncated", "bad header", "expected"))
-        assert reader.lookup(keys) == [False, True]
+
+    def get(key: bytes) -> bytes:
+        return client.get_object(Bucket=S3_BUCKET, Key=object_name(prefix, key))["Body"].read()
+
+    def replace(key: bytes, body: bytes) -> None:
+        client.put_object(Bucket=S3_BUCKET, Key=object_name(prefix, key), Body=body)
+
+    keys = assert_damaged_object_fails_and_is_dropped(s3.config(remote_key_prefix=prefix), damage, get, replace)
     assert object_names(s3, prefix) == [object_name(prefix, keys[1])]
 
 
