@@ -27,6 +27,7 @@ or bench/results/); ``--smoke`` runs tiny shapes (CPU works) to check the script
 """
 import argparse
 import collections
+import gc
 import os
 import statistics
 import time
@@ -429,6 +430,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in ("steady", "alternating"):
             rows += bench_schedule(name, workload, cache, pool, h2d)
         del cache, workload, pool
+        gc.collect()  # the schedules' pinned host KV (2 x 34 GB at 8 layers) goes back before the long run's 69 GB
     if args.long:
         rows += bench_long(long_shape, reference, host_pool(long_shape, device, copies=1), h2d)
     path = write_results("gsa_offload", rows, ceilings, extra={

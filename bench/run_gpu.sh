@@ -35,6 +35,6 @@ case "${1:-all}" in
                 step bench_h2d_anatomy timeout 120 python3 -m bench.bench_h2d_anatomy ;;&
   sparse|all) step bench_sparse_decode timeout 540 python3 -m bench.bench_sparse_decode
               step bench_block_select timeout 200 python3 -m bench.bench_block_select ;;&
-  offload|all) step bench_gsa_offload timeout 560 python3 -m bench.bench_gsa_offload --layers 8 ;;&
+  offload|all) step bench_gsa_offload timeout 580 python3 -m bench.bench_gsa_offload --layers 8 --long ;;&
   tp|all) step bench_tp_ranks timeout 240 python3 -m bench.bench_tp_ranks --ranks 2 --blocks 2048 --dir /tmp ;;
 esac
