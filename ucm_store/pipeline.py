@@ -33,14 +33,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from ucm_store.backends.base import BlockCorrupt, BlockMissing, Tier
+from ucm_store.backends.base import Tier
 from ucm_store.backends.cache import CacheTier
 from ucm_store.config import default_io_workers
+from ucm_store.front import CacheFront, DirectFront
 from ucm_store.metrics import StatsMonitor
 from ucm_store.pool import STORE_WAIT_SECONDS, PinnedMemoryPool, PoolExhaustedError
-from ucm_store.promotion import Promoter, missing_message, read_whole
 from ucm_store.task import Task, TaskStatus, finished_future
-from ucm_store.writedown import WRITEBACK_THREADS, WriteDown
 
 logger = logging.getLogger(__name__)
 MAX_BLOCK_ID_BYTES = 4096
@@ -69,19 +68,19 @@ class UcmPipelineStore:
         if not tiers:
             raise ValueError("tiers: a store needs at least one tier")
         self.tiers = tiers
-        self.cache = tiers[0] if isinstance(tiers[0], CacheTier) else None
         self.pool = pool
-        self.prefetch_depth = prefetch_depth
-        self.alloc_timeout = alloc_timeout
         self.monitor = monitor or StatsMonitor.get_instance()
         io_workers = io_workers or default_io_workers()
         self._io = ThreadPoolExecutor(io_workers, thread_name_prefix="ucm-io")
         self._staged: dict[str, _Staged] = {}
         self._lock = threading.Lock()
-        writes_down = len(tiers) > 1 and self.cache is not None
-        self.write_down = WriteDown(self.cache, tiers[1:], self.monitor, depth=writeback_depth,
-                                    threads=min(io_workers, WRITEBACK_THREADS) if writes_down else 0)
-        self._promoter = Promoter(tiers, pool, self._io, depth=prefetch_depth) if self.cache is not None else None
+        if isinstance(tiers[0], CacheTier):
+            self.front = CacheFront(tiers, pool, self._io, self.monitor, alloc_timeout=alloc_timeout,
+                                    io_workers=io_workers, writeback_depth=writeback_depth,
+                                    prefetch_depth=prefetch_depth)
+        else:
+            self.front = DirectFront(tiers, pool, self._io, self.monitor, alloc_timeout=alloc_timeout)
+        self.cache, self.write_down = self.front.cache, self.front.write_down
         self.monitor.watch_store(self)  # tier occupancy and pool usage in the metrics
 
     @property
@@ -95,7 +94,7 @@ class UcmPipelineStore:
         keys = [block_key(b) for b in check_block_ids(block_ids)]
         where = [self._tier_of(key) for key in keys]
         self._record_lookup(where)
-        self._prefetch([k for k, t in zip(keys, where) if t is not None and t is not self.cache])
+        self.front.prefetch([k for k, t in zip(keys, where) if t is not None and t is not self.cache])
         return [t is not None for t in where]
 
     def lookup_on_prefix(self, block_ids: list[bytes]) -> int:
@@ -114,7 +113,7 @@ class UcmPipelineStore:
                 break
             where.append(tier)
         self._record_lookup(where + [None] * (len(keys) - len(where)))  # every queried block counts (StatsMonitor)
-        self._prefetch([k for k, t in zip(keys, where) if t is not self.cache])
+        self.front.prefetch([k for k, t in zip(keys, where) if t is not self.cache])
         return [tier.name for tier in where]
 
     # ---- dump and commit -------------------------------------------------------------------------------------
@@ -157,14 +156,8 @@ class UcmPipelineStore:
         """Yield the Cache tier's buffer of each block (``None`` where the block is not in the Cache), kept
         from eviction until the ``with`` block ends: read them in place (e.g. a GPU kernel over PCIe), never
         write them. Counts the held blocks as loads."""
-        if self.cache is None:
-            yield [None] * len(block_ids)
-            return
-        with self.cache.hold_many([block_key(block_id) for block_id in block_ids]) as buffers:
-            with self.monitor.transfer("load") as result:
-                yield buffers
-                held = [b for b in buffers if b is not None]
-                result["bytes"], result["blocks"] = sum(b.numel() for b in held), len(held)
+        with self.front.hold([block_key(block_id) for block_id in block_ids]) as buffers:
+            yield buffers
 
     def commit(self, block_ids: list[bytes], success_flags: list[bool], write_through: bool = False) -> list[bool]:
         """Publish (flag True) or discard (False) each dumped block; returns which blocks are now committed.
@@ -176,13 +169,7 @@ class UcmPipelineStore:
         if len(success_flags) != len(block_ids):
             raise ValueError(f"success_flags: {len(success_flags)} flags for {len(block_ids)} block_ids; "
                              "need one flag per block id")
-        if self.cache is not None:  # publishing into DRAM is cheap: no thread hand-off per block
-            inline: list[tuple[bytes, str]] | None = [] if write_through and self.write_down.active else None
-            results = [self._commit_one(b, bool(f), inline) for b, f in zip(block_ids, success_flags)]
-            self.write_down.write_now(inline or [])
-            return results
-        results = [self._io.submit(self._commit_one, b, bool(f)) for b, f in zip(block_ids, success_flags)]
-        return [r.result() for r in results]
+        return self.front.commit_all(self._commit_one, block_ids, [bool(f) for f in success_flags], write_through)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every queued write-down to the lower tiers has finished."""
@@ -198,7 +185,7 @@ class UcmPipelineStore:
         futures = []
         for block_id, part in zip(block_ids, parts):
             key = block_key(block_id)
-            if self.cache is not None and self._copy_cached(key, offset, part):
+            if self.front.copy_cached(key, offset, part):
                 futures.append(finished_future())
             else:
                 futures.append(self._io.submit(self._load_part, key, offset, part))
@@ -209,10 +196,7 @@ class UcmPipelineStore:
         the I/O workers; asynchronous. Then read it in place with :meth:`hold_cached`. ValueError without a
         Cache tier."""
         check_block_ids(block_ids)
-        if self.cache is None:
-            raise ValueError(f"promote: store_pipeline {'|'.join(t.name for t in self.tiers)!r} has no Cache tier")
-        return Task("load", list(block_ids), [self._io.submit(self._promoter.fetch_into_cache, block_key(block_id))
-                                              for block_id in block_ids])
+        return Task("load", list(block_ids), [self.front.promote(block_key(block_id)) for block_id in block_ids])
 
     def wait(self, task: Task, timeout: float | None = None) -> TaskStatus:
         """Block until ``task`` finishes; SUCCESS (0) or FAILURE (``task.failures`` names blocks and causes)."""
@@ -244,7 +228,7 @@ class UcmPipelineStore:
     @torch.inference_mode()
     def _stage_part(self, key: str, offset: int, part: torch.Tensor) -> None:
         with self.monitor.transfer("save") as result:
-            buf = self._allocate(part.numel())
+            buf = self.front.allocate(part.numel())
             buf.copy_(part)
             with self._lock:
                 self._staged.setdefault(key, _Staged()).parts.append((offset, buf))
@@ -252,7 +236,7 @@ class UcmPipelineStore:
 
     def _stage_buffer(self, key: str, nbytes: int) -> torch.Tensor | None:
         try:
-            buf = self._allocate(nbytes)
+            buf = self.front.allocate(nbytes)
         except PoolExhaustedError as exc:
             logger.warning("block %s not staged: %s", key, exc)
             return None
@@ -278,77 +262,13 @@ class UcmPipelineStore:
             self._release_parts(staged)
             logger.error("commit of block %s failed: %s", block_id.hex(), exc)
             return False
-        return self._publish(block_id, key, buf, inline)
-
-    def _publish(self, block_id: bytes, key: str, buf: torch.Tensor, inline: list | None = None) -> bool:
-        top = self.tiers[0]
-        if self.cache is None:
-            try:
-                top.put(key, buf)
-                return True
-            except (OSError, PoolExhaustedError) as exc:
-                logger.error("commit of block %s to %s failed: %s", block_id.hex(), top.name, exc)
-                return False
-            finally:
-                self.pool.release(buf)
-        if not self.cache.adopt(key, buf, pinned=self.write_down.active):
-            self.pool.release(buf)
-            return True
-        if inline is not None:
-            inline.append((block_id, key))
-        elif self.write_down.active:
-            self.write_down.enqueue((block_id, key))
-        return True
+        return self.front.publish(block_id, key, buf, inline)
 
     @torch.inference_mode()  # callers' tensors may be inference tensors (vLLM's); writing them needs the mode
     def _load_part(self, key: str, offset: int, part: torch.Tensor) -> None:
         with self.monitor.transfer("load") as result:
-            if self.cache is None or not self._load_via_cache(key, offset, part):
-                self._load_uncached(key, offset, part)
+            self.front.load_part(key, offset, part)
             result["bytes"], result["blocks"] = part.numel(), 1
-
-    def _copy_cached(self, key: str, offset: int, part: torch.Tensor) -> bool:
-        """Copy from the Cache tier if the block is there (False otherwise; a range error fails in a worker)."""
-        try:
-            with self.cache.hold(key) as buf:
-                if offset + part.numel() > buf.numel():
-                    return False
-                with self.monitor.transfer("load") as result:
-                    part.copy_(buf[offset:offset + part.numel()])
-                    result["bytes"], result["blocks"] = part.numel(), 1
-                return True
-        except BlockMissing:
-            return False
-
-    def _load_via_cache(self, key: str, offset: int, part: torch.Tensor, attempts: int = 3) -> bool:
-        """Copy from the Cache tier, promoting the block first if needed; False if it keeps being evicted."""
-        for _ in range(attempts):
-            try:
-                with self.cache.hold(key) as buf:
-                    _copy_range(key, buf, offset, part)
-                    return True
-            except BlockMissing:
-                self._promoter.fetch_into_cache(key)
-        return False
-
-    def _load_uncached(self, key: str, offset: int, part: torch.Tensor) -> None:
-        causes = []
-        for tier in self.tiers:
-            try:
-                buf = read_whole(tier, key, self._allocate_uncached, self.pool)
-            except (BlockMissing, BlockCorrupt) as exc:
-                causes.append(f"{tier.name}: {exc}")
-                continue
-            try:
-                _copy_range(key, buf, offset, part)
-                return
-            finally:
-                self.pool.release(buf)
-        raise BlockMissing(missing_message(self.tiers, key, causes))
-
-    def _prefetch(self, keys: list[str]) -> None:
-        if self._promoter is not None and self.prefetch_depth:
-            self._promoter.prefetch(keys)
 
     # ---- helpers ---------------------------------------------------------------------------------------------
     def _tier_of(self, key: str) -> Tier | None:
@@ -361,12 +281,6 @@ class UcmPipelineStore:
                 tier_hits[tier.name] = tier_hits.get(tier.name, 0) + 1
         self.monitor.record_lookup(len(where), sum(tier_hits.values()), tier_hits)
 
-    def _allocate(self, nbytes: int) -> torch.Tensor:
-        return self.cache.allocate(nbytes) if self.cache is not None else self._allocate_uncached(nbytes)
-
-    def _allocate_uncached(self, nbytes: int) -> torch.Tensor:
-        """A pool buffer outside the Cache tier, waiting up to ``alloc_timeout`` s for room (PoolExhaustedError)."""
-        return self.pool.allocate(nbytes, timeout=self.alloc_timeout)
 
     def _assemble(self, staged: _Staged) -> torch.Tensor:
         """One buffer holding the whole block, taken out of ``staged``; ValueError if the parts leave a gap or
@@ -381,7 +295,7 @@ class UcmPipelineStore:
         if len(parts) == 1:
             staged.parts = []
             return parts[0][1]
-        whole = self._allocate(end)
+        whole = self.front.allocate(end)
         for offset, buf in parts:
             whole[offset:offset + buf.numel()].copy_(buf)
         self._release_parts(staged)
@@ -432,10 +346,3 @@ def _run_now(fn, *args) -> Future:
     except Exception as exc:  # delivered through the task, like a worker's failure
         future.set_exception(exc)
     return future
-
-
-def _copy_range(key: str, buf: torch.Tensor, offset: int, part: torch.Tensor) -> None:
-    end = offset + part.numel()
-    if end > buf.numel():
-        raise ValueError(f"block {key} holds {buf.numel()} bytes; bytes [{offset}, {end}) were asked for")
-    part.copy_(buf[offset:end])
