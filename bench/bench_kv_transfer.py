@@ -24,7 +24,7 @@ import torch
 
 from bench.harness import measure_copy_ceilings, row, wall_median_ms, write_results
 from ucm_kernels.kv_transfer import PagedKVLayout, block_segments, detect_layout
-from ucm_kernels.kv_transfer.naive import naive_gather_blocks
+from ucm_kernels.kv_transfer.torch import gather_blocks as torch_gather_blocks
 from ucm_store.transport import DIRECT_MAX_BYTES, CUDATransport
 
 NUM_LAYERS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 32, 16, 8, 128
@@ -95,7 +95,7 @@ def check_rows(cache: list[torch.Tensor], layout: PagedKVLayout, ids: torch.Tens
         chunk = ids[start:start + CHECK_ROWS].cuda()
         got = rows[start:start + len(chunk)].cuda()
         expected = torch.full_like(got, 0xFF) if poisoned else got.clone()
-        naive_gather_blocks(cache, chunk, expected.view(layout.staging_shape(len(chunk))), layout)
+        torch_gather_blocks(cache, chunk, expected.view(layout.staging_shape(len(chunk))), layout)
         if not torch.equal(got, expected):
             raise AssertionError(f"rows {start}..{start + len(chunk)} differ from the cache blocks they hold")
 

@@ -1,11 +1,12 @@
-"""kv_transfer gather/scatter against the plain-torch reference, bit for bit: compiled on a GPU (CUDA tensors),
-the Triton interpreter on a CPU. (CPU tensors on a GPU machine take the library's torch path, not the kernel.)"""
+"""kv_transfer gather/scatter (the kernel and the torch twin) against the loop reference, bit for bit: compiled on
+a GPU (CUDA tensors), the Triton interpreter on a CPU. (CPU tensors on a GPU machine take the library's torch
+path, not the kernel.)"""
 import pytest
 import torch
 
 from ucm_kernels._utils import host_to_device
 from ucm_kernels.kv_transfer import (detect_layout, gather_blocks, gather_blocks_into_rows, scatter_blocks,
-                                  scatter_blocks_from_rows)
+                                  scatter_blocks_from_rows, torch_gather_blocks, torch_scatter_blocks)
 from ucm_kernels.kv_transfer.naive import naive_gather_blocks, naive_scatter_blocks
 
 NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 2, 7, 4, 2, 8
@@ -82,6 +83,25 @@ def test_scatter_matches_reference(kind, dtype, ids):
     assert all(torch.equal(a, b) for a, b in zip(as_bytes(layers), as_bytes(expected)))
     assert torch.equal(gather_blocks(layers, ids_tensor(untouched)), untouched_before)
     assert torch.equal(staging, staging_before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_torch_twin_equals_the_loop_reference(kind, dtype):
+    layers, targets = random_layers(kind, dtype), random_layers(kind, dtype, seed=1)
+    layout = detect_layout(layers, kind)
+    for ids in GATHER_IDS:
+        block_ids = ids_tensor(ids)
+        want = naive_gather_blocks(layers, block_ids, poisoned_staging(len(ids), kind, dtype), layout)
+        got = torch_gather_blocks(layers, block_ids, poisoned_staging(len(ids), kind, dtype), layout)
+        assert torch.equal(got, want)
+    for ids in SCATTER_IDS:
+        block_ids, staging = ids_tensor(ids), poisoned_staging(len(ids), kind, dtype)
+        staging.copy_(torch.randint(0, 255, staging.shape, dtype=torch.uint8, device=DEVICE))
+        want, got = [t.clone() for t in targets], [t.clone() for t in targets]
+        naive_scatter_blocks(staging, block_ids, want, layout)
+        torch_scatter_blocks(staging, block_ids, got, layout)
+        assert all(torch.equal(a, b) for a, b in zip(as_bytes(got), as_bytes(want)))
 
 
 def test_round_trip_moves_blocks_between_caches():

@@ -36,7 +36,8 @@ import torch
 
 from ucm_kernels._utils import check_device
 from ucm_kernels.kv_transfer import PagedKVLayout, check_block_ids, detect_layout, gather_blocks, scatter_blocks
-from ucm_kernels.kv_transfer.naive import naive_gather_blocks, naive_scatter_blocks
+from ucm_kernels.kv_transfer.torch import gather_blocks as torch_gather_blocks
+from ucm_kernels.kv_transfer.torch import scatter_blocks as torch_scatter_blocks
 from ucm_store.pool import PinnedMemoryPool, page_locked_buffer
 
 # H100 run of 2026-11-25 (bench/results/kv_transfer-*): "direct" beat "staged" from 1 to 32 Llama-8B blocks
@@ -178,7 +179,7 @@ class CUDATransport:
                                                          pinned_dst)
         keepalive = (tuple(layers), ids, pinned_dst)
         if not self.cuda:  # torch indexing: the Triton interpreter would be ~100x slower (see the module docstring)
-            naive_gather_blocks(layers, ids, rows.view(layout.staging_shape(ids.numel())), layout)
+            torch_gather_blocks(layers, ids, rows.view(layout.staging_shape(ids.numel())), layout)
             return TransferTask(None)
         with torch.cuda.device(self.device), self._locks["offload"]:
             self._after_current_stream(self._offload_stream, ids)
@@ -208,7 +209,7 @@ class CUDATransport:
                                                          pinned_src)
         keepalive = (tuple(layers), ids, pinned_src)
         if not self.cuda:
-            naive_scatter_blocks(rows.view(layout.staging_shape(ids.numel())), ids, layers, layout)
+            torch_scatter_blocks(rows.view(layout.staging_shape(ids.numel())), ids, layers, layout)
             return TransferTask(None)
         with torch.cuda.device(self.device), self._locks["load"]:
             self._after_current_stream(self._load_stream, ids)

@@ -21,7 +21,8 @@ import triton.language as tl
 
 from ucm_kernels._utils import alignment, check_device, host_to_device, triton_interpreting
 from ucm_kernels.kv_transfer.layout import PagedKVLayout, detect_layout
-from ucm_kernels.kv_transfer.naive import naive_gather_blocks, naive_scatter_blocks
+from ucm_kernels.kv_transfer.torch import gather_blocks as torch_gather_blocks
+from ucm_kernels.kv_transfer.torch import scatter_blocks as torch_scatter_blocks
 
 _WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 _TL_WORDS = {8: tl.int64, 4: tl.int32, 2: tl.int16, 1: tl.int8}
@@ -158,7 +159,7 @@ def _copy_blocks(layout: PagedKVLayout, layers: Sequence[torch.Tensor], block_id
     if block_ids.numel() == 0:
         return
     if block_ids.device.type == "cpu" and not triton_interpreting():
-        _copy_blocks_naive(layout, layers, block_ids, staging, to_staging)
+        _copy_blocks_torch(layout, layers, block_ids, staging, to_staging)
         return
     table, table_align = _layer_table(tuple(layer.data_ptr() for layer in layers), block_ids.device)
     by_row = not isinstance(staging, torch.Tensor)
@@ -178,16 +179,16 @@ def _copy_blocks(layout: PagedKVLayout, layers: Sequence[torch.Tensor], block_id
         TO_STAGING=to_staging, ROW_TABLE=by_row, WORD=_TL_WORDS[word], num_warps=_NUM_WARPS)
 
 
-def _copy_blocks_naive(layout: PagedKVLayout, layers: Sequence[torch.Tensor], block_ids: torch.Tensor,
+def _copy_blocks_torch(layout: PagedKVLayout, layers: Sequence[torch.Tensor], block_ids: torch.Tensor,
                        staging: torch.Tensor | Sequence[torch.Tensor], to_staging: bool) -> None:
-    """The plain-torch copy, row by row when the rows are separate tensors."""
+    """The torch twin's copy (the CPU path), row by row when the rows are separate tensors."""
     pairs = [(block_ids, staging)] if isinstance(staging, torch.Tensor) else [
         (block_ids[i:i + 1], row) for i, row in enumerate(staging)]
     for ids, rows in pairs:
         if to_staging:
-            naive_gather_blocks(layers, ids, rows, layout)
+            torch_gather_blocks(layers, ids, rows, layout)
         else:
-            naive_scatter_blocks(rows, ids, layers, layout)
+            torch_scatter_blocks(rows, ids, layers, layout)
 
 
 @functools.lru_cache(maxsize=64)
