@@ -216,6 +216,14 @@ def test_bad_arguments_name_what_is_wrong():
     with pytest.raises(ValueError, match="pieces"):
         admit(*on(DEVICE, state).values(), torch.arange(3, dtype=torch.int32, device=DEVICE),
               torch.ones(3, dtype=torch.bool, device=DEVICE), below=1, stamp_value=1, max_new=1)
+    pool = on(DEVICE, state)
+    kv, one = torch.zeros(8, 2, 16, 1, 32, device=DEVICE), torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match=r"key: got shape \(1, 16\), expected \[1, 32\]"):
+        write_tokens(kv, pool["slot_of"], pool["stamp"], pool["pinned"], one, one, torch.zeros(1, 16, device=DEVICE),
+                     torch.zeros(1, 32, device=DEVICE), stamp_value=1)
+    with pytest.raises(ValueError, match="kv: got shape"):
+        write_tokens(kv.transpose(0, 1), pool["slot_of"], pool["stamp"], pool["pinned"], one, one,
+                     torch.zeros(1, 32, device=DEVICE), torch.zeros(1, 32, device=DEVICE), stamp_value=1)
     with pytest.raises(ValueError, match="dst"):
         copy_rows(torch.zeros(2, 3, device=DEVICE), torch.zeros(2, 4, device=DEVICE),
                   torch.zeros(1, dtype=torch.int64, device=DEVICE), torch.zeros(1, dtype=torch.int64, device=DEVICE),

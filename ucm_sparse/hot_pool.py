@@ -139,8 +139,10 @@ class HotPool:
                      stamp: int) -> torch.Tensor:
         """Write one token (``key`` / ``value`` ``[n, head_dim]``) at ``offsets`` into each resident piece of
         ``pieces`` (``[n]`` int64), pin and stamp their slots; returns the slots."""
-        write = residency.write_tokens if self.backend == "triton" else residency.torch_write_tokens
-        return write(self.kv, self.slot_of, self.stamp, self.pinned, pieces, offsets, key, value, stamp_value=stamp)
+        args = (self.kv, self.slot_of, self.stamp, self.pinned, pieces, offsets, key, value)
+        if self.backend == "triton":
+            return residency.write_tokens(*args, stamp_value=stamp, validate=False)
+        return residency.torch_write_tokens(*args, stamp_value=stamp)
 
     def fetch(self, host_rows: torch.Tensor, fetch: "Fetch", programs: int = 256) -> None:
         """Copy the admitted pieces in from ``host_rows`` (pieces of -1 are skipped), over ``programs`` copy

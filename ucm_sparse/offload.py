@@ -173,7 +173,7 @@ class OffloadedGSA:
                              "once per layer")
         blocks = _as_blocks(keys, values, self.block_size)  # [nb, 2, block_size, heads, head_dim]
         host = torch.tensor(request.blocks, dtype=torch.int64)
-        pieces = (host[:, None] * self.num_kv_heads + torch.arange(self.num_kv_heads)).flatten()
+        pieces = self._pieces(request.blocks, "cpu")
         self.host.rows(layer).index_copy_(0, pieces, blocks.permute(0, 3, 1, 2, 4).reshape(pieces.numel(), -1).cpu())
         full = tokens // self.block_size
         key_blocks = blocks[:, 0].to(self.device)
@@ -188,7 +188,7 @@ class OffloadedGSA:
         """Forget a request: its host blocks and device slots are free again (after the device's queued copies of
         them have landed)."""
         request = self.requests.pop(request_id)
-        pieces = self._pieces(request.blocks)
+        pieces = self._pieces(request.blocks, self.device)
         for pool in self.pools:
             pool.drop(pieces)
         self._synchronize()
@@ -212,8 +212,8 @@ class OffloadedGSA:
             raise ValueError(f"request_ids: {list(request_ids)!r} repeats an id")
         requests = [self._ready(request_id) for request_id in request_ids]
         opens = [r.seq_len % self.block_size == 0 for r in requests]  # this token starts a new block
-        self._check_budget(requests, [ops.num_selected(len(r.blocks) + o, self.config, self.block_size)
-                                      for r, o in zip(requests, opens)])
+        counts = [ops.num_selected(len(r.blocks) + o, self.config, self.block_size) for r, o in zip(requests, opens)]
+        self._check_budget(requests, counts)
         opened = []
         for request, opens_block in zip(requests, opens):
             if opens_block:
@@ -222,7 +222,7 @@ class OffloadedGSA:
                 opened.append(request.blocks[-1])
             request.seq_len += 1
         self._step += 1
-        plan = self._make_plan(list(request_ids), requests, opened)
+        plan = self._make_plan(list(request_ids), requests, opened, counts)
         self._counters.steps += 1
         self._counters.tokens += len(requests)
         if self.config.prefetch_ahead > 0:
@@ -277,21 +277,22 @@ class OffloadedGSA:
             raise ValueError(f"request {request_id!r}: write_prompt() every layer first")
         return request
 
-    def _pieces(self, blocks: Sequence[int]) -> torch.Tensor:
-        host = torch.tensor(blocks, dtype=torch.int64, device=self.device)
-        return (host[:, None] * self.num_kv_heads + torch.arange(self.num_kv_heads, device=self.device)).flatten()
+    def _pieces(self, blocks: Sequence[int], device: torch.device | str) -> torch.Tensor:
+        """``[len(blocks) * num_kv_heads]`` int64 pieces of host ``blocks`` (block-major), on ``device``."""
+        host = torch.tensor(blocks, dtype=torch.int64, device=device)
+        return (host[:, None] * self.num_kv_heads + torch.arange(self.num_kv_heads, device=device)).flatten()
 
-    def _make_plan(self, request_ids: list, requests: list[_Request], opened: list[int]) -> OffloadPlan:
+    def _make_plan(self, request_ids: list, requests: list[_Request], opened: list[int], counts: list[int]
+                   ) -> OffloadPlan:
+        """The plan of a step whose requests have their blocks and lengths updated (``counts``: blocks each
+        selects)."""
         nbs = [len(r.blocks) for r in requests]
         table = torch.zeros(len(requests), max(nbs), dtype=torch.int32)
         for row, request in enumerate(requests):
             table[row, :nbs[row]] = request.block_row()
-        counts = [ops.num_selected(nb, self.config, self.block_size) for nb in nbs]
         lens = torch.tensor([r.seq_len for r in requests], dtype=torch.int64)
-        tails = torch.tensor([r.blocks[-1] for r in requests], dtype=torch.int64)
         heads = self.num_kv_heads
         filled = (lens % self.block_size == 0).repeat_interleave(heads).nonzero().flatten()
-        opened_pieces = (torch.tensor(opened, dtype=torch.int64)[:, None] * heads + torch.arange(heads)).flatten()
 
         def device(host: torch.Tensor) -> torch.Tensor:
             return host_to_device(host, self.device)
@@ -300,10 +301,10 @@ class OffloadedGSA:
             self._step, request_ids, device(lens.int()), device(lens.int().repeat_interleave(heads)), device(table),
             counts,
             dense=all(c == nb for c, nb in zip(counts, nbs)),
-            tail_pieces=device((tails[:, None] * heads + torch.arange(heads)).flatten()),
+            tail_pieces=device(self._pieces([r.blocks[-1] for r in requests], "cpu")),
             tail_offsets=device(((lens - 1) % self.block_size).repeat_interleave(heads)),
             tails_resident=all(r.tail_resident for r in requests),
-            new_tail_pieces=device(opened_pieces), filled_rows=device(filled),
+            new_tail_pieces=device(self._pieces(opened, "cpu")), filled_rows=device(filled),
             filled_count=device(torch.tensor([filled.numel()], dtype=torch.int32)))
 
     def _check_budget(self, requests: list[_Request], counts: list[int]) -> None:

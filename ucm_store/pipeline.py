@@ -40,6 +40,7 @@ from ucm_store.front import CacheFront, DirectFront
 from ucm_store.metrics import StatsMonitor
 from ucm_store.pool import STORE_WAIT_SECONDS, PinnedMemoryPool, PoolExhaustedError
 from ucm_store.task import Task, TaskStatus, finished_future
+from ucm_store.writedown import WriteDown
 
 logger = logging.getLogger(__name__)
 MAX_BLOCK_ID_BYTES = 4096
@@ -80,8 +81,17 @@ class UcmPipelineStore:
                                     prefetch_depth=prefetch_depth)
         else:
             self.front = DirectFront(tiers, pool, self._io, self.monitor, alloc_timeout=alloc_timeout)
-        self.cache, self.write_down = self.front.cache, self.front.write_down
         self.monitor.watch_store(self)  # tier occupancy and pool usage in the metrics
+
+    @property
+    def cache(self) -> CacheTier | None:
+        """The Cache tier at the top of the pipeline, if there is one."""
+        return self.front.cache
+
+    @property
+    def write_down(self) -> WriteDown:
+        """The queue of committed blocks on their way to the lower tiers (inactive without a Cache tier)."""
+        return self.front.write_down
 
     @property
     def writeback_failures(self) -> int:

@@ -199,8 +199,11 @@ def _write_tokens_kernel(kv, slot_of, stamp, pinned, pieces, offsets, key, value
 
 def write_tokens(kv: torch.Tensor, slot_of: torch.Tensor, stamp: torch.Tensor, pinned: torch.Tensor,
                  pieces: torch.Tensor, offsets: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
-                 stamp_value: int) -> torch.Tensor:
-    """One launch for ``torch.write_tokens`` (same contract; ``kv`` contiguous)."""
+                 stamp_value: int, validate: bool = True) -> torch.Tensor:
+    """One launch for ``torch.write_tokens`` (same contract; ``kv`` contiguous). ``validate=False`` skips the
+    argument checks (a caller that built them)."""
+    if validate:
+        _check_tokens(kv, slot_of, stamp, pinned, pieces, offsets, key, value)
     slots = torch.empty_like(pieces)
     if pieces.numel():
         _, _, block_size, _, head_dim = kv.shape
@@ -280,6 +283,30 @@ def _check_state(slot_of, piece_in, stamp, pinned, tally) -> None:
                          "slots; they must agree")
     if tally is not None:
         check_tensor("tally", tally, 1, (torch.int64,), slot_of.device, "[2] counters")
+
+
+def _check_tokens(kv, slot_of, stamp, pinned, pieces, offsets, key, value) -> None:
+    """Raise ValueError naming the argument of ``write_tokens`` that is not what it takes (the kernel addresses
+    ``kv`` as contiguous ``[C, 2, block_size, 1, head_dim]``)."""
+    device = slot_of.device
+    if not isinstance(kv, torch.Tensor) or kv.dim() != 5 or kv.shape[1] != 2 or kv.shape[3] != 1 \
+            or not kv.is_contiguous() or kv.device != device:
+        got = f"shape {tuple(kv.shape)} contiguous={kv.is_contiguous()} on {kv.device}" \
+            if isinstance(kv, torch.Tensor) else repr(kv)
+        raise ValueError(f"kv: got {got}, expected a contiguous [capacity, 2, block_size, 1, head_dim] on {device}")
+    for name, tensor, dtypes in (("slot_of", slot_of, (torch.int64,)), ("stamp", stamp, (torch.int64,)),
+                                 ("pinned", pinned, (torch.bool,)), ("pieces", pieces, (torch.int64,)),
+                                 ("offsets", offsets, (torch.int64,))):
+        check_tensor(name, tensor, 1, dtypes, device, "a 1-D tensor")
+    for name, tensor in (("key", key), ("value", value)):
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != (pieces.numel(), kv.shape[4]):
+            got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else repr(tensor)
+            raise ValueError(f"{name}: got shape {got}, expected [{pieces.numel()}, {kv.shape[4]}] (one token per "
+                             "piece)")
+        check_device(name, tensor, device)
+    if pieces.shape != offsets.shape or stamp.numel() != pinned.numel() or stamp.numel() != kv.shape[0]:
+        raise ValueError(f"pieces / offsets: {tuple(pieces.shape)} / {tuple(offsets.shape)}; stamp / pinned / kv: "
+                         f"{stamp.numel()} / {pinned.numel()} / {kv.shape[0]} slots; each group must agree")
 
 
 def _check_selection(sel_idx, sel_count, block_table, device) -> tuple[int, int, int]:
