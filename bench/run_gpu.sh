@@ -28,7 +28,7 @@ case "${1:-all}" in
   # test_sparse_quality.py matplotlib among the .whl/ wheels.
   tests|all) step gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_kv_transfer.py tests/test_transport.py tests/test_block_mover.py \
                tests/test_block_repr.py tests/test_block_select.py tests/test_block_mass.py tests/test_sparse_decode.py \
-               tests/test_flash_step.py tests/test_residency.py \
+               tests/test_flash_step.py tests/test_residency.py tests/test_staging.py \
                tests/test_gsa.py tests/test_gsa_offload.py tests/test_sparse_quality.py tests/test_tp_ranks.py \
                tests/test_pool.py tests/test_demo.py ;;&
   transfer|all) step bench_kv_transfer timeout 420 python3 -m bench.bench_kv_transfer

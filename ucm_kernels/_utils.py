@@ -1,5 +1,5 @@
-"""Helpers shared by the kernel launchers and their callers: interpreter detection, argument checks, launch sizes,
-host-to-device index tensors."""
+"""Helpers shared by the kernel launchers and their callers: interpreter detection, argument checks, launch
+sizes."""
 import os
 
 import torch
@@ -47,13 +47,3 @@ def compute_dtype(dtype: torch.dtype):
     """The ``tl`` dtype a kernel's dots run in for inputs of ``dtype`` (one of TL_DTYPES): the same, except fp32
     under the interpreter, whose bf16 dot is wrong."""
     return tl.float32 if triton_interpreting() else TL_DTYPES[dtype]
-
-
-def host_to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """A small host tensor (e.g. ``[n]`` int64 block ids) copied to ``device`` without waiting for the device: on
-    CUDA through page-locked memory, since a copy from pageable memory waits until the stream's earlier work has
-    finished, which stalls a host that prepares the next step while the GPU runs this one (as vLLM's does)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)

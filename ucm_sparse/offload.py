@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ucm_kernels._utils import host_to_device
+from ucm_kernels.staging import HostStaging
 from ucm_store import CacheTier, PinnedMemoryPool
 
 from . import ops
@@ -139,6 +139,7 @@ class OffloadedGSA:
         self._scratch = [ops.empty_reprs(capacity, 1, head_dim, dtype, config, self.device) for _ in self.pools]
         self.requests: dict[Hashable, _Request] = {}
         self._counters = _Counters(piece_bytes, self.device)
+        self._staging = HostStaging(self.device)
         self._prefetch_stream = (torch.cuda.Stream(self.device) if config.prefetch_ahead > 0
                                  and self.device.type == "cuda" else None)
         self._step = 0
@@ -293,19 +294,16 @@ class OffloadedGSA:
         lens = torch.tensor([r.seq_len for r in requests], dtype=torch.int64)
         heads = self.num_kv_heads
         filled = (lens % self.block_size == 0).repeat_interleave(heads).nonzero().flatten()
-
-        def device(host: torch.Tensor) -> torch.Tensor:
-            return host_to_device(host, self.device)
-
-        return OffloadPlan(
-            self._step, request_ids, device(lens.int()), device(lens.int().repeat_interleave(heads)), device(table),
-            counts,
-            dense=all(c == nb for c, nb in zip(counts, nbs)),
-            tail_pieces=device(self._pieces([r.blocks[-1] for r in requests], "cpu")),
-            tail_offsets=device(((lens - 1) % self.block_size).repeat_interleave(heads)),
-            tails_resident=all(r.tail_resident for r in requests),
-            new_tail_pieces=device(self._pieces(opened, "cpu")), filled_rows=device(filled),
-            filled_count=device(torch.tensor([filled.numel()], dtype=torch.int32)))
+        lens32 = lens.int()
+        on_device = self._staging.upload(  # one copy for the whole plan
+            lens32, lens32.repeat_interleave(heads), table, self._pieces([r.blocks[-1] for r in requests], "cpu"),
+            ((lens - 1) % self.block_size).repeat_interleave(heads), self._pieces(opened, "cpu"), filled,
+            torch.tensor([filled.numel()], dtype=torch.int32))
+        seq_lens, row_seq_lens, table, tail_pieces, tail_offsets, new_tail_pieces, filled_rows, filled_count = on_device
+        return OffloadPlan(self._step, request_ids, seq_lens, row_seq_lens, table, counts,
+                           dense=all(c == nb for c, nb in zip(counts, nbs)), tail_pieces=tail_pieces,
+                           tail_offsets=tail_offsets, tails_resident=all(r.tail_resident for r in requests),
+                           new_tail_pieces=new_tail_pieces, filled_rows=filled_rows, filled_count=filled_count)
 
     def _check_budget(self, requests: list[_Request], counts: list[int]) -> None:
         """Raise ValueError unless a layer's pool holds this step: the selected and newest blocks' pieces of the

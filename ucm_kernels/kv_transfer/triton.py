@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ucm_kernels._utils import alignment, check_device, host_to_device, triton_interpreting
+from ucm_kernels._utils import alignment, check_device, triton_interpreting
+from ucm_kernels.staging import host_to_device
 from ucm_kernels.kv_transfer.layout import PagedKVLayout, detect_layout
 from ucm_kernels.kv_transfer.torch import gather_blocks as torch_gather_blocks
 from ucm_kernels.kv_transfer.torch import scatter_blocks as torch_scatter_blocks

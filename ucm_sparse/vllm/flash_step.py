@@ -26,7 +26,7 @@ import dataclasses
 
 import torch
 
-from ucm_kernels._utils import host_to_device
+from ucm_kernels.staging import host_to_device
 from ucm_kernels.block_repr import update_block_repr_ranges
 from ucm_kernels.block_select.triton import SelectPlan, plan_select
 from ucm_kernels.sparse_decode.triton import DecodePlan, plan_decode, sparse_decode

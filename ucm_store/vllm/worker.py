@@ -30,7 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from ucm_kernels._utils import host_to_device
+from ucm_kernels.staging import host_to_device
 from ucm_kernels.kv_transfer import (OPAQUE, PagedKVLayout, detect_layout, gather_blocks_into_rows,
                                     scatter_blocks_from_rows)
 from ucm_store.metrics import StatsMonitor
