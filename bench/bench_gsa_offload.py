@@ -27,8 +27,11 @@ or bench/results/); ``--smoke`` runs tiny shapes (CPU works) to check the script
 """
 import argparse
 import collections
+import cProfile
 import gc
+import io
 import os
+import pstats
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -191,7 +194,7 @@ class Offloaded:
 
     def __init__(self, workload: Workload, config: GSAConfig, pool, spent: collections.Counter | None = None):
         shape = workload.shape
-        self.workload, self.config, self.spent, self.profiler = workload, config, spent, None
+        self.workload, self.config, self.spent = workload, config, spent
         self.gsa = OffloadedGSA(config, num_layers=shape.layers, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
                                 block_size=BLOCK, host_blocks=shape.batch * shape.table_blocks, dtype=DTYPE,
                                 device=workload.device, cache=CacheTier(shape.layers, pool))
@@ -211,11 +214,8 @@ class Offloaded:
 
     def step(self, requests: list[int], positions: list[int]) -> dict:
         plan = self.gsa.plan(requests)
-        out = {layer: self.gsa.run(plan, layer, *token_batch(self.workload, requests, positions, layer))
-               for layer in range(self.workload.shape.layers)}
-        if self.profiler is not None:
-            self.profiler.step()
-        return out
+        return {layer: self.gsa.run(plan, layer, *token_batch(self.workload, requests, positions, layer))
+                for layer in range(self.workload.shape.layers)}
 
     def close(self) -> dict:
         """Release the host KV; the counters of the timed steps."""
@@ -352,26 +352,44 @@ def bench_long(shape: Shape, reference: Shape, pool, h2d_gbps: float | None) -> 
 
 
 def profile_offload(workload: Workload, pool, out_dir: str) -> None:
-    """Steady schedule, prefetch off: the top device kernels and host ops of 3 profiled steps after the warmup,
-    written to ``out_dir``/gsa_offload_profile.txt (the host time per part of a step is in every offload row)."""
-    from torch.profiler import ProfilerActivity, profile, schedule as every
-
+    """Steady schedule, on-device GSA and the offload mode (prefetch off) in lock-step: each mode's host time by
+    Python function (cProfile) over the timed steps, side by side in ``out_dir``/gsa_offload_profile.txt."""
     shape = workload.shape
-    steps = schedule(shape, "steady")
     budget = int(BUDGET_SLACK * selection_pieces(shape, shape.batch) / NUM_KV_HEADS) + shape.batch
     offload = Offloaded(workload, replace(CONFIG, gpu_budget_blocks=budget, prefetch_ahead=0), pool)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
-                 schedule=every(wait=shape.warmup, warmup=1, active=3, repeat=1)) as prof:
-        offload.profiler = prof
-        lockstep(workload, steps, {"offload": offload})
+    modes = {"gsa_on_device": _Profiled(OnDevice(workload, PagedKV(workload), sparse=True), shape.warmup),
+             "gsa_offload_prefetch_off": _Profiled(offload, shape.warmup)}
+    results = lockstep(workload, schedule(shape, "steady"), modes)
     offload.close()
-    averages = prof.key_averages()
-    text = ["== device time", averages.table(sort_by="cuda_time_total", row_limit=30),
-            "== host time", averages.table(sort_by="self_cpu_time_total", row_limit=30)]
+    text = []
+    for name, mode in modes.items():
+        median = statistics.median(results[name][0][shape.warmup:])
+        for order in ("tottime", "cumulative"):
+            report = io.StringIO()
+            pstats.Stats(mode.profile, stream=report).sort_stats(order).print_stats(30)
+            text += [f"== {name}: {median:.3f} ms a step (median, under cProfile); {shape.steps} steps by {order}",
+                     report.getvalue()]
     path = os.path.join(out_dir, "gsa_offload_profile.txt")
     with open(path, "w") as handle:
         handle.write("\n".join(text))
     print(f"wrote {path}")
+
+
+class _Profiled:
+    """A mode whose steps after the first ``warmup`` run under its own cProfile profile."""
+
+    def __init__(self, mode, warmup: int):
+        self.mode, self.warmup, self.calls, self.profile = mode, warmup, 0, cProfile.Profile()
+
+    def step(self, requests: list[int], positions: list[int]) -> dict:
+        self.calls += 1
+        if self.calls <= self.warmup:
+            return self.mode.step(requests, positions)
+        self.profile.enable()
+        try:
+            return self.mode.step(requests, positions)
+        finally:
+            self.profile.disable()
 
 
 def _time_parts(gsa: OffloadedGSA, spent: collections.Counter) -> None:
@@ -406,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (any device) to check the script")
     parser.add_argument("--layers", type=int, default=8, help="layers of the batch-8 schedules (default 8)")
     parser.add_argument("--long", action="store_true", help="also the 512K x 1 run over 32 layers")
-    parser.add_argument("--profile", action="store_true", help="only profile the steady offload steps")
+    parser.add_argument("--profile", action="store_true", help="only profile the host side of the steady steps")
     args = parser.parse_args(argv)
     device = _device()
     if args.smoke:
