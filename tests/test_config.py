@@ -4,8 +4,9 @@ import dataclasses
 import pytest
 import yaml
 
-from ucm_sparse.config import GSAConfig, load_gsa_fragment, load_ucm_config, parse_sparse
-from ucm_store.config import (ConfigError, StoreConfig, load_store_config, parse_connectors,
+from ucm.config import load_ucm_config
+from ucm_sparse.config import GSAConfig, load_gsa_fragment, parse_sparse
+from ucm_store.config import (TIER_NAMES, ConfigError, StoreConfig, load_store_config, parse_connectors,
                               recommended_buffer_number)
 
 STORE_VALUES = {  # a valid, non-default value for every store key
@@ -196,3 +197,22 @@ def test_configuration_reference_lists_every_key_as_generated():
 
     doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
     assert reference_tables() in doc
+
+
+@pytest.mark.parametrize("tier", TIER_NAMES)
+def test_each_tier_is_built_from_exactly_the_keys_documented_as_its_own(tier):
+    """A tier's slice holds the keys whose ``used_by`` names it (the configuration reference is generated from
+    ``used_by``), with the config's values."""
+    config = StoreConfig(s3_bucket="b", mooncake_master="m:1", cache_capacity=7, storage_backends=("/x",))
+    settings = config.tier_settings(tier)
+    documented = {f.name for f in dataclasses.fields(StoreConfig)
+                  if tier in [name.strip() for name in f.metadata["used_by"].split(",")]}
+    assert {f.name for f in dataclasses.fields(settings)} == documented
+    assert all(getattr(settings, key) == getattr(config, key) for key in documented)
+
+
+def test_tier_settings_keep_secrets_out_of_their_repr_and_name_an_unknown_tier():
+    settings = StoreConfig(s3_secret_access_key="hunter2", s3_session_token="tok3n").tier_settings("DS3FS")
+    assert "hunter2" not in repr(settings) and "tok3n" not in repr(settings)
+    with pytest.raises(ValueError, match="tier: got 'Disk', expected one of Cache, Posix"):
+        StoreConfig().tier_settings("Disk")

@@ -13,7 +13,7 @@ from conftest import pypi_reachable  # noqa: E402
 import ucm_sparse.hf as ucm_hf  # noqa: E402
 from ucm_sparse import GSAConfig  # noqa: E402
 from ucm_sparse.models import ModelFetchError, fetch_model  # noqa: E402
-from ucm_store.configspec import ConfigError  # noqa: E402
+from ucm_config import ConfigError  # noqa: E402
 
 NEW_TOKENS = 32
 # Teacher-forced next-token agreement with dense at sparse_ratio 0.3 (Quest scores) on a 2048-token license text

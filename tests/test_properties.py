@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from ucm_store.config import (DOCUMENT_KEYS, SECRET_KEYS, StoreConfig, default_io_workers, load_store_config,
                               parse_connectors)
-from ucm_store.configspec import ConfigError
+from ucm_config import ConfigError
 from ucm_store.factory import UcmConnectorFactory
 from ucm_store.pipeline import MAX_BLOCK_ID_BYTES, block_key
 from ucm_store.task import TaskStatus

@@ -15,9 +15,10 @@ from pathlib import Path
 import yaml
 
 import ucm
-from ucm_sparse.config import GSAConfig, load_gsa_fragment, load_ucm_config
-from ucm_store.config import SECRET_KEYS, StoreConfig, read_document
-from ucm_store.configspec import ConfigError, describe_fields
+from ucm.config import load_ucm_config
+from ucm_config import ConfigError, describe_fields, read_document
+from ucm_sparse.config import GSAConfig, load_gsa_fragment
+from ucm_store.config import SECRET_KEYS, StoreConfig
 from ucm_store.metrics import DEFAULT_METRICS_PORT, format_stats, read_metrics
 
 

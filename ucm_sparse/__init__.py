@@ -4,10 +4,10 @@ On plain tensors: :func:`sparse_attention` (one call) or :class:`GSA` (a decode 
 ``run()`` per layer); :class:`OffloadedGSA` keeps the full KV in pinned host memory with a GPU budget of hot
 blocks. ``ucm_sparse.vllm`` plugs GSA into vLLM.
 """
-from .config import GSAConfig, SparseConfig, load_ucm_config
+from .config import GSAConfig, SparseConfig
 from .gsa import GSA, GSAPlan, sparse_attention
 from .offload import OffloadedGSA, OffloadPlan, OffloadStats
 from .ops import Selection
 
 __all__ = ["GSA", "GSAConfig", "GSAPlan", "OffloadPlan", "OffloadStats", "OffloadedGSA", "Selection", "SparseConfig",
-           "load_ucm_config", "sparse_attention"]
+           "sparse_attention"]

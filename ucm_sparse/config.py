@@ -1,14 +1,10 @@
-"""GSA configuration (the tuning guide's ``ucm_sparse_config: {GSA: {...}}``) and the whole UCM config document.
-
-:func:`load_ucm_config` is the boundary parser of everything a user writes: the store connectors (through
-``ucm_store.config``) and the sparse method. Deeper code receives the typed dataclasses only.
-"""
+"""GSA configuration: the tuning guide's ``ucm_sparse_method`` / ``ucm_sparse_config: {GSA: {...}}`` sections of a
+config document (:mod:`ucm_config.document`) as typed dataclasses; deeper code receives those only."""
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
-from ucm_store.config import ConnectorSpec, parse_connectors, read_document, sparse_sections
-from ucm_store.configspec import ConfigError, close_keys, parse_section, spec, validate_fields
+from ucm_config import ConfigError, close_keys, parse_section, read_document, spec, validate_fields
 
 SPARSE_METHODS = ("GSA",)
 
@@ -78,14 +74,6 @@ class SparseConfig:
         return self.method is not None
 
 
-@dataclasses.dataclass(frozen=True)
-class UcmConfig:
-    """Everything a UCM config document declares."""
-
-    connectors: tuple[ConnectorSpec, ...]
-    sparse: SparseConfig
-
-
 def parse_sparse(sections: Mapping) -> SparseConfig:
     """Parse ``{"ucm_sparse_method": ..., "ucm_sparse_config": {...}}`` into a SparseConfig."""
     method = sections.get("ucm_sparse_method")
@@ -100,11 +88,6 @@ def parse_sparse(sections: Mapping) -> SparseConfig:
             hint = close_keys(str(name), list(SPARSE_METHODS))
             raise ConfigError(f"unknown key {name!r} in ucm_sparse_config: {hint}")
     return SparseConfig(method=method, gsa=parse_section(GSAConfig, raw.get("GSA"), "ucm_sparse_config.GSA"))
-
-
-def load_ucm_config(source: str | Path | Mapping) -> UcmConfig:
-    """Parse a whole config source (dict or YAML path, any form ``ucm_store.config`` accepts)."""
-    return UcmConfig(connectors=tuple(parse_connectors(source)), sparse=parse_sparse(sparse_sections(source)))
 
 
 def load_gsa_fragment(source: str | Path | Mapping) -> GSAConfig:

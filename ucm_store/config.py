@@ -1,35 +1,23 @@
-"""Store configuration: the tuning guide's ``ucm_connector_config`` keys as a typed dataclass, and config documents.
+"""Store configuration: the tuning guide's ``ucm_connector_config`` keys as a typed dataclass, its connectors, and
+each tier's slice of the keys.
 
-Accepted sources (a dict, or a path to a YAML file holding one):
-
-* a bare connector config: ``{"store_pipeline": "Cache|Posix", "storage_backends": "/data/ucm_cache", ...}``
-  (the tuning guide's section 6.1 dict; also vLLM's ``kv_connector_extra_config``);
-* ``{"ucm_connector_config": {...}}`` (the tuning guide's sections 4.1 and 4.4);
-* a whole document: ``{"ucm_connectors": [{"ucm_connector_name": ..., "ucm_connector_config": {...}}],
-  "ucm_sparse_method": "GSA", "ucm_sparse_config": {"GSA": {...}}}`` (the tuning guide's section 8);
-* ``{"ucm_config_file": "path.yaml", ...}``: that file, with any other store keys given beside it overriding it.
-
-``ucm_sparse_method`` and ``ucm_sparse_config`` are accepted here and validated by ``ucm_sparse.config``.
+A source is any config document :mod:`ucm_config.document` reads (a dict or a YAML path, bare or whole); the
+``ucm_sparse_*`` keys beside the store's are ``ucm_sparse.config``'s. A tier is built from its slice
+(:meth:`StoreConfig.tier_settings`), never from the whole config.
 """
 import dataclasses
-import logging
 import os
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ucm_store.configspec import ConfigError, close_keys, parse_section, shown, spec, validate_fields
-
-logger = logging.getLogger(__name__)
+from ucm_config import (DOCUMENT_KEYS, SPARSE_KEYS, ConfigError, close_keys, parse_section, read_document,
+                        reject_unknown, shown, spec, validate_fields)
 
 GiB = 1 << 30
 MiB = 1 << 20
 TIER_NAMES = ("Cache", "Posix", "NFS", "DS3FS", "Mooncake")
 CONNECTOR_NAMES = ("UcmPipelineStore",)
-SPARSE_KEYS = ("ucm_sparse_method", "ucm_sparse_config")
-DOCUMENT_KEYS = ("ucm_connectors", "ucm_connector_config", "ucm_config_file") + SPARSE_KEYS
 SECRET_KEYS = ("s3_secret_access_key", "s3_session_token")  # masked in reprs, never logged
 LOAD_ASYNC_CHOICES = ("auto", "always", "never")
 
@@ -66,8 +54,8 @@ class StoreConfig:
     path_strategy: str = spec("round_robin", "how blocks spread over several storage_backends",
                               choices=("round_robin", "hash"), used_by="Posix, NFS")
     connection_pool_size: int = spec(16, "open connections to the object store", min=1, max=4096, used_by="DS3FS")
-    max_concurrent_requests: int = spec(32, "requests in flight to the object store", min=1, max=65536,
-                                        used_by="DS3FS")
+    max_concurrent_requests: int = spec(32, "requests in flight to the object store or Mooncake", min=1,
+                                        max=65536, used_by="DS3FS, Mooncake")
     use_io_uring: bool = spec(False, "accepted for the tuning guide's configs; io_uring is not used (see docs)",
                               used_by="DS3FS")
     multipart_threshold: int = spec(8 * MiB, "objects at least this large upload in parts", min=5 * MiB,
@@ -125,6 +113,13 @@ class StoreConfig:
             return "'***'" if name in SECRET_KEYS and value else repr(value)
         return f"StoreConfig({', '.join(f'{f.name}={value_of(f.name)}' for f in dataclasses.fields(self))})"
 
+    def tier_settings(self, tier: str) -> "CacheSettings | DiskTierSettings | S3Settings | MooncakeSettings":
+        """The slice of the keys tier ``tier`` (one of TIER_NAMES) is built from."""
+        if tier not in TIER_SETTINGS:
+            raise ValueError(f"tier: got {tier!r}, expected one of {', '.join(TIER_NAMES)}")
+        cls = TIER_SETTINGS[tier]
+        return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls)})
+
     @property
     def tiers(self) -> tuple[str, ...]:
         """The tier names of ``store_pipeline`` in order, e.g. ``("Cache", "Posix")``."""
@@ -149,6 +144,64 @@ class StoreConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CacheSettings:
+    """The Cache tier's keys (:meth:`StoreConfig.tier_settings`; meanings in StoreConfig)."""
+
+    cache_capacity: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DiskTierSettings:
+    """The Posix and NFS tiers' keys."""
+
+    storage_backends: tuple[str, ...]
+    path_strategy: str
+    use_direct_io: bool
+    storage_capacity: int
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Settings:
+    """The DS3FS (S3-protocol) tier's keys; the secrets stay out of the repr."""
+
+    s3_bucket: str
+    s3_endpoint: str
+    s3_region: str
+    s3_access_key_id: str
+    s3_secret_access_key: str = dataclasses.field(repr=False)
+    s3_session_token: str = dataclasses.field(repr=False)
+    connection_pool_size: int
+    max_concurrent_requests: int
+    use_io_uring: bool
+    multipart_threshold: int
+    multipart_chunk_size: int
+    remote_timeout: float
+    remote_retry_interval: float
+    remote_key_prefix: str
+
+
+@dataclasses.dataclass(frozen=True)
+class MooncakeSettings:
+    """The Mooncake tier's keys."""
+
+    mooncake_master: str
+    mooncake_metadata_server: str
+    mooncake_local_hostname: str
+    mooncake_protocol: str
+    mooncake_rdma_devices: str
+    mooncake_global_segment_size: int
+    mooncake_local_buffer_size: int
+    max_concurrent_requests: int
+    remote_timeout: float
+    remote_retry_interval: float
+    remote_key_prefix: str
+
+
+TIER_SETTINGS = {"Cache": CacheSettings, "Posix": DiskTierSettings, "NFS": DiskTierSettings, "DS3FS": S3Settings,
+                 "Mooncake": MooncakeSettings}
+
+
+@dataclasses.dataclass(frozen=True)
 class ConnectorSpec:
     """One entry of ``ucm_connectors``: a connector name and its store config."""
 
@@ -170,36 +223,18 @@ def recommended_buffer_number(concurrent_requests: int, num_layers: int) -> int:
     return max(1024, concurrent_requests * num_layers * 2)
 
 
-def read_document(source: str | Path | Mapping) -> dict:
-    """The raw config document from a dict or a YAML file path, with ``ucm_config_file`` resolved."""
-    if isinstance(source, (str, Path)):
-        raw = _read_yaml(Path(source))
-    elif isinstance(source, Mapping):
-        raw = dict(source)
-    else:
-        raise ConfigError(f"config must be a dict or a YAML file path, got {type(source).__name__}")
-    if "ucm_config_file" in raw:
-        path = raw["ucm_config_file"]
-        if not isinstance(path, (str, Path)):
-            raise ConfigError("ucm_config_file: expected the path of a YAML file, got "
-                              f"{shown(path, contents=False)}")
-        overrides = {k: v for k, v in raw.items() if k != "ucm_config_file"}
-        raw = _apply_overrides(_read_yaml(Path(path)), overrides)
-    return raw
-
-
 def parse_connectors(source: str | Path | Mapping) -> list[ConnectorSpec]:
     """Every connector a config source declares (one for a bare connector config), validated."""
     doc = read_document(source)
     if "ucm_connectors" in doc:
-        _reject_unknown(doc, DOCUMENT_KEYS, "the config document")
+        reject_unknown(doc, DOCUMENT_KEYS, "the config document")
         entries = doc["ucm_connectors"]
         if not isinstance(entries, list) or not entries:
             raise ConfigError("ucm_connectors: expected a non-empty list of connectors, got "
                               f"{shown(entries, contents=False)}")
         return [_parse_entry(entry, i) for i, entry in enumerate(entries)]
     if "ucm_connector_config" in doc:
-        _reject_unknown(doc, DOCUMENT_KEYS, "the config document")
+        reject_unknown(doc, DOCUMENT_KEYS, "the config document")
         return [ConnectorSpec(CONNECTOR_NAMES[0], parse_section(StoreConfig, doc["ucm_connector_config"],
                                                                 "ucm_connector_config"))]
     flat = {k: v for k, v in doc.items() if k not in SPARSE_KEYS}
@@ -214,18 +249,12 @@ def load_store_config(source: str | Path | Mapping) -> StoreConfig:
     return connectors[0].config
 
 
-def sparse_sections(source: str | Path | Mapping) -> dict:
-    """The raw ``ucm_sparse_method`` / ``ucm_sparse_config`` entries of a source, for ``ucm_sparse.config``."""
-    doc = read_document(source)
-    return {key: doc[key] for key in SPARSE_KEYS if key in doc}
-
-
 def _parse_entry(entry: Any, index: int) -> ConnectorSpec:
     where = f"ucm_connectors[{index}]"
     if not isinstance(entry, Mapping):
         raise ConfigError(f"{where}: expected a mapping with ucm_connector_name and ucm_connector_config, "
                           f"got {shown(entry, contents=False)}")
-    _reject_unknown(entry, ("ucm_connector_name", "ucm_connector_config"), where)
+    reject_unknown(entry, ("ucm_connector_name", "ucm_connector_config"), where)
     name = entry.get("ucm_connector_name", CONNECTOR_NAMES[0])
     if name not in CONNECTOR_NAMES:
         raise ConfigError(f"{where}.ucm_connector_name: {name!r} is not a known connector; "
@@ -243,80 +272,3 @@ def _parse_flat(flat: Mapping) -> StoreConfig:
     return parse_section(StoreConfig, flat, "the connector config")
 
 
-def _reject_unknown(mapping: Mapping, allowed: tuple, where: str) -> None:
-    for key in mapping:
-        if key not in allowed:
-            raise ConfigError(f"unknown key {key!r} in {where}: {close_keys(str(key), list(allowed))}")
-
-
-def _apply_overrides(doc: dict, overrides: dict) -> dict:
-    """Store keys given beside ``ucm_config_file`` override the file's (single) connector config."""
-    sparse = {k: overrides.pop(k) for k in SPARSE_KEYS if k in overrides}
-    doc = {**doc, **sparse}
-    if not overrides:
-        return doc
-    if "ucm_connectors" in doc:
-        entries = doc["ucm_connectors"]
-        if not isinstance(entries, list) or len(entries) != 1 or not isinstance(entries[0], Mapping):
-            raise ConfigError("ucm_config_file: keys beside it override a file with exactly one connector; "
-                              f"its ucm_connectors is {shown(entries, contents=False)}")
-        entry = dict(entries[0])
-        entry["ucm_connector_config"] = _merged(entry.get("ucm_connector_config"), overrides,
-                                                "ucm_connectors[0].ucm_connector_config")
-        return {**doc, "ucm_connectors": [entry]}
-    if "ucm_connector_config" in doc:
-        return {**doc, "ucm_connector_config": _merged(doc["ucm_connector_config"], overrides, "ucm_connector_config")}
-    return {**doc, **overrides}
-
-
-def _merged(section: Any, overrides: dict, where: str) -> dict:
-    """The file's connector config ``section`` with ``overrides`` on top; ConfigError if it is not a mapping."""
-    if section is not None and not isinstance(section, Mapping):
-        raise ConfigError(f"{where} in the ucm_config_file must be a mapping of keys to values, got "
-                          f"{shown(section, contents=False)}")
-    return {**(section or {}), **overrides}
-
-
-class _WarnOnDuplicateLoader(yaml.SafeLoader):
-    """A YAML SafeLoader that logs keys given twice in one mapping (the later value wins, as in YAML)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, Hashable):
-                continue  # the SafeLoader rejects it below, naming the line
-            if key in seen:
-                logger.warning("config key %r is given more than once (line %d); the last value wins",
-                               key, key_node.start_mark.line + 1)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path, or text that is not UTF-8
-        raise ConfigError(f"config file {str(path)!r} cannot be read: {getattr(exc, 'strerror', None) or exc}") from exc
-    try:
-        doc = yaml.load(text, Loader=_WarnOnDuplicateLoader)
-    except (yaml.YAMLError, RecursionError) as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(exc)}") from None
-    if doc is None:
-        return {}
-    if not isinstance(doc, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top, got {type(doc).__name__}")
-    if "ucm_config_file" in doc:
-        raise ConfigError(f"config file {str(path)!r} names ucm_config_file itself; nesting is not allowed")
-    return doc
-
-
-def _yaml_problem(exc: BaseException) -> str:
-    """What is wrong and where, without the YAML parser's quote of the offending line (it may hold a secret)."""
-    if isinstance(exc, RecursionError):
-        return "nested too deeply"
-    if isinstance(exc, yaml.reader.ReaderError):
-        return f"{exc.reason} at character {exc.position}"
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or type(exc).__name__
-    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem

@@ -43,24 +43,25 @@ class UcmConnectorFactory:
 
 
 def _build_tier(name: str, config: StoreConfig, pool: PinnedMemoryPool | None) -> Tier:
-    """Tier ``name`` of ``config.store_pipeline`` (a Cache tier keeps its blocks in ``pool``)."""
+    """Tier ``name`` of ``config.store_pipeline``, from its slice of the keys (a Cache tier keeps its blocks in
+    ``pool``)."""
+    settings = config.tier_settings(name)  # ValueError for a name that is not a tier
     if name == "Cache":
-        return CacheTier(config.cache_capacity, pool)
+        return CacheTier(settings.cache_capacity, pool)
     if name in _DISK_TIERS:
-        if not config.storage_backends:
+        if not settings.storage_backends:
             raise ValueError(f"storage_backends: the {name} tier of store_pipeline {config.store_pipeline!r} "
                              "needs at least one directory; none given")
-        return _DISK_TIERS[name](config.storage_backends, path_strategy=config.path_strategy,
-                                 use_direct_io=config.use_direct_io, capacity_bytes=config.storage_capacity)
+        return _DISK_TIERS[name](settings.storage_backends, path_strategy=settings.path_strategy,
+                                 use_direct_io=settings.use_direct_io, capacity_bytes=settings.storage_capacity)
     if name == "DS3FS":
         from ucm_store.backends.s3 import S3Tier  # imported on use: needs obstore
 
-        return S3Tier.from_config(config)
+        return S3Tier.from_settings(settings)
     if name == "Mooncake":
-        if not config.mooncake_master:  # a config error is named before a missing package is
+        if not settings.mooncake_master:  # a config error is named before a missing package is
             raise ValueError("mooncake_master: the Mooncake tier needs the master's host:port; none given")
         from ucm_store.backends.mooncake import MooncakeTier  # imported on use: needs mooncake and its libraries
 
-        return MooncakeTier.from_config(config)
-    raise ValueError(f"store_pipeline: tier {name!r} is not available in this version of UCM; "
-                     f"available: Cache, {', '.join(_DISK_TIERS)}, DS3FS, Mooncake")
+        return MooncakeTier.from_settings(settings)
+    raise AssertionError(f"tier {name!r} has settings but no builder")  # TIER_NAMES and this function disagree

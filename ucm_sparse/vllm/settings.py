@@ -7,7 +7,7 @@ import functools
 import logging
 
 from ucm_sparse.config import GSAConfig, parse_sparse
-from ucm_store.config import sparse_sections
+from ucm_config import sparse_sections
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from ucm_store.backends.base import BlockMissing
 from ucm_store.backends.objects import FramedObjectTier
 from ucm_store.backends.remote import RemoteGate, RemoteUnavailable
-from ucm_store.config import StoreConfig
+from ucm_store.config import MooncakeSettings
 
 try:
     from mooncake.store import MooncakeDistributedStore
@@ -70,8 +70,8 @@ class MooncakeTier(FramedObjectTier):
         self._lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, config: StoreConfig) -> "MooncakeTier":
-        """The tier the store config describes (its ``mooncake_master`` checked present by the factory)."""
+    def from_settings(cls, config: MooncakeSettings) -> "MooncakeTier":
+        """The tier its slice of the store config describes (``mooncake_master`` checked present by the factory)."""
         gate = RemoteGate(cls.name, max_concurrent=config.max_concurrent_requests, timeout=config.remote_timeout,
                           retry_interval=config.remote_retry_interval, log=logger)
         return cls(config.mooncake_master, gate, metadata_server=config.mooncake_metadata_server,

@@ -38,7 +38,7 @@ from datetime import timedelta
 from ucm_store.backends.base import BlockMissing
 from ucm_store.backends.objects import FramedObjectTier
 from ucm_store.backends.remote import RemoteGate, RemoteUnavailable
-from ucm_store.config import StoreConfig
+from ucm_store.config import S3Settings
 
 try:
     import obstore
@@ -72,8 +72,9 @@ class S3Tier(FramedObjectTier):
         self._lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, config: StoreConfig) -> "S3Tier":
-        """The tier the store config describes (bucket, endpoint and credentials from it or the AWS environment)."""
+    def from_settings(cls, config: S3Settings) -> "S3Tier":
+        """The tier its slice of the store config describes (bucket, endpoint and credentials from it or the AWS
+        environment)."""
         bucket = config.s3_bucket or os.environ.get("AWS_BUCKET_NAME") or os.environ.get("AWS_BUCKET")
         if not bucket:
             raise ValueError("s3_bucket: the DS3FS tier needs a bucket; none given in the config, $AWS_BUCKET_NAME "
