@@ -26,11 +26,11 @@ case "${1:-all}" in
   # Every test file whose code takes a CUDA path when a GPU is present (compiled Triton kernels, CUDA copies,
   # page-locked pool memory); the vLLM-cpu and server tests stay on the CPU CI. test_gsa.py needs hypothesis and
   # test_sparse_quality.py matplotlib among the .whl/ wheels.
-  tests|all) step gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_kv_transfer.py tests/test_transport.py tests/test_block_mover.py \
-               tests/test_block_repr.py tests/test_block_select.py tests/test_block_mass.py tests/test_sparse_decode.py \
-               tests/test_flash_step.py tests/test_residency.py tests/test_staging.py \
-               tests/test_gsa.py tests/test_gsa_offload.py tests/test_sparse_quality.py tests/test_tp_ranks.py \
-               tests/test_pool.py tests/test_demo.py ;;&
+  tests|all) step gpu_tests python3 -m pytest -q -p no:cacheprovider tests/kernels/test_kv_transfer.py tests/store/test_transport.py tests/vllm/test_block_mover.py \
+               tests/kernels/test_block_repr.py tests/kernels/test_block_select.py tests/kernels/test_block_mass.py tests/kernels/test_sparse_decode.py \
+               tests/vllm/test_flash_step.py tests/kernels/test_residency.py tests/kernels/test_staging.py \
+               tests/sparse/test_gsa.py tests/sparse/test_gsa_offload.py tests/benchmarks/test_sparse_quality.py tests/benchmarks/test_tp_ranks.py \
+               tests/store/test_pool.py tests/test_demo.py ;;&
   transfer|all) step bench_kv_transfer timeout 420 python3 -m bench.bench_kv_transfer
                 step bench_h2d_anatomy timeout 120 python3 -m bench.bench_h2d_anatomy ;;&
   sparse|all) step bench_sparse_decode timeout 540 python3 -m bench.bench_sparse_decode

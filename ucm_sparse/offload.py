@@ -13,7 +13,7 @@ the selected pieces that are not resident a slot and copies them in (a synchrono
 the pool with a per-(request, KV head) block table. On a GPU all of it is queued without a host sync: misses are
 found, slotted and copied by kernels reading the pinned host rows in place (``ucm_kernels.residency``); the host
 only checks, at ``plan``, that the budget holds the step. The outputs equal on-device GSA's over the same tokens
-bit for bit (tests/test_gsa_offload.py; bench/bench_gsa_offload.py reports it on the GPU).
+bit for bit (tests/sparse/test_gsa_offload.py; bench/bench_gsa_offload.py reports it on the GPU).
 
 Prefetch (``prefetch_ahead`` > 0): a layer's selection at step s predicts its selections at steps s+1 ..
 s+prefetch_ahead. ``plan`` admits the predicted pieces of the requests that did not run in the previous step (a

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from test_faults import mounted
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PROCESSES, OPS = 8, 20000
 
 

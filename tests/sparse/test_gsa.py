@@ -16,29 +16,19 @@ from ucm_sparse import GSA, GSAConfig, sparse_attention
 from ucm_sparse import ops
 from ucm_sparse.reprs import BlockReprCache
 
+from paged_kv import TOLERANCE, make_paged_kv
+
 BLOCK = 16
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels take CUDA tensors only
-TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
 CONFIG = GSAConfig(sparse_ratio=0.3, init_window_sz=1, local_window_sz=2, min_blocks=3)
 
 
-def make_paged(seq_lens, kv_heads=2, group=4, head_dim=32, dtype=torch.float32, spare=5, seed=0):
-    """q, K and V (views of one tensor, shuffled physical blocks, NaN where no token lives) and a block table."""
-    gen = torch.Generator().manual_seed(seed)
-    nbs = [-(-n // BLOCK) for n in seq_lens]
-    num_blocks = sum(nbs) + spare
-    kv = torch.full((2, num_blocks, BLOCK, kv_heads, head_dim), float("nan"), dtype=dtype)
-    physical = torch.randperm(num_blocks, generator=gen)
-    table = torch.zeros(len(seq_lens), max(nbs) + 2, dtype=torch.int32)
-    used = 0
-    for b, (n, nb) in enumerate(zip(seq_lens, nbs)):
-        table[b, :nb] = physical[used:used + nb].int()
-        used += nb
-        tokens = torch.randn(2, nb * BLOCK, kv_heads, head_dim, generator=gen).to(dtype)
-        tokens[:, n:] = float("nan")
-        kv[:, table[b, :nb].long()] = tokens.view(2, nb, BLOCK, kv_heads, head_dim)
-    q = torch.randn(len(seq_lens), kv_heads * group, head_dim, generator=gen).to(dtype)
-    return q, kv[0], kv[1], table
+def make_paged(seq_lens, kv_heads=2, group=4, head_dim=32, dtype=torch.float32, seed=0):
+    """q, K, V and a block table on the CPU (:func:`make_paged_kv` with this file's block size, two spare table
+    columns and five spare blocks)."""
+    q, k, v, table, _ = make_paged_kv(seq_lens, kv_heads * group, kv_heads, head_dim, dtype, block_size=BLOCK,
+                                      spare_blocks=5, spare_columns=2, seed=seed)
+    return q, k, v, table
 
 
 def check_windows(selection, seq_lens, config, max_blocks):

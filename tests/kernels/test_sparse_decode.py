@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from ucm_kernels.sparse_decode import dense_decode, plan_decode, sparse_decode
 from ucm_kernels.sparse_decode.naive import full_block_lists, naive_dense_decode, naive_sparse_decode
 
+from paged_kv import TOLERANCE, make_paged_kv, poisoned_like
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOLERANCE = {torch.bfloat16: dict(atol=1e-2, rtol=1e-2), torch.float16: dict(atol=2e-3, rtol=2e-3)}
-DTYPES = list(TOLERANCE)
+DTYPES = [torch.bfloat16, torch.float16]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -32,25 +33,9 @@ def _interpreter_loop_bounds_fix():
         yield
 
 
-def make_paged_kv(seq_lens: list[int], num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                  block_size: int = 16, spare_blocks: int = 3, seed: int = 0):
-    """Random q and a paged cache (K, V as views of one tensor) with shuffled physical blocks; dead slots NaN."""
-    gen = torch.Generator().manual_seed(seed)
-    blocks_per_seq = [-(-n // block_size) for n in seq_lens]
-    num_blocks = sum(blocks_per_seq) + spare_blocks
-    kv = torch.full((2, num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype)
-    physical = torch.randperm(num_blocks, generator=gen)
-    block_table = torch.zeros(len(seq_lens), max(blocks_per_seq) + 1, dtype=torch.int32)
-    used = 0
-    for b, (n, nb) in enumerate(zip(seq_lens, blocks_per_seq)):
-        block_table[b, :nb] = physical[used:used + nb].int()
-        used += nb
-        flat = kv[:, block_table[b, :nb].long()].flatten(1, 2)
-        flat[:, :n] = torch.randn(2, n, num_kv_heads, head_dim, generator=gen).to(dtype)
-        kv[:, block_table[b, :nb].long()] = flat.view(2, nb, block_size, num_kv_heads, head_dim)
-    q = torch.randn(len(seq_lens), num_q_heads, head_dim, generator=gen).to(dtype)
-    kv, block_table = kv.to(DEVICE), block_table.to(DEVICE)
-    return q.to(DEVICE), kv[0], kv[1], block_table, torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+def paged(seq_lens: list[int], num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, **kwargs):
+    """:func:`make_paged_kv` on this module's device."""
+    return make_paged_kv(seq_lens, num_q_heads, num_kv_heads, head_dim, dtype, device=DEVICE, **kwargs)
 
 
 def random_block_lists(seq_lens: torch.Tensor, num_kv_heads: int, block_size: int, seed: int = 1,
@@ -91,7 +76,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("num_q_heads,num_kv_heads", [(8, 2), (4, 4)])
 def test_sparse_matches_reference_on_ragged_batch(dtype, head_dim, num_q_heads, num_kv_heads):
-    q, k, v, table, lens = make_paged_kv([37, 300, 5], num_q_heads, num_kv_heads, head_dim, dtype)
+    q, k, v, table, lens = paged([37, 300, 5], num_q_heads, num_kv_heads, head_dim, dtype)
     sel_idx, sel_count = random_block_lists(lens, num_kv_heads, block_size=16)
     out = sparse_decode(q, k, v, table, lens, sel_idx, sel_count)
     assert_close(out, naive_sparse_decode(q, k, v, table, lens, sel_idx, sel_count), dtype)
@@ -100,7 +85,7 @@ def test_sparse_matches_reference_on_ragged_batch(dtype, head_dim, num_q_heads, 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_q_heads,num_kv_heads", [(8, 2), (4, 4)])
 def test_full_lists_equal_dense_and_sdpa(dtype, num_q_heads, num_kv_heads):
-    q, k, v, table, lens = make_paged_kv([200, 17, 64], num_q_heads, num_kv_heads, 64, dtype)
+    q, k, v, table, lens = paged([200, 17, 64], num_q_heads, num_kv_heads, 64, dtype)
     sel_idx, sel_count = full_block_lists(lens, num_kv_heads, block_size=16)
     sparse = sparse_decode(q, k, v, table, lens, sel_idx, sel_count)
     dense = dense_decode(q, k, v, table, lens)
@@ -112,7 +97,7 @@ def test_full_lists_equal_dense_and_sdpa(dtype, num_q_heads, num_kv_heads):
 
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 64])
 def test_split_count_does_not_change_result(num_splits):
-    q, k, v, table, lens = make_paged_kv([700, 260, 33], 8, 2, 64, torch.float16)
+    q, k, v, table, lens = paged([700, 260, 33], 8, 2, 64, torch.float16)
     sel_idx, sel_count = random_block_lists(lens, 2, block_size=16, counts=[[44, 30], [17, 1], [3, 3]])
     out = sparse_decode(q, k, v, table, lens, sel_idx, sel_count, scale=0.2, num_splits=num_splits)
     assert_close(out, naive_sparse_decode(q, k, v, table, lens, sel_idx, sel_count, scale=0.2), torch.float16)
@@ -123,7 +108,7 @@ def test_split_count_does_not_change_result(num_splits):
 def test_sel_rows_read_each_requests_lists_from_its_row():
     """Lists kept in other rows of a larger buffer (e.g. reuse slots), shuffled: sel_rows points each request at
     its row and the result is bit for bit the one of the lists passed in order; bad sel_rows name themselves."""
-    q, k, v, table, lens = make_paged_kv([700, 260, 33], 8, 2, 64, torch.bfloat16)
+    q, k, v, table, lens = paged([700, 260, 33], 8, 2, 64, torch.bfloat16)
     sel_idx, sel_count = random_block_lists(lens, 2, block_size=16)
     rows = torch.tensor([4, 0, 2], device=DEVICE)
     kept_idx = torch.full((5, *sel_idx.shape[1:]), 7, dtype=torch.int32, device=DEVICE)
@@ -137,7 +122,7 @@ def test_sel_rows_read_each_requests_lists_from_its_row():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_lists_of_one_block(dtype):
-    q, k, v, table, lens = make_paged_kv([5, 300, 129], 8, 2, 64, dtype)
+    q, k, v, table, lens = paged([5, 300, 129], 8, 2, 64, dtype)
     sel_idx, sel_count = random_block_lists(lens, 2, block_size=16, counts=[[1, 1], [1, 1], [1, 1]])
     sel_idx[2, 1, 0] = 8  # the partial last block: one live token out of 16
     out = sparse_decode(q, k, v, table, lens, sel_idx, sel_count)
@@ -146,7 +131,7 @@ def test_lists_of_one_block(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_large_logits_stay_finite_and_match(dtype):
-    q, k, v, table, lens = make_paged_kv([300, 90], 8, 2, 128, dtype)
+    q, k, v, table, lens = paged([300, 90], 8, 2, 128, dtype)
     q = q * 100
     sel_idx, sel_count = random_block_lists(lens, 2, block_size=16)
     out = sparse_decode(q, k, v, table, lens, sel_idx, sel_count, num_splits=2)
@@ -156,7 +141,7 @@ def test_large_logits_stay_finite_and_match(dtype):
 
 @pytest.mark.parametrize("block_size", [8, 32])
 def test_other_block_sizes(block_size):
-    q, k, v, table, lens = make_paged_kv([150, 33], 8, 2, 64, torch.bfloat16, block_size=block_size)
+    q, k, v, table, lens = paged([150, 33], 8, 2, 64, torch.bfloat16, block_size=block_size)
     sel_idx, sel_count = random_block_lists(lens, 2, block_size=block_size)
     out = sparse_decode(q, k, v, table, lens, sel_idx, sel_count)
     assert_close(out, naive_sparse_decode(q, k, v, table, lens, sel_idx, sel_count), torch.bfloat16)
@@ -164,7 +149,7 @@ def test_other_block_sizes(block_size):
 
 
 def test_empty_list_gives_zeros():
-    q, k, v, table, lens = make_paged_kv([100, 40], 8, 2, 64, torch.float16)
+    q, k, v, table, lens = paged([100, 40], 8, 2, 64, torch.float16)
     sel_idx, sel_count = random_block_lists(lens, 2, block_size=16, counts=[[0, 4], [2, 0]])
     out = sparse_decode(q, k, v, table, lens, sel_idx, sel_count)
     assert torch.equal(out[0, :4], torch.zeros_like(out[0, :4]))
@@ -173,7 +158,7 @@ def test_empty_list_gives_zeros():
 
 
 def test_writes_only_out_and_leaves_inputs_unchanged():
-    q_storage, k, v, table, lens = make_paged_kv([90, 50], 16, 2, 64, torch.bfloat16)
+    q_storage, k, v, table, lens = paged([90, 50], 16, 2, 64, torch.bfloat16)
     q = q_storage[:, ::2]  # strided q: every other head of a wider tensor
     sel_idx, sel_count = random_block_lists(lens, 2, block_size=16)
     inputs = (q, k, v, table, lens, sel_idx, sel_count)
@@ -191,7 +176,7 @@ def test_writes_only_out_and_leaves_inputs_unchanged():
 
 def test_one_plan_serves_every_layer_and_narrower_lists():
     """A plan made once (wider than the lists) gives the same bits as fresh calls, for several layers' caches."""
-    q, k, v, table, lens = make_paged_kv([300, 77, 150], 8, 2, 64, torch.bfloat16)
+    q, k, v, table, lens = paged([300, 77, 150], 8, 2, 64, torch.bfloat16)
     sel_idx, sel_count = random_block_lists(lens, 2, block_size=16)
     plan = plan_decode(q, k, sel_idx.shape[2] + 5, num_splits=3)
     assert plan.num_splits > 1 and plan.acc is not None
@@ -206,11 +191,11 @@ def test_one_plan_serves_every_layer_and_narrower_lists():
 
 
 def test_single_split_plan_writes_out_without_scratch():
-    q, k, v, table, lens = make_paged_kv([90, 50], 8, 2, 64, torch.float16)
+    q, k, v, table, lens = paged([90, 50], 8, 2, 64, torch.float16)
     sel_idx, sel_count = random_block_lists(lens, 2, block_size=16, counts=[[6, 0], [1, 4]])
     plan = plan_decode(q, k, sel_idx.shape[2], num_splits=1)
     assert plan.num_splits == 1 and plan.acc is None and plan.stats is None
-    out = sparse_decode(q, k, v, table, lens, sel_idx, sel_count, out=torch.full_like(q, float("nan")), plan=plan)
+    out = sparse_decode(q, k, v, table, lens, sel_idx, sel_count, out=poisoned_like(q), plan=plan)
     assert torch.equal(out[0, 4:], torch.zeros_like(out[0, 4:]))  # the empty list
     assert_close(out, naive_sparse_decode(q, k, v, table, lens, sel_idx, sel_count), torch.float16)
 
@@ -238,7 +223,7 @@ def test_plan_decode_rejects_bad_arguments(kwargs, message):
 
 
 def _valid_inputs() -> dict:
-    q, k, v, table, lens = make_paged_kv([40, 20], 8, 2, 64, torch.float16)
+    q, k, v, table, lens = paged([40, 20], 8, 2, 64, torch.float16)
     sel_idx, sel_count = random_block_lists(lens, 2, block_size=16)
     return dict(q=q, key_cache=k, value_cache=v, block_table=table, seq_lens=lens, sel_idx=sel_idx,
                 sel_count=sel_count)

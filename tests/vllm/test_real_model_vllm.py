@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("vllm")
 pytest.importorskip("gguf", reason="the model extra (gguf) converts the model: pip install -e '.[model]'")
 
-DRIVER = Path(__file__).resolve().parent.parent / "bench" / "vllm_driver.py"
+DRIVER = Path(__file__).resolve().parents[2] / "bench" / "vllm_driver.py"
 BLOCK = 32
 MAX_TOKENS = 24
 # (distribution, file, first and last character taken): real texts of 3-6K tokens with the chat template

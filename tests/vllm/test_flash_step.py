@@ -9,6 +9,8 @@ from ucm_kernels.block_repr import naive_update_block_repr
 from ucm_sparse import GSAConfig, ops
 from ucm_sparse.vllm.flash_step import FlashGSA, flash_kv_views, goes_sparse
 
+from paged_kv import poisoned_like
+
 BLOCK, HEADS, GROUP, HEAD = 16, 2, 4, 64
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CONFIG = GSAConfig(sparse_ratio=0.3, init_window_sz=1, local_window_sz=2, min_blocks=3)
@@ -72,7 +74,7 @@ def test_uniform_decode_rows_equal_the_torch_reference():
     prefilling = torch.tensor([True, False, False])
     plan = step.plan(seq_lens, starts, starts_cpu, table, 1, prefilling)
     assert plan.decode.uniform and plan.first.tolist() == [0, 12, 2] and plan.end.tolist() == [18, 13, 2]
-    step.run(plan, q, kv_cache, layer, HEAD ** -0.5, output := torch.full_like(q, float("nan")))
+    step.run(plan, q, kv_cache, layer, HEAD ** -0.5, output := poisoned_like(q))
     refreshed = torch.cat([table[0, :18], table[1, 12:13]]).long()
     assert not reprs[0][refreshed].isnan().any() and int(reprs[0].isnan().any(-1).any(-1).sum()) == 64 - 19
     expected, selection = reference(q, kv_cache, table, seq_lens)
@@ -143,7 +145,7 @@ def test_two_stage_rows_equal_the_torch_two_stage_selection(select_every):
     table, seq_lens, starts, starts_cpu, q = batch([301, 250, 40], [1, 1, 1])
     layer = step.layer_state(64)
     plan = step.plan(seq_lens, starts, starts_cpu, table, 1, torch.tensor([True, True, False]))
-    step.run(plan, q, kv_cache, layer, HEAD ** -0.5, output := torch.full_like(q, float("nan")))
+    step.run(plan, q, kv_cache, layer, HEAD ** -0.5, output := poisoned_like(q))
     key_cache, value_cache = flash_kv_views(kv_cache, HEAD)
     reprs = ops.empty_reprs(64, HEADS, HEAD, key_cache.dtype, config, DEVICE)
     naive_update_block_repr(key_cache, torch.cat([table[0, :18], table[1, :15], table[2, :2]]), *reprs)
@@ -200,7 +202,7 @@ def test_a_captured_uniform_decode_step_replays_with_the_next_steps_values():
 def reused_step(step, seq_lens, starts, starts_cpu, table, q, kv_cache, layer, prefilling=None):
     """Plan and run one step; return (output, the rows that reselected, the lists the step attended)."""
     plan = step.plan(seq_lens, starts, starts_cpu, table, 1, prefilling)
-    step.run(plan, q, kv_cache, layer, HEAD ** -0.5, output := torch.full_like(q, float("nan")))
+    step.run(plan, q, kv_cache, layer, HEAD ** -0.5, output := poisoned_like(q))
     return output, plan.decode.reselect.tolist(), lists_in_use(layer, plan.decode)
 
 

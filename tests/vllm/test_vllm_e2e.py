@@ -18,7 +18,7 @@ from ucm_store.backends.posix import block_files
 from ucm_store.hashing import BlockHasher, HashNamespace
 from ucm_store.pipeline import block_key
 
-DRIVER = Path(__file__).parent.parent / "bench" / "vllm_driver.py"
+DRIVER = Path(__file__).resolve().parents[2] / "bench" / "vllm_driver.py"
 BLOCK = 32
 PROMPT_LENGTHS = (700, 333, 1000, 97)
 

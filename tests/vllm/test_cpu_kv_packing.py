@@ -12,10 +12,11 @@ from ucm_sparse import GSAConfig, ops
 from ucm_sparse.vllm.cpu_kv_packing import (PACKED_ISAS, PackedBlockReprs, edge_keys, gather_kv, kv_views, step_kv,
                                             tiled_kv)
 
+from paged_kv import TOLERANCE
+
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BLOCK_SIZES = (32, 64)
 HEADS, HEAD_SIZE, NUM_BLOCKS = 2, 64, 6
-TOLERANCE = {torch.bfloat16: dict(atol=1e-2, rtol=1e-2), torch.float16: dict(atol=1e-2, rtol=1e-2)}
 UNKNOWN_ISAS = ("neon", "vsx", "vxe", "rvv", "avx9")
 NO_AMX = "vLLM's AMX attention kernel needs an AMX CPU: this CPU has no amx_tile"
 
