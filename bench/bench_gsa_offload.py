@@ -424,6 +424,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (any device) to check the script")
     parser.add_argument("--layers", type=int, default=8, help="layers of the batch-8 schedules (default 8)")
     parser.add_argument("--long", action="store_true", help="also the 512K x 1 run over 32 layers")
+    parser.add_argument("--schedules", nargs="+", choices=("steady", "alternating"), default=["steady", "alternating"],
+                        help="the batch-8 schedules to run (default both)")
     parser.add_argument("--profile", action="store_true", help="only profile the host side of the steady steps")
     args = parser.parse_args(argv)
     device = _device()
@@ -445,7 +447,7 @@ def main(argv: list[str] | None = None) -> None:
             profile_offload(workload, pool, os.environ.get("OUT", "bench/results"))
             return
         cache = PagedKV(workload)
-        for name in ("steady", "alternating"):
+        for name in args.schedules:
             rows += bench_schedule(name, workload, cache, pool, h2d)
         del cache, workload, pool
         gc.collect()  # the schedules' pinned host KV (2 x 34 GB at 8 layers) goes back before the long run's 69 GB

@@ -71,7 +71,7 @@ class _Request:
     blocks: list[int]  # host block of each logical block
     seq_len: int  # tokens written
     written: set = field(default_factory=set)  # layers whose prompt was written
-    predictions: dict = field(default_factory=dict)  # layer -> (step, selected pieces [heads, width], -1 padded)
+    predictions: dict = field(default_factory=dict)  # layer -> (step, the batch's pieces [batch, heads, width], row)
     tail_resident: bool = False  # its newest block is pinned in the pools (after a decode step wrote into it)
     last_step: int = -1  # the last step that decoded it
     row: torch.Tensor | None = None  # blocks as a CPU int32 tensor, rebuilt when a block is added
@@ -291,19 +291,21 @@ class OffloadedGSA:
         table = torch.zeros(len(requests), max(nbs), dtype=torch.int32)
         for row, request in enumerate(requests):
             table[row, :nbs[row]] = request.block_row()
-        lens = torch.tensor([r.seq_len for r in requests], dtype=torch.int64)
-        heads = self.num_kv_heads
-        filled = (lens % self.block_size == 0).repeat_interleave(heads).nonzero().flatten()
-        lens32 = lens.int()
-        on_device = self._staging.upload(  # one copy for the whole plan
-            lens32, lens32.repeat_interleave(heads), table, self._pieces([r.blocks[-1] for r in requests], "cpu"),
-            ((lens - 1) % self.block_size).repeat_interleave(heads), self._pieces(opened, "cpu"), filled,
-            torch.tensor([filled.numel()], dtype=torch.int32))
-        seq_lens, row_seq_lens, table, tail_pieces, tail_offsets, new_tail_pieces, filled_rows, filled_count = on_device
-        return OffloadPlan(self._step, request_ids, seq_lens, row_seq_lens, table, counts,
-                           dense=all(c == nb for c, nb in zip(counts, nbs)), tail_pieces=tail_pieces,
-                           tail_offsets=tail_offsets, tails_resident=all(r.tail_resident for r in requests),
-                           new_tail_pieces=new_tail_pieces, filled_rows=filled_rows, filled_count=filled_count)
+        heads, block = self.num_kv_heads, self.block_size
+        lens = [r.seq_len for r in requests]
+        per_row = [(n, r.blocks[-1] * heads + h, (n - 1) % block) for r, n in zip(requests, lens) for h in range(heads)]
+        filled = [row for row, (n, _, _) in enumerate(per_row) if n % block == 0]
+        opened_pieces = [b * heads + h for b in opened for h in range(heads)]
+        rows = len(per_row)
+        small32 = torch.tensor(lens + [n for n, _, _ in per_row] + [len(filled)], dtype=torch.int32)
+        small64 = torch.tensor([p for _, p, _ in per_row] + [o for _, _, o in per_row] + opened_pieces + filled,
+                               dtype=torch.int64)
+        small32, table, small64 = self._staging.upload(small32, table, small64)  # one copy for the whole plan
+        ints = small64.split([rows, rows, len(opened_pieces), len(filled)])
+        return OffloadPlan(self._step, request_ids, small32[:len(lens)], small32[len(lens):-1], table, counts,
+                           dense=all(c == nb for c, nb in zip(counts, nbs)), tail_pieces=ints[0],
+                           tail_offsets=ints[1], tails_resident=all(r.tail_resident for r in requests),
+                           new_tail_pieces=ints[2], filled_rows=ints[3], filled_count=small32[-1:])
 
     def _check_budget(self, requests: list[_Request], counts: list[int]) -> None:
         """Raise ValueError unless a layer's pool holds this step: the selected and newest blocks' pieces of the
@@ -361,10 +363,10 @@ class OffloadedGSA:
         return 2 * self._step
 
     def _remember(self, plan: OffloadPlan, layer: int, pieces: torch.Tensor) -> None:
-        """Keep each request's selected pieces (``[batch, heads, width]``, -1 unlisted) of this layer as the
-        prediction of its next steps (rows of the batch tensor: no host sync)."""
+        """Keep each request's selected pieces (its row of ``[batch, heads, width]``, -1 unlisted) of this layer as
+        the prediction of its next steps (the batch tensor and the row: no host sync, no view made per request)."""
         for row, request_id in enumerate(plan.request_ids):
-            self.requests[request_id].predictions[layer] = (self._step, pieces[row])
+            self.requests[request_id].predictions[layer] = (self._step, pieces, row)
 
     def _prefetch(self, plan: OffloadPlan, away: list[_Request]) -> None:
         """Admit, layer by layer, the live predictions of requests that did not run last step, and queue their
@@ -375,7 +377,8 @@ class OffloadedGSA:
         if stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(stream)  # last step's copies are in before slots move
         for layer, pool in enumerate(self.pools):
-            live = [p[1].flatten() for r in away if (p := r.predictions.get(layer)) is not None and p[0] >= oldest]
+            live = [p[1][p[2]].flatten() for r in away if (p := r.predictions.get(layer)) is not None
+                    and p[0] >= oldest]
             if not live:
                 continue
             pieces = torch.cat(live)
