@@ -352,9 +352,9 @@ class OffloadedGSA:
         """Make the selected pieces resident, copying the missing ones in; returns the attention table over the
         pool ``[batch * heads, max_blocks]`` and the selected pieces ``[batch, heads, width]`` (-1 unlisted)."""
         pool = self.pools[layer]
-        table, pieces, fetch = pool.admit_selection(selection.sel_idx, selection.sel_count, plan.block_table,
-                                                    below=self._now, stamp=self._now, tally=self._counters.listed)
-        pool.fetch(self.host.rows(layer), fetch, SYNC_COPY_PROGRAMS)
+        table, pieces, _ = pool.admit_selection(selection.sel_idx, selection.sel_count, plan.block_table,
+                                                below=self._now, stamp=self._now, tally=self._counters.listed,
+                                                host_rows=self.host.rows(layer))
         return table, pieces
 
     @property

@@ -108,6 +108,27 @@ def test_admit_selection_lists_pieces_and_writes_the_slot_table(seed):
     check_consistent({k: v.cpu() for k, v in got.items()})
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_admit_selection_with_rows_copies_exactly_the_admitted_rows(seed):
+    """Both implementations: each admitted piece's host row lands in its slot's row; no other row is written."""
+    batch, heads, width, blocks, capacity = 3, 4, 40, 60, 700
+    sel_idx, sel_count, block_table = random_selection(batch, heads, width, blocks, host_blocks=500, seed=seed)
+    state = random_pool(capacity, pieces=500 * heads, seed=seed)
+    host = torch.randn(500 * heads, 24, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+    host = host.pin_memory() if DEVICE == "cuda" else host
+    for admit_fn, device in ((torch_admit_selection, "cpu"), (admit_selection, DEVICE)):
+        pool_rows = torch.full((capacity, 24), float("nan"), dtype=torch.bfloat16, device=device)
+        _, _, fetch_pieces, fetch_slots, count = admit_fn(
+            *on(device, state).values(), sel_idx.to(device), sel_count.to(device), block_table.to(device),
+            below=80, stamp_value=80, max_new=10_000, rows=(host, pool_rows))
+        n = int(count[0])
+        slots, pieces = fetch_slots[:n].cpu(), fetch_pieces[:n].cpu()
+        assert n > 0 and torch.equal(pool_rows.cpu()[slots], host[pieces]), admit_fn.__module__
+        untouched = torch.ones(capacity, dtype=torch.bool)
+        untouched[slots] = False
+        assert pool_rows.cpu()[untouched].isnan().all(), admit_fn.__module__
+
+
 def test_admit_keeps_hits_and_pinned_slots_and_evicts_the_oldest_first():
     capacity, pieces = 400, 3000
     state = random_pool(capacity, pieces, seed=3)

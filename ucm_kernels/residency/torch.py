@@ -83,9 +83,13 @@ def selection_pieces(sel_idx: torch.Tensor, sel_count: torch.Tensor, block_table
 
 def admit_selection(slot_of: torch.Tensor, piece_in: torch.Tensor, stamp: torch.Tensor, pinned: torch.Tensor,
                     sel_idx: torch.Tensor, sel_count: torch.Tensor, block_table: torch.Tensor, *, below: int,
-                    stamp_value: int, max_new: int, tally: torch.Tensor | None = None
+                    stamp_value: int, max_new: int, tally: torch.Tensor | None = None,
+                    rows: tuple[torch.Tensor, torch.Tensor] | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`admit` of the pieces a selection lists (:func:`selection_pieces`), and the attention table.
+
+    With ``rows`` = (src, dst) (2-D tensors of one width), each admitted piece's row is copied as well:
+    ``dst[slot] = src[piece]`` (:func:`copy_rows` of the fetch lists).
 
     Returns:
         table [batch * heads, max_blocks] int32: the slot of each listed logical block of a (request, KV head)
@@ -102,6 +106,8 @@ def admit_selection(slot_of: torch.Tensor, piece_in: torch.Tensor, stamp: torch.
     listed = (slots >= 0).view(batch * heads, width)
     columns = torch.where(listed, sel_idx.reshape(batch * heads, width).long(), max_blocks)
     table.scatter_(1, columns, torch.where(listed, slots.view(batch * heads, width), 0).int())
+    if rows is not None:
+        copy_rows(*rows, fetch_pieces, fetch_slots, count)
     return table[:, :max_blocks], pieces, fetch_pieces, fetch_slots, count
 
 

@@ -1,12 +1,12 @@
-"""Triton residency bookkeeping (four launches, no host sync) and the indexed row copy.
+"""Triton residency bookkeeping (three launches, no host sync) and the indexed row copy.
 
-``admit``: (1) probe the wanted pieces (hits stamped, misses ranked through an atomic counter), (2) histogram of
-the evictable slots' ages (per program, then one atomic per bin: most slots share an age, and per-slot atomics on
-one bin serialise), (3) every program finds the victim age from the histogram and ranks its victims, older
-ones first, then those of the victim age, through two more counters, (4) the k-th miss takes the k-th victim and
-the maps are updated. Ranks follow program order, so on a GPU which slot a miss takes varies between runs (any
-victim of the same age is as good); in the interpreter programs run in order and the result equals
-``torch.admit``'s.
+``admit``: (1) probe the wanted pieces (hits stamped, misses ranked through an atomic counter: each program's
+misses get consecutive ranks), (2) one program histograms the evictable slots' ages, finds the victim age and
+ranks the victims, older ones first, then those of the victim age, each group in slot order (skipped when nothing
+misses), (3) the k-th miss takes the k-th victim, the maps are updated, and (``admit_selection`` with ``rows``)
+each program copies the rows of the misses it admitted. Miss ranks follow program order, so on a GPU which victim
+a miss takes varies between runs (the set of victims does not); in the interpreter programs run in order and the
+result equals ``torch.admit``'s.
 """
 import torch
 import triton
@@ -16,9 +16,10 @@ from ucm_kernels._utils import alignment, check_device, check_tensor, next_pow2
 
 from .torch import AGE_CAP
 
-# counter slots; HIST .. HIST + AGE_CAP: the age histogram (constexpr: the kernels read them as globals)
-MISSES, OLDER, ADMITTED, TIES, HIST = (tl.constexpr(slot) for slot in range(5))
+# counter slots (constexpr: the kernels read them as globals)
+MISSES, OLDER, ADMITTED, TIES = (tl.constexpr(slot) for slot in range(4))
 _TILE = 1024
+_VICTIM_TILE = 4096  # slots per step of the one-program victim search
 _WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
 
@@ -58,40 +59,45 @@ def _ages(stamp, pinned, offs, inside, below, AGE_CAP: tl.constexpr):
     return tl.where(held | (age <= 0), 0, tl.minimum(age, AGE_CAP))
 
 
-@triton.jit(do_not_specialize=["capacity", "below"])
-def _age_histogram_kernel(stamp, pinned, counters, capacity, below, AGE_CAP: tl.constexpr, BINS: tl.constexpr,
-                          TILE: tl.constexpr):
-    offs = tl.program_id(0) * TILE + tl.arange(0, TILE)
-    inside = offs < capacity
-    age = _ages(stamp, pinned, offs, inside, below, AGE_CAP)  # 0 outside and where not evictable: bin 0, unread
-    bins = tl.arange(0, BINS)
-    tl.atomic_add(counters + HIST + bins, tl.histogram(age.to(tl.int32), BINS), mask=(bins >= 1) & (bins <= AGE_CAP))
-
-
 @triton.jit(do_not_specialize=["capacity", "below", "max_new"])
-def _victim_kernel(stamp, pinned, counters, victims, capacity, below, max_new, AGE_CAP: tl.constexpr,
-                   BINS: tl.constexpr, TILE: tl.constexpr):
+def _victims_kernel(stamp, pinned, counters, victims, capacity, below, max_new, AGE_CAP: tl.constexpr,
+                    BINS: tl.constexpr, TILE: tl.constexpr):
+    """One program: the evictable slots' age histogram, the victim age, then the victims ranked (every slot older
+    than that age, then those of that age, each group in slot order) into ``victims``; the group sizes into
+    counters OLDER and TIES. Runs only when a miss is to be admitted."""
     wanted = tl.minimum(tl.load(counters + MISSES), max_new)
     if wanted > 0:
         bins = tl.arange(0, BINS)
-        hist = tl.load(counters + HIST + bins, mask=bins <= AGE_CAP, other=0)
+        hist = tl.zeros([BINS], dtype=tl.int32)
+        for start in range(0, capacity, TILE):
+            offs = start + tl.arange(0, TILE)
+            hist += tl.histogram(_ages(stamp, pinned, offs, offs < capacity, below, AGE_CAP).to(tl.int32), BINS)
+        hist = tl.where((bins >= 1) & (bins <= AGE_CAP), hist, 0)  # bin 0: not evictable (or outside)
         at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # slots of this age or older
         oldest = tl.maximum(tl.sum(((bins >= 1) & (at_least >= wanted)).to(tl.int32), 0), 1)
         older = tl.sum(tl.where(bins > oldest, hist, 0), 0)  # all taken; then slots of age ``oldest``
-        offs = tl.program_id(0) * TILE + tl.arange(0, TILE)
-        inside = offs < capacity
-        age = _ages(stamp, pinned, offs, inside, below, AGE_CAP)
-        for tie in tl.static_range(2):
-            flags = (inside & ((age == oldest) if tie else (age > oldest))).to(tl.int32)
-            base = tl.atomic_add(counters + (TIES if tie else OLDER), tl.sum(flags, 0)) + (older if tie else 0)
-            rank = base + tl.cumsum(flags, 0) - 1
-            tl.store(victims + rank, offs.to(tl.int64), mask=(flags != 0) & (rank < wanted))
+        ranked_older, ranked_ties = older * 0, older * 0
+        for start in range(0, capacity, TILE):
+            offs = start + tl.arange(0, TILE)
+            age = _ages(stamp, pinned, offs, offs < capacity, below, AGE_CAP)
+            for tie in tl.static_range(2):
+                flags = ((age == oldest) if tie else (age > oldest)).to(tl.int32)
+                base = (older + ranked_ties) if tie else ranked_older
+                rank = base + tl.cumsum(flags, 0) - 1
+                tl.store(victims + rank, offs.to(tl.int64), mask=(flags != 0) & (rank < wanted))
+                if tie:
+                    ranked_ties += tl.sum(flags, 0)
+                else:
+                    ranked_older += tl.sum(flags, 0)
+        tl.store(counters + OLDER, ranked_older)
+        tl.store(counters + TIES, ranked_ties)
 
 
 @triton.jit(do_not_specialize=["n", "stamp_value", "max_new", "width", "table_width"])
 def _assign_kernel(pieces, miss_rank, slots, victims, slot_of, piece_in, stamp, counters, fetch_pieces,
-                   fetch_slots, tally, sel_idx, table, n, stamp_value, max_new, width, table_width,
-                   WRITE_TABLE: tl.constexpr, HAS_TALLY: tl.constexpr, TILE: tl.constexpr):
+                   fetch_slots, tally, sel_idx, table, src, dst, n, stamp_value, max_new, width, table_width,
+                   WRITE_TABLE: tl.constexpr, HAS_TALLY: tl.constexpr, COPY: tl.constexpr, ROW_WORDS: tl.constexpr,
+                   BLOCK: tl.constexpr, TILE: tl.constexpr):
     offs = tl.program_id(0) * TILE + tl.arange(0, TILE)
     inside = offs < n
     candidates = tl.load(counters + OLDER) + tl.load(counters + TIES)
@@ -116,6 +122,16 @@ def _assign_kernel(pieces, miss_rank, slots, victims, slot_of, piece_in, stamp, 
     tl.atomic_add(counters + ADMITTED, taken)
     if HAS_TALLY:
         tl.atomic_add(tally + 1, taken.to(tl.int64))
+    if COPY:  # this program's admitted misses hold ranks first .. first + taken - 1 (the probe ranked them at once)
+        first = tl.min(tl.where(take, rank, n), 0)
+        tl.debug_barrier()  # the fetch lists stored above are visible to every thread of the program
+        words = tl.arange(0, BLOCK)
+        for k in range(taken):
+            source = src + tl.load(fetch_pieces + first + k) * ROW_WORDS
+            target = dst + tl.load(fetch_slots + first + k) * ROW_WORDS
+            for start in tl.static_range(0, ROW_WORDS, BLOCK):
+                mask = start + words < ROW_WORDS
+                tl.store(target + start + words, tl.load(source + start + words, mask=mask), mask=mask)
 
 
 def admit(slot_of: torch.Tensor, piece_in: torch.Tensor, stamp: torch.Tensor, pinned: torch.Tensor,
@@ -131,54 +147,59 @@ def admit(slot_of: torch.Tensor, piece_in: torch.Tensor, stamp: torch.Tensor, pi
         if pieces.shape != wanted.shape:
             raise ValueError(f"pieces / wanted: shapes {tuple(pieces.shape)} / {tuple(wanted.shape)} differ")
     slots, fetch_pieces, fetch_slots, count = _launch(slot_of, piece_in, stamp, pinned, pieces, wanted, None, None,
-                                                      below, stamp_value, max_new, tally)
+                                                      below, stamp_value, max_new, tally, None)
     return slots, fetch_pieces, fetch_slots, count
 
 
 def admit_selection(slot_of: torch.Tensor, piece_in: torch.Tensor, stamp: torch.Tensor, pinned: torch.Tensor,
                     sel_idx: torch.Tensor, sel_count: torch.Tensor, block_table: torch.Tensor, *, below: int,
-                    stamp_value: int, max_new: int, tally: torch.Tensor | None = None, validate: bool = True
+                    stamp_value: int, max_new: int, tally: torch.Tensor | None = None,
+                    rows: tuple[torch.Tensor, torch.Tensor] | None = None, validate: bool = True
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`admit` of the pieces a block selection lists, and the attention table over the pool; contract of
-    ``torch.admit_selection``, except that table entries of unlisted blocks are undefined (not 0).
+    ``torch.admit_selection``, except that table entries of unlisted blocks are undefined (not 0). With ``rows``,
+    the admitted pieces' rows are copied in the same launches (by the programs that admitted them).
     ``validate=False`` skips the argument checks."""
     if validate:
         _check_state(slot_of, piece_in, stamp, pinned, tally)
         _check_selection(sel_idx, sel_count, block_table, slot_of.device)
+        if rows is not None:
+            _check_rows("rows[0]", rows[0], rows[1], slot_of.device)
+            _check_rows("rows[1]", rows[1], rows[0], slot_of.device)
     batch, heads, width = sel_idx.shape
-    pieces = torch.empty(batch * heads * width, dtype=torch.int64, device=slot_of.device)
+    pieces = _int64_buffers(slot_of.device, batch * heads * width)[0]
     # entries of unlisted blocks stay unwritten: the sparse decode kernel reads listed entries only
     table = torch.empty(batch * heads, block_table.shape[1], dtype=torch.int32, device=slot_of.device)
     _, fetch_pieces, fetch_slots, count = _launch(slot_of, piece_in, stamp, pinned, pieces, None,
                                                   (sel_idx, sel_count, block_table, heads), table, below, stamp_value,
-                                                  max_new, tally)
+                                                  max_new, tally, rows)
     return table, pieces.view(batch, heads, width), fetch_pieces, fetch_slots, count
 
 
-def _launch(slot_of, piece_in, stamp, pinned, pieces, wanted, selection, table, below, stamp_value, max_new, tally):
-    """The four kernels; ``selection`` = (sel_idx, sel_count, block_table, heads) or None (``pieces`` / ``wanted``
-    given)."""
+def _launch(slot_of, piece_in, stamp, pinned, pieces, wanted, selection, table, below, stamp_value, max_new, tally,
+            rows):
+    """The three kernels; ``selection`` = (sel_idx, sel_count, block_table, heads) or None (``pieces`` / ``wanted``
+    given); ``rows`` = (src, dst) to copy the admitted pieces' rows, or None."""
     device = slot_of.device
     n, capacity = pieces.numel(), piece_in.numel()
-    counters = torch.zeros(HIST.value + AGE_CAP + 1, dtype=torch.int32, device=device)
-    slots, miss_rank = torch.empty_like(pieces), torch.empty_like(pieces)
-    fetch_pieces, fetch_slots = torch.empty_like(pieces), torch.empty_like(pieces)
-    victims = torch.empty(max(min(n, max_new, capacity), 1), dtype=torch.int64, device=device)
+    counters = torch.zeros(4, dtype=torch.int32, device=device)
+    slots, miss_rank, fetch_pieces, fetch_slots, victims = _int64_buffers(device, n, n, n, n,
+                                                                          max(min(n, max_new, capacity), 1))
     tally_arg = tally if tally is not None else counters
     sel_idx, sel_count, block_table, heads = selection or (pieces, counters, counters, 1)
     width, table_width = sel_idx.shape[-1], block_table.shape[-1]
-    entries, slot_tiles = (triton.cdiv(max(n, 1), _TILE),), (triton.cdiv(capacity, _TILE),)
+    entries = (triton.cdiv(max(n, 1), _TILE),)
+    src, dst, row_words = _word_views(*rows) if rows is not None else (counters, counters, 1)
     _probe_kernel[entries](pieces, wanted if wanted is not None else counters, sel_idx, sel_count, block_table,
                            slot_of, stamp, slots, miss_rank, counters, tally_arg, n, stamp_value, width, table_width,
                            heads, FROM_SELECTION=selection is not None, HAS_TALLY=tally is not None, TILE=_TILE)
-    _age_histogram_kernel[slot_tiles](stamp, pinned, counters, capacity, below, AGE_CAP=AGE_CAP,
-                                      BINS=next_pow2(AGE_CAP + 1), TILE=_TILE)
-    _victim_kernel[slot_tiles](stamp, pinned, counters, victims, capacity, below, max_new, AGE_CAP=AGE_CAP,
-                               BINS=next_pow2(AGE_CAP + 1), TILE=_TILE)
+    _victims_kernel[(1,)](stamp, pinned, counters, victims, capacity, below, max_new, AGE_CAP=AGE_CAP,
+                          BINS=next_pow2(AGE_CAP + 1), TILE=_VICTIM_TILE, num_warps=8)
     _assign_kernel[entries](pieces, miss_rank, slots, victims, slot_of, piece_in, stamp, counters, fetch_pieces,
-                            fetch_slots, tally_arg, sel_idx, table if table is not None else counters, n, stamp_value,
-                            max_new, width, table_width, WRITE_TABLE=table is not None, HAS_TALLY=tally is not None,
-                            TILE=_TILE)
+                            fetch_slots, tally_arg, sel_idx, table if table is not None else counters, src, dst, n,
+                            stamp_value, max_new, width, table_width, WRITE_TABLE=table is not None,
+                            HAS_TALLY=tally is not None, COPY=rows is not None, ROW_WORDS=row_words,
+                            BLOCK=min(next_pow2(row_words), 2048), TILE=_TILE)
     return slots, fetch_pieces, fetch_slots, counters[ADMITTED.value:ADMITTED.value + 1]
 
 
@@ -243,11 +264,26 @@ def copy_rows(src: torch.Tensor, dst: torch.Tensor, src_idx: torch.Tensor, dst_i
     """
     if validate:
         _check_copy(src, dst, src_idx, dst_idx, count)
-    word = min(alignment(src.data_ptr(), dst.data_ptr(), src.shape[1] * src.element_size()), 8)
-    row_words = src.shape[1] * src.element_size() // word
+    src_words, dst_words, row_words = _word_views(src, dst)
     _copy_rows_kernel[(max(min(programs, src_idx.numel()), 1),)](
-        src.view(_WORD_DTYPES[word]), dst.view(_WORD_DTYPES[word]), src_idx, dst_idx, count, ROW_WORDS=row_words,
-        BLOCK=min(next_pow2(row_words), 2048))
+        src_words, dst_words, src_idx, dst_idx, count, ROW_WORDS=row_words, BLOCK=min(next_pow2(row_words), 2048))
+
+
+def _int64_buffers(device: torch.device, *lengths: int) -> list[torch.Tensor]:
+    """Uninitialised int64 tensors of ``lengths`` from one allocation (each starting 16-byte aligned, as Triton
+    specialises pointers on it): a call's scratch costs the caching allocator one request."""
+    starts = [0]
+    for length in lengths:
+        starts.append(starts[-1] + length + (length & 1))
+    buffer = torch.empty(starts[-1], dtype=torch.int64, device=device)
+    return [buffer[start:start + length] for start, length in zip(starts, lengths)]
+
+
+def _word_views(src: torch.Tensor, dst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Two row tensors of one width viewed as the widest words (at most 8 bytes) their addresses and row size allow,
+    and the words per row."""
+    word = min(alignment(src.data_ptr(), dst.data_ptr(), src.shape[1] * src.element_size()), 8)
+    return src.view(_WORD_DTYPES[word]), dst.view(_WORD_DTYPES[word]), src.shape[1] * src.element_size() // word
 
 
 def _check_copy(src, dst, src_idx, dst_idx, count) -> None:
