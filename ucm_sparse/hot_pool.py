@@ -119,17 +119,18 @@ class HotPool:
         return slots, Fetch(pieces, targets, count)
 
     def admit_selection(self, sel_idx: torch.Tensor, sel_count: torch.Tensor, block_table: torch.Tensor, *,
-                        below: int, stamp: int, tally: torch.Tensor, host_rows: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor, "Fetch"]:
+                        below: int, stamp: int, tally: torch.Tensor, host_rows: torch.Tensor,
+                        tokens: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, "Fetch"]:
         """:meth:`admit` every piece a block selection lists (``sel_idx`` ``[batch, heads, width]``, ``sel_count``
         ``[batch, heads]`` int32 over ``block_table`` ``[batch, max_blocks]`` int32 host blocks) and copy the
-        admitted ones in from ``host_rows`` in the same launches. Returns the attention table ``[batch * heads,
-        max_blocks]`` int32 (slot of each listed logical block per (request, KV head) row), the pieces ``[batch,
-        heads, width]`` int64 (-1 unlisted) and the admitted ones (already copied)."""
+        admitted ones in from ``host_rows`` in the same launches; ``tokens`` = (pieces, offsets, key, value) as
+        :meth:`write_tokens` takes them are written in the same launches too (their pieces resident). Returns the
+        attention table ``[batch * heads, max_blocks]`` int32 (slot of each listed logical block per (request, KV
+        head) row), the pieces ``[batch, heads, width]`` int64 (-1 unlisted) and the admitted ones (copied)."""
         args = (self.slot_of, self.piece_in, self.stamp, self.pinned, sel_idx.contiguous(), sel_count.contiguous(),
                 block_table.contiguous())
         kwargs = dict(below=below, stamp_value=stamp, max_new=sel_idx.numel(), tally=tally,
-                      rows=(host_rows, self.rows))
+                      rows=(host_rows, self.rows), tokens=None if tokens is None else (self.kv, *tokens))
         if self.backend == "triton":
             table, pieces, targets_pieces, targets, count = residency.admit_selection(*args, **kwargs,
                                                                                       validate=False)

@@ -11,8 +11,9 @@ A decode step (``plan`` once, then ``run`` per layer) writes the new token into 
 representation of a block that just filled and copies it to the host, selects exactly as on-device GSA does, gives
 the selected pieces that are not resident a slot and copies them in (a synchronous miss, counted), and attends over
 the pool with a per-(request, KV head) block table. On a GPU all of it is queued without a host sync: misses are
-found, slotted and copied by kernels reading the pinned host rows in place (``ucm_kernels.residency``); the host
-only checks, at ``plan``, that the budget holds the step. The outputs equal on-device GSA's over the same tokens
+found, slotted and copied by kernels reading the pinned host rows in place (``ucm_kernels.residency``, three
+launches a layer, which also write the token when no block opens or fills in the step); the host only checks, at
+``plan``, that the budget holds the step. The outputs equal on-device GSA's over the same tokens
 bit for bit (tests/sparse/test_gsa_offload.py; bench/bench_gsa_offload.py reports it on the GPU).
 
 Prefetch (``prefetch_ahead`` > 0): a layer's selection at step s predicts its selections at steps s+1 ..
@@ -247,15 +248,18 @@ class OffloadedGSA:
         backend = ops.resolve_backend(self.backend, q)
         if layer in plan.prefetch_done:
             torch.cuda.current_stream(self.device).wait_event(plan.prefetch_done.pop(layer))
-        tail_slots = self._write_token(plan, layer, key, value)
-        self._complete_filled(plan, layer, backend, tail_slots)
+        tokens = (plan.tail_pieces, plan.tail_offsets, key.reshape(-1, key.shape[-1]),
+                  value.reshape(-1, value.shape[-1]))
+        if not plan.tails_resident or plan.filled_rows.numel():  # a block opened or filled: written before selecting
+            self._complete_filled(plan, layer, backend, self._write_token(plan, layer, tokens))
+            tokens = None
         reprs = self.reprs[layer]
         if plan.dense or not self.config.sparse_layer(layer):
             selection = ops.full_selection(plan.seq_lens, heads, self.block_size, plan.block_table.shape[1])
         else:
             selection = ops.select(backend, q, reprs, plan.block_table, plan.seq_lens, self.config, self.block_size)
         plan.selections[layer] = selection
-        table, pieces = self._resident(plan, layer, selection)
+        table, pieces = self._resident(plan, layer, selection, tokens)
         out = self._attend(plan, self.pools[layer], q, selection, table, backend, scale)
         if self.config.prefetch_ahead > 0:
             self._remember(plan, layer, pieces)
@@ -320,8 +324,9 @@ class OffloadedGSA:
                              f"{self.capacity}; raise {self.budget_key.split('=')[0]} (or lower sparse_ratio / the "
                              "batch)")
 
-    def _write_token(self, plan: OffloadPlan, layer: int, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """Make each request's newest block resident and pinned, write the token into it; return its slots."""
+    def _write_token(self, plan: OffloadPlan, layer: int, tokens: tuple) -> torch.Tensor:
+        """Make each request's newest block resident and pinned, write the token (``tokens`` as
+        :meth:`HotPool.write_tokens` takes them) into it; return its slots."""
         pool = self.pools[layer]
         if not plan.tails_resident:
             wanted = torch.ones_like(plan.tail_pieces, dtype=torch.bool)
@@ -331,8 +336,7 @@ class OffloadedGSA:
                                                       fetch.pieces))
             pool.fetch(self.host.rows(layer), fetch, SYNC_COPY_PROGRAMS)
             self._counters.opened += plan.new_tail_pieces.numel()
-        return pool.write_tokens(plan.tail_pieces, plan.tail_offsets, key.reshape(-1, key.shape[-1]),
-                                 value.reshape(-1, value.shape[-1]), stamp=self._now)
+        return pool.write_tokens(*tokens, stamp=self._now)
 
     def _complete_filled(self, plan: OffloadPlan, layer: int, backend: str, tail_slots: torch.Tensor) -> None:
         """For blocks the new token filled: representations from the pool, copy to the host, unpin."""
@@ -348,13 +352,15 @@ class OffloadedGSA:
         self._counters.written += slots.numel()
         pool.pinned.index_fill_(0, slots, False)
 
-    def _resident(self, plan: OffloadPlan, layer: int, selection: Selection) -> tuple[torch.Tensor, torch.Tensor]:
-        """Make the selected pieces resident, copying the missing ones in; returns the attention table over the
-        pool ``[batch * heads, max_blocks]`` and the selected pieces ``[batch, heads, width]`` (-1 unlisted)."""
+    def _resident(self, plan: OffloadPlan, layer: int, selection: Selection, tokens: tuple | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Make the selected pieces resident, copying the missing ones in (and write ``tokens``, if given, in the
+        same launches); returns the attention table over the pool ``[batch * heads, max_blocks]`` and the selected
+        pieces ``[batch, heads, width]`` (-1 unlisted)."""
         pool = self.pools[layer]
         table, pieces, _ = pool.admit_selection(selection.sel_idx, selection.sel_count, plan.block_table,
                                                 below=self._now, stamp=self._now, tally=self._counters.listed,
-                                                host_rows=self.host.rows(layer))
+                                                host_rows=self.host.rows(layer), tokens=tokens)
         return table, pieces
 
     @property
@@ -371,6 +377,8 @@ class OffloadedGSA:
     def _prefetch(self, plan: OffloadPlan, away: list[_Request]) -> None:
         """Admit, layer by layer, the live predictions of requests that did not run last step, and queue their
         copies (on the prefetch stream on a GPU)."""
+        if not away:  # every request ran last step: their selections are resident (each run waited its copies)
+            return
         oldest, predicted = self._step - self.config.prefetch_ahead, self._now - 1
         programs = PROGRAMS_PER_PREFETCH_WORKER * self.config.prefetch_workers
         stream = self._prefetch_stream

@@ -129,6 +129,36 @@ def test_admit_selection_with_rows_copies_exactly_the_admitted_rows(seed):
         assert pool_rows.cpu()[untouched].isnan().all(), admit_fn.__module__
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_admit_selection_with_tokens_writes_them_as_write_tokens_does(seed):
+    """Tokens written by the first launch's extra programs: the pool, its state and the tables equal the torch twin's
+    (write_tokens, then admit_selection); every written slot is pinned and its token in place."""
+    batch, heads, width, blocks, capacity, block_size, head_dim = 3, 4, 40, 60, 700, 4, 8
+    sel_idx, sel_count, block_table = random_selection(batch, heads, width, blocks, host_blocks=500, seed=seed)
+    state = random_pool(capacity, pieces=500 * heads, seed=seed)
+    resident = (state["slot_of"] >= 0).nonzero().flatten()
+    gen = torch.Generator().manual_seed(seed)
+    token_pieces = resident[torch.randperm(resident.numel(), generator=gen)[:batch * heads]]
+    offsets = torch.randint(0, block_size, (token_pieces.numel(),), generator=gen)
+    key, value = torch.randn(2, token_pieces.numel(), head_dim, generator=gen)  # fp32: cast to the pool's bf16
+    results = {}
+    for name, admit_fn, device in (("torch", torch_admit_selection, "cpu"), ("triton", admit_selection, DEVICE)):
+        pool = on(device, state)
+        kv = torch.zeros(capacity, 2, block_size, 1, head_dim, dtype=torch.bfloat16, device=device)
+        tokens = (kv, *(t.to(device) for t in (token_pieces, offsets, key, value)))
+        out = admit_fn(*pool.values(), sel_idx.to(device), sel_count.to(device), block_table.to(device), below=80,
+                       stamp_value=80, max_new=10_000, tokens=tokens)
+        results[name] = {"kv": kv.cpu(), "pieces": out[1].cpu(), **{k: v.cpu() for k, v in pool.items()}}
+    want, have = results["torch"], results["triton"]
+    slots = want["slot_of"][token_pieces]
+    assert bool(want["pinned"][slots].all()) and torch.equal(want["kv"][slots, 0, offsets, 0], key.bfloat16())
+    assert torch.equal(have["kv"], want["kv"]) and torch.equal(have["pieces"], want["pieces"])
+    assert torch.equal(have["pinned"], want["pinned"])
+    if DEVICE == "cpu":  # programs in order: the same slots
+        for name in state:
+            assert torch.equal(have[name], want[name]), name
+
+
 def test_admit_keeps_hits_and_pinned_slots_and_evicts_the_oldest_first():
     capacity, pieces = 400, 3000
     state = random_pool(capacity, pieces, seed=3)

@@ -84,18 +84,21 @@ def selection_pieces(sel_idx: torch.Tensor, sel_count: torch.Tensor, block_table
 def admit_selection(slot_of: torch.Tensor, piece_in: torch.Tensor, stamp: torch.Tensor, pinned: torch.Tensor,
                     sel_idx: torch.Tensor, sel_count: torch.Tensor, block_table: torch.Tensor, *, below: int,
                     stamp_value: int, max_new: int, tally: torch.Tensor | None = None,
-                    rows: tuple[torch.Tensor, torch.Tensor] | None = None
+                    rows: tuple[torch.Tensor, torch.Tensor] | None = None, tokens: tuple | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`admit` of the pieces a selection lists (:func:`selection_pieces`), and the attention table.
 
     With ``rows`` = (src, dst) (2-D tensors of one width), each admitted piece's row is copied as well:
-    ``dst[slot] = src[piece]`` (:func:`copy_rows` of the fetch lists).
+    ``dst[slot] = src[piece]`` (:func:`copy_rows` of the fetch lists). With ``tokens`` = (kv, pieces, offsets, key,
+    value), :func:`write_tokens` runs first (stamped ``stamp_value``; the pieces must be resident).
 
     Returns:
         table [batch * heads, max_blocks] int32: the slot of each listed logical block of a (request, KV head)
         row (0 elsewhere); pieces [batch, heads, width] int64 (-1 unlisted); fetch_pieces, fetch_slots,
         fetch_count as :func:`admit`'s.
     """
+    if tokens is not None:
+        write_tokens(tokens[0], slot_of, stamp, pinned, *tokens[1:], stamp_value=stamp_value)
     batch, heads, width = sel_idx.shape
     pieces = selection_pieces(sel_idx, sel_count, block_table)
     slots, fetch_pieces, fetch_slots, count = admit(slot_of, piece_in, stamp, pinned, pieces.flatten(),

@@ -23,11 +23,28 @@ _VICTIM_TILE = 4096  # slots per step of the one-program victim search
 _WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
 
-@triton.jit(do_not_specialize=["n", "stamp_value", "width", "table_width", "heads"])  # values change per step
+@triton.jit(do_not_specialize=["n", "stamp_value", "width", "table_width", "heads", "probe_programs"])
 def _probe_kernel(pieces, wanted, sel_idx, sel_count, block_table, slot_of, stamp, slots, miss_rank, counters, tally,
-                  n, stamp_value, width, table_width, heads, FROM_SELECTION: tl.constexpr, HAS_TALLY: tl.constexpr,
-                  TILE: tl.constexpr):
-    offs = tl.program_id(0) * TILE + tl.arange(0, TILE)
+                  kv, pinned, token_pieces, token_offsets, key, value, token_slots, n, stamp_value, width, table_width,
+                  heads, probe_programs, FROM_SELECTION: tl.constexpr, HAS_TALLY: tl.constexpr,
+                  WRITE_TOKENS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  DIM_POW2: tl.constexpr, TILE: tl.constexpr):
+    """Programs below ``probe_programs`` probe a tile of entries each; with WRITE_TOKENS, each program above writes
+    one decode token (as ``_write_tokens_kernel``): the two touch different state (a token's slot is resident)."""
+    pid = tl.program_id(0)
+    if pid < probe_programs:
+        _probe_tile(pieces, wanted, sel_idx, sel_count, block_table, slot_of, stamp, slots, miss_rank, counters,
+                    tally, pid, n, stamp_value, width, table_width, heads, FROM_SELECTION, HAS_TALLY, TILE)
+    elif WRITE_TOKENS:
+        _write_token_row(kv, slot_of, stamp, pinned, token_pieces, token_offsets, key, value, token_slots,
+                         pid - probe_programs, stamp_value, BLOCK_SIZE, HEAD_DIM, DIM_POW2)
+
+
+@triton.jit
+def _probe_tile(pieces, wanted, sel_idx, sel_count, block_table, slot_of, stamp, slots, miss_rank, counters, tally,
+                pid, n, stamp_value, width, table_width, heads, FROM_SELECTION: tl.constexpr,
+                HAS_TALLY: tl.constexpr, TILE: tl.constexpr):
+    offs = pid * TILE + tl.arange(0, TILE)
     inside = offs < n
     if FROM_SELECTION:  # entry = (row, j): row = request * heads + head; pieces is written, -1 where unlisted
         row = offs // width
@@ -147,52 +164,65 @@ def admit(slot_of: torch.Tensor, piece_in: torch.Tensor, stamp: torch.Tensor, pi
         if pieces.shape != wanted.shape:
             raise ValueError(f"pieces / wanted: shapes {tuple(pieces.shape)} / {tuple(wanted.shape)} differ")
     slots, fetch_pieces, fetch_slots, count = _launch(slot_of, piece_in, stamp, pinned, pieces, wanted, None, None,
-                                                      below, stamp_value, max_new, tally, None)
+                                                      below, stamp_value, max_new, tally, None, None)
     return slots, fetch_pieces, fetch_slots, count
 
 
 def admit_selection(slot_of: torch.Tensor, piece_in: torch.Tensor, stamp: torch.Tensor, pinned: torch.Tensor,
                     sel_idx: torch.Tensor, sel_count: torch.Tensor, block_table: torch.Tensor, *, below: int,
                     stamp_value: int, max_new: int, tally: torch.Tensor | None = None,
-                    rows: tuple[torch.Tensor, torch.Tensor] | None = None, validate: bool = True
+                    rows: tuple[torch.Tensor, torch.Tensor] | None = None, tokens: tuple | None = None,
+                    validate: bool = True
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`admit` of the pieces a block selection lists, and the attention table over the pool; contract of
     ``torch.admit_selection``, except that table entries of unlisted blocks are undefined (not 0). With ``rows``,
-    the admitted pieces' rows are copied in the same launches (by the programs that admitted them).
-    ``validate=False`` skips the argument checks."""
+    the admitted pieces' rows are copied in the same launches (by the programs that admitted them); with
+    ``tokens``, the decode tokens are written by extra programs of the first launch. ``validate=False`` skips the
+    argument checks."""
     if validate:
         _check_state(slot_of, piece_in, stamp, pinned, tally)
         _check_selection(sel_idx, sel_count, block_table, slot_of.device)
         if rows is not None:
             _check_rows("rows[0]", rows[0], rows[1], slot_of.device)
             _check_rows("rows[1]", rows[1], rows[0], slot_of.device)
+        if tokens is not None:
+            _check_tokens(tokens[0], slot_of, stamp, pinned, *tokens[1:])
     batch, heads, width = sel_idx.shape
     pieces = _int64_buffers(slot_of.device, batch * heads * width)[0]
     # entries of unlisted blocks stay unwritten: the sparse decode kernel reads listed entries only
     table = torch.empty(batch * heads, block_table.shape[1], dtype=torch.int32, device=slot_of.device)
     _, fetch_pieces, fetch_slots, count = _launch(slot_of, piece_in, stamp, pinned, pieces, None,
                                                   (sel_idx, sel_count, block_table, heads), table, below, stamp_value,
-                                                  max_new, tally, rows)
+                                                  max_new, tally, rows, tokens)
     return table, pieces.view(batch, heads, width), fetch_pieces, fetch_slots, count
 
 
 def _launch(slot_of, piece_in, stamp, pinned, pieces, wanted, selection, table, below, stamp_value, max_new, tally,
-            rows):
+            rows, tokens):
     """The three kernels; ``selection`` = (sel_idx, sel_count, block_table, heads) or None (``pieces`` / ``wanted``
-    given); ``rows`` = (src, dst) to copy the admitted pieces' rows, or None."""
+    given); ``rows`` = (src, dst) to copy the admitted pieces' rows, or None; ``tokens`` = (kv, pieces, offsets,
+    key, value) of :func:`write_tokens` to write in the first launch, or None."""
     device = slot_of.device
     n, capacity = pieces.numel(), piece_in.numel()
     counters = torch.zeros(4, dtype=torch.int32, device=device)
-    slots, miss_rank, fetch_pieces, fetch_slots, victims = _int64_buffers(device, n, n, n, n,
-                                                                          max(min(n, max_new, capacity), 1))
+    n_tokens = tokens[1].numel() if tokens is not None else 0
+    slots, miss_rank, fetch_pieces, fetch_slots, victims, token_slots = _int64_buffers(
+        device, n, n, n, n, max(min(n, max_new, capacity), 1), n_tokens)
     tally_arg = tally if tally is not None else counters
     sel_idx, sel_count, block_table, heads = selection or (pieces, counters, counters, 1)
     width, table_width = sel_idx.shape[-1], block_table.shape[-1]
     entries = (triton.cdiv(max(n, 1), _TILE),)
     src, dst, row_words = _word_views(*rows) if rows is not None else (counters, counters, 1)
-    _probe_kernel[entries](pieces, wanted if wanted is not None else counters, sel_idx, sel_count, block_table,
-                           slot_of, stamp, slots, miss_rank, counters, tally_arg, n, stamp_value, width, table_width,
-                           heads, FROM_SELECTION=selection is not None, HAS_TALLY=tally is not None, TILE=_TILE)
+    kv, token_pieces, offsets, key, value = tokens if tokens is not None else (counters,) * 5
+    if tokens is not None:
+        key, value = (t.to(kv.dtype).contiguous() for t in (key, value))  # torch's rounding, as the twin's
+    head_dim = kv.shape[4] if tokens is not None else 1
+    _probe_kernel[(entries[0] + n_tokens,)](
+        pieces, wanted if wanted is not None else counters, sel_idx, sel_count, block_table, slot_of, stamp, slots,
+        miss_rank, counters, tally_arg, kv, pinned, token_pieces, offsets, key, value, token_slots, n, stamp_value,
+        width, table_width, heads, entries[0], FROM_SELECTION=selection is not None, HAS_TALLY=tally is not None,
+        WRITE_TOKENS=tokens is not None, BLOCK_SIZE=kv.shape[2] if tokens is not None else 1, HEAD_DIM=head_dim,
+        DIM_POW2=next_pow2(head_dim), TILE=_TILE)
     _victims_kernel[(1,)](stamp, pinned, counters, victims, capacity, below, max_new, AGE_CAP=AGE_CAP,
                           BINS=next_pow2(AGE_CAP + 1), TILE=_VICTIM_TILE, num_warps=8)
     _assign_kernel[entries](pieces, miss_rank, slots, victims, slot_of, piece_in, stamp, counters, fetch_pieces,
@@ -206,7 +236,14 @@ def _launch(slot_of, piece_in, stamp, pinned, pieces, wanted, selection, table, 
 @triton.jit(do_not_specialize=["stamp_value"])
 def _write_tokens_kernel(kv, slot_of, stamp, pinned, pieces, offsets, key, value, slots, stamp_value,
                          BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_POW2: tl.constexpr):
-    row = tl.program_id(0)
+    _write_token_row(kv, slot_of, stamp, pinned, pieces, offsets, key, value, slots, tl.program_id(0), stamp_value,
+                     BLOCK_SIZE, HEAD_DIM, DIM_POW2)
+
+
+@triton.jit
+def _write_token_row(kv, slot_of, stamp, pinned, pieces, offsets, key, value, slots, row, stamp_value,
+                     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_POW2: tl.constexpr):
+    """Token ``row`` into the resident piece ``pieces[row]`` at ``offsets[row]``; its slot pinned and stamped."""
     slot = tl.load(slot_of + tl.load(pieces + row))
     tl.store(slots + row, slot)
     tl.store(stamp + slot, stamp_value.to(tl.int64))
