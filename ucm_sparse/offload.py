@@ -75,13 +75,21 @@ class _Request:
     predictions: dict = field(default_factory=dict)  # layer -> (step, the batch's pieces [batch, heads, width], row)
     tail_resident: bool = False  # its newest block is pinned in the pools (after a decode step wrote into it)
     last_step: int = -1  # the last step that decoded it
-    row: torch.Tensor | None = None  # blocks as a CPU int32 tensor, rebuilt when a block is added
+    row: torch.Tensor | None = None  # blocks as a CPU int32 tensor with room to grow (blocks added in place)
+
+    def add_block(self, block: int) -> None:
+        """Append host ``block`` as the newest logical block."""
+        self.blocks.append(block)
+        if self.row is not None:
+            if self.row.numel() < len(self.blocks):  # grown by doubling: a step converts no Python list
+                self.row = torch.cat([self.row, torch.empty_like(self.row)])
+            self.row[len(self.blocks) - 1] = block
 
     def block_row(self) -> torch.Tensor:
-        """``blocks`` as ``[n]`` int32 (cached: a step converts no Python list)."""
-        if self.row is None or self.row.numel() != len(self.blocks):
+        """``blocks`` as ``[n]`` int32."""
+        if self.row is None:
             self.row = torch.tensor(self.blocks, dtype=torch.int32)
-        return self.row
+        return self.row[:len(self.blocks)]
 
 
 @dataclass
@@ -219,7 +227,7 @@ class OffloadedGSA:
         opened = []
         for request, opens_block in zip(requests, opens):
             if opens_block:
-                request.blocks.append(self.host.allocate())
+                request.add_block(self.host.allocate())
                 request.tail_resident = False
                 opened.append(request.blocks[-1])
             request.seq_len += 1
