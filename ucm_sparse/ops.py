@@ -1,7 +1,7 @@
 """The three GSA primitives on either backend: block reprs, block selection, attention over block lists.
 
 ``"triton"`` runs the ``ucm_kernels`` ops (CUDA tensors, or any tensors under ``TRITON_INTERPRET=1``); ``"torch"``
-runs their vectorised torch twins (each op's ``torch.py``; block summaries: the kernels' plain-torch reference)
+runs their vectorised torch twins (each op's ``torch.py``),
 and the second stage's choice below, with the kernels' semantics (same counts and windows, ties to the lower
 logical block, masked tokens, empty lists give zeros), for CPU tensors, fp32 inputs and vLLM on CPU.
 ``resolve_backend("auto", q)`` picks Triton for bf16/fp16 CUDA tensors and torch otherwise.
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ucm_kernels.block_mass import block_lse2, torch_block_mass
-from ucm_kernels.block_repr import FP8, empty_block_repr_for, naive_update_block_repr, update_block_repr
+from ucm_kernels.block_repr import FP8, empty_block_repr_for, torch_update_block_repr, update_block_repr
 from ucm_kernels.block_select import (select_blocks, select_from_scores, selection_counts, selection_width,
                                       torch_select_blocks)
 from ucm_kernels.sparse_decode import dense_decode, sparse_decode, torch_sparse_decode
@@ -84,10 +84,10 @@ def empty_reprs(num_blocks: int, num_kv_heads: int, head_dim: int, cache_dtype: 
 
 def update_reprs(backend: str, key_cache: torch.Tensor, block_ids: torch.Tensor, reprs: tuple) -> None:
     """Compute the summaries ``reprs`` (from :func:`empty_reprs`) in place at ``block_ids`` (see
-    ``ucm_kernels.block_repr``; the torch backend runs its plain-torch reference)."""
+    ``ucm_kernels.block_repr``; the torch backend runs its torch twin)."""
     if block_ids.numel() == 0:
         return
-    op = update_block_repr if backend == "triton" else naive_update_block_repr
+    op = update_block_repr if backend == "triton" else torch_update_block_repr
     op(key_cache, block_ids, *reprs)
 
 

@@ -1,10 +1,10 @@
-"""block_repr kernel vs its torch reference; fp8 reprs rounded outward; incremental updates; blocks_filled vs a
-plain loop."""
+"""block_repr kernel and torch twin vs the loop reference; fp8 reprs rounded outward; incremental updates;
+blocks_filled vs a plain loop."""
 import pytest
 import torch
 
-from ucm_kernels.block_repr import (blocks_filled, empty_block_repr, naive_update_block_repr, update_block_repr,
-                                    update_block_repr_ranges)
+from ucm_kernels.block_repr import (blocks_filled, empty_block_repr, naive_update_block_repr, torch_update_block_repr,
+                                   update_block_repr, update_block_repr_ranges)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
@@ -38,7 +38,9 @@ def random_reprs(key_cache, dtype, seed=1):
     (torch.float16, torch.float32, 32, 64),
     (torch.float32, torch.float32, 16, 64),
 ])
-def test_update_matches_reference_and_touches_only_listed_blocks(cache_dtype, repr_dtype, block_size, head_dim):
+@pytest.mark.parametrize("update", [update_block_repr, torch_update_block_repr], ids=["kernel", "torch"])
+def test_update_matches_reference_and_touches_only_listed_blocks(cache_dtype, repr_dtype, block_size, head_dim,
+                                                                 update):
     key_cache = make_kv(block_size=block_size, head_dim=head_dim, dtype=cache_dtype)
     key_before = key_cache.clone()
     block_ids = torch.tensor([5, -1, 0, 11, 5, 40, 3], dtype=torch.int32, device=DEVICE)  # dup, pad, out of range
@@ -47,7 +49,7 @@ def test_update_matches_reference_and_touches_only_listed_blocks(cache_dtype, re
     for repr_ in reprs:
         repr_[listed] = float("nan")
     expected = [r.clone() for r in reprs]
-    update_block_repr(key_cache, block_ids, *reprs)
+    update(key_cache, block_ids, *reprs)
     naive_update_block_repr(key_cache, block_ids, *expected)
     assert torch.equal(key_cache, key_before)
     kmin, kmax, kmean = reprs
@@ -213,14 +215,15 @@ def fp8_bits(repr_):
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_fp8_update_matches_reference_and_rounds_outward(cache_dtype):
+@pytest.mark.parametrize("update", [update_block_repr, torch_update_block_repr], ids=["kernel", "torch"])
+def test_fp8_update_matches_reference_and_rounds_outward(cache_dtype, update):
     key_cache = keys_with_outliers(cache_dtype)
     key_before = key_cache.clone()
     block_ids = torch.tensor([2, -1, 0, 9, 2, 40, 1, 3, 4, 5, 6], dtype=torch.int32, device=DEVICE)
     listed = torch.tensor([0, 1, 2, 3, 4, 5, 6, 9], device=DEVICE)
     reprs = [r.fill_(float("nan")) for r in empty_block_repr(key_cache, FP8)]
     expected = [r.clone() for r in reprs]
-    update_block_repr(key_cache, block_ids, *reprs)
+    update(key_cache, block_ids, *reprs)
     naive_update_block_repr(key_cache, block_ids, *expected)
     assert torch.equal(key_cache, key_before)
     kmin, kmax, kmean, kscale = reprs
