@@ -1,10 +1,12 @@
-"""ucm_kernels.residency: the Triton bookkeeping equals the torch reference (interpreter on CPU: same order), the
-reference keeps the pool's invariants, and copy_rows moves rows exactly."""
+"""ucm_kernels.residency: the torch twin and the Triton bookkeeping against the loop reference (the same victims and
+admitted pieces; Triton equals the twin entry for entry in the interpreter), the twin keeps the pool's invariants,
+and copy_rows moves rows exactly."""
 import pytest
 import torch
 
-from ucm_kernels.residency import (admit, admit_selection, copy_rows, selection_pieces, torch_admit,
-                                   torch_admit_selection, torch_copy_rows, torch_write_tokens, write_tokens)
+from ucm_kernels.residency import (admit, admit_selection, copy_rows, naive_admit, naive_selection_pieces,
+                                   selection_pieces, torch_admit, torch_admit_selection, torch_copy_rows,
+                                   torch_write_tokens, write_tokens)
 from ucm_kernels.residency.torch import AGE_CAP, slot_ages
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -62,6 +64,37 @@ def test_triton_admit_equals_torch(capacity, pieces, n, max_new, seed):
             assert torch.equal(got[name], ref[name]), name
     check_consistent({k: v.cpu() for k, v in got.items()})
     assert n == wanted_ids.numel()
+
+
+@pytest.mark.parametrize("capacity,pieces,n,max_new", [(300, 2000, 250, 10_000), (300, 2000, 250, 17),
+                                                       (64, 1000, 300, 10_000)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_admit_agrees_with_the_loop_reference(capacity, pieces, n, max_new, seed):
+    """Twin and kernels give every hit its slot, take the same victims and bring in the same pieces as the loop
+    reference; the pool afterwards holds the same pieces with the same stamps."""
+    state = random_pool(capacity, pieces, seed)
+    wanted_ids, wanted = wanted_pieces(pieces, n, seed)
+    kwargs = dict(below=80, stamp_value=80, max_new=max_new)
+    want = naive_admit(*state.values(), wanted_ids, wanted, **kwargs)
+    assert want["victims"], "the case should evict"
+    for admit_fn, device in ((torch_admit, "cpu"), (admit, DEVICE)):
+        pool = on(device, state)
+        slots, fetch_pieces, fetch_slots, count = admit_fn(*pool.values(), wanted_ids.to(device), wanted.to(device),
+                                                           **kwargs)
+        count = int(count[0])
+        assert set(fetch_slots[:count].tolist()) == want["victims"], admit_fn.__module__
+        assert set(fetch_pieces[:count].tolist()) == want["admitted"], admit_fn.__module__
+        hits = [k for k, slot in enumerate(want["slots"]) if slot >= 0 and int(wanted_ids[k]) not in want["admitted"]]
+        assert [int(slots[k]) for k in hits] == [want["slots"][k] for k in hits]
+        assert ((slots.cpu() >= 0) == torch.tensor([slot >= 0 for slot in want["slots"]])).all()
+        held = {(p, t) for p, t in zip(pool["piece_in"].tolist(), pool["stamp"].tolist()) if p >= 0}
+        assert held == {(p, t) for p, t in zip(want["piece_in"], want["stamp"]) if p >= 0}, admit_fn.__module__
+
+
+def test_selection_pieces_equals_the_loop_reference():
+    sel_idx, sel_count, block_table = random_selection(3, 4, 40, 60, host_blocks=500, seed=4)
+    assert selection_pieces(sel_idx, sel_count, block_table).tolist() == naive_selection_pieces(sel_idx, sel_count,
+                                                                                               block_table)
 
 
 def random_selection(batch: int, heads: int, width: int, blocks: int, host_blocks: int, seed: int):

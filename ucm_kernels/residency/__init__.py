@@ -17,6 +17,7 @@ lists and also writes the per-(request, KV head) table of their slots that atten
 Triton versions run without a host sync (the count stays on the device), so a decode step can queue its misses
 and their copies behind its selection.
 """
+from .naive import naive_admit, naive_selection_pieces
 from .torch import admit as torch_admit
 from .torch import admit_selection as torch_admit_selection
 from .torch import copy_rows as torch_copy_rows
@@ -24,5 +25,5 @@ from .torch import selection_pieces
 from .torch import write_tokens as torch_write_tokens
 from .triton import admit, admit_selection, copy_rows, write_tokens
 
-__all__ = ["admit", "admit_selection", "copy_rows", "selection_pieces", "torch_admit", "torch_admit_selection",
-           "torch_copy_rows", "torch_write_tokens", "write_tokens"]
+__all__ = ["admit", "admit_selection", "copy_rows", "naive_admit", "naive_selection_pieces", "selection_pieces",
+           "torch_admit", "torch_admit_selection", "torch_copy_rows", "torch_write_tokens", "write_tokens"]
