@@ -403,7 +403,7 @@ def _time_parts(gsa: OffloadedGSA, spent: collections.Counter) -> None:
                 spent[name] += time.perf_counter() - start
         return call
 
-    for name in ("plan", "run", "_write_token", "_complete_filled", "_resident", "_attend", "_remember"):
+    for name in ("plan", "run", "_write_token", "_complete_filled", "_select", "_resident", "_attend", "_remember"):
         setattr(gsa, name, timed(name, getattr(gsa, name)))
     for pool in gsa.pools:
         for name in ("admit", "admit_selection", "fetch"):

@@ -256,22 +256,32 @@ class OffloadedGSA:
         backend = ops.resolve_backend(self.backend, q)
         if layer in plan.prefetch_done:
             torch.cuda.current_stream(self.device).wait_event(plan.prefetch_done.pop(layer))
-        tokens = (plan.tail_pieces, plan.tail_offsets, key.reshape(-1, key.shape[-1]),
-                  value.reshape(-1, value.shape[-1]))
-        if not plan.tails_resident or plan.filled_rows.numel():  # a block opened or filled: written before selecting
-            self._complete_filled(plan, layer, backend, self._write_token(plan, layer, tokens))
-            tokens = None
-        reprs = self.reprs[layer]
-        if plan.dense or not self.config.sparse_layer(layer):
-            selection = ops.full_selection(plan.seq_lens, heads, self.block_size, plan.block_table.shape[1])
-        else:
-            selection = ops.select(backend, q, reprs, plan.block_table, plan.seq_lens, self.config, self.block_size)
-        plan.selections[layer] = selection
+        tokens = self._tokens_to_write(plan, layer, key, value, backend)
+        selection = plan.selections[layer] = self._select(plan, layer, q, backend)
         table, pieces = self._resident(plan, layer, selection, tokens)
         out = self._attend(plan, self.pools[layer], q, selection, table, backend, scale)
         if self.config.prefetch_ahead > 0:
             self._remember(plan, layer, pieces)
         return out
+
+    def _tokens_to_write(self, plan: OffloadPlan, layer: int, key: torch.Tensor, value: torch.Tensor, backend: str
+                         ) -> tuple | None:
+        """The token write of this layer as :meth:`HotPool.write_tokens` takes it, for the residency launches to
+        do; or None when a block opened or filled this step: then the token is written (and a filled block's
+        summary made) here, before selection reads the summaries."""
+        tokens = (plan.tail_pieces, plan.tail_offsets, key.reshape(-1, key.shape[-1]),
+                  value.reshape(-1, value.shape[-1]))
+        if plan.tails_resident and not plan.filled_rows.numel():
+            return tokens
+        self._complete_filled(plan, layer, backend, self._write_token(plan, layer, tokens))
+        return None
+
+    def _select(self, plan: OffloadPlan, layer: int, q: torch.Tensor, backend: str) -> Selection:
+        """The blocks ``layer`` attends this step: all of them while the batch is dense or the layer is."""
+        if plan.dense or not self.config.sparse_layer(layer):
+            return ops.full_selection(plan.seq_lens, self.num_kv_heads, self.block_size, plan.block_table.shape[1])
+        return ops.select(backend, q, self.reprs[layer], plan.block_table, plan.seq_lens, self.config,
+                          self.block_size)
 
     def _attend(self, plan: OffloadPlan, pool: HotPool, q: torch.Tensor, selection: Selection, table: torch.Tensor,
                 backend: str, scale: float | None) -> torch.Tensor:
