@@ -43,6 +43,7 @@ class GSAPlan:
     slots: torch.Tensor | None = None  # [batch] int64 each request's slot (selection reuse only)
     reselect: torch.Tensor | None = None  # [batch] int32, 1: the row selects afresh (selection reuse only)
     table_width: int = 0  # block_table.shape[1] as given (the stored selections' width follows it)
+    decode_plans: dict = field(default_factory=dict)  # attention's launch plans, made by the first layer of a shape
 
 
 class GSA:
@@ -122,11 +123,13 @@ class GSA:
         if plan.dense or not sparse_layer:
             plan.selections[layer] = ops.full_selection(plan.seq_lens, key_cache.shape[2], self.block_size,
                                                         plan.block_table.shape[1])
-            return ops.attend(backend, q, key_cache, value_cache, plan.block_table, plan.seq_lens, None, scale)
+            return ops.attend(backend, q, key_cache, value_cache, plan.block_table, plan.seq_lens, None, scale,
+                              plan.decode_plans)
         if selection is None:
             selection = self._select(backend, plan, layer, q, key_cache, scale)
         plan.selections[layer] = selection
-        return ops.attend(backend, q, key_cache, value_cache, plan.block_table, plan.seq_lens, selection, scale)
+        return ops.attend(backend, q, key_cache, value_cache, plan.block_table, plan.seq_lens, selection, scale,
+                          plan.decode_plans)
 
     def finish(self, request_id: Hashable) -> None:
         """Forget a finished request (its blocks' representations are recomputed when blocks are reused)."""

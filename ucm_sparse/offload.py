@@ -111,6 +111,7 @@ class OffloadPlan:
     filled_count: torch.Tensor  # [1] int32 n_filled, on the device
     selections: dict = field(default_factory=dict)
     prefetch_done: dict = field(default_factory=dict)  # layer -> CUDA event after its prefetch copies
+    decode_plans: dict = field(default_factory=dict)  # attention's launch plans, made by the first layer of a shape
 
 
 class OffloadedGSA:
@@ -290,7 +291,7 @@ class OffloadedGSA:
         rows = batch * heads
         per_row = Selection(selection.sel_idx.reshape(rows, 1, width), selection.sel_count.reshape(rows, 1))
         out = ops.attend(backend, q.reshape(rows, q.shape[1] // heads, q.shape[2]), pool.key_cache, pool.value_cache,
-                         table, plan.row_seq_lens, per_row, scale)
+                         table, plan.row_seq_lens, per_row, scale, plan.decode_plans)
         return out.reshape(q.shape)
 
     # ---- internals -------------------------------------------------------------------------------------------

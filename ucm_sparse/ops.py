@@ -18,7 +18,7 @@ from ucm_kernels.block_mass import block_lse2, torch_block_mass
 from ucm_kernels.block_repr import FP8, empty_block_repr_for, torch_update_block_repr, update_block_repr
 from ucm_kernels.block_select import (select_blocks, select_from_scores, selection_counts, selection_width,
                                       torch_select_blocks)
-from ucm_kernels.sparse_decode import dense_decode, sparse_decode, torch_sparse_decode
+from ucm_kernels.sparse_decode import DecodePlan, dense_decode, plan_decode, sparse_decode, torch_sparse_decode
 
 from .config import GSAConfig
 
@@ -130,17 +130,33 @@ def select(backend: str, q: torch.Tensor, reprs: tuple, block_table: torch.Tenso
 
 def attend(backend: str, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
            block_table: torch.Tensor, seq_lens: torch.Tensor, selection: Selection | None,
-           scale: float | None) -> torch.Tensor:
-    """Decode attention over the selected blocks, or over every block when ``selection`` is None."""
+           scale: float | None, plans: dict | None = None) -> torch.Tensor:
+    """Decode attention over the selected blocks, or over every block when ``selection`` is None. ``plans``: a
+    dict the caller keeps for one decode step; the Triton backend plans each shape of call once into it (splits,
+    tiles, scratch) and the step's other layers reuse that plan (the same plan a call without ``plans`` makes)."""
     if backend == "triton":
+        plan = _decode_plan(plans, q, key_cache, block_table, selection)
         if selection is None:
-            return dense_decode(q, key_cache, value_cache, block_table, seq_lens, scale=scale)
+            return dense_decode(q, key_cache, value_cache, block_table, seq_lens, scale=scale, plan=plan)
         return sparse_decode(q, key_cache, value_cache, block_table, seq_lens, selection.sel_idx,
-                             selection.sel_count, scale=scale)
+                             selection.sel_count, scale=scale, plan=plan)
     if selection is None:
         selection = full_selection(seq_lens, key_cache.shape[2], key_cache.shape[1], block_table.shape[1])
     return torch_sparse_decode(q, key_cache, value_cache, block_table, seq_lens, selection.sel_idx,
                                selection.sel_count, scale=scale)
+
+
+def _decode_plan(plans: dict | None, q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
+                 selection: Selection | None) -> DecodePlan | None:
+    """The step's plan for a call of this shape from ``plans`` (made and kept on first use), or None without
+    ``plans`` (the kernel then plans the call itself)."""
+    if plans is None:
+        return None
+    width = block_table.shape[1] if selection is None else selection.sel_idx.shape[2]
+    key = (tuple(q.shape), tuple(key_cache.shape[1:]), width, selection is None, q.device, q.dtype)
+    if key not in plans:
+        plans[key] = plan_decode(q, key_cache, width, dense=selection is None)
+    return plans[key]
 
 
 def full_selection(seq_lens: torch.Tensor, num_kv_heads: int, block_size: int, width: int) -> Selection:

@@ -329,6 +329,23 @@ def test_triton_backend_matches_torch_backend(repr_dtype, rerank):
     torch.testing.assert_close(out_t.cpu(), out_c, **TOLERANCE[torch.bfloat16])
 
 
+def test_a_steps_layers_share_one_attention_plan_and_get_the_same_outputs():
+    """ops.attend with the step's plans dict: the first call of a shape plans it, later ones reuse that plan, and
+    every output equals the call that plans for itself (bit for bit: the same plan)."""
+    seq_lens = [300, 70]
+    q, k, v, table = (t.to(TRITON_DEVICE) for t in make_paged(seq_lens, dtype=torch.bfloat16))
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=TRITON_DEVICE)
+    reprs = ops.empty_reprs(k.shape[0], k.shape[2], k.shape[3], k.dtype, CONFIG, TRITON_DEVICE)
+    ops.update_reprs("triton", torch.nan_to_num(k), table.flatten(), reprs)
+    selection = ops.select("triton", q, reprs, table, lens, CONFIG, BLOCK)
+    plans = {}
+    for chosen in (selection, None, selection, None):  # sparse and dense layers of one step
+        shared = ops.attend("triton", q, k, v, table, lens, chosen, None, plans)
+        alone = ops.attend("triton", q, k, v, table, lens, chosen, None)
+        assert torch.equal(shared, alone)
+    assert len(plans) == 2  # one plan per shape of call, reused by the later layers
+
+
 def test_fp8_summaries_select_by_an_upper_bound_of_the_exact_quest_score():
     """fp8 kmin is rounded down and kmax up, so each block's fp8 Quest score bounds the exact one from above;
     the summaries are a quarter of fp32's bytes."""
