@@ -43,7 +43,7 @@ class GSAPlan:
     slots: torch.Tensor | None = None  # [batch] int64 each request's slot (selection reuse only)
     reselect: torch.Tensor | None = None  # [batch] int32, 1: the row selects afresh (selection reuse only)
     table_width: int = 0  # block_table.shape[1] as given (the stored selections' width follows it)
-    decode_plans: dict = field(default_factory=dict)  # attention's launch plans, made by the first layer of a shape
+    launch_plans: dict = field(default_factory=dict)  # selection's and attention's, made by a shape's first layer
 
 
 class GSA:
@@ -124,12 +124,12 @@ class GSA:
             plan.selections[layer] = ops.full_selection(plan.seq_lens, key_cache.shape[2], self.block_size,
                                                         plan.block_table.shape[1])
             return ops.attend(backend, q, key_cache, value_cache, plan.block_table, plan.seq_lens, None, scale,
-                              plan.decode_plans)
+                              plan.launch_plans)
         if selection is None:
             selection = self._select(backend, plan, layer, q, key_cache, scale)
         plan.selections[layer] = selection
         return ops.attend(backend, q, key_cache, value_cache, plan.block_table, plan.seq_lens, selection, scale,
-                          plan.decode_plans)
+                          plan.launch_plans)
 
     def finish(self, request_id: Hashable) -> None:
         """Forget a finished request (its blocks' representations are recomputed when blocks are reused)."""
@@ -152,7 +152,7 @@ class GSA:
         keys = dict(key_cache=key_cache, scale=scale)
         if plan.reselect is None:
             return ops.select(backend, q, self._reprs[layer], plan.block_table, plan.seq_lens, self.config,
-                              self.block_size, **keys)
+                              self.block_size, plans=plan.launch_plans, **keys)
         store, written = self._stores.get(layer, (None, -1))
         if store is None:
             store = SelectionStore(self._book.capacity, self._reprs[layer][0].shape[1], q.device)

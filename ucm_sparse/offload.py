@@ -111,7 +111,7 @@ class OffloadPlan:
     filled_count: torch.Tensor  # [1] int32 n_filled, on the device
     selections: dict = field(default_factory=dict)
     prefetch_done: dict = field(default_factory=dict)  # layer -> CUDA event after its prefetch copies
-    decode_plans: dict = field(default_factory=dict)  # attention's launch plans, made by the first layer of a shape
+    launch_plans: dict = field(default_factory=dict)  # selection's and attention's, made by a shape's first layer
 
 
 class OffloadedGSA:
@@ -282,7 +282,7 @@ class OffloadedGSA:
         if plan.dense or not self.config.sparse_layer(layer):
             return ops.full_selection(plan.seq_lens, self.num_kv_heads, self.block_size, plan.block_table.shape[1])
         return ops.select(backend, q, self.reprs[layer], plan.block_table, plan.seq_lens, self.config,
-                          self.block_size)
+                          self.block_size, plans=plan.launch_plans)
 
     def _attend(self, plan: OffloadPlan, pool: HotPool, q: torch.Tensor, selection: Selection, table: torch.Tensor,
                 backend: str, scale: float | None) -> torch.Tensor:
@@ -291,7 +291,7 @@ class OffloadedGSA:
         rows = batch * heads
         per_row = Selection(selection.sel_idx.reshape(rows, 1, width), selection.sel_count.reshape(rows, 1))
         out = ops.attend(backend, q.reshape(rows, q.shape[1] // heads, q.shape[2]), pool.key_cache, pool.value_cache,
-                         table, plan.row_seq_lens, per_row, scale, plan.decode_plans)
+                         table, plan.row_seq_lens, per_row, scale, plan.launch_plans)
         return out.reshape(q.shape)
 
     # ---- internals -------------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ import torch
 
 from ucm_kernels.block_mass import block_lse2, torch_block_mass
 from ucm_kernels.block_repr import FP8, empty_block_repr_for, torch_update_block_repr, update_block_repr
-from ucm_kernels.block_select import (select_blocks, select_from_scores, selection_counts, selection_width,
-                                      torch_select_blocks)
+from ucm_kernels.block_select import (SelectPlan, plan_select, select_blocks, select_from_scores, selection_counts,
+                                      selection_width, torch_select_blocks)
 from ucm_kernels.sparse_decode import DecodePlan, dense_decode, plan_decode, sparse_decode, torch_sparse_decode
 
 from .config import GSAConfig
@@ -94,7 +94,7 @@ def update_reprs(backend: str, key_cache: torch.Tensor, block_ids: torch.Tensor,
 def select(backend: str, q: torch.Tensor, reprs: tuple, block_table: torch.Tensor, seq_lens: torch.Tensor,
            config: GSAConfig, block_size: int, *, kept: Selection | None = None,
            reselect: torch.Tensor | None = None, key_cache: torch.Tensor | None = None,
-           scale: float | None = None, candidate_keys=None) -> Selection:
+           scale: float | None = None, candidate_keys=None, plans: dict | None = None) -> Selection:
     """The blocks each (request, KV head) attends this step (see ``ucm_kernels.block_select.select_blocks``);
     ``reprs`` as from :func:`empty_reprs`. With ``reselect`` (``[batch]`` int32/bool), only its nonzero rows are
     selected: the others keep their lists in ``kept`` (required then, its lists as wide as a selection of this
@@ -102,7 +102,8 @@ def select(backend: str, q: torch.Tensor, reprs: tuple, block_table: torch.Tenso
     re-ranked by exact attention over their keys (:func:`rerank_select`): their keys come
     from ``key_cache`` ``[num_blocks, block_size, num_kv_heads, head_dim]`` (read through ``block_table``), or
     from ``candidate_keys(candidates) -> (keys, table)`` where the caller gathers them; ``scale`` is the softmax
-    scale (default ``head_dim ** -0.5``)."""
+    scale (default ``head_dim ** -0.5``). ``plans``: the step's dict of launch plans (see :func:`attend`); the
+    one-stage Triton selection plans each shape once into it (settings checked, score scratch allocated)."""
     kmin, kmax, kmean, *kscale = reprs
     args = dict(score=config.score, kscale=kscale[0] if kscale else None, **select_sizes(config, block_size))
     if config.rerank_candidates > 1:
@@ -114,8 +115,12 @@ def select(backend: str, q: torch.Tensor, reprs: tuple, block_table: torch.Tenso
                                            block_size, scale)
     elif backend == "triton":
         out = None if kept is None else (kept.sel_idx, kept.sel_count)
-        return Selection(*select_blocks(q, kmin, kmax, kmean, block_table, seq_lens, out=out, reselect=reselect,
-                                        **args))
+        if plans is None:
+            return Selection(*select_blocks(q, kmin, kmax, kmean, block_table, seq_lens, out=out,
+                                            reselect=reselect, **args))
+        plan = _select_plan(plans, q, kmin if kmin is not None else kmean, block_table, config, block_size)
+        return Selection(*plan.run(q, kmin, kmax, kmean, block_table, seq_lens, kscale=args["kscale"], out=out,
+                                   reselect=reselect))
     else:
         sel_idx, sel_count = torch_select_blocks(q, kmin, kmax, kmean, block_table, seq_lens, **args)
     if reselect is None:
@@ -146,6 +151,16 @@ def attend(backend: str, q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
                                selection.sel_count, scale=scale)
 
 
+def _select_plan(plans: dict, q: torch.Tensor, reprs: torch.Tensor, block_table: torch.Tensor, config: GSAConfig,
+                 block_size: int) -> SelectPlan:
+    """The step's selection plan for this shape from ``plans`` (made and kept on first use)."""
+    key = ("select", q.shape[0], reprs.shape[1], q.shape[2], block_table.shape[1], q.device)
+    if key not in plans:
+        plans[key] = plan_select(q.shape[0], reprs.shape[1], q.shape[2], block_table.shape[1], score=config.score,
+                                 device=q.device, **select_sizes(config, block_size))
+    return plans[key]
+
+
 def _decode_plan(plans: dict | None, q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
                  selection: Selection | None) -> DecodePlan | None:
     """The step's plan for a call of this shape from ``plans`` (made and kept on first use), or None without
@@ -153,7 +168,7 @@ def _decode_plan(plans: dict | None, q: torch.Tensor, key_cache: torch.Tensor, b
     if plans is None:
         return None
     width = block_table.shape[1] if selection is None else selection.sel_idx.shape[2]
-    key = (tuple(q.shape), tuple(key_cache.shape[1:]), width, selection is None, q.device, q.dtype)
+    key = ("decode", tuple(q.shape), tuple(key_cache.shape[1:]), width, selection is None, q.device, q.dtype)
     if key not in plans:
         plans[key] = plan_decode(q, key_cache, width, dense=selection is None)
     return plans[key]

@@ -329,9 +329,9 @@ def test_triton_backend_matches_torch_backend(repr_dtype, rerank):
     torch.testing.assert_close(out_t.cpu(), out_c, **TOLERANCE[torch.bfloat16])
 
 
-def test_a_steps_layers_share_one_attention_plan_and_get_the_same_outputs():
-    """ops.attend with the step's plans dict: the first call of a shape plans it, later ones reuse that plan, and
-    every output equals the call that plans for itself (bit for bit: the same plan)."""
+def test_a_steps_layers_share_launch_plans_and_get_the_same_outputs():
+    """ops.select and ops.attend with the step's plans dict: the first call of a shape plans it, later ones reuse
+    that plan, and every output equals the call that plans for itself (bit for bit: the same plan)."""
     seq_lens = [300, 70]
     q, k, v, table = (t.to(TRITON_DEVICE) for t in make_paged(seq_lens, dtype=torch.bfloat16))
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=TRITON_DEVICE)
@@ -339,11 +339,14 @@ def test_a_steps_layers_share_one_attention_plan_and_get_the_same_outputs():
     ops.update_reprs("triton", torch.nan_to_num(k), table.flatten(), reprs)
     selection = ops.select("triton", q, reprs, table, lens, CONFIG, BLOCK)
     plans = {}
+    for _ in range(2):  # two layers of one step
+        shared = ops.select("triton", q, reprs, table, lens, CONFIG, BLOCK, plans=plans)
+        assert torch.equal(shared.sel_idx, selection.sel_idx) and torch.equal(shared.sel_count, selection.sel_count)
     for chosen in (selection, None, selection, None):  # sparse and dense layers of one step
         shared = ops.attend("triton", q, k, v, table, lens, chosen, None, plans)
         alone = ops.attend("triton", q, k, v, table, lens, chosen, None)
         assert torch.equal(shared, alone)
-    assert len(plans) == 2  # one plan per shape of call, reused by the later layers
+    assert sorted(key[0] for key in plans) == ["decode", "decode", "select"]  # one per shape, reused after
 
 
 def test_fp8_summaries_select_by_an_upper_bound_of_the_exact_quest_score():
