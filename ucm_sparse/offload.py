@@ -72,9 +72,9 @@ class _Request:
     blocks: list[int]  # host block of each logical block
     seq_len: int  # tokens written
     written: set = field(default_factory=set)  # layers whose prompt was written
-    predictions: dict = field(default_factory=dict)  # layer -> (step, the batch's pieces [batch, heads, width], row)
     tail_resident: bool = False  # its newest block is pinned in the pools (after a decode step wrote into it)
     last_step: int = -1  # the last step that decoded it
+    last_row: int = -1  # its row in that step's batch (its selections are that row of the step's)
     row: torch.Tensor | None = None  # blocks as a CPU int32 tensor with room to grow (blocks added in place)
 
     def add_block(self, block: int) -> None:
@@ -150,6 +150,7 @@ class OffloadedGSA:
         self.requests: dict[Hashable, _Request] = {}
         self._counters = _Counters(piece_bytes, self.device)
         self._staging = HostStaging(self.device)
+        self._selected: dict[int, dict[int, torch.Tensor]] = {}  # step -> layer -> its selected pieces (prefetch)
         self._prefetch_stream = (torch.cuda.Stream(self.device) if config.prefetch_ahead > 0
                                  and self.device.type == "cuda" else None)
         self._step = 0
@@ -238,9 +239,11 @@ class OffloadedGSA:
         self._counters.tokens += len(requests)
         if self.config.prefetch_ahead > 0:
             self._prefetch(plan, [r for r in requests if r.last_step < self._step - 1])
-        for request in requests:
+            for step in [s for s in self._selected if s < self._step - self.config.prefetch_ahead]:
+                del self._selected[step]  # no request's prediction from then is live any more
+        for row, request in enumerate(requests):
             request.tail_resident = request.seq_len % self.block_size != 0
-            request.last_step = self._step
+            request.last_step, request.last_row = self._step, row
         return plan
 
     def run(self, plan: OffloadPlan, layer: int, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
@@ -388,10 +391,9 @@ class OffloadedGSA:
         return 2 * self._step
 
     def _remember(self, plan: OffloadPlan, layer: int, pieces: torch.Tensor) -> None:
-        """Keep each request's selected pieces (its row of ``[batch, heads, width]``, -1 unlisted) of this layer as
-        the prediction of its next steps (the batch tensor and the row: no host sync, no view made per request)."""
-        for row, request_id in enumerate(plan.request_ids):
-            self.requests[request_id].predictions[layer] = (self._step, pieces, row)
+        """Keep this step's selected pieces of ``layer`` (``[batch, heads, width]``, -1 unlisted): a request's row
+        of them predicts its next steps (no host sync, nothing per request)."""
+        self._selected.setdefault(self._step, {})[layer] = pieces
 
     def _prefetch(self, plan: OffloadPlan, away: list[_Request]) -> None:
         """Admit, layer by layer, the live predictions of requests that did not run last step, and queue their
@@ -404,8 +406,8 @@ class OffloadedGSA:
         if stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(stream)  # last step's copies are in before slots move
         for layer, pool in enumerate(self.pools):
-            live = [p[1][p[2]].flatten() for r in away if (p := r.predictions.get(layer)) is not None
-                    and p[0] >= oldest]
+            live = [selected[layer][r.last_row].flatten() for r in away if r.last_step >= oldest
+                    and layer in (selected := self._selected.get(r.last_step, {}))]
             if not live:
                 continue
             pieces = torch.cat(live)
