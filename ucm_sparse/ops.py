@@ -154,11 +154,9 @@ def attend(backend: str, q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
 def _select_plan(plans: dict, q: torch.Tensor, reprs: torch.Tensor, block_table: torch.Tensor, config: GSAConfig,
                  block_size: int) -> SelectPlan:
     """The step's selection plan for this shape from ``plans`` (made and kept on first use)."""
-    key = ("select", q.shape[0], reprs.shape[1], q.shape[2], block_table.shape[1], q.device)
-    if key not in plans:
-        plans[key] = plan_select(q.shape[0], reprs.shape[1], q.shape[2], block_table.shape[1], score=config.score,
-                                 device=q.device, **select_sizes(config, block_size))
-    return plans[key]
+    shape = (q.shape[0], reprs.shape[1], q.shape[2], block_table.shape[1])
+    return _planned(plans, ("select", *shape, q.device), lambda: plan_select(
+        *shape, score=config.score, device=q.device, **select_sizes(config, block_size)))
 
 
 def _decode_plan(plans: dict | None, q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
@@ -169,8 +167,13 @@ def _decode_plan(plans: dict | None, q: torch.Tensor, key_cache: torch.Tensor, b
         return None
     width = block_table.shape[1] if selection is None else selection.sel_idx.shape[2]
     key = ("decode", tuple(q.shape), tuple(key_cache.shape[1:]), width, selection is None, q.device, q.dtype)
+    return _planned(plans, key, lambda: plan_decode(q, key_cache, width, dense=selection is None))
+
+
+def _planned(plans: dict, key: tuple, make):
+    """``plans[key]``, made by ``make()`` the first time a step asks for it."""
     if key not in plans:
-        plans[key] = plan_decode(q, key_cache, width, dense=selection is None)
+        plans[key] = make()
     return plans[key]
 
 

@@ -312,3 +312,26 @@ def test_bad_arguments_name_what_is_wrong():
         copy_rows(torch.zeros(2, 3, device=DEVICE), torch.zeros(2, 4, device=DEVICE),
                   torch.zeros(1, dtype=torch.int64, device=DEVICE), torch.zeros(1, dtype=torch.int64, device=DEVICE),
                   torch.ones(1, dtype=torch.int32, device=DEVICE))
+
+
+def test_ids_outside_the_pool_and_tokens_for_absent_pieces_are_refused():
+    """Out-of-range piece ids or token offsets would address memory outside the pool, and a token for a piece that
+    is not resident would land in another piece's slot: each is a ValueError naming the argument."""
+    state = random_pool(8, 20, seed=0)
+    pool = on(DEVICE, state)
+    with pytest.raises(ValueError, match=r"pieces: ids range 3..20, expected 0..19"):
+        admit(*pool.values(), torch.tensor([3, 20], device=DEVICE), torch.ones(2, dtype=torch.bool, device=DEVICE),
+              below=1, stamp_value=1, max_new=1)
+    resident = int((state["slot_of"] >= 0).nonzero()[0])
+    absent = int((state["slot_of"] < 0).nonzero()[0])
+    kv, token = torch.zeros(8, 2, 16, 1, 32, device=DEVICE), torch.zeros(1, 32, device=DEVICE)
+    for write, device in ((write_tokens, DEVICE), (torch_write_tokens, "cpu")):
+        pool = on(device, state)
+        with pytest.raises(ValueError, match="pieces: .*not resident"):
+            write(kv.to(device), pool["slot_of"], pool["stamp"], pool["pinned"],
+                  torch.tensor([absent], device=device), torch.zeros(1, dtype=torch.int64, device=device),
+                  token.to(device), token.to(device), stamp_value=1)
+    pool = on(DEVICE, state)
+    with pytest.raises(ValueError, match=r"offsets: range 16..16, expected 0..15"):
+        write_tokens(kv, pool["slot_of"], pool["stamp"], pool["pinned"], torch.tensor([resident], device=DEVICE),
+                     torch.tensor([16], device=DEVICE), token, token, stamp_value=1)

@@ -126,8 +126,13 @@ def write_tokens(kv: torch.Tensor, slot_of: torch.Tensor, stamp: torch.Tensor, p
         key, value: [R, head_dim] the tokens (cast to kv's dtype).
     Returns:
         [R] int64 slots of the pieces.
+    Raises:
+        ValueError: a piece is not resident (its token would land in another piece's slot).
     """
     slots = slot_of[pieces]
+    if bool((slots < 0).any()):
+        raise ValueError(f"pieces: {pieces[slots < 0].tolist()[:8]} are not resident; write_tokens writes into "
+                         "resident pieces only (admit them first)")
     stamp.index_fill_(0, slots, stamp_value)
     pinned.index_fill_(0, slots, True)
     kv[slots, 0, offsets, 0] = key.to(kv.dtype)

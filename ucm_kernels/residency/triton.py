@@ -163,6 +163,7 @@ def admit(slot_of: torch.Tensor, piece_in: torch.Tensor, stamp: torch.Tensor, pi
         check_tensor("wanted", wanted, 1, (torch.bool,), slot_of.device, "[n] mask")
         if pieces.shape != wanted.shape:
             raise ValueError(f"pieces / wanted: shapes {tuple(pieces.shape)} / {tuple(wanted.shape)} differ")
+        _check_piece_ids("pieces", pieces, slot_of, wanted)
     slots, fetch_pieces, fetch_slots, count = _launch(slot_of, piece_in, stamp, pinned, pieces, wanted, None, None,
                                                       below, stamp_value, max_new, tally, None, None)
     return slots, fetch_pieces, fetch_slots, count
@@ -215,7 +216,7 @@ def _launch(slot_of, piece_in, stamp, pinned, pieces, wanted, selection, table, 
     src, dst, row_words = _word_views(*rows) if rows is not None else (counters, counters, 1)
     kv, token_pieces, offsets, key, value = tokens if tokens is not None else (counters,) * 5
     if tokens is not None:
-        key, value = (t.to(kv.dtype).contiguous() for t in (key, value))  # torch's rounding, as the twin's
+        key, value = _as_token_rows(kv, key, value)
     head_dim = kv.shape[4] if tokens is not None else 1
     _probe_kernel[(entries[0] + n_tokens,)](
         pieces, wanted if wanted is not None else counters, sel_idx, sel_count, block_table, slot_of, stamp, slots,
@@ -265,7 +266,7 @@ def write_tokens(kv: torch.Tensor, slot_of: torch.Tensor, stamp: torch.Tensor, p
     slots = torch.empty_like(pieces)
     if pieces.numel():
         _, _, block_size, _, head_dim = kv.shape
-        key, value = (t.to(kv.dtype).contiguous() for t in (key, value))  # torch's rounding, as the twin's
+        key, value = _as_token_rows(kv, key, value)
         _write_tokens_kernel[(pieces.numel(),)](kv, slot_of, stamp, pinned, pieces, offsets, key, value, slots,
                                                 stamp_value, BLOCK_SIZE=block_size,
                                                 HEAD_DIM=head_dim, DIM_POW2=next_pow2(head_dim))
@@ -304,6 +305,11 @@ def copy_rows(src: torch.Tensor, dst: torch.Tensor, src_idx: torch.Tensor, dst_i
     src_words, dst_words, row_words = _word_views(src, dst)
     _copy_rows_kernel[(max(min(programs, src_idx.numel()), 1),)](
         src_words, dst_words, src_idx, dst_idx, count, ROW_WORDS=row_words, BLOCK=min(next_pow2(row_words), 2048))
+
+
+def _as_token_rows(kv: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``key`` / ``value`` ``[n, head_dim]`` in ``kv``'s dtype (torch's rounding, as the twin's), contiguous."""
+    return key.to(kv.dtype).contiguous(), value.to(kv.dtype).contiguous()
 
 
 def _int64_buffers(device: torch.device, *lengths: int) -> list[torch.Tensor]:
@@ -380,6 +386,22 @@ def _check_tokens(kv, slot_of, stamp, pinned, pieces, offsets, key, value) -> No
     if pieces.shape != offsets.shape or stamp.numel() != pinned.numel() or stamp.numel() != kv.shape[0]:
         raise ValueError(f"pieces / offsets: {tuple(pieces.shape)} / {tuple(offsets.shape)}; stamp / pinned / kv: "
                          f"{stamp.numel()} / {pinned.numel()} / {kv.shape[0]} slots; each group must agree")
+    _check_piece_ids("pieces", pieces, slot_of)
+    if pieces.numel() and bool((slot_of[pieces] < 0).any()):  # a host sync: the validating path only
+        raise ValueError("pieces: some are not resident; write_tokens writes into resident pieces only (admit them "
+                         "first)")
+    if offsets.numel() and not 0 <= int(offsets.min()) <= int(offsets.max()) < kv.shape[2]:
+        raise ValueError(f"offsets: range {int(offsets.min())}..{int(offsets.max())}, expected 0..{kv.shape[2] - 1} "
+                         "(token positions in a block)")
+
+
+def _check_piece_ids(name: str, pieces: torch.Tensor, slot_of: torch.Tensor, wanted: torch.Tensor | None = None
+                     ) -> None:
+    """Raise ValueError unless every (wanted) id of ``pieces`` indexes ``slot_of`` (a host sync: validation only)."""
+    ids = pieces if wanted is None else pieces[wanted]
+    if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < slot_of.numel():
+        raise ValueError(f"{name}: ids range {int(ids.min())}..{int(ids.max())}, expected 0..{slot_of.numel() - 1} "
+                         "(the pool's host pieces)")
 
 
 def _check_selection(sel_idx, sel_count, block_table, device) -> tuple[int, int, int]:
