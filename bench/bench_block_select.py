@@ -1,7 +1,8 @@
 """GPU timing of block_select (and one decode step of block_repr) at the GSA bench shapes.
 
 Selection runs as a decode step runs it: ``plan_select`` once, ``plan.run`` timed; rules as in
-``bench_sparse_decode`` (``quest`` and ``mean`` on bf16 reprs, ``quest_fp8`` on fp8 reprs with their scales).
+``bench_sparse_decode`` (``quest`` and ``mean`` on bf16 reprs, ``quest_fp8`` on fp8 reprs with their scales) and
+``gauss`` (Quest's bf16 reprs, a log-mass row per query head and softmax shares in the top-k program).
 Each figure is timed in two modes (see ``bench_sparse_decode``): ``cuda_graph`` (replay of the captured call:
 GPU time) and ``eager`` (the Python call, host launch work included); do_bench medians with the L2 cleared
 before every call. ``--warps``: a sweep of the top-k program's warps instead (sweep_select_warps).
@@ -19,6 +20,7 @@ from ucm_kernels.block_select import naive_block_scores, naive_select_blocks, pl
 BS, KVH, QH, D = 16, 8, 32, 128
 BATCHES, CONTEXTS = (1, 8, 32), (32768, 131072)
 MODES_SEL = {"ratio0.3": {}, "budget2048": {"token_budget": 2048}}
+SELECT_RULES = {**RULES, "gauss": "gauss"}  # rule -> score
 
 
 def chosen_scores(scores, sel_idx):
@@ -36,7 +38,7 @@ def check(q, reprs, bt, sl, sel, args):
 
 def selected_repr_bytes(reprs: dict, score: str, blocks: int) -> int:
     """Bytes one selection reads: kmin + kmax (Quest) or kmean of every block and head, plus fp8 scales."""
-    per_head = D * reprs["kmin"].element_size() * (2 if score == "quest" else 1)
+    per_head = D * reprs["kmin"].element_size() * (1 if score == "mean" else 2)
     per_head += reprs["kscale"].element_size() if "kscale" in reprs else 0
     return blocks * KVH * per_head
 
@@ -47,7 +49,7 @@ def save(rows: list[dict], ceilings: dict):
         "timing": "do_bench median, L2 cleared before every call; cuda_graph: replay of the captured call, "
                   "eager: the Python call (plan made once, outside the timed call)",
         "rules": {rule: score + (" on float8_e4m3fn reprs + fp32 kscale" if rule.endswith("_fp8") else " on bf16 reprs")
-                  for rule, score in RULES.items()}})
+                  for rule, score in SELECT_RULES.items()}})
 
 
 def main():
@@ -72,11 +74,11 @@ def main():
             sl = torch.full((batch,), ctx - 5, dtype=torch.int32, device="cuda")
             q = torch.randn(batch, QH, D, device="cuda", dtype=torch.bfloat16)
             for mode_name, extra in MODES_SEL.items():
-                for rule, score in RULES.items():
+                for rule, score in SELECT_RULES.items():
                     rule_reprs = reprs[FP8 if rule.endswith("_fp8") else None]
                     args = dict(block_size=BS, sparse_ratio=0.3, init_window=1, local_window=4, min_blocks=8,
                                 score=score, **extra)
-                    plan = plan_select(batch, KVH, D, nb, **args, device="cuda")
+                    plan = plan_select(batch, KVH, D, nb, **args, device="cuda", num_q_heads=QH)
                     sel = plan.run(q, block_table=bt, seq_lens=sl, **rule_reprs)
                     if batch == 1:
                         check(q, rule_reprs, bt, sl, sel, args)

@@ -38,8 +38,9 @@ class GSAConfig:
                                min=0, max=1024, used_by="GSA offload")
     max_pending_prefetch: int = spec(128, "blocks a step's prefetch brings in per layer at most", min=1,
                                      used_by="GSA offload")
-    score: str = spec("quest", "block score: Quest upper bound (min/max keys) or mean-key dot product",
-                      choices=("quest", "mean"), used_by="GSA selection")
+    score: str = spec("quest", "block score: Quest upper bound (min/max keys), mean-key dot product, or gauss "
+                      "(each query head's attention share estimated from the min/max keys, summed over its group)",
+                      choices=("quest", "mean", "gauss"), used_by="GSA selection")
     repr_dtype: str = spec("cache", "dtype of the block summaries selection reads: the KV cache's, or fp8 (e4m3, "
                            "a power-of-two scale per block and KV head; half the bytes of bf16, Quest bounds "
                            "rounded outward)", choices=("cache", "fp8"), used_by="GSA selection")

@@ -261,7 +261,7 @@ class OffloadedGSA:
         if layer in plan.prefetch_done:
             torch.cuda.current_stream(self.device).wait_event(plan.prefetch_done.pop(layer))
         tokens = self._tokens_to_write(plan, layer, key, value, backend)
-        selection = plan.selections[layer] = self._select(plan, layer, q, backend)
+        selection = plan.selections[layer] = self._select(plan, layer, q, backend, scale)
         table, pieces = self._resident(plan, layer, selection, tokens)
         out = self._attend(plan, self.pools[layer], q, selection, table, backend, scale)
         if self.config.prefetch_ahead > 0:
@@ -280,12 +280,13 @@ class OffloadedGSA:
         self._complete_filled(plan, layer, backend, self._write_token(plan, layer, tokens))
         return None
 
-    def _select(self, plan: OffloadPlan, layer: int, q: torch.Tensor, backend: str) -> Selection:
+    def _select(self, plan: OffloadPlan, layer: int, q: torch.Tensor, backend: str, scale: float | None
+                ) -> Selection:
         """The blocks ``layer`` attends this step: all of them while the batch is dense or the layer is."""
         if plan.dense or not self.config.sparse_layer(layer):
             return ops.full_selection(plan.seq_lens, self.num_kv_heads, self.block_size, plan.block_table.shape[1])
         return ops.select(backend, q, self.reprs[layer], plan.block_table, plan.seq_lens, self.config,
-                          self.block_size, plans=plan.launch_plans)
+                          self.block_size, scale=scale, plans=plan.launch_plans)
 
     def _attend(self, plan: OffloadPlan, pool: HotPool, q: torch.Tensor, selection: Selection, table: torch.Tensor,
                 backend: str, scale: float | None) -> torch.Tensor:

@@ -105,7 +105,8 @@ def select(backend: str, q: torch.Tensor, reprs: tuple, block_table: torch.Tenso
     scale (default ``head_dim ** -0.5``). ``plans``: the step's dict of launch plans (see :func:`attend`); the
     one-stage Triton selection plans each shape once into it (settings checked, score scratch allocated)."""
     kmin, kmax, kmean, *kscale = reprs
-    args = dict(score=config.score, kscale=kscale[0] if kscale else None, **select_sizes(config, block_size))
+    args = dict(score=config.score, kscale=kscale[0] if kscale else None, scale=scale,
+                **select_sizes(config, block_size))
     if config.rerank_candidates > 1:
         if candidate_keys is None:
             if key_cache is None:
@@ -120,7 +121,7 @@ def select(backend: str, q: torch.Tensor, reprs: tuple, block_table: torch.Tenso
                                             reselect=reselect, **args))
         plan = _select_plan(plans, q, kmin if kmin is not None else kmean, block_table, config, block_size)
         return Selection(*plan.run(q, kmin, kmax, kmean, block_table, seq_lens, kscale=args["kscale"], out=out,
-                                   reselect=reselect))
+                                   reselect=reselect, scale=scale))
     else:
         sel_idx, sel_count = torch_select_blocks(q, kmin, kmax, kmean, block_table, seq_lens, **args)
     if reselect is None:
@@ -155,8 +156,8 @@ def _select_plan(plans: dict, q: torch.Tensor, reprs: torch.Tensor, block_table:
                  block_size: int) -> SelectPlan:
     """The step's selection plan for this shape from ``plans`` (made and kept on first use)."""
     shape = (q.shape[0], reprs.shape[1], q.shape[2], block_table.shape[1])
-    return _planned(plans, ("select", *shape, q.device), lambda: plan_select(
-        *shape, score=config.score, device=q.device, **select_sizes(config, block_size)))
+    return _planned(plans, ("select", *shape, q.shape[1], q.device), lambda: plan_select(
+        *shape, score=config.score, device=q.device, num_q_heads=q.shape[1], **select_sizes(config, block_size)))
 
 
 def _decode_plan(plans: dict | None, q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
@@ -201,7 +202,7 @@ def rerank_select(backend: str, q: torch.Tensor, reprs: tuple, candidate_keys, b
     wide = candidate_sizes(config, block_size)
     first_stage = select_blocks if backend == "triton" else torch_select_blocks
     candidates = Selection(*first_stage(q, kmin, kmax, kmean, block_table, seq_lens, score=config.score,
-                                        kscale=kscale[0] if kscale else None, **wide))
+                                        kscale=kscale[0] if kscale else None, scale=scale, **wide))
     mass_of = block_mass if backend == "triton" else _torch_mass
     mass = mass_of(q, *candidate_keys(candidates), seq_lens, candidates, scale)  # [batch, heads, width]
     return keep_most_mass(backend, candidates, mass, block_table, seq_lens, config, block_size)

@@ -74,6 +74,7 @@ def run(case, **kwargs):
 @pytest.mark.parametrize("score,dtype,repr_dtype", [
     ("quest", torch.bfloat16, torch.bfloat16), ("mean", torch.bfloat16, torch.bfloat16),
     ("quest", torch.float16, torch.float32), ("mean", torch.float32, torch.float16),
+    ("gauss", torch.bfloat16, torch.bfloat16), ("gauss", torch.float32, FP8),
 ])
 def test_matches_reference_on_a_ragged_batch(score, dtype, repr_dtype):
     case = make_case(dtype=dtype, repr_dtype=repr_dtype)
@@ -96,7 +97,7 @@ def test_random_configurations(seed):
     case = make_case(seq_lens=seq_lens, group=pick(1, 4), seed=seed)
     kwargs = dict(sparse_ratio=pick(1, 100) / 100, init_window=pick(0, 3), local_window=pick(0, 4),
                   min_blocks=pick(1, 10), token_budget=pick(1, 300) if seed % 2 else None,
-                  score="mean" if seed % 3 else "quest")
+                  score=("quest", "mean", "gauss")[seed % 3])
     (sel_idx, sel_count), sizes = run(case, **kwargs)
     check_selection(case, sel_idx, sel_count, **sizes)
 
@@ -104,7 +105,7 @@ def test_random_configurations(seed):
 @pytest.mark.parametrize("group,kv_heads,head_dim", [(1, 2, 64), (3, 2, 96), (8, 1, 128)])
 def test_gqa_groups_sum_the_scores_of_their_query_heads(group, kv_heads, head_dim):
     case = make_case(seq_lens=[403, 229], kv_heads=kv_heads, group=group, head_dim=head_dim)
-    for score in ("quest", "mean"):
+    for score in ("quest", "mean", "gauss"):
         (sel_idx, sel_count), sizes = run(case, score=score)
         check_selection(case, sel_idx, sel_count, **sizes)
 
@@ -422,3 +423,39 @@ def test_select_from_scores_takes_the_windows_and_the_best_given_scores():
     lists = plan.run(**case)
     again = select_from_scores(plan.scores, case["seq_lens"], **SIZES)
     assert torch.equal(again[0], lists[0]) and torch.equal(again[1], lists[1])
+
+
+def test_gauss_rule_ranks_blocks_by_estimated_attention_share():
+    """A block whose keys are all one key has a point box: its gauss log-mass is that key's logit, so the rule's
+    score of a row is the group's softmax shares over the full blocks, and at a plan's own scale the kernel ranks
+    as the reference does at that scale (a scale change reorders the shares' sum)."""
+    case = make_case(seq_lens=[403, 229], kv_heads=2, group=3)
+    point = case["kmin"].clone()
+    case |= {"kmax": point, "kmin": point}
+    scores = naive_block_scores(case["q"], point, point, None, case["block_table"], case["seq_lens"], block_size=16,
+                                score="gauss", scale=0.5).cpu()
+    phys = case["block_table"].long().cpu()
+    for b, seq_len in enumerate([403, 229]):
+        full = seq_len // 16
+        logits = torch.einsum("hgd,mhd->hgm", case["q"][b].float().view(2, 3, -1).cpu(),
+                              point[phys[b, :full]].float().cpu()) * 0.5
+        torch.testing.assert_close(scores[b, :, :full], torch.softmax(logits, -1).sum(1))
+        assert (scores[b, :, full:] == float("-inf")).all()
+    for scale in (0.05, 0.5):
+        (sel_idx, sel_count), sizes = run(case, score="gauss", scale=scale)
+        ref_idx, ref_count = naive_select_blocks(**case, **sizes)
+        assert torch.equal(sel_idx.cpu(), ref_idx.cpu()) and torch.equal(sel_count.cpu(), ref_count.cpu())
+
+
+def test_gauss_plan_needs_the_query_head_count():
+    with pytest.raises(ValueError, match="num_q_heads: got None.*gauss"):
+        plan_select(4, 2, 64, 28, **SIZES, score="gauss", device=DEVICE)
+    plan = plan_select(4, 2, 64, 28, **SIZES, score="gauss", device=DEVICE, num_q_heads=8)
+    case = make_case()
+    assert plan.scores.shape == (4, 8, 28)
+    (ref_idx, ref_count), sizes = run(case, score="gauss")
+    sel_idx, sel_count = plan.run(case["q"], case["kmin"], case["kmax"], case["kmean"], case["block_table"],
+                                  case["seq_lens"])
+    assert torch.equal(sel_idx, ref_idx) and torch.equal(sel_count, ref_count)
+    with pytest.raises(ValueError, match="q: 4 query heads, the plan was made for num_q_heads = 8"):
+        plan.run(case["q"][:, :4], case["kmin"], case["kmax"], case["kmean"], case["block_table"], case["seq_lens"])

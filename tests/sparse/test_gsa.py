@@ -50,7 +50,7 @@ def check_windows(selection, seq_lens, config, max_blocks):
 @settings(max_examples=25, deadline=None)
 @given(seq_lens=st.lists(st.integers(1, 700), min_size=1, max_size=4), ratio=st.sampled_from([0.1, 0.3, 0.5, 1.0]),
        init=st.integers(0, 3), local=st.integers(0, 4), min_blocks=st.integers(1, 12),
-       score=st.sampled_from(["quest", "mean"]), budget=st.sampled_from([None, 64, 200]))
+       score=st.sampled_from(["quest", "mean", "gauss"]), budget=st.sampled_from([None, 64, 200]))
 def test_selection_keeps_windows_and_count(seq_lens, ratio, init, local, min_blocks, score, budget):
     config = GSAConfig(sparse_ratio=ratio, init_window_sz=init, local_window_sz=local, min_blocks=min_blocks,
                        score=score, token_budget=budget)
@@ -60,7 +60,14 @@ def test_selection_keeps_windows_and_count(seq_lens, ratio, init, local, min_blo
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("score", ["quest", "mean"])
+def test_torch_gauss_scores_name_the_missing_softmax_domain():
+    q, k, _, table = make_paged([100])
+    reprs = empty_block_repr(k)
+    with pytest.raises(ValueError, match="full: required by score='gauss'"):
+        torch_block_scores(q, *reprs, table[:, :7], "gauss")
+
+
+@pytest.mark.parametrize("score", ["quest", "mean", "gauss"])
 def test_chosen_blocks_outscore_the_rest(score):
     seq_lens = [700, 310, 45]
     config = GSAConfig(sparse_ratio=0.2, init_window_sz=1, local_window_sz=3, min_blocks=2, score=score)
@@ -68,7 +75,8 @@ def test_chosen_blocks_outscore_the_rest(score):
     _, selection = sparse_attention(q, k, v, table, seq_lens, config)
     reprs = empty_block_repr(k)
     naive_update_block_repr(k, table[:, :44].flatten(), *reprs)
-    scores = torch_block_scores(q, *reprs, table[:, :44], score)
+    full = torch.arange(44) < torch.tensor(seq_lens)[:, None] // BLOCK
+    scores = torch_block_scores(q, *reprs, table[:, :44], score, full=full)
     for b, n in enumerate(seq_lens):
         nb = -(-n // BLOCK)
         competing = set(range(1, nb - 3))
@@ -304,7 +312,7 @@ def test_torch_twins_match_the_kernel_references(repr_dtype):
     kscale = reprs[3] if repr_dtype == "fp8" else None
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     sizes = dict(block_size=BLOCK, sparse_ratio=0.3, init_window=1, local_window=2, min_blocks=3)
-    for score in ("quest", "mean"):
+    for score in ("quest", "mean", "gauss"):
         sel = torch_select_blocks(q, *reprs[:3], table[:, :26], lens, score=score, kscale=kscale, **sizes)
         ref = naive_select_blocks(q, *reprs[:3], table[:, :26], lens, score=score, kscale=kscale, **sizes)
         assert torch.equal(sel[0], ref[0]) and torch.equal(sel[1], ref[1])

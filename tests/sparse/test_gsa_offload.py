@@ -19,12 +19,13 @@ def private_cache() -> CacheTier:
 
 class Twin:
     """The same requests decoded by on-device GSA (a paged cache) and by OffloadedGSA; outputs compared.
-    Random values are drawn on the CPU (same sequence on every device), then moved to ``device``."""
+    Random values are drawn on the CPU (same sequence on every device), then moved to ``device``; both attend with
+    the softmax ``scale`` (None: head_dim ** -0.5)."""
 
     def __init__(self, config: GSAConfig, prompts: dict, steps: int = 40, seed: int = 0, backend: str = "torch",
-                 device: str = "cpu"):
+                 device: str = "cpu", scale: float | None = None):
         self.gen = torch.Generator().manual_seed(seed)
-        self.device = device
+        self.device, self.scale = device, scale
         capacity = sum(-(-(n + steps) // BLOCK) for n in prompts.values())
         self.kv = [torch.zeros(2, capacity + 3, BLOCK, HEADS, DIM, dtype=DTYPE, device=device) for _ in range(LAYERS)]
         self.physical = torch.randperm(capacity + 3, generator=self.gen).tolist()
@@ -74,8 +75,8 @@ class Twin:
             key, value = self.random(len(requests), HEADS, DIM), self.random(len(requests), HEADS, DIM)
             for row, request in enumerate(requests):
                 self.put(layer, request, self.lens[request] - 1, key[row], value[row])
-            expected = self.device_gsa.run(on_device, layer, q, self.kv[layer][0], self.kv[layer][1])
-            got = self.offload.run(offload, layer, q, key, value)
+            expected = self.device_gsa.run(on_device, layer, q, self.kv[layer][0], self.kv[layer][1], scale=self.scale)
+            got = self.offload.run(offload, layer, q, key, value, scale=self.scale)
             assert torch.equal(got, expected), f"layer {layer}: max diff {(got - expected).abs().max()}"
             assert torch.equal(offload.selections[layer].sel_idx, on_device.selections[layer].sel_idx)
 
@@ -85,8 +86,9 @@ def make_twin():
     """Twin factory; the twins' host KV is released at teardown."""
     made = []
 
-    def make(config: GSAConfig, prompts: dict, backend: str = "torch", device: str = "cpu") -> Twin:
-        made.append(Twin(config, prompts, backend=backend, device=device))
+    def make(config: GSAConfig, prompts: dict, backend: str = "torch", device: str = "cpu",
+             scale: float | None = None) -> Twin:
+        made.append(Twin(config, prompts, backend=backend, device=device, scale=scale))
         return made[-1]
 
     yield make
@@ -115,13 +117,15 @@ def test_dense_first_layers_attend_every_block_offloaded_as_on_device(make_twin)
     assert twin.offload.stats.needed > 0
 
 
-@pytest.mark.parametrize("repr_dtype", ["cache", "fp8"])
-def test_offload_equals_on_device_on_the_triton_kernels_too(make_twin, repr_dtype):
+@pytest.mark.parametrize("repr_dtype,score", [("cache", "quest"), ("fp8", "quest"), ("cache", "gauss")])
+def test_offload_equals_on_device_on_the_triton_kernels_too(make_twin, repr_dtype, score):
     """The same check through the Triton kernels (compiled on a GPU, the interpreter on a CPU): the
     per-(request, KV head) table over the pool runs the same programs as the paged cache; "b" and then "a" fill a
-    block (representation from the pool, fp8 summaries with their scales too)."""
-    twin = make_twin(GSAConfig(**SPARSE, gpu_budget_blocks=60, prefetch_ahead=0, repr_dtype=repr_dtype),
-                     {"a": 206, "b": 79}, backend="triton", device=TRITON_DEVICE)
+    block (representation from the pool, fp8 summaries with their scales too; the gauss rule's per-query-head
+    rows too, at a scale other than the default: the one both modes attend with)."""
+    config = GSAConfig(**SPARSE, gpu_budget_blocks=60, prefetch_ahead=0, repr_dtype=repr_dtype, score=score)
+    twin = make_twin(config, {"a": 206, "b": 79}, backend="triton", device=TRITON_DEVICE,
+                     scale=0.5 if score == "gauss" else None)
     twin.step(["a", "b"])
     twin.step(["a", "b"])
     assert twin.offload.stats.d2h_bytes == 2 * LAYERS * HEADS * twin.offload.stats.piece_bytes

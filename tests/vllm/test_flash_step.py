@@ -84,6 +84,28 @@ def test_uniform_decode_rows_equal_the_torch_reference():
     assert int(selection.sel_count[0, 0]) < 19 and int(selection.sel_count[2, 0]) == 3  # sparse; dense
 
 
+def test_gauss_rule_rows_equal_the_torch_reference_at_the_layers_scale():
+    """score="gauss" (each query head scored at the layer's softmax scale, shares summed in the top-k program):
+    the decode rows' lists and outputs as the torch twin computes them over the summaries the step refreshed."""
+    config = GSAConfig(**{**vars(CONFIG), "score": "gauss"})
+    kv_cache = flash_cache(64)
+    table, seq_lens, starts, starts_cpu, q = batch([301, 208, 170], [1, 1, 1])
+    step = FlashGSA(config, block_size=BLOCK, num_kv_heads=HEADS, num_q_heads=HEADS * GROUP, head_size=HEAD,
+                    max_rows=4, dtype=torch.bfloat16, device=DEVICE)
+    layer = step.layer_state(64)
+    plan = step.plan(seq_lens, starts, starts_cpu, table, 1, torch.tensor([True, True, True]))
+    step.run(plan, q, kv_cache, layer, 0.5, output := poisoned_like(q))
+    key_cache, value_cache = flash_kv_views(kv_cache, HEAD)
+    selection = ops.select("torch", q, layer.reprs, table, seq_lens, config, BLOCK, scale=0.5)
+    width = selection.sel_idx.shape[2]
+    assert torch.equal(plan.decode.sel_count[:3].cpu(), selection.sel_count.cpu())
+    assert torch.equal(plan.decode.sel_idx[:3, :, :width].cpu(), selection.sel_idx.cpu())
+    expected = ops.attend("torch", q, key_cache, value_cache, table, seq_lens, selection, 0.5)
+    torch.testing.assert_close(output, expected, atol=2e-2, rtol=2e-2)
+    at_default = ops.select("torch", q, layer.reprs, table, seq_lens, config, BLOCK)  # scale 1/8: other lists
+    assert not torch.equal(at_default.sel_idx, selection.sel_idx)
+
+
 def test_decode_steps_refresh_only_the_block_they_fill():
     kv_cache = flash_cache(64)
     table, seq_lens, starts, starts_cpu, q = batch([160, 161, 175], [1, 1, 1])

@@ -20,7 +20,11 @@ Two launches, both reading each input once:
 
 GQA: the scores of the group's query heads are summed. For Quest the sum of per-head upper bounds is
 ``sum_d kmax_d * sum_g max(q_gd, 0) + kmin_d * sum_g min(q_gd, 0)``, so a block costs one pass over its
-kmin/kmax whatever the group size; the mean rule is ``kmean . sum_g q_g``.
+kmin/kmax whatever the group size; the mean rule is ``kmean . sum_g q_g``. The gauss rule adds the group's
+per-head shares of estimated attention mass, which need every full block's estimate before any share: the score
+kernel writes one log-mass row per query head (every full block of a sparse request, windows included; a
+``[batch, num_q_heads, max_blocks]`` scratch), and the top-k program turns each of its group's rows into softmax
+shares over the full blocks and adds them before its search (same bytes of reprs read as Quest).
 
 fp8 (e4m3fn) reprs are read as bytes, widened to fp32 and their block's score multiplied by its ``kscale``
 (a power of two, see ``ucm_kernels.block_repr``): Quest then reads 2 x head_dim + 4 bytes per (block, KV head)
@@ -37,7 +41,8 @@ from .._utils import INDEX_DTYPES, check_device, check_tensor, next_pow2, triton
 FP8 = torch.float8_e4m3fn
 REPR_DTYPES = (torch.bfloat16, torch.float16, torch.float32, FP8)
 Q_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-SCORES = ("quest", "mean")
+SCORES = ("quest", "mean", "gauss")  # a rule's RULE in the kernels is its index here
+QUEST, MEAN, GAUSS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 RATIO_ONE = 1 << 32  # sparse_ratio is applied in 32-bit fixed point, rounded down
 MAX_TABLE_BLOCKS = 1 << 16  # widest block table: one select program holds a row in registers (1M tokens at 16)
 
@@ -64,14 +69,14 @@ def _score_kernel(
     seq_lens_ptr,  # [batch]
     reselect_ptr,  # [batch] rows to select (read if MASKED; any pointer otherwise)
     scores_ptr,  # [batch, num_kv_heads, max_blocks] fp32 scratch
-    max_blocks, ratio_fixed, k_floor, init_window, local_window,
+    max_blocks, ratio_fixed, k_floor, init_window, local_window, sm_scale,
     stride_qb, stride_qh, stride_qd,
     stride_rb, stride_rh, stride_rd,
     stride_kscale_b, stride_kscale_h,
     stride_tb, stride_tj,
     stride_sb, stride_sh,
     BLOCK_SIZE: tl.constexpr, HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, QUEST: tl.constexpr, TILE: tl.constexpr,
+    BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, RULE: tl.constexpr, TILE: tl.constexpr,
     SCALED: tl.constexpr, MASKED: tl.constexpr,
 ):
     tile = tl.program_id(0).to(tl.int64)
@@ -81,23 +86,37 @@ def _score_kernel(
             return
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
     nb, count, lo, hi = _plan(seq_len, max_blocks, ratio_fixed, k_floor, init_window, local_window, BLOCK_SIZE)
+    if RULE == GAUSS:  # every full block is scored: the softmax over them normalises each head's shares
+        sparse = lo < hi
+        lo = tl.where(sparse, 0, lo)
+        hi = tl.where(sparse, tl.minimum(seq_len // BLOCK_SIZE, max_blocks), hi)
     if (tile * TILE >= hi) | ((tile + 1) * TILE <= lo):
         return
     j = tile * TILE + tl.arange(0, TILE)
     competing = (j >= lo) & (j < hi)
     phys = tl.load(block_table_ptr + b * stride_tb + j * stride_tj, mask=competing, other=0).to(tl.int64)
     h = tl.arange(0, HEADS_PAD)
-    g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     h_ok = h < HEADS
     d_ok = d < HEAD_DIM
-    q_rows = (h[:, None, None] * GROUP + g[None, :, None]) * stride_qh + d[None, None, :] * stride_qd
-    q_ok = h_ok[:, None, None] & (g[None, :, None] < GROUP) & d_ok[None, None, :]
-    q = tl.load(q_ptr + b * stride_qb + q_rows, mask=q_ok, other=0.0).to(tl.float32)  # [HEADS_PAD, BLOCK_G, BLOCK_D]
     # [TILE, HEADS_PAD, BLOCK_D]: every head of a block at once, its whole repr row contiguous in memory
     offsets = phys[:, None, None] * stride_rb + h[None, :, None] * stride_rh + d[None, None, :] * stride_rd
     mask = competing[:, None, None] & h_ok[None, :, None] & d_ok[None, None, :]
-    if QUEST:
+    tile_ok = competing[:, None] & h_ok[None, :]
+    scales = 1.0
+    if SCALED:
+        scales = tl.load(kscale_ptr + phys[:, None] * stride_kscale_b + h[None, :] * stride_kscale_h, mask=tile_ok,
+                         other=0.0)
+    out = scores_ptr + b * stride_sb + j[:, None]
+    if RULE == GAUSS:
+        _gauss_log_mass(q_ptr + b * stride_qb, kmin_ptr + offsets, kmax_ptr + offsets, mask, scales, sm_scale, out,
+                        tile_ok, h, d, h_ok, d_ok, stride_qh, stride_qd, stride_sh, GROUP, SCALED)
+        return
+    g = tl.arange(0, BLOCK_G)
+    q_rows = (h[:, None, None] * GROUP + g[None, :, None]) * stride_qh + d[None, None, :] * stride_qd
+    q_ok = h_ok[:, None, None] & (g[None, :, None] < GROUP) & d_ok[None, None, :]
+    q = tl.load(q_ptr + b * stride_qb + q_rows, mask=q_ok, other=0.0).to(tl.float32)  # [HEADS_PAD, BLOCK_G, BLOCK_D]
+    if RULE == QUEST:
         q_pos = tl.sum(tl.maximum(q, 0.0), axis=1)
         q_neg = tl.sum(tl.minimum(q, 0.0), axis=1)
         lows = tl.load(kmin_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -106,11 +125,30 @@ def _score_kernel(
     else:
         means = tl.load(kmean_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         scores = tl.sum(means * tl.sum(q, axis=1)[None, :, :], axis=2)
-    if SCALED:
-        scales = phys[:, None] * stride_kscale_b + h[None, :] * stride_kscale_h
-        scores *= tl.load(kscale_ptr + scales, mask=competing[:, None] & h_ok[None, :], other=0.0)
-    tl.store(scores_ptr + b * stride_sb + h[None, :] * stride_sh + j[:, None], scores,
-             mask=competing[:, None] & h_ok[None, :])
+    tl.store(out + h[None, :] * stride_sh, scores * scales, mask=tile_ok)
+
+
+@triton.jit
+def _gauss_log_mass(q_row, kmin_tile, kmax_tile, mask, scales, sm_scale, out, tile_ok, h, d, h_ok, d_ok,
+                    stride_qh, stride_qd, stride_sh, GROUP: tl.constexpr, SCALED: tl.constexpr):
+    """The gauss rule's first pass: each query head's estimated log attention mass on each block of the tile,
+    ``sm_scale q.c + sm_scale**2 / 6 * sum_d q_d**2 r_d**2`` (box centre c, half-width r, both times the fp8
+    scale), stored at the query head's row of the scratch (its KV head's row times GROUP plus its place)."""
+    lows = tl.load(kmin_tile, mask=mask, other=0.0).to(tl.float32)
+    highs = tl.load(kmax_tile, mask=mask, other=0.0).to(tl.float32)
+    centre = (highs + lows) * 0.5
+    spread = (highs - lows) * (highs - lows) * 0.25
+    for g in tl.static_range(GROUP):
+        rows = h * GROUP + g
+        q = tl.load(q_row + rows[:, None] * stride_qh + d[None, :] * stride_qd, mask=h_ok[:, None] & d_ok[None, :],
+                    other=0.0).to(tl.float32)  # [HEADS_PAD, BLOCK_D]
+        linear = tl.sum(centre * q[None, :, :], axis=2)
+        square = tl.sum(spread * (q * q)[None, :, :], axis=2)
+        if SCALED:
+            linear *= scales
+            square *= scales * scales
+        tl.store(out + rows[None, :] * stride_sh, sm_scale * linear + sm_scale * sm_scale / 6.0 * square,
+                 mask=tile_ok)
 
 
 @triton.jit
@@ -130,6 +168,20 @@ def _kth_largest_key(keys, competing, k):
 
 
 @triton.jit
+def _mass_shares(rows_ptr, j, seq_len, max_blocks, sparse, stride_sh, BLOCK_SIZE: tl.constexpr, SHARES: tl.constexpr):
+    """The gauss rule's second pass: the sum over the group's SHARES rows of log-masses of each row's softmax over
+    the request's full blocks (0 elsewhere, and everywhere when the request stays dense)."""
+    full = (j < tl.minimum(seq_len // BLOCK_SIZE, max_blocks)) & sparse
+    total = tl.zeros(j.shape, tl.float32)
+    for g in tl.static_range(SHARES):
+        row = tl.load(rows_ptr + g * stride_sh + j, mask=full, other=float("-inf"))
+        top = tl.max(row, axis=0)
+        weights = tl.exp(row - tl.where(top > float("-inf"), top, 0.0))  # 0 off the full blocks
+        total += weights / tl.maximum(tl.sum(weights, axis=0), 1e-30)  # the largest weight is 1 when any is full
+    return total
+
+
+@triton.jit
 def _select_kernel(
     scores_ptr,  # [batch, num_kv_heads, max_blocks] fp32
     seq_lens_ptr,  # [batch]
@@ -142,6 +194,7 @@ def _select_kernel(
     stride_ib, stride_ih, stride_ij,
     stride_cb, stride_ch,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, SEL_ROWS: tl.constexpr,
+    SHARES: tl.constexpr,
 ):
     head = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
@@ -156,7 +209,12 @@ def _select_kernel(
     nb, count, lo, hi = _plan(seq_len, max_blocks, ratio_fixed, k_floor, init_window, local_window, BLOCK_SIZE)
     j = tl.arange(0, BLOCK_M)
     competing = (j >= lo) & (j < hi)
-    scores = tl.load(scores_ptr + b * stride_sb + head * stride_sh + j, mask=competing, other=0.0)
+    if SHARES > 0:  # the gauss rule: SHARES rows of log-masses per KV head, one per query head of its group
+        scores = _mass_shares(scores_ptr + b * stride_sb + head * SHARES * stride_sh, j, seq_len, max_blocks,
+                              lo < hi, stride_sh, BLOCK_SIZE, SHARES)
+        scores = tl.where(competing, scores, 0.0)
+    else:
+        scores = tl.load(scores_ptr + b * stride_sb + head * stride_sh + j, mask=competing, other=0.0)
     bits = scores.to(tl.int32, bitcast=True)
     keys = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # int32 order == float order
     need = count - (nb - (hi - lo))  # picked among the competing blocks; the windows take the rest
@@ -300,9 +358,10 @@ class SelectPlan:
     max_blocks: int  # block_table.shape[1]
     width: int  # sel_idx columns, :func:`selection_width`
     block_size: int
-    quest: bool  # score rule: Quest (kmin, kmax) or mean (kmean)
+    rule: int  # score rule, its index in SCORES: Quest and gauss read kmin / kmax, mean kmean
+    group: int  # query heads per KV head (the gauss rule scores each; 1 for the others)
     limits: dict  # the kernels' k rule and windows (max_blocks, ratio_fixed, k_floor, init_window, local_window)
-    scores: torch.Tensor  # [batch, num_kv_heads, max_blocks] fp32 scratch
+    scores: torch.Tensor  # [batch, num_kv_heads * group, max_blocks] fp32 scratch
     score_tile: int
     score_warps: int
     select_warps: int
@@ -310,28 +369,37 @@ class SelectPlan:
     def run(self, q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None, kmean: torch.Tensor | None,
             block_table: torch.Tensor, seq_lens: torch.Tensor, *, kscale: torch.Tensor | None = None,
             out: tuple[torch.Tensor, torch.Tensor] | None = None, reselect: torch.Tensor | None = None,
-            sel_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            sel_rows: torch.Tensor | None = None, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`select_blocks` with this plan's settings: same tensor arguments, ``kscale``, ``out``,
-        ``reselect``, ``sel_rows`` and result."""
-        reprs, kscale = _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, self.quest, kscale, reselect)
+        ``reselect``, ``sel_rows``, ``scale`` and result."""
+        reprs, kscale = _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, self.rule != MEAN.value, kscale,
+                                      reselect)
         shapes = (q.shape[0], reprs.shape[1], q.shape[2], block_table.shape[1])
         planned = (self.batch, self.num_kv_heads, self.head_dim, self.max_blocks)
         if shapes != planned:
             raise ValueError(f"plan was made for (batch, num_kv_heads, head_dim, max_blocks) = {planned}; "
                              f"the inputs have {shapes}")
+        if self.rule == GAUSS.value and q.shape[1] != self.num_kv_heads * self.group:
+            raise ValueError(f"q: {q.shape[1]} query heads, the plan was made for num_q_heads = "
+                             f"{self.num_kv_heads * self.group}")
         check_device("plan.scores", self.scores, q.device)
-        return _launch(self, q, reprs, kmax, kscale, block_table, seq_lens, out, reselect, sel_rows)
+        return _launch(self, q, reprs, kmax, kscale, block_table, seq_lens, out, reselect, sel_rows, scale)
 
 
 def plan_select(batch: int, num_kv_heads: int, head_dim: int, max_blocks: int, *, block_size: int, sparse_ratio: float,
                 init_window: int, local_window: int, min_blocks: int, score: str = "quest",
-                token_budget: int | None = None, device: torch.device | str = "cuda") -> SelectPlan:
+                token_budget: int | None = None, device: torch.device | str = "cuda", num_q_heads: int | None = None
+                ) -> SelectPlan:
     """Check the selection settings once and allocate the score scratch for ``[batch, max_blocks]`` block tables.
 
     Arguments as in :func:`select_blocks`; ``num_kv_heads`` and ``head_dim`` are the reprs', ``max_blocks`` the
-    block table's width and ``device`` the tensors'. Returns a :class:`SelectPlan`; run it once per layer.
+    block table's width and ``device`` the tensors'; ``num_q_heads`` (q's heads) is required by the gauss rule,
+    which scores each query head. Returns a :class:`SelectPlan`; run it once per layer.
     """
     _check_scalars(block_size, sparse_ratio, init_window, local_window, min_blocks, score, token_budget)
+    if score == "gauss" and (not _is_int(num_q_heads) or num_q_heads < 1 or num_q_heads % max(num_kv_heads, 1)):
+        raise ValueError(f"num_q_heads: got {num_q_heads!r}, the gauss rule needs q's head count, a multiple of "
+                         f"num_kv_heads={num_kv_heads}")
     for name, value, least in (("batch", batch, 0), ("num_kv_heads", num_kv_heads, 1), ("head_dim", head_dim, 1),
                                ("max_blocks", max_blocks, 0)):
         if not _is_int(value) or value < least:
@@ -339,17 +407,18 @@ def plan_select(batch: int, num_kv_heads: int, head_dim: int, max_blocks: int, *
     if max_blocks > MAX_TABLE_BLOCKS:
         raise ValueError(f"max_blocks: got {max_blocks}, at most {MAX_TABLE_BLOCKS} block table columns are supported")
     return _make_plan(batch, num_kv_heads, head_dim, max_blocks, torch.device(device), block_size, sparse_ratio,
-                      init_window, local_window, min_blocks, score, token_budget)
+                      init_window, local_window, min_blocks, score, token_budget, num_q_heads)
 
 
 def _make_plan(batch, heads, head_dim, max_blocks, device, block_size, sparse_ratio, init_window, local_window,
-               min_blocks, score, token_budget, scores: torch.Tensor | None = None) -> SelectPlan:
+               min_blocks, score, token_budget, num_q_heads=None, scores: torch.Tensor | None = None) -> SelectPlan:
     width = selection_width(max_blocks, block_size=block_size, sparse_ratio=sparse_ratio, init_window=init_window,
                             local_window=local_window, min_blocks=min_blocks, token_budget=token_budget)
     limits = _plan_args(max_blocks, block_size, sparse_ratio, init_window, local_window, min_blocks, token_budget)
+    group = num_q_heads // heads if score == "gauss" else 1
     if scores is None:  # the score scratch, unless the caller brings the scores
-        scores = torch.empty(batch, heads, max_blocks, dtype=torch.float32, device=device)
-    return SelectPlan(batch, heads, head_dim, max_blocks, width, block_size, score == "quest", limits, scores,
+        scores = torch.empty(batch, heads * group, max_blocks, dtype=torch.float32, device=device)
+    return SelectPlan(batch, heads, head_dim, max_blocks, width, block_size, SCORES.index(score), group, limits, scores,
                       *_choose_score_launch(heads, head_dim), _choose_select_warps(max_blocks))
 
 
@@ -358,7 +427,8 @@ def select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor
                   block_size: int, sparse_ratio: float, init_window: int, local_window: int, min_blocks: int,
                   score: str = "quest", token_budget: int | None = None, kscale: torch.Tensor | None = None,
                   out: tuple[torch.Tensor, torch.Tensor] | None = None, reselect: torch.Tensor | None = None,
-                  sel_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  sel_rows: torch.Tensor | None = None, scale: float | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose the KV blocks each (request, KV head) attends this decode step.
 
     Per request, ``nb = ceil(seq_len / block_size)`` logical blocks and ``k = max(min_blocks, wanted,
@@ -379,7 +449,11 @@ def select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor
         block_table: ``[batch, max_blocks]`` int32/int64 logical -> physical block id.
         seq_lens: ``[batch]`` int32/int64 tokens per request including the current one (0: nothing selected;
             lengths beyond the table are clamped to ``max_blocks`` blocks).
-        score: ``"quest"`` (upper bound ``sum_d max(q_d kmin_d, q_d kmax_d)``) or ``"mean"`` (``q . kmean``).
+        score: ``"quest"`` (upper bound ``sum_d max(q_d kmin_d, q_d kmax_d)``), ``"mean"`` (``q . kmean``) or
+            ``"gauss"`` (reads kmin / kmax: each query head's log attention mass on a block estimated as if its
+            keys spread uniformly over the box, ``scale q.c + scale**2 / 6 * sum_d q_d**2 r_d**2`` with centre c
+            and half-width r; a softmax over the request's full blocks makes these the head's shares of its
+            attention, and the group's shares are added: two passes, the second in the top-k program).
         kscale: ``[num_blocks, num_kv_heads]`` fp32, any strides: the per-(block, KV head) scales of fp8 reprs
             (a repr's value is ``repr.float() * kscale[..., None]``); required when the reprs the rule reads are
             fp8, not read otherwise.
@@ -391,15 +465,16 @@ def select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor
         sel_rows: optional ``[batch]`` int64: request b's lists go to row ``sel_rows[b]`` of ``out`` (required
             then, any number of rows), e.g. its slot of lists kept across steps; distinct valid rows (not
             checked: no host sync).
+        scale: the softmax scale the gauss rule estimates with (default ``head_dim ** -0.5``; unused otherwise).
     Returns:
         ``sel_idx [batch, num_kv_heads, width]`` int32 logical block indices, ascending, padded with -1, where
         ``width = selection_width(max_blocks, ...)``; ``sel_count [batch, num_kv_heads]`` int32.
     """
     _check_scalars(block_size, sparse_ratio, init_window, local_window, min_blocks, score, token_budget)
-    reprs, kscale = _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, score == "quest", kscale, reselect)
+    reprs, kscale = _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, score != "mean", kscale, reselect)
     plan = _make_plan(q.shape[0], reprs.shape[1], q.shape[2], block_table.shape[1], q.device, block_size,
-                      sparse_ratio, init_window, local_window, min_blocks, score, token_budget)
-    return _launch(plan, q, reprs, kmax, kscale, block_table, seq_lens, out, reselect, sel_rows)
+                      sparse_ratio, init_window, local_window, min_blocks, score, token_budget, q.shape[1])
+    return _launch(plan, q, reprs, kmax, kscale, block_table, seq_lens, out, reselect, sel_rows, scale)
 
 
 def select_from_scores(scores: torch.Tensor, seq_lens: torch.Tensor, *, block_size: int, sparse_ratio: float,
@@ -430,7 +505,7 @@ def select_from_scores(scores: torch.Tensor, seq_lens: torch.Tensor, *, block_si
         if given is not None and out is None:
             raise ValueError(f"{name}: given without out; the lists go into rows of out that outlive the call")
     plan = _make_plan(batch, heads, 1, max_blocks, scores.device, block_size, sparse_ratio, init_window,
-                      local_window, min_blocks, "quest", token_budget, scores)
+                      local_window, min_blocks, "quest", token_budget, scores=scores)
     out_rows = batch if sel_rows is None else _check_sel_rows(sel_rows, batch, out, scores.device)
     sel_idx, sel_count = _check_out(out, out_rows, heads, plan.width, max_blocks, scores.device)
     if batch and max_blocks:
@@ -454,16 +529,16 @@ def _check_kscale(kscale, reprs: torch.Tensor, device: torch.device) -> torch.Te
     return kscale
 
 
-def _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, quest: bool, kscale, reselect=None
+def _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, box: bool, kscale, reselect=None
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Validate the tensors; return the first repr the score rule reads (its shape and strides stand for all) and
-    the scales to apply (None unless the reprs are fp8)."""
+    """Validate the tensors (``box``: the rule reads kmin / kmax, else kmean); return the first repr the score rule
+    reads (its shape and strides stand for all) and the scales to apply (None unless the reprs are fp8)."""
     if not isinstance(q, torch.Tensor):
         raise ValueError(f"q: got {q!r}, expected a [batch, num_q_heads, head_dim] tensor")
     check_tensor("q", q, 3, Q_DTYPES, q.device, "[batch, num_q_heads, head_dim]")
     if not q.is_cuda and not triton_interpreting():
         raise ValueError(f"q is on {q.device}: the kernels need CUDA tensors (or TRITON_INTERPRET=1)")
-    reprs = _check_reprs(q, {"kmin": kmin, "kmax": kmax} if quest else {"kmean": kmean})
+    reprs = _check_reprs(q, {"kmin": kmin, "kmax": kmax} if box else {"kmean": kmean})
     batch = q.shape[0]
     check_tensor("block_table", block_table, 2, INDEX_DTYPES, q.device, f"[batch={batch}, max_blocks]")
     check_tensor("seq_lens", seq_lens, 1, INDEX_DTYPES, q.device, f"[batch={batch}]")
@@ -480,8 +555,8 @@ def _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, quest: bool, ksca
     return reprs, _check_kscale(kscale, reprs, q.device)
 
 
-def _launch(plan: SelectPlan, q, reprs, kmax, kscale, block_table, seq_lens, out, reselect, sel_rows=None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch(plan: SelectPlan, q, reprs, kmax, kscale, block_table, seq_lens, out, reselect, sel_rows=None,
+            scale=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Score the competing blocks into ``plan.scores`` (times ``kscale`` unless None), then pick each row's blocks
     into ``out`` (only the rows ``reselect`` names, unless None; at the rows ``sel_rows`` names, if given)."""
     for name, given in (("reselect", reselect), ("sel_rows", sel_rows)):
@@ -502,9 +577,10 @@ def _launch(plan: SelectPlan, q, reprs, kmax, kscale, block_table, seq_lens, out
     scores = plan.scores
     group = q.shape[1] // plan.num_kv_heads
     _score_kernel[(triton.cdiv(plan.max_blocks, plan.score_tile), plan.batch)](
-        q_ptr=q, kmin_ptr=reprs, kmax_ptr=kmax if plan.quest else reprs, kmean_ptr=reprs,
+        q_ptr=q, kmin_ptr=reprs, kmax_ptr=reprs if plan.rule == MEAN.value else kmax, kmean_ptr=reprs,
         kscale_ptr=scores if kscale is None else kscale, block_table_ptr=block_table, seq_lens_ptr=seq_lens,
         reselect_ptr=seq_lens if reselect is None else reselect, scores_ptr=scores, **plan.limits,
+        sm_scale=plan.head_dim ** -0.5 if scale is None else float(scale),
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qd=q.stride(2),
         stride_rb=reprs.stride(0), stride_rh=reprs.stride(1), stride_rd=reprs.stride(2),
         stride_kscale_b=0 if kscale is None else kscale.stride(0),
@@ -512,7 +588,7 @@ def _launch(plan: SelectPlan, q, reprs, kmax, kscale, block_table, seq_lens, out
         stride_tb=block_table.stride(0), stride_tj=block_table.stride(1),
         stride_sb=scores.stride(0), stride_sh=scores.stride(1),
         BLOCK_SIZE=plan.block_size, HEADS=plan.num_kv_heads, HEADS_PAD=next_pow2(plan.num_kv_heads), GROUP=group,
-        BLOCK_G=next_pow2(group), HEAD_DIM=plan.head_dim, BLOCK_D=next_pow2(plan.head_dim), QUEST=plan.quest,
+        BLOCK_G=next_pow2(group), HEAD_DIM=plan.head_dim, BLOCK_D=next_pow2(plan.head_dim), RULE=plan.rule,
         TILE=plan.score_tile, SCALED=kscale is not None, MASKED=reselect is not None, num_warps=plan.score_warps,
     )
     _launch_select(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows)
@@ -530,5 +606,6 @@ def _launch_select(plan: SelectPlan, scores, seq_lens, sel_idx, sel_count, resel
         stride_ib=sel_idx.stride(0), stride_ih=sel_idx.stride(1), stride_ij=sel_idx.stride(2),
         stride_cb=sel_count.stride(0), stride_ch=sel_count.stride(1),
         BLOCK_SIZE=plan.block_size, BLOCK_M=next_pow2(plan.max_blocks), MASKED=reselect is not None,
-        SEL_ROWS=sel_rows is not None, num_warps=plan.select_warps,
+        SEL_ROWS=sel_rows is not None, SHARES=plan.group if plan.rule == GAUSS.value else 0,
+        num_warps=plan.select_warps,
     )

@@ -177,7 +177,7 @@ class FlashGSA:
         kscale = kscale[0] if kscale else None
         if rows.candidates is None:
             rows.select.run(q, kmin, kmax, kmean, rows.block_table, rows.seq_lens, kscale=kscale, out=selection,
-                            reselect=rows.reselect, sel_rows=rows.slots)
+                            reselect=rows.reselect, sel_rows=rows.slots, scale=scale)
         else:
             self._two_stage(rows, q, key_cache, (kmin, kmax, kmean, kscale), scale, selection)
         out = sparse_decode(q, key_cache, value_cache, rows.block_table, rows.seq_lens, *selection, scale=scale,
@@ -193,7 +193,7 @@ class FlashGSA:
         wide, cand_idx, cand_count = rows.candidates
         kmin, kmax, kmean, kscale = reprs
         wide.run(q, kmin, kmax, kmean, rows.block_table, rows.seq_lens, kscale=kscale, out=(cand_idx, cand_count),
-                 reselect=rows.reselect)
+                 reselect=rows.reselect, scale=scale)
         candidates = ops.Selection(cand_idx, cand_count)
         mass = ops.block_mass(q, key_cache, rows.block_table, rows.seq_lens, candidates, scale, rows.reselect)
         ops.keep_most_mass("triton", candidates, mass, rows.block_table, rows.seq_lens, self.config, self.block_size,
@@ -257,7 +257,7 @@ class FlashGSA:
     def _plan_with_lists(self, width: int, sizes: dict) -> tuple[SelectPlan, torch.Tensor, torch.Tensor]:
         """A selection plan of ``sizes`` for ``max_rows`` rows of a ``width``-block table, and its list buffers."""
         plan = plan_select(self.max_rows, self.num_kv_heads, self.head_size, width, score=self.config.score,
-                           device=self.device, **sizes)
+                           device=self.device, num_q_heads=self.num_q_heads, **sizes)
         sel_idx = torch.full((self.max_rows, self.num_kv_heads, plan.width), -1, dtype=torch.int32, device=self.device)
         sel_count = torch.zeros(self.max_rows, self.num_kv_heads, dtype=torch.int32, device=self.device)
         return plan, sel_idx, sel_count
