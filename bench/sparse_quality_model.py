@@ -21,13 +21,15 @@ Largest context only: ``--oracle`` measures the oracle selection (per KV head th
 mass, GSA's count of them: the bound of any block-selection rule); ``--reuse`` GSAConfig's ``select_every`` 2 / 4 /
 8 (a layer's selection reused for up to that many decode steps, reselected when a block fills); ``--rerank`` a
 two-stage selection (Quest's selection at 1.5-3x the ratio as candidates, GSA's count of them kept by the exact
-attention over their keys: what reading the candidates' keys would buy); ``--investigate``
+attention over their keys: what reading the candidates' keys would buy); ``--score-rules`` block scores computed
+from the same per-block key boxes (kmin / kmax) Quest reads, at ratios 0.2 and 0.3 (:data:`SCORE_RULES`: which
+estimate of a block's attention mass ranks blocks closest to the oracle at no extra bytes read); ``--investigate``
 records, along dense decodes, the share of each layer's and head's attention
 that the quest 0.3 selection keeps (a probe attention function), then measures remedies tried through GSAConfig:
 the first layers dense, wider windows, block 16, a higher ratio of the same KV share.
 
 Usage: ``python -m bench.sparse_quality_model [--contexts 2048,4096,8192] [--quick | --investigate | --oracle |
---reuse | --rerank] [--out DIR]``;
+--reuse | --rerank | --score-rules] [--out DIR]``;
 CPU, fp32. Writes ``sparse_quality_model[_investigation]-<device>-<date>.json`` (and a ``.png`` of the main run)
 under ``--out``, ``$OUT`` or ``bench/results/``.
 """
@@ -52,6 +54,7 @@ import ucm_sparse.hf as ucm_hf
 from bench.harness import write_results
 from bench.plots import _pyplot, _save, _title
 from bench.sparse_quality import LINE_STYLES, RULES
+from ucm_kernels.block_select.torch import gauss_shares as torch_gauss_shares
 from ucm_sparse import GSAConfig, sparse_attention
 from ucm_sparse.models import fetch_model
 from ucm_sparse.ops import num_selected
@@ -149,16 +152,27 @@ class Setting:
     def config(self) -> GSAConfig:
         """The GSAConfig of this setting (windows and min_blocks at their defaults unless in ``extra``)."""
         return GSAConfig(sparse_ratio=self.sparse_ratio, token_budget=self.token_budget,
-                         select_every=self.select_every, **RULES.get(self.rule, {}), **dict(self.extra))
+                         select_every=self.select_every, **LIBRARY_RULES.get(self.rule, {}), **dict(self.extra))
 
 
 ORACLE = "ucm_gsa_oracle"  # the rule (and attention function) that selects by the dense attention itself
 RERANK = "ucm_gsa_rerank"  # the rule (and attention function) that re-ranks Quest's candidates by exact attention
+SCORED = "ucm_gsa_scored"  # the attention function that ranks blocks by one of SCORE_RULES
+# Block scores from a block's key box (kmin, kmax per channel; centre c, half-width r), per query head g of a KV
+# head's group, with the softmax scale s. "quest" is GSA's rule (the bound s q.c + s |q|.r summed over the group);
+# "gauss" estimates the block's log attention mass as if its keys spread uniformly over the box (log of E[exp(s q.k)]
+# under a Gaussian of that spread: s q.c + s^2 sum_d q_d^2 r_d^2 / 6). "_sum" adds the group's per-head scores (one
+# pass over the reprs, as the kernel does today); "_softmax" turns each head's scores into shares of its estimated
+# mass (a softmax over the request's blocks, windows included) and adds those (a second pass: every block's score
+# is needed before any is ranked).
+SCORE_RULES = ("quest_sum", "quest_softmax", "gauss_sum", "gauss_softmax")
+LIBRARY_RULES = {**RULES, "gauss": dict(score="gauss")}  # rule name -> GSAConfig keys (GSA's own selection)
 
 
 def apply(model, setting: Setting) -> None:
     """Switch ``model``'s decode attention to GSA with ``setting`` (torch backend; any selection kept from an
-    earlier decode dropped), to the oracle selection, or to Quest's candidates re-ranked."""
+    earlier decode dropped), to the oracle selection, to Quest's candidates re-ranked, or to one of
+    :data:`SCORE_RULES`."""
     ucm_hf.enable(model, setting.config(), block_size=setting.block_size, backend="torch")
     if setting.rule == "oracle":
         model.set_attn_implementation(ORACLE)
@@ -166,6 +180,10 @@ def apply(model, setting: Setting) -> None:
         for module in model.modules():
             module.ucm_candidates = setting.candidates
         model.set_attn_implementation(RERANK)
+    elif setting.rule in SCORE_RULES:
+        for module in model.modules():
+            module.ucm_score_rule = setting.rule
+        model.set_attn_implementation(SCORED)
 
 
 def masked_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
@@ -220,14 +238,59 @@ def rerank_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     return masked_decode(query, key, value, oracle_blocks(mass, settings), scaling), None
 
 
+def box_scores(q: torch.Tensor, key: torch.Tensor, block_size: int, scale: float, rule: str) -> torch.Tensor:
+    """fp32 ``[num_kv_heads, blocks]`` scores of :data:`SCORE_RULES`' ``rule`` for one step's q ``[num_q_heads,
+    head_dim]`` over keys ``[num_kv_heads, seq, head_dim]`` (the last block's box over its tokens so far)."""
+    heads, seq, head_dim = key.shape
+    nb = -(-seq // block_size)
+    blocks = torch.nn.functional.pad(key.float(), (0, 0, 0, nb * block_size - seq)).view(heads, nb, block_size, -1)
+    valid = (torch.arange(nb * block_size) < seq).view(1, nb, block_size, 1)
+    kmax = torch.where(valid, blocks, float("-inf")).amax(2)
+    kmin = torch.where(valid, blocks, float("inf")).amin(2)
+    qg = q.float().view(heads, -1, head_dim)
+    full = torch.arange(nb) < seq // block_size  # a block still filling has no summary yet: out of the softmax
+    if rule == "gauss_softmax":  # the library's rule, from these boxes
+        return torch_gauss_shares(qg[None], kmin[None], kmax[None], full[None], scale)[0]
+    centre, half = (kmax + kmin) / 2, (kmax - kmin) / 2  # [heads, blocks, head_dim]
+    linear = scale * torch.einsum("hgd,hnd->hgn", qg, centre)
+    if rule.startswith("quest"):
+        per_head = linear + scale * torch.einsum("hgd,hnd->hgn", qg.abs(), half)
+    else:
+        per_head = linear + scale ** 2 / 6 * torch.einsum("hgd,hnd->hgn", qg ** 2, half ** 2)
+    if rule.endswith("_sum"):
+        return per_head.sum(1)
+    return torch.softmax(per_head.masked_fill(~full, float("-inf")), dim=-1).sum(1)
+
+
+def scored_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                     **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention function: a batch-1 decode step attends the windows and the blocks that score best
+    by ``module.ucm_score_rule`` (one of :data:`SCORE_RULES`), GSA's count in all. Other calls, and layers below
+    ``dense_first_layers``, run SDPA."""
+    if not decode_step_of(module, query):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    settings = module.ucm_gsa
+    per_block = box_scores(query[0, :, 0], key[0], settings.block_size, scaling, module.ucm_score_rule)
+    return masked_decode(query, key, value, top_blocks(per_block, settings, key.shape[2]), scaling), None
+
+
 def oracle_blocks(mass: torch.Tensor, settings: ucm_hf.HFGSASettings) -> torch.Tensor:
     """bool ``[heads, seq]``: the tokens of the blocks kept per KV head from its attention ``mass`` ``[heads,
     seq]``: both windows, then the blocks of most mass, GSA's count in all."""
     heads, seq = mass.shape
+    nb = -(-seq // settings.block_size)
+    per_block = torch.nn.functional.pad(mass, (0, nb * settings.block_size - seq)).view(heads, nb, -1).sum(-1)
+    return top_blocks(per_block, settings, seq)
+
+
+def top_blocks(per_block: torch.Tensor, settings: ucm_hf.HFGSASettings, seq: int) -> torch.Tensor:
+    """bool ``[heads, seq]``: the tokens of the blocks kept per KV head by their scores ``per_block`` ``[heads,
+    blocks]``: both windows, then the best-scoring blocks, GSA's count in all."""
+    heads, nb = per_block.shape
     bs, config = settings.block_size, settings.config
-    nb = -(-seq // bs)
     count = num_selected(nb, config, bs)
-    per_block = torch.nn.functional.pad(mass, (0, nb * bs - seq)).view(heads, nb, bs).sum(-1)
     windows = torch.zeros(nb, dtype=torch.bool)
     windows[:config.init_window_sz] = True
     windows[nb - max(config.local_window_sz, 1):] = True
@@ -416,6 +479,20 @@ def rerank_sweep(contexts: list[int]) -> Sweep:
                  "sparse_quality_model_rerank")
 
 
+def score_rules_sweep(contexts: list[int]) -> Sweep:
+    """:data:`SCORE_RULES` at ratios 0.2 and 0.3 at the largest context (``quest_sum`` is GSA's Quest rule computed
+    here from the keys: it checks this path against the library's rows), then GSA's own ``score="gauss"`` (the
+    library's kernels of ``gauss_softmax``) at both ratios and as the first of two stages (C = 2) at 0.3."""
+    largest = max(contexts)
+    settings = [Setting(rule, 32, r) for r in (0.3, 0.2) for rule in SCORE_RULES]
+    settings += [Setting("gauss", 32, r) for r in (0.3, 0.2)]
+    settings.append(Setting("gauss", 32, 0.3, extra=(("rerank_candidates", 2.0),)))
+    return Sweep(TEXTS, (largest,), EVAL_TOKENS, GREEDY_TOKENS, {largest: settings},
+                 "block scores from the key boxes Quest reads (SCORE_RULES) at 0.3 and 0.2, GSA's gauss rule at both "
+                 "and as two stages' first (C = 2) at 0.3, largest context",
+                 "sparse_quality_model_score_rules")
+
+
 def quick_sweep() -> Sweep:
     """One 512-token window, 16 positions, 8 greedy steps: sparse_ratio 0.1 and the dense control 1.0."""
     return Sweep(TEXTS[:1], (512,), 16, 8, {512: [Setting("quest", 32, 0.1), Setting("quest", 32, 1.0)]},
@@ -517,6 +594,8 @@ AttentionInterface.register(ORACLE, oracle_attention)
 AttentionMaskInterface.register(ORACLE, sdpa_mask)
 AttentionInterface.register(RERANK, rerank_attention)
 AttentionMaskInterface.register(RERANK, sdpa_mask)
+AttentionInterface.register(SCORED, scored_attention)
+AttentionMaskInterface.register(SCORED, sdpa_mask)
 
 
 def probe_recall(model, window: Window, context: int, setting: Setting, steps: int) -> torch.Tensor:
@@ -668,6 +747,8 @@ def main(argv: list[str] | None = None) -> Path:
                         help="at the largest context: quest 0.3's selection reused for 2 / 4 / 8 decode steps")
     mode.add_argument("--rerank", action="store_true",
                         help="at the largest context: Quest's candidates re-ranked by exact attention (two stages)")
+    mode.add_argument("--score-rules", action="store_true",
+                        help="at the largest context: block scores from Quest's key boxes (SCORE_RULES) at 0.2 / 0.3")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default torch's); 1 on a busy machine, where OpenMP threads waiting "
                              "for a descheduled peer made decode steps ~10x slower")
@@ -681,7 +762,7 @@ def main(argv: list[str] | None = None) -> Path:
         os.environ["OUT"] = str(args.out)
     sweep = (quick_sweep() if args.quick else oracle_sweep(contexts) if args.oracle
              else reuse_sweep(contexts) if args.reuse else rerank_sweep(contexts) if args.rerank
-             else full_sweep(contexts))
+             else score_rules_sweep(contexts) if args.score_rules else full_sweep(contexts))
     return run(sweep, args.model_dir, args.investigate)
 
 

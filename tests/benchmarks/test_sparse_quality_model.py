@@ -128,3 +128,40 @@ def test_run_kinds_exclude_each_other(capsys):
     with pytest.raises(SystemExit):
         sqm.main(["--quick", "--oracle"])
     assert "--oracle: not allowed with argument --quick" in capsys.readouterr().err
+
+
+def test_scored_quest_sum_is_the_library_quest_selection():
+    """The score-rule path with ``quest_sum`` attends what GSA's decode attends (the rule the library runs), and
+    the other rules choose differently on the same keys."""
+    from types import SimpleNamespace
+
+    import ucm_sparse.hf as ucm_hf
+    from ucm_sparse import GSAConfig
+
+    gen = torch.Generator().manual_seed(2)
+    settings = ucm_hf.HFGSASettings(GSAConfig(sparse_ratio=0.3, min_blocks=2), 16, "torch")
+    key, value = torch.randn(2, 1, 2, 397, 32, generator=gen)  # 25 blocks, the last one partial
+    key = key * torch.rand(1, 1, 397, 1, generator=gen) * 3  # keys of unequal spread, so the rules differ
+    query = torch.randn(1, 8, 1, 32, generator=gen)
+
+    def scored(rule):
+        module = SimpleNamespace(ucm_gsa=settings, ucm_score_rule=rule, layer_idx=3)
+        return sqm.scored_attention(module, query, key, value, None, scaling=0.2)[0]
+
+    library = ucm_hf.gsa_attention(SimpleNamespace(ucm_gsa=settings, layer_idx=3), query, key, value, None,
+                                   scaling=0.2)[0]
+    torch.testing.assert_close(scored("quest_sum"), library, atol=1e-5, rtol=1e-5)
+    outputs = [scored(rule) for rule in sqm.SCORE_RULES]
+    assert sum(not torch.allclose(out, library) for out in outputs) >= 2
+
+
+def test_gauss_score_of_a_point_box_is_the_logit_and_softmax_rules_are_mass_shares():
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(6, 8, generator=gen)  # 2 KV heads x 3 query heads
+    keys = torch.randn(2, 5, 1, 8, generator=gen).expand(2, 5, 4, 8).reshape(2, 20, 8)  # blocks of 4 equal keys
+    logits = 0.3 * torch.einsum("hgd,hnd->hgn", q.view(2, 3, 8), keys[:, ::4])
+    torch.testing.assert_close(sqm.box_scores(q, keys, 4, 0.3, "gauss_sum"), logits.sum(1))
+    torch.testing.assert_close(sqm.box_scores(q, keys, 4, 0.3, "gauss_softmax"), torch.softmax(logits, -1).sum(1))
+    spread = torch.randn(2, 20, 8, generator=gen)
+    for rule in ("quest_softmax", "gauss_softmax"):
+        torch.testing.assert_close(sqm.box_scores(q, spread, 4, 0.3, rule).sum(-1), torch.full((2,), 3.0))
