@@ -9,6 +9,10 @@ and ``cached_tokens`` (the tokens vLLM did not compute: the connector's hits) ar
 With ``--chat`` the prompts are user messages that the model's own chat template turns into prompts
 (``LLM.chat``; the model folder needs its tokenizer) and ``texts`` holds the last pass's answers. With a sparse
 method in ``--extra``, ``gsa`` counts the GSA backend's steps and sparse rows.
+With ``--force F.json`` (a token list per prompt) each prompt's output is forced to its list (teacher forcing: a
+logits processor masks every other token) while ``--top2`` reports the model's own two best tokens at each position
+(vLLM's logprobs are taken from the raw logits, before processors): how often a sparse decoder's own choice agrees
+with dense's at the same history, without one early flip changing every later position.
 ``--abort-first`` first submits the first prompt, aborts it after one engine step (while its KV loads
 asynchronously, if it does) and reports what the engine and the connector still hold afterwards.
 """
@@ -51,6 +55,36 @@ def kv_transfer_config(kind: str, store: str, extra: dict):
     return None
 
 
+def forcing_processor():
+    """A vLLM logits processor class forcing each request's outputs to ``SamplingParams.extra_args["force"]`` (a
+    token list; requests without it are left alone): at output position i every logit but the forced token's is
+    set to -inf. Built here because vLLM is imported only after the arguments are read."""
+    from vllm.v1.sample.logits_processor import LogitsProcessor
+    from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+
+    class ForceTokens(LogitsProcessor):
+        def __init__(self, vllm_config, device, is_pin_memory):
+            self.rows: dict[int, tuple[list[int], list[int]]] = {}  # batch row -> (forced tokens, live outputs)
+
+        def is_argmax_invariant(self) -> bool:
+            return False
+
+        def update_state(self, batch_update) -> None:
+            process_dict_updates(self.rows, batch_update, lambda params, _prompt, outputs: (
+                (params.extra_args["force"], outputs) if params.extra_args and "force" in params.extra_args
+                else None))
+
+        def apply(self, logits):
+            for row, (forced, outputs) in self.rows.items():
+                if len(outputs) < len(forced):
+                    token = forced[len(outputs)]
+                    logits[row] = float("-inf")
+                    logits[row, token] = 0.0
+            return logits
+
+    return ForceTokens
+
+
 def abort_after_one_step(llm, prompt: list[int], params) -> dict:
     """Submit ``prompt``, abort it after one engine step, step until the engine holds no request; return what
     is left: requests, free KV blocks (of ``total_blocks``), the connector's loads in flight (in-process engine)."""
@@ -89,6 +123,10 @@ def main() -> None:
                         help="first generate one untimed prompt of this many tokens (one-time start-up costs)")
     parser.add_argument("--top2", action="store_true",
                         help="also return each generated position's two most likely tokens and their logprobs")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="the model's and the KV cache's dtype")
+    parser.add_argument("--force", default=None,
+                        help="JSON file: per prompt, the output tokens to force (teacher forcing; see --top2)")
     args = parser.parse_args()
     extra = json.loads(args.extra)
     from vllm import LLM, SamplingParams
@@ -97,10 +135,12 @@ def main() -> None:
     from ucm.shared.metrics.ucmmonitor import StatsMonitor
     from ucm_store.writedown import drain_all
 
+    forced = json.loads(Path(args.force).read_text()) if args.force else None
     llm = LLM(model=args.model_dir, load_format="auto", skip_tokenizer_init=not args.chat, enforce_eager=True,
-              dtype="bfloat16", block_size=args.block_size, max_model_len=args.max_model_len, seed=0,
+              dtype=args.dtype, block_size=args.block_size, max_model_len=args.max_model_len, seed=0,
               enable_prefix_caching=False, max_num_batched_tokens=16384,
-              kv_transfer_config=kv_transfer_config(args.connector, args.store, extra))
+              kv_transfer_config=kv_transfer_config(args.connector, args.store, extra),
+              logits_processors=[forcing_processor()] if forced else None)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True,
                             logprobs=2 if args.top2 else None)
     prompts = json.loads(Path(args.prompts).read_text())
@@ -110,12 +150,16 @@ def main() -> None:
     pass_tokens, pass_cached, latencies = [], [], []
     for _ in range(args.passes):
         tokens, times, texts, prompt_lens, cached, top2 = [], [], [], [], [], []
-        for prompt in prompts:
+        for i, prompt in enumerate(prompts):
             start = time.perf_counter()
+            p = params
+            if forced is not None:  # this prompt's tokens to force, read by ForceTokens
+                p = params.clone()
+                p.extra_args = {"force": forced[i]}
             if args.chat:
-                out = llm.chat([[{"role": "user", "content": prompt}]], params, use_tqdm=False)
+                out = llm.chat([[{"role": "user", "content": prompt}]], p, use_tqdm=False)
             else:
-                out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)
+                out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], p, use_tqdm=False)
             times.append(time.perf_counter() - start)
             tokens.append(list(out[0].outputs[0].token_ids))
             texts.append(out[0].outputs[0].text)
