@@ -17,9 +17,13 @@ Every process runs in bfloat16 unless ``--dtype float32``: in bf16 the logits th
 between 16 and 32), so two tokens that dense ranks apart can tie exactly and any other summation order picks either;
 float32 (the quality harness's dtype) shows what GSA's choice of blocks does without that rounding.
 
-Usage: ``python -m bench.gsa_vllm_cpu_agreement [--model-dir D] [--out DIR] [--dtype float32] [--settings ...]``
-(~5 minutes on 2 cores in bf16). Writes ``gsa_vllm_cpu_agreement[_fp32]-<device>-<date>.json`` under ``--out``,
-``$OUT`` or ``bench/results/``.
+With ``--transformers`` the same prompts are also answered in transformers (fp32, the quality harness's attention
+functions), each against transformers' own dense answers: the oracle selection at 0.3 (the blocks of most dense
+attention mass) is the most any selection of that size can agree, the two-stage and Quest rows tie them to vLLM's.
+
+Usage: ``python -m bench.gsa_vllm_cpu_agreement [--model-dir D] [--out DIR] [--dtype float32] [--settings ...]
+[--transformers]`` (~5 minutes on 2 cores in bf16, 6 in fp32, 2.5 more with ``--transformers``). Writes
+``gsa_vllm_cpu_agreement[_fp32]-<device>-<date>.json`` under ``--out``, ``$OUT`` or ``bench/results/``.
 """
 import argparse
 import importlib.metadata
@@ -121,13 +125,54 @@ def forced_flips(forced: dict, dense: dict) -> tuple[int, list[dict]]:
     return steps, flips
 
 
+def transformers_ceiling(model_dir: Path, prompts: list[str]) -> dict[str, list[list[int]]]:
+    """The same prompts' greedy answers (MAX_TOKENS each, the first from the dense prefill) in transformers, fp32,
+    block BLOCK, through the quality harness's attention functions: ``dense`` (SDPA), ``oracle_0.3`` (per KV head
+    the blocks of most dense attention mass, GSA's count at 0.3: no selection of that size keeps more of it),
+    ``two_stage_0.3_c3`` and ``quest_0.3`` (GSA's torch path). Run name -> token lists per prompt."""
+    from bench import sparse_quality_model as harness
+
+    model, tokenizer = harness.load_model(model_dir)
+    settings = {"oracle_0.3": harness.Setting("oracle", BLOCK, 0.3),
+                "two_stage_0.3_c3": harness.Setting("rerank", BLOCK, 0.3, candidates=3.0),
+                "quest_0.3": harness.Setting("quest", BLOCK, 0.3)}
+    answers = {name: [] for name in ("dense", *settings)}
+    for prompt in prompts:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"][0]
+        pre = harness.prefill(model, ids, [len(ids)])  # leaves SDPA on: the dense answer first
+        first = int(pre.last_logits[len(ids)].argmax())
+        for name in answers:
+            if name in settings:
+                harness.apply(model, settings[name])
+            cache = harness.cache_at(pre, len(ids), model)
+            answers[name].append([first, *harness.greedy(model, cache, first, MAX_TOKENS - 1)])
+    return answers
+
+
+def ceiling_rows(answers: dict[str, list[list[int]]], vllm_dense: list[list[int]]) -> list[dict]:
+    """Rows of :func:`transformers_ceiling`'s answers: each run's free-running agreement with transformers' dense
+    answers, and dense's own with vLLM's (how far two dense decoders agree on these prompts)."""
+    rows = []
+    for name, tokens in answers.items():
+        reference = vllm_dense if name == "dense" else answers["dense"]
+        per_prompt = position_agreement(tokens, reference)
+        rows.append({"name": f"transformers_fp32_{name}", "impl": "transformers_fp32",
+                     "shape": "smollm2_4_chat_prompts", "reference": "vllm dense" if name == "dense"
+                     else "transformers fp32 dense",
+                     "free_running_agreement": round(sum(per_prompt) / len(per_prompt), 4),
+                     "free_running_per_prompt": [round(x, 4) for x in per_prompt],
+                     "first_divergence": first_divergence(tokens, reference)})
+    return rows
+
+
 def measure(model_dir: Path, workdir: Path, settings: dict, dtype: str) -> tuple[list[dict], dict]:
     """Dense cold, then each of ``settings`` (run name -> GSA keys, None: dense) free-running and teacher-forced,
     every process in ``dtype``: the rows and dense's record."""
     (workdir / "prompts.json").write_text(json.dumps(chat_prompts()))
     start = time.perf_counter()
     dense = drive(model_dir, workdir, passes=2, dtype=dtype)
-    dense_record = {"texts": dense["texts"], "prompt_tokens": dense["prompt_tokens"],
+    dense_record = {"texts": dense["texts"], "tokens": dense["tokens"], "prompt_tokens": dense["prompt_tokens"],
                     "first_pass_equal": dense["pass_tokens"][0] == dense["tokens"],
                     "seconds": round(time.perf_counter() - start, 1)}
     rows = []
@@ -161,6 +206,9 @@ def main(argv: list[str] | None = None) -> Path:
                         help="model and KV cache dtype of every process (float32: the file name ends in _fp32)")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS), metavar="NAME",
                         help=f"runs to make (default all: {', '.join(SETTINGS)})")
+    parser.add_argument("--transformers", action="store_true",
+                        help="also the same prompts in transformers fp32: dense, the oracle selection at 0.3 (the "
+                             "ceiling of any selection of its size), two stages and Quest (~2.5 minutes)")
     args = parser.parse_args(argv)
     from ucm_sparse.models import fetch_model
 
@@ -170,6 +218,10 @@ def main(argv: list[str] | None = None) -> Path:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gsa_vllm_cpu_agreement_") as tmp:
         rows, dense = measure(model_dir, Path(tmp), {name: SETTINGS[name] for name in args.settings}, args.dtype)
+    if args.transformers:
+        rows += ceiling_rows(transformers_ceiling(model_dir, chat_prompts()), dense["tokens"])
+        print("\n".join(f"{r['name']}: free-running {r['free_running_agreement']:.3f} against {r['reference']} "
+                        f"(first divergence {r['first_divergence']})" for r in rows if r["impl"] != "gsa_vllm_cpu"))
     bench = "gsa_vllm_cpu_agreement" + ("_fp32" if args.dtype == "float32" else "")
     path = write_results(bench, rows, ceilings={}, extra={
         "dense": dense, "wall_seconds": round(time.perf_counter() - start),
