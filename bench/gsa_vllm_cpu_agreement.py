@@ -46,7 +46,8 @@ TEXTS = (("typing_extensions", "LICENSE", 0, 14000), ("numba", "LICENSES.third-p
          ("numpy", "LICENSE.txt", 0, 18000), ("numpy", "LICENSE.txt", 20000, 35000))
 QUESTION = "\n\nWhich software licenses does the text above contain, and what do they let a user do?"
 SETTINGS = {"dense": None, "quest_0.3": {"sparse_ratio": 0.3}, "quest_0.5": {"sparse_ratio": 0.5},
-            "gauss_0.3": {"sparse_ratio": 0.3, "score": "gauss"},
+            "quest_0.7": {"sparse_ratio": 0.7}, "gauss_0.3": {"sparse_ratio": 0.3, "score": "gauss"},
+            "gauss_0.5": {"sparse_ratio": 0.5, "score": "gauss"},
             "two_stage_0.3_c3": {"sparse_ratio": 0.3, "rerank_candidates": 3.0}}  # run name -> GSA keys (None: dense)
 
 
@@ -129,11 +130,13 @@ def transformers_ceiling(model_dir: Path, prompts: list[str]) -> dict[str, list[
     """The same prompts' greedy answers (MAX_TOKENS each, the first from the dense prefill) in transformers, fp32,
     block BLOCK, through the quality harness's attention functions: ``dense`` (SDPA), ``oracle_0.3`` (per KV head
     the blocks of most dense attention mass, GSA's count at 0.3: no selection of that size keeps more of it),
-    ``two_stage_0.3_c3`` and ``quest_0.3`` (GSA's torch path). Run name -> token lists per prompt."""
+    ``oracle_0.5`` likewise, ``two_stage_0.3_c3`` and ``quest_0.3`` (GSA's torch path). Run name -> token lists
+    per prompt."""
     from bench import sparse_quality_model as harness
 
     model, tokenizer = harness.load_model(model_dir)
     settings = {"oracle_0.3": harness.Setting("oracle", BLOCK, 0.3),
+                "oracle_0.5": harness.Setting("oracle", BLOCK, 0.5),
                 "two_stage_0.3_c3": harness.Setting("rerank", BLOCK, 0.3, candidates=3.0),
                 "quest_0.3": harness.Setting("quest", BLOCK, 0.3)}
     answers = {name: [] for name in ("dense", *settings)}
