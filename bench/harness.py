@@ -7,6 +7,7 @@ the ``measure_*`` helpers, and writes one file with :func:`write_results` (to ``
 import datetime
 import json
 import os
+import platform
 import random
 import statistics
 import subprocess
@@ -15,6 +16,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from ucm_store.cpu_features import cpu_flags
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -50,6 +53,22 @@ def versions() -> dict:
     return found
 
 
+CPU_FLAGS_OF_NOTE = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512f", "avx2")  # flags that pick CPU kernels
+
+
+def host() -> dict:
+    """The machine that ran the figures: CPU model (``/proc/cpuinfo``'s first "model name"), logical cores, and
+    which of :data:`CPU_FLAGS_OF_NOTE` it has (vLLM's CPU kernels and oneDNN choose their path by them)."""
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next((line.partition(":")[2].strip() for line in cpuinfo if line.startswith("model name")), model)
+    except OSError:
+        pass
+    flags = cpu_flags()
+    return {"cpu_model": model, "cores": os.cpu_count(), "cpu_flags": [f for f in CPU_FLAGS_OF_NOTE if f in flags]}
+
+
 def row(name: str, impl: str, shape: str, median_ms: float, nbytes: int | None = None,
         ceiling_gbps: float | None = None, baseline_ms: float | None = None, **extra) -> dict:
     """One results row; GB/s, % of ceiling and speedup are derived when their inputs are given."""
@@ -70,7 +89,7 @@ def write_results(bench: str, rows: list[dict], ceilings: dict, extra: dict | No
     date = datetime.date.today().isoformat()
     gpu = device_name()
     doc = {"bench": bench, "gpu": gpu, "commit": git_commit(), "date": date, "versions": versions(),
-           "ceilings": ceilings, "rows": rows}
+           "host": host(), "ceilings": ceilings, "rows": rows}
     if extra:
         doc.update(extra)
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else RESULTS_DIR
