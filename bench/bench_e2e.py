@@ -62,8 +62,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="distinct prompts per length")
     parser.add_argument("--rounds", type=int, default=3, help="alternating no-connector / cold-UCM process pairs")
     parser.add_argument("--pipeline", default="Cache|Posix",
-                        help="UCM's store_pipeline (Cache: DRAM only, no disk write; the file name then ends in "
-                             "_dram)")
+                        help="UCM's store_pipeline (Cache: DRAM only, nothing written below it; the file name then "
+                             "ends in _dram)")
     args = parser.parse_args()
     lengths = [int(n) for n in args.lengths.split(",")]
     work = Path(tempfile.mkdtemp(prefix="ucm-bench-e2e-"))
@@ -73,7 +73,7 @@ def main() -> None:
     (work / "prompts.json").write_text(json.dumps(prompts))
     rounds = [(drive(work, "none", work / "unused", 1), drive(work, "ucm", work / f"ucm_store_{r}", 2, args.pipeline))
               for r in range(args.rounds)]
-    on_disk = "Posix" in args.pipeline  # a new process then loads the last round's prompts from the files
+    on_disk = args.pipeline.split("|") != ["Cache"]  # a tier below DRAM: a new process loads the last round's prompts
     restart = drive(work, "ucm", work / f"ucm_store_{args.rounds - 1}", 1, args.pipeline) if on_disk else None
     example = drive(work, "example", work / "example_store", 2)
     for none, ucm in rounds:

@@ -111,21 +111,22 @@ def _score_kernel(
     if RULE == GAUSS:
         _gauss_log_mass(q_ptr + b * stride_qb, kmin_ptr + offsets, kmax_ptr + offsets, mask, scales, sm_scale, out,
                         tile_ok, h, d, h_ok, d_ok, stride_qh, stride_qd, stride_sh, GROUP, SCALED)
-        return
-    g = tl.arange(0, BLOCK_G)
-    q_rows = (h[:, None, None] * GROUP + g[None, :, None]) * stride_qh + d[None, None, :] * stride_qd
-    q_ok = h_ok[:, None, None] & (g[None, :, None] < GROUP) & d_ok[None, None, :]
-    q = tl.load(q_ptr + b * stride_qb + q_rows, mask=q_ok, other=0.0).to(tl.float32)  # [HEADS_PAD, BLOCK_G, BLOCK_D]
-    if RULE == QUEST:
-        q_pos = tl.sum(tl.maximum(q, 0.0), axis=1)
-        q_neg = tl.sum(tl.minimum(q, 0.0), axis=1)
-        lows = tl.load(kmin_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        highs = tl.load(kmax_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        scores = tl.sum(highs * q_pos[None, :, :] + lows * q_neg[None, :, :], axis=2)
-    else:
-        means = tl.load(kmean_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        scores = tl.sum(means * tl.sum(q, axis=1)[None, :, :], axis=2)
-    tl.store(out + h[None, :] * stride_sh, scores * scales, mask=tile_ok)
+    else:  # Quest or mean: one score per (block, KV head), the group's query heads summed
+        g = tl.arange(0, BLOCK_G)
+        q_rows = (h[:, None, None] * GROUP + g[None, :, None]) * stride_qh + d[None, None, :] * stride_qd
+        q_ok = h_ok[:, None, None] & (g[None, :, None] < GROUP) & d_ok[None, None, :]
+        # [HEADS_PAD, BLOCK_G, BLOCK_D]
+        q = tl.load(q_ptr + b * stride_qb + q_rows, mask=q_ok, other=0.0).to(tl.float32)
+        if RULE == QUEST:
+            q_pos = tl.sum(tl.maximum(q, 0.0), axis=1)
+            q_neg = tl.sum(tl.minimum(q, 0.0), axis=1)
+            lows = tl.load(kmin_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            highs = tl.load(kmax_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            scores = tl.sum(highs * q_pos[None, :, :] + lows * q_neg[None, :, :], axis=2)
+        else:
+            means = tl.load(kmean_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            scores = tl.sum(means * tl.sum(q, axis=1)[None, :, :], axis=2)
+        tl.store(out + h[None, :] * stride_sh, scores * scales, mask=tile_ok)
 
 
 @triton.jit
