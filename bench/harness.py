@@ -7,7 +7,6 @@ the ``measure_*`` helpers, and writes one file with :func:`write_results` (to ``
 import datetime
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ucm_store.cpu_features import cpu_flags
+from ucm_store.cpu_features import cpu_flags, cpu_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -57,16 +56,11 @@ CPU_FLAGS_OF_NOTE = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512f", "avx2")  
 
 
 def host() -> dict:
-    """The machine that ran the figures: CPU model (``/proc/cpuinfo``'s first "model name"), logical cores, and
-    which of :data:`CPU_FLAGS_OF_NOTE` it has (vLLM's CPU kernels and oneDNN choose their path by them)."""
-    model = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = next((line.partition(":")[2].strip() for line in cpuinfo if line.startswith("model name")), model)
-    except OSError:
-        pass
+    """The machine that ran the figures: CPU model, logical cores, and which of :data:`CPU_FLAGS_OF_NOTE` it has
+    (vLLM's CPU kernels and oneDNN choose their path by them)."""
     flags = cpu_flags()
-    return {"cpu_model": model, "cores": os.cpu_count(), "cpu_flags": [f for f in CPU_FLAGS_OF_NOTE if f in flags]}
+    return {"cpu_model": cpu_model(), "cores": os.cpu_count(),
+            "cpu_flags": [f for f in CPU_FLAGS_OF_NOTE if f in flags]}
 
 
 def row(name: str, impl: str, shape: str, median_ms: float, nbytes: int | None = None,

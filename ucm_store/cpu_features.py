@@ -11,8 +11,8 @@ and died (issue 15). Asking first thing in every vLLM process removes that depen
 Linux refuses the request (ENOSPC) once any thread of the process has an alternate signal stack smaller than the
 AMX signal frame (about 11 KiB), so ask before anything starts threads.
 
-Primitives: :func:`request_amx_permission`, :func:`amx_permission_held`, :func:`cpu_flags`,
-:func:`parse_cpu_flags`.
+Primitives: :func:`request_amx_permission`, :func:`amx_permission_held`, :func:`cpu_flags`, :func:`cpu_model`,
+:func:`parse_cpu_flags`, :func:`parse_cpu_field`.
 """
 import ctypes
 import errno
@@ -39,25 +39,42 @@ REFUSALS = {  # errno of a refused ARCH_REQ_XCOMP_PERM: its kernel name and what
 }
 
 
+def parse_cpu_field(cpuinfo_lines: Iterable[str], key: str) -> str | None:
+    """The value of the first ``key : value`` line in ``/proc/cpuinfo`` text (the first processor's), stripped;
+    None when there is none."""
+    for line in cpuinfo_lines:
+        name, sep, value = line.partition(":")
+        if sep and name.strip() == key:
+            return value.strip()
+    return None
+
+
 def parse_cpu_flags(cpuinfo_lines: Iterable[str]) -> frozenset[str]:
     """The feature flags of the first processor in ``/proc/cpuinfo`` text (its first ``flags : ...`` line);
     empty when there is none."""
-    for line in cpuinfo_lines:
-        key, sep, value = line.partition(":")
-        if sep and key.strip() == "flags":
-            return frozenset(value.split())
-    return frozenset()
+    return frozenset((parse_cpu_field(cpuinfo_lines, "flags") or "").split())
 
 
 @functools.cache
 def cpu_flags() -> frozenset[str]:
-    """This machine's CPU feature flags from ``/proc/cpuinfo`` (read up to the first processor's flags);
+    """This machine's CPU feature flags: the first processor's in ``/proc/cpuinfo``;
     empty where that file cannot be read."""
+    return parse_cpu_flags(_cpuinfo_lines())
+
+
+def cpu_model() -> str:
+    """This machine's CPU model: ``/proc/cpuinfo``'s first "model name", else ``platform.processor()``, else
+    "unknown"."""
+    return parse_cpu_field(_cpuinfo_lines(), "model name") or platform.processor() or "unknown"
+
+
+def _cpuinfo_lines() -> list[str]:
+    """The lines of ``/proc/cpuinfo``; none where it cannot be read."""
     try:
         with open(CPUINFO) as cpuinfo:
-            return parse_cpu_flags(cpuinfo)
+            return cpuinfo.read().splitlines()
     except OSError:
-        return frozenset()
+        return []
 
 
 def _x86_64_linux() -> bool:

@@ -25,7 +25,7 @@ import pytest
 
 from test_vllm_e2e import BLOCK, drive, make_workdir, result_of
 from ucm_store import cpu_features
-from ucm_store.cpu_features import amx_permission_held, parse_cpu_flags, request_amx_permission
+from ucm_store.cpu_features import amx_permission_held, parse_cpu_field, parse_cpu_flags, request_amx_permission
 
 HERE = Path(__file__).parent
 PROBE = HERE / "amx_probe.py"
@@ -60,6 +60,12 @@ def test_flags_are_the_first_processors_flags_line():
     assert cpu_features.AMX_FLAG in flags and "avx512f" in flags and "spectre_v1" not in flags
     assert cpu_features.AMX_FLAG not in parse_cpu_flags(CPUINFO.replace(" amx_tile", "").splitlines())
     assert parse_cpu_flags(["processor\t: 0", "model name\t: flags are elsewhere"]) == frozenset()
+
+
+def test_model_name_is_the_first_processors():
+    assert parse_cpu_field(CPUINFO.splitlines(), "model name") == "Intel(R) Xeon(R) Platinum 8480+"
+    assert parse_cpu_field(["processor\t: 0"], "model name") is None
+    assert cpu_features.cpu_model()  # this machine's, or platform.processor()'s, or "unknown"
 
 
 @pytest.mark.skipif(not X86_64_LINUX, reason="arch_prctl XCOMP permissions exist on x86-64 Linux only")
