@@ -459,3 +459,20 @@ def test_gauss_plan_needs_the_query_head_count():
     assert torch.equal(sel_idx, ref_idx) and torch.equal(sel_count, ref_count)
     with pytest.raises(ValueError, match="q: 4 query heads, the plan was made for num_q_heads = 8"):
         plan.run(case["q"][:, :4], case["kmin"], case["kmax"], case["kmean"], case["block_table"], case["seq_lens"])
+
+
+@pytest.mark.parametrize("score", ["quest", "mean", "gauss"])
+def test_every_score_tile_selects_what_the_planned_one_selects(score):
+    """The score kernel's tile (blocks per program) is a launch setting: any tile from 1 block to twice the planned
+    one gives a valid selection (counts, windows, ranking against the reference's scores) and the planned tile's
+    counts; the GPU benchmark times gauss at half the planned tile (bench_block_select.score_tile_variants)."""
+    import dataclasses
+
+    case = make_case(kv_heads=2, group=4)
+    plan = plan_select(4, 2, 64, 28, **SIZES, score=score, device=DEVICE, num_q_heads=8)
+    args = (case["q"], case["kmin"], case["kmax"], case["kmean"], case["block_table"], case["seq_lens"])
+    planned = [t.clone() for t in plan.run(*args)]
+    for tile in sorted({1, 2, max(1, plan.score_tile // 2), 2 * plan.score_tile}):
+        sel_idx, sel_count = dataclasses.replace(plan, score_tile=tile).run(*args)
+        check_selection(case, sel_idx, sel_count, score=score, **SIZES)
+        assert torch.equal(sel_count, planned[1]), tile
