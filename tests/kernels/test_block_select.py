@@ -1,4 +1,6 @@
 """block_select kernels vs the torch reference; selections compare as index sets per (request, KV head)."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -466,8 +468,6 @@ def test_every_score_tile_selects_what_the_planned_one_selects(score):
     """The score kernel's tile (blocks per program) is a launch setting: any tile from 1 block to twice the planned
     one gives a valid selection (counts, windows, ranking against the reference's scores) and the planned tile's
     counts; the GPU benchmark times gauss at half the planned tile (bench_block_select.score_tile_variants)."""
-    import dataclasses
-
     case = make_case(kv_heads=2, group=4)
     plan = plan_select(4, 2, 64, 28, **SIZES, score=score, device=DEVICE, num_q_heads=8)
     args = (case["q"], case["kmin"], case["kmax"], case["kmean"], case["block_table"], case["seq_lens"])
