@@ -7,6 +7,7 @@ import torch
 from ucm_kernels.block_repr import empty_block_repr, naive_update_block_repr, update_block_repr
 from ucm_kernels.block_select import naive_block_scores, naive_num_selected, naive_select_blocks, select_blocks
 from ucm_kernels.block_select import plan_select, select_from_scores, selection_counts, selection_width
+from ucm_kernels.block_select import torch_select_blocks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
@@ -447,6 +448,29 @@ def test_gauss_rule_ranks_blocks_by_estimated_attention_share():
         (sel_idx, sel_count), sizes = run(case, score="gauss", scale=scale)
         ref_idx, ref_count = naive_select_blocks(**case, **sizes)
         assert torch.equal(sel_idx.cpu(), ref_idx.cpu()) and torch.equal(sel_count.cpu(), ref_count.cpu())
+
+
+@pytest.mark.parametrize("score", ["quest", "mean", "gauss"])
+def test_blocks_with_nan_reprs_rank_first_and_leave_the_other_scores_intact(score):
+    """Keys that overflowed to NaN make their blocks' reprs NaN: every rule ranks such a block first (the attention
+    over it is NaN whatever is picked), the kernel, the torch twin and the reference agree, and the gauss shares of
+    the other blocks stay a softmax over the known ones (a NaN does not wipe its whole row)."""
+    case = make_case(seq_lens=[403, 229])
+    poisoned = case["block_table"][0, 5:7].long()
+    for key in ("kmin", "kmax", "kmean"):
+        case[key][poisoned] = float("nan")
+    (sel_idx, sel_count), sizes = run(case, score=score)
+    ref_idx, ref_count = naive_select_blocks(**case, **sizes)
+    twin_idx, twin_count = torch_select_blocks(**case, **sizes)
+    assert torch.equal(sel_idx.cpu(), ref_idx.cpu()) and torch.equal(twin_idx.cpu(), ref_idx.cpu())
+    assert torch.equal(sel_count.cpu(), ref_count.cpu()) and torch.equal(twin_count.cpu(), ref_count.cpu())
+    assert all({5, 6} <= set(ref_idx[0, h].tolist()) for h in range(2))
+    if score == "gauss":
+        shares = naive_block_scores(case["q"], case["kmin"], case["kmax"], None, case["block_table"],
+                                    case["seq_lens"], block_size=16, score="gauss").cpu()
+        assert shares[0, :, 5:7].isnan().all() and torch.isfinite(shares[0, :, 7:25]).all()
+        known = torch.cat([shares[0, :, :5], shares[0, :, 7:25]], dim=1)  # 25 full blocks; each head's group is 4
+        torch.testing.assert_close(known.sum(dim=1), torch.full((2,), 4.0))
 
 
 def test_gauss_plan_needs_the_query_head_count():

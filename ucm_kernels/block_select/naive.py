@@ -65,14 +65,18 @@ def naive_gauss_shares(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, 
     have them). Each query head's log attention mass on a block is estimated as if the block's keys spread
     uniformly over its box (centre c, half-width r: ``scale q.c + scale**2 / 6 * sum_d q_d**2 r_d**2``, the log of
     E[exp(scale q.k)] for a Gaussian of that spread); a softmax over the full blocks makes it the head's share of
-    its attention, and the group's shares are added (0 where not full)."""
+    its attention, and the group's shares are added (0 where not full). A block whose log-mass is NaN (NaN reprs)
+    is left out of that softmax and its share is NaN, so it ranks first as in the other rules."""
     shares = torch.zeros(kmin.shape[0], device=kmin.device)
     if not full.any():
         return shares
     centre, half = (kmax[full] + kmin[full]) / 2, (kmax[full] - kmin[full]) / 2
     for query in q.float():
         log_mass = scale * (centre @ query) + scale ** 2 / 6 * ((half ** 2) @ (query ** 2))
-        shares[full] += torch.softmax(log_mass, dim=0)
+        known = ~log_mass.isnan()
+        share = torch.full_like(log_mass, float("nan"))
+        share[known] = torch.softmax(log_mass[known], dim=0)
+        shares[full] += share
     return shares
 
 

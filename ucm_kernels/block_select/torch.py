@@ -77,9 +77,11 @@ def gauss_shares(qg: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, full:
                  ) -> torch.Tensor:
     """The gauss score (``naive_gauss_shares`` for every row at once): ``qg [batch, heads, group, head_dim]``,
     fp32 ``kmin``, ``kmax`` ``[batch, heads, max_blocks, head_dim]``, ``full [batch, max_blocks]``; returns fp32
-    ``[batch, heads, max_blocks]``, each query head's softmax share summed over the group (0 where not full)."""
+    ``[batch, heads, max_blocks]``, each query head's softmax share summed over the group (0 where not full). A
+    NaN log-mass (NaN reprs) stays out of the softmax and its share is NaN: it ranks first, as in the other rules."""
     centre, half = (kmax + kmin) / 2, (kmax - kmin) / 2
     log_mass = scale * torch.einsum("bhgd,bhmd->bhgm", qg, centre) + scale ** 2 / 6 * torch.einsum(
         "bhgd,bhmd->bhgm", qg * qg, half * half)
-    shares = torch.softmax(log_mass.masked_fill(~full[:, None, None, :], float("-inf")), dim=-1)
-    return shares.nan_to_num(0.0).sum(dim=2)
+    unknown = log_mass.isnan() & full[:, None, None, :]
+    shares = torch.softmax(log_mass.masked_fill(~full[:, None, None, :] | unknown, float("-inf")), dim=-1)
+    return shares.nan_to_num(0.0).masked_fill(unknown, float("nan")).sum(dim=2)

@@ -171,14 +171,18 @@ def _kth_largest_key(keys, competing, k):
 @triton.jit
 def _mass_shares(rows_ptr, j, seq_len, max_blocks, sparse, stride_sh, BLOCK_SIZE: tl.constexpr, SHARES: tl.constexpr):
     """The gauss rule's second pass: the sum over the group's SHARES rows of log-masses of each row's softmax over
-    the request's full blocks (0 elsewhere, and everywhere when the request stays dense)."""
+    the request's full blocks (0 elsewhere, and everywhere when the request stays dense). A NaN log-mass (a block
+    whose reprs hold NaN) stays out of the softmax and its share is NaN, which ranks first as in the other rules."""
     full = (j < tl.minimum(seq_len // BLOCK_SIZE, max_blocks)) & sparse
     total = tl.zeros(j.shape, tl.float32)
     for g in tl.static_range(SHARES):
         row = tl.load(rows_ptr + g * stride_sh + j, mask=full, other=float("-inf"))
+        known = row == row
+        row = tl.where(known, row, float("-inf"))
         top = tl.max(row, axis=0)
         weights = tl.exp(row - tl.where(top > float("-inf"), top, 0.0))  # 0 off the full blocks
-        total += weights / tl.maximum(tl.sum(weights, axis=0), 1e-30)  # the largest weight is 1 when any is full
+        shares = weights / tl.maximum(tl.sum(weights, axis=0), 1e-30)  # the largest weight is 1 when any is full
+        total += tl.where(known, shares, float("nan"))
     return total
 
 
