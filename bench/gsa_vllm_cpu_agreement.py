@@ -55,7 +55,10 @@ QUESTION = "\n\nWhich software licenses does the text above contain, and what do
 SETTINGS = {"dense": None, "quest_0.3": {"sparse_ratio": 0.3}, "quest_0.5": {"sparse_ratio": 0.5},
             "quest_0.7": {"sparse_ratio": 0.7}, "gauss_0.3": {"sparse_ratio": 0.3, "score": "gauss"},
             "gauss_0.5": {"sparse_ratio": 0.5, "score": "gauss"},
-            "two_stage_0.3_c3": {"sparse_ratio": 0.3, "rerank_candidates": 3.0}}  # run name -> GSA keys (None: dense)
+            "two_stage_0.3_c3": {"sparse_ratio": 0.3, "rerank_candidates": 3.0},
+            "two_stage_0.3_c3_dense2": {"sparse_ratio": 0.3, "rerank_candidates": 3.0, "dense_first_layers": 2},
+            "two_stage_0.5_c3_dense2": {"sparse_ratio": 0.5, "rerank_candidates": 3.0, "dense_first_layers": 2},
+            }  # run name -> GSA keys (None: dense)
 
 
 def license_text(distribution: str, name: str, start: int, stop: int) -> str:
@@ -235,6 +238,8 @@ def main(argv: list[str] | None = None) -> Path:
                              "ceiling of any selection of its size), two stages and Quest (~2.5 minutes)")
     parser.add_argument("--texts", type=int, default=len(TEXTS), choices=(len(TEXTS), len(TEXTS + MORE_TEXTS)),
                         help="prompts: the tests' 4 texts, or those and MORE_TEXTS (the file name ends in _12texts)")
+    parser.add_argument("--tag", default="", help="appended to the file name (e.g. dense_first: a set of runs that "
+                                                  "must not take the name of the default set's file)")
     args = parser.parse_args(argv)
     from ucm_sparse.models import fetch_model
 
@@ -253,7 +258,7 @@ def main(argv: list[str] | None = None) -> Path:
         print("\n".join(f"{r['name']}: free-running {r['free_running_agreement']:.3f} against {r['reference']} "
                         f"(first divergence {r['first_divergence']})" for r in rows if r["impl"] != "gsa_vllm_cpu"))
     bench = ("gsa_vllm_cpu_agreement" + ("_fp32" if args.dtype == "float32" else "")
-             + ("" if args.texts == len(TEXTS) else f"_{args.texts}texts"))
+             + ("" if args.texts == len(TEXTS) else f"_{args.texts}texts") + (f"_{args.tag}" if args.tag else ""))
     path = write_results(bench, rows, ceilings={}, extra={
         "dense": dense, "wall_seconds": round(time.perf_counter() - start),
         "setup": {"model": "SmolLM2-135M-Instruct", "vllm": vllm_version(), "dtype": args.dtype,
