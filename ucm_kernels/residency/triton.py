@@ -1,12 +1,12 @@
-"""Triton residency bookkeeping (three launches, no host sync) and the indexed row copy.
+"""Triton residency bookkeeping (two launches, no host sync) and the indexed row copy.
 
 ``admit``: (1) probe the wanted pieces (hits stamped, misses ranked through an atomic counter: each program's
-misses get consecutive ranks), (2) one program histograms the evictable slots' ages, finds the victim age and
-ranks the victims, older ones first, then those of the victim age, each group in slot order (skipped when nothing
-misses), (3) the k-th miss takes the k-th victim, the maps are updated, and (``admit_selection`` with ``rows``)
-each program copies the rows of the misses it admitted. Miss ranks follow program order, so on a GPU which victim
-a miss takes varies between runs (the set of victims does not); in the interpreter programs run in order and the
-result equals ``torch.admit``'s.
+misses get consecutive ranks); the program that finishes last (an acquire-release counter) then histograms the
+evictable slots' ages, finds the victim age and ranks the victims, older ones first, then those of the victim age,
+each group in slot order (skipped when nothing misses), (2) the k-th miss takes the k-th victim, the maps are
+updated, and (``admit_selection`` with ``rows``) each program copies the rows of the misses it admitted. Miss
+ranks follow program order, so on a GPU which victim a miss takes varies between runs (the set of victims does
+not); in the interpreter programs run in order and the result equals ``torch.admit``'s.
 """
 import torch
 import triton
@@ -16,21 +16,24 @@ from ucm_kernels._utils import alignment, check_device, check_tensor, next_pow2
 
 from .torch import AGE_CAP
 
-# counter slots (constexpr: the kernels read them as globals)
-MISSES, OLDER, ADMITTED, TIES = (tl.constexpr(slot) for slot in range(4))
+# counter slots (constexpr: the kernels read them as globals); FINISHED counts the first launch's finished programs
+MISSES, OLDER, ADMITTED, TIES, FINISHED = (tl.constexpr(slot) for slot in range(5))
 _TILE = 1024
 _VICTIM_TILE = 4096  # slots per step of the one-program victim search
 _WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
 
-@triton.jit(do_not_specialize=["n", "stamp_value", "width", "table_width", "heads", "probe_programs"])
+@triton.jit(do_not_specialize=["n", "stamp_value", "width", "table_width", "heads", "probe_programs", "capacity",
+                               "below", "max_new"])
 def _probe_kernel(pieces, wanted, sel_idx, sel_count, block_table, slot_of, stamp, slots, miss_rank, counters, tally,
-                  kv, pinned, token_pieces, token_offsets, key, value, token_slots, n, stamp_value, width, table_width,
-                  heads, probe_programs, FROM_SELECTION: tl.constexpr, HAS_TALLY: tl.constexpr,
-                  WRITE_TOKENS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  DIM_POW2: tl.constexpr, TILE: tl.constexpr):
+                  kv, pinned, token_pieces, token_offsets, key, value, token_slots, victims, n, stamp_value, width,
+                  table_width, heads, probe_programs, capacity, below, max_new, FROM_SELECTION: tl.constexpr,
+                  HAS_TALLY: tl.constexpr, WRITE_TOKENS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, DIM_POW2: tl.constexpr, TILE: tl.constexpr, AGE_CAP: tl.constexpr,
+                  BINS: tl.constexpr, VICTIM_TILE: tl.constexpr):
     """Programs below ``probe_programs`` probe a tile of entries each; with WRITE_TOKENS, each program above writes
-    one decode token (as ``_write_tokens_kernel``): the two touch different state (a token's slot is resident)."""
+    one decode token (as ``_write_tokens_kernel``): the two touch different state (a token's slot is resident).
+    The program that finishes last finds the victims, once every probe's stamps, misses and pins are visible."""
     pid = tl.program_id(0)
     if pid < probe_programs:
         _probe_tile(pieces, wanted, sel_idx, sel_count, block_table, slot_of, stamp, slots, miss_rank, counters,
@@ -38,6 +41,9 @@ def _probe_kernel(pieces, wanted, sel_idx, sel_count, block_table, slot_of, stam
     elif WRITE_TOKENS:
         _write_token_row(kv, slot_of, stamp, pinned, token_pieces, token_offsets, key, value, token_slots,
                          pid - probe_programs, stamp_value, BLOCK_SIZE, HEAD_DIM, DIM_POW2)
+    tl.debug_barrier()  # every thread's stores precede the release below
+    if tl.atomic_add(counters + FINISHED, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+        _find_victims(stamp, pinned, counters, victims, capacity, below, max_new, AGE_CAP, BINS, VICTIM_TILE)
 
 
 @triton.jit
@@ -71,18 +77,18 @@ def _probe_tile(pieces, wanted, sel_idx, sel_count, block_table, slot_of, stamp,
 @triton.jit
 def _ages(stamp, pinned, offs, inside, below, AGE_CAP: tl.constexpr):
     """Eviction age of slots ``offs`` (0: not evictable), as ``torch.slot_ages``."""
-    age = below - tl.load(stamp + offs, mask=inside, other=below)
-    held = tl.load(pinned + offs, mask=inside, other=1) != 0
+    age = below - tl.load(stamp + offs, mask=inside, other=below, cache_modifier=".cg")  # L2: other programs' stores
+    held = tl.load(pinned + offs, mask=inside, other=1, cache_modifier=".cg") != 0
     return tl.where(held | (age <= 0), 0, tl.minimum(age, AGE_CAP))
 
 
-@triton.jit(do_not_specialize=["capacity", "below", "max_new"])
-def _victims_kernel(stamp, pinned, counters, victims, capacity, below, max_new, AGE_CAP: tl.constexpr,
-                    BINS: tl.constexpr, TILE: tl.constexpr):
+@triton.jit
+def _find_victims(stamp, pinned, counters, victims, capacity, below, max_new, AGE_CAP: tl.constexpr,
+                  BINS: tl.constexpr, TILE: tl.constexpr):
     """One program: the evictable slots' age histogram, the victim age, then the victims ranked (every slot older
     than that age, then those of that age, each group in slot order) into ``victims``; the group sizes into
-    counters OLDER and TIES. Runs only when a miss is to be admitted."""
-    wanted = tl.minimum(tl.load(counters + MISSES), max_new)
+    counters OLDER and TIES. Does nothing when no miss is to be admitted."""
+    wanted = tl.minimum(tl.atomic_add(counters + MISSES, 0, sem="acquire"), max_new)  # the total, read at L2
     if wanted > 0:
         bins = tl.arange(0, BINS)
         hist = tl.zeros([BINS], dtype=tl.int32)
@@ -200,12 +206,12 @@ def admit_selection(slot_of: torch.Tensor, piece_in: torch.Tensor, stamp: torch.
 
 def _launch(slot_of, piece_in, stamp, pinned, pieces, wanted, selection, table, below, stamp_value, max_new, tally,
             rows, tokens):
-    """The three kernels; ``selection`` = (sel_idx, sel_count, block_table, heads) or None (``pieces`` / ``wanted``
+    """The two kernels; ``selection`` = (sel_idx, sel_count, block_table, heads) or None (``pieces`` / ``wanted``
     given); ``rows`` = (src, dst) to copy the admitted pieces' rows, or None; ``tokens`` = (kv, pieces, offsets,
     key, value) of :func:`write_tokens` to write in the first launch, or None."""
     device = slot_of.device
     n, capacity = pieces.numel(), piece_in.numel()
-    counters = torch.zeros(4, dtype=torch.int32, device=device)
+    counters = torch.zeros(FINISHED.value + 1, dtype=torch.int32, device=device)
     n_tokens = tokens[1].numel() if tokens is not None else 0
     slots, miss_rank, fetch_pieces, fetch_slots, victims, token_slots = _int64_buffers(
         device, n, n, n, n, max(min(n, max_new, capacity), 1), n_tokens)
@@ -220,12 +226,11 @@ def _launch(slot_of, piece_in, stamp, pinned, pieces, wanted, selection, table, 
     head_dim = kv.shape[4] if tokens is not None else 1
     _probe_kernel[(entries[0] + n_tokens,)](
         pieces, wanted if wanted is not None else counters, sel_idx, sel_count, block_table, slot_of, stamp, slots,
-        miss_rank, counters, tally_arg, kv, pinned, token_pieces, offsets, key, value, token_slots, n, stamp_value,
-        width, table_width, heads, entries[0], FROM_SELECTION=selection is not None, HAS_TALLY=tally is not None,
-        WRITE_TOKENS=tokens is not None, BLOCK_SIZE=kv.shape[2] if tokens is not None else 1, HEAD_DIM=head_dim,
-        DIM_POW2=next_pow2(head_dim), TILE=_TILE)
-    _victims_kernel[(1,)](stamp, pinned, counters, victims, capacity, below, max_new, AGE_CAP=AGE_CAP,
-                          BINS=next_pow2(AGE_CAP + 1), TILE=_VICTIM_TILE, num_warps=8)
+        miss_rank, counters, tally_arg, kv, pinned, token_pieces, offsets, key, value, token_slots, victims, n,
+        stamp_value, width, table_width, heads, entries[0], capacity, below, max_new,
+        FROM_SELECTION=selection is not None, HAS_TALLY=tally is not None, WRITE_TOKENS=tokens is not None,
+        BLOCK_SIZE=kv.shape[2] if tokens is not None else 1, HEAD_DIM=head_dim, DIM_POW2=next_pow2(head_dim),
+        TILE=_TILE, AGE_CAP=AGE_CAP, BINS=next_pow2(AGE_CAP + 1), VICTIM_TILE=_VICTIM_TILE, num_warps=8)
     _assign_kernel[entries](pieces, miss_rank, slots, victims, slot_of, piece_in, stamp, counters, fetch_pieces,
                             fetch_slots, tally_arg, sel_idx, table if table is not None else counters, src, dst, n,
                             stamp_value, max_new, width, table_width, WRITE_TABLE=table is not None,
