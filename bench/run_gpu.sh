@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent-GPU session step: correctness on the GPU (compiled kernels), then benchmarks; JSON + logs under $OUT.
-# Usage: bench/run_gpu.sh {tests|transfer|sparse|offload|tp|all}   (wheels for pytest travel in .whl/, FlashInfer's in
+# Usage: bench/run_gpu.sh {tests|transfer|sparse|offload|tp|all|quick}   (wheels for pytest travel in .whl/, FlashInfer's in
 # .flashinfer/: see BENCHMARKS.md)
 # Set UCM_COMMIT to the commit the working tree was copied from: the copy on the GPU machine has no .git.
 set -uo pipefail
@@ -36,5 +36,11 @@ case "${1:-all}" in
   sparse|all) step bench_sparse_decode timeout 540 python3 -m bench.bench_sparse_decode
               step bench_block_select timeout 200 python3 -m bench.bench_block_select ;;&
   offload|all) step bench_gsa_offload timeout 580 python3 -m bench.bench_gsa_offload --layers 8 --long ;;&
+  # A short call for when device time is scarce: the GPU tests of residency, offload and selection, the steady
+  # offload schedule, and the list-locality probe (about 8 minutes in all).
+  quick) step gpu_tests_quick timeout 170 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_residency.py \
+               tests/sparse/test_gsa_offload.py tests/kernels/test_block_select.py
+         step bench_gsa_offload_steady timeout 240 python3 -m bench.bench_gsa_offload --layers 8 --schedules steady
+         step list_locality timeout 150 python3 -m bench.list_locality ;;
   tp|all) step bench_tp_ranks timeout 240 python3 -m bench.bench_tp_ranks --ranks 2 --blocks 2048 --dir /tmp ;;
 esac
