@@ -58,6 +58,7 @@ SETTINGS = {"dense": None, "quest_0.3": {"sparse_ratio": 0.3}, "quest_0.5": {"sp
             "two_stage_0.3_c3": {"sparse_ratio": 0.3, "rerank_candidates": 3.0},
             "two_stage_0.3_c3_dense2": {"sparse_ratio": 0.3, "rerank_candidates": 3.0, "dense_first_layers": 2},
             "two_stage_0.5_c3_dense2": {"sparse_ratio": 0.5, "rerank_candidates": 3.0, "dense_first_layers": 2},
+            "quest_0.7_dense2": {"sparse_ratio": 0.7, "dense_first_layers": 2},
             }  # run name -> GSA keys (None: dense)
 
 
