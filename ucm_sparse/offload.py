@@ -23,6 +23,7 @@ and copies them on a stream of its own with ``16 * prefetch_workers`` copy progr
 of later layers overlap the attention of earlier ones; ``run`` of a layer waits for that layer's copies only.
 Stats in :class:`OffloadStats`.
 """
+import itertools
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
@@ -76,6 +77,7 @@ class _Request:
     last_step: int = -1  # the last step that decoded it
     last_row: int = -1  # its row in that step's batch (its selections are that row of the step's)
     row: torch.Tensor | None = None  # blocks as a CPU int32 tensor with room to grow (blocks added in place)
+    serial: int = field(default_factory=itertools.count().__next__)  # never reused: (serial, blocks) names a row
 
     def add_block(self, block: int) -> None:
         """Append host ``block`` as the newest logical block."""
@@ -154,6 +156,7 @@ class OffloadedGSA:
         self._prefetch_stream = (torch.cuda.Stream(self.device) if config.prefetch_ahead > 0
                                  and self.device.type == "cuda" else None)
         self._step = 0
+        self._table: tuple[tuple, torch.Tensor] | None = None  # the last plan's table on the device, and its rows
 
     @property
     def capacity(self) -> int:
@@ -313,11 +316,9 @@ class OffloadedGSA:
     def _make_plan(self, request_ids: list, requests: list[_Request], opened: list[int], counts: list[int]
                    ) -> OffloadPlan:
         """The plan of a step whose requests have their blocks and lengths updated (``counts``: blocks each
-        selects)."""
+        selects). The block table on the device is the last plan's while the rows are the same requests with the
+        same blocks (a steady batch between block openings): only the per-step lengths and pieces are uploaded."""
         nbs = [len(r.blocks) for r in requests]
-        table = torch.zeros(len(requests), max(nbs), dtype=torch.int32)
-        for row, request in enumerate(requests):
-            table[row, :nbs[row]] = request.block_row()
         heads, block = self.num_kv_heads, self.block_size
         lens = [r.seq_len for r in requests]
         per_row = [(n, r.blocks[-1] * heads + h, (n - 1) % block) for r, n in zip(requests, lens) for h in range(heads)]
@@ -327,7 +328,16 @@ class OffloadedGSA:
         small32 = torch.tensor(lens + [n for n, _, _ in per_row] + [len(filled)], dtype=torch.int32)
         small64 = torch.tensor([p for _, p, _ in per_row] + [o for _, _, o in per_row] + opened_pieces + filled,
                                dtype=torch.int64)
-        small32, table, small64 = self._staging.upload(small32, table, small64)  # one copy for the whole plan
+        rows_key = tuple((r.serial, nb) for r, nb in zip(requests, nbs))
+        if self._table is not None and self._table[0] == rows_key:  # the last step's rows: its table still holds
+            small32, small64 = self._staging.upload(small32, small64)
+            table = self._table[1]
+        else:
+            table = torch.zeros(len(requests), max(nbs), dtype=torch.int32)
+            for row, request in enumerate(requests):
+                table[row, :nbs[row]] = request.block_row()
+            small32, table, small64 = self._staging.upload(small32, table, small64)  # one copy for the whole plan
+            self._table = (rows_key, table)
         ints = small64.split([rows, rows, len(opened_pieces), len(filled)])
         return OffloadPlan(self._step, request_ids, small32[:len(lens)], small32[len(lens):-1], table, counts,
                            dense=all(c == nb for c, nb in zip(counts, nbs)), tail_pieces=ints[0],

@@ -228,3 +228,40 @@ def test_host_kv_lives_in_the_cache_tier_and_finish_frees_everything():
         gsa.plan(["r"])
     gsa.close()
     assert len(cache) == 0 and cache.pool.get_stats()["currently_used"] == 0
+
+
+def test_a_plan_reuses_the_last_block_table_only_while_the_batch_rows_are_the_same():
+    """The device table of a plan whose requests (in order) have the blocks of the last plan's is that plan's; a
+    block opening, another batch or order, and a request finished and written again under its id make a new one."""
+    gsa = OffloadedGSA(GSAConfig(**SPARSE, gpu_budget_blocks=50), num_layers=LAYERS, num_kv_heads=HEADS,
+                       head_dim=DIM, block_size=BLOCK, host_blocks=40, dtype=DTYPE, device="cpu",
+                       cache=private_cache())
+
+    def write(request, tokens):
+        for layer in range(LAYERS):
+            gsa.write_prompt(request, layer, torch.randn(tokens, HEADS, DIM).to(DTYPE),
+                             torch.randn(tokens, HEADS, DIM).to(DTYPE))
+
+    def step(requests):
+        plan = gsa.plan(requests)
+        width = max(len(gsa.requests[r].blocks) for r in requests)
+        expected = [gsa.requests[r].blocks + [0] * (width - len(gsa.requests[r].blocks)) for r in requests]
+        assert plan.block_table.tolist() == expected
+        for layer in range(LAYERS):
+            gsa.run(plan, layer, torch.randn(len(requests), HEADS * GROUP, DIM).to(DTYPE),
+                    torch.randn(len(requests), HEADS, DIM).to(DTYPE), torch.randn(len(requests), HEADS, DIM).to(DTYPE))
+        return plan.block_table
+
+    write("a", 46)
+    write("b", 20)
+    first = step(["a", "b"])  # a: 47 tokens, b: 21
+    assert step(["a", "b"]) is first  # a: 48 tokens, its third block full; b: 22
+    opened = step(["a", "b"])  # a's 49th token opens a fourth block
+    assert len(gsa.requests["a"].blocks) == 4 and opened is not first
+    assert step(["a", "b"]) is opened
+    reordered = step(["b", "a"])
+    assert reordered is not opened and step(["b", "a"]) is reordered
+    gsa.finish("a")
+    write("a", 46)  # the same id and length, other blocks
+    assert step(["b", "a"]) is not reordered
+    gsa.close()
