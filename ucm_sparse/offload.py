@@ -328,21 +328,27 @@ class OffloadedGSA:
         small32 = torch.tensor(lens + [n for n, _, _ in per_row] + [len(filled)], dtype=torch.int32)
         small64 = torch.tensor([p for _, p, _ in per_row] + [o for _, _, o in per_row] + opened_pieces + filled,
                                dtype=torch.int64)
-        rows_key = tuple((r.serial, nb) for r, nb in zip(requests, nbs))
-        if self._table is not None and self._table[0] == rows_key:  # the last step's rows: its table still holds
-            small32, small64 = self._staging.upload(small32, small64)
-            table = self._table[1]
-        else:
-            table = torch.zeros(len(requests), max(nbs), dtype=torch.int32)
-            for row, request in enumerate(requests):
-                table[row, :nbs[row]] = request.block_row()
-            small32, table, small64 = self._staging.upload(small32, table, small64)  # one copy for the whole plan
-            self._table = (rows_key, table)
+        small32, table, small64 = self._upload(requests, nbs, small32, small64)
         ints = small64.split([rows, rows, len(opened_pieces), len(filled)])
         return OffloadPlan(self._step, request_ids, small32[:len(lens)], small32[len(lens):-1], table, counts,
                            dense=all(c == nb for c, nb in zip(counts, nbs)), tail_pieces=ints[0],
                            tail_offsets=ints[1], tails_resident=all(r.tail_resident for r in requests),
                            new_tail_pieces=ints[2], filled_rows=ints[3], filled_count=small32[-1:])
+
+    def _upload(self, requests: list[_Request], nbs: list[int], small32: torch.Tensor, small64: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``small32``, the block table ``[batch, max(nbs)]`` int32 and ``small64`` on the device in one copy; the
+        table is the last plan's when its rows are the same requests with the same blocks."""
+        rows_key = tuple((r.serial, nb) for r, nb in zip(requests, nbs))
+        if self._table is not None and self._table[0] == rows_key:
+            small32, small64 = self._staging.upload(small32, small64)
+            return small32, self._table[1], small64
+        table = torch.zeros(len(requests), max(nbs), dtype=torch.int32)
+        for row, request in enumerate(requests):
+            table[row, :nbs[row]] = request.block_row()
+        small32, table, small64 = self._staging.upload(small32, table, small64)
+        self._table = (rows_key, table)
+        return small32, table, small64
 
     def _check_budget(self, requests: list[_Request], counts: list[int]) -> None:
         """Raise ValueError unless a layer's pool holds this step: the selected and newest blocks' pieces of the
