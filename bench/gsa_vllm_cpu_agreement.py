@@ -30,6 +30,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -226,6 +227,13 @@ def measure(model_dir: Path, workdir: Path, settings: dict, dtype: str, prompts:
     return rows, dense_record
 
 
+def file_tag(text: str) -> str:
+    """``text`` if it can be part of a results file name (letters, digits, ``_``, ``.``, ``-``); else an error."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]*", text):
+        raise argparse.ArgumentTypeError(f"got {text!r}; a tag may hold letters, digits, '_', '.' and '-' only")
+    return text
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=None, help="the model folder (default: fetch_model's)")
@@ -239,8 +247,9 @@ def main(argv: list[str] | None = None) -> Path:
                              "ceiling of any selection of its size), two stages and Quest (~2.5 minutes)")
     parser.add_argument("--texts", type=int, default=len(TEXTS), choices=(len(TEXTS), len(TEXTS + MORE_TEXTS)),
                         help="prompts: the tests' 4 texts, or those and MORE_TEXTS (the file name ends in _12texts)")
-    parser.add_argument("--tag", default="", help="appended to the file name (e.g. dense_first: a set of runs that "
-                                                  "must not take the name of the default set's file)")
+    parser.add_argument("--tag", default="", type=file_tag,
+                        help="appended to the file name (letters, digits, _ . -; e.g. dense_first: a set of runs that "
+                             "must not take the name of the default set's file)")
     args = parser.parse_args(argv)
     from ucm_sparse.models import fetch_model
 

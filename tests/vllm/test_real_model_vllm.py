@@ -22,7 +22,7 @@ pytest.importorskip("vllm")
 pytest.importorskip("gguf", reason="the model extra (gguf) converts the model: pip install -e '.[model]'")
 
 from bench.gsa_vllm_cpu_agreement import (BLOCK, MAX_TOKENS, NEAR_TIE_NATS, TEXTS, chat_prompts,  # noqa: E402
-                                          drive, forced_flips, gsa_extra, position_agreement)
+                                          drive, forced_flips, gsa_extra, main, position_agreement)
 
 # GSA at sparse_ratio 0.3 against dense on these prompts (vllm-cpu 0.32, 2 cores, an EPYC without AVX512-BF16):
 # 0.333 / 0.833 / 0.417 / 0.167 of the 24 positions (first divergence at token 4 / 20 / 10 / 4), mean 0.44; at
@@ -103,3 +103,10 @@ def test_gsa_choices_along_dense_answers_agree_with_dense(model_dir, workdir, co
     assert steps == len(TEXTS) * (len(cold["tokens"][0]) - 1)
     agreement = 1 - len(flips) / steps
     assert agreement >= MIN_FORCED_AGREEMENT, (agreement, flips)
+
+
+def test_a_tag_that_cannot_be_part_of_a_file_name_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["--tag", "../x"])
+    error = capsys.readouterr().err
+    assert "argument --tag: got '../x'; a tag may hold letters, digits, '_', '.' and '-' only" in error
