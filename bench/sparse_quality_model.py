@@ -57,6 +57,7 @@ from bench.sparse_quality import LINE_STYLES, RULES
 from ucm_kernels.block_select.torch import gauss_shares as torch_gauss_shares
 from ucm_sparse import GSAConfig, sparse_attention
 from ucm_sparse.models import fetch_model
+from ucm_sparse import ops
 from ucm_sparse.ops import num_selected
 
 EVAL_TOKENS = 64  # teacher-forced positions scored per window
@@ -238,28 +239,41 @@ def rerank_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     return masked_decode(query, key, value, oracle_blocks(mass, settings), scaling), None
 
 
-def box_scores(q: torch.Tensor, key: torch.Tensor, block_size: int, scale: float, rule: str) -> torch.Tensor:
+def box_scores(q: torch.Tensor, key: torch.Tensor, settings: ucm_hf.HFGSASettings, scale: float, rule: str
+               ) -> torch.Tensor:
     """fp32 ``[num_kv_heads, blocks]`` scores of :data:`SCORE_RULES`' ``rule`` for one step's q ``[num_q_heads,
-    head_dim]`` over keys ``[num_kv_heads, seq, head_dim]`` (the last block's box over its tokens so far)."""
+    head_dim]`` over keys ``[num_kv_heads, seq, head_dim]``, from the boxes the library keeps for the full blocks
+    (``settings.config.repr_dtype``: the keys' dtype, or fp8 widened by its scale). A block still filling has no
+    box yet: its score is 0 (it is a window, kept whatever it scores)."""
     heads, seq, head_dim = key.shape
-    nb = -(-seq // block_size)
-    blocks = torch.nn.functional.pad(key.float(), (0, 0, 0, nb * block_size - seq)).view(heads, nb, block_size, -1)
-    valid = (torch.arange(nb * block_size) < seq).view(1, nb, block_size, 1)
-    kmax = torch.where(valid, blocks, float("-inf")).amax(2)
-    kmin = torch.where(valid, blocks, float("inf")).amin(2)
+    nb, full = -(-seq // settings.block_size), seq // settings.block_size
+    kmin, kmax = library_boxes(key[:, :full * settings.block_size], settings)
     qg = q.float().view(heads, -1, head_dim)
-    full = torch.arange(nb) < seq // block_size  # a block still filling has no summary yet: out of the softmax
     if rule == "gauss_softmax":  # the library's rule, from these boxes
-        return torch_gauss_shares(qg[None], kmin[None], kmax[None], full[None], scale)[0]
-    centre, half = (kmax + kmin) / 2, (kmax - kmin) / 2  # [heads, blocks, head_dim]
+        per_block = torch_gauss_shares(qg[None], kmin[None], kmax[None], torch.ones(1, full, dtype=torch.bool),
+                                       scale)[0]
+        return torch.nn.functional.pad(per_block, (0, nb - full))
+    centre, half = (kmax + kmin) / 2, (kmax - kmin) / 2  # [heads, full, head_dim]
     linear = scale * torch.einsum("hgd,hnd->hgn", qg, centre)
     if rule.startswith("quest"):
         per_head = linear + scale * torch.einsum("hgd,hnd->hgn", qg.abs(), half)
     else:
         per_head = linear + scale ** 2 / 6 * torch.einsum("hgd,hnd->hgn", qg ** 2, half ** 2)
-    if rule.endswith("_sum"):
-        return per_head.sum(1)
-    return torch.softmax(per_head.masked_fill(~full, float("-inf")), dim=-1).sum(1)
+    per_block = per_head.sum(1) if rule.endswith("_sum") else torch.softmax(per_head, dim=-1).sum(1)
+    return torch.nn.functional.pad(per_block, (0, nb - full))
+
+
+def library_boxes(key: torch.Tensor, settings: ucm_hf.HFGSASettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``(kmin, kmax)``, each ``[num_kv_heads, blocks, head_dim]``: the summaries the library's torch twin
+    computes (in ``settings.config.repr_dtype``, fp8 widened by its scale) of keys ``[num_kv_heads, blocks *
+    block_size, head_dim]``."""
+    heads, seq, head_dim = key.shape
+    blocks = ucm_hf.as_blocks(key[None], settings.block_size)
+    reprs = ops.empty_reprs(blocks.shape[0], heads, head_dim, key.dtype, settings.config, key.device)
+    ops.update_reprs("torch", blocks, torch.arange(blocks.shape[0]), reprs)
+    kmin, kmax, _, *kscale = reprs
+    widen = kscale[0][..., None] if kscale else 1.0
+    return (kmin.float() * widen).transpose(0, 1), (kmax.float() * widen).transpose(0, 1)
 
 
 def scored_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -272,7 +286,7 @@ def scored_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     settings = module.ucm_gsa
-    per_block = box_scores(query[0, :, 0], key[0], settings.block_size, scaling, module.ucm_score_rule)
+    per_block = box_scores(query[0, :, 0], key[0], settings, scaling, module.ucm_score_rule)
     return masked_decode(query, key, value, top_blocks(per_block, settings, key.shape[2]), scaling), None
 
 

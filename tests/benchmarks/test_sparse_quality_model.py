@@ -155,13 +155,42 @@ def test_scored_quest_sum_is_the_library_quest_selection():
     assert sum(not torch.allclose(out, library) for out in outputs) >= 2
 
 
+@pytest.mark.parametrize("repr_dtype", ["cache", "fp8"])
+def test_box_scores_read_the_summaries_the_library_keeps(repr_dtype):
+    """quest_sum's box scores equal the library's Quest scores of the full blocks from the summaries it keeps
+    (fp8 ones rounded outward and widened by their scale), and the block still filling scores 0."""
+    import ucm_sparse.hf as ucm_hf
+    from ucm_kernels.block_select.torch import block_scores
+    from ucm_sparse import GSAConfig, ops
+
+    gen = torch.Generator().manual_seed(4)
+    settings = ucm_hf.HFGSASettings(GSAConfig(repr_dtype=repr_dtype), 16, "torch")
+    key = torch.randn(2, 397, 32, generator=gen) * 3  # 24 full blocks and one still filling
+    q = torch.randn(8, 32, generator=gen)
+    blocks = ucm_hf.as_blocks(key[None], 16)
+    reprs = ops.empty_reprs(25, 2, 32, key.dtype, settings.config, "cpu")
+    ops.update_reprs("torch", blocks, torch.arange(24), reprs)
+    kmin, kmax, kmean, *kscale = reprs
+    library = block_scores(q[None], kmin, kmax, kmean, torch.arange(24)[None], "quest", *kscale, scale=0.2)[0]
+    scores = sqm.box_scores(q, key, settings, 0.2, "quest_sum")
+    torch.testing.assert_close(scores[:, :24], library * 0.2)
+    assert (scores[:, 24] == 0).all()
+
+
 def test_gauss_score_of_a_point_box_is_the_logit_and_softmax_rules_are_mass_shares():
+    import ucm_sparse.hf as ucm_hf
+    from ucm_sparse import GSAConfig
+
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(6, 8, generator=gen)  # 2 KV heads x 3 query heads
     keys = torch.randn(2, 5, 1, 8, generator=gen).expand(2, 5, 4, 8).reshape(2, 20, 8)  # blocks of 4 equal keys
     logits = 0.3 * torch.einsum("hgd,hnd->hgn", q.view(2, 3, 8), keys[:, ::4])
-    torch.testing.assert_close(sqm.box_scores(q, keys, 4, 0.3, "gauss_sum"), logits.sum(1))
-    torch.testing.assert_close(sqm.box_scores(q, keys, 4, 0.3, "gauss_softmax"), torch.softmax(logits, -1).sum(1))
-    spread = torch.randn(2, 20, 8, generator=gen)
+    settings = ucm_hf.HFGSASettings(GSAConfig(), 4, "torch")
+    torch.testing.assert_close(sqm.box_scores(q, keys, settings, 0.3, "gauss_sum"), logits.sum(1))
+    torch.testing.assert_close(sqm.box_scores(q, keys, settings, 0.3, "gauss_softmax"),
+                               torch.softmax(logits, -1).sum(1))
+    spread = torch.randn(2, 22, 8, generator=gen)  # 5 full blocks and one still filling (score 0)
     for rule in ("quest_softmax", "gauss_softmax"):
-        torch.testing.assert_close(sqm.box_scores(q, spread, 4, 0.3, rule).sum(-1), torch.full((2,), 3.0))
+        scores = sqm.box_scores(q, spread, settings, 0.3, rule)
+        torch.testing.assert_close(scores.sum(-1), torch.full((2,), 3.0))
+        assert scores.shape == (2, 6) and (scores[:, -1] == 0).all()
