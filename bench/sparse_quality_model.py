@@ -23,13 +23,15 @@ mass, GSA's count of them: the bound of any block-selection rule); ``--reuse`` G
 two-stage selection (Quest's selection at 1.5-3x the ratio as candidates, GSA's count of them kept by the exact
 attention over their keys: what reading the candidates' keys would buy); ``--score-rules`` block scores computed
 from the same per-block key boxes (kmin / kmax) Quest reads, at ratios 0.2 and 0.3 (:data:`SCORE_RULES`: which
-estimate of a block's attention mass ranks blocks closest to the oracle at no extra bytes read); ``--investigate``
+estimate of a block's attention mass ranks blocks closest to the oracle at no extra bytes read); ``--shared-lists``
+one block list per request shared by its KV heads against per-head lists (the oracle's, Quest's and gauss's ranking
+at 0.3: what one list, whose blocks a kernel reads as whole NHD token rows, costs); ``--investigate``
 records, along dense decodes, the share of each layer's and head's attention
 that the quest 0.3 selection keeps (a probe attention function), then measures remedies tried through GSAConfig:
 the first layers dense, wider windows, block 16, a higher ratio of the same KV share.
 
 Usage: ``python -m bench.sparse_quality_model [--contexts 2048,4096,8192] [--quick | --investigate | --oracle |
---reuse | --rerank | --score-rules] [--out DIR]``;
+--reuse | --rerank | --score-rules | --shared-lists] [--out DIR]``;
 CPU, fp32. Writes ``sparse_quality_model[_investigation]-<device>-<date>.json`` (and a ``.png`` of the main run)
 under ``--out``, ``$OUT`` or ``bench/results/``.
 """
@@ -167,6 +169,10 @@ SCORED = "ucm_gsa_scored"  # the attention function that ranks blocks by one of 
 # mass (a softmax over the request's blocks, windows included) and adds those (a second pass: every block's score
 # is needed before any is ranked).
 SCORE_RULES = ("quest_sum", "quest_softmax", "gauss_sum", "gauss_softmax")
+# Rule suffix (oracle and SCORE_RULES): every KV head of a layer attends the same blocks, those best by the heads'
+# scores summed (same count). One list per request lets a kernel read a block's whole token rows (all KV heads,
+# contiguous in vLLM's NHD layout) instead of one head's strided share of it.
+SHARED = "_shared"
 LIBRARY_RULES = {**RULES, "gauss": dict(score="gauss")}  # rule name -> GSAConfig keys (GSA's own selection)
 
 
@@ -175,15 +181,18 @@ def apply(model, setting: Setting) -> None:
     earlier decode dropped), to the oracle selection, to Quest's candidates re-ranked, or to one of
     :data:`SCORE_RULES`."""
     ucm_hf.enable(model, setting.config(), block_size=setting.block_size, backend="torch")
-    if setting.rule == "oracle":
+    rule = setting.rule.removesuffix(SHARED)
+    for module in model.modules():
+        module.ucm_shared_list = rule != setting.rule
+    if rule == "oracle":
         model.set_attn_implementation(ORACLE)
-    elif setting.rule == "rerank":
+    elif rule == "rerank":
         for module in model.modules():
             module.ucm_candidates = setting.candidates
         model.set_attn_implementation(RERANK)
-    elif setting.rule in SCORE_RULES:
+    elif rule in SCORE_RULES:
         for module in model.modules():
-            module.ucm_score_rule = setting.rule
+            module.ucm_score_rule = rule
         model.set_attn_implementation(SCORED)
 
 
@@ -208,15 +217,17 @@ def oracle_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                      **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention function: a batch-1 decode step attends the blocks GSA's count allows (windows
-    included) that hold the most dense attention mass of their KV head's query heads: the best any block
-    selection of that size can do. Other calls, and layers below ``dense_first_layers``, run SDPA."""
+    included) that hold the most dense attention mass of their KV head's query heads (of all query heads with
+    ``module.ucm_shared_list``): the best any block selection of that size can do. Other calls, and layers below
+    ``dense_first_layers``, run SDPA."""
     if not decode_step_of(module, query):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     heads, _, head_dim = key.shape[1:]
     q = query[0, :, 0].float().view(heads, -1, head_dim)
     mass = torch.softmax(torch.einsum("hgd,hsd->hgs", q, key[0].float()) * scaling, dim=-1).sum(1)
-    return masked_decode(query, key, value, oracle_blocks(mass, module.ucm_gsa), scaling), None
+    keep = oracle_blocks(mass, module.ucm_gsa, module.ucm_shared_list)
+    return masked_decode(query, key, value, keep, scaling), None
 
 
 def rerank_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -280,29 +291,35 @@ def scored_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                      **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention function: a batch-1 decode step attends the windows and the blocks that score best
-    by ``module.ucm_score_rule`` (one of :data:`SCORE_RULES`), GSA's count in all. Other calls, and layers below
+    by ``module.ucm_score_rule`` (one of :data:`SCORE_RULES`; summed over the KV heads with
+    ``module.ucm_shared_list``), GSA's count in all. Other calls, and layers below
     ``dense_first_layers``, run SDPA."""
     if not decode_step_of(module, query):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     settings = module.ucm_gsa
     per_block = box_scores(query[0, :, 0], key[0], settings, scaling, module.ucm_score_rule)
-    return masked_decode(query, key, value, top_blocks(per_block, settings, key.shape[2]), scaling), None
+    keep = top_blocks(per_block, settings, key.shape[2], module.ucm_shared_list)
+    return masked_decode(query, key, value, keep, scaling), None
 
 
-def oracle_blocks(mass: torch.Tensor, settings: ucm_hf.HFGSASettings) -> torch.Tensor:
+def oracle_blocks(mass: torch.Tensor, settings: ucm_hf.HFGSASettings, shared: bool = False) -> torch.Tensor:
     """bool ``[heads, seq]``: the tokens of the blocks kept per KV head from its attention ``mass`` ``[heads,
-    seq]``: both windows, then the blocks of most mass, GSA's count in all."""
+    seq]``: both windows, then the blocks of most mass, GSA's count in all (``shared``: see :func:`top_blocks`)."""
     heads, seq = mass.shape
     nb = -(-seq // settings.block_size)
     per_block = torch.nn.functional.pad(mass, (0, nb * settings.block_size - seq)).view(heads, nb, -1).sum(-1)
-    return top_blocks(per_block, settings, seq)
+    return top_blocks(per_block, settings, seq, shared)
 
 
-def top_blocks(per_block: torch.Tensor, settings: ucm_hf.HFGSASettings, seq: int) -> torch.Tensor:
+def top_blocks(per_block: torch.Tensor, settings: ucm_hf.HFGSASettings, seq: int, shared: bool = False
+               ) -> torch.Tensor:
     """bool ``[heads, seq]``: the tokens of the blocks kept per KV head by their scores ``per_block`` ``[heads,
-    blocks]``: both windows, then the best-scoring blocks, GSA's count in all."""
+    blocks]``: both windows, then the best-scoring blocks, GSA's count in all. ``shared``: every head keeps the
+    blocks best by the heads' scores summed."""
     heads, nb = per_block.shape
+    if shared:
+        per_block = per_block.sum(0, keepdim=True).expand(heads, nb)
     bs, config = settings.block_size, settings.config
     count = num_selected(nb, config, bs)
     windows = torch.zeros(nb, dtype=torch.bool)
@@ -491,6 +508,18 @@ def rerank_sweep(contexts: list[int]) -> Sweep:
     return Sweep(TEXTS, (largest,), EVAL_TOKENS, GREEDY_TOKENS, {largest: settings},
                  "Quest candidates re-ranked by exact attention: 0.3 x 1.5 / 2 / 3 and 0.2 x 2, largest context",
                  "sparse_quality_model_rerank")
+
+
+def shared_lists_sweep(contexts: list[int]) -> Sweep:
+    """One block list per request, shared by its KV heads (:data:`SHARED`), against per-head lists of the same
+    count at ratio 0.3 and the largest context: the oracle's, Quest's (``quest_sum``) and gauss's (``gauss_softmax``,
+    GSA's ``score="gauss"``) ranking. What sharing costs in quality, for the reads it would make contiguous."""
+    largest = max(contexts)
+    settings = [Setting(rule + suffix, 32, 0.3) for rule in ("oracle", "quest_sum", "gauss_softmax")
+                for suffix in ("", SHARED)]
+    return Sweep(TEXTS, (largest,), EVAL_TOKENS, GREEDY_TOKENS, {largest: settings},
+                 "one block list per request shared by its KV heads against per-head lists, oracle / Quest / gauss "
+                 "ranking at 0.3, largest context", "sparse_quality_model_shared_lists")
 
 
 def score_rules_sweep(contexts: list[int]) -> Sweep:
@@ -763,6 +792,8 @@ def main(argv: list[str] | None = None) -> Path:
                         help="at the largest context: Quest's candidates re-ranked by exact attention (two stages)")
     mode.add_argument("--score-rules", action="store_true",
                         help="at the largest context: block scores from Quest's key boxes (SCORE_RULES) at 0.2 / 0.3")
+    mode.add_argument("--shared-lists", action="store_true",
+                      help="at the largest context: one block list per request shared by its KV heads vs per head")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default torch's); 1 on a busy machine, where OpenMP threads waiting "
                              "for a descheduled peer made decode steps ~10x slower")
@@ -776,7 +807,8 @@ def main(argv: list[str] | None = None) -> Path:
         os.environ["OUT"] = str(args.out)
     sweep = (quick_sweep() if args.quick else oracle_sweep(contexts) if args.oracle
              else reuse_sweep(contexts) if args.reuse else rerank_sweep(contexts) if args.rerank
-             else score_rules_sweep(contexts) if args.score_rules else full_sweep(contexts))
+             else score_rules_sweep(contexts) if args.score_rules
+             else shared_lists_sweep(contexts) if args.shared_lists else full_sweep(contexts))
     return run(sweep, args.model_dir, args.investigate)
 
 

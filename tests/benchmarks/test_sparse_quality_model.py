@@ -95,7 +95,7 @@ def test_rerank_spans_quest_and_the_oracle():
         module = SimpleNamespace(ucm_gsa=settings, ucm_candidates=candidates, layer_idx=3)
         return sqm.rerank_attention(module, query, key, value, None, scaling=0.2)[0]
 
-    module = SimpleNamespace(ucm_gsa=settings, layer_idx=3)
+    module = SimpleNamespace(ucm_gsa=settings, layer_idx=3, ucm_shared_list=False)
     torch.testing.assert_close(rerank(1.0), ucm_hf.gsa_attention(module, query, key, value, None, scaling=0.2)[0],
                                atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rerank(10.0), sqm.oracle_attention(module, query, key, value, None, scaling=0.2)[0])
@@ -145,7 +145,7 @@ def test_scored_quest_sum_is_the_library_quest_selection():
     query = torch.randn(1, 8, 1, 32, generator=gen)
 
     def scored(rule):
-        module = SimpleNamespace(ucm_gsa=settings, ucm_score_rule=rule, layer_idx=3)
+        module = SimpleNamespace(ucm_gsa=settings, ucm_score_rule=rule, layer_idx=3, ucm_shared_list=False)
         return sqm.scored_attention(module, query, key, value, None, scaling=0.2)[0]
 
     library = ucm_hf.gsa_attention(SimpleNamespace(ucm_gsa=settings, layer_idx=3), query, key, value, None,
@@ -153,6 +153,23 @@ def test_scored_quest_sum_is_the_library_quest_selection():
     torch.testing.assert_close(scored("quest_sum"), library, atol=1e-5, rtol=1e-5)
     outputs = [scored(rule) for rule in sqm.SCORE_RULES]
     assert sum(not torch.allclose(out, library) for out in outputs) >= 2
+
+
+def test_shared_lists_keep_the_blocks_best_by_the_heads_summed_scores():
+    """With one list per request every KV head keeps the windows and the blocks of highest summed score, where
+    per-head lists follow each head's own scores."""
+    import ucm_sparse.hf as ucm_hf
+    from ucm_sparse import GSAConfig
+
+    settings = ucm_hf.HFGSASettings(GSAConfig(sparse_ratio=0.5, init_window_sz=1, local_window_sz=1,
+                                              min_blocks=1), 4)
+    per_block = torch.tensor([[0.0, 9.0, 0.0, 5.0, 4.0, 0.0, 0.0, 0.0],  # 8 blocks of 4 tokens: 4 kept,
+                              [0.0, 0.0, 3.0, 0.0, 4.0, 6.0, 0.0, 0.0]])  # 2 of them the windows (0 and 7)
+    kept = {False: [[0, 1, 3, 7], [0, 4, 5, 7]], True: [[0, 1, 4, 7], [0, 1, 4, 7]]}
+    for shared, blocks in kept.items():
+        tokens = sqm.top_blocks(per_block, settings, 30, shared)  # the last block still filling (2 of 4 tokens)
+        assert tokens.shape == (2, 30)
+        assert [torch.nonzero(row[::4])[:, 0].tolist() for row in tokens] == blocks
 
 
 @pytest.mark.parametrize("repr_dtype", ["cache", "fp8"])
