@@ -57,9 +57,8 @@ from bench.harness import write_results
 from bench.plots import _pyplot, _save, _title
 from bench.sparse_quality import LINE_STYLES, RULES
 from ucm_kernels.block_select.torch import gauss_shares as torch_gauss_shares
-from ucm_sparse import GSAConfig, sparse_attention
+from ucm_sparse import GSAConfig, ops, sparse_attention
 from ucm_sparse.models import fetch_model
-from ucm_sparse import ops
 from ucm_sparse.ops import num_selected
 
 EVAL_TOKENS = 64  # teacher-forced positions scored per window
@@ -180,8 +179,10 @@ def apply(model, setting: Setting) -> None:
     """Switch ``model``'s decode attention to GSA with ``setting`` (torch backend; any selection kept from an
     earlier decode dropped), to the oracle selection, to Quest's candidates re-ranked, or to one of
     :data:`SCORE_RULES`."""
-    ucm_hf.enable(model, setting.config(), block_size=setting.block_size, backend="torch")
     rule = setting.rule.removesuffix(SHARED)
+    if rule != setting.rule and rule not in ("oracle", *SCORE_RULES):
+        raise ValueError(f"rule: {setting.rule!r}; {SHARED!r} applies to 'oracle' and {SCORE_RULES} only")
+    ucm_hf.enable(model, setting.config(), block_size=setting.block_size, backend="torch")
     for module in model.modules():
         module.ucm_shared_list = rule != setting.rule
     if rule == "oracle":

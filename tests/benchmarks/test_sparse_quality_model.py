@@ -124,6 +124,11 @@ def test_library_two_stage_selection_is_the_harness_rerank():
                                    atol=1e-5, rtol=1e-5)
 
 
+def test_shared_suffix_on_a_rule_that_ranks_per_head_elsewhere_is_refused():
+    with pytest.raises(ValueError, match="rule: 'rerank_shared'; '_shared' applies to 'oracle' and"):
+        sqm.apply(None, sqm.Setting("rerank_shared", 32, 0.3, candidates=2.0))
+
+
 def test_run_kinds_exclude_each_other(capsys):
     with pytest.raises(SystemExit):
         sqm.main(["--quick", "--oracle"])
