@@ -449,8 +449,8 @@ def main(argv: list[str] | None = None) -> None:
         cache = PagedKV(workload)
         for name in args.schedules:
             rows += bench_schedule(name, workload, cache, pool, h2d)
-            gc.collect()  # _time_parts' wrappers make each offload mode a reference cycle: its device pools (13 GB
-            # at 8 layers) go back only now, or the next schedule's do not fit beside them on an 80 GB card
+            gc.collect()  # _time_parts' wrappers make each hot pool a reference cycle: a mode's pools (13 GB at 8
+            # layers) go back only now, or the next schedule's do not fit beside them on an 80 GB card
         del cache, workload, pool
         gc.collect()  # the schedules' pinned host KV (2 x 34 GB at 8 layers) goes back before the long run's 69 GB
     if args.long:

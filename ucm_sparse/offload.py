@@ -135,6 +135,8 @@ class OffloadedGSA:
                  cache: CacheTier | None = None, backend: str = "auto"):
         ops.check_backend(backend)
         _check_one_stage(config)
+        _check_geometry(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
+                        host_blocks=host_blocks)
         self.config, self.block_size, self.num_kv_heads, self.backend = config, block_size, num_kv_heads, backend
         self.dtype, self.device = dtype, _resolve_device(device)
         if cache is None:
@@ -161,6 +163,7 @@ class OffloadedGSA:
     @property
     def capacity(self) -> int:
         """Pieces each layer keeps on the device."""
+        self._check_open()
         return self.pools[0].capacity
 
     @property
@@ -172,6 +175,7 @@ class OffloadedGSA:
     def write_prompt(self, request_id: Hashable, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store a new request's prompt K/V of one layer (``[tokens, num_kv_heads, head_dim]`` each) on the
         host and compute its full blocks' representations. Every layer gets the same number of tokens."""
+        self._check_open()
         tokens = keys.shape[0]
         for name, tensor in (("keys", keys), ("values", values)):
             if tensor.dim() != 3 or tensor.shape[0] < 1 or tensor.shape[1] != self.num_kv_heads \
@@ -202,6 +206,7 @@ class OffloadedGSA:
     def finish(self, request_id: Hashable) -> None:
         """Forget a request: its host blocks and device slots are free again (after the device's queued copies of
         them have landed)."""
+        self._check_open()
         request = self.requests.pop(request_id)
         pieces = self._pieces(request.blocks, self.device)
         for pool in self.pools:
@@ -210,9 +215,12 @@ class OffloadedGSA:
         self.host.release(request.blocks)
 
     def close(self) -> None:
-        """Give the host KV back to the Cache tier (after the device's queued copies)."""
-        self._synchronize()
-        self.host.close()
+        """Give the host KV back to the Cache tier and free the device pools and summaries (after the device's
+        queued work); later calls raise RuntimeError. Closing again does nothing."""
+        if self.pools:
+            self._synchronize()
+            self.host.close()
+            self.pools, self.reprs, self._scratch, self._table, self._selected = [], [], [], None, {}
 
     def __enter__(self) -> "OffloadedGSA":
         return self
@@ -223,6 +231,7 @@ class OffloadedGSA:
     # ---- a decode step ---------------------------------------------------------------------------------------
     def plan(self, request_ids: Sequence[Hashable]) -> OffloadPlan:
         """Plan the next decode step of these requests (each writes one token) and start prefetching."""
+        self._check_open()
         if len(set(request_ids)) != len(request_ids):
             raise ValueError(f"request_ids: {list(request_ids)!r} repeats an id")
         requests = [self._ready(request_id) for request_id in request_ids]
@@ -253,6 +262,7 @@ class OffloadedGSA:
             scale: float | None = None) -> torch.Tensor:
         """Write this step's token (``key``/``value`` ``[batch, num_kv_heads, head_dim]``) and attend with ``q``
         ``[batch, num_q_heads, head_dim]``; returns ``[batch, num_q_heads, head_dim]`` in q's dtype."""
+        self._check_open()
         if plan.step != self._step:
             raise ValueError(f"plan is from step {plan.step}; the latest plan is step {self._step}")
         batch, heads = len(plan.request_ids), self.num_kv_heads
@@ -302,6 +312,11 @@ class OffloadedGSA:
         return out.reshape(q.shape)
 
     # ---- internals -------------------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if not self.pools:
+            raise RuntimeError("OffloadedGSA: closed (its host KV went back to the Cache tier and its device pools "
+                               "were freed); make a new one")
+
     def _ready(self, request_id: Hashable) -> _Request:
         request = self.requests.get(request_id)
         if request is None or len(request.written) != len(self.pools):
@@ -472,6 +487,13 @@ def _check_one_stage(config: GSAConfig) -> None:
     if config.select_every != 1:
         raise ValueError(f"select_every: got {config.select_every}; the offload mode selects at every step (1) "
                          "for now, reuse is on-device GSA's (ucm_sparse.GSA, vLLM)")
+
+
+def _check_geometry(**sizes: int) -> None:
+    """Raise ValueError naming the first of ``sizes`` that is not a positive int."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: got {value!r}, expected a positive int")
 
 
 def _check_reachable(host: HostKV, device: torch.device) -> None:

@@ -1,5 +1,7 @@
 """GSA offload mode (ucm_sparse.offload, ucm_sparse.hot_pool): bit-exact against on-device GSA over the same tokens,
 synchronous misses counted, prefetch bounded by max_pending_prefetch, the host KV held by the store's Cache tier."""
+import weakref
+
 import pytest
 import torch
 
@@ -226,8 +228,24 @@ def test_host_kv_lives_in_the_cache_tier_and_finish_frees_everything():
     assert gsa.host.free_blocks == 40
     with pytest.raises(ValueError, match="write_prompt"):
         gsa.plan(["r"])
+    pool_kv = weakref.ref(gsa.pools[0].kv)
     gsa.close()
     assert len(cache) == 0 and cache.pool.get_stats()["currently_used"] == 0
+    assert pool_kv() is None  # the device pools are freed with the host KV
+    gsa.close()  # closing again does nothing
+    keys = torch.randn(100, HEADS, DIM).to(DTYPE)
+    for call in (lambda: gsa.plan(["r"]), lambda: gsa.write_prompt("s", 0, keys, keys), lambda: gsa.finish("r"),
+                 lambda: gsa.run(plan, 0, keys[:1].repeat(1, GROUP, 1), keys[:1], keys[:1]), lambda: gsa.capacity):
+        with pytest.raises(RuntimeError, match="OffloadedGSA: closed"):
+            call()
+
+
+@pytest.mark.parametrize("name,value", [("num_layers", 0), ("num_kv_heads", -2), ("head_dim", 32.0),
+                                        ("block_size", True), ("host_blocks", 0)])
+def test_bad_kv_geometry_is_refused_naming_the_argument(name, value):
+    sizes = {**dict(num_layers=LAYERS, num_kv_heads=HEADS, head_dim=DIM, block_size=BLOCK, host_blocks=8), name: value}
+    with pytest.raises(ValueError, match=f"{name}: got {value!r}, expected a positive int"):
+        OffloadedGSA(GSAConfig(**SPARSE), **sizes, device="cpu", cache=private_cache())
 
 
 def test_a_plan_reuses_the_last_block_table_only_while_the_batch_rows_are_the_same():
