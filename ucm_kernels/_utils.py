@@ -20,6 +20,12 @@ def check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"{name} is on {tensor.device}, expected {device} like the other inputs")
 
 
+def check_positive_int(name: str, value) -> None:
+    """Raise ValueError naming argument ``name`` unless ``value`` is an int >= 1 (a bool is not)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: got {value!r}, expected a positive int")
+
+
 def check_tensor(name: str, tensor, ndim: int, dtypes: tuple, device: torch.device | None, layout: str) -> None:
     """Raise ValueError naming ``name`` unless ``tensor`` is a tensor of ``ndim`` dims in one of ``dtypes`` on
     ``device`` (any device when None); ``layout`` says the expected shape in the message."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ucm_kernels._utils import check_positive_int
 from ucm_kernels.block_repr import blocks_filled
 
 from . import ops
@@ -60,8 +61,7 @@ class GSA:
         if config.offload:
             raise ValueError("config.offload is True: on-device GSA keeps the KV on the device; use "
                              "ucm_sparse.OffloadedGSA for the offload mode")
-        if not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size: got {block_size!r}, expected a positive int")
+        check_positive_int("block_size", block_size)
         ops.check_backend(backend)
         self.config, self.block_size, self.backend = config, block_size, backend
         self.requests = RequestTable()

@@ -26,6 +26,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ucm_kernels._utils import check_positive_int
+
 from . import ops
 from .config import GSAConfig, load_gsa_fragment
 from .gsa import sparse_attention
@@ -42,8 +44,7 @@ class HFGSASettings:
     backend: str = "auto"  # "auto", "triton" or "torch" (see ucm_sparse.ops)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1:
-            raise ValueError(f"block_size: got {self.block_size!r}, expected a positive int")
+        check_positive_int("block_size", self.block_size)
         if self.config.offload:
             raise ValueError("offload: got True, expected False (the transformers hook keeps the KV on the device)")
         ops.check_backend(self.backend)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ucm_kernels._utils import check_positive_int
 from ucm_kernels.staging import HostStaging
 from ucm_store import CacheTier, PinnedMemoryPool
 
@@ -135,8 +136,9 @@ class OffloadedGSA:
                  cache: CacheTier | None = None, backend: str = "auto"):
         ops.check_backend(backend)
         _check_one_stage(config)
-        _check_geometry(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
-                        host_blocks=host_blocks)
+        for name, size in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                           ("block_size", block_size), ("host_blocks", host_blocks)):
+            check_positive_int(name, size)
         self.config, self.block_size, self.num_kv_heads, self.backend = config, block_size, num_kv_heads, backend
         self.dtype, self.device = dtype, _resolve_device(device)
         if cache is None:
@@ -487,13 +489,6 @@ def _check_one_stage(config: GSAConfig) -> None:
     if config.select_every != 1:
         raise ValueError(f"select_every: got {config.select_every}; the offload mode selects at every step (1) "
                          "for now, reuse is on-device GSA's (ucm_sparse.GSA, vLLM)")
-
-
-def _check_geometry(**sizes: int) -> None:
-    """Raise ValueError naming the first of ``sizes`` that is not a positive int."""
-    for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: got {value!r}, expected a positive int")
 
 
 def _check_reachable(host: HostKV, device: torch.device) -> None:

@@ -1,6 +1,7 @@
 """Where block representations live: their tensors beside the cache, and the blocks a step must fill."""
 import torch
 
+from .._utils import check_positive_int
 from .triton import FP8
 
 
@@ -18,8 +19,7 @@ def blocks_filled(seq_lens_before: torch.Tensor, seq_lens_after: torch.Tensor, b
         block j with ``seq_lens_before[b] // block_size <= j < seq_lens_after[b] // block_size``. On CUDA the
         count is read back once (a host sync): call it once per step and reuse the ids for every layer.
     """
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size: got {block_size!r}, expected a positive int")
+    check_positive_int("block_size", block_size)
     if block_table.dim() != 2 or block_table.is_floating_point():
         raise ValueError(f"block_table: got shape {tuple(block_table.shape)} dtype {block_table.dtype}, "
                          "expected an integer [batch, max_blocks_per_seq] tensor")
