@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent-GPU session step: correctness on the GPU (compiled kernels), then benchmarks; JSON + logs under $OUT.
-# Usage: bench/run_gpu.sh {tests|transfer|sparse|offload|tp|all|quick}   (wheels for pytest travel in .whl/, FlashInfer's in
+# Usage: bench/run_gpu.sh {tests|transfer|sparse|offload|tp|all|quick|launch}   (wheels for pytest travel in .whl/, FlashInfer's in
 # .flashinfer/: see BENCHMARKS.md)
 # Set UCM_COMMIT to the commit the working tree was copied from: the copy on the GPU machine has no .git.
 set -uo pipefail
@@ -42,5 +42,14 @@ case "${1:-all}" in
                tests/sparse/test_gsa_offload.py tests/kernels/test_block_select.py
          step bench_gsa_offload_steady timeout 240 python3 -m bench.bench_gsa_offload --layers 8 --schedules steady
          step list_locality timeout 150 python3 -m bench.list_locality ;;
+  # The lighter Triton launch path (ucm_kernels/_launch.py): its GPU tests, the host cost of a launch by path, and
+  # the steady offload schedule with Triton's own launches (UCM_PLAIN_TRITON_LAUNCH=1, under $OUT/plain) and ours.
+  launch) step gpu_tests_launch timeout 170 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_launch.py \
+                tests/kernels/test_residency.py tests/sparse/test_gsa_offload.py tests/kernels/test_block_select.py
+          step launch_overhead timeout 60 python3 -m bench.launch_overhead
+          mkdir -p "$OUT/plain"
+          OUT="$OUT/plain" UCM_PLAIN_TRITON_LAUNCH=1 step bench_gsa_offload_steady timeout 170 \
+                python3 -m bench.bench_gsa_offload --layers 8 --schedules steady
+          step bench_gsa_offload_steady timeout 170 python3 -m bench.bench_gsa_offload --layers 8 --schedules steady ;;
   tp|all) step bench_tp_ranks timeout 240 python3 -m bench.bench_tp_ranks --ranks 2 --blocks 2048 --dir /tmp ;;
 esac

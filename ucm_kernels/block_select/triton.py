@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launch import Launcher
 from .._utils import INDEX_DTYPES, check_device, check_tensor, next_pow2, triton_interpreting
 
 FP8 = torch.float8_e4m3fn
@@ -560,6 +561,9 @@ def _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, box: bool, kscale
     return reprs, _check_kscale(kscale, reprs, q.device)
 
 
+_SCORE, _SELECT = Launcher(_score_kernel), Launcher(_select_kernel)
+
+
 def _launch(plan: SelectPlan, q, reprs, kmax, kscale, block_table, seq_lens, out, reselect, sel_rows=None,
             scale=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Score the competing blocks into ``plan.scores`` (times ``kscale`` unless None), then pick each row's blocks
@@ -581,7 +585,7 @@ def _launch(plan: SelectPlan, q, reprs, kmax, kscale, block_table, seq_lens, out
         return sel_idx, sel_count
     scores = plan.scores
     group = q.shape[1] // plan.num_kv_heads
-    _score_kernel[(triton.cdiv(plan.max_blocks, plan.score_tile), plan.batch)](
+    _SCORE((triton.cdiv(plan.max_blocks, plan.score_tile), plan.batch),
         q_ptr=q, kmin_ptr=reprs, kmax_ptr=reprs if plan.rule == MEAN.value else kmax, kmean_ptr=reprs,
         kscale_ptr=scores if kscale is None else kscale, block_table_ptr=block_table, seq_lens_ptr=seq_lens,
         reselect_ptr=seq_lens if reselect is None else reselect, scores_ptr=scores, **plan.limits,
@@ -603,7 +607,7 @@ def _launch(plan: SelectPlan, q, reprs, kmax, kscale, block_table, seq_lens, out
 def _launch_select(plan: SelectPlan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows) -> None:
     """The top-k launch: each (KV head, request) row of ``scores`` (``[batch, heads, >= max_blocks]``) into
     ``sel_idx`` / ``sel_count`` (only the rows ``reselect`` names, unless None; at the rows ``sel_rows`` names)."""
-    _select_kernel[(plan.num_kv_heads, plan.batch)](
+    _SELECT((plan.num_kv_heads, plan.batch),
         scores_ptr=scores, seq_lens_ptr=seq_lens, reselect_ptr=seq_lens if reselect is None else reselect,
         sel_rows_ptr=seq_lens if sel_rows is None else sel_rows, sel_idx_ptr=sel_idx, sel_count_ptr=sel_count,
         width=sel_idx.shape[2], **plan.limits,

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ucm_kernels._launch import Launcher
 from ucm_kernels._utils import alignment, check_device, check_tensor, next_pow2
 
 from .torch import AGE_CAP
@@ -157,6 +158,9 @@ def _assign_kernel(pieces, miss_rank, slots, victims, slot_of, piece_in, stamp, 
                 tl.store(target + start + words, tl.load(source + start + words, mask=mask), mask=mask)
 
 
+_PROBE, _ASSIGN = Launcher(_probe_kernel), Launcher(_assign_kernel)
+
+
 def admit(slot_of: torch.Tensor, piece_in: torch.Tensor, stamp: torch.Tensor, pinned: torch.Tensor,
           pieces: torch.Tensor, wanted: torch.Tensor, *, below: int, stamp_value: int, max_new: int,
           tally: torch.Tensor | None = None, validate: bool = True
@@ -224,18 +228,17 @@ def _launch(slot_of, piece_in, stamp, pinned, pieces, wanted, selection, table, 
     if tokens is not None:
         key, value = _as_token_rows(kv, key, value)
     head_dim = kv.shape[4] if tokens is not None else 1
-    _probe_kernel[(entries[0] + n_tokens,)](
-        pieces, wanted if wanted is not None else counters, sel_idx, sel_count, block_table, slot_of, stamp, slots,
-        miss_rank, counters, tally_arg, kv, pinned, token_pieces, offsets, key, value, token_slots, victims, n,
-        stamp_value, width, table_width, heads, entries[0], capacity, below, max_new,
-        FROM_SELECTION=selection is not None, HAS_TALLY=tally is not None, WRITE_TOKENS=tokens is not None,
-        BLOCK_SIZE=kv.shape[2] if tokens is not None else 1, HEAD_DIM=head_dim, DIM_POW2=next_pow2(head_dim),
-        TILE=_TILE, AGE_CAP=AGE_CAP, BINS=next_pow2(AGE_CAP + 1), VICTIM_TILE=_VICTIM_TILE, num_warps=8)
-    _assign_kernel[entries](pieces, miss_rank, slots, victims, slot_of, piece_in, stamp, counters, fetch_pieces,
-                            fetch_slots, tally_arg, sel_idx, table if table is not None else counters, src, dst, n,
-                            stamp_value, max_new, width, table_width, WRITE_TABLE=table is not None,
-                            HAS_TALLY=tally is not None, COPY=rows is not None, ROW_WORDS=row_words,
-                            BLOCK=min(next_pow2(row_words), 2048), TILE=_TILE)
+    _PROBE((entries[0] + n_tokens,), pieces, wanted if wanted is not None else counters, sel_idx, sel_count,
+           block_table, slot_of, stamp, slots, miss_rank, counters, tally_arg, kv, pinned, token_pieces, offsets, key,
+           value, token_slots, victims, n, stamp_value, width, table_width, heads, entries[0], capacity, below,
+           max_new, FROM_SELECTION=selection is not None, HAS_TALLY=tally is not None,
+           WRITE_TOKENS=tokens is not None, BLOCK_SIZE=kv.shape[2] if tokens is not None else 1, HEAD_DIM=head_dim,
+           DIM_POW2=next_pow2(head_dim), TILE=_TILE, AGE_CAP=AGE_CAP, BINS=next_pow2(AGE_CAP + 1),
+           VICTIM_TILE=_VICTIM_TILE, num_warps=8)
+    _ASSIGN(entries, pieces, miss_rank, slots, victims, slot_of, piece_in, stamp, counters, fetch_pieces, fetch_slots,
+            tally_arg, sel_idx, table if table is not None else counters, src, dst, n, stamp_value, max_new, width,
+            table_width, WRITE_TABLE=table is not None, HAS_TALLY=tally is not None, COPY=rows is not None,
+            ROW_WORDS=row_words, BLOCK=min(next_pow2(row_words), 2048), TILE=_TILE)
     return slots, fetch_pieces, fetch_slots, counters[ADMITTED.value:ADMITTED.value + 1]
 
 
@@ -244,6 +247,9 @@ def _write_tokens_kernel(kv, slot_of, stamp, pinned, pieces, offsets, key, value
                          BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_POW2: tl.constexpr):
     _write_token_row(kv, slot_of, stamp, pinned, pieces, offsets, key, value, slots, tl.program_id(0), stamp_value,
                      BLOCK_SIZE, HEAD_DIM, DIM_POW2)
+
+
+_WRITE_TOKENS = Launcher(_write_tokens_kernel)
 
 
 @triton.jit
@@ -272,9 +278,8 @@ def write_tokens(kv: torch.Tensor, slot_of: torch.Tensor, stamp: torch.Tensor, p
     if pieces.numel():
         _, _, block_size, _, head_dim = kv.shape
         key, value = _as_token_rows(kv, key, value)
-        _write_tokens_kernel[(pieces.numel(),)](kv, slot_of, stamp, pinned, pieces, offsets, key, value, slots,
-                                                stamp_value, BLOCK_SIZE=block_size,
-                                                HEAD_DIM=head_dim, DIM_POW2=next_pow2(head_dim))
+        _WRITE_TOKENS((pieces.numel(),), kv, slot_of, stamp, pinned, pieces, offsets, key, value, slots, stamp_value,
+                      BLOCK_SIZE=block_size, HEAD_DIM=head_dim, DIM_POW2=next_pow2(head_dim))
     return slots
 
 
@@ -290,6 +295,9 @@ def _copy_rows_kernel(src, dst, src_idx, dst_idx, count, ROW_WORDS: tl.constexpr
             for start in tl.range(0, ROW_WORDS, BLOCK):
                 mask = start + words < ROW_WORDS
                 tl.store(target + start + words, tl.load(source + start + words, mask=mask), mask=mask)
+
+
+_COPY_ROWS = Launcher(_copy_rows_kernel)
 
 
 def copy_rows(src: torch.Tensor, dst: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor,
@@ -308,8 +316,8 @@ def copy_rows(src: torch.Tensor, dst: torch.Tensor, src_idx: torch.Tensor, dst_i
     if validate:
         _check_copy(src, dst, src_idx, dst_idx, count)
     src_words, dst_words, row_words = _word_views(src, dst)
-    _copy_rows_kernel[(max(min(programs, src_idx.numel()), 1),)](
-        src_words, dst_words, src_idx, dst_idx, count, ROW_WORDS=row_words, BLOCK=min(next_pow2(row_words), 2048))
+    _COPY_ROWS((max(min(programs, src_idx.numel()), 1),), src_words, dst_words, src_idx, dst_idx, count,
+               ROW_WORDS=row_words, BLOCK=min(next_pow2(row_words), 2048))
 
 
 def _as_token_rows(kv: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

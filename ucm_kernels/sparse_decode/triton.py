@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launch import Launcher
 from .._utils import TL_DTYPES, check_device, compute_dtype
 
 _MAX_TILE_TOKENS = 128
@@ -273,6 +274,9 @@ def _resolve_plan(plan: DecodePlan | None, q, key_cache, max_blocks: int, num_sp
     return plan
 
 
+_SPLIT, _COMBINE = Launcher(_sparse_decode_split_kernel), Launcher(_combine_splits_kernel)
+
+
 def _launch(plan: DecodePlan, q, key_cache, value_cache, block_table, seq_lens, sel_idx, sel_count, scale, out,
             sel_rows=None):
     """The split kernel (writing ``out`` itself with one split), then the combine kernel with several."""
@@ -283,7 +287,7 @@ def _launch(plan: DecodePlan, q, key_cache, value_cache, block_table, seq_lens, 
     direct = plan.num_splits == 1
     sel_strides = (0, 0, 0) if dense else sel_idx.stride()
     count_strides = (0, 0) if dense else sel_count.stride()
-    _sparse_decode_split_kernel[(plan.batch * plan.num_kv_heads, plan.num_splits)](
+    _SPLIT((plan.batch * plan.num_kv_heads, plan.num_splits),
         q_ptr=q, k_cache_ptr=key_cache, v_cache_ptr=value_cache, block_table_ptr=block_table,
         seq_lens_ptr=seq_lens, sel_idx_ptr=sel_idx, sel_count_ptr=sel_count, sel_rows_ptr=sel_rows, out_ptr=out,
         acc_ptr=plan.acc, stats_ptr=plan.stats,
@@ -306,7 +310,7 @@ def _launch(plan: DecodePlan, q, key_cache, value_cache, block_table, seq_lens, 
         num_stages=plan.num_stages,
     )
     if not direct:
-        _combine_splits_kernel[(plan.batch * plan.num_q_heads,)](
+        _COMBINE((plan.batch * plan.num_q_heads,),
             acc_ptr=plan.acc, stats_ptr=plan.stats, out_ptr=out,
             stride_ob=out.stride(0), stride_oh=out.stride(1), stride_od=out.stride(2),
             num_q_heads=plan.num_q_heads, num_splits=plan.num_splits,

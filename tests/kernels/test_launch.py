@@ -1,0 +1,63 @@
+"""The lighter Triton launch path (ucm_kernels._launch): argument classes refine Triton's specialisation, and a
+launch through it computes what Triton's own launch computes, also when a later call's arguments specialise
+differently (a misaligned view, a different constexpr)."""
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from ucm_kernels._launch import Launcher, argument_class
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@triton.jit(do_not_specialize=["scale"])
+def _scaled_copy(src, dst, n, scale, BLOCK: tl.constexpr, SHIFT: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    tl.store(dst + offs, tl.load(src + offs, mask=inside) * scale + SHIFT, mask=inside)
+
+
+SCALED_COPY = Launcher(_scaled_copy)
+
+
+def test_argument_class_separates_what_triton_specialises_on():
+    base = torch.zeros(64, dtype=torch.float32)
+    assert argument_class(base) == argument_class(torch.ones(8, dtype=torch.float32))
+    assert argument_class(base) != argument_class(base[1:])  # 4 bytes past a 16-byte boundary
+    assert argument_class(base) == argument_class(base[4:])  # 16 bytes on
+    assert argument_class(base) != argument_class(base.to(torch.float64))
+    assert argument_class(1) != argument_class(2) != argument_class(16)
+    assert argument_class(3) == argument_class(5) and argument_class(32) == argument_class(48)
+    assert argument_class(1 << 31) != argument_class(16)  # int64 against int32
+    assert argument_class(True) != argument_class(False) != argument_class(None)
+    assert argument_class(0.5) != argument_class(0.25)
+
+
+def _expected(src, n, scale, shift):
+    out = torch.zeros_like(src)
+    out[:n] = src[:n] * scale + shift
+    return out
+
+
+@pytest.mark.parametrize("by_name", [False, True])
+def test_launches_match_a_torch_reference_across_specialisations(by_name):
+    storage = torch.arange(200, dtype=torch.float32, device=DEVICE)
+    calls = [(storage[:100], 100, 2.0, 1), (storage[4:104], 100, 3.0, 1),  # aligned twice: the second reuses
+             (storage[1:101], 97, 0.5, 1),  # misaligned: its own specialisation
+             (storage[:100], 100, 2.0, 7)]  # another constexpr
+    for src, n, scale, shift in calls:
+        dst = torch.zeros_like(src)
+        if by_name:
+            SCALED_COPY((triton.cdiv(n, 32),), src=src, dst=dst, n=n, scale=scale, BLOCK=32, SHIFT=shift, num_warps=1)
+        else:
+            SCALED_COPY((triton.cdiv(n, 32),), src, dst, n, scale, 32, shift, num_warps=1)
+        torch.testing.assert_close(dst, _expected(src, n, scale, shift), rtol=0, atol=0)
+    if SCALED_COPY.compiled_path:
+        assert len(SCALED_COPY._compiled) == 3  # aligned, misaligned, and the other SHIFT
+
+
+def test_a_missing_parameter_is_refused_naming_the_parameters():
+    src = torch.zeros(8, device=DEVICE)
+    with pytest.raises(TypeError, match="scale"):
+        SCALED_COPY((1,), src, src, 8, BLOCK=32, SHIFT=0)

@@ -1,0 +1,84 @@
+"""A lighter launch path for the Triton kernels a decode step launches every layer.
+
+Triton's ``kernel[grid](*args)`` binds the arguments, specialises each (dtype, 16-byte alignment of pointers, ints
+equal to 1 or divisible by 16), builds a cache key from them and the options, and fetches launch metadata for its
+hooks, on every call. With tens of arguments this host work outweighs the GPU time of the small kernels of a
+decode step (bench/launch_overhead.py measures both paths). :class:`Launcher` keeps, per *argument class*, the
+compiled kernel the first such call produced and later launches it through its compiled launcher directly.
+
+The argument class refines Triton's specialisation (equal classes imply equal Triton keys): a tensor's dtype and
+whether its address is 16-byte aligned; an int's width class (int32, int64, uint64), whether it is 1 and whether
+16 divides it; a bool, float, None or constexpr value as is; the current CUDA device. So a launch never runs a
+kernel compiled for another specialisation. Triton's own path is taken when Triton interprets (CPU), while launch
+hooks are installed (profilers read their metadata), for the first call of each class (which compiles), and
+everywhere when the environment sets ``UCM_PLAIN_TRITON_LAUNCH=1`` as the launchers are made (at import).
+"""
+import inspect
+import os
+
+import torch
+import triton
+from triton import knobs
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+
+_INT32, _INT64 = 1 << 31, 1 << 63
+PLAIN_LAUNCH_ENV = "UCM_PLAIN_TRITON_LAUNCH"  # "1": every launch takes Triton's own path (to compare the two)
+
+
+class Launcher:
+    """``Launcher(kernel)(grid, *params, **named)`` launches the ``@triton.jit`` ``kernel`` as
+    ``kernel[grid](*params, **named)`` would: parameters positionally and/or by name (every parameter given,
+    constexprs included), the other names are Triton options (num_warps, num_stages).
+
+    Args:
+        kernel: a ``@triton.jit`` function (under the interpreter, launched as Triton does).
+    """
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.compiled_path = isinstance(kernel, JITFunction) and os.environ.get(PLAIN_LAUNCH_ENV, "0") != "1"
+        self._names = list(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
+        # constexpr parameters are keyed by value (each value is its own kernel), the others by argument_class
+        self._by_value = [param.is_constexpr for param in kernel.params] if self.compiled_path else []
+        self._compiled: dict = {}
+
+    def __call__(self, grid: tuple, *params, **named) -> None:
+        """Launch over ``grid`` (1 to 3 ints)."""
+        missing = [name for name in self._names[len(params):] if name not in named]
+        if missing or len(params) > len(self._names):
+            raise TypeError(f"kernel parameters {self._names}: {len(params)} given by position and {sorted(named)} "
+                            f"by name; missing {missing}")
+        if named:
+            params = (*params, *[named.pop(name) for name in self._names[len(params):]])
+        if not self.compiled_path or knobs.runtime.launch_enter_hook.calls:
+            self.kernel[grid](*params, **named)
+            return
+        device = driver.active.get_current_device()
+        key = (device, tuple(named.items()),
+               *[value if by_value else argument_class(value) for value, by_value in zip(params, self._by_value)])
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            self._compiled[key] = self.kernel[grid](*params, **named)
+            return
+        compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                     driver.active.get_current_stream(device), compiled.function, compiled.packed_metadata, None,
+                     None, None, *params)
+
+
+def argument_class(value):
+    """What Triton's specialisation of a non-constexpr argument ``value`` depends on (a refinement of it): see the
+    module doc. Hashable."""
+    kind = type(value)
+    if kind is torch.Tensor:
+        return value.dtype, value.data_ptr() & 15 == 0
+    if kind is int:
+        width = 0 if -_INT32 <= value < _INT32 else 1 if -_INT64 <= value < _INT64 else 2
+        return width, value == 1, value & 15 == 0
+    if kind in (bool, float) or value is None:
+        return kind, value
+    if isinstance(value, triton.language.constexpr):
+        return kind, value.value
+    if isinstance(value, torch.Tensor):  # a subclass: Triton reads its data_ptr too
+        return value.dtype, value.data_ptr() & 15 == 0
+    return kind, value  # dtypes and other constexpr values: as is (hashable)
