@@ -375,6 +375,38 @@ def profile_offload(workload: Workload, pool, out_dir: str) -> None:
     print(f"wrote {path}")
 
 
+def profile_gpu(workload: Workload, pool, out_dir: str, steps: int = 6) -> None:
+    """Steady schedule, on-device GSA and the offload mode (prefetch off) each alone: the device time of every kernel
+    over ``steps`` steps after the warm-up (torch.profiler), per mode in ``out_dir``/gsa_offload_gpu_profile.txt."""
+    shape = workload.shape
+    budget = int(BUDGET_SLACK * selection_pieces(shape, shape.batch) / NUM_KV_HEADS) + shape.batch
+    text = []
+    for name in ("gsa_on_device", "gsa_offload_prefetch_off"):
+        mode = (OnDevice(workload, PagedKV(workload), sparse=True) if name == "gsa_on_device" else
+                Offloaded(workload, replace(CONFIG, gpu_budget_blocks=budget, prefetch_ahead=0), pool))
+        plan = schedule(shape, "steady")[:shape.warmup + steps]
+        lockstep(workload, plan[:shape.warmup], {name: mode})
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if workload.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as profile:
+            for step, requests in enumerate(plan[shape.warmup:]):
+                mode.step(requests, [shape.warmup + step] * len(requests))
+            sync(workload.device)
+        order = "cuda_time_total" if workload.device.type == "cuda" else "cpu_time_total"
+        table = profile.key_averages().table(sort_by=order, row_limit=25, max_name_column_width=60)
+        text += [f"== {name}: {steps} steady steps of {shape.layers} layers, device time by kernel", table]
+        if hasattr(mode, "close"):
+            mode.close()
+        del mode
+        gc.collect()
+    path = os.path.join(out_dir, "gsa_offload_gpu_profile.txt")
+    with open(path, "w") as handle:
+        handle.write("\n".join(text))
+    print("\n".join(text))
+    print(f"wrote {path}")
+
+
 class _Profiled:
     """A mode whose steps after the first ``warmup`` run under its own cProfile profile."""
 
@@ -427,6 +459,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--schedules", nargs="+", choices=("steady", "alternating"), default=["steady", "alternating"],
                         help="the batch-8 schedules to run (default both)")
     parser.add_argument("--profile", action="store_true", help="only profile the host side of the steady steps")
+    parser.add_argument("--gpu-profile", action="store_true", help="only the device time by kernel of steady steps")
     args = parser.parse_args(argv)
     device = _device()
     if args.smoke:
@@ -443,8 +476,9 @@ def main(argv: list[str] | None = None) -> None:
         pool = host_pool(shape, device, copies=2)  # prefetch off and on run side by side
         workload = Workload(shape, device)
         workload.build_streams()
-        if args.profile:
-            profile_offload(workload, pool, os.environ.get("OUT", "bench/results"))
+        if args.profile or args.gpu_profile:
+            profile = profile_gpu if args.gpu_profile else profile_offload
+            profile(workload, pool, os.environ.get("OUT", "bench/results"))
             return
         cache = PagedKV(workload)
         for name in args.schedules:

@@ -8,7 +8,7 @@ compiled kernel the first such call produced and later launches it through its c
 
 The argument class refines Triton's specialisation (equal classes imply equal Triton keys): a tensor's dtype and
 whether its address is 16-byte aligned; an int's width class (int32, int64, uint64), whether it is 1 and whether
-16 divides it; a bool, float, None or constexpr value as is; the current CUDA device. So a launch never runs a
+16 divides it; a float's type; a bool, None or constexpr value as is; the current CUDA device. So a launch never runs a
 kernel compiled for another specialisation. Triton's own path is taken when Triton interprets (CPU), while launch
 hooks are installed (profilers read their metadata), for the first call of each class (which compiles), and
 everywhere when the environment sets ``UCM_PLAIN_TRITON_LAUNCH=1`` as the launchers are made (at import).
@@ -75,7 +75,9 @@ def argument_class(value):
     if kind is int:
         width = 0 if -_INT32 <= value < _INT32 else 1 if -_INT64 <= value < _INT64 else 2
         return width, value == 1, value & 15 == 0
-    if kind in (bool, float) or value is None:
+    if kind is float:  # a 32-bit float argument whatever its value
+        return kind
+    if kind is bool or value is None:
         return kind, value
     if isinstance(value, triton.language.constexpr):
         return kind, value.value
