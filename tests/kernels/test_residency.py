@@ -7,6 +7,7 @@ import torch
 from ucm_kernels.residency import (admit, admit_selection, copy_rows, naive_admit, naive_selection_pieces,
                                    selection_pieces, torch_admit, torch_admit_selection, torch_copy_rows,
                                    torch_write_tokens, write_tokens)
+from ucm_kernels.residency import triton as residency_triton
 from ucm_kernels.residency.torch import AGE_CAP, slot_ages
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -46,7 +47,13 @@ def check_consistent(state: dict) -> None:
 @pytest.mark.parametrize("capacity,pieces,n,max_new", [(300, 2000, 250, 10_000), (1500, 5000, 1200, 10_000),
                                                        (300, 2000, 250, 17), (2048, 2048, 3000, 10_000)])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_triton_admit_equals_torch(capacity, pieces, n, max_new, seed):
+@pytest.mark.parametrize("slot_tile", [None, 64])
+def test_triton_admit_equals_torch(capacity, pieces, n, max_new, seed, slot_tile, monkeypatch):
+    """Also with the victim search's tiles made small (64 slots, 2 tiles' histograms a step): tens of tiles and
+    steps, as a pool of 100K+ slots has at the real sizes."""
+    if slot_tile is not None:
+        monkeypatch.setattr(residency_triton, "_SLOT_TILE", slot_tile)
+        monkeypatch.setattr(residency_triton, "_PREFIX_ROWS", 2)
     state = random_pool(capacity, pieces, seed)
     wanted_ids, wanted = wanted_pieces(pieces, min(n, pieces), seed)
     n = wanted_ids.numel()
@@ -57,6 +64,7 @@ def test_triton_admit_equals_torch(capacity, pieces, n, max_new, seed):
     have = admit(*got.values(), wanted_ids.to(DEVICE), wanted.to(DEVICE), tally=got_tally, **kwargs)
     count = int(want[3][0])
     assert int(have[3][0]) == count and count > 0 and torch.equal(got_tally.cpu(), ref_tally)
+    assert torch.equal(have[2][:count].sort().values.cpu(), want[2][:count].sort().values)  # the same victims
     if DEVICE == "cpu":  # the interpreter runs programs in order: the same slots
         assert torch.equal(have[0], want[0])
         assert torch.equal(have[1][:count], want[1][:count]) and torch.equal(have[2][:count], want[2][:count])

@@ -1,12 +1,14 @@
 """Triton residency bookkeeping (two launches, no host sync) and the indexed row copy.
 
-``admit``: (1) probe the wanted pieces (hits stamped, misses ranked through an atomic counter: each program's
-misses get consecutive ranks); the program that finishes last (an acquire-release counter) then histograms the
-evictable slots' ages, finds the victim age and ranks the victims, older ones first, then those of the victim age,
-each group in slot order (skipped when nothing misses), (2) the k-th miss takes the k-th victim, the maps are
-updated, and (``admit_selection`` with ``rows``) each program copies the rows of the misses it admitted. Miss
-ranks follow program order, so on a GPU which victim a miss takes varies between runs (the set of victims does
-not); in the interpreter programs run in order and the result equals ``torch.admit``'s.
+``admit``, four launches over the pool's slots and the wanted entries: (1) probe the wanted pieces (hits stamped,
+misses ranked through an atomic counter: each program's misses get consecutive ranks); (2) each program histograms
+the eviction ages of a tile of slots, and the program that finishes last (an acquire-release counter) finds the
+victim age and, per tile, how many victims the tiles before it hold; (3) each program ranks its tile's victims,
+older ones first, then those of the victim age, each group in slot order; (2) and (3) do nothing when nothing
+misses; (4) the k-th miss takes the k-th victim, the maps are updated, and (``admit_selection`` with ``rows``)
+each program copies the rows of the misses it admitted. Miss ranks follow program order, so on a GPU which victim a
+miss takes varies between runs (the set of victims does not); in the interpreter programs run in order and the
+result equals ``torch.admit``'s.
 """
 import torch
 import triton
@@ -17,24 +19,24 @@ from ucm_kernels._utils import alignment, check_device, check_tensor, next_pow2
 
 from .torch import AGE_CAP
 
-# counter slots (constexpr: the kernels read them as globals); FINISHED counts the first launch's finished programs
-MISSES, OLDER, ADMITTED, TIES, FINISHED = (tl.constexpr(slot) for slot in range(5))
+# counter slots (constexpr: the kernels read them as globals); FINISHED counts the histogram launch's finished
+# programs, OLDEST is the victim age
+MISSES, OLDER, ADMITTED, TIES, FINISHED, OLDEST = (tl.constexpr(slot) for slot in range(6))
 _TILE = 1024
-_VICTIM_TILE = 4096  # slots per step of the one-program victim search
+_SLOT_TILE = 4096  # slots per program of the victim search
+_PREFIX_ROWS = 16  # tiles' histograms per step of the victim age search
+_BINS = next_pow2(AGE_CAP + 1)  # age bins
 _WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
 
-@triton.jit(do_not_specialize=["n", "stamp_value", "width", "table_width", "heads", "probe_programs", "capacity",
-                               "below", "max_new"])
+@triton.jit(do_not_specialize=["n", "stamp_value", "width", "table_width", "heads", "probe_programs"])
 def _probe_kernel(pieces, wanted, sel_idx, sel_count, block_table, slot_of, stamp, slots, miss_rank, counters, tally,
-                  kv, pinned, token_pieces, token_offsets, key, value, token_slots, victims, n, stamp_value, width,
-                  table_width, heads, probe_programs, capacity, below, max_new, FROM_SELECTION: tl.constexpr,
-                  HAS_TALLY: tl.constexpr, WRITE_TOKENS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, DIM_POW2: tl.constexpr, TILE: tl.constexpr, AGE_CAP: tl.constexpr,
-                  BINS: tl.constexpr, VICTIM_TILE: tl.constexpr):
+                  kv, pinned, token_pieces, token_offsets, key, value, token_slots, n, stamp_value, width,
+                  table_width, heads, probe_programs, FROM_SELECTION: tl.constexpr, HAS_TALLY: tl.constexpr,
+                  WRITE_TOKENS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  DIM_POW2: tl.constexpr, TILE: tl.constexpr):
     """Programs below ``probe_programs`` probe a tile of entries each; with WRITE_TOKENS, each program above writes
-    one decode token (as ``_write_tokens_kernel``): the two touch different state (a token's slot is resident).
-    The program that finishes last finds the victims, once every probe's stamps, misses and pins are visible."""
+    one decode token (as ``_write_tokens_kernel``): the two touch different state (a token's slot is resident)."""
     pid = tl.program_id(0)
     if pid < probe_programs:
         _probe_tile(pieces, wanted, sel_idx, sel_count, block_table, slot_of, stamp, slots, miss_rank, counters,
@@ -42,9 +44,6 @@ def _probe_kernel(pieces, wanted, sel_idx, sel_count, block_table, slot_of, stam
     elif WRITE_TOKENS:
         _write_token_row(kv, slot_of, stamp, pinned, token_pieces, token_offsets, key, value, token_slots,
                          pid - probe_programs, stamp_value, BLOCK_SIZE, HEAD_DIM, DIM_POW2)
-    tl.debug_barrier()  # every thread's stores precede the release below
-    if tl.atomic_add(counters + FINISHED, 1, sem="acq_rel") == tl.num_programs(0) - 1:
-        _find_victims(stamp, pinned, counters, victims, capacity, below, max_new, AGE_CAP, BINS, VICTIM_TILE)
 
 
 @triton.jit
@@ -83,38 +82,72 @@ def _ages(stamp, pinned, offs, inside, below, AGE_CAP: tl.constexpr):
     return tl.where(held | (age <= 0), 0, tl.minimum(age, AGE_CAP))
 
 
-@triton.jit
-def _find_victims(stamp, pinned, counters, victims, capacity, below, max_new, AGE_CAP: tl.constexpr,
-                  BINS: tl.constexpr, TILE: tl.constexpr):
-    """One program: the evictable slots' age histogram, the victim age, then the victims ranked (every slot older
-    than that age, then those of that age, each group in slot order) into ``victims``; the group sizes into
-    counters OLDER and TIES. Does nothing when no miss is to be admitted."""
-    wanted = tl.minimum(tl.atomic_add(counters + MISSES, 0, sem="acquire"), max_new)  # the total, read at L2
+@triton.jit(do_not_specialize=["capacity", "below", "max_new", "tiles"])
+def _age_histogram_kernel(stamp, pinned, counters, hists, prefix, capacity, below, max_new, tiles,
+                          AGE_CAP: tl.constexpr, BINS: tl.constexpr, SLOT_TILE: tl.constexpr,
+                          PREFIX_ROWS: tl.constexpr):
+    """Each program: the eviction-age histogram of its tile of slots into ``hists`` row; the last to finish then
+    finds the victim age (:func:`_victim_prefix`). Nothing when no miss is to be admitted."""
+    wanted = tl.minimum(tl.load(counters + MISSES), max_new)
     if wanted > 0:
-        bins = tl.arange(0, BINS)
-        hist = tl.zeros([BINS], dtype=tl.int32)
-        for start in range(0, capacity, TILE):
-            offs = start + tl.arange(0, TILE)
-            hist += tl.histogram(_ages(stamp, pinned, offs, offs < capacity, below, AGE_CAP).to(tl.int32), BINS)
-        hist = tl.where((bins >= 1) & (bins <= AGE_CAP), hist, 0)  # bin 0: not evictable (or outside)
-        at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # slots of this age or older
-        oldest = tl.maximum(tl.sum(((bins >= 1) & (at_least >= wanted)).to(tl.int32), 0), 1)
-        older = tl.sum(tl.where(bins > oldest, hist, 0), 0)  # all taken; then slots of age ``oldest``
-        ranked_older, ranked_ties = older * 0, older * 0
-        for start in range(0, capacity, TILE):
-            offs = start + tl.arange(0, TILE)
-            age = _ages(stamp, pinned, offs, offs < capacity, below, AGE_CAP)
-            for tie in tl.static_range(2):
-                flags = ((age == oldest) if tie else (age > oldest)).to(tl.int32)
-                base = (older + ranked_ties) if tie else ranked_older
-                rank = base + tl.cumsum(flags, 0) - 1
-                tl.store(victims + rank, offs.to(tl.int64), mask=(flags != 0) & (rank < wanted))
-                if tie:
-                    ranked_ties += tl.sum(flags, 0)
-                else:
-                    ranked_older += tl.sum(flags, 0)
-        tl.store(counters + OLDER, ranked_older)
-        tl.store(counters + TIES, ranked_ties)
+        pid = tl.program_id(0)
+        offs = pid * SLOT_TILE + tl.arange(0, SLOT_TILE)
+        age = _ages(stamp, pinned, offs, offs < capacity, below, AGE_CAP)
+        tl.store(hists + pid * BINS + tl.arange(0, BINS), tl.histogram(age.to(tl.int32), BINS))
+        tl.debug_barrier()  # every thread's stores precede the release below
+        if tl.atomic_add(counters + FINISHED, 1, sem="acq_rel") == tiles - 1:
+            _victim_prefix(counters, hists, prefix, wanted, tiles, AGE_CAP, BINS, PREFIX_ROWS)
+
+
+@triton.jit
+def _victim_prefix(counters, hists, prefix, wanted, tiles, AGE_CAP: tl.constexpr, BINS: tl.constexpr,
+                   PREFIX_ROWS: tl.constexpr):
+    """From the tiles' histograms: the victim age (the oldest age with at least ``wanted`` evictable slots that
+    old or older; 1 when there are fewer) into counters OLDEST, the numbers of older slots and of slots of that age
+    into OLDER and TIES, and per tile the older slots and the slots of that age in the tiles before it into
+    ``prefix`` [tiles, 2]."""
+    bins = tl.arange(0, BINS)
+    rows = tl.arange(0, PREFIX_ROWS)
+    hist = tl.zeros([BINS], dtype=tl.int32)
+    for start in range(0, tiles, PREFIX_ROWS):
+        inside = (start + rows)[:, None] < tiles
+        hist += tl.sum(tl.load(hists + (start + rows)[:, None] * BINS + bins[None, :], mask=inside, other=0,
+                               cache_modifier=".cg"), 0)
+    hist = tl.where((bins >= 1) & (bins <= AGE_CAP), hist, 0)  # bin 0: not evictable
+    at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # slots of this age or older
+    oldest = tl.maximum(tl.sum(((bins >= 1) & (at_least >= wanted)).to(tl.int32), 0), 1)
+    older_total, ties_total = oldest * 0, oldest * 0
+    for start in range(0, tiles, PREFIX_ROWS):
+        inside = (start + rows) < tiles
+        counts = tl.load(hists + (start + rows)[:, None] * BINS + bins[None, :], mask=inside[:, None], other=0,
+                         cache_modifier=".cg")
+        older = tl.sum(tl.where(bins[None, :] > oldest, counts, 0), 1)
+        ties = tl.sum(tl.where(bins[None, :] == oldest, counts, 0), 1)
+        tl.store(prefix + (start + rows) * 2, older_total + tl.cumsum(older, 0) - older, mask=inside)
+        tl.store(prefix + (start + rows) * 2 + 1, ties_total + tl.cumsum(ties, 0) - ties, mask=inside)
+        older_total += tl.sum(older, 0)
+        ties_total += tl.sum(ties, 0)
+    tl.store(counters + OLDEST, oldest)
+    tl.store(counters + OLDER, older_total)
+    tl.store(counters + TIES, ties_total)
+
+
+@triton.jit(do_not_specialize=["capacity", "below", "max_new"])
+def _rank_victims_kernel(stamp, pinned, counters, prefix, victims, capacity, below, max_new, AGE_CAP: tl.constexpr,
+                         SLOT_TILE: tl.constexpr):
+    """Each program ranks its tile's victims into ``victims``: every slot older than the victim age (ranks from
+    0), then those of that age (ranks from OLDER), each group in slot order, while the rank is below the misses."""
+    wanted = tl.minimum(tl.load(counters + MISSES), max_new)
+    if wanted > 0:
+        pid = tl.program_id(0)
+        oldest = tl.load(counters + OLDEST)
+        offs = pid * SLOT_TILE + tl.arange(0, SLOT_TILE)
+        age = _ages(stamp, pinned, offs, offs < capacity, below, AGE_CAP)
+        for tie in tl.static_range(2):
+            flags = ((age == oldest) if tie else (age > oldest)).to(tl.int32)
+            base = (tl.load(counters + OLDER) + tl.load(prefix + pid * 2 + 1)) if tie else tl.load(prefix + pid * 2)
+            rank = base + tl.cumsum(flags, 0) - 1
+            tl.store(victims + rank, offs.to(tl.int64), mask=(flags != 0) & (rank < wanted))
 
 
 @triton.jit(do_not_specialize=["n", "stamp_value", "max_new", "width", "table_width"])
@@ -159,6 +192,7 @@ def _assign_kernel(pieces, miss_rank, slots, victims, slot_of, piece_in, stamp, 
 
 
 _PROBE, _ASSIGN = Launcher(_probe_kernel), Launcher(_assign_kernel)
+_AGE_HISTOGRAM, _RANK_VICTIMS = Launcher(_age_histogram_kernel), Launcher(_rank_victims_kernel)
 
 
 def admit(slot_of: torch.Tensor, piece_in: torch.Tensor, stamp: torch.Tensor, pinned: torch.Tensor,
@@ -210,15 +244,16 @@ def admit_selection(slot_of: torch.Tensor, piece_in: torch.Tensor, stamp: torch.
 
 def _launch(slot_of, piece_in, stamp, pinned, pieces, wanted, selection, table, below, stamp_value, max_new, tally,
             rows, tokens):
-    """The two kernels; ``selection`` = (sel_idx, sel_count, block_table, heads) or None (``pieces`` / ``wanted``
+    """The four launches; ``selection`` = (sel_idx, sel_count, block_table, heads) or None (``pieces`` / ``wanted``
     given); ``rows`` = (src, dst) to copy the admitted pieces' rows, or None; ``tokens`` = (kv, pieces, offsets,
     key, value) of :func:`write_tokens` to write in the first launch, or None."""
     device = slot_of.device
     n, capacity = pieces.numel(), piece_in.numel()
-    counters = torch.zeros(FINISHED.value + 1, dtype=torch.int32, device=device)
+    counters = torch.zeros(OLDEST.value + 1, dtype=torch.int32, device=device)
     n_tokens = tokens[1].numel() if tokens is not None else 0
-    slots, miss_rank, fetch_pieces, fetch_slots, victims, token_slots = _int64_buffers(
-        device, n, n, n, n, max(min(n, max_new, capacity), 1), n_tokens)
+    tiles = triton.cdiv(capacity, _SLOT_TILE)
+    slots, miss_rank, fetch_pieces, fetch_slots, victims, token_slots, hists, prefix = _int64_buffers(
+        device, n, n, n, n, max(min(n, max_new, capacity), 1), n_tokens, tiles * _BINS // 2, tiles)
     tally_arg = tally if tally is not None else counters
     sel_idx, sel_count, block_table, heads = selection or (pieces, counters, counters, 1)
     width, table_width = sel_idx.shape[-1], block_table.shape[-1]
@@ -230,11 +265,15 @@ def _launch(slot_of, piece_in, stamp, pinned, pieces, wanted, selection, table, 
     head_dim = kv.shape[4] if tokens is not None else 1
     _PROBE((entries[0] + n_tokens,), pieces, wanted if wanted is not None else counters, sel_idx, sel_count,
            block_table, slot_of, stamp, slots, miss_rank, counters, tally_arg, kv, pinned, token_pieces, offsets, key,
-           value, token_slots, victims, n, stamp_value, width, table_width, heads, entries[0], capacity, below,
-           max_new, FROM_SELECTION=selection is not None, HAS_TALLY=tally is not None,
-           WRITE_TOKENS=tokens is not None, BLOCK_SIZE=kv.shape[2] if tokens is not None else 1, HEAD_DIM=head_dim,
-           DIM_POW2=next_pow2(head_dim), TILE=_TILE, AGE_CAP=AGE_CAP, BINS=next_pow2(AGE_CAP + 1),
-           VICTIM_TILE=_VICTIM_TILE, num_warps=8)
+           value, token_slots, n, stamp_value, width, table_width, heads, entries[0],
+           FROM_SELECTION=selection is not None, HAS_TALLY=tally is not None, WRITE_TOKENS=tokens is not None,
+           BLOCK_SIZE=kv.shape[2] if tokens is not None else 1, HEAD_DIM=head_dim, DIM_POW2=next_pow2(head_dim),
+           TILE=_TILE, num_warps=8)
+    hists, prefix = hists.view(torch.int32), prefix.view(torch.int32)  # [tiles, _BINS] and [tiles, 2]
+    _AGE_HISTOGRAM((tiles,), stamp, pinned, counters, hists, prefix, capacity, below, max_new, tiles, AGE_CAP=AGE_CAP,
+                   BINS=_BINS, SLOT_TILE=_SLOT_TILE, PREFIX_ROWS=_PREFIX_ROWS, num_warps=8)
+    _RANK_VICTIMS((tiles,), stamp, pinned, counters, prefix, victims, capacity, below, max_new, AGE_CAP=AGE_CAP,
+                  SLOT_TILE=_SLOT_TILE, num_warps=8)
     _ASSIGN(entries, pieces, miss_rank, slots, victims, slot_of, piece_in, stamp, counters, fetch_pieces, fetch_slots,
             tally_arg, sel_idx, table if table is not None else counters, src, dst, n, stamp_value, max_new, width,
             table_width, WRITE_TABLE=table is not None, HAS_TALLY=tally is not None, COPY=rows is not None,
