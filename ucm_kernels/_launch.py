@@ -10,7 +10,8 @@ The argument class refines Triton's specialisation (equal classes imply equal Tr
 whether its address is 16-byte aligned; an int's width class (int32, int64, uint64), whether it is 1 and whether
 16 divides it; a float's type; a bool, None or constexpr value as is; the current CUDA device. So a launch never runs a
 kernel compiled for another specialisation. Triton's own path is taken when Triton interprets (CPU), while launch
-hooks are installed (profilers read their metadata), for the first call of each class (which compiles), and
+hooks are installed (profilers read their metadata), for the first call of each class (which compiles), with a
+Triton other than the versions checked (the compiled launcher's calling convention is Triton's internal), and
 everywhere when the environment sets ``UCM_PLAIN_TRITON_LAUNCH=1`` as the launchers are made (at import).
 """
 import inspect
@@ -23,6 +24,8 @@ from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
 _INT32, _INT64 = 1 << 31, 1 << 63
+# the compiled launcher's calling convention (CompiledKernel.run) is Triton's own; these versions were checked
+_CHECKED_TRITON = ("3.6.",)
 PLAIN_LAUNCH_ENV = "UCM_PLAIN_TRITON_LAUNCH"  # "1": every launch takes Triton's own path (to compare the two)
 
 
@@ -37,7 +40,8 @@ class Launcher:
 
     def __init__(self, kernel):
         self.kernel = kernel
-        self.compiled_path = isinstance(kernel, JITFunction) and os.environ.get(PLAIN_LAUNCH_ENV, "0") != "1"
+        self.compiled_path = (isinstance(kernel, JITFunction) and triton.__version__.startswith(_CHECKED_TRITON)
+                              and os.environ.get(PLAIN_LAUNCH_ENV, "0") != "1")
         self._names = list(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
         # constexpr parameters are keyed by value (each value is its own kernel), the others by argument_class
         self._by_value = [param.is_constexpr for param in kernel.params] if self.compiled_path else []
@@ -51,7 +55,7 @@ class Launcher:
                             f"by name; missing {missing}")
         if named:
             params = (*params, *[named.pop(name) for name in self._names[len(params):]])
-        if not self.compiled_path or knobs.runtime.launch_enter_hook.calls:
+        if not self.compiled_path or _hooks_installed():
             self.kernel[grid](*params, **named)
             return
         device = driver.active.get_current_device()
@@ -64,6 +68,12 @@ class Launcher:
         compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
                      driver.active.get_current_stream(device), compiled.function, compiled.packed_metadata, None,
                      None, None, *params)
+
+
+def _hooks_installed() -> bool:
+    """True when a launch hook is set (a profiler reads its metadata): launches then take Triton's path."""
+    hooks = knobs.runtime.launch_enter_hook
+    return hooks is not None and bool(getattr(hooks, "calls", True))
 
 
 def argument_class(value):
