@@ -28,12 +28,12 @@ or bench/results/); ``--smoke`` runs tiny shapes (CPU works) to check the script
 import argparse
 import collections
 import cProfile
-import gc
 import io
 import os
 import pstats
 import statistics
 import time
+import weakref
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -399,7 +399,6 @@ def profile_gpu(workload: Workload, pool, out_dir: str, steps: int = 6) -> None:
         if hasattr(mode, "close"):
             mode.close()
         del mode
-        gc.collect()
     path = os.path.join(out_dir, "gsa_offload_gpu_profile.txt")
     with open(path, "w") as handle:
         handle.write("\n".join(text))
@@ -425,12 +424,16 @@ class _Profiled:
 
 
 def _time_parts(gsa: OffloadedGSA, spent: collections.Counter) -> None:
-    """Wrap the parts of a decode step of ``gsa`` so that their host time adds up in ``spent`` (seconds)."""
-    def timed(name, fn):
+    """Wrap the parts of a decode step of ``gsa`` so that their host time adds up in ``spent`` (seconds). The
+    wrappers hold their methods weakly: an instance attribute holding its own bound method would make ``gsa`` (and
+    its device pools) a reference cycle, alive until the garbage collector runs."""
+    def timed(name, method):
+        method = weakref.WeakMethod(method)
+
         def call(*args, **kwargs):
             start = time.perf_counter()
             try:
-                return fn(*args, **kwargs)
+                return method()(*args, **kwargs)
             finally:
                 spent[name] += time.perf_counter() - start
         return call
@@ -483,10 +486,8 @@ def main(argv: list[str] | None = None) -> None:
         cache = PagedKV(workload)
         for name in args.schedules:
             rows += bench_schedule(name, workload, cache, pool, h2d)
-            gc.collect()  # _time_parts' wrappers make each hot pool a reference cycle: a mode's pools (13 GB at 8
-            # layers) go back only now, or the next schedule's do not fit beside them on an 80 GB card
-        del cache, workload, pool
-        gc.collect()  # the schedules' pinned host KV (2 x 34 GB at 8 layers) goes back before the long run's 69 GB
+        del cache, workload, pool  # the schedules' pinned host KV (2 x 34 GB at 8 layers) goes back before the
+        # long run's 69 GB
     if args.long:
         rows += bench_long(long_shape, reference, host_pool(long_shape, device, copies=1), h2d)
     path = write_results("gsa_offload", rows, ceilings, extra={
