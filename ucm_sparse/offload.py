@@ -11,7 +11,7 @@ A decode step (``plan`` once, then ``run`` per layer) writes the new token into 
 representation of a block that just filled and copies it to the host, selects exactly as on-device GSA does, gives
 the selected pieces that are not resident a slot and copies them in (a synchronous miss, counted), and attends over
 the pool with a per-(request, KV head) block table. On a GPU all of it is queued without a host sync: misses are
-found, slotted and copied by kernels reading the pinned host rows in place (``ucm_kernels.residency``, two
+found, slotted and copied by kernels reading the pinned host rows in place (``ucm_kernels.residency``, four
 launches a layer, which also write the token when no block opens or fills in the step); the host only checks, at
 ``plan``, that the budget holds the step. The outputs equal on-device GSA's over the same tokens
 bit for bit (tests/sparse/test_gsa_offload.py; bench/bench_gsa_offload.py reports it on the GPU).

@@ -1,4 +1,4 @@
-"""Triton residency bookkeeping (two launches, no host sync) and the indexed row copy.
+"""Triton residency bookkeeping (four launches, no host sync) and the indexed row copy.
 
 ``admit``, four launches over the pool's slots and the wanted entries: (1) probe the wanted pieces (hits stamped,
 misses ranked through an atomic counter: each program's misses get consecutive ranks); (2) each program histograms
