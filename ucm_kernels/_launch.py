@@ -8,11 +8,12 @@ compiled kernel the first such call produced and later launches it through its c
 
 The argument class refines Triton's specialisation (equal classes imply equal Triton keys): a tensor's dtype and
 whether its address is 16-byte aligned; an int's width class (int32, int64, uint64), whether it is 1 and whether
-16 divides it; a float's type; a bool, None or constexpr value as is; the current CUDA device. So a launch never runs a
-kernel compiled for another specialisation. Triton's own path is taken when Triton interprets (CPU), while launch
-hooks are installed (profilers read their metadata), for the first call of each class (which compiles), with a
-Triton other than the versions checked (the compiled launcher's calling convention is Triton's internal), and
-everywhere when the environment sets ``UCM_PLAIN_TRITON_LAUNCH=1`` as the launchers are made (at import).
+16 divides it; a float's type; a bool or None as is; a constexpr parameter's value; the current CUDA device. So a
+launch never runs a kernel compiled for another specialisation. Triton's own path is taken when Triton interprets
+(CPU), while launch or pre-run hooks are installed (profilers read their metadata) or Triton's debug mode is on,
+for the first call of each class (which compiles), with a Triton other than the versions checked (the compiled
+launcher's calling convention is Triton's internal), and everywhere when the environment sets
+``UCM_PLAIN_TRITON_LAUNCH=1`` as the launchers are made (at import).
 """
 import inspect
 import os
@@ -55,7 +56,7 @@ class Launcher:
                             f"by name; missing {missing}")
         if named:
             params = (*params, *[named.pop(name) for name in self._names[len(params):]])
-        if not self.compiled_path or _hooks_installed():
+        if not self.compiled_path or _hooks_installed(self.kernel):
             self.kernel[grid](*params, **named)
             return
         device = driver.active.get_current_device()
@@ -70,10 +71,12 @@ class Launcher:
                      None, None, *params)
 
 
-def _hooks_installed() -> bool:
-    """True when a launch hook is set (a profiler reads its metadata): launches then take Triton's path."""
-    hooks = knobs.runtime.launch_enter_hook
-    return hooks is not None and bool(getattr(hooks, "calls", True))
+def _hooks_installed(kernel) -> bool:
+    """True when a launch or pre-run hook is set (a profiler reads its metadata) or Triton's debug mode is on:
+    launches then take Triton's path."""
+    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    return (knobs.runtime.debug or bool(kernel.pre_run_hooks)
+            or any(hook is not None and bool(getattr(hook, "calls", True)) for hook in hooks))
 
 
 def argument_class(value):
@@ -93,4 +96,5 @@ def argument_class(value):
         return kind, value.value
     if isinstance(value, torch.Tensor):  # a subclass: Triton reads its data_ptr too
         return value.dtype, value.data_ptr() & 15 == 0
-    return kind, value  # dtypes and other constexpr values: as is (hashable)
+    raise TypeError(f"Launcher: an argument of type {kind.__name__} (tensors, ints, floats, bools and None only; "
+                    "launch kernels taking tuples or descriptors through kernel[grid])")

@@ -32,6 +32,8 @@ def test_argument_class_separates_what_triton_specialises_on():
     assert argument_class(1 << 31) != argument_class(16)  # int64 against int32
     assert argument_class(True) != argument_class(False) != argument_class(None)
     assert argument_class(0.5) == argument_class(0.25)  # fp32 whatever the value
+    with pytest.raises(TypeError, match="tuple"):  # keyed by identity it would keep every call's tensors alive
+        argument_class((base, base))
 
 
 def _expected(src, n, scale, shift):

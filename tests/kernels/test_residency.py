@@ -45,7 +45,8 @@ def check_consistent(state: dict) -> None:
 
 
 @pytest.mark.parametrize("capacity,pieces,n,max_new", [(300, 2000, 250, 10_000), (1500, 5000, 1200, 10_000),
-                                                       (300, 2000, 250, 17), (2048, 2048, 3000, 10_000)])
+                                                       (300, 2000, 250, 17), (2048, 2048, 3000, 10_000),
+                                                       (4097, 9000, 4000, 10_000)])
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("slot_tile", [None, 64])
 def test_triton_admit_equals_torch(capacity, pieces, n, max_new, seed, slot_tile, monkeypatch):
@@ -225,20 +226,24 @@ def test_admit_keeps_hits_and_pinned_slots_and_evicts_the_oldest_first():
     check_consistent(state)
 
 
-def test_admit_takes_at_most_max_new_and_only_what_can_be_evicted():
+def test_admit_takes_at_most_max_new_and_only_what_can_be_evicted(monkeypatch):
+    """The torch twin and the kernels (their victim search over 4 tiles of 16 slots) alike."""
+    monkeypatch.setattr(residency_triton, "_SLOT_TILE", 16)
     base = random_pool(64, 1000, seed=5, pinned_share=0.0)
     base["pinned"][:40] = True
     wanted_ids, wanted = torch.arange(500, 600), torch.ones(100, dtype=torch.bool)
     resident = base["slot_of"][wanted_ids]
     missing = int((resident < 0).sum())
     evictable = 24 - int((resident >= 40).sum())  # unpinned slots, less the hits this call stamps
+    assert missing > evictable  # more misses than slots to give them
     for max_new, expected in ((10, min(10, missing)), (10_000, min(missing, evictable))):
-        state = on("cpu", base)
-        slots, _, fetch_slots, count = torch_admit(*state.values(), wanted_ids, wanted, below=80, stamp_value=80,
-                                                   max_new=max_new)
-        assert int(count[0]) == expected and int((slots >= 0).sum()) == 100 - missing + expected
-        assert not base["pinned"][fetch_slots[:expected]].any()
-        check_consistent(state)
+        for run, device in ((torch_admit, "cpu"), (admit, DEVICE)):
+            state = on(device, base)
+            slots, _, fetch_slots, count = run(*state.values(), wanted_ids.to(device), wanted.to(device), below=80,
+                                               stamp_value=80, max_new=max_new)
+            assert int(count[0]) == expected and int((slots >= 0).sum()) == 100 - missing + expected
+            assert not base["pinned"][fetch_slots[:expected].cpu()].any()
+            check_consistent({k: v.cpu() for k, v in state.items()})
 
 
 def test_ages_put_free_and_old_slots_first_and_cap():

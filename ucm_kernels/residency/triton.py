@@ -77,8 +77,8 @@ def _probe_tile(pieces, wanted, sel_idx, sel_count, block_table, slot_of, stamp,
 @triton.jit
 def _ages(stamp, pinned, offs, inside, below, AGE_CAP: tl.constexpr):
     """Eviction age of slots ``offs`` (0: not evictable), as ``torch.slot_ages``."""
-    age = below - tl.load(stamp + offs, mask=inside, other=below, cache_modifier=".cg")  # L2: other programs' stores
-    held = tl.load(pinned + offs, mask=inside, other=1, cache_modifier=".cg") != 0
+    age = below - tl.load(stamp + offs, mask=inside, other=below)
+    held = tl.load(pinned + offs, mask=inside, other=1) != 0
     return tl.where(held | (age <= 0), 0, tl.minimum(age, AGE_CAP))
 
 
