@@ -20,6 +20,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 from triton import knobs
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
@@ -43,9 +44,12 @@ class Launcher:
         self.kernel = kernel
         self.compiled_path = (isinstance(kernel, JITFunction) and triton.__version__.startswith(_CHECKED_TRITON)
                               and os.environ.get(PLAIN_LAUNCH_ENV, "0") != "1")
-        self._names = list(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
+        signature = inspect.signature(getattr(kernel, "fn", kernel)).parameters.values()
+        self._names = [param.name for param in signature]
         # constexpr parameters are keyed by value (each value is its own kernel), the others by argument_class
-        self._by_value = [param.is_constexpr for param in kernel.params] if self.compiled_path else []
+        self._by_value = ([param.is_constexpr for param in kernel.params] if isinstance(kernel, JITFunction) else
+                          [param.annotation is tl.constexpr or "constexpr" in str(param.annotation)
+                           for param in signature])
         self._compiled: dict = {}
 
     def __call__(self, grid: tuple, *params, **named) -> None:
@@ -56,12 +60,12 @@ class Launcher:
                             f"by name; missing {missing}")
         if named:
             params = (*params, *[named.pop(name) for name in self._names[len(params):]])
-        if not self.compiled_path or _hooks_installed(self.kernel):
+        classes = [value if by_value else argument_class(value) for value, by_value in zip(params, self._by_value)]
+        if not self.compiled_path or _hooks_installed(self.kernel):  # (the classes checked all the same)
             self.kernel[grid](*params, **named)
             return
         device = driver.active.get_current_device()
-        key = (device, tuple(named.items()),
-               *[value if by_value else argument_class(value) for value, by_value in zip(params, self._by_value)])
+        key = (device, tuple(named.items()), *classes)
         compiled = self._compiled.get(key)
         if compiled is None:
             self._compiled[key] = self.kernel[grid](*params, **named)

@@ -63,3 +63,10 @@ def test_a_missing_parameter_is_refused_naming_the_parameters():
     src = torch.zeros(8, device=DEVICE)
     with pytest.raises(TypeError, match="scale"):
         SCALED_COPY((1,), src, src, 8, BLOCK=32, SHIFT=0)
+
+
+def test_an_argument_it_cannot_class_is_refused_on_every_path():
+    """Checked under the interpreter too, so that a launch site passing one fails on the CPU, not first on a GPU."""
+    src = torch.zeros(8, device=DEVICE)
+    with pytest.raises(TypeError, match="tuple"):
+        SCALED_COPY((1,), src, src, 8, (1.0, 2.0), BLOCK=32, SHIFT=0)
