@@ -475,6 +475,9 @@ def main(argv: list[str] | None = None) -> None:
     ceilings = measure_copy_ceilings() if device.type == "cuda" else {}
     h2d = ceilings.get("h2d_pinned_gbps")
     rows = []
+    extra = {"config": asdict(CONFIG), "long_config": asdict(LONG_CONFIG), "shape": asdict(shape),
+             "long_shape": asdict(long_shape) if args.long else None, "budget_slack": BUDGET_SLACK,
+             "long_gpu_share": LONG_GPU_SHARE, "query_drift": QUERY_DRIFT}
     if args.layers:
         pool = host_pool(shape, device, copies=2)  # prefetch off and on run side by side
         workload = Workload(shape, device)
@@ -486,14 +489,12 @@ def main(argv: list[str] | None = None) -> None:
         cache = PagedKV(workload)
         for name in args.schedules:
             rows += bench_schedule(name, workload, cache, pool, h2d)
+            write_results("gsa_offload", rows, ceilings, extra)  # what is done survives a run cut short
         del cache, workload, pool  # the schedules' pinned host KV (2 x 34 GB at 8 layers) goes back before the
         # long run's 69 GB
     if args.long:
         rows += bench_long(long_shape, reference, host_pool(long_shape, device, copies=1), h2d)
-    path = write_results("gsa_offload", rows, ceilings, extra={
-        "config": asdict(CONFIG), "long_config": asdict(LONG_CONFIG), "shape": asdict(shape),
-        "long_shape": asdict(long_shape) if args.long else None, "budget_slack": BUDGET_SLACK,
-        "long_gpu_share": LONG_GPU_SHARE, "query_drift": QUERY_DRIFT})
+    path = write_results("gsa_offload", rows, ceilings, extra)
     print_table(rows)
     print(f"wrote {path}")
 
