@@ -264,16 +264,22 @@ def selection_pieces(shape: Shape, batch: int, config: GSAConfig = CONFIG) -> in
     return batch * NUM_KV_HEADS * num_selected(shape.table_blocks, config, BLOCK)
 
 
+def offload_config(shape: Shape, per_step: int, prefetch_ahead: int) -> GSAConfig:
+    """CONFIG with a hot budget of BUDGET_SLACK x one step's selection of ``per_step`` requests (plus their newest
+    blocks) and ``prefetch_ahead``."""
+    budget = int(BUDGET_SLACK * selection_pieces(shape, per_step) / NUM_KV_HEADS) + shape.batch
+    return replace(CONFIG, gpu_budget_blocks=budget, prefetch_ahead=prefetch_ahead)
+
+
 def bench_schedule(name: str, workload: Workload, cache: PagedKV, pool, h2d_gbps: float | None) -> list[dict]:
     """Dense, on-device GSA and the offload mode with prefetch off and on, in lock-step over one schedule."""
     shape = workload.shape
     steps = schedule(shape, name)
     per_step = len(steps[0])
     tag = f"b{per_step}_ctx{shape.context}_L{shape.layers}_{name}"
-    budget = int(BUDGET_SLACK * selection_pieces(shape, per_step) / NUM_KV_HEADS) + shape.batch
     offloads = {f"gsa_offload_prefetch_{'on' if ahead else 'off'}":
-                Offloaded(workload, replace(CONFIG, gpu_budget_blocks=budget, prefetch_ahead=ahead), pool,
-                          collections.Counter()) for ahead in (0, CONFIG.prefetch_ahead)}
+                Offloaded(workload, offload_config(shape, per_step, ahead), pool, collections.Counter())
+                for ahead in (0, CONFIG.prefetch_ahead)}
     modes = {"dense_on_device": OnDevice(workload, cache, sparse=False),
              "gsa_on_device": OnDevice(workload, cache, sparse=True), **offloads}
     results = lockstep(workload, steps, modes)
@@ -355,8 +361,7 @@ def profile_offload(workload: Workload, pool, out_dir: str) -> None:
     """Steady schedule, on-device GSA and the offload mode (prefetch off) in lock-step: each mode's host time by
     Python function (cProfile) over the timed steps, side by side in ``out_dir``/gsa_offload_profile.txt."""
     shape = workload.shape
-    budget = int(BUDGET_SLACK * selection_pieces(shape, shape.batch) / NUM_KV_HEADS) + shape.batch
-    offload = Offloaded(workload, replace(CONFIG, gpu_budget_blocks=budget, prefetch_ahead=0), pool)
+    offload = Offloaded(workload, offload_config(shape, shape.batch, 0), pool)
     modes = {"gsa_on_device": _Profiled(OnDevice(workload, PagedKV(workload), sparse=True), shape.warmup),
              "gsa_offload_prefetch_off": _Profiled(offload, shape.warmup)}
     results = lockstep(workload, schedule(shape, "steady"), modes)
@@ -379,11 +384,10 @@ def profile_gpu(workload: Workload, pool, out_dir: str, steps: int = 6) -> None:
     """Steady schedule, on-device GSA and the offload mode (prefetch off) each alone: the device time of every kernel
     over ``steps`` steps after the warm-up (torch.profiler), per mode in ``out_dir``/gsa_offload_gpu_profile.txt."""
     shape = workload.shape
-    budget = int(BUDGET_SLACK * selection_pieces(shape, shape.batch) / NUM_KV_HEADS) + shape.batch
     text = []
     for name in ("gsa_on_device", "gsa_offload_prefetch_off"):
         mode = (OnDevice(workload, PagedKV(workload), sparse=True) if name == "gsa_on_device" else
-                Offloaded(workload, replace(CONFIG, gpu_budget_blocks=budget, prefetch_ahead=0), pool))
+                Offloaded(workload, offload_config(shape, shape.batch, 0), pool))
         plan = schedule(shape, "steady")[:shape.warmup + steps]
         lockstep(workload, plan[:shape.warmup], {name: mode})
         activities = [torch.profiler.ProfilerActivity.CPU]

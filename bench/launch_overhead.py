@@ -1,7 +1,7 @@
 """Host time of one kernel launch on the GPU machine: what a decode step's launches cost the host, by path.
 
-Offload decode is host-bound on the lent GPU (bench_gsa_offload ``--profile``): every layer's launches cost more
-host time than the GPU spends on them. This measures, per launch (median of ROUNDS rounds of CALLS calls, the host
+Eager decode steps spend host time on every launch of every layer; where that exceeds the GPU time of the step's
+small kernels, the step is host-bound. This measures, per launch (median of ROUNDS rounds of CALLS calls, the host
 clock stopped before the one sync of a round), a do-nothing Triton kernel with 4 and with 40 arguments launched
 * ``jit``: as the library launches today (``kernel[grid](...)``: argument binding, specialisation, cache lookup);
 * ``compiled_run``: straight through the compiled kernel's launcher (the floor a lighter launch path could reach);
