@@ -3,6 +3,8 @@
 Cache slots that no request may read (unused physical blocks, tokens past seq_len in a last block) hold NaN,
 so a stray read shows up as NaN in the output.
 """
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -188,6 +190,31 @@ def test_one_plan_serves_every_layer_and_narrower_lists():
     dense_plan = plan_decode(q, k, table.shape[1], dense=True)
     assert (dense_plan.tile_tokens, dense_plan.num_warps, dense_plan.num_stages) == (64, 4, 2)
     assert torch.equal(dense_decode(q, k, v, table, lens, plan=dense_plan), dense_decode(q, k, v, table, lens))
+
+
+def test_fused_combine_matches_the_combine_launch_and_leaves_its_counters_zero():
+    """The splits merged by the last split of each (request, KV head) equal the separate combine launch's merge
+    (same partials, same weights; the sums run in another order) for sparse and dense calls, and every call leaves
+    the arrival counters at zero, so the next call of the plan (another layer, a graph replay) merges again."""
+    q, k, v, table, lens = paged([2100, 260, 33], 8, 2, 64, torch.bfloat16)
+    sel_idx, sel_count = random_block_lists(lens, 2, block_size=16, counts=[[132, 90], [17, 1], [3, 0]])
+    for dense in (False, True):
+        plan = plan_decode(q, k, table.shape[1] if dense else sel_idx.shape[2], num_splits=20, dense=dense)
+        assert plan.num_splits > 8 and plan.fused_combine  # more splits than one chunk of the fused merge
+        outs = []
+        for fused in (True, True, False):
+            call_plan = dataclasses.replace(plan, fused_combine=fused)
+            if dense:
+                outs.append(dense_decode(q, k, v, table, lens, out=poisoned_like(q), plan=call_plan))
+            else:
+                outs.append(sparse_decode(q, k, v, table, lens, sel_idx, sel_count, out=poisoned_like(q),
+                                          plan=call_plan))
+            assert torch.equal(plan.arrivals, torch.zeros_like(plan.arrivals))
+        assert torch.equal(outs[0], outs[1])
+        torch.testing.assert_close(outs[0].float(), outs[2].float(), atol=1e-2, rtol=0)
+        expected = naive_dense_decode(q, k, v, table, lens) if dense else naive_sparse_decode(
+            q, k, v, table, lens, sel_idx, sel_count)
+        assert_close(outs[0], expected, torch.bfloat16)
 
 
 def test_single_split_plan_writes_out_without_scratch():
