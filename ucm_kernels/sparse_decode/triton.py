@@ -216,7 +216,9 @@ class DecodePlan:
     acc: torch.Tensor | None  # [batch, num_q_heads, num_splits, head_dim] fp32 scratch; None with one split
     stats: torch.Tensor | None  # [batch, num_q_heads, num_splits, 2] fp32 scratch; None with one split
     arrivals: torch.Tensor | None  # [batch * num_kv_heads] int32 split counters, zero between calls; None with one
-    fused_combine: bool = True  # merge the splits in the split launch (its last split per (request, KV head))
+    # merge the splits in the split launch (its last split per (request, KV head)) instead of a second launch; off
+    # until timed on a GPU against the combine launch (bench/profile_gsa_kernels.py)
+    fused_combine: bool = False
 
 
 def plan_decode(q: torch.Tensor, key_cache: torch.Tensor, max_blocks: int, *,
