@@ -1,5 +1,6 @@
 """block_select kernels vs the torch reference; selections compare as index sets per (request, KV head)."""
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from ucm_kernels.block_repr import empty_block_repr, naive_update_block_repr, up
 from ucm_kernels.block_select import naive_block_scores, naive_num_selected, naive_select_blocks, select_blocks
 from ucm_kernels.block_select import plan_select, select_from_scores, selection_counts, selection_width
 from ucm_kernels.block_select import torch_select_blocks
+from ucm_kernels.block_select import triton as block_select_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
@@ -500,3 +502,63 @@ def test_every_score_tile_selects_what_the_planned_one_selects(score):
         sel_idx, sel_count = dataclasses.replace(plan, score_tile=tile).run(*args)
         check_selection(case, sel_idx, sel_count, score=score, **SIZES)
         assert torch.equal(sel_count, planned[1]), tile
+
+
+@pytest.mark.parametrize("chunk", [4, 16])
+@pytest.mark.parametrize("score", ["quest", "mean", "gauss"])
+def test_top_k_over_several_chunks_selects_what_one_chunk_selects(score, chunk, monkeypatch):
+    """The top-k program reads its row in chunks of select_chunk entries (1024 on a GPU: one chunk for these rows).
+    Tables of 4 and 15 chunks (ragged batch, GQA group 3, windows, reuse of some rows into kept rows, NaN blocks,
+    a block of huge keys in a late chunk: the gauss softmax must take its maximum over every chunk) give the lists
+    of the one-chunk plan (for gauss too, whose shares are summed in another order: no near-tie here)."""
+    case = make_case(seq_lens=[955, 17, 403, 700], group=3, max_blocks=60)
+    for key in ("kmin", "kmax", "kmean"):
+        case[key][case["block_table"][2, 9:11].long()] = float("nan")
+        case[key][case["block_table"][0, 50].long()] *= 300  # a log-mass past exp's range, in a late chunk
+    args = (case["q"], case["kmin"], case["kmax"], case["kmean"], case["block_table"], case["seq_lens"])
+    sizes = dict(SIZES, init_window=2, local_window=3)
+    one = plan_select(4, 2, 64, 60, **sizes, score=score, device=DEVICE, num_q_heads=6)
+    assert one.keys.shape[2] == one.select_chunk == 64
+    expected = [t.clone() for t in one.run(*args)]
+    monkeypatch.setattr(block_select_triton, "_SELECT_CHUNK", chunk)
+    chunked = plan_select(4, 2, 64, 60, **sizes, score=score, device=DEVICE, num_q_heads=6)
+    assert chunked.select_chunk == chunk and chunked.keys.shape[2] == -(-60 // chunk) * chunk
+    sel_idx, sel_count = chunked.run(*args)
+    assert torch.equal(sel_count, expected[1]) and torch.equal(sel_idx, expected[0])
+    kept = (torch.full_like(expected[0], -7), torch.full_like(expected[1], -7))
+    reselect = torch.tensor([1, 0, 1, 0], dtype=torch.int32, device=DEVICE)
+    chunked.run(*args, out=kept, reselect=reselect)
+    assert (kept[0][1] == -7).all() and (kept[0][3] == -7).all()
+    assert torch.equal(kept[1][0::2], expected[1][0::2])
+
+
+@pytest.mark.parametrize("chunk", [4, 8])
+def test_ties_across_chunks_go_to_the_lowest_logical_blocks(chunk, monkeypatch):
+    """Scores of a few values (many ties, -inf, NaN, -0.0 beside 0.0) read over several chunks: the same lists as
+    in one chunk and as the rule written out (highest score first, NaN above +inf, 0.0 above -0.0, ties to the
+    lowest logical block)."""
+    gen = torch.Generator().manual_seed(5)
+    seq_lens = torch.tensor([955, 403, 229, 33], dtype=torch.int32, device=DEVICE)
+    scores = torch.randint(-2, 3, (4, 2, 60), generator=gen).float()
+    scores[torch.rand(4, 2, 60, generator=gen) < 0.1] = float("-inf")
+    scores[torch.rand(4, 2, 60, generator=gen) < 0.05] = float("nan")
+    scores[scores == 0] = torch.where(torch.rand(int((scores == 0).sum()), generator=gen) < 0.5, -0.0, 0.0)
+    one = select_from_scores(scores.to(DEVICE), seq_lens, **SIZES)
+    monkeypatch.setattr(block_select_triton, "_SELECT_CHUNK", chunk)
+    chunked = select_from_scores(scores.to(DEVICE), seq_lens, **SIZES)
+    assert torch.equal(chunked[0], one[0]) and torch.equal(chunked[1], one[1])
+
+    def order(value: float) -> tuple:  # ascending = best first
+        if value != value:
+            return (0, 0.0, 0)
+        return (1, -value, int(math.copysign(1.0, value) < 0))
+
+    for b, seq_len in enumerate(seq_lens.tolist()):
+        nb = -(-seq_len // SIZES["block_size"])
+        count = naive_num_selected(nb, **SIZES)
+        middle = list(range(SIZES["init_window"], nb - SIZES["local_window"]))
+        need = count - (nb - len(middle))
+        for h in range(2):
+            best = sorted(middle, key=lambda j: (*order(float(scores[b, h, j])), j))[:need]
+            expected = sorted(set(range(nb)) - set(middle) | set(best)) if count < nb else list(range(nb))
+            assert chunked[0][b, h, :count].tolist() == expected

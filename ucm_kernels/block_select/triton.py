@@ -6,14 +6,23 @@ Two launches, both reading each input once:
    loads are whole 16-byte vectors of long runs) and writes fp32 scores into a ``[batch, num_kv_heads,
    max_blocks]`` scratch. Only the blocks that compete for selection are read (not the windows, not dense
    requests).
-2. ``_select_kernel``, one program per (KV head, request): holds the request's scratch row in registers,
-   finds the k-th largest score by a 32-step bitwise search over order-preserving int32 keys (one reduction
-   per step), then writes the windows, the blocks above that threshold and the first ties, in ascending
-   logical order (cumsum positions), and pads with -1. Rows up to MAX_TABLE_BLOCKS wide. Alternatives
-   measured on the H100 (8 requests x 8K blocks, whole selection under a CUDA graph, Quest / mean): two bits
-   per step with three counts packed in one int64 reduction, 0.136 / 0.087 ms; a radix select over four
-   256-bin ``tl.histogram`` passes, 0.169 / 0.121 ms; this search (with the earlier per-head score kernel),
-   0.129 / 0.082 ms. The search is compute-bound per row, so its cost is the per-element work per step.
+2. ``_select_kernel``, one program per (KV head, request): writes the row's order-preserving int32 keys into a
+   scratch row (the competing blocks only; the gauss rule's summed shares, see below) with their smallest and
+   largest, finds the k-th largest key by a bitwise search from the top bit down (the bits above the highest one
+   where the smallest and largest keys differ are theirs; every other bit is one counting pass over the row), then
+   writes the windows, the blocks above that threshold and the first ties, in ascending logical order (cumsum
+   positions), and pads with -1. Each pass reads the row in chunks of ``select_chunk`` keys (1024, one 16-byte
+   load a thread of 8 warps; a row of 8K keys is 32 KB, meant to stay in L1) and reduces once, so its cost follows
+   the table's width, not the next power of two (a 128K-token request a few tokens into decode has 8198 blocks).
+   Before (one row held in registers, 32 counting steps over ``next_pow2(max_blocks)`` entries, up to 16 warps),
+   whole decode steps at 1 x 128K (8198-block tables) spent about 47 us a layer in this program on a reselecting
+   step against about 12 in the score kernel (H200 ``decode_step_profile`` JSON: 3 of its 8 steps reselect, the
+   other steps' masked launches counted at 2 us). Compiled for sm_90 (9 chunks), a counting pass is about 150
+   instructions a thread for 36 keys, against about 100 for 16 keys a step before.
+   Alternatives measured on the H100 with the register-resident row (8 requests x 8K blocks, whole selection under
+   a CUDA graph, Quest / mean): two bits per step with three counts packed in one int64 reduction, 0.136 / 0.087
+   ms; a radix select over four 256-bin ``tl.histogram`` passes, 0.169 / 0.121 ms; one bit per step, 0.129 /
+   0.082 ms.
 
 :func:`plan_select` does the host-side work (scalar checks, k rule, launch settings, scratch) once per step;
 ``SelectPlan.run`` per layer only checks the tensors and launches.
@@ -30,6 +39,7 @@ fp8 (e4m3fn) reprs are read as bytes, widened to fp32 and their block's score mu
 (a power of two, see ``ucm_kernels.block_repr``): Quest then reads 2 x head_dim + 4 bytes per (block, KV head)
 instead of 4 x head_dim, and since kmin/kmax were rounded outward its score still bounds the exact one.
 """
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +55,8 @@ Q_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SCORES = ("quest", "mean", "gauss")  # a rule's RULE in the kernels is its index here
 QUEST, MEAN, GAUSS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 RATIO_ONE = 1 << 32  # sparse_ratio is applied in 32-bit fixed point, rounded down
-MAX_TABLE_BLOCKS = 1 << 16  # widest block table: one select program holds a row in registers (1M tokens at 16)
+MAX_TABLE_BLOCKS = 1 << 16  # widest block table (1M tokens at 16)
+_SELECT_CHUNK = 1024  # row entries the top-k program reads per step of a pass (tests shrink it)
 
 
 @triton.jit
@@ -154,37 +165,102 @@ def _gauss_log_mass(q_row, kmin_tile, kmax_tile, mask, scales, sm_scale, out, ti
 
 
 @triton.jit
-def _count_at_least(keys, competing, threshold):
-    """How many competing keys are >= threshold."""
-    return tl.sum((competing & (keys >= threshold)).to(tl.int32), axis=0)
+def _order_keys(scores):
+    """int32 keys in the order of the fp32 scores (NaN with the sign bit clear above +inf)."""
+    bits = scores.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 @triton.jit
-def _kth_largest_key(keys, competing, k):
-    """The largest int32 T with at least k competing keys >= T (k >= 1): its bits set from the top down."""
-    threshold = tl.where(_count_at_least(keys, competing, 0) >= k, 0, -2147483648)
-    for step in range(31):
-        candidate = threshold + (1 << (30 - step))
-        threshold = tl.where(_count_at_least(keys, competing, candidate) >= k, candidate, threshold)
-    return threshold
+def _count_at_least(key_row, candidate, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr):
+    """How many keys of the scratch row are >= candidate (int32): per-slot counts over the chunks, one reduction."""
+    offs = tl.arange(0, CHUNK)
+    counts = tl.zeros([CHUNK], tl.int32)
+    for c in range(N_CHUNKS):
+        counts += (tl.load(key_row + c * CHUNK + offs) >= candidate).to(tl.int32)
+    return tl.sum(counts, axis=0)
 
 
 @triton.jit
-def _mass_shares(rows_ptr, j, seq_len, max_blocks, sparse, stride_sh, BLOCK_SIZE: tl.constexpr, SHARES: tl.constexpr):
-    """The gauss rule's second pass: the sum over the group's SHARES rows of log-masses of each row's softmax over
-    the request's full blocks (0 elsewhere, and everywhere when the request stays dense). A NaN log-mass (a block
-    whose reprs hold NaN) stays out of the softmax and its share is NaN, which ranks first as in the other rules."""
-    full = (j < tl.minimum(seq_len // BLOCK_SIZE, max_blocks)) & sparse
-    total = tl.zeros(j.shape, tl.float32)
-    for g in tl.static_range(SHARES):
-        row = tl.load(rows_ptr + g * stride_sh + j, mask=full, other=float("-inf"))
-        known = row == row
-        row = tl.where(known, row, float("-inf"))
-        top = tl.max(row, axis=0)
-        weights = tl.exp(row - tl.where(top > float("-inf"), top, 0.0))  # 0 off the full blocks
-        shares = weights / tl.maximum(tl.sum(weights, axis=0), 1e-30)  # the largest weight is 1 when any is full
-        total += tl.where(known, shares, float("nan"))
-    return total
+def _kth_largest_key(key_row, lowest, highest, k, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr):
+    """The largest int32 T with at least k (>= 1) keys >= T, the competing keys spanning [lowest, highest]: its bits
+    set from the top down in offset binary (key + 2**31); the bits above the highest one where lowest and highest
+    differ are theirs, so only the bits below cost a counting pass."""
+    low = lowest.to(tl.int64) + 2147483648
+    high = highest.to(tl.int64) + 2147483648
+    found = low * 0
+    for step in range(32):
+        bit = 31 - step - found * 0  # int64
+        if (low >> bit) == (high >> bit):
+            found = found | (low & (1 << bit))
+        else:
+            candidate = found | (1 << bit)
+            if _count_at_least(key_row, (candidate - 2147483648).to(tl.int32), N_CHUNKS, CHUNK) >= k:
+                found = candidate
+    return (found - 2147483648).to(tl.int32)
+
+
+@triton.jit
+def _share_stats(rows_ptr, full_blocks, stride_sh, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
+                 SHARES: tl.constexpr, SHARES_POW2: tl.constexpr):
+    """The gauss rule's softmax statistics of each of the group's SHARES log-mass rows over the full blocks: the
+    largest known (non-NaN) value (0 when none) and the sum of exp(value - largest); ``[SHARES_POW2]`` each."""
+    g = tl.arange(0, SHARES_POW2)
+    offs = tl.arange(0, CHUNK)
+    tops = tl.full([SHARES_POW2], float("-inf"), tl.float32)
+    for c in range(N_CHUNKS):
+        tops = tl.maximum(tops, tl.max(_log_masses(rows_ptr, g, c * CHUNK + offs, full_blocks, stride_sh, SHARES),
+                                       axis=1))
+    tops = tl.where(tops > float("-inf"), tops, 0.0)
+    sums = tl.zeros([SHARES_POW2], tl.float32)
+    for c in range(N_CHUNKS):
+        rows = _log_masses(rows_ptr, g, c * CHUNK + offs, full_blocks, stride_sh, SHARES)
+        sums += tl.sum(tl.exp(rows - tops[:, None]), axis=1)
+    return tops, sums
+
+
+@triton.jit
+def _log_masses(rows_ptr, g, j, full_blocks, stride_sh, SHARES: tl.constexpr):
+    """``[SHARES_POW2, CHUNK]`` log-masses of the group's rows at blocks j: -inf off the full blocks and for NaN."""
+    rows = tl.load(rows_ptr + g[:, None] * stride_sh + j[None, :],
+                   mask=(g < SHARES)[:, None] & (j < full_blocks)[None, :], other=float("-inf"))
+    return tl.where(rows == rows, rows, float("-inf"))
+
+
+@triton.jit
+def _mass_shares(rows_ptr, j, full_blocks, tops, sums, stride_sh, SHARES: tl.constexpr, SHARES_POW2: tl.constexpr):
+    """The gauss rule's second pass at blocks j: the sum over the group's rows of each row's softmax share (0 off
+    the full blocks). A NaN log-mass (a block whose reprs hold NaN) has a NaN share, which ranks first as in the
+    other rules."""
+    g = tl.arange(0, SHARES_POW2)
+    mask = (g < SHARES)[:, None] & (j < full_blocks)[None, :]
+    rows = tl.load(rows_ptr + g[:, None] * stride_sh + j[None, :], mask=mask, other=float("-inf"))
+    shares = tl.exp(tl.where(rows == rows, rows, float("-inf")) - tops[:, None]) / tl.maximum(sums, 1e-30)[:, None]
+    return tl.sum(tl.where(mask & (rows != rows), float("nan"), shares), axis=0)
+
+
+@triton.jit
+def _write_keys(scores_ptr, key_row, lo, hi, full_blocks, stride_sh, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
+                SHARES: tl.constexpr, SHARES_POW2: tl.constexpr):
+    """The row's keys into its scratch (INT_MIN off the competing range [lo, hi), which no candidate reaches);
+    returns the smallest and largest competing key. Gauss (SHARES > 0): the keys of the group's summed shares."""
+    offs = tl.arange(0, CHUNK)
+    lowest = tl.full([], 2147483647, tl.int32)
+    highest = tl.full([], -2147483648, tl.int32)
+    if SHARES > 0:
+        tops, sums = _share_stats(scores_ptr, full_blocks, stride_sh, N_CHUNKS, CHUNK, SHARES, SHARES_POW2)
+    for c in range(N_CHUNKS):
+        j = c * CHUNK + offs
+        competing = (j >= lo) & (j < hi)
+        if SHARES > 0:
+            scores = _mass_shares(scores_ptr, j, full_blocks, tops, sums, stride_sh, SHARES, SHARES_POW2)
+        else:
+            scores = tl.load(scores_ptr + j, mask=competing, other=0.0)
+        keys = _order_keys(scores)
+        lowest = tl.minimum(lowest, tl.min(tl.where(competing, keys, 2147483647), axis=0))
+        highest = tl.maximum(highest, tl.max(tl.where(competing, keys, -2147483648), axis=0))
+        tl.store(key_row + j, tl.where(competing, keys, -2147483648))
+    return lowest, highest
 
 
 @triton.jit
@@ -195,12 +271,14 @@ def _select_kernel(
     sel_rows_ptr,  # [batch] int64 row of sel_idx / sel_count each request writes (read if SEL_ROWS)
     sel_idx_ptr,  # [batch or rows, num_kv_heads, width] int32
     sel_count_ptr,  # [batch or rows, num_kv_heads] int32
+    keys_ptr,  # [batch, num_kv_heads, N_CHUNKS * CHUNK] int32 scratch: the row's keys
     max_blocks, width, ratio_fixed, k_floor, init_window, local_window,
-    stride_sb, stride_sh,
+    stride_sb, stride_s_head, stride_sh,
+    stride_kb, stride_kh,
     stride_ib, stride_ih, stride_ij,
     stride_cb, stride_ch,
-    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, SEL_ROWS: tl.constexpr,
-    SHARES: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, MASKED: tl.constexpr,
+    SEL_ROWS: tl.constexpr, SHARES: tl.constexpr, SHARES_POW2: tl.constexpr,
 ):
     head = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
@@ -213,28 +291,37 @@ def _select_kernel(
         out_b = b
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
     nb, count, lo, hi = _plan(seq_len, max_blocks, ratio_fixed, k_floor, init_window, local_window, BLOCK_SIZE)
-    j = tl.arange(0, BLOCK_M)
-    competing = (j >= lo) & (j < hi)
-    if SHARES > 0:  # the gauss rule: SHARES rows of log-masses per KV head, one per query head of its group
-        scores = _mass_shares(scores_ptr + b * stride_sb + head * SHARES * stride_sh, j, seq_len, max_blocks,
-                              lo < hi, stride_sh, BLOCK_SIZE, SHARES)
-        scores = tl.where(competing, scores, 0.0)
-    else:
-        scores = tl.load(scores_ptr + b * stride_sb + head * stride_sh + j, mask=competing, other=0.0)
-    bits = scores.to(tl.int32, bitcast=True)
-    keys = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # int32 order == float order
+    key_row = keys_ptr + b * stride_kb + head * stride_kh
     need = count - (nb - (hi - lo))  # picked among the competing blocks; the windows take the rest
-    threshold = 2147483647
+    threshold = need * 0 + 2147483647
+    ties_wanted = need * 0
     if need > 0:
-        threshold = _kth_largest_key(keys, competing, need)
-    above = competing & (keys > threshold)
-    tie = competing & (keys == threshold)
-    ties_wanted = need - tl.sum(above.to(tl.int32), axis=0)  # lowest logical indices first
-    take = (j < nb) & (~competing | above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= ties_wanted)))
-    position = tl.cumsum(take.to(tl.int32), axis=0) - 1
+        # the gauss rule: SHARES rows of log-masses per KV head (stride_s_head apart), one per query head of its
+        # group, normalised over the full blocks (all of them while the request is sparse)
+        lowest, highest = _write_keys(scores_ptr + b * stride_sb + head * stride_s_head, key_row, lo, hi,
+                                      tl.minimum(seq_len // BLOCK_SIZE, max_blocks), stride_sh, N_CHUNKS, CHUNK,
+                                      SHARES, SHARES_POW2)
+        tl.debug_barrier()  # every thread's keys are in the scratch before any thread counts them
+        threshold = _kth_largest_key(key_row, lowest, highest, need, N_CHUNKS, CHUNK)
+        above = need * 0
+        if threshold < 2147483647:
+            above = _count_at_least(key_row, threshold + 1, N_CHUNKS, CHUNK)
+        ties_wanted = need - above  # ties go to the lowest logical indices
     sel_row = sel_idx_ptr + out_b * stride_ib + head * stride_ih
-    tl.store(sel_row + position * stride_ij, j, mask=take)
-    tl.store(sel_row + j * stride_ij, tl.full([BLOCK_M], -1, tl.int32), mask=(j >= count) & (j < width))
+    offs = tl.arange(0, CHUNK)
+    taken = need * 0
+    ties_seen = need * 0
+    for c in range(N_CHUNKS):
+        j = c * CHUNK + offs
+        competing = (j >= lo) & (j < hi)
+        keys = tl.load(key_row + j, mask=competing & (need > 0), other=-2147483648)
+        tie = competing & (keys == threshold)
+        take = (j < nb) & (~competing | (keys > threshold) |
+                           (tie & (ties_seen + tl.cumsum(tie.to(tl.int32), axis=0) <= ties_wanted)))
+        tl.store(sel_row + (taken + tl.cumsum(take.to(tl.int32), axis=0) - 1) * stride_ij, j, mask=take)
+        tl.store(sel_row + j * stride_ij, tl.full([CHUNK], -1, tl.int32), mask=(j >= count) & (j < width))
+        taken += tl.sum(take.to(tl.int32), axis=0)
+        ties_seen += tl.sum(tie.to(tl.int32), axis=0)
     tl.store(sel_count_ptr + out_b * stride_cb + head * stride_ch, count)
 
 
@@ -345,9 +432,11 @@ def _choose_score_launch(heads: int, head_dim: int) -> tuple[int, int]:
     return tile, 4
 
 
-def _choose_select_warps(max_blocks: int) -> int:
-    """Warps of the top-k program: about 16 row entries per thread, 1 to 16 warps."""
-    return min(16, max(1, next_pow2(max_blocks) // 512))
+def _choose_select_launch(max_blocks: int) -> tuple[int, int]:
+    """(CHUNK row entries per step of a pass, num_warps) of the top-k program: chunks of up to _SELECT_CHUNK
+    entries, 4 a thread (one 16-byte load), 1 to 8 warps."""
+    chunk = min(_SELECT_CHUNK, next_pow2(max(max_blocks, 1)))
+    return chunk, min(8, max(1, chunk // 128))
 
 
 @dataclass(frozen=True)
@@ -368,9 +457,18 @@ class SelectPlan:
     group: int  # query heads per KV head (the gauss rule scores each; 1 for the others)
     limits: dict  # the kernels' k rule and windows (max_blocks, ratio_fixed, k_floor, init_window, local_window)
     scores: torch.Tensor  # [batch, num_kv_heads * group, max_blocks] fp32 scratch
+    keys: torch.Tensor  # [batch, num_kv_heads, select_chunk * n] int32 scratch of the top-k program
     score_tile: int
     score_warps: int
+    select_chunk: int
     select_warps: int
+
+    def for_rows(self, rows: int) -> "SelectPlan":
+        """This plan for the first ``rows`` (<= batch) requests, sharing its scratch (e.g. the plan of a smaller
+        batch captured in its own CUDA graph)."""
+        if not _is_int(rows) or not 0 <= rows <= self.batch:
+            raise ValueError(f"rows: got {rows!r}, expected an int in [0, {self.batch}]")
+        return dataclasses.replace(self, batch=rows, scores=self.scores[:rows], keys=self.keys[:rows])
 
     def run(self, q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None, kmean: torch.Tensor | None,
             block_table: torch.Tensor, seq_lens: torch.Tensor, *, kscale: torch.Tensor | None = None,
@@ -424,8 +522,10 @@ def _make_plan(batch, heads, head_dim, max_blocks, device, block_size, sparse_ra
     group = num_q_heads // heads if score == "gauss" else 1
     if scores is None:  # the score scratch, unless the caller brings the scores
         scores = torch.empty(batch, heads * group, max_blocks, dtype=torch.float32, device=device)
+    chunk, select_warps = _choose_select_launch(max_blocks)
+    keys = torch.empty(batch, heads, triton.cdiv(max(max_blocks, 1), chunk) * chunk, dtype=torch.int32, device=device)
     return SelectPlan(batch, heads, head_dim, max_blocks, width, block_size, SCORES.index(score), group, limits, scores,
-                      *_choose_score_launch(heads, head_dim), _choose_select_warps(max_blocks))
+                      keys, *_choose_score_launch(heads, head_dim), chunk, select_warps)
 
 
 def select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None,
@@ -607,14 +707,16 @@ def _launch(plan: SelectPlan, q, reprs, kmax, kscale, block_table, seq_lens, out
 def _launch_select(plan: SelectPlan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows) -> None:
     """The top-k launch: each (KV head, request) row of ``scores`` (``[batch, heads, >= max_blocks]``) into
     ``sel_idx`` / ``sel_count`` (only the rows ``reselect`` names, unless None; at the rows ``sel_rows`` names)."""
+    shares = plan.group if plan.rule == GAUSS.value else 0
     _SELECT((plan.num_kv_heads, plan.batch),
         scores_ptr=scores, seq_lens_ptr=seq_lens, reselect_ptr=seq_lens if reselect is None else reselect,
         sel_rows_ptr=seq_lens if sel_rows is None else sel_rows, sel_idx_ptr=sel_idx, sel_count_ptr=sel_count,
-        width=sel_idx.shape[2], **plan.limits,
-        stride_sb=scores.stride(0), stride_sh=scores.stride(1),
+        keys_ptr=plan.keys, width=sel_idx.shape[2], **plan.limits,
+        stride_sb=scores.stride(0), stride_s_head=scores.stride(1) * max(shares, 1), stride_sh=scores.stride(1),
+        stride_kb=plan.keys.stride(0), stride_kh=plan.keys.stride(1),
         stride_ib=sel_idx.stride(0), stride_ih=sel_idx.stride(1), stride_ij=sel_idx.stride(2),
         stride_cb=sel_count.stride(0), stride_ch=sel_count.stride(1),
-        BLOCK_SIZE=plan.block_size, BLOCK_M=next_pow2(plan.max_blocks), MASKED=reselect is not None,
-        SEL_ROWS=sel_rows is not None, SHARES=plan.group if plan.rule == GAUSS.value else 0,
-        num_warps=plan.select_warps,
+        BLOCK_SIZE=plan.block_size, CHUNK=plan.select_chunk, N_CHUNKS=plan.keys.shape[2] // plan.select_chunk,
+        MASKED=reselect is not None, SEL_ROWS=sel_rows is not None, SHARES=shares,
+        SHARES_POW2=next_pow2(max(shares, 1)), num_warps=plan.select_warps,
     )

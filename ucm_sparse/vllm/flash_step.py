@@ -233,12 +233,12 @@ class FlashGSA:
         key = (rows, width)
         if key not in self._per_rows:
             base, sel_idx, _ = self._base(width)
-            select = dataclasses.replace(base, batch=rows, scores=base.scores[:rows])
+            select = base.for_rows(rows)
             q_like = torch.empty(rows, self.num_q_heads, self.head_size, dtype=self.dtype, device=self.device)
             self._per_rows[key] = select, plan_decode(q_like, self._key_like, sel_idx.shape[2])
             if self.config.rerank_candidates > 1:
                 wide = self._wide_base(width)[0]
-                self._per_rows[rows, width, "wide"] = dataclasses.replace(wide, batch=rows, scores=wide.scores[:rows])
+                self._per_rows[rows, width, "wide"] = wide.for_rows(rows)
         return self._per_rows[key]
 
     def _wide_base(self, width: int) -> tuple[SelectPlan, torch.Tensor, torch.Tensor]:
