@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent-GPU session step: correctness on the GPU (compiled kernels), then benchmarks; JSON + logs under $OUT.
-# Usage: bench/run_gpu.sh {tests|transfer|sparse|offload|tp|all|quick|launch}   (wheels for pytest travel in .whl/, FlashInfer's in
+# Usage: bench/run_gpu.sh {tests|transfer|sparse|offload|tp|all|quick|launch|select}   (wheels for pytest travel in .whl/, FlashInfer's in
 # .flashinfer/: see BENCHMARKS.md)
 # Set UCM_COMMIT to the commit the working tree was copied from: the copy on the GPU machine has no .git.
 set -uo pipefail
@@ -51,5 +51,18 @@ case "${1:-all}" in
           OUT="$OUT/plain" UCM_PLAIN_TRITON_LAUNCH=1 step bench_gsa_offload_steady timeout 170 \
                 python3 -m bench.bench_gsa_offload --layers 8 --schedules steady
           step bench_gsa_offload_steady timeout 170 python3 -m bench.bench_gsa_offload --layers 8 --schedules steady ;;
+  # The chunked top-k and the fused split combine: their GPU tests, the per-kernel profile with the combine A/B, the
+  # top-k warp sweep at 8192- and 8195-block tables, and the same sweep of an older tree in .ab/base when carried
+  # there (git worktree add .ab/base <commit>; carry [".ab"]; UCM_BASE_COMMIT names it), the before of an A/B in one
+  # run.
+  select) step gpu_tests_select timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_block_select.py \
+                tests/kernels/test_sparse_decode.py tests/sparse/test_gsa.py
+          step profile_gsa_kernels timeout 200 python3 -m bench.profile_gsa_kernels
+          step select_warps timeout 90 python3 -m bench.bench_block_select --warps
+          if [ -d .ab/base ]; then
+            mkdir -p "$OUT/base"
+            (cd .ab/base && OUT="$OUT/base" UCM_COMMIT="${UCM_BASE_COMMIT:-base}" PYTHONPATH="$PWD:${PYTHONPATH#*:}" \
+                step select_warps_base timeout 90 python3 -m bench.bench_block_select --warps)
+          fi ;;
   tp|all) step bench_tp_ranks timeout 240 python3 -m bench.bench_tp_ranks --ranks 2 --blocks 2048 --dir /tmp ;;
 esac
