@@ -1,14 +1,14 @@
 """Where one layer's GSA decode time goes on the GPU: device time by kernel against the CUDA-graph replay's time.
 
-For each shape (1 and 8 requests x 128K, 32 x 32K) and selection (sparse_ratio 0.3, 2048-token budget; Quest on bf16
-reprs), the layer's select + attend and our dense decode are captured in CUDA graphs (``bench_sparse_decode``'s
-inputs and plans). Per graph: the replay's median (``do_bench``, L2 cleared before every replay) and, from
-torch.profiler over REPLAYS replays (L2 cleared between them too), each kernel's device time per replay; the replay
-time minus the summed kernel times is what the graph spends between and around its kernels. Variants, replay times
-only, each checked against the first: dense and sparse attention with the splits merged by a second launch (the
-planned default) and in the split launch (``fused_combine``); the selection at each score tile of SCORE_TILES; the
-top-k launch alone at each warp count of WARPS (same lists as the planned warps), to tell a program that is issue-
-bound (time flat in warps) from one that waits on its reductions' barriers (time grows with warps).
+For each shape (1 and 8 requests x 128K, 1 x 128K + 96 tokens, 32 x 32K) and selection (sparse_ratio 0.3, 2048-token
+budget; Quest on bf16 reprs), the layer's select + attend and our dense decode are captured in CUDA graphs
+(``bench_sparse_decode``'s inputs and plans). Per graph: the replay's median (``do_bench``, L2 cleared before every
+replay) and, from torch.profiler over REPLAYS replays (L2 cleared between them too), each kernel's device time per
+replay; the replay time minus the summed kernel times is what the graph spends between and around its kernels.
+Variants, replay times only, each checked against the first: dense and sparse attention with the splits merged by a
+second launch (the planned default) and in the split launch (``fused_combine``); the selection at each score tile of
+SCORE_TILES; the top-k launch alone at each warp count of WARPS (same lists as the planned warps), to tell a program
+that is issue-bound (time flat in warps) from one that waits on its reductions' barriers (time grows with warps).
 
 Usage, on the GPU: ``python -m bench.profile_gsa_kernels`` (JSON under $OUT or bench/results/).
 """
@@ -23,7 +23,7 @@ from bench.harness import write_results
 from ucm_kernels.block_select.triton import _launch_select
 from ucm_kernels.sparse_decode import dense_decode, sparse_decode
 
-SHAPES = ((1, 131072), (8, 131072), (32, 32768))
+SHAPES = ((1, 131072), (1, 131168), (8, 131072), (32, 32768))  # 131168 tokens: an 8198-block table
 REPLAYS = 20
 WARPS = (2, 4, 8, 16, 32)
 SCORE_TILES = (2, 4, 8, 16)

@@ -55,14 +55,14 @@ case "${1:-all}" in
   # top-k warp sweep at 8192- and 8195-block tables, and the same sweep of an older tree in .ab/base when carried
   # there (git worktree add .ab/base <commit>; carry [".ab"]; UCM_BASE_COMMIT names it), the before of an A/B in one
   # run.
-  select) step gpu_tests_select timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_block_select.py \
+  select) step gpu_tests_select timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_block_select.py \
                 tests/kernels/test_sparse_decode.py tests/sparse/test_gsa.py
-          step profile_gsa_kernels timeout 200 python3 -m bench.profile_gsa_kernels
-          step select_warps timeout 90 python3 -m bench.bench_block_select --warps
+          step profile_gsa_kernels timeout 280 python3 -m bench.profile_gsa_kernels
+          step select_warps timeout 70 python3 -m bench.bench_block_select --warps
           if [ -d .ab/base ]; then
             mkdir -p "$OUT/base"
             (cd .ab/base && OUT="$OUT/base" UCM_COMMIT="${UCM_BASE_COMMIT:-base}" PYTHONPATH="$PWD:${PYTHONPATH#*:}" \
-                step select_warps_base timeout 90 python3 -m bench.bench_block_select --warps)
+                step select_warps_base timeout 70 python3 -m bench.bench_block_select --warps)
           fi ;;
   tp|all) step bench_tp_ranks timeout 240 python3 -m bench.bench_tp_ranks --ranks 2 --blocks 2048 --dir /tmp ;;
 esac
