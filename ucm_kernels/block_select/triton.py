@@ -17,8 +17,9 @@ Two launches, both reading each input once:
    Before (one row held in registers, 32 counting steps over ``next_pow2(max_blocks)`` entries, up to 16 warps),
    whole decode steps at 1 x 128K (8198-block tables) spent about 47 us a layer in this program on a reselecting
    step against about 12 in the score kernel (H200 ``decode_step_profile`` JSON: 3 of its 8 steps reselect, the
-   other steps' masked launches counted at 2 us). Compiled for sm_90 (9 chunks), a counting pass is about 150
-   instructions a thread for 36 keys, against about 100 for 16 keys a step before.
+   other steps' masked launches counted at 2 us). Compiled for sm_90, a counting pass over 9 chunks is about 150
+   instructions a thread of 8 warps for 36 keys; a step before, at 16 warps, about 110 for 16 keys (8192 entries)
+   and 180 for 32 (16384): per SM 1.2K warp-instructions a pass against 1.8K and 2.9K.
    Alternatives measured on the H100 with the register-resident row (8 requests x 8K blocks, whole selection under
    a CUDA graph, Quest / mean): two bits per step with three counts packed in one int64 reduction, 0.136 / 0.087
    ms; a radix select over four 256-bin ``tl.histogram`` passes, 0.169 / 0.121 ms; one bit per step, 0.129 /
