@@ -217,6 +217,29 @@ def test_fused_combine_matches_the_combine_launch_and_leaves_its_counters_zero()
         assert_close(outs[0], expected, torch.bfloat16)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3, 20])
+def test_prefetched_indices_give_the_same_bits(num_splits):
+    """Loading the next tile's list entries and physical blocks a step ahead changes no arithmetic: the same bits as
+    loading them in the step, sparse (ragged lists, an empty one, -1 entries) and dense, at one split and several."""
+    q, k, v, table, lens = paged([2100, 260, 33], 8, 2, 64, torch.float16)
+    sel_idx, sel_count = random_block_lists(lens, 2, block_size=16, counts=[[132, 90], [17, 1], [3, 0]])
+    sel_idx[0, 1, 5] = -1
+    for dense in (False, True):
+        plan = plan_decode(q, k, table.shape[1] if dense else sel_idx.shape[2], num_splits=num_splits, dense=dense)
+        outs = []
+        for prefetch in (False, True):
+            call_plan = dataclasses.replace(plan, prefetch_indices=prefetch)
+            if dense:
+                outs.append(dense_decode(q, k, v, table, lens, out=poisoned_like(q), plan=call_plan))
+            else:
+                outs.append(sparse_decode(q, k, v, table, lens, sel_idx, sel_count, out=poisoned_like(q),
+                                          plan=call_plan))
+        assert torch.equal(outs[0], outs[1])
+        expected = naive_dense_decode(q, k, v, table, lens) if dense else naive_sparse_decode(
+            q, k, v, table, lens, sel_idx, sel_count)
+        assert_close(outs[1], expected, torch.float16)
+
+
 def test_single_split_plan_writes_out_without_scratch():
     q, k, v, table, lens = paged([90, 50], 8, 2, 64, torch.float16)
     sel_idx, sel_count = random_block_lists(lens, 2, block_size=16, counts=[[6, 0], [1, 4]])

@@ -11,7 +11,8 @@ def naive_sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     head_dim]``; block_table ``[batch, max_blocks_per_seq]``; seq_lens ``[batch]``; sel_idx ``[batch,
     num_kv_heads, max_sel]`` logical block indices; sel_count ``[batch, num_kv_heads]``. Returns fp32
     ``[batch, num_q_heads, head_dim]``. Query head ``i`` uses KV head ``i // (num_q_heads // num_kv_heads)``;
-    tokens at or past ``seq_lens[b]`` are left out of the math; an empty list gives zeros.
+    tokens at or past ``seq_lens[b]`` and entries outside ``[0, ceil(seq_len / block_size))`` are left out of the
+    math; an empty list gives zeros.
     """
     batch, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
@@ -22,6 +23,7 @@ def naive_sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     for b in range(batch):
         for h in range(num_kv_heads):
             logical = sel_idx[b, h, :int(sel_count[b, h])].long()
+            logical = logical[(logical >= 0) & (logical * block_size < int(seq_lens[b]))]  # others are ignored
             if logical.numel() == 0:
                 continue
             physical = block_table[b, logical].long()

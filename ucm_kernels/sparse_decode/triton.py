@@ -56,6 +56,7 @@ def _sparse_decode_split_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     DENSE: tl.constexpr, DIRECT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, TILE_TOKENS: tl.constexpr,
     SEL_ROWS: tl.constexpr, FUSED_COMBINE: tl.constexpr, GROUP_POW2: tl.constexpr, SPLITS_CHUNK: tl.constexpr,
+    PREFETCH_INDICES: tl.constexpr,
 ):
     pid_head = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
@@ -90,16 +91,22 @@ def _sparse_decode_split_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    sel_row = sel_idx_ptr  # None when DENSE
+    if not DENSE:
+        sel_row = sel_idx_ptr + sel_b * stride_sib + h * stride_sih
+    table_row = block_table_ptr + b * stride_btb
+    if PREFETCH_INDICES:  # the first tile's indices; each step then loads the next tile's before its K/V
+        token_ok_next, physical_next = _tile_indices(start, end, slot, within, seq_len, sel_row, table_row,
+                                                     stride_sij, stride_btj, DENSE, BLOCK_SIZE)
     for first in range(start, end, BLOCKS_PER_TILE):
-        entry = first + slot
-        entry_ok = entry < end
-        if DENSE:
-            logical = entry
+        if PREFETCH_INDICES:
+            token_ok, physical = token_ok_next, physical_next
+            token_ok_next, physical_next = _tile_indices(first + BLOCKS_PER_TILE, end, slot, within, seq_len,
+                                                         sel_row, table_row, stride_sij, stride_btj, DENSE,
+                                                         BLOCK_SIZE)
         else:
-            logical = tl.load(sel_idx_ptr + sel_b * stride_sib + h * stride_sih + entry * stride_sij,
-                              mask=entry_ok, other=-1)
-        token_ok = entry_ok & (logical >= 0) & (logical * BLOCK_SIZE + within < seq_len)
-        physical = tl.load(block_table_ptr + b * stride_btb + logical * stride_btj, mask=token_ok, other=0)
+            token_ok, physical = _tile_indices(first, end, slot, within, seq_len, sel_row, table_row, stride_sij,
+                                               stride_btj, DENSE, BLOCK_SIZE)
         k_rows = physical.to(tl.int64) * stride_kb + within * stride_kt
         v_rows = physical.to(tl.int64) * stride_vb + within * stride_vt
         k = tl.load(k_head + k_rows[:, None], mask=token_ok[:, None], other=0.0).to(COMPUTE_DTYPE)
@@ -129,6 +136,21 @@ def _sparse_decode_split_kernel(
                 _combine_group(acc_ptr, stats_ptr, out_ptr + b * stride_ob, (b * num_kv_heads + h) * GROUP,
                                h * GROUP, num_splits, stride_oh, stride_od, GROUP, GROUP_POW2, HEAD_DIM, SPLITS_CHUNK)
                 tl.store(arrivals_ptr + pid_head, 0)  # every split has arrived: the next launch starts from zero
+
+
+@triton.jit
+def _tile_indices(first, end, slot, within, seq_len, sel_row, table_row, stride_sij, stride_btj,
+                  DENSE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """The tile of list entries from ``first``: (token_ok, physical block) per token, ``[TILE]`` each. A token
+    counts when its entry lies before ``end``, names a block (>= 0) and lies before ``seq_len``."""
+    entry = first + slot
+    entry_ok = entry < end
+    if DENSE:
+        logical = entry
+    else:
+        logical = tl.load(sel_row + entry * stride_sij, mask=entry_ok, other=-1)
+    token_ok = entry_ok & (logical >= 0) & (logical * BLOCK_SIZE + within < seq_len)
+    return token_ok, tl.load(table_row + logical * stride_btj, mask=token_ok, other=0)
 
 
 @triton.jit
@@ -219,6 +241,11 @@ class DecodePlan:
     # merge the splits in the split launch (its last split per (request, KV head)) instead of a second launch; off
     # until timed on a GPU against the combine launch (bench/profile_gsa_kernels.py)
     fused_combine: bool = False
+    # load the next tile's list entries and physical blocks a step ahead (registers), so a step's K/V loads wait on
+    # no index load. Compiled for sm_90 at 3 stages (lists at 64-token tiles): without it the step waits on its
+    # block-table cp.async before issuing its K/V (one K/V buffer, ~39 KB of shared memory, 120 registers); with
+    # it Triton double-buffers K/V (64 KB, 128 registers: fewer programs an SM). Off until timed on a GPU.
+    prefetch_indices: bool = False
 
 
 def plan_decode(q: torch.Tensor, key_cache: torch.Tensor, max_blocks: int, *,
@@ -362,7 +389,7 @@ def _launch(plan: DecodePlan, q, key_cache, value_cache, block_table, seq_lens, 
         COMPUTE_DTYPE=compute_dtype(q.dtype),
         TILE_TOKENS=plan.tile_tokens, SEL_ROWS=sel_rows is not None, FUSED_COMBINE=fused,
         GROUP_POW2=triton.next_power_of_2(plan.num_q_heads // plan.num_kv_heads), SPLITS_CHUNK=_SPLITS_CHUNK,
-        num_warps=plan.num_warps, num_stages=plan.num_stages,
+        PREFETCH_INDICES=plan.prefetch_indices, num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     if not direct and not fused:
         _COMBINE((plan.batch * plan.num_q_heads,),
