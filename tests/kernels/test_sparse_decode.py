@@ -192,52 +192,62 @@ def test_one_plan_serves_every_layer_and_narrower_lists():
     assert torch.equal(dense_decode(q, k, v, table, lens, plan=dense_plan), dense_decode(q, k, v, table, lens))
 
 
+def long_lists_case(dtype: torch.dtype) -> tuple:
+    """Inputs with lists long enough for 20 splits: ragged, one list empty, one entry -1 (ignored)."""
+    q, k, v, table, lens = paged([2100, 260, 33], 8, 2, 64, dtype)
+    sel_idx, sel_count = random_block_lists(lens, 2, block_size=16, counts=[[132, 90], [17, 1], [3, 0]])
+    sel_idx[0, 1, 5] = -1
+    return q, k, v, table, lens, sel_idx, sel_count
+
+
+def plan_variants(case: tuple, dense: bool, num_splits: int, **changes) -> tuple:
+    """The plan of the case's dense or sparse call, and a function running the call under a variant of it."""
+    q, k, v, table, lens, sel_idx, sel_count = case
+    plan = plan_decode(q, k, table.shape[1] if dense else sel_idx.shape[2], num_splits=num_splits, dense=dense)
+
+    def run(**variant) -> torch.Tensor:
+        call_plan = dataclasses.replace(plan, **variant)
+        if dense:
+            return dense_decode(q, k, v, table, lens, out=poisoned_like(q), plan=call_plan)
+        return sparse_decode(q, k, v, table, lens, sel_idx, sel_count, out=poisoned_like(q), plan=call_plan)
+
+    return plan, run
+
+
+def reference(case: tuple, dense: bool) -> torch.Tensor:
+    q, k, v, table, lens, sel_idx, sel_count = case
+    if dense:
+        return naive_dense_decode(q, k, v, table, lens)
+    return naive_sparse_decode(q, k, v, table, lens, sel_idx, sel_count)
+
+
 def test_fused_combine_matches_the_combine_launch_and_leaves_its_counters_zero():
     """The splits merged by the last split of each (request, KV head) equal the separate combine launch's merge
     (same partials, same weights; the sums run in another order) for sparse and dense calls, and every call leaves
     the arrival counters at zero, so the next call of the plan (another layer, a graph replay) merges again."""
-    q, k, v, table, lens = paged([2100, 260, 33], 8, 2, 64, torch.bfloat16)
-    sel_idx, sel_count = random_block_lists(lens, 2, block_size=16, counts=[[132, 90], [17, 1], [3, 0]])
+    case = long_lists_case(torch.bfloat16)
     for dense in (False, True):
-        plan = plan_decode(q, k, table.shape[1] if dense else sel_idx.shape[2], num_splits=20, dense=dense)
+        plan, run = plan_variants(case, dense, 20)
         assert plan.num_splits > 8  # more splits than one chunk of the fused merge
         outs = []
         for fused in (True, True, False):
-            call_plan = dataclasses.replace(plan, fused_combine=fused)
-            if dense:
-                outs.append(dense_decode(q, k, v, table, lens, out=poisoned_like(q), plan=call_plan))
-            else:
-                outs.append(sparse_decode(q, k, v, table, lens, sel_idx, sel_count, out=poisoned_like(q),
-                                          plan=call_plan))
+            outs.append(run(fused_combine=fused))
             assert torch.equal(plan.arrivals, torch.zeros_like(plan.arrivals))
         assert torch.equal(outs[0], outs[1])
         torch.testing.assert_close(outs[0].float(), outs[2].float(), atol=1e-2, rtol=0)
-        expected = naive_dense_decode(q, k, v, table, lens) if dense else naive_sparse_decode(
-            q, k, v, table, lens, sel_idx, sel_count)
-        assert_close(outs[0], expected, torch.bfloat16)
+        assert_close(outs[0], reference(case, dense), torch.bfloat16)
 
 
 @pytest.mark.parametrize("num_splits", [1, 3, 20])
 def test_prefetched_indices_give_the_same_bits(num_splits):
     """Loading the next tile's list entries and physical blocks a step ahead changes no arithmetic: the same bits as
     loading them in the step, sparse (ragged lists, an empty one, -1 entries) and dense, at one split and several."""
-    q, k, v, table, lens = paged([2100, 260, 33], 8, 2, 64, torch.float16)
-    sel_idx, sel_count = random_block_lists(lens, 2, block_size=16, counts=[[132, 90], [17, 1], [3, 0]])
-    sel_idx[0, 1, 5] = -1
+    case = long_lists_case(torch.float16)
     for dense in (False, True):
-        plan = plan_decode(q, k, table.shape[1] if dense else sel_idx.shape[2], num_splits=num_splits, dense=dense)
-        outs = []
-        for prefetch in (False, True):
-            call_plan = dataclasses.replace(plan, prefetch_indices=prefetch)
-            if dense:
-                outs.append(dense_decode(q, k, v, table, lens, out=poisoned_like(q), plan=call_plan))
-            else:
-                outs.append(sparse_decode(q, k, v, table, lens, sel_idx, sel_count, out=poisoned_like(q),
-                                          plan=call_plan))
-        assert torch.equal(outs[0], outs[1])
-        expected = naive_dense_decode(q, k, v, table, lens) if dense else naive_sparse_decode(
-            q, k, v, table, lens, sel_idx, sel_count)
-        assert_close(outs[1], expected, torch.float16)
+        _, run = plan_variants(case, dense, num_splits)
+        plain, prefetched = run(prefetch_indices=False), run(prefetch_indices=True)
+        assert torch.equal(plain, prefetched)
+        assert_close(prefetched, reference(case, dense), torch.float16)
 
 
 def test_single_split_plan_writes_out_without_scratch():
