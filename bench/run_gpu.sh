@@ -51,7 +51,8 @@ case "${1:-all}" in
           OUT="$OUT/plain" UCM_PLAIN_TRITON_LAUNCH=1 step bench_gsa_offload_steady timeout 170 \
                 python3 -m bench.bench_gsa_offload --layers 8 --schedules steady
           step bench_gsa_offload_steady timeout 170 python3 -m bench.bench_gsa_offload --layers 8 --schedules steady ;;
-  # The chunked top-k and the fused split combine: their GPU tests, the per-kernel profile with the combine A/B, the
+  # The chunked top-k, the fused split combine and prefetched indices: their GPU tests, the per-kernel profile (with
+  # the combine / prefetch variants), the
   # top-k warp sweep at 8192- and 8195-block tables, and the same sweep of an older tree in .ab/base when carried
   # there (git worktree add .ab/base <commit>; carry [".ab"]; UCM_BASE_COMMIT names it), the before of an A/B in one
   # run.

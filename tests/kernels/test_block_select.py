@@ -562,3 +562,19 @@ def test_ties_across_chunks_go_to_the_lowest_logical_blocks(chunk, monkeypatch):
             best = sorted(middle, key=lambda j: (*order(float(scores[b, h, j])), j))[:need]
             expected = sorted(set(range(nb)) - set(middle) | set(best)) if count < nb else list(range(nb))
             assert chunked[0][b, h, :count].tolist() == expected
+
+
+def test_plan_for_fewer_rows_shares_the_scratch_and_selects_like_a_fresh_plan():
+    """``plan.for_rows(n)`` serves the first n requests (a smaller batch of the same step) with the plan's scratch:
+    the lists of a plan made for n requests; a row count outside [0, batch] is refused naming ``rows``."""
+    case = make_case()
+    plan = plan_select(4, 2, 64, 28, **SIZES, device=DEVICE)
+    small = plan.for_rows(2)
+    assert small.batch == 2 and small.keys.data_ptr() == plan.keys.data_ptr()
+    args = (case["q"][:2], case["kmin"], case["kmax"], case["kmean"], case["block_table"][:2], case["seq_lens"][:2])
+    fresh = plan_select(2, 2, 64, 28, **SIZES, device=DEVICE).run(*args)
+    got = small.run(*args)
+    assert torch.equal(got[0], fresh[0]) and torch.equal(got[1], fresh[1])
+    for rows in (5, -1, 1.5):
+        with pytest.raises(ValueError, match=r"rows: got .*expected an int in \[0, 4\]"):
+            plan.for_rows(rows)
