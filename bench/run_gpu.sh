@@ -52,10 +52,9 @@ case "${1:-all}" in
                 python3 -m bench.bench_gsa_offload --layers 8 --schedules steady
           step bench_gsa_offload_steady timeout 170 python3 -m bench.bench_gsa_offload --layers 8 --schedules steady ;;
   # The chunked top-k, the fused split combine and prefetched indices: their GPU tests, the per-kernel profile (with
-  # the combine / prefetch variants), the
-  # top-k warp sweep at 8192- and 8195-block tables, and the same sweep of an older tree in .ab/base when carried
-  # there (git worktree add .ab/base <commit>; carry [".ab"]; UCM_BASE_COMMIT names it), the before of an A/B in one
-  # run.
+  # the combine / prefetch variants), the top-k warp sweep at 8192- and 8195-block tables, and the same sweep of an
+  # older tree in .ab/base when carried there (git worktree add .ab/base <commit>; carry [".ab"]; UCM_BASE_COMMIT
+  # names it), the before of an A/B in one run.
   select) step gpu_tests_select timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_block_select.py \
                 tests/kernels/test_sparse_decode.py tests/sparse/test_gsa.py
           step profile_gsa_kernels timeout 280 python3 -m bench.profile_gsa_kernels
