@@ -205,19 +205,19 @@ def _kth_largest_key(key_row, lowest, highest, k, N_CHUNKS: tl.constexpr, CHUNK:
 def _share_stats(rows_ptr, full_blocks, stride_sh, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
                  SHARES: tl.constexpr, SHARES_POW2: tl.constexpr):
     """The gauss rule's softmax statistics of each of the group's SHARES log-mass rows over the full blocks: the
-    largest known (non-NaN) value (0 when none) and the sum of exp(value - largest); ``[SHARES_POW2]`` each."""
+    largest known (non-NaN) value (0 when none) and the sum of exp(value - largest); ``[SHARES_POW2]`` each. Both
+    accumulate per slot over the chunks and reduce once."""
     g = tl.arange(0, SHARES_POW2)
     offs = tl.arange(0, CHUNK)
-    tops = tl.full([SHARES_POW2], float("-inf"), tl.float32)
+    tops = tl.full([SHARES_POW2, CHUNK], float("-inf"), tl.float32)
     for c in range(N_CHUNKS):
-        tops = tl.maximum(tops, tl.max(_log_masses(rows_ptr, g, c * CHUNK + offs, full_blocks, stride_sh, SHARES),
-                                       axis=1))
+        tops = tl.maximum(tops, _log_masses(rows_ptr, g, c * CHUNK + offs, full_blocks, stride_sh, SHARES))
+    tops = tl.max(tops, axis=1)
     tops = tl.where(tops > float("-inf"), tops, 0.0)
-    sums = tl.zeros([SHARES_POW2], tl.float32)
+    sums = tl.zeros([SHARES_POW2, CHUNK], tl.float32)
     for c in range(N_CHUNKS):
-        rows = _log_masses(rows_ptr, g, c * CHUNK + offs, full_blocks, stride_sh, SHARES)
-        sums += tl.sum(tl.exp(rows - tops[:, None]), axis=1)
-    return tops, sums
+        sums += tl.exp(_log_masses(rows_ptr, g, c * CHUNK + offs, full_blocks, stride_sh, SHARES) - tops[:, None])
+    return tops, tl.sum(sums, axis=1)
 
 
 @triton.jit
@@ -244,10 +244,11 @@ def _mass_shares(rows_ptr, j, full_blocks, tops, sums, stride_sh, SHARES: tl.con
 def _write_keys(scores_ptr, key_row, lo, hi, full_blocks, stride_sh, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
                 SHARES: tl.constexpr, SHARES_POW2: tl.constexpr):
     """The row's keys into its scratch (INT_MIN off the competing range [lo, hi), which no candidate reaches);
-    returns the smallest and largest competing key. Gauss (SHARES > 0): the keys of the group's summed shares."""
+    returns the smallest and largest competing key (per slot over the chunks, reduced once). Gauss (SHARES > 0):
+    the keys of the group's summed shares."""
     offs = tl.arange(0, CHUNK)
-    lowest = tl.full([], 2147483647, tl.int32)
-    highest = tl.full([], -2147483648, tl.int32)
+    lowest = tl.full([CHUNK], 2147483647, tl.int32)
+    highest = tl.full([CHUNK], -2147483648, tl.int32)
     if SHARES > 0:
         tops, sums = _share_stats(scores_ptr, full_blocks, stride_sh, N_CHUNKS, CHUNK, SHARES, SHARES_POW2)
     for c in range(N_CHUNKS):
@@ -258,10 +259,10 @@ def _write_keys(scores_ptr, key_row, lo, hi, full_blocks, stride_sh, N_CHUNKS: t
         else:
             scores = tl.load(scores_ptr + j, mask=competing, other=0.0)
         keys = _order_keys(scores)
-        lowest = tl.minimum(lowest, tl.min(tl.where(competing, keys, 2147483647), axis=0))
-        highest = tl.maximum(highest, tl.max(tl.where(competing, keys, -2147483648), axis=0))
+        lowest = tl.minimum(lowest, tl.where(competing, keys, 2147483647))
+        highest = tl.maximum(highest, tl.where(competing, keys, -2147483648))
         tl.store(key_row + j, tl.where(competing, keys, -2147483648))
-    return lowest, highest
+    return tl.min(lowest, axis=0), tl.max(highest, axis=0)
 
 
 @triton.jit
