@@ -238,6 +238,14 @@ def test_fused_combine_matches_the_combine_launch_and_leaves_its_counters_zero()
         assert_close(outs[0], reference(case, dense), torch.bfloat16)
 
 
+@pytest.mark.parametrize("name", ["fused_combine", "prefetch_indices"])
+def test_plan_options_must_be_bools(name):
+    case = long_lists_case(torch.float16)
+    _, run = plan_variants(case, False, 3)
+    with pytest.raises(ValueError, match=f"plan.{name}='yes'; expected True or False"):
+        run(**{name: "yes"})
+
+
 @pytest.mark.parametrize("num_splits", [1, 3, 20])
 def test_prefetched_indices_give_the_same_bits(num_splits):
     """Loading the next tile's list entries and physical blocks a step ahead changes no arithmetic: the same bits as

@@ -348,6 +348,9 @@ def _resolve_plan(plan: DecodePlan | None, q, key_cache, max_blocks: int, num_sp
     if shapes != planned or max_blocks > plan.max_blocks:
         raise ValueError(f"plan was made for (batch, num_q_heads, num_kv_heads, head_dim, block_size) = {planned} "
                          f"and lists of up to {plan.max_blocks} blocks; the call has {shapes} and {max_blocks}")
+    for name in ("fused_combine", "prefetch_indices"):
+        if not isinstance(getattr(plan, name), bool):
+            raise ValueError(f"plan.{name}={getattr(plan, name)!r}; expected True or False")
     if plan.acc is not None:
         check_device("plan.acc", plan.acc, q.device)
     return plan
