@@ -518,11 +518,11 @@ def test_top_k_over_several_chunks_selects_what_one_chunk_selects(score, chunk, 
     args = (case["q"], case["kmin"], case["kmax"], case["kmean"], case["block_table"], case["seq_lens"])
     sizes = dict(SIZES, init_window=2, local_window=3)
     one = plan_select(4, 2, 64, 60, **sizes, score=score, device=DEVICE, num_q_heads=6)
-    assert one.keys.shape[2] == one.select_chunk == 64
+    assert one.keys.shape[2] == 2 * one.select_chunk == 128  # the keys, then the undecided ones
     expected = [t.clone() for t in one.run(*args)]
     monkeypatch.setattr(block_select_triton, "_SELECT_CHUNK", chunk)
     chunked = plan_select(4, 2, 64, 60, **sizes, score=score, device=DEVICE, num_q_heads=6)
-    assert chunked.select_chunk == chunk and chunked.keys.shape[2] == -(-60 // chunk) * chunk
+    assert chunked.select_chunk == chunk and chunked.keys.shape[2] == (-(-60 // chunk) + 1) * chunk
     sel_idx, sel_count = chunked.run(*args)
     assert torch.equal(sel_count, expected[1]) and torch.equal(sel_idx, expected[0])
     kept = (torch.full_like(expected[0], -7), torch.full_like(expected[1], -7))
@@ -547,6 +547,12 @@ def test_ties_across_chunks_go_to_the_lowest_logical_blocks(chunk, monkeypatch):
     monkeypatch.setattr(block_select_triton, "_SELECT_CHUNK", chunk)
     chunked = select_from_scores(scores.to(DEVICE), seq_lens, **SIZES)
     assert torch.equal(chunked[0], one[0]) and torch.equal(chunked[1], one[1])
+    check_lists_written_out(scores, seq_lens, chunked)
+
+
+def check_lists_written_out(scores, seq_lens, lists):
+    """Each row's lists are the rule written out: the windows, then the best middle blocks (highest score first,
+    NaN above +inf, 0.0 above -0.0, ties to the lowest logical block), ascending."""
 
     def order(value: float) -> tuple:  # ascending = best first
         if value != value:
@@ -558,10 +564,26 @@ def test_ties_across_chunks_go_to_the_lowest_logical_blocks(chunk, monkeypatch):
         count = naive_num_selected(nb, **SIZES)
         middle = list(range(SIZES["init_window"], nb - SIZES["local_window"]))
         need = count - (nb - len(middle))
-        for h in range(2):
+        for h in range(scores.shape[1]):
             best = sorted(middle, key=lambda j: (*order(float(scores[b, h, j])), j))[:need]
             expected = sorted(set(range(nb)) - set(middle) | set(best)) if count < nb else list(range(nb))
-            assert chunked[0][b, h, :count].tolist() == expected
+            assert lists[0][b, h, :count].tolist() == expected, (b, h)
+
+
+@pytest.mark.parametrize("chunk", [4, 16, 64])
+def test_kth_largest_search_over_scores_of_every_magnitude(chunk, monkeypatch):
+    """Scores of random fp32 bit patterns (every exponent, both signs, some NaN and equal values): the search counts
+    over the row while more than a chunk of keys are undecided, then finishes four bits at a time over those keys
+    (chunk 64: at once; chunk 4: late or never). The lists are the rule written out at every chunk size."""
+    gen = torch.Generator().manual_seed(11)
+    seq_lens = torch.tensor([955, 700, 403, 229, 60], dtype=torch.int32, device=DEVICE)
+    scores = torch.randint(-2 ** 31, 2 ** 31 - 1, (5, 3, 60), generator=gen, dtype=torch.int64)
+    scores = scores.to(torch.int32).view(torch.float32).clone()
+    scores[1, 1, :30] = 0.5  # a run of ties across the threshold
+    scores[:, :, 7:9] = scores[:, :, 3:5]  # equal pairs
+    monkeypatch.setattr(block_select_triton, "_SELECT_CHUNK", chunk)
+    lists = select_from_scores(scores.to(DEVICE), seq_lens, **SIZES)
+    check_lists_written_out(scores, seq_lens, lists)
 
 
 def test_plan_for_fewer_rows_shares_the_scratch_and_selects_like_a_fresh_plan():

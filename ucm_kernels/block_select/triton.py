@@ -183,22 +183,66 @@ def _count_at_least(key_row, candidate, N_CHUNKS: tl.constexpr, CHUNK: tl.conste
 
 
 @triton.jit
-def _kth_largest_key(key_row, lowest, highest, k, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr):
-    """The largest int32 T with at least k (>= 1) keys >= T, the competing keys spanning [lowest, highest]: its bits
-    set from the top down in offset binary (key + 2**31); the bits above the highest one where lowest and highest
-    differ are theirs, so only the bits below cost a counting pass."""
+def _kth_largest_key(key_row, undecided_row, lo, hi, lowest, highest, k, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr):
+    """(T, above): the largest int32 T with at least k (>= 1) of the row's competing keys (logical blocks [lo, hi),
+    spanning [lowest, highest]) >= T, and how many are > T.
+
+    T's bits are set from the top down in offset binary (key + 2**31), keeping ``found`` (the bits so far) and
+    ``above`` (keys >= found + 2**(bit + 1), the end of the still undecided range). The bits above the highest one
+    where lowest and highest differ are theirs. Each lower bit costs a counting pass over the row while the
+    undecided range holds more than CHUNK keys; then one pass copies those keys into ``undecided_row`` (CHUNK
+    entries) and the rest of the bits are found four at a time from registers (15 counts, one reduction).
+    """
     low = lowest.to(tl.int64) + 2147483648
     high = highest.to(tl.int64) + 2147483648
     found = low * 0
-    for step in range(32):
-        bit = 31 - step - found * 0  # int64
-        if (low >> bit) == (high >> bit):
-            found = found | (low & (1 << bit))
-        else:
-            candidate = found | (1 << bit)
-            if _count_at_least(key_row, (candidate - 2147483648).to(tl.int32), N_CHUNKS, CHUNK) >= k:
-                found = candidate
-    return (found - 2147483648).to(tl.int32)
+    bit = found + 31
+    while (bit >= 0) & (((low ^ high) >> tl.maximum(bit, 0)) == 0):
+        found = found | (low & (1 << bit))
+        bit -= 1
+    at_least_found = (hi - lo).to(tl.int64)  # every competing key is >= found
+    above = found * 0
+    while (bit >= 0) & (at_least_found - above > CHUNK):
+        candidate = found | (1 << bit)
+        count = _count_at_least(key_row, (candidate - 2147483648).to(tl.int32), N_CHUNKS, CHUNK).to(tl.int64)
+        found = tl.where(count >= k, candidate, found)
+        at_least_found = tl.where(count >= k, count, at_least_found)
+        above = tl.where(count >= k, above, count)
+        bit -= 1
+    if bit >= 0:
+        _copy_undecided(key_row, undecided_row, lo, hi, found, bit, N_CHUNKS, CHUNK)
+        tl.debug_barrier()  # every thread's copies are in the scratch before any thread loads them
+        offs = tl.arange(0, CHUNK)
+        keys = tl.load(undecided_row + offs, mask=offs < at_least_found - above, other=-2147483648)
+        digits = tl.arange(0, 16)
+        while bit >= 0:
+            width = tl.minimum(bit + 1, 4)
+            low_bit = bit + 1 - width
+            candidates = (found + (digits.to(tl.int64) << low_bit) - 2147483648).to(tl.int32)
+            last = (found + (1 << (bit + 1)) - 1 - 2147483648).to(tl.int32)  # the undecided range's end
+            counts = above + tl.sum(((keys[:, None] >= candidates[None, :]) & (keys <= last)[:, None]).to(tl.int32),
+                                    axis=0)
+            digit = tl.max(tl.where((digits >= 1) & (digits < (1 << width)) & (counts >= k), digits, 0), axis=0)
+            next_count = tl.sum(tl.where(digits == digit + 1, counts, 0), axis=0)
+            above = tl.where(digit + 1 < (1 << width), next_count, above)
+            found = found + (digit.to(tl.int64) << low_bit)
+            bit = low_bit - 1
+    return (found - 2147483648).to(tl.int32), above.to(tl.int32)
+
+
+@triton.jit
+def _copy_undecided(key_row, undecided_row, lo, hi, found, bit, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr):
+    """Copy the competing keys in [found, found + 2**(bit + 1)) (offset binary) to the front of undecided_row."""
+    first = (found - 2147483648).to(tl.int32)
+    last = (found + (1 << (bit + 1)) - 1 - 2147483648).to(tl.int32)
+    offs = tl.arange(0, CHUNK)
+    copied = lo * 0
+    for c in range(N_CHUNKS):
+        j = c * CHUNK + offs
+        keys = tl.load(key_row + j)
+        undecided = (j >= lo) & (j < hi) & (keys >= first) & (keys <= last)
+        tl.store(undecided_row + copied + tl.cumsum(undecided.to(tl.int32), axis=0) - 1, keys, mask=undecided)
+        copied += tl.sum(undecided.to(tl.int32), axis=0)
 
 
 @triton.jit
@@ -273,7 +317,7 @@ def _select_kernel(
     sel_rows_ptr,  # [batch] int64 row of sel_idx / sel_count each request writes (read if SEL_ROWS)
     sel_idx_ptr,  # [batch or rows, num_kv_heads, width] int32
     sel_count_ptr,  # [batch or rows, num_kv_heads] int32
-    keys_ptr,  # [batch, num_kv_heads, N_CHUNKS * CHUNK] int32 scratch: the row's keys
+    keys_ptr,  # [batch, num_kv_heads, (N_CHUNKS + 1) * CHUNK] int32 scratch: the row's keys, then its undecided
     max_blocks, width, ratio_fixed, k_floor, init_window, local_window,
     stride_sb, stride_s_head, stride_sh,
     stride_kb, stride_kh,
@@ -304,10 +348,8 @@ def _select_kernel(
                                       tl.minimum(seq_len // BLOCK_SIZE, max_blocks), stride_sh, N_CHUNKS, CHUNK,
                                       SHARES, SHARES_POW2)
         tl.debug_barrier()  # every thread's keys are in the scratch before any thread counts them
-        threshold = _kth_largest_key(key_row, lowest, highest, need, N_CHUNKS, CHUNK)
-        above = need * 0
-        if threshold < 2147483647:
-            above = _count_at_least(key_row, threshold + 1, N_CHUNKS, CHUNK)
+        threshold, above = _kth_largest_key(key_row, key_row + N_CHUNKS * CHUNK, lo, hi, lowest, highest, need,
+                                             N_CHUNKS, CHUNK)
         ties_wanted = need - above  # ties go to the lowest logical indices
     sel_row = sel_idx_ptr + out_b * stride_ib + head * stride_ih
     offs = tl.arange(0, CHUNK)
@@ -459,7 +501,7 @@ class SelectPlan:
     group: int  # query heads per KV head (the gauss rule scores each; 1 for the others)
     limits: dict  # the kernels' k rule and windows (max_blocks, ratio_fixed, k_floor, init_window, local_window)
     scores: torch.Tensor  # [batch, num_kv_heads * group, max_blocks] fp32 scratch
-    keys: torch.Tensor  # [batch, num_kv_heads, select_chunk * n] int32 scratch of the top-k program
+    keys: torch.Tensor  # [batch, num_kv_heads, select_chunk * (n + 1)] int32 scratch of the top-k program
     score_tile: int
     score_warps: int
     select_chunk: int
@@ -525,7 +567,8 @@ def _make_plan(batch, heads, head_dim, max_blocks, device, block_size, sparse_ra
     if scores is None:  # the score scratch, unless the caller brings the scores
         scores = torch.empty(batch, heads * group, max_blocks, dtype=torch.float32, device=device)
     chunk, select_warps = _choose_select_launch(max_blocks)
-    keys = torch.empty(batch, heads, triton.cdiv(max(max_blocks, 1), chunk) * chunk, dtype=torch.int32, device=device)
+    keys = torch.empty(batch, heads, (triton.cdiv(max(max_blocks, 1), chunk) + 1) * chunk, dtype=torch.int32,
+                       device=device)
     return SelectPlan(batch, heads, head_dim, max_blocks, width, block_size, SCORES.index(score), group, limits, scores,
                       keys, *_choose_score_launch(heads, head_dim), chunk, select_warps)
 
@@ -718,7 +761,7 @@ def _launch_select(plan: SelectPlan, scores, seq_lens, sel_idx, sel_count, resel
         stride_kb=plan.keys.stride(0), stride_kh=plan.keys.stride(1),
         stride_ib=sel_idx.stride(0), stride_ih=sel_idx.stride(1), stride_ij=sel_idx.stride(2),
         stride_cb=sel_count.stride(0), stride_ch=sel_count.stride(1),
-        BLOCK_SIZE=plan.block_size, CHUNK=plan.select_chunk, N_CHUNKS=plan.keys.shape[2] // plan.select_chunk,
+        BLOCK_SIZE=plan.block_size, CHUNK=plan.select_chunk, N_CHUNKS=plan.keys.shape[2] // plan.select_chunk - 1,
         MASKED=reselect is not None, SEL_ROWS=sel_rows is not None, SHARES=shares,
         SHARES_POW2=next_pow2(max(shares, 1)), num_warps=plan.select_warps,
     )
