@@ -1,0 +1,69 @@
+"""What the top-k launch's time is made of at batch 1: its fixed part against its threshold search, by row width.
+
+One request, 8 KV heads (8 programs), sparse_ratio 0.3 or a 2048-token budget, ``select_from_scores`` over given fp32
+scores captured in a CUDA graph (replay median, ``do_bench``). Scores either all equal (the search has nothing to do:
+lowest == highest, so what is left is the launch, writing the keys and writing the lists) or normal random (the
+whole search), at tables of 1K to 16K blocks and at chunk sizes (``_SELECT_CHUNK``) of 256 to 4096 entries; the
+difference of the two is the search. Every variant's lists are checked against the planned chunk's first.
+
+Usage, on the GPU: ``python -m bench.select_anatomy`` (JSON under $OUT or bench/results/). It only uses
+``select_from_scores`` and ``_SELECT_CHUNK``, so the same file runs over an older tree for an A/B in one call.
+"""
+import torch
+from triton.testing import do_bench
+
+from bench.bench_sparse_decode import graph_of
+from bench.harness import write_results
+from ucm_kernels.block_select import select_from_scores
+from ucm_kernels.block_select import triton as block_select_triton
+
+HEADS = 8
+BLOCKS = (1024, 4096, 8192, 8198, 16384)
+CHUNKS = (256, 1024, 4096)
+SETTINGS = {"ratio0.3": dict(sparse_ratio=0.3), "budget2048": dict(sparse_ratio=1.0, token_budget=2048)}
+SIZES = dict(block_size=16, init_window=1, local_window=4, min_blocks=8)
+
+
+def timed_lists(scores: torch.Tensor, seq_lens: torch.Tensor, chunk: int, setting: dict) -> tuple[float, tuple]:
+    """(replay microseconds, lists) of select_from_scores at this chunk size."""
+    planned = block_select_triton._SELECT_CHUNK
+    block_select_triton._SELECT_CHUNK = chunk
+    try:
+        lists = select_from_scores(scores, seq_lens, **SIZES, **setting)
+        graph = graph_of(lambda: select_from_scores(scores, seq_lens, **SIZES, **setting, out=lists))
+    finally:
+        block_select_triton._SELECT_CHUNK = planned
+    replay_us = do_bench(graph.replay, warmup=25, rep=100, return_mode="median") * 1e3
+    return replay_us, lists
+
+
+def rows_for(blocks: int) -> list[dict]:
+    gen = torch.Generator(device="cuda").manual_seed(blocks)
+    seq_lens = torch.tensor([blocks * 16], dtype=torch.int32, device="cuda")
+    rows = []
+    for dist in ("equal", "normal"):
+        if dist == "equal":
+            scores = torch.ones(1, HEADS, blocks, device="cuda")
+        else:
+            scores = torch.randn(1, HEADS, blocks, device="cuda", generator=gen)
+        for name, setting in SETTINGS.items():
+            expected = None
+            for chunk in CHUNKS:
+                replay_us, lists = timed_lists(scores, seq_lens, chunk, setting)
+                if expected is None:
+                    expected = [t.clone() for t in lists]
+                assert all(torch.equal(a, b) for a, b in zip(lists, expected)), (blocks, dist, name, chunk)
+                row = {"blocks": blocks, "scores": dist, "setting": name, "chunk": chunk,
+                       "planned": chunk == block_select_triton._SELECT_CHUNK, "replay_us": round(replay_us, 2)}
+                print(row, flush=True)
+                rows.append(row)
+    return rows
+
+
+def main() -> None:
+    rows = [row for blocks in BLOCKS for row in rows_for(blocks)]
+    print(write_results("select_anatomy", rows, {}))
+
+
+if __name__ == "__main__":
+    main()
