@@ -58,6 +58,7 @@ QUEST, MEAN, GAUSS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 RATIO_ONE = 1 << 32  # sparse_ratio is applied in 32-bit fixed point, rounded down
 MAX_TABLE_BLOCKS = 1 << 16  # widest block table (1M tokens at 16)
 _SELECT_CHUNK = 1024  # row entries the top-k program reads per step of a pass (tests shrink it)
+_SCAN_CHUNKS = 4  # chunks per step of the top-k's passes that scan (copying the undecided keys, writing the lists)
 
 
 @triton.jit
@@ -183,7 +184,8 @@ def _count_at_least(key_row, candidate, N_CHUNKS: tl.constexpr, CHUNK: tl.conste
 
 
 @triton.jit
-def _kth_largest_key(key_row, undecided_row, lo, hi, lowest, highest, k, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr):
+def _kth_largest_key(key_row, undecided_row, lo, hi, lowest, highest, k, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
+                     SCAN: tl.constexpr):
     """(T, above): the largest int32 T with at least k (>= 1) of the row's competing keys (logical blocks [lo, hi),
     spanning [lowest, highest]) >= T, and how many are > T.
 
@@ -210,7 +212,7 @@ def _kth_largest_key(key_row, undecided_row, lo, hi, lowest, highest, k, N_CHUNK
         above = tl.where(count >= k, above, count)
         bit -= 1
     if bit >= 0:
-        _copy_undecided(key_row, undecided_row, lo, hi, found, bit, N_CHUNKS, CHUNK)
+        _copy_undecided(key_row, undecided_row, lo, hi, found, bit, N_CHUNKS, CHUNK, SCAN)
         tl.debug_barrier()  # every thread's copies are in the scratch before any thread loads them
         offs = tl.arange(0, CHUNK)
         keys = tl.load(undecided_row + offs, mask=offs < at_least_found - above, other=-2147483648)
@@ -231,18 +233,22 @@ def _kth_largest_key(key_row, undecided_row, lo, hi, lowest, highest, k, N_CHUNK
 
 
 @triton.jit
-def _copy_undecided(key_row, undecided_row, lo, hi, found, bit, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr):
-    """Copy the competing keys in [found, found + 2**(bit + 1)) (offset binary) to the front of undecided_row."""
+def _copy_undecided(key_row, undecided_row, lo, hi, found, bit, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
+                    SCAN: tl.constexpr):
+    """Copy the competing keys in [found, found + 2**(bit + 1)) (offset binary) to the front of undecided_row,
+    SCAN entries of the row (a few chunks) per scan."""
     first = (found - 2147483648).to(tl.int32)
     last = (found + (1 << (bit + 1)) - 1 - 2147483648).to(tl.int32)
-    offs = tl.arange(0, CHUNK)
+    offs = tl.arange(0, SCAN)
     copied = lo * 0
-    for c in range(N_CHUNKS):
-        j = c * CHUNK + offs
-        keys = tl.load(key_row + j)
-        undecided = (j >= lo) & (j < hi) & (keys >= first) & (keys <= last)
-        tl.store(undecided_row + copied + tl.cumsum(undecided.to(tl.int32), axis=0) - 1, keys, mask=undecided)
-        copied += tl.sum(undecided.to(tl.int32), axis=0)
+    for c in range((N_CHUNKS * CHUNK + SCAN - 1) // SCAN):
+        j = c * SCAN + offs
+        competing = (j >= lo) & (j < hi)
+        keys = tl.load(key_row + j, mask=competing, other=-2147483648)
+        undecided = competing & (keys >= first) & (keys <= last)
+        positions = tl.cumsum(undecided.to(tl.int32), axis=0)
+        tl.store(undecided_row + copied + positions - 1, keys, mask=undecided)
+        copied += tl.max(positions, axis=0)
 
 
 @triton.jit
@@ -323,7 +329,7 @@ def _select_kernel(
     stride_kb, stride_kh,
     stride_ib, stride_ih, stride_ij,
     stride_cb, stride_ch,
-    BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, SCAN: tl.constexpr, MASKED: tl.constexpr,
     SEL_ROWS: tl.constexpr, SHARES: tl.constexpr, SHARES_POW2: tl.constexpr,
 ):
     head = tl.program_id(0).to(tl.int64)
@@ -349,23 +355,28 @@ def _select_kernel(
                                       SHARES, SHARES_POW2)
         tl.debug_barrier()  # every thread's keys are in the scratch before any thread counts them
         threshold, above = _kth_largest_key(key_row, key_row + N_CHUNKS * CHUNK, lo, hi, lowest, highest, need,
-                                             N_CHUNKS, CHUNK)
+                                             N_CHUNKS, CHUNK, SCAN)
         ties_wanted = need - above  # ties go to the lowest logical indices
     sel_row = sel_idx_ptr + out_b * stride_ib + head * stride_ih
-    offs = tl.arange(0, CHUNK)
+    offs = tl.arange(0, SCAN)
     taken = need * 0
     ties_seen = need * 0
-    for c in range(N_CHUNKS):
-        j = c * CHUNK + offs
+    for c in range((N_CHUNKS * CHUNK + SCAN - 1) // SCAN):
+        j = c * SCAN + offs
         competing = (j >= lo) & (j < hi)
         keys = tl.load(key_row + j, mask=competing & (need > 0), other=-2147483648)
         tie = competing & (keys == threshold)
-        take = (j < nb) & (~competing | (keys > threshold) |
-                           (tie & (ties_seen + tl.cumsum(tie.to(tl.int32), axis=0) <= ties_wanted)))
-        tl.store(sel_row + (taken + tl.cumsum(take.to(tl.int32), axis=0) - 1) * stride_ij, j, mask=take)
-        tl.store(sel_row + j * stride_ij, tl.full([CHUNK], -1, tl.int32), mask=(j >= count) & (j < width))
-        taken += tl.sum(take.to(tl.int32), axis=0)
-        ties_seen += tl.sum(tie.to(tl.int32), axis=0)
+        sure = (j < nb) & (~competing | (keys > threshold))
+        # one scan for both running counts: ties in the high half, sure picks in the low (SCAN < 2**16)
+        counts = tl.cumsum((tie.to(tl.int32) << 16) | sure.to(tl.int32), axis=0)
+        ties_taken = tl.minimum(ties_seen + (counts >> 16), ties_wanted) - tl.minimum(ties_seen, ties_wanted)
+        take = sure | (tie & (ties_seen + (counts >> 16) <= ties_wanted))
+        tl.store(sel_row + (taken + (counts & 0xFFFF) + ties_taken - 1) * stride_ij, j, mask=take)
+        tl.store(sel_row + j * stride_ij, tl.full([SCAN], -1, tl.int32), mask=(j >= count) & (j < width))
+        totals = tl.max(counts, axis=0)  # the last running counts: both halves only grow
+        taken += (totals & 0xFFFF) + tl.minimum(ties_seen + (totals >> 16), ties_wanted) - tl.minimum(ties_seen,
+                                                                                                      ties_wanted)
+        ties_seen += totals >> 16
     tl.store(sel_count_ptr + out_b * stride_cb + head * stride_ch, count)
 
 
@@ -753,6 +764,7 @@ def _launch_select(plan: SelectPlan, scores, seq_lens, sel_idx, sel_count, resel
     """The top-k launch: each (KV head, request) row of ``scores`` (``[batch, heads, >= max_blocks]``) into
     ``sel_idx`` / ``sel_count`` (only the rows ``reselect`` names, unless None; at the rows ``sel_rows`` names)."""
     shares = plan.group if plan.rule == GAUSS.value else 0
+    n_chunks = plan.keys.shape[2] // plan.select_chunk - 1
     _SELECT((plan.num_kv_heads, plan.batch),
         scores_ptr=scores, seq_lens_ptr=seq_lens, reselect_ptr=seq_lens if reselect is None else reselect,
         sel_rows_ptr=seq_lens if sel_rows is None else sel_rows, sel_idx_ptr=sel_idx, sel_count_ptr=sel_count,
@@ -761,7 +773,8 @@ def _launch_select(plan: SelectPlan, scores, seq_lens, sel_idx, sel_count, resel
         stride_kb=plan.keys.stride(0), stride_kh=plan.keys.stride(1),
         stride_ib=sel_idx.stride(0), stride_ih=sel_idx.stride(1), stride_ij=sel_idx.stride(2),
         stride_cb=sel_count.stride(0), stride_ch=sel_count.stride(1),
-        BLOCK_SIZE=plan.block_size, CHUNK=plan.select_chunk, N_CHUNKS=plan.keys.shape[2] // plan.select_chunk - 1,
+        BLOCK_SIZE=plan.block_size, CHUNK=plan.select_chunk, N_CHUNKS=n_chunks,
+        SCAN=plan.select_chunk * min(_SCAN_CHUNKS, next_pow2(n_chunks)),
         MASKED=reselect is not None, SEL_ROWS=sel_rows is not None, SHARES=shares,
         SHARES_POW2=next_pow2(max(shares, 1)), num_warps=plan.select_warps,
     )
