@@ -6,8 +6,8 @@ budget; Quest on bf16 reprs), the layer's select + attend and our dense decode a
 replay) and, from torch.profiler over REPLAYS replays (L2 cleared between them too), each kernel's device time per
 replay; the replay time minus the summed kernel times is what the graph spends between and around its kernels.
 Variants, replay times only, each checked against the first: dense and sparse attention with the splits merged by a
-second launch (the planned default) and in the split launch (``fused_combine``), each with the next tile's indices
-loaded a step ahead (``prefetch_indices``) or not; the selection at each score tile of SCORE_TILES; the top-k launch
+second launch (the planned default) and in the split launch (``fused_combine``); the selection at each score tile of
+SCORE_TILES; the top-k launch
 alone at each warp count of WARPS (same lists as the planned warps), to tell a program that is issue-bound (time
 flat in warps) from one that waits on its reductions' barriers (time grows with warps).
 
@@ -94,11 +94,9 @@ def variant_rows(name: str, shape: str, run, plans: dict) -> list[dict]:
 
 
 def combine_variants(plan) -> dict:
-    """The planned attention (combine launch, indices loaded in their step), the fused combine, the indices
-    prefetched a step ahead, and both."""
-    return {f"{combine}{'+prefetch' if prefetch else ''}": dataclasses.replace(
-                plan, fused_combine=combine == "fused_combine", prefetch_indices=prefetch)
-            for prefetch in (False, True) for combine in ("combine_launch", "fused_combine")}
+    """The planned attention (splits merged by the combine launch) and the fused combine."""
+    return {combine: dataclasses.replace(plan, fused_combine=combine == "fused_combine")
+            for combine in ("combine_launch", "fused_combine")}
 
 
 def shape_rows(batch: int, context: int) -> list[dict]:

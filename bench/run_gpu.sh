@@ -51,18 +51,21 @@ case "${1:-all}" in
           OUT="$OUT/plain" UCM_PLAIN_TRITON_LAUNCH=1 step bench_gsa_offload_steady timeout 170 \
                 python3 -m bench.bench_gsa_offload --layers 8 --schedules steady
           step bench_gsa_offload_steady timeout 170 python3 -m bench.bench_gsa_offload --layers 8 --schedules steady ;;
-  # The chunked top-k, the fused split combine and prefetched indices: their GPU tests, the per-kernel profile (with
-  # the combine / prefetch variants), the top-k warp sweep at 8192- and 8195-block tables, and the same sweep of an
-  # older tree in .ab/base when carried there (git worktree add .ab/base <commit>; carry [".ab"]; UCM_BASE_COMMIT
-  # names it), the before of an A/B in one run.
+  # The chunked top-k and the fused split combine: their GPU tests, the per-kernel profile (with the combine
+  # variants), the top-k warp sweep at 8192- and 8195-block tables and its anatomy (bench/select_anatomy.py), and
+  # the same two of an older tree in .ab/base when carried there (git worktree add .ab/base <commit>; carry
+  # [".ab"]; UCM_BASE_COMMIT names it), the before of an A/B in one run.
   select) step gpu_tests_select timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_block_select.py \
                 tests/kernels/test_sparse_decode.py tests/sparse/test_gsa.py
           step profile_gsa_kernels timeout 280 python3 -m bench.profile_gsa_kernels
           step select_warps timeout 70 python3 -m bench.bench_block_select --warps
+          step select_anatomy timeout 120 python3 -m bench.select_anatomy
           if [ -d .ab/base ]; then
             mkdir -p "$OUT/base"
-            (cd .ab/base && OUT="$OUT/base" UCM_COMMIT="${UCM_BASE_COMMIT:-base}" PYTHONPATH="$PWD:${PYTHONPATH#*:}" \
-                step select_warps_base timeout 70 python3 -m bench.bench_block_select --warps)
+            cp bench/select_anatomy.py .ab/base/bench/  # it only uses select_from_scores: any tree runs it
+            (cd .ab/base && export OUT="$OUT/base" UCM_COMMIT="${UCM_BASE_COMMIT:-base}" PYTHONPATH="$PWD:${PYTHONPATH#*:}"
+             step select_warps_base timeout 70 python3 -m bench.bench_block_select --warps
+             step select_anatomy_base timeout 120 python3 -m bench.select_anatomy)
           fi ;;
   tp|all) step bench_tp_ranks timeout 240 python3 -m bench.bench_tp_ranks --ranks 2 --blocks 2048 --dir /tmp ;;
 esac

@@ -9,17 +9,19 @@ Two launches, both reading each input once:
 2. ``_select_kernel``, one program per (KV head, request): writes the row's order-preserving int32 keys into a
    scratch row (the competing blocks only; the gauss rule's summed shares, see below) with their smallest and
    largest, finds the k-th largest key by a bitwise search from the top bit down (the bits above the highest one
-   where the smallest and largest keys differ are theirs; every other bit is one counting pass over the row), then
-   writes the windows, the blocks above that threshold and the first ties, in ascending logical order (cumsum
-   positions), and pads with -1. Each pass reads the row in chunks of ``select_chunk`` keys (1024, one 16-byte
-   load a thread of 8 warps; a row of 8K keys is 32 KB, meant to stay in L1) and reduces once, so its cost follows
-   the table's width, not the next power of two (a 128K-token request a few tokens into decode has 8198 blocks).
-   Before (one row held in registers, 32 counting steps over ``next_pow2(max_blocks)`` entries, up to 16 warps),
-   whole decode steps at 1 x 128K (8198-block tables) spent about 47 us a layer in this program on a reselecting
-   step against about 12 in the score kernel (H200 ``decode_step_profile`` JSON: 3 of its 8 steps reselect, the
-   other steps' masked launches counted at 2 us). Compiled for sm_90, a counting pass over 9 chunks is about 150
-   instructions a thread of 8 warps for 36 keys; a step before, at 16 warps, about 110 for 16 keys (8192 entries)
-   and 180 for 32 (16384): per SM 1.2K warp-instructions a pass against 1.8K and 2.9K.
+   where the smallest and largest keys differ are theirs; each lower bit is one counting pass over the row while
+   more than a chunk of keys is undecided, then the undecided keys are copied out once and the rest of the bits
+   found four at a time from registers), then writes the windows, the blocks above that threshold and the first
+   ties, in ascending logical order (cumsum positions), and pads with -1. Each counting pass reads the row in
+   chunks of ``select_chunk`` keys (1024, one 16-byte load a thread of 8 warps; a row of 8K keys is 32 KB, meant to
+   stay in L1) and reduces once, so its cost follows the table's width, not the next power of two (a 128K-token
+   request a few tokens into decode has 8198 blocks); the passes that scan (the copy, the list writing) take four
+   chunks a step. Before (one row held in registers, 32 counting steps over ``next_pow2(max_blocks)`` entries, up
+   to 16 warps), whole decode steps at 1 x 128K (8198-block tables) spent about 47 us a layer in this program on a
+   reselecting step against about 12 in the score kernel (H200 ``decode_step_profile`` JSON). Measured since
+   (BENCHMARKS.md, "Where a layer's select + attend goes"): chunked, 1.3x faster at 8195 blocks and 0.92x at 8192;
+   the register finish of the search, no faster (the time is not in the counting passes); the four-chunk scans
+   not yet timed.
    Alternatives measured on the H100 with the register-resident row (8 requests x 8K blocks, whole selection under
    a CUDA graph, Quest / mean): two bits per step with three counts packed in one int64 reduction, 0.136 / 0.087
    ms; a radix select over four 256-bin ``tl.histogram`` passes, 0.169 / 0.121 ms; one bit per step, 0.129 /

@@ -56,7 +56,6 @@ def _sparse_decode_split_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     DENSE: tl.constexpr, DIRECT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, TILE_TOKENS: tl.constexpr,
     SEL_ROWS: tl.constexpr, FUSED_COMBINE: tl.constexpr, GROUP_POW2: tl.constexpr, SPLITS_CHUNK: tl.constexpr,
-    PREFETCH_INDICES: tl.constexpr,
 ):
     pid_head = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
@@ -95,18 +94,9 @@ def _sparse_decode_split_kernel(
     if not DENSE:
         sel_row = sel_idx_ptr + sel_b * stride_sib + h * stride_sih
     table_row = block_table_ptr + b * stride_btb
-    if PREFETCH_INDICES:  # the first tile's indices; each step then loads the next tile's before its K/V
-        token_ok_next, physical_next = _tile_indices(start, end, slot, within, seq_len, sel_row, table_row,
-                                                     stride_sij, stride_btj, DENSE, BLOCK_SIZE)
     for first in range(start, end, BLOCKS_PER_TILE):
-        if PREFETCH_INDICES:
-            token_ok, physical = token_ok_next, physical_next
-            token_ok_next, physical_next = _tile_indices(first + BLOCKS_PER_TILE, end, slot, within, seq_len,
-                                                         sel_row, table_row, stride_sij, stride_btj, DENSE,
-                                                         BLOCK_SIZE)
-        else:
-            token_ok, physical = _tile_indices(first, end, slot, within, seq_len, sel_row, table_row, stride_sij,
-                                               stride_btj, DENSE, BLOCK_SIZE)
+        token_ok, physical = _tile_indices(first, end, slot, within, seq_len, sel_row, table_row, stride_sij,
+                                           stride_btj, DENSE, BLOCK_SIZE)
         k_rows = physical.to(tl.int64) * stride_kb + within * stride_kt
         v_rows = physical.to(tl.int64) * stride_vb + within * stride_vt
         k = tl.load(k_head + k_rows[:, None], mask=token_ok[:, None], other=0.0).to(COMPUTE_DTYPE)
@@ -238,14 +228,10 @@ class DecodePlan:
     acc: torch.Tensor | None  # [batch, num_q_heads, num_splits, head_dim] fp32 scratch; None with one split
     stats: torch.Tensor | None  # [batch, num_q_heads, num_splits, 2] fp32 scratch; None with one split
     arrivals: torch.Tensor | None  # [batch * num_kv_heads] int32 split counters, zero between calls; None with one
-    # merge the splits in the split launch (its last split per (request, KV head)) instead of a second launch; off
-    # until timed on a GPU against the combine launch (bench/profile_gsa_kernels.py)
+    # merge the splits in the split launch (its last split per (request, KV head)) instead of a second launch. Off:
+    # timed on an H200 and an H100 (bench/profile_gsa_kernels.py, 2026-12-05) it is 0.4-1.9 us faster on 2048-token
+    # lists and 2.3-2.9 us slower on dense and 0.3-ratio lists at batch 1 (the last split merges alone)
     fused_combine: bool = False
-    # load the next tile's list entries and physical blocks a step ahead (registers), so a step's K/V loads wait on
-    # no index load. Compiled for sm_90 at 3 stages (lists at 64-token tiles): without it the step waits on its
-    # block-table cp.async before issuing its K/V (one K/V buffer, ~39 KB of shared memory, 120 registers); with
-    # it Triton double-buffers K/V (64 KB, 128 registers: fewer programs an SM). Off until timed on a GPU.
-    prefetch_indices: bool = False
 
 
 def plan_decode(q: torch.Tensor, key_cache: torch.Tensor, max_blocks: int, *,
@@ -348,9 +334,8 @@ def _resolve_plan(plan: DecodePlan | None, q, key_cache, max_blocks: int, num_sp
     if shapes != planned or max_blocks > plan.max_blocks:
         raise ValueError(f"plan was made for (batch, num_q_heads, num_kv_heads, head_dim, block_size) = {planned} "
                          f"and lists of up to {plan.max_blocks} blocks; the call has {shapes} and {max_blocks}")
-    for name in ("fused_combine", "prefetch_indices"):
-        if not isinstance(getattr(plan, name), bool):
-            raise ValueError(f"plan.{name}={getattr(plan, name)!r}; expected True or False")
+    if not isinstance(plan.fused_combine, bool):
+        raise ValueError(f"plan.fused_combine={plan.fused_combine!r}; expected True or False")
     if plan.acc is not None:
         check_device("plan.acc", plan.acc, q.device)
     return plan
@@ -392,7 +377,7 @@ def _launch(plan: DecodePlan, q, key_cache, value_cache, block_table, seq_lens, 
         COMPUTE_DTYPE=compute_dtype(q.dtype),
         TILE_TOKENS=plan.tile_tokens, SEL_ROWS=sel_rows is not None, FUSED_COMBINE=fused,
         GROUP_POW2=triton.next_power_of_2(plan.num_q_heads // plan.num_kv_heads), SPLITS_CHUNK=_SPLITS_CHUNK,
-        PREFETCH_INDICES=plan.prefetch_indices, num_warps=plan.num_warps, num_stages=plan.num_stages,
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     if not direct and not fused:
         _COMBINE((plan.batch * plan.num_q_heads,),
