@@ -560,7 +560,7 @@ def check_lists_written_out(scores, seq_lens, lists):
         return (1, -value, int(math.copysign(1.0, value) < 0))
 
     for b, seq_len in enumerate(seq_lens.tolist()):
-        nb = -(-seq_len // SIZES["block_size"])
+        nb = min(-(-seq_len // SIZES["block_size"]), scores.shape[2])
         count = naive_num_selected(nb, **SIZES)
         middle = list(range(SIZES["init_window"], nb - SIZES["local_window"]))
         need = count - (nb - len(middle))
@@ -570,17 +570,23 @@ def check_lists_written_out(scores, seq_lens, lists):
             assert lists[0][b, h, :count].tolist() == expected, (b, h)
 
 
-@pytest.mark.parametrize("chunk", [4, 16, 64])
-def test_kth_largest_search_over_scores_of_every_magnitude(chunk, monkeypatch):
-    """Scores of random fp32 bit patterns (every exponent, both signs, some NaN and equal values): the search counts
-    over the row while more than a chunk of keys are undecided, then finishes four bits at a time over those keys
-    (chunk 64: at once; chunk 4: late or never). The lists are the rule written out at every chunk size."""
+@pytest.mark.parametrize("chunk,blocks", [(4, 60), (16, 60), (16, 40), (32, 60), (64, 60)])
+def test_kth_largest_search_over_scores_of_every_magnitude(chunk, blocks, monkeypatch):
+    """Scores of random fp32 bit patterns (every exponent, both signs, NaN of either sign, equal values) and a row of
+    values a few ulps apart (only low bits differ): the search counts over the row while more than a chunk of keys
+    are undecided, then finishes four bits at a time over those keys (chunk 64: at once; chunk 4: late, at a low bit
+    or never). Tables of 2 and 3 chunks make the four-chunk scans read past the keys (masked). The lists are the rule
+    written out at every chunk size."""
     gen = torch.Generator().manual_seed(11)
     seq_lens = torch.tensor([955, 700, 403, 229, 60], dtype=torch.int32, device=DEVICE)
-    scores = torch.randint(-2 ** 31, 2 ** 31 - 1, (5, 3, 60), generator=gen, dtype=torch.int64)
+    scores = torch.randint(-2 ** 31, 2 ** 31 - 1, (5, 3, blocks), generator=gen, dtype=torch.int64)
     scores = scores.to(torch.int32).view(torch.float32).clone()
     scores[1, 1, :30] = 0.5  # a run of ties across the threshold
     scores[:, :, 7:9] = scores[:, :, 3:5]  # equal pairs
+    one_ulps = torch.tensor(1.0).view(torch.int32) + torch.randint(0, 40, (blocks,), generator=gen, dtype=torch.int32)
+    scores[0, 2] = one_ulps.view(torch.float32)
+    for b, h, j, bits in ((0, 0, 10, -1), (3, 1, 5, -8388607), (1, 0, 20, 0x7F800001)):  # NaNs: -, -, +
+        scores[b, h, j] = torch.tensor(bits, dtype=torch.int32).view(torch.float32)
     monkeypatch.setattr(block_select_triton, "_SELECT_CHUNK", chunk)
     lists = select_from_scores(scores.to(DEVICE), seq_lens, **SIZES)
     check_lists_written_out(scores, seq_lens, lists)

@@ -170,8 +170,8 @@ def _gauss_log_mass(q_row, kmin_tile, kmax_tile, mask, scales, sm_scale, out, ti
 
 @triton.jit
 def _order_keys(scores):
-    """int32 keys in the order of the fp32 scores (NaN with the sign bit clear above +inf)."""
-    bits = scores.to(tl.int32, bitcast=True)
+    """int32 keys in the order of the fp32 scores, every NaN (either sign) above +inf: NaN ranks first."""
+    bits = tl.where(scores == scores, scores, float("nan")).to(tl.int32, bitcast=True)
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
@@ -369,7 +369,7 @@ def _select_kernel(
         keys = tl.load(key_row + j, mask=competing & (need > 0), other=-2147483648)
         tie = competing & (keys == threshold)
         sure = (j < nb) & (~competing | (keys > threshold))
-        # one scan for both running counts: ties in the high half, sure picks in the low (SCAN < 2**16)
+        # one scan for both running counts: ties in bits 16-30, sure picks in the low 16 (SCAN <= 2**14)
         counts = tl.cumsum((tie.to(tl.int32) << 16) | sure.to(tl.int32), axis=0)
         ties_taken = tl.minimum(ties_seen + (counts >> 16), ties_wanted) - tl.minimum(ties_seen, ties_wanted)
         take = sure | (tie & (ties_seen + (counts >> 16) <= ties_wanted))
@@ -767,6 +767,8 @@ def _launch_select(plan: SelectPlan, scores, seq_lens, sel_idx, sel_count, resel
     ``sel_idx`` / ``sel_count`` (only the rows ``reselect`` names, unless None; at the rows ``sel_rows`` names)."""
     shares = plan.group if plan.rule == GAUSS.value else 0
     n_chunks = plan.keys.shape[2] // plan.select_chunk - 1
+    scan = plan.select_chunk * min(_SCAN_CHUNKS, next_pow2(n_chunks))
+    assert scan <= 1 << 14, f"top-k scan of {scan} entries: its packed counts hold at most 2**14"
     _SELECT((plan.num_kv_heads, plan.batch),
         scores_ptr=scores, seq_lens_ptr=seq_lens, reselect_ptr=seq_lens if reselect is None else reselect,
         sel_rows_ptr=seq_lens if sel_rows is None else sel_rows, sel_idx_ptr=sel_idx, sel_count_ptr=sel_count,
@@ -776,7 +778,7 @@ def _launch_select(plan: SelectPlan, scores, seq_lens, sel_idx, sel_count, resel
         stride_ib=sel_idx.stride(0), stride_ih=sel_idx.stride(1), stride_ij=sel_idx.stride(2),
         stride_cb=sel_count.stride(0), stride_ch=sel_count.stride(1),
         BLOCK_SIZE=plan.block_size, CHUNK=plan.select_chunk, N_CHUNKS=n_chunks,
-        SCAN=plan.select_chunk * min(_SCAN_CHUNKS, next_pow2(n_chunks)),
+        SCAN=scan,
         MASKED=reselect is not None, SEL_ROWS=sel_rows is not None, SHARES=shares,
         SHARES_POW2=next_pow2(max(shares, 1)), num_warps=plan.select_warps,
     )
