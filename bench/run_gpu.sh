@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent-GPU session step: correctness on the GPU (compiled kernels), then benchmarks; JSON + logs under $OUT.
-# Usage: bench/run_gpu.sh {tests|transfer|sparse|offload|tp|all|quick|launch|select}   (wheels for pytest travel in .whl/, FlashInfer's in
+# Usage: bench/run_gpu.sh {tests|transfer|sparse|offload|tp|all|quick|launch|select|offload_ab}   (wheels for pytest travel in .whl/, FlashInfer's in
 # .flashinfer/: see BENCHMARKS.md)
 # Set UCM_COMMIT to the commit the working tree was copied from: the copy on the GPU machine has no .git.
 set -uo pipefail
@@ -67,5 +67,13 @@ case "${1:-all}" in
              step select_warps_base timeout 70 python3 -m bench.bench_block_select --warps
              step select_anatomy_base timeout 120 python3 -m bench.select_anatomy)
           fi ;;
+  # The taking-turns offload schedule of this tree and of an older one in .ab/base (carry [".ab"], UCM_BASE_COMMIT
+  # names it), each in a process of its own, the older first: the A/B of a regression in one call.
+  offload_ab) mkdir -p "$OUT/base"
+              (cd .ab/base && export OUT="$OUT/base" UCM_COMMIT="${UCM_BASE_COMMIT:-base}" PYTHONPATH="$PWD:${PYTHONPATH#*:}"
+               step bench_gsa_offload_alternating_base timeout 270 python3 -m bench.bench_gsa_offload --layers 8 \
+                   --schedules alternating)
+              step bench_gsa_offload_alternating timeout 270 python3 -m bench.bench_gsa_offload --layers 8 \
+                   --schedules alternating ;;
   tp|all) step bench_tp_ranks timeout 240 python3 -m bench.bench_tp_ranks --ranks 2 --blocks 2048 --dir /tmp ;;
 esac
