@@ -6,9 +6,13 @@ lowest == highest, so what is left is the launch, writing the keys and writing t
 whole search), at tables of 2K to 8K blocks and at chunk sizes (``_SELECT_CHUNK``) of 512 and 1024 entries; the
 difference of the two is the search. Every variant's lists are checked against the planned chunk's first.
 
-Usage, on the GPU: ``python -m bench.select_anatomy`` (JSON under $OUT or bench/results/). It only uses
+Usage, on the GPU: ``python -m bench.select_anatomy`` (JSON under $OUT or bench/results/); ``--smoke``: small
+tables through the same code and checks on the CPU (tests/benchmarks). It only uses
 ``select_from_scores`` and ``_SELECT_CHUNK``, so the same file runs over an older tree for an A/B in one call.
 """
+import sys
+import time
+
 import torch
 from triton.testing import do_bench
 
@@ -24,46 +28,64 @@ SETTINGS = {"ratio0.3": dict(sparse_ratio=0.3), "budget2048": dict(sparse_ratio=
 SIZES = dict(block_size=16, init_window=1, local_window=4, min_blocks=8)
 
 
-def timed_lists(scores: torch.Tensor, seq_lens: torch.Tensor, chunk: int, setting: dict) -> tuple[float, tuple]:
-    """(replay microseconds, lists) of select_from_scores at this chunk size."""
+def timed_lists(scores: torch.Tensor, seq_lens: torch.Tensor, chunk: int, setting: dict, timer) -> tuple[float, tuple]:
+    """(microseconds by ``timer``, lists) of select_from_scores at this chunk size."""
     planned = block_select_triton._SELECT_CHUNK
     block_select_triton._SELECT_CHUNK = chunk
     try:
         lists = select_from_scores(scores, seq_lens, **SIZES, **setting)
-        graph = graph_of(lambda: select_from_scores(scores, seq_lens, **SIZES, **setting, out=lists))
+        us = timer(lambda: select_from_scores(scores, seq_lens, **SIZES, **setting, out=lists))
     finally:
         block_select_triton._SELECT_CHUNK = planned
-    replay_us = do_bench(graph.replay, warmup=25, rep=100, return_mode="median") * 1e3
-    return replay_us, lists
+    return us, lists
 
 
-def rows_for(blocks: int) -> list[dict]:
-    gen = torch.Generator(device="cuda").manual_seed(blocks)
-    seq_lens = torch.tensor([blocks * 16], dtype=torch.int32, device="cuda")
+def graph_replay_us(fn) -> float:
+    """``fn`` captured in a CUDA graph: the replay's median in microseconds."""
+    return do_bench(graph_of(fn).replay, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def wall_us(fn) -> float:
+    """One call's wall time in microseconds (the CPU smoke run: the interpreter's time means nothing, the checks do)."""
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e6
+
+
+def rows_for(blocks: int, chunks: tuple, device: str = "cuda", timer=graph_replay_us) -> list[dict]:
+    """Every (scores, setting, chunk) row of one request of ``blocks`` blocks; each chunk's lists checked against
+    the first chunk's."""
+    gen = torch.Generator(device=device).manual_seed(blocks)
+    seq_lens = torch.tensor([blocks * 16], dtype=torch.int32, device=device)
     rows = []
     for dist in ("equal", "normal"):
         if dist == "equal":
-            scores = torch.ones(1, HEADS, blocks, device="cuda")
+            scores = torch.ones(1, HEADS, blocks, device=device)
         else:
-            scores = torch.randn(1, HEADS, blocks, device="cuda", generator=gen)
+            scores = torch.randn(1, HEADS, blocks, device=device, generator=gen)
         for name, setting in SETTINGS.items():
             expected = None
-            for chunk in CHUNKS:
-                replay_us, lists = timed_lists(scores, seq_lens, chunk, setting)
+            for chunk in chunks:
+                us, lists = timed_lists(scores, seq_lens, chunk, setting, timer)
                 if expected is None:
                     expected = [t.clone() for t in lists]
                 assert all(torch.equal(a, b) for a, b in zip(lists, expected)), (blocks, dist, name, chunk)
                 row = {"blocks": blocks, "scores": dist, "setting": name, "chunk": chunk,
-                       "planned": chunk == block_select_triton._SELECT_CHUNK, "replay_us": round(replay_us, 2)}
+                       "planned": chunk == block_select_triton._SELECT_CHUNK, "replay_us": round(us, 2)}
                 print(row, flush=True)
                 rows.append(row)
     return rows
 
 
-def main() -> None:
-    rows = [row for blocks in BLOCKS for row in rows_for(blocks)]
+def main(argv: list[str] | None = None) -> list[dict]:
+    """The GPU run (JSON written), or with ``--smoke`` two small tables at chunks of 4 and 16 entries on the CPU
+    (the Triton interpreter) through the same code and checks; returns the rows."""
+    if argv is not None and "--smoke" in argv:
+        return [row for blocks in (40, 60) for row in rows_for(blocks, (4, 16), "cpu", wall_us)]
+    rows = [row for blocks in BLOCKS for row in rows_for(blocks, CHUNKS)]
     print(write_results("select_anatomy", rows, {}))
+    return rows
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
