@@ -15,7 +15,7 @@ Usage (lent GPU): ``python -m bench.bench_rerank``; JSON under $OUT or bench/res
 import torch
 
 from bench.bench_sparse_decode import median_ms, paged_inputs
-from bench.harness import measure_copy_ceilings, row, write_results
+from bench.harness import row, run_shapes
 from ucm_kernels.block_mass import block_lse2
 from ucm_kernels.block_repr import empty_block_repr, update_block_repr
 from ucm_kernels.block_select import plan_select
@@ -96,12 +96,7 @@ def shape_rows(batch: int, context: int) -> list[dict]:
 
 
 def main() -> None:
-    torch.manual_seed(0)
-    rows = []
-    for batch, context in SHAPES:
-        rows += shape_rows(batch, context)
-        torch.cuda.empty_cache()
-    print(write_results("rerank", rows, measure_copy_ceilings(), extra={"gsa": CONFIG, "block_size": BLOCK}))
+    run_shapes("rerank", SHAPES, shape_rows, extra={"gsa": CONFIG, "block_size": BLOCK})
 
 
 if __name__ == "__main__":

@@ -94,6 +94,21 @@ def write_results(bench: str, rows: list[dict], ceilings: dict, extra: dict | No
     return path
 
 
+def run_shapes(bench: str, shapes, shape_rows, extra: dict | None = None) -> list[dict]:
+    """The GPU run of a benchmark over ``shapes`` ((batch, context) pairs): the copy ceilings measured first, then
+    ``shape_rows(batch, context)`` per shape (seeded, the allocator's cache emptied after each), the JSON rewritten
+    after every shape so a run cut short keeps the shapes it finished; returns the rows."""
+    torch.manual_seed(0)
+    ceilings = measure_copy_ceilings()
+    rows = []
+    for batch, context in shapes:
+        rows += shape_rows(batch, context)
+        torch.cuda.empty_cache()
+        path = write_results(bench, rows, ceilings, extra)
+    print(f"wrote {path}")
+    return rows
+
+
 def wall_median_ms(run, iters: int) -> float:
     """Median wall time in ms of ``run()`` then a device sync, each call starting on an idle GPU."""
     times = []

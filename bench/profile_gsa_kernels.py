@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
 from bench.bench_sparse_decode import SELECTIONS, attend, build_case, dense, graph_of, rule_reprs, select
-from bench.harness import write_results
+from bench.harness import run_shapes
 from ucm_kernels.block_select.triton import _launch_select
 from ucm_kernels.sparse_decode import dense_decode, sparse_decode
 
@@ -124,12 +124,7 @@ def shape_rows(batch: int, context: int) -> list[dict]:
 
 
 def main() -> None:
-    torch.manual_seed(0)
-    rows = []
-    for batch, context in SHAPES:
-        rows += shape_rows(batch, context)
-        torch.cuda.empty_cache()
-        write_results("gsa_kernel_profile", rows, {}, extra={"replays": REPLAYS})
+    run_shapes("gsa_kernel_profile", SHAPES, shape_rows, extra={"replays": REPLAYS})
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 from triton.testing import do_bench
 
 from bench.bench_sparse_decode import graph_of
-from bench.harness import write_results
+from bench.harness import measure_copy_ceilings, write_results
 from ucm_kernels.block_select import select_from_scores
 from ucm_kernels.block_select import triton as block_select_triton
 
@@ -82,8 +82,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     (the Triton interpreter) through the same code and checks; returns the rows."""
     if argv is not None and "--smoke" in argv:
         return [row for blocks in (40, 60) for row in rows_for(blocks, (4, 16), "cpu", wall_us)]
+    ceilings = measure_copy_ceilings()
     rows = [row for blocks in BLOCKS for row in rows_for(blocks, CHUNKS)]
-    print(write_results("select_anatomy", rows, {}))
+    print(write_results("select_anatomy", rows, ceilings))
     return rows
 
 
