@@ -51,13 +51,12 @@ case "${1:-all}" in
           OUT="$OUT/plain" UCM_PLAIN_TRITON_LAUNCH=1 step bench_gsa_offload_steady timeout 170 \
                 python3 -m bench.bench_gsa_offload --layers 8 --schedules steady
           step bench_gsa_offload_steady timeout 170 python3 -m bench.bench_gsa_offload --layers 8 --schedules steady ;;
-  # The chunked top-k and the fused split combine: their GPU tests, the per-kernel profile (with the combine
-  # variants), the top-k warp sweep at 8192- and 8195-block tables and its anatomy (bench/select_anatomy.py), and
-  # the same two of an older tree in .ab/base when carried there (git worktree add .ab/base <commit>; carry
-  # [".ab"]; UCM_BASE_COMMIT names it), the before of an A/B in one run.
+  # The chunked top-k and the fused split combine: their GPU tests, the top-k warp sweep at 8192- and 8195-block
+  # tables and its anatomy (bench/select_anatomy.py), the same two of an older tree in .ab/base when carried there
+  # (git worktree add .ab/base <commit>; carry [".ab"]; UCM_BASE_COMMIT names it), the before of an A/B in one run,
+  # and last (the longest, so a call cut at its limit keeps the A/B) the per-kernel profile with the combine variants.
   select) step gpu_tests_select timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_block_select.py \
                 tests/kernels/test_sparse_decode.py tests/sparse/test_gsa.py
-          step profile_gsa_kernels timeout 280 python3 -m bench.profile_gsa_kernels
           step select_warps timeout 70 python3 -m bench.bench_block_select --warps
           step select_anatomy timeout 120 python3 -m bench.select_anatomy
           if [ -d .ab/base ]; then
@@ -66,7 +65,8 @@ case "${1:-all}" in
             (cd .ab/base && export OUT="$OUT/base" UCM_COMMIT="${UCM_BASE_COMMIT:-base}" PYTHONPATH="$PWD:${PYTHONPATH#*:}"
              step select_warps_base timeout 70 python3 -m bench.bench_block_select --warps
              step select_anatomy_base timeout 120 python3 -m bench.select_anatomy)
-          fi ;;
+          fi
+          step profile_gsa_kernels timeout 280 python3 -m bench.profile_gsa_kernels ;;
   # The taking-turns offload schedule of this tree and of an older one in .ab/base (carry [".ab"], UCM_BASE_COMMIT
   # names it), each in a process of its own, the older first: the A/B of a regression in one call.
   offload_ab) mkdir -p "$OUT/base"
