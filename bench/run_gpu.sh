@@ -6,6 +6,7 @@
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-bench/results}"
+BASE="${UCM_BASE_DIR:-.ab/base}"  # the older tree of an A/B (a git worktree carried over), UCM_BASE_COMMIT names it
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
@@ -52,25 +53,25 @@ case "${1:-all}" in
                 python3 -m bench.bench_gsa_offload --layers 8 --schedules steady
           step bench_gsa_offload_steady timeout 170 python3 -m bench.bench_gsa_offload --layers 8 --schedules steady ;;
   # The chunked top-k and the fused split combine: their GPU tests, the top-k warp sweep at 8192- and 8195-block
-  # tables and its anatomy (bench/select_anatomy.py), the same two of an older tree in .ab/base when carried there
+  # tables and its anatomy (bench/select_anatomy.py), the same two of an older tree in $BASE when carried there
   # (git worktree add .ab/base <commit>; carry [".ab"]; UCM_BASE_COMMIT names it), the before of an A/B in one run,
   # and last (the longest, so a call cut at its limit keeps the A/B) the per-kernel profile with the combine variants.
   select) step gpu_tests_select timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_block_select.py \
                 tests/kernels/test_sparse_decode.py tests/sparse/test_gsa.py
           step select_warps timeout 70 python3 -m bench.bench_block_select --warps
           step select_anatomy timeout 120 python3 -m bench.select_anatomy
-          if [ -d .ab/base ]; then
+          if [ -d "$BASE" ]; then
             mkdir -p "$OUT/base"
-            cp bench/select_anatomy.py .ab/base/bench/  # it only uses select_from_scores: any tree runs it
-            (cd .ab/base && export OUT="$OUT/base" UCM_COMMIT="${UCM_BASE_COMMIT:-base}" PYTHONPATH="$PWD:${PYTHONPATH#*:}"
+            cp bench/select_anatomy.py "$BASE/bench/"  # it only uses select_from_scores: any tree runs it
+            (cd "$BASE" && export OUT="$OUT/base" UCM_COMMIT="${UCM_BASE_COMMIT:-base}" PYTHONPATH="$PWD:${PYTHONPATH#*:}"
              step select_warps_base timeout 70 python3 -m bench.bench_block_select --warps
              step select_anatomy_base timeout 120 python3 -m bench.select_anatomy)
           fi
           step profile_gsa_kernels timeout 280 python3 -m bench.profile_gsa_kernels ;;
-  # The taking-turns offload schedule of this tree and of an older one in .ab/base (carry [".ab"], UCM_BASE_COMMIT
+  # The taking-turns offload schedule of this tree and of an older one in $BASE (carry [".ab"], UCM_BASE_COMMIT
   # names it), each in a process of its own, the older first: the A/B of a regression in one call.
   offload_ab) mkdir -p "$OUT/base"
-              (cd .ab/base && export OUT="$OUT/base" UCM_COMMIT="${UCM_BASE_COMMIT:-base}" PYTHONPATH="$PWD:${PYTHONPATH#*:}"
+              (cd "$BASE" && export OUT="$OUT/base" UCM_COMMIT="${UCM_BASE_COMMIT:-base}" PYTHONPATH="$PWD:${PYTHONPATH#*:}"
                step bench_gsa_offload_alternating_base timeout 270 python3 -m bench.bench_gsa_offload --layers 8 \
                    --schedules alternating)
               step bench_gsa_offload_alternating timeout 270 python3 -m bench.bench_gsa_offload --layers 8 \
