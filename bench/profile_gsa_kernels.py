@@ -5,11 +5,9 @@ budget; Quest on bf16 reprs), the layer's select + attend and our dense decode a
 (``bench_sparse_decode``'s inputs and plans). Per graph: the replay's median (``do_bench``, L2 cleared before every
 replay) and, from torch.profiler over REPLAYS replays (L2 cleared between them too), each kernel's device time per
 replay; the replay time minus the summed kernel times is what the graph spends between and around its kernels.
-Variants, replay times only, each checked against the first: dense and sparse attention with the splits merged by a
-second launch (the planned default) and in the split launch (``fused_combine``); the selection at each score tile of
-SCORE_TILES; the top-k launch
-alone at each warp count of WARPS (same lists as the planned warps), to tell a program that is issue-bound (time
-flat in warps) from one that waits on its reductions' barriers (time grows with warps).
+Variants, replay times only, each checked against the first: the selection at each score tile of SCORE_TILES; the
+top-k launch alone at each warp count of WARPS (same lists as the planned warps), to tell a program that is
+issue-bound (time flat in warps) from one that waits on its reductions' barriers (time grows with warps).
 
 Usage, on the GPU: ``python -m bench.profile_gsa_kernels`` (JSON under $OUT or bench/results/).
 """
@@ -22,7 +20,6 @@ from triton.testing import do_bench
 from bench.bench_sparse_decode import SELECTIONS, attend, build_case, dense, graph_of, rule_reprs, select
 from bench.harness import run_shapes
 from ucm_kernels.block_select.triton import _launch_select
-from ucm_kernels.sparse_decode import dense_decode, sparse_decode
 
 SHAPES = ((1, 131072), (1, 131168), (8, 131072), (32, 32768))  # 131168 tokens: an 8198-block table
 REPLAYS = 20
@@ -93,27 +90,16 @@ def variant_rows(name: str, shape: str, run, plans: dict) -> list[dict]:
     return rows
 
 
-def combine_variants(plan) -> dict:
-    """The planned attention (splits merged by the combine launch) and the fused combine."""
-    return {combine: dataclasses.replace(plan, fused_combine=combine == "fused_combine")
-            for combine in ("combine_launch", "fused_combine")}
-
-
 def shape_rows(batch: int, context: int) -> list[dict]:
     case = build_case(batch, context)
     out = torch.empty_like(case.q)
     rows = [graph_row("dense", case.shape, lambda: dense(case, out))]
-    rows += variant_rows("dense", case.shape, lambda plan: dense_decode(
-        case.q, case.kv[0], case.kv[1], case.block_table, case.seq_lens, out=out, plan=plan),
-        combine_variants(case.decode_plans["dense"]))
     for selection in SELECTIONS:
         rows.append(graph_row(f"select_attend_{selection}", case.shape,
                               lambda: attend(case, selection, *select(case, selection, "quest"), out)))
         rows.append(graph_row(f"select_{selection}", case.shape, lambda: select(case, selection, "quest")))
         lists = select(case, selection, "quest")
-        rows += variant_rows(f"attend_{selection}", case.shape, lambda plan: sparse_decode(
-            case.q, case.kv[0], case.kv[1], case.block_table, case.seq_lens, *lists, out=out, plan=plan),
-            combine_variants(case.decode_plans[selection]))
+        rows.append(graph_row(f"attend_{selection}", case.shape, lambda: attend(case, selection, *lists, out)))
         plan = case.select_plans[selection, "quest"]
         reprs = rule_reprs(case, "quest")
         rows += variant_rows(f"select_{selection}", case.shape, lambda tiled: tiled.run(

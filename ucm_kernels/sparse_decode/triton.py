@@ -28,7 +28,6 @@ _MIN_TOKENS_PER_SPLIT = 128  # one tile-aligned chunk; short lists on a small ba
 _MAX_SPLITS = 64  # bounds the combine kernel's registers ([splits, head_dim] fp32)
 _PROGRAMS_PER_SM = 8  # lists: several waves, so the last one's tail is a small share of the time
 _DENSE_PROGRAMS_PER_SM = 4  # dense: whole waves of these (see _choose_num_splits)
-_SPLITS_CHUNK = 8  # splits a fused combine reads per step ([group, 8, head_dim] fp32 partials)
 
 
 @triton.jit(do_not_specialize=["num_splits", "chunk_blocks"])
@@ -44,7 +43,6 @@ def _sparse_decode_split_kernel(
     out_ptr,  # [batch, num_q_heads, head_dim] q's dtype (written when DIRECT)
     acc_ptr,  # [batch, num_q_heads, num_splits, head_dim] fp32 scratch, contiguous (None when DIRECT)
     stats_ptr,  # [batch, num_q_heads, num_splits, 2] fp32 scratch (max in log2 units, sum), contiguous
-    arrivals_ptr,  # [batch * num_kv_heads] int32, zero between launches (read if FUSED_COMBINE)
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -55,7 +53,7 @@ def _sparse_decode_split_kernel(
     num_kv_heads, num_splits, chunk_blocks, qk_scale_log2,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     DENSE: tl.constexpr, DIRECT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, TILE_TOKENS: tl.constexpr,
-    SEL_ROWS: tl.constexpr, FUSED_COMBINE: tl.constexpr, GROUP_POW2: tl.constexpr, SPLITS_CHUNK: tl.constexpr,
+    SEL_ROWS: tl.constexpr,
 ):
     pid_head = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
@@ -120,12 +118,6 @@ def _sparse_decode_split_kernel(
         tl.store(acc_ptr + partial[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None])
         tl.store(stats_ptr + partial * 2, m_i, mask=row_ok)
         tl.store(stats_ptr + partial * 2 + 1, l_i, mask=row_ok)
-        if FUSED_COMBINE:
-            tl.debug_barrier()  # every thread's partial stores precede the release below
-            if tl.atomic_add(arrivals_ptr + pid_head, 1, sem="acq_rel") == num_splits - 1:
-                _combine_group(acc_ptr, stats_ptr, out_ptr + b * stride_ob, (b * num_kv_heads + h) * GROUP,
-                               h * GROUP, num_splits, stride_oh, stride_od, GROUP, GROUP_POW2, HEAD_DIM, SPLITS_CHUNK)
-                tl.store(arrivals_ptr + pid_head, 0)  # every split has arrived: the next launch starts from zero
 
 
 @triton.jit
@@ -141,43 +133,6 @@ def _tile_indices(first, end, slot, within, seq_len, sel_row, table_row, stride_
         logical = tl.load(sel_row + entry * stride_sij, mask=entry_ok, other=-1)
     token_ok = entry_ok & (logical >= 0) & (logical * BLOCK_SIZE + within < seq_len)
     return token_ok, tl.load(table_row + logical * stride_btj, mask=token_ok, other=0)
-
-
-@triton.jit
-def _combine_group(acc_ptr, stats_ptr, out_row_ptr, first_partial_row, first_q_head, num_splits, stride_oh, stride_od,
-                   GROUP: tl.constexpr, GROUP_POW2: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS_CHUNK: tl.constexpr):
-    """Merge the splits' partials of one (request, KV head)'s GROUP query heads into the output, SPLITS_CHUNK
-    splits at a time (two passes: the largest max, then the weighted sums). Partials are read from L2 (``.cg``):
-    other programs wrote them."""
-    g = tl.arange(0, GROUP_POW2)
-    rows = first_partial_row + g
-    row_ok = g < GROUP
-    dims = tl.arange(0, HEAD_DIM)
-    m_max = tl.full([GROUP_POW2], float("-inf"), tl.float32)
-    for start in range(0, num_splits, SPLITS_CHUNK):
-        splits = start + tl.arange(0, SPLITS_CHUNK)
-        ok = row_ok[:, None] & (splits < num_splits)[None, :]
-        partial = rows[:, None] * num_splits + splits[None, :]
-        m = tl.load(stats_ptr + partial * 2, mask=ok, other=float("-inf"), cache_modifier=".cg")
-        m_max = tl.maximum(m_max, tl.max(m, 1))
-    m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
-    total = tl.zeros([GROUP_POW2], tl.float32)
-    acc = tl.zeros([GROUP_POW2, HEAD_DIM], tl.float32)
-    for start in range(0, num_splits, SPLITS_CHUNK):
-        splits = start + tl.arange(0, SPLITS_CHUNK)
-        ok = row_ok[:, None] & (splits < num_splits)[None, :]
-        partial = rows[:, None] * num_splits + splits[None, :]
-        m = tl.load(stats_ptr + partial * 2, mask=ok, other=float("-inf"), cache_modifier=".cg")
-        sums = tl.load(stats_ptr + partial * 2 + 1, mask=ok, other=0.0, cache_modifier=".cg")
-        weight = tl.exp2(m - m_ref[:, None])  # 0 for an empty split (max -inf)
-        total += tl.sum(weight * sums, 1)
-        parts = tl.load(acc_ptr + partial[:, :, None] * HEAD_DIM + dims[None, None, :], mask=ok[:, :, None],
-                        other=0.0, cache_modifier=".cg")
-        acc += tl.sum(parts * weight[:, :, None], 1)
-    out = acc / tl.where(total > 0, total, 1.0)[:, None]
-    q_heads = first_q_head + g
-    tl.store(out_row_ptr + q_heads[:, None] * stride_oh + dims[None, :] * stride_od,
-             out.to(out_row_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -227,11 +182,6 @@ class DecodePlan:
     num_stages: int
     acc: torch.Tensor | None  # [batch, num_q_heads, num_splits, head_dim] fp32 scratch; None with one split
     stats: torch.Tensor | None  # [batch, num_q_heads, num_splits, 2] fp32 scratch; None with one split
-    arrivals: torch.Tensor | None  # [batch * num_kv_heads] int32 split counters, zero between calls; None with one
-    # merge the splits in the split launch (its last split per (request, KV head)) instead of a second launch. Off:
-    # timed on an H200 and an H100 (bench/profile_gsa_kernels.py, 2026-12-05) it is 0.4-1.9 us faster on 2048-token
-    # lists and 2.3-2.9 us slower on dense and 0.3-ratio lists at batch 1 (the last split merges alone)
-    fused_combine: bool = False
 
 
 def plan_decode(q: torch.Tensor, key_cache: torch.Tensor, max_blocks: int, *,
@@ -264,14 +214,13 @@ def plan_decode(q: torch.Tensor, key_cache: torch.Tensor, max_blocks: int, *,
         num_splits = _choose_num_splits(batch * num_kv_heads, max_blocks, block_size, q.device, dense)
     chunk_blocks = _chunk_blocks(max_blocks, num_splits, block_size)
     num_splits = max(1, triton.cdiv(max_blocks, chunk_blocks))
-    acc = stats = arrivals = None
+    acc = stats = None
     if num_splits > 1:
         acc = torch.empty(batch, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         stats = torch.empty(batch, num_q_heads, num_splits, 2, dtype=torch.float32, device=q.device)
-        arrivals = torch.zeros(batch * num_kv_heads, dtype=torch.int32, device=q.device)
     tile_tokens, num_warps, num_stages = _choose_tile(chunk_blocks * block_size, dense)
     return DecodePlan(batch, num_q_heads, num_kv_heads, head_dim, block_size, max_blocks, num_splits, chunk_blocks,
-                      tile_tokens, num_warps, num_stages, acc, stats, arrivals)
+                      tile_tokens, num_warps, num_stages, acc, stats)
 
 
 def sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
@@ -334,8 +283,6 @@ def _resolve_plan(plan: DecodePlan | None, q, key_cache, max_blocks: int, num_sp
     if shapes != planned or max_blocks > plan.max_blocks:
         raise ValueError(f"plan was made for (batch, num_q_heads, num_kv_heads, head_dim, block_size) = {planned} "
                          f"and lists of up to {plan.max_blocks} blocks; the call has {shapes} and {max_blocks}")
-    if not isinstance(plan.fused_combine, bool):
-        raise ValueError(f"plan.fused_combine={plan.fused_combine!r}; expected True or False")
     if plan.acc is not None:
         check_device("plan.acc", plan.acc, q.device)
     return plan
@@ -346,20 +293,18 @@ _SPLIT, _COMBINE = Launcher(_sparse_decode_split_kernel), Launcher(_combine_spli
 
 def _launch(plan: DecodePlan, q, key_cache, value_cache, block_table, seq_lens, sel_idx, sel_count, scale, out,
             sel_rows=None):
-    """The split kernel (writing ``out`` itself with one split or a fused combine), then the combine kernel with
-    several splits and no fused combine."""
+    """The split kernel (writing ``out`` itself with one split), then the combine kernel with several splits."""
     out = _check_or_alloc_out(q, out)
     head_dim = q.shape[2]
     scale = head_dim ** -0.5 if scale is None else scale
     dense = sel_idx is None
     direct = plan.num_splits == 1
-    fused = not direct and plan.fused_combine
     sel_strides = (0, 0, 0) if dense else sel_idx.stride()
     count_strides = (0, 0) if dense else sel_count.stride()
     _SPLIT((plan.batch * plan.num_kv_heads, plan.num_splits),
         q_ptr=q, k_cache_ptr=key_cache, v_cache_ptr=value_cache, block_table_ptr=block_table,
         seq_lens_ptr=seq_lens, sel_idx_ptr=sel_idx, sel_count_ptr=sel_count, sel_rows_ptr=sel_rows, out_ptr=out,
-        acc_ptr=plan.acc, stats_ptr=plan.stats, arrivals_ptr=plan.arrivals,
+        acc_ptr=plan.acc, stats_ptr=plan.stats,
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qd=q.stride(2),
         stride_kb=key_cache.stride(0), stride_kt=key_cache.stride(1), stride_kh=key_cache.stride(2),
         stride_kd=key_cache.stride(3),
@@ -375,11 +320,10 @@ def _launch(plan: DecodePlan, q, key_cache, value_cache, block_table, seq_lens, 
         GROUP_PAD=max(16, triton.next_power_of_2(plan.num_q_heads // plan.num_kv_heads)), HEAD_DIM=head_dim,
         BLOCK_SIZE=plan.block_size, DENSE=dense, DIRECT=direct,
         COMPUTE_DTYPE=compute_dtype(q.dtype),
-        TILE_TOKENS=plan.tile_tokens, SEL_ROWS=sel_rows is not None, FUSED_COMBINE=fused,
-        GROUP_POW2=triton.next_power_of_2(plan.num_q_heads // plan.num_kv_heads), SPLITS_CHUNK=_SPLITS_CHUNK,
+        TILE_TOKENS=plan.tile_tokens, SEL_ROWS=sel_rows is not None,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
-    if not direct and not fused:
+    if not direct:
         _COMBINE((plan.batch * plan.num_q_heads,),
             acc_ptr=plan.acc, stats_ptr=plan.stats, out_ptr=out,
             stride_ob=out.stride(0), stride_oh=out.stride(1), stride_od=out.stride(2),
