@@ -29,6 +29,7 @@ import argparse
 import collections
 import cProfile
 import io
+import itertools
 import os
 import pstats
 import statistics
@@ -380,15 +381,17 @@ def profile_offload(workload: Workload, pool, out_dir: str) -> None:
     print(f"wrote {path}")
 
 
-def profile_gpu(workload: Workload, pool, out_dir: str, steps: int = 6) -> None:
-    """Steady schedule, on-device GSA and the offload mode (prefetch off) each alone: the device time of every kernel
-    over ``steps`` steps after the warm-up (torch.profiler), per mode in ``out_dir``/gsa_offload_gpu_profile.txt."""
+def profile_gpu(workload: Workload, pool, out_dir: str, schedules: list[str], steps: int = 6) -> None:
+    """Per schedule, on-device GSA and the offload mode (prefetch off) each alone: the device time of every kernel
+    over ``steps`` steps after the warm-up (torch.profiler), per schedule and mode in
+    ``out_dir``/gsa_offload_gpu_profile.txt."""
     shape = workload.shape
     text = []
-    for name in ("gsa_on_device", "gsa_offload_prefetch_off"):
+    for schedule_name, name in itertools.product(schedules, ("gsa_on_device", "gsa_offload_prefetch_off")):
+        plan = schedule(shape, schedule_name)[:shape.warmup + steps]
+        per_step = len(plan[0])  # as bench_schedule sizes the GPU budget
         mode = (OnDevice(workload, PagedKV(workload), sparse=True) if name == "gsa_on_device" else
-                Offloaded(workload, offload_config(shape, shape.batch, 0), pool))
-        plan = schedule(shape, "steady")[:shape.warmup + steps]
+                Offloaded(workload, offload_config(shape, per_step, 0), pool))
         lockstep(workload, plan[:shape.warmup], {name: mode})
         activities = [torch.profiler.ProfilerActivity.CPU]
         if workload.device.type == "cuda":
@@ -399,7 +402,7 @@ def profile_gpu(workload: Workload, pool, out_dir: str, steps: int = 6) -> None:
             sync(workload.device)
         order = "cuda_time_total" if workload.device.type == "cuda" else "cpu_time_total"
         table = profile.key_averages().table(sort_by=order, row_limit=25, max_name_column_width=60)
-        text += [f"== {name}: {steps} steady steps of {shape.layers} layers, device time by kernel", table]
+        text += [f"== {name}: {steps} {schedule_name} steps of {shape.layers} layers, device time by kernel", table]
         if hasattr(mode, "close"):
             mode.close()
         del mode
@@ -466,7 +469,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--schedules", nargs="+", choices=("steady", "alternating"), default=["steady", "alternating"],
                         help="the batch-8 schedules to run (default both)")
     parser.add_argument("--profile", action="store_true", help="only profile the host side of the steady steps")
-    parser.add_argument("--gpu-profile", action="store_true", help="only the device time by kernel of steady steps")
+    parser.add_argument("--gpu-profile", action="store_true",
+                        help="only the device time by kernel of each schedule's steps")
     args = parser.parse_args(argv)
     device = _device()
     if args.smoke:
@@ -486,9 +490,11 @@ def main(argv: list[str] | None = None) -> None:
         pool = host_pool(shape, device, copies=2)  # prefetch off and on run side by side
         workload = Workload(shape, device)
         workload.build_streams()
-        if args.profile or args.gpu_profile:
-            profile = profile_gpu if args.gpu_profile else profile_offload
-            profile(workload, pool, os.environ.get("OUT", "bench/results"))
+        if args.gpu_profile:
+            profile_gpu(workload, pool, os.environ.get("OUT", "bench/results"), args.schedules)
+            return
+        if args.profile:
+            profile_offload(workload, pool, os.environ.get("OUT", "bench/results"))
             return
         cache = PagedKV(workload)
         for name in args.schedules:

@@ -69,12 +69,16 @@ case "${1:-all}" in
           fi
           step profile_gsa_kernels timeout 280 python3 -m bench.profile_gsa_kernels ;;
   # The taking-turns offload schedule of this tree and of an older one in $BASE (carry [".ab"], UCM_BASE_COMMIT
-  # names it), each in a process of its own, the older first: the A/B of a regression in one call.
+  # names it), each in a process of its own, the older first, then this tree's device time by kernel of the same
+  # schedule: the A/B of a regression and where it goes, in one call. 4 layers (the per-step ratio to the PCIe floor
+  # is per layer; half the setup of 8).
   offload_ab) mkdir -p "$OUT/base"
               (cd "$BASE" && export OUT="$OUT/base" UCM_COMMIT="${UCM_BASE_COMMIT:-base}" PYTHONPATH="$PWD:${PYTHONPATH#*:}"
-               step bench_gsa_offload_alternating_base timeout 270 python3 -m bench.bench_gsa_offload --layers 8 \
+               step bench_gsa_offload_alternating_base timeout 200 python3 -m bench.bench_gsa_offload --layers 4 \
                    --schedules alternating)
-              step bench_gsa_offload_alternating timeout 270 python3 -m bench.bench_gsa_offload --layers 8 \
-                   --schedules alternating ;;
+              step bench_gsa_offload_alternating timeout 200 python3 -m bench.bench_gsa_offload --layers 4 \
+                   --schedules alternating
+              step gsa_offload_gpu_profile_alternating timeout 170 python3 -m bench.bench_gsa_offload --layers 4 \
+                   --schedules alternating --gpu-profile ;;
   tp|all) step bench_tp_ranks timeout 240 python3 -m bench.bench_tp_ranks --ranks 2 --blocks 2048 --dir /tmp ;;
 esac
