@@ -52,10 +52,10 @@ case "${1:-all}" in
           OUT="$OUT/plain" UCM_PLAIN_TRITON_LAUNCH=1 step bench_gsa_offload_steady timeout 170 \
                 python3 -m bench.bench_gsa_offload --layers 8 --schedules steady
           step bench_gsa_offload_steady timeout 170 python3 -m bench.bench_gsa_offload --layers 8 --schedules steady ;;
-  # The chunked top-k and the fused split combine: their GPU tests, the top-k warp sweep at 8192- and 8195-block
+  # The chunked top-k: the GPU tests of selection and decode, the top-k warp sweep at 8192- and 8195-block
   # tables and its anatomy (bench/select_anatomy.py), the same two of an older tree in $BASE when carried there
   # (git worktree add .ab/base <commit>; carry [".ab"]; UCM_BASE_COMMIT names it), the before of an A/B in one run,
-  # and last (the longest, so a call cut at its limit keeps the A/B) the per-kernel profile with the combine variants.
+  # and last (the longest, so a call cut at its limit keeps the A/B) the per-kernel profile.
   select) step gpu_tests_select timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_block_select.py \
                 tests/kernels/test_sparse_decode.py tests/sparse/test_gsa.py
           step select_warps timeout 70 python3 -m bench.bench_block_select --warps
@@ -82,3 +82,8 @@ case "${1:-all}" in
                    --schedules alternating --gpu-profile ;;
   tp|all) step bench_tp_ranks timeout 240 python3 -m bench.bench_tp_ranks --ranks 2 --blocks 2048 --dir /tmp ;;
 esac
+# At most 8 files come back from a lent machine: when more were written, the logs travel as one archive (the JSON
+# results stay files of their own).
+if [ "$(find "$OUT" -type f | wc -l)" -gt 8 ]; then
+  (cd "$OUT" && find . -name '*.log' -print0 | tar czf logs.tar.gz --null -T - --remove-files)
+fi

@@ -4,11 +4,10 @@
 list, gathers ``TILE_TOKENS`` tokens of K and V per step through the block table (several 16-token blocks per
 step keep enough bytes in flight), scores all query heads of the GQA group at once (the group padded to 16 rows
 so ``tl.dot`` is legal on the GPU) and keeps an fp32 online softmax. With one split it writes the output
-itself; with several it writes partial (max, sum, acc) to scratch, and the merge of each (request, KV head)'s
-splits runs either in the same launch (``FUSED_COMBINE``: each split counts itself in through an acq_rel atomic
-and the last to arrive merges the group's rows and resets the counter, so the next launch finds it zero) or as a
-second launch, ``_combine_splits_kernel``, one program per (request, query head). With ``DENSE`` the list is
-implicit (every logical block), which is our dense decode kernel.
+itself; with several it writes partial (max, sum, acc) to scratch, and a second launch,
+``_combine_splits_kernel``, merges them, one program per (request, query head). (Merging in the split launch, by
+the last split to arrive, was tried and removed: BENCHMARKS.md, "Where a layer's select + attend goes".) With
+``DENSE`` the list is implicit (every logical block), which is our dense decode kernel.
 
 Launch settings and scratch depend on shapes only: :func:`plan_decode` makes them once (a :class:`DecodePlan`)
 and every layer's call reuses them, so a call costs its validation and one or two launches, and captures into
