@@ -75,8 +75,8 @@ def warp_rows(case, selection: str, shape: str) -> list[dict]:
 
 
 def variant_rows(name: str, shape: str, run, plans: dict) -> list[dict]:
-    """``run(plan)`` under each of ``plans`` ({label: plan}), replay times only, outputs checked equal to the
-    first's within bf16 rounding of a different summation order."""
+    """``run(plan)`` under each of ``plans`` ({label: plan}), replay times only, outputs checked against the
+    first's (the same lists: block indices within 2e-2)."""
     rows, first = [], None
     for label, plan in plans.items():
         out = run(plan).clone()
