@@ -3,7 +3,7 @@
 One request, 8 KV heads (8 programs), sparse_ratio 0.3 or a 2048-token budget, ``select_from_scores`` over given fp32
 scores captured in a CUDA graph (replay median, ``do_bench``). Scores either all equal (the search has nothing to do:
 lowest == highest, so what is left is the launch, writing the keys and writing the lists) or normal random (the
-whole search), at tables of 2K to 8K blocks and at chunk sizes (``_SELECT_CHUNK``) of 512 and 1024 entries; the
+whole search), at tables of 2K to 8K blocks and at chunk sizes (``_SELECT_CHUNK``) of CHUNKS entries; the
 difference of the two is the search. Every variant's lists are checked against the planned chunk's first.
 
 Usage, on the GPU: ``python -m bench.select_anatomy`` (JSON under $OUT or bench/results/); ``--smoke``: small
@@ -23,7 +23,7 @@ from ucm_kernels.block_select import triton as block_select_triton
 
 HEADS = 8
 BLOCKS = (2048, 8192, 8198)
-CHUNKS = (512, 1024)
+CHUNKS = (1024, 2048, 4096)  # the planned chunk first; 512 was slower everywhere but one row (2026-12-06)
 SETTINGS = {"ratio0.3": dict(sparse_ratio=0.3), "budget2048": dict(sparse_ratio=1.0, token_budget=2048)}
 SIZES = dict(block_size=16, init_window=1, local_window=4, min_blocks=8)
 

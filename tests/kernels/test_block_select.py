@@ -570,13 +570,14 @@ def check_lists_written_out(scores, seq_lens, lists):
             assert lists[0][b, h, :count].tolist() == expected, (b, h)
 
 
-@pytest.mark.parametrize("chunk,blocks", [(4, 60), (16, 60), (16, 40), (32, 60), (64, 60)])
-def test_kth_largest_search_over_scores_of_every_magnitude(chunk, blocks, monkeypatch):
+@pytest.mark.parametrize("chunk,blocks,finish", [(4, 60, 1024), (16, 60, 1024), (16, 40, 1024), (32, 60, 1024),
+                                                  (64, 60, 1024), (16, 60, 4), (64, 60, 8)])
+def test_kth_largest_search_over_scores_of_every_magnitude(chunk, blocks, finish, monkeypatch):
     """Scores of random fp32 bit patterns (every exponent, both signs, NaN of either sign, equal values) and a row of
-    values a few ulps apart (only low bits differ): the search counts over the row while more than a chunk of keys
-    are undecided, then finishes four bits at a time over those keys (chunk 64: at once; chunk 4: late, at a low bit
-    or never). Tables of 2 and 3 chunks make the four-chunk scans read past the keys (masked). The lists are the rule
-    written out at every chunk size."""
+    values a few ulps apart (only low bits differ): the search counts over the row while more than min(chunk,
+    finish) keys are undecided, then finishes four bits at a time over those keys (chunk 64: at once; chunk 4 or a
+    finish of 4 / 8 below the chunk: late, at a low bit or never). Tables of 2 and 3 chunks make the four-chunk scans
+    read past the keys (masked). The lists are the rule written out at every chunk and finish size."""
     gen = torch.Generator().manual_seed(11)
     seq_lens = torch.tensor([955, 700, 403, 229, 60], dtype=torch.int32, device=DEVICE)
     scores = torch.randint(-2 ** 31, 2 ** 31 - 1, (5, 3, blocks), generator=gen, dtype=torch.int64)
@@ -588,6 +589,7 @@ def test_kth_largest_search_over_scores_of_every_magnitude(chunk, blocks, monkey
     for b, h, j, bits in ((0, 0, 10, -1), (3, 1, 5, -8388607), (1, 0, 20, 0x7F800001)):  # NaNs: -, -, +
         scores[b, h, j] = torch.tensor(bits, dtype=torch.int32).view(torch.float32)
     monkeypatch.setattr(block_select_triton, "_SELECT_CHUNK", chunk)
+    monkeypatch.setattr(block_select_triton, "_SELECT_FINISH", finish)
     lists = select_from_scores(scores.to(DEVICE), seq_lens, **SIZES)
     check_lists_written_out(scores, seq_lens, lists)
 

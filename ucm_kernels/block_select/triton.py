@@ -21,7 +21,9 @@ Two launches, both reading each input once:
    reselecting step against about 12 in the score kernel (H200 ``decode_step_profile`` JSON). Measured since
    (BENCHMARKS.md, "Where a layer's select + attend goes"): chunked, 1.3x faster at 8195 blocks and 0.92x at 8192;
    the register finish of the search, no faster (the time is not in the counting passes); the four-chunk scans
-   not yet timed.
+   1.11x at 1 x 8192 blocks, 1.01-1.04x elsewhere (they cut the fixed part, not the search). The search finishes
+   from registers once at most ``select_finish`` keys (min(chunk, 1024)) are undecided, so the streaming chunk
+   can grow past what the finish's [keys, 16] counts hold.
    Alternatives measured on the H100 with the register-resident row (8 requests x 8K blocks, whole selection under
    a CUDA graph, Quest / mean): two bits per step with three counts packed in one int64 reduction, 0.136 / 0.087
    ms; a radix select over four 256-bin ``tl.histogram`` passes, 0.169 / 0.121 ms; one bit per step, 0.129 /
@@ -61,6 +63,7 @@ RATIO_ONE = 1 << 32  # sparse_ratio is applied in 32-bit fixed point, rounded do
 MAX_TABLE_BLOCKS = 1 << 16  # widest block table (1M tokens at 16)
 _SELECT_CHUNK = 1024  # row entries the top-k program reads per step of a pass (tests shrink it)
 _SCAN_CHUNKS = 4  # chunks per step of the top-k's passes that scan (copying the undecided keys, writing the lists)
+_SELECT_FINISH = 1024  # most undecided keys the search finishes from registers ([keys, 16] counts; tests shrink it)
 
 
 @triton.jit
@@ -187,14 +190,14 @@ def _count_at_least(key_row, candidate, N_CHUNKS: tl.constexpr, CHUNK: tl.conste
 
 @triton.jit
 def _kth_largest_key(key_row, undecided_row, lo, hi, lowest, highest, k, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
-                     SCAN: tl.constexpr):
+                     SCAN: tl.constexpr, FINISH: tl.constexpr):
     """(T, above): the largest int32 T with at least k (>= 1) of the row's competing keys (logical blocks [lo, hi),
     spanning [lowest, highest]) >= T, and how many are > T.
 
     T's bits are set from the top down in offset binary (key + 2**31), keeping ``found`` (the bits so far) and
     ``above`` (keys >= found + 2**(bit + 1), the end of the still undecided range). The bits above the highest one
     where lowest and highest differ are theirs. Each lower bit costs a counting pass over the row while the
-    undecided range holds more than CHUNK keys; then one pass copies those keys into ``undecided_row`` (CHUNK
+    undecided range holds more than FINISH keys; then one pass copies those keys into ``undecided_row`` (FINISH
     entries) and the rest of the bits are found four at a time from registers (15 counts, one reduction).
     """
     low = lowest.to(tl.int64) + 2147483648
@@ -206,7 +209,7 @@ def _kth_largest_key(key_row, undecided_row, lo, hi, lowest, highest, k, N_CHUNK
         bit -= 1
     at_least_found = (hi - lo).to(tl.int64)  # every competing key is >= found
     above = found * 0
-    while (bit >= 0) & (at_least_found - above > CHUNK):
+    while (bit >= 0) & (at_least_found - above > FINISH):
         candidate = found | (1 << bit)
         count = _count_at_least(key_row, (candidate - 2147483648).to(tl.int32), N_CHUNKS, CHUNK).to(tl.int64)
         found = tl.where(count >= k, candidate, found)
@@ -216,7 +219,7 @@ def _kth_largest_key(key_row, undecided_row, lo, hi, lowest, highest, k, N_CHUNK
     if bit >= 0:
         _copy_undecided(key_row, undecided_row, lo, hi, found, bit, N_CHUNKS, CHUNK, SCAN)
         tl.debug_barrier()  # every thread's copies are in the scratch before any thread loads them
-        offs = tl.arange(0, CHUNK)
+        offs = tl.arange(0, FINISH)
         keys = tl.load(undecided_row + offs, mask=offs < at_least_found - above, other=-2147483648)
         digits = tl.arange(0, 16)
         while bit >= 0:
@@ -325,13 +328,14 @@ def _select_kernel(
     sel_rows_ptr,  # [batch] int64 row of sel_idx / sel_count each request writes (read if SEL_ROWS)
     sel_idx_ptr,  # [batch or rows, num_kv_heads, width] int32
     sel_count_ptr,  # [batch or rows, num_kv_heads] int32
-    keys_ptr,  # [batch, num_kv_heads, (N_CHUNKS + 1) * CHUNK] int32 scratch: the row's keys, then its undecided
+    keys_ptr,  # [batch, num_kv_heads, N_CHUNKS * CHUNK + FINISH] int32 scratch: the row's keys, then its undecided
     max_blocks, width, ratio_fixed, k_floor, init_window, local_window,
     stride_sb, stride_s_head, stride_sh,
     stride_kb, stride_kh,
     stride_ib, stride_ih, stride_ij,
     stride_cb, stride_ch,
-    BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, SCAN: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, SCAN: tl.constexpr, FINISH: tl.constexpr,
+    MASKED: tl.constexpr,
     SEL_ROWS: tl.constexpr, SHARES: tl.constexpr, SHARES_POW2: tl.constexpr,
 ):
     head = tl.program_id(0).to(tl.int64)
@@ -357,7 +361,7 @@ def _select_kernel(
                                       SHARES, SHARES_POW2)
         tl.debug_barrier()  # every thread's keys are in the scratch before any thread counts them
         threshold, above = _kth_largest_key(key_row, key_row + N_CHUNKS * CHUNK, lo, hi, lowest, highest, need,
-                                             N_CHUNKS, CHUNK, SCAN)
+                                             N_CHUNKS, CHUNK, SCAN, FINISH)
         ties_wanted = need - above  # ties go to the lowest logical indices
     sel_row = sel_idx_ptr + out_b * stride_ib + head * stride_ih
     offs = tl.arange(0, SCAN)
@@ -514,11 +518,12 @@ class SelectPlan:
     group: int  # query heads per KV head (the gauss rule scores each; 1 for the others)
     limits: dict  # the kernels' k rule and windows (max_blocks, ratio_fixed, k_floor, init_window, local_window)
     scores: torch.Tensor  # [batch, num_kv_heads * group, max_blocks] fp32 scratch
-    keys: torch.Tensor  # [batch, num_kv_heads, select_chunk * (n + 1)] int32 scratch of the top-k program
+    keys: torch.Tensor  # [batch, num_kv_heads, select_chunk * n + select_finish] int32 scratch of the top-k program
     score_tile: int
     score_warps: int
     select_chunk: int
     select_warps: int
+    select_finish: int  # most undecided keys the top-k's search finishes from registers (<= select_chunk)
 
     def for_rows(self, rows: int) -> "SelectPlan":
         """This plan for the first ``rows`` (<= batch) requests, sharing its scratch (e.g. the plan of a smaller
@@ -580,10 +585,11 @@ def _make_plan(batch, heads, head_dim, max_blocks, device, block_size, sparse_ra
     if scores is None:  # the score scratch, unless the caller brings the scores
         scores = torch.empty(batch, heads * group, max_blocks, dtype=torch.float32, device=device)
     chunk, select_warps = _choose_select_launch(max_blocks)
-    keys = torch.empty(batch, heads, (triton.cdiv(max(max_blocks, 1), chunk) + 1) * chunk, dtype=torch.int32,
+    finish = min(chunk, _SELECT_FINISH)
+    keys = torch.empty(batch, heads, triton.cdiv(max(max_blocks, 1), chunk) * chunk + finish, dtype=torch.int32,
                        device=device)
     return SelectPlan(batch, heads, head_dim, max_blocks, width, block_size, SCORES.index(score), group, limits, scores,
-                      keys, *_choose_score_launch(heads, head_dim), chunk, select_warps)
+                      keys, *_choose_score_launch(heads, head_dim), chunk, select_warps, finish)
 
 
 def select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None,
@@ -766,7 +772,7 @@ def _launch_select(plan: SelectPlan, scores, seq_lens, sel_idx, sel_count, resel
     """The top-k launch: each (KV head, request) row of ``scores`` (``[batch, heads, >= max_blocks]``) into
     ``sel_idx`` / ``sel_count`` (only the rows ``reselect`` names, unless None; at the rows ``sel_rows`` names)."""
     shares = plan.group if plan.rule == GAUSS.value else 0
-    n_chunks = plan.keys.shape[2] // plan.select_chunk - 1
+    n_chunks = (plan.keys.shape[2] - plan.select_finish) // plan.select_chunk
     scan = plan.select_chunk * min(_SCAN_CHUNKS, next_pow2(n_chunks))
     assert scan <= 1 << 14, f"top-k scan of {scan} entries: its packed counts hold at most 2**14"
     _SELECT((plan.num_kv_heads, plan.batch),
@@ -778,7 +784,7 @@ def _launch_select(plan: SelectPlan, scores, seq_lens, sel_idx, sel_count, resel
         stride_ib=sel_idx.stride(0), stride_ih=sel_idx.stride(1), stride_ij=sel_idx.stride(2),
         stride_cb=sel_count.stride(0), stride_ch=sel_count.stride(1),
         BLOCK_SIZE=plan.block_size, CHUNK=plan.select_chunk, N_CHUNKS=n_chunks,
-        SCAN=scan,
+        SCAN=scan, FINISH=plan.select_finish,
         MASKED=reselect is not None, SEL_ROWS=sel_rows is not None, SHARES=shares,
         SHARES_POW2=next_pow2(max(shares, 1)), num_warps=plan.select_warps,
     )
