@@ -23,7 +23,9 @@ Two launches, both reading each input once:
    the register finish of the search, no faster (the time is not in the counting passes); the four-chunk scans
    1.11x at 1 x 8192 blocks, 1.01-1.04x elsewhere (they cut the fixed part, not the search). The search finishes
    from registers once at most ``select_finish`` keys (min(chunk, 1024)) are undecided, so the streaming chunk
-   can grow past what the finish's [keys, 16] counts hold.
+   can grow past what the finish's [keys, 16] counts hold; a row of one chunk is counted from the registers its
+   keys were made in (no reload per pass). tests/kernels/test_sm90_compile.py compiles the kernel for sm_90 here
+   and checks ptxas' registers and spills.
    Alternatives measured on the H100 with the register-resident row (8 requests x 8K blocks, whole selection under
    a CUDA graph, Quest / mean): two bits per step with three counts packed in one int64 reduction, 0.136 / 0.087
    ms; a radix select over four 256-bin ``tl.histogram`` passes, 0.169 / 0.121 ms; one bit per step, 0.129 /
@@ -189,15 +191,16 @@ def _count_at_least(key_row, candidate, N_CHUNKS: tl.constexpr, CHUNK: tl.conste
 
 
 @triton.jit
-def _kth_largest_key(key_row, undecided_row, lo, hi, lowest, highest, k, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
-                     SCAN: tl.constexpr, FINISH: tl.constexpr):
+def _kth_largest_key(key_row, row_keys, undecided_row, lo, hi, lowest, highest, k, N_CHUNKS: tl.constexpr,
+                     CHUNK: tl.constexpr, SCAN: tl.constexpr, FINISH: tl.constexpr):
     """(T, above): the largest int32 T with at least k (>= 1) of the row's competing keys (logical blocks [lo, hi),
     spanning [lowest, highest]) >= T, and how many are > T.
 
     T's bits are set from the top down in offset binary (key + 2**31), keeping ``found`` (the bits so far) and
     ``above`` (keys >= found + 2**(bit + 1), the end of the still undecided range). The bits above the highest one
-    where lowest and highest differ are theirs. Each lower bit costs a counting pass over the row while the
-    undecided range holds more than FINISH keys; then one pass copies those keys into ``undecided_row`` (FINISH
+    where lowest and highest differ are theirs. Each lower bit costs a counting pass over the row (over
+    ``row_keys``, the row held in registers, when it is one chunk; else over the scratch) while the undecided range
+    holds more than FINISH keys; then one pass copies those keys into ``undecided_row`` (FINISH
     entries) and the rest of the bits are found four at a time from registers (15 counts, one reduction).
     """
     low = lowest.to(tl.int64) + 2147483648
@@ -211,7 +214,10 @@ def _kth_largest_key(key_row, undecided_row, lo, hi, lowest, highest, k, N_CHUNK
     above = found * 0
     while (bit >= 0) & (at_least_found - above > FINISH):
         candidate = found | (1 << bit)
-        count = _count_at_least(key_row, (candidate - 2147483648).to(tl.int32), N_CHUNKS, CHUNK).to(tl.int64)
+        if N_CHUNKS == 1:
+            count = tl.sum((row_keys >= (candidate - 2147483648).to(tl.int32)).to(tl.int32), axis=0).to(tl.int64)
+        else:
+            count = _count_at_least(key_row, (candidate - 2147483648).to(tl.int32), N_CHUNKS, CHUNK).to(tl.int64)
         found = tl.where(count >= k, candidate, found)
         at_least_found = tl.where(count >= k, count, at_least_found)
         above = tl.where(count >= k, above, count)
@@ -299,11 +305,13 @@ def _mass_shares(rows_ptr, j, full_blocks, tops, sums, stride_sh, SHARES: tl.con
 def _write_keys(scores_ptr, key_row, lo, hi, full_blocks, stride_sh, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
                 SHARES: tl.constexpr, SHARES_POW2: tl.constexpr):
     """The row's keys into its scratch (INT_MIN off the competing range [lo, hi), which no candidate reaches);
-    returns the smallest and largest competing key (per slot over the chunks, reduced once). Gauss (SHARES > 0):
+    returns the smallest and largest competing key (per slot over the chunks, reduced once) and the last chunk's
+    keys as stored (the whole row when N_CHUNKS == 1: the search then counts from registers). Gauss (SHARES > 0):
     the keys of the group's summed shares."""
     offs = tl.arange(0, CHUNK)
     lowest = tl.full([CHUNK], 2147483647, tl.int32)
     highest = tl.full([CHUNK], -2147483648, tl.int32)
+    keys = tl.full([CHUNK], -2147483648, tl.int32)
     if SHARES > 0:
         tops, sums = _share_stats(scores_ptr, full_blocks, stride_sh, N_CHUNKS, CHUNK, SHARES, SHARES_POW2)
     for c in range(N_CHUNKS):
@@ -316,8 +324,9 @@ def _write_keys(scores_ptr, key_row, lo, hi, full_blocks, stride_sh, N_CHUNKS: t
         keys = _order_keys(scores)
         lowest = tl.minimum(lowest, tl.where(competing, keys, 2147483647))
         highest = tl.maximum(highest, tl.where(competing, keys, -2147483648))
-        tl.store(key_row + j, tl.where(competing, keys, -2147483648))
-    return tl.min(lowest, axis=0), tl.max(highest, axis=0)
+        keys = tl.where(competing, keys, -2147483648)
+        tl.store(key_row + j, keys)
+    return tl.min(lowest, axis=0), tl.max(highest, axis=0), keys
 
 
 @triton.jit
@@ -356,12 +365,12 @@ def _select_kernel(
     if need > 0:
         # the gauss rule: SHARES rows of log-masses per KV head (stride_s_head apart), one per query head of its
         # group, normalised over the full blocks (all of them while the request is sparse)
-        lowest, highest = _write_keys(scores_ptr + b * stride_sb + head * stride_s_head, key_row, lo, hi,
-                                      tl.minimum(seq_len // BLOCK_SIZE, max_blocks), stride_sh, N_CHUNKS, CHUNK,
-                                      SHARES, SHARES_POW2)
+        lowest, highest, row_keys = _write_keys(scores_ptr + b * stride_sb + head * stride_s_head, key_row, lo, hi,
+                                                tl.minimum(seq_len // BLOCK_SIZE, max_blocks), stride_sh, N_CHUNKS,
+                                                CHUNK, SHARES, SHARES_POW2)
         tl.debug_barrier()  # every thread's keys are in the scratch before any thread counts them
-        threshold, above = _kth_largest_key(key_row, key_row + N_CHUNKS * CHUNK, lo, hi, lowest, highest, need,
-                                             N_CHUNKS, CHUNK, SCAN, FINISH)
+        threshold, above = _kth_largest_key(key_row, row_keys, key_row + N_CHUNKS * CHUNK, lo, hi, lowest, highest,
+                                             need, N_CHUNKS, CHUNK, SCAN, FINISH)
         ties_wanted = need - above  # ties go to the lowest logical indices
     sel_row = sel_idx_ptr + out_b * stride_ib + head * stride_ih
     offs = tl.arange(0, SCAN)
