@@ -1,4 +1,5 @@
-"""The top-k and decode kernels compiled for an H100/H200 (sm_90) on this CPU machine, without a GPU.
+"""The top-k, decode and residency-assign kernels compiled for an H100/H200 (sm_90) on this CPU machine, without a
+GPU.
 
 The Triton interpreter runs kernels as Python, so it accepts code Triton's compiler refuses (a variable first
 assigned inside a ``range`` loop and read after it, for one) and says nothing of registers. These tests compile
@@ -6,6 +7,7 @@ each kernel at the launch settings a GPU would use, in a child Python without th
 imported the kernels interpreted), specialised as Triton's JIT specialises a launch, with Triton's own ptxas, and
 read ptxas' report: each must compile and spill nothing. (Registers at 70e6076: the planned top-k 180, one-chunk
 rows 115, chunks of 2048 / 4096 / 8192 231 / 221 / 235; the decode split kernel 96 dense, 120-156 on lists.)
+Where a kernel's pointer parameters are not named ``*_ptr``, the test names each one's type.
 """
 import json
 import os
@@ -116,6 +118,19 @@ def test_decode_split_kernel_compiles_for_sm90_without_spills(dense, direct, spl
     registers, spills = compiled_in_child(tmp_path, "ucm_kernels.sparse_decode.triton", "_sparse_decode_split_kernel",
                                           DECODE_TYPES, ints, constexprs,
                                           {"num_warps": num_warps, "num_stages": num_stages})
+    assert spills == 0, f"{registers} registers, {spills} bytes of spills"
+
+
+def test_residency_assign_kernel_compiles_for_sm90_without_spills(tmp_path):
+    """The offload mode's assign launch (slot maps, the attention table, and the admitted rows copied from pinned
+    host memory: 8 KiB pieces as 1024 int64 words) as ``admit_selection`` launches it."""
+    int64 = ("pieces", "miss_rank", "slots", "victims", "slot_of", "piece_in", "stamp", "fetch_pieces", "fetch_slots",
+             "tally", "src", "dst")
+    types = {**{name: "*i64" for name in int64}, "counters": "*i32", "sel_idx": "*i32", "table": "*i32"}
+    constexprs = dict(WRITE_TABLE=True, HAS_TALLY=True, COPY=True, ROW_WORDS=1024, BLOCK=1024, TILE=1024)
+    ints = dict(n=4 * 8 * 2458, stamp_value=100, max_new=4 * 8 * 2458, width=2458, table_width=8192)
+    registers, spills = compiled_in_child(tmp_path, "ucm_kernels.residency.triton", "_assign_kernel", types, ints,
+                                          constexprs, {"num_warps": 4})
     assert spills == 0, f"{registers} registers, {spills} bytes of spills"
 
 
