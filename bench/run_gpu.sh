@@ -54,7 +54,7 @@ case "${1:-all}" in
           step bench_gsa_offload_steady timeout 170 python3 -m bench.bench_gsa_offload --layers 8 --schedules steady ;;
   # The chunked top-k: the GPU tests of selection and decode, the top-k warp sweep at 8192- and 8195-block
   # tables and its anatomy (bench/select_anatomy.py), the same two of an older tree in $BASE when carried there
-  # (git worktree add .ab/base <commit>; carry [".ab"]; UCM_BASE_COMMIT names it), the before of an A/B in one run,
+  # (git worktree add .ab/base <commit>; carry [".ab/base"]; UCM_BASE_COMMIT names it), the before of an A/B in one run,
   # and last (the longest, so a call cut at its limit keeps the A/B) the per-kernel profile.
   select) step gpu_tests_select timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_block_select.py \
                 tests/kernels/test_sparse_decode.py tests/sparse/test_gsa.py
@@ -68,7 +68,7 @@ case "${1:-all}" in
              step select_anatomy_base timeout 120 python3 -m bench.select_anatomy)
           fi
           step profile_gsa_kernels timeout 280 python3 -m bench.profile_gsa_kernels ;;
-  # The taking-turns offload schedule of this tree and of an older one in $BASE (carry [".ab"], UCM_BASE_COMMIT
+  # The taking-turns offload schedule of this tree and of an older one in $BASE (carry it, UCM_BASE_COMMIT
   # names it), each in a process of its own, the older first, then this tree's device time by kernel of the same
   # schedule: the A/B of a regression and where it goes, in one call. 4 layers (the per-step ratio to the PCIe floor
   # is per layer; half the setup of 8).

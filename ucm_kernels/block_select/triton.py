@@ -181,12 +181,16 @@ def _order_keys(scores):
 
 
 @triton.jit
-def _count_at_least(key_row, candidate, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr):
-    """How many keys of the scratch row are >= candidate (int32): per-slot counts over the chunks, one reduction."""
-    offs = tl.arange(0, CHUNK)
-    counts = tl.zeros([CHUNK], tl.int32)
-    for c in range(N_CHUNKS):
-        counts += (tl.load(key_row + c * CHUNK + offs) >= candidate).to(tl.int32)
+def _count_at_least(key_row, row_keys, candidate, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr):
+    """How many keys of the row are >= candidate (int32): from ``row_keys`` (the row in registers) when it is one
+    chunk, else from the scratch row with per-slot counts over the chunks; one reduction."""
+    if N_CHUNKS == 1:
+        counts = (row_keys >= candidate).to(tl.int32)
+    else:
+        offs = tl.arange(0, CHUNK)
+        counts = tl.zeros([CHUNK], tl.int32)
+        for c in range(N_CHUNKS):
+            counts += (tl.load(key_row + c * CHUNK + offs) >= candidate).to(tl.int32)
     return tl.sum(counts, axis=0)
 
 
@@ -198,10 +202,10 @@ def _kth_largest_key(key_row, row_keys, undecided_row, lo, hi, lowest, highest, 
 
     T's bits are set from the top down in offset binary (key + 2**31), keeping ``found`` (the bits so far) and
     ``above`` (keys >= found + 2**(bit + 1), the end of the still undecided range). The bits above the highest one
-    where lowest and highest differ are theirs. Each lower bit costs a counting pass over the row (over
-    ``row_keys``, the row held in registers, when it is one chunk; else over the scratch) while the undecided range
-    holds more than FINISH keys; then one pass copies those keys into ``undecided_row`` (FINISH
-    entries) and the rest of the bits are found four at a time from registers (15 counts, one reduction).
+    where lowest and highest differ are theirs. Each lower bit costs a counting pass over the row
+    (:func:`_count_at_least`) while the undecided range holds more than FINISH keys; then one pass copies those
+    keys into ``undecided_row`` (FINISH entries) and the rest of the bits are found four at a time from registers
+    (15 counts, one reduction).
     """
     low = lowest.to(tl.int64) + 2147483648
     high = highest.to(tl.int64) + 2147483648
@@ -214,10 +218,8 @@ def _kth_largest_key(key_row, row_keys, undecided_row, lo, hi, lowest, highest, 
     above = found * 0
     while (bit >= 0) & (at_least_found - above > FINISH):
         candidate = found | (1 << bit)
-        if N_CHUNKS == 1:
-            count = tl.sum((row_keys >= (candidate - 2147483648).to(tl.int32)).to(tl.int32), axis=0).to(tl.int64)
-        else:
-            count = _count_at_least(key_row, (candidate - 2147483648).to(tl.int32), N_CHUNKS, CHUNK).to(tl.int64)
+        count = _count_at_least(key_row, row_keys, (candidate - 2147483648).to(tl.int32), N_CHUNKS,
+                                CHUNK).to(tl.int64)
         found = tl.where(count >= k, candidate, found)
         at_least_found = tl.where(count >= k, count, at_least_found)
         above = tl.where(count >= k, above, count)
