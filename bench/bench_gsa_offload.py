@@ -272,15 +272,28 @@ def offload_config(shape: Shape, per_step: int, prefetch_ahead: int) -> GSAConfi
     return replace(CONFIG, gpu_budget_blocks=budget, prefetch_ahead=prefetch_ahead)
 
 
-def bench_schedule(name: str, workload: Workload, cache: PagedKV, pool, h2d_gbps: float | None) -> list[dict]:
-    """Dense, on-device GSA and the offload mode with prefetch off and on, in lock-step over one schedule."""
+def prefetch_variants(settings: list[tuple[int, int]]) -> dict[str, dict]:
+    """Offload modes to run: prefetch off, prefetch on with CONFIG's copy settings, and prefetch on with each
+    (prefetch_workers, max_pending_prefetch) of ``settings``; ``{mode name: GSAConfig fields}``."""
+    variants = {"gsa_offload_prefetch_off": {"prefetch_ahead": 0},
+                "gsa_offload_prefetch_on": {"prefetch_ahead": CONFIG.prefetch_ahead}}
+    for workers, pending in settings:
+        variants[f"gsa_offload_prefetch_on_w{workers}_p{pending}"] = {
+            "prefetch_ahead": CONFIG.prefetch_ahead, "prefetch_workers": workers, "max_pending_prefetch": pending}
+    return variants
+
+
+def bench_schedule(name: str, workload: Workload, cache: PagedKV, pool, h2d_gbps: float | None,
+                   variants: dict[str, dict]) -> list[dict]:
+    """Dense, on-device GSA and the offload ``variants`` (:func:`prefetch_variants`), in lock-step over one
+    schedule."""
     shape = workload.shape
     steps = schedule(shape, name)
     per_step = len(steps[0])
     tag = f"b{per_step}_ctx{shape.context}_L{shape.layers}_{name}"
-    offloads = {f"gsa_offload_prefetch_{'on' if ahead else 'off'}":
-                Offloaded(workload, offload_config(shape, per_step, ahead), pool, collections.Counter())
-                for ahead in (0, CONFIG.prefetch_ahead)}
+    offloads = {mode: Offloaded(workload, replace(offload_config(shape, per_step, fields["prefetch_ahead"]), **fields),
+                                pool, collections.Counter())
+                for mode, fields in variants.items()}
     modes = {"dense_on_device": OnDevice(workload, cache, sparse=False),
              "gsa_on_device": OnDevice(workload, cache, sparse=True), **offloads}
     results = lockstep(workload, steps, modes)
@@ -453,10 +466,10 @@ def _time_parts(gsa: OffloadedGSA, spent: collections.Counter) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'impl':<26}{'shape':<34}{'ms/step':>9}{'tok/s':>9}{'x dense':>8}{'hit':>7}{'PCIe B/tok':>12}"
+    print(f"{'impl':<38}{'shape':<34}{'ms/step':>9}{'tok/s':>9}{'x dense':>8}{'hit':>7}{'PCIe B/tok':>12}"
           f"{'miss/step':>10}")
     for r in rows:
-        print(f"{r['impl']:<26}{r['shape']:<34}{r['median_ms']:>9.3f}{r['tokens_per_s']:>9.1f}"
+        print(f"{r['impl']:<38}{r['shape']:<34}{r['median_ms']:>9.3f}{r['tokens_per_s']:>9.1f}"
               f"{r.get('speedup_vs_baseline', 1.0):>8.2f}{r.get('hit_rate', float('nan')):>7.3f}"
               f"{r.get('pcie_bytes_per_token', 0):>12}{r.get('sync_misses_per_step', 0):>10}")
 
@@ -471,6 +484,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true", help="only profile the host side of the steady steps")
     parser.add_argument("--gpu-profile", action="store_true",
                         help="only the device time by kernel of each schedule's steps")
+    parser.add_argument("--prefetch-settings", nargs="+", type=_workers_pending, default=[], metavar="W:P",
+                        help="also run prefetch on with prefetch_workers W and max_pending_prefetch P (each "
+                             "pair one more offload mode in the lock-step, with a host KV of its own)")
     args = parser.parse_args(argv)
     device = _device()
     if args.smoke:
@@ -487,7 +503,8 @@ def main(argv: list[str] | None = None) -> None:
              "long_shape": asdict(long_shape) if args.long else None, "budget_slack": BUDGET_SLACK,
              "long_gpu_share": LONG_GPU_SHARE, "query_drift": QUERY_DRIFT}
     if args.layers:
-        pool = host_pool(shape, device, copies=2)  # prefetch off and on run side by side
+        variants = prefetch_variants(args.prefetch_settings)
+        pool = host_pool(shape, device, copies=len(variants))  # the offload modes run side by side
         workload = Workload(shape, device)
         workload.build_streams()
         if args.gpu_profile:
@@ -498,7 +515,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         cache = PagedKV(workload)
         for name in args.schedules:
-            rows += bench_schedule(name, workload, cache, pool, h2d)
+            rows += bench_schedule(name, workload, cache, pool, h2d, variants)
             write_results("gsa_offload", rows, ceilings, extra)  # what is done survives a run cut short
         del cache, workload, pool  # the schedules' pinned host KV (2 x 34 GB at 8 layers) goes back before the
         # long run's 69 GB
@@ -507,6 +524,17 @@ def main(argv: list[str] | None = None) -> None:
     path = write_results("gsa_offload", rows, ceilings, extra)
     print_table(rows)
     print(f"wrote {path}")
+
+
+def _workers_pending(text: str) -> tuple[int, int]:
+    """``W:P`` -> (prefetch_workers W, max_pending_prefetch P), both ints >= 1."""
+    try:
+        workers, pending = (int(part) for part in text.split(":"))
+    except ValueError:
+        workers = pending = 0
+    if workers < 1 or pending < 1:
+        raise argparse.ArgumentTypeError(f"--prefetch-settings: got {text!r}, expected W:P with ints W, P >= 1")
+    return workers, pending
 
 
 def host_pool(shape: Shape, device: torch.device, copies: int) -> PinnedMemoryPool:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent-GPU session step: correctness on the GPU (compiled kernels), then benchmarks; JSON + logs under $OUT.
-# Usage: bench/run_gpu.sh {tests|transfer|sparse|offload|tp|all|quick|launch|select|offload_ab}   (wheels for pytest travel in .whl/, FlashInfer's in
+# Usage: bench/run_gpu.sh {tests|transfer|sparse|offload|tp|all|quick|launch|select|offload_ab|prefetch}   (wheels for pytest travel in .whl/, FlashInfer's in
 # .flashinfer/: see BENCHMARKS.md)
 # Set UCM_COMMIT to the commit the working tree was copied from: the copy on the GPU machine has no .git.
 set -uo pipefail
@@ -68,6 +68,10 @@ case "${1:-all}" in
              step select_anatomy_base timeout 120 python3 -m bench.select_anatomy)
           fi
           step profile_gsa_kernels timeout 280 python3 -m bench.profile_gsa_kernels ;;
+  # Prefetch copy settings in the taking-turns schedule: off, on as configured, on with 4x the copy programs, and
+  # with every predicted piece admitted (4 layers; each offload mode holds its own 17 GB of pinned host KV).
+  prefetch) step bench_gsa_offload_prefetch timeout 300 python3 -m bench.bench_gsa_offload --layers 4 \
+                --schedules alternating --prefetch-settings 16:4096 16:65536 ;;
   # The taking-turns offload schedule of this tree and of an older one in $BASE (carry it, UCM_BASE_COMMIT
   # names it), each in a process of its own, the older first, then this tree's device time by kernel of the same
   # schedule: the A/B of a regression and where it goes, in one call. 4 layers (the per-step ratio to the PCIe floor
