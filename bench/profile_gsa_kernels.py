@@ -5,8 +5,7 @@ budget; Quest on bf16 reprs), the layer's select + attend and our dense decode a
 (``bench_sparse_decode``'s inputs and plans). Per graph: the replay's median (``do_bench``, L2 cleared before every
 replay) and, from torch.profiler over REPLAYS replays (L2 cleared between them too), each kernel's device time per
 replay; the replay time minus the summed kernel times is what the graph spends between and around its kernels.
-The attend also with ``sel_phys`` (the lists' physical blocks beside them, written by the selection: one dependent load
-less per tile), alone and after its selection.
+The attend also with ``sel_phys`` (the lists' physical blocks beside them: one dependent load less per tile).
 Variants, replay times only, each checked against the first: the selection at each score tile of SCORE_TILES; the
 top-k launch alone at each warp count of WARPS (same lists as the planned warps), to tell a program that is
 issue-bound (time flat in warps) from one that waits on its reductions' barriers (time grows with warps).
@@ -93,29 +92,18 @@ def variant_rows(name: str, shape: str, run, plans: dict) -> list[dict]:
     return rows
 
 
-def physical_twin_rows(case, selection: str, lists: tuple, out: torch.Tensor) -> list[dict]:
-    """The attend over the same lists with ``sel_phys`` (each entry's physical block beside it, as the selection
-    writes it), alone and after the selection that writes it; each checked bit for bit against the table lookup
-    first."""
+def physical_twin_row(case, selection: str, lists: tuple, out: torch.Tensor) -> dict:
+    """The attend over the same lists with ``sel_phys`` (each entry's physical block beside it), checked bit for bit
+    against the table lookup first."""
     sel_idx, sel_count = lists
-    sel_phys = torch.zeros_like(sel_idx)
-    selected = (torch.empty_like(sel_idx), torch.empty_like(sel_count))
-
-    def select_phys():
-        return case.select_plans[selection, "quest"].run(case.q, block_table=case.block_table,
-                                                         seq_lens=case.seq_lens, out=selected, sel_phys=sel_phys,
-                                                         **rule_reprs(case, "quest"))
-
-    def attend_phys(lists):
-        return sparse_decode(case.q, case.kv[0], case.kv[1], case.block_table, case.seq_lens, *lists, out=out,
-                             plan=case.decode_plans[selection], sel_phys=sel_phys)
-
-    select_phys()
+    rows = case.block_table.long().gather(1, sel_idx.clamp(min=0).flatten(1).long()).view(sel_idx.shape)
+    sel_phys = torch.where(sel_idx >= 0, rows, 0).int()
+    run = lambda: sparse_decode(case.q, case.kv[0], case.kv[1], case.block_table, case.seq_lens,  # noqa: E731
+                                sel_idx, sel_count, out=out, plan=case.decode_plans[selection], sel_phys=sel_phys)
     expected = attend(case, selection, sel_idx, sel_count, out).clone()
-    if not (torch.equal(selected[0], sel_idx) and torch.equal(attend_phys(lists), expected)):
-        raise AssertionError(f"{case.shape} {selection}: the lists with sel_phys differ from the table lookup's")
-    return [graph_row(f"attend_phys_{selection}", case.shape, lambda: attend_phys(lists)),
-            graph_row(f"select_attend_phys_{selection}", case.shape, lambda: attend_phys(select_phys()))]
+    if not torch.equal(run(), expected):
+        raise AssertionError(f"{case.shape} {selection}: the attend with sel_phys differs from the table lookup")
+    return graph_row(f"attend_phys_{selection}", case.shape, run)
 
 
 def shape_rows(batch: int, context: int) -> list[dict]:
@@ -128,7 +116,7 @@ def shape_rows(batch: int, context: int) -> list[dict]:
         rows.append(graph_row(f"select_{selection}", case.shape, lambda: select(case, selection, "quest")))
         lists = select(case, selection, "quest")
         rows.append(graph_row(f"attend_{selection}", case.shape, lambda: attend(case, selection, *lists, out)))
-        rows += physical_twin_rows(case, selection, lists, out)
+        rows.append(physical_twin_row(case, selection, lists, out))
         plan = case.select_plans[selection, "quest"]
         reprs = rule_reprs(case, "quest")
         rows += variant_rows(f"select_{selection}", case.shape, lambda tiled: tiled.run(

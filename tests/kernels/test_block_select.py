@@ -393,44 +393,6 @@ def test_sel_rows_write_each_requests_lists_into_its_row():
         plan.run(**case, sel_rows=slots)
 
 
-@pytest.mark.parametrize("chunk", [1024, 4])
-def test_sel_phys_holds_each_listed_blocks_physical_block(chunk, monkeypatch):
-    """sel_phys gets block_table[b, j] at the place of each listed j (at sel_rows' rows, reselected rows only);
-    the entries past a row's count and the rows not reselected keep what they held; the lists are the ones
-    selected without it. At chunk 4 the list-writing pass runs over several scans."""
-    monkeypatch.setattr(block_select_triton, "_SELECT_CHUNK", chunk)
-    case = make_case()
-    (ref_idx, ref_count), _ = run(case)
-    slots = torch.tensor([5, 1, 3, 0], device=DEVICE)
-    out = (torch.full((6, 2, ref_idx.shape[2]), 77, dtype=torch.int32, device=DEVICE),
-           torch.full((6, 2), 77, dtype=torch.int32, device=DEVICE))
-    sel_phys = torch.full_like(out[0], -5)
-    plan = plan_select(4, 2, 64, 28, **SIZES, score="quest", device=DEVICE)
-    plan.run(**case, out=out, sel_rows=slots, reselect=torch.tensor([1, 1, 0, 1], dtype=torch.int32, device=DEVICE),
-             sel_phys=sel_phys)
-    table = case["block_table"].long()
-    for b, slot in enumerate(slots.tolist()):
-        if b == 2:
-            assert (sel_phys[slot] == -5).all()
-            continue
-        assert torch.equal(out[0][slot], ref_idx[b]) and torch.equal(out[1][slot], ref_count[b])
-        for h in range(2):
-            count = int(ref_count[b, h])
-            assert torch.equal(sel_phys[slot, h, :count].long(), table[b, ref_idx[b, h, :count].long()])
-            assert (sel_phys[slot, h, count:] == -5).all()
-    assert (sel_phys[[2, 4]] == -5).all()
-
-
-@pytest.mark.parametrize("sel_phys,match", [
-    (lambda idx: idx.long(), "sel_phys: got .* dtype torch.int64"), (lambda idx: idx[:, :1], "sel_phys: got shape"),
-    (lambda idx: idx.transpose(1, 2).contiguous().transpose(1, 2), "sel_phys: got shape")])
-def test_bad_sel_phys_raises_naming_it(sel_phys, match):
-    case = make_case()
-    (sel_idx, _), _ = run(case)
-    with pytest.raises(ValueError, match=match):
-        run(case, sel_phys=sel_phys(torch.empty_like(sel_idx)))
-
-
 @pytest.mark.parametrize("sizes", [SIZES, dict(SIZES, sparse_ratio=0.07, min_blocks=1),
                                    dict(SIZES, token_budget=100), dict(SIZES, sparse_ratio=1.0, local_window=0)])
 def test_selection_counts_on_the_device_are_the_host_rule(sizes):

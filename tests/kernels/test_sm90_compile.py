@@ -72,7 +72,7 @@ def compiled_in_child(tmp_path, *args) -> tuple[int, int]:
 
 @pytest.mark.parametrize("chunk,n_chunks,shares,flags", [
     (1024, 8, 0, False),  # a 128K-token table, as planned
-    (1024, 8, 0, True),  # kept rows (reselect, sel_rows) and their physical blocks (sel_phys)
+    (1024, 8, 0, True),  # kept rows (reselect, sel_rows)
     (1024, 9, 0, False),  # 8195 blocks
     (1024, 1, 0, False),  # a table of one chunk: the search counts from registers
     (2048, 4, 0, False), (4096, 2, 0, False), (8192, 1, 0, False),  # select_anatomy's larger chunks
@@ -85,11 +85,11 @@ def test_top_k_compiles_for_sm90_without_spills(chunk, n_chunks, shares, flags, 
     constexprs = dict(BLOCK_SIZE=16, CHUNK=chunk, N_CHUNKS=n_chunks,
                       SCAN=chunk * min(block_select_triton._SCAN_CHUNKS, next_pow2(n_chunks)),
                       FINISH=min(chunk, block_select_triton._SELECT_FINISH), MASKED=flags, SEL_ROWS=flags,
-                      SHARES=shares, SHARES_POW2=max(shares, 1), PHYS=flags)
+                      SHARES=shares, SHARES_POW2=max(shares, 1))
     heads, width, row = 8, 2458, n_chunks * chunk + min(chunk, block_select_triton._SELECT_FINISH)
     ints = dict(max_blocks=8192, width=width, stride_sb=heads * 8192, stride_s_head=8192, stride_sh=8192,
                 stride_kb=heads * row, stride_kh=row, stride_ib=heads * width, stride_ih=width, stride_ij=1,
-                stride_cb=heads, stride_ch=1, stride_tb=8192 if flags else 0, stride_tj=1 if flags else 0)
+                stride_cb=heads, stride_ch=1)
     registers, spills = compiled_in_child(tmp_path, "ucm_kernels.block_select.triton", "_select_kernel",
                                           SELECT_TYPES, ints, constexprs, {"num_warps": 8})
     assert spills == 0, f"{registers} registers, {spills} bytes of spills"

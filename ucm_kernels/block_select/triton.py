@@ -340,17 +340,14 @@ def _select_kernel(
     sel_idx_ptr,  # [batch or rows, num_kv_heads, width] int32
     sel_count_ptr,  # [batch or rows, num_kv_heads] int32
     keys_ptr,  # [batch, num_kv_heads, N_CHUNKS * CHUNK + FINISH] int32 scratch: the row's keys, then its undecided
-    block_table_ptr,  # [batch, max_blocks] (read if PHYS)
-    sel_phys_ptr,  # like sel_idx, same strides: each listed block's physical block (written if PHYS)
     max_blocks, width, ratio_fixed, k_floor, init_window, local_window,
     stride_sb, stride_s_head, stride_sh,
     stride_kb, stride_kh,
     stride_ib, stride_ih, stride_ij,
     stride_cb, stride_ch,
-    stride_tb, stride_tj,
     BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, SCAN: tl.constexpr, FINISH: tl.constexpr,
     MASKED: tl.constexpr,
-    SEL_ROWS: tl.constexpr, SHARES: tl.constexpr, SHARES_POW2: tl.constexpr, PHYS: tl.constexpr,
+    SEL_ROWS: tl.constexpr, SHARES: tl.constexpr, SHARES_POW2: tl.constexpr,
 ):
     head = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
@@ -391,11 +388,7 @@ def _select_kernel(
         counts = tl.cumsum((tie.to(tl.int32) << 16) | sure.to(tl.int32), axis=0)
         ties_taken = tl.minimum(ties_seen + (counts >> 16), ties_wanted) - tl.minimum(ties_seen, ties_wanted)
         take = sure | (tie & (ties_seen + (counts >> 16) <= ties_wanted))
-        position = (taken + (counts & 0xFFFF) + ties_taken - 1) * stride_ij
-        tl.store(sel_row + position, j, mask=take)
-        if PHYS:
-            physical = tl.load(block_table_ptr + b * stride_tb + j * stride_tj, mask=take, other=0)
-            tl.store(sel_phys_ptr + out_b * stride_ib + head * stride_ih + position, physical.to(tl.int32), mask=take)
+        tl.store(sel_row + (taken + (counts & 0xFFFF) + ties_taken - 1) * stride_ij, j, mask=take)
         tl.store(sel_row + j * stride_ij, tl.full([SCAN], -1, tl.int32), mask=(j >= count) & (j < width))
         totals = tl.max(counts, axis=0)  # the last running counts: both halves only grow
         taken += (totals & 0xFFFF) + tl.minimum(ties_seen + (totals >> 16), ties_wanted) - tl.minimum(ties_seen,
@@ -553,10 +546,9 @@ class SelectPlan:
     def run(self, q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None, kmean: torch.Tensor | None,
             block_table: torch.Tensor, seq_lens: torch.Tensor, *, kscale: torch.Tensor | None = None,
             out: tuple[torch.Tensor, torch.Tensor] | None = None, reselect: torch.Tensor | None = None,
-            sel_rows: torch.Tensor | None = None, scale: float | None = None, sel_phys: torch.Tensor | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+            sel_rows: torch.Tensor | None = None, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`select_blocks` with this plan's settings: same tensor arguments, ``kscale``, ``out``,
-        ``reselect``, ``sel_rows``, ``scale``, ``sel_phys`` and result."""
+        ``reselect``, ``sel_rows``, ``scale`` and result."""
         reprs, kscale = _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, self.rule != MEAN.value, kscale,
                                       reselect)
         shapes = (q.shape[0], reprs.shape[1], q.shape[2], block_table.shape[1])
@@ -568,7 +560,7 @@ class SelectPlan:
             raise ValueError(f"q: {q.shape[1]} query heads, the plan was made for num_q_heads = "
                              f"{self.num_kv_heads * self.group}")
         check_device("plan.scores", self.scores, q.device)
-        return _launch(self, q, reprs, kmax, kscale, block_table, seq_lens, out, reselect, sel_rows, scale, sel_phys)
+        return _launch(self, q, reprs, kmax, kscale, block_table, seq_lens, out, reselect, sel_rows, scale)
 
 
 def plan_select(batch: int, num_kv_heads: int, head_dim: int, max_blocks: int, *, block_size: int, sparse_ratio: float,
@@ -616,8 +608,8 @@ def select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor
                   block_size: int, sparse_ratio: float, init_window: int, local_window: int, min_blocks: int,
                   score: str = "quest", token_budget: int | None = None, kscale: torch.Tensor | None = None,
                   out: tuple[torch.Tensor, torch.Tensor] | None = None, reselect: torch.Tensor | None = None,
-                  sel_rows: torch.Tensor | None = None, scale: float | None = None,
-                  sel_phys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  sel_rows: torch.Tensor | None = None, scale: float | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose the KV blocks each (request, KV head) attends this decode step.
 
     Per request, ``nb = ceil(seq_len / block_size)`` logical blocks and ``k = max(min_blocks, wanted,
@@ -655,9 +647,6 @@ def select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor
             then, any number of rows), e.g. its slot of lists kept across steps; distinct valid rows (not
             checked: no host sync).
         scale: the softmax scale the gauss rule estimates with (default ``head_dim ** -0.5``; unused otherwise).
-        sel_phys: optional int32 tensor of sel_idx's shape and strides: each listed entry's physical block
-            (``block_table[b, sel_idx[...]]``) is written at the entry's place, for ``sparse_decode(...,
-            sel_phys=)``; entries past a row's count are left as they are.
     Returns:
         ``sel_idx [batch, num_kv_heads, width]`` int32 logical block indices, ascending, padded with -1, where
         ``width = selection_width(max_blocks, ...)``; ``sel_count [batch, num_kv_heads]`` int32.
@@ -666,7 +655,7 @@ def select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor
     reprs, kscale = _check_inputs(q, kmin, kmax, kmean, block_table, seq_lens, score != "mean", kscale, reselect)
     plan = _make_plan(q.shape[0], reprs.shape[1], q.shape[2], block_table.shape[1], q.device, block_size,
                       sparse_ratio, init_window, local_window, min_blocks, score, token_budget, q.shape[1])
-    return _launch(plan, q, reprs, kmax, kscale, block_table, seq_lens, out, reselect, sel_rows, scale, sel_phys)
+    return _launch(plan, q, reprs, kmax, kscale, block_table, seq_lens, out, reselect, sel_rows, scale)
 
 
 def select_from_scores(scores: torch.Tensor, seq_lens: torch.Tensor, *, block_size: int, sparse_ratio: float,
@@ -751,17 +740,15 @@ _SCORE, _SELECT = Launcher(_score_kernel), Launcher(_select_kernel)
 
 
 def _launch(plan: SelectPlan, q, reprs, kmax, kscale, block_table, seq_lens, out, reselect, sel_rows=None,
-            scale=None, sel_phys=None) -> tuple[torch.Tensor, torch.Tensor]:
+            scale=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Score the competing blocks into ``plan.scores`` (times ``kscale`` unless None), then pick each row's blocks
-    into ``out`` (only the rows ``reselect`` names, unless None; at the rows ``sel_rows`` names, if given), their
-    physical blocks into ``sel_phys`` if given."""
+    into ``out`` (only the rows ``reselect`` names, unless None; at the rows ``sel_rows`` names, if given)."""
     for name, given in (("reselect", reselect), ("sel_rows", sel_rows)):
         if given is not None and out is None:
             raise ValueError(f"{name}: given without out; the lists go into rows of out that outlive the call, "
                              "so pass out")
     out_rows = plan.batch if sel_rows is None else _check_sel_rows(sel_rows, plan.batch, out, q.device)
     sel_idx, sel_count = _check_out(out, out_rows, plan.num_kv_heads, plan.width, plan.max_blocks, q.device)
-    _check_sel_phys(sel_phys, sel_idx)
     if sel_rows is not None and plan.batch and plan.max_blocks == 0:
         raise ValueError("sel_rows: not supported with an empty block table")
     if plan.batch == 0 or plan.max_blocks == 0:
@@ -788,24 +775,13 @@ def _launch(plan: SelectPlan, q, reprs, kmax, kscale, block_table, seq_lens, out
         BLOCK_G=next_pow2(group), HEAD_DIM=plan.head_dim, BLOCK_D=next_pow2(plan.head_dim), RULE=plan.rule,
         TILE=plan.score_tile, SCALED=kscale is not None, MASKED=reselect is not None, num_warps=plan.score_warps,
     )
-    _launch_select(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows, block_table, sel_phys)
+    _launch_select(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows)
     return sel_idx, sel_count
 
 
-def _check_sel_phys(sel_phys, sel_idx: torch.Tensor) -> None:
-    if sel_phys is None:
-        return
-    check_tensor("sel_phys", sel_phys, 3, (torch.int32,), sel_idx.device, "sel_idx's [rows, num_kv_heads, width]")
-    if sel_phys.shape != sel_idx.shape or sel_phys.stride() != sel_idx.stride():
-        raise ValueError(f"sel_phys: got shape {tuple(sel_phys.shape)} strides {sel_phys.stride()}, expected "
-                         f"sel_idx's {tuple(sel_idx.shape)} and {sel_idx.stride()}")
-
-
-def _launch_select(plan: SelectPlan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows, block_table=None,
-                   sel_phys=None) -> None:
+def _launch_select(plan: SelectPlan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows) -> None:
     """The top-k launch: each (KV head, request) row of ``scores`` (``[batch, heads, >= max_blocks]``) into
-    ``sel_idx`` / ``sel_count`` (only the rows ``reselect`` names, unless None; at the rows ``sel_rows`` names),
-    and each listed block's physical block (``block_table``'s) into ``sel_phys`` if given."""
+    ``sel_idx`` / ``sel_count`` (only the rows ``reselect`` names, unless None; at the rows ``sel_rows`` names)."""
     shares = plan.group if plan.rule == GAUSS.value else 0
     n_chunks = (plan.keys.shape[2] - plan.select_finish) // plan.select_chunk
     scan = plan.select_chunk * min(_SCAN_CHUNKS, next_pow2(n_chunks))
@@ -813,16 +789,13 @@ def _launch_select(plan: SelectPlan, scores, seq_lens, sel_idx, sel_count, resel
     _SELECT((plan.num_kv_heads, plan.batch),
         scores_ptr=scores, seq_lens_ptr=seq_lens, reselect_ptr=seq_lens if reselect is None else reselect,
         sel_rows_ptr=seq_lens if sel_rows is None else sel_rows, sel_idx_ptr=sel_idx, sel_count_ptr=sel_count,
-        keys_ptr=plan.keys, block_table_ptr=block_table, sel_phys_ptr=sel_phys, width=sel_idx.shape[2],
-        **plan.limits,
+        keys_ptr=plan.keys, width=sel_idx.shape[2], **plan.limits,
         stride_sb=scores.stride(0), stride_s_head=scores.stride(1) * max(shares, 1), stride_sh=scores.stride(1),
         stride_kb=plan.keys.stride(0), stride_kh=plan.keys.stride(1),
         stride_ib=sel_idx.stride(0), stride_ih=sel_idx.stride(1), stride_ij=sel_idx.stride(2),
         stride_cb=sel_count.stride(0), stride_ch=sel_count.stride(1),
-        stride_tb=0 if sel_phys is None else block_table.stride(0),
-        stride_tj=0 if sel_phys is None else block_table.stride(1),
         BLOCK_SIZE=plan.block_size, CHUNK=plan.select_chunk, N_CHUNKS=n_chunks,
         SCAN=scan, FINISH=plan.select_finish,
         MASKED=reselect is not None, SEL_ROWS=sel_rows is not None, SHARES=shares,
-        SHARES_POW2=next_pow2(max(shares, 1)), PHYS=sel_phys is not None, num_warps=plan.select_warps,
+        SHARES_POW2=next_pow2(max(shares, 1)), num_warps=plan.select_warps,
     )
