@@ -5,7 +5,6 @@ budget; Quest on bf16 reprs), the layer's select + attend and our dense decode a
 (``bench_sparse_decode``'s inputs and plans). Per graph: the replay's median (``do_bench``, L2 cleared before every
 replay) and, from torch.profiler over REPLAYS replays (L2 cleared between them too), each kernel's device time per
 replay; the replay time minus the summed kernel times is what the graph spends between and around its kernels.
-The attend also with ``sel_phys`` (the lists' physical blocks beside them: one dependent load less per tile).
 Variants, replay times only, each checked against the first: the selection at each score tile of SCORE_TILES; the
 top-k launch alone at each warp count of WARPS (same lists as the planned warps), to tell a program that is
 issue-bound (time flat in warps) from one that waits on its reductions' barriers (time grows with warps).
@@ -21,7 +20,6 @@ from triton.testing import do_bench
 from bench.bench_sparse_decode import SELECTIONS, attend, build_case, dense, graph_of, rule_reprs, select
 from bench.harness import run_shapes
 from ucm_kernels.block_select.triton import _launch_select
-from ucm_kernels.sparse_decode import sparse_decode
 
 SHAPES = ((1, 131072), (1, 131168), (8, 131072), (32, 32768))  # 131168 tokens: an 8198-block table
 REPLAYS = 20
@@ -92,20 +90,6 @@ def variant_rows(name: str, shape: str, run, plans: dict) -> list[dict]:
     return rows
 
 
-def physical_twin_row(case, selection: str, lists: tuple, out: torch.Tensor) -> dict:
-    """The attend over the same lists with ``sel_phys`` (each entry's physical block beside it), checked bit for bit
-    against the table lookup first."""
-    sel_idx, sel_count = lists
-    rows = case.block_table.long().gather(1, sel_idx.clamp(min=0).flatten(1).long()).view(sel_idx.shape)
-    sel_phys = torch.where(sel_idx >= 0, rows, 0).int()
-    run = lambda: sparse_decode(case.q, case.kv[0], case.kv[1], case.block_table, case.seq_lens,  # noqa: E731
-                                sel_idx, sel_count, out=out, plan=case.decode_plans[selection], sel_phys=sel_phys)
-    expected = attend(case, selection, sel_idx, sel_count, out).clone()
-    if not torch.equal(run(), expected):
-        raise AssertionError(f"{case.shape} {selection}: the attend with sel_phys differs from the table lookup")
-    return graph_row(f"attend_phys_{selection}", case.shape, run)
-
-
 def shape_rows(batch: int, context: int) -> list[dict]:
     case = build_case(batch, context)
     out = torch.empty_like(case.q)
@@ -116,7 +100,6 @@ def shape_rows(batch: int, context: int) -> list[dict]:
         rows.append(graph_row(f"select_{selection}", case.shape, lambda: select(case, selection, "quest")))
         lists = select(case, selection, "quest")
         rows.append(graph_row(f"attend_{selection}", case.shape, lambda: attend(case, selection, *lists, out)))
-        rows.append(physical_twin_row(case, selection, lists, out))
         plan = case.select_plans[selection, "quest"]
         reprs = rule_reprs(case, "quest")
         rows += variant_rows(f"select_{selection}", case.shape, lambda tiled: tiled.run(

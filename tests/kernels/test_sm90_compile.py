@@ -95,21 +95,20 @@ def test_top_k_compiles_for_sm90_without_spills(chunk, n_chunks, shares, flags, 
     assert spills == 0, f"{registers} registers, {spills} bytes of spills"
 
 
-@pytest.mark.parametrize("dense,direct,split_tokens,phys", [
-    (True, False, 16384, False),  # dense 128K over several splits
-    (False, False, 8192, False),  # a long list (5 stages)
-    (False, False, 1024, False),  # a short list (3 stages)
-    (False, False, 1024, True),  # a short list with its physical twin (sel_phys)
-    (False, True, 1024, False),  # one split writing the output itself
+@pytest.mark.parametrize("dense,direct,split_tokens", [
+    (True, False, 16384),  # dense 128K over several splits
+    (False, False, 8192),  # a long list (5 stages)
+    (False, False, 1024),  # a short list (3 stages)
+    (False, True, 1024),  # one split writing the output itself
 ])
-def test_decode_split_kernel_compiles_for_sm90_without_spills(dense, direct, split_tokens, phys, tmp_path):
+def test_decode_split_kernel_compiles_for_sm90_without_spills(dense, direct, split_tokens, tmp_path):
     """Llama-8B-like heads (group 4, head_dim 128, bf16, block 16, 8 x 128K tables) at :func:`_choose_tile`'s
     settings."""
     from ucm_kernels.sparse_decode.triton import _choose_tile
 
     tile_tokens, num_warps, num_stages = _choose_tile(split_tokens, dense)
     constexprs = dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, DENSE=dense, DIRECT=direct,
-                      COMPUTE_DTYPE="tl.bfloat16", TILE_TOKENS=tile_tokens, SEL_ROWS=False, PHYS=phys)
+                      COMPUTE_DTYPE="tl.bfloat16", TILE_TOKENS=tile_tokens, SEL_ROWS=False)
     width = 0 if dense else 2458  # the lists of 0.3 x 8192 blocks
     ints = dict(stride_qb=32 * 128, stride_qh=128, stride_qd=1, stride_kb=16 * 8 * 128, stride_kt=8 * 128,
                 stride_kh=128, stride_kd=1, stride_vb=16 * 8 * 128, stride_vt=8 * 128, stride_vh=128, stride_vd=1,

@@ -121,28 +121,6 @@ def test_sel_rows_read_each_requests_lists_from_its_row():
         sparse_decode(q, k, v, table, lens, kept_idx, kept_count, sel_rows=rows.int())
 
 
-def physical_twin(sel_idx: torch.Tensor, table: torch.Tensor, filler: int) -> torch.Tensor:
-    """``table[b, sel_idx]`` per entry, ``filler`` where the entry names no block (-1)."""
-    rows = table.long().gather(1, sel_idx.clamp(min=0).flatten(1).long()).view(sel_idx.shape)
-    return torch.where(sel_idx >= 0, rows, filler).int()
-
-
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_physical_twin_reads_the_blocks_the_table_names(num_splits):
-    """sel_phys (the table's physical block beside each entry) gives the result of the table lookup bit for bit,
-    with a table that would now send the lookup elsewhere; padding entries' twins are never read (a block id
-    out of range there would fault or read NaN)."""
-    q, k, v, table, lens = paged([700, 260, 33], 8, 2, 64, torch.bfloat16)
-    sel_idx, sel_count = random_block_lists(lens, 2, block_size=16)
-    expected = sparse_decode(q, k, v, table, lens, sel_idx, sel_count, num_splits=num_splits)
-    sel_phys = physical_twin(sel_idx, table, filler=1 << 30)
-    elsewhere = table.roll(1, dims=1)  # every lookup through this table would read another block
-    out = sparse_decode(q, k, v, elsewhere, lens, sel_idx, sel_count, num_splits=num_splits, sel_phys=sel_phys)
-    assert torch.equal(out, expected)
-    assert not torch.equal(sparse_decode(q, k, v, elsewhere, lens, sel_idx, sel_count, num_splits=num_splits),
-                           expected)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_lists_of_one_block(dtype):
     q, k, v, table, lens = paged([5, 300, 129], 8, 2, 64, dtype)
@@ -298,10 +276,6 @@ BAD_INPUTS = {  # case: (replacement of some valid inputs, expected message)
     "seq_lens shape": (lambda a: dict(seq_lens=a["seq_lens"][:1]), "seq_lens has shape"),
     "sel_idx dtype": (lambda a: dict(sel_idx=a["sel_idx"].long()), "sel_idx has dtype"),
     "sel_count shape": (lambda a: dict(sel_count=a["sel_count"][:, :1]), "sel_count has shape"),
-    "sel_phys dtype": (lambda a: dict(sel_phys=a["sel_idx"].long()), "sel_phys has dtype"),
-    "sel_phys shape": (lambda a: dict(sel_phys=a["sel_idx"][:, :, :1]), "sel_phys has shape"),
-    "sel_phys strides": (lambda a: dict(sel_phys=a["sel_idx"].transpose(1, 2).contiguous().transpose(1, 2)),
-                         "sel_phys has strides"),
     "out dtype": (lambda a: dict(out=a["q"].bfloat16()), "out has shape"),
     "num_splits": (lambda a: dict(num_splits=0), "num_splits=0"),
 }

@@ -38,7 +38,6 @@ def _sparse_decode_split_kernel(
     seq_lens_ptr,  # [batch] int32
     sel_idx_ptr,  # [batch, num_kv_heads, max_sel] int32 logical blocks (None when DENSE)
     sel_count_ptr,  # [batch, num_kv_heads] int32 (None when DENSE)
-    sel_phys_ptr,  # like sel_idx, same strides: each entry's physical block (read if PHYS, instead of the table)
     sel_rows_ptr,  # [batch] int64: the row of sel_idx / sel_count each request reads (read if SEL_ROWS)
     out_ptr,  # [batch, num_q_heads, head_dim] q's dtype (written when DIRECT)
     acc_ptr,  # [batch, num_q_heads, num_splits, head_dim] fp32 scratch, contiguous (None when DIRECT)
@@ -53,7 +52,7 @@ def _sparse_decode_split_kernel(
     num_kv_heads, num_splits, chunk_blocks, qk_scale_log2,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     DENSE: tl.constexpr, DIRECT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, TILE_TOKENS: tl.constexpr,
-    SEL_ROWS: tl.constexpr, PHYS: tl.constexpr,
+    SEL_ROWS: tl.constexpr,
 ):
     pid_head = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
@@ -89,15 +88,12 @@ def _sparse_decode_split_kernel(
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     sel_row = sel_idx_ptr  # None when DENSE
-    phys_row = sel_phys_ptr  # None unless PHYS
     if not DENSE:
         sel_row = sel_idx_ptr + sel_b * stride_sib + h * stride_sih
-    if PHYS:
-        phys_row = sel_phys_ptr + sel_b * stride_sib + h * stride_sih
     table_row = block_table_ptr + b * stride_btb
     for first in range(start, end, BLOCKS_PER_TILE):
-        token_ok, physical = _tile_indices(first, end, slot, within, seq_len, sel_row, phys_row, table_row,
-                                           stride_sij, stride_btj, DENSE, PHYS, BLOCK_SIZE)
+        token_ok, physical = _tile_indices(first, end, slot, within, seq_len, sel_row, table_row, stride_sij,
+                                           stride_btj, DENSE, BLOCK_SIZE)
         k_rows = physical.to(tl.int64) * stride_kb + within * stride_kt
         v_rows = physical.to(tl.int64) * stride_vb + within * stride_vt
         k = tl.load(k_head + k_rows[:, None], mask=token_ok[:, None], other=0.0).to(COMPUTE_DTYPE)
@@ -124,12 +120,10 @@ def _sparse_decode_split_kernel(
 
 
 @triton.jit
-def _tile_indices(first, end, slot, within, seq_len, sel_row, phys_row, table_row, stride_sij, stride_btj,
-                  DENSE: tl.constexpr, PHYS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def _tile_indices(first, end, slot, within, seq_len, sel_row, table_row, stride_sij, stride_btj,
+                  DENSE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """The tile of list entries from ``first``: (token_ok, physical block) per token, ``[TILE]`` each. A token
-    counts when its entry lies before ``end``, names a block (>= 0) and lies before ``seq_len``. With PHYS the
-    physical block is read from the list's twin beside the entry (two loads deep to K/V, as dense) instead of
-    looked up in the block table through the entry (three)."""
+    counts when its entry lies before ``end``, names a block (>= 0) and lies before ``seq_len``."""
     entry = first + slot
     entry_ok = entry < end
     if DENSE:
@@ -137,11 +131,7 @@ def _tile_indices(first, end, slot, within, seq_len, sel_row, phys_row, table_ro
     else:
         logical = tl.load(sel_row + entry * stride_sij, mask=entry_ok, other=-1)
     token_ok = entry_ok & (logical >= 0) & (logical * BLOCK_SIZE + within < seq_len)
-    if PHYS:
-        physical = tl.load(phys_row + entry * stride_sij, mask=entry_ok, other=0)
-    else:
-        physical = tl.load(table_row + logical * stride_btj, mask=token_ok, other=0)
-    return token_ok, physical
+    return token_ok, tl.load(table_row + logical * stride_btj, mask=token_ok, other=0)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -236,7 +226,7 @@ def sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
                   seq_lens: torch.Tensor, sel_idx: torch.Tensor, sel_count: torch.Tensor, *,
                   scale: float | None = None, out: torch.Tensor | None = None,
                   num_splits: int | None = None, plan: DecodePlan | None = None,
-                  sel_rows: torch.Tensor | None = None, sel_phys: torch.Tensor | None = None) -> torch.Tensor:
+                  sel_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention of each (request, KV head) over the logical blocks of its list, read in place.
 
     Args:
@@ -257,18 +247,13 @@ def sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
         sel_rows: optional ``[batch]`` int64, the row of ``sel_idx`` / ``sel_count`` (then ``[rows,
             num_kv_heads, ...]``, any number of rows) each request reads, e.g. its slot of lists kept across
             steps; each must be a valid row (not checked: no host sync).
-        sel_phys: optional int32 twin of ``sel_idx`` (same shape and strides): the physical block of each entry,
-            ``block_table[b, sel_idx[...]]``, read beside the entry instead of looked up through the table (one
-            dependent load less per tile). The caller keeps it equal to that lookup (not checked: no host sync);
-            entries the lookup would skip (past ``seq_len``, negative) may hold anything.
     Returns:
         ``out``, ``[batch, num_q_heads, head_dim]`` in q's dtype.
     """
     _check_attention_inputs(q, key_cache, value_cache, block_table, seq_lens)
-    _check_selection(q, key_cache, sel_idx, sel_count, sel_rows, sel_phys)
+    _check_selection(q, key_cache, sel_idx, sel_count, sel_rows)
     plan = _resolve_plan(plan, q, key_cache, sel_idx.shape[2], num_splits)
-    return _launch(plan, q, key_cache, value_cache, block_table, seq_lens, sel_idx, sel_count, scale, out, sel_rows,
-                   sel_phys)
+    return _launch(plan, q, key_cache, value_cache, block_table, seq_lens, sel_idx, sel_count, scale, out, sel_rows)
 
 
 def dense_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
@@ -306,7 +291,7 @@ _SPLIT, _COMBINE = Launcher(_sparse_decode_split_kernel), Launcher(_combine_spli
 
 
 def _launch(plan: DecodePlan, q, key_cache, value_cache, block_table, seq_lens, sel_idx, sel_count, scale, out,
-            sel_rows=None, sel_phys=None):
+            sel_rows=None):
     """The split kernel (writing ``out`` itself with one split), then the combine kernel with several splits."""
     out = _check_or_alloc_out(q, out)
     head_dim = q.shape[2]
@@ -317,8 +302,7 @@ def _launch(plan: DecodePlan, q, key_cache, value_cache, block_table, seq_lens, 
     count_strides = (0, 0) if dense else sel_count.stride()
     _SPLIT((plan.batch * plan.num_kv_heads, plan.num_splits),
         q_ptr=q, k_cache_ptr=key_cache, v_cache_ptr=value_cache, block_table_ptr=block_table,
-        seq_lens_ptr=seq_lens, sel_idx_ptr=sel_idx, sel_count_ptr=sel_count, sel_phys_ptr=sel_phys,
-        sel_rows_ptr=sel_rows, out_ptr=out,
+        seq_lens_ptr=seq_lens, sel_idx_ptr=sel_idx, sel_count_ptr=sel_count, sel_rows_ptr=sel_rows, out_ptr=out,
         acc_ptr=plan.acc, stats_ptr=plan.stats,
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qd=q.stride(2),
         stride_kb=key_cache.stride(0), stride_kt=key_cache.stride(1), stride_kh=key_cache.stride(2),
@@ -335,7 +319,7 @@ def _launch(plan: DecodePlan, q, key_cache, value_cache, block_table, seq_lens, 
         GROUP_PAD=max(16, triton.next_power_of_2(plan.num_q_heads // plan.num_kv_heads)), HEAD_DIM=head_dim,
         BLOCK_SIZE=plan.block_size, DENSE=dense, DIRECT=direct,
         COMPUTE_DTYPE=compute_dtype(q.dtype),
-        TILE_TOKENS=plan.tile_tokens, SEL_ROWS=sel_rows is not None, PHYS=sel_phys is not None,
+        TILE_TOKENS=plan.tile_tokens, SEL_ROWS=sel_rows is not None,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     if not direct:
@@ -423,15 +407,11 @@ def _check_attention_inputs(q, key_cache, value_cache, block_table, seq_lens) ->
     _check_int32("seq_lens", seq_lens, q.device, (batch,), "[batch]")
 
 
-def _check_selection(q, key_cache, sel_idx, sel_count, sel_rows=None, sel_phys=None) -> None:
+def _check_selection(q, key_cache, sel_idx, sel_count, sel_rows=None) -> None:
     batch, num_kv_heads = q.shape[0], key_cache.shape[2]
     rows, what = (batch, "batch") if sel_rows is None else (sel_idx.shape[0], "rows")
     _check_int32("sel_idx", sel_idx, q.device, (rows, num_kv_heads, sel_idx.shape[-1]),
                  f"[{what}, num_kv_heads, max_sel]")
-    if sel_phys is not None:
-        _check_int32("sel_phys", sel_phys, q.device, tuple(sel_idx.shape), "sel_idx's shape")
-        if sel_phys.stride() != sel_idx.stride():
-            raise ValueError(f"sel_phys has strides {sel_phys.stride()}; expected sel_idx's {sel_idx.stride()}")
     _check_int32("sel_count", sel_count, q.device, (rows, num_kv_heads), f"[{what}, num_kv_heads]")
     if sel_rows is not None:
         check_device("sel_rows", sel_rows, q.device)
