@@ -232,16 +232,19 @@ class Offloaded:
 
 def lockstep(workload: Workload, steps: list[list[int]], modes: dict) -> dict:
     """Run every mode's decode steps in turn, step by step (so that each step of each mode is timed under the same
-    machine conditions: host-bound eager decoding varies between minutes); ``{name: (ms per step, outputs)}``."""
+    machine conditions: host-bound eager decoding varies between minutes), the mode that goes first rotating from
+    step to step (so none always follows the same one); ``{name: (ms per step, outputs)}``."""
     done = {r: 0 for r in range(workload.shape.batch)}
     results = {name: ([], []) for name in modes}
+    names = list(modes)
     for step, requests in enumerate(steps):
         if step == workload.shape.warmup:
             for mode in modes.values():
                 if hasattr(mode, "warm"):
                     mode.warm()
         positions = [done[r] for r in requests]
-        for name, mode in modes.items():
+        for name in names[step % len(names):] + names[:step % len(names)]:
+            mode = modes[name]
             sync(workload.device)
             start = time.perf_counter()
             out = mode.step(requests, positions)
@@ -308,9 +311,13 @@ def bench_schedule(name: str, workload: Workload, cache: PagedKV, pool, h2d_gbps
             row("decode_step", "gsa_on_device", tag, median["gsa_on_device"], baseline_ms=median["dense_on_device"],
                 tokens_per_s=round(per_step / (median["gsa_on_device"] * 1e-3), 1),
                 **{f"vs_dense_{k}": v for k, v in compare(gsa_out, dense_out).items()})]
+    off_times = results["gsa_offload_prefetch_off"][0][shape.warmup:]
     for mode, offload in offloads.items():
         rows.append(offload_row(mode, offload, results[mode], gsa_out, tag, median["dense_on_device"],
                                 median["gsa_on_device"], h2d_gbps))
+        if mode != "gsa_offload_prefetch_off":  # per step against prefetch off's same step: drift cancels
+            rows[-1]["vs_prefetch_off_paired"] = round(statistics.median(
+                off / on for off, on in zip(off_times, results[mode][0][shape.warmup:])), 4)
     return rows
 
 
@@ -471,11 +478,12 @@ def _time_parts(gsa: OffloadedGSA, spent: collections.Counter) -> None:
 
 def print_table(rows: list[dict]) -> None:
     print(f"{'impl':<38}{'shape':<34}{'ms/step':>9}{'tok/s':>9}{'x dense':>8}{'hit':>7}{'PCIe B/tok':>12}"
-          f"{'miss/step':>10}")
+          f"{'miss/step':>10}{'x off':>8}")
     for r in rows:
         print(f"{r['impl']:<38}{r['shape']:<34}{r['median_ms']:>9.3f}{r['tokens_per_s']:>9.1f}"
               f"{r.get('speedup_vs_baseline', 1.0):>8.2f}{r.get('hit_rate', float('nan')):>7.3f}"
-              f"{r.get('pcie_bytes_per_token', 0):>12}{r.get('sync_misses_per_step', 0):>10}")
+              f"{r.get('pcie_bytes_per_token', 0):>12}{r.get('sync_misses_per_step', 0):>10}"
+              f"{r.get('vs_prefetch_off_paired', float('nan')):>8.3f}")
 
 
 def main(argv: list[str] | None = None) -> None:
