@@ -1,12 +1,17 @@
-"""The top-k, decode and residency-assign kernels compiled for an H100/H200 (sm_90) on this CPU machine, without a
-GPU.
+"""The kernels of the GPU hot paths compiled for an H100/H200 (sm_90) on this CPU machine, without a GPU: block
+selection (score, top-k), decode attention (split, combine), block summaries (by id, by table ranges), block mass
+(the two-stage selection), the offload mode's residency (probe, victim search, assign, tokens, row copy) and the
+connector's KV block copy.
 
 The Triton interpreter runs kernels as Python, so it accepts code Triton's compiler refuses (a variable first
 assigned inside a ``range`` loop and read after it, for one) and says nothing of registers. These tests compile
 each kernel at the launch settings a GPU would use, in a child Python without the interpreter (this process
 imported the kernels interpreted), specialised as Triton's JIT specialises a launch, with Triton's own ptxas, and
 read ptxas' report: each must compile and spill nothing. (Registers at 70e6076: the planned top-k 180, one-chunk
-rows 115, chunks of 2048 / 4096 / 8192 231 / 221 / 235; the decode split kernel 96 dense, 120-156 on lists.)
+rows 115, chunks of 2048 / 4096 / 8192 231 / 221 / 235; the decode split kernel 96 dense, 120-156 on lists. At
+e531d06: the score kernel 168 (Quest or gauss over bf16 summaries), 128 (Quest over fp8); the combine 48 / 112 at
+32 / 64 splits; residency probe 40, age histogram 64, victim ranks 128, assign 162, tokens 24, row copy 28; the KV
+block copy 48 gather / 52 scatter; block summaries 32 / 48 by id, 48 / 64 by ranges (bf16 / fp8); block_lse2 80.)
 Where a kernel's pointer parameters are not named ``*_ptr``, the test names each one's type.
 """
 import json
@@ -131,6 +136,177 @@ def test_residency_assign_kernel_compiles_for_sm90_without_spills(tmp_path):
     ints = dict(n=4 * 8 * 2458, stamp_value=100, max_new=4 * 8 * 2458, width=2458, table_width=8192)
     registers, spills = compiled_in_child(tmp_path, "ucm_kernels.residency.triton", "_assign_kernel", types, ints,
                                           constexprs, {"num_warps": 4})
+    assert spills == 0, f"{registers} registers, {spills} bytes of spills"
+
+
+@pytest.mark.parametrize("score,reprs,masked", [
+    ("quest", "*bf16", False),  # Quest over bf16 summaries (repr_dtype "cache")
+    ("quest", "*fp8e4nv", False),  # Quest over fp8 summaries, scaled by kscale
+    ("gauss", "*bf16", False),  # the gauss rule's log masses, one row per query head (group 4)
+    ("quest", "*bf16", True),  # reuse (select_every > 1): only the rows of reselect
+])
+def test_score_kernel_compiles_for_sm90_without_spills(score, reprs, masked, tmp_path):
+    """The score launch of ``SelectPlan.run`` (``_launch``) at 8 x 128K tokens (8192-block tables, sparse_ratio
+    0.3, windows 1 / 4, min_blocks 8), 8 KV heads of 128, 32 query heads, at :func:`_choose_score_launch`'s
+    settings."""
+    from ucm_kernels._utils import next_pow2
+    from ucm_kernels.block_select.triton import SCORES, _choose_score_launch, _plan_args
+
+    tile, num_warps = _choose_score_launch(8, 128)
+    scaled, group = reprs == "*fp8e4nv", 4
+    rows = 8 * (group if score == "gauss" else 1)  # the score scratch's rows per request
+    types = {"q_ptr": "*bf16", "kmin_ptr": reprs, "kmax_ptr": reprs, "kmean_ptr": reprs, "kscale_ptr": "*fp32",
+             "scores_ptr": "*fp32", "sm_scale": "fp32"}
+    constexprs = dict(BLOCK_SIZE=16, HEADS=8, HEADS_PAD=8, GROUP=group, BLOCK_G=next_pow2(group), HEAD_DIM=128,
+                      BLOCK_D=128, RULE=SCORES.index(score), TILE=tile, SCALED=scaled, MASKED=masked)
+    ints = dict(**_plan_args(8192, 16, 0.3, 1, 4, 8, None), stride_qb=32 * 128, stride_qh=128, stride_qd=1,
+                stride_rb=8 * 128, stride_rh=128, stride_rd=1, stride_kscale_b=8 if scaled else 0,
+                stride_kscale_h=1 if scaled else 0, stride_tb=8192, stride_tj=1, stride_sb=rows * 8192,
+                stride_sh=8192)
+    registers, spills = compiled_in_child(tmp_path, "ucm_kernels.block_select.triton", "_score_kernel", types, ints,
+                                          constexprs, {"num_warps": num_warps})
+    assert spills == 0, f"{registers} registers, {spills} bytes of spills"
+
+
+@pytest.mark.parametrize("num_splits", [
+    17,  # lists of 8 x 128K at ratio 0.3 on an H100 (132 SMs): 8 programs an SM over 64 (request, KV head) rows
+    64,  # _MAX_SPLITS, the most the combine holds ([64, 128] fp32; the lists of one such request take 62)
+])
+def test_combine_splits_kernel_compiles_for_sm90_without_spills(num_splits, tmp_path):
+    """The decode's combine launch (``_launch`` with several splits): one program per (request, query head) of
+    32 heads of 128, bf16 output, Triton's default warps and stages."""
+    import triton
+
+    types = {"acc_ptr": "*fp32", "stats_ptr": "*fp32", "out_ptr": "*bf16"}
+    constexprs = dict(HEAD_DIM=128, SPLITS_PAD=triton.next_power_of_2(num_splits))
+    ints = dict(stride_ob=32 * 128, stride_oh=128, stride_od=1, num_q_heads=32, num_splits=num_splits)
+    registers, spills = compiled_in_child(tmp_path, "ucm_kernels.sparse_decode.triton", "_combine_splits_kernel",
+                                          types, ints, constexprs, {})
+    assert spills == 0, f"{registers} registers, {spills} bytes of spills"
+
+
+# the residency kernels' parameters (not named *_ptr) as the offload mode passes them: int64 pieces, slots, stamps
+# and scratch, bool pinned / wanted, int32 counters, selections and tables, the pool's bf16 KV
+RESIDENCY_TYPES = {**{name: "*i64" for name in (
+    "pieces", "slot_of", "stamp", "slots", "miss_rank", "tally", "token_pieces", "token_offsets", "token_slots",
+    "victims", "offsets", "src", "dst", "src_idx", "dst_idx")},
+    **{name: "*u1" for name in ("pinned", "wanted")}, **{name: "*bf16" for name in ("kv", "key", "value")},
+    **{name: "*i32" for name in ("counters", "sel_idx", "sel_count", "block_table", "hists", "prefix", "count")}}
+POOL_SLOTS = 4096 * 8  # gpu_budget_blocks' default 4096 blocks of 8 KV heads
+
+
+@pytest.mark.parametrize("selection", [
+    True,  # admit_selection: the selection's pieces, the batch's decode tokens written by extra programs
+    False,  # admit: given pieces (the newest blocks, the prefetch's predictions); no tokens
+])
+def test_residency_probe_kernel_compiles_for_sm90_without_spills(selection, tmp_path):
+    """The first launch of the offload mode's ``admit_selection`` (8 x 8 lists of 2458 blocks over 8192-block
+    host tables, tally, a token of head_dim 128 per piece into the bf16 pool) or ``admit`` (pieces and wanted
+    given, tally), as ``residency._launch`` launches it."""
+    n = 8 * 8 * 2458
+    types = dict(RESIDENCY_TYPES)
+    if selection:  # the launcher passes counters (int32) for what is not given
+        types.update(wanted="*i32")
+    else:  # ... and pieces as sel_idx
+        types.update(sel_idx="*i64", **{name: "*i32" for name in ("kv", "token_pieces", "token_offsets", "key",
+                                                                  "value")})
+    token = dict(BLOCK_SIZE=16, HEAD_DIM=128, DIM_POW2=128) if selection else dict(BLOCK_SIZE=1, HEAD_DIM=1,
+                                                                                    DIM_POW2=1)
+    constexprs = dict(FROM_SELECTION=selection, HAS_TALLY=True, WRITE_TOKENS=selection, TILE=1024, **token)
+    ints = dict(n=n, stamp_value=100, width=2458 if selection else n, table_width=8192 if selection else 6,
+                heads=8 if selection else 1, probe_programs=-(-n // 1024))
+    registers, spills = compiled_in_child(tmp_path, "ucm_kernels.residency.triton", "_probe_kernel", types, ints,
+                                          constexprs, {"num_warps": 8})
+    assert spills == 0, f"{registers} registers, {spills} bytes of spills"
+
+
+@pytest.mark.parametrize("name", ["_age_histogram_kernel", "_rank_victims_kernel"])
+def test_residency_victim_kernels_compile_for_sm90_without_spills(name, tmp_path):
+    """The victim search of ``admit`` / ``admit_selection`` over the default pool (32768 slots, 8 tiles of
+    4096), as ``residency._launch`` launches it (8 warps)."""
+    from ucm_kernels.residency import triton as residency_triton
+
+    constexprs = dict(AGE_CAP=residency_triton.AGE_CAP, SLOT_TILE=residency_triton._SLOT_TILE)
+    ints = dict(capacity=POOL_SLOTS, below=100, max_new=8 * 8 * 2458)
+    if name == "_age_histogram_kernel":
+        constexprs.update(BINS=residency_triton._BINS, PREFIX_ROWS=residency_triton._PREFIX_ROWS)
+        ints.update(tiles=POOL_SLOTS // residency_triton._SLOT_TILE)
+    registers, spills = compiled_in_child(tmp_path, "ucm_kernels.residency.triton", name, RESIDENCY_TYPES, ints,
+                                          constexprs, {"num_warps": 8})
+    assert spills == 0, f"{registers} registers, {spills} bytes of spills"
+
+
+def test_residency_write_tokens_kernel_compiles_for_sm90_without_spills(tmp_path):
+    """``write_tokens`` (``HotPool.write_tokens``): a decode token of head_dim 128 into each newest piece of the
+    bf16 pool (block 16), Triton's default warps."""
+    constexprs = dict(BLOCK_SIZE=16, HEAD_DIM=128, DIM_POW2=128)
+    registers, spills = compiled_in_child(tmp_path, "ucm_kernels.residency.triton", "_write_tokens_kernel",
+                                          RESIDENCY_TYPES, dict(stamp_value=100), constexprs, {})
+    assert spills == 0, f"{registers} registers, {spills} bytes of spills"
+
+
+def test_residency_copy_rows_kernel_compiles_for_sm90_without_spills(tmp_path):
+    """``copy_rows`` (``HotPool.fetch`` / ``copy``): 8 KiB pieces (K and V of 16 tokens x 128 bf16) as 1024 int64
+    words, Triton's default warps."""
+    registers, spills = compiled_in_child(tmp_path, "ucm_kernels.residency.triton", "_copy_rows_kernel",
+                                          RESIDENCY_TYPES, {}, dict(ROW_WORDS=1024, BLOCK=1024), {})
+    assert spills == 0, f"{registers} registers, {spills} bytes of spills"
+
+
+@pytest.mark.parametrize("to_staging", [True, False])
+def test_kv_block_copy_kernel_compiles_for_sm90_without_spills(to_staging, tmp_path):
+    """The connector's saves (``gather_blocks_into_rows``, to_staging) and Cache-tier loads
+    (``scatter_blocks_from_rows``) as ``_copy_blocks`` launches them: 32 layers of vLLM's FlashAttention cache
+    (one 64 KiB run a block and layer: 16 tokens x 8 heads x K and V of 128 bf16) of 65536 blocks, 8-byte words,
+    int64 block ids, rows by address (pinned buffers)."""
+    from ucm_kernels.kv_transfer import triton as kv_transfer_triton
+
+    segment_words = (64 << 10) // 8
+    types = {"layer_addrs": "*i64", "block_ids": "*i64", "staging": "*i64"}
+    constexprs = dict(NUM_SEGMENTS=1, SEGMENT_WORDS=segment_words,
+                      BLOCK=min(segment_words, kv_transfer_triton._STEP_BYTES // 8), ALIGN=16, TO_STAGING=to_staging,
+                      ROW_TABLE=True, WORD="tl.int64")
+    ints = dict(block_stride=segment_words, segment_stride=0, num_layers=32)
+    registers, spills = compiled_in_child(tmp_path, "ucm_kernels.kv_transfer.triton", "_kv_block_copy_kernel", types,
+                                          ints, constexprs, {"num_warps": kv_transfer_triton._NUM_WARPS})
+    assert spills == 0, f"{registers} registers, {spills} bytes of spills"
+
+
+@pytest.mark.parametrize("name", ["_block_repr_kernel", "_block_repr_ranges_kernel"])
+@pytest.mark.parametrize("reprs", ["*bf16", "*fp8e4nv"])
+def test_block_repr_kernels_compile_for_sm90_without_spills(name, reprs, tmp_path):
+    """``update_block_repr`` (GSA's filled blocks by id, int32) and ``update_block_repr_ranges`` (vLLM's
+    ``FlashGSA.run``, each row's range of its int32 block table: 8 rows of 8192 blocks) of a bf16 cache of 65536
+    blocks (the strides of vLLM's FlashAttention view, K and V interleaved; other caches' strides, multiples of 16
+    too, specialise alike) into bf16 or fp8 summaries of 8 heads x 128, Triton's default warps and stages."""
+    scaled = reprs == "*fp8e4nv"
+    types = {"key_ptr": "*bf16", "kmin_ptr": reprs, "kmax_ptr": reprs, "kmean_ptr": reprs,
+             "kscale_ptr": "*fp32" if scaled else reprs}  # the launcher passes kmin when there is no kscale
+    constexprs = dict(BLOCK_SIZE=16, BLOCK_T=16, HEAD_DIM=128, BLOCK_D=128, SCALED=scaled)
+    ints = dict(num_blocks=65536, stride_kb=16 * 8 * 256, stride_kt=8 * 256, stride_kh=256, stride_kd=1,
+                stride_rb=8 * 128, stride_rh=128, stride_rd=1, stride_sb=8 if scaled else 0,
+                stride_sh=1 if scaled else 0)
+    if name == "_block_repr_ranges_kernel":
+        ints.update(num_rows=8, max_blocks=8192, stride_btr=8192, stride_btj=1)
+    registers, spills = compiled_in_child(tmp_path, "ucm_kernels.block_repr.triton", name, types, ints, constexprs,
+                                          {})
+    assert spills == 0, f"{registers} registers, {spills} bytes of spills"
+
+
+def test_block_lse2_kernel_compiles_for_sm90_without_spills(tmp_path):
+    """The two-stage selection's ``block_lse2`` (``FlashGSA`` with rerank_candidates 3: 8 x 8 lists of 7373
+    candidates, sparse_ratio 0.9, over 8192-block tables) at group 4, head_dim 128, bf16 vLLM FlashAttention keys,
+    as its launcher launches it (4 blocks of 16 a step, 4 warps, Triton's default stages)."""
+    width, chunk = 7373, 32
+    types = {"q_ptr": "*bf16", "k_cache_ptr": "*bf16", "out_ptr": "*fp32", "qk_scale_log2": "fp32"}
+    constexprs = dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, BLOCKS_PER_TILE=4,
+                      COMPUTE_DTYPE="tl.bfloat16", MASKED=False)
+    ints = dict(stride_qb=32 * 128, stride_qh=128, stride_qd=1, stride_kb=16 * 8 * 256, stride_kt=8 * 256,
+                stride_kh=256, stride_kd=1, stride_btb=8192, stride_btj=1, stride_sib=8 * width, stride_sih=width,
+                stride_sij=1, stride_scb=8, stride_sch=1, stride_ob=8 * 4 * width, stride_oh=4 * width,
+                stride_og=width, stride_oj=1, num_kv_heads=8, width=width, chunk=chunk)
+    registers, spills = compiled_in_child(tmp_path, "ucm_kernels.block_mass.triton", "_block_lse2_kernel", types,
+                                          ints, constexprs, {"num_warps": 4})
     assert spills == 0, f"{registers} registers, {spills} bytes of spills"
 
 
