@@ -272,11 +272,11 @@ def selection_pieces(shape: Shape, batch: int, config: GSAConfig = CONFIG) -> in
     return batch * NUM_KV_HEADS * num_selected(shape.table_blocks, config, BLOCK)
 
 
-def offload_config(shape: Shape, per_step: int, prefetch_ahead: int) -> GSAConfig:
+def offload_config(shape: Shape, per_step: int, **fields) -> GSAConfig:
     """CONFIG with a hot budget of BUDGET_SLACK x one step's selection of ``per_step`` requests (plus their newest
-    blocks) and ``prefetch_ahead``."""
+    blocks) and GSAConfig ``fields`` (prefetch_ahead, ...)."""
     budget = int(BUDGET_SLACK * selection_pieces(shape, per_step) / NUM_KV_HEADS) + shape.batch
-    return replace(CONFIG, gpu_budget_blocks=budget, prefetch_ahead=prefetch_ahead)
+    return replace(CONFIG, gpu_budget_blocks=budget, **fields)
 
 
 def prefetch_variants(settings: list[tuple[int, int]]) -> dict[str, dict]:
@@ -298,8 +298,7 @@ def bench_schedule(name: str, workload: Workload, cache: PagedKV, pool, h2d_gbps
     steps = schedule(shape, name)
     per_step = len(steps[0])
     tag = f"b{per_step}_ctx{shape.context}_L{shape.layers}_{name}"
-    offloads = {mode: Offloaded(workload, replace(offload_config(shape, per_step, fields["prefetch_ahead"]), **fields),
-                                pool, collections.Counter())
+    offloads = {mode: Offloaded(workload, offload_config(shape, per_step, **fields), pool, collections.Counter())
                 for mode, fields in variants.items()}
     modes = {"dense_on_device": OnDevice(workload, cache, sparse=False),
              "gsa_on_device": OnDevice(workload, cache, sparse=True), **offloads}
@@ -386,7 +385,7 @@ def profile_offload(workload: Workload, pool, out_dir: str) -> None:
     """Steady schedule, on-device GSA and the offload mode (prefetch off) in lock-step: each mode's host time by
     Python function (cProfile) over the timed steps, side by side in ``out_dir``/gsa_offload_profile.txt."""
     shape = workload.shape
-    offload = Offloaded(workload, offload_config(shape, shape.batch, 0), pool)
+    offload = Offloaded(workload, offload_config(shape, shape.batch, prefetch_ahead=0), pool)
     modes = {"gsa_on_device": _Profiled(OnDevice(workload, PagedKV(workload), sparse=True), shape.warmup),
              "gsa_offload_prefetch_off": _Profiled(offload, shape.warmup)}
     results = lockstep(workload, schedule(shape, "steady"), modes)
@@ -415,7 +414,7 @@ def profile_gpu(workload: Workload, pool, out_dir: str, schedules: list[str], st
         plan = schedule(shape, schedule_name)[:shape.warmup + steps]
         per_step = len(plan[0])  # as bench_schedule sizes the GPU budget
         mode = (OnDevice(workload, PagedKV(workload), sparse=True) if name == "gsa_on_device" else
-                Offloaded(workload, offload_config(shape, per_step, 0), pool))
+                Offloaded(workload, offload_config(shape, per_step, prefetch_ahead=0), pool))
         lockstep(workload, plan[:shape.warmup], {name: mode})
         activities = [torch.profiler.ProfilerActivity.CPU]
         if workload.device.type == "cuda":
@@ -529,8 +528,8 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.schedules:
             rows += bench_schedule(name, workload, cache, pool, h2d, variants)
             write_results("gsa_offload", rows, ceilings, extra)  # what is done survives a run cut short
-        del cache, workload, pool  # the schedules' pinned host KV (2 x 34 GB at 8 layers) goes back before the
-        # long run's 69 GB
+        del cache, workload, pool  # the schedules' pinned host KV (34 GB per offload mode at 8 layers) goes back
+        # before the long run's 69 GB
     if args.long:
         rows += bench_long(long_shape, reference, host_pool(long_shape, device, copies=1), h2d)
     path = write_results("gsa_offload", rows, ceilings, extra)

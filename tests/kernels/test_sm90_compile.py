@@ -9,8 +9,8 @@ each kernel at the launch settings a GPU would use, in a child Python without th
 imported the kernels interpreted), specialised as Triton's JIT specialises a launch, with Triton's own ptxas, and
 read ptxas' report: each must compile and spill nothing. (Registers at 70e6076: the planned top-k 180, one-chunk
 rows 115, chunks of 2048 / 4096 / 8192 231 / 221 / 235; the decode split kernel 96 dense, 120-156 on lists. At
-e531d06: the score kernel 168 (Quest or gauss over bf16 summaries), 128 (Quest over fp8); the combine 48 / 112 at
-32 / 64 splits; residency probe 40, age histogram 64, victim ranks 128, assign 162, tokens 24, row copy 28; the KV
+d97f1a2: the score kernel 168 (Quest or gauss over bf16 summaries), 128 (Quest over fp8); the combine 48 / 112 at
+17 / 64 splits; residency probe 40, age histogram 64, victim ranks 128, assign 162, tokens 24, row copy 28; the KV
 block copy 48 gather / 52 scatter; block summaries 32 / 48 by id, 48 / 64 by ranges (bf16 / fp8); block_lse2 80.)
 Where a kernel's pointer parameters are not named ``*_ptr``, the test names each one's type.
 """
@@ -66,6 +66,12 @@ def ptxas_report(module: str, name: str, types: dict, ints: dict, constexprs: di
     return registers, spills
 
 
+def assert_no_spills(tmp_path, *args) -> None:
+    """:func:`compiled_in_child` of ``args``, which must spill nothing."""
+    registers, spills = compiled_in_child(tmp_path, *args)
+    assert spills == 0, f"{registers} registers, {spills} bytes of spills"
+
+
 def compiled_in_child(tmp_path, *args) -> tuple[int, int]:
     """:func:`ptxas_report` of ``args`` in a child Python without TRITON_INTERPRET."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
@@ -95,9 +101,8 @@ def test_top_k_compiles_for_sm90_without_spills(chunk, n_chunks, shares, flags, 
     ints = dict(max_blocks=8192, width=width, stride_sb=heads * 8192, stride_s_head=8192, stride_sh=8192,
                 stride_kb=heads * row, stride_kh=row, stride_ib=heads * width, stride_ih=width, stride_ij=1,
                 stride_cb=heads, stride_ch=1)
-    registers, spills = compiled_in_child(tmp_path, "ucm_kernels.block_select.triton", "_select_kernel",
-                                          SELECT_TYPES, ints, constexprs, {"num_warps": 8})
-    assert spills == 0, f"{registers} registers, {spills} bytes of spills"
+    assert_no_spills(tmp_path, "ucm_kernels.block_select.triton", "_select_kernel",
+                     SELECT_TYPES, ints, constexprs, {"num_warps": 8})
 
 
 @pytest.mark.parametrize("dense,direct,split_tokens", [
@@ -120,10 +125,9 @@ def test_decode_split_kernel_compiles_for_sm90_without_spills(dense, direct, spl
                 stride_btb=8192, stride_btj=1, stride_sib=8 * width, stride_sih=width, stride_sij=0 if dense else 1,
                 stride_scb=0 if dense else 8, stride_sch=0 if dense else 1, stride_ob=32 * 128, stride_oh=128,
                 stride_od=1, num_kv_heads=8)
-    registers, spills = compiled_in_child(tmp_path, "ucm_kernels.sparse_decode.triton", "_sparse_decode_split_kernel",
-                                          DECODE_TYPES, ints, constexprs,
-                                          {"num_warps": num_warps, "num_stages": num_stages})
-    assert spills == 0, f"{registers} registers, {spills} bytes of spills"
+    assert_no_spills(tmp_path, "ucm_kernels.sparse_decode.triton", "_sparse_decode_split_kernel",
+                     DECODE_TYPES, ints, constexprs,
+                     {"num_warps": num_warps, "num_stages": num_stages})
 
 
 def test_residency_assign_kernel_compiles_for_sm90_without_spills(tmp_path):
@@ -134,9 +138,8 @@ def test_residency_assign_kernel_compiles_for_sm90_without_spills(tmp_path):
     types = {**{name: "*i64" for name in int64}, "counters": "*i32", "sel_idx": "*i32", "table": "*i32"}
     constexprs = dict(WRITE_TABLE=True, HAS_TALLY=True, COPY=True, ROW_WORDS=1024, BLOCK=1024, TILE=1024)
     ints = dict(n=4 * 8 * 2458, stamp_value=100, max_new=4 * 8 * 2458, width=2458, table_width=8192)
-    registers, spills = compiled_in_child(tmp_path, "ucm_kernels.residency.triton", "_assign_kernel", types, ints,
-                                          constexprs, {"num_warps": 4})
-    assert spills == 0, f"{registers} registers, {spills} bytes of spills"
+    assert_no_spills(tmp_path, "ucm_kernels.residency.triton", "_assign_kernel", types, ints,
+                     constexprs, {"num_warps": 4})
 
 
 @pytest.mark.parametrize("score,reprs,masked", [
@@ -163,9 +166,8 @@ def test_score_kernel_compiles_for_sm90_without_spills(score, reprs, masked, tmp
                 stride_rb=8 * 128, stride_rh=128, stride_rd=1, stride_kscale_b=8 if scaled else 0,
                 stride_kscale_h=1 if scaled else 0, stride_tb=8192, stride_tj=1, stride_sb=rows * 8192,
                 stride_sh=8192)
-    registers, spills = compiled_in_child(tmp_path, "ucm_kernels.block_select.triton", "_score_kernel", types, ints,
-                                          constexprs, {"num_warps": num_warps})
-    assert spills == 0, f"{registers} registers, {spills} bytes of spills"
+    assert_no_spills(tmp_path, "ucm_kernels.block_select.triton", "_score_kernel", types, ints,
+                     constexprs, {"num_warps": num_warps})
 
 
 @pytest.mark.parametrize("num_splits", [
@@ -180,9 +182,8 @@ def test_combine_splits_kernel_compiles_for_sm90_without_spills(num_splits, tmp_
     types = {"acc_ptr": "*fp32", "stats_ptr": "*fp32", "out_ptr": "*bf16"}
     constexprs = dict(HEAD_DIM=128, SPLITS_PAD=triton.next_power_of_2(num_splits))
     ints = dict(stride_ob=32 * 128, stride_oh=128, stride_od=1, num_q_heads=32, num_splits=num_splits)
-    registers, spills = compiled_in_child(tmp_path, "ucm_kernels.sparse_decode.triton", "_combine_splits_kernel",
-                                          types, ints, constexprs, {})
-    assert spills == 0, f"{registers} registers, {spills} bytes of spills"
+    assert_no_spills(tmp_path, "ucm_kernels.sparse_decode.triton", "_combine_splits_kernel",
+                     types, ints, constexprs, {})
 
 
 # the residency kernels' parameters (not named *_ptr) as the offload mode passes them: int64 pieces, slots, stamps
@@ -215,9 +216,8 @@ def test_residency_probe_kernel_compiles_for_sm90_without_spills(selection, tmp_
     constexprs = dict(FROM_SELECTION=selection, HAS_TALLY=True, WRITE_TOKENS=selection, TILE=1024, **token)
     ints = dict(n=n, stamp_value=100, width=2458 if selection else n, table_width=8192 if selection else 6,
                 heads=8 if selection else 1, probe_programs=-(-n // 1024))
-    registers, spills = compiled_in_child(tmp_path, "ucm_kernels.residency.triton", "_probe_kernel", types, ints,
-                                          constexprs, {"num_warps": 8})
-    assert spills == 0, f"{registers} registers, {spills} bytes of spills"
+    assert_no_spills(tmp_path, "ucm_kernels.residency.triton", "_probe_kernel", types, ints,
+                     constexprs, {"num_warps": 8})
 
 
 @pytest.mark.parametrize("name", ["_age_histogram_kernel", "_rank_victims_kernel"])
@@ -231,26 +231,23 @@ def test_residency_victim_kernels_compile_for_sm90_without_spills(name, tmp_path
     if name == "_age_histogram_kernel":
         constexprs.update(BINS=residency_triton._BINS, PREFIX_ROWS=residency_triton._PREFIX_ROWS)
         ints.update(tiles=POOL_SLOTS // residency_triton._SLOT_TILE)
-    registers, spills = compiled_in_child(tmp_path, "ucm_kernels.residency.triton", name, RESIDENCY_TYPES, ints,
-                                          constexprs, {"num_warps": 8})
-    assert spills == 0, f"{registers} registers, {spills} bytes of spills"
+    assert_no_spills(tmp_path, "ucm_kernels.residency.triton", name, RESIDENCY_TYPES, ints,
+                     constexprs, {"num_warps": 8})
 
 
 def test_residency_write_tokens_kernel_compiles_for_sm90_without_spills(tmp_path):
     """``write_tokens`` (``HotPool.write_tokens``): a decode token of head_dim 128 into each newest piece of the
     bf16 pool (block 16), Triton's default warps."""
     constexprs = dict(BLOCK_SIZE=16, HEAD_DIM=128, DIM_POW2=128)
-    registers, spills = compiled_in_child(tmp_path, "ucm_kernels.residency.triton", "_write_tokens_kernel",
-                                          RESIDENCY_TYPES, dict(stamp_value=100), constexprs, {})
-    assert spills == 0, f"{registers} registers, {spills} bytes of spills"
+    assert_no_spills(tmp_path, "ucm_kernels.residency.triton", "_write_tokens_kernel",
+                     RESIDENCY_TYPES, dict(stamp_value=100), constexprs, {})
 
 
 def test_residency_copy_rows_kernel_compiles_for_sm90_without_spills(tmp_path):
     """``copy_rows`` (``HotPool.fetch`` / ``copy``): 8 KiB pieces (K and V of 16 tokens x 128 bf16) as 1024 int64
     words, Triton's default warps."""
-    registers, spills = compiled_in_child(tmp_path, "ucm_kernels.residency.triton", "_copy_rows_kernel",
-                                          RESIDENCY_TYPES, {}, dict(ROW_WORDS=1024, BLOCK=1024), {})
-    assert spills == 0, f"{registers} registers, {spills} bytes of spills"
+    assert_no_spills(tmp_path, "ucm_kernels.residency.triton", "_copy_rows_kernel",
+                     RESIDENCY_TYPES, {}, dict(ROW_WORDS=1024, BLOCK=1024), {})
 
 
 @pytest.mark.parametrize("to_staging", [True, False])
@@ -267,9 +264,8 @@ def test_kv_block_copy_kernel_compiles_for_sm90_without_spills(to_staging, tmp_p
                       BLOCK=min(segment_words, kv_transfer_triton._STEP_BYTES // 8), ALIGN=16, TO_STAGING=to_staging,
                       ROW_TABLE=True, WORD="tl.int64")
     ints = dict(block_stride=segment_words, segment_stride=0, num_layers=32)
-    registers, spills = compiled_in_child(tmp_path, "ucm_kernels.kv_transfer.triton", "_kv_block_copy_kernel", types,
-                                          ints, constexprs, {"num_warps": kv_transfer_triton._NUM_WARPS})
-    assert spills == 0, f"{registers} registers, {spills} bytes of spills"
+    assert_no_spills(tmp_path, "ucm_kernels.kv_transfer.triton", "_kv_block_copy_kernel", types,
+                     ints, constexprs, {"num_warps": kv_transfer_triton._NUM_WARPS})
 
 
 @pytest.mark.parametrize("name", ["_block_repr_kernel", "_block_repr_ranges_kernel"])
@@ -288,9 +284,8 @@ def test_block_repr_kernels_compile_for_sm90_without_spills(name, reprs, tmp_pat
                 stride_sh=1 if scaled else 0)
     if name == "_block_repr_ranges_kernel":
         ints.update(num_rows=8, max_blocks=8192, stride_btr=8192, stride_btj=1)
-    registers, spills = compiled_in_child(tmp_path, "ucm_kernels.block_repr.triton", name, types, ints, constexprs,
-                                          {})
-    assert spills == 0, f"{registers} registers, {spills} bytes of spills"
+    assert_no_spills(tmp_path, "ucm_kernels.block_repr.triton", name, types, ints, constexprs,
+                     {})
 
 
 def test_block_lse2_kernel_compiles_for_sm90_without_spills(tmp_path):
@@ -305,9 +300,8 @@ def test_block_lse2_kernel_compiles_for_sm90_without_spills(tmp_path):
                 stride_kh=256, stride_kd=1, stride_btb=8192, stride_btj=1, stride_sib=8 * width, stride_sih=width,
                 stride_sij=1, stride_scb=8, stride_sch=1, stride_ob=8 * 4 * width, stride_oh=4 * width,
                 stride_og=width, stride_oj=1, num_kv_heads=8, width=width, chunk=chunk)
-    registers, spills = compiled_in_child(tmp_path, "ucm_kernels.block_mass.triton", "_block_lse2_kernel", types,
-                                          ints, constexprs, {"num_warps": 4})
-    assert spills == 0, f"{registers} registers, {spills} bytes of spills"
+    assert_no_spills(tmp_path, "ucm_kernels.block_mass.triton", "_block_lse2_kernel", types,
+                     ints, constexprs, {"num_warps": 4})
 
 
 if __name__ == "__main__":
