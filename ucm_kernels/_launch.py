@@ -14,6 +14,15 @@ launch never runs a kernel compiled for another specialisation. Triton's own pat
 for the first call of each class (which compiles), with a Triton other than the versions checked (the compiled
 launcher's calling convention is Triton's internal), and everywhere when the environment sets
 ``UCM_PLAIN_TRITON_LAUNCH=1`` as the launchers are made (at import).
+
+Programmatic dependent launch (PDL, sm_90 and later): a kernel with a ``PDL`` constexpr parameter calls
+:func:`wait_for_previous_grid` first thing, and its launcher sets ``PDL`` and Triton's ``launch_pdl`` option
+together (callers never pass ``PDL``). Launched so, the kernel's programs are scheduled while the kernel before it
+in the stream still runs its last programs (once all of that kernel's programs have started or ended), and wait
+in ``griddepcontrol.wait`` until it has finished and its writes are visible: the gap between two launches of a
+decode step, a microsecond or more each in a CUDA graph, overlaps the previous kernel's tail. Since every such
+kernel waits before its first load or store, nothing it touches can race the kernels before it. Off under the
+interpreter, on GPUs before sm_90, and when the environment sets ``UCM_PDL=0``.
 """
 import inspect
 import os
@@ -22,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 from triton import knobs
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
@@ -29,12 +39,34 @@ _INT32, _INT64 = 1 << 31, 1 << 63
 # the compiled launcher's calling convention (CompiledKernel.run) is Triton's own; these versions were checked
 _CHECKED_TRITON = ("3.6.",)
 PLAIN_LAUNCH_ENV = "UCM_PLAIN_TRITON_LAUNCH"  # "1": every launch takes Triton's own path (to compare the two)
+PDL_ENV = "UCM_PDL"  # "0": no programmatic dependent launch (to compare)
+_PDL_BY_DEVICE: dict = {}  # CUDA device index -> whether its launches use PDL
+
+
+@triton.jit
+def wait_for_previous_grid(PDL: tl.constexpr):
+    """First thing in a kernel launched with PDL (``PDL`` true): wait until the kernel before it in the stream has
+    finished and its writes are visible, then let the next kernel's programs be scheduled. No-op otherwise."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+def pdl_enabled(device_index: int | None) -> bool:
+    """Whether launches on CUDA device ``device_index`` use PDL (None: not a CUDA launch, e.g. the interpreter):
+    compute capability 9.0 or later and ``UCM_PDL`` not ``0``. Cached per device."""
+    if device_index is None or os.environ.get(PDL_ENV, "1") == "0":
+        return False
+    if device_index not in _PDL_BY_DEVICE:
+        _PDL_BY_DEVICE[device_index] = torch.cuda.get_device_capability(device_index)[0] >= 9
+    return _PDL_BY_DEVICE[device_index]
 
 
 class Launcher:
     """``Launcher(kernel)(grid, *params, **named)`` launches the ``@triton.jit`` ``kernel`` as
     ``kernel[grid](*params, **named)`` would: parameters positionally and/or by name (every parameter given,
-    constexprs included), the other names are Triton options (num_warps, num_stages).
+    constexprs included, except ``PDL``, which the launcher sets: module doc), the other names are Triton options
+    (num_warps, num_stages).
 
     Args:
         kernel: a ``@triton.jit`` function (under the interpreter, launched as Triton does).
@@ -51,9 +83,21 @@ class Launcher:
                           [param.annotation is tl.constexpr or "constexpr" in str(param.annotation)
                            for param in signature])
         self._compiled: dict = {}
+        self._takes_pdl = "PDL" in self._names
+
+    def _set_pdl(self, named: dict) -> None:
+        """Add the ``PDL`` constexpr and, when on, Triton's ``launch_pdl`` option to ``named``."""
+        if "PDL" in named:
+            raise TypeError("PDL: set by the Launcher (from the device and UCM_PDL), not by the caller")
+        interpreted = not isinstance(self.kernel, JITFunction)
+        named["PDL"] = pdl = pdl_enabled(None if interpreted else driver.active.get_current_device())
+        if pdl:
+            named["launch_pdl"] = True
 
     def __call__(self, grid: tuple, *params, **named) -> None:
         """Launch over ``grid`` (1 to 3 ints)."""
+        if self._takes_pdl:
+            self._set_pdl(named)
         missing = [name for name in self._names[len(params):] if name not in named]
         if missing or len(params) > len(self._names):
             raise TypeError(f"kernel parameters {self._names}: {len(params)} given by position and {sorted(named)} "

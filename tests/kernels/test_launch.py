@@ -1,12 +1,13 @@
 """The lighter Triton launch path (ucm_kernels._launch): argument classes refine Triton's specialisation, and a
 launch through it computes what Triton's own launch computes, also when a later call's arguments specialise
-differently (a misaligned view, a different constexpr)."""
+differently (a misaligned view, a different constexpr); a kernel launched with programmatic dependent launch (on
+sm_90 GPUs) still reads what the launch before it wrote."""
 import pytest
 import torch
 import triton
 import triton.language as tl
 
-from ucm_kernels._launch import Launcher, argument_class
+from ucm_kernels._launch import PDL_ENV, Launcher, argument_class, pdl_enabled, wait_for_previous_grid
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -70,3 +71,50 @@ def test_an_argument_it_cannot_class_is_refused_on_every_path():
     src = torch.zeros(8, device=DEVICE)
     with pytest.raises(TypeError, match="tuple"):
         SCALED_COPY((1,), src, src, 8, (1.0, 2.0), BLOCK=32, SHIFT=0)
+
+
+@triton.jit
+def _add_one(src, dst, n, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_previous_grid(PDL)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    tl.store(dst + offs, tl.load(src + offs, mask=inside) + 1, mask=inside)
+
+
+ADD_ONE = Launcher(_add_one)
+
+
+def test_a_chain_of_dependent_launches_reads_each_previous_result():
+    """Each launch reads what the launch before it wrote (with PDL on sm_90 GPUs: it may start before that one
+    ends): 64 launches ping-ponging between two buffers, eager and replayed from a CUDA graph, end exact."""
+    n, hops = 1 << 16, 64
+    first = torch.arange(n, dtype=torch.int32, device=DEVICE)
+    buffers = [first.clone(), torch.zeros_like(first)]
+
+    def chain():
+        for hop in range(hops):
+            ADD_ONE((triton.cdiv(n, 1024),), buffers[hop % 2], buffers[1 - hop % 2], n, BLOCK=1024)
+
+    chain()
+    torch.testing.assert_close(buffers[0], first + hops, rtol=0, atol=0)
+    if DEVICE == "cuda":
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            chain()
+        buffers[0].copy_(first)
+        for _ in range(3):
+            graph.replay()
+        torch.testing.assert_close(buffers[0], first + 3 * hops, rtol=0, atol=0)
+
+
+def test_pdl_is_set_by_the_launcher_from_the_device_and_the_environment(monkeypatch):
+    src = torch.zeros(8, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(TypeError, match="PDL: set by the Launcher"):
+        ADD_ONE((1,), src, src, 8, BLOCK=32, PDL=True)
+    assert not pdl_enabled(None)  # the interpreter
+    monkeypatch.setenv(PDL_ENV, "0")
+    assert not pdl_enabled(0)
+    if DEVICE == "cuda":
+        monkeypatch.delenv(PDL_ENV)
+        index = torch.cuda.current_device()
+        assert pdl_enabled(index) == (torch.cuda.get_device_capability(index)[0] >= 9)

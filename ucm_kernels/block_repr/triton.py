@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launch import Launcher, wait_for_previous_grid
 from .._utils import check_device, triton_interpreting
 
 FP8 = torch.float8_e4m3fn
@@ -95,8 +96,9 @@ def _block_repr_kernel(
     stride_rb, stride_rh, stride_rd,
     stride_sb, stride_sh,
     BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    SCALED: tl.constexpr,
+    SCALED: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    wait_for_previous_grid(PDL)
     i = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
     block = tl.load(ids_ptr + i).to(tl.int64)
@@ -118,10 +120,11 @@ def _block_repr_ranges_kernel(
     stride_rb, stride_rh, stride_rd,
     stride_sb, stride_sh,
     BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    SCALED: tl.constexpr,
+    SCALED: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Programs stride over each row's range, starting at a row-dependent program so that rows of one block each
     (decode steps) spread over the programs."""
+    wait_for_previous_grid(PDL)
     p = tl.program_id(0)
     programs = tl.num_programs(0)
     head = tl.program_id(1).to(tl.int64)
@@ -174,6 +177,9 @@ def check_kscale(kscale, reprs: dict, shape: tuple, device: torch.device) -> Non
     check_device("kscale", kscale, device)
 
 
+_BY_IDS, _BY_RANGES = Launcher(_block_repr_kernel), Launcher(_block_repr_ranges_kernel)
+
+
 def update_block_repr(key_cache: torch.Tensor, block_ids: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
                       kmean: torch.Tensor, kscale: torch.Tensor | None = None) -> None:
     """Compute in place the representation of each physical block in ``block_ids`` from its ``block_size`` keys.
@@ -194,7 +200,7 @@ def update_block_repr(key_cache: torch.Tensor, block_ids: torch.Tensor, kmin: to
     num_blocks, _, heads, _ = key_cache.shape
     if block_ids.numel() == 0:
         return
-    _block_repr_kernel[(block_ids.numel(), heads)](
+    _BY_IDS((block_ids.numel(), heads),
         key_ptr=key_cache, ids_ptr=block_ids, num_blocks=num_blocks,
         **_repr_launch_args(key_cache, kmin, kmax, kmean, kscale))
 
@@ -229,7 +235,7 @@ def update_block_repr_ranges(key_cache: torch.Tensor, block_table: torch.Tensor,
         raise ValueError(f"programs: got {programs!r}, expected an int >= 1")
     if rows == 0:
         return
-    _block_repr_ranges_kernel[(programs, key_cache.shape[2])](
+    _BY_RANGES((programs, key_cache.shape[2]),
         key_ptr=key_cache, block_table_ptr=block_table, first_ptr=first, end_ptr=end, num_rows=rows,
         num_blocks=key_cache.shape[0], max_blocks=block_table.shape[1], stride_btr=block_table.stride(0),
         stride_btj=block_table.stride(1), **_repr_launch_args(key_cache, kmin, kmax, kmean, kscale))

@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._launch import Launcher
+from .._launch import Launcher, wait_for_previous_grid
 from .._utils import INDEX_DTYPES, check_device, check_tensor, next_pow2, triton_interpreting
 
 FP8 = torch.float8_e4m3fn
@@ -98,8 +98,9 @@ def _score_kernel(
     stride_sb, stride_sh,
     BLOCK_SIZE: tl.constexpr, HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, RULE: tl.constexpr, TILE: tl.constexpr,
-    SCALED: tl.constexpr, MASKED: tl.constexpr,
+    SCALED: tl.constexpr, MASKED: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    wait_for_previous_grid(PDL)
     tile = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     if MASKED:
@@ -347,8 +348,9 @@ def _select_kernel(
     stride_cb, stride_ch,
     BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, SCAN: tl.constexpr, FINISH: tl.constexpr,
     MASKED: tl.constexpr,
-    SEL_ROWS: tl.constexpr, SHARES: tl.constexpr, SHARES_POW2: tl.constexpr,
+    SEL_ROWS: tl.constexpr, SHARES: tl.constexpr, SHARES_POW2: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    wait_for_previous_grid(PDL)
     head = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     if MASKED:

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._launch import Launcher
+from .._launch import Launcher, wait_for_previous_grid
 from .._utils import TL_DTYPES, check_device, compute_dtype
 
 _MAX_TILE_TOKENS = 128
@@ -52,8 +52,9 @@ def _sparse_decode_split_kernel(
     num_kv_heads, num_splits, chunk_blocks, qk_scale_log2,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     DENSE: tl.constexpr, DIRECT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, TILE_TOKENS: tl.constexpr,
-    SEL_ROWS: tl.constexpr,
+    SEL_ROWS: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    wait_for_previous_grid(PDL)
     pid_head = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     b = pid_head // num_kv_heads
@@ -141,8 +142,9 @@ def _combine_splits_kernel(
     out_ptr,  # [batch, num_q_heads, head_dim] bf16/fp16
     stride_ob, stride_oh, stride_od,
     num_q_heads, num_splits,
-    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    wait_for_previous_grid(PDL)
     row = tl.program_id(0).to(tl.int64)
     b = row // num_q_heads
     qh = row % num_q_heads
