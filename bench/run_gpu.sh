@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent-GPU session step: correctness on the GPU (compiled kernels), then benchmarks; JSON + logs under $OUT.
-# Usage: bench/run_gpu.sh {tests|transfer|sparse|offload|tp|all|quick|launch|select|offload_ab|prefetch}   (wheels for pytest travel in .whl/, FlashInfer's in
+# Usage: bench/run_gpu.sh {tests|transfer|sparse|offload|tp|all|quick|launch|select|offload_ab|prefetch|pdl}   (wheels for pytest travel in .whl/, FlashInfer's in
 # .flashinfer/: see BENCHMARKS.md)
 # Set UCM_COMMIT to the commit the working tree was copied from: the copy on the GPU machine has no .git.
 set -uo pipefail
@@ -71,6 +71,12 @@ case "${1:-all}" in
   # Prefetch copy settings in the taking-turns schedule: off, on as configured (every predicted piece admitted), on
   # with at most 4096 blocks a layer (the setting before f6fe426's run), and with 4x the copy programs (4 layers;
   # each offload mode holds its own 17 GB of pinned host KV).
+  # Programmatic dependent launch: the GPU tests of every kernel that takes it (and of GSA on top), then one layer's
+  # decode graphs with it off and on in turns (bench/pdl_ab.py).
+  pdl) step gpu_tests_pdl timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_launch.py \
+            tests/kernels/test_block_select.py tests/kernels/test_sparse_decode.py tests/kernels/test_block_repr.py \
+            tests/sparse/test_gsa.py tests/vllm/test_flash_step.py
+       step pdl_ab timeout 300 python3 -m bench.pdl_ab ;;
   prefetch) step bench_gsa_offload_prefetch timeout 300 python3 -m bench.bench_gsa_offload --layers 4 \
                 --schedules alternating --prefetch-settings 4:4096 16:65536 ;;
   # The taking-turns offload schedule of this tree and of an older one in $BASE (carry it, UCM_BASE_COMMIT
