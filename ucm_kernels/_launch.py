@@ -17,12 +17,14 @@ launcher's calling convention is Triton's internal), and everywhere when the env
 
 Programmatic dependent launch (PDL, sm_90 and later): a kernel with a ``PDL`` constexpr parameter calls
 :func:`wait_for_previous_grid` first thing, and its launcher sets ``PDL`` and Triton's ``launch_pdl`` option
-together (callers never pass ``PDL``). Launched so, the kernel's programs are scheduled while the kernel before it
-in the stream still runs its last programs (once all of that kernel's programs have started or ended), and wait
-in ``griddepcontrol.wait`` until it has finished and its writes are visible: the gap between two launches of a
-decode step, a microsecond or more each in a CUDA graph, overlaps the previous kernel's tail. Since every such
-kernel waits before its first load or store, nothing it touches can race the kernels before it. Off under the
-interpreter, on GPUs before sm_90, and when the environment sets ``UCM_PDL=0``.
+together (callers never pass ``PDL``). Launched so, the kernel may be launched before the kernel ahead of it in the
+stream has finished, and its programs wait in ``griddepcontrol.wait`` until that one has and its writes are
+visible; since every such kernel waits before its first load or store, nothing it touches can race the kernels
+before it. ``UCM_PDL`` picks the mode: ``1`` (the default) launches the next kernel as this one's programs exit
+(the gap between two launches of a decode step, a microsecond or more in a CUDA graph, overlaps the tail);
+``early`` lets it launch once all of this kernel's programs have started (its programs then take the SM slots left
+free, packed rather than spread: measured slower where a small kernel precedes a large one, bench/pdl_ab.py);
+``0`` turns PDL off. Off under the interpreter and on GPUs before sm_90.
 """
 import inspect
 import os
@@ -39,27 +41,32 @@ _INT32, _INT64 = 1 << 31, 1 << 63
 # the compiled launcher's calling convention (CompiledKernel.run) is Triton's own; these versions were checked
 _CHECKED_TRITON = ("3.6.",)
 PLAIN_LAUNCH_ENV = "UCM_PLAIN_TRITON_LAUNCH"  # "1": every launch takes Triton's own path (to compare the two)
-PDL_ENV = "UCM_PDL"  # "0": no programmatic dependent launch (to compare)
-_PDL_BY_DEVICE: dict = {}  # CUDA device index -> whether its launches use PDL
+PDL_ENV = "UCM_PDL"  # programmatic dependent launch: "1" (default), "early" or "0" (module doc)
+PDL_MODES = {"0": 0, "1": 1, "early": 2}  # UCM_PDL -> the kernels' PDL constexpr
+_HOPPER_OR_LATER: dict = {}  # CUDA device index -> compute capability >= 9.0
 
 
 @triton.jit
 def wait_for_previous_grid(PDL: tl.constexpr):
-    """First thing in a kernel launched with PDL (``PDL`` true): wait until the kernel before it in the stream has
-    finished and its writes are visible, then let the next kernel's programs be scheduled. No-op otherwise."""
-    if PDL:
+    """First thing in a kernel launched with PDL (``PDL`` 1 or 2): wait until the kernel before it in the stream
+    has finished and its writes are visible; with 2, then let the next kernel launch. No-op with 0."""
+    if PDL >= 1:
         gdc_wait()
+    if PDL == 2:
         gdc_launch_dependents()
 
 
-def pdl_enabled(device_index: int | None) -> bool:
-    """Whether launches on CUDA device ``device_index`` use PDL (None: not a CUDA launch, e.g. the interpreter):
-    compute capability 9.0 or later and ``UCM_PDL`` not ``0``. Cached per device."""
-    if device_index is None or os.environ.get(PDL_ENV, "1") == "0":
-        return False
-    if device_index not in _PDL_BY_DEVICE:
-        _PDL_BY_DEVICE[device_index] = torch.cuda.get_device_capability(device_index)[0] >= 9
-    return _PDL_BY_DEVICE[device_index]
+def pdl_mode(device_index: int | None) -> int:
+    """The ``PDL`` constexpr of launches on CUDA device ``device_index`` (None: not a CUDA launch, e.g. the
+    interpreter): ``PDL_MODES[UCM_PDL]`` on compute capability 9.0 or later, else 0."""
+    setting = os.environ.get(PDL_ENV, "1")
+    if setting not in PDL_MODES:
+        raise ValueError(f"{PDL_ENV}={setting!r}: expected one of {sorted(PDL_MODES)}")
+    if device_index is None or PDL_MODES[setting] == 0:
+        return 0
+    if device_index not in _HOPPER_OR_LATER:
+        _HOPPER_OR_LATER[device_index] = torch.cuda.get_device_capability(device_index)[0] >= 9
+    return PDL_MODES[setting] if _HOPPER_OR_LATER[device_index] else 0
 
 
 class Launcher:
@@ -90,7 +97,7 @@ class Launcher:
         if "PDL" in named:
             raise TypeError("PDL: set by the Launcher (from the device and UCM_PDL), not by the caller")
         interpreted = not isinstance(self.kernel, JITFunction)
-        named["PDL"] = pdl = pdl_enabled(None if interpreted else driver.active.get_current_device())
+        named["PDL"] = pdl = pdl_mode(None if interpreted else driver.active.get_current_device())
         if pdl:
             named["launch_pdl"] = True
 

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ucm_kernels._launch import PDL_ENV, Launcher, argument_class, pdl_enabled, wait_for_previous_grid
+from ucm_kernels._launch import PDL_ENV, Launcher, argument_class, pdl_mode, wait_for_previous_grid
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -74,7 +74,7 @@ def test_an_argument_it_cannot_class_is_refused_on_every_path():
 
 
 @triton.jit
-def _add_one(src, dst, n, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+def _add_one(src, dst, n, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
     wait_for_previous_grid(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
@@ -84,9 +84,11 @@ def _add_one(src, dst, n, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
 ADD_ONE = Launcher(_add_one)
 
 
-def test_a_chain_of_dependent_launches_reads_each_previous_result():
+@pytest.mark.parametrize("mode", ["1", "early"])
+def test_a_chain_of_dependent_launches_reads_each_previous_result(mode, monkeypatch):
     """Each launch reads what the launch before it wrote (with PDL on sm_90 GPUs: it may start before that one
     ends): 64 launches ping-ponging between two buffers, eager and replayed from a CUDA graph, end exact."""
+    monkeypatch.setenv(PDL_ENV, mode)
     n, hops = 1 << 16, 64
     first = torch.arange(n, dtype=torch.int32, device=DEVICE)
     buffers = [first.clone(), torch.zeros_like(first)]
@@ -111,10 +113,14 @@ def test_pdl_is_set_by_the_launcher_from_the_device_and_the_environment(monkeypa
     src = torch.zeros(8, dtype=torch.int32, device=DEVICE)
     with pytest.raises(TypeError, match="PDL: set by the Launcher"):
         ADD_ONE((1,), src, src, 8, BLOCK=32, PDL=True)
-    assert not pdl_enabled(None)  # the interpreter
+    assert pdl_mode(None) == 0  # the interpreter
     monkeypatch.setenv(PDL_ENV, "0")
-    assert not pdl_enabled(0)
+    assert pdl_mode(0) == 0
+    monkeypatch.setenv(PDL_ENV, "yes")
+    with pytest.raises(ValueError, match="UCM_PDL='yes': expected one of"):
+        pdl_mode(None)
     if DEVICE == "cuda":
-        monkeypatch.delenv(PDL_ENV)
-        index = torch.cuda.current_device()
-        assert pdl_enabled(index) == (torch.cuda.get_device_capability(index)[0] >= 9)
+        hopper = torch.cuda.get_device_capability(torch.cuda.current_device())[0] >= 9
+        for setting, mode in (("1", 1), ("early", 2)):
+            monkeypatch.setenv(PDL_ENV, setting)
+            assert pdl_mode(torch.cuda.current_device()) == (mode if hopper else 0)

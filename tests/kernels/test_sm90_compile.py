@@ -35,7 +35,7 @@ def ptxas_report(module: str, name: str, types: dict, ints: dict, constexprs: di
     compiles, not interprets), specialised as Triton's JIT would for a launch with 16-byte aligned tensors and
     the int arguments ``ints`` (an int of 1 becomes a constant, a multiple of 16 is marked so; the others, and
     the kernel's do_not_specialize ones, are plain). A constexpr given as ``"tl.<dtype>"`` is that Triton dtype.
-    Kernels of a decode step take ``PDL=True`` as the Launcher sets it on sm_90; their PTX must then wait in
+    Kernels of a decode step take ``PDL=1`` as the Launcher sets it on sm_90; their PTX must then wait in
     ``griddepcontrol.wait``."""
     import importlib
 
@@ -62,7 +62,7 @@ def ptxas_report(module: str, name: str, types: dict, ints: dict, constexprs: di
     with open(ptx, "w") as handle:
         handle.write(compiled.asm["ptx"])
     if constexprs.get("PDL"):  # launched with programmatic dependent launch: it waits for the kernel before it
-        assert "griddepcontrol.wait" in compiled.asm["ptx"], f"{name}: PDL=True compiled without griddepcontrol.wait"
+        assert "griddepcontrol.wait" in compiled.asm["ptx"], f"{name}: PDL compiled without griddepcontrol.wait"
     report = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", ptx, "-o", os.path.join(workdir, "k.cubin")],
                             capture_output=True, text=True, check=True).stderr
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
@@ -100,7 +100,7 @@ def test_top_k_compiles_for_sm90_without_spills(chunk, n_chunks, shares, flags, 
     constexprs = dict(BLOCK_SIZE=16, CHUNK=chunk, N_CHUNKS=n_chunks,
                       SCAN=chunk * min(block_select_triton._SCAN_CHUNKS, next_pow2(n_chunks)),
                       FINISH=min(chunk, block_select_triton._SELECT_FINISH), MASKED=flags, SEL_ROWS=flags,
-                      SHARES=shares, SHARES_POW2=max(shares, 1), PDL=True)
+                      SHARES=shares, SHARES_POW2=max(shares, 1), PDL=1)
     heads, width, row = 8, 2458, n_chunks * chunk + min(chunk, block_select_triton._SELECT_FINISH)
     ints = dict(max_blocks=8192, width=width, stride_sb=heads * 8192, stride_s_head=8192, stride_sh=8192,
                 stride_kb=heads * row, stride_kh=row, stride_ib=heads * width, stride_ih=width, stride_ij=1,
@@ -122,7 +122,7 @@ def test_decode_split_kernel_compiles_for_sm90_without_spills(dense, direct, spl
 
     tile_tokens, num_warps, num_stages = _choose_tile(split_tokens, dense)
     constexprs = dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, DENSE=dense, DIRECT=direct,
-                      COMPUTE_DTYPE="tl.bfloat16", TILE_TOKENS=tile_tokens, SEL_ROWS=False, PDL=True)
+                      COMPUTE_DTYPE="tl.bfloat16", TILE_TOKENS=tile_tokens, SEL_ROWS=False, PDL=1)
     width = 0 if dense else 2458  # the lists of 0.3 x 8192 blocks
     ints = dict(stride_qb=32 * 128, stride_qh=128, stride_qd=1, stride_kb=16 * 8 * 128, stride_kt=8 * 128,
                 stride_kh=128, stride_kd=1, stride_vb=16 * 8 * 128, stride_vt=8 * 128, stride_vh=128, stride_vd=1,
@@ -165,7 +165,7 @@ def test_score_kernel_compiles_for_sm90_without_spills(score, reprs, masked, tmp
     types = {"q_ptr": "*bf16", "kmin_ptr": reprs, "kmax_ptr": reprs, "kmean_ptr": reprs, "kscale_ptr": "*fp32",
              "scores_ptr": "*fp32", "sm_scale": "fp32"}
     constexprs = dict(BLOCK_SIZE=16, HEADS=8, HEADS_PAD=8, GROUP=group, BLOCK_G=next_pow2(group), HEAD_DIM=128,
-                      BLOCK_D=128, RULE=SCORES.index(score), TILE=tile, SCALED=scaled, MASKED=masked, PDL=True)
+                      BLOCK_D=128, RULE=SCORES.index(score), TILE=tile, SCALED=scaled, MASKED=masked, PDL=1)
     ints = dict(**_plan_args(8192, 16, 0.3, 1, 4, 8, None), stride_qb=32 * 128, stride_qh=128, stride_qd=1,
                 stride_rb=8 * 128, stride_rh=128, stride_rd=1, stride_kscale_b=8 if scaled else 0,
                 stride_kscale_h=1 if scaled else 0, stride_tb=8192, stride_tj=1, stride_sb=rows * 8192,
@@ -184,7 +184,7 @@ def test_combine_splits_kernel_compiles_for_sm90_without_spills(num_splits, tmp_
     import triton
 
     types = {"acc_ptr": "*fp32", "stats_ptr": "*fp32", "out_ptr": "*bf16"}
-    constexprs = dict(HEAD_DIM=128, SPLITS_PAD=triton.next_power_of_2(num_splits), PDL=True)
+    constexprs = dict(HEAD_DIM=128, SPLITS_PAD=triton.next_power_of_2(num_splits), PDL=1)
     ints = dict(stride_ob=32 * 128, stride_oh=128, stride_od=1, num_q_heads=32, num_splits=num_splits)
     assert_no_spills(tmp_path, "ucm_kernels.sparse_decode.triton", "_combine_splits_kernel",
                      types, ints, constexprs, {})
@@ -282,7 +282,7 @@ def test_block_repr_kernels_compile_for_sm90_without_spills(name, reprs, tmp_pat
     scaled = reprs == "*fp8e4nv"
     types = {"key_ptr": "*bf16", "kmin_ptr": reprs, "kmax_ptr": reprs, "kmean_ptr": reprs,
              "kscale_ptr": "*fp32" if scaled else reprs}  # the launcher passes kmin when there is no kscale
-    constexprs = dict(BLOCK_SIZE=16, BLOCK_T=16, HEAD_DIM=128, BLOCK_D=128, SCALED=scaled, PDL=True)
+    constexprs = dict(BLOCK_SIZE=16, BLOCK_T=16, HEAD_DIM=128, BLOCK_D=128, SCALED=scaled, PDL=1)
     ints = dict(num_blocks=65536, stride_kb=16 * 8 * 256, stride_kt=8 * 256, stride_kh=256, stride_kd=1,
                 stride_rb=8 * 128, stride_rh=128, stride_rd=1, stride_sb=8 if scaled else 0,
                 stride_sh=1 if scaled else 0)

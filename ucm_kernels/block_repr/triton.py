@@ -96,7 +96,7 @@ def _block_repr_kernel(
     stride_rb, stride_rh, stride_rd,
     stride_sb, stride_sh,
     BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    SCALED: tl.constexpr, PDL: tl.constexpr = False,
+    SCALED: tl.constexpr, PDL: tl.constexpr = 0,
 ):
     wait_for_previous_grid(PDL)
     i = tl.program_id(0).to(tl.int64)
@@ -120,7 +120,7 @@ def _block_repr_ranges_kernel(
     stride_rb, stride_rh, stride_rd,
     stride_sb, stride_sh,
     BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    SCALED: tl.constexpr, PDL: tl.constexpr = False,
+    SCALED: tl.constexpr, PDL: tl.constexpr = 0,
 ):
     """Programs stride over each row's range, starting at a row-dependent program so that rows of one block each
     (decode steps) spread over the programs."""

@@ -98,7 +98,7 @@ def _score_kernel(
     stride_sb, stride_sh,
     BLOCK_SIZE: tl.constexpr, HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, RULE: tl.constexpr, TILE: tl.constexpr,
-    SCALED: tl.constexpr, MASKED: tl.constexpr, PDL: tl.constexpr = False,
+    SCALED: tl.constexpr, MASKED: tl.constexpr, PDL: tl.constexpr = 0,
 ):
     wait_for_previous_grid(PDL)
     tile = tl.program_id(0).to(tl.int64)
@@ -348,7 +348,7 @@ def _select_kernel(
     stride_cb, stride_ch,
     BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, SCAN: tl.constexpr, FINISH: tl.constexpr,
     MASKED: tl.constexpr,
-    SEL_ROWS: tl.constexpr, SHARES: tl.constexpr, SHARES_POW2: tl.constexpr, PDL: tl.constexpr = False,
+    SEL_ROWS: tl.constexpr, SHARES: tl.constexpr, SHARES_POW2: tl.constexpr, PDL: tl.constexpr = 0,
 ):
     wait_for_previous_grid(PDL)
     head = tl.program_id(0).to(tl.int64)

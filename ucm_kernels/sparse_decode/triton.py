@@ -52,7 +52,7 @@ def _sparse_decode_split_kernel(
     num_kv_heads, num_splits, chunk_blocks, qk_scale_log2,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     DENSE: tl.constexpr, DIRECT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, TILE_TOKENS: tl.constexpr,
-    SEL_ROWS: tl.constexpr, PDL: tl.constexpr = False,
+    SEL_ROWS: tl.constexpr, PDL: tl.constexpr = 0,
 ):
     wait_for_previous_grid(PDL)
     pid_head = tl.program_id(0).to(tl.int64)
@@ -142,7 +142,7 @@ def _combine_splits_kernel(
     out_ptr,  # [batch, num_q_heads, head_dim] bf16/fp16
     stride_ob, stride_oh, stride_od,
     num_q_heads, num_splits,
-    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr = False,
+    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr = 0,
 ):
     wait_for_previous_grid(PDL)
     row = tl.program_id(0).to(tl.int64)
