@@ -12,9 +12,10 @@ Schedules (the same token streams per request in every mode):
 * ``alternating``: requests 0-3 and 4-7 take turns (4 per step); hot budget 1.25x one group's selection, so a
   group's pieces are evicted while the other runs and come back by prefetch (prefetch_ahead 2) or as misses.
 
-Prefetch admits every predicted piece (max_pending_prefetch 65536 blocks a layer): capped at 4096 it left a third of
-the taking-turns misses to the step and ran 0.2% slower than prefetch off; uncapped, 0.5% faster (H100, f6fe426,
-BENCHMARKS.md).
+Prefetch admits every predicted piece (GSAConfig's max_pending_prefetch counts requests since 2026-12-06, its
+default 128 covers the batch; before, it counted blocks a layer and the runs here set 65536): capped at 4096 blocks a
+layer it left a third of the taking-turns misses to the step and ran 0.2% slower than prefetch off; uncapped, 0.5%
+faster (H100, f6fe426, BENCHMARKS.md).
 
 ``--long``: 32 layers, one request of 512K tokens, a 2048-token budget per step (the ratio 0.3 would need 30% of the
 KV per step), a GPU budget of 10% of the request's pieces per layer; on-device GSA at 512K (it fits on an H200) is
@@ -53,7 +54,7 @@ from ucm_store.pool import PinnedMemoryPool
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK, DTYPE = 32, 8, 128, 16, torch.bfloat16
 GROUP = NUM_Q_HEADS // NUM_KV_HEADS
 CONFIG = GSAConfig(sparse_ratio=0.3, init_window_sz=1, local_window_sz=4, min_blocks=8, score="quest",
-                   prefetch_workers=4, prefetch_ahead=2, max_pending_prefetch=65536, offload=True)
+                   prefetch_workers=4, prefetch_ahead=2, offload=True)
 LONG_CONFIG = replace(CONFIG, token_budget=2048)
 LONG_GPU_SHARE = 0.1  # of the long request's pieces, per layer
 BUDGET_SLACK = 1.25  # hot budget / one step's selection

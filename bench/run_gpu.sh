@@ -68,17 +68,17 @@ case "${1:-all}" in
              step select_anatomy_base timeout 120 python3 -m bench.select_anatomy)
           fi
           step profile_gsa_kernels timeout 280 python3 -m bench.profile_gsa_kernels ;;
-  # Prefetch copy settings in the taking-turns schedule: off, on as configured (every predicted piece admitted), on
-  # with at most 4096 blocks a layer (the setting before f6fe426's run), and with 4x the copy programs (4 layers;
-  # each offload mode holds its own 17 GB of pinned host KV).
   # Programmatic dependent launch: the GPU tests of every kernel that takes it (and of GSA on top), then one layer's
   # decode graphs with it off and on in turns (bench/pdl_ab.py).
   pdl) step gpu_tests_pdl timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_launch.py \
             tests/kernels/test_block_select.py tests/kernels/test_sparse_decode.py tests/kernels/test_block_repr.py \
             tests/sparse/test_gsa.py tests/vllm/test_flash_step.py
        step pdl_ab timeout 300 python3 -m bench.pdl_ab ;;
+  # Prefetch copy settings in the taking-turns schedule: off, on as configured (every predicted piece admitted), on
+  # for one of the four away requests a step (max_pending_prefetch 1), and with 4x the copy programs (4 layers;
+  # each offload mode holds its own 17 GB of pinned host KV).
   prefetch) step bench_gsa_offload_prefetch timeout 300 python3 -m bench.bench_gsa_offload --layers 4 \
-                --schedules alternating --prefetch-settings 4:4096 16:65536 ;;
+                --schedules alternating --prefetch-settings 4:1 16:128 ;;
   # The taking-turns offload schedule of this tree and of an older one in $BASE (carry it, UCM_BASE_COMMIT
   # names it), each in a process of its own, the older first, then this tree's device time by kernel of the same
   # schedule: the A/B of a regression and where it goes, in one call. 4 layers (the per-step ratio to the PCIe floor

@@ -36,7 +36,8 @@ class GSAConfig:
                                  used_by="GSA offload")
     prefetch_ahead: int = spec(4, "decode steps a selection predicts for the offload prefetch (0: no prefetch)",
                                min=0, max=1024, used_by="GSA offload")
-    max_pending_prefetch: int = spec(128, "blocks a step's prefetch brings in per layer at most", min=1,
+    max_pending_prefetch: int = spec(128, "requests whose predicted blocks one step's prefetch brings in at most (of "
+                                     "those that did not run the step before, the most recently run first)", min=1,
                                      used_by="GSA offload")
     score: str = spec("quest", "block score: Quest upper bound (min/max keys), mean-key dot product, or gauss "
                       "(each query head's attention share estimated from the min/max keys, summed over its group)",

@@ -18,9 +18,10 @@ bit for bit (tests/sparse/test_gsa_offload.py; bench/bench_gsa_offload.py report
 
 Prefetch (``prefetch_ahead`` > 0): a layer's selection at step s predicts its selections at steps s+1 ..
 s+prefetch_ahead. ``plan`` admits the predicted pieces of the requests that did not run in the previous step (a
-request that ran has its last selection resident) -- at most ``max_pending_prefetch * num_kv_heads`` per layer --
-and copies them on a stream of its own with ``16 * prefetch_workers`` copy programs, layer by layer, so the copies
-of later layers overlap the attention of earlier ones; ``run`` of a layer waits for that layer's copies only.
+request that ran has its last selection resident; at most ``max_pending_prefetch`` of them a step, the most recently
+run first) and copies them on a stream of its own with ``16 * prefetch_workers`` copy programs, layer by layer, so
+the copies of later layers overlap the attention of earlier ones; ``run`` of a layer waits for that layer's copies
+only.
 Stats in :class:`OffloadStats`.
 """
 import itertools
@@ -430,10 +431,12 @@ class OffloadedGSA:
         self._selected.setdefault(self._step, {})[layer] = pieces
 
     def _prefetch(self, plan: OffloadPlan, away: list[_Request]) -> None:
-        """Admit, layer by layer, the live predictions of requests that did not run last step, and queue their
-        copies (on the prefetch stream on a GPU)."""
+        """Admit, layer by layer, the live predictions of requests that did not run last step (at most
+        ``max_pending_prefetch`` of them, the most recently run first), and queue their copies (on the prefetch
+        stream on a GPU)."""
         if not away:  # every request ran last step: their selections are resident (each run waited its copies)
             return
+        away = sorted(away, key=lambda r: -r.last_step)[:self.config.max_pending_prefetch]
         oldest, predicted = self._step - self.config.prefetch_ahead, self._now - 1
         programs = PROGRAMS_PER_PREFETCH_WORKER * self.config.prefetch_workers
         stream = self._prefetch_stream
@@ -446,7 +449,7 @@ class OffloadedGSA:
                 continue
             pieces = torch.cat(live)
             _, fetch = pool.admit(pieces, pieces >= 0, below=predicted, stamp=predicted,
-                                  max_new=self.config.max_pending_prefetch * self.num_kv_heads,
+                                  max_new=pieces.numel(),
                                   tally=self._counters.prefetch)
             if stream is None:
                 pool.fetch(self.host.rows(layer), fetch, programs)

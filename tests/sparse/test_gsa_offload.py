@@ -149,11 +149,11 @@ def test_synchronous_misses_are_counted_and_correct(make_twin):
     assert stats.needed == 2 * LAYERS * HEADS * 12 and 0 < stats.sync_misses - first < LAYERS * HEADS * 12 / 2
 
 
-@pytest.mark.parametrize("ahead,cap", [(0, 16), (2, 16), (2, 3)])
+@pytest.mark.parametrize("ahead,cap", [(0, 128), (2, 128), (2, 1)])
 def test_alternating_batches_prefetch_what_the_last_selection_predicts(ahead, cap, make_twin):
     """Two groups take turns on a budget that holds one group's selection: the other group's pieces get
-    evicted; with prefetch they come back before attention (at most ``cap`` blocks' pieces per layer and step),
-    without it they are synchronous misses."""
+    evicted; with prefetch they come back before attention (for at most ``cap`` requests a step, the default
+    128 covering both), without it they are synchronous misses."""
     config = GSAConfig(**SPARSE, gpu_budget_blocks=24, prefetch_ahead=ahead, prefetch_workers=3,
                        max_pending_prefetch=cap)
     twin = make_twin(config, {"a1": 400, "a2": 390, "b1": 410, "b2": 385})
@@ -168,12 +168,12 @@ def test_alternating_batches_prefetch_what_the_last_selection_predicts(ahead, ca
     if not ahead:
         assert sum(prefetched) == 0
         assert min(misses[2:]) > 0.4 * cold  # the other group evicted the top-scoring pieces
-    elif cap == 16:  # room for a whole selection (2 requests x 8 blocks)
+    elif cap > 1:  # both requests of the group prefetched (2 requests x 8 blocks)
         assert prefetched[:2] == [0, 0] and min(prefetched[2:]) > 0.4 * cold  # from each group's first return on
         assert max(misses[2:]) < 0.25 * cold  # what is left is the drift of the selection
-    else:
-        assert prefetched[2:] == [LAYERS * cap * HEADS] * 6  # the cap, in every layer of every step
-        assert max(misses[2:]) < min(misses[2:]) + LAYERS * cap * HEADS < cold
+    else:  # one request of the two: at most its 8 blocks a layer, the other one's evicted pieces miss
+        assert all(0 < count <= LAYERS * HEADS * 8 for count in prefetched[2:])
+        assert min(misses[2:]) > 0.3 * cold
 
 
 def test_a_steady_batch_prefetches_nothing(make_twin):
