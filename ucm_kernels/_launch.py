@@ -22,9 +22,9 @@ stream has finished, and its programs wait in ``griddepcontrol.wait`` until that
 visible; since every such kernel waits before its first load or store, nothing it touches can race the kernels
 before it. ``UCM_PDL`` picks the mode: ``1`` (the default) launches the next kernel as this one's programs exit
 (the gap between two launches of a decode step, a microsecond or more in a CUDA graph, overlaps the tail);
-``early`` lets it launch once all of this kernel's programs have started (its programs then take the SM slots left
-free, packed rather than spread: measured slower where a small kernel precedes a large one, bench/pdl_ab.py);
-``0`` turns PDL off. Off under the interpreter and on GPUs before sm_90.
+``early`` lets it launch once all of this kernel's programs have started, its programs waiting in SM slots beside
+this kernel's (measured slower where a small kernel precedes a large one, by up to 10% on the H100:
+bench/pdl_ab.py, BENCHMARKS.md); ``0`` turns PDL off. Off under the interpreter and on GPUs before sm_90.
 """
 import inspect
 import os

@@ -299,7 +299,7 @@ def test_block_lse2_kernel_compiles_for_sm90_without_spills(tmp_path):
     width, chunk = 7373, 32
     types = {"q_ptr": "*bf16", "k_cache_ptr": "*bf16", "out_ptr": "*fp32", "qk_scale_log2": "fp32"}
     constexprs = dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, BLOCKS_PER_TILE=4,
-                      COMPUTE_DTYPE="tl.bfloat16", MASKED=False)
+                      COMPUTE_DTYPE="tl.bfloat16", MASKED=False, PDL=1)
     ints = dict(stride_qb=32 * 128, stride_qh=128, stride_qd=1, stride_kb=16 * 8 * 256, stride_kt=8 * 256,
                 stride_kh=256, stride_kd=1, stride_btb=8192, stride_btj=1, stride_sib=8 * width, stride_sih=width,
                 stride_sij=1, stride_scb=8, stride_sch=1, stride_ob=8 * 4 * width, stride_oh=4 * width,

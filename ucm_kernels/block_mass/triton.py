@@ -5,6 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launch import Launcher, wait_for_previous_grid
 from .._utils import INDEX_DTYPES, TL_DTYPES, check_tensor, compute_dtype, next_pow2, triton_interpreting
 
 _TILE_TOKENS = 64  # tokens per loop step: several blocks of 16 keep enough key bytes in flight
@@ -29,8 +30,9 @@ def _block_lse2_kernel(
     stride_ob, stride_oh, stride_og, stride_oj,
     num_kv_heads, width, chunk, qk_scale_log2,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCKS_PER_TILE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, MASKED: tl.constexpr,
+    BLOCKS_PER_TILE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, MASKED: tl.constexpr, PDL: tl.constexpr = 0,
 ):
+    wait_for_previous_grid(PDL)
     pid = tl.program_id(0).to(tl.int64)
     b = pid // num_kv_heads
     h = pid % num_kv_heads
@@ -67,6 +69,9 @@ def _block_lse2_kernel(
         lse2 = tl.where(total > 0, shift + tl.log2(tl.where(total > 0, total, 1.0)), float("-inf"))
         entries = first + tl.arange(0, BLOCKS_PER_TILE)
         tl.store(out_row + entries[None, :] * stride_oj, lse2, mask=row_ok[:, None] & (entries < end)[None, :])
+
+
+_LSE2 = Launcher(_block_lse2_kernel)
 
 
 def _check_inputs(q, key_cache, block_table, seq_lens, sel_idx, sel_count) -> None:
@@ -128,7 +133,7 @@ def block_lse2(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tens
     blocks_per_tile = max(1, _TILE_TOKENS // block_size)
     chunk = blocks_per_tile * -(-_ENTRIES_PER_PROGRAM // blocks_per_tile)
     scale = head_dim ** -0.5 if scale is None else scale
-    _block_lse2_kernel[(batch * heads, triton.cdiv(width, chunk))](
+    _LSE2((batch * heads, triton.cdiv(width, chunk)),
         q, key_cache, block_table, seq_lens, sel_idx, sel_count, seq_lens if reselect is None else reselect, out,
         *q.stride(), *key_cache.stride(), *block_table.stride(), *sel_idx.stride(), *sel_count.stride(),
         *out.stride(), heads, width, chunk, scale * math.log2(math.e),
