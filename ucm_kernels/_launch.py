@@ -58,14 +58,15 @@ def wait_for_previous_grid(PDL: tl.constexpr):
 
 def pdl_mode(device_index: int | None) -> int:
     """The ``PDL`` constexpr of launches on CUDA device ``device_index`` (None: not a CUDA launch, e.g. the
-    interpreter): ``PDL_MODES[UCM_PDL]`` on compute capability 9.0 or later, else 0."""
+    interpreter): ``PDL_MODES[UCM_PDL]`` on NVIDIA GPUs of compute capability 9.0 or later, else 0."""
     setting = os.environ.get(PDL_ENV, "1")
     if setting not in PDL_MODES:
         raise ValueError(f"{PDL_ENV}={setting!r}: expected one of {sorted(PDL_MODES)}")
     if device_index is None or PDL_MODES[setting] == 0:
         return 0
-    if device_index not in _HOPPER_OR_LATER:
-        _HOPPER_OR_LATER[device_index] = torch.cuda.get_device_capability(device_index)[0] >= 9
+    if device_index not in _HOPPER_OR_LATER:  # NVIDIA only: ROCm reports its own (gfx) versions here
+        _HOPPER_OR_LATER[device_index] = (torch.version.hip is None
+                                          and torch.cuda.get_device_capability(device_index)[0] >= 9)
     return PDL_MODES[setting] if _HOPPER_OR_LATER[device_index] else 0
 
 
