@@ -62,12 +62,22 @@ def ptxas_report(module: str, name: str, types: dict, ints: dict, constexprs: di
     with open(ptx, "w") as handle:
         handle.write(compiled.asm["ptx"])
     if constexprs.get("PDL"):  # launched with programmatic dependent launch: it waits for the kernel before it
-        assert "griddepcontrol.wait" in compiled.asm["ptx"], f"{name}: PDL compiled without griddepcontrol.wait"
+        assert_waits_before_memory(compiled.asm["ptx"], name)
     report = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", ptx, "-o", os.path.join(workdir, "k.cubin")],
                             capture_output=True, text=True, check=True).stderr
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
     return registers, spills
+
+
+def assert_waits_before_memory(ptx: str, name: str) -> None:
+    """A kernel launched with PDL must wait in ``griddepcontrol.wait`` before its first global load, store, atomic
+    or asynchronous copy (anything earlier may race the kernel before it)."""
+    body = ptx[ptx.index(".entry"):]
+    memory = re.search(r"\b(ld\.global|st\.global|atom\.global|red\.global|cp\.async)", body)
+    assert "griddepcontrol.wait" in body, f"{name}: PDL compiled without griddepcontrol.wait"
+    assert memory is None or body.index("griddepcontrol.wait") < memory.start(), \
+        f"{name}: {memory.group(1)} before griddepcontrol.wait"
 
 
 def assert_no_spills(tmp_path, *args) -> None:
