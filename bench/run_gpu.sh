@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent-GPU session step: correctness on the GPU (compiled kernels), then benchmarks; JSON + logs under $OUT.
-# Usage: bench/run_gpu.sh {tests|transfer|sparse|offload|tp|all|quick|launch|select|offload_ab|prefetch|pdl}   (wheels for pytest travel in .whl/, FlashInfer's in
+# Usage: bench/run_gpu.sh {tests|transfer|sparse|offload|tp|all|quick|launch|select|offload_ab|prefetch|pdl|ncu}   (wheels for pytest travel in .whl/, FlashInfer's in
 # .flashinfer/: see BENCHMARKS.md)
 # Set UCM_COMMIT to the commit the working tree was copied from: the copy on the GPU machine has no .git.
 set -uo pipefail
@@ -74,6 +74,14 @@ case "${1:-all}" in
             tests/kernels/test_block_select.py tests/kernels/test_sparse_decode.py tests/kernels/test_block_repr.py \
             tests/sparse/test_gsa.py tests/vllm/test_flash_step.py
        step pdl_ab timeout 300 python3 -m bench.pdl_ab ;;
+  # Nsight Compute over the attention's split kernel at 1 x 128K: dense, and the lists of both selections
+  # (bench/ncu_attend.py; clocks left alone as the lent machines ask), one report each.
+  ncu) for variant in dense ratio0.3 budget2048; do
+         step "ncu_attend_$variant" timeout 150 ncu --clock-control none --launch-skip 3 --launch-count 1 \
+              -k regex:_sparse_decode_split_kernel --section SpeedOfLight --section MemoryWorkloadAnalysis \
+              --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
+              python3 -m bench.ncu_attend "$variant"
+       done ;;
   # Prefetch copy settings in the taking-turns schedule: off, on as configured (every predicted piece admitted), on
   # for one of the four away requests a step (max_pending_prefetch 1), and with 4x the copy programs (4 layers;
   # each offload mode holds its own 17 GB of pinned host KV).
