@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent-GPU session step: correctness on the GPU (compiled kernels), then benchmarks; JSON + logs under $OUT.
-# Usage: bench/run_gpu.sh {tests|transfer|sparse|offload|tp|all|quick|launch|select|offload_ab|prefetch|pdl|ncu}   (wheels for pytest travel in .whl/, FlashInfer's in
+# Usage: bench/run_gpu.sh {tests|transfer|sparse|offload|tp|all|quick|launch|select|offload_ab|prefetch|pdl|ncu|waves}   (wheels for pytest travel in .whl/, FlashInfer's in
 # .flashinfer/: see BENCHMARKS.md)
 # Set UCM_COMMIT to the commit the working tree was copied from: the copy on the GPU machine has no .git.
 set -uo pipefail
@@ -82,6 +82,8 @@ case "${1:-all}" in
               --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
               python3 -m bench.ncu_attend "$variant"
        done ;;
+  # Split counts that put the same number of list-attention programs on every SM (bench/list_waves.py).
+  waves) step list_waves timeout 240 python3 -m bench.list_waves ;;
   # Prefetch copy settings in the taking-turns schedule: off, on as configured (every predicted piece admitted), on
   # for one of the four away requests a step (max_pending_prefetch 1), and with 4x the copy programs (4 layers;
   # each offload mode holds its own 17 GB of pinned host KV).

@@ -106,6 +106,23 @@ def test_split_count_does_not_change_result(num_splits):
     assert_close(dense, naive_dense_decode(q, k, v, table, lens, scale=0.2), torch.float16)
 
 
+@pytest.mark.parametrize("chunk_blocks", [3, 5, 13])
+def test_splits_that_end_inside_a_tile_give_the_same_result(chunk_blocks):
+    """Splits of any number of list entries (bench/list_waves.py plans them so; plan_decode rounds to whole
+    128-token tiles): each split's last tile is partly masked, the merge is unchanged."""
+    import dataclasses
+
+    q, k, v, table, lens = paged([700, 260, 33], 8, 2, 64, torch.float16)
+    sel_idx, sel_count = random_block_lists(lens, 2, block_size=16, counts=[[44, 30], [17, 1], [3, 3]])
+    base = plan_decode(q, k, sel_idx.shape[2], num_splits=2)
+    splits = -(-sel_idx.shape[2] // chunk_blocks)
+    plan = dataclasses.replace(base, num_splits=splits, chunk_blocks=chunk_blocks,
+                               acc=torch.empty(3, 8, splits, 64, dtype=torch.float32, device=DEVICE),
+                               stats=torch.empty(3, 8, splits, 2, dtype=torch.float32, device=DEVICE))
+    out = sparse_decode(q, k, v, table, lens, sel_idx, sel_count, scale=0.2, plan=plan)
+    assert_close(out, naive_sparse_decode(q, k, v, table, lens, sel_idx, sel_count, scale=0.2), torch.float16)
+
+
 def test_sel_rows_read_each_requests_lists_from_its_row():
     """Lists kept in other rows of a larger buffer (e.g. reuse slots), shuffled: sel_rows points each request at
     its row and the result is bit for bit the one of the lists passed in order; bad sel_rows name themselves."""
