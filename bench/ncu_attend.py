@@ -1,10 +1,10 @@
-"""One attention launch to read with Nsight Compute: why lists read HBM slower than dense decode at batch 1.
+"""One layer's decode kernels to read with Nsight Compute at batch 1 (1 x 128K).
 
-``python -m bench.ncu_attend VARIANT`` builds ``bench_sparse_decode``'s 1 x 128K case and launches the attention of
-VARIANT (``dense``: our dense decode over every block; ``ratio0.3`` / ``budget2048``: the split kernel over the Quest
-lists of that selection) WARMUP + 1 times, so ``ncu --launch-skip WARMUP --launch-count 1 -k
-regex:_sparse_decode_split_kernel`` profiles the last launch (``bench/run_gpu.sh ncu`` runs the three with the
-sections that tell memory throughput, occupancy and what the warps stall on).
+``python -m bench.ncu_attend VARIANT`` builds ``bench_sparse_decode``'s 1 x 128K case and runs VARIANT WARMUP + 1
+times: ``dense`` (our dense decode over every block), ``ratio0.3`` / ``budget2048`` (the attention over the Quest
+lists of that selection) or ``select`` (the Quest selection at ratio 0.3: score and top-k launches), so ``ncu
+--launch-skip WARMUP --launch-count 1 -k regex:<kernel>`` profiles the last launch of a kernel (``bench/run_gpu.sh
+ncu`` runs them with the sections that tell memory throughput, occupancy and what the warps stall on).
 """
 import sys
 
@@ -13,7 +13,7 @@ import torch
 from bench.bench_sparse_decode import SELECTIONS, attend, build_case, dense, select
 
 WARMUP = 3
-VARIANTS = ("dense", *SELECTIONS)
+VARIANTS = ("dense", *SELECTIONS, "select")
 
 
 def main() -> None:
@@ -23,10 +23,12 @@ def main() -> None:
     torch.manual_seed(0)
     case = build_case(1, 131072)
     out = torch.empty_like(case.q)
-    lists = None if variant == "dense" else select(case, variant, "quest")
+    lists = select(case, variant, "quest") if variant in SELECTIONS else None
     for _ in range(WARMUP + 1):
-        if lists is None:
+        if variant == "dense":
             dense(case, out)
+        elif variant == "select":
+            select(case, "ratio0.3", "quest")
         else:
             attend(case, variant, *lists, out)
     torch.cuda.synchronize()

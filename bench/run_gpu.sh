@@ -74,11 +74,13 @@ case "${1:-all}" in
             tests/kernels/test_block_select.py tests/kernels/test_sparse_decode.py tests/kernels/test_block_repr.py \
             tests/sparse/test_gsa.py tests/vllm/test_flash_step.py
        step pdl_ab timeout 300 python3 -m bench.pdl_ab ;;
-  # Nsight Compute over the attention's split kernel at 1 x 128K: dense, and the lists of both selections
-  # (bench/ncu_attend.py; clocks left alone as the lent machines ask), one report each.
-  ncu) for variant in dense ratio0.3 budget2048; do
-         step "ncu_attend_$variant" timeout 150 ncu --clock-control none --launch-skip 3 --launch-count 1 \
-              -k regex:_sparse_decode_split_kernel --section SpeedOfLight --section MemoryWorkloadAnalysis \
+  # Nsight Compute at 1 x 128K (bench/ncu_attend.py; clocks left alone as the lent machines ask), one report each:
+  # the attention's split kernel (dense, the lists of both selections), then the score and top-k kernels.
+  ncu) for case in dense:_sparse_decode_split_kernel ratio0.3:_sparse_decode_split_kernel \
+                   budget2048:_sparse_decode_split_kernel select:_score_kernel select:_select_kernel; do
+         variant=${case%%:*} kernel=${case#*:}
+         step "ncu_${variant}${kernel}" timeout 150 ncu --clock-control none --launch-skip 3 --launch-count 1 \
+              -k "regex:^${kernel}\$" --section SpeedOfLight --section MemoryWorkloadAnalysis \
               --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
               python3 -m bench.ncu_attend "$variant"
        done ;;
