@@ -25,7 +25,7 @@ from ucm_kernels.block_repr import blocks_filled
 from . import ops
 from .config import GSAConfig
 from .ops import Selection
-from .reuse import ReuseBook, SelectionStore, SlotMap
+from .reuse import RequestReuse
 from .state import RequestTable
 
 
@@ -67,9 +67,7 @@ class GSA:
         self.requests = RequestTable()
         self._reprs: dict[Hashable, tuple] = {}
         self._step = 0
-        self._slots = SlotMap()
-        self._book: ReuseBook | None = None
-        self._stores: dict[Hashable, tuple[SelectionStore, int]] = {}  # layer -> its lists, the step they are of
+        self._reuse = RequestReuse(config.select_every, block_size)
 
     def plan(self, request_ids: Sequence[Hashable], seq_lens: torch.Tensor | Sequence[int],
              block_table: torch.Tensor) -> GSAPlan:
@@ -93,8 +91,7 @@ class GSA:
         plan = GSAPlan(self._step, list(request_ids), lens, table, filled, counts,
                        dense=all(c == nb for c, nb in zip(counts, nbs)), table_width=block_table.shape[1])
         if self.config.select_every > 1 and not plan.dense:  # a dense step selects nothing: the next reselects
-            plan.slots = torch.tensor(self._slots.assign(plan.request_ids), dtype=torch.long, device=device)
-            plan.reselect = self._reuse_book(device).step(lens, block_table, plan.slots)
+            plan.slots, plan.reselect = self._reuse.step(plan.request_ids, lens, block_table)
         return plan
 
     def run(self, plan: GSAPlan, layer: Hashable, q: torch.Tensor, key_cache: torch.Tensor,
@@ -134,16 +131,7 @@ class GSA:
     def finish(self, request_id: Hashable) -> None:
         """Forget a finished request (its blocks' representations are recomputed when blocks are reused)."""
         self.requests.finish(request_id)
-        slot = self._slots.release(request_id)
-        if slot is not None and self._book is not None:
-            self._book.forget(slot)
-
-    def _reuse_book(self, device: torch.device) -> ReuseBook:
-        """The reuse state, remade (every row reselects, stored lists dropped) when the requests outgrow it."""
-        if self._book is None or self._book.slots < self._slots.capacity:
-            self._book = ReuseBook(self.config.select_every, self._slots.capacity, self.block_size, device)
-            self._stores.clear()
-        return self._book
+        self._reuse.finish(request_id)
 
     def _select(self, backend: str, plan: GSAPlan, layer: Hashable, q: torch.Tensor, key_cache: torch.Tensor,
                 scale: float | None) -> Selection:
@@ -153,13 +141,8 @@ class GSA:
         if plan.reselect is None:
             return ops.select(backend, q, self._reprs[layer], plan.block_table, plan.seq_lens, self.config,
                               self.block_size, plans=plan.launch_plans, **keys)
-        store, written = self._stores.get(layer, (None, -1))
-        if store is None:
-            store = SelectionStore(self._book.capacity, self._reprs[layer][0].shape[1], q.device)
-        self._stores[layer] = store, plan.step
-        reselect = plan.reselect if written == plan.step - 1 else torch.ones_like(plan.reselect)  # skipped a step
-        return store.select(backend, q, self._reprs[layer], plan.block_table, plan.seq_lens, self.config,
-                            self.block_size, plan.slots, reselect, plan.table_width, **keys)
+        return self._reuse.select(layer, plan.step, backend, q, self._reprs[layer], plan.block_table, plan.seq_lens,
+                                  self.config, plan.slots, plan.reselect, plan.table_width, **keys)
 
     def _layer_reprs(self, layer: Hashable, key_cache: torch.Tensor) -> tuple:
         reprs = self._reprs.get(layer)

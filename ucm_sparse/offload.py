@@ -8,9 +8,10 @@ newest (partial) block are pinned there: they are written on the device first an
 block fills. Block representations of every host block stay on the device (selection reads them, never the host).
 
 A decode step (``plan`` once, then ``run`` per layer) writes the new token into its pinned piece, computes the
-representation of a block that just filled and copies it to the host, selects exactly as on-device GSA does, gives
-the selected pieces that are not resident a slot and copies them in (a synchronous miss, counted), and attends over
-the pool with a per-(request, KV head) block table. On a GPU all of it is queued without a host sync: misses are
+representation of a block that just filled and copies it to the host, selects exactly as on-device GSA does
+(``select_every`` included, :class:`ucm_sparse.reuse.RequestReuse`), gives the selected pieces that are not
+resident a slot and copies them in (a synchronous miss, counted), and attends over the pool with a per-(request,
+KV head) block table. On a GPU all of it is queued without a host sync: misses are
 found, slotted and copied by kernels reading the pinned host rows in place (``ucm_kernels.residency``, four
 launches a layer, which also write the token when no block opens or fills in the step); the host only checks, at
 ``plan``, that the budget holds the step. The outputs equal on-device GSA's over the same tokens
@@ -38,8 +39,12 @@ from . import ops
 from .config import GSAConfig
 from .hot_pool import HostKV, HotPool
 from .ops import Selection
+from .reuse import RequestReuse
 
 SYNC_COPY_PROGRAMS = 256  # copy programs of the misses a layer waits for
+# select_every > 1: reused lists are kept at the block-table width rounded up to a multiple of this, so a longer
+# request changes it (and every row reselects) once per REUSE_WIDTH_BLOCKS blocks, not whenever it opens a block
+REUSE_WIDTH_BLOCKS = 1024
 PROGRAMS_PER_PREFETCH_WORKER = 16
 
 
@@ -116,13 +121,16 @@ class OffloadPlan:
     selections: dict = field(default_factory=dict)
     prefetch_done: dict = field(default_factory=dict)  # layer -> CUDA event after its prefetch copies
     launch_plans: dict = field(default_factory=dict)  # selection's and attention's, made by a shape's first layer
+    slots: torch.Tensor | None = None  # [batch] int64 each request's slot (select_every > 1 only)
+    reselect: torch.Tensor | None = None  # [batch] int32, 1: the row selects afresh (select_every > 1 only)
+    table_width: int = 0  # the width the reused lists are kept at (select_every > 1 only)
 
 
 class OffloadedGSA:
     """GSA over a KV cache kept in pinned host memory, with a GPU budget of hot pieces (see the module doc).
 
     Args:
-        config: GSA settings; uses sparse_ratio, windows, score, token_budget, gpu_budget_bytes or
+        config: GSA settings; uses sparse_ratio, windows, score, token_budget, select_every, gpu_budget_bytes or
             gpu_budget_blocks, prefetch_workers, prefetch_ahead (0: no prefetch), max_pending_prefetch.
         num_layers, num_kv_heads, head_dim, block_size, dtype: the KV geometry.
         host_blocks: host blocks per layer (all requests together).
@@ -162,6 +170,7 @@ class OffloadedGSA:
                                  and self.device.type == "cuda" else None)
         self._step = 0
         self._table: tuple[tuple, torch.Tensor] | None = None  # the last plan's table on the device, and its rows
+        self._reuse = RequestReuse(config.select_every, block_size)
 
     @property
     def capacity(self) -> int:
@@ -211,6 +220,7 @@ class OffloadedGSA:
         them have landed)."""
         self._check_open()
         request = self.requests.pop(request_id)
+        self._reuse.finish(request_id)
         pieces = self._pieces(request.blocks, self.device)
         for pool in self.pools:
             pool.drop(pieces)
@@ -250,6 +260,10 @@ class OffloadedGSA:
             request.seq_len += 1
         self._step += 1
         plan = self._make_plan(list(request_ids), requests, opened, counts)
+        if self.config.select_every > 1 and not plan.dense:  # a dense step selects nothing: the next reselects
+            plan.table_width = -(-plan.block_table.shape[1] // REUSE_WIDTH_BLOCKS) * REUSE_WIDTH_BLOCKS
+            plan.slots, plan.reselect = self._reuse.step(plan.request_ids, plan.seq_lens, plan.block_table,
+                                                         plan.table_width)
         self._counters.steps += 1
         self._counters.tokens += len(requests)
         if self.config.prefetch_ahead > 0:
@@ -301,8 +315,12 @@ class OffloadedGSA:
         """The blocks ``layer`` attends this step: all of them while the batch is dense or the layer is."""
         if plan.dense or not self.config.sparse_layer(layer):
             return ops.full_selection(plan.seq_lens, self.num_kv_heads, self.block_size, plan.block_table.shape[1])
-        return ops.select(backend, q, self.reprs[layer], plan.block_table, plan.seq_lens, self.config,
-                          self.block_size, scale=scale, plans=plan.launch_plans)
+        if plan.reselect is None:
+            return ops.select(backend, q, self.reprs[layer], plan.block_table, plan.seq_lens, self.config,
+                              self.block_size, scale=scale, plans=plan.launch_plans)
+        return self._reuse.select(layer, plan.step, backend, q, self.reprs[layer], plan.block_table, plan.seq_lens,
+                                  self.config, plan.slots, plan.reselect, plan.table_width, scale=scale,
+                                  plans=plan.launch_plans)
 
     def _attend(self, plan: OffloadPlan, pool: HotPool, q: torch.Tensor, selection: Selection, table: torch.Tensor,
                 backend: str, scale: float | None) -> torch.Tensor:
@@ -489,9 +507,6 @@ def _check_one_stage(config: GSAConfig) -> None:
     if config.rerank_candidates > 1:
         raise ValueError(f"rerank_candidates: got {config.rerank_candidates}; the offload mode selects in one "
                          "stage (1) for now")
-    if config.select_every != 1:
-        raise ValueError(f"select_every: got {config.select_every}; the offload mode selects at every step (1) "
-                         "for now, reuse is on-device GSA's (ucm_sparse.GSA, vLLM)")
 
 
 def _check_reachable(host: HostKV, device: torch.device) -> None:

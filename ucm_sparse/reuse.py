@@ -50,21 +50,25 @@ class ReuseBook:
         self._cursor = torch.zeros((), dtype=torch.long, device=device)  # the next slot handed out
         self._width = -1  # the block table width of the previous step
 
-    def step(self, seq_lens: torch.Tensor, block_table: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def step(self, seq_lens: torch.Tensor, block_table: torch.Tensor, slots: torch.Tensor,
+             width: int | None = None) -> torch.Tensor:
         """Record one decode step; return ``[n]`` int32, 1 where the row selects afresh.
 
         Args:
             seq_lens: ``[n]`` int tokens per row, the current one included (0: a padding row).
             block_table: ``[n, max_blocks]`` int logical -> physical block.
             slots: ``[n]`` int64 slot of each row (distinct, but for the spare).
+            width: the table width the stored lists are kept at (default ``max_blocks``); all rows reselect
+                when it changes.
         """
         lens, blocks, tail = self._last_blocks(seq_lens, block_table)
         before, age = self._seq_len[slots], self._age[slots]
         continues = (lens == before + 1) & (blocks == (before + self.block_size - 1) // self.block_size)
         reuse = continues & (tail == self._tail[slots]) & (blocks > 0) & (slots < self.slots)
         reuse &= age + 1 < self.every
-        reuse &= block_table.shape[1] == self._width
-        self._width = block_table.shape[1]
+        width = block_table.shape[1] if width is None else width
+        reuse &= width == self._width
+        self._width = width
         self._seq_len[slots], self._tail[slots], self._age[slots] = lens, tail, torch.where(reuse, age + 1, 0)
         return (~reuse).to(torch.int32)
 
@@ -180,3 +184,50 @@ class SelectionStore:
         stored_idx[slots, :, :width] = kept.sel_idx
         stored_count[slots] = kept.sel_count
         return kept
+
+
+class RequestReuse:
+    """Selection reuse for callers that name their requests (:class:`ucm_sparse.GSA`, the offload mode): a slot per
+    request id (:class:`SlotMap`), which rows reselect (:class:`ReuseBook`, remade with every row reselecting when
+    the requests outgrow it), and each layer's lists (:class:`SelectionStore`).
+
+    Args:
+        every: ``select_every``; block_size: tokens per KV block.
+    """
+
+    def __init__(self, every: int, block_size: int):
+        self.every, self.block_size = every, block_size
+        self._slots = SlotMap()
+        self._book: ReuseBook | None = None
+        self._stores: dict = {}  # layer -> (its SelectionStore, the step its lists are of, their table width)
+
+    def step(self, request_ids: list, seq_lens: torch.Tensor, block_table: torch.Tensor,
+             width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(slots, reselect)`` of one decode step: ``[n]`` int64 slot of each request and ``[n]`` int32, 1 where
+        the row selects afresh (:meth:`ReuseBook.step`'s arguments; both on the table's device)."""
+        device = block_table.device
+        slots = torch.tensor(self._slots.assign(request_ids), dtype=torch.long, device=device)
+        if self._book is None or self._book.slots < self._slots.capacity:
+            self._book = ReuseBook(self.every, self._slots.capacity, self.block_size, device)
+            self._stores.clear()
+        return slots, self._book.step(seq_lens, block_table, slots, width)
+
+    def select(self, layer, step: int, backend: str, q: torch.Tensor, reprs: tuple, block_table: torch.Tensor,
+               seq_lens: torch.Tensor, config: GSAConfig, slots: torch.Tensor, reselect: torch.Tensor,
+               table_width: int, **keys) -> ops.Selection:
+        """``layer``'s lists at decode step ``step`` (:meth:`SelectionStore.select`); every row reselects when
+        the layer's stored lists are not of the step before or of this table width (then they are dropped)."""
+        store, written, width = self._stores.get(layer, (None, -1, table_width))
+        if store is None or width != table_width:
+            store = SelectionStore(self._book.capacity, reprs[0].shape[1], q.device)
+        self._stores[layer] = store, step, table_width
+        if written != step - 1 or width != table_width:  # the layer skipped a step (ran dense, or not at all)
+            reselect = torch.ones_like(reselect)
+        return store.select(backend, q, reprs, block_table, seq_lens, config, self.block_size, slots, reselect,
+                            table_width, **keys)
+
+    def finish(self, request_id) -> None:
+        """The request ended: its slot is free and whatever takes it next selects afresh."""
+        slot = self._slots.release(request_id)
+        if slot is not None and self._book is not None:
+            self._book.forget(slot)

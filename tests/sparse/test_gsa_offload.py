@@ -25,9 +25,9 @@ class Twin:
     the softmax ``scale`` (None: head_dim ** -0.5)."""
 
     def __init__(self, config: GSAConfig, prompts: dict, steps: int = 40, seed: int = 0, backend: str = "torch",
-                 device: str = "cpu", scale: float | None = None):
+                 device: str = "cpu", scale: float | None = None, table_width: int | None = None):
         self.gen = torch.Generator().manual_seed(seed)
-        self.device, self.scale = device, scale
+        self.device, self.scale, self.table_width = device, scale, table_width
         capacity = sum(-(-(n + steps) // BLOCK) for n in prompts.values())
         self.kv = [torch.zeros(2, capacity + 3, BLOCK, HEADS, DIM, dtype=DTYPE, device=device) for _ in range(LAYERS)]
         self.physical = torch.randperm(capacity + 3, generator=self.gen).tolist()
@@ -61,13 +61,15 @@ class Twin:
         self.kv[layer][0, block, position % BLOCK] = key
         self.kv[layer][1, block, position % BLOCK] = value
 
-    def step(self, requests: list) -> None:
-        """One decode token for ``requests`` in both modes; asserts equal outputs and selections."""
+    def step(self, requests: list) -> tuple:
+        """One decode token for ``requests`` in both modes; asserts equal outputs and selections; returns the two
+        plans (on-device, offload). On-device GSA's block table is ``table_width`` wide when set (as vLLM's is),
+        else as wide as the longest request."""
         for request in requests:
             if self.lens[request] % BLOCK == 0:
                 self.blocks[request].append(self.physical.pop())
             self.lens[request] += 1
-        width = max(len(self.blocks[r]) for r in requests)
+        width = self.table_width or max(len(self.blocks[r]) for r in requests)
         table = torch.tensor([self.blocks[r] + [0] * (width - len(self.blocks[r])) for r in requests],
                              dtype=torch.int32, device=self.device)
         on_device = self.device_gsa.plan(requests, [self.lens[r] for r in requests], table)
@@ -81,6 +83,7 @@ class Twin:
             got = self.offload.run(offload, layer, q, key, value, scale=self.scale)
             assert torch.equal(got, expected), f"layer {layer}: max diff {(got - expected).abs().max()}"
             assert torch.equal(offload.selections[layer].sel_idx, on_device.selections[layer].sel_idx)
+        return on_device, offload
 
 
 @pytest.fixture
@@ -89,8 +92,8 @@ def make_twin():
     made = []
 
     def make(config: GSAConfig, prompts: dict, backend: str = "torch", device: str = "cpu",
-             scale: float | None = None) -> Twin:
-        made.append(Twin(config, prompts, backend=backend, device=device, scale=scale))
+             scale: float | None = None, table_width: int | None = None) -> Twin:
+        made.append(Twin(config, prompts, backend=backend, device=device, scale=scale, table_width=table_width))
         return made[-1]
 
     yield make
@@ -203,10 +206,28 @@ def test_gpu_budget_in_bytes_is_shared_by_the_layers(make_twin):
                      block_size=BLOCK, host_blocks=8, device="cpu", cache=private_cache())
 
 
-@pytest.mark.parametrize("key,value", [("select_every", 4), ("rerank_candidates", 2.0)])
-def test_reuse_and_two_stages_are_refused_in_offload_mode_naming_the_key(key, value):
-    with pytest.raises(ValueError, match=f"{key}: got {value}"):
-        OffloadedGSA(GSAConfig(**SPARSE, **{key: value}), num_layers=LAYERS, num_kv_heads=HEADS, head_dim=32,
+@pytest.mark.parametrize("backend,device", [("torch", "cpu"), ("triton", TRITON_DEVICE)])
+def test_selection_reuse_offloaded_equals_on_device(make_twin, backend, device):
+    """select_every 4: the offload mode keeps each request's lists as on-device GSA does (same rows reselect: a
+    new block, an old selection, a request back after a step away), so outputs and lists stay bit-equal; most
+    rows reuse."""
+    config = GSAConfig(**SPARSE, gpu_budget_blocks=200, prefetch_ahead=2, select_every=4)
+    twin = make_twin(config, {"a": 300, "b": 129, "c": 200}, backend=backend, device=device, table_width=64)
+    rows = reselected = 0
+    for step in range(12 if backend == "triton" else 24):
+        batch = ["a", "b"] if step % 5 == 4 else ["a", "b", "c"]  # "c" sits out some steps
+        on_device, offload = twin.step(batch)
+        assert torch.equal(offload.reselect, on_device.reselect)
+        rows, reselected = rows + len(batch), reselected + int(offload.reselect.sum())
+    assert 0 < reselected < rows / 2
+    twin.offload.finish("c")
+    twin.device_gsa.finish("c")
+    twin.step(["a", "b"])
+
+
+def test_two_stages_are_refused_in_offload_mode_naming_the_key():
+    with pytest.raises(ValueError, match="rerank_candidates: got 2.0"):
+        OffloadedGSA(GSAConfig(**SPARSE, rerank_candidates=2.0), num_layers=LAYERS, num_kv_heads=HEADS, head_dim=32,
                      block_size=16, host_blocks=8, device="cpu", cache=private_cache())
 
 
