@@ -292,17 +292,17 @@ def prefetch_variants(settings: list[tuple[int, int]]) -> dict[str, dict]:
 
 
 def bench_schedule(name: str, workload: Workload, cache: PagedKV, pool, h2d_gbps: float | None,
-                   variants: dict[str, dict]) -> list[dict]:
+                   variants: dict[str, dict], select_every: int = 1) -> list[dict]:
     """Dense, on-device GSA and the offload ``variants`` (:func:`prefetch_variants`), in lock-step over one
-    schedule."""
+    schedule; both GSA modes reuse selections for ``select_every`` steps."""
     shape = workload.shape
     steps = schedule(shape, name)
     per_step = len(steps[0])
     tag = f"b{per_step}_ctx{shape.context}_L{shape.layers}_{name}"
-    offloads = {mode: Offloaded(workload, offload_config(shape, per_step, **fields), pool, collections.Counter())
-                for mode, fields in variants.items()}
+    offloads = {mode: Offloaded(workload, offload_config(shape, per_step, select_every=select_every, **fields), pool,
+                                collections.Counter()) for mode, fields in variants.items()}
     modes = {"dense_on_device": OnDevice(workload, cache, sparse=False),
-             "gsa_on_device": OnDevice(workload, cache, sparse=True), **offloads}
+             "gsa_on_device": OnDevice(workload, cache, True, replace(CONFIG, select_every=select_every)), **offloads}
     results = lockstep(workload, steps, modes)
     median = {mode: statistics.median(times[shape.warmup:]) for mode, (times, _) in results.items()}
     dense_out, gsa_out = results["dense_on_device"][1], results["gsa_on_device"][1]
@@ -339,7 +339,8 @@ def offload_row(mode: str, offload: Offloaded, result: tuple, expected: list[dic
     return row("decode_step", mode, tag, median, baseline_ms=baseline_ms,
                tokens_per_s=round(per_step / (median * 1e-3), 1), vs_gsa_on_device=round(gsa_ms / median, 3),
                gpu_budget_blocks=config.gpu_budget_blocks, prefetch_ahead=config.prefetch_ahead,
-               max_pending_prefetch=config.max_pending_prefetch, piece_bytes=stats["piece_bytes"],
+               max_pending_prefetch=config.max_pending_prefetch, select_every=config.select_every,
+               piece_bytes=stats["piece_bytes"],
                hit_rate=round(1 - stats["sync_misses"] / stats["needed"], 4), pcie_bytes_per_token=round(pcie),
                **floor, h2d_mb_per_step=round(stats["h2d_bytes"] / shape.steps / 1e6, 2),
                sync_misses_per_step=round(stats["sync_misses"] / shape.steps, 1),
@@ -350,10 +351,12 @@ def offload_row(mode: str, offload: Offloaded, result: tuple, expected: list[dic
                **{f"vs_gsa_{k}": v for k, v in check.items()})
 
 
-def bench_long(shape: Shape, reference: Shape, pool, h2d_gbps: float | None) -> list[dict]:
+def bench_long(shape: Shape, reference: Shape, pool, h2d_gbps: float | None, select_every: int = 1) -> list[dict]:
     """One long request offloaded with LONG_GPU_SHARE of its pieces on the GPU, in lock-step with on-device GSA at
     the same length (the outputs' reference) and at ``reference``'s shorter length (the speed reference); prefetch
-    off and on in turn (the host holds one offloaded copy of the KV at a time)."""
+    off and on in turn (the host holds one offloaded copy of the KV at a time); every GSA reuses selections for
+    ``select_every`` steps."""
+    long_config = replace(LONG_CONFIG, select_every=select_every)
     workload, short = Workload(shape, _device()), Workload(reference, _device())
     workload.build_streams()
     short.build_streams()
@@ -362,12 +365,12 @@ def bench_long(shape: Shape, reference: Shape, pool, h2d_gbps: float | None) -> 
     cache, short_cache = PagedKV(workload), PagedKV(short)
     budget = int(LONG_GPU_SHARE * shape.table_blocks)
     rows = []
-    for ahead in (0, LONG_CONFIG.prefetch_ahead):
-        config = replace(LONG_CONFIG, gpu_budget_blocks=budget, prefetch_ahead=ahead)
+    for ahead in (0, long_config.prefetch_ahead):
+        config = replace(long_config, gpu_budget_blocks=budget, prefetch_ahead=ahead)
         mode = f"gsa_offload_prefetch_{'on' if ahead else 'off'}"
         offload = Offloaded(workload, config, pool, collections.Counter())
-        results = lockstep(workload, steps, {"long": OnDevice(workload, cache, True, LONG_CONFIG),
-                                             "reference": OnDevice(short, short_cache, True, LONG_CONFIG),
+        results = lockstep(workload, steps, {"long": OnDevice(workload, cache, True, long_config),
+                                             "reference": OnDevice(short, short_cache, True, long_config),
                                              mode: offload})
         long_ms, short_ms = (statistics.median(results[m][0][shape.warmup:]) for m in ("long", "reference"))
         rows += [row("decode_step", "gsa_on_device", f"b1_ctx{reference.context}_L{reference.layers}_reference",
@@ -499,6 +502,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefetch-settings", nargs="+", type=_workers_pending, default=[], metavar="W:P",
                         help="also run prefetch on with prefetch_workers W and max_pending_prefetch P (each "
                              "pair one more offload mode in the lock-step, with a host KV of its own)")
+    parser.add_argument("--select-every", type=int, default=1, metavar="N",
+                        help="GSAConfig.select_every of every GSA mode, on-device and offloaded (default 1)")
     args = parser.parse_args(argv)
     device = _device()
     if args.smoke:
@@ -513,7 +518,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     extra = {"config": asdict(CONFIG), "long_config": asdict(LONG_CONFIG), "shape": asdict(shape),
              "long_shape": asdict(long_shape) if args.long else None, "budget_slack": BUDGET_SLACK,
-             "long_gpu_share": LONG_GPU_SHARE, "query_drift": QUERY_DRIFT}
+             "long_gpu_share": LONG_GPU_SHARE, "query_drift": QUERY_DRIFT, "select_every": args.select_every}
     if args.layers:
         variants = prefetch_variants(args.prefetch_settings)
         pool = host_pool(shape, device, copies=len(variants))  # the offload modes run side by side
@@ -527,12 +532,12 @@ def main(argv: list[str] | None = None) -> None:
             return
         cache = PagedKV(workload)
         for name in args.schedules:
-            rows += bench_schedule(name, workload, cache, pool, h2d, variants)
+            rows += bench_schedule(name, workload, cache, pool, h2d, variants, args.select_every)
             write_results("gsa_offload", rows, ceilings, extra)  # what is done survives a run cut short
         del cache, workload, pool  # the schedules' pinned host KV (34 GB per offload mode at 8 layers) goes back
         # before the long run's 69 GB
     if args.long:
-        rows += bench_long(long_shape, reference, host_pool(long_shape, device, copies=1), h2d)
+        rows += bench_long(long_shape, reference, host_pool(long_shape, device, copies=1), h2d, args.select_every)
     path = write_results("gsa_offload", rows, ceilings, extra)
     print_table(rows)
     print(f"wrote {path}")

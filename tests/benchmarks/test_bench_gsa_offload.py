@@ -36,6 +36,17 @@ def test_smoke_run_checks_every_offload_mode_against_on_device_gsa(tmp_path):
     assert offload["long", "gsa_offload_prefetch_off"]["gpu_share_of_kv"] <= 0.1
 
 
+def test_smoke_run_with_selection_reuse_stays_bit_equal(tmp_path):
+    """--select-every 4: on-device GSA and every offload mode reuse their lists alike, outputs bit-equal."""
+    done = subprocess.run([sys.executable, "-m", "bench.bench_gsa_offload", "--smoke", "--select-every", "4"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OUT": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    (path,) = tmp_path.glob("gsa_offload-*.json")
+    offload = [r for r in json.loads(path.read_text())["rows"] if "offload" in r["impl"]]
+    assert len(offload) == 4 and all(r["vs_gsa_bitwise_equal"] and r["select_every"] == 4 for r in offload)
+
+
 def test_timing_wrappers_leave_no_reference_cycle():
     """The host-time wrappers must not keep an OffloadedGSA (and its device pools) alive past its last reference:
     the bench's schedules need the memory back at once (an 80 GB card holds one schedule's pools at a time)."""
