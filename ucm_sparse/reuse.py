@@ -2,8 +2,9 @@
 selections are kept between steps. Device tensors only: no host read, so a plan can decide it each step and a
 CUDA graph replays the selection kernels with the new mask.
 
-Each running request has a slot: :class:`SlotMap` gives one per request id (:class:`ucm_sparse.GSA`); inside
-vLLM, whose batches name no request, :meth:`ReuseBook.tail_slots` finds a row's slot by its last physical block.
+Each running request has a slot: :class:`SlotMap` gives one per request id (:class:`RequestReuse`, which serves
+:class:`ucm_sparse.GSA` and the offload mode); inside vLLM, whose batches name no request,
+:meth:`ReuseBook.tail_slots` finds a row's slot by its last physical block.
 That block is partly filled, so no other running request holds it, and a request keeps it for ``block_size``
 steps: it identifies the request whatever row the request lands in (vLLM moves rows as requests finish; batches
 may take turns). A row keeps its previous selection while all of these hold:
@@ -221,7 +222,7 @@ class RequestReuse:
         if store is None or width != table_width:
             store = SelectionStore(self._book.capacity, reprs[0].shape[1], q.device)
         self._stores[layer] = store, step, table_width
-        if written != step - 1 or width != table_width:  # the layer skipped a step (ran dense, or not at all)
+        if written != step - 1 or width != table_width:  # it skipped a step (ran dense, or not at all) or widened
             reselect = torch.ones_like(reselect)
         return store.select(backend, q, reprs, block_table, seq_lens, config, self.block_size, slots, reselect,
                             table_width, **keys)
