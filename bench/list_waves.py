@@ -24,14 +24,15 @@ SHAPES = ((1, 131072, 2458), (1, 131072, 128), (8, 131072, 2458))  # (batch, con
 PROGRAMS_PER_SM = (2, 3, 4)
 
 
-def plan_with_chunk(plan: DecodePlan, chunk_blocks: int) -> DecodePlan:
-    """``plan`` with splits of ``chunk_blocks`` list entries (any length) and scratch for their count."""
+def plan_with_chunk(plan: DecodePlan, chunk_blocks: int, device: torch.device) -> DecodePlan:
+    """``plan`` with splits of ``chunk_blocks`` list entries (any length) and scratch for their count on
+    ``device``."""
     splits = -(-plan.max_blocks // chunk_blocks)
     scratch = (plan.batch, plan.num_q_heads, splits)
     return dataclasses.replace(
         plan, num_splits=splits, chunk_blocks=chunk_blocks,
-        acc=torch.empty(*scratch, plan.head_dim, dtype=torch.float32, device=plan.acc.device) if splits > 1 else None,
-        stats=torch.empty(*scratch, 2, dtype=torch.float32, device=plan.acc.device) if splits > 1 else None)
+        acc=torch.empty(*scratch, plan.head_dim, dtype=torch.float32, device=device) if splits > 1 else None,
+        stats=torch.empty(*scratch, 2, dtype=torch.float32, device=device) if splits > 1 else None)
 
 
 def even_chunks(batch: int, listed: int, sms: int) -> dict[int, int]:
@@ -54,7 +55,7 @@ def shape_rows(batch: int, context: int, listed: int, hbm_gbps: float) -> list[d
     shape = f"b{batch}_ctx{context}_list{listed}"
     nbytes = 2 * batch * NUM_KV_HEADS * listed * BLOCK_SIZE * kv[0].shape[-1] * kv[0].element_size()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    plans = {"default": default} | {f"even_{per_sm}_per_sm": plan_with_chunk(default, chunk)
+    plans = {"default": default} | {f"even_{per_sm}_per_sm": plan_with_chunk(default, chunk, q.device)
                                     for per_sm, chunk in even_chunks(batch, listed, sms).items()}
     rows = []
     for name, plan in plans.items():

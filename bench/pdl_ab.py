@@ -10,7 +10,6 @@ and the median over rounds of off / that setting.
 
 Usage, on the GPU: ``python -m bench.pdl_ab`` (JSON under $OUT or bench/results/).
 """
-import os
 import statistics
 
 import torch
@@ -18,7 +17,7 @@ from triton.testing import do_bench
 
 from bench.bench_sparse_decode import SELECTIONS, attend, build_case, dense, graph_of, reused_step, select
 from bench.harness import run_shapes
-from ucm_kernels._launch import PDL_ENV, pdl_mode
+from ucm_kernels._launch import pdl_mode, set_pdl
 
 SHAPES = ((1, 32768), (1, 131072), (8, 131072), (32, 32768))
 ROUNDS = 6
@@ -27,15 +26,11 @@ SETTINGS = ("0", "1", "early")  # UCM_PDL: off, launch as the programs exit, lau
 
 def captured(fn, setting: str) -> torch.cuda.CUDAGraph:
     """``fn`` captured in a CUDA graph with ``UCM_PDL=setting``."""
-    previous = os.environ.get(PDL_ENV)
-    os.environ[PDL_ENV] = setting
+    previous = set_pdl(setting)
     try:
         return graph_of(fn)
     finally:
-        if previous is None:
-            del os.environ[PDL_ENV]
-        else:
-            os.environ[PDL_ENV] = previous
+        set_pdl(previous)
 
 
 def ab_row(name: str, shape: str, fn) -> dict:

@@ -25,6 +25,8 @@ before it. ``UCM_PDL`` picks the mode: ``1`` (the default) launches the next ker
 ``early`` lets it launch once all of this kernel's programs have started, its programs waiting in SM slots beside
 this kernel's (measured slower where a small kernel precedes a large one, by up to 10% on the H100:
 bench/pdl_ab.py, BENCHMARKS.md); ``0`` turns PDL off. Off under the interpreter and on GPUs before sm_90.
+``UCM_PDL`` is read once, at import (a launch reads no environment); :func:`set_pdl` changes the mode in a running
+process (benchmarks comparing the modes).
 """
 import inspect
 import os
@@ -44,6 +46,7 @@ PLAIN_LAUNCH_ENV = "UCM_PLAIN_TRITON_LAUNCH"  # "1": every launch takes Triton's
 PDL_ENV = "UCM_PDL"  # programmatic dependent launch: "1" (default), "early" or "0" (module doc)
 PDL_MODES = {"0": 0, "1": 1, "early": 2}  # UCM_PDL -> the kernels' PDL constexpr
 _HOPPER_OR_LATER: dict = {}  # CUDA device index -> compute capability >= 9.0
+_pdl_setting = "1"  # the current UCM_PDL setting (set_pdl, below the definitions: the environment's at import)
 
 
 @triton.jit
@@ -56,18 +59,29 @@ def wait_for_previous_grid(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
-def pdl_mode(device_index: int | None) -> int:
-    """The ``PDL`` constexpr of launches on CUDA device ``device_index`` (None: not a CUDA launch, e.g. the
-    interpreter): ``PDL_MODES[UCM_PDL]`` on NVIDIA GPUs of compute capability 9.0 or later, else 0."""
-    setting = os.environ.get(PDL_ENV, "1")
+def set_pdl(setting: str) -> str:
+    """Make ``setting`` (a ``UCM_PDL`` value: "0", "1" or "early") the PDL mode of later launches; returns the
+    previous setting. Raises ValueError naming UCM_PDL for any other value."""
+    global _pdl_setting
     if setting not in PDL_MODES:
         raise ValueError(f"{PDL_ENV}={setting!r}: expected one of {sorted(PDL_MODES)}")
+    previous, _pdl_setting = _pdl_setting, setting
+    return previous
+
+
+def pdl_mode(device_index: int | None) -> int:
+    """The ``PDL`` constexpr of launches on CUDA device ``device_index`` (None: not a CUDA launch, e.g. the
+    interpreter): ``PDL_MODES`` of the current setting on NVIDIA GPUs of compute capability 9.0 or later, else 0."""
+    setting = _pdl_setting
     if device_index is None or PDL_MODES[setting] == 0:
         return 0
     if device_index not in _HOPPER_OR_LATER:  # NVIDIA only: ROCm reports its own (gfx) versions here
         _HOPPER_OR_LATER[device_index] = (torch.version.hip is None
                                           and torch.cuda.get_device_capability(device_index)[0] >= 9)
     return PDL_MODES[setting] if _HOPPER_OR_LATER[device_index] else 0
+
+
+set_pdl(os.environ.get(PDL_ENV, "1"))
 
 
 class Launcher:
@@ -93,19 +107,19 @@ class Launcher:
         self._compiled: dict = {}
         self._takes_pdl = "PDL" in self._names
 
-    def _set_pdl(self, named: dict) -> None:
+    def _set_pdl(self, named: dict, device: int | None) -> None:
         """Add the ``PDL`` constexpr and, when on, Triton's ``launch_pdl`` option to ``named``."""
         if "PDL" in named:
             raise TypeError("PDL: set by the Launcher (from the device and UCM_PDL), not by the caller")
-        interpreted = not isinstance(self.kernel, JITFunction)
-        named["PDL"] = pdl = pdl_mode(None if interpreted else driver.active.get_current_device())
+        named["PDL"] = pdl = pdl_mode(device)
         if pdl:
             named["launch_pdl"] = True
 
     def __call__(self, grid: tuple, *params, **named) -> None:
         """Launch over ``grid`` (1 to 3 ints)."""
+        device = driver.active.get_current_device() if isinstance(self.kernel, JITFunction) else None
         if self._takes_pdl:
-            self._set_pdl(named)
+            self._set_pdl(named, device)
         missing = [name for name in self._names[len(params):] if name not in named]
         if missing or len(params) > len(self._names):
             raise TypeError(f"kernel parameters {self._names}: {len(params)} given by position and {sorted(named)} "
@@ -116,7 +130,6 @@ class Launcher:
         if not self.compiled_path or _hooks_installed(self.kernel):  # (the classes checked all the same)
             self.kernel[grid](*params, **named)
             return
-        device = driver.active.get_current_device()
         key = (device, tuple(named.items()), *classes)
         compiled = self._compiled.get(key)
         if compiled is None:

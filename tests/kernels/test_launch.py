@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ucm_kernels._launch import PDL_ENV, Launcher, argument_class, pdl_mode, wait_for_previous_grid
+from ucm_kernels._launch import Launcher, argument_class, pdl_mode, set_pdl, wait_for_previous_grid
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -84,11 +84,19 @@ def _add_one(src, dst, n, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
 ADD_ONE = Launcher(_add_one)
 
 
+@pytest.fixture
+def pdl_setting():
+    """Whatever a test sets with set_pdl is undone after it."""
+    previous = set_pdl("1")
+    yield
+    set_pdl(previous)
+
+
 @pytest.mark.parametrize("mode", ["1", "early"])
-def test_a_chain_of_dependent_launches_reads_each_previous_result(mode, monkeypatch):
+def test_a_chain_of_dependent_launches_reads_each_previous_result(mode, pdl_setting):
     """Each launch reads what the launch before it wrote (with PDL on sm_90 GPUs: it may start before that one
     ends): 64 launches ping-ponging between two buffers, eager and replayed from a CUDA graph, end exact."""
-    monkeypatch.setenv(PDL_ENV, mode)
+    set_pdl(mode)
     n, hops = 1 << 16, 64
     first = torch.arange(n, dtype=torch.int32, device=DEVICE)
     buffers = [first.clone(), torch.zeros_like(first)]
@@ -109,18 +117,17 @@ def test_a_chain_of_dependent_launches_reads_each_previous_result(mode, monkeypa
         torch.testing.assert_close(buffers[0], first + 3 * hops, rtol=0, atol=0)
 
 
-def test_pdl_is_set_by_the_launcher_from_the_device_and_the_environment(monkeypatch):
+def test_pdl_is_set_by_the_launcher_from_the_device_and_the_setting(pdl_setting):
     src = torch.zeros(8, dtype=torch.int32, device=DEVICE)
     with pytest.raises(TypeError, match="PDL: set by the Launcher"):
         ADD_ONE((1,), src, src, 8, BLOCK=32, PDL=True)
     assert pdl_mode(None) == 0  # the interpreter
-    monkeypatch.setenv(PDL_ENV, "0")
+    set_pdl("0")
     assert pdl_mode(0) == 0
-    monkeypatch.setenv(PDL_ENV, "yes")
     with pytest.raises(ValueError, match="UCM_PDL='yes': expected one of"):
-        pdl_mode(None)
+        set_pdl("yes")
     if DEVICE == "cuda":
         hopper = torch.cuda.get_device_capability(torch.cuda.current_device())[0] >= 9
         for setting, mode in (("1", 1), ("early", 2)):
-            monkeypatch.setenv(PDL_ENV, setting)
+            set_pdl(setting)
             assert pdl_mode(torch.cuda.current_device()) == (mode if hopper else 0)
