@@ -181,6 +181,19 @@ def attend(case: Case, selection: str, sel_idx: torch.Tensor, sel_count: torch.T
                          out=out, plan=case.decode_plans[selection])
 
 
+def layer_steps(case: Case, out: torch.Tensor) -> dict:
+    """{name: launch} of one layer's decode steps of ``case`` with Quest selection, each writing ``out`` (as
+    ``case.q``) and returning it: ``dense``, then per selection ``select_attend_<selection>`` and
+    ``reuse_step_<selection>`` (reusing the lists the selection makes now)."""
+    steps = {"dense": lambda: dense(case, out)}
+    for selection in SELECTIONS:
+        kept = tuple(t.clone() for t in select(case, selection, "quest"))
+        steps[f"select_attend_{selection}"] = (
+            lambda selection=selection: attend(case, selection, *select(case, selection, "quest"), out))
+        steps[f"reuse_step_{selection}"] = reused_step(case, selection, "quest", kept, out)
+    return steps
+
+
 def check(what: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
     """Finite and within MAX_REL_ERROR (relative L2), else stop the run before any timing of this shape."""
     actual, expected = actual.float(), expected.float()

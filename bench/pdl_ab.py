@@ -15,7 +15,7 @@ import statistics
 import torch
 from triton.testing import do_bench
 
-from bench.bench_sparse_decode import SELECTIONS, attend, build_case, dense, graph_of, reused_step, select
+from bench.bench_sparse_decode import build_case, graph_of, layer_steps
 from bench.harness import run_shapes
 from ucm_kernels._launch import pdl_mode, set_pdl
 
@@ -62,13 +62,7 @@ def ab_row(name: str, shape: str, fn) -> dict:
 def shape_rows(batch: int, context: int) -> list[dict]:
     case = build_case(batch, context)
     out = torch.empty_like(case.q)
-    rows = [ab_row("dense", case.shape, lambda: dense(case, out))]
-    for selection in SELECTIONS:
-        rows.append(ab_row(f"select_attend_{selection}", case.shape,
-                           lambda: attend(case, selection, *select(case, selection, "quest"), out)))
-        kept = tuple(t.clone() for t in select(case, selection, "quest"))
-        rows.append(ab_row(f"reuse_step_{selection}", case.shape, reused_step(case, selection, "quest", kept, out)))
-    return rows
+    return [ab_row(name, case.shape, step) for name, step in layer_steps(case, out).items()]
 
 
 def main() -> None:

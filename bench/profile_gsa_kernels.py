@@ -1,7 +1,8 @@
 """Where one layer's GSA decode time goes on the GPU: device time by kernel against the CUDA-graph replay's time.
 
 For each shape (1 and 8 requests x 128K, 1 x 128K + 96 tokens, 32 x 32K) and selection (sparse_ratio 0.3, 2048-token
-budget; Quest on bf16 reprs), the layer's select + attend and our dense decode are captured in CUDA graphs
+budget; Quest on bf16 reprs), the layer's select + attend, its reuse step (the selection launched with no row to
+reselect, then attention), the selection and the attention alone, and our dense decode are captured in CUDA graphs
 (``bench_sparse_decode``'s inputs and plans). Per graph: the replay's median (``do_bench``, L2 cleared before every
 replay) and, from torch.profiler over REPLAYS replays (L2 cleared between them too), each kernel's device time per
 replay; the replay time minus the summed kernel times is what the graph spends between and around its kernels.
@@ -17,7 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
-from bench.bench_sparse_decode import SELECTIONS, attend, build_case, dense, graph_of, rule_reprs, select
+from bench.bench_sparse_decode import SELECTIONS, attend, build_case, graph_of, layer_steps, rule_reprs, select
 from bench.harness import run_shapes
 from ucm_kernels.block_select.triton import _launch_select
 
@@ -93,10 +94,8 @@ def variant_rows(name: str, shape: str, run, plans: dict) -> list[dict]:
 def shape_rows(batch: int, context: int) -> list[dict]:
     case = build_case(batch, context)
     out = torch.empty_like(case.q)
-    rows = [graph_row("dense", case.shape, lambda: dense(case, out))]
+    rows = [graph_row(name, case.shape, step) for name, step in layer_steps(case, out).items()]
     for selection in SELECTIONS:
-        rows.append(graph_row(f"select_attend_{selection}", case.shape,
-                              lambda: attend(case, selection, *select(case, selection, "quest"), out)))
         rows.append(graph_row(f"select_{selection}", case.shape, lambda: select(case, selection, "quest")))
         lists = select(case, selection, "quest")
         rows.append(graph_row(f"attend_{selection}", case.shape, lambda: attend(case, selection, *lists, out)))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent-GPU session step: correctness on the GPU (compiled kernels), then benchmarks; JSON + logs under $OUT.
-# Usage: bench/run_gpu.sh {tests|transfer|sparse|offload|tp|all|quick|launch|select|offload_ab|prefetch|pdl|ncu|waves}   (wheels for pytest travel in .whl/, FlashInfer's in
+# Usage: bench/run_gpu.sh {tests|transfer|sparse|offload|tp|all|quick|launch|select|offload_ab|prefetch|pdl|ncu|waves|residency}   (wheels for pytest travel in .whl/, FlashInfer's in
 # .flashinfer/: see BENCHMARKS.md)
 # Set UCM_COMMIT to the commit the working tree was copied from: the copy on the GPU machine has no .git.
 set -uo pipefail
@@ -84,6 +84,18 @@ case "${1:-all}" in
               --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
               python3 -m bench.ncu_attend "$variant"
        done ;;
+  # PDL in the offload mode's residency kernels: their GPU tests with the launch chain's, the steady offload schedule
+  # with PDL off (under $OUT/pdl0) and on, each in a process of its own, then both schedules reusing selections for 4
+  # steps (under $OUT/reuse4; 4 layers).
+  residency) step gpu_tests_residency timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_launch.py \
+                  tests/kernels/test_residency.py tests/sparse/test_gsa_offload.py
+             mkdir -p "$OUT/pdl0"
+             OUT="$OUT/pdl0" UCM_PDL=0 step bench_gsa_offload_steady timeout 150 \
+                  python3 -m bench.bench_gsa_offload --layers 4 --schedules steady
+             step bench_gsa_offload_steady timeout 150 python3 -m bench.bench_gsa_offload --layers 4 --schedules steady
+             mkdir -p "$OUT/reuse4"
+             OUT="$OUT/reuse4" step bench_gsa_offload_reuse4 timeout 200 \
+                  python3 -m bench.bench_gsa_offload --layers 4 --select-every 4 ;;
   # Split counts that put the same number of list-attention programs on every SM (bench/list_waves.py).
   waves) step list_waves timeout 240 python3 -m bench.list_waves ;;
   # Prefetch copy settings in the taking-turns schedule: off, on as configured (every predicted piece admitted), on

@@ -150,7 +150,7 @@ def test_residency_assign_kernel_compiles_for_sm90_without_spills(tmp_path):
     int64 = ("pieces", "miss_rank", "slots", "victims", "slot_of", "piece_in", "stamp", "fetch_pieces", "fetch_slots",
              "tally", "src", "dst")
     types = {**{name: "*i64" for name in int64}, "counters": "*i32", "sel_idx": "*i32", "table": "*i32"}
-    constexprs = dict(WRITE_TABLE=True, HAS_TALLY=True, COPY=True, ROW_WORDS=1024, BLOCK=1024, TILE=1024)
+    constexprs = dict(WRITE_TABLE=True, HAS_TALLY=True, COPY=True, ROW_WORDS=1024, BLOCK=1024, TILE=1024, PDL=1)
     ints = dict(n=4 * 8 * 2458, stamp_value=100, max_new=4 * 8 * 2458, width=2458, table_width=8192)
     assert_no_spills(tmp_path, "ucm_kernels.residency.triton", "_assign_kernel", types, ints,
                      constexprs, {"num_warps": 4})
@@ -227,7 +227,7 @@ def test_residency_probe_kernel_compiles_for_sm90_without_spills(selection, tmp_
                                                                   "value")})
     token = dict(BLOCK_SIZE=16, HEAD_DIM=128, DIM_POW2=128) if selection else dict(BLOCK_SIZE=1, HEAD_DIM=1,
                                                                                     DIM_POW2=1)
-    constexprs = dict(FROM_SELECTION=selection, HAS_TALLY=True, WRITE_TOKENS=selection, TILE=1024, **token)
+    constexprs = dict(FROM_SELECTION=selection, HAS_TALLY=True, WRITE_TOKENS=selection, TILE=1024, PDL=1, **token)
     ints = dict(n=n, stamp_value=100, width=2458 if selection else n, table_width=8192 if selection else 6,
                 heads=8 if selection else 1, probe_programs=-(-n // 1024))
     assert_no_spills(tmp_path, "ucm_kernels.residency.triton", "_probe_kernel", types, ints,
@@ -240,7 +240,7 @@ def test_residency_victim_kernels_compile_for_sm90_without_spills(name, tmp_path
     4096), as ``residency._launch`` launches it (8 warps)."""
     from ucm_kernels.residency import triton as residency_triton
 
-    constexprs = dict(AGE_CAP=residency_triton.AGE_CAP, SLOT_TILE=residency_triton._SLOT_TILE)
+    constexprs = dict(AGE_CAP=residency_triton.AGE_CAP, SLOT_TILE=residency_triton._SLOT_TILE, PDL=1)
     ints = dict(capacity=POOL_SLOTS, below=100, max_new=8 * 8 * 2458)
     if name == "_age_histogram_kernel":
         constexprs.update(BINS=residency_triton._BINS, PREFIX_ROWS=residency_triton._PREFIX_ROWS)
@@ -252,7 +252,7 @@ def test_residency_victim_kernels_compile_for_sm90_without_spills(name, tmp_path
 def test_residency_write_tokens_kernel_compiles_for_sm90_without_spills(tmp_path):
     """``write_tokens`` (``HotPool.write_tokens``): a decode token of head_dim 128 into each newest piece of the
     bf16 pool (block 16), Triton's default warps."""
-    constexprs = dict(BLOCK_SIZE=16, HEAD_DIM=128, DIM_POW2=128)
+    constexprs = dict(BLOCK_SIZE=16, HEAD_DIM=128, DIM_POW2=128, PDL=1)
     assert_no_spills(tmp_path, "ucm_kernels.residency.triton", "_write_tokens_kernel",
                      RESIDENCY_TYPES, dict(stamp_value=100), constexprs, {})
 
@@ -261,7 +261,7 @@ def test_residency_copy_rows_kernel_compiles_for_sm90_without_spills(tmp_path):
     """``copy_rows`` (``HotPool.fetch`` / ``copy``): 8 KiB pieces (K and V of 16 tokens x 128 bf16) as 1024 int64
     words, Triton's default warps."""
     assert_no_spills(tmp_path, "ucm_kernels.residency.triton", "_copy_rows_kernel",
-                     RESIDENCY_TYPES, {}, dict(ROW_WORDS=1024, BLOCK=1024), {})
+                     RESIDENCY_TYPES, {}, dict(ROW_WORDS=1024, BLOCK=1024, PDL=1), {})
 
 
 @pytest.mark.parametrize("to_staging", [True, False])

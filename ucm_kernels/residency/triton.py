@@ -8,13 +8,14 @@ older ones first, then those of the victim age, each group in slot order; (2) an
 misses; (4) the k-th miss takes the k-th victim, the maps are updated, and (``admit_selection`` with ``rows``)
 each program copies the rows of the misses it admitted. Miss ranks follow program order, so on a GPU which victim a
 miss takes varies between runs (the set of victims does not); in the interpreter programs run in order and the
-result equals ``torch.admit``'s.
+result equals ``torch.admit``'s. Every kernel here takes programmatic dependent launch (``ucm_kernels._launch``):
+it waits for the kernel before it first thing.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ucm_kernels._launch import Launcher
+from ucm_kernels._launch import Launcher, wait_for_previous_grid
 from ucm_kernels._utils import alignment, check_device, check_tensor, next_pow2
 
 from .torch import AGE_CAP
@@ -34,9 +35,10 @@ def _probe_kernel(pieces, wanted, sel_idx, sel_count, block_table, slot_of, stam
                   kv, pinned, token_pieces, token_offsets, key, value, token_slots, n, stamp_value, width,
                   table_width, heads, probe_programs, FROM_SELECTION: tl.constexpr, HAS_TALLY: tl.constexpr,
                   WRITE_TOKENS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  DIM_POW2: tl.constexpr, TILE: tl.constexpr):
+                  DIM_POW2: tl.constexpr, TILE: tl.constexpr, PDL: tl.constexpr = 0):
     """Programs below ``probe_programs`` probe a tile of entries each; with WRITE_TOKENS, each program above writes
     one decode token (as ``_write_tokens_kernel``): the two touch different state (a token's slot is resident)."""
+    wait_for_previous_grid(PDL)
     pid = tl.program_id(0)
     if pid < probe_programs:
         _probe_tile(pieces, wanted, sel_idx, sel_count, block_table, slot_of, stamp, slots, miss_rank, counters,
@@ -85,9 +87,10 @@ def _ages(stamp, pinned, offs, inside, below, AGE_CAP: tl.constexpr):
 @triton.jit(do_not_specialize=["capacity", "below", "max_new", "tiles"])
 def _age_histogram_kernel(stamp, pinned, counters, hists, prefix, capacity, below, max_new, tiles,
                           AGE_CAP: tl.constexpr, BINS: tl.constexpr, SLOT_TILE: tl.constexpr,
-                          PREFIX_ROWS: tl.constexpr):
+                          PREFIX_ROWS: tl.constexpr, PDL: tl.constexpr = 0):
     """Each program: the eviction-age histogram of its tile of slots into ``hists`` row; the last to finish then
     finds the victim age (:func:`_victim_prefix`). Nothing when no miss is to be admitted."""
+    wait_for_previous_grid(PDL)
     wanted = tl.minimum(tl.load(counters + MISSES), max_new)
     if wanted > 0:
         pid = tl.program_id(0)
@@ -134,9 +137,10 @@ def _victim_prefix(counters, hists, prefix, wanted, tiles, AGE_CAP: tl.constexpr
 
 @triton.jit(do_not_specialize=["capacity", "below", "max_new"])
 def _rank_victims_kernel(stamp, pinned, counters, prefix, victims, capacity, below, max_new, AGE_CAP: tl.constexpr,
-                         SLOT_TILE: tl.constexpr):
+                         SLOT_TILE: tl.constexpr, PDL: tl.constexpr = 0):
     """Each program ranks its tile's victims into ``victims``: every slot older than the victim age (ranks from
     0), then those of that age (ranks from OLDER), each group in slot order, while the rank is below the misses."""
+    wait_for_previous_grid(PDL)
     wanted = tl.minimum(tl.load(counters + MISSES), max_new)
     if wanted > 0:
         pid = tl.program_id(0)
@@ -154,7 +158,8 @@ def _rank_victims_kernel(stamp, pinned, counters, prefix, victims, capacity, bel
 def _assign_kernel(pieces, miss_rank, slots, victims, slot_of, piece_in, stamp, counters, fetch_pieces,
                    fetch_slots, tally, sel_idx, table, src, dst, n, stamp_value, max_new, width, table_width,
                    WRITE_TABLE: tl.constexpr, HAS_TALLY: tl.constexpr, COPY: tl.constexpr, ROW_WORDS: tl.constexpr,
-                   BLOCK: tl.constexpr, TILE: tl.constexpr):
+                   BLOCK: tl.constexpr, TILE: tl.constexpr, PDL: tl.constexpr = 0):
+    wait_for_previous_grid(PDL)
     offs = tl.program_id(0) * TILE + tl.arange(0, TILE)
     inside = offs < n
     candidates = tl.load(counters + OLDER) + tl.load(counters + TIES)
@@ -283,7 +288,9 @@ def _launch(slot_of, piece_in, stamp, pinned, pieces, wanted, selection, table, 
 
 @triton.jit(do_not_specialize=["stamp_value"])
 def _write_tokens_kernel(kv, slot_of, stamp, pinned, pieces, offsets, key, value, slots, stamp_value,
-                         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_POW2: tl.constexpr):
+                         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_POW2: tl.constexpr,
+                         PDL: tl.constexpr = 0):
+    wait_for_previous_grid(PDL)
     _write_token_row(kv, slot_of, stamp, pinned, pieces, offsets, key, value, slots, tl.program_id(0), stamp_value,
                      BLOCK_SIZE, HEAD_DIM, DIM_POW2)
 
@@ -323,7 +330,9 @@ def write_tokens(kv: torch.Tensor, slot_of: torch.Tensor, stamp: torch.Tensor, p
 
 
 @triton.jit
-def _copy_rows_kernel(src, dst, src_idx, dst_idx, count, ROW_WORDS: tl.constexpr, BLOCK: tl.constexpr):
+def _copy_rows_kernel(src, dst, src_idx, dst_idx, count, ROW_WORDS: tl.constexpr, BLOCK: tl.constexpr,
+                      PDL: tl.constexpr = 0):
+    wait_for_previous_grid(PDL)
     n = tl.load(count)
     words = tl.arange(0, BLOCK)
     for k in tl.range(tl.program_id(0), n, tl.num_programs(0)):
