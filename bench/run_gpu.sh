@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent-GPU session step: correctness on the GPU (compiled kernels), then benchmarks; JSON + logs under $OUT.
-# Usage: bench/run_gpu.sh {tests|transfer|sparse|offload|tp|all|quick|launch|select|offload_ab|prefetch|pdl|ncu|waves|residency}   (wheels for pytest travel in .whl/, FlashInfer's in
+# Usage: bench/run_gpu.sh {tests|transfer|sparse|offload|tp|all|quick|launch|select|offload_ab|prefetch|pdl|ncu|waves|residency|reuse_ab}   (wheels for pytest travel in .whl/, FlashInfer's in
 # .flashinfer/: see BENCHMARKS.md)
 # Set UCM_COMMIT to the commit the working tree was copied from: the copy on the GPU machine has no .git.
 set -uo pipefail
@@ -96,6 +96,19 @@ case "${1:-all}" in
              mkdir -p "$OUT/reuse4"
              OUT="$OUT/reuse4" step bench_gsa_offload_reuse4 timeout 200 \
                   python3 -m bench.bench_gsa_offload --layers 4 --select-every 4 ;;
+  # Selection reuse's host cost: the GPU tests of reuse (its step kernel, GSA, the offload mode, the vLLM step), then
+  # the steady schedule reusing selections for 4 steps in an older tree in $BASE (carry it, UCM_BASE_COMMIT names it)
+  # and in this one, each in a process of its own, and this tree selecting every step (4 layers).
+  reuse_ab) step gpu_tests_reuse timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_reuse_step.py \
+                 tests/sparse/test_gsa.py tests/sparse/test_gsa_offload.py tests/vllm/test_flash_step.py
+            mkdir -p "$OUT/base" "$OUT/reuse4" "$OUT/reuse1"
+            (cd "$BASE" && export OUT="$OUT/base" UCM_COMMIT="${UCM_BASE_COMMIT:-base}" PYTHONPATH="$PWD:${PYTHONPATH#*:}"
+             step bench_gsa_offload_reuse4_base timeout 120 python3 -m bench.bench_gsa_offload --layers 4 \
+                 --schedules steady --select-every 4)
+            OUT="$OUT/reuse4" step bench_gsa_offload_reuse4 timeout 120 python3 -m bench.bench_gsa_offload --layers 4 \
+                 --schedules steady --select-every 4
+            OUT="$OUT/reuse1" step bench_gsa_offload_reuse1 timeout 120 python3 -m bench.bench_gsa_offload --layers 4 \
+                 --schedules steady ;;
   # Split counts that put the same number of list-attention programs on every SM (bench/list_waves.py).
   waves) step list_waves timeout 240 python3 -m bench.list_waves ;;
   # Prefetch copy settings in the taking-turns schedule: off, on as configured (every predicted piece admitted), on

@@ -142,7 +142,8 @@ class GSA:
             return ops.select(backend, q, self._reprs[layer], plan.block_table, plan.seq_lens, self.config,
                               self.block_size, plans=plan.launch_plans, **keys)
         return self._reuse.select(layer, plan.step, backend, q, self._reprs[layer], plan.block_table, plan.seq_lens,
-                                  self.config, plan.slots, plan.reselect, plan.table_width, **keys)
+                                  self.config, plan.slots, plan.reselect, plan.table_width, plans=plan.launch_plans,
+                                  **keys)
 
     def _layer_reprs(self, layer: Hashable, key_cache: torch.Tensor) -> tuple:
         reprs = self._reprs.get(layer)

@@ -93,12 +93,15 @@ def update_reprs(backend: str, key_cache: torch.Tensor, block_ids: torch.Tensor,
 
 def select(backend: str, q: torch.Tensor, reprs: tuple, block_table: torch.Tensor, seq_lens: torch.Tensor,
            config: GSAConfig, block_size: int, *, kept: Selection | None = None,
-           reselect: torch.Tensor | None = None, key_cache: torch.Tensor | None = None,
-           scale: float | None = None, candidate_keys=None, plans: dict | None = None) -> Selection:
+           reselect: torch.Tensor | None = None, sel_rows: torch.Tensor | None = None,
+           key_cache: torch.Tensor | None = None, scale: float | None = None, candidate_keys=None,
+           plans: dict | None = None) -> Selection:
     """The blocks each (request, KV head) attends this step (see ``ucm_kernels.block_select.select_blocks``);
     ``reprs`` as from :func:`empty_reprs`. With ``reselect`` (``[batch]`` int32/bool), only its nonzero rows are
     selected: the others keep their lists in ``kept`` (required then, its lists as wide as a selection of this
-    table), which is written in place and returned. With ``config.rerank_candidates > 1`` the candidates are
+    table), which is written in place and returned; with ``sel_rows`` too (``[batch]`` int64, the one-stage Triton
+    selection only), request ``b``'s lists are row ``sel_rows[b]`` of ``kept`` (e.g. a store of lists by request
+    slot), and ``kept`` is returned as it is. With ``config.rerank_candidates > 1`` the candidates are
     re-ranked by exact attention over their keys (:func:`rerank_select`): their keys come
     from ``key_cache`` ``[num_blocks, block_size, num_kv_heads, head_dim]`` (read through ``block_table``), or
     from ``candidate_keys(candidates) -> (keys, table)`` where the caller gathers them; ``scale`` is the softmax
@@ -107,6 +110,9 @@ def select(backend: str, q: torch.Tensor, reprs: tuple, block_table: torch.Tenso
     kmin, kmax, kmean, *kscale = reprs
     args = dict(score=config.score, kscale=kscale[0] if kscale else None, scale=scale,
                 **select_sizes(config, block_size))
+    if sel_rows is not None and (backend != "triton" or config.rerank_candidates > 1 or kept is None):
+        raise ValueError(f"sel_rows: taken by the one-stage Triton selection with kept only (backend {backend!r}, "
+                         f"rerank_candidates {config.rerank_candidates}, kept {'given' if kept else 'None'})")
     if config.rerank_candidates > 1:
         if candidate_keys is None:
             if key_cache is None:
@@ -118,10 +124,10 @@ def select(backend: str, q: torch.Tensor, reprs: tuple, block_table: torch.Tenso
         out = None if kept is None else (kept.sel_idx, kept.sel_count)
         if plans is None:
             return Selection(*select_blocks(q, kmin, kmax, kmean, block_table, seq_lens, out=out,
-                                            reselect=reselect, **args))
+                                            reselect=reselect, sel_rows=sel_rows, **args))
         plan = _select_plan(plans, q, kmin if kmin is not None else kmean, block_table, config, block_size)
         return Selection(*plan.run(q, kmin, kmax, kmean, block_table, seq_lens, kscale=args["kscale"], out=out,
-                                   reselect=reselect, scale=scale))
+                                   reselect=reselect, sel_rows=sel_rows, scale=scale))
     else:
         sel_idx, sel_count = torch_select_blocks(q, kmin, kmax, kmean, block_table, seq_lens, **args)
     if reselect is None:

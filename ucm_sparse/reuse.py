@@ -21,6 +21,8 @@ because it was already its last block.
 import torch
 
 from ucm_kernels.block_select import selection_width
+from ucm_kernels.reuse_step import reuse_step, torch_reuse_step
+from ucm_kernels.reuse_step.torch import last_blocks
 
 from . import ops
 from .config import GSAConfig
@@ -62,16 +64,12 @@ class ReuseBook:
             width: the table width the stored lists are kept at (default ``max_blocks``); all rows reselect
                 when it changes.
         """
-        lens, blocks, tail = self._last_blocks(seq_lens, block_table)
-        before, age = self._seq_len[slots], self._age[slots]
-        continues = (lens == before + 1) & (blocks == (before + self.block_size - 1) // self.block_size)
-        reuse = continues & (tail == self._tail[slots]) & (blocks > 0) & (slots < self.slots)
-        reuse &= age + 1 < self.every
+        self._check_rows(seq_lens)
         width = block_table.shape[1] if width is None else width
-        reuse &= width == self._width
-        self._width = width
-        self._seq_len[slots], self._tail[slots], self._age[slots] = lens, tail, torch.where(reuse, age + 1, 0)
-        return (~reuse).to(torch.int32)
+        same_width, self._width = width == self._width, width
+        step = reuse_step if block_table.is_cuda else torch_reuse_step  # one launch on a GPU
+        return step(seq_lens, block_table, slots, self._seq_len, self._tail, self._age, block_size=self.block_size,
+                    every=self.every, num_slots=self.slots, same_width=same_width)
 
     def tail_slots(self, seq_lens: torch.Tensor, block_table: torch.Tensor,
                    new_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -103,13 +101,12 @@ class ReuseBook:
     def _last_blocks(self, seq_lens: torch.Tensor, block_table: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """int32 ``(lengths, block counts, last physical blocks)`` of the rows."""
+        self._check_rows(seq_lens)
+        return last_blocks(seq_lens, block_table, self.block_size)
+
+    def _check_rows(self, seq_lens: torch.Tensor) -> None:
         if seq_lens.shape[0] > self.capacity:
             raise ValueError(f"seq_lens: {seq_lens.shape[0]} rows, but the reuse state holds {self.slots} slots")
-        lens = seq_lens.to(torch.int32)
-        blocks = (lens + self.block_size - 1) // self.block_size
-        last = (blocks - 1).clamp(min=0, max=max(block_table.shape[1] - 1, 0)).long()
-        tail = block_table.gather(1, last[:, None])[:, 0].to(torch.int32) if block_table.shape[1] else lens * 0
-        return lens, blocks, tail
 
     def forget(self, slot: int) -> None:
         """The request in ``slot`` ended: whatever takes the slot next selects afresh."""
@@ -179,6 +176,11 @@ class SelectionStore:
         sizes = ops.select_sizes(config, block_size)
         stored_idx, stored_count = self.buffers(selection_width(table_width, **sizes))
         width = selection_width(block_table.shape[1], **sizes)
+        if backend == "triton" and config.rerank_candidates <= 1:  # the kernel writes the rows' slots in place
+            ops.select(backend, q, reprs, block_table, seq_lens, config, block_size,
+                       kept=ops.Selection(stored_idx[:, :, :width], stored_count), reselect=reselect, sel_rows=slots,
+                       **keys)
+            return ops.Selection(stored_idx[:, :, :width].index_select(0, slots), stored_count.index_select(0, slots))
         kept = ops.Selection(stored_idx[slots, :, :width], stored_count[slots])
         ops.select(backend, q, reprs, block_table, seq_lens, config, block_size, kept=kept, reselect=reselect,
                    **keys)
@@ -201,17 +203,27 @@ class RequestReuse:
         self._slots = SlotMap()
         self._book: ReuseBook | None = None
         self._stores: dict = {}  # layer -> (its SelectionStore, the step its lists are of, their table width)
+        self._slot_rows: tuple[list, torch.Tensor | None] = ([], None)  # the last step's slots, and on the device
 
     def step(self, request_ids: list, seq_lens: torch.Tensor, block_table: torch.Tensor,
              width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(slots, reselect)`` of one decode step: ``[n]`` int64 slot of each request and ``[n]`` int32, 1 where
         the row selects afresh (:meth:`ReuseBook.step`'s arguments; both on the table's device)."""
         device = block_table.device
-        slots = torch.tensor(self._slots.assign(request_ids), dtype=torch.long, device=device)
+        slots = self._device_slots(self._slots.assign(request_ids), device)
         if self._book is None or self._book.slots < self._slots.capacity:
             self._book = ReuseBook(self.every, self._slots.capacity, self.block_size, device)
             self._stores.clear()
         return slots, self._book.step(seq_lens, block_table, slots, width)
+
+    def _device_slots(self, slots: list, device: torch.device) -> torch.Tensor:
+        """``slots`` as an int64 tensor on ``device``: the last step's tensor when they are the same (a steady batch
+        copies nothing to the device and so does not wait for it)."""
+        known, tensor = self._slot_rows
+        if slots != known or tensor is None or tensor.device != device:
+            tensor = torch.tensor(slots, dtype=torch.long, device=device)
+            self._slot_rows = slots, tensor
+        return tensor
 
     def select(self, layer, step: int, backend: str, q: torch.Tensor, reprs: tuple, block_table: torch.Tensor,
                seq_lens: torch.Tensor, config: GSAConfig, slots: torch.Tensor, reselect: torch.Tensor,

@@ -1,7 +1,7 @@
 """The kernels of the GPU hot paths compiled for an H100/H200 (sm_90) on this CPU machine, without a GPU: block
 selection (score, top-k), decode attention (split, combine), block summaries (by id, by table ranges), block mass
-(the two-stage selection), the offload mode's residency (probe, victim search, assign, tokens, row copy) and the
-connector's KV block copy.
+(the two-stage selection), the offload mode's residency (probe, victim search, assign, tokens, row copy), selection
+reuse's per-step bookkeeping and the connector's KV block copy.
 
 The Triton interpreter runs kernels as Python, so it accepts code Triton's compiler refuses (a variable first
 assigned inside a ``range`` loop and read after it, for one) and says nothing of registers. These tests compile
@@ -262,6 +262,17 @@ def test_residency_copy_rows_kernel_compiles_for_sm90_without_spills(tmp_path):
     words, Triton's default warps."""
     assert_no_spills(tmp_path, "ucm_kernels.residency.triton", "_copy_rows_kernel",
                      RESIDENCY_TYPES, {}, dict(ROW_WORDS=1024, BLOCK=1024, PDL=1), {})
+
+
+def test_reuse_step_kernel_compiles_for_sm90_without_spills(tmp_path):
+    """Selection reuse's per-step bookkeeping (``ReuseBook.step`` on a GPU): int32 lengths and table, int64 slots,
+    Triton's default warps."""
+    types = {"seq_lens": "*i32", "block_table": "*i32", "slots": "*i64", **{name: "*i32" for name in (
+        "seq_len_state", "tail_state", "age_state", "reselect")}}
+    ints = dict(n=256, stride_tb=8192, stride_tj=1, table_width=8192, block_size=16, every=4, num_slots=1024,
+                same_width=1)
+    assert_no_spills(tmp_path, "ucm_kernels.reuse_step.triton", "_reuse_step_kernel", types, ints,
+                     dict(ROWS=128, PDL=1), {})
 
 
 @pytest.mark.parametrize("to_staging", [True, False])

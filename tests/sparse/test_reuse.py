@@ -1,8 +1,12 @@
 """ucm_sparse.reuse: which rows reselect (continuation, block fill, age, another request, padding rows), slots
-found by a row's last block wherever the request sits, and the slot map of named requests."""
+found by a row's last block wherever the request sits, the slot map of named requests and its device copy; a
+placement by slot refused where the selection cannot write it."""
+import pytest
 import torch
 
-from ucm_sparse.reuse import ReuseBook, SlotMap
+from ucm_sparse import ops
+from ucm_sparse.config import GSAConfig
+from ucm_sparse.reuse import RequestReuse, ReuseBook, SlotMap
 
 
 def table(*rows):
@@ -72,3 +76,24 @@ def test_slot_map_hands_out_freed_slots_and_grows():
     assert slots.assign(["c", "a"]) == [2, 0] and slots.capacity == 4
     assert slots.release("b") == 1 and slots.release("zz") is None
     assert slots.assign(["d", "c"]) == [1, 2]
+
+
+def test_request_reuse_copies_slots_to_the_device_only_when_they_change():
+    reuse = RequestReuse(every=4, block_size=4)
+    blocks = table([0, 1], [2, 3])
+    first, _ = reuse.step(["a", "b"], torch.tensor([5, 6]), blocks)
+    again, _ = reuse.step(["a", "b"], torch.tensor([6, 7]), blocks)
+    assert again is first and first.tolist() == [0, 1]
+    swapped, _ = reuse.step(["b", "a"], torch.tensor([8, 7]), blocks)
+    assert swapped is not first and swapped.tolist() == [1, 0]
+
+
+def test_select_names_sel_rows_outside_the_one_stage_triton_selection():
+    config = GSAConfig(sparse_ratio=0.5)
+    q = torch.randn(1, 2, 8)
+    reprs = tuple(torch.zeros(4, 2, 8) for _ in range(3))
+    kept = ops.Selection(torch.full((2, 2, 4), -1, dtype=torch.int32), torch.zeros(2, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="sel_rows: taken by the one-stage Triton selection with kept only "
+                                         r"\(backend 'torch'"):
+        ops.select("torch", q, reprs, table([0, 1]), torch.tensor([8], dtype=torch.int32), config, 4, kept=kept,
+                   reselect=torch.ones(1, dtype=torch.int32), sel_rows=torch.zeros(1, dtype=torch.int64))
