@@ -29,7 +29,7 @@ case "${1:-all}" in
   # test_sparse_quality.py matplotlib among the .whl/ wheels.
   tests|all) step gpu_tests python3 -m pytest -q -p no:cacheprovider tests/kernels/test_kv_transfer.py tests/store/test_transport.py tests/vllm/test_block_mover.py \
                tests/kernels/test_block_repr.py tests/kernels/test_block_select.py tests/kernels/test_block_mass.py tests/kernels/test_sparse_decode.py \
-               tests/vllm/test_flash_step.py tests/kernels/test_residency.py tests/kernels/test_staging.py \
+               tests/vllm/test_flash_step.py tests/kernels/test_residency.py tests/kernels/test_staging.py tests/kernels/test_reuse_step.py \
                tests/sparse/test_gsa.py tests/sparse/test_gsa_offload.py tests/benchmarks/test_sparse_quality.py tests/benchmarks/test_tp_ranks.py \
                tests/store/test_pool.py tests/test_demo.py ;;&
   transfer|all) step bench_kv_transfer timeout 420 python3 -m bench.bench_kv_transfer
