@@ -112,7 +112,7 @@ def select(backend: str, q: torch.Tensor, reprs: tuple, block_table: torch.Tenso
                 **select_sizes(config, block_size))
     if sel_rows is not None and (backend != "triton" or config.rerank_candidates > 1 or kept is None):
         raise ValueError(f"sel_rows: taken by the one-stage Triton selection with kept only (backend {backend!r}, "
-                         f"rerank_candidates {config.rerank_candidates}, kept {'given' if kept else 'None'})")
+                         f"rerank_candidates {config.rerank_candidates}, kept {'None' if kept is None else 'given'})")
     if config.rerank_candidates > 1:
         if candidate_keys is None:
             if key_cache is None:

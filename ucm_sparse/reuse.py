@@ -177,10 +177,10 @@ class SelectionStore:
         stored_idx, stored_count = self.buffers(selection_width(table_width, **sizes))
         width = selection_width(block_table.shape[1], **sizes)
         if backend == "triton" and config.rerank_candidates <= 1:  # the kernel writes the rows' slots in place
-            ops.select(backend, q, reprs, block_table, seq_lens, config, block_size,
-                       kept=ops.Selection(stored_idx[:, :, :width], stored_count), reselect=reselect, sel_rows=slots,
-                       **keys)
-            return ops.Selection(stored_idx[:, :, :width].index_select(0, slots), stored_count.index_select(0, slots))
+            store = ops.Selection(stored_idx[:, :, :width], stored_count)
+            ops.select(backend, q, reprs, block_table, seq_lens, config, block_size, kept=store, reselect=reselect,
+                       sel_rows=slots, **keys)
+            return ops.Selection(store.sel_idx.index_select(0, slots), store.sel_count.index_select(0, slots))
         kept = ops.Selection(stored_idx[slots, :, :width], stored_count[slots])
         ops.select(backend, q, reprs, block_table, seq_lens, config, block_size, kept=kept, reselect=reselect,
                    **keys)
