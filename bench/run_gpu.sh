@@ -99,7 +99,7 @@ case "${1:-all}" in
   # Selection reuse's host cost: the GPU tests of reuse (its step kernel, GSA, the offload mode, the vLLM step), then
   # the steady schedule reusing selections for 4 steps in an older tree in $BASE (carry it, UCM_BASE_COMMIT names it)
   # and in this one, each in a process of its own, and this tree selecting every step (4 layers).
-  reuse_ab) step gpu_tests_reuse timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_reuse_step.py \
+  reuse_ab) step gpu_tests_reuse timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_reuse_step.py tests/sparse/test_reuse.py \
                  tests/sparse/test_gsa.py tests/sparse/test_gsa_offload.py tests/vllm/test_flash_step.py
             mkdir -p "$OUT/base" "$OUT/reuse4" "$OUT/reuse1"
             (cd "$BASE" && export OUT="$OUT/base" UCM_COMMIT="${UCM_BASE_COMMIT:-base}" PYTHONPATH="$PWD:${PYTHONPATH#*:}"

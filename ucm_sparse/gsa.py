@@ -25,7 +25,7 @@ from ucm_kernels.block_repr import blocks_filled
 from . import ops
 from .config import GSAConfig
 from .ops import Selection
-from .reuse import RequestReuse
+from .reuse import RequestReuse, ReuseStep
 from .state import RequestTable
 
 
@@ -41,8 +41,7 @@ class GSAPlan:
     counts: list[int]  # blocks each request attends
     dense: bool  # every request attends all of its blocks
     selections: dict = field(default_factory=dict)  # layer -> Selection, filled by run()
-    slots: torch.Tensor | None = None  # [batch] int64 each request's slot (selection reuse only)
-    reselect: torch.Tensor | None = None  # [batch] int32, 1: the row selects afresh (selection reuse only)
+    reuse: ReuseStep | None = None  # each request's slot and whether it selects afresh (selection reuse only)
     table_width: int = 0  # block_table.shape[1] as given (the stored selections' width follows it)
     launch_plans: dict = field(default_factory=dict)  # selection's and attention's, made by a shape's first layer
 
@@ -91,7 +90,7 @@ class GSA:
         plan = GSAPlan(self._step, list(request_ids), lens, table, filled, counts,
                        dense=all(c == nb for c, nb in zip(counts, nbs)), table_width=block_table.shape[1])
         if self.config.select_every > 1 and not plan.dense:  # a dense step selects nothing: the next reselects
-            plan.slots, plan.reselect = self._reuse.step(plan.request_ids, lens, block_table)
+            plan.reuse = self._reuse.step(plan.request_ids, lengths, block_table.shape[1], device)
         return plan
 
     def run(self, plan: GSAPlan, layer: Hashable, q: torch.Tensor, key_cache: torch.Tensor,
@@ -138,12 +137,11 @@ class GSA:
         """This step's selection of ``layer``: made afresh, or (selection reuse) for the rows the plan names, the
         others keeping the lists stored in their slots."""
         keys = dict(key_cache=key_cache, scale=scale)
-        if plan.reselect is None:
+        if plan.reuse is None:
             return ops.select(backend, q, self._reprs[layer], plan.block_table, plan.seq_lens, self.config,
                               self.block_size, plans=plan.launch_plans, **keys)
         return self._reuse.select(layer, plan.step, backend, q, self._reprs[layer], plan.block_table, plan.seq_lens,
-                                  self.config, plan.slots, plan.reselect, plan.table_width, plans=plan.launch_plans,
-                                  **keys)
+                                  self.config, plan.reuse, plan.table_width, plans=plan.launch_plans, **keys)
 
     def _layer_reprs(self, layer: Hashable, key_cache: torch.Tensor) -> tuple:
         reprs = self._reprs.get(layer)

@@ -39,7 +39,7 @@ from . import ops
 from .config import GSAConfig
 from .hot_pool import HostKV, HotPool
 from .ops import Selection
-from .reuse import RequestReuse
+from .reuse import RequestReuse, ReuseStep
 
 SYNC_COPY_PROGRAMS = 256  # copy programs of the misses a layer waits for
 # select_every > 1: reused lists are kept at the block-table width rounded up to a multiple of this, so a longer
@@ -121,8 +121,7 @@ class OffloadPlan:
     selections: dict = field(default_factory=dict)
     prefetch_done: dict = field(default_factory=dict)  # layer -> CUDA event after its prefetch copies
     launch_plans: dict = field(default_factory=dict)  # selection's and attention's, made by a shape's first layer
-    slots: torch.Tensor | None = None  # [batch] int64 each request's slot (select_every > 1 only)
-    reselect: torch.Tensor | None = None  # [batch] int32, 1: the row selects afresh (select_every > 1 only)
+    reuse: ReuseStep | None = None  # each request's slot and whether it selects afresh (select_every > 1 only)
     table_width: int = 0  # the width the reused lists are kept at (select_every > 1 only)
 
 
@@ -262,8 +261,8 @@ class OffloadedGSA:
         plan = self._make_plan(list(request_ids), requests, opened, counts)
         if self.config.select_every > 1 and not plan.dense:  # a dense step selects nothing: the next reselects
             plan.table_width = -(-plan.block_table.shape[1] // REUSE_WIDTH_BLOCKS) * REUSE_WIDTH_BLOCKS
-            plan.slots, plan.reselect = self._reuse.step(plan.request_ids, plan.seq_lens, plan.block_table,
-                                                         plan.table_width)
+            plan.reuse = self._reuse.step(plan.request_ids, [r.seq_len for r in requests], plan.table_width,
+                                          self.device)
         self._counters.steps += 1
         self._counters.tokens += len(requests)
         if self.config.prefetch_ahead > 0:
@@ -315,12 +314,11 @@ class OffloadedGSA:
         """The blocks ``layer`` attends this step: all of them while the batch is dense or the layer is."""
         if plan.dense or not self.config.sparse_layer(layer):
             return ops.full_selection(plan.seq_lens, self.num_kv_heads, self.block_size, plan.block_table.shape[1])
-        if plan.reselect is None:
+        if plan.reuse is None:
             return ops.select(backend, q, self.reprs[layer], plan.block_table, plan.seq_lens, self.config,
                               self.block_size, scale=scale, plans=plan.launch_plans)
         return self._reuse.select(layer, plan.step, backend, q, self.reprs[layer], plan.block_table, plan.seq_lens,
-                                  self.config, plan.slots, plan.reselect, plan.table_width, scale=scale,
-                                  plans=plan.launch_plans)
+                                  self.config, plan.reuse, plan.table_width, scale=scale, plans=plan.launch_plans)
 
     def _attend(self, plan: OffloadPlan, pool: HotPool, q: torch.Tensor, selection: Selection, table: torch.Tensor,
                 backend: str, scale: float | None) -> torch.Tensor:

@@ -1,10 +1,11 @@
 """Selection reuse (``GSAConfig.select_every``): which rows of a decode step select afresh, and where each layer's
-selections are kept between steps. Device tensors only: no host read, so a plan can decide it each step and a
-CUDA graph replays the selection kernels with the new mask.
+selections are kept between steps.
 
 Each running request has a slot: :class:`SlotMap` gives one per request id (:class:`RequestReuse`, which serves
-:class:`ucm_sparse.GSA` and the offload mode); inside vLLM, whose batches name no request,
-:meth:`ReuseBook.tail_slots` finds a row's slot by its last physical block.
+:class:`ucm_sparse.GSA` and the offload mode and decides on the host, so a step where no row reselects launches no
+selection); inside vLLM, whose batches name no request, :meth:`ReuseBook.tail_slots` finds a row's slot by its last
+physical block, and :class:`ReuseBook` decides on the device with no host read, so a CUDA graph replays the
+selection kernels with each step's mask.
 That block is partly filled, so no other running request holds it, and a request keeps it for ``block_size``
 steps: it identifies the request whatever row the request lands in (vLLM moves rows as requests finish; batches
 may take turns). A row keeps its previous selection while all of these hold:
@@ -18,6 +19,8 @@ So a request reselects at least every ``select_every`` steps and whenever a bloc
 tokens): the lists it reuses always name its current blocks, and the block of the current token is attended
 because it was already its last block.
 """
+from dataclasses import dataclass
+
 import torch
 
 from ucm_kernels.block_select import selection_width
@@ -162,37 +165,67 @@ class SelectionStore:
         return self._by_width[width]
 
     def select(self, backend: str, q: torch.Tensor, reprs: tuple, block_table: torch.Tensor, seq_lens: torch.Tensor,
-               config: GSAConfig, block_size: int, slots: torch.Tensor, reselect: torch.Tensor,
-               table_width: int, **keys) -> ops.Selection:
+               config: GSAConfig, block_size: int, slots: torch.Tensor, reselect: torch.Tensor | None,
+               table_width: int, *, span: slice | None = None, **keys) -> ops.Selection:
         """This step's lists of a layer (``ucm_sparse.ops.select`` arguments): the rows ``reselect`` names select
         afresh, the others attend the lists stored in their ``slots``; the store is updated.
 
         Args:
             block_table: ``[n, max_blocks]`` the step's table, possibly cut to its longest row.
-            slots: ``[n]`` int64 slot of each row; reselect: ``[n]`` from :meth:`ReuseBook.step`.
+            slots: ``[n]`` int64 slot of each row; span: the same slots as a slice, when they are consecutive and
+                ascending (the lists are then returned as a view of the store, see :meth:`lists`).
+            reselect: ``[n]`` int32 from :meth:`ReuseBook.step`, or None: every row selects afresh.
             table_width: the width of the uncut table (the stored lists are kept at that width's selection width).
             keys: ``key_cache`` / ``scale`` / ``candidate_keys`` for a two-stage selection (``ops.select``).
         """
-        sizes = ops.select_sizes(config, block_size)
-        stored_idx, stored_count = self.buffers(selection_width(table_width, **sizes))
-        width = selection_width(block_table.shape[1], **sizes)
+        stored_idx, stored_count = self.buffers(_stored_width(config, block_size, table_width))
+        width = selection_width(block_table.shape[1], **ops.select_sizes(config, block_size))
         if backend == "triton" and config.rerank_candidates <= 1:  # the kernel writes the rows' slots in place
-            store = ops.Selection(stored_idx[:, :, :width], stored_count)
-            ops.select(backend, q, reprs, block_table, seq_lens, config, block_size, kept=store, reselect=reselect,
-                       sel_rows=slots, **keys)
-            return ops.Selection(store.sel_idx.index_select(0, slots), store.sel_count.index_select(0, slots))
-        kept = ops.Selection(stored_idx[slots, :, :width], stored_count[slots])
-        ops.select(backend, q, reprs, block_table, seq_lens, config, block_size, kept=kept, reselect=reselect,
-                   **keys)
+            ops.select(backend, q, reprs, block_table, seq_lens, config, block_size,
+                       kept=ops.Selection(stored_idx[:, :, :width], stored_count), reselect=reselect, sel_rows=slots,
+                       **keys)
+            return self.lists(slots, stored_idx.shape[2], width, span)
+        kept = None if reselect is None else ops.Selection(stored_idx[slots, :, :width], stored_count[slots])
+        kept = ops.select(backend, q, reprs, block_table, seq_lens, config, block_size, kept=kept, reselect=reselect,
+                          **keys)
         stored_idx[slots, :, :width] = kept.sel_idx
         stored_count[slots] = kept.sel_count
         return kept
 
+    def lists(self, slots: torch.Tensor, stored_width: int, width: int, span: slice | None = None
+              ) -> ops.Selection:
+        """The stored lists of ``slots`` (``[n]`` int64), cut to ``width``: ``sel_idx [n, num_kv_heads, width]``,
+        ``sel_count [n, num_kv_heads]``. With ``span`` (the slots as a slice) a view of the store, which the
+        layer's next selection overwrites; else a copy."""
+        stored_idx, stored_count = self.buffers(stored_width)
+        if span is not None:
+            return ops.Selection(stored_idx[span, :, :width], stored_count[span])
+        return ops.Selection(stored_idx[:, :, :width].index_select(0, slots), stored_count.index_select(0, slots))
+
+
+@dataclass
+class ReuseStep:
+    """One decode step of selection reuse for named requests (:meth:`RequestReuse.step`)."""
+
+    slots: torch.Tensor  # [n] int64 each request's slot, on the block table's device
+    reselect: list[int]  # 1 where the row selects afresh, on the host
+    span: slice | None  # the slots as a slice when they are consecutive and ascending
+    _rows: torch.Tensor | None = None
+
+    def rows(self) -> torch.Tensor:
+        """``reselect`` as ``[n]`` int32 on the slots' device, copied at the first call (only a step where some
+        rows reselect and others reuse needs it)."""
+        if self._rows is None:
+            self._rows = torch.tensor(self.reselect, dtype=torch.int32, device=self.slots.device)
+        return self._rows
+
 
 class RequestReuse:
     """Selection reuse for callers that name their requests (:class:`ucm_sparse.GSA`, the offload mode): a slot per
-    request id (:class:`SlotMap`), which rows reselect (:class:`ReuseBook`, remade with every row reselecting when
-    the requests outgrow it), and each layer's lists (:class:`SelectionStore`).
+    request id (:class:`SlotMap`), which rows reselect (decided on the host, by the request's id: the rule of
+    :class:`ReuseBook` without its last-block check, which only serves to find unnamed rows' slots), and each
+    layer's lists (:class:`SelectionStore`). Knowing on the host which rows reselect lets a step where none does
+    launch no selection at all, and a step where all do select without a mask.
 
     Args:
         every: ``select_every``; block_size: tokens per KV block.
@@ -201,20 +234,35 @@ class RequestReuse:
     def __init__(self, every: int, block_size: int):
         self.every, self.block_size = every, block_size
         self._slots = SlotMap()
-        self._book: ReuseBook | None = None
+        self._capacity = 0  # the slot count the stores are sized for
+        self._seen: dict[int, tuple[int, int]] = {}  # slot -> (its tokens at its last step, its lists' age)
+        self._width = -1  # the table width of the previous step
         self._stores: dict = {}  # layer -> (its SelectionStore, the step its lists are of, their table width)
         self._slot_rows: tuple[list, torch.Tensor | None] = ([], None)  # the last step's slots, and on the device
 
-    def step(self, request_ids: list, seq_lens: torch.Tensor, block_table: torch.Tensor,
-             width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(slots, reselect)`` of one decode step: ``[n]`` int64 slot of each request and ``[n]`` int32, 1 where
-        the row selects afresh (:meth:`ReuseBook.step`'s arguments; both on the table's device)."""
-        device = block_table.device
-        slots = self._device_slots(self._slots.assign(request_ids), device)
-        if self._book is None or self._book.slots < self._slots.capacity:
-            self._book = ReuseBook(self.every, self._slots.capacity, self.block_size, device)
+    def step(self, request_ids: list, lengths: list[int], width: int, device: torch.device | str) -> ReuseStep:
+        """Record one decode step of ``request_ids`` (``lengths``: their tokens, the current one included) over a
+        block table ``width`` blocks wide (all rows reselect when it changes); a row keeps its lists while its
+        request grew by one token within its last block and the lists are younger than ``every`` steps."""
+        slots = self._slots.assign(request_ids)
+        if self._slots.capacity != self._capacity:  # the stores are remade at the new size: every row reselects
+            self._capacity = self._slots.capacity
+            self._seen.clear()
             self._stores.clear()
-        return slots, self._book.step(seq_lens, block_table, slots, width)
+        same_width, self._width = width == self._width, width
+        reselect = [self._record(slot, length, same_width) for slot, length in zip(slots, lengths)]
+        first = slots[0] if slots else 0
+        span = slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else None
+        return ReuseStep(self._device_slots(slots, torch.device(device)), reselect, span)
+
+    def _record(self, slot: int, length: int, same_width: bool) -> int:
+        """1 if the request in ``slot``, now ``length`` tokens long, selects afresh; its state is updated."""
+        before, age = self._seen.get(slot, (-1, 0))
+        blocks = -(-length // self.block_size)
+        keep = (same_width and length == before + 1 and blocks == -(-before // self.block_size)
+                and age + 1 < self.every)
+        self._seen[slot] = (length, age + 1 if keep else 0)
+        return 0 if keep else 1
 
     def _device_slots(self, slots: list, device: torch.device) -> torch.Tensor:
         """``slots`` as an int64 tensor on ``device``: the last step's tensor when they are the same (a steady batch
@@ -226,21 +274,30 @@ class RequestReuse:
         return tensor
 
     def select(self, layer, step: int, backend: str, q: torch.Tensor, reprs: tuple, block_table: torch.Tensor,
-               seq_lens: torch.Tensor, config: GSAConfig, slots: torch.Tensor, reselect: torch.Tensor,
-               table_width: int, **keys) -> ops.Selection:
-        """``layer``'s lists at decode step ``step`` (:meth:`SelectionStore.select`); every row reselects when
-        the layer's stored lists are not of the step before or of this table width (then they are dropped)."""
+               seq_lens: torch.Tensor, config: GSAConfig, reuse: ReuseStep, table_width: int, **keys
+               ) -> ops.Selection:
+        """``layer``'s lists at decode step ``step`` (:meth:`SelectionStore.select`; nothing is launched to select
+        when no row reselects); every row reselects when the layer's stored lists are not of the step before or of
+        this table width (then they are dropped)."""
         store, written, width = self._stores.get(layer, (None, -1, table_width))
         if store is None or width != table_width:
-            store = SelectionStore(self._book.capacity, reprs[0].shape[1], q.device)
+            store = SelectionStore(self._capacity, reprs[0].shape[1], q.device)
         self._stores[layer] = store, step, table_width
-        if written != step - 1 or width != table_width:  # it skipped a step (ran dense, or not at all) or widened
-            reselect = torch.ones_like(reselect)
-        return store.select(backend, q, reprs, block_table, seq_lens, config, self.block_size, slots, reselect,
-                            table_width, **keys)
+        every_row = written != step - 1 or width != table_width or all(reuse.reselect)
+        if not every_row and not any(reuse.reselect):
+            sizes = ops.select_sizes(config, self.block_size)
+            return store.lists(reuse.slots, _stored_width(config, self.block_size, table_width),
+                               selection_width(block_table.shape[1], **sizes), reuse.span)
+        return store.select(backend, q, reprs, block_table, seq_lens, config, self.block_size, reuse.slots,
+                            None if every_row else reuse.rows(), table_width, span=reuse.span, **keys)
 
     def finish(self, request_id) -> None:
         """The request ended: its slot is free and whatever takes it next selects afresh."""
         slot = self._slots.release(request_id)
-        if slot is not None and self._book is not None:
-            self._book.forget(slot)
+        if slot is not None:
+            self._seen.pop(slot, None)
+
+
+def _stored_width(config: GSAConfig, block_size: int, table_width: int) -> int:
+    """The width lists are stored at for a block table ``table_width`` blocks wide."""
+    return selection_width(table_width, **ops.select_sizes(config, block_size))

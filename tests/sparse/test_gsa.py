@@ -217,7 +217,7 @@ def test_select_every_reuses_a_requests_lists_across_reordered_batches(backend, 
         batch_table = table[[rows[i] for i in ids]]
         queries = torch.randn(len(ids), *q_all.shape[1:], generator=gen).to(dtype).to(device)
         plan = gsa.plan(ids, lens, batch_table)
-        assert plan.reselect.tolist() == wanted
+        assert plan.reuse.reselect == wanted
         out = gsa.run(plan, "layer", queries, k, v)
         _, fresh = sparse_attention(queries, k, v, batch_table, lens, config, backend=backend)
         used = plan.selections["layer"]
@@ -243,7 +243,7 @@ def test_a_layer_that_missed_a_step_reselects():
             gsa.run(plan, 1, q * (step - 1), k, v)
         if step == 0:
             layer0_first = plan.selections[0].sel_idx.clone()
-    assert plan.reselect.tolist() == [0, 0]
+    assert plan.reuse.reselect == [0, 0]
     assert torch.equal(plan.selections[0].sel_idx, layer0_first)
     _, fresh = sparse_attention(q, k, v, table, [302, 392], gsa.config)
     _, stale = sparse_attention(-q, k, v, table, [302, 392], gsa.config)

@@ -80,12 +80,92 @@ def test_slot_map_hands_out_freed_slots_and_grows():
 
 def test_request_reuse_copies_slots_to_the_device_only_when_they_change():
     reuse = RequestReuse(every=4, block_size=4)
-    blocks = table([0, 1], [2, 3])
-    first, _ = reuse.step(["a", "b"], torch.tensor([5, 6]), blocks)
-    again, _ = reuse.step(["a", "b"], torch.tensor([6, 7]), blocks)
+    first = reuse.step(["a", "b"], [5, 6], 2, "cpu").slots
+    again = reuse.step(["a", "b"], [6, 7], 2, "cpu").slots
     assert again is first and first.tolist() == [0, 1]
-    swapped, _ = reuse.step(["b", "a"], torch.tensor([8, 7]), blocks)
+    swapped = reuse.step(["b", "a"], [8, 7], 2, "cpu").slots
     assert swapped is not first and swapped.tolist() == [1, 0]
+
+
+def test_request_reuse_decides_on_the_host_as_the_book_does_on_the_device():
+    """Named requests joining, leaving, reordering, sitting out steps, restarting shorter and a table that widens,
+    over 60 random steps: the host's rows to reselect equal :class:`ReuseBook`'s given the same slots and each
+    request's own blocks; the slots come as a slice exactly when they are consecutive and ascending."""
+    every, block = 3, 4
+    reuse, book = RequestReuse(every, block), ReuseBook(every, slots=16, block_size=block, device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    lens, blocks, next_block, width = {}, {}, 0, 8
+    reselected = 0
+    for step in range(60):
+        if step in (20, 41):
+            width *= 2
+        for name in [n for n in lens if torch.rand(1, generator=gen) < 0.05]:
+            reuse.finish(name)
+            book.forget(reuse._slots._slots.get(name, -1))  # the slot the host frees
+            del lens[name], blocks[name]
+        while len(lens) < 4:
+            name = f"r{step}_{len(lens)}"
+            lens[name], blocks[name] = int(torch.randint(1, 12, (1,), generator=gen)), []
+        if step == 33:  # a request restarts shorter (its id kept)
+            restarted = next(iter(lens))
+            lens[restarted] = 2
+        ids = [n for n in lens if torch.rand(1, generator=gen) < 0.8] or list(lens)[:1]
+        ids = [ids[i] for i in torch.randperm(len(ids), generator=gen).tolist()]
+        for name in ids:
+            lens[name] += 1
+            while len(blocks[name]) < -(-lens[name] // block):
+                blocks[name].append(next_block)
+                next_block += 1
+        table = torch.tensor([blocks[n][:width] + [0] * (width - len(blocks[n][:width])) for n in ids],
+                             dtype=torch.int32)
+        got = reuse.step(ids, [lens[n] for n in ids], width, "cpu")
+        wanted = book.step(torch.tensor([lens[n] for n in ids]), table, got.slots, width).tolist()
+        assert got.reselect == wanted, step
+        slots = got.slots.tolist()
+        consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
+        assert (got.span == slice(slots[0], slots[0] + len(slots))) if consecutive else got.span is None
+        reselected += sum(wanted)
+    assert 0 < reselected < 0.7 * 60 * 3
+
+
+def test_a_step_that_reselects_no_row_launches_no_selection_and_reads_the_lists_in_place(monkeypatch):
+    """Every row reselecting selects without a mask; no row reselecting calls no selection, and the lists of
+    consecutive slots are a view of the store (others a copy); mixed steps mask; every step's lists equal those
+    the rows were given when they last reselected."""
+    calls = []
+    real_select = ops.select
+    monkeypatch.setattr(ops, "select", lambda *a, **k: calls.append(k.get("reselect")) or real_select(*a, **k))
+    config = GSAConfig(sparse_ratio=0.5, local_window_sz=1, init_window_sz=1, min_blocks=2, select_every=4)
+    reuse = RequestReuse(config.select_every, block_size=4)
+    reprs = tuple(torch.randn(16, 2, 8) for _ in range(3))
+    blocks = table(list(range(0, 8)), list(range(8, 16)))
+    kept = {}
+
+    def run(step, ids, lens, q):
+        plan = reuse.step(ids, lens, 8, "cpu")
+        rows = [[0, 1].index(["a", "b"].index(n)) for n in ids]
+        got = reuse.select(0, step, "torch", q, reprs, blocks[rows], torch.tensor(lens, dtype=torch.int32), config,
+                           plan, 8)
+        fresh = ops.select("torch", q, reprs, blocks[rows], torch.tensor(lens, dtype=torch.int32), config, 4)
+        calls.pop()
+        for row, (name, again) in enumerate(zip(ids, plan.reselect)):
+            if again:
+                kept[name] = (fresh.sel_idx[row].clone(), fresh.sel_count[row].clone())
+            assert torch.equal(got.sel_idx[row], kept[name][0]) and torch.equal(got.sel_count[row], kept[name][1])
+        return plan, got
+
+    gen = torch.Generator().manual_seed(1)
+    q = lambda n: torch.randn(n, 4, 8, generator=gen)  # noqa: E731
+    plan, _ = run(1, ["a", "b"], [21, 26], q(2))
+    assert plan.reselect == [1, 1] and calls == [None]
+    plan, got = run(2, ["a", "b"], [22, 27], q(2))
+    assert plan.reselect == [0, 0] and calls == [None] and plan.span == slice(0, 2)
+    stored = reuse._stores[0][0].buffers(got.sel_idx.shape[2])[0]
+    assert got.sel_idx.data_ptr() == stored.data_ptr()  # read in place
+    plan, got = run(3, ["b", "a"], [28, 23], q(2))
+    assert plan.reselect == [0, 0] and plan.span is None and got.sel_idx.data_ptr() != stored.data_ptr()
+    plan, _ = run(4, ["a", "b"], [24, 29], q(2))  # a's 24th token: same block; b's 29th opens one
+    assert plan.reselect == [0, 1] and calls[-1].tolist() == [0, 1]
 
 
 def test_select_names_sel_rows_outside_the_one_stage_triton_selection():
