@@ -7,12 +7,14 @@ decode step (bench/launch_overhead.py measures both paths). :class:`Launcher` ke
 compiled kernel the first such call produced and later launches it through its compiled launcher directly.
 
 The argument class refines Triton's specialisation (equal classes imply equal Triton keys): a tensor's dtype and
-whether its address is 16-byte aligned; an int's width class (int32, int64, uint64), whether it is 1 and whether
-16 divides it; a float's type; a bool or None as is; a constexpr parameter's value; the current CUDA device. So a
-launch never runs a kernel compiled for another specialisation. Triton's own path is taken when Triton interprets
-(CPU), while launch or pre-run hooks are installed (profilers read their metadata) or Triton's debug mode is on,
-for the first call of each class (which compiles), with a Triton other than the versions checked (the compiled
-launcher's calling convention is Triton's internal), and everywhere when the environment sets
+whether its address is 16-byte aligned; an int's width class (int32, int64, uint64), whether it is 1 and whether 16
+divides it (its width class only, for the kernel's ``do_not_specialize`` ints); a float's type; a bool or None as
+is; a constexpr parameter's value; the current CUDA device. So a launch never runs a kernel compiled for another
+specialisation. ``Launcher.specialisations`` holds every class launched (on a GPU, each is a compile): a decode
+whose tables grow should add none after its first steps (tests/sparse/test_gsa_offload.py). Triton's own path is
+taken when Triton interprets (CPU), while launch or pre-run hooks are installed (profilers read their metadata) or
+Triton's debug mode is on, for the first call of each class (which compiles), with a Triton other than the versions
+checked (the compiled launcher's calling convention is Triton's internal), and everywhere when the environment sets
 ``UCM_PLAIN_TRITON_LAUNCH=1`` as the launchers are made (at import).
 
 Programmatic dependent launch (PDL, sm_90 and later): a kernel with a ``PDL`` constexpr parameter calls
@@ -104,8 +106,11 @@ class Launcher:
         self._by_value = ([param.is_constexpr for param in kernel.params] if isinstance(kernel, JITFunction) else
                           [param.annotation is tl.constexpr or "constexpr" in str(param.annotation)
                            for param in signature])
+        self._plain = _not_specialised(kernel, self._names)
         self._compiled: dict = {}
+        self.specialisations: set = set()  # every (device, options, *argument classes) launched
         self._takes_pdl = "PDL" in self._names
+        LAUNCHERS.append(self)
 
     def _set_pdl(self, named: dict, device: int | None) -> None:
         """Add the ``PDL`` constexpr and, when on, Triton's ``launch_pdl`` option to ``named``."""
@@ -126,18 +131,31 @@ class Launcher:
                             f"by name; missing {missing}")
         if named:
             params = (*params, *[named.pop(name) for name in self._names[len(params):]])
-        classes = [value if by_value else argument_class(value) for value, by_value in zip(params, self._by_value)]
-        if not self.compiled_path or _hooks_installed(self.kernel):  # (the classes checked all the same)
+        classes = [value if by_value else argument_class(value)[0] if plain and type(value) is int
+                   else argument_class(value) for value, by_value, plain in zip(params, self._by_value, self._plain)]
+        key = (device, tuple(named.items()), *classes)  # (the classes checked on every path)
+        if not self.compiled_path or _hooks_installed(self.kernel):
+            self.specialisations.add(key)
             self.kernel[grid](*params, **named)
             return
-        key = (device, tuple(named.items()), *classes)
         compiled = self._compiled.get(key)
         if compiled is None:
+            self.specialisations.add(key)
             self._compiled[key] = self.kernel[grid](*params, **named)
             return
         compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
                      driver.active.get_current_stream(device), compiled.function, compiled.packed_metadata, None,
                      None, None, *params)
+
+
+LAUNCHERS: list[Launcher] = []  # every Launcher made, in order
+
+
+def _not_specialised(kernel, names: list[str]) -> list[bool]:
+    """Per parameter: listed in the kernel's ``do_not_specialize`` (by name or index; compiled or interpreted)."""
+    listed = (kernel.do_not_specialize if isinstance(kernel, JITFunction)
+              else getattr(kernel, "kwargs", {}).get("do_not_specialize")) or ()
+    return [name in listed or index in listed for index, name in enumerate(names)]
 
 
 def _hooks_installed(kernel) -> bool:

@@ -41,6 +41,15 @@ def next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def padded_empty(*shape: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """``torch.empty(*shape)`` as a view of a buffer whose last dimension is rounded up to a multiple of 16, so every
+    other stride is a multiple of 16 whatever the last size. A kernel's stride arguments then keep one Triton
+    specialisation while a decode grows its tables (a stride crossing a multiple of 16 would compile the kernel
+    anew, mid-decode)."""
+    *lead, last = shape
+    return torch.empty(*lead, -(-last // 16) * 16, dtype=dtype, device=device)[..., :last]
+
+
 def alignment(*values: int) -> int:
     """The largest of 16, 8, 4, 2, 1 that divides every value (addresses and sizes: the widest word a copy can use)."""
     align = 16

@@ -127,8 +127,8 @@ class HotPool:
         :meth:`write_tokens` takes them are written in the same launches too (their pieces resident). Returns the
         attention table ``[batch * heads, max_blocks]`` int32 (slot of each listed logical block per (request, KV
         head) row), the pieces ``[batch, heads, width]`` int64 (-1 unlisted) and the admitted ones (copied)."""
-        args = (self.slot_of, self.piece_in, self.stamp, self.pinned, sel_idx.contiguous(), sel_count.contiguous(),
-                block_table.contiguous())
+        args = (self.slot_of, self.piece_in, self.stamp, self.pinned, _rows_of_entries(sel_idx), sel_count.contiguous(),
+                _rows_of_entries(block_table))
         kwargs = dict(below=below, stamp_value=stamp, max_new=sel_idx.numel(), tally=tally,
                       rows=(host_rows, self.rows), tokens=None if tokens is None else (self.kv, *tokens))
         if self.backend == "triton":
@@ -168,3 +168,10 @@ class HotPool:
         self.stamp.index_fill_(0, slots, NEVER)
         self.pinned.index_fill_(0, slots, False)
         self.slot_of.index_fill_(0, pieces, -1)
+
+
+def _rows_of_entries(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as the residency kernels read it: contiguous last dimension, rows evenly spaced (a padded view
+    is taken as it is; anything else is copied)."""
+    rows_even = tensor.dim() < 3 or tensor.stride(0) == tensor.shape[1] * tensor.stride(1)
+    return tensor if tensor.stride(-1) == 1 and rows_even else tensor.contiguous()

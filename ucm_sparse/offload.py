@@ -325,7 +325,7 @@ class OffloadedGSA:
         """Attention over the pool: each (request, KV head) is one row with its own logical -> slot ``table``."""
         batch, heads, width = selection.sel_idx.shape
         rows = batch * heads
-        per_row = Selection(selection.sel_idx.reshape(rows, 1, width), selection.sel_count.reshape(rows, 1))
+        per_row = Selection(_one_head_rows(selection.sel_idx), selection.sel_count.reshape(rows, 1))
         out = ops.attend(backend, q.reshape(rows, q.shape[1] // heads, q.shape[2]), pool.key_cache, pool.value_cache,
                          table, plan.row_seq_lens, per_row, scale, plan.launch_plans)
         return out.reshape(q.shape)
@@ -377,10 +377,12 @@ class OffloadedGSA:
         if self._table is not None and self._table[0] == rows_key:
             small32, small64 = self._staging.upload(small32, small64)
             return small32, self._table[1], small64
-        table = torch.zeros(len(requests), max(nbs), dtype=torch.int32)
+        width = max(nbs)
+        table = torch.zeros(len(requests), -(-width // 16) * 16, dtype=torch.int32)  # rows padded: padded_empty
         for row, request in enumerate(requests):
             table[row, :nbs[row]] = request.block_row()
         small32, table, small64 = self._staging.upload(small32, table, small64)
+        table = table[:, :width]
         self._table = (rows_key, table)
         return small32, table, small64
 
@@ -498,6 +500,16 @@ class _Counters:
         return OffloadStats(self.piece_bytes, self.steps, self.tokens, needed, sync_misses, prefetched,
                             h2d_bytes=(sync_misses + prefetched) * self.piece_bytes,
                             d2h_bytes=self.written * self.piece_bytes)
+
+
+def _one_head_rows(sel_idx: torch.Tensor) -> torch.Tensor:
+    """``[batch, heads, width]`` lists as ``[batch * heads, 1, width]``, a view keeping the row stride (so a padded
+    store's stride stays a multiple of 16 in every dimension) where the rows are evenly spaced, else a copy."""
+    batch, heads, width = sel_idx.shape
+    row = sel_idx.stride(1)
+    if sel_idx.stride(0) == heads * row and sel_idx.stride(2) == 1:
+        return sel_idx.as_strided((batch * heads, 1, width), (row, row, 1))
+    return sel_idx.reshape(batch * heads, 1, width)
 
 
 def _check_one_stage(config: GSAConfig) -> None:

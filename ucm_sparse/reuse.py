@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ucm_kernels._utils import padded_empty
 from ucm_kernels.block_select import selection_width
 from ucm_kernels.reuse_step import reuse_step, torch_reuse_step
 from ucm_kernels.reuse_step.torch import last_blocks
@@ -158,9 +159,9 @@ class SelectionStore:
 
     def buffers(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sel_idx, sel_count)`` of every slot for lists ``width`` wide (allocated at the first call)."""
-        if width not in self._by_width:
+        if width not in self._by_width:  # rows padded to 16 entries: strides stay in one kernel specialisation
             self._by_width[width] = (
-                torch.full((self.slots, self.num_kv_heads, width), -1, dtype=torch.int32, device=self.device),
+                padded_empty(self.slots, self.num_kv_heads, width, dtype=torch.int32, device=self.device).fill_(-1),
                 torch.zeros(self.slots, self.num_kv_heads, dtype=torch.int32, device=self.device))
         return self._by_width[width]
 

@@ -151,7 +151,7 @@ def test_residency_assign_kernel_compiles_for_sm90_without_spills(tmp_path):
              "tally", "src", "dst")
     types = {**{name: "*i64" for name in int64}, "counters": "*i32", "sel_idx": "*i32", "table": "*i32"}
     constexprs = dict(WRITE_TABLE=True, HAS_TALLY=True, COPY=True, ROW_WORDS=1024, BLOCK=1024, TILE=1024, PDL=1)
-    ints = dict(n=4 * 8 * 2458, stamp_value=100, max_new=4 * 8 * 2458, width=2458, table_width=8192)
+    ints = dict(n=4 * 8 * 2458, stamp_value=100, max_new=4 * 8 * 2458, width=2458, sel_stride=2464, table_stride=8192)
     assert_no_spills(tmp_path, "ucm_kernels.residency.triton", "_assign_kernel", types, ints,
                      constexprs, {"num_warps": 4})
 
@@ -228,7 +228,8 @@ def test_residency_probe_kernel_compiles_for_sm90_without_spills(selection, tmp_
     token = dict(BLOCK_SIZE=16, HEAD_DIM=128, DIM_POW2=128) if selection else dict(BLOCK_SIZE=1, HEAD_DIM=1,
                                                                                     DIM_POW2=1)
     constexprs = dict(FROM_SELECTION=selection, HAS_TALLY=True, WRITE_TOKENS=selection, TILE=1024, PDL=1, **token)
-    ints = dict(n=n, stamp_value=100, width=2458 if selection else n, table_width=8192 if selection else 6,
+    ints = dict(n=n, stamp_value=100, width=2458 if selection else n, sel_stride=2464 if selection else 0,
+                table_stride=8192 if selection else 6,
                 heads=8 if selection else 1, probe_programs=-(-n // 1024))
     assert_no_spills(tmp_path, "ucm_kernels.residency.triton", "_probe_kernel", types, ints,
                      constexprs, {"num_warps": 8})

@@ -5,7 +5,9 @@ import weakref
 import pytest
 import torch
 
-from ucm_sparse import GSA, GSAConfig
+from ucm_kernels._launch import LAUNCHERS
+from ucm_kernels.block_select import selection_width
+from ucm_sparse import GSA, GSAConfig, ops
 from ucm_sparse.offload import OffloadedGSA
 from ucm_store.backends.cache import CacheTier
 from ucm_store.pool import PinnedMemoryPool
@@ -304,3 +306,25 @@ def test_a_plan_reuses_the_last_block_table_only_while_the_batch_rows_are_the_sa
     write("a", 46)  # the same id and length, other blocks
     assert step(["b", "a"]) is not reordered
     gsa.close()
+
+
+@pytest.mark.parametrize("select_every", [1, 3])
+def test_a_decode_whose_tables_widen_compiles_nothing_new(make_twin, select_every):
+    """Both modes on the Triton kernels, two requests: after 8 warm-up steps (every kind of step: all rows, none and
+    some reselecting; a block opening, one filling) the longer request opens its 49th block, so the block table's
+    width goes from 48 to 49 blocks and the selection's from 16 to 17 lists entries (each crossing a multiple of 16,
+    where an int or a stride argument would change Triton specialisation). No kernel is launched in a
+    specialisation it was not launched in before: on a GPU each would be a compile in the middle of decoding."""
+    config = GSAConfig(**{**SPARSE, "sparse_ratio": 1 / 3}, gpu_budget_blocks=200, select_every=select_every)
+    sizes = ops.select_sizes(config, BLOCK)
+    assert selection_width(48, **sizes) == 16 and selection_width(49, **sizes) == 17  # the crossings happen
+    twin = make_twin(config, {"a": 48 * BLOCK - 8, "b": 20 * BLOCK - 2}, backend="triton", device=TRITON_DEVICE,
+                     table_width=64)
+    for _ in range(8):
+        twin.step(["a", "b"])
+    seen = {launcher: set(launcher.specialisations) for launcher in LAUNCHERS}
+    for _ in range(4):
+        twin.step(["a", "b"])
+    assert -(-twin.lens["a"] // BLOCK) == 49
+    new = {launcher.kernel.fn.__name__: launcher.specialisations - seen.get(launcher, set()) for launcher in LAUNCHERS}
+    assert not {name: keys for name, keys in new.items() if keys}

@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from .._launch import Launcher, wait_for_previous_grid
-from .._utils import INDEX_DTYPES, check_device, check_tensor, next_pow2, triton_interpreting
+from .._utils import INDEX_DTYPES, check_device, check_tensor, next_pow2, padded_empty, triton_interpreting
 
 FP8 = torch.float8_e4m3fn
 REPR_DTYPES = (torch.bfloat16, torch.float16, torch.float32, FP8)
@@ -81,7 +81,7 @@ def _plan(seq_len, max_blocks, ratio_fixed, k_floor, init_window, local_window, 
     return nb, count, lo, hi
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_blocks"])
 def _score_kernel(
     q_ptr,  # [batch, num_q_heads, head_dim]
     kmin_ptr, kmax_ptr, kmean_ptr,  # [num_blocks, num_kv_heads, head_dim], same strides; unused: any repr
@@ -332,7 +332,7 @@ def _write_keys(scores_ptr, key_row, lo, hi, full_blocks, stride_sh, N_CHUNKS: t
     return tl.min(lowest, axis=0), tl.max(highest, axis=0), keys
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_blocks", "width"])
 def _select_kernel(
     scores_ptr,  # [batch, num_kv_heads, max_blocks] fp32
     seq_lens_ptr,  # [batch]
@@ -442,7 +442,7 @@ def _check_sel_rows(sel_rows, batch: int, out, device: torch.device) -> int:
 def _check_out(out, batch: int, heads: int, width: int, max_blocks: int, device: torch.device
                ) -> tuple[torch.Tensor, torch.Tensor]:
     if out is None:
-        return (torch.empty(batch, heads, width, dtype=torch.int32, device=device),
+        return (padded_empty(batch, heads, width, dtype=torch.int32, device=device),
                 torch.empty(batch, heads, dtype=torch.int32, device=device))
     sel_idx, sel_count = out
     check_tensor("out[0] (sel_idx)", sel_idx, 3, (torch.int32,), device, "[batch, num_kv_heads, width]")
@@ -596,7 +596,7 @@ def _make_plan(batch, heads, head_dim, max_blocks, device, block_size, sparse_ra
     limits = _plan_args(max_blocks, block_size, sparse_ratio, init_window, local_window, min_blocks, token_budget)
     group = num_q_heads // heads if score == "gauss" else 1
     if scores is None:  # the score scratch, unless the caller brings the scores
-        scores = torch.empty(batch, heads * group, max_blocks, dtype=torch.float32, device=device)
+        scores = padded_empty(batch, heads * group, max_blocks, dtype=torch.float32, device=device)
     chunk, select_warps = _choose_select_launch(max_blocks)
     finish = min(chunk, _SELECT_FINISH)
     keys = torch.empty(batch, heads, triton.cdiv(max(max_blocks, 1), chunk) * chunk + finish, dtype=torch.int32,

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ucm_kernels._launch import Launcher, wait_for_previous_grid
-from ucm_kernels._utils import alignment, check_device, check_tensor, next_pow2
+from ucm_kernels._utils import alignment, check_device, check_tensor, next_pow2, padded_empty
 
 from .torch import AGE_CAP
 
@@ -30,11 +30,11 @@ _BINS = next_pow2(AGE_CAP + 1)  # age bins
 _WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
 
-@triton.jit(do_not_specialize=["n", "stamp_value", "width", "table_width", "heads", "probe_programs"])
+@triton.jit(do_not_specialize=["n", "stamp_value", "width", "sel_stride", "table_stride", "heads", "probe_programs"])
 def _probe_kernel(pieces, wanted, sel_idx, sel_count, block_table, slot_of, stamp, slots, miss_rank, counters, tally,
                   kv, pinned, token_pieces, token_offsets, key, value, token_slots, n, stamp_value, width,
-                  table_width, heads, probe_programs, FROM_SELECTION: tl.constexpr, HAS_TALLY: tl.constexpr,
-                  WRITE_TOKENS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  sel_stride, table_stride, heads, probe_programs, FROM_SELECTION: tl.constexpr,
+                  HAS_TALLY: tl.constexpr, WRITE_TOKENS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
                   DIM_POW2: tl.constexpr, TILE: tl.constexpr, PDL: tl.constexpr = 0):
     """Programs below ``probe_programs`` probe a tile of entries each; with WRITE_TOKENS, each program above writes
     one decode token (as ``_write_tokens_kernel``): the two touch different state (a token's slot is resident)."""
@@ -42,7 +42,8 @@ def _probe_kernel(pieces, wanted, sel_idx, sel_count, block_table, slot_of, stam
     pid = tl.program_id(0)
     if pid < probe_programs:
         _probe_tile(pieces, wanted, sel_idx, sel_count, block_table, slot_of, stamp, slots, miss_rank, counters,
-                    tally, pid, n, stamp_value, width, table_width, heads, FROM_SELECTION, HAS_TALLY, TILE)
+                    tally, pid, n, stamp_value, width, sel_stride, table_stride, heads, FROM_SELECTION, HAS_TALLY,
+                    TILE)
     elif WRITE_TOKENS:
         _write_token_row(kv, slot_of, stamp, pinned, token_pieces, token_offsets, key, value, token_slots,
                          pid - probe_programs, stamp_value, BLOCK_SIZE, HEAD_DIM, DIM_POW2)
@@ -50,15 +51,15 @@ def _probe_kernel(pieces, wanted, sel_idx, sel_count, block_table, slot_of, stam
 
 @triton.jit
 def _probe_tile(pieces, wanted, sel_idx, sel_count, block_table, slot_of, stamp, slots, miss_rank, counters, tally,
-                pid, n, stamp_value, width, table_width, heads, FROM_SELECTION: tl.constexpr,
+                pid, n, stamp_value, width, sel_stride, table_stride, heads, FROM_SELECTION: tl.constexpr,
                 HAS_TALLY: tl.constexpr, TILE: tl.constexpr):
     offs = pid * TILE + tl.arange(0, TILE)
     inside = offs < n
     if FROM_SELECTION:  # entry = (row, j): row = request * heads + head; pieces is written, -1 where unlisted
-        row = offs // width
-        logical = tl.load(sel_idx + offs, mask=inside, other=-1)
-        want = inside & (offs % width < tl.load(sel_count + row, mask=inside, other=0)) & (logical >= 0)
-        host = tl.load(block_table + (row // heads) * table_width + logical, mask=want, other=0).to(tl.int64)
+        row, j = offs // width, offs % width  # sel_idx rows sel_stride apart
+        logical = tl.load(sel_idx + row * sel_stride + j, mask=inside, other=-1)
+        want = inside & (j < tl.load(sel_count + row, mask=inside, other=0)) & (logical >= 0)
+        host = tl.load(block_table + (row // heads) * table_stride + logical, mask=want, other=0).to(tl.int64)
         piece = tl.where(want, host * heads + row % heads, -1)
         tl.store(pieces + offs, piece, mask=inside)
     else:
@@ -154,9 +155,10 @@ def _rank_victims_kernel(stamp, pinned, counters, prefix, victims, capacity, bel
             tl.store(victims + rank, offs.to(tl.int64), mask=(flags != 0) & (rank < wanted))
 
 
-@triton.jit(do_not_specialize=["n", "stamp_value", "max_new", "width", "table_width"])
+@triton.jit(do_not_specialize=["n", "stamp_value", "max_new", "width", "sel_stride", "table_stride"])
 def _assign_kernel(pieces, miss_rank, slots, victims, slot_of, piece_in, stamp, counters, fetch_pieces,
-                   fetch_slots, tally, sel_idx, table, src, dst, n, stamp_value, max_new, width, table_width,
+                   fetch_slots, tally, sel_idx, table, src, dst, n, stamp_value, max_new, width, sel_stride,
+                   table_stride,
                    WRITE_TABLE: tl.constexpr, HAS_TALLY: tl.constexpr, COPY: tl.constexpr, ROW_WORDS: tl.constexpr,
                    BLOCK: tl.constexpr, TILE: tl.constexpr, PDL: tl.constexpr = 0):
     wait_for_previous_grid(PDL)
@@ -178,8 +180,9 @@ def _assign_kernel(pieces, miss_rank, slots, victims, slot_of, piece_in, stamp, 
     tl.store(fetch_slots + rank, slot, mask=take)
     if WRITE_TABLE:  # the attention table of the selection's rows: slot of each listed logical block
         final = tl.where(take, slot, tl.load(slots + offs, mask=inside & ~take, other=-1))
-        logical = tl.load(sel_idx + offs, mask=inside, other=0)
-        tl.store(table + (offs // width) * table_width + logical, final.to(tl.int32), mask=inside & (final >= 0))
+        row = offs // width
+        logical = tl.load(sel_idx + row * sel_stride + offs % width, mask=inside, other=0)
+        tl.store(table + row * table_stride + logical, final.to(tl.int32), mask=inside & (final >= 0))
     taken = tl.sum(take.to(tl.int32), 0)
     tl.atomic_add(counters + ADMITTED, taken)
     if HAS_TALLY:
@@ -239,8 +242,9 @@ def admit_selection(slot_of: torch.Tensor, piece_in: torch.Tensor, stamp: torch.
             _check_tokens(tokens[0], slot_of, stamp, pinned, *tokens[1:])
     batch, heads, width = sel_idx.shape
     pieces = _int64_buffers(slot_of.device, batch * heads * width)[0]
-    # entries of unlisted blocks stay unwritten: the sparse decode kernel reads listed entries only
-    table = torch.empty(batch * heads, block_table.shape[1], dtype=torch.int32, device=slot_of.device)
+    # entries of unlisted blocks stay unwritten: the sparse decode kernel reads listed entries only; rows padded to
+    # 16 entries (its strides keep one specialisation of the attention kernel as the table widens)
+    table = padded_empty(batch * heads, block_table.shape[1], dtype=torch.int32, device=slot_of.device)
     _, fetch_pieces, fetch_slots, count = _launch(slot_of, piece_in, stamp, pinned, pieces, None,
                                                   (sel_idx, sel_count, block_table, heads), table, below, stamp_value,
                                                   max_new, tally, rows, tokens)
@@ -261,7 +265,7 @@ def _launch(slot_of, piece_in, stamp, pinned, pieces, wanted, selection, table, 
         device, n, n, n, n, max(min(n, max_new, capacity), 1), n_tokens, tiles * _BINS // 2, tiles)
     tally_arg = tally if tally is not None else counters
     sel_idx, sel_count, block_table, heads = selection or (pieces, counters, counters, 1)
-    width, table_width = sel_idx.shape[-1], block_table.shape[-1]
+    width, sel_stride = sel_idx.shape[-1], sel_idx.stride(-2) if sel_idx.dim() > 1 else 0
     entries = (triton.cdiv(max(n, 1), _TILE),)
     src, dst, row_words = _word_views(*rows) if rows is not None else (counters, counters, 1)
     kv, token_pieces, offsets, key, value = tokens if tokens is not None else (counters,) * 5
@@ -270,7 +274,7 @@ def _launch(slot_of, piece_in, stamp, pinned, pieces, wanted, selection, table, 
     head_dim = kv.shape[4] if tokens is not None else 1
     _PROBE((entries[0] + n_tokens,), pieces, wanted if wanted is not None else counters, sel_idx, sel_count,
            block_table, slot_of, stamp, slots, miss_rank, counters, tally_arg, kv, pinned, token_pieces, offsets, key,
-           value, token_slots, n, stamp_value, width, table_width, heads, entries[0],
+           value, token_slots, n, stamp_value, width, sel_stride, block_table.stride(0), heads, entries[0],
            FROM_SELECTION=selection is not None, HAS_TALLY=tally is not None, WRITE_TOKENS=tokens is not None,
            BLOCK_SIZE=kv.shape[2] if tokens is not None else 1, HEAD_DIM=head_dim, DIM_POW2=next_pow2(head_dim),
            TILE=_TILE, num_warps=8)
@@ -281,7 +285,8 @@ def _launch(slot_of, piece_in, stamp, pinned, pieces, wanted, selection, table, 
                   SLOT_TILE=_SLOT_TILE, num_warps=8)
     _ASSIGN(entries, pieces, miss_rank, slots, victims, slot_of, piece_in, stamp, counters, fetch_pieces, fetch_slots,
             tally_arg, sel_idx, table if table is not None else counters, src, dst, n, stamp_value, max_new, width,
-            table_width, WRITE_TABLE=table is not None, HAS_TALLY=tally is not None, COPY=rows is not None,
+            sel_stride, table.stride(0) if table is not None else 0, WRITE_TABLE=table is not None,
+            HAS_TALLY=tally is not None, COPY=rows is not None,
             ROW_WORDS=row_words, BLOCK=min(next_pow2(row_words), 2048), TILE=_TILE)
     return slots, fetch_pieces, fetch_slots, counters[ADMITTED.value:ADMITTED.value + 1]
 
@@ -474,6 +479,9 @@ def _check_selection(sel_idx, sel_count, block_table, device) -> tuple[int, int,
     if tuple(sel_count.shape) != (batch, heads) or block_table.shape[0] != batch:
         raise ValueError(f"sel_count {tuple(sel_count.shape)} / block_table {tuple(block_table.shape)}: expected "
                          f"[{batch}, {heads}] / [{batch}, max_blocks] for sel_idx {tuple(sel_idx.shape)}")
-    if not (sel_idx.is_contiguous() and sel_count.is_contiguous() and block_table.is_contiguous()):
-        raise ValueError("sel_idx, sel_count, block_table: must be contiguous")
+    if sel_idx.stride(2) != 1 or sel_idx.stride(0) != heads * sel_idx.stride(1) or not sel_count.is_contiguous() \
+            or block_table.stride(1) != 1:
+        raise ValueError(f"sel_idx strides {sel_idx.stride()}, sel_count strides {sel_count.stride()}, block_table "
+                         f"strides {block_table.stride()}: expected rows of contiguous entries (sel_idx's "
+                         "[batch * heads] rows evenly spaced; any row stride), sel_count contiguous")
     return batch, heads, width
