@@ -40,7 +40,8 @@ class GSAPlan:
     filled: torch.Tensor  # [n] physical ids of the blocks that became full since the previous step
     counts: list[int]  # blocks each request attends
     dense: bool  # every request attends all of its blocks
-    selections: dict = field(default_factory=dict)  # layer -> Selection, filled by run()
+    selections: dict = field(default_factory=dict)  # layer -> Selection, filled by run(); with reuse, may view the
+    # kept lists that a later step overwrites (clone to keep)
     reuse: ReuseStep | None = None  # each request's slot and whether it selects afresh (selection reuse only)
     table_width: int = 0  # block_table.shape[1] as given (the stored selections' width follows it)
     launch_plans: dict = field(default_factory=dict)  # selection's and attention's, made by a shape's first layer

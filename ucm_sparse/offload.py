@@ -118,7 +118,7 @@ class OffloadPlan:
     new_tail_pieces: torch.Tensor  # pieces of blocks this token opens (nothing on the host to copy)
     filled_rows: torch.Tensor  # [n_filled] int64 entries of tail_pieces whose block this token fills
     filled_count: torch.Tensor  # [1] int32 n_filled, on the device
-    selections: dict = field(default_factory=dict)
+    selections: dict = field(default_factory=dict)  # layer -> Selection; with reuse, may view the kept lists
     prefetch_done: dict = field(default_factory=dict)  # layer -> CUDA event after its prefetch copies
     launch_plans: dict = field(default_factory=dict)  # selection's and attention's, made by a shape's first layer
     reuse: ReuseStep | None = None  # each request's slot and whether it selects afresh (select_every > 1 only)
