@@ -112,16 +112,18 @@ case "${1:-all}" in
   # Specialisations that stay put as tables widen (padded strides, do_not_specialize widths): the GPU tests of the
   # kernels and modes touched (test_gsa_offload.py's growing decode counts compiles for real there), then the
   # steady schedule selecting every step in an older tree in $BASE and in this one, each in a process of its own.
-  specialise) step gpu_tests_specialise timeout 240 python3 -m pytest -q -p no:cacheprovider \
-                   tests/kernels/test_launch.py tests/kernels/test_block_select.py tests/kernels/test_sparse_decode.py \
-                   tests/kernels/test_residency.py tests/sparse/test_reuse.py tests/sparse/test_gsa.py \
-                   tests/sparse/test_gsa_offload.py tests/vllm/test_flash_step.py
+  specialise) step gpu_tests_specialise timeout 150 python3 -m pytest -q -p no:cacheprovider \
+                   tests/kernels/test_launch.py tests/kernels/test_residency.py tests/sparse/test_reuse.py \
+                   tests/sparse/test_gsa_offload.py
               mkdir -p "$OUT/base" "$OUT/steady"
               (cd "$BASE" && export OUT="$OUT/base" UCM_COMMIT="${UCM_BASE_COMMIT:-base}" PYTHONPATH="$PWD:${PYTHONPATH#*:}"
-               step bench_gsa_offload_steady_base timeout 110 python3 -m bench.bench_gsa_offload --layers 4 \
+               step bench_gsa_offload_steady_base timeout 100 python3 -m bench.bench_gsa_offload --layers 4 \
                    --schedules steady)
-              OUT="$OUT/steady" step bench_gsa_offload_steady timeout 110 python3 -m bench.bench_gsa_offload \
-                   --layers 4 --schedules steady ;;
+              OUT="$OUT/steady" step bench_gsa_offload_steady timeout 100 python3 -m bench.bench_gsa_offload \
+                   --layers 4 --schedules steady
+              step gpu_tests_specialise_more timeout 150 python3 -m pytest -q -p no:cacheprovider \
+                   tests/kernels/test_block_select.py tests/kernels/test_sparse_decode.py tests/sparse/test_gsa.py \
+                   tests/vllm/test_flash_step.py ;;
   # Split counts that put the same number of list-attention programs on every SM (bench/list_waves.py).
   waves) step list_waves timeout 240 python3 -m bench.list_waves ;;
   # Prefetch copy settings in the taking-turns schedule: off, on as configured (every predicted piece admitted), on
