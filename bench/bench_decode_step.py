@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.profile:
         return profile_batch1()
     if args.smoke:
-        model, device, shapes, steps, graphs = SMOKE, "cpu", [(2, 512, "steady"), (2, 512, "alternating")], 3, False
+        model, device, shapes, steps, graphs = SMOKE, "cpu", [(2, 512, "steady"), (2, 512, "alternating")], 2, False
     else:
         model, device, shapes, steps, graphs = MODEL, "cuda", SHAPES, STEPS, True
     use_flashinfer = graphs and flashinfer_peer.available() is not None

@@ -17,8 +17,8 @@ TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kerne
 SPARSE = dict(sparse_ratio=0.3, init_window_sz=1, local_window_sz=2, min_blocks=3)
 
 
-def private_cache() -> CacheTier:
-    return CacheTier(LAYERS, PinnedMemoryPool(1 << 20, 64 << 20, pinned=torch.cuda.is_available()))
+def private_cache(layers: int = LAYERS) -> CacheTier:
+    return CacheTier(layers, PinnedMemoryPool(1 << 20, 64 << 20, pinned=torch.cuda.is_available()))
 
 
 class Twin:
@@ -27,22 +27,22 @@ class Twin:
     the softmax ``scale`` (None: head_dim ** -0.5)."""
 
     def __init__(self, config: GSAConfig, prompts: dict, steps: int = 40, seed: int = 0, backend: str = "torch",
-                 device: str = "cpu", scale: float | None = None, table_width: int | None = None):
+                 device: str = "cpu", scale: float | None = None, table_width: int | None = None, layers: int = LAYERS):
         self.gen = torch.Generator().manual_seed(seed)
-        self.device, self.scale, self.table_width = device, scale, table_width
+        self.device, self.scale, self.table_width, self.layers = device, scale, table_width, layers
         capacity = sum(-(-(n + steps) // BLOCK) for n in prompts.values())
-        self.kv = [torch.zeros(2, capacity + 3, BLOCK, HEADS, DIM, dtype=DTYPE, device=device) for _ in range(LAYERS)]
+        self.kv = [torch.zeros(2, capacity + 3, BLOCK, HEADS, DIM, dtype=DTYPE, device=device) for _ in range(layers)]
         self.physical = torch.randperm(capacity + 3, generator=self.gen).tolist()
         self.blocks: dict = {}
         self.lens = dict(prompts)
-        self.queries = {(r, layer): self.random(HEADS * GROUP, DIM).float() for r in prompts for layer in range(LAYERS)}
+        self.queries = {(r, layer): self.random(HEADS * GROUP, DIM).float() for r in prompts for layer in range(layers)}
         self.device_gsa = GSA(config, block_size=BLOCK, backend=backend)
-        self.offload = OffloadedGSA(config, num_layers=LAYERS, num_kv_heads=HEADS, head_dim=DIM, block_size=BLOCK,
-                                    host_blocks=capacity + 2, dtype=DTYPE, device=device, cache=private_cache(),
+        self.offload = OffloadedGSA(config, num_layers=layers, num_kv_heads=HEADS, head_dim=DIM, block_size=BLOCK,
+                                    host_blocks=capacity + 2, dtype=DTYPE, device=device, cache=private_cache(layers),
                                     backend=backend)
         for request, n in prompts.items():
             self.blocks[request] = [self.physical.pop() for _ in range(-(-n // BLOCK))]
-            for layer in range(LAYERS):
+            for layer in range(layers):
                 keys, values = self.random(n, HEADS, DIM), self.random(n, HEADS, DIM)
                 for position in range(n):
                     self.put(layer, request, position, keys[position], values[position])
@@ -76,7 +76,7 @@ class Twin:
                              dtype=torch.int32, device=self.device)
         on_device = self.device_gsa.plan(requests, [self.lens[r] for r in requests], table)
         offload = self.offload.plan(requests)
-        for layer in range(LAYERS):
+        for layer in range(self.layers):
             q = torch.stack([self.query(r, layer) for r in requests])
             key, value = self.random(len(requests), HEADS, DIM), self.random(len(requests), HEADS, DIM)
             for row, request in enumerate(requests):
@@ -94,8 +94,9 @@ def make_twin():
     made = []
 
     def make(config: GSAConfig, prompts: dict, backend: str = "torch", device: str = "cpu",
-             scale: float | None = None, table_width: int | None = None) -> Twin:
-        made.append(Twin(config, prompts, backend=backend, device=device, scale=scale, table_width=table_width))
+             scale: float | None = None, table_width: int | None = None, layers: int = LAYERS) -> Twin:
+        made.append(Twin(config, prompts, backend=backend, device=device, scale=scale, table_width=table_width,
+                         layers=layers))
         return made[-1]
 
     yield make
@@ -320,7 +321,7 @@ def test_a_decode_whose_tables_widen_compiles_nothing_new(make_twin, select_ever
     sizes = ops.select_sizes(config, BLOCK)
     assert selection_width(48, **sizes) == 16 and selection_width(49, **sizes) == 17  # the crossings happen
     twin = make_twin(config, {"a": 48 * BLOCK - 5, "b": 20 * BLOCK - 3}, backend="triton", device=TRITON_DEVICE,
-                     table_width=64)
+                     table_width=64, layers=1)
     for step in range(5):
         twin.step(["a", "b"] if step else ["a"])
     seen = {launcher: set(launcher.specialisations) for launcher in LAUNCHERS}
