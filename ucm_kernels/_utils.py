@@ -41,13 +41,24 @@ def next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def padded_width(n: int) -> int:
+    """``n`` rounded up to a multiple of 16: the row length :func:`padded_empty` allocates."""
+    return -(-n // 16) * 16
+
+
 def padded_empty(*shape: int, dtype: torch.dtype, device) -> torch.Tensor:
     """``torch.empty(*shape)`` as a view of a buffer whose last dimension is rounded up to a multiple of 16, so every
     other stride is a multiple of 16 whatever the last size. A kernel's stride arguments then keep one Triton
     specialisation while a decode grows its tables (a stride crossing a multiple of 16 would compile the kernel
     anew, mid-decode)."""
     *lead, last = shape
-    return torch.empty(*lead, -(-last // 16) * 16, dtype=dtype, device=device)[..., :last]
+    return torch.empty(*lead, padded_width(last), dtype=dtype, device=device)[..., :last]
+
+
+def evenly_strided_rows(tensor: torch.Tensor) -> bool:
+    """True when ``tensor`` (2-D or 3-D) is rows of contiguous entries one row stride apart, its leading dimensions
+    taken together (a padded view is; a kernel then walks it as row x stride + entry)."""
+    return tensor.stride(-1) == 1 and (tensor.dim() < 3 or tensor.stride(0) == tensor.shape[1] * tensor.stride(1))
 
 
 def alignment(*values: int) -> int:

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 
 from ucm_kernels import residency
+from ucm_kernels._utils import evenly_strided_rows
 from ucm_store import CacheTier, block_key
 
 NEVER = -1  # stamp of a slot that holds nothing
@@ -171,7 +172,5 @@ class HotPool:
 
 
 def _rows_of_entries(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` as the residency kernels read it: contiguous last dimension, rows evenly spaced (a padded view
-    is taken as it is; anything else is copied)."""
-    rows_even = tensor.dim() < 3 or tensor.stride(0) == tensor.shape[1] * tensor.stride(1)
-    return tensor if tensor.stride(-1) == 1 and rows_even else tensor.contiguous()
+    """``tensor`` as the residency kernels read it: a padded view as it is, any other layout copied."""
+    return tensor if evenly_strided_rows(tensor) else tensor.contiguous()

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ucm_kernels._utils import check_positive_int
+from ucm_kernels._utils import check_positive_int, evenly_strided_rows, padded_width
 from ucm_kernels.staging import HostStaging
 from ucm_store import CacheTier, PinnedMemoryPool
 
@@ -378,7 +378,7 @@ class OffloadedGSA:
             small32, small64 = self._staging.upload(small32, small64)
             return small32, self._table[1], small64
         width = max(nbs)
-        table = torch.zeros(len(requests), -(-width // 16) * 16, dtype=torch.int32)  # rows padded: padded_empty
+        table = torch.zeros(len(requests), padded_width(width), dtype=torch.int32)  # rows padded: padded_empty
         for row, request in enumerate(requests):
             table[row, :nbs[row]] = request.block_row()
         small32, table, small64 = self._staging.upload(small32, table, small64)
@@ -506,8 +506,8 @@ def _one_head_rows(sel_idx: torch.Tensor) -> torch.Tensor:
     """``[batch, heads, width]`` lists as ``[batch * heads, 1, width]``, a view keeping the row stride (so a padded
     store's stride stays a multiple of 16 in every dimension) where the rows are evenly spaced, else a copy."""
     batch, heads, width = sel_idx.shape
-    row = sel_idx.stride(1)
-    if sel_idx.stride(0) == heads * row and sel_idx.stride(2) == 1:
+    if evenly_strided_rows(sel_idx):
+        row = sel_idx.stride(1)
         return sel_idx.as_strided((batch * heads, 1, width), (row, row, 1))
     return sel_idx.reshape(batch * heads, 1, width)
 

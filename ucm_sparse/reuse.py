@@ -179,13 +179,13 @@ class SelectionStore:
             table_width: the width of the uncut table (the stored lists are kept at that width's selection width).
             keys: ``key_cache`` / ``scale`` / ``candidate_keys`` for a two-stage selection (``ops.select``).
         """
-        stored_idx, stored_count = self.buffers(_stored_width(config, block_size, table_width))
-        width = selection_width(block_table.shape[1], **ops.select_sizes(config, block_size))
+        stored_width, width = _widths(config, block_size, table_width, block_table)
+        stored_idx, stored_count = self.buffers(stored_width)
         if backend == "triton" and config.rerank_candidates <= 1:  # the kernel writes the rows' slots in place
             ops.select(backend, q, reprs, block_table, seq_lens, config, block_size,
                        kept=ops.Selection(stored_idx[:, :, :width], stored_count), reselect=reselect, sel_rows=slots,
                        **keys)
-            return self.lists(slots, stored_idx.shape[2], width, span)
+            return self.lists(slots, stored_width, width, span)
         kept = None if reselect is None else ops.Selection(stored_idx[slots, :, :width], stored_count[slots])
         kept = ops.select(backend, q, reprs, block_table, seq_lens, config, block_size, kept=kept, reselect=reselect,
                           **keys)
@@ -286,9 +286,7 @@ class RequestReuse:
         self._stores[layer] = store, step, table_width
         every_row = written != step - 1 or width != table_width or all(reuse.reselect)
         if not every_row and not any(reuse.reselect):
-            sizes = ops.select_sizes(config, self.block_size)
-            return store.lists(reuse.slots, _stored_width(config, self.block_size, table_width),
-                               selection_width(block_table.shape[1], **sizes), reuse.span)
+            return store.lists(reuse.slots, *_widths(config, self.block_size, table_width, block_table), reuse.span)
         return store.select(backend, q, reprs, block_table, seq_lens, config, self.block_size, reuse.slots,
                             None if every_row else reuse.rows(), table_width, span=reuse.span, **keys)
 
@@ -299,6 +297,8 @@ class RequestReuse:
             self._seen.pop(slot, None)
 
 
-def _stored_width(config: GSAConfig, block_size: int, table_width: int) -> int:
-    """The width lists are stored at for a block table ``table_width`` blocks wide."""
-    return selection_width(table_width, **ops.select_sizes(config, block_size))
+def _widths(config: GSAConfig, block_size: int, table_width: int, block_table: torch.Tensor) -> tuple[int, int]:
+    """(the width lists are stored at for an uncut block table ``table_width`` blocks wide, the width of this
+    step's lists over ``block_table``, possibly cut to its longest row)."""
+    sizes = ops.select_sizes(config, block_size)
+    return selection_width(table_width, **sizes), selection_width(block_table.shape[1], **sizes)

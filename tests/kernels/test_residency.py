@@ -150,6 +150,30 @@ def test_admit_selection_lists_pieces_and_writes_the_slot_table(seed):
     check_consistent({k: v.cpu() for k, v in got.items()})
 
 
+def test_admit_selection_reads_padded_rows_in_place():
+    """Lists and a block table in rows padded to 16 entries (as GSA allocates them) admit exactly what their
+    contiguous copies admit."""
+    batch, heads, width, blocks = 2, 4, 21, 37
+    sel_idx, sel_count, block_table = random_selection(batch, heads, width, blocks, host_blocks=300, seed=5)
+    padded_idx = torch.full((batch, heads, 32), 7, dtype=torch.int32)[..., :width]
+    padded_table = torch.zeros(batch, 48, dtype=torch.int32)[:, :blocks]
+    padded_idx.copy_(sel_idx)
+    padded_table.copy_(block_table)
+    state = random_pool(capacity=400, pieces=300 * heads, seed=5)
+    kwargs = dict(below=80, stamp_value=80, max_new=10_000)
+    plain, padded = on(DEVICE, state), on(DEVICE, state)
+    want = admit_selection(*plain.values(), *(t.to(DEVICE) for t in (sel_idx, sel_count, block_table)), **kwargs)
+    got = admit_selection(*padded.values(), *(t.to(DEVICE) for t in (padded_idx, sel_count, padded_table)),
+                          **kwargs)
+    listed = want[1] >= 0
+    rows = torch.arange(batch * heads, device=DEVICE).view(batch, heads, 1).expand_as(listed)
+    logical = sel_idx.to(DEVICE)[listed].long()
+    assert torch.equal(got[1], want[1]) and got[0].stride(0) % 16 == 0
+    assert torch.equal(got[0][rows[listed], logical], want[0][rows[listed], logical])
+    for name in state:
+        assert torch.equal(padded[name], plain[name]), name
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_admit_selection_with_rows_copies_exactly_the_admitted_rows(seed):
     """Both implementations: each admitted piece's host row lands in its slot's row; no other row is written."""
@@ -310,6 +334,9 @@ def test_bad_arguments_name_what_is_wrong():
     with pytest.raises(ValueError, match="sel_count"):
         admit_selection(*on(DEVICE, state).values(), sel_idx, sel_count[:1], block_table, below=1, stamp_value=1,
                         max_new=1)
+    with pytest.raises(ValueError, match=r"sel_idx strides \(1, 2, 4\)"):
+        admit_selection(*on(DEVICE, state).values(), sel_idx.transpose(0, 2).contiguous().transpose(0, 2), sel_count,
+                        block_table, below=1, stamp_value=1, max_new=1)
     with pytest.raises(ValueError, match="pieces"):
         admit(*on(DEVICE, state).values(), torch.arange(3, dtype=torch.int32, device=DEVICE),
               torch.ones(3, dtype=torch.bool, device=DEVICE), below=1, stamp_value=1, max_new=1)

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ucm_kernels._launch import Launcher, wait_for_previous_grid
-from ucm_kernels._utils import alignment, check_device, check_tensor, next_pow2, padded_empty
+from ucm_kernels._utils import alignment, check_device, check_tensor, evenly_strided_rows, next_pow2, padded_empty
 
 from .torch import AGE_CAP
 
@@ -479,8 +479,7 @@ def _check_selection(sel_idx, sel_count, block_table, device) -> tuple[int, int,
     if tuple(sel_count.shape) != (batch, heads) or block_table.shape[0] != batch:
         raise ValueError(f"sel_count {tuple(sel_count.shape)} / block_table {tuple(block_table.shape)}: expected "
                          f"[{batch}, {heads}] / [{batch}, max_blocks] for sel_idx {tuple(sel_idx.shape)}")
-    if sel_idx.stride(2) != 1 or sel_idx.stride(0) != heads * sel_idx.stride(1) or not sel_count.is_contiguous() \
-            or block_table.stride(1) != 1:
+    if not (evenly_strided_rows(sel_idx) and evenly_strided_rows(block_table) and sel_count.is_contiguous()):
         raise ValueError(f"sel_idx strides {sel_idx.stride()}, sel_count strides {sel_count.stride()}, block_table "
                          f"strides {block_table.stride()}: expected rows of contiguous entries (sel_idx's "
                          "[batch * heads] rows evenly spaced; any row stride), sel_count contiguous")
