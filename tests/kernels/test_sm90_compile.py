@@ -184,18 +184,15 @@ def test_score_kernel_compiles_for_sm90_without_spills(score, reprs, masked, tmp
                      constexprs, {"num_warps": num_warps})
 
 
-@pytest.mark.parametrize("num_splits", [
-    17,  # lists of 8 x 128K at ratio 0.3 on an H100 (132 SMs): 8 programs an SM over 64 (request, KV head) rows
-    64,  # _MAX_SPLITS, the most the combine holds ([64, 128] fp32; the lists of one such request take 62)
-])
-def test_combine_splits_kernel_compiles_for_sm90_without_spills(num_splits, tmp_path):
+def test_combine_splits_kernel_compiles_for_sm90_without_spills(tmp_path):
     """The decode's combine launch (``_launch`` with several splits): one program per (request, query head) of
-    32 heads of 128, bf16 output, Triton's default warps and stages."""
-    import triton
+    32 heads of 128, bf16 output, Triton's default warps and stages; one compile for every split count (17: lists
+    of 8 x 128K at ratio 0.3 on an H100, 8 programs an SM over 64 (request, KV head) rows)."""
+    from ucm_kernels.sparse_decode.triton import _SPLITS_TILE
 
     types = {"acc_ptr": "*fp32", "stats_ptr": "*fp32", "out_ptr": "*bf16"}
-    constexprs = dict(HEAD_DIM=128, SPLITS_PAD=triton.next_power_of_2(num_splits), PDL=1)
-    ints = dict(stride_ob=32 * 128, stride_oh=128, stride_od=1, num_q_heads=32, num_splits=num_splits)
+    constexprs = dict(HEAD_DIM=128, SPLITS_TILE=_SPLITS_TILE, PDL=1)
+    ints = dict(stride_ob=32 * 128, stride_oh=128, stride_od=1, num_q_heads=32, num_splits=17)
     assert_no_spills(tmp_path, "ucm_kernels.sparse_decode.triton", "_combine_splits_kernel",
                      types, ints, constexprs, {})
 

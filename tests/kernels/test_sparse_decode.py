@@ -123,6 +123,30 @@ def test_splits_that_end_inside_a_tile_give_the_same_result(chunk_blocks):
     assert_close(out, naive_sparse_decode(q, k, v, table, lens, sel_idx, sel_count, scale=0.2), torch.float16)
 
 
+def test_one_combine_compile_merges_every_split_count():
+    """Lists cut into 2, 5, 11, 22 and 44 splits (as a decode's growing lists add splits): each merges to the
+    reference, and the combine launches in the specialisation of the first (on a GPU, a compile per split count
+    would stall decoding; the split count is a runtime loop bound, not a constexpr)."""
+    import dataclasses
+
+    from ucm_kernels.sparse_decode.triton import _COMBINE
+
+    q, k, v, table, lens = paged([700, 260, 33], 8, 2, 64, torch.float16)
+    sel_idx, sel_count = random_block_lists(lens, 2, block_size=16, counts=[[44, 30], [17, 1], [3, 3]])
+    expected = naive_sparse_decode(q, k, v, table, lens, sel_idx, sel_count, scale=0.2)
+    base = plan_decode(q, k, sel_idx.shape[2], num_splits=2)
+    seen = None
+    for chunk_blocks in (22, 9, 4, 2, 1):
+        splits = -(-sel_idx.shape[2] // chunk_blocks)
+        plan = dataclasses.replace(base, num_splits=splits, chunk_blocks=chunk_blocks,
+                                   acc=torch.empty(3, 8, splits, 64, dtype=torch.float32, device=DEVICE),
+                                   stats=torch.empty(3, 8, splits, 2, dtype=torch.float32, device=DEVICE))
+        out = sparse_decode(q, k, v, table, lens, sel_idx, sel_count, scale=0.2, plan=plan, out=poisoned_like(q))
+        assert_close(out, expected, torch.float16)
+        seen = set(_COMBINE.specialisations) if seen is None else seen
+        assert _COMBINE.specialisations == seen, f"{splits} splits"
+
+
 def test_sel_rows_read_each_requests_lists_from_its_row():
     """Lists kept in other rows of a larger buffer (e.g. reuse slots), shuffled: sel_rows points each request at
     its row and the result is bit for bit the one of the lists passed in order; bad sel_rows name themselves."""
@@ -225,7 +249,7 @@ def reference(case: tuple, dense: bool) -> torch.Tensor:
 
 def test_many_splits_merge_to_the_reference():
     """Lists cut into more than 16 splits (ragged, one empty, one entry -1), sparse and dense: the combine launch
-    merges every split's partial, padded to 32 (a poisoned ``out`` shows any row it misses)."""
+    merges every split's partial, 16 at a time (a poisoned ``out`` shows any row it misses)."""
     q, k, v, table, lens, sel_idx, sel_count = case = long_lists_case(torch.bfloat16)
     for dense in (False, True):
         plan = plan_decode(q, k, table.shape[1] if dense else sel_idx.shape[2], num_splits=20, dense=dense)

@@ -24,7 +24,8 @@ from .._utils import TL_DTYPES, check_device, compute_dtype
 
 _MAX_TILE_TOKENS = 128
 _MIN_TOKENS_PER_SPLIT = 128  # one tile-aligned chunk; short lists on a small batch still fill the GPU
-_MAX_SPLITS = 64  # bounds the combine kernel's registers ([splits, head_dim] fp32)
+_MAX_SPLITS = 64  # bounds the split scratch ([batch, num_q_heads, splits, head_dim] fp32) and the combine's loop
+_SPLITS_TILE = 16  # splits the combine merges at a time ([16, head_dim] fp32 a program)
 _PROGRAMS_PER_SM = 8  # lists: several waves, so the last one's tail is a small share of the time
 _DENSE_PROGRAMS_PER_SM = 4  # dense: whole waves of these (see _choose_num_splits)
 
@@ -142,23 +143,34 @@ def _combine_splits_kernel(
     out_ptr,  # [batch, num_q_heads, head_dim] bf16/fp16
     stride_ob, stride_oh, stride_od,
     num_q_heads, num_splits,
-    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr = 0,
+    HEAD_DIM: tl.constexpr, SPLITS_TILE: tl.constexpr, PDL: tl.constexpr = 0,
 ):
+    """Merges a row's splits ``SPLITS_TILE`` at a time (running max and rescaled sums), so one compiled kernel
+    serves every split count: a decode whose lists grow across a power of two of splits compiles nothing new."""
     wait_for_previous_grid(PDL)
     row = tl.program_id(0).to(tl.int64)
     b = row // num_q_heads
     qh = row % num_q_heads
-    splits = tl.arange(0, SPLITS_PAD)
-    split_ok = splits < num_splits
+    lanes = tl.arange(0, SPLITS_TILE)
     dims = tl.arange(0, HEAD_DIM)
-    partial = row * num_splits + splits
-    m = tl.load(stats_ptr + partial * 2, mask=split_ok, other=float("-inf"))
-    sums = tl.load(stats_ptr + partial * 2 + 1, mask=split_ok, other=0.0)
-    acc = tl.load(acc_ptr + partial[:, None] * HEAD_DIM + dims[None, :], mask=split_ok[:, None], other=0.0)
-    m_max = tl.max(m, 0)
-    weight = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
-    total = tl.sum(weight * sums, 0)
-    out = tl.sum(acc * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
+    m_run = tl.full((), float("-inf"), tl.float32)
+    total = tl.zeros((), tl.float32)
+    out = tl.zeros((HEAD_DIM,), tl.float32)
+    for first in range(0, num_splits, SPLITS_TILE):
+        splits = first + lanes
+        split_ok = splits < num_splits
+        partial = row * num_splits + splits
+        m = tl.load(stats_ptr + partial * 2, mask=split_ok, other=float("-inf"))
+        sums = tl.load(stats_ptr + partial * 2 + 1, mask=split_ok, other=0.0)
+        acc = tl.load(acc_ptr + partial[:, None] * HEAD_DIM + dims[None, :], mask=split_ok[:, None], other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m, 0))
+        base = tl.where(m_new == float("-inf"), 0.0, m_new)
+        kept = tl.exp2(m_run - base)
+        weight = tl.exp2(m - base)
+        total = total * kept + tl.sum(weight * sums, 0)
+        out = out * kept + tl.sum(acc * weight[:, None], 0)
+        m_run = m_new
+    out = out / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + b * stride_ob + qh * stride_oh + dims * stride_od, out.to(out_ptr.dtype.element_ty))
 
 
@@ -329,7 +341,7 @@ def _launch(plan: DecodePlan, q, key_cache, value_cache, block_table, seq_lens, 
             acc_ptr=plan.acc, stats_ptr=plan.stats, out_ptr=out,
             stride_ob=out.stride(0), stride_oh=out.stride(1), stride_od=out.stride(2),
             num_q_heads=plan.num_q_heads, num_splits=plan.num_splits,
-            HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(plan.num_splits),
+            HEAD_DIM=head_dim, SPLITS_TILE=_SPLITS_TILE,
         )
     return out
 
