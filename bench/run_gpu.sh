@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent-GPU session step: correctness on the GPU (compiled kernels), then benchmarks; JSON + logs under $OUT.
-# Usage: bench/run_gpu.sh {tests|transfer|sparse|offload|tp|all|quick|launch|select|offload_ab|prefetch|pdl|ncu|waves|residency|reuse_ab|specialise}   (wheels for pytest travel in .whl/, FlashInfer's in
+# Usage: bench/run_gpu.sh {tests|transfer|sparse|offload|tp|all|quick|launch|select|offload_ab|prefetch|pdl|ncu|waves|residency|reuse_ab|specialise|sliced}   (wheels for pytest travel in .whl/, FlashInfer's in
 # .flashinfer/: see BENCHMARKS.md)
 # Set UCM_COMMIT to the commit the working tree was copied from: the copy on the GPU machine has no .git.
 set -uo pipefail
@@ -124,6 +124,12 @@ case "${1:-all}" in
               step gpu_tests_specialise_more timeout 150 python3 -m pytest -q -p no:cacheprovider \
                    tests/kernels/test_block_select.py tests/kernels/test_sparse_decode.py tests/sparse/test_gsa.py \
                    tests/vllm/test_flash_step.py ;;
+  # The sliced top-k against one program a row (bench/sliced_topk_ab.py: lists equal, then timed, dense baselines
+  # of the same process), after the GPU tests of selection, attention and both GSA modes.
+  sliced) step gpu_tests_sliced timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_block_select.py \
+                tests/kernels/test_sparse_decode.py tests/kernels/test_launch.py tests/sparse/test_gsa_offload.py \
+                tests/sparse/test_reuse.py tests/sparse/test_gsa.py
+          step sliced_topk_ab timeout 300 python3 -m bench.sliced_topk_ab ;;
   # Split counts that put the same number of list-attention programs on every SM (bench/list_waves.py).
   waves) step list_waves timeout 240 python3 -m bench.list_waves ;;
   # Prefetch copy settings in the taking-turns schedule: off, on as configured (every predicted piece admitted), on

@@ -9,6 +9,7 @@ from ucm_kernels.block_repr import empty_block_repr, naive_update_block_repr, up
 from ucm_kernels.block_select import naive_block_scores, naive_num_selected, naive_select_blocks, select_blocks
 from ucm_kernels.block_select import plan_select, select_from_scores, selection_counts, selection_width
 from ucm_kernels.block_select import torch_select_blocks
+from ucm_kernels.block_select import sliced as block_select_sliced
 from ucm_kernels.block_select import triton as block_select_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -550,7 +551,7 @@ def test_ties_across_chunks_go_to_the_lowest_logical_blocks(chunk, monkeypatch):
     check_lists_written_out(scores, seq_lens, chunked)
 
 
-def check_lists_written_out(scores, seq_lens, lists):
+def check_lists_written_out(scores, seq_lens, lists, sizes=SIZES):
     """Each row's lists are the rule written out: the windows, then the best middle blocks (highest score first,
     NaN above +inf, 0.0 above -0.0, ties to the lowest logical block), ascending."""
 
@@ -560,14 +561,30 @@ def check_lists_written_out(scores, seq_lens, lists):
         return (1, -value, int(math.copysign(1.0, value) < 0))
 
     for b, seq_len in enumerate(seq_lens.tolist()):
-        nb = min(-(-seq_len // SIZES["block_size"]), scores.shape[2])
-        count = naive_num_selected(nb, **SIZES)
-        middle = list(range(SIZES["init_window"], nb - SIZES["local_window"]))
+        nb = min(-(-seq_len // sizes["block_size"]), scores.shape[2])
+        count = naive_num_selected(nb, **sizes)
+        middle = list(range(sizes["init_window"], nb - sizes["local_window"]))
         need = count - (nb - len(middle))
         for h in range(scores.shape[1]):
             best = sorted(middle, key=lambda j: (*order(float(scores[b, h, j])), j))[:need]
             expected = sorted(set(range(nb)) - set(middle) | set(best)) if count < nb else list(range(nb))
             assert lists[0][b, h, :count].tolist() == expected, (b, h)
+            assert (lists[0][b, h, count:] == -1).all() and lists[1][b, h] == count, (b, h)
+
+
+def hard_scores(batch: int, heads: int, blocks: int, seed: int = 11) -> torch.Tensor:
+    """fp32 scores of random bit patterns (every exponent, both signs), a run of ties, equal pairs, a row of values
+    a few ulps apart and NaNs of either sign: the inputs the top-k's search finds hardest."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randint(-2 ** 31, 2 ** 31 - 1, (batch, heads, blocks), generator=gen, dtype=torch.int64)
+    scores = scores.to(torch.int32).view(torch.float32).clone()
+    scores[1, 1, :30] = 0.5  # a run of ties across the threshold
+    scores[:, :, 7:9] = scores[:, :, 3:5]  # equal pairs
+    one_ulps = torch.tensor(1.0).view(torch.int32) + torch.randint(0, 40, (blocks,), generator=gen, dtype=torch.int32)
+    scores[0, 2] = one_ulps.view(torch.float32)
+    for b, h, j, bits in ((0, 0, 10, -1), (3, 1, 5, -8388607), (1, 0, 20, 0x7F800001)):  # NaNs: -, -, +
+        scores[b, h, j] = torch.tensor(bits, dtype=torch.int32).view(torch.float32)
+    return scores
 
 
 @pytest.mark.parametrize("chunk,blocks,finish", [(4, 60, 1024), (16, 60, 1024), (16, 40, 1024), (32, 60, 1024),
@@ -578,16 +595,8 @@ def test_kth_largest_search_over_scores_of_every_magnitude(chunk, blocks, finish
     finish) keys are undecided, then finishes four bits at a time over those keys (chunk 64: at once; chunk 4 or a
     finish of 4 / 8 below the chunk: late, at a low bit or never). Tables of 2 and 3 chunks make the four-chunk scans
     read past the keys (masked). The lists are the rule written out at every chunk and finish size."""
-    gen = torch.Generator().manual_seed(11)
     seq_lens = torch.tensor([955, 700, 403, 229, 60], dtype=torch.int32, device=DEVICE)
-    scores = torch.randint(-2 ** 31, 2 ** 31 - 1, (5, 3, blocks), generator=gen, dtype=torch.int64)
-    scores = scores.to(torch.int32).view(torch.float32).clone()
-    scores[1, 1, :30] = 0.5  # a run of ties across the threshold
-    scores[:, :, 7:9] = scores[:, :, 3:5]  # equal pairs
-    one_ulps = torch.tensor(1.0).view(torch.int32) + torch.randint(0, 40, (blocks,), generator=gen, dtype=torch.int32)
-    scores[0, 2] = one_ulps.view(torch.float32)
-    for b, h, j, bits in ((0, 0, 10, -1), (3, 1, 5, -8388607), (1, 0, 20, 0x7F800001)):  # NaNs: -, -, +
-        scores[b, h, j] = torch.tensor(bits, dtype=torch.int32).view(torch.float32)
+    scores = hard_scores(5, 3, blocks)
     monkeypatch.setattr(block_select_triton, "_SELECT_CHUNK", chunk)
     monkeypatch.setattr(block_select_triton, "_SELECT_FINISH", finish)
     lists = select_from_scores(scores.to(DEVICE), seq_lens, **SIZES)
@@ -608,3 +617,69 @@ def test_plan_for_fewer_rows_shares_the_scratch_and_selects_like_a_fresh_plan():
     for rows in (5, -1, 1.5):
         with pytest.raises(ValueError, match=r"rows: got .*expected an int in \[0, 4\]"):
             plan.for_rows(rows)
+
+
+def sliced_plans(monkeypatch, slice_blocks: int, min_prune: int) -> None:
+    """Plans made from here on cut rows into slices of ``slice_blocks`` wherever each slice keeps at most
+    ``1 / min_prune`` of its blocks (on a GPU: slices of 1024, a quarter) and their programs fit 132 SMs (an
+    H100's; the interpreter counts as one SM)."""
+    monkeypatch.setattr(block_select_sliced, "SLICE", slice_blocks)
+    monkeypatch.setattr(block_select_sliced, "MIN_PRUNE", min_prune)
+    monkeypatch.setattr(block_select_sliced, "sm_count", lambda device: 132)
+
+
+@pytest.mark.parametrize("slice_blocks,min_prune,sizes", [
+    (16, 2, dict(SIZES, token_budget=100)),  # 7 blocks a list: 4 slices keep 8 candidates each
+    (32, 1, SIZES),  # ratio 0.3: 18 blocks a list of 60, slices that keep every competing block they hold
+    (16, 1, dict(SIZES, init_window=0, local_window=1, min_blocks=1, token_budget=200)),  # no window but the last
+])
+def test_sliced_top_k_writes_the_rule_and_the_one_program_lists(slice_blocks, min_prune, sizes, monkeypatch):
+    """The sliced top-k (each slice keeps its best, one program merges) over the search's hardest scores (random
+    bit patterns, ties, ulps, NaNs of either sign), ragged requests (one dense): the rule written out, and exactly
+    the one-program kernel's lists and counts."""
+    seq_lens = torch.tensor([955, 700, 403, 229, 60], dtype=torch.int32, device=DEVICE)
+    scores = hard_scores(5, 3, 60).to(DEVICE)
+    one = select_from_scores(scores, seq_lens, **sizes)
+    sliced_plans(monkeypatch, slice_blocks, min_prune)
+    width = selection_width(60, **sizes)
+    assert block_select_sliced.choose_slicing(60, width, 15, 132, sliceable=True) == -(-60 // slice_blocks)
+    lists = select_from_scores(scores, seq_lens, **sizes)
+    check_lists_written_out(scores.cpu(), seq_lens.cpu(), [t.cpu() for t in lists], sizes)
+    assert torch.equal(lists[0], one[0]) and torch.equal(lists[1], one[1])
+
+
+def test_sliced_top_k_reselects_named_rows_into_sel_rows(monkeypatch):
+    """Through a plan (quest scores from reprs, windows, a 2-block request that is dense): rows reselected into the
+    rows sel_rows names get the one-program lists, the others keep what they held."""
+    case = make_case(seq_lens=[955, 17, 403, 700], max_blocks=60)
+    sizes = dict(SIZES, token_budget=120)
+    args = (case["q"], case["kmin"], case["kmax"], case["kmean"], case["block_table"], case["seq_lens"])
+    ref_idx, ref_count = plan_select(4, 2, 64, 60, **sizes, device=DEVICE).run(*args)
+    sliced_plans(monkeypatch, 16, 2)
+    plan = plan_select(4, 2, 64, 60, **sizes, device=DEVICE)
+    assert plan.slices == 4 and plan.candidates.shape == (4, 2, 4, 2, 8) and plan.keys.shape[2] == 0
+    slots = torch.tensor([5, 1, 3, 0], device=DEVICE)
+    out = (torch.full((6, 2, ref_idx.shape[2]), 77, dtype=torch.int32, device=DEVICE),
+           torch.full((6, 2), 77, dtype=torch.int32, device=DEVICE))
+    plan.run(*args, out=out, sel_rows=slots, reselect=torch.tensor([1, 1, 0, 1], dtype=torch.int32, device=DEVICE))
+    for b, slot in enumerate(slots.tolist()):
+        assert torch.equal(out[0][slot], ref_idx[b] if b != 2 else torch.full_like(ref_idx[b], 77))
+        assert torch.equal(out[1][slot], ref_count[b] if b != 2 else torch.full_like(ref_count[b], 77))
+    assert (out[0][[2, 4]] == 77).all() and (out[1][[2, 4]] == 77).all()
+    small = plan.for_rows(2)
+    got = small.run(*(a[:2] if a.shape[0] == 4 and a is not case["kmin"] else a for a in args))
+    assert torch.equal(got[0], ref_idx[:2]) and torch.equal(got[1], ref_count[:2])
+
+
+@pytest.mark.parametrize("max_blocks,width,rows,sliceable,slices", [
+    (8192, 128, 8, True, 8),  # 1 x 128K at a 2048-token budget (8 KV heads)
+    (8198, 128, 8, True, 9),  # ... a few tokens into decode
+    (2048, 128, 16, True, 2),  # 2 x 32K at the same budget
+    (8192, 2459, 8, True, 0),  # ratio 0.3: a slice would keep every block it holds
+    (8192, 128, 8, False, 0),  # the gauss rule: shares need the whole row
+    (1024, 64, 8, True, 0),  # one slice: the one-program path
+    (65536, 128, 8, True, 0),  # 64 slices x 128 candidates: more than the merge holds
+    (8192, 128, 64, True, 0),  # 8 x 128K: 64 rows fill the GPU, slices would not fit one wave
+])
+def test_the_sliced_top_k_is_planned_where_it_prunes_and_fits_a_wave(max_blocks, width, rows, sliceable, slices):
+    assert block_select_sliced.choose_slicing(max_blocks, width, rows, 132, sliceable) == slices

@@ -31,6 +31,9 @@ Two launches, both reading each input once:
    ms; a radix select over four 256-bin ``tl.histogram`` passes, 0.169 / 0.121 ms; one bit per step, 0.129 /
    0.082 ms.
 
+Short lists over long rows at a small batch (a token budget at 1 x 128K: eight rows of 8192 blocks) take the sliced
+top-k of ``sliced.py`` instead: programs per slice of a row keep their best, one program a row merges (same lists).
+
 :func:`plan_select` does the host-side work (scalar checks, k rule, launch settings, scratch) once per step;
 ``SelectPlan.run`` per layer only checks the tensors and launches.
 
@@ -54,6 +57,9 @@ import triton
 import triton.language as tl
 
 from .._launch import Launcher, wait_for_previous_grid
+from . import sliced as sliced_top_k
+from ._rank import _common_prefix, _finish_search, _order_keys, _plan
+from .sliced import choose_slicing, launch_sliced
 from .._utils import INDEX_DTYPES, check_device, check_tensor, next_pow2, padded_empty, triton_interpreting
 
 FP8 = torch.float8_e4m3fn
@@ -66,19 +72,6 @@ MAX_TABLE_BLOCKS = 1 << 16  # widest block table (1M tokens at 16)
 _SELECT_CHUNK = 1024  # row entries the top-k program reads per step of a pass (tests shrink it)
 _SCAN_CHUNKS = 4  # chunks per step of the top-k's passes that scan (copying the undecided keys, writing the lists)
 _SELECT_FINISH = 1024  # most undecided keys the search finishes from registers ([keys, 16] counts; tests shrink it)
-
-
-@triton.jit
-def _plan(seq_len, max_blocks, ratio_fixed, k_floor, init_window, local_window, BLOCK_SIZE: tl.constexpr):
-    """(nb, count, lo, hi): logical blocks, blocks selected, and the range [lo, hi) that competes (empty if dense)."""
-    nb = tl.minimum(tl.cdiv(seq_len, BLOCK_SIZE), max_blocks)
-    wanted = ((nb.to(tl.int64) * ratio_fixed + 0xFFFFFFFF) >> 32).to(tl.int32)
-    k = tl.maximum(wanted, k_floor)
-    dense = k >= nb
-    count = tl.where(dense, nb, k)
-    lo = tl.where(dense, nb, init_window)
-    hi = tl.where(dense, nb, nb - local_window)
-    return nb, count, lo, hi
 
 
 @triton.jit(do_not_specialize=["max_blocks"])
@@ -175,13 +168,6 @@ def _gauss_log_mass(q_row, kmin_tile, kmax_tile, mask, scales, sm_scale, out, ti
 
 
 @triton.jit
-def _order_keys(scores):
-    """int32 keys in the order of the fp32 scores, every NaN (either sign) above +inf: NaN ranks first."""
-    bits = tl.where(scores == scores, scores, float("nan")).to(tl.int32, bitcast=True)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
-
-
-@triton.jit
 def _count_at_least(key_row, row_keys, candidate, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr):
     """How many keys of the row are >= candidate (int32): from ``row_keys`` (the row in registers) when it is one
     chunk, else from the scratch row with per-slot counts over the chunks; one reduction."""
@@ -208,13 +194,7 @@ def _kth_largest_key(key_row, row_keys, undecided_row, lo, hi, lowest, highest, 
     keys into ``undecided_row`` (FINISH entries) and the rest of the bits are found four at a time from registers
     (15 counts, one reduction).
     """
-    low = lowest.to(tl.int64) + 2147483648
-    high = highest.to(tl.int64) + 2147483648
-    found = low * 0
-    bit = found + 31
-    while (bit >= 0) & (((low ^ high) >> tl.maximum(bit, 0)) == 0):
-        found = found | (low & (1 << bit))
-        bit -= 1
+    found, bit = _common_prefix(lowest, highest)
     at_least_found = (hi - lo).to(tl.int64)  # every competing key is >= found
     above = found * 0
     while (bit >= 0) & (at_least_found - above > FINISH):
@@ -230,19 +210,7 @@ def _kth_largest_key(key_row, row_keys, undecided_row, lo, hi, lowest, highest, 
         tl.debug_barrier()  # every thread's copies are in the scratch before any thread loads them
         offs = tl.arange(0, FINISH)
         keys = tl.load(undecided_row + offs, mask=offs < at_least_found - above, other=-2147483648)
-        digits = tl.arange(0, 16)
-        while bit >= 0:
-            width = tl.minimum(bit + 1, 4)
-            low_bit = bit + 1 - width
-            candidates = (found + (digits.to(tl.int64) << low_bit) - 2147483648).to(tl.int32)
-            last = (found + (1 << (bit + 1)) - 1 - 2147483648).to(tl.int32)  # the undecided range's end
-            counts = above + tl.sum(((keys[:, None] >= candidates[None, :]) & (keys <= last)[:, None]).to(tl.int32),
-                                    axis=0)
-            digit = tl.max(tl.where((digits >= 1) & (digits < (1 << width)) & (counts >= k), digits, 0), axis=0)
-            next_count = tl.sum(tl.where(digits == digit + 1, counts, 0), axis=0)
-            above = tl.where(digit + 1 < (1 << width), next_count, above)
-            found = found + (digit.to(tl.int64) << low_bit)
-            bit = low_bit - 1
+        found, above = _finish_search(keys, found, above, bit, k, 4)
     return (found - 2147483648).to(tl.int32), above.to(tl.int32)
 
 
@@ -531,19 +499,25 @@ class SelectPlan:
     group: int  # query heads per KV head (the gauss rule scores each; 1 for the others)
     limits: dict  # the kernels' k rule and windows (max_blocks, ratio_fixed, k_floor, init_window, local_window)
     scores: torch.Tensor  # [batch, num_kv_heads * group, max_blocks] fp32 scratch
-    keys: torch.Tensor  # [batch, num_kv_heads, select_chunk * n + select_finish] int32 scratch of the top-k program
+    keys: torch.Tensor  # [batch, num_kv_heads, select_chunk * n + select_finish] int32 top-k scratch (0 if sliced)
     score_tile: int
     score_warps: int
     select_chunk: int
     select_warps: int
     select_finish: int  # most undecided keys the top-k's search finishes from registers (<= select_chunk)
+    slices: int = 0  # programs a row of the sliced top-k (``sliced.py``), 0 for one program a row
+    slice_blocks: int = 0  # blocks a slice program holds (``sliced.SLICE`` when planned)
+    candidates: torch.Tensor | None = None  # [batch, num_kv_heads, slices, 2, keep] int32: a slice's keys, blocks
+    candidate_counts: torch.Tensor | None = None  # [batch, num_kv_heads, slices] int32
 
     def for_rows(self, rows: int) -> "SelectPlan":
         """This plan for the first ``rows`` (<= batch) requests, sharing its scratch (e.g. the plan of a smaller
         batch captured in its own CUDA graph)."""
         if not _is_int(rows) or not 0 <= rows <= self.batch:
             raise ValueError(f"rows: got {rows!r}, expected an int in [0, {self.batch}]")
-        return dataclasses.replace(self, batch=rows, scores=self.scores[:rows], keys=self.keys[:rows])
+        sliced = {} if not self.slices else dict(candidates=self.candidates[:rows],
+                                                  candidate_counts=self.candidate_counts[:rows])
+        return dataclasses.replace(self, batch=rows, scores=self.scores[:rows], keys=self.keys[:rows], **sliced)
 
     def run(self, q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None, kmean: torch.Tensor | None,
             block_table: torch.Tensor, seq_lens: torch.Tensor, *, kscale: torch.Tensor | None = None,
@@ -599,10 +573,17 @@ def _make_plan(batch, heads, head_dim, max_blocks, device, block_size, sparse_ra
         scores = padded_empty(batch, heads * group, max_blocks, dtype=torch.float32, device=device)
     chunk, select_warps = _choose_select_launch(max_blocks)
     finish = min(chunk, _SELECT_FINISH)
-    keys = torch.empty(batch, heads, triton.cdiv(max(max_blocks, 1), chunk) * chunk + finish, dtype=torch.int32,
-                       device=device)
+    slices = choose_slicing(max_blocks, width, batch * heads, sliced_top_k.sm_count(device), score != "gauss")
+    sliced = {}
+    if slices:
+        keep = next_pow2(width)
+        sliced = dict(slices=slices, slice_blocks=sliced_top_k.SLICE,
+                      candidates=torch.empty(batch, heads, slices, 2, keep, dtype=torch.int32, device=device),
+                      candidate_counts=torch.empty(batch, heads, slices, dtype=torch.int32, device=device))
+    key_entries = 0 if slices else triton.cdiv(max(max_blocks, 1), chunk) * chunk + finish
+    keys = torch.empty(batch, heads, key_entries, dtype=torch.int32, device=device)
     return SelectPlan(batch, heads, head_dim, max_blocks, width, block_size, SCORES.index(score), group, limits, scores,
-                      keys, *_choose_score_launch(heads, head_dim), chunk, select_warps, finish)
+                      keys, *_choose_score_launch(heads, head_dim), chunk, select_warps, finish, **sliced)
 
 
 def select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None,
@@ -784,6 +765,9 @@ def _launch(plan: SelectPlan, q, reprs, kmax, kscale, block_table, seq_lens, out
 def _launch_select(plan: SelectPlan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows) -> None:
     """The top-k launch: each (KV head, request) row of ``scores`` (``[batch, heads, >= max_blocks]``) into
     ``sel_idx`` / ``sel_count`` (only the rows ``reselect`` names, unless None; at the rows ``sel_rows`` names)."""
+    if plan.slices:
+        launch_sliced(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows)
+        return
     shares = plan.group if plan.rule == GAUSS.value else 0
     n_chunks = (plan.keys.shape[2] - plan.select_finish) // plan.select_chunk
     scan = plan.select_chunk * min(_SCAN_CHUNKS, next_pow2(n_chunks))

@@ -1,0 +1,153 @@
+"""The sliced top-k against one program a row, in one process: selection at a 2048-token budget planned both ways.
+
+For each shape (1 x 128K, 1 x 128K + 96 tokens, 8 x 128K, 32 x 32K; 32 query / 8 KV heads of 128, bf16, blocks of
+16) and each Quest rule (bf16 and fp8 reprs), the same settings planned both ways (``sliced.MIN_PRUNE`` raised
+past any slice for one program a row, the one-wave limit lifted for slices; rows say which one ``plan_select``
+picks). Their lists must be equal bit for bit before anything is timed. Timed (CUDA-graph replay and eager,
+do_bench median, L2 cleared before every call): the selection alone (and its device time by kernel, Quest on bf16
+reprs), selection + attention, attention alone (the step that reuses its lists), and the dense decodes of the same
+run (SDPA and ours), the baseline every speedup is read against (FlashInfer is not set up here; its last figures
+are in BENCHMARKS.md). ``select_every 8`` is composed as ``(select_attend + 7 x attend) / 8`` (GSA's reusing step
+for named requests is its attention alone). At 1 x 128K the sliced selection is also timed at each slice size and
+warp count of SWEEP.
+
+    python -m bench.sliced_topk_ab      # JSON under $OUT or bench/results/
+"""
+import torch
+import torch.nn.functional as F
+
+from bench.bench_sparse_decode import BLOCK_SIZE, FP8, HEAD_DIM, NUM_KV_HEADS, NUM_Q_HEADS, graph_of, median_ms
+from bench.harness import measure_copy_ceilings, row, write_results
+from bench.profile_gsa_kernels import kernel_times
+from ucm_kernels.block_repr import empty_block_repr, update_block_repr
+from ucm_kernels.block_select import plan_select, selection_width
+from ucm_kernels.block_select import sliced
+from ucm_kernels.sparse_decode import dense_decode, plan_decode, sparse_decode
+
+SIZES = dict(block_size=BLOCK_SIZE, sparse_ratio=0.3, init_window=1, local_window=4, min_blocks=8, token_budget=2048)
+SWEEP = [(blocks, slice_warps, merge_warps) for blocks in (512, 1024) for slice_warps in (4, 8)
+         for merge_warps in (4, 8)]  # slice blocks, warps of a slice program, of a merge program
+SHAPES = ((1, 131072, 0), (1, 131072, 96), (8, 131072, 0), (32, 32768, 0))  # batch, context, tokens past it
+
+
+def inputs(batch: int, context: int, extra: int) -> dict:
+    """Paged K/V with shuffled blocks for ``context + extra`` tokens a request, its table, the contiguous K/V SDPA
+    reads, and the bf16 and fp8 reprs of every block."""
+    blocks = -(-(context + extra) // BLOCK_SIZE)
+    kv = torch.randn(2, batch * blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    table = torch.randperm(batch * blocks, device="cuda").view(batch, blocks).int()
+    lens = torch.full((batch,), context + extra, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, NUM_Q_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    dense_kv = [kv[i][table.long()].flatten(1, 2)[:, :context + extra].transpose(1, 2).contiguous() for i in range(2)]
+    reprs = {}
+    for rule, dtype in (("quest", None), ("quest_fp8", FP8)):
+        found = empty_block_repr(kv[0], dtype)
+        update_block_repr(kv[0], table.flatten(), *found)
+        reprs[rule] = dict(zip(("kmin", "kmax", "kmean", "kscale"), found))
+    return dict(q=q, kv=kv, table=table, lens=lens, dense_kv=dense_kv, reprs=reprs, blocks=blocks)
+
+
+def plans(batch: int, blocks: int) -> tuple[dict, str]:
+    """({"sliced": ..., "one_program": ...}, the one ``plan_select`` picks): the same settings planned with the
+    slices' one-wave limit lifted and with slicing off."""
+    planned = "sliced" if plan_select(batch, NUM_KV_HEADS, HEAD_DIM, blocks, **SIZES, device="cuda").slices else \
+        "one_program"
+    made = {}
+    for name, setting, value in (("sliced", "sm_count", lambda device: 1 << 30), ("one_program", "MIN_PRUNE", 1 << 30)):
+        kept = getattr(sliced, setting)
+        setattr(sliced, setting, value)
+        try:
+            made[name] = plan_select(batch, NUM_KV_HEADS, HEAD_DIM, blocks, **SIZES, device="cuda")
+        finally:
+            setattr(sliced, setting, kept)
+    assert made["sliced"].slices > 0 and made["one_program"].slices == 0
+    return made, planned
+
+
+def shape_rows(batch: int, context: int, extra: int) -> list[dict]:
+    case = inputs(batch, context, extra)
+    q, kv, table, lens = case["q"], case["kv"], case["table"], case["lens"]
+    shape = f"b{batch}_ctx{context + extra}_budget2048"
+    out = torch.empty_like(q)
+    dense_plan = plan_decode(q, kv[0], case["blocks"], dense=True)
+    decode_plan = plan_decode(q, kv[0], selection_width(case["blocks"], **SIZES))
+    dense = {
+        "sdpa": median_ms(lambda: F.scaled_dot_product_attention(q[:, :, None], *case["dense_kv"],
+                                                                 enable_gqa=True)[:, :, 0]),
+        "ucm_dense_decode": median_ms(lambda: dense_decode(q, kv[0], kv[1], table, lens, out=out, plan=dense_plan)),
+    }
+    rows = [row("decode_dense", impl, shape, ms[mode], mode=mode) for impl, ms in dense.items() for mode in ms]
+    best = {mode: min(ms[mode] for ms in dense.values()) for mode in ("cuda_graph", "eager")}
+    for rule, reprs in case["reprs"].items():
+        made, planned = plans(batch, case["blocks"])
+        lists = {name: plan.run(q, block_table=table, seq_lens=lens, **reprs) for name, plan in made.items()}
+        for i, name in enumerate(("sel_idx", "sel_count")):
+            assert torch.equal(lists["sliced"][i], lists["one_program"][i]), f"{shape} {rule}: {name} differ"
+        sel = lists["sliced"]
+        attend = median_ms(lambda: sparse_decode(q, kv[0], kv[1], table, lens, *sel, out=out, plan=decode_plan))
+        rows += [row("attend", f"ucm_{rule}", shape, attend[mode], mode=mode) for mode in attend]
+        for name, plan in made.items():
+            kept = tuple(t.clone() for t in lists[name])
+            select = median_ms(lambda: plan.run(q, block_table=table, seq_lens=lens, out=kept, **reprs))
+            both = median_ms(lambda: sparse_decode(q, kv[0], kv[1], table, lens,
+                                                   *plan.run(q, block_table=table, seq_lens=lens, out=kept, **reprs),
+                                                   out=out, plan=decode_plan))
+            extra = dict(slices=plan.slices, planned=name == planned)
+            if rule == "quest":  # device time by kernel of the selection (torch.profiler over graph replays)
+                extra["kernels_us"] = kernel_times(graph_of(
+                    lambda: plan.run(q, block_table=table, seq_lens=lens, out=kept, **reprs)))
+            for mode in ("cuda_graph", "eager"):
+                every8 = (both[mode] + 7 * attend[mode]) / 8
+                rows += [row("select", f"ucm_{rule}_{name}", shape, select[mode], mode=mode, **extra),
+                         row("select_attend", f"ucm_{rule}_{name}", shape, both[mode], mode=mode,
+                             speedup_vs_best_dense=best[mode] / both[mode], **extra),
+                         row("select_attend_every8", f"ucm_{rule}_{name}", shape, every8, mode=mode,
+                             speedup_vs_best_dense=best[mode] / every8, composed="(select_attend + 7 x attend) / 8",
+                             **extra)]
+    return rows
+
+
+def sweep_rows(batch: int, context: int, extra: int) -> list[dict]:
+    """The sliced selection (Quest, bf16 reprs) at each slice size and warp count of SWEEP, lists checked against
+    the planned settings', CUDA-graph replay only."""
+    case = inputs(batch, context, extra)
+    args = dict(q=case["q"], block_table=case["table"], seq_lens=case["lens"], **case["reprs"]["quest"])
+    shape = f"b{batch}_ctx{context + extra}_budget2048"
+    expected = plans(batch, case["blocks"])[0]["sliced"].run(**args)
+    rows, kept = [], (sliced.SLICE, sliced._SLICE_WARPS, sliced._MERGE_WARPS)
+    try:
+        for slice_blocks, slice_warps, merge_warps in SWEEP:
+            sliced.SLICE, sliced._SLICE_WARPS, sliced._MERGE_WARPS = slice_blocks, slice_warps, merge_warps
+            plan = plans(batch, case["blocks"])[0]["sliced"]
+            got = plan.run(**args)
+            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), (slice_blocks, slice_warps)
+            ms = median_ms(lambda: plan.run(**args, out=got))["cuda_graph"]
+            rows.append(row("select_sweep", "ucm_quest_sliced", shape, ms, mode="cuda_graph", slices=plan.slices,
+                            slice_blocks=slice_blocks, slice_warps=slice_warps, merge_warps=merge_warps,
+                            planned=(slice_blocks, slice_warps, merge_warps) == kept))
+            print(rows[-1], flush=True)
+    finally:
+        sliced.SLICE, sliced._SLICE_WARPS, sliced._MERGE_WARPS = kept
+    return rows
+
+
+def main() -> None:
+    ceilings = measure_copy_ceilings()
+    rows = []
+    for batch, context, extra in SHAPES:
+        rows += shape_rows(batch, context, extra)
+        if (batch, extra) == (1, 0):  # 16 slices of 512 (8192 blocks) keep 2048 candidates: the most a merge holds
+            rows += sweep_rows(batch, context, extra)
+        torch.cuda.empty_cache()
+        path = write_results("sliced_topk_ab", rows, ceilings, extra={
+            "sizes": SIZES, "timing": "do_bench median, L2 cleared before every call; cuda_graph: replay of the "
+            "captured call, eager: the Python call"})
+    for r in rows:
+        if r["mode"] == "cuda_graph":
+            print(f"{r['name']:22s} {r['impl']:30s} {r['shape']:30s} {r['median_ms'] * 1000:8.1f} us "
+                  f"{r.get('speedup_vs_best_dense', '')} {'planned' if r.get('planned') else ''}")
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

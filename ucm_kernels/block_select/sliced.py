@@ -1,0 +1,190 @@
+"""The top-k of short lists over long rows in more programs than rows: each slice of a row keeps its own best
+``need`` keys, then one program a row picks the row's best ``need`` among the slices' candidates.
+
+With one program a (request, KV head) row (``triton.py``'s ``_select_kernel``), a batch of one request has eight
+programs on a GPU of 132 SMs, each walking 8192 keys in passes (about 15 us fixed and 15 of search at 1 x 128K on
+the H200, BENCHMARKS.md). When a row picks few of its blocks (a token budget: 128 of 8192), the picks of the whole
+row are among the picks of its slices: the order (key descending, logical block ascending) is total, the row's
+``need`` best are a prefix of it, and so the row's best within any slice are a prefix of that slice's ``need``
+best. So:
+
+1. ``_slice_candidates_kernel``, one program per (slice of ``SLICE`` blocks, KV head, request): the slice's keys in
+   registers, its ``need``-th largest by the bitwise search of ``_rank`` (no pass over memory), and the blocks
+   above it plus the first ties, ascending, into a ``[SLICE_PAD]`` candidate row (with their keys).
+2. ``_merge_candidates_kernel``, one program per (KV head, request): every slice's candidates in registers (slice
+   after slice: ascending logical blocks), the ``need``-th largest among them, and the list written in one pass:
+   the init window, the picks (ties to the lowest logical blocks, as the one-program kernel), the local window,
+   -1 padding.
+
+The lists are exactly the one-program kernel's. ``plan_select`` takes this path where it prunes (see
+``choose_slicing``); the gauss rule, whose shares need the whole row first, never does.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .._launch import Launcher, wait_for_previous_grid
+from .._utils import next_pow2
+from ._rank import KEY_NONE, _common_prefix, _finish_search, _order_keys, _plan
+
+SLICE = 1024  # blocks a slice program holds in registers ([SLICE, 16] counts a search round; tests shrink it)
+MIN_PRUNE = 4  # a slice keeps at most 1 / MIN_PRUNE of its blocks, or the row takes the one-program path
+MERGE_KEYS = 2048  # most candidates the merge program holds ([MERGE_KEYS, 4] counts a round)
+_SLICE_WARPS, _MERGE_WARPS = 8, 8
+
+
+def choose_slicing(max_blocks: int, width: int, rows: int, sms: int, sliceable: bool) -> int:
+    """Slices a row is cut into for the sliced top-k of lists up to ``width`` entries over ``max_blocks``-block
+    tables, or 0 for one program a row: at least two slices, each keeping at most ``1 / MIN_PRUNE`` of its blocks
+    (``next_pow2(width)`` candidates), all of them within ``MERGE_KEYS``, and the slice programs of all ``rows``
+    (request, KV head) rows within one wave of ``sms`` SMs. Where rows alone fill the GPU, one program a row is
+    faster: at a 2048-token budget on the H100, 8 x 128K (64 rows, 512 slice programs) selected in 98 us sliced
+    against 89, 1 x 128K (8 rows, 72 programs) in 41 against 44 (``sliced_topk_ab``)."""
+    slices = triton.cdiv(max_blocks, SLICE)
+    keep = next_pow2(max(width, 1))
+    if (not sliceable or slices < 2 or keep * MIN_PRUNE > SLICE or next_pow2(slices) * keep > MERGE_KEYS
+            or rows * slices > sms):
+        return 0
+    return slices
+
+
+def sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device; the Triton interpreter (CPU) counts as one."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+@triton.jit(do_not_specialize=["max_blocks"])
+def _slice_candidates_kernel(
+    scores_ptr,  # [batch, num_kv_heads, >= max_blocks] fp32
+    seq_lens_ptr,  # [batch]
+    reselect_ptr,  # [batch] rows to select (read if MASKED; any pointer otherwise)
+    cand_ptr,  # [batch, num_kv_heads, slices, 2, KEEP] int32: each slice's candidate keys, then their blocks
+    cand_count_ptr,  # [batch, num_kv_heads, slices] int32
+    max_blocks, ratio_fixed, k_floor, init_window, local_window,
+    stride_sb, stride_sh,
+    stride_cb, stride_ch, stride_cs,
+    stride_nb, stride_nh,
+    BLOCK_SIZE: tl.constexpr, SLICE: tl.constexpr, KEEP: tl.constexpr, MASKED: tl.constexpr,
+    PDL: tl.constexpr = 0,
+):
+    wait_for_previous_grid(PDL)
+    part = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    if MASKED:
+        if tl.load(reselect_ptr + b) == 0:
+            return
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    nb, count, lo, hi = _plan(seq_len, max_blocks, ratio_fixed, k_floor, init_window, local_window, BLOCK_SIZE)
+    need = count - (nb - (hi - lo))  # picked among the competing blocks; the windows take the rest
+    j = part * SLICE + tl.arange(0, SLICE)
+    competing = (j >= lo) & (j < hi) & (need > 0)
+    scores = tl.load(scores_ptr + b * stride_sb + head * stride_sh + j, mask=competing, other=0.0)
+    keys = tl.where(competing, _order_keys(scores), KEY_NONE)
+    take = _best(keys, competing, need, 4)
+    positions = tl.cumsum(take.to(tl.int32), axis=0)
+    row = cand_ptr + b * stride_cb + head * stride_ch + part * stride_cs
+    tl.store(row + positions - 1, keys, mask=take)
+    tl.store(row + KEEP + positions - 1, j, mask=take)
+    tl.store(cand_count_ptr + b * stride_nb + head * stride_nh + part, tl.sum(take.to(tl.int32), axis=0))
+
+
+@triton.jit
+def _best(keys, valid, need, RADIX_BITS: tl.constexpr):
+    """Which of the valid ``keys`` (registers, in ascending logical order) are among their ``need`` best: those
+    above the need-th largest, then its ties in order; all of them when there are at most ``need``."""
+    n = tl.sum(valid.to(tl.int32), axis=0)
+    take = valid
+    if n > need:
+        lowest = tl.min(tl.where(valid, keys, 2147483647), axis=0)
+        highest = tl.max(tl.where(valid, keys, KEY_NONE), axis=0)
+        found, bit = _common_prefix(lowest, highest)
+        found, above = _finish_search(keys, found, found * 0, bit, need, RADIX_BITS)
+        threshold = (found - 2147483648).to(tl.int32)
+        tie = valid & (keys == threshold)
+        ties_wanted = need - above.to(tl.int32)
+        take = (valid & (keys > threshold)) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= ties_wanted))
+    return take
+
+
+@triton.jit(do_not_specialize=["max_blocks", "width", "slices"])
+def _merge_candidates_kernel(
+    seq_lens_ptr,  # [batch]
+    reselect_ptr,  # [batch] rows to select (read if MASKED; any pointer otherwise)
+    sel_rows_ptr,  # [batch] int64 row of sel_idx / sel_count each request writes (read if SEL_ROWS)
+    cand_ptr,  # [batch, num_kv_heads, slices, 2, KEEP] int32 (see _slice_candidates_kernel)
+    cand_count_ptr,  # [batch, num_kv_heads, slices] int32
+    sel_idx_ptr,  # [batch or rows, num_kv_heads, width] int32
+    sel_count_ptr,  # [batch or rows, num_kv_heads] int32
+    max_blocks, width, slices, ratio_fixed, k_floor, init_window, local_window,
+    stride_cb, stride_ch, stride_cs,
+    stride_nb, stride_nh,
+    stride_ib, stride_ih, stride_ij,
+    stride_ob, stride_oh,
+    BLOCK_SIZE: tl.constexpr, KEEP: tl.constexpr, KEYS: tl.constexpr, SCAN: tl.constexpr, MASKED: tl.constexpr,
+    SEL_ROWS: tl.constexpr, PDL: tl.constexpr = 0,
+):
+    wait_for_previous_grid(PDL)
+    head = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    if MASKED:
+        if tl.load(reselect_ptr + b) == 0:
+            return
+    if SEL_ROWS:
+        out_b = tl.load(sel_rows_ptr + b).to(tl.int64)
+    else:
+        out_b = b
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    nb, count, lo, hi = _plan(seq_len, max_blocks, ratio_fixed, k_floor, init_window, local_window, BLOCK_SIZE)
+    need = count - (nb - (hi - lo))
+    e = tl.arange(0, KEYS)
+    part = e // KEEP
+    slot = e % KEEP
+    held = tl.load(cand_count_ptr + b * stride_nb + head * stride_nh + part, mask=(part < slices) & (need > 0),
+                   other=0)
+    valid = slot < held
+    at = cand_ptr + b * stride_cb + head * stride_ch + part * stride_cs + slot
+    keys = tl.load(at, mask=valid, other=KEY_NONE)
+    blocks = tl.load(at + KEEP, mask=valid, other=0)
+    take = _best(keys, valid, need, 2)
+    picked = tl.sum(take.to(tl.int32), axis=0)
+    sel_row = sel_idx_ptr + out_b * stride_ib + head * stride_ih
+    tl.store(sel_row + (lo + tl.cumsum(take.to(tl.int32), axis=0) - 1) * stride_ij, blocks, mask=take)
+    offs = tl.arange(0, SCAN)
+    for first in range(0, width, SCAN):  # the windows (the whole list when dense), then -1 to the width
+        p = first + offs
+        value = tl.where(p < lo, p, hi + (p - lo - picked))
+        value = tl.where(p < count, value, -1)
+        tl.store(sel_row + p * stride_ij, value, mask=(p < width) & ((p < lo) | (p >= lo + picked)))
+    tl.store(sel_count_ptr + out_b * stride_ob + head * stride_oh, count)
+
+
+_SLICES, _MERGE = Launcher(_slice_candidates_kernel), Launcher(_merge_candidates_kernel)
+
+
+def launch_sliced(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows) -> None:
+    """The sliced top-k of ``plan`` (a ``SelectPlan`` with ``slices`` > 0): each (KV head, request) row of
+    ``scores`` (``[batch, heads, >= max_blocks]`` fp32) into ``sel_idx`` / ``sel_count`` (only the rows
+    ``reselect`` names, unless None; at the rows ``sel_rows`` names, if given); same lists as ``_select_kernel``."""
+    cand, held = plan.candidates, plan.candidate_counts
+    keep = cand.shape[4]
+    masked = reselect is not None
+    _SLICES((plan.slices, plan.num_kv_heads, plan.batch),
+        scores_ptr=scores, seq_lens_ptr=seq_lens, reselect_ptr=seq_lens if reselect is None else reselect,
+        cand_ptr=cand, cand_count_ptr=held, **plan.limits,
+        stride_sb=scores.stride(0), stride_sh=scores.stride(1),
+        stride_cb=cand.stride(0), stride_ch=cand.stride(1), stride_cs=cand.stride(2),
+        stride_nb=held.stride(0), stride_nh=held.stride(1),
+        BLOCK_SIZE=plan.block_size, SLICE=plan.slice_blocks, KEEP=keep, MASKED=masked, num_warps=_SLICE_WARPS,
+    )
+    _MERGE((plan.num_kv_heads, plan.batch),
+        seq_lens_ptr=seq_lens, reselect_ptr=seq_lens if reselect is None else reselect,
+        sel_rows_ptr=seq_lens if sel_rows is None else sel_rows, cand_ptr=cand, cand_count_ptr=held,
+        sel_idx_ptr=sel_idx, sel_count_ptr=sel_count, width=sel_idx.shape[2], slices=plan.slices, **plan.limits,
+        stride_cb=cand.stride(0), stride_ch=cand.stride(1), stride_cs=cand.stride(2),
+        stride_nb=held.stride(0), stride_nh=held.stride(1),
+        stride_ib=sel_idx.stride(0), stride_ih=sel_idx.stride(1), stride_ij=sel_idx.stride(2),
+        stride_ob=sel_count.stride(0), stride_oh=sel_count.stride(1),
+        BLOCK_SIZE=plan.block_size, KEEP=keep, KEYS=next_pow2(plan.slices) * keep, SCAN=min(1024, keep * 4),
+        MASKED=masked, SEL_ROWS=sel_rows is not None, num_warps=_MERGE_WARPS,
+    )
