@@ -26,6 +26,25 @@ def _plan(seq_len, max_blocks, ratio_fixed, k_floor, init_window, local_window, 
 
 
 @triton.jit
+def _row_plan(seq_lens_ptr, b, max_blocks, ratio_fixed, k_floor, init_window, local_window,
+              BLOCK_SIZE: tl.constexpr):
+    """(seq_len, nb, count, lo, hi, need) of request b: :func:`_plan`'s, and how many blocks are picked among the
+    competing ones (the windows take the rest of ``count``)."""
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    nb, count, lo, hi = _plan(seq_len, max_blocks, ratio_fixed, k_floor, init_window, local_window, BLOCK_SIZE)
+    return seq_len, nb, count, lo, hi, count - (nb - (hi - lo))
+
+
+@triton.jit
+def _output_row(sel_rows_ptr, b, SEL_ROWS: tl.constexpr):
+    """The row of sel_idx / sel_count request b writes: ``sel_rows[b]`` if SEL_ROWS, else b."""
+    out_b = b
+    if SEL_ROWS:
+        out_b = tl.load(sel_rows_ptr + b).to(tl.int64)
+    return out_b
+
+
+@triton.jit
 def _order_keys(scores):
     """int32 keys in the order of the fp32 scores, every NaN (either sign) above +inf: NaN ranks first."""
     bits = tl.where(scores == scores, scores, float("nan")).to(tl.int32, bitcast=True)

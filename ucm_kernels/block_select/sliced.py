@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .._launch import Launcher, wait_for_previous_grid
 from .._utils import next_pow2
-from ._rank import KEY_NONE, _common_prefix, _finish_search, _order_keys, _plan
+from ._rank import KEY_NONE, _common_prefix, _finish_search, _order_keys, _output_row, _row_plan
 
 SLICE = 1024  # blocks a slice program holds in registers ([SLICE, 16] counts a search round; tests shrink it)
 MIN_PRUNE = 4  # a slice keeps at most 1 / MIN_PRUNE of its blocks, or the row takes the one-program path
@@ -74,9 +74,8 @@ def _slice_candidates_kernel(
     if MASKED:
         if tl.load(reselect_ptr + b) == 0:
             return
-    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
-    nb, count, lo, hi = _plan(seq_len, max_blocks, ratio_fixed, k_floor, init_window, local_window, BLOCK_SIZE)
-    need = count - (nb - (hi - lo))  # picked among the competing blocks; the windows take the rest
+    _, nb, count, lo, hi, need = _row_plan(seq_lens_ptr, b, max_blocks, ratio_fixed, k_floor, init_window,
+                                           local_window, BLOCK_SIZE)
     j = part * SLICE + tl.arange(0, SLICE)
     competing = (j >= lo) & (j < hi) & (need > 0)
     scores = tl.load(scores_ptr + b * stride_sb + head * stride_sh + j, mask=competing, other=0.0)
@@ -130,13 +129,9 @@ def _merge_candidates_kernel(
     if MASKED:
         if tl.load(reselect_ptr + b) == 0:
             return
-    if SEL_ROWS:
-        out_b = tl.load(sel_rows_ptr + b).to(tl.int64)
-    else:
-        out_b = b
-    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
-    nb, count, lo, hi = _plan(seq_len, max_blocks, ratio_fixed, k_floor, init_window, local_window, BLOCK_SIZE)
-    need = count - (nb - (hi - lo))
+    out_b = _output_row(sel_rows_ptr, b, SEL_ROWS)
+    _, nb, count, lo, hi, need = _row_plan(seq_lens_ptr, b, max_blocks, ratio_fixed, k_floor, init_window,
+                                           local_window, BLOCK_SIZE)
     e = tl.arange(0, KEYS)
     part = e // KEEP
     slot = e % KEEP

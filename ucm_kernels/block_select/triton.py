@@ -58,7 +58,7 @@ import triton.language as tl
 
 from .._launch import Launcher, wait_for_previous_grid
 from . import sliced as sliced_top_k
-from ._rank import _common_prefix, _finish_search, _order_keys, _plan
+from ._rank import _common_prefix, _finish_search, _order_keys, _output_row, _plan, _row_plan
 from .sliced import choose_slicing, launch_sliced
 from .._utils import INDEX_DTYPES, check_device, check_tensor, next_pow2, padded_empty, triton_interpreting
 
@@ -324,14 +324,10 @@ def _select_kernel(
     if MASKED:
         if tl.load(reselect_ptr + b) == 0:
             return
-    if SEL_ROWS:
-        out_b = tl.load(sel_rows_ptr + b).to(tl.int64)
-    else:
-        out_b = b
-    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
-    nb, count, lo, hi = _plan(seq_len, max_blocks, ratio_fixed, k_floor, init_window, local_window, BLOCK_SIZE)
+    out_b = _output_row(sel_rows_ptr, b, SEL_ROWS)
+    seq_len, nb, count, lo, hi, need = _row_plan(seq_lens_ptr, b, max_blocks, ratio_fixed, k_floor, init_window,
+                                                 local_window, BLOCK_SIZE)
     key_row = keys_ptr + b * stride_kb + head * stride_kh
-    need = count - (nb - (hi - lo))  # picked among the competing blocks; the windows take the rest
     threshold = need * 0 + 2147483647
     ties_wanted = need * 0
     if need > 0:
