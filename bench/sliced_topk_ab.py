@@ -8,8 +8,8 @@ do_bench median, L2 cleared before every call): the selection alone (and its dev
 reprs), selection + attention, attention alone (the step that reuses its lists), and the dense decodes of the same
 run (SDPA and ours), the baseline every speedup is read against (FlashInfer is not set up here; its last figures
 are in BENCHMARKS.md). ``select_every 8`` is composed as ``(select_attend + 7 x attend) / 8`` (GSA's reusing step
-for named requests is its attention alone). At 1 x 128K the sliced selection is also timed at each slice size and
-warp count of SWEEP.
+for named requests is its attention alone). At 1 x 128K the same figures are also taken per layer from one graph of
+LAYERS layers (``layered_rows``), as a serving engine replays a step.
 
     python -m bench.sliced_topk_ab      # JSON under $OUT or bench/results/
 """
@@ -25,8 +25,7 @@ from ucm_kernels.block_select import sliced
 from ucm_kernels.sparse_decode import dense_decode, plan_decode, sparse_decode
 
 SIZES = dict(block_size=BLOCK_SIZE, sparse_ratio=0.3, init_window=1, local_window=4, min_blocks=8, token_budget=2048)
-SWEEP = [(blocks, slice_warps, merge_warps) for blocks in (512, 1024) for slice_warps in (4, 8)
-         for merge_warps in (4, 8)]  # slice blocks, warps of a slice program, of a merge program
+LAYERS = 8  # layers in one graph for the per-layer figures of a whole step (layered_rows)
 SHAPES = ((1, 131072, 0), (1, 131072, 96), (8, 131072, 0), (32, 32768, 0))  # batch, context, tokens past it
 
 
@@ -107,27 +106,46 @@ def shape_rows(batch: int, context: int, extra: int) -> list[dict]:
     return rows
 
 
-def sweep_rows(batch: int, context: int, extra: int) -> list[dict]:
-    """The sliced selection (Quest, bf16 reprs) at each slice size and warp count of SWEEP, lists checked against
-    the planned settings', CUDA-graph replay only."""
-    case = inputs(batch, context, extra)
-    args = dict(q=case["q"], block_table=case["table"], seq_lens=case["lens"], **case["reprs"]["quest"])
-    shape = f"b{batch}_ctx{context + extra}_budget2048"
-    expected = plans(batch, case["blocks"])[0]["sliced"].run(**args)
-    rows, kept = [], (sliced.SLICE, sliced._SLICE_WARPS, sliced._MERGE_WARPS)
-    try:
-        for slice_blocks, slice_warps, merge_warps in SWEEP:
-            sliced.SLICE, sliced._SLICE_WARPS, sliced._MERGE_WARPS = slice_blocks, slice_warps, merge_warps
-            plan = plans(batch, case["blocks"])[0]["sliced"]
-            got = plan.run(**args)
-            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), (slice_blocks, slice_warps)
-            ms = median_ms(lambda: plan.run(**args, out=got))["cuda_graph"]
-            rows.append(row("select_sweep", "ucm_quest_sliced", shape, ms, mode="cuda_graph", slices=plan.slices,
-                            slice_blocks=slice_blocks, slice_warps=slice_warps, merge_warps=merge_warps,
-                            planned=(slice_blocks, slice_warps, merge_warps) == kept))
-            print(rows[-1], flush=True)
-    finally:
-        sliced.SLICE, sliced._SLICE_WARPS, sliced._MERGE_WARPS = kept
+def layered_rows(batch: int, context: int) -> list[dict]:
+    """Per layer from one CUDA graph of LAYERS layers, each with its own KV, reprs and query as a model's layers
+    have (a serving engine replays a whole step, so a graph's launch is paid once for all of them): SDPA, our dense
+    decode, attention alone over each layer's Quest lists, and select + attend as planned (bf16 and fp8 reprs)."""
+    cases = [inputs(batch, context, 0) for _ in range(LAYERS)]
+    first, blocks = cases[0], cases[0]["blocks"]
+    shape = f"b{batch}_ctx{context}_budget2048_L{LAYERS}"
+    out = torch.empty_like(first["q"])
+    dense_plan = plan_decode(first["q"], first["kv"][0], blocks, dense=True)
+    decode_plan = plan_decode(first["q"], first["kv"][0], selection_width(blocks, **SIZES))
+    select_plan = plan_select(batch, NUM_KV_HEADS, HEAD_DIM, blocks, **SIZES, device="cuda")
+
+    def attend(c, sel):
+        return sparse_decode(c["q"], c["kv"][0], c["kv"][1], c["table"], c["lens"], *sel, out=out, plan=decode_plan)
+
+    def select(c, rule, kept):
+        return select_plan.run(c["q"], block_table=c["table"], seq_lens=c["lens"], out=kept, **c["reprs"][rule])
+
+    steps = {
+        "sdpa": lambda: [F.scaled_dot_product_attention(c["q"][:, :, None], *c["dense_kv"], enable_gqa=True)
+                         for c in cases],
+        "ucm_dense_decode": lambda: [dense_decode(c["q"], c["kv"][0], c["kv"][1], c["table"], c["lens"], out=out,
+                                                  plan=dense_plan) for c in cases],
+    }
+    for rule in ("quest", "quest_fp8"):
+        kept = [tuple(t.clone() for t in select(c, rule, None)) for c in cases]
+        steps[f"attend_{rule}"] = lambda kept=kept: [attend(c, sel) for c, sel in zip(cases, kept)]
+        steps[f"select_attend_{rule}"] = lambda rule=rule, kept=kept: [
+            attend(c, select(c, rule, sel)) for c, sel in zip(cases, kept)]
+    times = {name: {mode: ms / LAYERS for mode, ms in median_ms(step).items()} for name, step in steps.items()}
+    best = {mode: min(times["sdpa"][mode], times["ucm_dense_decode"][mode]) for mode in ("cuda_graph", "eager")}
+    rows = [row(name, "per_layer", shape, ms[mode], mode=mode, layers=LAYERS, slices=select_plan.slices)
+            for name, ms in times.items() for mode in ms]
+    for rule in ("quest", "quest_fp8"):
+        for mode in ("cuda_graph", "eager"):
+            every8 = (times[f"select_attend_{rule}"][mode] + 7 * times[f"attend_{rule}"][mode]) / 8
+            rows.append(row(f"select_attend_every8_{rule}", "per_layer", shape, every8, mode=mode, layers=LAYERS,
+                            speedup_vs_best_dense=best[mode] / every8, composed="(select_attend + 7 x attend) / 8"))
+    for r in rows:
+        print(r, flush=True)
     return rows
 
 
@@ -136,8 +154,8 @@ def main() -> None:
     rows = []
     for batch, context, extra in SHAPES:
         rows += shape_rows(batch, context, extra)
-        if (batch, extra) == (1, 0):  # 16 slices of 512 (8192 blocks) keep 2048 candidates: the most a merge holds
-            rows += sweep_rows(batch, context, extra)
+        if (batch, extra) == (1, 0):
+            rows += layered_rows(batch, context)
         torch.cuda.empty_cache()
         path = write_results("sliced_topk_ab", rows, ceilings, extra={
             "sizes": SIZES, "timing": "do_bench median, L2 cleared before every call; cuda_graph: replay of the "
