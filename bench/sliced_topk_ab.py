@@ -9,10 +9,12 @@ reprs), selection + attention, attention alone (the step that reuses its lists),
 run (SDPA and ours), the baseline every speedup is read against (FlashInfer is not set up here; its last figures
 are in BENCHMARKS.md). ``select_every 8`` is composed as ``(select_attend + 7 x attend) / 8`` (GSA's reusing step
 for named requests is its attention alone). At 1 x 128K the same figures are also taken per layer from one graph of
-LAYERS layers (``layered_rows``), as a serving engine replays a step.
+LAYERS layers (``layered_rows``), as a serving engine replays a step, at the budget and at sparse_ratio 0.3.
 
-    python -m bench.sliced_topk_ab      # JSON under $OUT or bench/results/
+    python -m bench.sliced_topk_ab [--layered]     # JSON under $OUT or bench/results/
 """
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -106,17 +108,18 @@ def shape_rows(batch: int, context: int, extra: int) -> list[dict]:
     return rows
 
 
-def layered_rows(batch: int, context: int) -> list[dict]:
+def layered_rows(batch: int, context: int, sizes: dict, selection: str) -> list[dict]:
     """Per layer from one CUDA graph of LAYERS layers, each with its own KV, reprs and query as a model's layers
     have (a serving engine replays a whole step, so a graph's launch is paid once for all of them): SDPA, our dense
-    decode, attention alone over each layer's Quest lists, and select + attend as planned (bf16 and fp8 reprs)."""
+    decode, attention alone over each layer's Quest lists, and select + attend as planned (bf16 and fp8 reprs), with
+    selection ``sizes`` (named ``selection`` in the rows)."""
     cases = [inputs(batch, context, 0) for _ in range(LAYERS)]
     first, blocks = cases[0], cases[0]["blocks"]
-    shape = f"b{batch}_ctx{context}_budget2048_L{LAYERS}"
+    shape = f"b{batch}_ctx{context}_{selection}_L{LAYERS}"
     out = torch.empty_like(first["q"])
     dense_plan = plan_decode(first["q"], first["kv"][0], blocks, dense=True)
-    decode_plan = plan_decode(first["q"], first["kv"][0], selection_width(blocks, **SIZES))
-    select_plan = plan_select(batch, NUM_KV_HEADS, HEAD_DIM, blocks, **SIZES, device="cuda")
+    decode_plan = plan_decode(first["q"], first["kv"][0], selection_width(blocks, **sizes))
+    select_plan = plan_select(batch, NUM_KV_HEADS, HEAD_DIM, blocks, **sizes, device="cuda")
 
     def attend(c, sel):
         return sparse_decode(c["q"], c["kv"][0], c["kv"][1], c["table"], c["lens"], *sel, out=out, plan=decode_plan)
@@ -150,12 +153,16 @@ def layered_rows(batch: int, context: int) -> list[dict]:
 
 
 def main() -> None:
+    """All figures; with ``--layered`` only the per-layer figures of LAYERS layers in one graph."""
     ceilings = measure_copy_ceilings()
+    layered = "--layered" in sys.argv[1:]
     rows = []
     for batch, context, extra in SHAPES:
-        rows += shape_rows(batch, context, extra)
+        if not layered:
+            rows += shape_rows(batch, context, extra)
         if (batch, extra) == (1, 0):
-            rows += layered_rows(batch, context)
+            rows += layered_rows(batch, context, SIZES, "budget2048")
+            rows += layered_rows(batch, context, {**SIZES, "token_budget": None}, "ratio0.3")
         torch.cuda.empty_cache()
         path = write_results("sliced_topk_ab", rows, ceilings, extra={
             "sizes": SIZES, "timing": "do_bench median, L2 cleared before every call; cuda_graph: replay of the "
