@@ -10,7 +10,8 @@ best. So:
 
 1. ``_slice_candidates_kernel``, one program per (slice of ``SLICE`` blocks, KV head, request): the slice's keys in
    registers, its ``need``-th largest by the bitwise search of ``_rank`` (no pass over memory), and the blocks
-   above it plus the first ties, ascending, into a ``[SLICE_PAD]`` candidate row (with their keys).
+   above it plus the first ties, ascending, into a candidate row of ``KEEP`` entries (the list width's next power
+   of two) with their keys.
 2. ``_merge_candidates_kernel``, one program per (KV head, request): every slice's candidates in registers (slice
    after slice: ascending logical blocks), the ``need``-th largest among them, and the list written in one pass:
    the init window, the picks (ties to the lowest logical blocks, as the one-program kernel), the local window,
@@ -38,8 +39,8 @@ def choose_slicing(max_blocks: int, width: int, rows: int, sms: int, sliceable: 
     tables, or 0 for one program a row: at least two slices, each keeping at most ``1 / MIN_PRUNE`` of its blocks
     (``next_pow2(width)`` candidates), all of them within ``MERGE_KEYS``, and the slice programs of all ``rows``
     (request, KV head) rows within one wave of ``sms`` SMs. Where rows alone fill the GPU, one program a row is
-    faster: at a 2048-token budget on the H100, 8 x 128K (64 rows, 512 slice programs) selected in 98 us sliced
-    against 89, 1 x 128K (8 rows, 72 programs) in 41 against 44 (``sliced_topk_ab``)."""
+    faster: at a 2048-token budget on the H100 (Quest, bf16 reprs), 8 x 128K (64 rows, 512 slice programs) selected
+    in 139 us sliced against 129, 1 x 128K (8 rows, 64 programs) in 40.5 against 44.0 (``sliced_topk_ab``)."""
     slices = triton.cdiv(max_blocks, SLICE)
     keep = next_pow2(max(width, 1))
     if (not sliceable or slices < 2 or keep * MIN_PRUNE > SLICE or next_pow2(slices) * keep > MERGE_KEYS
