@@ -77,16 +77,25 @@ def _slice_candidates_kernel(
             return
     _, nb, count, lo, hi, need = _row_plan(seq_lens_ptr, b, max_blocks, ratio_fixed, k_floor, init_window,
                                            local_window, BLOCK_SIZE)
+    _keep_slice_best(scores_ptr + b * stride_sb + head * stride_sh, cand_ptr + b * stride_cb + head * stride_ch,
+                     cand_count_ptr + b * stride_nb + head * stride_nh, part, lo, hi, need, stride_cs, SLICE, KEEP)
+
+
+@triton.jit
+def _keep_slice_best(score_row, cand_row, count_row, part, lo, hi, need, stride_cs, SLICE: tl.constexpr,
+                     KEEP: tl.constexpr):
+    """Slice ``part`` of a row: its competing blocks' keys, their ``need`` best (ascending) into the slice's
+    candidate row (keys, then blocks), and how many into ``count_row[part]``."""
     j = part * SLICE + tl.arange(0, SLICE)
     competing = (j >= lo) & (j < hi) & (need > 0)
-    scores = tl.load(scores_ptr + b * stride_sb + head * stride_sh + j, mask=competing, other=0.0)
+    scores = tl.load(score_row + j, mask=competing, other=0.0)
     keys = tl.where(competing, _order_keys(scores), KEY_NONE)
     take = _best(keys, competing, need, 4)
     positions = tl.cumsum(take.to(tl.int32), axis=0)
-    row = cand_ptr + b * stride_cb + head * stride_ch + part * stride_cs
+    row = cand_row + part * stride_cs
     tl.store(row + positions - 1, keys, mask=take)
     tl.store(row + KEEP + positions - 1, j, mask=take)
-    tl.store(cand_count_ptr + b * stride_nb + head * stride_nh + part, tl.sum(take.to(tl.int32), axis=0))
+    tl.store(count_row + part, tl.sum(take.to(tl.int32), axis=0))
 
 
 @triton.jit
@@ -133,18 +142,26 @@ def _merge_candidates_kernel(
     out_b = _output_row(sel_rows_ptr, b, SEL_ROWS)
     _, nb, count, lo, hi, need = _row_plan(seq_lens_ptr, b, max_blocks, ratio_fixed, k_floor, init_window,
                                            local_window, BLOCK_SIZE)
+    _merge_row(cand_ptr + b * stride_cb + head * stride_ch, cand_count_ptr + b * stride_nb + head * stride_nh,
+               sel_idx_ptr + out_b * stride_ib + head * stride_ih, sel_count_ptr + out_b * stride_ob + head * stride_oh,
+               slices, width, count, lo, hi, need, stride_cs, stride_ij, KEEP, KEYS, SCAN)
+
+
+@triton.jit
+def _merge_row(cand_row, count_row, sel_row, count_out, slices, width, count, lo, hi, need, stride_cs, stride_ij,
+               KEEP: tl.constexpr, KEYS: tl.constexpr, SCAN: tl.constexpr):
+    """A row's list from its slices' candidates: the ``need`` best among them (read past L1: other programs wrote
+    them), then the windows and -1 padding, in ascending order; its count into ``count_out``."""
     e = tl.arange(0, KEYS)
     part = e // KEEP
     slot = e % KEEP
-    held = tl.load(cand_count_ptr + b * stride_nb + head * stride_nh + part, mask=(part < slices) & (need > 0),
-                   other=0)
+    held = tl.load(count_row + part, mask=(part < slices) & (need > 0), other=0, cache_modifier=".cg")
     valid = slot < held
-    at = cand_ptr + b * stride_cb + head * stride_ch + part * stride_cs + slot
-    keys = tl.load(at, mask=valid, other=KEY_NONE)
-    blocks = tl.load(at + KEEP, mask=valid, other=0)
+    at = cand_row + part * stride_cs + slot
+    keys = tl.load(at, mask=valid, other=KEY_NONE, cache_modifier=".cg")
+    blocks = tl.load(at + KEEP, mask=valid, other=0, cache_modifier=".cg")
     take = _best(keys, valid, need, 2)
     picked = tl.sum(take.to(tl.int32), axis=0)
-    sel_row = sel_idx_ptr + out_b * stride_ib + head * stride_ih
     tl.store(sel_row + (lo + tl.cumsum(take.to(tl.int32), axis=0) - 1) * stride_ij, blocks, mask=take)
     offs = tl.arange(0, SCAN)
     for first in range(0, width, SCAN):  # the windows (the whole list when dense), then -1 to the width
@@ -152,16 +169,86 @@ def _merge_candidates_kernel(
         value = tl.where(p < lo, p, hi + (p - lo - picked))
         value = tl.where(p < count, value, -1)
         tl.store(sel_row + p * stride_ij, value, mask=(p < width) & ((p < lo) | (p >= lo + picked)))
-    tl.store(sel_count_ptr + out_b * stride_ob + head * stride_oh, count)
+    tl.store(count_out, count)
+
+
+@triton.jit(do_not_specialize=["max_blocks", "width", "slices"])
+def _sliced_topk_kernel(
+    scores_ptr,  # [batch, num_kv_heads, >= max_blocks] fp32
+    seq_lens_ptr,  # [batch]
+    reselect_ptr,  # [batch] rows to select (read if MASKED; any pointer otherwise)
+    sel_rows_ptr,  # [batch] int64 row of sel_idx / sel_count each request writes (read if SEL_ROWS)
+    cand_ptr,  # [batch, num_kv_heads, slices, 2, KEEP] int32: each slice's candidate keys, then their blocks
+    cand_count_ptr,  # [batch, num_kv_heads, slices] int32
+    arrivals_ptr,  # [batch, num_kv_heads] int32, zero between launches: slices of the row done so far
+    sel_idx_ptr,  # [batch or rows, num_kv_heads, width] int32
+    sel_count_ptr,  # [batch or rows, num_kv_heads] int32
+    max_blocks, width, slices, ratio_fixed, k_floor, init_window, local_window,
+    stride_sb, stride_sh,
+    stride_cb, stride_ch, stride_cs,
+    stride_nb, stride_nh,
+    stride_ab,
+    stride_ib, stride_ih, stride_ij,
+    stride_ob, stride_oh,
+    BLOCK_SIZE: tl.constexpr, SLICE: tl.constexpr, KEEP: tl.constexpr, KEYS: tl.constexpr, SCAN: tl.constexpr,
+    MASKED: tl.constexpr, SEL_ROWS: tl.constexpr, PDL: tl.constexpr = 0,
+):
+    """Both stages in one launch: every slice program keeps its best, and the row's last to finish (counted on
+    ``arrivals``, which it resets) merges them."""
+    wait_for_previous_grid(PDL)
+    part = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    if MASKED:
+        if tl.load(reselect_ptr + b) == 0:
+            return
+    _, nb, count, lo, hi, need = _row_plan(seq_lens_ptr, b, max_blocks, ratio_fixed, k_floor, init_window,
+                                           local_window, BLOCK_SIZE)
+    cand_row = cand_ptr + b * stride_cb + head * stride_ch
+    count_row = cand_count_ptr + b * stride_nb + head * stride_nh
+    _keep_slice_best(scores_ptr + b * stride_sb + head * stride_sh, cand_row, count_row, part, lo, hi, need,
+                     stride_cs, SLICE, KEEP)
+    tl.debug_barrier()  # every thread's candidates are stored before the row's count goes up (release, below)
+    arrival = arrivals_ptr + b * stride_ab + head
+    if tl.atomic_add(arrival, 1, sem="acq_rel", scope="gpu") == slices - 1:
+        tl.store(arrival, 0)
+        out_b = _output_row(sel_rows_ptr, b, SEL_ROWS)
+        _merge_row(cand_row, count_row, sel_idx_ptr + out_b * stride_ib + head * stride_ih,
+                   sel_count_ptr + out_b * stride_ob + head * stride_oh, slices, width, count, lo, hi, need,
+                   stride_cs, stride_ij, KEEP, KEYS, SCAN)
 
 
 _SLICES, _MERGE = Launcher(_slice_candidates_kernel), Launcher(_merge_candidates_kernel)
+_FUSED = Launcher(_sliced_topk_kernel)
+FUSED = True  # one launch (the row's last slice merges) rather than two
+
+
+def _launch_fused(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows) -> None:
+    cand, held, arrivals = plan.candidates, plan.candidate_counts, plan.arrivals
+    keep = cand.shape[4]
+    _FUSED((plan.slices, plan.num_kv_heads, plan.batch),
+        scores_ptr=scores, seq_lens_ptr=seq_lens, reselect_ptr=seq_lens if reselect is None else reselect,
+        sel_rows_ptr=seq_lens if sel_rows is None else sel_rows, cand_ptr=cand, cand_count_ptr=held,
+        arrivals_ptr=arrivals, sel_idx_ptr=sel_idx, sel_count_ptr=sel_count, width=sel_idx.shape[2],
+        slices=plan.slices, **plan.limits,
+        stride_sb=scores.stride(0), stride_sh=scores.stride(1),
+        stride_cb=cand.stride(0), stride_ch=cand.stride(1), stride_cs=cand.stride(2),
+        stride_nb=held.stride(0), stride_nh=held.stride(1), stride_ab=arrivals.stride(0),
+        stride_ib=sel_idx.stride(0), stride_ih=sel_idx.stride(1), stride_ij=sel_idx.stride(2),
+        stride_ob=sel_count.stride(0), stride_oh=sel_count.stride(1),
+        BLOCK_SIZE=plan.block_size, SLICE=plan.slice_blocks, KEEP=keep, KEYS=next_pow2(plan.slices) * keep,
+        SCAN=min(1024, keep * 4), MASKED=reselect is not None, SEL_ROWS=sel_rows is not None,
+        num_warps=_SLICE_WARPS,
+    )
 
 
 def launch_sliced(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows) -> None:
     """The sliced top-k of ``plan`` (a ``SelectPlan`` with ``slices`` > 0): each (KV head, request) row of
     ``scores`` (``[batch, heads, >= max_blocks]`` fp32) into ``sel_idx`` / ``sel_count`` (only the rows
     ``reselect`` names, unless None; at the rows ``sel_rows`` names, if given); same lists as ``_select_kernel``."""
+    if FUSED:
+        _launch_fused(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows)
+        return
     cand, held = plan.candidates, plan.candidate_counts
     keep = cand.shape[4]
     masked = reselect is not None

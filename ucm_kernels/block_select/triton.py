@@ -505,6 +505,7 @@ class SelectPlan:
     slice_blocks: int = 0  # blocks a slice program holds (``sliced.SLICE`` when planned)
     candidates: torch.Tensor | None = None  # [batch, num_kv_heads, slices, 2, keep] int32: a slice's keys, blocks
     candidate_counts: torch.Tensor | None = None  # [batch, num_kv_heads, slices] int32
+    arrivals: torch.Tensor | None = None  # [batch, num_kv_heads] int32, zero between launches (sliced.py)
 
     def for_rows(self, rows: int) -> "SelectPlan":
         """This plan for the first ``rows`` (<= batch) requests, sharing its scratch (e.g. the plan of a smaller
@@ -512,7 +513,8 @@ class SelectPlan:
         if not _is_int(rows) or not 0 <= rows <= self.batch:
             raise ValueError(f"rows: got {rows!r}, expected an int in [0, {self.batch}]")
         sliced = {} if not self.slices else dict(candidates=self.candidates[:rows],
-                                                  candidate_counts=self.candidate_counts[:rows])
+                                                  candidate_counts=self.candidate_counts[:rows],
+                                                  arrivals=self.arrivals[:rows])
         return dataclasses.replace(self, batch=rows, scores=self.scores[:rows], keys=self.keys[:rows], **sliced)
 
     def run(self, q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None, kmean: torch.Tensor | None,
@@ -575,7 +577,8 @@ def _make_plan(batch, heads, head_dim, max_blocks, device, block_size, sparse_ra
         keep = next_pow2(width)
         sliced = dict(slices=slices, slice_blocks=sliced_top_k.SLICE,
                       candidates=torch.empty(batch, heads, slices, 2, keep, dtype=torch.int32, device=device),
-                      candidate_counts=torch.empty(batch, heads, slices, dtype=torch.int32, device=device))
+                      candidate_counts=torch.empty(batch, heads, slices, dtype=torch.int32, device=device),
+                      arrivals=torch.zeros(batch, heads, dtype=torch.int32, device=device))
     key_entries = 0 if slices else triton.cdiv(max(max_blocks, 1), chunk) * chunk + finish
     keys = torch.empty(batch, heads, key_entries, dtype=torch.int32, device=device)
     return SelectPlan(batch, heads, head_dim, max_blocks, width, block_size, SCORES.index(score), group, limits, scores,
