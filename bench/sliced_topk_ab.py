@@ -3,18 +3,16 @@
 For each shape (1 x 128K, 1 x 128K + 96 tokens, 8 x 128K, 32 x 32K; 32 query / 8 KV heads of 128, bf16, blocks of
 16) and each Quest rule (bf16 and fp8 reprs), the same settings planned both ways (``sliced.MIN_PRUNE`` raised
 past any slice for one program a row, the one-wave limit lifted for slices; rows say which one ``plan_select``
-picks), the sliced plan launched as one kernel (as configured) and as two (``sliced_two_launches``). Their lists
-must be equal bit for bit before anything is timed. Timed (CUDA-graph replay and eager, do_bench median, L2 cleared
-before every call): the selection alone (and its device time by kernel, Quest on bf16 reprs), selection + attention,
-attention alone (the step that reuses its lists), and the dense decodes of the same run (SDPA and ours), the
-baseline every speedup is read against (FlashInfer is not set up here; its last figures are in BENCHMARKS.md).
-``select_every 8`` is composed as ``(select_attend + 7 x attend) / 8`` (GSA's reusing step for named requests is its
-attention alone). At 1 x 128K the same figures are also taken per layer from one graph of LAYERS layers
-(``layered_rows``), as a serving engine replays a step, at the budget and at sparse_ratio 0.3.
+picks). Their lists must be equal bit for bit before anything is timed. Timed (CUDA-graph replay and eager,
+do_bench median, L2 cleared before every call): the selection alone (and its device time by kernel, Quest on bf16
+reprs), selection + attention, attention alone (the step that reuses its lists), and the dense decodes of the same
+run (SDPA and ours), the baseline every speedup is read against (FlashInfer is not set up here; its last figures
+are in BENCHMARKS.md). ``select_every 8`` is composed as ``(select_attend + 7 x attend) / 8`` (GSA's reusing step
+for named requests is its attention alone). At 1 x 128K the same figures are also taken per layer from one graph of
+LAYERS layers (``layered_rows``), as a serving engine replays a step, at the budget and at sparse_ratio 0.3.
 
     python -m bench.sliced_topk_ab [--layered]     # JSON under $OUT or bench/results/
 """
-import contextlib
 import sys
 
 import torch
@@ -64,19 +62,7 @@ def plans(batch: int, blocks: int) -> tuple[dict, str]:
         finally:
             setattr(sliced, setting, kept)
     assert made["sliced"].slices > 0 and made["one_program"].slices == 0
-    made["sliced_two_launches"] = made["sliced"]  # the same plan launched as two kernels (see launches)
     return made, planned
-
-
-@contextlib.contextmanager
-def launches(variant: str):
-    """The sliced top-k's launches for ``variant``: two kernels for "sliced_two_launches", else as configured."""
-    kept = sliced.FUSED
-    sliced.FUSED = kept and variant != "sliced_two_launches"
-    try:
-        yield
-    finally:
-        sliced.FUSED = kept
 
 
 def shape_rows(batch: int, context: int, extra: int) -> list[dict]:
@@ -99,10 +85,7 @@ def shape_rows(batch: int, context: int, extra: int) -> list[dict]:
 
     for rule, reprs in case["reprs"].items():
         made, planned = plans(batch, case["blocks"])
-        lists = {}
-        for name, plan in made.items():
-            with launches(name):
-                lists[name] = plan.run(q, block_table=table, seq_lens=lens, **reprs)
+        lists = {name: plan.run(q, block_table=table, seq_lens=lens, **reprs) for name, plan in made.items()}
         for name in made:
             for i, what in enumerate(("sel_idx", "sel_count")):
                 assert torch.equal(lists[name][i], lists["one_program"][i]), f"{shape} {rule} {name}: {what} differ"
@@ -114,11 +97,10 @@ def shape_rows(batch: int, context: int, extra: int) -> list[dict]:
             def select(plan=plan, kept=kept):
                 return plan.run(q, block_table=table, seq_lens=lens, out=kept, **reprs)
 
-            with launches(name):
-                times = {"select": median_ms(select), "select_attend": median_ms(lambda: attend(select()))}
-                extra = dict(slices=plan.slices, planned=name == planned)
-                if rule == "quest":  # device time by kernel of the selection (torch.profiler over graph replays)
-                    extra["kernels_us"] = kernel_times(graph_of(select))
+            times = {"select": median_ms(select), "select_attend": median_ms(lambda: attend(select()))}
+            extra = dict(slices=plan.slices, planned=name == planned)
+            if rule == "quest":  # device time by kernel of the selection (torch.profiler over graph replays)
+                extra["kernels_us"] = kernel_times(graph_of(select))
             for mode in ("cuda_graph", "eager"):
                 both = times["select_attend"][mode]
                 every8 = (both + 7 * alone[mode]) / 8

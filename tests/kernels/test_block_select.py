@@ -619,14 +619,13 @@ def test_plan_for_fewer_rows_shares_the_scratch_and_selects_like_a_fresh_plan():
             plan.for_rows(rows)
 
 
-def sliced_plans(monkeypatch, slice_blocks: int, min_prune: int, fused: bool) -> None:
+def sliced_plans(monkeypatch, slice_blocks: int, min_prune: int) -> None:
     """Plans made from here on cut rows into slices of ``slice_blocks`` wherever each slice keeps at most
     ``1 / min_prune`` of its blocks (on a GPU: slices of 1024, a quarter) and their programs fit 132 SMs (an
-    H100's; the interpreter counts as one SM); launched as one kernel (``fused``) or two."""
+    H100's; the interpreter counts as one SM)."""
     monkeypatch.setattr(block_select_sliced, "SLICE", slice_blocks)
     monkeypatch.setattr(block_select_sliced, "MIN_PRUNE", min_prune)
     monkeypatch.setattr(block_select_sliced, "sm_count", lambda device: 132)
-    monkeypatch.setattr(block_select_sliced, "FUSED", fused)
 
 
 @pytest.mark.parametrize("slice_blocks,min_prune,sizes", [
@@ -634,15 +633,14 @@ def sliced_plans(monkeypatch, slice_blocks: int, min_prune: int, fused: bool) ->
     (32, 1, SIZES),  # ratio 0.3: 18 blocks a list of 60, slices that keep every competing block they hold
     (16, 1, dict(SIZES, init_window=0, local_window=1, min_blocks=1, token_budget=200)),  # no window but the last
 ])
-@pytest.mark.parametrize("fused", [True, False])
-def test_sliced_top_k_writes_the_rule_and_the_one_program_lists(slice_blocks, min_prune, sizes, fused, monkeypatch):
+def test_sliced_top_k_writes_the_rule_and_the_one_program_lists(slice_blocks, min_prune, sizes, monkeypatch):
     """The sliced top-k (each slice keeps its best, one program merges) over the search's hardest scores (random
     bit patterns, ties, ulps, NaNs of either sign), ragged requests (one dense): the rule written out, and exactly
     the one-program kernel's lists and counts."""
     seq_lens = torch.tensor([955, 700, 403, 229, 60], dtype=torch.int32, device=DEVICE)
     scores = hard_scores(5, 3, 60).to(DEVICE)
     one = select_from_scores(scores, seq_lens, **sizes)
-    sliced_plans(monkeypatch, slice_blocks, min_prune, fused)
+    sliced_plans(monkeypatch, slice_blocks, min_prune)
     width = selection_width(60, **sizes)
     assert block_select_sliced.choose_slicing(60, width, 15, 132, sliceable=True) == -(-60 // slice_blocks)
     lists = select_from_scores(scores, seq_lens, **sizes)
@@ -650,16 +648,15 @@ def test_sliced_top_k_writes_the_rule_and_the_one_program_lists(slice_blocks, mi
     assert torch.equal(lists[0], one[0]) and torch.equal(lists[1], one[1])
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_sliced_top_k_reselects_named_rows_into_sel_rows(fused, monkeypatch):
+def test_sliced_top_k_reselects_named_rows_into_sel_rows(monkeypatch):
     """Through a plan (quest scores from reprs, windows, a 2-block request that is dense): rows reselected into the
-    rows sel_rows names get the one-program lists, the others keep what they held; the fused launch leaves its
-    arrival counts at zero for the next."""
+    rows sel_rows names get the one-program lists, the others keep what they held; each launch leaves its arrival
+    counts at zero for the next."""
     case = make_case(seq_lens=[955, 17, 403, 700], max_blocks=60)
     sizes = dict(SIZES, token_budget=120)
     args = (case["q"], case["kmin"], case["kmax"], case["kmean"], case["block_table"], case["seq_lens"])
     ref_idx, ref_count = plan_select(4, 2, 64, 60, **sizes, device=DEVICE).run(*args)
-    sliced_plans(monkeypatch, 16, 2, fused)
+    sliced_plans(monkeypatch, 16, 2)
     plan = plan_select(4, 2, 64, 60, **sizes, device=DEVICE)
     assert plan.slices == 4 and plan.candidates.shape == (4, 2, 4, 2, 8) and plan.keys.shape[2] == 0
     slots = torch.tensor([5, 1, 3, 0], device=DEVICE)

@@ -1,21 +1,22 @@
 """The top-k of short lists over long rows in more programs than rows: each slice of a row keeps its own best
-``need`` keys, then one program a row picks the row's best ``need`` among the slices' candidates.
+``need`` keys, then the row's last slice to finish picks the row's best ``need`` among the slices' candidates.
 
 With one program a (request, KV head) row (``triton.py``'s ``_select_kernel``), a batch of one request has eight
 programs on a GPU of 132 SMs, each walking 8192 keys in passes (about 15 us fixed and 15 of search at 1 x 128K on
 the H200, BENCHMARKS.md). When a row picks few of its blocks (a token budget: 128 of 8192), the picks of the whole
 row are among the picks of its slices: the order (key descending, logical block ascending) is total, the row's
 ``need`` best are a prefix of it, and so the row's best within any slice are a prefix of that slice's ``need``
-best. So:
+best. So one launch, ``_sliced_topk_kernel``, runs a program per (slice of ``SLICE`` blocks, KV head, request):
+1. the slice's keys in registers, its ``need``-th largest by the bitwise search of ``_rank`` (no pass over memory),
+   and the blocks above it plus the first ties, ascending, into a candidate row of ``KEEP`` entries (the list
+   width's next power of two) with their keys;
+2. the row's last slice program to finish (an arrival count per row, reset by that program for the next launch)
+   loads every slice's candidates (slice after slice: ascending logical blocks), finds the ``need``-th largest among
+   them and writes the list in one pass: the init window, the picks (ties to the lowest logical blocks, as the
+   one-program kernel), the local window, -1 padding.
 
-1. ``_slice_candidates_kernel``, one program per (slice of ``SLICE`` blocks, KV head, request): the slice's keys in
-   registers, its ``need``-th largest by the bitwise search of ``_rank`` (no pass over memory), and the blocks
-   above it plus the first ties, ascending, into a candidate row of ``KEEP`` entries (the list width's next power
-   of two) with their keys.
-2. ``_merge_candidates_kernel``, one program per (KV head, request): every slice's candidates in registers (slice
-   after slice: ascending logical blocks), the ``need``-th largest among them, and the list written in one pass:
-   the init window, the picks (ties to the lowest logical blocks, as the one-program kernel), the local window,
-   -1 padding.
+Two launches (the merge as a kernel of its own) were 1.2-1.3 us slower at 1 x 128K on the H100
+(``sliced_topk_ab-NVIDIA_H100_80GB_HBM3-2026-12-06-bcc13ef.json``).
 
 The lists are exactly the one-program kernel's. ``plan_select`` takes this path where it prunes (see
 ``choose_slicing``); the gauss rule, whose shares need the whole row first, never does.
@@ -31,7 +32,7 @@ from ._rank import KEY_NONE, _common_prefix, _finish_search, _order_keys, _outpu
 SLICE = 1024  # blocks a slice program holds in registers ([SLICE, 16] counts a search round; tests shrink it)
 MIN_PRUNE = 4  # a slice keeps at most 1 / MIN_PRUNE of its blocks, or the row takes the one-program path
 MERGE_KEYS = 2048  # most candidates the merge program holds ([MERGE_KEYS, 4] counts a round)
-_SLICE_WARPS, _MERGE_WARPS = 8, 8
+_WARPS = 8  # 4 or 8 warps for either stage were within 1.5 us at 1 x 128K (H100, fa320e9)
 
 
 def choose_slicing(max_blocks: int, width: int, rows: int, sms: int, sliceable: bool) -> int:
@@ -52,33 +53,6 @@ def choose_slicing(max_blocks: int, width: int, rows: int, sms: int, sliceable: 
 def sm_count(device: torch.device) -> int:
     """SMs of a CUDA device; the Triton interpreter (CPU) counts as one."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
-@triton.jit(do_not_specialize=["max_blocks"])
-def _slice_candidates_kernel(
-    scores_ptr,  # [batch, num_kv_heads, >= max_blocks] fp32
-    seq_lens_ptr,  # [batch]
-    reselect_ptr,  # [batch] rows to select (read if MASKED; any pointer otherwise)
-    cand_ptr,  # [batch, num_kv_heads, slices, 2, KEEP] int32: each slice's candidate keys, then their blocks
-    cand_count_ptr,  # [batch, num_kv_heads, slices] int32
-    max_blocks, ratio_fixed, k_floor, init_window, local_window,
-    stride_sb, stride_sh,
-    stride_cb, stride_ch, stride_cs,
-    stride_nb, stride_nh,
-    BLOCK_SIZE: tl.constexpr, SLICE: tl.constexpr, KEEP: tl.constexpr, MASKED: tl.constexpr,
-    PDL: tl.constexpr = 0,
-):
-    wait_for_previous_grid(PDL)
-    part = tl.program_id(0)
-    head = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    if MASKED:
-        if tl.load(reselect_ptr + b) == 0:
-            return
-    _, nb, count, lo, hi, need = _row_plan(seq_lens_ptr, b, max_blocks, ratio_fixed, k_floor, init_window,
-                                           local_window, BLOCK_SIZE)
-    _keep_slice_best(scores_ptr + b * stride_sb + head * stride_sh, cand_ptr + b * stride_cb + head * stride_ch,
-                     cand_count_ptr + b * stride_nb + head * stride_nh, part, lo, hi, need, stride_cs, SLICE, KEEP)
 
 
 @triton.jit
@@ -114,37 +88,6 @@ def _best(keys, valid, need, RADIX_BITS: tl.constexpr):
         ties_wanted = need - above.to(tl.int32)
         take = (valid & (keys > threshold)) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= ties_wanted))
     return take
-
-
-@triton.jit(do_not_specialize=["max_blocks", "width", "slices"])
-def _merge_candidates_kernel(
-    seq_lens_ptr,  # [batch]
-    reselect_ptr,  # [batch] rows to select (read if MASKED; any pointer otherwise)
-    sel_rows_ptr,  # [batch] int64 row of sel_idx / sel_count each request writes (read if SEL_ROWS)
-    cand_ptr,  # [batch, num_kv_heads, slices, 2, KEEP] int32 (see _slice_candidates_kernel)
-    cand_count_ptr,  # [batch, num_kv_heads, slices] int32
-    sel_idx_ptr,  # [batch or rows, num_kv_heads, width] int32
-    sel_count_ptr,  # [batch or rows, num_kv_heads] int32
-    max_blocks, width, slices, ratio_fixed, k_floor, init_window, local_window,
-    stride_cb, stride_ch, stride_cs,
-    stride_nb, stride_nh,
-    stride_ib, stride_ih, stride_ij,
-    stride_ob, stride_oh,
-    BLOCK_SIZE: tl.constexpr, KEEP: tl.constexpr, KEYS: tl.constexpr, SCAN: tl.constexpr, MASKED: tl.constexpr,
-    SEL_ROWS: tl.constexpr, PDL: tl.constexpr = 0,
-):
-    wait_for_previous_grid(PDL)
-    head = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
-    if MASKED:
-        if tl.load(reselect_ptr + b) == 0:
-            return
-    out_b = _output_row(sel_rows_ptr, b, SEL_ROWS)
-    _, nb, count, lo, hi, need = _row_plan(seq_lens_ptr, b, max_blocks, ratio_fixed, k_floor, init_window,
-                                           local_window, BLOCK_SIZE)
-    _merge_row(cand_ptr + b * stride_cb + head * stride_ch, cand_count_ptr + b * stride_nb + head * stride_nh,
-               sel_idx_ptr + out_b * stride_ib + head * stride_ih, sel_count_ptr + out_b * stride_ob + head * stride_oh,
-               slices, width, count, lo, hi, need, stride_cs, stride_ij, KEEP, KEYS, SCAN)
 
 
 @triton.jit
@@ -218,15 +161,16 @@ def _sliced_topk_kernel(
                    stride_cs, stride_ij, KEEP, KEYS, SCAN)
 
 
-_SLICES, _MERGE = Launcher(_slice_candidates_kernel), Launcher(_merge_candidates_kernel)
-_FUSED = Launcher(_sliced_topk_kernel)
-FUSED = True  # one launch (the row's last slice merges) rather than two
+_SLICED = Launcher(_sliced_topk_kernel)
 
 
-def _launch_fused(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows) -> None:
+def launch_sliced(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows) -> None:
+    """The sliced top-k of ``plan`` (a ``SelectPlan`` with ``slices`` > 0): each (KV head, request) row of
+    ``scores`` (``[batch, heads, >= max_blocks]`` fp32) into ``sel_idx`` / ``sel_count`` (only the rows
+    ``reselect`` names, unless None; at the rows ``sel_rows`` names, if given); same lists as ``_select_kernel``."""
     cand, held, arrivals = plan.candidates, plan.candidate_counts, plan.arrivals
     keep = cand.shape[4]
-    _FUSED((plan.slices, plan.num_kv_heads, plan.batch),
+    _SLICED((plan.slices, plan.num_kv_heads, plan.batch),
         scores_ptr=scores, seq_lens_ptr=seq_lens, reselect_ptr=seq_lens if reselect is None else reselect,
         sel_rows_ptr=seq_lens if sel_rows is None else sel_rows, cand_ptr=cand, cand_count_ptr=held,
         arrivals_ptr=arrivals, sel_idx_ptr=sel_idx, sel_count_ptr=sel_count, width=sel_idx.shape[2],
@@ -237,37 +181,5 @@ def _launch_fused(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows
         stride_ib=sel_idx.stride(0), stride_ih=sel_idx.stride(1), stride_ij=sel_idx.stride(2),
         stride_ob=sel_count.stride(0), stride_oh=sel_count.stride(1),
         BLOCK_SIZE=plan.block_size, SLICE=plan.slice_blocks, KEEP=keep, KEYS=next_pow2(plan.slices) * keep,
-        SCAN=min(1024, keep * 4), MASKED=reselect is not None, SEL_ROWS=sel_rows is not None,
-        num_warps=_SLICE_WARPS,
-    )
-
-
-def launch_sliced(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows) -> None:
-    """The sliced top-k of ``plan`` (a ``SelectPlan`` with ``slices`` > 0): each (KV head, request) row of
-    ``scores`` (``[batch, heads, >= max_blocks]`` fp32) into ``sel_idx`` / ``sel_count`` (only the rows
-    ``reselect`` names, unless None; at the rows ``sel_rows`` names, if given); same lists as ``_select_kernel``."""
-    if FUSED:
-        _launch_fused(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows)
-        return
-    cand, held = plan.candidates, plan.candidate_counts
-    keep = cand.shape[4]
-    masked = reselect is not None
-    _SLICES((plan.slices, plan.num_kv_heads, plan.batch),
-        scores_ptr=scores, seq_lens_ptr=seq_lens, reselect_ptr=seq_lens if reselect is None else reselect,
-        cand_ptr=cand, cand_count_ptr=held, **plan.limits,
-        stride_sb=scores.stride(0), stride_sh=scores.stride(1),
-        stride_cb=cand.stride(0), stride_ch=cand.stride(1), stride_cs=cand.stride(2),
-        stride_nb=held.stride(0), stride_nh=held.stride(1),
-        BLOCK_SIZE=plan.block_size, SLICE=plan.slice_blocks, KEEP=keep, MASKED=masked, num_warps=_SLICE_WARPS,
-    )
-    _MERGE((plan.num_kv_heads, plan.batch),
-        seq_lens_ptr=seq_lens, reselect_ptr=seq_lens if reselect is None else reselect,
-        sel_rows_ptr=seq_lens if sel_rows is None else sel_rows, cand_ptr=cand, cand_count_ptr=held,
-        sel_idx_ptr=sel_idx, sel_count_ptr=sel_count, width=sel_idx.shape[2], slices=plan.slices, **plan.limits,
-        stride_cb=cand.stride(0), stride_ch=cand.stride(1), stride_cs=cand.stride(2),
-        stride_nb=held.stride(0), stride_nh=held.stride(1),
-        stride_ib=sel_idx.stride(0), stride_ih=sel_idx.stride(1), stride_ij=sel_idx.stride(2),
-        stride_ob=sel_count.stride(0), stride_oh=sel_count.stride(1),
-        BLOCK_SIZE=plan.block_size, KEEP=keep, KEYS=next_pow2(plan.slices) * keep, SCAN=min(1024, keep * 4),
-        MASKED=masked, SEL_ROWS=sel_rows is not None, num_warps=_MERGE_WARPS,
+        SCAN=min(1024, keep * 4), MASKED=reselect is not None, SEL_ROWS=sel_rows is not None, num_warps=_WARPS,
     )
