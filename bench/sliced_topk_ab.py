@@ -6,10 +6,11 @@ past any slice for one program a row, the one-wave limit lifted for slices; rows
 picks). Their lists must be equal bit for bit before anything is timed. Timed (CUDA-graph replay and eager,
 do_bench median, L2 cleared before every call): the selection alone (and its device time by kernel, Quest on bf16
 reprs), selection + attention, attention alone (the step that reuses its lists), and the dense decodes of the same
-run (SDPA and ours), the baseline every speedup is read against (FlashInfer is not set up here; its last figures
-are in BENCHMARKS.md). ``select_every 8`` is composed as ``(select_attend + 7 x attend) / 8`` (GSA's reusing step
-for named requests is its attention alone). At 1 x 128K the same figures are also taken per layer from one graph of
-LAYERS layers (``layered_rows``), as a serving engine replays a step, at the budget and at sparse_ratio 0.3.
+run (SDPA, ours, and FlashInfer's two paged kernels when it imports: carry .flashinfer, ENV.md), the fastest of
+which every speedup is read against. ``select_every 8`` is composed as ``(select_attend + 7 x attend) / 8`` (GSA's
+reusing step for named requests is its attention alone). At 1 x 128K the same figures are also taken per layer from
+one graph of LAYERS layers (``layered_rows``), as a serving engine replays a step, at the budget and at sparse_ratio
+0.3.
 
     python -m bench.sliced_topk_ab [--layered]     # JSON under $OUT or bench/results/
 """
@@ -18,6 +19,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from bench import flashinfer_peer
 from bench.bench_sparse_decode import BLOCK_SIZE, FP8, HEAD_DIM, NUM_KV_HEADS, NUM_Q_HEADS, graph_of, median_ms
 from bench.harness import measure_copy_ceilings, row, write_results
 from bench.profile_gsa_kernels import kernel_times
@@ -27,6 +29,7 @@ from ucm_kernels.block_select import sliced
 from ucm_kernels.sparse_decode import dense_decode, plan_decode, sparse_decode
 
 SIZES = dict(block_size=BLOCK_SIZE, sparse_ratio=0.3, init_window=1, local_window=4, min_blocks=8, token_budget=2048)
+FLASHINFER = flashinfer_peer.available()
 LAYERS = 8  # layers in one graph for the per-layer figures of a whole step (layered_rows)
 SHAPES = ((1, 131072, 0), (1, 131072, 96), (8, 131072, 0), (32, 32768, 0))  # batch, context, tokens past it
 
@@ -46,6 +49,27 @@ def inputs(batch: int, context: int, extra: int) -> dict:
         update_block_repr(kv[0], table.flatten(), *found)
         reprs[rule] = dict(zip(("kmin", "kmax", "kmean", "kscale"), found))
     return dict(q=q, kv=kv, table=table, lens=lens, dense_kv=dense_kv, reprs=reprs, blocks=blocks)
+
+
+def dense_steps(cases: list[dict], out: torch.Tensor) -> dict:
+    """{impl: launch} of the dense decodes over every layer of ``cases`` (one each, as ``inputs`` made them): SDPA
+    over the contiguous K/V, ours, and FlashInfer's two paged kernels when it imports (the peer)."""
+    first = cases[0]
+    plan = plan_decode(first["q"], first["kv"][0], first["blocks"], dense=True)
+    steps = {
+        "sdpa": lambda: [F.scaled_dot_product_attention(c["q"][:, :, None], *c["dense_kv"], enable_gqa=True)
+                         for c in cases],
+        "ucm_dense_decode": lambda: [dense_decode(c["q"], c["kv"][0], c["kv"][1], c["table"], c["lens"], out=out,
+                                                  plan=plan) for c in cases],
+    }
+    if FLASHINFER:
+        shape = dict(num_q_heads=NUM_Q_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, page_size=BLOCK_SIZE,
+                     dtype=torch.bfloat16)
+        peers = [flashinfer_peer.dense_decoders(c["table"], c["lens"], **shape) for c in cases]
+        for impl in flashinfer_peer.KERNELS:
+            steps[impl] = lambda impl=impl: [p[impl].run(c["q"], c["kv"][0], c["kv"][1], out=out)
+                                             for p, c in zip(peers, cases)]
+    return steps
 
 
 def plans(batch: int, blocks: int) -> tuple[dict, str]:
@@ -70,13 +94,8 @@ def shape_rows(batch: int, context: int, extra: int) -> list[dict]:
     q, kv, table, lens = case["q"], case["kv"], case["table"], case["lens"]
     shape = f"b{batch}_ctx{context + extra}_budget2048"
     out = torch.empty_like(q)
-    dense_plan = plan_decode(q, kv[0], case["blocks"], dense=True)
     decode_plan = plan_decode(q, kv[0], selection_width(case["blocks"], **SIZES))
-    dense = {
-        "sdpa": median_ms(lambda: F.scaled_dot_product_attention(q[:, :, None], *case["dense_kv"],
-                                                                 enable_gqa=True)[:, :, 0]),
-        "ucm_dense_decode": median_ms(lambda: dense_decode(q, kv[0], kv[1], table, lens, out=out, plan=dense_plan)),
-    }
+    dense = {impl: median_ms(step) for impl, step in dense_steps([case], out).items()}
     rows = [row("decode_dense", impl, shape, ms[mode], mode=mode) for impl, ms in dense.items() for mode in ms]
     best = {mode: min(ms[mode] for ms in dense.values()) for mode in ("cuda_graph", "eager")}
 
@@ -115,14 +134,13 @@ def shape_rows(batch: int, context: int, extra: int) -> list[dict]:
 
 def layered_rows(batch: int, context: int, sizes: dict, selection: str) -> list[dict]:
     """Per layer from one CUDA graph of LAYERS layers, each with its own KV, reprs and query as a model's layers
-    have (a serving engine replays a whole step, so a graph's launch is paid once for all of them): SDPA, our dense
-    decode, attention alone over each layer's Quest lists, and select + attend as planned (bf16 and fp8 reprs), with
-    selection ``sizes`` (named ``selection`` in the rows)."""
+    have (a serving engine replays a whole step, so a graph's launch is paid once for all of them): the dense decodes
+    of :func:`dense_steps`, attention alone over each layer's Quest lists, and select + attend as planned (bf16 and
+    fp8 reprs), with selection ``sizes`` (named ``selection`` in the rows)."""
     cases = [inputs(batch, context, 0) for _ in range(LAYERS)]
     first, blocks = cases[0], cases[0]["blocks"]
     shape = f"b{batch}_ctx{context}_{selection}_L{LAYERS}"
     out = torch.empty_like(first["q"])
-    dense_plan = plan_decode(first["q"], first["kv"][0], blocks, dense=True)
     decode_plan = plan_decode(first["q"], first["kv"][0], selection_width(blocks, **sizes))
     select_plan = plan_select(batch, NUM_KV_HEADS, HEAD_DIM, blocks, **sizes, device="cuda")
 
@@ -132,19 +150,15 @@ def layered_rows(batch: int, context: int, sizes: dict, selection: str) -> list[
     def select(c, rule, kept):
         return select_plan.run(c["q"], block_table=c["table"], seq_lens=c["lens"], out=kept, **c["reprs"][rule])
 
-    steps = {
-        "sdpa": lambda: [F.scaled_dot_product_attention(c["q"][:, :, None], *c["dense_kv"], enable_gqa=True)
-                         for c in cases],
-        "ucm_dense_decode": lambda: [dense_decode(c["q"], c["kv"][0], c["kv"][1], c["table"], c["lens"], out=out,
-                                                  plan=dense_plan) for c in cases],
-    }
+    dense = dense_steps(cases, out)
+    steps = dict(dense)
     for rule in ("quest", "quest_fp8"):
         kept = [tuple(t.clone() for t in select(c, rule, None)) for c in cases]
         steps[f"attend_{rule}"] = lambda kept=kept: [attend(c, sel) for c, sel in zip(cases, kept)]
         steps[f"select_attend_{rule}"] = lambda rule=rule, kept=kept: [
             attend(c, select(c, rule, sel)) for c, sel in zip(cases, kept)]
     times = {name: {mode: ms / LAYERS for mode, ms in median_ms(step).items()} for name, step in steps.items()}
-    best = {mode: min(times["sdpa"][mode], times["ucm_dense_decode"][mode]) for mode in ("cuda_graph", "eager")}
+    best = {mode: min(times[impl][mode] for impl in dense) for mode in ("cuda_graph", "eager")}
     rows = [row(name, "per_layer", shape, ms[mode], mode=mode, layers=LAYERS, slices=select_plan.slices)
             for name, ms in times.items() for mode in ms]
     for rule in ("quest", "quest_fp8"):
@@ -170,8 +184,9 @@ def main() -> None:
             rows += layered_rows(batch, context, {**SIZES, "token_budget": None}, "ratio0.3")
         torch.cuda.empty_cache()
         path = write_results("sliced_topk_ab", rows, ceilings, extra={
-            "sizes": SIZES, "timing": "do_bench median, L2 cleared before every call; cuda_graph: replay of the "
-            "captured call, eager: the Python call"})
+            "sizes": SIZES, "flashinfer": FLASHINFER or "not installed: no FlashInfer rows",
+            "timing": "do_bench median, L2 cleared before every call; cuda_graph: replay of the captured call, "
+            "eager: the Python call"})
     for r in rows:
         if r["mode"] == "cuda_graph":
             print(f"{r['name']:22s} {r['impl']:30s} {r['shape']:30s} {r['median_ms'] * 1000:8.1f} us "
