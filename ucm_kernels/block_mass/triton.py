@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from .._launch import Launcher, wait_for_previous_grid
-from .._utils import INDEX_DTYPES, TL_DTYPES, check_tensor, compute_dtype, next_pow2, triton_interpreting
+from .._utils import INDEX_DTYPES, TL_DTYPES, cdiv, check_tensor, compute_dtype, next_pow2, triton_interpreting
 
 _TILE_TOKENS = 64  # tokens per loop step: several blocks of 16 keep enough key bytes in flight
 _ENTRIES_PER_PROGRAM = 32  # list entries (blocks) one program scores
@@ -133,7 +133,7 @@ def block_lse2(q: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tens
     blocks_per_tile = max(1, _TILE_TOKENS // block_size)
     chunk = blocks_per_tile * -(-_ENTRIES_PER_PROGRAM // blocks_per_tile)
     scale = head_dim ** -0.5 if scale is None else scale
-    _LSE2((batch * heads, triton.cdiv(width, chunk)),
+    _LSE2((batch * heads, cdiv(width, chunk)),
         q, key_cache, block_table, seq_lens, sel_idx, sel_count, seq_lens if reselect is None else reselect, out,
         *q.stride(), *key_cache.stride(), *block_table.stride(), *sel_idx.stride(), *sel_count.stride(),
         *out.stride(), heads, width, chunk, scale * math.log2(math.e),

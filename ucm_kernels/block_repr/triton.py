@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .._launch import Launcher, wait_for_previous_grid
-from .._utils import check_device, triton_interpreting
+from .._utils import check_device, next_pow2, triton_interpreting
 
 FP8 = torch.float8_e4m3fn
 REPR_DTYPES = (torch.bfloat16, torch.float16, torch.float32, FP8)
@@ -251,6 +251,6 @@ def _repr_launch_args(key_cache: torch.Tensor, kmin: torch.Tensor, kmax: torch.T
         stride_kd=key_cache.stride(3),
         stride_rb=kmin.stride(0), stride_rh=kmin.stride(1), stride_rd=kmin.stride(2),
         stride_sb=0 if kscale is None else kscale.stride(0), stride_sh=0 if kscale is None else kscale.stride(1),
-        BLOCK_SIZE=block_size, BLOCK_T=triton.next_power_of_2(block_size), HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim), SCALED=kscale is not None,
+        BLOCK_SIZE=block_size, BLOCK_T=next_pow2(block_size), HEAD_DIM=head_dim,
+        BLOCK_D=next_pow2(head_dim), SCALED=kscale is not None,
     )

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .._launch import Launcher, wait_for_previous_grid
-from .._utils import next_pow2
+from .._utils import cdiv, next_pow2
 from ._rank import KEY_NONE, _common_prefix, _finish_search, _order_keys, _output_row, _row_plan
 
 SLICE = 1024  # blocks a slice program holds in registers ([SLICE, 16] counts a search round; tests shrink it)
@@ -42,7 +42,7 @@ def choose_slicing(max_blocks: int, width: int, rows: int, sms: int, sliceable: 
     (request, KV head) rows within one wave of ``sms`` SMs. Where rows alone fill the GPU, one program a row is
     faster: at a 2048-token budget on the H100 (Quest, bf16 reprs), 8 x 128K (64 rows, 512 slice programs) selected
     in 139 us sliced against 129, 1 x 128K (8 rows, 64 programs) in 40.5 against 44.0 (``sliced_topk_ab``)."""
-    slices = triton.cdiv(max_blocks, SLICE)
+    slices = cdiv(max_blocks, SLICE)
     keep = next_pow2(max(width, 1))
     if (not sliceable or slices < 2 or keep * MIN_PRUNE > SLICE or next_pow2(slices) * keep > MERGE_KEYS
             or rows * slices > sms):

@@ -60,7 +60,7 @@ from .._launch import Launcher, wait_for_previous_grid
 from . import sliced as sliced_top_k
 from ._rank import _common_prefix, _finish_search, _order_keys, _output_row, _plan, _row_plan
 from .sliced import choose_slicing, launch_sliced
-from .._utils import INDEX_DTYPES, check_device, check_tensor, next_pow2, padded_empty, triton_interpreting
+from .._utils import INDEX_DTYPES, cdiv, check_device, check_tensor, next_pow2, padded_empty, triton_interpreting
 
 FP8 = torch.float8_e4m3fn
 REPR_DTYPES = (torch.bfloat16, torch.float16, torch.float32, FP8)
@@ -579,7 +579,7 @@ def _make_plan(batch, heads, head_dim, max_blocks, device, block_size, sparse_ra
                       candidates=torch.empty(batch, heads, slices, 2, keep, dtype=torch.int32, device=device),
                       candidate_counts=torch.empty(batch, heads, slices, dtype=torch.int32, device=device),
                       arrivals=torch.zeros(batch, heads, dtype=torch.int32, device=device))
-    key_entries = 0 if slices else triton.cdiv(max(max_blocks, 1), chunk) * chunk + finish
+    key_entries = 0 if slices else cdiv(max(max_blocks, 1), chunk) * chunk + finish
     keys = torch.empty(batch, heads, key_entries, dtype=torch.int32, device=device)
     return SelectPlan(batch, heads, head_dim, max_blocks, width, block_size, SCORES.index(score), group, limits, scores,
                       keys, *_choose_score_launch(heads, head_dim), chunk, select_warps, finish, **sliced)
@@ -742,7 +742,7 @@ def _launch(plan: SelectPlan, q, reprs, kmax, kscale, block_table, seq_lens, out
         return sel_idx, sel_count
     scores = plan.scores
     group = q.shape[1] // plan.num_kv_heads
-    _SCORE((triton.cdiv(plan.max_blocks, plan.score_tile), plan.batch),
+    _SCORE((cdiv(plan.max_blocks, plan.score_tile), plan.batch),
         q_ptr=q, kmin_ptr=reprs, kmax_ptr=reprs if plan.rule == MEAN.value else kmax, kmean_ptr=reprs,
         kscale_ptr=scores if kscale is None else kscale, block_table_ptr=block_table, seq_lens_ptr=seq_lens,
         reselect_ptr=seq_lens if reselect is None else reselect, scores_ptr=scores, **plan.limits,

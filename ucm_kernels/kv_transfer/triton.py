@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ucm_kernels._utils import alignment, check_device, triton_interpreting
+from ucm_kernels._utils import alignment, check_device, next_pow2, triton_interpreting
 from ucm_kernels.staging import host_to_device
 from ucm_kernels.kv_transfer.layout import PagedKVLayout, detect_layout
 from ucm_kernels.kv_transfer.torch import gather_blocks as torch_gather_blocks
@@ -176,7 +176,7 @@ def _copy_blocks(layout: PagedKVLayout, layers: Sequence[torch.Tensor], block_id
         layer_addrs=table, block_ids=block_ids, staging=rows,
         block_stride=layout.block_stride_bytes // word, segment_stride=layout.segment_stride_bytes // word,
         num_layers=layout.num_layers, NUM_SEGMENTS=layout.num_segments, SEGMENT_WORDS=segment_words,
-        BLOCK=min(triton.next_power_of_2(segment_words), _STEP_BYTES // word), ALIGN=align,
+        BLOCK=min(next_pow2(segment_words), _STEP_BYTES // word), ALIGN=align,
         TO_STAGING=to_staging, ROW_TABLE=by_row, WORD=_TL_WORDS[word], num_warps=_NUM_WARPS)
 
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ucm_kernels._launch import Launcher, wait_for_previous_grid
-from ucm_kernels._utils import alignment, check_device, check_tensor, evenly_strided_rows, next_pow2, padded_empty
+from ucm_kernels._utils import alignment, cdiv, check_device, check_tensor, evenly_strided_rows, next_pow2, padded_empty
 
 from .torch import AGE_CAP
 
@@ -260,13 +260,13 @@ def _launch(slot_of, piece_in, stamp, pinned, pieces, wanted, selection, table, 
     n, capacity = pieces.numel(), piece_in.numel()
     counters = torch.zeros(OLDEST.value + 1, dtype=torch.int32, device=device)
     n_tokens = tokens[1].numel() if tokens is not None else 0
-    tiles = triton.cdiv(capacity, _SLOT_TILE)
+    tiles = cdiv(capacity, _SLOT_TILE)
     slots, miss_rank, fetch_pieces, fetch_slots, victims, token_slots, hists, prefix = _int64_buffers(
         device, n, n, n, n, max(min(n, max_new, capacity), 1), n_tokens, tiles * _BINS // 2, tiles)
     tally_arg = tally if tally is not None else counters
     sel_idx, sel_count, block_table, heads = selection or (pieces, counters, counters, 1)
     width, sel_stride = sel_idx.shape[-1], sel_idx.stride(-2) if sel_idx.dim() > 1 else 0
-    entries = (triton.cdiv(max(n, 1), _TILE),)
+    entries = (cdiv(max(n, 1), _TILE),)
     src, dst, row_words = _word_views(*rows) if rows is not None else (counters, counters, 1)
     kv, token_pieces, offsets, key, value = tokens if tokens is not None else (counters,) * 5
     if tokens is not None:

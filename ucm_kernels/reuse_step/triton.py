@@ -4,7 +4,7 @@ import triton
 import triton.language as tl
 
 from .._launch import Launcher, wait_for_previous_grid
-from .._utils import INDEX_DTYPES, check_tensor
+from .._utils import INDEX_DTYPES, cdiv, check_tensor
 
 _ROWS = 128  # rows per program
 
@@ -56,7 +56,7 @@ def reuse_step(seq_lens: torch.Tensor, block_table: torch.Tensor, slots: torch.T
         raise ValueError(f"block_table / slots: {block_table.shape[0]} / {slots.shape[0]} rows, seq_lens has {n}")
     reselect = torch.empty(n, dtype=torch.int32, device=device)
     if n:
-        _REUSE_STEP((triton.cdiv(n, _ROWS),), seq_lens, block_table, slots, seq_len_state, tail_state, age_state,
+        _REUSE_STEP((cdiv(n, _ROWS),), seq_lens, block_table, slots, seq_len_state, tail_state, age_state,
                     reselect, n, block_table.stride(0), block_table.stride(1), block_table.shape[1], block_size,
                     every, num_slots, int(same_width), ROWS=_ROWS)
     return reselect

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .._launch import Launcher, wait_for_previous_grid
-from .._utils import TL_DTYPES, check_device, compute_dtype
+from .._utils import TL_DTYPES, cdiv, check_device, compute_dtype, next_pow2
 
 _MAX_TILE_TOKENS = 128
 _MIN_TOKENS_PER_SPLIT = 128  # one tile-aligned chunk; short lists on a small batch still fill the GPU
@@ -226,7 +226,7 @@ def plan_decode(q: torch.Tensor, key_cache: torch.Tensor, max_blocks: int, *,
     if num_splits is None:
         num_splits = _choose_num_splits(batch * num_kv_heads, max_blocks, block_size, q.device, dense)
     chunk_blocks = _chunk_blocks(max_blocks, num_splits, block_size)
-    num_splits = max(1, triton.cdiv(max_blocks, chunk_blocks))
+    num_splits = max(1, cdiv(max_blocks, chunk_blocks))
     acc = stats = None
     if num_splits > 1:
         acc = torch.empty(batch, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
@@ -330,7 +330,7 @@ def _launch(plan: DecodePlan, q, key_cache, value_cache, block_table, seq_lens, 
         num_kv_heads=plan.num_kv_heads, num_splits=plan.num_splits, chunk_blocks=plan.chunk_blocks,
         qk_scale_log2=scale * 1.4426950408889634,
         GROUP=plan.num_q_heads // plan.num_kv_heads,
-        GROUP_PAD=max(16, triton.next_power_of_2(plan.num_q_heads // plan.num_kv_heads)), HEAD_DIM=head_dim,
+        GROUP_PAD=max(16, next_pow2(plan.num_q_heads // plan.num_kv_heads)), HEAD_DIM=head_dim,
         BLOCK_SIZE=plan.block_size, DENSE=dense, DIRECT=direct,
         COMPUTE_DTYPE=compute_dtype(q.dtype),
         TILE_TOKENS=plan.tile_tokens, SEL_ROWS=sel_rows is not None,
@@ -355,16 +355,16 @@ def _choose_num_splits(num_heads: int, max_blocks: int, block_size: int, device:
     if dense:
         wanted = max(1, _DENSE_PROGRAMS_PER_SM * sms // max(num_heads, 1))
     else:
-        wanted = triton.cdiv(_PROGRAMS_PER_SM * sms, max(num_heads, 1))
-    useful = triton.cdiv(max_blocks * block_size, _MIN_TOKENS_PER_SPLIT)
+        wanted = cdiv(_PROGRAMS_PER_SM * sms, max(num_heads, 1))
+    useful = cdiv(max_blocks * block_size, _MIN_TOKENS_PER_SPLIT)
     return max(1, min(wanted, useful, _MAX_SPLITS))
 
 
 def _chunk_blocks(max_blocks: int, num_splits: int, block_size: int) -> int:
     """List entries per split, a multiple of the largest tile (in blocks) so no split ends in a partial tile;
     the planner then drops the splits this rounding leaves empty."""
-    align = triton.cdiv(_MAX_TILE_TOKENS, block_size)
-    return max(align, triton.cdiv(triton.cdiv(max_blocks, num_splits), align) * align)
+    align = cdiv(_MAX_TILE_TOKENS, block_size)
+    return max(align, cdiv(cdiv(max_blocks, num_splits), align) * align)
 
 
 def _choose_tile(split_tokens: int, dense: bool) -> tuple[int, int, int]:
