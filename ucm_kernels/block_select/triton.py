@@ -32,7 +32,8 @@ Two launches, both reading each input once:
    0.082 ms.
 
 Short lists over long rows at a small batch (a token budget at 1 x 128K: eight rows of 8192 blocks) take the sliced
-top-k of ``sliced.py`` instead: programs per slice of a row keep their best, one program a row merges (same lists).
+top-k of ``sliced.py`` instead: programs per slice of a row keep their best, the row's last to finish merges them
+(same lists).
 
 :func:`plan_select` does the host-side work (scalar checks, k rule, launch settings, scratch) once per step;
 ``SelectPlan.run`` per layer only checks the tensors and launches.
@@ -57,10 +58,9 @@ import triton
 import triton.language as tl
 
 from .._launch import Launcher, wait_for_previous_grid
+from .._utils import INDEX_DTYPES, cdiv, check_device, check_tensor, next_pow2, padded_empty, triton_interpreting
 from . import sliced as sliced_top_k
 from ._rank import _common_prefix, _finish_search, _order_keys, _output_row, _plan, _row_plan
-from .sliced import choose_slicing, launch_sliced
-from .._utils import INDEX_DTYPES, cdiv, check_device, check_tensor, next_pow2, padded_empty, triton_interpreting
 
 FP8 = torch.float8_e4m3fn
 REPR_DTYPES = (torch.bfloat16, torch.float16, torch.float32, FP8)
@@ -571,7 +571,8 @@ def _make_plan(batch, heads, head_dim, max_blocks, device, block_size, sparse_ra
         scores = padded_empty(batch, heads * group, max_blocks, dtype=torch.float32, device=device)
     chunk, select_warps = _choose_select_launch(max_blocks)
     finish = min(chunk, _SELECT_FINISH)
-    slices = choose_slicing(max_blocks, width, batch * heads, sliced_top_k.sm_count(device), score != "gauss")
+    slices = sliced_top_k.choose_slicing(max_blocks, width, batch * heads, sliced_top_k.sm_count(device),
+                                         score != "gauss")
     sliced = {}
     if slices:
         keep = next_pow2(width)
@@ -765,7 +766,7 @@ def _launch_select(plan: SelectPlan, scores, seq_lens, sel_idx, sel_count, resel
     """The top-k launch: each (KV head, request) row of ``scores`` (``[batch, heads, >= max_blocks]``) into
     ``sel_idx`` / ``sel_count`` (only the rows ``reselect`` names, unless None; at the rows ``sel_rows`` names)."""
     if plan.slices:
-        launch_sliced(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows)
+        sliced_top_k.launch_sliced(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows)
         return
     shares = plan.group if plan.rule == GAUSS.value else 0
     n_chunks = (plan.keys.shape[2] - plan.select_finish) // plan.select_chunk
