@@ -126,11 +126,12 @@ case "${1:-all}" in
                    tests/kernels/test_block_select.py tests/kernels/test_sparse_decode.py tests/sparse/test_gsa.py \
                    tests/vllm/test_flash_step.py ;;
   # The sliced top-k against one program a row (bench/sliced_topk_ab.py: lists equal, then timed, dense baselines
-  # of the same process), after the GPU tests of selection, attention and both GSA modes.
+  # of the same process, FlashInfer's with .flashinfer carried; per-layer figures of 8-layer graphs at 1 x 128K),
+  # after the GPU tests of selection, attention and both GSA modes.
   sliced) step gpu_tests_sliced timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_block_select.py \
                 tests/kernels/test_sparse_decode.py tests/kernels/test_launch.py tests/sparse/test_gsa_offload.py \
                 tests/sparse/test_reuse.py tests/sparse/test_gsa.py
-          step sliced_topk_ab timeout 300 python3 -m bench.sliced_topk_ab ;;
+          step sliced_topk_ab timeout 450 python3 -m bench.sliced_topk_ab ;;  # FlashInfer JIT-compiles when carried
   # Split counts that put the same number of list-attention programs on every SM (bench/list_waves.py).
   waves) step list_waves timeout 240 python3 -m bench.list_waves ;;
   # Prefetch copy settings in the taking-turns schedule: off, on as configured (every predicted piece admitted), on
