@@ -26,6 +26,7 @@ from bench.profile_gsa_kernels import kernel_times
 from ucm_kernels.block_repr import empty_block_repr, update_block_repr
 from ucm_kernels.block_select import plan_select, selection_width
 from ucm_kernels.block_select import sliced
+from ucm_kernels.block_select import triton as block_select_triton
 from ucm_kernels.sparse_decode import dense_decode, plan_decode, sparse_decode
 
 SIZES = dict(block_size=BLOCK_SIZE, sparse_ratio=0.3, init_window=1, local_window=4, min_blocks=8, token_budget=2048)
@@ -78,13 +79,14 @@ def plans(batch: int, blocks: int) -> tuple[dict, str]:
     planned = "sliced" if plan_select(batch, NUM_KV_HEADS, HEAD_DIM, blocks, **SIZES, device="cuda").slices else \
         "one_program"
     made = {}
-    for name, setting, value in (("sliced", "sm_count", lambda device: 1 << 30), ("one_program", "MIN_PRUNE", 1 << 30)):
-        kept = getattr(sliced, setting)
-        setattr(sliced, setting, value)
+    for name, module, setting, value in (("sliced", block_select_triton, "sm_count", lambda device: 1 << 30),
+                                         ("one_program", sliced, "MIN_PRUNE", 1 << 30)):
+        kept = getattr(module, setting)
+        setattr(module, setting, value)
         try:
             made[name] = plan_select(batch, NUM_KV_HEADS, HEAD_DIM, blocks, **SIZES, device="cuda")
         finally:
-            setattr(sliced, setting, kept)
+            setattr(module, setting, kept)
     assert made["sliced"].slices > 0 and made["one_program"].slices == 0
     return made, planned
 

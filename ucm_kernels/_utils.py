@@ -48,7 +48,12 @@ def next_pow2(n: int) -> int:
 
 def padded_width(n: int) -> int:
     """``n`` rounded up to a multiple of 16: the row length :func:`padded_empty` allocates."""
-    return -(-n // 16) * 16
+    return cdiv(n, 16) * 16
+
+
+def sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device, for launch planning; the Triton interpreter (CPU) counts as one."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def padded_empty(*shape: int, dtype: torch.dtype, device) -> torch.Tensor:

@@ -625,7 +625,7 @@ def sliced_plans(monkeypatch, slice_blocks: int, min_prune: int) -> None:
     H100's; the interpreter counts as one SM)."""
     monkeypatch.setattr(block_select_sliced, "SLICE", slice_blocks)
     monkeypatch.setattr(block_select_sliced, "MIN_PRUNE", min_prune)
-    monkeypatch.setattr(block_select_sliced, "sm_count", lambda device: 132)
+    monkeypatch.setattr(block_select_triton, "sm_count", lambda device: 132)
 
 
 @pytest.mark.parametrize("slice_blocks,min_prune,sizes", [

@@ -21,7 +21,6 @@ Two launches (the merge as a kernel of its own) were 1.2-1.3 us slower at 1 x 12
 The lists are exactly the one-program kernel's. ``plan_select`` takes this path where it prunes (see
 ``choose_slicing``); the gauss rule, whose shares need the whole row first, never does.
 """
-import torch
 import triton
 import triton.language as tl
 
@@ -48,11 +47,6 @@ def choose_slicing(max_blocks: int, width: int, rows: int, sms: int, sliceable: 
             or rows * slices > sms):
         return 0
     return slices
-
-
-def sm_count(device: torch.device) -> int:
-    """SMs of a CUDA device; the Triton interpreter (CPU) counts as one."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 @triton.jit

@@ -58,7 +58,8 @@ import triton
 import triton.language as tl
 
 from .._launch import Launcher, wait_for_previous_grid
-from .._utils import INDEX_DTYPES, cdiv, check_device, check_tensor, next_pow2, padded_empty, triton_interpreting
+from .._utils import (INDEX_DTYPES, cdiv, check_device, check_tensor, next_pow2, padded_empty, sm_count,
+                      triton_interpreting)
 from . import sliced as sliced_top_k
 from ._rank import _common_prefix, _finish_search, _order_keys, _output_row, _plan, _row_plan
 
@@ -571,8 +572,7 @@ def _make_plan(batch, heads, head_dim, max_blocks, device, block_size, sparse_ra
         scores = padded_empty(batch, heads * group, max_blocks, dtype=torch.float32, device=device)
     chunk, select_warps = _choose_select_launch(max_blocks)
     finish = min(chunk, _SELECT_FINISH)
-    slices = sliced_top_k.choose_slicing(max_blocks, width, batch * heads, sliced_top_k.sm_count(device),
-                                         score != "gauss")
+    slices = sliced_top_k.choose_slicing(max_blocks, width, batch * heads, sm_count(device), score != "gauss")
     sliced = {}
     if slices:
         keep = next_pow2(width)

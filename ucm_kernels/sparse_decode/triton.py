@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .._launch import Launcher, wait_for_previous_grid
-from .._utils import TL_DTYPES, cdiv, check_device, compute_dtype, next_pow2
+from .._utils import TL_DTYPES, cdiv, check_device, compute_dtype, next_pow2, sm_count
 
 _MAX_TILE_TOKENS = 128
 _MIN_TOKENS_PER_SPLIT = 128  # one tile-aligned chunk; short lists on a small batch still fill the GPU
@@ -351,7 +351,7 @@ def _choose_num_splits(num_heads: int, max_blocks: int, block_size: int, device:
     ``_DENSE_PROGRAMS_PER_SM`` per SM in whole (dense: at 8 x 128K 8 splits, 512 programs on 132 SMs, took 0.96
     ms where 17 took 1.03 on the H200, sweep_decode_tiles_92d5941-NVIDIA_H200-2026-12-04.json), none shorter than
     ``_MIN_TOKENS_PER_SPLIT`` tokens, at most ``_MAX_SPLITS``. The interpreter counts as one SM."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    sms = sm_count(device)
     if dense:
         wanted = max(1, _DENSE_PROGRAMS_PER_SM * sms // max(num_heads, 1))
     else:
