@@ -489,15 +489,16 @@ def oracle_sweep(contexts: list[int]) -> Sweep:
 
 
 def reuse_sweep(contexts: list[int]) -> Sweep:
-    """Quest 0.3's selection made every 2, 4 and 8 decode steps, fp8 summaries' every 4, and a 2048-token budget's
-    every 4 and 8, at the largest context (every step: the full sweep's rows)."""
+    """Quest 0.3's selection made every 2, 4 and 8 decode steps, fp8 summaries' every 4 and 8, and a 2048-token
+    budget's every 4 and 8 (fp8: every 8), at the largest context (every step: the full sweep's rows)."""
     largest = max(contexts)
     settings = [Setting("quest", 32, 0.3, select_every=n) for n in (2, 4, 8)]
-    settings += [Setting("quest_fp8", 32, 0.3, select_every=4)]
+    settings += [Setting("quest_fp8", 32, 0.3, select_every=n) for n in (4, 8)]
     settings += [Setting("quest", 32, token_budget=2048, select_every=n) for n in (4, 8)]
+    settings += [Setting("quest_fp8", 32, token_budget=2048, select_every=8)]
     return Sweep(TEXTS, (largest,), EVAL_TOKENS, GREEDY_TOKENS, {largest: settings},
-                 "selection reuse: quest 0.3 every 2 / 4 / 8 steps, fp8 every 4, 2048-token budget every 4 / 8, "
-                 "largest context", "sparse_quality_model_reuse")
+                 "selection reuse: quest 0.3 every 2 / 4 / 8 steps, fp8 every 4 / 8, 2048-token budget every 4 / 8 "
+                 "(fp8 every 8), largest context", "sparse_quality_model_reuse")
 
 
 def rerank_sweep(contexts: list[int]) -> Sweep:
