@@ -132,7 +132,8 @@ case "${1:-all}" in
                 tests/kernels/test_sparse_decode.py tests/kernels/test_launch.py tests/sparse/test_gsa_offload.py \
                 tests/sparse/test_reuse.py tests/sparse/test_gsa.py
           step sliced_topk_ab timeout 450 python3 -m bench.sliced_topk_ab ;;  # FlashInfer JIT-compiles when carried
-  # The list attention at 1 x 128K per layer of 8-layer graphs with the combine merging 16 / 32 / 64 splits a step.
+  # The list attention at 1 x 128K per layer of 8-layer graphs by list length (budgets 2K-64K, ratio 0.3), the
+  # combine merging 16 / 32 / 64 splits a step at two of them.
   attend) step attend_ab timeout 300 python3 -m bench.attend_ab ;;
   # Split counts that put the same number of list-attention programs on every SM (bench/list_waves.py).
   waves) step list_waves timeout 240 python3 -m bench.list_waves ;;
