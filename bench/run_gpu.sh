@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent-GPU session step: correctness on the GPU (compiled kernels), then benchmarks; JSON + logs under $OUT.
-# Usage: bench/run_gpu.sh {tests|transfer|sparse|offload|tp|all|quick|launch|select|offload_ab|prefetch|pdl|ncu|waves|residency|reuse_ab|specialise|sliced|attend}   (wheels for pytest travel in .whl/, FlashInfer's in
+# Usage: bench/run_gpu.sh {tests|transfer|sparse|offload|tp|all|quick|launch|select|offload_ab|prefetch|pdl|ncu|waves|residency|reuse_ab|specialise|sliced|attend|layered}   (wheels for pytest travel in .whl/, FlashInfer's in
 # .flashinfer/: see BENCHMARKS.md)
 # Set UCM_COMMIT to the commit the working tree was copied from: the copy on the GPU machine has no .git.
 set -uo pipefail
@@ -132,9 +132,12 @@ case "${1:-all}" in
                 tests/kernels/test_sparse_decode.py tests/kernels/test_launch.py tests/sparse/test_gsa_offload.py \
                 tests/sparse/test_reuse.py tests/sparse/test_gsa.py
           step sliced_topk_ab timeout 450 python3 -m bench.sliced_topk_ab ;;  # FlashInfer JIT-compiles when carried
-  # The list attention at 1 x 128K per layer of 8-layer graphs by list length (budgets 2K-64K, ratio 0.3), the
-  # combine merging 16 / 32 / 64 splits a step at two of them.
-  attend) step attend_ab timeout 300 python3 -m bench.attend_ab ;;
+  # The GPU tests of the decode kernels, then the list attention at 1 x 128K per layer of 8-layer graphs by list
+  # length (budgets 2K-64K, ratio 0.3), the combine merging 16 / 32 / 64 splits a step at two of them.
+  attend) step gpu_tests_attend timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_sparse_decode.py
+          step attend_ab timeout 300 python3 -m bench.attend_ab ;;
+  # sliced_topk_ab's per-layer figures of 8-layer graphs only (1 x 128K, the budget and ratio 0.3).
+  layered) step sliced_topk_ab_layered timeout 300 python3 -m bench.sliced_topk_ab --layered ;;
   # Split counts that put the same number of list-attention programs on every SM (bench/list_waves.py).
   waves) step list_waves timeout 240 python3 -m bench.list_waves ;;
   # Prefetch copy settings in the taking-turns schedule: off, on as configured (every predicted piece admitted), on

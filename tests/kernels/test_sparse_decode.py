@@ -124,19 +124,20 @@ def test_splits_that_end_inside_a_tile_give_the_same_result(chunk_blocks):
 
 
 def test_one_combine_compile_merges_every_split_count():
-    """Lists cut into 2, 5, 11, 22 and 44 splits (as a decode's growing lists add splits): each merges to the
-    reference, and the combine launches in the specialisation of the first (on a GPU, a compile per split count
-    would stall decoding; the split count is a runtime loop bound, not a constexpr)."""
+    """Lists cut into 2 to 130 splits (as a decode's growing lists add splits; past 64 the combine loops over
+    several tiles of splits): each merges to the reference, and the combine launches in the specialisation of the
+    first (on a GPU, a compile per split count would stall decoding; the split count is a runtime loop bound, not a
+    constexpr)."""
     import dataclasses
 
     from ucm_kernels.sparse_decode.triton import _COMBINE
 
-    q, k, v, table, lens = paged([700, 260, 33], 8, 2, 64, torch.float16)
-    sel_idx, sel_count = random_block_lists(lens, 2, block_size=16, counts=[[44, 30], [17, 1], [3, 3]])
+    q, k, v, table, lens = paged([2200, 260, 33], 8, 2, 64, torch.float16)
+    sel_idx, sel_count = random_block_lists(lens, 2, block_size=16, counts=[[130, 30], [17, 1], [3, 3]])
     expected = naive_sparse_decode(q, k, v, table, lens, sel_idx, sel_count, scale=0.2)
     base = plan_decode(q, k, sel_idx.shape[2], num_splits=2)
     seen = None
-    for chunk_blocks in (22, 9, 4, 2, 1):
+    for chunk_blocks in (65, 22, 9, 4, 2, 1):
         splits = -(-sel_idx.shape[2] // chunk_blocks)
         plan = dataclasses.replace(base, num_splits=splits, chunk_blocks=chunk_blocks,
                                    acc=torch.empty(3, 8, splits, 64, dtype=torch.float32, device=DEVICE),
