@@ -79,17 +79,21 @@ def row(name: str, impl: str, shape: str, median_ms: float, nbytes: int | None =
 
 
 def write_results(bench: str, rows: list[dict], ceilings: dict, extra: dict | None = None) -> Path:
-    """Write ``<bench>-<gpu>-<date>.json`` under ``$OUT`` (lent GPU) or ``bench/results/``; return its path."""
+    """Write ``<bench>-<gpu>-<date>-<commit>.json`` (the commit's first 7 hex digits; left out when unknown) under
+    ``$OUT`` (lent GPU) or ``bench/results/``; return its path. Two runs of one day on different trees keep
+    their own files."""
     date = datetime.date.today().isoformat()
     gpu = device_name()
-    doc = {"bench": bench, "gpu": gpu, "commit": git_commit(), "date": date, "versions": versions(),
+    commit = git_commit()
+    doc = {"bench": bench, "gpu": gpu, "commit": commit, "date": date, "versions": versions(),
            "host": host(), "ceilings": ceilings, "rows": rows}
     if extra:
         doc.update(extra)
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = gpu.replace(" ", "_").replace("/", "_")
-    path = out_dir / f"{bench}-{slug}-{date}.json"
+    tag = f"-{commit[:7]}" if len(commit) >= 7 and all(c in "0123456789abcdef" for c in commit.lower()) else ""
+    path = out_dir / f"{bench}-{slug}-{date}{tag}.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
     return path
 
