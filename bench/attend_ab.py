@@ -1,12 +1,12 @@
 """The list attention at 1 x 128K per layer of an 8-layer CUDA graph, by list length, with the combine merging 16,
 32 or 64 splits a loop step (``sparse_decode.triton._SPLITS_TILE``), beside the dense decodes of the same graphs.
 
-Two questions. At batch 1 a 30% list runs as 62 splits a KV head, so the combine's loop takes four steps of 16
-(since 4563cb3; before, one step of 64): is that visible in a layer's time? And how does a layer's time grow with
-the list (token budgets of 2K to 64K and sparse_ratio 0.3): a fixed part and a byte rate, which of them keeps the
-lists at batch 1 under dense decode's rate? Each layer of the graph has its own KV, query and Quest
-lists (``sliced_topk_ab.inputs``); every tile setting's output is checked against the loop reference on the first
-layer before anything is timed. Timed: CUDA-graph replay of the 8 layers, do_bench median, L2 cleared, per layer;
+Two questions. At batch 1 a 30% list runs as 62 splits a KV head, which the combine merged in four loop steps of
+16 from 4563cb3 to 27fbfa8 (one step of 64 before and since): what does the step cost a layer? And how does a
+layer's time grow with the list (token budgets of 2K to 64K and sparse_ratio 0.3): a fixed part and a byte rate,
+which of them keeps the lists at batch 1 under dense decode's rate? Each layer of the graph has its own KV, query
+and Quest lists (``sliced_topk_ab.inputs``); every tile setting's output is checked against the loop reference on
+the first layer before anything is timed. Timed: CUDA-graph replay of the 8 layers, do_bench median, L2 cleared, per layer;
 and each kernel's device time per layer (torch.profiler over replays).
 
     python -m bench.attend_ab     # JSON under $OUT or bench/results/

@@ -25,9 +25,9 @@ from .._utils import TL_DTYPES, cdiv, check_device, compute_dtype, next_pow2, sm
 _MAX_TILE_TOKENS = 128
 _MIN_TOKENS_PER_SPLIT = 128  # one tile-aligned chunk; short lists on a small batch still fill the GPU
 _MAX_SPLITS = 64  # bounds the split scratch ([batch, num_q_heads, splits, head_dim] fp32) and the combine's loop
-# splits the combine merges a loop step ([64, head_dim] fp32 a program): every planned count (<= _MAX_SPLITS) in
-# one step; four steps of 16 took 5.7 us against 2.5 at 62 splits (1 x 128K, ratio 0.3, H200: attend_ab-...-ce147ee)
-_SPLITS_TILE = 64
+# splits the combine merges a loop step ([64, head_dim] fp32 a program): every planned count in one step; four steps
+# of 16 took 5.7 us against 2.5 at 62 splits (1 x 128K, ratio 0.3, H200: attend_ab-...-ce147ee)
+_SPLITS_TILE = _MAX_SPLITS
 _PROGRAMS_PER_SM = 8  # lists: several waves, so the last one's tail is a small share of the time
 _DENSE_PROGRAMS_PER_SM = 4  # dense: whole waves of these (see _choose_num_splits)
 
