@@ -6,8 +6,8 @@ Two questions. At batch 1 a 30% list runs as 62 splits a KV head, which the comb
 layer's time grow with the list (token budgets of 2K to 64K and sparse_ratio 0.3): a fixed part and a byte rate,
 which of them keeps the lists at batch 1 under dense decode's rate? Each layer of the graph has its own KV, query
 and Quest lists (``sliced_topk_ab.inputs``); every tile setting's output is checked against the loop reference on
-the first layer before anything is timed. Timed: CUDA-graph replay of the 8 layers, do_bench median, L2 cleared, per layer;
-and each kernel's device time per layer (torch.profiler over replays).
+the first layer before anything is timed. Timed: CUDA-graph replay of the 8 layers, do_bench median, L2 cleared,
+per layer; and each kernel's device time per layer (torch.profiler over replays).
 
     python -m bench.attend_ab     # JSON under $OUT or bench/results/
 """
