@@ -6,11 +6,13 @@ Two questions. At batch 1 a 30% list runs as 62 splits a KV head, which the comb
 layer's time grow with the list (token budgets of 2K to 64K and sparse_ratio 0.3): a fixed part and a byte rate,
 which of them keeps the lists at batch 1 under dense decode's rate? Each layer of the graph has its own KV, query
 and Quest lists (``sliced_topk_ab.inputs``); every tile setting's output is checked against the loop reference on
-the first layer before anything is timed. Timed: CUDA-graph replay of the 8 layers, do_bench median, L2 cleared,
+the last layer before anything is timed. Timed: CUDA-graph replay of the 8 layers, do_bench median, L2 cleared,
 per layer; and each kernel's device time per layer (torch.profiler over replays).
 
     python -m bench.attend_ab     # JSON under $OUT or bench/results/
 """
+import contextlib
+
 import torch
 
 from bench.bench_sparse_decode import BLOCK_SIZE, HEAD_DIM, NUM_KV_HEADS, check, graph_of, median_ms
@@ -29,12 +31,13 @@ SPLITS_TILES = (16, 32, 64)
 TILE_AB = ("budget2048", "ratio0.3")  # the selections timed at every splits tile (the others at the planned one)
 
 
-def with_splits_tile(tile: int, fn):
-    """``fn()`` with the combine merging ``tile`` splits a loop step."""
+@contextlib.contextmanager
+def splits_tile(tile: int):
+    """Within: the combine merges ``tile`` splits a loop step."""
     kept = sparse_decode_triton._SPLITS_TILE
     sparse_decode_triton._SPLITS_TILE = tile
     try:
-        return fn()
+        yield
     finally:
         sparse_decode_triton._SPLITS_TILE = kept
 
@@ -57,16 +60,14 @@ def layered_attend_rows(cases: list[dict], selection: str, sizes: dict, ceiling_
         return [sparse_decode(c["q"], c["kv"][0], c["kv"][1], c["table"], c["lens"], *sel, out=out,
                               plan=decode_plan) for c, sel in zip(cases, lists)]
 
-    reference = naive_sparse_decode(first["q"], first["kv"][0], first["kv"][1], first["table"], first["lens"],
-                                    *lists[0])
+    last = cases[-1]  # the layers share ``out``: after a step it holds the last layer's output
+    reference = naive_sparse_decode(last["q"], last["kv"][0], last["kv"][1], last["table"], last["lens"], *lists[-1])
     rows = []
     for tile in SPLITS_TILES if selection in TILE_AB else (sparse_decode_triton._SPLITS_TILE,):
-        got = with_splits_tile(tile, lambda: sparse_decode(first["q"], first["kv"][0], first["kv"][1],
-                                                           first["table"], first["lens"], *lists[0],
-                                                           plan=decode_plan))
-        check(f"{shape} splits tile {tile}", got, reference)
-        ms = with_splits_tile(tile, lambda: median_ms(attend_all))["cuda_graph"] / LAYERS
-        kernels = with_splits_tile(tile, lambda: kernel_times(graph_of(attend_all)))
+        with splits_tile(tile):
+            check(f"{shape} splits tile {tile}", attend_all()[-1], reference)
+            ms = median_ms(attend_all)["cuda_graph"] / LAYERS
+            kernels = kernel_times(graph_of(attend_all))
         rows.append(row("attend", f"ucm_splits_tile{tile}", shape, ms, nbytes, ceiling_gbps, mode="cuda_graph",
                         layers=LAYERS, listed_blocks_per_layer=listed_blocks, num_splits=decode_plan.num_splits,
                         kernels_us_per_layer={k: round(v / LAYERS, 2) for k, v in kernels.items()}))
