@@ -9,6 +9,7 @@ from ucm_kernels.block_repr import empty_block_repr, naive_update_block_repr, up
 from ucm_kernels.block_select import naive_block_scores, naive_num_selected, naive_select_blocks, select_blocks
 from ucm_kernels.block_select import plan_select, select_from_scores, selection_counts, selection_width
 from ucm_kernels.block_select import torch_select_blocks
+from ucm_kernels.block_select import radix as block_select_radix
 from ucm_kernels.block_select import sliced as block_select_sliced
 from ucm_kernels.block_select import triton as block_select_triton
 
@@ -659,6 +660,14 @@ def test_sliced_top_k_reselects_named_rows_into_sel_rows(monkeypatch):
     sliced_plans(monkeypatch, 16, 2)
     plan = plan_select(4, 2, 64, 60, **sizes, device=DEVICE)
     assert plan.slices == 4 and plan.candidates.shape == (4, 2, 4, 2, 8) and plan.keys.shape[2] == 0
+    check_kept_rows(plan, case, ref_idx, ref_count)
+    assert (plan.arrivals == 0).all()
+
+
+def check_kept_rows(plan, case: dict, ref_idx: torch.Tensor, ref_count: torch.Tensor) -> None:
+    """``plan`` run over ``case`` (4 requests) reselecting rows 0, 1 and 3 into rows 5, 1 and 0 of a 6-row out:
+    those get the reference lists, every other row keeps its 77s; ``plan.for_rows(2)`` gives the first two."""
+    args = (case["q"], case["kmin"], case["kmax"], case["kmean"], case["block_table"], case["seq_lens"])
     slots = torch.tensor([5, 1, 3, 0], device=DEVICE)
     out = (torch.full((6, 2, ref_idx.shape[2]), 77, dtype=torch.int32, device=DEVICE),
            torch.full((6, 2), 77, dtype=torch.int32, device=DEVICE))
@@ -670,7 +679,6 @@ def test_sliced_top_k_reselects_named_rows_into_sel_rows(monkeypatch):
     got = plan.for_rows(2).run(case["q"][:2], case["kmin"], case["kmax"], case["kmean"], case["block_table"][:2],
                                case["seq_lens"][:2])
     assert torch.equal(got[0], ref_idx[:2]) and torch.equal(got[1], ref_count[:2])
-    assert (plan.arrivals == 0).all()
 
 
 @pytest.mark.parametrize("max_blocks,width,rows,sliceable,slices", [
@@ -685,3 +693,78 @@ def test_sliced_top_k_reselects_named_rows_into_sel_rows(monkeypatch):
 ])
 def test_the_sliced_top_k_is_planned_where_it_prunes_and_fits_a_wave(max_blocks, width, rows, sliceable, slices):
     assert block_select_sliced.choose_slicing(max_blocks, width, rows, 132, sliceable) == slices
+
+
+def radix_plans(monkeypatch, min_slice: int) -> None:
+    """Plans made from here on take the radix top-k wherever rows of slices of ``min_slice`` blocks or more (at
+    most 8 a row, on a GPU of at least 256) fit 132 SMs."""
+    monkeypatch.setattr(block_select_radix, "ENABLED", True)
+    monkeypatch.setattr(block_select_radix, "MIN_SLICE", min_slice)
+    monkeypatch.setattr(block_select_triton, "sm_count", lambda device: 132)
+
+
+def equal_and_spread_scores(blocks: int) -> torch.Tensor:
+    """[5, 3, blocks] fp32: rows of one value (every competing key ties), of two values, of values a few ulps apart
+    across slices, and of the hard bit patterns (every exponent, both signs, NaNs)."""
+    scores = hard_scores(5, 3, blocks, seed=5)
+    scores[2, 0] = 1.5
+    scores[2, 1] = torch.where(torch.arange(blocks) % 3 == 0, 2.0, -2.0)
+    scores[4, 2] = (torch.tensor(7.0).view(torch.int32) + torch.arange(blocks, dtype=torch.int32) % 9).view(
+        torch.float32)
+    return scores
+
+
+@pytest.mark.parametrize("min_slice,sizes", [
+    (8, SIZES),  # ratio 0.3: 18 blocks of 60, eight slices of 8
+    (16, SIZES),  # four slices
+    (8, dict(SIZES, init_window=0, local_window=1, min_blocks=1, token_budget=400)),  # no window but the last
+    (32, dict(SIZES, sparse_ratio=0.7)),  # two slices, most blocks picked
+])
+def test_radix_top_k_writes_the_rule_and_the_one_program_lists(min_slice, sizes, monkeypatch):
+    """The radix top-k (every slice program finds the row's threshold by histograms of the next 8 bits, then
+    writes its part) over the search's hardest scores (random bit patterns, NaNs of either sign, ulps apart, one
+    value, two values), ragged requests (one dense): the rule written out, and exactly the one-program kernel's
+    lists and counts."""
+    seq_lens = torch.tensor([955, 700, 403, 229, 60], dtype=torch.int32, device=DEVICE)
+    scores = equal_and_spread_scores(60).to(DEVICE)
+    one = select_from_scores(scores, seq_lens, **sizes)
+    radix_plans(monkeypatch, min_slice)
+    assert block_select_radix.choose_radix(60, 15, 132, sliceable=True) == min_slice
+    plan = block_select_triton._make_plan(5, 3, 1, 60, scores.device, sizes["block_size"], sizes["sparse_ratio"],
+                                          sizes["init_window"], sizes["local_window"], sizes["min_blocks"], "quest",
+                                          sizes.get("token_budget"), scores=scores)
+    assert plan.radix_slice == min_slice and plan.slices == 0 and plan.keys.shape[2] == 0
+    lists = select_from_scores(scores, seq_lens, **sizes)
+    check_lists_written_out(scores.cpu(), seq_lens.cpu(), [t.cpu() for t in lists], sizes)
+    assert torch.equal(lists[0], one[0]) and torch.equal(lists[1], one[1])
+
+
+def test_radix_top_k_reselects_named_rows_into_sel_rows(monkeypatch):
+    """Through a plan (Quest scores from reprs, windows, a 2-block request that is dense): rows reselected into the
+    rows sel_rows names get the one-program lists, the others keep what they held; a plan for fewer rows selects
+    like a fresh one."""
+    case = make_case(seq_lens=[955, 17, 403, 700], max_blocks=60)
+    args = (case["q"], case["kmin"], case["kmax"], case["kmean"], case["block_table"], case["seq_lens"])
+    ref_idx, ref_count = plan_select(4, 2, 64, 60, **SIZES, device=DEVICE).run(*args)
+    radix_plans(monkeypatch, 16)
+    plan = plan_select(4, 2, 64, 60, **SIZES, device=DEVICE)
+    assert plan.radix_slice == 16 and plan.slices == 0
+    check_kept_rows(plan, case, ref_idx, ref_count)
+
+
+@pytest.mark.parametrize("max_blocks,rows,sliceable,slice_blocks", [
+    (8192, 8, True, 1024),  # 1 x 128K (8 KV heads): 8 slices
+    (8198, 8, True, 2048),  # ... a few tokens into decode: 5 slices of 2048
+    (8192, 16, True, 1024),  # 2 x 128K: 128 programs
+    (8192, 64, True, 0),  # 8 x 128K: 64 rows fill the GPU, slices would not fit one wave
+    (8192, 8, False, 0),  # the gauss rule: shares need the whole row
+    (256, 8, True, 0),  # one slice of the smallest size: the one-program path
+    (300, 8, True, 256),  # two
+    (16384, 8, True, 2048),  # 256K tokens: the longest row a program holds
+    (16385, 8, True, 0),
+])
+def test_the_radix_top_k_is_planned_where_slices_fit_a_wave(max_blocks, rows, sliceable, slice_blocks, monkeypatch):
+    """Where the radix top-k would be planned once enabled; until then (not timed on a GPU) nowhere."""
+    assert block_select_radix.choose_radix(max_blocks, rows, 132, sliceable) == 0
+    monkeypatch.setattr(block_select_radix, "ENABLED", True)
+    assert block_select_radix.choose_radix(max_blocks, rows, 132, sliceable) == slice_blocks

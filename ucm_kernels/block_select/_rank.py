@@ -1,6 +1,6 @@
 """Order statistics shared by the top-k kernels (``triton.py``'s one program a row, ``sliced.py``'s programs a
-slice and their merge): the k rule and windows of a row, scores as order-preserving int32 keys, and the bitwise
-search for the k-th largest key.
+slice and their merge, ``radix.py``'s programs a slice): the k rule and windows of a row, scores as
+order-preserving int32 keys, and the bitwise search for the k-th largest key.
 
 Keys are searched in offset binary (key + 2**31, int64): ``found`` holds the bits of the answer set so far, ``bit``
 the next bit to decide (-1 when done) and ``above`` how many keys lie past the still undecided range

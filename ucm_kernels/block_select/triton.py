@@ -33,7 +33,8 @@ Two launches, both reading each input once:
 
 Short lists over long rows at a small batch (a token budget at 1 x 128K: eight rows of 8192 blocks) take the sliced
 top-k of ``sliced.py`` instead: programs per slice of a row keep their best, the row's last to finish merges them
-(same lists).
+(same lists). Long lists over such rows (sparse_ratio 0.3) take ``radix.py``'s: every program of a row finds the
+threshold from the whole row in registers by histograms of 8-bit digits, then writes its slice (same lists).
 
 :func:`plan_select` does the host-side work (scalar checks, k rule, launch settings, scratch) once per step;
 ``SelectPlan.run`` per layer only checks the tensors and launches.
@@ -60,6 +61,7 @@ import triton.language as tl
 from .._launch import Launcher, wait_for_previous_grid
 from .._utils import (INDEX_DTYPES, cdiv, check_device, check_tensor, next_pow2, padded_empty, sm_count,
                       triton_interpreting)
+from . import radix as radix_top_k
 from . import sliced as sliced_top_k
 from ._rank import _common_prefix, _finish_search, _order_keys, _output_row, _plan, _row_plan
 
@@ -507,6 +509,7 @@ class SelectPlan:
     candidates: torch.Tensor | None = None  # [batch, num_kv_heads, slices, 2, keep] int32: a slice's keys, blocks
     candidate_counts: torch.Tensor | None = None  # [batch, num_kv_heads, slices] int32
     arrivals: torch.Tensor | None = None  # [batch, num_kv_heads] int32, zero between launches (sliced.py)
+    radix_slice: int = 0  # blocks a slice program of the radix top-k writes (``radix.py``), 0 for another path
 
     def for_rows(self, rows: int) -> "SelectPlan":
         """This plan for the first ``rows`` (<= batch) requests, sharing its scratch (e.g. the plan of a smaller
@@ -580,7 +583,10 @@ def _make_plan(batch, heads, head_dim, max_blocks, device, block_size, sparse_ra
                       candidates=torch.empty(batch, heads, slices, 2, keep, dtype=torch.int32, device=device),
                       candidate_counts=torch.empty(batch, heads, slices, dtype=torch.int32, device=device),
                       arrivals=torch.zeros(batch, heads, dtype=torch.int32, device=device))
-    key_entries = 0 if slices else cdiv(max(max_blocks, 1), chunk) * chunk + finish
+    else:
+        radix_slice = radix_top_k.choose_radix(max_blocks, batch * heads, sm_count(device), score != "gauss")
+        sliced = dict(radix_slice=radix_slice) if radix_slice else {}
+    key_entries = 0 if sliced else cdiv(max(max_blocks, 1), chunk) * chunk + finish
     keys = torch.empty(batch, heads, key_entries, dtype=torch.int32, device=device)
     return SelectPlan(batch, heads, head_dim, max_blocks, width, block_size, SCORES.index(score), group, limits, scores,
                       keys, *_choose_score_launch(heads, head_dim), chunk, select_warps, finish, **sliced)
@@ -770,6 +776,9 @@ def _launch_select(plan: SelectPlan, scores, seq_lens, sel_idx, sel_count, resel
     ``sel_idx`` / ``sel_count`` (only the rows ``reselect`` names, unless None; at the rows ``sel_rows`` names)."""
     if plan.slices:
         sliced_top_k.launch_sliced(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows)
+        return
+    if plan.radix_slice:
+        radix_top_k.launch_radix(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows)
         return
     shares = plan.group if plan.rule == GAUSS.value else 0
     n_chunks = (plan.keys.shape[2] - plan.select_finish) // plan.select_chunk

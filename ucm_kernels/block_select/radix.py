@@ -1,0 +1,162 @@
+"""The top-k of long lists over rows of at most ``MAX_ROW`` blocks in more programs than rows: every program of a row
+finds the row's threshold from the whole row in registers by a radix select, then writes its slice of the list.
+
+At 1 x 128K and sparse_ratio 0.3 each (request, KV head) row picks 2458 of 8192 blocks. One program a row
+(``triton.py``'s ``_select_kernel``) walks the row in chunks, a load's latency a step, about 21 us on the H200
+(BENCHMARKS.md); the sliced top-k (``sliced.py``) only serves lists short enough that each slice keeps a quarter of
+its blocks or fewer. Here one launch, ``_radix_topk_kernel``, runs a program per (slice of ``slice_blocks``, KV
+head, request). Each holds the row's keys in registers (``next_pow2(max_blocks)`` of them) and finds the need-th
+largest the same way, so no program waits for another:
+1. the bits every competing key shares (from the smallest and largest), then ``DIGIT_BITS`` bits at a time a
+   histogram of the still undecided keys' next digit (``tl.histogram``), whose counts from the top say which digit
+   the need-th largest has; at most four rounds for 32-bit keys;
+2. its slice's first list position, ``lo`` plus the keys above the threshold before the slice and the ties before
+   it up to the ties wanted (ties go to the lowest logical blocks), then its picks in ascending order, and its share
+   of the windows and -1 padding.
+
+The lists are exactly the one-program kernel's (tests). Four launches, one pass each (bounds, a histogram of the
+slices' digits merged by the row's last slice, the bin's candidates, the lists), took as long as one program a row
+at 1 x 128K on the H200 (BENCHMARKS.md): each pass paid a launch and a chain of dependent loads. ``plan_select``
+would take this path where the sliced top-k does not apply (see ``choose_radix``); it does not yet (``ENABLED``).
+"""
+import triton
+import triton.language as tl
+
+from .._launch import Launcher, wait_for_previous_grid
+from .._utils import cdiv, next_pow2
+from ._rank import KEY_NONE, _common_prefix, _order_keys, _output_row, _row_plan
+
+# plan_select takes this path only when ENABLED: it has not been timed on a GPU yet (session 28 ran out of device time;
+# `bash bench/run_gpu.sh radix` times it against one program a row, BENCHMARKS.md). Tests and the bench turn it on.
+ENABLED = False
+SLICES = 8  # slices a row is cut into, at most
+MIN_SLICE = 256  # fewest blocks a slice holds (tests shrink it)
+MAX_ROW = 16384  # the longest table (256K tokens at blocks of 16) whose row a program holds in registers
+DIGIT_BITS = tl.constexpr(8)  # bits a histogram round decides
+BINS = tl.constexpr(256)  # 2**DIGIT_BITS
+KEY_MAX = tl.constexpr(2147483647)
+
+
+def choose_radix(max_blocks: int, rows: int, sms: int, sliceable: bool) -> int:
+    """Blocks a slice holds in the radix top-k of ``rows`` (request, KV head) rows over ``max_blocks``-block
+    tables, or 0 for another path: up to ``SLICES`` slices of at least ``MIN_SLICE`` blocks (a power of two), at
+    least two, the slice programs of all rows within one wave of ``sms`` SMs and the table at most ``MAX_ROW``
+    (and 0 everywhere unless ``ENABLED``)."""
+    if not ENABLED:
+        return 0
+    slice_blocks = max(MIN_SLICE, next_pow2(cdiv(max(max_blocks, 1), SLICES)))
+    slices = cdiv(max_blocks, slice_blocks)
+    if not sliceable or slices < 2 or rows * slices > sms or max_blocks > MAX_ROW:
+        return 0
+    return slice_blocks
+
+
+@triton.jit
+def _radix_kth_largest(keys, k):
+    """(threshold, above): the k-th largest (k >= 1) of the int32 ``keys`` (registers; KEY_NONE: no block, below
+    every score's key) and how many are larger. The bits all of them share first, then DIGIT_BITS bits a round by a
+    histogram of the undecided keys' next digit; ``found`` (offset binary, int64) holds the bits set so far and
+    ``bit`` the next to decide."""
+    found, bit = _common_prefix(tl.min(tl.where(keys == KEY_NONE, KEY_MAX, keys), axis=0), tl.max(keys, axis=0))
+    above = (bit * 0).to(tl.int32)
+    bins = tl.arange(0, BINS)
+    while bit >= 0:
+        low_bit = tl.maximum(bit + 1 - DIGIT_BITS, 0)
+        first = (found - 2147483648).to(tl.int32)  # the undecided range's smallest and largest key
+        last = (found + (1 << (bit + 1)) - 1 - 2147483648).to(tl.int32)
+        undecided = (keys >= first) & (keys <= last)
+        digits = ((keys - first).to(tl.uint32, bitcast=True) >> low_bit.to(tl.uint32)).to(tl.int32)
+        counts = tl.histogram(digits, BINS, mask=undecided)
+        at_least = above + tl.cumsum(counts, axis=0, reverse=True)  # keys in this digit's range or above it
+        digit = tl.max(tl.where(at_least >= k, bins, 0), axis=0)
+        above = tl.sum(tl.where(bins == digit, at_least - counts, 0), axis=0)
+        found += digit.to(tl.int64) << low_bit
+        bit = low_bit - 1
+    return (found - 2147483648).to(tl.int32), above
+
+
+@triton.jit
+def _slice_first(keys, threshold, ties_wanted, before):
+    """(first, tie budget) of a slice: the picks (keys above the threshold, ties up to ``ties_wanted``) among the
+    keys where ``before`` holds (the slices ahead of it), and the ties left to it."""
+    above = tl.sum((before & (keys > threshold)).to(tl.int32), axis=0)
+    ties = tl.sum((before & (keys == threshold)).to(tl.int32), axis=0)
+    return above + tl.minimum(ties, ties_wanted), ties_wanted - ties
+
+
+@triton.jit(do_not_specialize=["max_blocks", "width"])
+def _radix_topk_kernel(
+    scores_ptr,  # [batch, num_kv_heads, >= max_blocks] fp32
+    seq_lens_ptr,  # [batch]
+    reselect_ptr,  # [batch] rows to select (read if MASKED; any pointer otherwise)
+    sel_rows_ptr,  # [batch] int64 row of sel_idx / sel_count each request writes (read if SEL_ROWS)
+    sel_idx_ptr,  # [batch or rows, num_kv_heads, width] int32
+    sel_count_ptr,  # [batch or rows, num_kv_heads] int32
+    max_blocks, width, ratio_fixed, k_floor, init_window, local_window,
+    stride_sb, stride_sh,
+    stride_ib, stride_ih, stride_ij,
+    stride_ob, stride_oh,
+    BLOCK_SIZE: tl.constexpr, SLICE: tl.constexpr, ROW: tl.constexpr, MASKED: tl.constexpr,
+    SEL_ROWS: tl.constexpr, PDL: tl.constexpr = 0,
+):
+    """Program (slice, KV head, request): the row's threshold from all its keys, then the slice's part of the
+    list; slice 0 writes the count."""
+    wait_for_previous_grid(PDL)
+    part = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    if MASKED:
+        if tl.load(reselect_ptr + b) == 0:
+            return
+    _, nb, count, lo, hi, need = _row_plan(seq_lens_ptr, b, max_blocks, ratio_fixed, k_floor, init_window,
+                                           local_window, BLOCK_SIZE)
+    out_b = _output_row(sel_rows_ptr, b, SEL_ROWS)
+    sel_row = sel_idx_ptr + out_b * stride_ib + head * stride_ih
+    picked = tl.maximum(need, 0)
+    if need > 0:
+        score_row = scores_ptr + b * stride_sb + head * stride_sh
+        r = tl.arange(0, ROW)
+        j = part * SLICE + tl.arange(0, SLICE)
+        row_valid = (r >= lo) & (r < hi)
+        valid = (j >= lo) & (j < hi)
+        row_keys = tl.where(row_valid, _order_keys(tl.load(score_row + r, mask=row_valid, other=0.0)), KEY_NONE)
+        keys = tl.where(valid, _order_keys(tl.load(score_row + j, mask=valid, other=0.0)), KEY_NONE)
+        threshold, above = _radix_kth_largest(row_keys, need)
+        first, tie_budget = _slice_first(row_keys, threshold, need - above, r < part * SLICE)
+        tie = valid & (keys == threshold)
+        take = (valid & (keys > threshold)) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= tie_budget))
+        tl.store(sel_row + (lo + first + tl.cumsum(take.to(tl.int32), axis=0) - 1) * stride_ij, j, mask=take)
+    p = part * SLICE + tl.arange(0, SLICE)  # the windows (the whole list when dense), then -1 to the width
+    value = tl.where(p < lo, p, hi + (p - lo - picked))
+    value = tl.where(p < count, value, -1)
+    tl.store(sel_row + p * stride_ij, value, mask=(p < width) & ((p < lo) | (p >= lo + picked)))
+    if part == 0:
+        tl.store(sel_count_ptr + out_b * stride_ob + head * stride_oh, count)
+
+
+_RADIX = Launcher(_radix_topk_kernel)
+
+
+def num_warps(row: int) -> int:
+    """Warps of a program holding ``row`` keys: 16 keys a thread, at most 16 warps (compiled for sm_90, 8 warps
+    over 8192 keys spilled; 16 hold them in 93 registers, and 16384 in 128)."""
+    return max(4, min(16, row // (16 * 32)))
+
+
+def launch_radix(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows) -> None:
+    """The radix top-k of ``plan`` (a ``SelectPlan`` with ``radix_slice`` > 0): each (KV head, request) row of
+    ``scores`` (``[batch, heads, >= max_blocks]`` fp32) into ``sel_idx`` / ``sel_count`` (only the rows
+    ``reselect`` names, unless None; at the rows ``sel_rows`` names, if given); same lists as ``_select_kernel``."""
+    row = next_pow2(plan.max_blocks)
+    # each tensor's strides read once: every stride(i) is a call into torch (~0.25 us, host time per layer)
+    score_strides, idx_strides, count_strides = scores.stride(), sel_idx.stride(), sel_count.stride()
+    _RADIX((cdiv(plan.max_blocks, plan.radix_slice), plan.num_kv_heads, plan.batch),
+        scores_ptr=scores, seq_lens_ptr=seq_lens, reselect_ptr=seq_lens if reselect is None else reselect,
+        sel_rows_ptr=seq_lens if sel_rows is None else sel_rows, sel_idx_ptr=sel_idx, sel_count_ptr=sel_count,
+        width=sel_idx.shape[2], **plan.limits,
+        stride_sb=score_strides[0], stride_sh=score_strides[1],
+        stride_ib=idx_strides[0], stride_ih=idx_strides[1], stride_ij=idx_strides[2],
+        stride_ob=count_strides[0], stride_oh=count_strides[1],
+        BLOCK_SIZE=plan.block_size, SLICE=plan.radix_slice, ROW=row, MASKED=reselect is not None,
+        SEL_ROWS=sel_rows is not None, num_warps=num_warps(row),
+    )
