@@ -84,3 +84,13 @@ def _finish_search(keys, found, above, bit, k, RADIX_BITS: tl.constexpr):
         found = found + (digit.to(tl.int64) << low_bit)
         bit = low_bit - 1
     return found, above
+
+
+@triton.jit
+def _write_windows(sel_row, p, lo, hi, picked, count, width, stride_ij):
+    """The list entries at positions ``p`` outside the ``picked`` picks at [lo, lo + picked): the init window
+    (``p < lo``: block p), the local window after the picks (blocks from ``hi``; the whole list when dense), -1 from
+    ``count`` to ``width``."""
+    value = tl.where(p < lo, p, hi + (p - lo - picked))
+    value = tl.where(p < count, value, -1)
+    tl.store(sel_row + p * stride_ij, value, mask=(p < width) & ((p < lo) | (p >= lo + picked)))

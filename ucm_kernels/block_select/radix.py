@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .._launch import Launcher, wait_for_previous_grid
 from .._utils import cdiv, next_pow2
-from ._rank import KEY_NONE, _common_prefix, _order_keys, _output_row, _row_plan
+from ._rank import KEY_NONE, _common_prefix, _order_keys, _output_row, _row_plan, _write_windows
 
 # plan_select takes this path only when ENABLED: it has not been timed on a GPU yet (session 28 ran out of device time;
 # `bash bench/run_gpu.sh radix` times it against one program a row, BENCHMARKS.md). Tests and the bench turn it on.
@@ -108,8 +108,8 @@ def _radix_topk_kernel(
     if MASKED:
         if tl.load(reselect_ptr + b) == 0:
             return
-    _, nb, count, lo, hi, need = _row_plan(seq_lens_ptr, b, max_blocks, ratio_fixed, k_floor, init_window,
-                                           local_window, BLOCK_SIZE)
+    _, _, count, lo, hi, need = _row_plan(seq_lens_ptr, b, max_blocks, ratio_fixed, k_floor, init_window,
+                                          local_window, BLOCK_SIZE)
     out_b = _output_row(sel_rows_ptr, b, SEL_ROWS)
     sel_row = sel_idx_ptr + out_b * stride_ib + head * stride_ih
     picked = tl.maximum(need, 0)
@@ -120,16 +120,15 @@ def _radix_topk_kernel(
         row_valid = (r >= lo) & (r < hi)
         valid = (j >= lo) & (j < hi)
         row_keys = tl.where(row_valid, _order_keys(tl.load(score_row + r, mask=row_valid, other=0.0)), KEY_NONE)
+        # the slice's keys loaded again (from L1 / L2): a slice of a register tensor cannot be taken in Triton
         keys = tl.where(valid, _order_keys(tl.load(score_row + j, mask=valid, other=0.0)), KEY_NONE)
         threshold, above = _radix_kth_largest(row_keys, need)
         first, tie_budget = _slice_first(row_keys, threshold, need - above, r < part * SLICE)
         tie = valid & (keys == threshold)
         take = (valid & (keys > threshold)) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= tie_budget))
         tl.store(sel_row + (lo + first + tl.cumsum(take.to(tl.int32), axis=0) - 1) * stride_ij, j, mask=take)
-    p = part * SLICE + tl.arange(0, SLICE)  # the windows (the whole list when dense), then -1 to the width
-    value = tl.where(p < lo, p, hi + (p - lo - picked))
-    value = tl.where(p < count, value, -1)
-    tl.store(sel_row + p * stride_ij, value, mask=(p < width) & ((p < lo) | (p >= lo + picked)))
+    # the slice's share of the list's positions (j again: held across the search, it spilled at 16384 keys)
+    _write_windows(sel_row, part * SLICE + tl.arange(0, SLICE), lo, hi, picked, count, width, stride_ij)
     if part == 0:
         tl.store(sel_count_ptr + out_b * stride_ob + head * stride_oh, count)
 

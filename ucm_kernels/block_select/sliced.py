@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .._launch import Launcher, wait_for_previous_grid
 from .._utils import cdiv, next_pow2
-from ._rank import KEY_NONE, _common_prefix, _finish_search, _order_keys, _output_row, _row_plan
+from ._rank import KEY_NONE, _common_prefix, _finish_search, _order_keys, _output_row, _row_plan, _write_windows
 
 SLICE = 1024  # blocks a slice program holds in registers ([SLICE, 16] counts a search round; tests shrink it)
 MIN_PRUNE = 4  # a slice keeps at most 1 / MIN_PRUNE of its blocks, or the row takes the one-program path
@@ -101,11 +101,8 @@ def _merge_row(cand_row, count_row, sel_row, count_out, slices, width, count, lo
     picked = tl.sum(take.to(tl.int32), axis=0)
     tl.store(sel_row + (lo + tl.cumsum(take.to(tl.int32), axis=0) - 1) * stride_ij, blocks, mask=take)
     offs = tl.arange(0, SCAN)
-    for first in range(0, width, SCAN):  # the windows (the whole list when dense), then -1 to the width
-        p = first + offs
-        value = tl.where(p < lo, p, hi + (p - lo - picked))
-        value = tl.where(p < count, value, -1)
-        tl.store(sel_row + p * stride_ij, value, mask=(p < width) & ((p < lo) | (p >= lo + picked)))
+    for first in range(0, width, SCAN):
+        _write_windows(sel_row, first + offs, lo, hi, picked, count, width, stride_ij)
     tl.store(count_out, count)
 
 
