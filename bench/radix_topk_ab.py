@@ -1,10 +1,10 @@
 """The radix top-k against one program a row, in one process: selection at sparse_ratio 0.3 planned both ways.
 
-The radix top-k (``ucm_kernels/block_select/radix.py``, turned on here: ``radix.ENABLED`` stays off until this bench
-has timed it) is planned where a row's slice programs fit one wave (the limit is lifted here; rows say which one
-``plan_select`` picks); ``radix.MIN_SLICE`` raised past any table gives the one-program plan of the same settings.
-Their lists must be equal bit for bit before anything is timed. Shapes: 1 x 128K, 1 x 128K + 96 tokens (8198-block
-tables), 2 x 128K, 8 x 128K (32 query / 8 KV heads of 128, bf16, blocks of 16), Quest over bf16 and fp8 reprs. Timed
+The radix top-k (``ucm_kernels/block_select/radix.py``) is planned here at every shape (its table limits and the
+slices' one-wave limit lifted; rows say which path ``plan_select`` picks); ``radix.MIN_SLICE`` raised past any table
+gives the one-program plan of the same settings. Their lists must be equal bit for bit before anything is timed.
+Shapes: 1 x 128K, 1 x 32K, 1 x 64K, 1 x 128K + 96 tokens (8198-block tables), 2 x 128K, 8 x 128K (32 query / 8 KV
+heads of 128, bf16, blocks of 16), Quest over bf16 and fp8 reprs. Timed
 (do_bench median, L2 cleared before every call; CUDA-graph replay and eager): the selection alone (device time by
 kernel from torch.profiler, Quest on bf16 reprs) and selection + attention. Then at 1 x 128K, per layer of one graph
 of LAYERS layers (``sliced_topk_ab.layered_rows``'s setting: each layer its own KV, reprs and query): the dense
@@ -29,7 +29,8 @@ from ucm_kernels.block_select import triton as block_select_triton
 from ucm_kernels.sparse_decode import plan_decode, sparse_decode
 
 SIZES = {**BUDGET_SIZES, "token_budget": None}  # sparse_ratio 0.3, windows 1 + 4, at least 8 blocks
-SHAPES = ((1, 131072, 0), (1, 131072, 96), (2, 131072, 0), (8, 131072, 0))  # batch, context, tokens past it
+# batch, context, tokens past it (the first: --quick)
+SHAPES = ((1, 131072, 0), (1, 32768, 0), (1, 65536, 0), (1, 131072, 96), (2, 131072, 0), (8, 131072, 0))
 PATHS = ("radix", "one_program")
 
 
@@ -44,13 +45,14 @@ def one_program():
 
 
 @contextlib.contextmanager
-def radix_enabled():
-    """Plans made inside may take the radix top-k (``radix.ENABLED``: off until timed on a GPU)."""
-    kept, radix.ENABLED = radix.ENABLED, True
+def radix_anywhere():
+    """Plans made inside take the radix top-k at any table of 2 to 16384 blocks, however many rows."""
+    kept = radix.MIN_BLOCKS, radix.MAX_ROW, block_select_triton.sm_count
+    radix.MIN_BLOCKS, radix.MAX_ROW, block_select_triton.sm_count = 2, 16384, lambda device: 1 << 30
     try:
         yield
     finally:
-        radix.ENABLED = kept
+        radix.MIN_BLOCKS, radix.MAX_ROW, block_select_triton.sm_count = kept
 
 
 def plans(batch: int, blocks: int) -> tuple[dict, str]:
@@ -58,12 +60,8 @@ def plans(batch: int, blocks: int) -> tuple[dict, str]:
     slices' one-wave limit lifted and without slices."""
     planned = "radix" if plan_select(batch, NUM_KV_HEADS, HEAD_DIM, blocks, **SIZES, device="cuda").radix_slice \
         else "one_program"
-    with radix_enabled():
-        kept, block_select_triton.sm_count = block_select_triton.sm_count, lambda device: 1 << 30
-        try:
-            made = {"radix": plan_select(batch, NUM_KV_HEADS, HEAD_DIM, blocks, **SIZES, device="cuda")}
-        finally:
-            block_select_triton.sm_count = kept
+    with radix_anywhere():
+        made = {"radix": plan_select(batch, NUM_KV_HEADS, HEAD_DIM, blocks, **SIZES, device="cuda")}
     with one_program():
         made["one_program"] = plan_select(batch, NUM_KV_HEADS, HEAD_DIM, blocks, **SIZES, device="cuda")
     assert made["radix"].radix_slice and not made["one_program"].radix_slice
@@ -150,7 +148,7 @@ def score_rows(blocks: int = 8192) -> list[dict]:
     rows = []
     for kind, scores in (("normal", torch.randn(1, NUM_KV_HEADS, blocks, device="cuda")),
                          ("equal", torch.ones(1, NUM_KV_HEADS, blocks, device="cuda"))):
-        with radix_enabled():
+        with radix_anywhere():
             made = {"radix": score_plan(scores)}
         with one_program():
             made["one_program"] = score_plan(scores)

@@ -698,7 +698,7 @@ def test_the_sliced_top_k_is_planned_where_it_prunes_and_fits_a_wave(max_blocks,
 def radix_plans(monkeypatch, min_slice: int) -> None:
     """Plans made from here on take the radix top-k wherever rows of slices of ``min_slice`` blocks or more (at
     most 8 a row, on a GPU of at least 256) fit 132 SMs."""
-    monkeypatch.setattr(block_select_radix, "ENABLED", True)
+    monkeypatch.setattr(block_select_radix, "MIN_BLOCKS", 1)
     monkeypatch.setattr(block_select_radix, "MIN_SLICE", min_slice)
     monkeypatch.setattr(block_select_triton, "sm_count", lambda device: 132)
 
@@ -754,17 +754,22 @@ def test_radix_top_k_reselects_named_rows_into_sel_rows(monkeypatch):
 
 @pytest.mark.parametrize("max_blocks,rows,sliceable,slice_blocks", [
     (8192, 8, True, 1024),  # 1 x 128K (8 KV heads): 8 slices
-    (8198, 8, True, 2048),  # ... a few tokens into decode: 5 slices of 2048
+    (4097, 8, True, 1024),  # the shortest table of rows of 8192 keys: 5 slices
     (8192, 16, True, 1024),  # 2 x 128K: 128 programs
     (8192, 64, True, 0),  # 8 x 128K: 64 rows fill the GPU, slices would not fit one wave
     (8192, 8, False, 0),  # the gauss rule: shares need the whole row
-    (256, 8, True, 0),  # one slice of the smallest size: the one-program path
-    (300, 8, True, 256),  # two
-    (16384, 8, True, 2048),  # 256K tokens: the longest row a program holds
-    (16385, 8, True, 0),
+    (8198, 8, True, 0),  # a few tokens past 128K: rows of 16384 keys, timed slower than one program
+    (4096, 8, True, 0),  # rows of 4096 keys: not timed
 ])
-def test_the_radix_top_k_is_planned_where_slices_fit_a_wave(max_blocks, rows, sliceable, slice_blocks, monkeypatch):
-    """Where the radix top-k would be planned once enabled; until then (not timed on a GPU) nowhere."""
-    assert block_select_radix.choose_radix(max_blocks, rows, 132, sliceable) == 0
-    monkeypatch.setattr(block_select_radix, "ENABLED", True)
+def test_the_radix_top_k_is_planned_where_slices_fit_a_wave(max_blocks, rows, sliceable, slice_blocks):
+    """Where the radix top-k is planned: tables whose rows hold 8192 keys, where it was timed faster than one
+    program a row, whose slices fit a wave of 132 SMs."""
     assert block_select_radix.choose_radix(max_blocks, rows, 132, sliceable) == slice_blocks
+
+
+@pytest.mark.parametrize("max_blocks,slice_blocks", [(256, 0), (300, 256), (2048, 256), (16384, 2048)])
+def test_the_radix_slices_are_sized_by_the_table(max_blocks, slice_blocks, monkeypatch):
+    """With the table limits lifted: slices of at least 256 blocks, at most eight, at least two."""
+    monkeypatch.setattr(block_select_radix, "MIN_BLOCKS", 1)
+    monkeypatch.setattr(block_select_radix, "MAX_ROW", 16384)
+    assert block_select_radix.choose_radix(max_blocks, 8, 132, True) == slice_blocks

@@ -1,5 +1,6 @@
-"""The top-k of long lists over rows of at most ``MAX_ROW`` blocks in more programs than rows: every program of a row
-finds the row's threshold from the whole row in registers by a radix select, then writes its slice of the list.
+"""The top-k of long lists (tables of ``MIN_BLOCKS`` to ``MAX_ROW`` blocks) in more programs than rows: every program
+of a row finds the row's threshold from the whole row in registers by a radix select, then writes its slice of the
+list.
 
 At 1 x 128K and sparse_ratio 0.3 each (request, KV head) row picks 2458 of 8192 blocks. One program a row
 (``triton.py``'s ``_select_kernel``) walks the row in chunks, a load's latency a step, about 21 us on the H200
@@ -17,7 +18,8 @@ largest the same way, so no program waits for another:
 The lists are exactly the one-program kernel's (tests). Four launches, one pass each (bounds, a histogram of the
 slices' digits merged by the row's last slice, the bin's candidates, the lists), took as long as one program a row
 at 1 x 128K on the H200 (BENCHMARKS.md): each pass paid a launch and a chain of dependent loads. ``plan_select``
-would take this path where the sliced top-k does not apply (see ``choose_radix``); it does not yet (``ENABLED``).
+takes this path where the sliced top-k does not apply and the table is one this kernel was timed faster on
+(``choose_radix``).
 """
 import triton
 import triton.language as tl
@@ -26,12 +28,13 @@ from .._launch import Launcher, wait_for_previous_grid
 from .._utils import cdiv, next_pow2
 from ._rank import KEY_NONE, _common_prefix, _order_keys, _output_row, _row_plan, _write_windows
 
-# plan_select takes this path only when ENABLED: it has not been timed on a GPU yet (session 28 ran out of device time;
-# `bash bench/run_gpu.sh radix` times it against one program a row, BENCHMARKS.md). Tests and the bench turn it on.
-ENABLED = False
 SLICES = 8  # slices a row is cut into, at most
 MIN_SLICE = 256  # fewest blocks a slice holds (tests shrink it)
-MAX_ROW = 16384  # the longest table (256K tokens at blocks of 16) whose row a program holds in registers
+# Tables planned here: rows of 8192 keys, where `bash bench/run_gpu.sh radix` timed this kernel faster than one
+# program a row (H100, 734a15e: top-k 19.0 against 21.5 us at 1 x 128K, 18.5 against 22.1 at 2 x 128K); rows of
+# 16384 keys (8198 blocks) were slower (32.0 against 27.1) and shorter rows were not timed (BENCHMARKS.md).
+MIN_BLOCKS = 4097  # tests lower it
+MAX_ROW = 8192
 DIGIT_BITS = tl.constexpr(8)  # bits a histogram round decides
 BINS = tl.constexpr(256)  # 2**DIGIT_BITS
 KEY_MAX = tl.constexpr(2147483647)
@@ -40,13 +43,11 @@ KEY_MAX = tl.constexpr(2147483647)
 def choose_radix(max_blocks: int, rows: int, sms: int, sliceable: bool) -> int:
     """Blocks a slice holds in the radix top-k of ``rows`` (request, KV head) rows over ``max_blocks``-block
     tables, or 0 for another path: up to ``SLICES`` slices of at least ``MIN_SLICE`` blocks (a power of two), at
-    least two, the slice programs of all rows within one wave of ``sms`` SMs and the table at most ``MAX_ROW``
-    (and 0 everywhere unless ``ENABLED``)."""
-    if not ENABLED:
-        return 0
+    least two, the slice programs of all rows within one wave of ``sms`` SMs and the table ``MIN_BLOCKS`` to
+    ``MAX_ROW`` blocks."""
     slice_blocks = max(MIN_SLICE, next_pow2(cdiv(max(max_blocks, 1), SLICES)))
     slices = cdiv(max_blocks, slice_blocks)
-    if not sliceable or slices < 2 or rows * slices > sms or max_blocks > MAX_ROW:
+    if not sliceable or slices < 2 or rows * slices > sms or not MIN_BLOCKS <= max_blocks <= MAX_ROW:
         return 0
     return slice_blocks
 
