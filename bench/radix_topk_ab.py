@@ -4,9 +4,9 @@ The radix top-k (``ucm_kernels/block_select/radix.py``) is planned here at every
 slices' one-wave limit lifted; rows say which path ``plan_select`` picks); ``radix.MIN_SLICE`` raised past any table
 gives the one-program plan of the same settings. Their lists must be equal bit for bit before anything is timed.
 Shapes: 1 x 128K, 1 x 32K, 1 x 64K, 1 x 128K + 96 tokens (8198-block tables), 2 x 128K, 8 x 128K (32 query / 8 KV
-heads of 128, bf16, blocks of 16), Quest over bf16 and fp8 reprs. Timed
-(do_bench median, L2 cleared before every call; CUDA-graph replay and eager): the selection alone (device time by
-kernel from torch.profiler, Quest on bf16 reprs) and selection + attention. Then at 1 x 128K, per layer of one graph
+heads of 128, bf16, blocks of 16), Quest over bf16 and fp8 reprs. Timed (do_bench median, L2 cleared before every
+call; CUDA-graph replay and eager): the selection alone (device time by kernel from torch.profiler, Quest on bf16
+reprs) and selection + attention. Then at 1 x 128K, per layer of one graph
 of LAYERS layers (``sliced_topk_ab.layered_rows``'s setting: each layer its own KV, reprs and query): the dense
 decodes (SDPA, ours, FlashInfer's two paged kernels when carried), attention alone, select + attend both ways, and
 ``select_every 8`` composed as ``(select_attend + 7 x attend) / 8``, every speedup against the fastest dense. Last,
