@@ -509,8 +509,8 @@ def test_every_score_tile_selects_what_the_planned_one_selects(score):
 @pytest.mark.parametrize("score", ["quest", "mean", "gauss"])
 def test_score_programs_looping_over_tiles_score_what_a_program_a_tile_scores(score):
     """The score kernel's programs a request and pipeline depth are launch settings: one program looping over every
-    tile (of 4 blocks), a few each over every n-th tile, or a program a tile, at 1 to 3 stages, write the same scores bit for bit
-    (masked rows included: a reuse step scores only the rows it names) and so the same lists."""
+    tile (of 4 blocks), a few each over every n-th tile, or a program a tile, at 1 to 3 stages, write the same scores
+    bit for bit (masked rows included: a reuse step scores only the rows it names) and so the same lists."""
     case = make_case(kv_heads=2, group=4)
     plan = dataclasses.replace(plan_select(4, 2, 64, 28, **SIZES, score=score, device=DEVICE, num_q_heads=8),
                                score_tile=4)
