@@ -77,16 +77,17 @@ def shape_rows(batch: int, context: int, ceiling: float) -> list[dict]:
 
 
 def main() -> None:
+    """All shapes; the results file is rewritten after each, so a run cut short keeps the shapes it finished."""
     ceilings = measure_copy_ceilings()
     rows = []
     for batch, context in SHAPES:
         rows += shape_rows(batch, context, ceilings["hbm_read_gbps"])
         torch.cuda.empty_cache()
-    path = write_results("score_ab", rows, ceilings, extra={
-        "sizes": SIZES, "variants": {"per_sm_stages": PER_SM_STAGES},
-        "timing": "do_bench median, L2 cleared before every call; cuda_graph: replay of the captured call; "
-        "device_time: the kernel's time in a profiled replay"})
-    print(path)
+        path = write_results("score_ab", rows, ceilings, extra={
+            "sizes": SIZES, "variants": {"per_sm_stages": PER_SM_STAGES},
+            "timing": "do_bench median, L2 cleared before every call; cuda_graph: replay of the captured call; "
+            "device_time: the kernel's time in a profiled replay"})
+        print(path, flush=True)
 
 
 if __name__ == "__main__":
