@@ -592,22 +592,26 @@ def _make_plan(batch, heads, head_dim, max_blocks, device, block_size, sparse_ra
         scores = padded_empty(batch, heads * group, max_blocks, dtype=torch.float32, device=device)
     chunk, select_warps = _choose_select_launch(max_blocks)
     finish = min(chunk, _SELECT_FINISH)
-    slices = sliced_top_k.choose_slicing(max_blocks, width, batch * heads, sm_count(device), score != "gauss")
-    sliced = {}
-    if slices:
-        keep = next_pow2(width)
-        sliced = dict(slices=slices, slice_blocks=sliced_top_k.SLICE,
-                      candidates=torch.empty(batch, heads, slices, 2, keep, dtype=torch.int32, device=device),
-                      candidate_counts=torch.empty(batch, heads, slices, dtype=torch.int32, device=device),
-                      arrivals=torch.zeros(batch, heads, dtype=torch.int32, device=device))
-    else:
-        radix_slice = radix_top_k.choose_radix(max_blocks, batch * heads, sm_count(device), score != "gauss")
-        sliced = dict(radix_slice=radix_slice) if radix_slice else {}
-    key_entries = 0 if sliced else cdiv(max(max_blocks, 1), chunk) * chunk + finish
+    multi_program = _multi_program_top_k(batch, heads, max_blocks, width, device, score)
+    key_entries = 0 if multi_program else cdiv(max(max_blocks, 1), chunk) * chunk + finish
     keys = torch.empty(batch, heads, key_entries, dtype=torch.int32, device=device)
     return SelectPlan(batch, heads, head_dim, max_blocks, width, block_size, SCORES.index(score), group, limits, scores,
                       keys, *_choose_score_launch(heads, head_dim, sm_count(device)), chunk,
-                      select_warps, finish, **sliced)
+                      select_warps, finish, **multi_program)
+
+
+def _multi_program_top_k(batch, heads, max_blocks, width, device, score) -> dict:
+    """SelectPlan's fields of a top-k over several programs a row: the sliced one's (its count and scratch) where
+    ``choose_slicing`` plans it, else the radix one's slice where ``choose_radix`` does; {} for one program a row."""
+    slices = sliced_top_k.choose_slicing(max_blocks, width, batch * heads, sm_count(device), score != "gauss")
+    if slices:
+        keep = next_pow2(width)
+        return dict(slices=slices, slice_blocks=sliced_top_k.SLICE,
+                    candidates=torch.empty(batch, heads, slices, 2, keep, dtype=torch.int32, device=device),
+                    candidate_counts=torch.empty(batch, heads, slices, dtype=torch.int32, device=device),
+                    arrivals=torch.zeros(batch, heads, dtype=torch.int32, device=device))
+    radix_slice = radix_top_k.choose_radix(max_blocks, batch * heads, sm_count(device), score != "gauss")
+    return dict(radix_slice=radix_slice) if radix_slice else {}
 
 
 def select_blocks(q: torch.Tensor, kmin: torch.Tensor | None, kmax: torch.Tensor | None,
