@@ -141,8 +141,10 @@ case "${1:-all}" in
   radix) step gpu_tests_radix timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_block_select.py
          step radix_topk_ab timeout 330 python3 -m bench.radix_topk_ab ;;
   # The score kernel's launch (bench/score_ab.py: a program a tile against programs looping over tiles), then the
-  # per-layer figures of 8-layer graphs at this tree's plans.
-  score) step gpu_tests_select timeout 140 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_block_select.py
+  # per-layer figures of 8-layer graphs at this tree's plans (attention with and without inputs_ready), after the
+  # GPU tests of selection and decode.
+  score) step gpu_tests_select timeout 140 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_block_select.py \
+              tests/kernels/test_sparse_decode.py
          step score_ab timeout 200 python3 -m bench.score_ab
          step sliced_topk_ab_layered timeout 240 python3 -m bench.sliced_topk_ab --layered ;;
   # sliced_topk_ab's per-layer figures of 8-layer graphs only (1 x 128K, the budget and ratio 0.3).

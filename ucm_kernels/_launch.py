@@ -61,6 +61,14 @@ def wait_for_previous_grid(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
+@triton.jit
+def let_next_grid_start(PDL: tl.constexpr):
+    """Let the next kernel in the stream launch now (its programs wait for this kernel's end before touching what it
+    writes): for a kernel of few programs whose successor can start on inputs older than it. No-op with PDL 0."""
+    if PDL >= 1:
+        gdc_launch_dependents()
+
+
 def set_pdl(setting: str) -> str:
     """Make ``setting`` (a ``UCM_PDL`` value: "0", "1" or "early") the PDL mode of later launches; returns the
     previous setting. Raises ValueError naming UCM_PDL for any other value."""

@@ -27,6 +27,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pointer parameters by element type (Triton signature strings); every other pointer is int32, other ints int32
 SELECT_TYPES = {"scores_ptr": "*fp32", "sel_rows_ptr": "*i64", "ratio_fixed": "i64"}
+LOADS_WHEN_READY = {"_sparse_decode_split_kernel"}  # its READY launch reads its inputs before the PDL wait
 DECODE_TYPES = {"q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "out_ptr": "*bf16",
                 "acc_ptr": "*fp32", "stats_ptr": "*fp32", "sel_rows_ptr": "*i64", "qk_scale_log2": "fp32"}
 
@@ -64,7 +65,8 @@ def ptxas_report(module: str, name: str, types: dict, ints: dict, constexprs: di
     with open(ptx, "w") as handle:
         handle.write(compiled.asm["ptx"])
     if constexprs.get("PDL"):  # launched with programmatic dependent launch: it waits for the kernel before it
-        assert_waits_before_memory(compiled.asm["ptx"], name)
+        early_loads = bool(constexprs.get("READY")) and name in LOADS_WHEN_READY
+        assert_waits_before_memory(compiled.asm["ptx"], name, early_loads)
     report = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", ptx, "-o", os.path.join(workdir, "k.cubin")],
                             capture_output=True, text=True, check=True).stderr
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
@@ -72,14 +74,19 @@ def ptxas_report(module: str, name: str, types: dict, ints: dict, constexprs: di
     return registers, spills
 
 
-def assert_waits_before_memory(ptx: str, name: str) -> None:
+def assert_waits_before_memory(ptx: str, name: str, early_loads: bool = False) -> None:
     """A kernel launched with PDL must wait in ``griddepcontrol.wait`` before its first global load, store, atomic
-    or asynchronous copy (anything earlier may race the kernel before it)."""
+    or asynchronous copy (anything earlier may race the kernel before it); with ``early_loads`` (inputs the caller
+    promised ready) only loads and L2 prefetches come first, and they do."""
     body = ptx[ptx.index(".entry"):]
-    memory = re.search(r"\b(ld\.global|st\.global|atom\.global|red\.global|cp\.async)", body)
+    early = r"st\.global|atom\.global|red\.global|cp\.async" if early_loads else \
+        r"ld\.global|st\.global|atom\.global|red\.global|cp\.async|prefetch"
+    memory = re.search(rf"\b({early})", body)
     assert "griddepcontrol.wait" in body, f"{name}: PDL compiled without griddepcontrol.wait"
     assert memory is None or body.index("griddepcontrol.wait") < memory.start(), \
         f"{name}: {memory.group(1)} before griddepcontrol.wait"
+    if early_loads:  # the point of loading early: the first tile's K/V rows asked of L2 while the kernel ahead ends
+        assert "prefetch.global.L2" in body[:body.index("griddepcontrol.wait")], f"{name}: no L2 prefetch before wait"
 
 
 def assert_no_spills(tmp_path, *args) -> None:
@@ -156,20 +163,22 @@ def test_radix_top_k_compiles_for_sm90_without_spills(max_blocks, flags, tmp_pat
                           SEL_ROWS=flags, PDL=1), {"num_warps": radix.num_warps(row)})
 
 
-@pytest.mark.parametrize("dense,direct,split_tokens", [
-    (True, False, 16384),  # dense 128K over several splits
-    (False, False, 8192),  # a long list (5 stages)
-    (False, False, 1024),  # a short list (3 stages)
-    (False, True, 1024),  # one split writing the output itself
+@pytest.mark.parametrize("dense,direct,split_tokens,ready", [
+    (True, False, 16384, False),  # dense 128K over several splits
+    (False, False, 8192, False),  # a long list (5 stages)
+    (False, False, 1024, False),  # a short list (3 stages)
+    (False, True, 1024, False),  # one split writing the output itself
+    (False, False, 1024, True),  # inputs ready: the first tile's rows asked of L2 before the PDL wait
+    (True, False, 16384, True),
 ])
-def test_decode_split_kernel_compiles_for_sm90_without_spills(dense, direct, split_tokens, tmp_path):
+def test_decode_split_kernel_compiles_for_sm90_without_spills(dense, direct, split_tokens, ready, tmp_path):
     """Llama-8B-like heads (group 4, head_dim 128, bf16, block 16, 8 x 128K tables) at :func:`_choose_tile`'s
     settings."""
     from ucm_kernels.sparse_decode.triton import _choose_tile
 
     tile_tokens, num_warps, num_stages = _choose_tile(split_tokens, dense)
     constexprs = dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, DENSE=dense, DIRECT=direct,
-                      COMPUTE_DTYPE="tl.bfloat16", TILE_TOKENS=tile_tokens, SEL_ROWS=False, PDL=1)
+                      COMPUTE_DTYPE="tl.bfloat16", TILE_TOKENS=tile_tokens, SEL_ROWS=False, READY=ready, PDL=1)
     width = 0 if dense else 2458  # the lists of 0.3 x 8192 blocks
     ints = dict(stride_qb=32 * 128, stride_qh=128, stride_qd=1, stride_kb=16 * 8 * 128, stride_kt=8 * 128,
                 stride_kh=128, stride_kd=1, stride_vb=16 * 8 * 128, stride_vt=8 * 128, stride_vh=128, stride_vd=1,
@@ -233,7 +242,7 @@ def test_combine_splits_kernel_compiles_for_sm90_without_spills(tmp_path):
     from ucm_kernels.sparse_decode.triton import _SPLITS_TILE
 
     types = {"acc_ptr": "*fp32", "stats_ptr": "*fp32", "out_ptr": "*bf16"}
-    constexprs = dict(HEAD_DIM=128, SPLITS_TILE=_SPLITS_TILE, PDL=1)
+    constexprs = dict(HEAD_DIM=128, SPLITS_TILE=_SPLITS_TILE, READY=True, PDL=1)
     ints = dict(stride_ob=32 * 128, stride_oh=128, stride_od=1, num_q_heads=32, num_splits=17)
     assert_no_spills(tmp_path, "ucm_kernels.sparse_decode.triton", "_combine_splits_kernel",
                      types, ints, constexprs, {})

@@ -9,6 +9,12 @@ itself; with several it writes partial (max, sum, acc) to scratch, and a second 
 the last split to arrive, was tried and removed: BENCHMARKS.md, "Where a layer's select + attend goes".) With
 ``DENSE`` the list is implicit (every logical block), which is our dense decode kernel.
 
+Inputs ready ahead (``inputs_ready=True``: lists kept from an earlier step, tables and lengths set before the step):
+with PDL (sm_90+) the split kernel's programs may start while the kernel ahead of them finishes; they then read
+their list span and first tile's block ids and ask L2 for that tile's K/V rows before waiting for it, and the
+combine lets the next launch in as soon as its own programs run (it has a program a query head: the SMs are
+mostly free for the next layer's split programs to start on their first tile).
+
 Launch settings and scratch depend on shapes only: :func:`plan_decode` makes them once (a :class:`DecodePlan`)
 and every layer's call reuses them, so a call costs its validation and one or two launches, and captures into
 a CUDA graph (no host sync, no allocation when ``out`` is given).
@@ -19,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._launch import Launcher, wait_for_previous_grid
+from .._launch import Launcher, let_next_grid_start, wait_for_previous_grid
 from .._utils import TL_DTYPES, cdiv, check_device, compute_dtype, next_pow2, sm_count
 
 _MAX_TILE_TOKENS = 128
@@ -55,27 +61,33 @@ def _sparse_decode_split_kernel(
     num_kv_heads, num_splits, chunk_blocks, qk_scale_log2,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     DENSE: tl.constexpr, DIRECT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, TILE_TOKENS: tl.constexpr,
-    SEL_ROWS: tl.constexpr, PDL: tl.constexpr = 0,
+    SEL_ROWS: tl.constexpr, READY: tl.constexpr, PDL: tl.constexpr = 0,
 ):
-    wait_for_previous_grid(PDL)
     pid_head = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     b = pid_head // num_kv_heads
     h = pid_head % num_kv_heads
-    if SEL_ROWS:
-        sel_b = tl.load(sel_rows_ptr + b).to(tl.int64)
-    else:
-        sel_b = b
     BLOCKS_PER_TILE: tl.constexpr = (TILE_TOKENS + BLOCK_SIZE - 1) // BLOCK_SIZE
     TILE: tl.constexpr = BLOCKS_PER_TILE * BLOCK_SIZE
-
-    seq_len = tl.load(seq_lens_ptr + b)
-    if DENSE:
-        count = tl.cdiv(seq_len, BLOCK_SIZE).to(tl.int64)
+    slot = tl.arange(0, TILE) // BLOCK_SIZE
+    within = tl.arange(0, TILE) % BLOCK_SIZE
+    table_row = block_table_ptr + b * stride_btb
+    if READY and PDL >= 1:  # the inputs predate the kernel ahead: start on them while it finishes (module doc)
+        sel_row, seq_len, start, end = _list_span(b, h, split, chunk_blocks, seq_lens_ptr, sel_idx_ptr, sel_count_ptr,
+                                                  sel_rows_ptr, stride_sib, stride_sih, stride_scb, stride_sch,
+                                                  DENSE, SEL_ROWS, BLOCK_SIZE)
+        token_ok, physical = _tile_indices(start, end, slot, within, seq_len, sel_row, table_row, stride_sij,
+                                           stride_btj, DENSE, BLOCK_SIZE)
+        _prefetch_rows(k_cache_ptr + h * stride_kh, physical, within, token_ok, stride_kb, stride_kt, stride_kd,
+                       HEAD_DIM, k_cache_ptr.dtype.element_ty.primitive_bitwidth)
+        _prefetch_rows(v_cache_ptr + h * stride_vh, physical, within, token_ok, stride_vb, stride_vt, stride_vd,
+                       HEAD_DIM, v_cache_ptr.dtype.element_ty.primitive_bitwidth)
+        wait_for_previous_grid(PDL)
     else:
-        count = tl.load(sel_count_ptr + sel_b * stride_scb + h * stride_sch).to(tl.int64)
-    start = split * chunk_blocks
-    end = tl.minimum(start + chunk_blocks, count)
+        wait_for_previous_grid(PDL)
+        sel_row, seq_len, start, end = _list_span(b, h, split, chunk_blocks, seq_lens_ptr, sel_idx_ptr, sel_count_ptr,
+                                                  sel_rows_ptr, stride_sib, stride_sih, stride_scb, stride_sch,
+                                                  DENSE, SEL_ROWS, BLOCK_SIZE)
 
     rows = tl.arange(0, GROUP_PAD)
     row_ok = rows < GROUP
@@ -85,16 +97,10 @@ def _sparse_decode_split_kernel(
                 mask=row_ok[:, None], other=0.0).to(COMPUTE_DTYPE)
     k_head = k_cache_ptr + h * stride_kh + dims[None, :] * stride_kd
     v_head = v_cache_ptr + h * stride_vh + dims[None, :] * stride_vd
-    slot = tl.arange(0, TILE) // BLOCK_SIZE
-    within = tl.arange(0, TILE) % BLOCK_SIZE
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    sel_row = sel_idx_ptr  # None when DENSE
-    if not DENSE:
-        sel_row = sel_idx_ptr + sel_b * stride_sib + h * stride_sih
-    table_row = block_table_ptr + b * stride_btb
     for first in range(start, end, BLOCKS_PER_TILE):
         token_ok, physical = _tile_indices(first, end, slot, within, seq_len, sel_row, table_row, stride_sij,
                                            stride_btj, DENSE, BLOCK_SIZE)
@@ -124,6 +130,39 @@ def _sparse_decode_split_kernel(
 
 
 @triton.jit
+def _list_span(b, h, split, chunk_blocks, seq_lens_ptr, sel_idx_ptr, sel_count_ptr, sel_rows_ptr, stride_sib,
+               stride_sih, stride_scb, stride_sch, DENSE: tl.constexpr, SEL_ROWS: tl.constexpr,
+               BLOCK_SIZE: tl.constexpr):
+    """(sel_row, seq_len, start, end) of program (b, h, split): the list row it reads (sel_idx_ptr when DENSE), the
+    request's length and the list entries [start, end) of its split."""
+    seq_len = tl.load(seq_lens_ptr + b)
+    sel_row = sel_idx_ptr
+    if DENSE:
+        count = tl.cdiv(seq_len, BLOCK_SIZE).to(tl.int64)
+    else:
+        sel_b = b
+        if SEL_ROWS:
+            sel_b = tl.load(sel_rows_ptr + b).to(tl.int64)
+        sel_row = sel_idx_ptr + sel_b * stride_sib + h * stride_sih
+        count = tl.load(sel_count_ptr + sel_b * stride_scb + h * stride_sch).to(tl.int64)
+    start = split * chunk_blocks
+    return sel_row, seq_len, start, tl.minimum(start + chunk_blocks, count)
+
+
+@triton.jit
+def _prefetch_rows(head_ptr, physical, within, token_ok, stride_b, stride_t, stride_d, HEAD_DIM: tl.constexpr,
+                   BITS: tl.constexpr):
+    """Asks L2 for the ``HEAD_DIM``-element rows of one KV head at (physical block, slot within it) of each
+    ``token_ok`` token ([TILE] each), a 128-byte line at a time (``prefetch.global.L2``: no registers, no fault)."""
+    LINE: tl.constexpr = 1024 // BITS  # elements a 128-byte line
+    LINES: tl.constexpr = (HEAD_DIM + LINE - 1) // LINE
+    rows = head_ptr + physical.to(tl.int64) * stride_b + within * stride_t
+    lines = tl.where(token_ok[:, None], rows[:, None] + (tl.arange(0, LINES) * LINE * stride_d)[None, :], head_ptr)
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [lines], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def _tile_indices(first, end, slot, within, seq_len, sel_row, table_row, stride_sij, stride_btj,
                   DENSE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """The tile of list entries from ``first``: (token_ok, physical block) per token, ``[TILE]`` each. A token
@@ -145,11 +184,14 @@ def _combine_splits_kernel(
     out_ptr,  # [batch, num_q_heads, head_dim] bf16/fp16
     stride_ob, stride_oh, stride_od,
     num_q_heads, num_splits,
-    HEAD_DIM: tl.constexpr, SPLITS_TILE: tl.constexpr, PDL: tl.constexpr = 0,
+    HEAD_DIM: tl.constexpr, SPLITS_TILE: tl.constexpr, READY: tl.constexpr, PDL: tl.constexpr = 0,
 ):
     """Merges a row's splits ``SPLITS_TILE`` at a time (running max and rescaled sums), so one compiled kernel
-    serves every split count: a decode whose lists grow across a power of two of splits compiles nothing new."""
+    serves every split count: a decode whose lists grow across a power of two of splits compiles nothing new.
+    With READY the next launch may start once this one's programs run (module doc)."""
     wait_for_previous_grid(PDL)
+    if READY:
+        let_next_grid_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     b = row // num_q_heads
     qh = row % num_q_heads
@@ -242,7 +284,7 @@ def sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
                   seq_lens: torch.Tensor, sel_idx: torch.Tensor, sel_count: torch.Tensor, *,
                   scale: float | None = None, out: torch.Tensor | None = None,
                   num_splits: int | None = None, plan: DecodePlan | None = None,
-                  sel_rows: torch.Tensor | None = None) -> torch.Tensor:
+                  sel_rows: torch.Tensor | None = None, inputs_ready: bool = False) -> torch.Tensor:
     """Decode attention of each (request, KV head) over the logical blocks of its list, read in place.
 
     Args:
@@ -263,27 +305,35 @@ def sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
         sel_rows: optional ``[batch]`` int64, the row of ``sel_idx`` / ``sel_count`` (then ``[rows,
             num_kv_heads, ...]``, any number of rows) each request reads, e.g. its slot of lists kept across
             steps; each must be a valid row (not checked: no host sync).
+        inputs_ready: promise that ``sel_idx``, ``sel_count``, ``sel_rows``, ``block_table`` and ``seq_lens`` were
+            written before the kernel launched just ahead of this call (lists kept from an earlier step, tables
+            set before the step): with PDL the attention starts on its first tile while that kernel finishes
+            (module doc). Breaking the promise may read lists or tables from before their update.
     Returns:
         ``out``, ``[batch, num_q_heads, head_dim]`` in q's dtype.
     """
     _check_attention_inputs(q, key_cache, value_cache, block_table, seq_lens)
     _check_selection(q, key_cache, sel_idx, sel_count, sel_rows)
     plan = _resolve_plan(plan, q, key_cache, sel_idx.shape[2], num_splits)
-    return _launch(plan, q, key_cache, value_cache, block_table, seq_lens, sel_idx, sel_count, scale, out, sel_rows)
+    return _launch(plan, q, key_cache, value_cache, block_table, seq_lens, sel_idx, sel_count, scale, out, sel_rows,
+                   _check_ready(inputs_ready))
 
 
 def dense_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
                  seq_lens: torch.Tensor, *, scale: float | None = None, out: torch.Tensor | None = None,
-                 num_splits: int | None = None, plan: DecodePlan | None = None) -> torch.Tensor:
+                 num_splits: int | None = None, plan: DecodePlan | None = None,
+                 inputs_ready: bool = False) -> torch.Tensor:
     """Decode attention over every block of each request: :func:`sparse_decode` with implicit full lists.
 
     Same arguments and result as :func:`sparse_decode` without the lists (a ``plan`` must serve
-    ``block_table.shape[1]`` blocks). The work per request is bounded by ``block_table.shape[1]`` (no host
-    sync on seq_lens), so a table much wider than the longest request spends programs that find no blocks.
+    ``block_table.shape[1]`` blocks; ``inputs_ready`` promises ``block_table`` and ``seq_lens``). The work per
+    request is bounded by ``block_table.shape[1]`` (no host sync on seq_lens), so a table much wider than the
+    longest request spends programs that find no blocks.
     """
     _check_attention_inputs(q, key_cache, value_cache, block_table, seq_lens)
     plan = _resolve_plan(plan, q, key_cache, block_table.shape[1], num_splits, dense=True)
-    return _launch(plan, q, key_cache, value_cache, block_table, seq_lens, None, None, scale, out)
+    return _launch(plan, q, key_cache, value_cache, block_table, seq_lens, None, None, scale, out, None,
+                   _check_ready(inputs_ready))
 
 
 def _resolve_plan(plan: DecodePlan | None, q, key_cache, max_blocks: int, num_splits: int | None,
@@ -307,7 +357,7 @@ _SPLIT, _COMBINE = Launcher(_sparse_decode_split_kernel), Launcher(_combine_spli
 
 
 def _launch(plan: DecodePlan, q, key_cache, value_cache, block_table, seq_lens, sel_idx, sel_count, scale, out,
-            sel_rows=None):
+            sel_rows=None, ready=False):
     """The split kernel (writing ``out`` itself with one split), then the combine kernel with several splits."""
     out = _check_or_alloc_out(q, out)
     head_dim = q.shape[2]
@@ -336,7 +386,7 @@ def _launch(plan: DecodePlan, q, key_cache, value_cache, block_table, seq_lens, 
         GROUP_PAD=max(16, next_pow2(plan.num_q_heads // plan.num_kv_heads)), HEAD_DIM=head_dim,
         BLOCK_SIZE=plan.block_size, DENSE=dense, DIRECT=direct,
         COMPUTE_DTYPE=compute_dtype(q.dtype),
-        TILE_TOKENS=plan.tile_tokens, SEL_ROWS=sel_rows is not None,
+        TILE_TOKENS=plan.tile_tokens, SEL_ROWS=sel_rows is not None, READY=ready,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     if not direct:
@@ -344,7 +394,7 @@ def _launch(plan: DecodePlan, q, key_cache, value_cache, block_table, seq_lens, 
             acc_ptr=plan.acc, stats_ptr=plan.stats, out_ptr=out,
             stride_ob=out_strides[0], stride_oh=out_strides[1], stride_od=out_strides[2],
             num_q_heads=plan.num_q_heads, num_splits=plan.num_splits,
-            HEAD_DIM=head_dim, SPLITS_TILE=_SPLITS_TILE,
+            HEAD_DIM=head_dim, SPLITS_TILE=_SPLITS_TILE, READY=ready,
         )
     return out
 
@@ -388,6 +438,12 @@ def _choose_tile(split_tokens: int, dense: bool) -> tuple[int, int, int]:
     if dense:
         return 64, 4, 2
     return 64, 4, 5 if split_tokens >= 4096 else 3
+
+
+def _check_ready(inputs_ready) -> bool:
+    if not isinstance(inputs_ready, bool):
+        raise ValueError(f"inputs_ready={inputs_ready!r}; expected True or False")
+    return inputs_ready
 
 
 def _check_q_and_cache(q: torch.Tensor, cache: torch.Tensor, name: str) -> None:
