@@ -133,10 +133,10 @@ def _sparse_decode_split_kernel(
 def _list_span(b, h, split, chunk_blocks, seq_lens_ptr, sel_idx_ptr, sel_count_ptr, sel_rows_ptr, stride_sib,
                stride_sih, stride_scb, stride_sch, DENSE: tl.constexpr, SEL_ROWS: tl.constexpr,
                BLOCK_SIZE: tl.constexpr):
-    """(sel_row, seq_len, start, end) of program (b, h, split): the list row it reads (sel_idx_ptr when DENSE), the
+    """(sel_row, seq_len, start, end) of program (b, h, split): the list row it reads (unused when DENSE), the
     request's length and the list entries [start, end) of its split."""
     seq_len = tl.load(seq_lens_ptr + b)
-    sel_row = sel_idx_ptr
+    sel_row = seq_lens_ptr  # any pointer when DENSE (sel_idx_ptr is None then, which a tuple cannot hold)
     if DENSE:
         count = tl.cdiv(seq_len, BLOCK_SIZE).to(tl.int64)
     else:
