@@ -34,7 +34,7 @@ def variants(plan) -> dict:
     tiles = cdiv(plan.max_blocks, plan.score_tile)
     sms = sm_count(plan.scores.device)
     out = {"planned": plan,
-           "program_a_tile": dataclasses.replace(plan, score_programs=tiles * plan.batch)}
+           "program_a_tile": dataclasses.replace(plan, score_programs=tiles * plan.batch, score_stages=1)}
     for per_sm, stages in PER_SM_STAGES:
         out[f"per_sm{per_sm}_stages{stages}"] = dataclasses.replace(plan, score_programs=sms * per_sm,
                                                                     score_stages=stages)

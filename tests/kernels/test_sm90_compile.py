@@ -9,11 +9,9 @@ each kernel at the launch settings a GPU would use, in a child Python without th
 imported the kernels interpreted), specialised as Triton's JIT specialises a launch, with Triton's own ptxas, and
 read ptxas' report: each must compile and spill nothing. (Registers at 70e6076: the planned top-k 180, one-chunk
 rows 115, chunks of 2048 / 4096 / 8192 231 / 221 / 235; the decode split kernel 96 dense, 120-156 on lists. At
-d97f1a2: the score kernel 168 (Quest or gauss over bf16 summaries), 128 (Quest over fp8); since 2026-12-07 its
-programs loop over tiles, 168 (Quest, bf16 or fp8) / 193 (gauss), and a program a tile 168 / 128 as before; the
-combine 48 / 112 at 17 / 64 splits; residency probe 40, age histogram 64, victim ranks 128, assign 162, tokens 24,
-row copy 28; the KV block copy 48 gather / 52 scatter; block summaries 32 / 48 by id, 48 / 64 by ranges (bf16 /
-fp8); block_lse2 80.)
+d97f1a2: the score kernel 168 (Quest or gauss over bf16 summaries), 128 (Quest over fp8); the combine 48 / 112 at
+17 / 64 splits; residency probe 40, age histogram 64, victim ranks 128, assign 162, tokens 24, row copy 28; the KV
+block copy 48 gather / 52 scatter; block summaries 32 / 48 by id, 48 / 64 by ranges (bf16 / fp8); block_lse2 80.)
 Where a kernel's pointer parameters are not named ``*_ptr``, the test names each one's type.
 """
 import json
@@ -202,24 +200,20 @@ def test_residency_assign_kernel_compiles_for_sm90_without_spills(tmp_path):
                      constexprs, {"num_warps": 4})
 
 
-@pytest.mark.parametrize("score,reprs,masked,one_tile", [
-    ("quest", "*bf16", False, False),  # Quest over bf16 summaries (repr_dtype "cache")
-    ("quest", "*fp8e4nv", False, False),  # Quest over fp8 summaries, scaled by kscale
-    ("gauss", "*bf16", False, False),  # the gauss rule's log masses, one row per query head (group 4)
-    ("quest", "*bf16", True, False),  # reuse (select_every > 1): only the rows of reselect
-    ("quest", "*bf16", False, True),  # a program a tile (a batch with fewer tiles than programs): no loop
-    ("quest", "*fp8e4nv", False, True),
+@pytest.mark.parametrize("score,reprs,masked", [
+    ("quest", "*bf16", False),  # Quest over bf16 summaries (repr_dtype "cache")
+    ("quest", "*fp8e4nv", False),  # Quest over fp8 summaries, scaled by kscale
+    ("gauss", "*bf16", False),  # the gauss rule's log masses, one row per query head (group 4)
+    ("quest", "*bf16", True),  # reuse (select_every > 1): only the rows of reselect
 ])
-def test_score_kernel_compiles_for_sm90_without_spills(score, reprs, masked, one_tile, tmp_path):
+def test_score_kernel_compiles_for_sm90_without_spills(score, reprs, masked, tmp_path):
     """The score launch of ``SelectPlan.run`` (``_launch``) at 8 x 128K tokens (8192-block tables, sparse_ratio
     0.3, windows 1 / 4, min_blocks 8), 8 KV heads of 128, 32 query heads, at :func:`_choose_score_launch`'s
-    settings on 132 SMs (programs looping over tiles, 3 stages: the summaries of two tiles in flight), or as a
-    program a tile (STAGES 0)."""
+    settings on 132 SMs (programs looping over tiles, 3 stages: the summaries of two tiles in flight)."""
     from ucm_kernels._utils import next_pow2
     from ucm_kernels.block_select.triton import SCORES, _choose_score_launch, _plan_args
 
     tile, num_warps, _, stages = _choose_score_launch(8, 128, 132)
-    stages = 0 if one_tile else stages
     scaled, group = reprs == "*fp8e4nv", 4
     rows = 8 * (group if score == "gauss" else 1)  # the score scratch's rows per request
     types = {"q_ptr": "*bf16", "kmin_ptr": reprs, "kmax_ptr": reprs, "kmean_ptr": reprs, "kscale_ptr": "*fp32",

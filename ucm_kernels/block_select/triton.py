@@ -100,8 +100,7 @@ def _score_kernel(
     STAGES: tl.constexpr, SCALED: tl.constexpr, MASKED: tl.constexpr, PDL: tl.constexpr = 0,
 ):
     """Program (p, b) scores request b's competing blocks in tiles p, p + P, p + 2P, ... (P programs a request),
-    each tile's summaries loaded ``STAGES - 1`` tiles ahead (Triton's loop pipelining, asynchronous copies); with
-    STAGES 0 (a program a tile) tile p alone, without a loop."""
+    each tile's summaries loaded ``STAGES - 1`` tiles ahead (Triton's loop pipelining, asynchronous copies)."""
     wait_for_previous_grid(PDL)
     first_tile = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -118,64 +117,40 @@ def _score_kernel(
     d = tl.arange(0, BLOCK_D)
     h_ok = h < HEADS
     d_ok = d < HEAD_DIM
-    q_row, table_row, score_row = q_ptr + b * stride_qb, block_table_ptr + b * stride_tb, scores_ptr + b * stride_sb
-    q_pos, q_neg, q_sum = 0.0, 0.0, 0.0  # the gauss rule reads each query head in _gauss_log_mass instead
     if RULE != GAUSS:  # Quest or mean: one score per (block, KV head), the group's query heads summed
         g = tl.arange(0, BLOCK_G)
         q_rows = (h[:, None, None] * GROUP + g[None, :, None]) * stride_qh + d[None, None, :] * stride_qd
         q_ok = h_ok[:, None, None] & (g[None, :, None] < GROUP) & d_ok[None, None, :]
         # [HEADS_PAD, BLOCK_G, BLOCK_D] -> [HEADS_PAD, BLOCK_D] each
-        q = tl.load(q_row + q_rows, mask=q_ok, other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + b * stride_qb + q_rows, mask=q_ok, other=0.0).to(tl.float32)
         q_pos = tl.sum(tl.maximum(q, 0.0), axis=1)
         q_neg = tl.sum(tl.minimum(q, 0.0), axis=1)
         q_sum = tl.sum(q, axis=1)
-    first = lo // TILE + first_tile
-    if STAGES == 0:  # a program a tile: its body without the loop (the loop form holds ~48 more registers)
-        if first < tl.cdiv(hi, TILE):
-            _score_tile(first, lo, hi, q_row, kmin_ptr, kmax_ptr, kmean_ptr, kscale_ptr, table_row, score_row,
-                        q_pos, q_neg, q_sum, h, d, h_ok, d_ok, sm_scale, stride_qh, stride_qd, stride_rb,
-                        stride_rh, stride_rd, stride_kscale_b, stride_kscale_h, stride_tj, stride_sh,
-                        GROUP, RULE, TILE, SCALED)
-    else:
-        for tile in tl.range(first, tl.cdiv(hi, TILE), tl.num_programs(0), num_stages=STAGES):
-            _score_tile(tile, lo, hi, q_row, kmin_ptr, kmax_ptr, kmean_ptr, kscale_ptr, table_row, score_row,
-                        q_pos, q_neg, q_sum, h, d, h_ok, d_ok, sm_scale, stride_qh, stride_qd, stride_rb,
-                        stride_rh, stride_rd, stride_kscale_b, stride_kscale_h, stride_tj, stride_sh,
-                        GROUP, RULE, TILE, SCALED)
-
-
-@triton.jit
-def _score_tile(tile, lo, hi, q_row, kmin_ptr, kmax_ptr, kmean_ptr, kscale_ptr, table_row, score_row, q_pos, q_neg,
-                q_sum, h, d, h_ok, d_ok, sm_scale, stride_qh, stride_qd, stride_rb, stride_rh, stride_rd,
-                stride_kscale_b, stride_kscale_h, stride_tj, stride_sh, GROUP: tl.constexpr, RULE: tl.constexpr,
-                TILE: tl.constexpr, SCALED: tl.constexpr):
-    """Scores the competing blocks (logical [lo, hi)) of one request's tile ``tile`` of TILE blocks into its row of
-    the score scratch (q_row, table_row, score_row: the request's rows; q_pos / q_neg / q_sum: [HEADS_PAD, BLOCK_D]
-    sums of its group's query heads, unused by gauss)."""
-    j = tile * TILE + tl.arange(0, TILE)
-    competing = (j >= lo) & (j < hi)
-    phys = tl.load(table_row + j * stride_tj, mask=competing, other=0).to(tl.int64)
-    # [TILE, HEADS_PAD, BLOCK_D]: every head of a block at once, its whole repr row contiguous in memory
-    offsets = phys[:, None, None] * stride_rb + h[None, :, None] * stride_rh + d[None, None, :] * stride_rd
-    mask = competing[:, None, None] & h_ok[None, :, None] & d_ok[None, None, :]
-    tile_ok = competing[:, None] & h_ok[None, :]
-    scales = 1.0
-    if SCALED:
-        scales = tl.load(kscale_ptr + phys[:, None] * stride_kscale_b + h[None, :] * stride_kscale_h,
-                         mask=tile_ok, other=0.0)
-    out = score_row + j[:, None]
-    if RULE == GAUSS:
-        _gauss_log_mass(q_row, kmin_ptr + offsets, kmax_ptr + offsets, mask, scales, sm_scale, out, tile_ok, h, d,
-                        h_ok, d_ok, stride_qh, stride_qd, stride_sh, GROUP, SCALED)
-    else:
-        if RULE == QUEST:
-            lows = tl.load(kmin_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            highs = tl.load(kmax_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            scores = tl.sum(highs * q_pos[None, :, :] + lows * q_neg[None, :, :], axis=2)
+    for tile in tl.range(lo // TILE + first_tile, tl.cdiv(hi, TILE), tl.num_programs(0), num_stages=STAGES):
+        j = tile * TILE + tl.arange(0, TILE)
+        competing = (j >= lo) & (j < hi)
+        phys = tl.load(block_table_ptr + b * stride_tb + j * stride_tj, mask=competing, other=0).to(tl.int64)
+        # [TILE, HEADS_PAD, BLOCK_D]: every head of a block at once, its whole repr row contiguous in memory
+        offsets = phys[:, None, None] * stride_rb + h[None, :, None] * stride_rh + d[None, None, :] * stride_rd
+        mask = competing[:, None, None] & h_ok[None, :, None] & d_ok[None, None, :]
+        tile_ok = competing[:, None] & h_ok[None, :]
+        scales = 1.0
+        if SCALED:
+            scales = tl.load(kscale_ptr + phys[:, None] * stride_kscale_b + h[None, :] * stride_kscale_h,
+                             mask=tile_ok, other=0.0)
+        out = scores_ptr + b * stride_sb + j[:, None]
+        if RULE == GAUSS:
+            _gauss_log_mass(q_ptr + b * stride_qb, kmin_ptr + offsets, kmax_ptr + offsets, mask, scales, sm_scale,
+                            out, tile_ok, h, d, h_ok, d_ok, stride_qh, stride_qd, stride_sh, GROUP, SCALED)
         else:
-            means = tl.load(kmean_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            scores = tl.sum(means * q_sum[None, :, :], axis=2)
-        tl.store(out + h[None, :] * stride_sh, scores * scales, mask=tile_ok)
+            if RULE == QUEST:
+                lows = tl.load(kmin_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+                highs = tl.load(kmax_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+                scores = tl.sum(highs * q_pos[None, :, :] + lows * q_neg[None, :, :], axis=2)
+            else:
+                means = tl.load(kmean_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+                scores = tl.sum(means * q_sum[None, :, :], axis=2)
+            tl.store(out + h[None, :] * stride_sh, scores * scales, mask=tile_ok)
 
 
 @triton.jit
@@ -548,10 +523,10 @@ class SelectPlan:
 
     def score_grid(self) -> tuple[int, int]:
         """(programs a request, STAGES) of the score launch: ``score_programs`` shared by the batch, at most a
-        program a tile; STAGES 0 where each program has one tile (the kernel then runs it without a loop)."""
+        program a tile; a program of one tile loads nothing ahead."""
         tiles = cdiv(max(self.max_blocks, 1), self.score_tile)
         programs = max(1, min(tiles, cdiv(self.score_programs, max(self.batch, 1))))
-        return programs, self.score_stages if programs < tiles else 0
+        return programs, self.score_stages if programs < tiles else 1
 
     def for_rows(self, rows: int) -> "SelectPlan":
         """This plan for the first ``rows`` (<= batch) requests, sharing its scratch (e.g. the plan of a smaller
