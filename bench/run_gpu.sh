@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent-GPU session step: correctness on the GPU (compiled kernels), then benchmarks; JSON + logs under $OUT.
-# Usage: bench/run_gpu.sh {tests|transfer|sparse|offload|tp|all|quick|launch|select|offload_ab|prefetch|pdl|ncu|waves|residency|reuse_ab|specialise|sliced|attend|layered|radix|score}   (wheels for pytest travel in .whl/, FlashInfer's in
+# Usage: bench/run_gpu.sh {tests|transfer|sparse|offload|tp|all|quick|launch|select|offload_ab|prefetch|pdl|ncu|waves|residency|reuse_ab|specialise|sliced|attend|layered|radix|ready}   (wheels for pytest travel in .whl/, FlashInfer's in
 # .flashinfer/: see BENCHMARKS.md)
 # Set UCM_COMMIT to the commit the working tree was copied from: the copy on the GPU machine has no .git.
 set -uo pipefail
@@ -140,13 +140,11 @@ case "${1:-all}" in
   # row (bench/radix_topk_ab.py: selection, select + attend, per layer of 8-layer graphs).
   radix) step gpu_tests_radix timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_block_select.py
          step radix_topk_ab timeout 330 python3 -m bench.radix_topk_ab ;;
-  # The score kernel's launch (bench/score_ab.py: a program a tile against programs looping over tiles), then the
-  # per-layer figures of 8-layer graphs at this tree's plans (attention with and without inputs_ready), after the
-  # GPU tests of selection and decode.
-  score) step gpu_tests_select timeout 140 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_block_select.py \
+  # Attention with its inputs ready ahead (sparse_decode's inputs_ready): the GPU tests of selection and decode, then
+  # the per-layer figures of 8-layer graphs at 1 x 128K (attention with and without it).
+  ready) step gpu_tests_ready timeout 140 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_block_select.py \
               tests/kernels/test_sparse_decode.py
-         step score_ab timeout 200 python3 -m bench.score_ab
-         step sliced_topk_ab_layered timeout 240 python3 -m bench.sliced_topk_ab --layered ;;
+         step sliced_topk_ab_layered timeout 300 python3 -m bench.sliced_topk_ab --layered ;;
   # sliced_topk_ab's per-layer figures of 8-layer graphs only (1 x 128K, the budget and ratio 0.3).
   layered) step sliced_topk_ab_layered timeout 300 python3 -m bench.sliced_topk_ab --layered ;;
   # Split counts that put the same number of list-attention programs on every SM (bench/list_waves.py).

@@ -506,49 +506,6 @@ def test_every_score_tile_selects_what_the_planned_one_selects(score):
         assert torch.equal(sel_count, planned[1]), tile
 
 
-@pytest.mark.parametrize("score", ["quest", "mean", "gauss"])
-def test_score_programs_looping_over_tiles_score_what_a_program_a_tile_scores(score):
-    """The score kernel's programs a request and pipeline depth are launch settings: one program looping over every
-    tile (of 4 blocks), a few each over every n-th tile, or a program a tile, at 1 to 3 stages, write the same scores
-    bit for bit (masked rows included: a reuse step scores only the rows it names) and so the same lists."""
-    case = make_case(kv_heads=2, group=4)
-    plan = dataclasses.replace(plan_select(4, 2, 64, 28, **SIZES, score=score, device=DEVICE, num_q_heads=8),
-                               score_tile=4)
-    args = (case["q"], case["kmin"], case["kmax"], case["kmean"], case["block_table"], case["seq_lens"])
-    tiles = 7  # a request's
-    reselect = torch.tensor([1, 0, 1, 1], dtype=torch.int32, device=DEVICE)
-    by_tile = dataclasses.replace(plan, score_programs=4 * tiles, score_stages=1)
-    by_tile.scores.fill_(float("nan"))  # entries no block competes for stay NaN
-    expected = [t.clone() for t in by_tile.run(*args)]
-    expected_scores = by_tile.scores.clone()
-    for programs, stages in ((1, 3), (2, 2), (3, 3), (tiles, 3)):
-        looped = dataclasses.replace(plan, score_programs=4 * programs, score_stages=stages)
-        assert looped.score_grid() == (programs, stages if programs < tiles else 1)
-        looped.scores.fill_(float("nan"))
-        lists = looped.run(*args)
-        torch.testing.assert_close(looped.scores, expected_scores, rtol=0, atol=0, equal_nan=True)
-        assert torch.equal(lists[0], expected[0]) and torch.equal(lists[1], expected[1]), (programs, stages)
-        kept = tuple(t.clone() for t in expected)
-        looped.run(*args, out=kept, reselect=reselect)
-        assert torch.equal(kept[0], expected[0]) and torch.equal(kept[1], expected[1]), (programs, stages)
-
-
-@pytest.mark.parametrize("batch,max_blocks,grid", [
-    (1, 8192, (264, 3)),  # 1 x 128K: 1024 tiles over 264 programs
-    (8, 8192, (33, 3)),  # 8 x 128K
-    (1, 64, (8, 1)),  # 8 tiles: a program each, nothing to pipeline
-    (1000, 8192, (1, 3)),  # a batch past the SMs: one program a request
-])
-def test_score_programs_are_shared_by_the_batch(batch, max_blocks, grid, monkeypatch):
-    """Two score programs an SM shared by the batch, never more than a request's tiles, pipelined where they loop;
-    a plan for fewer rows gives each its larger share."""
-    monkeypatch.setattr(block_select_triton, "sm_count", lambda device: 132)
-    plan = plan_select(batch, 8, 128, max_blocks, **SIZES, device=DEVICE)
-    assert (plan.score_tile, plan.score_warps, plan.score_programs) == (8, 4, 264)
-    assert plan.score_grid() == grid
-    assert plan.for_rows(1).score_grid() == (min(264, max_blocks // 8), 3 if max_blocks > 264 * 8 else 1)
-
-
 @pytest.mark.parametrize("chunk", [4, 16])
 @pytest.mark.parametrize("score", ["quest", "mean", "gauss"])
 def test_top_k_over_several_chunks_selects_what_one_chunk_selects(score, chunk, monkeypatch):

@@ -209,18 +209,17 @@ def test_residency_assign_kernel_compiles_for_sm90_without_spills(tmp_path):
 def test_score_kernel_compiles_for_sm90_without_spills(score, reprs, masked, tmp_path):
     """The score launch of ``SelectPlan.run`` (``_launch``) at 8 x 128K tokens (8192-block tables, sparse_ratio
     0.3, windows 1 / 4, min_blocks 8), 8 KV heads of 128, 32 query heads, at :func:`_choose_score_launch`'s
-    settings on 132 SMs (programs looping over tiles, 3 stages: the summaries of two tiles in flight)."""
+    settings."""
     from ucm_kernels._utils import next_pow2
     from ucm_kernels.block_select.triton import SCORES, _choose_score_launch, _plan_args
 
-    tile, num_warps, _, stages = _choose_score_launch(8, 128, 132)
+    tile, num_warps = _choose_score_launch(8, 128)
     scaled, group = reprs == "*fp8e4nv", 4
     rows = 8 * (group if score == "gauss" else 1)  # the score scratch's rows per request
     types = {"q_ptr": "*bf16", "kmin_ptr": reprs, "kmax_ptr": reprs, "kmean_ptr": reprs, "kscale_ptr": "*fp32",
              "scores_ptr": "*fp32", "sm_scale": "fp32"}
     constexprs = dict(BLOCK_SIZE=16, HEADS=8, HEADS_PAD=8, GROUP=group, BLOCK_G=next_pow2(group), HEAD_DIM=128,
-                      BLOCK_D=128, RULE=SCORES.index(score), TILE=tile, STAGES=stages, SCALED=scaled, MASKED=masked,
-                      PDL=1)
+                      BLOCK_D=128, RULE=SCORES.index(score), TILE=tile, SCALED=scaled, MASKED=masked, PDL=1)
     ints = dict(**_plan_args(8192, 16, 0.3, 1, 4, 8, None), stride_qb=32 * 128, stride_qh=128, stride_qd=1,
                 stride_rb=8 * 128, stride_rh=128, stride_rd=1, stride_kscale_b=8 if scaled else 0,
                 stride_kscale_h=1 if scaled else 0, stride_tb=8192, stride_tj=1, stride_sb=rows * 8192,

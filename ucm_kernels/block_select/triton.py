@@ -76,8 +76,6 @@ MAX_TABLE_BLOCKS = 1 << 16  # widest block table (1M tokens at 16)
 _SELECT_CHUNK = 1024  # row entries the top-k program reads per step of a pass (tests shrink it)
 _SCAN_CHUNKS = 4  # chunks per step of the top-k's passes that scan (copying the undecided keys, writing the lists)
 _SELECT_FINISH = 1024  # most undecided keys the search finishes from registers ([keys, 16] counts; tests shrink it)
-SCORE_PROGRAMS_PER_SM = 2  # score programs an SM, over the batch (each loops over several tiles)
-SCORE_STAGES = 3  # tiles of summaries a score program has in flight, plus one
 
 
 @triton.jit(do_not_specialize=["max_blocks"])
@@ -97,12 +95,10 @@ def _score_kernel(
     stride_sb, stride_sh,
     BLOCK_SIZE: tl.constexpr, HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, RULE: tl.constexpr, TILE: tl.constexpr,
-    STAGES: tl.constexpr, SCALED: tl.constexpr, MASKED: tl.constexpr, PDL: tl.constexpr = 0,
+    SCALED: tl.constexpr, MASKED: tl.constexpr, PDL: tl.constexpr = 0,
 ):
-    """Program (p, b) scores request b's competing blocks in tiles p, p + P, p + 2P, ... (P programs a request),
-    each tile's summaries loaded ``STAGES - 1`` tiles ahead (Triton's loop pipelining, asynchronous copies)."""
     wait_for_previous_grid(PDL)
-    first_tile = tl.program_id(0)
+    tile = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     if MASKED:
         if tl.load(reselect_ptr + b) == 0:
@@ -113,44 +109,43 @@ def _score_kernel(
         sparse = lo < hi
         lo = tl.where(sparse, 0, lo)
         hi = tl.where(sparse, tl.minimum(seq_len // BLOCK_SIZE, max_blocks), hi)
+    if (tile * TILE >= hi) | ((tile + 1) * TILE <= lo):
+        return
+    j = tile * TILE + tl.arange(0, TILE)
+    competing = (j >= lo) & (j < hi)
+    phys = tl.load(block_table_ptr + b * stride_tb + j * stride_tj, mask=competing, other=0).to(tl.int64)
     h = tl.arange(0, HEADS_PAD)
     d = tl.arange(0, BLOCK_D)
     h_ok = h < HEADS
     d_ok = d < HEAD_DIM
-    if RULE != GAUSS:  # Quest or mean: one score per (block, KV head), the group's query heads summed
+    # [TILE, HEADS_PAD, BLOCK_D]: every head of a block at once, its whole repr row contiguous in memory
+    offsets = phys[:, None, None] * stride_rb + h[None, :, None] * stride_rh + d[None, None, :] * stride_rd
+    mask = competing[:, None, None] & h_ok[None, :, None] & d_ok[None, None, :]
+    tile_ok = competing[:, None] & h_ok[None, :]
+    scales = 1.0
+    if SCALED:
+        scales = tl.load(kscale_ptr + phys[:, None] * stride_kscale_b + h[None, :] * stride_kscale_h, mask=tile_ok,
+                         other=0.0)
+    out = scores_ptr + b * stride_sb + j[:, None]
+    if RULE == GAUSS:
+        _gauss_log_mass(q_ptr + b * stride_qb, kmin_ptr + offsets, kmax_ptr + offsets, mask, scales, sm_scale, out,
+                        tile_ok, h, d, h_ok, d_ok, stride_qh, stride_qd, stride_sh, GROUP, SCALED)
+    else:  # Quest or mean: one score per (block, KV head), the group's query heads summed
         g = tl.arange(0, BLOCK_G)
         q_rows = (h[:, None, None] * GROUP + g[None, :, None]) * stride_qh + d[None, None, :] * stride_qd
         q_ok = h_ok[:, None, None] & (g[None, :, None] < GROUP) & d_ok[None, None, :]
-        # [HEADS_PAD, BLOCK_G, BLOCK_D] -> [HEADS_PAD, BLOCK_D] each
+        # [HEADS_PAD, BLOCK_G, BLOCK_D]
         q = tl.load(q_ptr + b * stride_qb + q_rows, mask=q_ok, other=0.0).to(tl.float32)
-        q_pos = tl.sum(tl.maximum(q, 0.0), axis=1)
-        q_neg = tl.sum(tl.minimum(q, 0.0), axis=1)
-        q_sum = tl.sum(q, axis=1)
-    for tile in tl.range(lo // TILE + first_tile, tl.cdiv(hi, TILE), tl.num_programs(0), num_stages=STAGES):
-        j = tile * TILE + tl.arange(0, TILE)
-        competing = (j >= lo) & (j < hi)
-        phys = tl.load(block_table_ptr + b * stride_tb + j * stride_tj, mask=competing, other=0).to(tl.int64)
-        # [TILE, HEADS_PAD, BLOCK_D]: every head of a block at once, its whole repr row contiguous in memory
-        offsets = phys[:, None, None] * stride_rb + h[None, :, None] * stride_rh + d[None, None, :] * stride_rd
-        mask = competing[:, None, None] & h_ok[None, :, None] & d_ok[None, None, :]
-        tile_ok = competing[:, None] & h_ok[None, :]
-        scales = 1.0
-        if SCALED:
-            scales = tl.load(kscale_ptr + phys[:, None] * stride_kscale_b + h[None, :] * stride_kscale_h,
-                             mask=tile_ok, other=0.0)
-        out = scores_ptr + b * stride_sb + j[:, None]
-        if RULE == GAUSS:
-            _gauss_log_mass(q_ptr + b * stride_qb, kmin_ptr + offsets, kmax_ptr + offsets, mask, scales, sm_scale,
-                            out, tile_ok, h, d, h_ok, d_ok, stride_qh, stride_qd, stride_sh, GROUP, SCALED)
+        if RULE == QUEST:
+            q_pos = tl.sum(tl.maximum(q, 0.0), axis=1)
+            q_neg = tl.sum(tl.minimum(q, 0.0), axis=1)
+            lows = tl.load(kmin_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            highs = tl.load(kmax_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            scores = tl.sum(highs * q_pos[None, :, :] + lows * q_neg[None, :, :], axis=2)
         else:
-            if RULE == QUEST:
-                lows = tl.load(kmin_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-                highs = tl.load(kmax_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-                scores = tl.sum(highs * q_pos[None, :, :] + lows * q_neg[None, :, :], axis=2)
-            else:
-                means = tl.load(kmean_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-                scores = tl.sum(means * q_sum[None, :, :], axis=2)
-            tl.store(out + h[None, :] * stride_sh, scores * scales, mask=tile_ok)
+            means = tl.load(kmean_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            scores = tl.sum(means * tl.sum(q, axis=1)[None, :, :], axis=2)
+        tl.store(out + h[None, :] * stride_sh, scores * scales, mask=tile_ok)
 
 
 @triton.jit
@@ -468,17 +463,15 @@ def _plan_args(max_blocks, block_size, sparse_ratio, init_window, local_window, 
 
 
 
-def _choose_score_launch(heads: int, head_dim: int, sms: int) -> tuple[int, int, int, int]:
-    """(TILE blocks, num_warps, programs over the batch, STAGES) of the score kernel: about 8K repr elements per repr
-    per tile, 4 warps, ``SCORE_PROGRAMS_PER_SM`` programs an SM shared by the batch's requests, each program looping
-    over its tiles with the summaries of ``SCORE_STAGES - 1`` tiles in flight (see :meth:`SelectPlan.score_grid`).
+def _choose_score_launch(heads: int, head_dim: int) -> tuple[int, int]:
+    """(TILE blocks, num_warps) of the score kernel: about 8K repr elements per repr per program, 4 warps.
 
-    Swept on the H100 at 8 x 8K blocks (8 heads x 128; CUDA graph, a program a tile): tiles of 2 to 16 blocks with 2
-    or 4 warps were all within 2% (whole Quest selection 0.133-0.135 ms); 8 warps on small tiles and 2 warps on
-    tiles of 16+ blocks were up to 10x slower.
+    Swept on the H100 at 8 x 8K blocks (8 heads x 128; CUDA graph): tiles of 2 to 16 blocks with 2 or 4 warps
+    were all within 2% (whole Quest selection 0.133-0.135 ms); 8 warps on small tiles and 2 warps on tiles of
+    16+ blocks were up to 10x slower.
     """
     tile = max(1, min(64, 8192 // (next_pow2(heads) * next_pow2(head_dim))))
-    return tile, 4, sms * SCORE_PROGRAMS_PER_SM, SCORE_STAGES
+    return tile, 4
 
 
 def _choose_select_launch(max_blocks: int) -> tuple[int, int]:
@@ -509,8 +502,6 @@ class SelectPlan:
     keys: torch.Tensor  # [batch, num_kv_heads, select_chunk * n + select_finish] int32 top-k scratch (0 if sliced)
     score_tile: int
     score_warps: int
-    score_programs: int  # score programs over the batch; a request gets its share (score_grid)
-    score_stages: int  # the score loop's pipeline depth where programs loop (1: no tile loaded ahead)
     select_chunk: int
     select_warps: int
     select_finish: int  # most undecided keys the top-k's search finishes from registers (<= select_chunk)
@@ -520,13 +511,6 @@ class SelectPlan:
     candidate_counts: torch.Tensor | None = None  # [batch, num_kv_heads, slices] int32
     arrivals: torch.Tensor | None = None  # [batch, num_kv_heads] int32, zero between launches (sliced.py)
     radix_slice: int = 0  # blocks a slice program of the radix top-k writes (``radix.py``), 0 for another path
-
-    def score_grid(self) -> tuple[int, int]:
-        """(programs a request, STAGES) of the score launch: ``score_programs`` shared by the batch, at most a
-        program a tile; a program of one tile loads nothing ahead."""
-        tiles = cdiv(max(self.max_blocks, 1), self.score_tile)
-        programs = max(1, min(tiles, cdiv(self.score_programs, max(self.batch, 1))))
-        return programs, self.score_stages if programs < tiles else 1
 
     def for_rows(self, rows: int) -> "SelectPlan":
         """This plan for the first ``rows`` (<= batch) requests, sharing its scratch (e.g. the plan of a smaller
@@ -596,8 +580,7 @@ def _make_plan(batch, heads, head_dim, max_blocks, device, block_size, sparse_ra
     key_entries = 0 if multi_program else cdiv(max(max_blocks, 1), chunk) * chunk + finish
     keys = torch.empty(batch, heads, key_entries, dtype=torch.int32, device=device)
     return SelectPlan(batch, heads, head_dim, max_blocks, width, block_size, SCORES.index(score), group, limits, scores,
-                      keys, *_choose_score_launch(heads, head_dim, sm_count(device)), chunk,
-                      select_warps, finish, **multi_program)
+                      keys, *_choose_score_launch(heads, head_dim), chunk, select_warps, finish, **multi_program)
 
 
 def _multi_program_top_k(batch, heads, max_blocks, width, device, score) -> dict:
@@ -775,8 +758,7 @@ def _launch(plan: SelectPlan, q, reprs, kmax, kscale, block_table, seq_lens, out
     q_strides, repr_strides, table_strides = q.stride(), reprs.stride(), block_table.stride()
     score_strides = scores.stride()
     scale_strides = (0, 0) if kscale is None else kscale.stride()
-    score_programs, score_stages = plan.score_grid()
-    _SCORE((score_programs, plan.batch),
+    _SCORE((cdiv(plan.max_blocks, plan.score_tile), plan.batch),
         q_ptr=q, kmin_ptr=reprs, kmax_ptr=reprs if plan.rule == MEAN.value else kmax, kmean_ptr=reprs,
         kscale_ptr=scores if kscale is None else kscale, block_table_ptr=block_table, seq_lens_ptr=seq_lens,
         reselect_ptr=seq_lens if reselect is None else reselect, scores_ptr=scores, **plan.limits,
@@ -788,8 +770,7 @@ def _launch(plan: SelectPlan, q, reprs, kmax, kscale, block_table, seq_lens, out
         stride_sb=score_strides[0], stride_sh=score_strides[1],
         BLOCK_SIZE=plan.block_size, HEADS=plan.num_kv_heads, HEADS_PAD=next_pow2(plan.num_kv_heads), GROUP=group,
         BLOCK_G=next_pow2(group), HEAD_DIM=plan.head_dim, BLOCK_D=next_pow2(plan.head_dim), RULE=plan.rule,
-        TILE=plan.score_tile, STAGES=score_stages, SCALED=kscale is not None, MASKED=reselect is not None,
-        num_warps=plan.score_warps,
+        TILE=plan.score_tile, SCALED=kscale is not None, MASKED=reselect is not None, num_warps=plan.score_warps,
     )
     _launch_select(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows)
     return sel_idx, sel_count
