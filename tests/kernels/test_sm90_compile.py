@@ -176,7 +176,12 @@ def test_decode_split_kernel_compiles_for_sm90_without_spills(dense, direct, spl
 
     tile_tokens, num_warps, num_stages = _choose_tile(split_tokens, dense)
     constexprs = dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, DENSE=dense, DIRECT=direct,
-                      COMPUTE_DTYPE="tl.bfloat16", TILE_TOKENS=tile_tokens, SEL_ROWS=False, READY=ready, PDL=1)
+                      COMPUTE_DTYPE="tl.bfloat16", TILE_TOKENS=tile_tokens, SEL_ROWS=False, READY=ready, PDL=1,
+                      sel_rows_ptr=None)  # the tensors a launch passes as None are constexpr None, as in _launch
+    if dense:
+        constexprs.update(sel_idx_ptr=None, sel_count_ptr=None)
+    if direct:
+        constexprs.update(acc_ptr=None, stats_ptr=None)
     width = 0 if dense else 2458  # the lists of 0.3 x 8192 blocks
     ints = dict(stride_qb=32 * 128, stride_qh=128, stride_qd=1, stride_kb=16 * 8 * 128, stride_kt=8 * 128,
                 stride_kh=128, stride_kd=1, stride_vb=16 * 8 * 128, stride_vt=8 * 128, stride_vh=128, stride_vd=1,
