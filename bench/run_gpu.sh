@@ -141,9 +141,11 @@ case "${1:-all}" in
   radix) step gpu_tests_radix timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_block_select.py
          step radix_topk_ab timeout 330 python3 -m bench.radix_topk_ab ;;
   # Attention with its inputs ready ahead (sparse_decode's inputs_ready): the GPU tests of decode, then the per-layer
-  # figures of 8-layer graphs at 1 x 128K (attention with and without it).
+  # figures of 8-layer graphs at 1 x 128K (attention with and without it), then the radix top-k's A/B (last: a call
+  # cut at its limit keeps the layered figures).
   ready) step gpu_tests_ready timeout 100 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_sparse_decode.py
-         step sliced_topk_ab_layered timeout 300 python3 -m bench.sliced_topk_ab --layered ;;
+         step sliced_topk_ab_layered timeout 300 python3 -m bench.sliced_topk_ab --layered
+         step radix_topk_ab timeout 150 python3 -m bench.radix_topk_ab ;;
   # sliced_topk_ab's per-layer figures of 8-layer graphs only (1 x 128K, the budget and ratio 0.3).
   layered) step sliced_topk_ab_layered timeout 300 python3 -m bench.sliced_topk_ab --layered ;;
   # Split counts that put the same number of list-attention programs on every SM (bench/list_waves.py).
