@@ -72,10 +72,13 @@ def _sparse_decode_split_kernel(
     slot = tl.arange(0, TILE) // BLOCK_SIZE
     within = tl.arange(0, TILE) % BLOCK_SIZE
     table_row = block_table_ptr + b * stride_btb
-    if READY and PDL >= 1:  # the inputs predate the kernel ahead: start on them while it finishes (module doc)
-        sel_row, seq_len, start, end = _list_span(b, h, split, chunk_blocks, seq_lens_ptr, sel_idx_ptr, sel_count_ptr,
-                                                  sel_rows_ptr, stride_sib, stride_sih, stride_scb, stride_sch,
-                                                  DENSE, SEL_ROWS, BLOCK_SIZE)
+    EARLY: tl.constexpr = READY and PDL >= 1  # the inputs predate the kernel ahead: start on them (module doc)
+    if not EARLY:
+        wait_for_previous_grid(PDL)
+    sel_row, seq_len, start, end = _list_span(b, h, split, chunk_blocks, seq_lens_ptr, sel_idx_ptr, sel_count_ptr,
+                                              sel_rows_ptr, stride_sib, stride_sih, stride_scb, stride_sch,
+                                              DENSE, SEL_ROWS, BLOCK_SIZE)
+    if EARLY:  # the first tile's K/V rows asked of L2 while the kernel ahead finishes (the loop reads them again)
         token_ok, physical = _tile_indices(start, end, slot, within, seq_len, sel_row, table_row, stride_sij,
                                            stride_btj, DENSE, BLOCK_SIZE)
         _prefetch_rows(k_cache_ptr + h * stride_kh, physical, within, token_ok, stride_kb, stride_kt, stride_kd,
@@ -83,11 +86,6 @@ def _sparse_decode_split_kernel(
         _prefetch_rows(v_cache_ptr + h * stride_vh, physical, within, token_ok, stride_vb, stride_vt, stride_vd,
                        HEAD_DIM, v_cache_ptr.dtype.element_ty.primitive_bitwidth)
         wait_for_previous_grid(PDL)
-    else:
-        wait_for_previous_grid(PDL)
-        sel_row, seq_len, start, end = _list_span(b, h, split, chunk_blocks, seq_lens_ptr, sel_idx_ptr, sel_count_ptr,
-                                                  sel_rows_ptr, stride_sib, stride_sih, stride_scb, stride_sch,
-                                                  DENSE, SEL_ROWS, BLOCK_SIZE)
 
     rows = tl.arange(0, GROUP_PAD)
     row_ok = rows < GROUP
@@ -263,8 +261,7 @@ def plan_decode(q: torch.Tensor, key_cache: torch.Tensor, max_blocks: int, *,
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
                                    or num_splits < 1):
         raise ValueError(f"num_splits={num_splits}; expected a positive int or None")
-    if not isinstance(dense, bool):
-        raise ValueError(f"dense={dense!r}; expected True or False")
+    _check_bool("dense", dense)
     batch, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     if num_splits is None:
@@ -316,7 +313,7 @@ def sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
     _check_selection(q, key_cache, sel_idx, sel_count, sel_rows)
     plan = _resolve_plan(plan, q, key_cache, sel_idx.shape[2], num_splits)
     return _launch(plan, q, key_cache, value_cache, block_table, seq_lens, sel_idx, sel_count, scale, out, sel_rows,
-                   _check_ready(inputs_ready))
+                   _check_bool("inputs_ready", inputs_ready))
 
 
 def dense_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
@@ -333,7 +330,7 @@ def dense_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
     _check_attention_inputs(q, key_cache, value_cache, block_table, seq_lens)
     plan = _resolve_plan(plan, q, key_cache, block_table.shape[1], num_splits, dense=True)
     return _launch(plan, q, key_cache, value_cache, block_table, seq_lens, None, None, scale, out, None,
-                   _check_ready(inputs_ready))
+                   _check_bool("inputs_ready", inputs_ready))
 
 
 def _resolve_plan(plan: DecodePlan | None, q, key_cache, max_blocks: int, num_splits: int | None,
@@ -440,10 +437,11 @@ def _choose_tile(split_tokens: int, dense: bool) -> tuple[int, int, int]:
     return 64, 4, 5 if split_tokens >= 4096 else 3
 
 
-def _check_ready(inputs_ready) -> bool:
-    if not isinstance(inputs_ready, bool):
-        raise ValueError(f"inputs_ready={inputs_ready!r}; expected True or False")
-    return inputs_ready
+def _check_bool(name: str, value) -> bool:
+    """``value``, which must be a bool (argument ``name``)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r}; expected True or False")
+    return value
 
 
 def _check_q_and_cache(q: torch.Tensor, cache: torch.Tensor, name: str) -> None:
