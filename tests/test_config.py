@@ -26,7 +26,8 @@ STORE_VALUES = {  # a valid, non-default value for every store key
 GSA_VALUES = {"sparse_ratio": 0.2, "local_window_sz": 2, "init_window_sz": 3, "min_blocks": 5,
               "prefetch_workers": 8, "prefetch_ahead": 2, "max_pending_prefetch": 256, "score": "mean",
               "token_budget": 2048, "offload": True, "gpu_budget_blocks": 100, "gpu_budget_bytes": 1 << 30,
-              "repr_dtype": "fp8", "dense_first_layers": 3, "select_every": 4, "rerank_candidates": 2.5}
+              "repr_dtype": "fp8", "dense_first_layers": 3, "select_every": 4, "rerank_candidates": 2.5,
+              "select_drift": 0.05}
 
 
 def _expected(key, value):
@@ -57,7 +58,8 @@ def test_store_key_from_yaml_document(tmp_path, key):
 
 @pytest.mark.parametrize("key", sorted(GSA_VALUES))
 def test_gsa_key_from_document_and_flat_extra_config(tmp_path, key):
-    sparse = {"ucm_sparse_method": "GSA", "ucm_sparse_config": {"GSA": {key: GSA_VALUES[key]}}}
+    companions = {"select_every": GSA_VALUES["select_every"]} if key == "select_drift" else {}
+    sparse = {"ucm_sparse_method": "GSA", "ucm_sparse_config": {"GSA": {key: GSA_VALUES[key], **companions}}}
     path = tmp_path / "ucm.yaml"
     path.write_text(yaml.safe_dump({"ucm_connectors": [{"ucm_connector_config": {}}], **sparse}))
     for source in (str(path), {"store_pipeline": "Cache|Posix", **sparse}):
@@ -154,6 +156,10 @@ def test_store_errors_name_key_value_and_allowed(raw, message):
     ({"ucm_sparse_config": {"GSA": {"dense_first_layers": -1}}},
      "ucm_sparse_config.GSA: dense_first_layers: -1 is out of range; allowed: >= 0"),
     ({"ucm_sparse_config": {"gsa": {}}}, "unknown key 'gsa' in ucm_sparse_config: did you mean 'GSA'?"),
+    ({"ucm_sparse_config": {"GSA": {"select_drift": 0.1}}},
+     "select_drift: 0.1 needs select_every > 1 (at select_every 1 every step selects afresh"),
+    ({"ucm_sparse_config": {"GSA": {"select_drift": 0, "select_every": 4}}},
+     "ucm_sparse_config.GSA: select_drift: 0 is out of range; allowed: > 0.0 and <= 2.0"),
 ])
 def test_sparse_errors(sections, message):
     with pytest.raises(ConfigError) as err:

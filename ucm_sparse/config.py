@@ -31,6 +31,11 @@ class GSAConfig:
                              "selection for its next N - 1 steps, while its block count stays the same (a new "
                              "block, every block_size tokens, reselects; the block of the current token is always "
                              "attended)", min=1, max=1024, used_by="GSA selection")
+    select_drift: float | None = spec(None, "with select_every > 1, a request also reselects a layer's blocks "
+                                      "before select_every steps once its queries turned: one minus the mean, "
+                                      "over the query heads, of the cosine similarity between each head's query and "
+                                      "its query at the layer's last selection, above this (None: no drift rule)",
+                                      min=0.0, max=2.0, min_exclusive=True, used_by="GSA selection")
     prefetch_workers: int = spec(4, "prefetch copy concurrency: the offload mode's prefetch copies run on their own "
                                  "CUDA stream with 16 copy programs per worker", min=1, max=256,
                                  used_by="GSA offload")
@@ -56,6 +61,10 @@ class GSAConfig:
 
     def __post_init__(self) -> None:
         validate_fields(self)
+        if self.select_drift is not None and self.select_every == 1:
+            raise ConfigError(f"select_drift: {self.select_drift!r} needs select_every > 1 (at select_every 1 every "
+                              "step selects afresh, so no selection is reused); set select_every or drop "
+                              "select_drift")
 
     def sparse_layer(self, layer: object) -> bool:
         """False for a decoder layer index below ``dense_first_layers`` (it attends every block); True for any

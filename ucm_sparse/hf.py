@@ -7,7 +7,9 @@ over the model's own KV cache (``DynamicCache`` K/V ``[batch, kv_heads, seq, hea
 Decoder layers whose ``layer_idx`` is below ``dense_first_layers`` decode with SDPA too. With ``select_every``
 N > 1 a layer keeps the selection of its last fresh step on the module and attends it for the next N - 1 decode
 steps while the batch's block count stays the same (as ``ucm_sparse.reuse`` rules for the other paths; a
-prefill, i.e. a new ``generate``, forgets it).
+prefill, i.e. a new ``generate``, forgets it); with ``select_drift`` also while no row's queries drifted past it
+from those the selection was made with (one age per layer here: a drifted row reselects the whole batch). Each
+module counts its sparse decode steps that selected and that reused (``module.ucm_gsa_counts``).
 
     import ucm_sparse.hf
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="ucm_gsa")  # default GSAConfig()
@@ -29,6 +31,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from ucm_kernels._utils import check_positive_int
 
 from . import ops
+from ucm_kernels.query_drift import torch_query_drift
+
 from .config import GSAConfig, load_gsa_fragment
 from .gsa import sparse_attention
 
@@ -56,17 +60,35 @@ DEFAULT_SETTINGS = HFGSASettings()
 @dataclass(frozen=True)
 class KeptSelection:
     """One layer's selection between decode steps (``select_every > 1``): its lists, the tokens per row when it
-    was last used, and how many steps ago it was made."""
+    was last used, how many steps ago it was made, and the queries it was made with (``[batch, heads,
+    head_dim]``)."""
 
     selection: ops.Selection
     seq: int
     age: int
+    queries: torch.Tensor
 
-    def serves(self, batch: int, seq: int, settings: HFGSASettings) -> bool:
-        """Whether this step (``batch`` rows of ``seq`` tokens) may attend the kept lists."""
+    def serves(self, q: torch.Tensor, seq: int, settings: HFGSASettings) -> bool:
+        """Whether this step (queries ``q [batch, heads, head_dim]`` of rows of ``seq`` tokens) may attend the
+        kept lists: the reuse rule, and with ``select_drift`` no row's queries drifted past it."""
         same_blocks = -(-seq // settings.block_size) == -(-self.seq // settings.block_size)
-        return (self.selection.sel_count.shape[0] == batch and seq == self.seq + 1 and same_blocks
-                and self.age + 1 < settings.config.select_every)
+        if not (self.selection.sel_count.shape[0] == q.shape[0] and seq == self.seq + 1 and same_blocks
+                and self.age + 1 < settings.config.select_every):
+            return False
+        if settings.config.select_drift is None:
+            return True
+        rows = torch.arange(q.shape[0], device=q.device)
+        fresh = torch_query_drift(q, self.queries.clone(), rows, torch.zeros_like(rows, dtype=torch.int32),
+                                  threshold=settings.config.select_drift)
+        return not bool(fresh.any())
+
+
+@dataclass
+class ReuseCounts:
+    """A module's sparse decode steps (``select_every > 1``): how many selected afresh, how many reused."""
+
+    selected: int = 0
+    reused: int = 0
 
 
 def enable(model: torch.nn.Module, config: GSAConfig | Mapping | None = None, *, block_size: int = 32,
@@ -88,7 +110,7 @@ def enable(model: torch.nn.Module, config: GSAConfig | Mapping | None = None, *,
         raise ValueError(f"config: got {type(config).__name__}, expected a GSAConfig or a mapping of GSA keys")
     settings = HFGSASettings(config, block_size, backend)
     for module in model.modules():
-        module.ucm_gsa, module.ucm_gsa_kept = settings, None
+        module.ucm_gsa, module.ucm_gsa_kept, module.ucm_gsa_counts = settings, None, ReuseCounts()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model
 
@@ -115,15 +137,20 @@ def gsa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     table = torch.arange(batch * num_blocks, dtype=torch.int32, device=key.device).view(batch, num_blocks)
     q, keys, values = query[:, :, 0], as_blocks(key, settings.block_size), as_blocks(value, settings.block_size)
     kept = getattr(module, "ucm_gsa_kept", None)
-    if kept is not None and kept.serves(batch, seq, settings):
+    counts = getattr(module, "ucm_gsa_counts", ReuseCounts())
+    if kept is not None and kept.serves(q, seq, settings):
         lens = torch.full((batch,), seq, dtype=torch.int32, device=key.device)
         out = ops.attend(ops.resolve_backend(settings.backend, q), q, keys, values, table, lens, kept.selection,
                          scaling)
         module.ucm_gsa_kept = replace(kept, seq=seq, age=kept.age + 1)
+        counts.reused += 1
         return out[:, None], None
     out, selection = sparse_attention(q, keys, values, table, [seq] * batch, settings.config, scale=scaling,
                                       backend=settings.backend)
-    module.ucm_gsa_kept = KeptSelection(selection, seq, 0) if settings.config.select_every > 1 else None
+    module.ucm_gsa_kept = None
+    if settings.config.select_every > 1:
+        module.ucm_gsa_kept = KeptSelection(selection, seq, 0, q.clone())
+        counts.selected += 1
     return out[:, None], None
 
 

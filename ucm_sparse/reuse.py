@@ -13,7 +13,11 @@ may take turns). A row keeps its previous selection while all of these hold:
 * its request grew by exactly one token since its slot's last step, its block count did not change, and its
   last block is the same physical block;
 * the selection is younger than ``select_every`` steps;
-* the block table has the width it had (the stored lists are kept per width).
+* the block table has the width it had (the stored lists are kept per width);
+* with the drift rule (``select_drift``), per layer: the row's queries have not turned past ``select_drift`` from
+  those the layer's lists were selected with (:mod:`ucm_kernels.query_drift`, one launch a layer; decided on the
+  device, so with the rule a step launches the selection at every layer, its programs of kept rows returning at
+  once).
 
 So a request reselects at least every ``select_every`` steps and whenever a block fills (every ``block_size``
 tokens): the lists it reuses always name its current blocks, and the block of the current token is attended
@@ -25,6 +29,7 @@ import torch
 
 from ucm_kernels._utils import padded_empty
 from ucm_kernels.block_select import selection_width
+from ucm_kernels.query_drift import query_drift, torch_query_drift
 from ucm_kernels.reuse_step import reuse_step, torch_reuse_step
 from ucm_kernels.reuse_step.torch import last_blocks
 
@@ -151,11 +156,13 @@ class SlotMap:
 class SelectionStore:
     """One layer's selections kept between steps: ``sel_idx [slots, num_kv_heads, width]`` int32 (-1 padded) and
     ``sel_count [slots, num_kv_heads]`` int32, per selection width (a new width starts empty: its rows must
-    reselect, as a new :class:`ReuseBook` makes them)."""
+    reselect, as a new :class:`ReuseBook` makes them); with the drift rule (``GSAConfig.select_drift``) also each
+    slot's query at its last selection."""
 
     def __init__(self, slots: int, num_kv_heads: int, device: torch.device | str):
         self.slots, self.num_kv_heads, self.device = slots, num_kv_heads, device
         self._by_width: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._queries: torch.Tensor | None = None
 
     def buffers(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sel_idx, sel_count)`` of every slot for lists ``width`` wide (allocated at the first call)."""
@@ -164,6 +171,27 @@ class SelectionStore:
                 padded_empty(self.slots, self.num_kv_heads, width, dtype=torch.int32, device=self.device).fill_(-1),
                 torch.zeros(self.slots, self.num_kv_heads, dtype=torch.int32, device=self.device))
         return self._by_width[width]
+
+    def queries(self, q: torch.Tensor) -> torch.Tensor:
+        """``[slots, num_q_heads, head_dim]`` each slot's query at its last selection, in q's dtype (zeros, i.e.
+        drift 1, until a selection writes it; remade when q's shape or dtype changes)."""
+        shape = (self.slots, *q.shape[1:])
+        if self._queries is None or self._queries.shape != shape or self._queries.dtype != q.dtype:
+            self._queries = torch.zeros(shape, dtype=q.dtype, device=self.device)
+        return self._queries
+
+    def drifted(self, backend: str, q: torch.Tensor, slots: torch.Tensor, reselect: torch.Tensor | None,
+                threshold: float, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The layer's ``reselect`` under the drift rule (``ucm_kernels.query_drift``): ``[n]`` int32, 1 where the
+        step reselects the row (``reselect``, ``[n]`` int32) or its queries (``q [n, num_q_heads, head_dim]``)
+        drifted past ``threshold`` from its slot's; those rows' queries are kept as their slots'. With ``reselect``
+        None (every row selects) the queries are kept and None is returned."""
+        kept = self.queries(q)
+        if reselect is None:
+            kept[slots] = q
+            return None
+        drift = query_drift if backend == "triton" else torch_query_drift
+        return drift(q, kept, slots, reselect, threshold=threshold, out=out)
 
     def select(self, backend: str, q: torch.Tensor, reprs: tuple, block_table: torch.Tensor, seq_lens: torch.Tensor,
                config: GSAConfig, block_size: int, slots: torch.Tensor, reselect: torch.Tensor | None,
@@ -175,10 +203,13 @@ class SelectionStore:
             block_table: ``[n, max_blocks]`` the step's table, possibly cut to its longest row.
             slots: ``[n]`` int64 slot of each row; span: the same slots as a slice, when they are consecutive and
                 ascending (the lists are then returned as a view of the store, see :meth:`lists`).
-            reselect: ``[n]`` int32 from :meth:`ReuseBook.step`, or None: every row selects afresh.
+            reselect: ``[n]`` int32 from :meth:`ReuseBook.step`, or None: every row selects afresh. With
+                ``config.select_drift`` the rows whose queries drifted select afresh too (:meth:`drifted`).
             table_width: the width of the uncut table (the stored lists are kept at that width's selection width).
             keys: ``key_cache`` / ``scale`` / ``candidate_keys`` for a two-stage selection (``ops.select``).
         """
+        if config.select_drift is not None:
+            reselect = self.drifted(backend, q, slots, reselect, config.select_drift)
         stored_width, width = _widths(config, block_size, table_width, block_table)
         stored_idx, stored_count = self.buffers(stored_width)
         if backend == "triton" and config.rerank_candidates <= 1:  # the kernel writes the rows' slots in place
@@ -278,14 +309,14 @@ class RequestReuse:
                seq_lens: torch.Tensor, config: GSAConfig, reuse: ReuseStep, table_width: int, **keys
                ) -> ops.Selection:
         """``layer``'s lists at decode step ``step`` (:meth:`SelectionStore.select`; nothing is launched to select
-        when no row reselects); every row reselects when the layer's stored lists are not of the step before or of
-        this table width (then they are dropped)."""
+        when no row reselects and there is no drift rule); every row reselects when the layer's stored lists are
+        not of the step before or of this table width (then they are dropped)."""
         store, written, width = self._stores.get(layer, (None, -1, table_width))
         if store is None or width != table_width:
             store = SelectionStore(self._capacity, reprs[0].shape[1], q.device)
         self._stores[layer] = store, step, table_width
         every_row = written != step - 1 or width != table_width or all(reuse.reselect)
-        if not every_row and not any(reuse.reselect):
+        if not every_row and not any(reuse.reselect) and config.select_drift is None:
             return store.lists(reuse.slots, *_widths(config, self.block_size, table_width, block_table), reuse.span)
         return store.select(backend, q, reprs, block_table, seq_lens, config, self.block_size, reuse.slots,
                             None if every_row else reuse.rows(), table_width, span=reuse.span, **keys)

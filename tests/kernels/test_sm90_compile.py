@@ -322,6 +322,16 @@ def test_reuse_step_kernel_compiles_for_sm90_without_spills(tmp_path):
                      dict(ROWS=128, PDL=1), {})
 
 
+def test_query_drift_kernel_compiles_for_sm90_without_spills(tmp_path):
+    """Selection reuse's drift rule (``SelectionStore.drifted`` on a GPU): a row's 32 bf16 query heads of 128 and
+    its slot's kept ones, Triton's default warps."""
+    types = {"q": "*bf16", "kept_q": "*bf16", "slots": "*i64", "reselect": "*i32", "fresh": "*i32",
+             "threshold": "fp32"}
+    ints = dict(num_heads=32, head_dim=128, stride_qn=4096, stride_qh=128, stride_kn=4096, stride_kh=128)
+    assert_no_spills(tmp_path, "ucm_kernels.query_drift.triton", "_query_drift_kernel", types, ints,
+                     dict(NORM_FLOOR=1e-30, BLOCK_H=32, BLOCK_D=128, PDL=1), {})
+
+
 @pytest.mark.parametrize("to_staging", [True, False])
 def test_kv_block_copy_kernel_compiles_for_sm90_without_spills(to_staging, tmp_path):
     """The connector's saves (``gather_blocks_into_rows``, to_staging) and Cache-tier loads

@@ -155,6 +155,33 @@ def test_select_every_keeps_a_layers_lists_until_they_age_a_block_fills_or_a_pre
     assert module.ucm_gsa_kept is None
 
 
+def test_select_drift_reselects_a_layer_once_its_queries_turn():
+    """select_every=8 and select_drift=0.1 on one layer's decode calls: queries that move a little reuse the lists
+    of 390 tokens; a turned query (392) selects afresh from its own scores; the module counts both kinds."""
+    from types import SimpleNamespace
+
+    from ucm_sparse import sparse_attention
+
+    gen = torch.Generator().manual_seed(1)
+    config = GSAConfig(sparse_ratio=0.3, min_blocks=2, select_every=8, select_drift=0.1)
+    module = SimpleNamespace(ucm_gsa=ucm_hf.HFGSASettings(config, 16, "torch"), ucm_gsa_kept=None, layer_idx=5,
+                             ucm_gsa_counts=ucm_hf.ReuseCounts())
+    key, value = torch.randn(2, 1, 2, 420, 32, generator=gen)
+    query = torch.randn(1, 8, 1, 32, generator=gen)
+    for seq, turn, fresh in [(390, False, True), (391, False, False), (392, True, True), (393, False, False)]:
+        query = torch.randn(1, 8, 1, 32, generator=gen) if turn else query + 0.01 * torch.randn(query.shape)
+        kept = module.ucm_gsa_kept
+        ucm_hf.gsa_attention(module, query, key[:, :, :seq], value[:, :, :seq], None, scaling=0.2)
+        blocks = [ucm_hf.as_blocks(x[:, :, :seq], 16) for x in (key, value)]
+        table = torch.arange(-(-seq // 16), dtype=torch.int32)[None]
+        _, selection = sparse_attention(query[:, :, 0], *blocks, table, [seq], config, scale=0.2, backend="torch")
+        in_use = module.ucm_gsa_kept.selection
+        assert torch.equal(in_use.sel_idx, (selection if fresh else kept.selection).sel_idx), seq
+        if turn:
+            assert not torch.equal(selection.sel_idx, kept.selection.sel_idx)  # the test tells them apart
+    assert (module.ucm_gsa_counts.selected, module.ucm_gsa_counts.reused) == (2, 2)
+
+
 def test_fetch_error_names_the_package_and_pip_output(monkeypatch, tmp_path):
     from ucm_sparse import models
 

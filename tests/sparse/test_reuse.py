@@ -177,3 +177,35 @@ def test_select_names_sel_rows_outside_the_one_stage_triton_selection():
                                          r"\(backend 'torch'"):
         ops.select("torch", q, reprs, table([0, 1]), torch.tensor([8], dtype=torch.int32), config, 4, kept=kept,
                    reselect=torch.ones(1, dtype=torch.int32), sel_rows=torch.zeros(1, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("backend, dtype", [("torch", torch.float32), ("triton", torch.bfloat16)])
+def test_with_a_drift_rule_a_request_whose_queries_turned_reselects_early(backend, dtype):
+    """select_every 8 and select_drift 0.1 over named requests: at steps the reuse rule keeps both rows, the
+    selection runs with the layer's mask (drifted rows only), a turned request takes the lists its new queries
+    select and the other keeps its own; queries that barely move keep their lists."""
+    config = GSAConfig(sparse_ratio=0.5, local_window_sz=1, init_window_sz=1, min_blocks=2, select_every=8,
+                       select_drift=0.1)
+    reuse = RequestReuse(config.select_every, block_size=4)
+    gen = torch.Generator().manual_seed(3)
+    reprs = tuple(torch.randn(16, 2, 8, generator=gen).to(dtype) for _ in range(3))
+    blocks = table(list(range(0, 8)), list(range(8, 16)))
+    q = torch.randn(2, 4, 8, generator=gen).to(dtype)
+    lens = [21, 25]
+    in_use = None
+    for step, turning in ((1, None), (2, 1), (3, None), (4, 0)):
+        plan = reuse.step(["a", "b"], lens, 8, "cpu")
+        assert plan.reselect == ([1, 1] if step == 1 else [0, 0])
+        if turning is not None:
+            q[turning] = torch.randn(4, 8, generator=gen).to(dtype)
+        q[1 - (turning or 0)] += (0.01 * torch.randn(4, 8, generator=gen)).to(dtype)
+        seq = torch.tensor(lens, dtype=torch.int32)
+        got = reuse.select(0, step, backend, q, reprs, blocks, seq, config, plan, 8)
+        fresh = ops.select(backend, q, reprs, blocks, seq, config, 4)
+        for row in range(2):
+            wanted = fresh if step == 1 or row == turning else in_use
+            assert torch.equal(got.sel_idx[row], wanted.sel_idx[row]), (step, row)
+        if turning is not None:
+            assert not torch.equal(fresh.sel_idx[turning], in_use.sel_idx[turning])  # the test tells them apart
+        in_use = ops.Selection(got.sel_idx.clone(), got.sel_count.clone())
+        lens = [n + 1 for n in lens]

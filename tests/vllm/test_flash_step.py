@@ -370,3 +370,35 @@ def test_batches_taking_turns_in_the_same_rows_keep_their_own_lists():
         else:
             assert reselect == [0, 0], name
             assert torch.equal(lists.sel_idx.cpu(), first[name][order].cpu())
+
+
+def test_select_drift_reselects_the_rows_whose_queries_turned():
+    """select_every 8 with select_drift 0.1: at steps the reuse rule keeps every row, a row whose queries turned
+    selects afresh (the lists the torch reference selects for its new queries) and its queries become its slot's;
+    rows whose queries moved a little keep their lists and the queries they were selected with."""
+    kv_cache = flash_cache(64)
+    table, seq_lens, starts, starts_cpu, q = batch([301, 206, 170], [1, 1, 1])
+    step = FlashGSA(GSAConfig(**{**vars(CONFIG), "select_every": 8, "select_drift": 0.1}), block_size=BLOCK,
+                    num_kv_heads=HEADS, num_q_heads=HEADS * GROUP, head_size=HEAD, max_rows=4,
+                    dtype=torch.bfloat16, device=DEVICE)
+    layer = step.layer_state(64)
+    naive_update_block_repr(flash_kv_views(kv_cache, HEAD)[0], torch.arange(64, device=DEVICE), *layer.reprs)
+    assert reused_step(step, seq_lens, starts, starts_cpu, table, q, kv_cache, layer)[1] == [1, 1, 1]
+    gen = torch.Generator().manual_seed(4)
+    for turning in (1, 0):  # two steps inside the rows' last blocks: row 1 turns, then row 0
+        noise = torch.randn(q.shape, generator=gen).to(q)
+        q = (q + 0.02 * noise).to(q)
+        q[turning] = noise[turning]
+        seq_lens += 1
+        plan = step.plan(seq_lens, starts, starts_cpu, table, 1)
+        assert plan.decode.reselect.tolist() == [0, 0, 0]  # the reuse rule keeps every row
+        before = lists_in_use(layer, plan.decode)
+        kept = layer.selections.queries(q)[plan.decode.slots].clone()
+        step.run(plan, q, kv_cache, layer, HEAD ** -0.5, poisoned_like(q))
+        _, fresh = reference(q, kv_cache, table, seq_lens)
+        lists, stored = lists_in_use(layer, plan.decode), layer.selections.queries(q)[plan.decode.slots]
+        for row in range(3):
+            wanted = (fresh if row == turning else before).sel_idx[row]
+            assert torch.equal(lists.sel_idx[row].cpu(), wanted.cpu()), f"row {row} turning {turning}"
+            assert torch.equal(stored[row].cpu(), (q if row == turning else kept)[row].cpu())
+        assert not torch.equal(fresh.sel_idx[turning].cpu(), before.sel_idx[turning].cpu())

@@ -17,7 +17,8 @@ vLLM's FlashAttention cache of a layer is logically ``[num_blocks, num_kv_heads,
 * with ``select_every > 1``, each decode row's slot (:meth:`ucm_sparse.reuse.ReuseBook.tail_slots`: found by
   its last block, whatever row vLLM put the request in) and which rows select afresh; the others attend the
   blocks their layer selected at an earlier step, kept per layer and slot in a
-  :class:`ucm_sparse.reuse.SelectionStore` (the kernels read and write a row's lists at its slot: no copy).
+  :class:`ucm_sparse.reuse.SelectionStore` (the kernels read and write a row's lists at its slot: no copy);
+  with ``select_drift``, each layer's run first adds the rows whose queries turned (one small launch).
 
 :meth:`FlashGSA.run` (per layer) refreshes the summaries, selects and attends, writing the rows' outputs. Every
 decode row goes through GSA's kernels; one too short to go sparse attends all of its blocks.
@@ -117,6 +118,7 @@ class FlashGSA:
             self._book = ReuseBook(config.select_every, SLOTS_PER_ROW * max_rows, block_size, self.device)
             self._slots = torch.zeros(max_rows, dtype=torch.long, device=self.device)  # fixed: graphs read them
             self._reselect = torch.ones(max_rows, dtype=torch.int32, device=self.device)
+            self._layer_reselect = torch.ones(max_rows, dtype=torch.int32, device=self.device)  # drift rule's
 
     def layer_state(self, num_blocks: int) -> LayerState:
         """A layer's state for its ``num_blocks`` KV blocks: block summaries (``ucm_sparse.ops.empty_reprs``) and,
@@ -175,29 +177,33 @@ class FlashGSA:
         selection = (rows.sel_idx, rows.sel_count) if layer.selections is None else \
             layer.selections.buffers(rows.select.width)  # reuse: every slot's lists, each row reads its slot's
         kscale = kscale[0] if kscale else None
+        reselect = rows.reselect
+        if reselect is not None and self.config.select_drift is not None:  # this layer's rows whose queries turned
+            reselect = layer.selections.drifted("triton", q, rows.slots, reselect, self.config.select_drift,
+                                                out=self._layer_reselect[:n])
         if rows.candidates is None:
             rows.select.run(q, kmin, kmax, kmean, rows.block_table, rows.seq_lens, kscale=kscale, out=selection,
-                            reselect=rows.reselect, sel_rows=rows.slots, scale=scale)
+                            reselect=reselect, sel_rows=rows.slots, scale=scale)
         else:
-            self._two_stage(rows, q, key_cache, (kmin, kmax, kmean, kscale), scale, selection)
+            self._two_stage(rows, q, key_cache, (kmin, kmax, kmean, kscale), scale, selection, reselect)
         out = sparse_decode(q, key_cache, value_cache, rows.block_table, rows.seq_lens, *selection, scale=scale,
                             out=output[:n] if rows.uniform else None, plan=rows.decode, sel_rows=rows.slots)
         if not rows.uniform:
             output[rows.tokens] = out
 
     def _two_stage(self, rows: DecodeRows, q: torch.Tensor, key_cache: torch.Tensor, reprs: tuple, scale: float,
-                   selection: tuple) -> None:
+                   selection: tuple, reselect: torch.Tensor | None) -> None:
         """``config.rerank_candidates`` > 1: the score rule's wider selection as candidates (rows' own buffers),
         the candidates' attention mass (``ucm_kernels.block_mass``) and the select kernel's top-k over it into
-        ``selection`` (at the rows' slots with reuse); rows not reselected do no work."""
+        ``selection`` (at the rows' slots with reuse); rows ``reselect`` (the layer's mask) leaves out do no work."""
         wide, cand_idx, cand_count = rows.candidates
         kmin, kmax, kmean, kscale = reprs
         wide.run(q, kmin, kmax, kmean, rows.block_table, rows.seq_lens, kscale=kscale, out=(cand_idx, cand_count),
-                 reselect=rows.reselect, scale=scale)
+                 reselect=reselect, scale=scale)
         candidates = ops.Selection(cand_idx, cand_count)
-        mass = ops.block_mass(q, key_cache, rows.block_table, rows.seq_lens, candidates, scale, rows.reselect)
+        mass = ops.block_mass(q, key_cache, rows.block_table, rows.seq_lens, candidates, scale, reselect)
         ops.keep_most_mass("triton", candidates, mass, rows.block_table, rows.seq_lens, self.config, self.block_size,
-                           out=selection, reselect=rows.reselect, sel_rows=rows.slots)
+                           out=selection, reselect=reselect, sel_rows=rows.slots)
 
     def _decode_rows(self, lens: torch.Tensor, starts_cpu: torch.Tensor, block_table: torch.Tensor,
                      max_query_len: int, whole: torch.Tensor) -> DecodeRows | None:
