@@ -140,10 +140,12 @@ case "${1:-all}" in
   # row (bench/radix_topk_ab.py: selection, select + attend, per layer of 8-layer graphs).
   radix) step gpu_tests_radix timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_block_select.py
          step radix_topk_ab timeout 330 python3 -m bench.radix_topk_ab ;;
-  # Attention with its inputs ready ahead (sparse_decode's inputs_ready): the GPU tests of decode, then the per-layer
-  # figures of 8-layer graphs at 1 x 128K (attention with and without it), then the radix top-k's A/B (last: a call
-  # cut at its limit keeps the layered figures).
-  ready) step gpu_tests_ready timeout 100 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_sparse_decode.py
+  # Attention with its inputs ready ahead (sparse_decode's inputs_ready) and selection reuse's reusing steps: the GPU
+  # tests of decode, the drift rule, GSA, reuse and the flash step, then the per-layer figures of 8-layer graphs at
+  # 1 x 128K (attention with and without it, after an empty selection, after the drift rule's launch), then the
+  # radix top-k's A/B (last: a call cut at its limit keeps the layered figures).
+  ready) step gpu_tests_ready timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_sparse_decode.py \
+           tests/kernels/test_query_drift.py tests/sparse/test_gsa.py tests/sparse/test_reuse.py tests/vllm/test_flash_step.py
          step sliced_topk_ab_layered timeout 300 python3 -m bench.sliced_topk_ab --layered
          step radix_topk_ab timeout 150 python3 -m bench.radix_topk_ab ;;
   # sliced_topk_ab's per-layer figures of 8-layer graphs only (1 x 128K, the budget and ratio 0.3).

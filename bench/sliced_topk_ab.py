@@ -27,6 +27,7 @@ from bench.profile_gsa_kernels import kernel_times
 from ucm_kernels.block_repr import empty_block_repr, update_block_repr
 from ucm_kernels.block_select import plan_select, selection_width
 from ucm_kernels.block_select import sliced
+from ucm_kernels.query_drift import query_drift
 from ucm_kernels.block_select import triton as block_select_triton
 from ucm_kernels.sparse_decode import dense_decode, plan_decode, sparse_decode
 
@@ -34,6 +35,12 @@ SIZES = dict(block_size=BLOCK_SIZE, sparse_ratio=0.3, init_window=1, local_windo
 FLASHINFER = flashinfer_peer.available()
 LAYERS = 8  # layers in one graph for the per-layer figures of a whole step (layered_rows)
 SHAPES = ((1, 131072, 0), (1, 131072, 96), (8, 131072, 0), (32, 32768, 0))  # batch, context, tokens past it
+DRIFT = 0.1  # the drift rule's threshold in the layered figures (no row's queries move there)
+# select_every 8's reusing step in the layered figures, by row suffix: attention alone (GSA for named requests), with
+# inputs_ready (GSA reading kept lists in place), after the selection launched with no row to reselect (vLLM's flash
+# step), and after the drift rule's launch and that selection (select_drift set; no row drifts)
+REUSING_STEPS = {"": "attend_{}", "_ready": "attend_{}_ready", "_masked": "masked_attend_{}",
+                 "_drift": "drift_attend_{}"}
 
 
 def inputs(batch: int, context: int, extra: int) -> dict:
@@ -139,8 +146,8 @@ def layered_rows(batch: int, context: int, sizes: dict, selection: str) -> list[
     """Per layer from one CUDA graph of LAYERS layers, each with its own KV, reprs and query as a model's layers
     have (a serving engine replays a whole step, so a graph's launch is paid once for all of them): the dense decodes
     of :func:`dense_steps`, attention alone over each layer's Quest lists (also with ``inputs_ready``, as a reusing
-    step may launch it: lists from an earlier step), and select + attend as planned (bf16 and fp8 reprs), with
-    selection ``sizes`` (named ``selection`` in the rows)."""
+    step may launch it: lists from an earlier step), select + attend as planned (bf16 and fp8 reprs), and the
+    reusing steps of :data:`REUSING_STEPS`, with selection ``sizes`` (named ``selection`` in the rows)."""
     cases = [inputs(batch, context, 0) for _ in range(LAYERS)]
     first, blocks = cases[0], cases[0]["blocks"]
     shape = f"b{batch}_ctx{context}_{selection}_L{LAYERS}"
@@ -152,8 +159,16 @@ def layered_rows(batch: int, context: int, sizes: dict, selection: str) -> list[
         return sparse_decode(c["q"], c["kv"][0], c["kv"][1], c["table"], c["lens"], *sel, out=out, plan=decode_plan,
                              inputs_ready=ready)
 
-    def select(c, rule, kept):
-        return select_plan.run(c["q"], block_table=c["table"], seq_lens=c["lens"], out=kept, **c["reprs"][rule])
+    def select(c, rule, kept, reselect=None):
+        return select_plan.run(c["q"], block_table=c["table"], seq_lens=c["lens"], out=kept, reselect=reselect,
+                               **c["reprs"][rule])
+
+    slots = torch.arange(batch, device="cuda")
+    keep_all, mask = torch.zeros(batch, dtype=torch.int32, device="cuda"), torch.empty_like(slots, dtype=torch.int32)
+    kept_q = [c["q"].clone() for c in cases]  # the queries each layer's lists were selected with: no row drifts
+
+    def drifted(c, queries):  # the drift rule's launch at a step the reuse rule keeps every row
+        return query_drift(c["q"], queries, slots, keep_all, threshold=DRIFT, out=mask)
 
     dense = dense_steps(cases, out)
     steps = dict(dense)
@@ -165,16 +180,22 @@ def layered_rows(batch: int, context: int, sizes: dict, selection: str) -> list[
         steps[f"attend_{rule}_ready"] = lambda kept=kept: [attend(c, sel, True) for c, sel in zip(cases, kept)]
         steps[f"select_attend_{rule}"] = lambda rule=rule, kept=kept: [
             attend(c, select(c, rule, sel)) for c, sel in zip(cases, kept)]
+        steps[f"masked_attend_{rule}"] = lambda rule=rule, kept=kept: [  # vLLM's reusing step: no row reselects
+            attend(c, select(c, rule, sel, keep_all)) for c, sel in zip(cases, kept)]
+        steps[f"drift_attend_{rule}"] = lambda rule=rule, kept=kept: [  # with the drift rule: no row drifts
+            attend(c, select(c, rule, sel, drifted(c, q))) for c, sel, q in zip(cases, kept, kept_q)]
+    drifted(cases[0], kept_q[0])
+    assert not mask.any(), "the drift rule reselected rows whose queries did not move"
     times = {name: {mode: ms / LAYERS for mode, ms in median_ms(step).items()} for name, step in steps.items()}
     best = {mode: min(times[impl][mode] for impl in dense) for mode in ("cuda_graph", "eager")}
     rows = [row(name, "per_layer", shape, ms[mode], mode=mode, layers=LAYERS, slices=select_plan.slices)
             for name, ms in times.items() for mode in ms]
-    for rule, ready in itertools.product(("quest", "quest_fp8"), ("", "_ready")):
+    for rule, reuse in itertools.product(("quest", "quest_fp8"), REUSING_STEPS):
         for mode in ("cuda_graph", "eager"):
-            every8 = (times[f"select_attend_{rule}"][mode] + 7 * times[f"attend_{rule}{ready}"][mode]) / 8
-            rows.append(row(f"select_attend_every8_{rule}{ready}", "per_layer", shape, every8, mode=mode,
+            every8 = (times[f"select_attend_{rule}"][mode] + 7 * times[REUSING_STEPS[reuse].format(rule)][mode]) / 8
+            rows.append(row(f"select_attend_every8_{rule}{reuse}", "per_layer", shape, every8, mode=mode,
                             layers=LAYERS, speedup_vs_best_dense=best[mode] / every8,
-                            composed=f"(select_attend + 7 x attend{ready}) / 8"))
+                            composed=f"(select_attend + 7 x {REUSING_STEPS[reuse].format(rule)}) / 8"))
     for r in rows:
         print(r, flush=True)
     return rows

@@ -100,7 +100,10 @@ class GSA:
         """Attention output of one layer for this step: ``[batch, num_q_heads, head_dim]`` in q's dtype.
 
         Args:
-            plan: this step's plan (the latest :meth:`plan`).
+            plan: this step's plan (the latest :meth:`plan`). The block table given to :meth:`plan` must not
+                change during the step: attention that reads no list written this step (dense layers, lists kept
+                from an earlier step) is launched with ``inputs_ready`` and may read the table while the kernel
+                ahead of it still runs.
             layer: any hashable layer key; each layer keeps its own block representations. An int key below
                 ``config.dense_first_layers`` is a dense layer (every block attended).
             q: ``[batch, num_q_heads, head_dim]``, the current token's queries.
@@ -121,12 +124,15 @@ class GSA:
             plan.selections[layer] = ops.full_selection(plan.seq_lens, key_cache.shape[2], self.block_size,
                                                         plan.block_table.shape[1])
             return ops.attend(backend, q, key_cache, value_cache, plan.block_table, plan.seq_lens, None, scale,
-                              plan.launch_plans)
+                              plan.launch_plans, inputs_ready=True)
+        ready = False  # the lists were written before the kernel ahead: kept lists read in place
         if selection is None:
+            ready = plan.reuse is not None and plan.reuse.span is not None and self._reuse.kept_as_they_are(
+                layer, plan.step, plan.reuse, plan.table_width, self.config)
             selection = self._select(backend, plan, layer, q, key_cache, scale)
         plan.selections[layer] = selection
         return ops.attend(backend, q, key_cache, value_cache, plan.block_table, plan.seq_lens, selection, scale,
-                          plan.launch_plans)
+                          plan.launch_plans, inputs_ready=ready)
 
     def finish(self, request_id: Hashable) -> None:
         """Forget a finished request (its blocks' representations are recomputed when blocks are reused)."""

@@ -142,16 +142,19 @@ def select(backend: str, q: torch.Tensor, reprs: tuple, block_table: torch.Tenso
 
 def attend(backend: str, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
            block_table: torch.Tensor, seq_lens: torch.Tensor, selection: Selection | None,
-           scale: float | None, plans: dict | None = None) -> torch.Tensor:
+           scale: float | None, plans: dict | None = None, inputs_ready: bool = False) -> torch.Tensor:
     """Decode attention over the selected blocks, or over every block when ``selection`` is None. ``plans``: a
     dict the caller keeps for one decode step; the Triton backend plans each shape of call once into it (splits,
-    tiles, scratch) and the step's other layers reuse that plan (the same plan a call without ``plans`` makes)."""
+    tiles, scratch) and the step's other layers reuse that plan (the same plan a call without ``plans`` makes).
+    ``inputs_ready``: the Triton kernels' promise that the lists, table and lengths were written before the kernel
+    launched just ahead (``ucm_kernels.sparse_decode.sparse_decode``); the torch backend ignores it."""
     if backend == "triton":
         plan = _decode_plan(plans, q, key_cache, block_table, selection)
         if selection is None:
-            return dense_decode(q, key_cache, value_cache, block_table, seq_lens, scale=scale, plan=plan)
+            return dense_decode(q, key_cache, value_cache, block_table, seq_lens, scale=scale, plan=plan,
+                                inputs_ready=inputs_ready)
         return sparse_decode(q, key_cache, value_cache, block_table, seq_lens, selection.sel_idx,
-                             selection.sel_count, scale=scale, plan=plan)
+                             selection.sel_count, scale=scale, plan=plan, inputs_ready=inputs_ready)
     if selection is None:
         selection = full_selection(seq_lens, key_cache.shape[2], key_cache.shape[1], block_table.shape[1])
     return torch_sparse_decode(q, key_cache, value_cache, block_table, seq_lens, selection.sel_idx,

@@ -311,15 +311,23 @@ class RequestReuse:
         """``layer``'s lists at decode step ``step`` (:meth:`SelectionStore.select`; nothing is launched to select
         when no row reselects and there is no drift rule); every row reselects when the layer's stored lists are
         not of the step before or of this table width (then they are dropped)."""
+        kept_as_they_are = self.kept_as_they_are(layer, step, reuse, table_width, config)
         store, written, width = self._stores.get(layer, (None, -1, table_width))
         if store is None or width != table_width:
             store = SelectionStore(self._capacity, reprs[0].shape[1], q.device)
         self._stores[layer] = store, step, table_width
-        every_row = written != step - 1 or width != table_width or all(reuse.reselect)
-        if not every_row and not any(reuse.reselect) and config.select_drift is None:
+        if kept_as_they_are:
             return store.lists(reuse.slots, *_widths(config, self.block_size, table_width, block_table), reuse.span)
+        every_row = written != step - 1 or width != table_width or all(reuse.reselect)
         return store.select(backend, q, reprs, block_table, seq_lens, config, self.block_size, reuse.slots,
                             None if every_row else reuse.rows(), table_width, span=reuse.span, **keys)
+
+    def kept_as_they_are(self, layer, step: int, reuse: ReuseStep, table_width: int, config: GSAConfig) -> bool:
+        """Whether :meth:`select` of ``layer`` at ``step`` launches nothing: no row reselects, there is no drift
+        rule, and the layer's stored lists are of the step before at this table width (asked before the call)."""
+        store, written, width = self._stores.get(layer, (None, -1, table_width))
+        return (store is not None and written == step - 1 and width == table_width and not any(reuse.reselect)
+                and config.select_drift is None)
 
     def finish(self, request_id) -> None:
         """The request ended: its slot is free and whatever takes it next selects afresh."""

@@ -755,15 +755,17 @@ def test_radix_top_k_reselects_named_rows_into_sel_rows(monkeypatch):
 @pytest.mark.parametrize("max_blocks,rows,sliceable,slice_blocks", [
     (8192, 8, True, 1024),  # 1 x 128K (8 KV heads): 8 slices
     (4097, 8, True, 1024),  # the shortest table of rows of 8192 keys: 5 slices
+    (4096, 8, True, 512),  # 1 x 64K: rows of 4096 keys
+    (2048, 8, True, 256),  # 1 x 32K: rows of 2048 keys, the shortest table timed
     (8192, 16, True, 1024),  # 2 x 128K: 128 programs
     (8192, 64, True, 0),  # 8 x 128K: 64 rows fill the GPU, slices would not fit one wave
     (8192, 8, False, 0),  # the gauss rule: shares need the whole row
     (8198, 8, True, 0),  # a few tokens past 128K: rows of 16384 keys, timed slower than one program
-    (4096, 8, True, 0),  # rows of 4096 keys: not timed
+    (2047, 8, True, 0),  # shorter tables: not timed
 ])
 def test_the_radix_top_k_is_planned_where_slices_fit_a_wave(max_blocks, rows, sliceable, slice_blocks):
-    """Where the radix top-k is planned: tables whose rows hold 8192 keys, where it was timed faster than one
-    program a row, whose slices fit a wave of 132 SMs."""
+    """Where the radix top-k is planned: tables of 2048 to 8192 blocks, where it was timed faster than one program
+    a row, whose slices fit a wave of 132 SMs."""
     assert block_select_radix.choose_radix(max_blocks, rows, 132, sliceable) == slice_blocks
 
 

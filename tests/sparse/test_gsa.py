@@ -231,6 +231,31 @@ def test_select_every_reuses_a_requests_lists_across_reordered_batches(backend, 
     assert in_use["a"] != [fresh.blocks(1, h) for h in range(2)]  # the reused lists are not what a fresh pick gives
 
 
+@pytest.mark.parametrize("drift", [None, 0.5])
+def test_attention_is_told_its_inputs_are_ready_where_no_list_was_written_this_step(monkeypatch, drift):
+    """``inputs_ready`` reaches attention for a dense layer, and for a sparse layer whose kept lists are read in
+    place (no row reselects, slots in order, no drift rule); never where lists were selected, copied or given."""
+    calls = []
+    real_attend = ops.attend
+    monkeypatch.setattr(ops, "attend", lambda *a, **k: calls.append(k["inputs_ready"]) or real_attend(*a, **k))
+    q, k, v, table = make_paged([300, 390], seed=6)
+    gsa = GSA(GSAConfig(**{**vars(CONFIG), "select_every": 4, "dense_first_layers": 1, "select_drift": drift}),
+              block_size=BLOCK)
+    kept = drift is None
+    for ids, lens, wanted in [(["a", "b"], [300, 390], [True, False, False]),  # layer 1 selects
+                              (["a", "b"], [301, 391], [True, kept, False]),  # kept lists read in place
+                              (["b", "a"], [392, 302], [True, False, False]),  # slots out of order: a copy
+                              (["a", "b"], [303, 393], [True, kept, False]),  # in place again
+                              (["a", "b"], [304, 394], [True, False, False])]:  # served 4 steps: reselect
+        rows = [["a", "b"].index(i) for i in ids]
+        plan = gsa.plan(ids, lens, table[rows])
+        calls.clear()
+        for layer in (0, 1):
+            gsa.run(plan, layer, q[rows], k, v)
+        gsa.run(plan, 2, q[rows], k, v, selection=plan.selections[1])
+        assert calls == wanted, (ids, lens)
+
+
 def test_a_layer_that_missed_a_step_reselects():
     """Layer 0 runs at every step and reuses its first lists; layer 1 sits out step 1, so at step 2 it selects
     afresh (with its own new queries) although the plan lets the rows reuse."""

@@ -30,10 +30,11 @@ from ._rank import KEY_NONE, _common_prefix, _order_keys, _output_row, _row_plan
 
 SLICES = 8  # slices a row is cut into, at most
 MIN_SLICE = 256  # fewest blocks a slice holds (tests shrink it)
-# Tables planned here: rows of 8192 keys, where `bash bench/run_gpu.sh radix` timed this kernel faster than one
-# program a row (H100, 734a15e: top-k 19.0 against 21.5 us at 1 x 128K, 18.5 against 22.1 at 2 x 128K); rows of
-# 16384 keys (8198 blocks) were slower (32.0 against 27.1) and shorter rows were not timed (BENCHMARKS.md).
-MIN_BLOCKS = 4097  # tests lower it
+# Tables planned here: 2048 to 8192 blocks, where `bash bench/run_gpu.sh radix` timed this kernel faster than one
+# program a row (H100, 734a15e: top-k 19.0 against 21.5 us at 1 x 128K, 18.5 against 22.1 at 2 x 128K; b3cf42b:
+# 9.8 against 11.1 at 1 x 32K, 12.4 against 13.9 at 1 x 64K); rows of 16384 keys (8198 blocks) were slower (32.0
+# against 27.0) and shorter tables were not timed (BENCHMARKS.md).
+MIN_BLOCKS = 2048  # tests lower it
 MAX_ROW = 8192
 DIGIT_BITS = tl.constexpr(8)  # bits a histogram round decides
 BINS = tl.constexpr(256)  # 2**DIGIT_BITS
@@ -138,9 +139,9 @@ _RADIX = Launcher(_radix_topk_kernel)
 
 
 def num_warps(row: int) -> int:
-    """Warps of a program holding ``row`` keys: 16 keys a thread, at most 16 warps (compiled for sm_90, 8 warps
-    over 8192 keys spilled; 16 hold them in 93 registers, and 16384 in 128)."""
-    return max(4, min(16, row // (16 * 32)))
+    """Warps of a program holding ``row`` keys: 4 up to 2048 keys, 16 above (compiled for sm_90, 8 warps spilled
+    over 8192 keys and over 4096; 16 hold 8192 in 93 registers and 16384 in 128)."""
+    return 4 if row <= 2048 else 16
 
 
 def launch_radix(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows) -> None:
