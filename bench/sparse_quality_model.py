@@ -19,7 +19,9 @@ the positions that flip, and how many windows' greedy continuations equal dense'
 
 Largest context only: ``--oracle`` measures the oracle selection (per KV head the blocks of most dense attention
 mass, GSA's count of them: the bound of any block-selection rule); ``--reuse`` GSAConfig's ``select_every`` 2 / 4 /
-8 (a layer's selection reused for up to that many decode steps, reselected when a block fills); ``--rerank`` a
+8 (a layer's selection reused for up to that many decode steps, reselected when a block fills); ``--drift`` the
+same with the drift rule (``select_drift``: reselected sooner once the layer's queries turned), every 8 / 16 / 32
+steps, each row with the share of layer steps that selected; ``--rerank`` a
 two-stage selection (Quest's selection at 1.5-3x the ratio as candidates, GSA's count of them kept by the exact
 attention over their keys: what reading the candidates' keys would buy); ``--score-rules`` block scores computed
 from the same per-block key boxes (kmin / kmax) Quest reads, at ratios 0.2 and 0.3 (:data:`SCORE_RULES`: which
@@ -31,7 +33,7 @@ that the quest 0.3 selection keeps (a probe attention function), then measures r
 the first layers dense, wider windows, block 16, a higher ratio of the same KV share.
 
 Usage: ``python -m bench.sparse_quality_model [--contexts 2048,4096,8192] [--quick | --investigate | --oracle |
---reuse | --rerank | --score-rules | --shared-lists] [--out DIR]``;
+--reuse | --drift | --rerank | --score-rules | --shared-lists] [--out DIR]``;
 CPU, fp32. Writes ``sparse_quality_model[_investigation]-<device>-<date>.json`` (and a ``.png`` of the main run)
 under ``--out``, ``$OUT`` or ``bench/results/``.
 """
@@ -195,6 +197,13 @@ def apply(model, setting: Setting) -> None:
         for module in model.modules():
             module.ucm_score_rule = rule
         model.set_attn_implementation(SCORED)
+
+
+def selection_counts(model) -> tuple[int, int]:
+    """(sparse decode layer steps that selected afresh, that reused a selection) since the last :func:`apply`,
+    summed over the model's attention modules (``ucm_sparse.hf`` counts them with ``select_every > 1``)."""
+    counts = [getattr(module, "ucm_gsa_counts", None) for module in model.modules()]
+    return (sum(c.selected for c in counts if c is not None), sum(c.reused for c in counts if c is not None))
 
 
 def masked_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
@@ -406,6 +415,7 @@ class Tally:
     leading: list[int] = field(default_factory=list)  # identical leading greedy tokens, one per window
     attended: list[float] = field(default_factory=list)  # share of a sparse layer's blocks attended (first step)
     kv_attended: list[float] = field(default_factory=list)  # share of the KV of all layers attended (first step)
+    selections: list[tuple[int, int]] = field(default_factory=list)  # (layer steps that selected, that reused) a window
     seconds: float = 0.0
 
 
@@ -436,6 +446,7 @@ def run_window(model, window: Window, context: int, sweep: "Sweep", tallies: dic
         tallies["copy_seconds"].append(time.perf_counter() - start)
         tally = tallies.setdefault((context, setting), Tally())
         tally.positions.append(compare(dense_lp, teacher_forced(model, cache, feed), targets))
+        tally.selections.append(selection_counts(model))
         apply(model, setting)  # the greedy run starts from the prefill: no selection kept from the last one
         gsa_greedy = greedy(model, cache_at(pre, context, model), first, sweep.greedy_tokens, dense_greedy)
         tally.leading.append(leading_equal(gsa_greedy, dense_greedy))
@@ -501,6 +512,23 @@ def reuse_sweep(contexts: list[int]) -> Sweep:
                  "(fp8 every 8), largest context", "sparse_quality_model_reuse")
 
 
+def drift_sweep(contexts: list[int]) -> Sweep:
+    """Quest 0.3's selection reused with the drift rule (``select_drift``) at the largest context: every 8 steps
+    without it (the reuse sweep's row, as the baseline of this run), and with drift thresholds 0.25 / 0.35; every
+    16 steps without and with 0.3; every 32 (a block's worth, block 32) with 0.3. Each row says the share of layer
+    steps that selected afresh."""
+    largest = max(contexts)
+    drift = lambda value: (("select_drift", value),)  # noqa: E731
+    settings = [Setting("quest", 32, 0.3, select_every=8)]
+    settings += [Setting("quest", 32, 0.3, select_every=8, extra=drift(d)) for d in (0.25, 0.35)]
+    settings += [Setting("quest", 32, 0.3, select_every=16), Setting("quest", 32, 0.3, select_every=16,
+                                                                     extra=drift(0.3))]
+    settings += [Setting("quest", 32, 0.3, select_every=32, extra=drift(0.3))]
+    return Sweep(TEXTS, (largest,), EVAL_TOKENS, GREEDY_TOKENS, {largest: settings},
+                 "selection reuse with the drift rule: quest 0.3 every 8 (none, 0.25, 0.35), every 16 (none, 0.3), "
+                 "every 32 (0.3), largest context", "sparse_quality_model_drift")
+
+
 def rerank_sweep(contexts: list[int]) -> Sweep:
     """Two-stage selection (:func:`rerank_attention`) at the largest context: Quest 0.3's count chosen among Quest's
     selection at 1.5, 2 and 3 times the ratio, and 0.2's among twice its ratio."""
@@ -558,6 +586,7 @@ def summarize(context: int, setting: Setting, tally: Tally, greedy_tokens: int) 
             "dense_first_layers": setting.config().dense_first_layers,
             "blocks_attended": round(statistics.mean(tally.attended), 4),
             "kv_attended": round(statistics.mean(tally.kv_attended), 4),
+            "selected_share": selected_share(tally.selections),
             "ppl_dense": round(math.exp(nll_dense), 4), "ppl_gsa": round(math.exp(nll_gsa), 4),
             "ppl_ratio": round(math.exp(nll_gsa - nll_dense), 5), "kl_mean": float(f"{pos['kl'].mean().item():.4g}"),
             "kl_p95": float(f"{pos['kl'].quantile(0.95).item():.4g}"),
@@ -723,12 +752,19 @@ def plot(doc: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def selected_share(selections: list[tuple[int, int]]) -> float | None:
+    """The share of sparse decode layer steps (teacher-forced positions, all windows) that selected afresh; None
+    where nothing was counted (select_every 1: every step selects)."""
+    selected, reused = sum(s for s, _ in selections), sum(r for _, r in selections)
+    return round(selected / (selected + reused), 4) if selected + reused else None
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"{'ctx':>5} {'rule':<10}{'bs':>3} {'ratio/budget':<14}{'attended':>9}{'ppl x':>9}{'KL':>10}{'top-1':>7}"
           f"{'flips(tie)':>11}{'greedy=':>8}  leading")
     for r in rows:
         amount = (f"b{r['token_budget']}" if r["token_budget"] else f"{r['sparse_ratio']}") + "".join(
-            f" {k.split('_')[0]}{v}" for k, v in r["gsa_extra"].items())
+            f" {k.removeprefix('select_').split('_')[0]}{v}" for k, v in r["gsa_extra"].items())
         amount += f" every{r['select_every']}" if r.get("select_every", 1) > 1 else ""
         print(f"{r['context']:>5} {r['rule']:<10}{r['block_size']:>3} {amount:<14}{r['kv_attended']:>9.3f}"
               f"{r['ppl_ratio']:>9.4f}{r['kl_mean']:>10.2e}{r['top1_agreement']:>7.3f}{r['flips']:>6}"
@@ -790,6 +826,8 @@ def main(argv: list[str] | None = None) -> Path:
                         help="at the largest context: the oracle selection (by dense attention mass) at ratio 0.3")
     mode.add_argument("--reuse", action="store_true",
                         help="at the largest context: quest 0.3's selection reused for 2 / 4 / 8 decode steps")
+    mode.add_argument("--drift", action="store_true",
+                      help="at the largest context: quest 0.3 reused every 8 / 16 / 32 steps with the drift rule")
     mode.add_argument("--rerank", action="store_true",
                         help="at the largest context: Quest's candidates re-ranked by exact attention (two stages)")
     mode.add_argument("--score-rules", action="store_true",
@@ -808,7 +846,8 @@ def main(argv: list[str] | None = None) -> Path:
     if args.out is not None:
         os.environ["OUT"] = str(args.out)
     sweep = (quick_sweep() if args.quick else oracle_sweep(contexts) if args.oracle
-             else reuse_sweep(contexts) if args.reuse else rerank_sweep(contexts) if args.rerank
+             else reuse_sweep(contexts) if args.reuse else drift_sweep(contexts) if args.drift
+             else rerank_sweep(contexts) if args.rerank
              else score_rules_sweep(contexts) if args.score_rules
              else shared_lists_sweep(contexts) if args.shared_lists else full_sweep(contexts))
     return run(sweep, args.model_dir, args.investigate)

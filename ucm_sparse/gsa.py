@@ -11,7 +11,8 @@ became full since the previous step (their representations are computed by each 
 each request attends, and whether the whole batch is still dense (then ``run`` is plain dense attention). ``run``
 updates the layer's block representations, selects (or takes ``selection=`` computed earlier, e.g. by another layer)
 and attends; the selection stays in ``plan.selections[layer]``. With ``select_every > 1`` a request keeps each
-layer's selection for up to that many steps (:mod:`ucm_sparse.reuse`): the plan says which rows select afresh.
+layer's selection for up to that many steps (:mod:`ucm_sparse.reuse`): the plan says which rows select afresh,
+and with ``select_drift`` each layer also reselects the rows whose queries turned since its last selection.
 :func:`sparse_attention` is the one-call form for a notebook.
 """
 from collections.abc import Hashable, Sequence

@@ -15,7 +15,7 @@ from bench import sparse_quality_model as sqm  # noqa: E402
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 ROW_KEYS = {"context", "rule", "block_size", "sparse_ratio", "token_budget", "dense_first_layers", "blocks_attended",
             "kv_attended", "ppl_dense", "ppl_gsa", "ppl_ratio", "kl_mean", "kl_p95", "top1_agreement", "flips",
-            "flips_near_tie", "greedy_identical", "greedy_leading", "positions", "windows"}
+            "flips_near_tie", "greedy_identical", "greedy_leading", "positions", "windows", "selected_share"}
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,21 @@ def test_quick_run_records_every_field(doc):
         assert row["positions"] == 16 and row["windows"] == 1 and len(row["greedy_leading"]) == 1
     assert doc["texts"][0]["ids_sha256"] == sqm.TEXTS[0].sha256 and "prefill_seconds" in doc["texts"][0]
     assert doc["setup"]["dtype"] == "torch.float32" and "selection_reuse" in doc["setup"]
+
+
+def test_quick_rows_select_at_every_step_and_count_nothing(doc):
+    assert all(row["selected_share"] is None for row in doc["rows"])  # select_every 1: no reuse to count
+
+
+def test_selected_share_counts_the_layer_steps_that_selected():
+    assert sqm.selected_share([]) is None and sqm.selected_share([(0, 0)]) is None
+    assert sqm.selected_share([(3, 5), (1, 7)]) == 0.25
+
+
+def test_the_drift_sweep_reuses_with_and_without_the_drift_rule():
+    settings = sqm.drift_sweep([2048, 8192]).settings[8192]
+    drifts = [(s.select_every, s.config().select_drift) for s in settings]
+    assert drifts == [(8, None), (8, 0.25), (8, 0.35), (16, None), (16, 0.3), (32, 0.3)]
 
 
 def test_ratio_one_is_dense_exactly(doc):
