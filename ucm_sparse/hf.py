@@ -29,10 +29,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ucm_kernels._utils import check_positive_int
-
-from . import ops
 from ucm_kernels.query_drift import torch_query_drift
 
+from . import ops
 from .config import GSAConfig, load_gsa_fragment
 from .gsa import sparse_attention
 
@@ -77,8 +76,8 @@ class KeptSelection:
             return False
         if settings.config.select_drift is None:
             return True
-        rows = torch.arange(q.shape[0], device=q.device)
-        fresh = torch_query_drift(q, self.queries.clone(), rows, torch.zeros_like(rows, dtype=torch.int32),
+        rows = torch.arange(q.shape[0], device=q.device)  # a drifted row's queries are kept: the caller reselects
+        fresh = torch_query_drift(q, self.queries, rows, torch.zeros_like(rows, dtype=torch.int32),
                                   threshold=settings.config.select_drift)
         return not bool(fresh.any())
 
