@@ -47,12 +47,13 @@ def one_program():
 @contextlib.contextmanager
 def radix_anywhere():
     """Plans made inside take the radix top-k at any table of 2 to 16384 blocks, however many rows."""
-    kept = radix.MIN_BLOCKS, radix.MAX_ROW, block_select_triton.sm_count
-    radix.MIN_BLOCKS, radix.MAX_ROW, block_select_triton.sm_count = 2, 16384, lambda device: 1 << 30
+    kept = radix.MIN_BLOCKS, radix.ROWS, block_select_triton.sm_count
+    widened = 2, tuple(1 << n for n in range(15)), lambda device: 1 << 30
+    radix.MIN_BLOCKS, radix.ROWS, block_select_triton.sm_count = widened
     try:
         yield
     finally:
-        radix.MIN_BLOCKS, radix.MAX_ROW, block_select_triton.sm_count = kept
+        radix.MIN_BLOCKS, radix.ROWS, block_select_triton.sm_count = kept
 
 
 def plans(batch: int, blocks: int) -> tuple[dict, str]:

@@ -699,6 +699,7 @@ def radix_plans(monkeypatch, min_slice: int) -> None:
     """Plans made from here on take the radix top-k wherever rows of slices of ``min_slice`` blocks or more (at
     most 8 a row, on a GPU of at least 256) fit 132 SMs."""
     monkeypatch.setattr(block_select_radix, "MIN_BLOCKS", 1)
+    monkeypatch.setattr(block_select_radix, "ROWS", tuple(1 << n for n in range(15)))
     monkeypatch.setattr(block_select_radix, "MIN_SLICE", min_slice)
     monkeypatch.setattr(block_select_triton, "sm_count", lambda device: 132)
 
@@ -755,7 +756,8 @@ def test_radix_top_k_reselects_named_rows_into_sel_rows(monkeypatch):
 @pytest.mark.parametrize("max_blocks,rows,sliceable,slice_blocks", [
     (8192, 8, True, 1024),  # 1 x 128K (8 KV heads): 8 slices
     (4097, 8, True, 1024),  # the shortest table of rows of 8192 keys: 5 slices
-    (4096, 8, True, 512),  # 1 x 64K: rows of 4096 keys
+    (4096, 8, True, 0),  # 1 x 64K: rows of 4096 keys, timed slower at 16 warps (8 spill)
+    (2049, 8, True, 0),  # the shortest table of rows of 4096 keys
     (2048, 8, True, 256),  # 1 x 32K: rows of 2048 keys, the shortest table timed
     (8192, 16, True, 1024),  # 2 x 128K: 128 programs
     (8192, 64, True, 0),  # 8 x 128K: 64 rows fill the GPU, slices would not fit one wave
@@ -764,8 +766,8 @@ def test_radix_top_k_reselects_named_rows_into_sel_rows(monkeypatch):
     (2047, 8, True, 0),  # shorter tables: not timed
 ])
 def test_the_radix_top_k_is_planned_where_slices_fit_a_wave(max_blocks, rows, sliceable, slice_blocks):
-    """Where the radix top-k is planned: tables of 2048 to 8192 blocks, where it was timed faster than one program
-    a row, whose slices fit a wave of 132 SMs."""
+    """Where the radix top-k is planned: tables from 2048 blocks in rows of 2048 or 8192 keys, where it was timed
+    faster than one program a row, whose slices fit a wave of 132 SMs."""
     assert block_select_radix.choose_radix(max_blocks, rows, 132, sliceable) == slice_blocks
 
 
@@ -773,5 +775,5 @@ def test_the_radix_top_k_is_planned_where_slices_fit_a_wave(max_blocks, rows, sl
 def test_the_radix_slices_are_sized_by_the_table(max_blocks, slice_blocks, monkeypatch):
     """With the table limits lifted: slices of at least 256 blocks, at most eight, at least two."""
     monkeypatch.setattr(block_select_radix, "MIN_BLOCKS", 1)
-    monkeypatch.setattr(block_select_radix, "MAX_ROW", 16384)
+    monkeypatch.setattr(block_select_radix, "ROWS", tuple(1 << n for n in range(15)))
     assert block_select_radix.choose_radix(max_blocks, 8, 132, True) == slice_blocks

@@ -148,8 +148,8 @@ def test_sliced_top_k_compiles_for_sm90_without_spills(flags, tmp_path):
                                               (2048, False)])
 def test_radix_top_k_compiles_for_sm90_without_spills(max_blocks, flags, tmp_path):
     """The radix top-k at sparse_ratio 0.3 over the tables it is planned for: 1 x 128K (8 slices of 1024 blocks),
-    plain and for kept rows (reselect, sel_rows), 4097 blocks (5 slices), 1 x 64K and 1 x 32K (rows of 4096 and
-    2048 keys)."""
+    plain and for kept rows (reselect, sel_rows), 4097 blocks (5 slices), 1 x 32K (rows of 2048 keys), and rows of
+    4096 keys as the A/B (bench/radix_topk_ab.py) runs them at 1 x 64K."""
     from ucm_kernels._utils import next_pow2
     from ucm_kernels.block_select import radix
 

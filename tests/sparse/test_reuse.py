@@ -8,6 +8,8 @@ from ucm_sparse import ops
 from ucm_sparse.config import GSAConfig
 from ucm_sparse.reuse import RequestReuse, ReuseBook, SlotMap
 
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels take CUDA tensors only
+
 
 def table(*rows):
     return torch.tensor(rows, dtype=torch.int32)
@@ -179,8 +181,9 @@ def test_select_names_sel_rows_outside_the_one_stage_triton_selection():
                    reselect=torch.ones(1, dtype=torch.int32), sel_rows=torch.zeros(1, dtype=torch.int64))
 
 
-@pytest.mark.parametrize("backend, dtype", [("torch", torch.float32), ("triton", torch.bfloat16)])
-def test_with_a_drift_rule_a_request_whose_queries_turned_reselects_early(backend, dtype):
+@pytest.mark.parametrize("backend, dtype, device", [("torch", torch.float32, "cpu"),
+                                                   ("triton", torch.bfloat16, TRITON_DEVICE)])
+def test_with_a_drift_rule_a_request_whose_queries_turned_reselects_early(backend, dtype, device):
     """select_every 8 and select_drift 0.1 over named requests: at steps the reuse rule keeps both rows, the
     selection runs with the layer's mask (drifted rows only), a turned request takes the lists its new queries
     select and the other keeps its own; queries that barely move keep their lists."""
@@ -188,18 +191,18 @@ def test_with_a_drift_rule_a_request_whose_queries_turned_reselects_early(backen
                        select_drift=0.1)
     reuse = RequestReuse(config.select_every, block_size=4)
     gen = torch.Generator().manual_seed(3)
-    reprs = tuple(torch.randn(16, 2, 8, generator=gen).to(dtype) for _ in range(3))
-    blocks = table(list(range(0, 8)), list(range(8, 16)))
-    q = torch.randn(2, 4, 8, generator=gen).to(dtype)
+    reprs = tuple(torch.randn(16, 2, 8, generator=gen).to(dtype).to(device) for _ in range(3))
+    blocks = table(list(range(0, 8)), list(range(8, 16))).to(device)
+    q = torch.randn(2, 4, 8, generator=gen).to(dtype).to(device)
     lens = [21, 25]
     in_use = None
     for step, turning in ((1, None), (2, 1), (3, None), (4, 0)):
-        plan = reuse.step(["a", "b"], lens, 8, "cpu")
+        plan = reuse.step(["a", "b"], lens, 8, device)
         assert plan.reselect == ([1, 1] if step == 1 else [0, 0])
         if turning is not None:
-            q[turning] = torch.randn(4, 8, generator=gen).to(dtype)
-        q[1 - (turning or 0)] += (0.01 * torch.randn(4, 8, generator=gen)).to(dtype)
-        seq = torch.tensor(lens, dtype=torch.int32)
+            q[turning] = torch.randn(4, 8, generator=gen).to(dtype).to(device)
+        q[1 - (turning or 0)] += (0.01 * torch.randn(4, 8, generator=gen)).to(dtype).to(device)
+        seq = torch.tensor(lens, dtype=torch.int32, device=device)
         got = reuse.select(0, step, backend, q, reprs, blocks, seq, config, plan, 8)
         fresh = ops.select(backend, q, reprs, blocks, seq, config, 4)
         for row in range(2):

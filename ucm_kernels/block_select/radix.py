@@ -1,6 +1,6 @@
-"""The top-k of long lists (tables of ``MIN_BLOCKS`` to ``MAX_ROW`` blocks) in more programs than rows: every program
-of a row finds the row's threshold from the whole row in registers by a radix select, then writes its slice of the
-list.
+"""The top-k of long lists (tables from ``MIN_BLOCKS`` blocks, rows of ``ROWS`` keys) in more programs than rows:
+every program of a row finds the row's threshold from the whole row in registers by a radix select, then writes its
+slice of the list.
 
 At 1 x 128K and sparse_ratio 0.3 each (request, KV head) row picks 2458 of 8192 blocks. One program a row
 (``triton.py``'s ``_select_kernel``) walks the row in chunks, a load's latency a step, about 21 us on the H200
@@ -30,12 +30,13 @@ from ._rank import KEY_NONE, _common_prefix, _order_keys, _output_row, _row_plan
 
 SLICES = 8  # slices a row is cut into, at most
 MIN_SLICE = 256  # fewest blocks a slice holds (tests shrink it)
-# Tables planned here: 2048 to 8192 blocks, where `bash bench/run_gpu.sh radix` timed this kernel faster than one
-# program a row (H100, 734a15e: top-k 19.0 against 21.5 us at 1 x 128K, 18.5 against 22.1 at 2 x 128K; b3cf42b:
-# 9.8 against 11.1 at 1 x 32K, 12.4 against 13.9 at 1 x 64K); rows of 16384 keys (8198 blocks) were slower (32.0
-# against 27.0) and shorter tables were not timed (BENCHMARKS.md).
+# Tables planned here: from 2048 blocks, in rows of 2048 or 8192 keys (the table's next power of two), where `bash
+# bench/run_gpu.sh radix` timed this kernel faster than one program a row (H100, 734a15e: top-k 19.0 against 21.5 us
+# at 1 x 128K, 18.5 against 22.1 at 2 x 128K; b3cf42b / 191b5c7: 9.8 against 11.1 at 1 x 32K). Rows of 4096 keys
+# (1 x 64K) were faster at 8 warps (12.4 against 13.9), which spill there, and slower at 16 (14.3 against 14.0);
+# rows of 16384 keys (8198 blocks) were slower (32.0 against 27.0); shorter tables were not timed (BENCHMARKS.md).
 MIN_BLOCKS = 2048  # tests lower it
-MAX_ROW = 8192
+ROWS = (2048, 8192)  # tests and the A/B widen it
 DIGIT_BITS = tl.constexpr(8)  # bits a histogram round decides
 BINS = tl.constexpr(256)  # 2**DIGIT_BITS
 KEY_MAX = tl.constexpr(2147483647)
@@ -44,11 +45,12 @@ KEY_MAX = tl.constexpr(2147483647)
 def choose_radix(max_blocks: int, rows: int, sms: int, sliceable: bool) -> int:
     """Blocks a slice holds in the radix top-k of ``rows`` (request, KV head) rows over ``max_blocks``-block
     tables, or 0 for another path: up to ``SLICES`` slices of at least ``MIN_SLICE`` blocks (a power of two), at
-    least two, the slice programs of all rows within one wave of ``sms`` SMs and the table ``MIN_BLOCKS`` to
-    ``MAX_ROW`` blocks."""
+    least two, the slice programs of all rows within one wave of ``sms`` SMs, the table at least ``MIN_BLOCKS``
+    blocks and its rows of one of ``ROWS`` keys."""
     slice_blocks = max(MIN_SLICE, next_pow2(cdiv(max(max_blocks, 1), SLICES)))
     slices = cdiv(max_blocks, slice_blocks)
-    if not sliceable or slices < 2 or rows * slices > sms or not MIN_BLOCKS <= max_blocks <= MAX_ROW:
+    if (not sliceable or slices < 2 or rows * slices > sms or max_blocks < MIN_BLOCKS
+            or next_pow2(max_blocks) not in ROWS):
         return 0
     return slice_blocks
 
