@@ -10,7 +10,8 @@ run (SDPA, ours, and FlashInfer's two paged kernels when it imports: carry .flas
 which every speedup is read against. ``select_every 8`` is composed as ``(select_attend + 7 x attend) / 8`` (GSA's
 reusing step for named requests is its attention alone). At 1 x 128K the same figures are also taken per layer from
 one graph of LAYERS layers (``layered_rows``), as a serving engine replays a step, at the budget and at sparse_ratio
-0.3.
+0.3, with the reusing step as each path launches it (:data:`REUSING_STEPS`: attention alone, with ``inputs_ready``,
+after vLLM's empty selection, after the drift rule's check and that selection).
 
     python -m bench.sliced_topk_ab [--layered]     # JSON under $OUT or bench/results/
 """
