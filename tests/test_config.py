@@ -159,7 +159,7 @@ def test_store_errors_name_key_value_and_allowed(raw, message):
     ({"ucm_sparse_config": {"GSA": {"select_drift": 0.1}}},
      "select_drift: 0.1 needs select_every > 1 (at select_every 1 every step selects afresh"),
     ({"ucm_sparse_config": {"GSA": {"select_drift": 0, "select_every": 4}}},
-     "ucm_sparse_config.GSA: select_drift: 0 is out of range; allowed: > 0.0 and <= 2.0"),
+     "ucm_sparse_config.GSA: select_drift: 0 is out of range; allowed: > 0.0 and <= 1.0"),
 ])
 def test_sparse_errors(sections, message):
     with pytest.raises(ConfigError) as err:

@@ -35,7 +35,7 @@ class GSAConfig:
                                       "before select_every steps once its queries turned: one minus the mean, "
                                       "over the query heads, of the cosine similarity between each head's query and "
                                       "its query at the layer's last selection, above this (None: no drift rule)",
-                                      min=0.0, max=2.0, min_exclusive=True, used_by="GSA selection")
+                                      min=0.0, max=1.0, min_exclusive=True, used_by="GSA selection")
     prefetch_workers: int = spec(4, "prefetch copy concurrency: the offload mode's prefetch copies run on their own "
                                  "CUDA stream with 16 copy programs per worker", min=1, max=256,
                                  used_by="GSA offload")

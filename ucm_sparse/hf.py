@@ -8,8 +8,9 @@ Decoder layers whose ``layer_idx`` is below ``dense_first_layers`` decode with S
 N > 1 a layer keeps the selection of its last fresh step on the module and attends it for the next N - 1 decode
 steps while the batch's block count stays the same (as ``ucm_sparse.reuse`` rules for the other paths; a
 prefill, i.e. a new ``generate``, forgets it); with ``select_drift`` also while no row's queries drifted past it
-from those the selection was made with (one age per layer here: a drifted row reselects the whole batch). Each
-module counts its sparse decode steps that selected and that reused (``module.ucm_gsa_counts``).
+from those the selection was made with (one age per layer here: a drifted row reselects the whole batch; the
+check reads its answer on the host once a layer and step). With ``select_every > 1`` each module counts its GSA
+decode steps that selected (a sequence too short to go sparse included) and that reused (``module.ucm_gsa_counts``).
 
     import ucm_sparse.hf
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="ucm_gsa")  # default GSAConfig()
@@ -84,7 +85,7 @@ class KeptSelection:
 
 @dataclass
 class ReuseCounts:
-    """A module's sparse decode steps (``select_every > 1``): how many selected afresh, how many reused."""
+    """A module's GSA decode steps (``select_every > 1``): how many selected afresh, how many reused."""
 
     selected: int = 0
     reused: int = 0

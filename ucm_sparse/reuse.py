@@ -173,11 +173,17 @@ class SelectionStore:
         return self._by_width[width]
 
     def queries(self, q: torch.Tensor) -> torch.Tensor:
-        """``[slots, num_q_heads, head_dim]`` each slot's query at its last selection, in q's dtype (zeros, i.e.
-        drift 1, until a selection writes it; remade when q's shape or dtype changes)."""
-        shape = (self.slots, *q.shape[1:])
-        if self._queries is None or self._queries.shape != shape or self._queries.dtype != q.dtype:
-            self._queries = torch.zeros(shape, dtype=q.dtype, device=self.device)
+        """``[slots, num_q_heads, head_dim]`` each slot's query at its last selection, in q's dtype (see
+        :meth:`queries_of`)."""
+        return self.queries_of(q.shape[1], q.shape[2], q.dtype)
+
+    def queries_of(self, num_q_heads: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+        """The kept queries ``[slots, num_q_heads, head_dim]`` of ``dtype``: zeros (drift 1) until a selection
+        writes them, made at the first call and remade when the shape or dtype changes (a CUDA-graph caller makes
+        them before capturing)."""
+        shape = (self.slots, num_q_heads, head_dim)
+        if self._queries is None or self._queries.shape != shape or self._queries.dtype != dtype:
+            self._queries = torch.zeros(shape, dtype=dtype, device=self.device)
         return self._queries
 
     def drifted(self, backend: str, q: torch.Tensor, slots: torch.Tensor, reselect: torch.Tensor | None,
@@ -245,8 +251,8 @@ class ReuseStep:
     _rows: torch.Tensor | None = None
 
     def rows(self) -> torch.Tensor:
-        """``reselect`` as ``[n]`` int32 on the slots' device, copied at the first call (only a step where some
-        rows reselect and others reuse needs it)."""
+        """``reselect`` as ``[n]`` int32 on the slots' device, copied at the first call (a step where some rows
+        reselect and others reuse needs it, and with the drift rule any step where not every row reselects)."""
         if self._rows is None:
             self._rows = torch.tensor(self.reselect, dtype=torch.int32, device=self.slots.device)
         return self._rows
@@ -257,7 +263,8 @@ class RequestReuse:
     request id (:class:`SlotMap`), which rows reselect (decided on the host, by the request's id: the rule of
     :class:`ReuseBook` without its last-block check, which only serves to find unnamed rows' slots), and each
     layer's lists (:class:`SelectionStore`). Knowing on the host which rows reselect lets a step where none does
-    launch no selection at all, and a step where all do select without a mask.
+    launch no selection at all (unless the drift rule must check the layer's queries), and a step where all do
+    select without a mask.
 
     Args:
         every: ``select_every``; block_size: tokens per KV block.

@@ -41,8 +41,8 @@ def test_rows_keep_their_lists_until_their_queries_turn(dtype):
     assert run_all(first, kept_q, slots, [1, 1, 1, 1, 1], 0.1) == [1, 1, 1, 1, 1]  # first sight stores them
     now = torch.stack([turned(selected_with[0], 0.01, gen), turned(selected_with[1], 0.9, gen),
                        selected_with[2], turned(selected_with[3], 0.02, gen)])
-    storage = torch.zeros(5, HEADS, 2 * DIM, dtype=dtype, device=DEVICE)  # queries as a strided view
-    q = storage[:, :, :DIM]
+    storage = torch.zeros(5, 2 * DIM, HEADS, dtype=dtype, device=DEVICE)  # queries as a view, no dim contiguous
+    q = storage[:, ::2].transpose(1, 2)
     q[:4] = now.to(dtype)
     # row 0 barely moved; row 1 turned; row 2 did not move but the step reselects it; row 3 moved a little
     assert run_all(q, kept_q, slots, [0, 0, 1, 0, 1], 0.1) == [0, 1, 1, 0, 1]
@@ -57,7 +57,7 @@ def test_a_slot_never_written_selects_and_odd_shapes_work():
     q = torch.randn(2, 3, 5, generator=gen).half().to(DEVICE)
     assert run_all(q, kept_q, [2, 4], [0, 0], 0.5) == [1, 1]  # zero kept queries: similarity 0, drift 1
     assert run_all(q, kept_q, [2, 4], [0, 0], 0.5) == [0, 0]
-    assert run_all(q, kept_q, [4, 2], [0, 0], 2.0) == [0, 0]  # the queries swapped slots, but 2.0 is never passed
+    assert run_all(q, kept_q, [4, 2], [0, 0], 1.99) == [0, 0]  # the queries swapped slots: drift about 1
     empty = q[:0]
     assert query_drift(empty, kept_q, torch.zeros(0, dtype=torch.int64, device=DEVICE),
                        torch.zeros(0, dtype=torch.int32, device=DEVICE), threshold=0.5).shape == (0,)
@@ -86,9 +86,13 @@ def test_bad_inputs_are_named():
         query_drift(q, kept_q, rows.int(), mask, threshold=0.1)
     with pytest.raises(ValueError, match=r"slots / reselect: 2 / 1 rows, q has 2"):
         query_drift(q, kept_q, rows, mask[:1], threshold=0.1)
-    with pytest.raises(ValueError, match="q / kept_q: shapes"):
+    with pytest.raises(ValueError, match=r"kept_q: shape \(7, 4, 24\)"):
         query_drift(q, kept_q[:, :4], rows, mask, threshold=0.1)
-    with pytest.raises(ValueError, match=r"threshold: got 0.0, expected a drift in \(0, 2\]"):
+    with pytest.raises(ValueError, match=r"threshold: got 0.0, expected a drift in \(0, 2\)"):
         query_drift(q, kept_q, rows, mask, threshold=0.0)
+    with pytest.raises(ValueError, match=r"threshold: got 2.0"):
+        query_drift(q, kept_q, rows, mask, threshold=2.0)
+    with pytest.raises(ValueError, match=r"slots: stride 2, expected a contiguous \[n=2\] tensor"):
+        query_drift(q, kept_q, torch.arange(4, device=DEVICE)[::2], mask, threshold=0.1)
     with pytest.raises(ValueError, match=r"out: got shape \(3,\)"):
         query_drift(q, kept_q, rows, mask, threshold=0.1, out=torch.zeros(3, dtype=torch.int32, device=DEVICE))

@@ -195,7 +195,7 @@ def test_with_a_drift_rule_a_request_whose_queries_turned_reselects_early(backen
     blocks = table(list(range(0, 8)), list(range(8, 16))).to(device)
     q = torch.randn(2, 4, 8, generator=gen).to(dtype).to(device)
     lens = [21, 25]
-    in_use = None
+    in_use, selected_with = None, {}
     for step, turning in ((1, None), (2, 1), (3, None), (4, 0)):
         plan = reuse.step(["a", "b"], lens, 8, device)
         assert plan.reselect == ([1, 1] if step == 1 else [0, 0])
@@ -205,9 +205,14 @@ def test_with_a_drift_rule_a_request_whose_queries_turned_reselects_early(backen
         seq = torch.tensor(lens, dtype=torch.int32, device=device)
         got = reuse.select(0, step, backend, q, reprs, blocks, seq, config, plan, 8)
         fresh = ops.select(backend, q, reprs, blocks, seq, config, 4)
+        kept_q = reuse._stores[0][0].queries(q)[plan.slots]
         for row in range(2):
-            wanted = fresh if step == 1 or row == turning else in_use
+            again = step == 1 or row == turning
+            wanted = fresh if again else in_use
             assert torch.equal(got.sel_idx[row], wanted.sel_idx[row]), (step, row)
+            if again:
+                selected_with[row] = q[row].clone()
+            assert torch.equal(kept_q[row], selected_with[row]), (step, row)  # drift from the selecting query
         if turning is not None:
             assert not torch.equal(fresh.sel_idx[turning], in_use.sel_idx[turning])  # the test tells them apart
         in_use = ops.Selection(got.sel_idx.clone(), got.sel_count.clone())

@@ -382,8 +382,11 @@ def test_select_drift_reselects_the_rows_whose_queries_turned():
                     num_kv_heads=HEADS, num_q_heads=HEADS * GROUP, head_size=HEAD, max_rows=4,
                     dtype=torch.bfloat16, device=DEVICE)
     layer = step.layer_state(64)
+    made = layer.selections.queries(q)  # the kept queries exist before any step (never made inside a capture)
+    assert made.shape == (4 * 4 + 1, HEADS * GROUP, HEAD) and not made.any()
     naive_update_block_repr(flash_kv_views(kv_cache, HEAD)[0], torch.arange(64, device=DEVICE), *layer.reprs)
     assert reused_step(step, seq_lens, starts, starts_cpu, table, q, kv_cache, layer)[1] == [1, 1, 1]
+    assert layer.selections.queries(q).data_ptr() == made.data_ptr()
     gen = torch.Generator().manual_seed(4)
     for turning in (1, 0):  # two steps inside the rows' last blocks: row 1 turns, then row 0
         noise = torch.randn(q.shape, generator=gen).to(q)
@@ -402,3 +405,43 @@ def test_select_drift_reselects_the_rows_whose_queries_turned():
             assert torch.equal(lists.sel_idx[row].cpu(), wanted.cpu()), f"row {row} turning {turning}"
             assert torch.equal(stored[row].cpu(), (q if row == turning else kept)[row].cpu())
         assert not torch.equal(fresh.sel_idx[turning].cpu(), before.sel_idx[turning].cpu())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/run_gpu.sh tests runs this)")
+def test_a_captured_step_with_select_drift_reselects_only_the_turned_row():
+    """One layer's run with select_every 8 and select_drift 0.1 captured once, then replayed over three steps inside
+    the rows' last blocks with the queries barely moving but one row turning each step: each replay's layer mask
+    names only the turned row (kept queries survive replays), whose lists are then the fresh ones."""
+    kv_cache = flash_cache(64)
+    table, seq_lens, starts, starts_cpu, q = batch([301, 200, 170], [1, 1, 1])  # 3 more tokens open no block
+    step = FlashGSA(GSAConfig(**{**vars(CONFIG), "select_every": 8, "select_drift": 0.1}), block_size=BLOCK,
+                    num_kv_heads=HEADS, num_q_heads=HEADS * GROUP, head_size=HEAD, max_rows=4,
+                    dtype=torch.bfloat16, device=DEVICE)
+    layer = step.layer_state(64)
+    naive_update_block_repr(flash_kv_views(kv_cache, HEAD)[0], torch.arange(64, device=DEVICE), *layer.reprs)
+    output = torch.zeros_like(q)
+    plan = step.plan(seq_lens, starts, starts_cpu, table, 1)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step.run(plan, q, kv_cache, layer, HEAD ** -0.5, output)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step.run(plan, q, kv_cache, layer, HEAD ** -0.5, output)
+    gen = torch.Generator().manual_seed(5)
+    for turning in (1, 0, 2):
+        seq_lens += 1
+        noise = torch.randn(q.shape, generator=gen).to(q)
+        moved = (q + 0.02 * noise).to(q)
+        moved[turning] = noise[turning]
+        q.copy_(moved)
+        replanned = step.plan(seq_lens, starts, starts_cpu, table, 1)
+        assert replanned.decode.reselect.tolist() == [0, 0, 0]
+        before = lists_in_use(layer, replanned.decode).sel_idx
+        graph.replay()
+        assert step._layer_reselect[:3].tolist() == [int(row == turning) for row in range(3)]
+        _, fresh = reference(q, kv_cache, table, seq_lens)
+        lists = lists_in_use(layer, replanned.decode)
+        for row in range(3):
+            assert torch.equal(lists.sel_idx[row], (fresh.sel_idx if row == turning else before)[row])

@@ -34,7 +34,8 @@ MIN_SLICE = 256  # fewest blocks a slice holds (tests shrink it)
 # bench/run_gpu.sh radix` timed this kernel faster than one program a row (H100, 734a15e: top-k 19.0 against 21.5 us
 # at 1 x 128K, 18.5 against 22.1 at 2 x 128K; b3cf42b / 191b5c7: 9.8 against 11.1 at 1 x 32K). Rows of 4096 keys
 # (1 x 64K) were faster at 8 warps (12.4 against 13.9), which spill there, and slower at 16 (14.3 against 14.0);
-# rows of 16384 keys (8198 blocks) were slower (32.0 against 27.0); shorter tables were not timed (BENCHMARKS.md).
+# rows of 16384 keys (8198 blocks) were slower (32.0 against 27.0); shorter tables were not timed, so of the rows
+# of 2048 keys only a table of exactly 2048 blocks takes it (a 32K vLLM table; 2 x 32K was not timed either).
 MIN_BLOCKS = 2048  # tests lower it
 ROWS = (2048, 8192)  # tests and the A/B widen it
 DIGIT_BITS = tl.constexpr(8)  # bits a histogram round decides

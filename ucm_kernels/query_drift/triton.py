@@ -11,15 +11,16 @@ QUERY_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit(do_not_specialize=["threshold"])
-def _query_drift_kernel(q, kept_q, slots, reselect, fresh, num_heads, head_dim, stride_qn, stride_qh, stride_kn,
-                        stride_kh, threshold, NORM_FLOOR: tl.constexpr, BLOCK_H: tl.constexpr,
+def _query_drift_kernel(q, kept_q, slots, reselect, fresh, num_heads, head_dim, stride_qn, stride_qh, stride_qd,
+                        stride_kn, stride_kh, threshold, NORM_FLOOR: tl.constexpr, BLOCK_H: tl.constexpr,
                         BLOCK_D: tl.constexpr, PDL: tl.constexpr = 0):
     wait_for_previous_grid(PDL)
     row = tl.program_id(0).to(tl.int64)
     heads = tl.arange(0, BLOCK_H)
     dims = tl.arange(0, BLOCK_D)
     inside = (heads[:, None] < num_heads) & (dims[None, :] < head_dim)
-    now = tl.load(q + row * stride_qn + heads[:, None] * stride_qh + dims[None, :], mask=inside, other=0.0)
+    now = tl.load(q + row * stride_qn + heads[:, None] * stride_qh + dims[None, :] * stride_qd, mask=inside,
+                  other=0.0)
     kept = kept_q + tl.load(slots + row) * stride_kn + heads[:, None] * stride_kh + dims[None, :]
     then = tl.load(kept, mask=inside, other=0.0).to(tl.float32)
     x = now.to(tl.float32)
@@ -40,31 +41,34 @@ def query_drift(q: torch.Tensor, kept_q: torch.Tensor, slots: torch.Tensor, rese
     into ``out`` when given, e.g. a CUDA graph's fixed buffer; ``kept_q`` updated in place).
 
     Args:
-        q: ``[n, num_q_heads, head_dim]`` bf16 / fp16 / fp32, last dim contiguous.
+        q: ``[n, num_q_heads, head_dim]`` bf16 / fp16 / fp32, any strides.
         kept_q: ``[num_slots + 1, num_q_heads, head_dim]`` q's dtype, contiguous.
-        slots: ``[n]`` int64 in ``[0, num_slots]``; reselect: ``[n]`` int32 (nonzero: selects afresh anyway).
-        threshold: drift above which a row selects afresh, in (0, 2].
+        slots: ``[n]`` int64 in ``[0, num_slots]``; reselect: ``[n]`` int32 (nonzero: selects afresh anyway); both,
+            and ``out``, contiguous.
+        threshold: drift above which a row selects afresh, in (0, 2) (drift is at most 2).
     """
     n = q.shape[0] if isinstance(q, torch.Tensor) else -1
-    check_tensor("q", q, 3, QUERY_DTYPES, None, "[n, num_q_heads, head_dim], last dim contiguous")
+    check_tensor("q", q, 3, QUERY_DTYPES, None, "[n, num_q_heads, head_dim]")
     check_tensor("kept_q", kept_q, 3, (q.dtype,), q.device, f"[num_slots + 1, {q.shape[1]}, {q.shape[2]}]")
     check_tensor("slots", slots, 1, (torch.int64,), q.device, f"[n={n}]")
     check_tensor("reselect", reselect, 1, (torch.int32,), q.device, f"[n={n}]")
-    if q.stride(2) != 1 or kept_q.shape[1:] != q.shape[1:] or not kept_q.is_contiguous():
-        raise ValueError(f"q / kept_q: shapes {tuple(q.shape)} / {tuple(kept_q.shape)} with strides "
-                         f"{q.stride()} / {kept_q.stride()}; expected equal head and dim sizes, q's last dim "
-                         "contiguous and kept_q contiguous")
+    if kept_q.shape[1:] != q.shape[1:] or not kept_q.is_contiguous():
+        raise ValueError(f"kept_q: shape {tuple(kept_q.shape)} strides {kept_q.stride()}; expected a contiguous "
+                         f"[num_slots + 1, {q.shape[1]}, {q.shape[2]}] like q's heads and dims")
     if slots.shape[0] != n or reselect.shape[0] != n:
         raise ValueError(f"slots / reselect: {slots.shape[0]} / {reselect.shape[0]} rows, q has {n}")
-    if not 0.0 < threshold <= 2.0:
-        raise ValueError(f"threshold: got {threshold!r}, expected a drift in (0, 2]")
+    if not 0.0 < threshold < 2.0:
+        raise ValueError(f"threshold: got {threshold!r}, expected a drift in (0, 2)")
     if out is None:
         out = torch.empty(n, dtype=torch.int32, device=q.device)
     elif out.shape != (n,) or out.dtype != torch.int32:
         raise ValueError(f"out: got shape {tuple(out.shape)} dtype {out.dtype}, expected [{n}] int32")
     check_device("out", out, q.device)
+    for name, tensor in (("slots", slots), ("reselect", reselect), ("out", out)):
+        if n and tensor.stride(0) != 1:
+            raise ValueError(f"{name}: stride {tensor.stride(0)}, expected a contiguous [n={n}] tensor")
     if n:
-        _QUERY_DRIFT((n,), q, kept_q, slots, reselect, out, q.shape[1], q.shape[2], q.stride(0), q.stride(1),
-                     kept_q.stride(0), kept_q.stride(1), float(threshold), NORM_FLOOR=NORM_FLOOR,
-                     BLOCK_H=next_pow2(q.shape[1]), BLOCK_D=next_pow2(q.shape[2]))
+        _QUERY_DRIFT((n,), q, kept_q, slots, reselect, out, q.shape[1], q.shape[2], *q.stride(), kept_q.stride(0),
+                     kept_q.stride(1), float(threshold), NORM_FLOOR=NORM_FLOOR, BLOCK_H=next_pow2(q.shape[1]),
+                     BLOCK_D=next_pow2(q.shape[2]))
     return out

@@ -123,9 +123,12 @@ class FlashGSA:
     def layer_state(self, num_blocks: int) -> LayerState:
         """A layer's state for its ``num_blocks`` KV blocks: block summaries (``ucm_sparse.ops.empty_reprs``) and,
         when ``select_every > 1``, a store of ``4 x max_rows + 1`` slots' selections (``selection width x
-        num_kv_heads x 4`` bytes each, allocated at the first step)."""
+        num_kv_heads x 4`` bytes each, allocated at the first step) and, with ``select_drift``, of their queries
+        (``num_q_heads x head_size`` of the cache's dtype each, allocated here)."""
         reprs = ops.empty_reprs(num_blocks, self.num_kv_heads, self.head_size, self.dtype, self.config, self.device)
         store = None if self._book is None else SelectionStore(self._book.capacity, self.num_kv_heads, self.device)
+        if store is not None and self.config.select_drift is not None:  # made here, never inside a graph's capture
+            store.queries_of(self.num_q_heads, self.head_size, self.dtype)
         return LayerState(reprs, store)
 
     def plan(self, seq_lens: torch.Tensor, query_start_loc: torch.Tensor, query_start_loc_cpu: torch.Tensor,
