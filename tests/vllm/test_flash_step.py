@@ -34,10 +34,24 @@ def batch(seq_lens, query_lens, num_blocks=64, seed=1):
             starts, queries)
 
 
-def gsa(max_rows=4, select_every=1) -> FlashGSA:
-    config = GSAConfig(**{**vars(CONFIG), "select_every": select_every})
+def gsa(max_rows=4, select_every=1, select_drift=None) -> FlashGSA:
+    config = GSAConfig(**{**vars(CONFIG), "select_every": select_every, "select_drift": select_drift})
     return FlashGSA(config, block_size=BLOCK, num_kv_heads=HEADS, num_q_heads=HEADS * GROUP, head_size=HEAD,
                     max_rows=max_rows, dtype=torch.bfloat16, device=DEVICE)
+
+
+def captured(step, plan, q, kv_cache, layer, output) -> "torch.cuda.CUDAGraph":
+    """One layer's run of ``plan`` captured as vLLM captures a decode batch, after a warm-up run (which compiles)
+    on a side stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step.run(plan, q, kv_cache, layer, HEAD ** -0.5, output)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step.run(plan, q, kv_cache, layer, HEAD ** -0.5, output)
+    return graph
 
 
 def reference(q, kv_cache, table, seq_lens):
@@ -202,14 +216,7 @@ def test_a_captured_uniform_decode_step_replays_with_the_next_steps_values():
     naive_update_block_repr(flash_kv_views(kv_cache, HEAD)[0], table.flatten()[table.flatten() >= 0], *reprs)
     output = torch.zeros_like(q)
     plan = step.plan(seq_lens, starts, starts_cpu, table, 1)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step.run(plan, q, kv_cache, layer, HEAD ** -0.5, output)  # warm-up (compiles) off the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step.run(plan, q, kv_cache, layer, HEAD ** -0.5, output)
+    graph = captured(step, plan, q, kv_cache, layer, output)
     seq_lens += torch.tensor([1, 1, 1], dtype=torch.int32, device=DEVICE)  # 301, 208 (fills block 12), 160
     table[0] = table[0].flip(0)  # another request's blocks in row 0
     q.copy_(torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(q))
@@ -319,14 +326,7 @@ def test_a_captured_step_with_select_every_replays_reusing_and_reselecting():
     naive_update_block_repr(flash_kv_views(kv_cache, HEAD)[0], torch.arange(64, device=DEVICE), *layer.reprs)
     output = torch.zeros_like(q)
     plan = step.plan(seq_lens, starts, starts_cpu, table, 1)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step.run(plan, q, kv_cache, layer, HEAD ** -0.5, output)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step.run(plan, q, kv_cache, layer, HEAD ** -0.5, output)
+    graph = captured(step, plan, q, kv_cache, layer, output)
     gen = torch.Generator().manual_seed(3)
     for wanted in ([0, 0, 0], [0, 0, 0], [0, 1, 0], [1, 0, 1]):  # steps at 302/207/171 .. 305/210/174
         seq_lens += 1
@@ -378,9 +378,7 @@ def test_select_drift_reselects_the_rows_whose_queries_turned():
     rows whose queries moved a little keep their lists and the queries they were selected with."""
     kv_cache = flash_cache(64)
     table, seq_lens, starts, starts_cpu, q = batch([301, 206, 170], [1, 1, 1])
-    step = FlashGSA(GSAConfig(**{**vars(CONFIG), "select_every": 8, "select_drift": 0.1}), block_size=BLOCK,
-                    num_kv_heads=HEADS, num_q_heads=HEADS * GROUP, head_size=HEAD, max_rows=4,
-                    dtype=torch.bfloat16, device=DEVICE)
+    step = gsa(select_every=8, select_drift=0.1)
     layer = step.layer_state(64)
     made = layer.selections.queries(q)  # the kept queries exist before any step (never made inside a capture)
     assert made.shape == (4 * 4 + 1, HEADS * GROUP, HEAD) and not made.any()
@@ -414,21 +412,12 @@ def test_a_captured_step_with_select_drift_reselects_only_the_turned_row():
     names only the turned row (kept queries survive replays), whose lists are then the fresh ones."""
     kv_cache = flash_cache(64)
     table, seq_lens, starts, starts_cpu, q = batch([301, 200, 170], [1, 1, 1])  # 3 more tokens open no block
-    step = FlashGSA(GSAConfig(**{**vars(CONFIG), "select_every": 8, "select_drift": 0.1}), block_size=BLOCK,
-                    num_kv_heads=HEADS, num_q_heads=HEADS * GROUP, head_size=HEAD, max_rows=4,
-                    dtype=torch.bfloat16, device=DEVICE)
+    step = gsa(select_every=8, select_drift=0.1)
     layer = step.layer_state(64)
     naive_update_block_repr(flash_kv_views(kv_cache, HEAD)[0], torch.arange(64, device=DEVICE), *layer.reprs)
     output = torch.zeros_like(q)
     plan = step.plan(seq_lens, starts, starts_cpu, table, 1)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step.run(plan, q, kv_cache, layer, HEAD ** -0.5, output)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step.run(plan, q, kv_cache, layer, HEAD ** -0.5, output)
+    graph = captured(step, plan, q, kv_cache, layer, output)
     gen = torch.Generator().manual_seed(5)
     for turning in (1, 0, 2):
         seq_lens += 1
