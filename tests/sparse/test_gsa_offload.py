@@ -209,12 +209,15 @@ def test_gpu_budget_in_bytes_is_shared_by_the_layers(make_twin):
                      block_size=BLOCK, host_blocks=8, device="cpu", cache=private_cache())
 
 
-@pytest.mark.parametrize("backend,device", [("torch", "cpu"), ("triton", TRITON_DEVICE)])
-def test_selection_reuse_offloaded_equals_on_device(make_twin, backend, device):
+@pytest.mark.parametrize("backend,device,drift", [("torch", "cpu", None), ("triton", TRITON_DEVICE, None),
+                                                  ("torch", "cpu", 0.002), ("triton", TRITON_DEVICE, 0.002)])
+def test_selection_reuse_offloaded_equals_on_device(make_twin, backend, device, drift):
     """select_every 4: the offload mode keeps each request's lists as on-device GSA does (same rows reselect: a
     new block, an old selection, a request back after a step away), so outputs and lists stay bit-equal; most
-    rows reuse."""
-    config = GSAConfig(**SPARSE, gpu_budget_blocks=200, prefetch_ahead=2, select_every=4)
+    rows reuse. With the drift rule (the twins' queries move about 0.00125 of drift a step) layers also reselect
+    the rows whose queries moved (a third of the layer rows the step rule keeps, in a scratch count), the same in
+    both modes."""
+    config = GSAConfig(**SPARSE, gpu_budget_blocks=200, prefetch_ahead=2, select_every=4, select_drift=drift)
     twin = make_twin(config, {"a": 300, "b": 129, "c": 200}, backend=backend, device=device, table_width=64)
     rows = reselected = 0
     for step in range(12 if backend == "triton" else 24):
