@@ -7,7 +7,7 @@ import torch
 
 from ucm_kernels.block_repr import naive_update_block_repr
 from ucm_sparse import GSAConfig, ops
-from ucm_sparse.vllm.flash_step import FlashGSA, flash_kv_views, goes_sparse
+from ucm_sparse.vllm.flash_step import FlashGSA, LayerState, flash_kv_views, goes_sparse
 
 from paged_kv import poisoned_like
 
@@ -38,6 +38,14 @@ def gsa(max_rows=4, select_every=1, select_drift=None) -> FlashGSA:
     config = GSAConfig(**{**vars(CONFIG), "select_every": select_every, "select_drift": select_drift})
     return FlashGSA(config, block_size=BLOCK, num_kv_heads=HEADS, num_q_heads=HEADS * GROUP, head_size=HEAD,
                     max_rows=max_rows, dtype=torch.bfloat16, device=DEVICE)
+
+
+def summarised_layer(step: FlashGSA, kv_cache: torch.Tensor) -> LayerState:
+    """``step``'s state for a layer of ``kv_cache``'s blocks, every block's summary computed."""
+    layer = step.layer_state(kv_cache.shape[0])
+    naive_update_block_repr(flash_kv_views(kv_cache, HEAD)[0], torch.arange(kv_cache.shape[0], device=DEVICE),
+                            *layer.reprs)
+    return layer
 
 
 def captured(step, plan, q, kv_cache, layer, output) -> "torch.cuda.CUDAGraph":
@@ -277,8 +285,7 @@ def test_a_row_holding_another_request_reselects():
     kv_cache = flash_cache(64)
     table, seq_lens, starts, starts_cpu, q = batch([301, 206], [1, 1])
     step = gsa(select_every=8)
-    layer = step.layer_state(64)
-    naive_update_block_repr(flash_kv_views(kv_cache, HEAD)[0], torch.arange(64, device=DEVICE), *layer.reprs)
+    layer = summarised_layer(step, kv_cache)
     assert reused_step(step, seq_lens, starts, starts_cpu, table, q, kv_cache, layer)[1] == [1, 1]
     seq_lens += 1
     swapped = table.clone()
@@ -294,8 +301,7 @@ def test_mixed_batches_keep_the_decode_rows_lists_in_their_batch_rows():
     and the lists a mixed step selects serve the next uniform step."""
     kv_cache = flash_cache(64)
     step = gsa(select_every=4)
-    layer = step.layer_state(64)
-    naive_update_block_repr(flash_kv_views(kv_cache, HEAD)[0], torch.arange(64, device=DEVICE), *layer.reprs)
+    layer = summarised_layer(step, kv_cache)
     table, seq_lens, starts, starts_cpu, q = batch([250, 100, 230], [1, 1, 1])
     _, reselect, first = reused_step(step, seq_lens, starts, starts_cpu, table, q, kv_cache, layer)
     assert reselect == [1, 1, 1]
@@ -322,8 +328,7 @@ def test_a_captured_step_with_select_every_replays_reusing_and_reselecting():
     kv_cache = flash_cache(64)
     table, seq_lens, starts, starts_cpu, q = batch([301, 206, 170], [1, 1, 1])
     step = gsa(select_every=4)
-    layer = step.layer_state(64)
-    naive_update_block_repr(flash_kv_views(kv_cache, HEAD)[0], torch.arange(64, device=DEVICE), *layer.reprs)
+    layer = summarised_layer(step, kv_cache)
     output = torch.zeros_like(q)
     plan = step.plan(seq_lens, starts, starts_cpu, table, 1)
     graph = captured(step, plan, q, kv_cache, layer, output)
@@ -351,8 +356,7 @@ def test_batches_taking_turns_in_the_same_rows_keep_their_own_lists():
     not the other group's."""
     kv_cache = flash_cache(96)
     step = gsa(select_every=4)
-    layer = step.layer_state(96)
-    naive_update_block_repr(flash_kv_views(kv_cache, HEAD)[0], torch.arange(96, device=DEVICE), *layer.reprs)
+    layer = summarised_layer(step, kv_cache)
     table, _, starts, starts_cpu, _ = batch([300, 200, 250, 150], [1, 1, 1, 1], num_blocks=96)
     groups = {"a": (table[:2], [300, 200]), "b": (table[2:], [250, 150])}
     gen = torch.Generator().manual_seed(2)
@@ -379,10 +383,9 @@ def test_select_drift_reselects_the_rows_whose_queries_turned():
     kv_cache = flash_cache(64)
     table, seq_lens, starts, starts_cpu, q = batch([301, 206, 170], [1, 1, 1])
     step = gsa(select_every=8, select_drift=0.1)
-    layer = step.layer_state(64)
+    layer = summarised_layer(step, kv_cache)
     made = layer.selections.queries(q)  # the kept queries exist before any step (never made inside a capture)
     assert made.shape == (4 * 4 + 1, HEADS * GROUP, HEAD) and not made.any()
-    naive_update_block_repr(flash_kv_views(kv_cache, HEAD)[0], torch.arange(64, device=DEVICE), *layer.reprs)
     assert reused_step(step, seq_lens, starts, starts_cpu, table, q, kv_cache, layer)[1] == [1, 1, 1]
     assert layer.selections.queries(q).data_ptr() == made.data_ptr()
     gen = torch.Generator().manual_seed(4)
@@ -413,8 +416,7 @@ def test_a_captured_step_with_select_drift_reselects_only_the_turned_row():
     kv_cache = flash_cache(64)
     table, seq_lens, starts, starts_cpu, q = batch([301, 200, 170], [1, 1, 1])  # 3 more tokens open no block
     step = gsa(select_every=8, select_drift=0.1)
-    layer = step.layer_state(64)
-    naive_update_block_repr(flash_kv_views(kv_cache, HEAD)[0], torch.arange(64, device=DEVICE), *layer.reprs)
+    layer = summarised_layer(step, kv_cache)
     output = torch.zeros_like(q)
     plan = step.plan(seq_lens, starts, starts_cpu, table, 1)
     graph = captured(step, plan, q, kv_cache, layer, output)

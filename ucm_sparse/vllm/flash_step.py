@@ -118,7 +118,8 @@ class FlashGSA:
             self._book = ReuseBook(config.select_every, SLOTS_PER_ROW * max_rows, block_size, self.device)
             self._slots = torch.zeros(max_rows, dtype=torch.long, device=self.device)  # fixed: graphs read them
             self._reselect = torch.ones(max_rows, dtype=torch.int32, device=self.device)
-            self._layer_reselect = torch.ones(max_rows, dtype=torch.int32, device=self.device)  # drift rule's
+            if config.select_drift is not None:  # each layer's mask: the step's rows and those whose queries turned
+                self._layer_reselect = torch.ones(max_rows, dtype=torch.int32, device=self.device)
 
     def layer_state(self, num_blocks: int) -> LayerState:
         """A layer's state for its ``num_blocks`` KV blocks: block summaries (``ucm_sparse.ops.empty_reprs``) and,
