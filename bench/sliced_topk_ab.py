@@ -11,7 +11,8 @@ which every speedup is read against. ``select_every 8`` is composed as ``(select
 reusing step for named requests is its attention alone). At 1 x 128K the same figures are also taken per layer from
 one graph of LAYERS layers (``layered_rows``), as a serving engine replays a step, at the budget and at sparse_ratio
 0.3, with the reusing step as each path launches it (:data:`REUSING_STEPS`: attention alone, with ``inputs_ready``,
-after vLLM's empty selection, after the drift rule's check and that selection).
+after vLLM's empty selection, after the drift rule's check and that selection), composed for each of
+:data:`SELECT_EVERY` as ``(select_attend + (N - 1) x reusing step) / N``.
 
     python -m bench.sliced_topk_ab [--layered]     # JSON under $OUT or bench/results/
 """
@@ -36,6 +37,7 @@ SIZES = dict(block_size=BLOCK_SIZE, sparse_ratio=0.3, init_window=1, local_windo
 FLASHINFER = flashinfer_peer.available()
 LAYERS = 8  # layers in one graph for the per-layer figures of a whole step (layered_rows)
 SHAPES = ((1, 131072, 0), (1, 131072, 96), (8, 131072, 0), (32, 32768, 0))  # batch, context, tokens past it
+SELECT_EVERY = (8, 16)  # the select_every settings composed in the layered figures (their quality: tuning.md 5.1.2)
 DRIFT = 0.1  # the drift rule's threshold in the layered figures (no row's queries move there)
 # select_every 8's reusing step in the layered figures, by row suffix: attention alone (GSA for named requests), with
 # inputs_ready (GSA reading kept lists in place), after the selection launched with no row to reselect (vLLM's flash
@@ -191,12 +193,13 @@ def layered_rows(batch: int, context: int, sizes: dict, selection: str) -> list[
     best = {mode: min(times[impl][mode] for impl in dense) for mode in ("cuda_graph", "eager")}
     rows = [row(name, "per_layer", shape, ms[mode], mode=mode, layers=LAYERS, slices=select_plan.slices)
             for name, ms in times.items() for mode in ms]
-    for rule, reuse in itertools.product(("quest", "quest_fp8"), REUSING_STEPS):
+    for rule, reuse, every in itertools.product(("quest", "quest_fp8"), REUSING_STEPS, SELECT_EVERY):
+        reusing = REUSING_STEPS[reuse].format(rule)
         for mode in ("cuda_graph", "eager"):
-            every8 = (times[f"select_attend_{rule}"][mode] + 7 * times[REUSING_STEPS[reuse].format(rule)][mode]) / 8
-            rows.append(row(f"select_attend_every8_{rule}{reuse}", "per_layer", shape, every8, mode=mode,
-                            layers=LAYERS, speedup_vs_best_dense=best[mode] / every8,
-                            composed=f"(select_attend + 7 x {REUSING_STEPS[reuse].format(rule)}) / 8"))
+            per_step = (times[f"select_attend_{rule}"][mode] + (every - 1) * times[reusing][mode]) / every
+            rows.append(row(f"select_attend_every{every}_{rule}{reuse}", "per_layer", shape, per_step, mode=mode,
+                            layers=LAYERS, speedup_vs_best_dense=best[mode] / per_step,
+                            composed=f"(select_attend + {every - 1} x {reusing}) / {every}"))
     for r in rows:
         print(r, flush=True)
     return rows
