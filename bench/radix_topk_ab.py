@@ -9,10 +9,12 @@ call; CUDA-graph replay and eager): the selection alone (device time by kernel f
 reprs) and selection + attention. Then at 1 x 128K, per layer of one graph
 of LAYERS layers (``sliced_topk_ab.layered_rows``'s setting: each layer its own KV, reprs and query): the dense
 decodes (SDPA, ours, FlashInfer's two paged kernels when carried), attention alone, select + attend both ways, and
-``select_every 8`` composed as ``(select_attend + 7 x attend) / 8``, every speedup against the fastest dense. Last,
-the top-k alone from given scores at 1 x 8192 blocks (normal and equal scores).
+``select_every 8`` composed as ``(select_attend + 7 x attend) / 8``, every speedup against the fastest dense. Then
+one request of 4K to 128K tokens in a vLLM engine's 8192-block table (``wide_rows``): the selection and attention
+planned by the table's width against planned by the request's own. Last, the top-k alone from given scores at
+1 x 8192 blocks (normal and equal scores).
 
-    python -m bench.radix_topk_ab [--quick]     # JSON under $OUT or bench/results/
+    python -m bench.radix_topk_ab [--quick | --wide]     # JSON under $OUT or bench/results/
 """
 import contextlib
 import sys
@@ -32,6 +34,7 @@ SIZES = {**BUDGET_SIZES, "token_budget": None}  # sparse_ratio 0.3, windows 1 + 
 # batch, context, tokens past it (the first: --quick)
 SHAPES = ((1, 131072, 0), (1, 32768, 0), (1, 65536, 0), (1, 131072, 96), (2, 131072, 0), (8, 131072, 0))
 PATHS = ("radix", "one_program")
+WIDE_CONTEXTS = (4096, 16384, 32768, 65536, 131072)  # requests in a 128K engine's table (wide_rows)
 
 
 @contextlib.contextmanager
@@ -142,6 +145,51 @@ def layered_rows(batch: int, context: int) -> list[dict]:
     return rows
 
 
+def wide_rows(width: int = 8192) -> list[dict]:
+    """One request of each of WIDE_CONTEXTS tokens in a ``width``-block table (a vLLM engine's, max_model_len /
+    block_size columns, the rest padding) at sparse_ratio 0.3, Quest bf16: the selection as ``plan_select`` plans it
+    for the table (and one program a row at that width), and as it plans the request's own width (a table cut to
+    it); attention with the decode plan of either width. Lists equal before timing (the wide ones -1 past the
+    narrow)."""
+    rows = []
+    for context in WIDE_CONTEXTS:
+        case = inputs(1, context, 0)
+        q, kv, lens, reprs, own = case["q"], case["kv"], case["lens"], case["reprs"]["quest"], case["blocks"]
+        wide = torch.zeros(1, width, dtype=torch.int32, device="cuda")
+        wide[:, :own] = case["table"]
+        tables = {"table_width": wide, "table_width_one_program": wide, "own_width": case["table"]}
+        made = {"table_width": plan_select(1, NUM_KV_HEADS, HEAD_DIM, width, **SIZES, device="cuda"),
+                "own_width": plan_select(1, NUM_KV_HEADS, HEAD_DIM, own, **SIZES, device="cuda")}
+        with one_program():
+            made["table_width_one_program"] = plan_select(1, NUM_KV_HEADS, HEAD_DIM, width, **SIZES, device="cuda")
+        lists = {name: plan.run(q, block_table=tables[name], seq_lens=lens, **reprs) for name, plan in made.items()}
+        narrow_idx, narrow_count = lists["own_width"]
+        for name, (idx, count) in lists.items():
+            assert torch.equal(count, narrow_count), f"{context} {name}: sel_count differ"
+            assert torch.equal(idx[..., :narrow_idx.shape[2]], narrow_idx), f"{context} {name}: sel_idx differ"
+            assert bool((idx[..., narrow_idx.shape[2]:] == -1).all()), f"{context} {name}: padding not -1"
+        out = torch.empty_like(q)
+        shape = f"b1_ctx{context}_table{width}_ratio0.3"
+        for name, plan in made.items():
+            table = tables[name]
+            kept = tuple(t.clone() for t in lists[name])
+            decode_plan = plan_decode(q, kv[0], kept[0].shape[2])
+
+            def select(plan=plan, table=table, kept=kept):
+                return plan.run(q, block_table=table, seq_lens=lens, out=kept, **reprs)
+
+            def attend(table=table, kept=kept, decode_plan=decode_plan):
+                return sparse_decode(q, kv[0], kv[1], table, lens, *kept, out=out, plan=decode_plan)
+
+            times = {"select": median_ms(select), "attend": median_ms(attend),
+                     "select_attend": median_ms(lambda: (select(), attend()))}
+            more = dict(slice_blocks=plan.radix_slice, slices=plan.slices, splits=decode_plan.num_splits,
+                        kernels_us=kernel_times(graph_of(select)))
+            rows += [row(what, f"ucm_quest_{name}", shape, ms["cuda_graph"], **more) for what, ms in times.items()]
+        torch.cuda.empty_cache()
+    return rows
+
+
 def score_rows(blocks: int = 8192) -> list[dict]:
     """The top-k launches alone from given scores (one request, 8 KV heads), normal and equal, both ways (plans
     made once, as ``SelectPlan.run`` uses them)."""
@@ -184,17 +232,21 @@ def score_plan(scores: torch.Tensor):
 
 
 def main() -> None:
-    """All figures; with ``--quick`` only the selection at 1 x 128K and the top-k from given scores."""
-    quick = "--quick" in sys.argv[1:]
+    """All figures; with ``--quick`` only the selection at 1 x 128K and the top-k from given scores; with
+    ``--wide`` only the requests in a wide table."""
+    quick, wide_only = "--quick" in sys.argv[1:], "--wide" in sys.argv[1:]
     ceilings = measure_copy_ceilings()
     rows = []
-    for batch, context, extra in SHAPES[:1] if quick else SHAPES:
+    for batch, context, extra in () if wide_only else SHAPES[:1] if quick else SHAPES:
         rows += shape_rows(batch, context, extra)
         torch.cuda.empty_cache()
-    if not quick:
+    if not quick and not wide_only:
         rows += layered_rows(1, 131072)
         torch.cuda.empty_cache()
-    rows += score_rows()
+    if not quick:
+        rows += wide_rows()
+    if not wide_only:
+        rows += score_rows()
     path = write_results("radix_topk_ab", rows, ceilings, extra={
         "sizes": SIZES, "flashinfer": FLASHINFER or "not installed: no FlashInfer rows",
         "timing": "do_bench median, L2 cleared before every call; cuda_graph: replay of the captured call, "

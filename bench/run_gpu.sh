@@ -148,8 +148,10 @@ case "${1:-all}" in
            tests/kernels/test_query_drift.py tests/sparse/test_gsa.py tests/sparse/test_reuse.py tests/vllm/test_flash_step.py
          step sliced_topk_ab_layered timeout 300 python3 -m bench.sliced_topk_ab --layered
          step radix_topk_ab timeout 150 python3 -m bench.radix_topk_ab ;;
-  # sliced_topk_ab's per-layer figures of 8-layer graphs only (1 x 128K, the budget and ratio 0.3).
-  layered) step sliced_topk_ab_layered timeout 300 python3 -m bench.sliced_topk_ab --layered ;;
+  # sliced_topk_ab's per-layer figures of 8-layer graphs only (1 x 128K, the budget and ratio 0.3), then one request
+  # of 4K to 128K tokens in a 128K engine's table: selection and attention planned by its width or the request's.
+  layered) step sliced_topk_ab_layered timeout 300 python3 -m bench.sliced_topk_ab --layered
+           step radix_topk_ab_wide timeout 200 python3 -m bench.radix_topk_ab --wide ;;
   # Split counts that put the same number of list-attention programs on every SM (bench/list_waves.py).
   waves) step list_waves timeout 240 python3 -m bench.list_waves ;;
   # Prefetch copy settings in the taking-turns schedule: off, on as configured (every predicted piece admitted), on
