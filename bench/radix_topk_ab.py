@@ -10,9 +10,9 @@ reprs) and selection + attention. Then at 1 x 128K, per layer of one graph
 of LAYERS layers (``sliced_topk_ab.layered_rows``'s setting: each layer its own KV, reprs and query): the dense
 decodes (SDPA, ours, FlashInfer's two paged kernels when carried), attention alone, select + attend both ways, and
 ``select_every 8`` composed as ``(select_attend + 7 x attend) / 8``, every speedup against the fastest dense. Then
-one request of 4K to 128K tokens in a vLLM engine's 8192-block table (``wide_rows``): the selection and attention
-planned by the table's width against planned by the request's own. Last, the top-k alone from given scores at
-1 x 8192 blocks (normal and equal scores).
+one request of 4K to 128K tokens in a vLLM engine's 8192-block table, and of 4K to 64K in a 4096-block one
+(``wide_rows``): the selection and attention planned by the table's width against planned by the request's own.
+Last, the top-k alone from given scores at 1 x 8192 blocks (normal and equal scores).
 
     python -m bench.radix_topk_ab [--quick | --wide]     # JSON under $OUT or bench/results/
 """
@@ -145,23 +145,26 @@ def layered_rows(batch: int, context: int) -> list[dict]:
     return rows
 
 
-def wide_rows(width: int = 8192) -> list[dict]:
-    """One request of each of WIDE_CONTEXTS tokens in a ``width``-block table (a vLLM engine's, max_model_len /
-    block_size columns, the rest padding) at sparse_ratio 0.3, Quest bf16: the selection as ``plan_select`` plans it
-    for the table (and one program a row at that width), and as it plans the request's own width (a table cut to
-    it); attention with the decode plan of either width. Lists equal before timing (the wide ones -1 past the
-    narrow)."""
+def wide_rows(width: int) -> list[dict]:
+    """One request of each of WIDE_CONTEXTS tokens that fits in a ``width``-block table (a vLLM engine's,
+    max_model_len / block_size columns, the rest padding) at sparse_ratio 0.3, Quest bf16: the selection as
+    ``plan_select`` plans it for the table (and at that width one program a row, and the radix top-k where it is
+    not the one planned), and as it plans the request's own width (a table cut to it); attention with the decode
+    plan of either width. Lists equal before timing (the wide ones -1 past the narrow)."""
     rows = []
-    for context in WIDE_CONTEXTS:
+    for context in (c for c in WIDE_CONTEXTS if c <= width * SIZES["block_size"]):
         case = inputs(1, context, 0)
         q, kv, lens, reprs, own = case["q"], case["kv"], case["lens"], case["reprs"]["quest"], case["blocks"]
         wide = torch.zeros(1, width, dtype=torch.int32, device="cuda")
         wide[:, :own] = case["table"]
-        tables = {"table_width": wide, "table_width_one_program": wide, "own_width": case["table"]}
         made = {"table_width": plan_select(1, NUM_KV_HEADS, HEAD_DIM, width, **SIZES, device="cuda"),
                 "own_width": plan_select(1, NUM_KV_HEADS, HEAD_DIM, own, **SIZES, device="cuda")}
         with one_program():
             made["table_width_one_program"] = plan_select(1, NUM_KV_HEADS, HEAD_DIM, width, **SIZES, device="cuda")
+        if not made["table_width"].radix_slice:
+            with radix_anywhere():
+                made["table_width_radix"] = plan_select(1, NUM_KV_HEADS, HEAD_DIM, width, **SIZES, device="cuda")
+        tables = {name: case["table"] if name == "own_width" else wide for name in made}
         lists = {name: plan.run(q, block_table=tables[name], seq_lens=lens, **reprs) for name, plan in made.items()}
         narrow_idx, narrow_count = lists["own_width"]
         for name, (idx, count) in lists.items():
@@ -244,7 +247,7 @@ def main() -> None:
         rows += layered_rows(1, 131072)
         torch.cuda.empty_cache()
     if not quick:
-        rows += wide_rows()
+        rows += wide_rows(8192) + wide_rows(4096)
     if not wide_only:
         rows += score_rows()
     path = write_results("radix_topk_ab", rows, ceilings, extra={

@@ -740,6 +740,33 @@ def test_radix_top_k_writes_the_rule_and_the_one_program_lists(min_slice, sizes,
     assert torch.equal(lists[0], one[0]) and torch.equal(lists[1], one[1])
 
 
+def test_radix_top_k_searches_a_short_request_in_a_row_cut_to_it(monkeypatch):
+    """Requests in a wide table (256 blocks, as a vLLM engine's tables are wide), the row cut at 64 and 16 keys
+    (CUT_FROM and SHORTEST_CUT lowered from 4096 and 128): competing blocks ending at 8 and 16 (searched in 16
+    keys), 17 and 64 (in 64), 65 (in all 256), over ties, near-ties and hard bit patterns: the rule written out,
+    and exactly the one-program kernel's lists and counts."""
+    seq_lens = torch.tensor([10, 18, 19, 66, 67], dtype=torch.int32, device=DEVICE) * 16  # hi = blocks - 2
+    scores = equal_and_spread_scores(256).to(DEVICE)
+    one = select_from_scores(scores, seq_lens, **SIZES)
+    radix_plans(monkeypatch, 32)
+    monkeypatch.setattr(block_select_radix, "SHORTEST_CUT", 4)
+    monkeypatch.setattr(block_select_radix, "CUT_FROM", 256)
+    assert block_select_radix.cut_rows(256) == (64, 16)
+    lists = select_from_scores(scores, seq_lens, **SIZES)
+    check_lists_written_out(scores.cpu(), seq_lens.cpu(), [t.cpu() for t in lists])
+    assert torch.equal(lists[0], one[0]) and torch.equal(lists[1], one[1])
+
+
+@pytest.mark.parametrize("row,cuts", [(8192, (2048, 512)), (4096, (1024, 256)), (2048, (2048, 2048))])
+def test_radix_rows_from_4096_keys_are_cut_twice(row, cuts):
+    assert block_select_radix.cut_rows(row) == cuts
+
+
+def test_radix_rows_are_cut_no_shorter_than_128_keys(monkeypatch):
+    monkeypatch.setattr(block_select_radix, "CUT_FROM", 1)
+    assert [block_select_radix.cut_rows(row) for row in (2048, 512, 256)] == [(512, 128), (128, 128), (256, 256)]
+
+
 def test_radix_top_k_reselects_named_rows_into_sel_rows(monkeypatch):
     """Through a plan (Quest scores from reprs, windows, a 2-block request that is dense): rows reselected into the
     rows sel_rows names get the one-program lists, the others keep what they held; a plan for fewer rows selects

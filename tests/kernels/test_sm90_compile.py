@@ -149,18 +149,19 @@ def test_sliced_top_k_compiles_for_sm90_without_spills(flags, tmp_path):
 def test_radix_top_k_compiles_for_sm90_without_spills(max_blocks, flags, tmp_path):
     """The radix top-k at sparse_ratio 0.3 over the tables it is planned for: 1 x 128K (8 slices of 1024 blocks),
     plain and for kept rows (reselect, sel_rows), 4097 blocks (5 slices), 1 x 32K (rows of 2048 keys), and rows of
-    4096 keys as the A/B (bench/radix_topk_ab.py) runs them at 1 x 64K."""
+    4096 keys as the A/B (bench/radix_topk_ab.py) runs them at 1 x 64K; each with its rows cut for short requests."""
     from ucm_kernels._utils import next_pow2
     from ucm_kernels.block_select import radix
 
     heads, width, row = 8, 2460, next_pow2(max_blocks)
+    mid_row, short_row = radix.cut_rows(row)
     slice_blocks = max(radix.MIN_SLICE, next_pow2(-(-max_blocks // radix.SLICES)))
     ints = dict(max_blocks=max_blocks, width=width, ratio_fixed=1288490188, k_floor=5, init_window=1, local_window=4,
                 stride_sb=heads * 16384, stride_sh=16384, stride_ib=heads * width, stride_ih=width, stride_ij=1,
                 stride_ob=heads, stride_oh=1)
     assert_no_spills(tmp_path, "ucm_kernels.block_select.radix", "_radix_topk_kernel", SELECT_TYPES, ints,
-                     dict(BLOCK_SIZE=16, SLICE=slice_blocks, ROW=row, MASKED=flags,
-                          SEL_ROWS=flags, PDL=1), {"num_warps": radix.num_warps(row)})
+                     dict(BLOCK_SIZE=16, SLICE=slice_blocks, ROW=row, MID_ROW=mid_row, SHORT_ROW=short_row,
+                          MASKED=flags, SEL_ROWS=flags, PDL=1), {"num_warps": radix.num_warps(row)})
 
 
 @pytest.mark.parametrize("dense,direct,split_tokens,ready", [

@@ -123,6 +123,33 @@ def test_splits_that_end_inside_a_tile_give_the_same_result(chunk_blocks):
     assert_close(out, naive_sparse_decode(q, k, v, table, lens, sel_idx, sel_count, scale=0.2), torch.float16)
 
 
+def active_splits(plan) -> torch.Tensor:
+    """``[batch, num_q_heads]`` splits that attended a token in the last call under ``plan`` (each split program
+    writes its stats, an empty one a zero sum)."""
+    return (plan.stats[..., 1] > 0).sum(-1)
+
+
+def test_short_lists_under_a_wide_plan_spread_over_the_splits():
+    """A plan for lists of up to 512 blocks (8 splits of 64) serving lists of 40, 9 and 3 blocks (a short request
+    in a vLLM engine's wide table): each list is cut as a plan for its own length cuts it (128-token splits here),
+    so the 40-block list takes 5 splits, not 1, and the output is bit for bit the one under a plan for 40 blocks;
+    dense rows likewise (a 900-token row over 8 splits)."""
+    q, k, v, table, lens = paged([900, 300, 100], 8, 2, 64, torch.bfloat16)
+    sel_idx, sel_count = random_block_lists(lens, 2, block_size=16, counts=[[40, 33], [9, 12], [3, 1]])
+    wide = plan_decode(q, k, 512, num_splits=8)
+    assert (wide.num_splits, wide.chunk_blocks) == (8, 64)
+    out = sparse_decode(q, k, v, table, lens, sel_idx, sel_count, plan=wide)
+    used = active_splits(wide)
+    assert used[0].tolist() == [5] * 8 and used[1].tolist() == [2] * 8 and used[2].tolist() == [1] * 8
+    own = plan_decode(q, k, 40, num_splits=8)
+    assert torch.equal(out, sparse_decode(q, k, v, table, lens, sel_idx, sel_count, plan=own))
+    assert_close(out, naive_sparse_decode(q, k, v, table, lens, sel_idx, sel_count), torch.bfloat16)
+    dense_wide = plan_decode(q, k, 512, num_splits=8, dense=True)
+    dense = dense_decode(q, k, v, table, lens, plan=dense_wide)
+    assert active_splits(dense_wide)[:, 0].tolist() == [8, 3, 1]  # 57, 19 and 7 blocks in 8-block splits
+    assert_close(dense, naive_dense_decode(q, k, v, table, lens), torch.bfloat16)
+
+
 def test_one_combine_compile_merges_every_split_count():
     """Lists cut into 2 to 130 splits (as a decode's growing lists add splits; past 64 the combine loops over
     several tiles of splits): each merges to the reference, and the combine launches in the specialisation of the

@@ -15,7 +15,9 @@ largest the same way, so no program waits for another:
    it up to the ties wanted (ties go to the lowest logical blocks), then its picks in ascending order, and its share
    of the windows and -1 padding.
 
-The lists are exactly the one-program kernel's (tests). Four launches, one pass each (bounds, a histogram of the
+A row whose competing blocks end early (a short request in a wide table: vLLM's tables are max_model_len wide)
+is searched in a register row cut to a quarter or a sixteenth (``cut_rows``): the search's cost follows the request,
+not the table. The lists are exactly the one-program kernel's (tests). Four launches, one pass each (bounds, a histogram of the
 slices' digits merged by the row's last slice, the bin's candidates, the lists), took as long as one program a row
 at 1 x 128K on the H200 (BENCHMARKS.md): each pass paid a launch and a chain of dependent loads. ``plan_select``
 takes this path where the sliced top-k does not apply and the table is one this kernel was timed faster on
@@ -41,6 +43,12 @@ ROWS = (2048, 8192)  # tests and the A/B widen it
 DIGIT_BITS = tl.constexpr(8)  # bits a histogram round decides
 BINS = tl.constexpr(256)  # 2**DIGIT_BITS
 KEY_MAX = tl.constexpr(2147483647)
+# a row whose competing blocks end within ROW / CUT (or ROW / CUT**2) keys is searched in a register row of that
+# size (a 16K request in a 128K table: 2048 keys, not 8192); rows from CUT_FROM keys are cut (rows of 2048, at 4
+# warps, spilled 8 bytes when cut, sm_90), none shorter than SHORTEST_CUT keys
+CUT = 4
+CUT_FROM = 4096  # tests lower it
+SHORTEST_CUT = 128  # tests lower it
 
 
 def choose_radix(max_blocks: int, rows: int, sms: int, sliceable: bool) -> int:
@@ -89,6 +97,24 @@ def _slice_first(keys, threshold, ties_wanted, before):
     return above + tl.minimum(ties, ties_wanted), ties_wanted - ties
 
 
+@triton.jit
+def _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE: tl.constexpr, ROW: tl.constexpr):
+    """Slice ``part``'s picks of a row's ``need`` (>= 1) largest competing keys (blocks [lo, hi), hi <= ROW), the
+    threshold found from the row's first ``ROW`` keys in registers, written at their list positions after ``lo``."""
+    r = tl.arange(0, ROW)
+    j = part * SLICE + tl.arange(0, SLICE)
+    row_valid = (r >= lo) & (r < hi)
+    valid = (j >= lo) & (j < hi)
+    row_keys = tl.where(row_valid, _order_keys(tl.load(score_row + r, mask=row_valid, other=0.0)), KEY_NONE)
+    # the slice's keys loaded again (from L1 / L2): a slice of a register tensor cannot be taken in Triton
+    keys = tl.where(valid, _order_keys(tl.load(score_row + j, mask=valid, other=0.0)), KEY_NONE)
+    threshold, above = _radix_kth_largest(row_keys, need)
+    first, tie_budget = _slice_first(row_keys, threshold, need - above, r < part * SLICE)
+    tie = valid & (keys == threshold)
+    take = (valid & (keys > threshold)) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= tie_budget))
+    tl.store(sel_row + (lo + first + tl.cumsum(take.to(tl.int32), axis=0) - 1) * stride_ij, j, mask=take)
+
+
 @triton.jit(do_not_specialize=["max_blocks", "width"])
 def _radix_topk_kernel(
     scores_ptr,  # [batch, num_kv_heads, >= max_blocks] fp32
@@ -101,11 +127,12 @@ def _radix_topk_kernel(
     stride_sb, stride_sh,
     stride_ib, stride_ih, stride_ij,
     stride_ob, stride_oh,
-    BLOCK_SIZE: tl.constexpr, SLICE: tl.constexpr, ROW: tl.constexpr, MASKED: tl.constexpr,
-    SEL_ROWS: tl.constexpr, PDL: tl.constexpr = 0,
+    BLOCK_SIZE: tl.constexpr, SLICE: tl.constexpr, ROW: tl.constexpr, MID_ROW: tl.constexpr,
+    SHORT_ROW: tl.constexpr, MASKED: tl.constexpr, SEL_ROWS: tl.constexpr, PDL: tl.constexpr = 0,
 ):
-    """Program (slice, KV head, request): the row's threshold from all its keys, then the slice's part of the
-    list; slice 0 writes the count."""
+    """Program (slice, KV head, request): the row's threshold from all its keys (in a register row of ``ROW``,
+    or of ``MID_ROW`` / ``SHORT_ROW`` where they hold them: :func:`cut_rows`), then the slice's part of the list;
+    slice 0 writes the count."""
     wait_for_previous_grid(PDL)
     part = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
@@ -120,18 +147,13 @@ def _radix_topk_kernel(
     picked = tl.maximum(need, 0)
     if need > 0:
         score_row = scores_ptr + b * stride_sb + head * stride_sh
-        r = tl.arange(0, ROW)
-        j = part * SLICE + tl.arange(0, SLICE)
-        row_valid = (r >= lo) & (r < hi)
-        valid = (j >= lo) & (j < hi)
-        row_keys = tl.where(row_valid, _order_keys(tl.load(score_row + r, mask=row_valid, other=0.0)), KEY_NONE)
-        # the slice's keys loaded again (from L1 / L2): a slice of a register tensor cannot be taken in Triton
-        keys = tl.where(valid, _order_keys(tl.load(score_row + j, mask=valid, other=0.0)), KEY_NONE)
-        threshold, above = _radix_kth_largest(row_keys, need)
-        first, tie_budget = _slice_first(row_keys, threshold, need - above, r < part * SLICE)
-        tie = valid & (keys == threshold)
-        take = (valid & (keys > threshold)) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= tie_budget))
-        tl.store(sel_row + (lo + first + tl.cumsum(take.to(tl.int32), axis=0) - 1) * stride_ij, j, mask=take)
+        # a short request in a wide table (a vLLM engine's) searches a register row cut to its competing blocks
+        if hi <= SHORT_ROW:
+            _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, SHORT_ROW)
+        elif hi <= MID_ROW:
+            _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, MID_ROW)
+        else:
+            _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, ROW)
     # the slice's share of the list's positions (j again: held across the search, it spilled at 16384 keys)
     _write_windows(sel_row, part * SLICE + tl.arange(0, SLICE), lo, hi, picked, count, width, stride_ij)
     if part == 0:
@@ -147,11 +169,21 @@ def num_warps(row: int) -> int:
     return 4 if row <= 2048 else 16
 
 
+def cut_rows(row: int) -> tuple[int, int]:
+    """(MID_ROW, SHORT_ROW): ``row`` cut by CUT and CUT**2 from CUT_FROM keys, each no shorter than SHORTEST_CUT
+    keys (else the longer one)."""
+    if row < CUT_FROM:
+        return row, row
+    mid = row // CUT if row // CUT >= SHORTEST_CUT else row
+    return mid, mid // CUT if mid // CUT >= SHORTEST_CUT else mid
+
+
 def launch_radix(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows) -> None:
     """The radix top-k of ``plan`` (a ``SelectPlan`` with ``radix_slice`` > 0): each (KV head, request) row of
     ``scores`` (``[batch, heads, >= max_blocks]`` fp32) into ``sel_idx`` / ``sel_count`` (only the rows
     ``reselect`` names, unless None; at the rows ``sel_rows`` names, if given); same lists as ``_select_kernel``."""
     row = next_pow2(plan.max_blocks)
+    mid_row, short_row = cut_rows(row)
     # each tensor's strides read once: every stride(i) is a call into torch (~0.25 us, host time per layer)
     score_strides, idx_strides, count_strides = scores.stride(), sel_idx.stride(), sel_count.stride()
     _RADIX((cdiv(plan.max_blocks, plan.radix_slice), plan.num_kv_heads, plan.batch),
@@ -161,6 +193,6 @@ def launch_radix(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows)
         stride_sb=score_strides[0], stride_sh=score_strides[1],
         stride_ib=idx_strides[0], stride_ih=idx_strides[1], stride_ij=idx_strides[2],
         stride_ob=count_strides[0], stride_oh=count_strides[1],
-        BLOCK_SIZE=plan.block_size, SLICE=plan.radix_slice, ROW=row, MASKED=reselect is not None,
-        SEL_ROWS=sel_rows is not None, num_warps=num_warps(row),
+        BLOCK_SIZE=plan.block_size, SLICE=plan.radix_slice, ROW=row, MID_ROW=mid_row, SHORT_ROW=short_row,
+        MASKED=reselect is not None, SEL_ROWS=sel_rows is not None, num_warps=num_warps(row),
     )

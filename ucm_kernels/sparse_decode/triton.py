@@ -1,7 +1,8 @@
 """Split-K paged decode attention over per-(request, KV head) block lists (flash-decoding), kernels + launchers.
 
 ``_sparse_decode_split_kernel`` runs one program per (request, KV head, split): it walks its share of the block
-list, gathers ``TILE_TOKENS`` tokens of K and V per step through the block table (several 16-token blocks per
+list (each list cut by its own length: a short request in a wide table, as vLLM's are, still spreads over the
+planned splits), gathers ``TILE_TOKENS`` tokens of K and V per step through the block table (several 16-token blocks per
 step keep enough bytes in flight), scores all query heads of the GQA group at once (the group padded to 16 rows
 so ``tl.dot`` is legal on the GPU) and keeps an fp32 online softmax. With one split it writes the output
 itself; with several it writes partial (max, sum, acc) to scratch, and a second launch,
@@ -61,7 +62,7 @@ def _sparse_decode_split_kernel(
     num_kv_heads, num_splits, chunk_blocks, qk_scale_log2,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     DENSE: tl.constexpr, DIRECT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, TILE_TOKENS: tl.constexpr,
-    SEL_ROWS: tl.constexpr, READY: tl.constexpr, PDL: tl.constexpr = 0,
+    SEL_ROWS: tl.constexpr, READY: tl.constexpr, ALIGN: tl.constexpr, PDL: tl.constexpr = 0,
 ):
     pid_head = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
@@ -75,9 +76,9 @@ def _sparse_decode_split_kernel(
     EARLY: tl.constexpr = READY and PDL >= 1  # the inputs predate the kernel ahead: start on them (module doc)
     if not EARLY:
         wait_for_previous_grid(PDL)
-    sel_row, seq_len, start, end = _list_span(b, h, split, chunk_blocks, seq_lens_ptr, sel_idx_ptr, sel_count_ptr,
-                                              sel_rows_ptr, stride_sib, stride_sih, stride_scb, stride_sch,
-                                              DENSE, SEL_ROWS, BLOCK_SIZE)
+    sel_row, seq_len, start, end = _list_span(b, h, split, num_splits, chunk_blocks, seq_lens_ptr, sel_idx_ptr,
+                                              sel_count_ptr, sel_rows_ptr, stride_sib, stride_sih, stride_scb,
+                                              stride_sch, DENSE, SEL_ROWS, BLOCK_SIZE, ALIGN)
     if EARLY:  # the first tile's K/V rows asked of L2 while the kernel ahead finishes (the loop reads them again)
         token_ok, physical = _tile_indices(start, end, slot, within, seq_len, sel_row, table_row, stride_sij,
                                            stride_btj, DENSE, BLOCK_SIZE)
@@ -128,11 +129,13 @@ def _sparse_decode_split_kernel(
 
 
 @triton.jit
-def _list_span(b, h, split, chunk_blocks, seq_lens_ptr, sel_idx_ptr, sel_count_ptr, sel_rows_ptr, stride_sib,
-               stride_sih, stride_scb, stride_sch, DENSE: tl.constexpr, SEL_ROWS: tl.constexpr,
-               BLOCK_SIZE: tl.constexpr):
+def _list_span(b, h, split, num_splits, chunk_blocks, seq_lens_ptr, sel_idx_ptr, sel_count_ptr, sel_rows_ptr,
+               stride_sib, stride_sih, stride_scb, stride_sch, DENSE: tl.constexpr, SEL_ROWS: tl.constexpr,
+               BLOCK_SIZE: tl.constexpr, ALIGN: tl.constexpr):
     """(sel_row, seq_len, start, end) of program (b, h, split): the list row it reads (unused when DENSE), the
-    request's length and the list entries [start, end) of its split."""
+    request's length and the list entries [start, end) of its split. A list shorter than the plan's widest is cut
+    as a plan for its own length would cut it (``num_splits`` shares of ``ALIGN``-block multiples), never into
+    longer splits than ``chunk_blocks``, so a short request in a wide table still spreads over the splits."""
     seq_len = tl.load(seq_lens_ptr + b)
     sel_row = seq_lens_ptr  # any pointer when DENSE (sel_idx_ptr is None then, which a tuple cannot hold)
     if DENSE:
@@ -143,8 +146,9 @@ def _list_span(b, h, split, chunk_blocks, seq_lens_ptr, sel_idx_ptr, sel_count_p
             sel_b = tl.load(sel_rows_ptr + b).to(tl.int64)
         sel_row = sel_idx_ptr + sel_b * stride_sib + h * stride_sih
         count = tl.load(sel_count_ptr + sel_b * stride_scb + h * stride_sch).to(tl.int64)
-    start = split * chunk_blocks
-    return sel_row, seq_len, start, tl.minimum(start + chunk_blocks, count)
+    chunk = tl.minimum(chunk_blocks, tl.maximum(ALIGN, tl.cdiv(tl.cdiv(count, num_splits), ALIGN) * ALIGN))
+    start = split * chunk
+    return sel_row, seq_len, start, tl.minimum(start + chunk, count)
 
 
 @triton.jit
@@ -231,7 +235,7 @@ class DecodePlan:
     block_size: int
     max_blocks: int  # widest list served: sel_idx.shape[2] (sparse) or block_table.shape[1] (dense)
     num_splits: int  # programs per (request, KV head); 1 writes the output without a combine pass
-    chunk_blocks: int  # list entries per split, a multiple of the largest tile (in blocks)
+    chunk_blocks: int  # list entries per split of the widest list, a multiple of the largest tile (in blocks)
     tile_tokens: int
     num_warps: int
     num_stages: int
@@ -247,7 +251,8 @@ def plan_decode(q: torch.Tensor, key_cache: torch.Tensor, max_blocks: int, *,
         q: ``[batch, num_q_heads, head_dim]`` bf16/fp16 (any tensor of the calls' shape, dtype and device).
         key_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]`` like the calls' caches.
         max_blocks: the widest list the plan serves: ``sel_idx.shape[2]`` for :func:`sparse_decode`,
-            ``block_table.shape[1]`` for :func:`dense_decode`; narrower lists reuse it.
+            ``block_table.shape[1]`` for :func:`dense_decode`. Each shorter list (a short request in a wide
+            table) is cut into splits as a plan for its own length would cut it, on the device.
         num_splits: most programs per (request, KV head) (rounded down so none is left without list
             entries); default chosen from the work and the SM count.
         dense: tune for :func:`dense_decode` (every block) rather than :func:`sparse_decode`'s lists; either
@@ -384,7 +389,7 @@ def _launch(plan: DecodePlan, q, key_cache, value_cache, block_table, seq_lens, 
         BLOCK_SIZE=plan.block_size, DENSE=dense, DIRECT=direct,
         COMPUTE_DTYPE=compute_dtype(q.dtype),
         TILE_TOKENS=plan.tile_tokens, SEL_ROWS=sel_rows is not None, READY=ready,
-        num_warps=plan.num_warps, num_stages=plan.num_stages,
+        ALIGN=cdiv(_MAX_TILE_TOKENS, plan.block_size), num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     if not direct:
         _COMBINE((plan.batch * plan.num_q_heads,),
