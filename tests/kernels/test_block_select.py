@@ -741,30 +741,35 @@ def test_radix_top_k_writes_the_rule_and_the_one_program_lists(min_slice, sizes,
 
 
 def test_radix_top_k_searches_a_short_request_in_a_row_cut_to_it(monkeypatch):
-    """Requests in a wide table (256 blocks, as a vLLM engine's tables are wide), the row cut at 64 and 16 keys
-    (CUT_FROM and SHORTEST_CUT lowered from 4096 and 128): competing blocks ending at 8 and 16 (searched in 16
-    keys), 17 and 64 (in 64), 65 (in all 256), over ties, near-ties and hard bit patterns: the rule written out,
-    and exactly the one-program kernel's lists and counts."""
-    seq_lens = torch.tensor([10, 18, 19, 66, 67], dtype=torch.int32, device=DEVICE) * 16  # hi = blocks - 2
-    scores = equal_and_spread_scores(256).to(DEVICE)
+    """Requests in a wide table (256 blocks, as a vLLM engine's tables are wide), the row cut at 128, 64 and 16
+    keys (CUT_FROM and SHORTEST_CUT lowered from 4096 and 128): competing blocks ending at 8 and 16 (searched in
+    16 keys), 17 and 64 (in 64), 65 and 128 (in 128), 129 (in all 256), over ties, near-ties and hard bit
+    patterns: the rule written out, and exactly the one-program kernel's lists and counts."""
+    blocks = torch.tensor([10, 18, 19, 66, 67, 130, 131], dtype=torch.int32)  # competing blocks end 2 before
+    scores = torch.cat([equal_and_spread_scores(256), hard_scores(4, 3, 256, seed=8)[:2]])
+    scores[torch.arange(7), :, blocks - 3] = 3e38  # each row's last competing block is picked: a cut one short shows
+    scores = scores.to(DEVICE)
+    seq_lens = (blocks * 16).to(DEVICE)
     one = select_from_scores(scores, seq_lens, **SIZES)
-    radix_plans(monkeypatch, 32)
+    radix_plans(monkeypatch, 64)
+    assert block_select_radix.choose_radix(256, 21, 132, sliceable=True) == 64  # 4 slices a row: radix planned
     monkeypatch.setattr(block_select_radix, "SHORTEST_CUT", 4)
     monkeypatch.setattr(block_select_radix, "CUT_FROM", 256)
-    assert block_select_radix.cut_rows(256) == (64, 16)
+    assert block_select_radix.cut_rows(256) == (128, 64, 16)
     lists = select_from_scores(scores, seq_lens, **SIZES)
     check_lists_written_out(scores.cpu(), seq_lens.cpu(), [t.cpu() for t in lists])
     assert torch.equal(lists[0], one[0]) and torch.equal(lists[1], one[1])
 
 
-@pytest.mark.parametrize("row,cuts", [(8192, (2048, 512)), (4096, (1024, 256)), (2048, (2048, 2048))])
-def test_radix_rows_from_4096_keys_are_cut_twice(row, cuts):
+@pytest.mark.parametrize("row,cuts", [(8192, (4096, 2048, 512)), (4096, (2048, 1024, 256)), (2048, (2048,) * 3)])
+def test_radix_rows_from_4096_keys_are_cut_three_times(row, cuts):
     assert block_select_radix.cut_rows(row) == cuts
 
 
 def test_radix_rows_are_cut_no_shorter_than_128_keys(monkeypatch):
     monkeypatch.setattr(block_select_radix, "CUT_FROM", 1)
-    assert [block_select_radix.cut_rows(row) for row in (2048, 512, 256)] == [(512, 128), (128, 128), (256, 256)]
+    assert [block_select_radix.cut_rows(row) for row in (2048, 512, 256)] == [(1024, 512, 128), (256, 128, 128),
+                                                                              (128, 128, 128)]
 
 
 def test_radix_top_k_reselects_named_rows_into_sel_rows(monkeypatch):
@@ -783,8 +788,8 @@ def test_radix_top_k_reselects_named_rows_into_sel_rows(monkeypatch):
 @pytest.mark.parametrize("max_blocks,rows,sliceable,slice_blocks", [
     (8192, 8, True, 1024),  # 1 x 128K (8 KV heads): 8 slices
     (4097, 8, True, 1024),  # the shortest table of rows of 8192 keys: 5 slices
-    (4096, 8, True, 0),  # 1 x 64K: rows of 4096 keys, timed slower at 16 warps (8 spill)
-    (2049, 8, True, 0),  # the shortest table of rows of 4096 keys
+    (4096, 8, True, 512),  # 1 x 64K: rows of 4096 keys (as fast at full length, faster cut to a short request)
+    (2049, 8, True, 512),  # the shortest table of rows of 4096 keys: 5 slices
     (2048, 8, True, 256),  # 1 x 32K: rows of 2048 keys, the shortest table timed
     (8192, 16, True, 1024),  # 2 x 128K: 128 programs
     (8192, 64, True, 0),  # 8 x 128K: 64 rows fill the GPU, slices would not fit one wave
@@ -793,7 +798,7 @@ def test_radix_top_k_reselects_named_rows_into_sel_rows(monkeypatch):
     (2047, 8, True, 0),  # shorter tables: not timed
 ])
 def test_the_radix_top_k_is_planned_where_slices_fit_a_wave(max_blocks, rows, sliceable, slice_blocks):
-    """Where the radix top-k is planned: tables from 2048 blocks in rows of 2048 or 8192 keys, where it was timed
+    """Where the radix top-k is planned: tables from 2048 blocks in rows of 2048, 4096 or 8192 keys, where it was timed
     faster than one program a row, whose slices fit a wave of 132 SMs."""
     assert block_select_radix.choose_radix(max_blocks, rows, 132, sliceable) == slice_blocks
 

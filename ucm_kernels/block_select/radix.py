@@ -16,12 +16,13 @@ largest the same way, so no program waits for another:
    of the windows and -1 padding.
 
 A row whose competing blocks end early (a short request in a wide table: vLLM's tables are max_model_len wide)
-is searched in a register row cut to a quarter or a sixteenth (``cut_rows``): the search's cost follows the request,
-not the table. The lists are exactly the one-program kernel's (tests). Four launches, one pass each (bounds, a histogram of the
-slices' digits merged by the row's last slice, the bin's candidates, the lists), took as long as one program a row
-at 1 x 128K on the H200 (BENCHMARKS.md): each pass paid a launch and a chain of dependent loads. ``plan_select``
-takes this path where the sliced top-k does not apply and the table is one this kernel was timed faster on
-(``choose_radix``).
+is searched in a register row cut to a half, a quarter or a sixteenth (``cut_rows``): the search's cost follows the
+request, not the table. The lists are exactly the one-program kernel's (tests).
+
+Four launches, one pass each (bounds, a histogram of the slices' digits merged by the row's last slice, the bin's
+candidates, the lists), took as long as one program a row at 1 x 128K on the H200 (BENCHMARKS.md): each pass paid a
+launch and a chain of dependent loads. ``plan_select`` takes this path where the sliced top-k does not apply and the
+table is one this kernel was timed faster on (``choose_radix``).
 """
 import triton
 import triton.language as tl
@@ -32,21 +33,23 @@ from ._rank import KEY_NONE, _common_prefix, _order_keys, _output_row, _row_plan
 
 SLICES = 8  # slices a row is cut into, at most
 MIN_SLICE = 256  # fewest blocks a slice holds (tests shrink it)
-# Tables planned here: from 2048 blocks, in rows of 2048 or 8192 keys (the table's next power of two), where `bash
-# bench/run_gpu.sh radix` timed this kernel faster than one program a row (H100, 734a15e: top-k 19.0 against 21.5 us
-# at 1 x 128K, 18.5 against 22.1 at 2 x 128K; b3cf42b / 191b5c7: 9.8 against 11.1 at 1 x 32K). Rows of 4096 keys
-# (1 x 64K) were faster at 8 warps (12.4 against 13.9), which spill there, and slower at 16 (14.3 against 14.0);
-# rows of 16384 keys (8198 blocks) were slower (32.0 against 27.0); shorter tables were not timed, so of the rows
-# of 2048 keys only a table of exactly 2048 blocks takes it (a 32K vLLM table; 2 x 32K was not timed either).
+# Tables planned here: from 2048 blocks, in rows of 2048, 4096 or 8192 keys (the table's next power of two), where
+# `bash bench/run_gpu.sh radix` timed this kernel faster than one program a row (H100, 734a15e: top-k 19.0 against
+# 21.5 us at 1 x 128K, 18.5 against 22.1 at 2 x 128K; b3cf42b / 191b5c7: 9.8 against 11.1 at 1 x 32K) or, rows of
+# 4096 keys, about as fast for a request that fills the table (1 x 64K, 16 warps: 14.3 against 14.0, 14.1 against
+# 13.9 at 5d945df) and much faster for a shorter one in it, as a vLLM engine's tables hold them (rows cut to the
+# request: a 4K request in a 64K table 8.1 against 12.4, 16K 8.9 against 12.4; `run_gpu.sh wide`). Rows of 16384 keys
+# (8198 blocks) were slower (32.0 against 27.0); shorter tables were not timed, so of the rows of 2048 keys only a
+# table of exactly 2048 blocks takes it (a 32K vLLM table; 2 x 32K was not timed either).
 MIN_BLOCKS = 2048  # tests lower it
-ROWS = (2048, 8192)  # tests and the A/B widen it
+ROWS = (2048, 4096, 8192)  # tests and the A/B widen it
 DIGIT_BITS = tl.constexpr(8)  # bits a histogram round decides
 BINS = tl.constexpr(256)  # 2**DIGIT_BITS
 KEY_MAX = tl.constexpr(2147483647)
-# a row whose competing blocks end within ROW / CUT (or ROW / CUT**2) keys is searched in a register row of that
-# size (a 16K request in a 128K table: 2048 keys, not 8192); rows from CUT_FROM keys are cut (rows of 2048, at 4
-# warps, spilled 8 bytes when cut, sm_90), none shorter than SHORTEST_CUT keys
-CUT = 4
+# a row whose competing blocks end within ROW / 2, 4 or 16 keys (CUTS) is searched in a register row of that size
+# (a 16K request in a 128K table: 2048 keys, not 8192); rows from CUT_FROM keys are cut (rows of 2048, at 4 warps,
+# spilled 8 bytes when cut, sm_90), none shorter than SHORTEST_CUT keys
+CUTS = (2, 4, 16)
 CUT_FROM = 4096  # tests lower it
 SHORTEST_CUT = 128  # tests lower it
 
@@ -127,12 +130,13 @@ def _radix_topk_kernel(
     stride_sb, stride_sh,
     stride_ib, stride_ih, stride_ij,
     stride_ob, stride_oh,
-    BLOCK_SIZE: tl.constexpr, SLICE: tl.constexpr, ROW: tl.constexpr, MID_ROW: tl.constexpr,
-    SHORT_ROW: tl.constexpr, MASKED: tl.constexpr, SEL_ROWS: tl.constexpr, PDL: tl.constexpr = 0,
+    BLOCK_SIZE: tl.constexpr, SLICE: tl.constexpr, ROW: tl.constexpr, HALF_ROW: tl.constexpr,
+    QUARTER_ROW: tl.constexpr, SHORT_ROW: tl.constexpr, MASKED: tl.constexpr, SEL_ROWS: tl.constexpr,
+    PDL: tl.constexpr = 0,
 ):
-    """Program (slice, KV head, request): the row's threshold from all its keys (in a register row of ``ROW``,
-    or of ``MID_ROW`` / ``SHORT_ROW`` where they hold them: :func:`cut_rows`), then the slice's part of the list;
-    slice 0 writes the count."""
+    """Program (slice, KV head, request): the row's threshold from all its keys (in a register row of ``ROW``, or
+    of ``HALF_ROW`` / ``QUARTER_ROW`` / ``SHORT_ROW`` where they hold them: :func:`cut_rows`), then the slice's
+    part of the list; slice 0 writes the count."""
     wait_for_previous_grid(PDL)
     part = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
@@ -150,8 +154,10 @@ def _radix_topk_kernel(
         # a short request in a wide table (a vLLM engine's) searches a register row cut to its competing blocks
         if hi <= SHORT_ROW:
             _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, SHORT_ROW)
-        elif hi <= MID_ROW:
-            _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, MID_ROW)
+        elif hi <= QUARTER_ROW:
+            _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, QUARTER_ROW)
+        elif hi <= HALF_ROW:
+            _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, HALF_ROW)
         else:
             _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, ROW)
     # the slice's share of the list's positions (j again: held across the search, it spilled at 16384 keys)
@@ -169,13 +175,15 @@ def num_warps(row: int) -> int:
     return 4 if row <= 2048 else 16
 
 
-def cut_rows(row: int) -> tuple[int, int]:
-    """(MID_ROW, SHORT_ROW): ``row`` cut by CUT and CUT**2 from CUT_FROM keys, each no shorter than SHORTEST_CUT
-    keys (else the longer one)."""
-    if row < CUT_FROM:
-        return row, row
-    mid = row // CUT if row // CUT >= SHORTEST_CUT else row
-    return mid, mid // CUT if mid // CUT >= SHORTEST_CUT else mid
+def cut_rows(row: int) -> tuple[int, ...]:
+    """(HALF_ROW, QUARTER_ROW, SHORT_ROW): ``row`` divided by each of CUTS from CUT_FROM keys, none shorter than
+    SHORTEST_CUT keys (else the one before: ``row`` for the first)."""
+    cuts, last = [], row
+    for divisor in CUTS:
+        if row >= CUT_FROM and row // divisor >= SHORTEST_CUT:
+            last = row // divisor
+        cuts.append(last)
+    return tuple(cuts)
 
 
 def launch_radix(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows) -> None:
@@ -183,7 +191,7 @@ def launch_radix(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows)
     ``scores`` (``[batch, heads, >= max_blocks]`` fp32) into ``sel_idx`` / ``sel_count`` (only the rows
     ``reselect`` names, unless None; at the rows ``sel_rows`` names, if given); same lists as ``_select_kernel``."""
     row = next_pow2(plan.max_blocks)
-    mid_row, short_row = cut_rows(row)
+    half_row, quarter_row, short_row = cut_rows(row)
     # each tensor's strides read once: every stride(i) is a call into torch (~0.25 us, host time per layer)
     score_strides, idx_strides, count_strides = scores.stride(), sel_idx.stride(), sel_count.stride()
     _RADIX((cdiv(plan.max_blocks, plan.radix_slice), plan.num_kv_heads, plan.batch),
@@ -193,6 +201,6 @@ def launch_radix(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows)
         stride_sb=score_strides[0], stride_sh=score_strides[1],
         stride_ib=idx_strides[0], stride_ih=idx_strides[1], stride_ij=idx_strides[2],
         stride_ob=count_strides[0], stride_oh=count_strides[1],
-        BLOCK_SIZE=plan.block_size, SLICE=plan.radix_slice, ROW=row, MID_ROW=mid_row, SHORT_ROW=short_row,
-        MASKED=reselect is not None, SEL_ROWS=sel_rows is not None, num_warps=num_warps(row),
+        BLOCK_SIZE=plan.block_size, SLICE=plan.radix_slice, ROW=row, HALF_ROW=half_row, QUARTER_ROW=quarter_row,
+        SHORT_ROW=short_row, MASKED=reselect is not None, SEL_ROWS=sel_rows is not None, num_warps=num_warps(row),
     )
