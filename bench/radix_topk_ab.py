@@ -11,8 +11,9 @@ of LAYERS layers (``sliced_topk_ab.layered_rows``'s setting: each layer its own 
 decodes (SDPA, ours, FlashInfer's two paged kernels when carried), attention alone, select + attend both ways, and
 ``select_every 8`` composed as ``(select_attend + 7 x attend) / 8``, every speedup against the fastest dense. Then
 one request of 4K to 128K tokens in a vLLM engine's 8192-block table, and of 4K to 64K in a 4096-block one
-(``wide_rows``): the selection and attention planned by the table's width against planned by the request's own.
-Last, the top-k alone from given scores at 1 x 8192 blocks (normal and equal scores).
+(``wide_rows``): the selection and attention planned by the table's width against planned by the request's own,
+and the radix top-k alone with its rows cut to the request and not (``cut_rows_ab``). Last, the top-k alone from
+given scores at 1 x 8192 blocks (normal and equal scores).
 
     python -m bench.radix_topk_ab [--quick | --wide]     # JSON under $OUT or bench/results/
 """
@@ -193,6 +194,47 @@ def wide_rows(width: int) -> list[dict]:
     return rows
 
 
+@contextlib.contextmanager
+def uncut():
+    """Radix launches inside search every row in registers of the table's width (no row is cut to a request)."""
+    kept, radix.CUT_FROM = radix.CUT_FROM, 1 << 30
+    try:
+        yield
+    finally:
+        radix.CUT_FROM = kept
+
+
+def cut_rows_ab() -> list[dict]:
+    """The radix top-k alone from given scores (normal, one request, 8 KV heads) with its rows cut to the request
+    and not cut (the kernel compiled without the cuts), and one program a row, at 8192- and 4096-block tables for a
+    request filling the table and shorter ones; lists equal first (CUDA-graph replays, do_bench median)."""
+    rows = []
+    for blocks, contexts in ((8192, (131072, 65536, 16384)), (4096, (65536, 32768, 4096))):
+        scores = torch.randn(1, NUM_KV_HEADS, blocks, device="cuda")
+        with radix_anywhere():
+            radix_plan = score_plan(scores)
+        with one_program():
+            one_plan = score_plan(scores)
+        for context in contexts:
+            lens = torch.full((1,), context, dtype=torch.int32, device="cuda")
+            launches = {"radix_cut": top_k_launch(radix_plan, scores, lens),
+                        "one_program": top_k_launch(one_plan, scores, lens)}
+            uncut_launch = top_k_launch(radix_plan, scores, lens)
+
+            def radix_uncut(launch=uncut_launch):
+                with uncut():
+                    return launch()
+
+            launches["radix_uncut"] = radix_uncut
+            lists = {name: tuple(t.clone() for t in launch()) for name, launch in launches.items()}
+            for name in ("radix_uncut", "one_program"):
+                assert all(torch.equal(a, b) for a, b in zip(lists[name], lists["radix_cut"])), f"{context} {name}"
+            for name, launch in launches.items():
+                rows.append(row("topk_cut_ab", name, f"b1_blocks{blocks}_ctx{context}", median_ms(launch)["cuda_graph"],
+                                kernels_us=kernel_times(graph_of(launch))))
+    return rows
+
+
 def score_rows(blocks: int = 8192) -> list[dict]:
     """The top-k launches alone from given scores (one request, 8 KV heads), normal and equal, both ways (plans
     made once, as ``SelectPlan.run`` uses them)."""
@@ -247,7 +289,7 @@ def main() -> None:
         rows += layered_rows(1, 131072)
         torch.cuda.empty_cache()
     if not quick:
-        rows += wide_rows(8192) + wide_rows(4096)
+        rows += cut_rows_ab() + wide_rows(8192) + wide_rows(4096)
     if not wide_only:
         rows += score_rows()
     path = write_results("radix_topk_ab", rows, ceilings, extra={

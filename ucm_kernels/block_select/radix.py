@@ -151,15 +151,17 @@ def _radix_topk_kernel(
     picked = tl.maximum(need, 0)
     if need > 0:
         score_row = scores_ptr + b * stride_sb + head * stride_sh
-        # a short request in a wide table (a vLLM engine's) searches a register row cut to its competing blocks
-        if hi <= SHORT_ROW:
-            _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, SHORT_ROW)
-        elif hi <= QUARTER_ROW:
-            _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, QUARTER_ROW)
-        elif hi <= HALF_ROW:
-            _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, HALF_ROW)
-        else:
+        if HALF_ROW == ROW:  # rows not cut (cut_rows): one search, compiled alone
             _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, ROW)
+        else:  # a short request in a wide table (a vLLM engine's) searches a row cut to its competing blocks
+            if hi <= SHORT_ROW:
+                _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, SHORT_ROW)
+            elif hi <= QUARTER_ROW:
+                _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, QUARTER_ROW)
+            elif hi <= HALF_ROW:
+                _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, HALF_ROW)
+            else:
+                _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, ROW)
     # the slice's share of the list's positions (j again: held across the search, it spilled at 16384 keys)
     _write_windows(sel_row, part * SLICE + tl.arange(0, SLICE), lo, hi, picked, count, width, stride_ij)
     if part == 0:
