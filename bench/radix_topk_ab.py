@@ -36,6 +36,7 @@ SIZES = {**BUDGET_SIZES, "token_budget": None}  # sparse_ratio 0.3, windows 1 + 
 SHAPES = ((1, 131072, 0), (1, 32768, 0), (1, 65536, 0), (1, 131072, 96), (2, 131072, 0), (8, 131072, 0))
 PATHS = ("radix", "one_program")
 WIDE_CONTEXTS = (4096, 16384, 32768, 65536, 131072)  # requests in a 128K engine's table (wide_rows)
+CUT_SETTINGS = ((), (2,), (4,), (2, 4), (4, 16), (2, 4, 16))  # radix.CUTS compared by cut_rows_ab
 
 
 @contextlib.contextmanager
@@ -195,21 +196,22 @@ def wide_rows(width: int) -> list[dict]:
 
 
 @contextlib.contextmanager
-def uncut():
-    """Radix launches inside search every row in registers of the table's width (no row is cut to a request)."""
-    kept, radix.CUT_FROM = radix.CUT_FROM, 1 << 30
+def row_cuts(cuts: tuple[int, ...]):
+    """Radix launches inside cut their rows by ``cuts`` (``radix.CUTS``; () cuts none: the kernel compiled without
+    the cuts)."""
+    kept, radix.CUTS = radix.CUTS, cuts
     try:
         yield
     finally:
-        radix.CUT_FROM = kept
+        radix.CUTS = kept
 
 
 def cut_rows_ab() -> list[dict]:
-    """The radix top-k alone from given scores (normal, one request, 8 KV heads) with its rows cut to the request
-    and not cut (the kernel compiled without the cuts), and one program a row, at 8192- and 4096-block tables for a
-    request filling the table and shorter ones; lists equal first (CUDA-graph replays, do_bench median)."""
+    """The radix top-k alone from given scores (normal, one request, 8 KV heads) with its rows cut by each of
+    CUT_SETTINGS (() not at all) and one program a row, at 8192- and 4096-block tables for a request filling the
+    table and shorter ones; lists equal first (CUDA-graph replays, do_bench median)."""
     rows = []
-    for blocks, contexts in ((8192, (131072, 65536, 16384)), (4096, (65536, 32768, 4096))):
+    for blocks, contexts in ((8192, (131072, 65536, 16384, 4096)), (4096, (65536, 32768, 4096))):
         scores = torch.randn(1, NUM_KV_HEADS, blocks, device="cuda")
         with radix_anywhere():
             radix_plan = score_plan(scores)
@@ -217,18 +219,16 @@ def cut_rows_ab() -> list[dict]:
             one_plan = score_plan(scores)
         for context in contexts:
             lens = torch.full((1,), context, dtype=torch.int32, device="cuda")
-            launches = {"radix_cut": top_k_launch(radix_plan, scores, lens),
-                        "one_program": top_k_launch(one_plan, scores, lens)}
-            uncut_launch = top_k_launch(radix_plan, scores, lens)
+            launches = {"one_program": top_k_launch(one_plan, scores, lens)}
+            for cuts in CUT_SETTINGS:
+                def launch(cuts=cuts, plain=top_k_launch(radix_plan, scores, lens)):
+                    with row_cuts(cuts):
+                        return plain()
 
-            def radix_uncut(launch=uncut_launch):
-                with uncut():
-                    return launch()
-
-            launches["radix_uncut"] = radix_uncut
+                launches["radix_cuts_" + "_".join(map(str, cuts)) if cuts else "radix_uncut"] = launch
             lists = {name: tuple(t.clone() for t in launch()) for name, launch in launches.items()}
-            for name in ("radix_uncut", "one_program"):
-                assert all(torch.equal(a, b) for a, b in zip(lists[name], lists["radix_cut"])), f"{context} {name}"
+            for name in lists:
+                assert all(torch.equal(a, b) for a, b in zip(lists[name], lists["one_program"])), f"{context} {name}"
             for name, launch in launches.items():
                 rows.append(row("topk_cut_ab", name, f"b1_blocks{blocks}_ctx{context}", median_ms(launch)["cuda_graph"],
                                 kernels_us=kernel_times(graph_of(launch))))

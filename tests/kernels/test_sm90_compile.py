@@ -154,14 +154,14 @@ def test_radix_top_k_compiles_for_sm90_without_spills(max_blocks, flags, tmp_pat
     from ucm_kernels.block_select import radix
 
     heads, width, row = 8, 2460, next_pow2(max_blocks)
-    half_row, quarter_row, short_row = radix.cut_rows(row)
+    cut_1, cut_2, cut_3 = radix.cut_rows(row)
     slice_blocks = max(radix.MIN_SLICE, next_pow2(-(-max_blocks // radix.SLICES)))
     ints = dict(max_blocks=max_blocks, width=width, ratio_fixed=1288490188, k_floor=5, init_window=1, local_window=4,
                 stride_sb=heads * 16384, stride_sh=16384, stride_ib=heads * width, stride_ih=width, stride_ij=1,
                 stride_ob=heads, stride_oh=1)
     assert_no_spills(tmp_path, "ucm_kernels.block_select.radix", "_radix_topk_kernel", SELECT_TYPES, ints,
-                     dict(BLOCK_SIZE=16, SLICE=slice_blocks, ROW=row, HALF_ROW=half_row, QUARTER_ROW=quarter_row,
-                          SHORT_ROW=short_row, MASKED=flags, SEL_ROWS=flags, PDL=1),
+                     dict(BLOCK_SIZE=16, SLICE=slice_blocks, ROW=row, CUT_1=cut_1, CUT_2=cut_2, CUT_3=cut_3,
+                          MASKED=flags, SEL_ROWS=flags, PDL=1),
                      {"num_warps": radix.num_warps(row)})
 
 

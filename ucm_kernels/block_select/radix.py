@@ -130,13 +130,12 @@ def _radix_topk_kernel(
     stride_sb, stride_sh,
     stride_ib, stride_ih, stride_ij,
     stride_ob, stride_oh,
-    BLOCK_SIZE: tl.constexpr, SLICE: tl.constexpr, ROW: tl.constexpr, HALF_ROW: tl.constexpr,
-    QUARTER_ROW: tl.constexpr, SHORT_ROW: tl.constexpr, MASKED: tl.constexpr, SEL_ROWS: tl.constexpr,
-    PDL: tl.constexpr = 0,
+    BLOCK_SIZE: tl.constexpr, SLICE: tl.constexpr, ROW: tl.constexpr, CUT_1: tl.constexpr, CUT_2: tl.constexpr,
+    CUT_3: tl.constexpr, MASKED: tl.constexpr, SEL_ROWS: tl.constexpr, PDL: tl.constexpr = 0,
 ):
     """Program (slice, KV head, request): the row's threshold from all its keys (in a register row of ``ROW``, or
-    of ``HALF_ROW`` / ``QUARTER_ROW`` / ``SHORT_ROW`` where they hold them: :func:`cut_rows`), then the slice's
-    part of the list; slice 0 writes the count."""
+    of the shortest of ``CUT_1`` / ``CUT_2`` / ``CUT_3`` that holds them: :func:`cut_rows`), then the slice's part
+    of the list; slice 0 writes the count."""
     wait_for_previous_grid(PDL)
     part = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
@@ -151,15 +150,29 @@ def _radix_topk_kernel(
     picked = tl.maximum(need, 0)
     if need > 0:
         score_row = scores_ptr + b * stride_sb + head * stride_sh
-        if HALF_ROW == ROW:  # rows not cut (cut_rows): one search, compiled alone
+        # a short request in a wide table (a vLLM engine's) searches a row cut to its competing blocks; the chain
+        # of cuts is compiled as long as cut_rows made it (CUT_1 >= CUT_2 >= CUT_3, a repeat: no further cut)
+        if CUT_1 == ROW:
             _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, ROW)
-        else:  # a short request in a wide table (a vLLM engine's) searches a row cut to its competing blocks
-            if hi <= SHORT_ROW:
-                _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, SHORT_ROW)
-            elif hi <= QUARTER_ROW:
-                _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, QUARTER_ROW)
-            elif hi <= HALF_ROW:
-                _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, HALF_ROW)
+        elif CUT_2 == CUT_1:
+            if hi <= CUT_1:
+                _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, CUT_1)
+            else:
+                _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, ROW)
+        elif CUT_3 == CUT_2:
+            if hi <= CUT_2:
+                _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, CUT_2)
+            elif hi <= CUT_1:
+                _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, CUT_1)
+            else:
+                _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, ROW)
+        else:
+            if hi <= CUT_3:
+                _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, CUT_3)
+            elif hi <= CUT_2:
+                _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, CUT_2)
+            elif hi <= CUT_1:
+                _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, CUT_1)
             else:
                 _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, ROW)
     # the slice's share of the list's positions (j again: held across the search, it spilled at 16384 keys)
@@ -177,15 +190,11 @@ def num_warps(row: int) -> int:
     return 4 if row <= 2048 else 16
 
 
-def cut_rows(row: int) -> tuple[int, ...]:
-    """(HALF_ROW, QUARTER_ROW, SHORT_ROW): ``row`` divided by each of CUTS from CUT_FROM keys, none shorter than
-    SHORTEST_CUT keys (else the one before: ``row`` for the first)."""
-    cuts, last = [], row
-    for divisor in CUTS:
-        if row >= CUT_FROM and row // divisor >= SHORTEST_CUT:
-            last = row // divisor
-        cuts.append(last)
-    return tuple(cuts)
+def cut_rows(row: int) -> tuple[int, int, int]:
+    """(CUT_1, CUT_2, CUT_3): ``row`` divided by each of CUTS (up to three, ascending) from CUT_FROM keys, none
+    shorter than SHORTEST_CUT keys; the last size repeated (``row`` where none) for the cuts not made."""
+    cuts = [row // divisor for divisor in CUTS if row >= CUT_FROM and row // divisor >= SHORTEST_CUT]
+    return tuple((cuts + [cuts[-1] if cuts else row] * 3)[:3])
 
 
 def launch_radix(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows) -> None:
@@ -193,7 +202,7 @@ def launch_radix(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows)
     ``scores`` (``[batch, heads, >= max_blocks]`` fp32) into ``sel_idx`` / ``sel_count`` (only the rows
     ``reselect`` names, unless None; at the rows ``sel_rows`` names, if given); same lists as ``_select_kernel``."""
     row = next_pow2(plan.max_blocks)
-    half_row, quarter_row, short_row = cut_rows(row)
+    cut_1, cut_2, cut_3 = cut_rows(row)
     # each tensor's strides read once: every stride(i) is a call into torch (~0.25 us, host time per layer)
     score_strides, idx_strides, count_strides = scores.stride(), sel_idx.stride(), sel_count.stride()
     _RADIX((cdiv(plan.max_blocks, plan.radix_slice), plan.num_kv_heads, plan.batch),
@@ -203,6 +212,6 @@ def launch_radix(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows)
         stride_sb=score_strides[0], stride_sh=score_strides[1],
         stride_ib=idx_strides[0], stride_ih=idx_strides[1], stride_ij=idx_strides[2],
         stride_ob=count_strides[0], stride_oh=count_strides[1],
-        BLOCK_SIZE=plan.block_size, SLICE=plan.radix_slice, ROW=row, HALF_ROW=half_row, QUARTER_ROW=quarter_row,
-        SHORT_ROW=short_row, MASKED=reselect is not None, SEL_ROWS=sel_rows is not None, num_warps=num_warps(row),
+        BLOCK_SIZE=plan.block_size, SLICE=plan.radix_slice, ROW=row, CUT_1=cut_1, CUT_2=cut_2, CUT_3=cut_3,
+        MASKED=reselect is not None, SEL_ROWS=sel_rows is not None, num_warps=num_warps(row),
     )
