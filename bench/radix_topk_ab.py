@@ -197,9 +197,9 @@ def wide_rows(width: int) -> list[dict]:
 
 @contextlib.contextmanager
 def row_cuts(cuts: tuple[int, ...]):
-    """Radix launches inside cut their rows by ``cuts`` (``radix.CUTS``; () cuts none: the kernel compiled without
-    the cuts)."""
-    kept, radix.CUTS = radix.CUTS, cuts
+    """Radix launches inside cut rows of 4096 and 8192 keys by ``cuts`` (``radix.CUTS``; () cuts none: the kernel
+    compiled without the cuts)."""
+    kept, radix.CUTS = radix.CUTS, {4096: cuts, 8192: cuts}
     try:
         yield
     finally:

@@ -16,8 +16,8 @@ largest the same way, so no program waits for another:
    of the windows and -1 padding.
 
 A row whose competing blocks end early (a short request in a wide table: vLLM's tables are max_model_len wide)
-is searched in a register row cut to a half, a quarter or a sixteenth (``cut_rows``): the search's cost follows the
-request, not the table. The lists are exactly the one-program kernel's (tests).
+is searched in a register row cut to a half, a quarter or a sixteenth (``CUTS``, ``cut_rows``): the search's cost
+follows the request, not the table. The lists are exactly the one-program kernel's (tests).
 
 Four launches, one pass each (bounds, a histogram of the slices' digits merged by the row's last slice, the bin's
 candidates, the lists), took as long as one program a row at 1 x 128K on the H200 (BENCHMARKS.md): each pass paid a
@@ -46,12 +46,13 @@ ROWS = (2048, 4096, 8192)  # tests and the A/B widen it
 DIGIT_BITS = tl.constexpr(8)  # bits a histogram round decides
 BINS = tl.constexpr(256)  # 2**DIGIT_BITS
 KEY_MAX = tl.constexpr(2147483647)
-# a row whose competing blocks end within ROW / 2, 4 or 16 keys (CUTS) is searched in a register row of that size
-# (a 16K request in a 128K table: 2048 keys, not 8192); rows from CUT_FROM keys are cut (rows of 2048, at 4 warps,
-# spilled 8 bytes when cut, sm_90), none shorter than SHORTEST_CUT keys
-CUTS = (2, 4, 16)
-CUT_FROM = 4096  # tests lower it
-SHORTEST_CUT = 128  # tests lower it
+# Row keys -> the divisors of ROW that give the shorter register rows a request's competing blocks may be searched
+# in (a 16K request in a 128K table: 2048 keys, not 8192). Timed on the H100 (c33e54e, `radix_topk_ab --wide`, the
+# top-k alone, us): rows of 8192 cut by 4 and 16 cost a request filling the table 1.1 (27.9 against 26.8) and save
+# 9.4 at 16K and 13.0 at 4K; cut by 2 as well they also save 4.9 at 64K but cost 2.9 at 128K (the 4096-key search
+# beside the full one). Rows of 4096 cost nothing at 64K cut by 2, 4 and 16 (21.6 against 21.3). Rows of 2048 (at 4
+# warps) spilled 8 bytes when cut (sm_90).
+CUTS = {4096: (2, 4, 16), 8192: (4, 16)}  # tests and the A/B change it
 
 
 def choose_radix(max_blocks: int, rows: int, sms: int, sliceable: bool) -> int:
@@ -191,9 +192,9 @@ def num_warps(row: int) -> int:
 
 
 def cut_rows(row: int) -> tuple[int, int, int]:
-    """(CUT_1, CUT_2, CUT_3): ``row`` divided by each of CUTS (up to three, ascending) from CUT_FROM keys, none
-    shorter than SHORTEST_CUT keys; the last size repeated (``row`` where none) for the cuts not made."""
-    cuts = [row // divisor for divisor in CUTS if row >= CUT_FROM and row // divisor >= SHORTEST_CUT]
+    """(CUT_1, CUT_2, CUT_3): ``row`` divided by each of its CUTS (up to three, ascending); the last size repeated
+    (``row`` where none) for the cuts not made."""
+    cuts = [row // divisor for divisor in CUTS.get(row, ())]
     return tuple((cuts + [cuts[-1] if cuts else row] * 3)[:3])
 
 
