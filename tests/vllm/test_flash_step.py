@@ -106,6 +106,38 @@ def test_uniform_decode_rows_equal_the_torch_reference():
     assert int(selection.sel_count[0, 0]) < 19 and int(selection.sel_count[2, 0]) == 3  # sparse; dense
 
 
+def test_short_requests_in_a_wide_table_select_and_attend_as_in_their_own(monkeypatch):
+    """vLLM's block tables are max_model_len wide: requests of 100, 60 and 15 blocks in a 256-block table padded
+    with a block of NaN, the radix top-k planned for it (rows cut to 64 and 16 keys: the requests search rows of
+    256, 64 and 16 keys) and the attention planned for its width on a GPU of 132 SMs (each list cut into splits by
+    its own length): lists and outputs as the torch reference computes them over the requests' own tables."""
+    from ucm_kernels.block_select import radix
+    from ucm_kernels.block_select import triton as block_select_triton
+    from ucm_kernels.sparse_decode import triton as sparse_decode_triton
+
+    monkeypatch.setattr(radix, "MIN_BLOCKS", 1)
+    monkeypatch.setattr(radix, "MIN_SLICE", 16)
+    monkeypatch.setattr(radix, "ROWS", (256,))
+    monkeypatch.setattr(radix, "CUTS", {256: (4, 16)})
+    monkeypatch.setattr(block_select_triton, "sm_count", lambda device: 132)
+    monkeypatch.setattr(sparse_decode_triton, "sm_count", lambda device: 132)
+    kv_cache = flash_cache(304)
+    kv_cache[303] = float("nan")
+    table, seq_lens, starts, starts_cpu, q = batch([1590, 950, 230], [1, 1, 1], num_blocks=303)
+    wide = torch.full((3, 256), 303, dtype=torch.int32, device=DEVICE)
+    wide[:, :table.shape[1]] = table
+    step = gsa()
+    layer = summarised_layer(step, kv_cache)
+    plan = step.plan(seq_lens, starts, starts_cpu, wide, 1)
+    assert plan.decode.select.radix_slice == 32 and plan.decode.decode.num_splits > 1
+    step.run(plan, q, kv_cache, layer, HEAD ** -0.5, output := poisoned_like(q))
+    expected, selection = reference(q, kv_cache, table, seq_lens)
+    width = selection.sel_idx.shape[2]
+    assert torch.equal(plan.decode.sel_count.cpu(), selection.sel_count.cpu())
+    assert torch.equal(plan.decode.sel_idx[:3, :, :width].cpu(), selection.sel_idx.cpu())
+    torch.testing.assert_close(output, expected, atol=2e-2, rtol=2e-2)
+
+
 def test_gauss_rule_rows_equal_the_torch_reference_at_the_layers_scale():
     """score="gauss" (each query head scored at the layer's softmax scale, shares summed in the top-k program):
     the decode rows' lists and outputs as the torch twin computes them over the summaries the step refreshed."""
