@@ -25,8 +25,8 @@ PROGRAMS_PER_SM = (2, 3, 4)
 
 
 def plan_with_chunk(plan: DecodePlan, chunk_blocks: int, device: torch.device) -> DecodePlan:
-    """``plan`` with splits of ``chunk_blocks`` list entries (any length) and scratch for their count on
-    ``device``."""
+    """``plan`` with splits of ``chunk_blocks`` list entries (any length; a list shorter than the plan's widest is
+    cut into as many splits, each no longer) and scratch for their count on ``device``."""
     splits = -(-plan.max_blocks // chunk_blocks)
     scratch = (plan.batch, plan.num_q_heads, splits)
     return dataclasses.replace(

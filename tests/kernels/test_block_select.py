@@ -744,10 +744,10 @@ def test_radix_top_k_writes_the_rule_and_the_one_program_lists(min_slice, sizes,
 def test_radix_top_k_searches_a_short_request_in_a_row_cut_to_it(cuts, sizes, monkeypatch):
     """Requests in a wide table (256 blocks, as a vLLM engine's tables are wide), the row cut by each chain of cuts
     (CUTS given for rows of 256 keys; three cuts: 128, 64 and 16 keys): competing blocks ending
-    at 8 and 16, 17 and 64, 65 and 128, and 129, each searched in the shortest row that holds them, over ties,
+    at 10 and 16, 17 and 64, 65 and 128, and 129, each searched in the shortest row that holds them, over ties,
     near-ties and hard bit patterns: the rule written out, and exactly the one-program kernel's lists and
     counts."""
-    blocks = torch.tensor([10, 18, 19, 66, 67, 130, 131], dtype=torch.int32)  # competing blocks end 2 before
+    blocks = torch.tensor([12, 18, 19, 66, 67, 130, 131], dtype=torch.int32)  # competing blocks end 2 before
     scores = torch.cat([equal_and_spread_scores(256), hard_scores(4, 3, 256, seed=8)[:2]])
     scores[torch.arange(7), :, blocks - 3] = 3e38  # each row's last competing block is picked: a cut one short shows
     scores = scores.to(DEVICE)
@@ -770,6 +770,19 @@ def test_radix_rows_of_4096_and_8192_keys_are_cut(row, cuts):
     assert block_select_radix.cut_rows(row) == cuts
 
 
+@pytest.mark.parametrize("cuts,sizes", [((), (8192,) * 3), ((4,), (2048,) * 3), ((2, 16), (4096, 512, 512))])
+def test_radix_rows_are_cut_as_cuts_says(cuts, sizes, monkeypatch):
+    monkeypatch.setattr(block_select_radix, "CUTS", {8192: cuts})
+    assert block_select_radix.cut_rows(8192) == sizes
+
+
+@pytest.mark.parametrize("cuts", [(1, 4), (4, 4, 16), (16, 4), (2, 4, 8, 16), (3,), (16384,), (2.0,)])
+def test_radix_cuts_that_are_not_ascending_powers_of_two_name_the_setting(cuts, monkeypatch):
+    monkeypatch.setattr(block_select_radix, "CUTS", {8192: cuts})
+    with pytest.raises(ValueError, match=r"radix\.CUTS\[8192\]=.*ascending powers of two in \(1, 8192\]"):
+        block_select_radix.cut_rows(8192)
+
+
 def test_radix_top_k_reselects_named_rows_into_sel_rows(monkeypatch):
     """Through a plan (Quest scores from reprs, windows, a 2-block request that is dense): rows reselected into the
     rows sel_rows names get the one-program lists, the others keep what they held; a plan for fewer rows selects
@@ -786,7 +799,7 @@ def test_radix_top_k_reselects_named_rows_into_sel_rows(monkeypatch):
 @pytest.mark.parametrize("max_blocks,rows,sliceable,slice_blocks", [
     (8192, 8, True, 1024),  # 1 x 128K (8 KV heads): 8 slices
     (4097, 8, True, 1024),  # the shortest table of rows of 8192 keys: 5 slices
-    (4096, 8, True, 512),  # 1 x 64K: rows of 4096 keys (as fast at full length, faster cut to a short request)
+    (4096, 8, True, 512),  # 1 x 64K: rows of 4096 keys (1 us slower at full length, faster cut to a short request)
     (2049, 8, True, 512),  # the shortest table of rows of 4096 keys: 5 slices
     (2048, 8, True, 256),  # 1 x 32K: rows of 2048 keys, the shortest table timed
     (8192, 16, True, 1024),  # 2 x 128K: 128 programs

@@ -24,6 +24,8 @@ candidates, the lists), took as long as one program a row at 1 x 128K on the H20
 launch and a chain of dependent loads. ``plan_select`` takes this path where the sliced top-k does not apply and the
 table is one this kernel was timed faster on (``choose_radix``).
 """
+import functools
+
 import triton
 import triton.language as tl
 
@@ -36,22 +38,23 @@ MIN_SLICE = 256  # fewest blocks a slice holds (tests shrink it)
 # Tables planned here: from 2048 blocks, in rows of 2048, 4096 or 8192 keys (the table's next power of two), where
 # `bash bench/run_gpu.sh radix` timed this kernel faster than one program a row (H100, 734a15e: top-k 19.0 against
 # 21.5 us at 1 x 128K, 18.5 against 22.1 at 2 x 128K; b3cf42b / 191b5c7: 9.8 against 11.1 at 1 x 32K) or, rows of
-# 4096 keys, about as fast for a request that fills the table (1 x 64K, 16 warps: 14.3 against 14.0, 14.1 against
-# 13.9 at 5d945df) and much faster for a shorter one in it, as a vLLM engine's tables hold them (rows cut to the
-# request: a 4K request in a 64K table 8.1 against 12.4, 16K 8.9 against 12.4; `run_gpu.sh wide`). Rows of 16384 keys
-# (8198 blocks) were slower (32.0 against 27.0); shorter tables were not timed, so of the rows of 2048 keys only a
-# table of exactly 2048 blocks takes it (a 32K vLLM table; 2 x 32K was not timed either).
+# 4096 keys, 1 us slower for a request that fills a 64K table (the top-k alone from normal scores, same process: 21.4
+# against 20.4 at 35e234f; with Quest's scores the whole selection 29.3 against 29.0) and faster for a shorter one in
+# it, as a vLLM engine's tables hold them (rows cut to the request: the selection at 4K 15.8 against 19.8 us, 16K
+# 17.9 against 21.2, 32K 21.2 against 23.9; `run_gpu.sh wide`). Of the tables of 2049-4095 blocks none was timed.
+# Rows of 16384 keys (8198 blocks) were slower (32.0 against 27.0); shorter tables were not timed, so of the rows of
+# 2048 keys only a table of exactly 2048 blocks takes it (a 32K vLLM table; 2 x 32K was not timed either).
 MIN_BLOCKS = 2048  # tests lower it
 ROWS = (2048, 4096, 8192)  # tests and the A/B widen it
 DIGIT_BITS = tl.constexpr(8)  # bits a histogram round decides
 BINS = tl.constexpr(256)  # 2**DIGIT_BITS
 KEY_MAX = tl.constexpr(2147483647)
-# Row keys -> the divisors of ROW that give the shorter register rows a request's competing blocks may be searched
-# in (a 16K request in a 128K table: 2048 keys, not 8192). Timed on the H100 (c33e54e, `radix_topk_ab --wide`, the
-# top-k alone, us): rows of 8192 cut by 4 and 16 cost a request filling the table 1.1 (27.9 against 26.8) and save
-# 9.4 at 16K and 13.0 at 4K; cut by 2 as well they also save 4.9 at 64K but cost 2.9 at 128K (the 4096-key search
-# beside the full one). Rows of 4096 cost nothing at 64K cut by 2, 4 and 16 (21.6 against 21.3). Rows of 2048 (at 4
-# warps) spilled 8 bytes when cut (sm_90).
+# Row keys -> the divisors of ROW (up to three, ascending powers of two) that give the shorter register rows a
+# request's competing blocks may be searched in (a 16K request in a 128K table: 2048 keys, not 8192). Timed on the
+# H100 (35e234f, `radix_topk_ab --wide`, the top-k alone, us): rows of 8192 cut by 4 and 16 cost a request filling
+# the table 1.1 (28.0 against 26.9) and save 9.3 at 16K and 13.0 at 4K; cut by 2 as well they also save 4.9 at 64K
+# but cost 2.9 at 128K (the 4096-key search beside the full one). Rows of 4096 cut by 2, 4 and 16 cost 0.2 at 64K
+# (21.6 against 21.4) and save 5.0 at 32K. Rows of 2048 (at 4 warps) spilled 8 bytes when cut (sm_90).
 CUTS = {4096: (2, 4, 16), 8192: (4, 16)}  # tests and the A/B change it
 
 
@@ -104,7 +107,8 @@ def _slice_first(keys, threshold, ties_wanted, before):
 @triton.jit
 def _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE: tl.constexpr, ROW: tl.constexpr):
     """Slice ``part``'s picks of a row's ``need`` (>= 1) largest competing keys (blocks [lo, hi), hi <= ROW), the
-    threshold found from the row's first ``ROW`` keys in registers, written at their list positions after ``lo``."""
+    threshold found from the row's first ``ROW`` keys in registers (``score_row``: fp32 scores), written into the
+    int32 list ``sel_row`` at their positions from ``lo``."""
     r = tl.arange(0, ROW)
     j = part * SLICE + tl.arange(0, SLICE)
     row_valid = (r >= lo) & (r < hi)
@@ -192,9 +196,20 @@ def num_warps(row: int) -> int:
 
 
 def cut_rows(row: int) -> tuple[int, int, int]:
-    """(CUT_1, CUT_2, CUT_3): ``row`` divided by each of its CUTS (up to three, ascending); the last size repeated
-    (``row`` where none) for the cuts not made."""
-    cuts = [row // divisor for divisor in CUTS.get(row, ())]
+    """(CUT_1, CUT_2, CUT_3): ``row`` divided by each of its CUTS; the last size repeated (``row`` where none) for
+    the cuts not made. Raises ValueError naming radix.CUTS for divisors that are not up to three ascending powers of
+    two in (1, row]."""
+    return _cut_sizes(row, tuple(CUTS.get(row, ())))
+
+
+@functools.lru_cache(maxsize=None)
+def _cut_sizes(row: int, divisors: tuple) -> tuple[int, int, int]:
+    """:func:`cut_rows` of ``divisors``, checked once per setting (a launch pays a dict lookup and a cache hit)."""
+    powers = all(isinstance(d, int) and not isinstance(d, bool) and 1 < d <= row and d & (d - 1) == 0
+                 for d in divisors)
+    if len(divisors) > 3 or not powers or list(divisors) != sorted(set(divisors)):
+        raise ValueError(f"radix.CUTS[{row}]={divisors!r}: expected up to three ascending powers of two in (1, {row}]")
+    cuts = [row // divisor for divisor in divisors]
     return tuple((cuts + [cuts[-1] if cuts else row] * 3)[:3])
 
 

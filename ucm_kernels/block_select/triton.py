@@ -33,9 +33,9 @@ Two launches, both reading each input once:
 
 Short lists over long rows at a small batch (a token budget at 1 x 128K: eight rows of 8192 blocks) take the sliced
 top-k of ``sliced.py`` instead: programs per slice of a row keep their best, the row's last to finish merges them
-(same lists). Long lists over tables of 2048 or 4097-8192 blocks (sparse_ratio 0.3 at 1 x 32K, 1 or 2 x 128K) take
-``radix.py``'s: every program of a row finds the threshold from the whole row in registers by histograms of 8-bit
-digits, then writes its slice (same lists).
+(same lists). Long lists over tables of 2048 or 2049-8192 blocks (sparse_ratio 0.3 at 1 x 32K, 1 x 64K, 1 or 2 x
+128K) take ``radix.py``'s: every program of a row finds the threshold from the row in registers (cut to a short
+request's blocks in a wide table) by histograms of 8-bit digits, then writes its slice (same lists).
 
 :func:`plan_select` does the host-side work (scalar checks, k rule, launch settings, scratch) once per step;
 ``SelectPlan.run`` per layer only checks the tensors and launches.

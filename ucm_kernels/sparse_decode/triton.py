@@ -30,6 +30,7 @@ from .._launch import Launcher, let_next_grid_start, wait_for_previous_grid
 from .._utils import TL_DTYPES, cdiv, check_device, compute_dtype, next_pow2, sm_count
 
 _MAX_TILE_TOKENS = 128
+_MAX_TILE = tl.constexpr(_MAX_TILE_TOKENS)  # the kernels' copy: a split's length is a multiple of it (in blocks)
 _MIN_TOKENS_PER_SPLIT = 128  # one tile-aligned chunk; short lists on a small batch still fill the GPU
 _MAX_SPLITS = 64  # bounds the split scratch ([batch, num_q_heads, splits, head_dim] fp32) and the combine's loop
 # splits the combine merges a loop step ([64, head_dim] fp32 a program): every planned count in one step; four steps
@@ -62,7 +63,7 @@ def _sparse_decode_split_kernel(
     num_kv_heads, num_splits, chunk_blocks, qk_scale_log2,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     DENSE: tl.constexpr, DIRECT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, TILE_TOKENS: tl.constexpr,
-    SEL_ROWS: tl.constexpr, READY: tl.constexpr, ALIGN: tl.constexpr, PDL: tl.constexpr = 0,
+    SEL_ROWS: tl.constexpr, READY: tl.constexpr, PDL: tl.constexpr = 0,
 ):
     pid_head = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
@@ -74,6 +75,7 @@ def _sparse_decode_split_kernel(
     within = tl.arange(0, TILE) % BLOCK_SIZE
     table_row = block_table_ptr + b * stride_btb
     EARLY: tl.constexpr = READY and PDL >= 1  # the inputs predate the kernel ahead: start on them (module doc)
+    ALIGN: tl.constexpr = (_MAX_TILE + BLOCK_SIZE - 1) // BLOCK_SIZE  # blocks of the largest tile
     if not EARLY:
         wait_for_previous_grid(PDL)
     sel_row, seq_len, start, end = _list_span(b, h, split, num_splits, chunk_blocks, seq_lens_ptr, sel_idx_ptr,
@@ -133,9 +135,9 @@ def _list_span(b, h, split, num_splits, chunk_blocks, seq_lens_ptr, sel_idx_ptr,
                stride_sib, stride_sih, stride_scb, stride_sch, DENSE: tl.constexpr, SEL_ROWS: tl.constexpr,
                BLOCK_SIZE: tl.constexpr, ALIGN: tl.constexpr):
     """(sel_row, seq_len, start, end) of program (b, h, split): the list row it reads (unused when DENSE), the
-    request's length and the list entries [start, end) of its split. A list shorter than the plan's widest is cut
-    as a plan for its own length would cut it (``num_splits`` shares of ``ALIGN``-block multiples), never into
-    longer splits than ``chunk_blocks``, so a short request in a wide table still spreads over the splits."""
+    request's length and the list entries [start, end) of its split. Each list is cut into ``num_splits`` shares
+    rounded up to ``ALIGN`` blocks, never longer than ``chunk_blocks`` (the plan's, for its widest list), so a short
+    request in a wide table still spreads over the splits."""
     seq_len = tl.load(seq_lens_ptr + b)
     sel_row = seq_lens_ptr  # any pointer when DENSE (sel_idx_ptr is None then, which a tuple cannot hold)
     if DENSE:
@@ -252,7 +254,7 @@ def plan_decode(q: torch.Tensor, key_cache: torch.Tensor, max_blocks: int, *,
         key_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]`` like the calls' caches.
         max_blocks: the widest list the plan serves: ``sel_idx.shape[2]`` for :func:`sparse_decode`,
             ``block_table.shape[1]`` for :func:`dense_decode`. Each shorter list (a short request in a wide
-            table) is cut into splits as a plan for its own length would cut it, on the device.
+            table) is cut on the device into the plan's number of splits, each a multiple of the largest tile.
         num_splits: most programs per (request, KV head) (rounded down so none is left without list
             entries); default chosen from the work and the SM count.
         dense: tune for :func:`dense_decode` (every block) rather than :func:`sparse_decode`'s lists; either
@@ -389,7 +391,7 @@ def _launch(plan: DecodePlan, q, key_cache, value_cache, block_table, seq_lens, 
         BLOCK_SIZE=plan.block_size, DENSE=dense, DIRECT=direct,
         COMPUTE_DTYPE=compute_dtype(q.dtype),
         TILE_TOKENS=plan.tile_tokens, SEL_ROWS=sel_rows is not None, READY=ready,
-        ALIGN=cdiv(_MAX_TILE_TOKENS, plan.block_size), num_warps=plan.num_warps, num_stages=plan.num_stages,
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     if not direct:
         _COMBINE((plan.batch * plan.num_q_heads,),
