@@ -47,6 +47,8 @@ def ptxas_report(module: str, name: str, types: dict, ints: dict, constexprs: di
     from triton.compiler import ASTSource
 
     kernel = getattr(importlib.import_module(module), name)
+    missing = [p.name for p in kernel.params if p.is_constexpr and not p.has_default and p.name not in constexprs]
+    assert not missing, f"{name}: constexprs {missing} not given (they would compile as int arguments)"
     constexprs = {key: getattr(tl, value[3:]) if isinstance(value, str) and value.startswith("tl.") else value
                   for key, value in constexprs.items()}
     plain = set(kernel.do_not_specialize)
