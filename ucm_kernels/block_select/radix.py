@@ -105,22 +105,26 @@ def _slice_first(keys, threshold, ties_wanted, before):
 
 
 @triton.jit
-def _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE: tl.constexpr, ROW: tl.constexpr):
-    """Slice ``part``'s picks of a row's ``need`` (>= 1) largest competing keys (blocks [lo, hi), hi <= ROW), the
-    threshold found from the row's first ``ROW`` keys in registers (``score_row``: fp32 scores), written into the
-    int32 list ``sel_row`` at their positions from ``lo``."""
-    r = tl.arange(0, ROW)
-    j = part * SLICE + tl.arange(0, SLICE)
-    row_valid = (r >= lo) & (r < hi)
-    valid = (j >= lo) & (j < hi)
-    row_keys = tl.where(row_valid, _order_keys(tl.load(score_row + r, mask=row_valid, other=0.0)), KEY_NONE)
-    # the slice's keys loaded again (from L1 / L2): a slice of a register tensor cannot be taken in Triton
-    keys = tl.where(valid, _order_keys(tl.load(score_row + j, mask=valid, other=0.0)), KEY_NONE)
-    threshold, above = _radix_kth_largest(row_keys, need)
-    first, tie_budget = _slice_first(row_keys, threshold, need - above, r < part * SLICE)
-    tie = valid & (keys == threshold)
-    take = (valid & (keys > threshold)) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= tie_budget))
-    tl.store(sel_row + (lo + first + tl.cumsum(take.to(tl.int32), axis=0) - 1) * stride_ij, j, mask=take)
+def _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE: tl.constexpr, ROW: tl.constexpr,
+                SHORTER: tl.constexpr):
+    """When the row's competing blocks [lo, hi) end within (SHORTER, ROW] (ROW 0: compiled to nothing): slice
+    ``part``'s picks of the row's ``need`` (>= 1) largest competing keys, the threshold found from the row's first
+    ``ROW`` keys in registers (``score_row``: fp32 scores), written into the int32 list ``sel_row`` at their
+    positions from ``lo``."""
+    if ROW > 0:
+        if (hi > SHORTER) & (hi <= ROW):
+            r = tl.arange(0, ROW)
+            j = part * SLICE + tl.arange(0, SLICE)
+            row_valid = (r >= lo) & (r < hi)
+            valid = (j >= lo) & (j < hi)
+            row_keys = tl.where(row_valid, _order_keys(tl.load(score_row + r, mask=row_valid, other=0.0)), KEY_NONE)
+            # the slice's keys loaded again (from L1 / L2): a slice of a register tensor cannot be taken in Triton
+            keys = tl.where(valid, _order_keys(tl.load(score_row + j, mask=valid, other=0.0)), KEY_NONE)
+            threshold, above = _radix_kth_largest(row_keys, need)
+            first, tie_budget = _slice_first(row_keys, threshold, need - above, r < part * SLICE)
+            tie = valid & (keys == threshold)
+            take = (valid & (keys > threshold)) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= tie_budget))
+            tl.store(sel_row + (lo + first + tl.cumsum(take.to(tl.int32), axis=0) - 1) * stride_ij, j, mask=take)
 
 
 @triton.jit(do_not_specialize=["max_blocks", "width"])
@@ -139,8 +143,8 @@ def _radix_topk_kernel(
     CUT_3: tl.constexpr, MASKED: tl.constexpr, SEL_ROWS: tl.constexpr, PDL: tl.constexpr = 0,
 ):
     """Program (slice, KV head, request): the row's threshold from all its keys (in a register row of ``ROW``, or
-    of the shortest of ``CUT_1`` / ``CUT_2`` / ``CUT_3`` that holds them: :func:`cut_rows`), then the slice's part
-    of the list; slice 0 writes the count."""
+    of the shortest of ``CUT_1`` / ``CUT_2`` / ``CUT_3`` that holds them, 0 for a cut not made: :func:`cut_rows`),
+    then the slice's part of the list; slice 0 writes the count."""
     wait_for_previous_grid(PDL)
     part = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
@@ -155,31 +159,12 @@ def _radix_topk_kernel(
     picked = tl.maximum(need, 0)
     if need > 0:
         score_row = scores_ptr + b * stride_sb + head * stride_sh
-        # a short request in a wide table (a vLLM engine's) searches a row cut to its competing blocks; the chain
-        # of cuts is compiled as long as cut_rows made it (CUT_1 >= CUT_2 >= CUT_3, a repeat: no further cut)
-        if CUT_1 == ROW:
-            _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, ROW)
-        elif CUT_2 == CUT_1:
-            if hi <= CUT_1:
-                _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, CUT_1)
-            else:
-                _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, ROW)
-        elif CUT_3 == CUT_2:
-            if hi <= CUT_2:
-                _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, CUT_2)
-            elif hi <= CUT_1:
-                _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, CUT_1)
-            else:
-                _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, ROW)
-        else:
-            if hi <= CUT_3:
-                _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, CUT_3)
-            elif hi <= CUT_2:
-                _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, CUT_2)
-            elif hi <= CUT_1:
-                _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, CUT_1)
-            else:
-                _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, ROW)
+        # a short request in a wide table (a vLLM engine's) searches the shortest row that holds its competing
+        # blocks: one of the cuts (CUT_1 > CUT_2 > CUT_3, 0 where not made: cut_rows) or the whole row
+        _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, CUT_3, 0)
+        _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, CUT_2, CUT_3)
+        _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, CUT_1, CUT_2)
+        _pick_slice(score_row, sel_row, part, lo, hi, need, stride_ij, SLICE, ROW, CUT_1)
     # the slice's share of the list's positions (j again: held across the search, it spilled at 16384 keys)
     _write_windows(sel_row, part * SLICE + tl.arange(0, SLICE), lo, hi, picked, count, width, stride_ij)
     if part == 0:
@@ -196,9 +181,8 @@ def num_warps(row: int) -> int:
 
 
 def cut_rows(row: int) -> tuple[int, int, int]:
-    """(CUT_1, CUT_2, CUT_3): ``row`` divided by each of its CUTS; the last size repeated (``row`` where none) for
-    the cuts not made. Raises ValueError naming radix.CUTS for divisors that are not up to three ascending powers of
-    two in (1, row]."""
+    """(CUT_1, CUT_2, CUT_3): ``row`` divided by each of its CUTS, 0 for the cuts not made. Raises ValueError naming
+    radix.CUTS for divisors that are not up to three ascending powers of two in (1, row]."""
     return _cut_sizes(row, tuple(CUTS.get(row, ())))
 
 
@@ -209,8 +193,7 @@ def _cut_sizes(row: int, divisors: tuple) -> tuple[int, int, int]:
                  for d in divisors)
     if len(divisors) > 3 or not powers or list(divisors) != sorted(set(divisors)):
         raise ValueError(f"radix.CUTS[{row}]={divisors!r}: expected up to three ascending powers of two in (1, {row}]")
-    cuts = [row // divisor for divisor in divisors]
-    return tuple((cuts + [cuts[-1] if cuts else row] * 3)[:3])
+    return tuple([row // divisor for divisor in divisors] + [0] * (3 - len(divisors)))
 
 
 def launch_radix(plan, scores, seq_lens, sel_idx, sel_count, reselect, sel_rows) -> None:
