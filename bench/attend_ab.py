@@ -11,12 +11,11 @@ per layer; and each kernel's device time per layer (torch.profiler over replays)
 
     python -m bench.attend_ab     # JSON under $OUT or bench/results/
 """
-import contextlib
 
 import torch
 
 from bench.bench_sparse_decode import BLOCK_SIZE, HEAD_DIM, NUM_KV_HEADS, check, graph_of, median_ms
-from bench.harness import measure_copy_ceilings, row, write_results
+from bench.harness import measure_copy_ceilings, row, settings_changed, write_results
 from bench.profile_gsa_kernels import kernel_times
 from bench.sliced_topk_ab import LAYERS, SIZES, dense_steps, inputs
 from ucm_kernels.block_select import plan_select, selection_width
@@ -31,15 +30,9 @@ SPLITS_TILES = (16, 32, 64)
 TILE_AB = ("budget2048", "ratio0.3")  # the selections timed at every splits tile (the others at the planned one)
 
 
-@contextlib.contextmanager
 def splits_tile(tile: int):
     """Within: the combine merges ``tile`` splits a loop step."""
-    kept = sparse_decode_triton._SPLITS_TILE
-    sparse_decode_triton._SPLITS_TILE = tile
-    try:
-        yield
-    finally:
-        sparse_decode_triton._SPLITS_TILE = kept
+    return settings_changed(sparse_decode_triton, _SPLITS_TILE=tile)
 
 
 def layered_attend_rows(cases: list[dict], selection: str, sizes: dict, ceiling_gbps: float) -> list[dict]:

@@ -4,6 +4,7 @@ A bench script builds rows with :func:`row`, measures the ceilings it compares a
 the ``measure_*`` helpers, and writes one file with :func:`write_results` (to ``$OUT`` on the lent GPU, else
 ``bench/results/``).
 """
+import contextlib
 import datetime
 import json
 import os
@@ -19,6 +20,20 @@ import torch
 from ucm_store.cpu_features import cpu_flags, cpu_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@contextlib.contextmanager
+def settings_changed(module, **values):
+    """Within: each ``name=value`` of ``values`` set on ``module`` (a module's tuning constant, as an A/B's other
+    side plans with it); the values before are restored on leaving, whatever happens inside."""
+    kept = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in kept.items():
+            setattr(module, name, value)
 
 
 def git_commit() -> str:

@@ -23,7 +23,7 @@ import sys
 import torch
 
 from bench.bench_sparse_decode import HEAD_DIM, NUM_KV_HEADS, graph_of, median_ms
-from bench.harness import measure_copy_ceilings, row, write_results
+from bench.harness import measure_copy_ceilings, row, settings_changed, write_results
 from bench.profile_gsa_kernels import kernel_times
 from bench.sliced_topk_ab import FLASHINFER, LAYERS, dense_steps, inputs
 from bench.sliced_topk_ab import SIZES as BUDGET_SIZES
@@ -39,26 +39,17 @@ WIDE_CONTEXTS = (4096, 16384, 32768, 65536, 131072)  # requests in a 128K engine
 CUT_SETTINGS = ((), (2,), (4,), (2, 4), (4, 16), (2, 4, 16))  # radix.CUTS compared by cut_rows_ab
 
 
-@contextlib.contextmanager
 def one_program():
     """Plans made inside take one program a row (no table is cut into slices)."""
-    kept, radix.MIN_SLICE = radix.MIN_SLICE, 1 << 30
-    try:
-        yield
-    finally:
-        radix.MIN_SLICE = kept
+    return settings_changed(radix, MIN_SLICE=1 << 30)
 
 
 @contextlib.contextmanager
 def radix_anywhere():
     """Plans made inside take the radix top-k at any table of 2 to 16384 blocks, however many rows."""
-    kept = radix.MIN_BLOCKS, radix.ROWS, block_select_triton.sm_count
-    widened = 2, tuple(1 << n for n in range(15)), lambda device: 1 << 30
-    radix.MIN_BLOCKS, radix.ROWS, block_select_triton.sm_count = widened
-    try:
+    with settings_changed(radix, MIN_BLOCKS=2, ROWS=tuple(1 << n for n in range(15))), \
+            settings_changed(block_select_triton, sm_count=lambda device: 1 << 30):
         yield
-    finally:
-        radix.MIN_BLOCKS, radix.ROWS, block_select_triton.sm_count = kept
 
 
 def plans(batch: int, blocks: int) -> tuple[dict, str]:
@@ -195,15 +186,10 @@ def wide_rows(width: int) -> list[dict]:
     return rows
 
 
-@contextlib.contextmanager
 def row_cuts(cuts: tuple[int, ...]):
     """Radix launches inside cut rows of 4096 and 8192 keys by ``cuts`` (``radix.CUTS``; () cuts none: the kernel
     compiled without the cuts)."""
-    kept, radix.CUTS = radix.CUTS, {4096: cuts, 8192: cuts}
-    try:
-        yield
-    finally:
-        radix.CUTS = kept
+    return settings_changed(radix, CUTS={4096: cuts, 8192: cuts})
 
 
 def cut_rows_ab() -> list[dict]:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from bench import flashinfer_peer
 from bench.bench_sparse_decode import BLOCK_SIZE, FP8, HEAD_DIM, NUM_KV_HEADS, NUM_Q_HEADS, graph_of, median_ms
-from bench.harness import measure_copy_ceilings, row, write_results
+from bench.harness import measure_copy_ceilings, row, settings_changed, write_results
 from bench.profile_gsa_kernels import kernel_times
 from ucm_kernels.block_repr import empty_block_repr, update_block_repr
 from ucm_kernels.block_select import plan_select, selection_width
@@ -90,14 +90,10 @@ def plans(batch: int, blocks: int) -> tuple[dict, str]:
     planned = "sliced" if plan_select(batch, NUM_KV_HEADS, HEAD_DIM, blocks, **SIZES, device="cuda").slices else \
         "one_program"
     made = {}
-    for name, module, setting, value in (("sliced", block_select_triton, "sm_count", lambda device: 1 << 30),
-                                         ("one_program", sliced, "MIN_PRUNE", 1 << 30)):
-        kept = getattr(module, setting)
-        setattr(module, setting, value)
-        try:
+    for name, changed in (("sliced", settings_changed(block_select_triton, sm_count=lambda device: 1 << 30)),
+                          ("one_program", settings_changed(sliced, MIN_PRUNE=1 << 30))):
+        with changed:
             made[name] = plan_select(batch, NUM_KV_HEADS, HEAD_DIM, blocks, **SIZES, device="cuda")
-        finally:
-            setattr(module, setting, kept)
     assert made["sliced"].slices > 0 and made["one_program"].slices == 0
     return made, planned
 

@@ -1,5 +1,8 @@
 """bench/harness.py's results file: where a run happened is recorded with its figures."""
 import json
+import types
+
+import pytest
 
 from bench import harness
 
@@ -28,3 +31,20 @@ def test_results_file_is_named_by_its_commit(tmp_path, monkeypatch):
     assert names[0].endswith("-27fbfa8.json") and names[1].endswith("-3B27D37.json")
     assert names[2].endswith(f"{harness.datetime.date.today().isoformat()}.json")
     assert len(set(names)) == 3
+
+
+def test_settings_changed_restores_the_module_whatever_happens_inside():
+    """An A/B's other side plans inside ``settings_changed``; the settings before come back after a normal exit and
+    after an exception, and a name the module lacks is refused before anything is set."""
+    tuned = types.SimpleNamespace(TILE=16, ROWS=(2048,))
+    with harness.settings_changed(tuned, TILE=64, ROWS=(4096, 8192)):
+        assert (tuned.TILE, tuned.ROWS) == (64, (4096, 8192))
+    assert (tuned.TILE, tuned.ROWS) == (16, (2048,))
+    with pytest.raises(KeyError, match="inside"):
+        with harness.settings_changed(tuned, TILE=32):
+            raise KeyError("inside")
+    assert tuned.TILE == 16
+    with pytest.raises(AttributeError, match="TILES"):
+        with harness.settings_changed(tuned, TILE=8, TILES=4):
+            raise AssertionError("entered with a misspelt setting")
+    assert tuned.TILE == 16 and not hasattr(tuned, "TILES")
