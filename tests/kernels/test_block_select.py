@@ -552,6 +552,32 @@ def test_ties_across_chunks_go_to_the_lowest_logical_blocks(chunk, monkeypatch):
     check_lists_written_out(scores, seq_lens, chunked)
 
 
+@pytest.mark.parametrize("stale", [-2 ** 31 + 1, 2 ** 31 - 1])
+@pytest.mark.parametrize("score", ["quest", "gauss"])
+def test_one_program_top_k_reads_a_short_request_up_to_its_last_competing_block(score, stale, monkeypatch):
+    """A 256-block table in chunks of 16 (vLLM's tables are max_model_len wide) holding requests whose competing
+    blocks end at a chunk's end, one past it, mid-chunk and at the table's end (16, 17, 32, 33, 100, 254 blocks):
+    the search reads the chunks up to each row's last competing block, not the table. The key scratch holds stale
+    keys (as after longer requests) of the lowest or the highest value, and each row's last competing block scores
+    above the rest: a bound a chunk short misses it, one that reads past the row's own keys counts stale ones.
+    Lists equal to the one-chunk plan's and to the reference."""
+    ends = torch.tensor([16, 17, 32, 33, 100, 254])
+    case = make_case(seq_lens=((ends + 2) * 16 - 5).tolist(), max_blocks=256)
+    last = case["block_table"][torch.arange(6), (ends - 1).to(DEVICE)].long()
+    case["kmax"][last], case["kmin"][last] = 1e4, -1e4
+    args = (case["q"], case["kmin"], case["kmax"], case["kmean"], case["block_table"], case["seq_lens"])
+    one = plan_select(6, 2, 64, 256, **SIZES, score=score, device=DEVICE, num_q_heads=8)
+    assert one.select_chunk == 256 and not one.radix_slice and not one.slices
+    expected = [t.clone() for t in one.run(*args)]
+    monkeypatch.setattr(block_select_triton, "_SELECT_CHUNK", 16)
+    chunked = plan_select(6, 2, 64, 256, **SIZES, score=score, device=DEVICE, num_q_heads=8)
+    chunked.keys.fill_(stale)
+    sel_idx, sel_count = chunked.run(*args)
+    check_selection(case, sel_idx, sel_count, score=score, **SIZES)
+    assert (sel_idx.cpu() == (ends - 1)[:, None, None]).any(2).all()  # every row's last competing block
+    assert torch.equal(sel_count, expected[1]) and torch.equal(sel_idx, expected[0])
+
+
 def check_lists_written_out(scores, seq_lens, lists, sizes=SIZES):
     """Each row's lists are the rule written out: the windows, then the best middle blocks (highest score first,
     NaN above +inf, 0.0 above -0.0, ties to the lowest logical block), ascending."""

@@ -172,29 +172,31 @@ def _gauss_log_mass(q_row, kmin_tile, kmax_tile, mask, scales, sm_scale, out, ti
 
 
 @triton.jit
-def _count_at_least(key_row, row_keys, candidate, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr):
+def _count_at_least(key_row, row_keys, candidate, chunks, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr):
     """How many keys of the row are >= candidate (int32): from ``row_keys`` (the row in registers) when it is one
-    chunk, else from the scratch row with per-slot counts over the chunks; one reduction."""
+    chunk, else from the scratch row's first ``chunks`` chunks (those holding competing keys) with per-slot counts
+    over them; one reduction."""
     if N_CHUNKS == 1:
         counts = (row_keys >= candidate).to(tl.int32)
     else:
         offs = tl.arange(0, CHUNK)
         counts = tl.zeros([CHUNK], tl.int32)
-        for c in range(N_CHUNKS):
+        for c in range(chunks):
             counts += (tl.load(key_row + c * CHUNK + offs) >= candidate).to(tl.int32)
     return tl.sum(counts, axis=0)
 
 
 @triton.jit
-def _kth_largest_key(key_row, row_keys, undecided_row, lo, hi, lowest, highest, k, N_CHUNKS: tl.constexpr,
+def _kth_largest_key(key_row, row_keys, undecided_row, lo, hi, lowest, highest, k, chunks, N_CHUNKS: tl.constexpr,
                      CHUNK: tl.constexpr, SCAN: tl.constexpr, FINISH: tl.constexpr):
     """(T, above): the largest int32 T with at least k (>= 1) of the row's competing keys (logical blocks [lo, hi),
     spanning [lowest, highest]) >= T, and how many are > T.
 
     T's bits are set from the top down in offset binary (key + 2**31), keeping ``found`` (the bits so far) and
     ``above`` (keys >= found + 2**(bit + 1), the end of the still undecided range). The bits above the highest one
-    where lowest and highest differ are theirs. Each lower bit costs a counting pass over the row
-    (:func:`_count_at_least`) while the undecided range holds more than FINISH keys; then one pass copies those
+    where lowest and highest differ are theirs. Each lower bit costs a counting pass over the row's first
+    ``chunks`` chunks, up to its last competing key (:func:`_count_at_least`: a short request in a wide table
+    counts its own blocks) while the undecided range holds more than FINISH keys; then one pass copies those
     keys into ``undecided_row`` (FINISH entries) and the rest of the bits are found four at a time from registers
     (15 counts, one reduction).
     """
@@ -203,14 +205,14 @@ def _kth_largest_key(key_row, row_keys, undecided_row, lo, hi, lowest, highest, 
     above = found * 0
     while (bit >= 0) & (at_least_found - above > FINISH):
         candidate = found | (1 << bit)
-        count = _count_at_least(key_row, row_keys, (candidate - 2147483648).to(tl.int32), N_CHUNKS,
+        count = _count_at_least(key_row, row_keys, (candidate - 2147483648).to(tl.int32), chunks, N_CHUNKS,
                                 CHUNK).to(tl.int64)
         found = tl.where(count >= k, candidate, found)
         at_least_found = tl.where(count >= k, count, at_least_found)
         above = tl.where(count >= k, above, count)
         bit -= 1
     if bit >= 0:
-        _copy_undecided(key_row, undecided_row, lo, hi, found, bit, N_CHUNKS, CHUNK, SCAN)
+        _copy_undecided(key_row, undecided_row, lo, hi, found, bit, chunks, CHUNK, SCAN)
         tl.debug_barrier()  # every thread's copies are in the scratch before any thread loads them
         offs = tl.arange(0, FINISH)
         keys = tl.load(undecided_row + offs, mask=offs < at_least_found - above, other=-2147483648)
@@ -219,15 +221,14 @@ def _kth_largest_key(key_row, row_keys, undecided_row, lo, hi, lowest, highest, 
 
 
 @triton.jit
-def _copy_undecided(key_row, undecided_row, lo, hi, found, bit, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
-                    SCAN: tl.constexpr):
+def _copy_undecided(key_row, undecided_row, lo, hi, found, bit, chunks, CHUNK: tl.constexpr, SCAN: tl.constexpr):
     """Copy the competing keys in [found, found + 2**(bit + 1)) (offset binary) to the front of undecided_row,
-    SCAN entries of the row (a few chunks) per scan."""
+    SCAN entries of the row (a few chunks) per scan over its first ``chunks`` chunks."""
     first = (found - 2147483648).to(tl.int32)
     last = (found + (1 << (bit + 1)) - 1 - 2147483648).to(tl.int32)
     offs = tl.arange(0, SCAN)
     copied = lo * 0
-    for c in range((N_CHUNKS * CHUNK + SCAN - 1) // SCAN):
+    for c in range((chunks * CHUNK + SCAN - 1) // SCAN):
         j = c * SCAN + offs
         competing = (j >= lo) & (j < hi)
         keys = tl.load(key_row + j, mask=competing, other=-2147483648)
@@ -238,20 +239,20 @@ def _copy_undecided(key_row, undecided_row, lo, hi, found, bit, N_CHUNKS: tl.con
 
 
 @triton.jit
-def _share_stats(rows_ptr, full_blocks, stride_sh, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
-                 SHARES: tl.constexpr, SHARES_POW2: tl.constexpr):
+def _share_stats(rows_ptr, full_blocks, stride_sh, CHUNK: tl.constexpr, SHARES: tl.constexpr,
+                 SHARES_POW2: tl.constexpr):
     """The gauss rule's softmax statistics of each of the group's SHARES log-mass rows over the full blocks: the
     largest known (non-NaN) value (0 when none) and the sum of exp(value - largest); ``[SHARES_POW2]`` each. Both
-    accumulate per slot over the chunks and reduce once."""
+    accumulate per slot over the chunks holding full blocks and reduce once."""
     g = tl.arange(0, SHARES_POW2)
     offs = tl.arange(0, CHUNK)
     tops = tl.full([SHARES_POW2, CHUNK], float("-inf"), tl.float32)
-    for c in range(N_CHUNKS):
+    for c in range(tl.cdiv(full_blocks, CHUNK)):
         tops = tl.maximum(tops, _log_masses(rows_ptr, g, c * CHUNK + offs, full_blocks, stride_sh, SHARES))
     tops = tl.max(tops, axis=1)
     tops = tl.where(tops > float("-inf"), tops, 0.0)
     sums = tl.zeros([SHARES_POW2, CHUNK], tl.float32)
-    for c in range(N_CHUNKS):
+    for c in range(tl.cdiv(full_blocks, CHUNK)):
         sums += tl.exp(_log_masses(rows_ptr, g, c * CHUNK + offs, full_blocks, stride_sh, SHARES) - tops[:, None])
     return tops, tl.sum(sums, axis=1)
 
@@ -277,19 +278,20 @@ def _mass_shares(rows_ptr, j, full_blocks, tops, sums, stride_sh, SHARES: tl.con
 
 
 @triton.jit
-def _write_keys(scores_ptr, key_row, lo, hi, full_blocks, stride_sh, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
+def _write_keys(scores_ptr, key_row, lo, hi, full_blocks, stride_sh, chunks, CHUNK: tl.constexpr,
                 SHARES: tl.constexpr, SHARES_POW2: tl.constexpr):
-    """The row's keys into its scratch (INT_MIN off the competing range [lo, hi), which no candidate reaches);
-    returns the smallest and largest competing key (per slot over the chunks, reduced once) and the last chunk's
-    keys as stored (the whole row when N_CHUNKS == 1: the search then counts from registers). Gauss (SHARES > 0):
-    the keys of the group's summed shares."""
+    """The row's keys into the first ``chunks`` chunks of its scratch, those up to its last competing key
+    (INT_MIN off the competing range [lo, hi), which no candidate reaches); returns the smallest and largest
+    competing key (per slot over the chunks, reduced once) and the last chunk's keys as stored (the whole row
+    when the table is one chunk: the search then counts from registers). Gauss (SHARES > 0): the keys of the
+    group's summed shares."""
     offs = tl.arange(0, CHUNK)
     lowest = tl.full([CHUNK], 2147483647, tl.int32)
     highest = tl.full([CHUNK], -2147483648, tl.int32)
     keys = tl.full([CHUNK], -2147483648, tl.int32)
     if SHARES > 0:
-        tops, sums = _share_stats(scores_ptr, full_blocks, stride_sh, N_CHUNKS, CHUNK, SHARES, SHARES_POW2)
-    for c in range(N_CHUNKS):
+        tops, sums = _share_stats(scores_ptr, full_blocks, stride_sh, CHUNK, SHARES, SHARES_POW2)
+    for c in range(chunks):
         j = c * CHUNK + offs
         competing = (j >= lo) & (j < hi)
         if SHARES > 0:
@@ -335,20 +337,28 @@ def _select_kernel(
     threshold = need * 0 + 2147483647
     ties_wanted = need * 0
     if need > 0:
-        # the gauss rule: SHARES rows of log-masses per KV head (stride_s_head apart), one per query head of its
-        # group, normalised over the full blocks (all of them while the request is sparse)
+        # the search reads the chunks up to the row's last competing key: a short request in a wide table (as
+        # vLLM's are, max_model_len wide) costs its own length. The gauss rule: SHARES rows of log-masses per KV
+        # head (stride_s_head apart), one per query head of its group, normalised over the full blocks (all of
+        # them while the request is sparse)
+        chunks = N_CHUNKS  # a one-chunk table: static loops, the row's keys kept in registers
+        if N_CHUNKS > 1:
+            chunks = tl.cdiv(hi, CHUNK)
         lowest, highest, row_keys = _write_keys(scores_ptr + b * stride_sb + head * stride_s_head, key_row, lo, hi,
-                                                tl.minimum(seq_len // BLOCK_SIZE, max_blocks), stride_sh, N_CHUNKS,
+                                                tl.minimum(seq_len // BLOCK_SIZE, max_blocks), stride_sh, chunks,
                                                 CHUNK, SHARES, SHARES_POW2)
         tl.debug_barrier()  # every thread's keys are in the scratch before any thread counts them
         threshold, above = _kth_largest_key(key_row, row_keys, key_row + N_CHUNKS * CHUNK, lo, hi, lowest, highest,
-                                             need, N_CHUNKS, CHUNK, SCAN, FINISH)
+                                             need, chunks, N_CHUNKS, CHUNK, SCAN, FINISH)
         ties_wanted = need - above  # ties go to the lowest logical indices
     sel_row = sel_idx_ptr + out_b * stride_ib + head * stride_ih
     offs = tl.arange(0, SCAN)
     taken = need * 0
     ties_seen = need * 0
-    for c in range((N_CHUNKS * CHUNK + SCAN - 1) // SCAN):
+    scans = (N_CHUNKS * CHUNK + SCAN - 1) // SCAN  # the table's blocks and the list's -1 padding
+    if N_CHUNKS > 1:  # the request's blocks and the padding (one scan of a one-chunk table keeps it in registers)
+        scans = tl.cdiv(tl.maximum(nb, width), SCAN)
+    for c in range(scans):
         j = c * SCAN + offs
         competing = (j >= lo) & (j < hi)
         keys = tl.load(key_row + j, mask=competing & (need > 0), other=-2147483648)
