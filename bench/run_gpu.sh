@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent-GPU session step: correctness on the GPU (compiled kernels), then benchmarks; JSON + logs under $OUT.
-# Usage: bench/run_gpu.sh {tests|transfer|sparse|offload|tp|all|quick|launch|select|offload_ab|prefetch|pdl|ncu|waves|residency|reuse_ab|specialise|sliced|attend|layered|radix|ready|wide}   (wheels for pytest travel in .whl/, FlashInfer's in
+# Usage: bench/run_gpu.sh {tests|transfer|sparse|offload|tp|all|quick|launch|select|offload_ab|prefetch|pdl|ncu|waves|residency|reuse_ab|specialise|sliced|attend|layered|radix|ready|wide|topk}   (wheels for pytest travel in .whl/, FlashInfer's in
 # .flashinfer/: see BENCHMARKS.md)
 # Set UCM_COMMIT to the commit the working tree was copied from: the copy on the GPU machine has no .git.
 set -uo pipefail
@@ -157,6 +157,9 @@ case "${1:-all}" in
   wide) step gpu_tests_wide timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_block_select.py \
              tests/kernels/test_sparse_decode.py tests/sparse/test_gsa.py tests/sparse/test_reuse.py tests/vllm/test_flash_step.py
         step sliced_topk_ab_layered timeout 300 python3 -m bench.sliced_topk_ab --layered
+        step radix_topk_ab_wide timeout 240 python3 -m bench.radix_topk_ab --wide ;;
+  # The selection's GPU tests and the wide-table A/B alone (a top-k change: one program a row, the radix rows' cuts).
+  topk) step gpu_tests_topk timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_block_select.py
         step radix_topk_ab_wide timeout 240 python3 -m bench.radix_topk_ab --wide ;;
   # Split counts that put the same number of list-attention programs on every SM (bench/list_waves.py).
   waves) step list_waves timeout 240 python3 -m bench.list_waves ;;

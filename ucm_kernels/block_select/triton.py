@@ -64,7 +64,7 @@ from .._utils import (INDEX_DTYPES, cdiv, check_device, check_tensor, next_pow2,
                       triton_interpreting)
 from . import radix as radix_top_k
 from . import sliced as sliced_top_k
-from ._rank import _common_prefix, _finish_search, _order_keys, _output_row, _plan, _row_plan
+from ._rank import KEY_NONE, _common_prefix, _finish_search, _order_keys, _output_row, _plan, _row_plan
 
 FP8 = torch.float8_e4m3fn
 REPR_DTYPES = (torch.bfloat16, torch.float16, torch.float32, FP8)
@@ -173,16 +173,18 @@ def _gauss_log_mass(q_row, kmin_tile, kmax_tile, mask, scales, sm_scale, out, ti
 
 @triton.jit
 def _count_at_least(key_row, row_keys, candidate, chunks, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr):
-    """How many keys of the row are >= candidate (int32): from ``row_keys`` (the row in registers) when it is one
-    chunk, else from the scratch row's first ``chunks`` chunks (those holding competing keys) with per-slot counts
-    over them; one reduction."""
+    """How many keys of the row are >= candidate (int32, above KEY_NONE): from ``row_keys`` (the row in registers)
+    when it is one chunk, else from the scratch row's first ``chunks`` chunks, those holding competing keys (the
+    loads of the others masked off: a short request in a wide table reads its own), with per-slot counts over the
+    chunks; one reduction."""
     if N_CHUNKS == 1:
         counts = (row_keys >= candidate).to(tl.int32)
     else:
         offs = tl.arange(0, CHUNK)
         counts = tl.zeros([CHUNK], tl.int32)
-        for c in range(chunks):
-            counts += (tl.load(key_row + c * CHUNK + offs) >= candidate).to(tl.int32)
+        for c in range(N_CHUNKS):
+            keys = tl.load(key_row + c * CHUNK + offs, mask=c < chunks, other=KEY_NONE)
+            counts += (keys >= candidate).to(tl.int32)
     return tl.sum(counts, axis=0)
 
 
@@ -194,9 +196,8 @@ def _kth_largest_key(key_row, row_keys, undecided_row, lo, hi, lowest, highest, 
 
     T's bits are set from the top down in offset binary (key + 2**31), keeping ``found`` (the bits so far) and
     ``above`` (keys >= found + 2**(bit + 1), the end of the still undecided range). The bits above the highest one
-    where lowest and highest differ are theirs. Each lower bit costs a counting pass over the row's first
-    ``chunks`` chunks, up to its last competing key (:func:`_count_at_least`: a short request in a wide table
-    counts its own blocks) while the undecided range holds more than FINISH keys; then one pass copies those
+    where lowest and highest differ are theirs. Each lower bit costs a counting pass over the row's first ``chunks``
+    chunks, up to its last competing key (:func:`_count_at_least`) while the undecided range holds more than FINISH keys; then one pass copies those
     keys into ``undecided_row`` (FINISH entries) and the rest of the bits are found four at a time from registers
     (15 counts, one reduction).
     """
@@ -212,7 +213,7 @@ def _kth_largest_key(key_row, row_keys, undecided_row, lo, hi, lowest, highest, 
         above = tl.where(count >= k, above, count)
         bit -= 1
     if bit >= 0:
-        _copy_undecided(key_row, undecided_row, lo, hi, found, bit, chunks, CHUNK, SCAN)
+        _copy_undecided(key_row, undecided_row, lo, hi, found, bit, N_CHUNKS, CHUNK, SCAN)
         tl.debug_barrier()  # every thread's copies are in the scratch before any thread loads them
         offs = tl.arange(0, FINISH)
         keys = tl.load(undecided_row + offs, mask=offs < at_least_found - above, other=-2147483648)
@@ -221,14 +222,15 @@ def _kth_largest_key(key_row, row_keys, undecided_row, lo, hi, lowest, highest, 
 
 
 @triton.jit
-def _copy_undecided(key_row, undecided_row, lo, hi, found, bit, chunks, CHUNK: tl.constexpr, SCAN: tl.constexpr):
+def _copy_undecided(key_row, undecided_row, lo, hi, found, bit, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
+                    SCAN: tl.constexpr):
     """Copy the competing keys in [found, found + 2**(bit + 1)) (offset binary) to the front of undecided_row,
-    SCAN entries of the row (a few chunks) per scan over its first ``chunks`` chunks."""
+    SCAN entries of the row (a few chunks) per scan."""
     first = (found - 2147483648).to(tl.int32)
     last = (found + (1 << (bit + 1)) - 1 - 2147483648).to(tl.int32)
     offs = tl.arange(0, SCAN)
     copied = lo * 0
-    for c in range((chunks * CHUNK + SCAN - 1) // SCAN):
+    for c in range((N_CHUNKS * CHUNK + SCAN - 1) // SCAN):
         j = c * SCAN + offs
         competing = (j >= lo) & (j < hi)
         keys = tl.load(key_row + j, mask=competing, other=-2147483648)
@@ -239,20 +241,20 @@ def _copy_undecided(key_row, undecided_row, lo, hi, found, bit, chunks, CHUNK: t
 
 
 @triton.jit
-def _share_stats(rows_ptr, full_blocks, stride_sh, CHUNK: tl.constexpr, SHARES: tl.constexpr,
-                 SHARES_POW2: tl.constexpr):
+def _share_stats(rows_ptr, full_blocks, stride_sh, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
+                 SHARES: tl.constexpr, SHARES_POW2: tl.constexpr):
     """The gauss rule's softmax statistics of each of the group's SHARES log-mass rows over the full blocks: the
     largest known (non-NaN) value (0 when none) and the sum of exp(value - largest); ``[SHARES_POW2]`` each. Both
-    accumulate per slot over the chunks holding full blocks and reduce once."""
+    accumulate per slot over the chunks and reduce once."""
     g = tl.arange(0, SHARES_POW2)
     offs = tl.arange(0, CHUNK)
     tops = tl.full([SHARES_POW2, CHUNK], float("-inf"), tl.float32)
-    for c in range(tl.cdiv(full_blocks, CHUNK)):
+    for c in range(N_CHUNKS):
         tops = tl.maximum(tops, _log_masses(rows_ptr, g, c * CHUNK + offs, full_blocks, stride_sh, SHARES))
     tops = tl.max(tops, axis=1)
     tops = tl.where(tops > float("-inf"), tops, 0.0)
     sums = tl.zeros([SHARES_POW2, CHUNK], tl.float32)
-    for c in range(tl.cdiv(full_blocks, CHUNK)):
+    for c in range(N_CHUNKS):
         sums += tl.exp(_log_masses(rows_ptr, g, c * CHUNK + offs, full_blocks, stride_sh, SHARES) - tops[:, None])
     return tops, tl.sum(sums, axis=1)
 
@@ -278,20 +280,19 @@ def _mass_shares(rows_ptr, j, full_blocks, tops, sums, stride_sh, SHARES: tl.con
 
 
 @triton.jit
-def _write_keys(scores_ptr, key_row, lo, hi, full_blocks, stride_sh, chunks, CHUNK: tl.constexpr,
+def _write_keys(scores_ptr, key_row, lo, hi, full_blocks, stride_sh, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
                 SHARES: tl.constexpr, SHARES_POW2: tl.constexpr):
-    """The row's keys into the first ``chunks`` chunks of its scratch, those up to its last competing key
-    (INT_MIN off the competing range [lo, hi), which no candidate reaches); returns the smallest and largest
-    competing key (per slot over the chunks, reduced once) and the last chunk's keys as stored (the whole row
-    when the table is one chunk: the search then counts from registers). Gauss (SHARES > 0): the keys of the
-    group's summed shares."""
+    """The row's keys into its scratch (INT_MIN off the competing range [lo, hi), which no candidate reaches);
+    returns the smallest and largest competing key (per slot over the chunks, reduced once) and the last chunk's
+    keys as stored (the whole row when N_CHUNKS == 1: the search then counts from registers). Gauss (SHARES > 0):
+    the keys of the group's summed shares."""
     offs = tl.arange(0, CHUNK)
     lowest = tl.full([CHUNK], 2147483647, tl.int32)
     highest = tl.full([CHUNK], -2147483648, tl.int32)
     keys = tl.full([CHUNK], -2147483648, tl.int32)
     if SHARES > 0:
-        tops, sums = _share_stats(scores_ptr, full_blocks, stride_sh, CHUNK, SHARES, SHARES_POW2)
-    for c in range(chunks):
+        tops, sums = _share_stats(scores_ptr, full_blocks, stride_sh, N_CHUNKS, CHUNK, SHARES, SHARES_POW2)
+    for c in range(N_CHUNKS):
         j = c * CHUNK + offs
         competing = (j >= lo) & (j < hi)
         if SHARES > 0:
@@ -337,28 +338,22 @@ def _select_kernel(
     threshold = need * 0 + 2147483647
     ties_wanted = need * 0
     if need > 0:
-        # the search reads the chunks up to the row's last competing key: a short request in a wide table (as
-        # vLLM's are, max_model_len wide) costs its own length. The gauss rule: SHARES rows of log-masses per KV
-        # head (stride_s_head apart), one per query head of its group, normalised over the full blocks (all of
-        # them while the request is sparse)
-        chunks = N_CHUNKS  # a one-chunk table: static loops, the row's keys kept in registers
-        if N_CHUNKS > 1:
-            chunks = tl.cdiv(hi, CHUNK)
+        # the gauss rule: SHARES rows of log-masses per KV head (stride_s_head apart), one per query head of its
+        # group, normalised over the full blocks (all of them while the request is sparse)
         lowest, highest, row_keys = _write_keys(scores_ptr + b * stride_sb + head * stride_s_head, key_row, lo, hi,
-                                                tl.minimum(seq_len // BLOCK_SIZE, max_blocks), stride_sh, chunks,
+                                                tl.minimum(seq_len // BLOCK_SIZE, max_blocks), stride_sh, N_CHUNKS,
                                                 CHUNK, SHARES, SHARES_POW2)
         tl.debug_barrier()  # every thread's keys are in the scratch before any thread counts them
+        # the counting passes read the chunks up to the row's last competing key: a short request in a wide table
+        # (vLLM's are max_model_len wide) counts its own
         threshold, above = _kth_largest_key(key_row, row_keys, key_row + N_CHUNKS * CHUNK, lo, hi, lowest, highest,
-                                             need, chunks, N_CHUNKS, CHUNK, SCAN, FINISH)
+                                             need, tl.cdiv(hi, CHUNK), N_CHUNKS, CHUNK, SCAN, FINISH)
         ties_wanted = need - above  # ties go to the lowest logical indices
     sel_row = sel_idx_ptr + out_b * stride_ib + head * stride_ih
     offs = tl.arange(0, SCAN)
     taken = need * 0
     ties_seen = need * 0
-    scans = (N_CHUNKS * CHUNK + SCAN - 1) // SCAN  # the table's blocks and the list's -1 padding
-    if N_CHUNKS > 1:  # the request's blocks and the padding (one scan of a one-chunk table keeps it in registers)
-        scans = tl.cdiv(tl.maximum(nb, width), SCAN)
-    for c in range(scans):
+    for c in range((N_CHUNKS * CHUNK + SCAN - 1) // SCAN):
         j = c * SCAN + offs
         competing = (j >= lo) & (j < hi)
         keys = tl.load(key_row + j, mask=competing & (need > 0), other=-2147483648)
