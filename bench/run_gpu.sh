@@ -158,9 +158,11 @@ case "${1:-all}" in
              tests/kernels/test_sparse_decode.py tests/sparse/test_gsa.py tests/sparse/test_reuse.py tests/vllm/test_flash_step.py
         step sliced_topk_ab_layered timeout 300 python3 -m bench.sliced_topk_ab --layered
         step radix_topk_ab_wide timeout 240 python3 -m bench.radix_topk_ab --wide ;;
-  # The selection's GPU tests and the wide-table A/B alone (a top-k change: one program a row, the radix rows' cuts).
+  # The selection's GPU tests and the wide-table A/B alone (a top-k change: one program a row, the radix rows' cuts),
+  # then the A/B of the older tree in $BASE when carried.
   topk) step gpu_tests_topk timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_block_select.py
-        step radix_topk_ab_wide timeout 240 python3 -m bench.radix_topk_ab --wide ;;
+        step radix_topk_ab_wide timeout 240 python3 -m bench.radix_topk_ab --wide
+        if [ -d "$BASE" ]; then in_base radix_topk_ab_wide_base timeout 240 python3 -m bench.radix_topk_ab --wide; fi ;;
   # Split counts that put the same number of list-attention programs on every SM (bench/list_waves.py).
   waves) step list_waves timeout 240 python3 -m bench.list_waves ;;
   # Prefetch copy settings in the taking-turns schedule: off, on as configured (every predicted piece admitted), on

@@ -197,9 +197,9 @@ def _kth_largest_key(key_row, row_keys, undecided_row, lo, hi, lowest, highest, 
     T's bits are set from the top down in offset binary (key + 2**31), keeping ``found`` (the bits so far) and
     ``above`` (keys >= found + 2**(bit + 1), the end of the still undecided range). The bits above the highest one
     where lowest and highest differ are theirs. Each lower bit costs a counting pass over the row's first ``chunks``
-    chunks, up to its last competing key (:func:`_count_at_least`) while the undecided range holds more than FINISH keys; then one pass copies those
-    keys into ``undecided_row`` (FINISH entries) and the rest of the bits are found four at a time from registers
-    (15 counts, one reduction).
+    chunks, up to its last competing key (:func:`_count_at_least`), while the undecided range holds more than
+    FINISH keys; then one pass copies those keys into ``undecided_row`` (FINISH entries) and the rest of the bits
+    are found four at a time from registers (15 counts, one reduction).
     """
     found, bit = _common_prefix(lowest, highest)
     at_least_found = (hi - lo).to(tl.int64)  # every competing key is >= found
@@ -231,13 +231,14 @@ def _copy_undecided(key_row, undecided_row, lo, hi, found, bit, N_CHUNKS: tl.con
     offs = tl.arange(0, SCAN)
     copied = lo * 0
     for c in range((N_CHUNKS * CHUNK + SCAN - 1) // SCAN):
-        j = c * SCAN + offs
-        competing = (j >= lo) & (j < hi)
-        keys = tl.load(key_row + j, mask=competing, other=-2147483648)
-        undecided = competing & (keys >= first) & (keys <= last)
-        positions = tl.cumsum(undecided.to(tl.int32), axis=0)
-        tl.store(undecided_row + copied + positions - 1, keys, mask=undecided)
-        copied += tl.max(positions, axis=0)
+        if c * SCAN < hi:  # up to the last competing key (a short request in a wide table skips the rest)
+            j = c * SCAN + offs
+            competing = (j >= lo) & (j < hi)
+            keys = tl.load(key_row + j, mask=competing, other=-2147483648)
+            undecided = competing & (keys >= first) & (keys <= last)
+            positions = tl.cumsum(undecided.to(tl.int32), axis=0)
+            tl.store(undecided_row + copied + positions - 1, keys, mask=undecided)
+            copied += tl.max(positions, axis=0)
 
 
 @triton.jit
@@ -282,10 +283,11 @@ def _mass_shares(rows_ptr, j, full_blocks, tops, sums, stride_sh, SHARES: tl.con
 @triton.jit
 def _write_keys(scores_ptr, key_row, lo, hi, full_blocks, stride_sh, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
                 SHARES: tl.constexpr, SHARES_POW2: tl.constexpr):
-    """The row's keys into its scratch (INT_MIN off the competing range [lo, hi), which no candidate reaches);
-    returns the smallest and largest competing key (per slot over the chunks, reduced once) and the last chunk's
-    keys as stored (the whole row when N_CHUNKS == 1: the search then counts from registers). Gauss (SHARES > 0):
-    the keys of the group's summed shares."""
+    """The row's keys into its scratch up to the chunk of its last competing key (INT_MIN off the competing range
+    [lo, hi), which no candidate reaches), the chunks past it left as they were: nothing reads them, so a short
+    request in a wide table writes its own. Returns the smallest and largest competing key (per slot over the
+    chunks, reduced once) and the last chunk's keys as stored (the whole row when N_CHUNKS == 1: the search then
+    counts from registers). Gauss (SHARES > 0): the keys of the group's summed shares."""
     offs = tl.arange(0, CHUNK)
     lowest = tl.full([CHUNK], 2147483647, tl.int32)
     highest = tl.full([CHUNK], -2147483648, tl.int32)
@@ -293,17 +295,18 @@ def _write_keys(scores_ptr, key_row, lo, hi, full_blocks, stride_sh, N_CHUNKS: t
     if SHARES > 0:
         tops, sums = _share_stats(scores_ptr, full_blocks, stride_sh, N_CHUNKS, CHUNK, SHARES, SHARES_POW2)
     for c in range(N_CHUNKS):
-        j = c * CHUNK + offs
-        competing = (j >= lo) & (j < hi)
-        if SHARES > 0:
-            scores = _mass_shares(scores_ptr, j, full_blocks, tops, sums, stride_sh, SHARES, SHARES_POW2)
-        else:
-            scores = tl.load(scores_ptr + j, mask=competing, other=0.0)
-        keys = _order_keys(scores)
-        lowest = tl.minimum(lowest, tl.where(competing, keys, 2147483647))
-        highest = tl.maximum(highest, tl.where(competing, keys, -2147483648))
-        keys = tl.where(competing, keys, -2147483648)
-        tl.store(key_row + j, keys)
+        if c * CHUNK < hi:  # the chunks up to the last competing key, all the search reads
+            j = c * CHUNK + offs
+            competing = (j >= lo) & (j < hi)
+            if SHARES > 0:
+                scores = _mass_shares(scores_ptr, j, full_blocks, tops, sums, stride_sh, SHARES, SHARES_POW2)
+            else:
+                scores = tl.load(scores_ptr + j, mask=competing, other=0.0)
+            keys = _order_keys(scores)
+            lowest = tl.minimum(lowest, tl.where(competing, keys, 2147483647))
+            highest = tl.maximum(highest, tl.where(competing, keys, -2147483648))
+            keys = tl.where(competing, keys, -2147483648)
+            tl.store(key_row + j, keys)
     return tl.min(lowest, axis=0), tl.max(highest, axis=0), keys
 
 
@@ -354,21 +357,22 @@ def _select_kernel(
     taken = need * 0
     ties_seen = need * 0
     for c in range((N_CHUNKS * CHUNK + SCAN - 1) // SCAN):
-        j = c * SCAN + offs
-        competing = (j >= lo) & (j < hi)
-        keys = tl.load(key_row + j, mask=competing & (need > 0), other=-2147483648)
-        tie = competing & (keys == threshold)
-        sure = (j < nb) & (~competing | (keys > threshold))
-        # one scan for both running counts: ties in bits 16-30, sure picks in the low 16 (SCAN <= 2**14)
-        counts = tl.cumsum((tie.to(tl.int32) << 16) | sure.to(tl.int32), axis=0)
-        ties_taken = tl.minimum(ties_seen + (counts >> 16), ties_wanted) - tl.minimum(ties_seen, ties_wanted)
-        take = sure | (tie & (ties_seen + (counts >> 16) <= ties_wanted))
-        tl.store(sel_row + (taken + (counts & 0xFFFF) + ties_taken - 1) * stride_ij, j, mask=take)
-        tl.store(sel_row + j * stride_ij, tl.full([SCAN], -1, tl.int32), mask=(j >= count) & (j < width))
-        totals = tl.max(counts, axis=0)  # the last running counts: both halves only grow
-        taken += (totals & 0xFFFF) + tl.minimum(ties_seen + (totals >> 16), ties_wanted) - tl.minimum(ties_seen,
-                                                                                                      ties_wanted)
-        ties_seen += totals >> 16
+        if c * SCAN < tl.maximum(nb, width):  # the row's blocks and its list's -1 padding, no further
+            j = c * SCAN + offs
+            competing = (j >= lo) & (j < hi)
+            keys = tl.load(key_row + j, mask=competing & (need > 0), other=-2147483648)
+            tie = competing & (keys == threshold)
+            sure = (j < nb) & (~competing | (keys > threshold))
+            # one scan for both running counts: ties in bits 16-30, sure picks in the low 16 (SCAN <= 2**14)
+            counts = tl.cumsum((tie.to(tl.int32) << 16) | sure.to(tl.int32), axis=0)
+            ties_taken = tl.minimum(ties_seen + (counts >> 16), ties_wanted) - tl.minimum(ties_seen, ties_wanted)
+            take = sure | (tie & (ties_seen + (counts >> 16) <= ties_wanted))
+            tl.store(sel_row + (taken + (counts & 0xFFFF) + ties_taken - 1) * stride_ij, j, mask=take)
+            tl.store(sel_row + j * stride_ij, tl.full([SCAN], -1, tl.int32), mask=(j >= count) & (j < width))
+            totals = tl.max(counts, axis=0)  # the last running counts: both halves only grow
+            taken += (totals & 0xFFFF) + tl.minimum(ties_seen + (totals >> 16), ties_wanted) - tl.minimum(ties_seen,
+                                                                                                          ties_wanted)
+            ties_seen += totals >> 16
     tl.store(sel_count_ptr + out_b * stride_cb + head * stride_ch, count)
 
 
