@@ -554,14 +554,13 @@ def test_ties_across_chunks_go_to_the_lowest_logical_blocks(chunk, monkeypatch):
 
 @pytest.mark.parametrize("stale", [-2 ** 31 + 1, 2 ** 31 - 1])
 @pytest.mark.parametrize("score", ["quest", "gauss"])
-def test_one_program_top_k_reads_a_short_request_up_to_its_last_competing_block(score, stale, monkeypatch):
+def test_one_program_top_k_of_short_requests_in_a_wide_table(score, stale, monkeypatch):
     """A 256-block table in chunks of 16 (vLLM's tables are max_model_len wide) holding requests whose competing
-    blocks end at a chunk's end, one past it, mid-chunk and at the table's end (16, 17, 32, 33, 100, 254 blocks):
-    the search writes, counts, copies and scans the chunks up to each row's last competing block, not the table.
-    Each row's last competing block scores above the rest (a bound a chunk short misses it), and the key scratch
-    starts with stale keys of the lowest or the highest value (as longer requests leave it; a row's chunks past its
-    own are not written, so a pass reading them counts stale keys). Lists equal to the one-chunk plan's and to the
-    reference."""
+    blocks end at a chunk's end, one past it, mid-chunk and at the table's end (16, 17, 32, 33, 100, 254 blocks).
+    Each row's last competing block scores above the rest, and the key scratch starts with stale keys of the lowest
+    or the highest value (as longer requests leave it): a search that stops a chunk short of a row's last competing
+    block misses it, one that reads chunks it did not write counts stale keys. Lists equal to the one-chunk plan's
+    and to the reference."""
     ends = torch.tensor([16, 17, 32, 33, 100, 254])
     case = make_case(seq_lens=((ends + 2) * 16 - 5).tolist(), max_blocks=256)
     last = case["block_table"][torch.arange(6), (ends - 1).to(DEVICE)].long()

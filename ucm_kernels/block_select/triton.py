@@ -64,7 +64,7 @@ from .._utils import (INDEX_DTYPES, cdiv, check_device, check_tensor, next_pow2,
                       triton_interpreting)
 from . import radix as radix_top_k
 from . import sliced as sliced_top_k
-from ._rank import KEY_NONE, _common_prefix, _finish_search, _order_keys, _output_row, _plan, _row_plan
+from ._rank import _common_prefix, _finish_search, _order_keys, _output_row, _plan, _row_plan
 
 FP8 = torch.float8_e4m3fn
 REPR_DTYPES = (torch.bfloat16, torch.float16, torch.float32, FP8)
@@ -172,41 +172,38 @@ def _gauss_log_mass(q_row, kmin_tile, kmax_tile, mask, scales, sm_scale, out, ti
 
 
 @triton.jit
-def _count_at_least(key_row, row_keys, candidate, chunks, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr):
-    """How many keys of the row are >= candidate (int32, above KEY_NONE): from ``row_keys`` (the row in registers)
-    when it is one chunk, else from the scratch row's first ``chunks`` chunks, those holding competing keys (the
-    loads of the others masked off: a short request in a wide table reads its own), with per-slot counts over the
-    chunks; one reduction."""
+def _count_at_least(key_row, row_keys, candidate, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr):
+    """How many keys of the row are >= candidate (int32): from ``row_keys`` (the row in registers) when it is one
+    chunk, else from the scratch row with per-slot counts over the chunks; one reduction."""
     if N_CHUNKS == 1:
         counts = (row_keys >= candidate).to(tl.int32)
     else:
         offs = tl.arange(0, CHUNK)
         counts = tl.zeros([CHUNK], tl.int32)
         for c in range(N_CHUNKS):
-            keys = tl.load(key_row + c * CHUNK + offs, mask=c < chunks, other=KEY_NONE)
-            counts += (keys >= candidate).to(tl.int32)
+            counts += (tl.load(key_row + c * CHUNK + offs) >= candidate).to(tl.int32)
     return tl.sum(counts, axis=0)
 
 
 @triton.jit
-def _kth_largest_key(key_row, row_keys, undecided_row, lo, hi, lowest, highest, k, chunks, N_CHUNKS: tl.constexpr,
+def _kth_largest_key(key_row, row_keys, undecided_row, lo, hi, lowest, highest, k, N_CHUNKS: tl.constexpr,
                      CHUNK: tl.constexpr, SCAN: tl.constexpr, FINISH: tl.constexpr):
     """(T, above): the largest int32 T with at least k (>= 1) of the row's competing keys (logical blocks [lo, hi),
     spanning [lowest, highest]) >= T, and how many are > T.
 
     T's bits are set from the top down in offset binary (key + 2**31), keeping ``found`` (the bits so far) and
     ``above`` (keys >= found + 2**(bit + 1), the end of the still undecided range). The bits above the highest one
-    where lowest and highest differ are theirs. Each lower bit costs a counting pass over the row's first ``chunks``
-    chunks, up to its last competing key (:func:`_count_at_least`), while the undecided range holds more than
-    FINISH keys; then one pass copies those keys into ``undecided_row`` (FINISH entries) and the rest of the bits
-    are found four at a time from registers (15 counts, one reduction).
+    where lowest and highest differ are theirs. Each lower bit costs a counting pass over the row
+    (:func:`_count_at_least`) while the undecided range holds more than FINISH keys; then one pass copies those
+    keys into ``undecided_row`` (FINISH entries) and the rest of the bits are found four at a time from registers
+    (15 counts, one reduction).
     """
     found, bit = _common_prefix(lowest, highest)
     at_least_found = (hi - lo).to(tl.int64)  # every competing key is >= found
     above = found * 0
     while (bit >= 0) & (at_least_found - above > FINISH):
         candidate = found | (1 << bit)
-        count = _count_at_least(key_row, row_keys, (candidate - 2147483648).to(tl.int32), chunks, N_CHUNKS,
+        count = _count_at_least(key_row, row_keys, (candidate - 2147483648).to(tl.int32), N_CHUNKS,
                                 CHUNK).to(tl.int64)
         found = tl.where(count >= k, candidate, found)
         at_least_found = tl.where(count >= k, count, at_least_found)
@@ -231,14 +228,13 @@ def _copy_undecided(key_row, undecided_row, lo, hi, found, bit, N_CHUNKS: tl.con
     offs = tl.arange(0, SCAN)
     copied = lo * 0
     for c in range((N_CHUNKS * CHUNK + SCAN - 1) // SCAN):
-        if c * SCAN < hi:  # up to the last competing key (a short request in a wide table skips the rest)
-            j = c * SCAN + offs
-            competing = (j >= lo) & (j < hi)
-            keys = tl.load(key_row + j, mask=competing, other=-2147483648)
-            undecided = competing & (keys >= first) & (keys <= last)
-            positions = tl.cumsum(undecided.to(tl.int32), axis=0)
-            tl.store(undecided_row + copied + positions - 1, keys, mask=undecided)
-            copied += tl.max(positions, axis=0)
+        j = c * SCAN + offs
+        competing = (j >= lo) & (j < hi)
+        keys = tl.load(key_row + j, mask=competing, other=-2147483648)
+        undecided = competing & (keys >= first) & (keys <= last)
+        positions = tl.cumsum(undecided.to(tl.int32), axis=0)
+        tl.store(undecided_row + copied + positions - 1, keys, mask=undecided)
+        copied += tl.max(positions, axis=0)
 
 
 @triton.jit
@@ -283,11 +279,10 @@ def _mass_shares(rows_ptr, j, full_blocks, tops, sums, stride_sh, SHARES: tl.con
 @triton.jit
 def _write_keys(scores_ptr, key_row, lo, hi, full_blocks, stride_sh, N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
                 SHARES: tl.constexpr, SHARES_POW2: tl.constexpr):
-    """The row's keys into its scratch up to the chunk of its last competing key (INT_MIN off the competing range
-    [lo, hi), which no candidate reaches), the chunks past it left as they were: nothing reads them, so a short
-    request in a wide table writes its own. Returns the smallest and largest competing key (per slot over the
-    chunks, reduced once) and the last chunk's keys as stored (the whole row when N_CHUNKS == 1: the search then
-    counts from registers). Gauss (SHARES > 0): the keys of the group's summed shares."""
+    """The row's keys into its scratch (INT_MIN off the competing range [lo, hi), which no candidate reaches);
+    returns the smallest and largest competing key (per slot over the chunks, reduced once) and the last chunk's
+    keys as stored (the whole row when N_CHUNKS == 1: the search then counts from registers). Gauss (SHARES > 0):
+    the keys of the group's summed shares."""
     offs = tl.arange(0, CHUNK)
     lowest = tl.full([CHUNK], 2147483647, tl.int32)
     highest = tl.full([CHUNK], -2147483648, tl.int32)
@@ -295,18 +290,17 @@ def _write_keys(scores_ptr, key_row, lo, hi, full_blocks, stride_sh, N_CHUNKS: t
     if SHARES > 0:
         tops, sums = _share_stats(scores_ptr, full_blocks, stride_sh, N_CHUNKS, CHUNK, SHARES, SHARES_POW2)
     for c in range(N_CHUNKS):
-        if c * CHUNK < hi:  # the chunks up to the last competing key, all the search reads
-            j = c * CHUNK + offs
-            competing = (j >= lo) & (j < hi)
-            if SHARES > 0:
-                scores = _mass_shares(scores_ptr, j, full_blocks, tops, sums, stride_sh, SHARES, SHARES_POW2)
-            else:
-                scores = tl.load(scores_ptr + j, mask=competing, other=0.0)
-            keys = _order_keys(scores)
-            lowest = tl.minimum(lowest, tl.where(competing, keys, 2147483647))
-            highest = tl.maximum(highest, tl.where(competing, keys, -2147483648))
-            keys = tl.where(competing, keys, -2147483648)
-            tl.store(key_row + j, keys)
+        j = c * CHUNK + offs
+        competing = (j >= lo) & (j < hi)
+        if SHARES > 0:
+            scores = _mass_shares(scores_ptr, j, full_blocks, tops, sums, stride_sh, SHARES, SHARES_POW2)
+        else:
+            scores = tl.load(scores_ptr + j, mask=competing, other=0.0)
+        keys = _order_keys(scores)
+        lowest = tl.minimum(lowest, tl.where(competing, keys, 2147483647))
+        highest = tl.maximum(highest, tl.where(competing, keys, -2147483648))
+        keys = tl.where(competing, keys, -2147483648)
+        tl.store(key_row + j, keys)
     return tl.min(lowest, axis=0), tl.max(highest, axis=0), keys
 
 
@@ -347,32 +341,29 @@ def _select_kernel(
                                                 tl.minimum(seq_len // BLOCK_SIZE, max_blocks), stride_sh, N_CHUNKS,
                                                 CHUNK, SHARES, SHARES_POW2)
         tl.debug_barrier()  # every thread's keys are in the scratch before any thread counts them
-        # the counting passes read the chunks up to the row's last competing key: a short request in a wide table
-        # (vLLM's are max_model_len wide) counts its own
         threshold, above = _kth_largest_key(key_row, row_keys, key_row + N_CHUNKS * CHUNK, lo, hi, lowest, highest,
-                                             need, tl.cdiv(hi, CHUNK), N_CHUNKS, CHUNK, SCAN, FINISH)
+                                             need, N_CHUNKS, CHUNK, SCAN, FINISH)
         ties_wanted = need - above  # ties go to the lowest logical indices
     sel_row = sel_idx_ptr + out_b * stride_ib + head * stride_ih
     offs = tl.arange(0, SCAN)
     taken = need * 0
     ties_seen = need * 0
     for c in range((N_CHUNKS * CHUNK + SCAN - 1) // SCAN):
-        if c * SCAN < tl.maximum(nb, width):  # the row's blocks and its list's -1 padding, no further
-            j = c * SCAN + offs
-            competing = (j >= lo) & (j < hi)
-            keys = tl.load(key_row + j, mask=competing & (need > 0), other=-2147483648)
-            tie = competing & (keys == threshold)
-            sure = (j < nb) & (~competing | (keys > threshold))
-            # one scan for both running counts: ties in bits 16-30, sure picks in the low 16 (SCAN <= 2**14)
-            counts = tl.cumsum((tie.to(tl.int32) << 16) | sure.to(tl.int32), axis=0)
-            ties_taken = tl.minimum(ties_seen + (counts >> 16), ties_wanted) - tl.minimum(ties_seen, ties_wanted)
-            take = sure | (tie & (ties_seen + (counts >> 16) <= ties_wanted))
-            tl.store(sel_row + (taken + (counts & 0xFFFF) + ties_taken - 1) * stride_ij, j, mask=take)
-            tl.store(sel_row + j * stride_ij, tl.full([SCAN], -1, tl.int32), mask=(j >= count) & (j < width))
-            totals = tl.max(counts, axis=0)  # the last running counts: both halves only grow
-            taken += (totals & 0xFFFF) + tl.minimum(ties_seen + (totals >> 16), ties_wanted) - tl.minimum(ties_seen,
-                                                                                                          ties_wanted)
-            ties_seen += totals >> 16
+        j = c * SCAN + offs
+        competing = (j >= lo) & (j < hi)
+        keys = tl.load(key_row + j, mask=competing & (need > 0), other=-2147483648)
+        tie = competing & (keys == threshold)
+        sure = (j < nb) & (~competing | (keys > threshold))
+        # one scan for both running counts: ties in bits 16-30, sure picks in the low 16 (SCAN <= 2**14)
+        counts = tl.cumsum((tie.to(tl.int32) << 16) | sure.to(tl.int32), axis=0)
+        ties_taken = tl.minimum(ties_seen + (counts >> 16), ties_wanted) - tl.minimum(ties_seen, ties_wanted)
+        take = sure | (tie & (ties_seen + (counts >> 16) <= ties_wanted))
+        tl.store(sel_row + (taken + (counts & 0xFFFF) + ties_taken - 1) * stride_ij, j, mask=take)
+        tl.store(sel_row + j * stride_ij, tl.full([SCAN], -1, tl.int32), mask=(j >= count) & (j < width))
+        totals = tl.max(counts, axis=0)  # the last running counts: both halves only grow
+        taken += (totals & 0xFFFF) + tl.minimum(ties_seen + (totals >> 16), ties_wanted) - tl.minimum(ties_seen,
+                                                                                                      ties_wanted)
+        ties_seen += totals >> 16
     tl.store(sel_count_ptr + out_b * stride_cb + head * stride_ch, count)
 
 
