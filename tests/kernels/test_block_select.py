@@ -552,8 +552,7 @@ def test_ties_across_chunks_go_to_the_lowest_logical_blocks(chunk, monkeypatch):
     check_lists_written_out(scores, seq_lens, chunked)
 
 
-@pytest.mark.parametrize("stale", [-2 ** 31 + 1, 2 ** 31 - 1])
-@pytest.mark.parametrize("score", ["quest", "gauss"])
+@pytest.mark.parametrize("score,stale", [("quest", -2 ** 31 + 1), ("gauss", 2 ** 31 - 1)])
 def test_one_program_top_k_of_short_requests_in_a_wide_table(score, stale, monkeypatch):
     """A 256-block table in chunks of 16 (vLLM's tables are max_model_len wide) holding requests whose competing
     blocks end at a chunk's end, one past it, mid-chunk and at the table's end (16, 17, 32, 33, 100, 254 blocks).
